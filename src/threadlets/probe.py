@@ -1,0 +1,182 @@
+"""What this kernel and file system support, found by trying.
+
+This module owns the capability probes that the engine and the tools rely
+on: reads with ``RWF_NOWAIT`` (the inline fast path), ``O_DIRECT`` and its
+alignment on a given file, whether io_uring can be set up, and page-aligned
+buffers.  Every probe tries the real operation and reports what happened; none
+guesses from version numbers, because seccomp filters, containers and sysctls
+disable features that the kernel version says exist.
+
+Linux is the target.  Elsewhere each probe answers "not supported" with the
+reason instead of raising.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+
+__all__ = [
+    "DirectIOSupport",
+    "IoUringSupport",
+    "aligned_buffer",
+    "probe_alignment",
+    "probe_direct_io",
+    "probe_io_uring",
+    "probe_nowait",
+]
+
+IS_LINUX = sys.platform.startswith("linux")
+PAGE_SIZE = mmap.PAGESIZE
+#: The largest alignment any Linux block device asks of O_DIRECT.
+MAX_ALIGNMENT = 4096
+O_DIRECT: int = getattr(os, "O_DIRECT", 0)
+RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
+
+
+def aligned_buffer(size: int, alignment: int | None = None) -> memoryview:
+    """A zero-filled writable buffer of ``size`` bytes whose address is a
+    multiple of ``alignment`` (default: the page size).
+
+    The memory comes from an anonymous ``mmap``, so it is page-aligned; an
+    alignment above the page size must be a power of two and is met by
+    over-allocating.  Suitable for ``O_DIRECT`` I/O of any alignment the
+    kernel asks for.
+    """
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise TypeError(f"size must be an int, not {type(size).__name__}")
+    if size < 0:
+        raise ValueError(f"size must be >= 0, not {size}")
+    if alignment is None:
+        alignment = PAGE_SIZE
+    if isinstance(alignment, bool) or not isinstance(alignment, int):
+        raise TypeError(f"alignment must be an int, not {type(alignment).__name__}")
+    if alignment < 1 or alignment & (alignment - 1):
+        raise ValueError(f"alignment must be a power of two, not {alignment}")
+    extra = alignment - PAGE_SIZE if alignment > PAGE_SIZE else 0
+    m = mmap.mmap(-1, max(size + extra, 1))
+    view = memoryview(m)
+    if extra:
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        start = (-addr) % alignment
+        view = view[start : start + size]
+    else:
+        view = view[:size]
+    return view
+
+
+def probe_alignment(fd: int) -> tuple[int, int]:
+    """The (request alignment, buffer alignment) that O_DIRECT I/O on ``fd``
+    needs, found as QEMU's raw_probe_alignment does: the smallest length and
+    buffer offset for which a read is not refused with EINVAL.
+
+    A file that takes unaligned reads (not opened with O_DIRECT, or a file
+    system that ignores it) answers (1, 1).
+    """
+    buf = aligned_buffer(2 * MAX_ALIGNMENT)
+    request = MAX_ALIGNMENT
+    for size in (1, 512, 1024, 2048, 4096):
+        try:
+            os.preadv(fd, [buf[:size]], 0)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            continue
+        request = size
+        break
+    memory = MAX_ALIGNMENT
+    for align in (1, 512, 1024, 2048, 4096):
+        try:
+            os.preadv(fd, [buf[align : align + request]], 0)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            continue
+        memory = align
+        break
+    return request, memory
+
+
+@dataclass(frozen=True)
+class DirectIOSupport:
+    """Whether O_DIRECT works in a directory, and with what alignment."""
+
+    supported: bool
+    request_alignment: int = 0
+    buffer_alignment: int = 0
+    reason: str = ""
+
+
+def probe_direct_io(directory: str = ".") -> DirectIOSupport:
+    """Open a scratch file with O_DIRECT in ``directory`` and probe it."""
+    if not O_DIRECT:
+        return DirectIOSupport(False, reason="O_DIRECT is not available on this platform")
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".threadlets-probe-") as f:
+        f.write(b"\0" * 2 * MAX_ALIGNMENT)
+        f.flush()
+        try:
+            fd = os.open(f.name, os.O_RDONLY | O_DIRECT)
+        except OSError as e:
+            return DirectIOSupport(False, reason=f"open(O_DIRECT): {e.strerror}")
+        try:
+            request, memory = probe_alignment(fd)
+        except OSError as e:
+            return DirectIOSupport(False, reason=f"read: {e.strerror}")
+        finally:
+            os.close(fd)
+    return DirectIOSupport(True, request, memory)
+
+
+def probe_nowait(directory: str = ".") -> tuple[bool, str]:
+    """Whether a cached read with ``preadv(..., RWF_NOWAIT)`` completes."""
+    if not RWF_NOWAIT or not hasattr(os, "preadv"):
+        return False, "os.RWF_NOWAIT is not available on this platform"
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".threadlets-probe-") as f:
+        f.write(b"x" * PAGE_SIZE)
+        f.flush()
+        buf = bytearray(PAGE_SIZE)
+        try:
+            n = os.preadv(f.fileno(), [buf], 0, RWF_NOWAIT)
+        except BlockingIOError:
+            return True, "supported (the probe's page was not cached)"
+        except OSError as e:
+            return False, f"preadv(RWF_NOWAIT): {e.strerror}"
+        if n != PAGE_SIZE or buf != b"x" * PAGE_SIZE:
+            return False, f"preadv(RWF_NOWAIT) returned {n} bytes"
+    return True, "supported"
+
+
+@dataclass(frozen=True)
+class IoUringSupport:
+    supported: bool
+    reason: str
+
+
+_SYS_IO_URING_SETUP = {"x86_64": 425, "aarch64": 425, "riscv64": 425, "ppc64le": 425}
+
+
+def probe_io_uring() -> IoUringSupport:
+    """Try io_uring_setup(2) for a one-entry ring, then close it."""
+    if not IS_LINUX:
+        return IoUringSupport(False, "io_uring is Linux-only")
+    nr = _SYS_IO_URING_SETUP.get(os.uname().machine)
+    if nr is None:
+        return IoUringSupport(False, f"unknown syscall number on {os.uname().machine}")
+    try:
+        disabled = open("/proc/sys/kernel/io_uring_disabled").read().strip()  # noqa: SIM115
+    except OSError:
+        disabled = "0"
+    libc = ctypes.CDLL(None, use_errno=True)
+    params = ctypes.create_string_buffer(120)  # struct io_uring_params, zeroed
+    fd = libc.syscall(nr, 1, params)
+    if fd < 0:
+        err = ctypes.get_errno()
+        note = f" (kernel.io_uring_disabled={disabled})" if disabled != "0" else ""
+        return IoUringSupport(False, f"io_uring_setup: {os.strerror(err)}{note}")
+    os.close(fd)
+    return IoUringSupport(True, "supported")

@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from threadlets import ThreadletQueue
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait for a condition that another thread makes true (not for time).
+
+    Used only where the library offers nothing to block on (a worker
+    retiring); fails the test if it does not happen within ``timeout``.
+    """
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition did not become true in time")
+        time.sleep(0.001)
+
+
+class Gate:
+    """Work that blocks until released, and tells when it started."""
+
+    def __init__(self, value: object = None) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.value = value
+        self.runs = 0
+
+    def __call__(self) -> object:
+        self.runs += 1
+        self.started.set()
+        if not self.release.wait(timeout=30):
+            raise AssertionError("gate was never released")
+        return self.value
+
+
+@pytest.fixture
+def queue() -> Iterator[ThreadletQueue]:
+    q = ThreadletQueue(max_threads=4, name="test")
+    yield q
+    assert q.close(timeout=10)
