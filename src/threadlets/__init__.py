@@ -3,11 +3,15 @@
 Layers, each in its own module, each depending only on those before it:
 
 * :mod:`threadlets.pool` -- threadlet queues: elastic worker pools.
-* :mod:`threadlets.info` -- what this machine supports (probes, no I/O engine).
+* :mod:`threadlets.probe` -- what this machine supports; aligned buffers.
+* :mod:`threadlets.syscalls` -- the system-call seam and fault injection.
+* :mod:`threadlets.ops` -- what each I/O request does to a file (QEMU's rules).
+* :mod:`threadlets.engine` -- the paio engine: requests and completion contexts.
 
 The command-line tools live in :mod:`threadlets.cli`.
 """
 
+from threadlets.engine import AioContext, AioRequest, ContextStats
 from threadlets.pool import (
     CancelledError,
     CancelResult,
@@ -18,17 +22,25 @@ from threadlets.pool import (
     default_queue,
     submit,
 )
+from threadlets.probe import aligned_buffer
+from threadlets.syscalls import FaultInjector, Syscalls
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AioContext",
+    "AioRequest",
     "CancelResult",
     "CancelledError",
+    "ContextStats",
+    "FaultInjector",
     "QueueStats",
+    "Syscalls",
     "Threadlet",
     "ThreadletQueue",
     "ThreadletState",
     "__version__",
+    "aligned_buffer",
     "default_queue",
     "submit",
 ]

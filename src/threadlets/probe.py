@@ -25,6 +25,7 @@ __all__ = [
     "DirectIOSupport",
     "IoUringSupport",
     "aligned_buffer",
+    "buffer_address",
     "probe_alignment",
     "probe_direct_io",
     "probe_io_uring",
@@ -70,6 +71,16 @@ def aligned_buffer(size: int, alignment: int | None = None) -> memoryview:
     return view
 
 
+def buffer_address(buf: memoryview) -> int | None:
+    """The address of a writable buffer's first byte; None if read-only
+    (such memory is copied to an aligned buffer before O_DIRECT I/O)."""
+    if buf.readonly:
+        return None
+    if len(buf) == 0:
+        return 0
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+
+
 def probe_alignment(fd: int) -> tuple[int, int]:
     """The (request alignment, buffer alignment) that O_DIRECT I/O on ``fd``
     needs, found as QEMU's raw_probe_alignment does: the smallest length and
@@ -78,7 +89,7 @@ def probe_alignment(fd: int) -> tuple[int, int]:
     A file that takes unaligned reads (not opened with O_DIRECT, or a file
     system that ignores it) answers (1, 1).
     """
-    buf = aligned_buffer(2 * MAX_ALIGNMENT)
+    buf = aligned_buffer(3 * MAX_ALIGNMENT)
     request = MAX_ALIGNMENT
     for size in (1, 512, 1024, 2048, 4096):
         try:
@@ -89,10 +100,14 @@ def probe_alignment(fd: int) -> tuple[int, int]:
             continue
         request = size
         break
+    # The memory probe reads across a page boundary: the kernel splits a
+    # buffer into per-page segments, and a misaligned buffer inside one page
+    # can pass where the same misalignment across pages fails.
     memory = MAX_ALIGNMENT
+    span = 2 * MAX_ALIGNMENT
     for align in (1, 512, 1024, 2048, 4096):
         try:
-            os.preadv(fd, [buf[align : align + request]], 0)
+            os.preadv(fd, [buf[align : align + span]], 0)
         except OSError as e:
             if e.errno != errno.EINVAL:
                 raise
@@ -117,8 +132,9 @@ def probe_direct_io(directory: str = ".") -> DirectIOSupport:
     if not O_DIRECT:
         return DirectIOSupport(False, reason="O_DIRECT is not available on this platform")
     with tempfile.NamedTemporaryFile(dir=directory, prefix=".threadlets-probe-") as f:
-        f.write(b"\0" * 2 * MAX_ALIGNMENT)
+        f.write(b"\0" * 4 * MAX_ALIGNMENT)
         f.flush()
+        os.fsync(f.fileno())
         try:
             fd = os.open(f.name, os.O_RDONLY | O_DIRECT)
         except OSError as e:

@@ -1,0 +1,685 @@
+"""The paio engine: I/O requests, completion contexts, cancel and drain.
+
+This module owns :class:`AioContext` (the owner of a set of requests and of
+the eventfd that says some of them finished) and :class:`AioRequest` (one
+I/O request).  What a request does to the file lives in :mod:`threadlets.ops`;
+which thread runs it is :mod:`threadlets.pool`'s business.  An io_uring
+backend would replace the pool below this interface, not the interface.
+
+Life of a request
+=================
+
+A request is a :class:`~threadlets.pool.Threadlet` whose work is an
+operation from :mod:`threadlets.ops`, so its states and its cancel are the
+pool's: QUEUED -> RUNNING -> DONE, or QUEUED -> CANCELLED, every transition
+under the queue's lock.  Two things are added:
+
+* **Inline fast path.**  A read first tries ``preadv(..., RWF_NOWAIT)`` in
+  the submitting thread: if the data is in the page cache the request is
+  DONE before ``read()`` returns, without a thread hop.  What would block
+  (or came up short) goes to a worker, which resumes where the inline
+  attempt stopped.  Writes do the same where the file system takes
+  ``RWF_NOWAIT`` writes (EOPNOTSUPP turns it off for that file).
+* **Completion through the context.**  When a request finishes (in a worker,
+  inline, or by cancel) it is appended to the context's completed list, and
+  the first completion of a batch writes the eventfd once.  The owner
+  thread (an event loop watching :meth:`AioContext.fileno`, or a caller of
+  :meth:`AioContext.wait`) calls :meth:`AioContext.process_completions`,
+  which runs each request's callback exactly once, in that thread.  No
+  callback ever runs inside a submit or inside ``cancel()``.
+
+Ordering that matters: the eventfd is cleared *before* the completed list is
+taken, and ``_signalled`` is reset in the same critical section that takes
+the list.  A completion that arrives after the list was taken therefore
+finds ``_signalled`` false and writes the eventfd again: no wakeup is lost,
+and a spurious one only costs an empty pass.
+
+Who touches what: ``_completed``, ``_signalled``, ``_outstanding`` and the
+counters are protected by the context's ``_lock``; ``_files`` is touched
+only by submitting threads (dict operations on it are single bytecodes).
+A request's callback and ``_processed`` flag belong to the thread that runs
+:meth:`process_completions`.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import select
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from threadlets import ops
+from threadlets.ops import MAX_OFFSET, AioFile
+from threadlets.pool import (
+    Threadlet,
+    ThreadletQueue,
+    ThreadletState,
+    default_queue,
+)
+from threadlets.probe import RWF_NOWAIT
+from threadlets.syscalls import Syscalls
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer, WriteableBuffer
+
+__all__ = ["AioContext", "AioRequest", "ContextStats"]
+
+log = logging.getLogger("threadlets")
+
+_QUEUED = ThreadletState.QUEUED
+_RUNNING = ThreadletState.RUNNING
+_DONE = ThreadletState.DONE
+_CANCELLED = ThreadletState.CANCELLED
+
+Callback = Callable[["AioRequest"], object]
+
+#: Below this, offset + any buffer length cannot pass MAX_OFFSET.
+_MAX_IO_OFFSET = MAX_OFFSET - (1 << 40)
+
+
+class AioRequest(Threadlet[int]):
+    """One I/O request.  Made by the methods of :class:`AioContext`.
+
+    ``state`` and ``cancel()`` are those of a threadlet.  When finished,
+    ``error`` is 0 or the errno, and ``result()`` the byte count (0 for
+    requests that move no data; an ioctl's return value) or raises the
+    OSError.  ``callback(request)`` runs once, from
+    :meth:`AioContext.process_completions` in the context's thread.
+    """
+
+    __slots__ = ("_ctx", "_processed", "callback", "kind")
+
+    def __init__(
+        self,
+        ctx: AioContext,
+        kind: str,
+        fn: Callable[..., int] | None,
+        args: tuple[Any, ...],
+        callback: Callback | None,
+    ) -> None:
+        # Threadlet.__init__ spelled out: this runs once per request.
+        self._queue = ctx._queue
+        self._fn = fn
+        self._args = args
+        self._kwargs = None
+        self._state = _QUEUED
+        self._result = None
+        self._exception = None
+        self._waiters = None
+        self._callbacks = None
+        self._ctx = ctx
+        self.kind = kind
+        self.callback = callback
+        #: Set by process_completions once the callback ran (or would have).
+        self._processed = False
+
+    def __repr__(self) -> str:
+        return f"<AioRequest {self.kind} {self._state.value}>"
+
+    @property
+    def error(self) -> int:
+        """EINPROGRESS until finished; then 0, ECANCELED, or the errno."""
+        with self._queue._lock:
+            state = self._state
+            exc = self._exception
+        if state is _QUEUED or state is _RUNNING:
+            return errno.EINPROGRESS
+        if state is _CANCELLED:
+            return errno.ECANCELED
+        if exc is None:
+            return 0
+        if isinstance(exc, OSError) and exc.errno:
+            return exc.errno
+        return errno.EIO
+
+    def _finished(self) -> None:
+        Threadlet._finished(self)
+        self._ctx._complete(self)
+
+    # -- made finished without a worker -----------------------------------------
+
+    def _set_inline(self, result: int | None, exc: BaseException | None) -> None:
+        # Nobody else has seen this request yet: no lock needed to finish it.
+        self._result = result
+        self._exception = exc
+        self._state = _DONE
+
+
+@dataclass(frozen=True, slots=True)
+class ContextStats:
+    """Counters of one context.  ``wakeups`` counts eventfd writes: one per
+    batch of completions, not one per request."""
+
+    submitted: int
+    inline: int
+    threaded: int
+    processed: int
+    outstanding: int
+    wakeups: int
+    batches: int
+
+
+class _Notifier:
+    """An eventfd (a pipe where there is none): readable while signalled."""
+
+    def __init__(self) -> None:
+        if hasattr(os, "eventfd"):
+            self._rfd = self._wfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self._eventfd = True
+        else:  # pragma: no cover - not Linux
+            self._rfd, self._wfd = os.pipe()
+            os.set_blocking(self._rfd, False)
+            os.set_blocking(self._wfd, False)
+            self._eventfd = False
+
+    def fileno(self) -> int:
+        return self._rfd
+
+    def signal(self) -> None:
+        try:
+            if self._eventfd:
+                os.eventfd_write(self._wfd, 1)
+            else:  # pragma: no cover
+                os.write(self._wfd, b"\0")
+        except BlockingIOError:  # pragma: no cover - counter or pipe full: still readable
+            pass
+
+    def clear(self) -> None:
+        try:
+            if self._eventfd:
+                os.eventfd_read(self._rfd)
+            else:  # pragma: no cover
+                while os.read(self._rfd, 4096):
+                    pass
+        except BlockingIOError:
+            pass
+
+    def wait(self, timeout: float | None) -> bool:
+        """Block until signalled or ``timeout`` seconds passed."""
+        p = select.poll()
+        p.register(self._rfd, select.POLLIN)
+        return bool(p.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999))))
+
+    def close(self) -> None:
+        os.close(self._rfd)
+        if self._wfd != self._rfd:  # pragma: no cover
+            os.close(self._wfd)
+
+
+def _check_fd(fd: object) -> int:
+    if isinstance(fd, bool) or not isinstance(fd, int):
+        raise TypeError(f"fd must be an int, not {type(fd).__name__}")
+    if fd < 0:
+        raise ValueError(f"fd must be >= 0, not {fd}")
+    return fd
+
+
+def _check_range(offset: object, length: object, what: str = "length") -> tuple[int, int]:
+    for name, v in (("offset", offset), (what, length)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int, not {type(v).__name__}")
+        if v < 0:
+            raise ValueError(f"{name} must be >= 0, not {v}")
+    assert isinstance(offset, int)
+    assert isinstance(length, int)
+    if offset + length > MAX_OFFSET:
+        raise ValueError(
+            f"offset {offset} + {what} {length} is past the largest file offset ({MAX_OFFSET})"
+        )
+    return offset, length
+
+
+def _views(buffers: object, writable: bool) -> tuple[list[memoryview], int]:
+    """One buffer or a list/tuple of them, as flat byte memoryviews."""
+    items = buffers if isinstance(buffers, (list, tuple)) else (buffers,)
+    views: list[memoryview] = []
+    total = 0
+    for b in items:
+        try:
+            mv = memoryview(b)
+        except TypeError:
+            raise TypeError(
+                f"expected a buffer (bytes-like object), not {type(b).__name__}"
+            ) from None
+        if writable and mv.readonly:
+            raise TypeError(f"cannot read into a read-only buffer ({type(b).__name__})")
+        if mv.format != "B" or mv.ndim != 1:
+            if not mv.c_contiguous:
+                raise ValueError("buffers must be C-contiguous")
+            mv = mv.cast("B")
+        views.append(mv)
+        total += mv.nbytes
+    return views, total
+
+
+class AioContext:
+    """The owner of a set of I/O requests and of their completions.
+
+    Requests run on ``queue`` (default: the global default queue); several
+    contexts can share one queue and never see each other's completions.
+    ``fileno()`` becomes readable when requests finished; the owner then
+    calls :meth:`process_completions`.  ``inline=False`` turns the
+    ``RWF_NOWAIT`` fast path off.  ``syscalls`` replaces the system calls
+    (fault injection).
+
+    File state (O_DIRECT alignment, sticky flush errors, what the file does
+    not support) is kept per fd.  If you close an fd and open another file
+    on the same number, call :meth:`forget` first.
+    """
+
+    def __init__(
+        self,
+        queue: ThreadletQueue | None = None,
+        *,
+        inline: bool = True,
+        syscalls: Syscalls | None = None,
+    ) -> None:
+        if queue is not None and not isinstance(queue, ThreadletQueue):
+            raise TypeError(f"queue must be a ThreadletQueue, not {type(queue).__name__}")
+        self._queue = queue if queue is not None else default_queue()
+        self._sc = syscalls if syscalls is not None else Syscalls()
+        self.inline = bool(inline) and bool(RWF_NOWAIT)
+        self._notifier = _Notifier()
+        self._files: dict[int, AioFile] = {}
+        self._preadv = os.preadv if type(self._sc) is Syscalls else self._sc.preadv
+        # Requests that finished inline with no callback never touch the
+        # lock; a C counter (atomic under the GIL) counts them.
+        self._inline_unseen = itertools.count()
+        self._lock = threading.Lock()
+        # Protected by _lock:
+        self._completed: list[AioRequest] = []
+        self._signalled = False
+        self._outstanding = 0
+        self._closed = False
+        self._submitted = 0
+        self._inline_done = 0
+        self._threaded = 0
+        self._processed = 0
+        self._wakeups = 0
+        self._batches = 0
+
+    def __repr__(self) -> str:
+        return f"<AioContext fd={self._notifier.fileno()} outstanding={self._outstanding}>"
+
+    def __enter__(self) -> AioContext:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def queue(self) -> ThreadletQueue:
+        return self._queue
+
+    def fileno(self) -> int:
+        """The eventfd: readable when completions wait to be processed."""
+        return self._notifier.fileno()
+
+    def forget(self, fd: int) -> None:
+        """Drop what the context remembers about ``fd`` (call before the
+        number is reused for another file)."""
+        self._files.pop(fd, None)
+
+    # -- submission ---------------------------------------------------------------
+
+    def _file(self, fd: int) -> AioFile | OSError:
+        f = self._files.get(fd)
+        if f is None:
+            try:
+                f = AioFile.from_fd(self._sc, fd)
+            except OSError as e:
+                return e
+            if not self.inline:
+                f.nowait_reads = f.nowait_writes = False
+            self._files[fd] = f
+        return f
+
+    def _start(self, req: AioRequest) -> AioRequest:
+        """Hand a request to the pool (or finish it now if it failed inline)."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the AioContext is closed")
+            self._submitted += 1
+            self._outstanding += 1
+            if req._state is _DONE:
+                self._inline_done += 1
+            else:
+                self._threaded += 1
+        if req._state is _DONE:
+            self._complete(req)
+        else:
+            try:
+                self._queue._submit(req)
+            except BaseException:
+                with self._lock:
+                    self._outstanding -= 1
+                    self._threaded -= 1
+                    self._submitted -= 1
+                raise
+        return req
+
+    def _fail_now(self, kind: str, exc: OSError, callback: Callback | None) -> AioRequest:
+        req = AioRequest(self, kind, None, (), callback)
+        req._set_inline(None, exc)
+        return self._start(req)
+
+    def read(
+        self,
+        fd: int,
+        offset: int,
+        buffers: WriteableBuffer | Sequence[WriteableBuffer],
+        *,
+        zero_fill: bool = False,
+        callback: Callback | None = None,
+    ) -> AioRequest:
+        """Read into one buffer or a list of them (vectored), from ``offset``.
+
+        The result is the byte count, short only at end of file; with
+        ``zero_fill`` the rest is zero-filled and the full length reported.
+        """
+        # The common case first, in as few steps as possible: an fd this
+        # context knows, a sane offset, one flat writable buffer.
+        f = self._files.get(fd)
+        t = type(buffers)
+        views: list[Any]
+        if (
+            f is not None
+            and type(offset) is int
+            and 0 <= offset <= _MAX_IO_OFFSET
+            and type(fd) is int
+            and not self._closed
+            and (
+                t is bytearray
+                or (
+                    t is memoryview
+                    and buffers.ndim == 1  # type: ignore[union-attr]
+                    and buffers.format == "B"  # type: ignore[union-attr]
+                    and not buffers.readonly  # type: ignore[union-attr]
+                )
+            )
+        ):
+            views = [buffers]
+            total = len(buffers)  # type: ignore[arg-type]
+        else:
+            if self._closed:
+                raise RuntimeError("the AioContext is closed")
+            ff = self._file(_check_fd(fd))
+            views, total = _views(buffers, writable=True)
+            _check_range(offset, total)
+            if isinstance(ff, OSError):
+                return self._fail_now("read", ff, callback)
+            f = ff
+        done = 0
+        if f.nowait_reads and total:
+            try:
+                done = self._preadv(fd, views, offset, RWF_NOWAIT)
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                if e.errno == errno.EOPNOTSUPP:
+                    f.nowait_reads = False
+                # Anything else: the worker repeats the call and reports it.
+            else:
+                if done == total or not done:
+                    if zero_fill and done < total:
+                        ops._zero([memoryview(v) for v in views], done)
+                        done = total
+                    req = AioRequest(self, "read", None, (), callback)
+                    req._result = done
+                    req._state = _DONE
+                    if callback is None:
+                        # Nothing to deliver: finished before anyone saw it.
+                        req._processed = True
+                        next(self._inline_unseen)
+                        return req
+                    return self._start(req)
+        if type(views[0]) is bytearray:  # the fast path's: ops needs views to slice
+            views = [memoryview(views[0])]
+        args = (self._sc, f, views, offset, total, zero_fill, done)
+        return self._start(AioRequest(self, "read", ops.read, args, callback))
+
+    def write(
+        self,
+        fd: int,
+        offset: int,
+        buffers: ReadableBuffer | Sequence[ReadableBuffer],
+        *,
+        callback: Callback | None = None,
+    ) -> AioRequest:
+        """Write one buffer or a list of them (vectored), at ``offset``.
+
+        The buffers must not change until the request finished.
+        """
+        if self._closed:
+            raise RuntimeError("the AioContext is closed")
+        f = self._file(_check_fd(fd))
+        views, total = _views(buffers, writable=False)
+        _check_range(offset, total)
+        if isinstance(f, OSError):
+            return self._fail_now("write", f, callback)
+        done = 0
+        if f.nowait_writes and total:
+            try:
+                done = self._sc.pwritev(fd, views, offset, RWF_NOWAIT)
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                if e.errno == errno.EOPNOTSUPP:
+                    f.nowait_writes = False
+            else:
+                if done == total:
+                    req = AioRequest(self, "write", None, (), callback)
+                    req._set_inline(done, None)
+                    return self._start(req)
+        args = (self._sc, f, views, offset, total, done)
+        return self._start(AioRequest(self, "write", ops.write, args, callback))
+
+    def _submit_op(
+        self,
+        kind: str,
+        fd: int,
+        fn: Callable[..., int],
+        args: tuple[Any, ...],
+        callback: Callback | None,
+    ) -> AioRequest:
+        f = self._file(_check_fd(fd))
+        if isinstance(f, OSError):
+            return self._fail_now(kind, f, callback)
+        return self._start(AioRequest(self, kind, fn, (self._sc, f, *args), callback))
+
+    def flush(
+        self, fd: int, *, datasync: bool = True, callback: Callback | None = None
+    ) -> AioRequest:
+        """fdatasync (or fsync with ``datasync=False``).  After a failed
+        flush, later flushes of this fd fail with the same errno."""
+        return self._submit_op("flush", fd, ops.flush, (bool(datasync),), callback)
+
+    def ioctl(
+        self,
+        fd: int,
+        request: int,
+        arg: int | bytearray = 0,
+        *,
+        callback: Callback | None = None,
+    ) -> AioRequest:
+        """``fcntl.ioctl(fd, request, arg)`` on a worker.  ``arg`` is an int
+        or a bytearray that the kernel reads and updates in place; the result
+        is the ioctl's return value."""
+        if isinstance(request, bool) or not isinstance(request, int):
+            raise TypeError(f"request must be an int, not {type(request).__name__}")
+        if isinstance(arg, bool) or not isinstance(arg, (int, bytearray)):
+            raise TypeError(f"arg must be an int or a bytearray, not {type(arg).__name__}")
+        return self._submit_op("ioctl", fd, ops.ioctl, (request, arg), callback)
+
+    def discard(
+        self, fd: int, offset: int, length: int, *, callback: Callback | None = None
+    ) -> AioRequest:
+        """Punch a hole: the range reads as zeros, the file size is kept."""
+        _check_range(offset, length)
+        return self._submit_op("discard", fd, ops.discard, (offset, length), callback)
+
+    def write_zeroes(
+        self, fd: int, offset: int, length: int, *, callback: Callback | None = None
+    ) -> AioRequest:
+        """Make the range read as zeros, as a write of zeros would."""
+        _check_range(offset, length)
+        return self._submit_op("write_zeroes", fd, ops.write_zeroes, (offset, length), callback)
+
+    def allocate(
+        self, fd: int, offset: int, length: int, *, callback: Callback | None = None
+    ) -> AioRequest:
+        """Allocate space for the range (fallocate mode 0)."""
+        _check_range(offset, length)
+        if length == 0:
+            raise ValueError("length must be > 0 for allocate")
+        return self._submit_op("allocate", fd, ops.allocate, (offset, length), callback)
+
+    def truncate(self, fd: int, length: int, *, callback: Callback | None = None) -> AioRequest:
+        """Set the file size."""
+        _check_range(0, length)
+        return self._submit_op("truncate", fd, ops.truncate, (length,), callback)
+
+    def copy_range(
+        self,
+        src_fd: int,
+        src_offset: int,
+        dst_fd: int,
+        dst_offset: int,
+        length: int,
+        *,
+        callback: Callback | None = None,
+    ) -> AioRequest:
+        """copy_file_range in a loop; the result is the count copied (short
+        only at the end of the source)."""
+        _check_range(src_offset, length)
+        _check_range(dst_offset, length)
+        src = self._file(_check_fd(src_fd))
+        if isinstance(src, OSError):
+            return self._fail_now("copy_range", src, callback)
+        return self._submit_op(
+            "copy_range", dst_fd, _copy_range_args, (src, src_offset, dst_offset, length), callback
+        )
+
+    # -- completion -------------------------------------------------------------------
+
+    def _complete(self, req: AioRequest) -> None:
+        """A request finished: queue it for process_completions and wake the
+        owner, once per batch.  Any thread; never runs a callback."""
+        with self._lock:
+            self._completed.append(req)
+            if self._signalled:
+                return
+            self._signalled = True
+            self._wakeups += 1
+        self._notifier.signal()
+
+    def process_completions(self) -> int:
+        """Run the callbacks of finished requests, each exactly once, in this
+        thread.  Returns how many requests it processed.
+
+        Callbacks may submit, cancel, wait for other requests, or call this
+        method again.  An exception from a callback is logged, and the rest
+        still run.
+        """
+        with self._lock:
+            signalled = self._signalled
+        if signalled:
+            self._notifier.clear()  # before taking the list: see the module docstring
+        with self._lock:
+            batch = self._completed
+            if not batch:
+                return 0
+            self._completed = []
+            self._signalled = False
+            self._outstanding -= len(batch)
+            self._processed += len(batch)
+            self._batches += 1
+        for req in batch:
+            req._processed = True
+            cb = req.callback
+            if cb is not None:
+                try:
+                    cb(req)
+                except Exception:
+                    log.exception("exception in completion callback of %r", req)
+        return len(batch)
+
+    def wait(self, request: AioRequest, timeout: float | None = None) -> bool:
+        """Process completions until ``request`` has been processed (its
+        callback ran).  Returns False if ``timeout`` seconds passed first.
+
+        Call it from the context's own thread (the one that processes its
+        completions); other threads wait with ``request.wait()``.
+        """
+        if not isinstance(request, AioRequest):
+            raise TypeError(f"expected an AioRequest, not {type(request).__name__}")
+        if request._ctx is not self:
+            raise ValueError("the request belongs to another AioContext")
+        return self._wait_until(lambda: request._processed, timeout)
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Process completions until no request is outstanding (QEMU's
+        qemu_aio_flush).  Returns False if ``timeout`` seconds passed first."""
+        return self._wait_until(lambda: self._outstanding == 0, timeout)
+
+    def _wait_until(self, done: Callable[[], bool], timeout: float | None) -> bool:
+        if timeout is not None and timeout < 0:
+            raise ValueError(f"timeout must be None or >= 0, not {timeout!r}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if done():
+                return True
+            self.process_completions()
+            if done():
+                return True
+            remaining = None
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+            self._notifier.wait(remaining)
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Wait for outstanding requests (running their callbacks), then
+        release the eventfd.  Returns False, leaving the context open, if
+        ``timeout`` seconds passed first.  Closing twice is harmless."""
+        with self._lock:
+            if self._closed:
+                return True
+        if not self.drain(timeout):
+            return False
+        with self._lock:
+            self._closed = True
+        self._notifier.close()
+        self._files.clear()
+        return True
+
+    @property
+    def closed(self) -> bool:
+        with self._lock:
+            return self._closed
+
+    def stats(self) -> ContextStats:
+        unseen = int(repr(self._inline_unseen)[6:-1])  # "count(N)": the count so far
+        with self._lock:
+            return ContextStats(
+                submitted=self._submitted + unseen,
+                inline=self._inline_done + unseen,
+                threaded=self._threaded,
+                processed=self._processed + unseen,
+                outstanding=self._outstanding,
+                wakeups=self._wakeups,
+                batches=self._batches,
+            )
+
+
+def _copy_range_args(
+    sc: Syscalls, dst: AioFile, src: AioFile, src_offset: int, dst_offset: int, length: int
+) -> int:
+    return ops.copy_range(sc, src, src_offset, dst, dst_offset, length)

@@ -1,0 +1,236 @@
+"""The system-call seam: every system call the engine makes goes through a
+:class:`Syscalls` object, so that tests and ``threadlets stress`` can make
+calls fail or come up short without monkeypatching the ``os`` module.
+
+This module owns the real calls (:class:`Syscalls`, a thin layer over ``os``,
+``fcntl`` and, for ``fallocate(2)``, ``ctypes``) and the deterministic fault
+injector (:class:`FaultInjector`).  It knows nothing of requests or threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import random
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer, WriteableBuffer
+
+__all__ = [
+    "FALLOC_FL_KEEP_SIZE",
+    "FALLOC_FL_PUNCH_HOLE",
+    "FALLOC_FL_ZERO_RANGE",
+    "FaultInjector",
+    "FaultStats",
+    "Syscalls",
+]
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+
+def _load_fallocate() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        fn = libc.fallocate64 if hasattr(libc, "fallocate64") else libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_fallocate = _load_fallocate()
+
+
+class Syscalls:
+    """The real system calls.  Each raises OSError as the ``os`` module does.
+
+    One instance may be shared by any number of threads.
+    """
+
+    def preadv(
+        self, fd: int, buffers: Sequence[WriteableBuffer], offset: int, flags: int = 0
+    ) -> int:
+        return os.preadv(fd, buffers, offset, flags)
+
+    def pwritev(
+        self, fd: int, buffers: Sequence[ReadableBuffer], offset: int, flags: int = 0
+    ) -> int:
+        return os.pwritev(fd, buffers, offset, flags)
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def fdatasync(self, fd: int) -> None:
+        os.fdatasync(fd)
+
+    def fallocate(self, fd: int, mode: int, offset: int, length: int) -> None:
+        if _fallocate is None:
+            raise OSError(errno.ENOTSUP, "fallocate is not available on this platform")
+        if _fallocate(fd, mode, offset, length) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+
+    def ftruncate(self, fd: int, length: int) -> None:
+        os.ftruncate(fd, length)
+
+    def copy_file_range(
+        self, src: int, dst: int, count: int, offset_src: int, offset_dst: int
+    ) -> int:
+        if not hasattr(os, "copy_file_range"):
+            raise OSError(errno.ENOTSUP, "copy_file_range is not available on this platform")
+        return os.copy_file_range(src, dst, count, offset_src, offset_dst)
+
+    def ioctl(self, fd: int, request: int, arg: int | bytearray) -> int:
+        return (
+            fcntl.ioctl(fd, request, arg, True)
+            if isinstance(arg, bytearray)
+            else fcntl.ioctl(fd, request, arg)
+        )
+
+    def fstat(self, fd: int) -> os.stat_result:
+        return os.fstat(fd)
+
+    def getfl(self, fd: int) -> int:
+        return fcntl.fcntl(fd, fcntl.F_GETFL)
+
+
+@dataclass
+class FaultStats:
+    """What a :class:`FaultInjector` did, by kind."""
+
+    calls: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    short: int = 0
+
+
+class FaultInjector(Syscalls):
+    """System calls that fail or come up short at a given rate.
+
+    Whether a call is faulted, and how, is a function of the seed and of the
+    call itself (its kind, offset and length, and how many times that same
+    call was made before), never of thread timing: the same seed and the
+    same operations give the same faults.  EINTR is injected at most twice
+    in a row for one call, so retries always make progress.
+
+    ``errors`` are the errnos to inject: EIO anywhere, ENOSPC only where
+    space is allocated (writes, fallocate), EINTR anywhere.  ``short`` makes
+    reads and writes transfer only part of what was asked (at least one
+    byte).  Flags such as RWF_NOWAIT pass through.
+    """
+
+    def __init__(
+        self,
+        rate: float,
+        seed: int = 0,
+        errors: Sequence[int] = (errno.EIO, errno.ENOSPC, errno.EINTR),
+        short: bool = True,
+    ) -> None:
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"fault rate must be between 0 and 1, not {rate}")
+        self.rate = rate
+        self.seed = seed
+        self.errors = tuple(errors)
+        self.short = short
+        self.stats = FaultStats()
+        self._lock = threading.Lock()
+        self._seen: dict[tuple[str, int, int, int], int] = {}
+
+    def _decide(self, kind: str, fd: int, offset: int, length: int) -> tuple[int, float]:
+        """Returns (errno to raise or 0, fraction to transfer or 1.0)."""
+        key = (kind, fd, offset, length)
+        with self._lock:
+            nth = self._seen.get(key, 0)
+            self._seen[key] = nth + 1
+            self.stats.calls += 1
+        rng = random.Random(f"{self.seed}:{kind}:{offset}:{length}:{nth}")
+        if rng.random() >= self.rate:
+            return 0, 1.0
+        allowed = [
+            e
+            for e in self.errors
+            if not (e == errno.ENOSPC and kind not in ("pwritev", "fallocate"))
+            and not (e == errno.EINTR and nth % 3 == 2)
+        ]
+        if self.short and kind in ("preadv", "pwritev") and length > 1:
+            allowed.append(0)  # 0 stands for "short transfer"
+        if not allowed:
+            return 0, 1.0
+        choice = rng.choice(allowed)
+        with self._lock:
+            if choice == 0:
+                self.stats.short += 1
+            else:
+                name = errno.errorcode.get(choice, str(choice))
+                self.stats.errors[name] = self.stats.errors.get(name, 0) + 1
+        if choice == 0:
+            return 0, rng.random()
+        return choice, 1.0
+
+    @staticmethod
+    def _raise(e: int, what: str) -> None:
+        raise OSError(e, f"{os.strerror(e)} (injected into {what})")
+
+    def _rw(
+        self, kind: str, fd: int, buffers: Sequence[ReadableBuffer], offset: int, flags: int
+    ) -> int:
+        views = [memoryview(b).cast("B") for b in buffers]
+        total = sum(len(v) for v in views)
+        e, fraction = self._decide(kind, fd, offset, total)
+        if e:
+            self._raise(e, kind)
+        if fraction < 1.0:
+            keep = max(1, int(total * fraction))
+            cut: list[memoryview] = []
+            for v in views:
+                if keep <= 0:
+                    break
+                cut.append(v[:keep])
+                keep -= len(v)
+            views = cut
+        if kind == "preadv":
+            return super().preadv(fd, views, offset, flags)
+        return super().pwritev(fd, views, offset, flags)
+
+    def preadv(
+        self, fd: int, buffers: Sequence[WriteableBuffer], offset: int, flags: int = 0
+    ) -> int:
+        return self._rw("preadv", fd, buffers, offset, flags)
+
+    def pwritev(
+        self, fd: int, buffers: Sequence[ReadableBuffer], offset: int, flags: int = 0
+    ) -> int:
+        return self._rw("pwritev", fd, buffers, offset, flags)
+
+    def fsync(self, fd: int) -> None:
+        e, _ = self._decide("fsync", fd, 0, 0)
+        if e:
+            self._raise(e, "fsync")
+        super().fsync(fd)
+
+    def fdatasync(self, fd: int) -> None:
+        e, _ = self._decide("fdatasync", fd, 0, 0)
+        if e:
+            self._raise(e, "fdatasync")
+        super().fdatasync(fd)
+
+    def fallocate(self, fd: int, mode: int, offset: int, length: int) -> None:
+        e, _ = self._decide("fallocate", fd, offset, length)
+        if e:
+            self._raise(e, "fallocate")
+        super().fallocate(fd, mode, offset, length)
+
+    def ftruncate(self, fd: int, length: int) -> None:
+        e, _ = self._decide("ftruncate", fd, length, 0)
+        if e:
+            self._raise(e, "ftruncate")
+        super().ftruncate(fd, length)
