@@ -34,8 +34,9 @@ the list.  A completion that arrives after the list was taken therefore
 finds ``_signalled`` false and writes the eventfd again: no wakeup is lost,
 and a spurious one only costs an empty pass.
 
-Who touches what: ``_completed``, ``_signalled``, ``_outstanding`` and the
-counters are protected by the context's ``_lock``; ``_files`` is touched
+Who touches what: ``_completed``, ``_signalled``, ``_processed`` and the
+wakeup counters are protected by the context's ``_lock``; the submission
+counters are ``itertools.count`` objects (one atomic C call each); ``_files`` is touched
 only by submitting threads (dict operations on it are single bytecodes).
 A request's callback and ``_processed`` flag belong to the thread that runs
 :meth:`process_completions`.
@@ -57,9 +58,11 @@ from typing import TYPE_CHECKING, Any
 from threadlets import ops
 from threadlets.ops import MAX_OFFSET, AioFile
 from threadlets.pool import (
+    CancelResult,
     Threadlet,
     ThreadletQueue,
     ThreadletState,
+    _invoke_callback,
     default_queue,
 )
 from threadlets.probe import RWF_NOWAIT
@@ -139,7 +142,8 @@ class AioRequest(Threadlet[int]):
         return errno.EIO
 
     def _finished(self) -> None:
-        Threadlet._finished(self)
+        if self._waiters or self._callbacks:
+            Threadlet._finished(self)
         self._ctx._complete(self)
 
     # -- made finished without a worker -----------------------------------------
@@ -177,6 +181,8 @@ class _Notifier:
             os.set_blocking(self._rfd, False)
             os.set_blocking(self._wfd, False)
             self._eventfd = False
+        self._poll = select.poll()
+        self._poll.register(self._rfd, select.POLLIN)
 
     def fileno(self) -> int:
         return self._rfd
@@ -202,9 +208,8 @@ class _Notifier:
 
     def wait(self, timeout: float | None) -> bool:
         """Block until signalled or ``timeout`` seconds passed."""
-        p = select.poll()
-        p.register(self._rfd, select.POLLIN)
-        return bool(p.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999))))
+        ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
+        return bool(self._poll.poll(ms))
 
     def close(self) -> None:
         os.close(self._rfd)
@@ -288,24 +293,24 @@ class AioContext:
         self._notifier = _Notifier()
         self._files: dict[int, AioFile] = {}
         self._preadv = os.preadv if type(self._sc) is Syscalls else self._sc.preadv
-        # Requests that finished inline with no callback never touch the
-        # lock; a C counter (atomic under the GIL) counts them.
-        self._inline_unseen = itertools.count()
+        # Submission counters are itertools.count objects: next() is one C
+        # call, atomic under the GIL, so the submit path takes no lock of
+        # ours.  They only count; no state depends on them but drain's
+        # "nothing outstanding" (tracked - processed), read by the owner.
+        self._n_unseen = itertools.count()  # finished inline, no callback
+        self._n_inline = itertools.count()  # finished inline, with a callback
+        self._n_tracked = itertools.count()  # all that reach the completed list
         self._lock = threading.Lock()
         # Protected by _lock:
         self._completed: list[AioRequest] = []
         self._signalled = False
-        self._outstanding = 0
         self._closed = False
-        self._submitted = 0
-        self._inline_done = 0
-        self._threaded = 0
         self._processed = 0
         self._wakeups = 0
         self._batches = 0
 
     def __repr__(self) -> str:
-        return f"<AioContext fd={self._notifier.fileno()} outstanding={self._outstanding}>"
+        return f"<AioContext fd={self._notifier.fileno()} outstanding={self._outstanding()}>"
 
     def __enter__(self) -> AioContext:
         return self
@@ -341,28 +346,22 @@ class AioContext:
         return f
 
     def _start(self, req: AioRequest) -> AioRequest:
-        """Hand a request to the pool (or finish it now if it failed inline)."""
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("the AioContext is closed")
-            self._submitted += 1
-            self._outstanding += 1
-            if req._state is _DONE:
-                self._inline_done += 1
-            else:
-                self._threaded += 1
+        """Hand a request to the pool, or deliver one finished inline."""
+        if self._closed:
+            raise RuntimeError("the AioContext is closed")
         if req._state is _DONE:
+            next(self._n_inline)
+            next(self._n_tracked)
             self._complete(req)
         else:
-            try:
-                self._queue._submit(req)
-            except BaseException:
-                with self._lock:
-                    self._outstanding -= 1
-                    self._threaded -= 1
-                    self._submitted -= 1
-                raise
+            self._queue._submit(req)
+            next(self._n_tracked)
         return req
+
+    def _outstanding(self) -> int:
+        with self._lock:
+            processed = self._processed
+        return _count(self._n_tracked) - processed
 
     def _fail_now(self, kind: str, exc: OSError, callback: Callback | None) -> AioRequest:
         req = AioRequest(self, kind, None, (), callback)
@@ -393,8 +392,7 @@ class AioContext:
             and type(offset) is int
             and 0 <= offset <= _MAX_IO_OFFSET
             and type(fd) is int
-            and not self._closed
-            and (
+            and (  # (a closed context has no files, so no fast path)
                 t is bytearray
                 or (
                     t is memoryview
@@ -430,14 +428,13 @@ class AioContext:
                     if zero_fill and done < total:
                         ops._zero([memoryview(v) for v in views], done)
                         done = total
+                    if callback is None:
+                        # Nothing to deliver: finished before anyone saw it.
+                        next(self._n_unseen)
+                        return _InlineDone(self, "read", done)
                     req = AioRequest(self, "read", None, (), callback)
                     req._result = done
                     req._state = _DONE
-                    if callback is None:
-                        # Nothing to deliver: finished before anyone saw it.
-                        req._processed = True
-                        next(self._inline_unseen)
-                        return req
                     return self._start(req)
         if type(views[0]) is bytearray:  # the fast path's: ops needs views to slice
             views = [memoryview(views[0])]
@@ -597,7 +594,6 @@ class AioContext:
                 return 0
             self._completed = []
             self._signalled = False
-            self._outstanding -= len(batch)
             self._processed += len(batch)
             self._batches += 1
         for req in batch:
@@ -609,6 +605,17 @@ class AioContext:
                 except Exception:
                     log.exception("exception in completion callback of %r", req)
         return len(batch)
+
+    def poll(self, timeout: float | None = None) -> int:
+        """Process completions; if there were none, block until some arrive
+        (or ``timeout`` seconds pass) and process those.  QEMU's aio_poll.
+        Returns how many requests were processed."""
+        if timeout is not None and timeout < 0:
+            raise ValueError(f"timeout must be None or >= 0, not {timeout!r}")
+        n = self.process_completions()
+        if n or not self._notifier.wait(timeout):
+            return n
+        return self.process_completions()
 
     def wait(self, request: AioRequest, timeout: float | None = None) -> bool:
         """Process completions until ``request`` has been processed (its
@@ -626,7 +633,7 @@ class AioContext:
     def drain(self, timeout: float | None = None) -> bool:
         """Process completions until no request is outstanding (QEMU's
         qemu_aio_flush).  Returns False if ``timeout`` seconds passed first."""
-        return self._wait_until(lambda: self._outstanding == 0, timeout)
+        return self._wait_until(lambda: self._outstanding() <= 0, timeout)
 
     def _wait_until(self, done: Callable[[], bool], timeout: float | None) -> bool:
         if timeout is not None and timeout < 0:
@@ -666,17 +673,82 @@ class AioContext:
             return self._closed
 
     def stats(self) -> ContextStats:
-        unseen = int(repr(self._inline_unseen)[6:-1])  # "count(N)": the count so far
+        unseen = _count(self._n_unseen)
+        inline = _count(self._n_inline) + unseen
+        tracked = _count(self._n_tracked)
         with self._lock:
+            processed = self._processed
             return ContextStats(
-                submitted=self._submitted + unseen,
-                inline=self._inline_done + unseen,
-                threaded=self._threaded,
-                processed=self._processed + unseen,
-                outstanding=self._outstanding,
+                submitted=tracked + unseen,
+                inline=inline,
+                threaded=tracked + unseen - inline,
+                processed=processed + unseen,
+                outstanding=tracked - processed,
                 wakeups=self._wakeups,
                 batches=self._batches,
             )
+
+
+class _InlineDone(AioRequest):
+    """A request that finished inline and had no callback: born DONE.
+
+    The hot path of cached reads builds one of these per read, so it sets
+    only the fields a finished request is read through and overrides every
+    accessor that would look at the others (waiters, callbacks, the
+    queue's lock): there is nothing left to synchronise with.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, ctx: AioContext, kind: str, result: int) -> None:
+        self._ctx = ctx
+        self.kind = kind
+        self._result = result
+        self._exception = None
+        self._state = _DONE
+        self._processed = True
+        self.callback = None
+
+    @property
+    def state(self) -> ThreadletState:
+        return _DONE
+
+    @property
+    def error(self) -> int:
+        return 0
+
+    def done(self) -> bool:
+        return True
+
+    def cancelled(self) -> bool:
+        return False
+
+    def cancel(self) -> CancelResult:
+        return CancelResult.ALLDONE
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if timeout is not None and timeout < 0:
+            raise ValueError(f"timeout must be None or >= 0, not {timeout!r}")
+        return True
+
+    def result(self, timeout: float | None = None) -> int:
+        self.wait(timeout)
+        result: int = self._result  # type: ignore[assignment]
+        return result
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self.wait(timeout)
+        return None
+
+    def add_done_callback(self, fn: Callable[[Threadlet[int]], object]) -> None:
+        if not callable(fn):
+            raise TypeError(f"callback must be callable, not {type(fn).__name__}")
+        _invoke_callback(fn, self)
+
+
+def _count(counter: itertools.count[int]) -> int:
+    """How far an itertools.count has counted (its repr is "count(N)")."""
+    return int(repr(counter)[6:-1])
 
 
 def _copy_range_args(

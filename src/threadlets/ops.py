@@ -43,7 +43,7 @@ from threadlets.syscalls import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
 __all__ = ["IOV_MAX", "MAX_OFFSET", "AioFile"]
 
@@ -114,9 +114,11 @@ class AioFile:
 
     def alignment(self, sc: Syscalls) -> tuple[int, int]:
         """(request alignment, buffer alignment) for O_DIRECT, probed once."""
-        with self._lock:
-            if self._alignment is not None:
-                return self._alignment
+        found = self._alignment
+        if found is not None:
+            # Written once, as a whole tuple; a reader that still sees None
+            # probes again, which gives the same answer.
+            return found
         st = sc.fstat(self.fd)
         if stat.S_ISREG(st.st_mode) and st.st_size < 2 * MAX_ALIGNMENT:
             # Reads past end of file succeed whatever their alignment, so a
@@ -197,10 +199,15 @@ def rw_loop(
     ``done`` bytes were already transferred (by the inline attempt).
     Returns the count moved, ``done`` included.
     """
+    call: Callable[..., int]
+    if type(sc) is Syscalls:  # skip a Python frame per call on the usual path
+        call = os.pwritev if write else os.preadv
+    else:
+        call = sc.pwritev if write else sc.preadv
     while done < total:
         iov = buffers if done == 0 and len(buffers) <= IOV_MAX else _skip(buffers, done)
         try:
-            n = sc.pwritev(fd, iov, offset + done) if write else sc.preadv(fd, iov, offset + done)
+            n = call(fd, iov, offset + done)
         except InterruptedError:
             continue
         if n == 0:
@@ -243,6 +250,12 @@ def write(
     return n
 
 
+def _any_unaligned_length(buffers: Sequence[memoryview], req: int) -> bool:
+    if len(buffers) == 1:
+        return False  # its length is the total, checked by the caller
+    return any(len(b) % req for b in buffers)
+
+
 def _direct_rw(
     sc: Syscalls,
     f: AioFile,
@@ -260,7 +273,7 @@ def _direct_rw(
     failed call).  Then the request goes through the bounce buffer.
     """
     req, mem = f.alignment(sc)
-    if not (offset % req or total % req or any(len(b) % req for b in buffers)):
+    if not (offset % req or total % req or _any_unaligned_length(buffers, req)):
         try:
             return rw_loop(sc, f.fd, buffers, offset, total, write, done)
         except OSError as e:

@@ -475,9 +475,21 @@ class ThreadletQueue:
         _current.queue = self
         lock = self._lock
         items = self._items
+        done: Threadlet[Any] | None = None  # ran; its outcome not yet published
+        result: Any = None
+        error: BaseException | None = None
         while True:
             item: Threadlet[Any] | None = None
+            went_idle = False
+            # One critical section publishes the last outcome and takes the
+            # next threadlet: one lock round trip per threadlet.
             with lock:
+                if done is not None:
+                    done._result = result  # the outcome before the state
+                    done._exception = error
+                    done._state = _DONE
+                    self._running -= 1
+                    self._completed += 1
                 while items:
                     candidate = items.popleft()
                     if candidate._state is _QUEUED:
@@ -488,12 +500,30 @@ class ThreadletQueue:
                         break
                 else:
                     me.current = None
-                    if self._closed or self._threads > self._max:
-                        self._retire(me)
-                        return
-                    self._idle.append(me)
+                    if not self._running and not self._queued:
+                        self._quiet.notify_all()
+                    if done is None:
+                        # Nothing published and nothing to run: idle, or
+                        # retire.  (With an outcome just published, loop
+                        # once more first, so that its callbacks have run
+                        # before this worker can count as gone.)
+                        if self._closed or self._threads > self._max:
+                            self._retire(me)
+                            return
+                        self._idle.append(me)
+                        went_idle = True
+            if done is not None:
+                # Waiters and callbacks run without the lock.
+                done._finished()
+                done = result = error = None
             if item is not None:
-                self._run_one(item)
+                try:
+                    result = item._run()
+                except BaseException as exc:
+                    error = exc
+                done = item
+                continue
+            if not went_idle:
                 continue
             # Idle: wait until a submitter pops us off the stack and wakes us.
             while not me.mailbox.acquire(timeout=self._idle_timeout):
@@ -507,27 +537,6 @@ class ThreadletQueue:
                         self._retire(me)
                         return
                 # A warm worker (at or below min_threads): keep waiting.
-
-    def _run_one(self, item: Threadlet[Any]) -> None:
-        try:
-            result = item._run()
-        except BaseException as exc:
-            with self._lock:
-                item._exception = exc
-                self._finish_locked(item)
-        else:
-            with self._lock:
-                item._result = result
-                self._finish_locked(item)
-        # Waiters and callbacks run without the lock.
-        item._finished()
-
-    def _finish_locked(self, item: Threadlet[Any]) -> None:
-        # Write the result before the state (the caller stored it just now).
-        item._state = _DONE
-        self._running -= 1
-        self._completed += 1
-        self._notify_if_quiet()
 
     def _notify_if_quiet(self) -> None:
         if self._running == 0 and self._queued == 0:
