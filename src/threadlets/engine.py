@@ -128,18 +128,26 @@ class AioRequest(Threadlet[int]):
     @property
     def error(self) -> int:
         """EINPROGRESS until finished; then 0, ECANCELED, or the errno."""
+        return self.outcome()[0]
+
+    def outcome(self) -> tuple[int, int]:
+        """(error, value), read together: (EINPROGRESS, -1) until finished,
+        then (0, the result) or (the errno, -1) -- aio_error and aio_return
+        in one call."""
         with self._queue._lock:
             state = self._state
             exc = self._exception
+            result = self._result
         if state is _QUEUED or state is _RUNNING:
-            return errno.EINPROGRESS
+            return errno.EINPROGRESS, -1
         if state is _CANCELLED:
-            return errno.ECANCELED
+            return errno.ECANCELED, -1
         if exc is None:
-            return 0
+            assert result is not None
+            return 0, result
         if isinstance(exc, OSError) and exc.errno:
-            return exc.errno
-        return errno.EIO
+            return exc.errno, -1
+        return errno.EIO, -1
 
     def _finished(self) -> None:
         if self._waiters or self._callbacks:
@@ -273,6 +281,12 @@ class AioContext:
     ``RWF_NOWAIT`` fast path off.  ``syscalls`` replaces the system calls
     (fault injection).
 
+    ``deliver=False`` makes a context that delivers nothing: finished
+    requests are not queued for :meth:`process_completions` and per-request
+    ``callback=`` is refused.  Its users follow each request through the
+    request itself (``wait()``, ``add_done_callback()``, which runs in the
+    thread that finishes it), as :mod:`threadlets.posix` does.
+
     File state (O_DIRECT alignment, sticky flush errors, what the file does
     not support) is kept per fd.  If you close an fd and open another file
     on the same number, call :meth:`forget` first.
@@ -284,12 +298,14 @@ class AioContext:
         *,
         inline: bool = True,
         syscalls: Syscalls | None = None,
+        deliver: bool = True,
     ) -> None:
         if queue is not None and not isinstance(queue, ThreadletQueue):
             raise TypeError(f"queue must be a ThreadletQueue, not {type(queue).__name__}")
         self._queue = queue if queue is not None else default_queue()
         self._sc = syscalls if syscalls is not None else Syscalls()
         self.inline = bool(inline) and bool(RWF_NOWAIT)
+        self._deliver = bool(deliver)
         self._notifier = _Notifier()
         self._files: dict[int, AioFile] = {}
         self._preadv = os.preadv if type(self._sc) is Syscalls else self._sc.preadv
@@ -349,6 +365,8 @@ class AioContext:
         """Hand a request to the pool, or deliver one finished inline."""
         if self._closed:
             raise RuntimeError("the AioContext is closed")
+        if req.callback is not None and not self._deliver:
+            raise ValueError("this AioContext does not deliver completions: no callback=")
         if req._state is _DONE:
             next(self._n_inline)
             next(self._n_tracked)
@@ -420,7 +438,7 @@ class AioContext:
             except BlockingIOError:
                 pass
             except OSError as e:
-                if e.errno == errno.EOPNOTSUPP:
+                if e.errno in (errno.EOPNOTSUPP, errno.ESPIPE):
                     f.nowait_reads = False
                 # Anything else: the worker repeats the call and reports it.
             else:
@@ -467,7 +485,7 @@ class AioContext:
             except BlockingIOError:
                 pass
             except OSError as e:
-                if e.errno == errno.EOPNOTSUPP:
+                if e.errno in (errno.EOPNOTSUPP, errno.ESPIPE):
                     f.nowait_writes = False
             else:
                 if done == total:
@@ -568,6 +586,10 @@ class AioContext:
     def _complete(self, req: AioRequest) -> None:
         """A request finished: queue it for process_completions and wake the
         owner, once per batch.  Any thread; never runs a callback."""
+        if not self._deliver:
+            with self._lock:
+                self._processed += 1
+            return
         with self._lock:
             self._completed.append(req)
             if self._signalled:
@@ -610,6 +632,8 @@ class AioContext:
         """Process completions; if there were none, block until some arrive
         (or ``timeout`` seconds pass) and process those.  QEMU's aio_poll.
         Returns how many requests were processed."""
+        if not self._deliver:
+            raise RuntimeError("this AioContext does not deliver completions: wait on requests")
         if timeout is not None and timeout < 0:
             raise ValueError(f"timeout must be None or >= 0, not {timeout!r}")
         n = self.process_completions()
@@ -636,6 +660,8 @@ class AioContext:
         return self._wait_until(lambda: self._outstanding() <= 0, timeout)
 
     def _wait_until(self, done: Callable[[], bool], timeout: float | None) -> bool:
+        if not self._deliver:
+            raise RuntimeError("this AioContext does not deliver completions: wait on requests")
         if timeout is not None and timeout < 0:
             raise ValueError(f"timeout must be None or >= 0, not {timeout!r}")
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -659,7 +685,7 @@ class AioContext:
         with self._lock:
             if self._closed:
                 return True
-        if not self.drain(timeout):
+        if self._deliver and not self.drain(timeout):
             return False
         with self._lock:
             self._closed = True
@@ -716,6 +742,10 @@ class _InlineDone(AioRequest):
     @property
     def error(self) -> int:
         return 0
+
+    def outcome(self) -> tuple[int, int]:
+        result: int = self._result  # type: ignore[assignment]
+        return 0, result
 
     def done(self) -> bool:
         return True

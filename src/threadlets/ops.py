@@ -210,12 +210,27 @@ def rw_loop(
             n = call(fd, iov, offset + done)
         except InterruptedError:
             continue
+        except OSError as e:
+            if e.errno != errno.ESPIPE:
+                raise
+            return done + _stream_rw(sc, fd, iov, write)
         if n == 0:
             if write:
                 raise OSError(errno.ENOSPC, "write made no progress")
             break  # end of file
         done += n
     return done
+
+
+def _stream_rw(sc: Syscalls, fd: int, iov: Sequence[memoryview], write: bool) -> int:
+    """A pipe, socket or terminal has no offset (ESPIPE): one readv/writev,
+    as glibc's AIO does; a short count is the answer, not a reason to wait
+    for more."""
+    while True:
+        try:
+            return sc.writev(fd, iov) if write else sc.readv(fd, iov)
+        except InterruptedError:
+            continue
 
 
 def read(

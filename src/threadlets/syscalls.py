@@ -67,6 +67,12 @@ class Syscalls:
     ) -> int:
         return os.pwritev(fd, buffers, offset, flags)
 
+    def readv(self, fd: int, buffers: Sequence[WriteableBuffer]) -> int:
+        return os.readv(fd, buffers)
+
+    def writev(self, fd: int, buffers: Sequence[ReadableBuffer]) -> int:
+        return os.writev(fd, buffers)
+
     def fsync(self, fd: int) -> None:
         os.fsync(fd)
 

@@ -1,0 +1,408 @@
+"""threadlets.posix against glibc's own aio_* (through ctypes), case by
+case on the same files, plus what only we do (notifications, ordering).
+
+Where POSIX defines the outcome, both must agree.  Where we differ on
+purpose -- requests on one fd run in parallel here, one at a time in glibc
+-- the test says so and checks each side against its own rule.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import platform
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+import threadlets.posix as px
+from threadlets import AioContext, ThreadletQueue
+from threadlets.syscalls import Syscalls
+
+from . import glibc_aio
+from .conftest import wait_until
+
+needs_glibc = pytest.mark.skipif(not glibc_aio.AVAILABLE, reason="needs glibc on x86_64/aarch64")
+BOTH = [
+    pytest.param(px, id="threadlets"),
+    pytest.param(glibc_aio, id="glibc", marks=needs_glibc),
+]
+DATA = bytes(range(256)) * 16  # 4 KiB
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    p = tmp_path / "data"
+    p.write_bytes(DATA)
+    return p
+
+
+@pytest.fixture
+def fd(path: Path) -> Iterator[int]:
+    fd = os.open(path, os.O_RDWR)
+    yield fd
+    os.close(fd)
+
+
+@pytest.fixture
+def one_worker() -> Iterator[ThreadletQueue]:
+    """Run threadlets.posix on a one-worker queue, so that a request blocked
+    in a read holds the only worker and the next one stays queued."""
+    q = ThreadletQueue(max_threads=1)
+    saved = px._ctx
+    px._ctx = AioContext(q, deliver=False)
+    yield q
+    px._ctx = saved
+    q.close(timeout=10)
+
+
+def cb_for(impl: ModuleType, *args: Any, **kwargs: Any) -> Any:
+    if impl is px and "buf" in kwargs and isinstance(kwargs["buf"], bytes):
+        kwargs["buf"] = bytearray(kwargs["buf"])
+    return impl.aiocb(*args, **kwargs)
+
+
+def outcome(impl: ModuleType, cb: Any) -> tuple[int, int]:
+    impl.aio_suspend([cb], 10)
+    return impl.aio_error(cb), impl.aio_return(cb)
+
+
+def raises_errno(call: Callable[[], object]) -> int:
+    try:
+        call()
+    except OSError as e:
+        return e.errno or -1
+    return 0
+
+
+# -- blocked reads, observed through /proc -------------------------------------------
+
+_READ_SYSCALLS = {
+    "x86_64": {0, 17, 19, 295, 327},  # read, pread64, readv, preadv, preadv2
+    "aarch64": {63, 65, 67, 69, 286},
+}.get(platform.machine(), set())
+
+
+def readers_blocked_on(fd: int) -> int:
+    """How many threads of this process sit in a read system call on fd."""
+    n = 0
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            fields = (task / "syscall").read_text().split()
+        except OSError:
+            continue
+        if len(fields) > 1 and fields[0].isdigit() and int(fields[0]) in _READ_SYSCALLS:
+            if int(fields[1], 16) == fd:
+                n += 1
+    return n
+
+
+needs_proc = pytest.mark.skipif(
+    not _READ_SYSCALLS or not Path("/proc/self/task").exists(), reason="needs /proc syscall"
+)
+
+
+@pytest.fixture
+def pipe() -> Iterator[tuple[int, int]]:
+    r, w = os.pipe()
+    yield r, w
+    os.close(r)
+    os.close(w)
+
+
+# -- the differential cases ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", BOTH)
+def test_normal_read_and_write(impl: ModuleType, fd: int, path: Path) -> None:
+    r = cb_for(impl, fd, 100, buf=bytes(50))
+    impl.aio_read(r)
+    assert outcome(impl, r) == (0, 50)
+    assert bytes(r.aio_buf)[:50] == DATA[100:150]
+    w = cb_for(impl, fd, 10, buf=b"written!")
+    impl.aio_write(w)
+    assert outcome(impl, w) == (0, 8)
+    assert path.read_bytes() == DATA[:10] + b"written!" + DATA[18:]
+
+
+@pytest.mark.parametrize("impl", BOTH)
+def test_short_read_at_eof_is_not_an_error(impl: ModuleType, fd: int) -> None:
+    r = cb_for(impl, fd, len(DATA) - 10, buf=bytes(100))
+    impl.aio_read(r)
+    assert outcome(impl, r) == (0, 10)
+    beyond = cb_for(impl, fd, len(DATA) + 10, buf=bytes(100))
+    impl.aio_read(beyond)
+    assert outcome(impl, beyond) == (0, 0)
+
+
+@pytest.mark.parametrize("impl", BOTH)
+def test_negative_offset_and_bad_fd_are_reported_later(impl: ModuleType, fd: int) -> None:
+    neg = cb_for(impl, fd, -1, buf=bytes(10))
+    impl.aio_read(neg)  # accepted...
+    assert outcome(impl, neg) == (errno.EINVAL, -1)  # ...and failed
+    bad = cb_for(impl, 9999, 0, buf=bytes(10))
+    impl.aio_read(bad)
+    assert outcome(impl, bad) == (errno.EBADF, -1)
+
+
+@pytest.mark.parametrize("impl", BOTH)
+def test_bad_reqprio_fails_at_once(impl: ModuleType, fd: int) -> None:
+    for prio in (-1, px.AIO_PRIO_DELTA_MAX + 1):
+        cb = cb_for(impl, fd, 0, buf=bytes(10), reqprio=prio)
+        assert raises_errno(lambda cb=cb: impl.aio_read(cb)) == errno.EINVAL
+    ok = cb_for(impl, fd, 0, buf=bytes(10), reqprio=px.AIO_PRIO_DELTA_MAX)
+    impl.aio_read(ok)
+    assert outcome(impl, ok) == (0, 10)
+
+
+@pytest.mark.parametrize("impl", BOTH)
+def test_fsync_ops(impl: ModuleType, fd: int) -> None:
+    for op in (os.O_SYNC, os.O_DSYNC):
+        cb = cb_for(impl, fd)
+        impl.aio_fsync(op, cb)
+        assert outcome(impl, cb) == (0, 0)
+    assert raises_errno(lambda: impl.aio_fsync(os.O_RDONLY, cb_for(impl, fd))) == errno.EINVAL
+    assert raises_errno(lambda: impl.aio_fsync(os.O_SYNC, cb_for(impl, 9999))) == errno.EBADF
+
+
+@pytest.mark.parametrize("impl", BOTH)
+def test_cancel_when_nothing_is_outstanding(impl: ModuleType, fd: int, path: Path) -> None:
+    assert impl.aio_cancel(fd) == px.AIO_ALLDONE
+    r = cb_for(impl, fd, 0, buf=bytes(10))
+    impl.aio_read(r)
+    impl.aio_suspend([r], 10)
+    assert impl.aio_cancel(fd, r) == px.AIO_ALLDONE
+    assert raises_errno(lambda: impl.aio_cancel(9999)) == errno.EBADF
+    other = os.open(path, os.O_RDONLY)
+    try:
+        assert raises_errno(lambda: impl.aio_cancel(other, r)) == errno.EINVAL
+    finally:
+        os.close(other)
+
+
+@needs_proc
+@pytest.mark.parametrize("impl", BOTH)
+def test_cancel_running_and_queued(
+    impl: ModuleType, pipe: tuple[int, int], one_worker: ThreadletQueue
+) -> None:
+    # glibc runs one request per fd; threadlets here runs on one worker:
+    # either way the first read blocks in the kernel and the rest queue.
+    r, w = pipe
+    first = cb_for(impl, r, 0, buf=bytes(5))
+    impl.aio_read(first)
+    wait_until(lambda: readers_blocked_on(r) == 1)
+    second = cb_for(impl, r, 0, buf=bytes(5))
+    third = cb_for(impl, r, 0, buf=bytes(5))
+    impl.aio_read(second)
+    impl.aio_read(third)
+    assert impl.aio_cancel(r, first) == px.AIO_NOTCANCELED
+    assert impl.aio_cancel(r, second) == px.AIO_CANCELED
+    assert impl.aio_error(second) == errno.ECANCELED
+    assert impl.aio_return(second) == -1
+    assert impl.aio_error(first) == errno.EINPROGRESS
+    # fd-wide: one running, one queued -> NOTCANCELED, the queued one goes.
+    assert impl.aio_cancel(r) == px.AIO_NOTCANCELED
+    assert impl.aio_error(third) == errno.ECANCELED
+    with pytest.raises(OSError) as timeout:
+        impl.aio_suspend([first], 0.05)
+    assert timeout.value.errno == errno.EAGAIN
+    os.write(w, b"hello")
+    assert outcome(impl, first) == (0, 5)
+    assert bytes(first.aio_buf)[:5] == b"hello"
+    assert impl.aio_cancel(r) == px.AIO_ALLDONE
+
+
+@needs_proc
+def test_requests_on_one_fd_run_in_parallel_unlike_glibc(pipe: tuple[int, int]) -> None:
+    # Different on purpose: two reads of one pipe both block in the kernel
+    # at once here (glibc would queue the second behind the first), so an
+    # fd-wide cancel cancels neither.
+    r, w = pipe
+    cbs = [px.aiocb(r, 0, bytearray(3)) for _ in range(2)]
+    for cb in cbs:
+        px.aio_read(cb)
+    wait_until(lambda: readers_blocked_on(r) == 2)
+    assert px.aio_cancel(r) == px.AIO_NOTCANCELED
+    os.write(w, b"abcdef")
+    assert sorted(outcome(px, cb) for cb in cbs) == [(0, 3), (0, 3)]
+    assert sorted(bytes(cb.aio_buf) for cb in cbs) == [b"abc", b"def"]
+
+
+@pytest.mark.parametrize("impl", BOTH)
+def test_lio_listio_wait_with_a_failure(impl: ModuleType, fd: int) -> None:
+    ok = cb_for(impl, fd, 0, buf=bytes(8), lio_opcode=px.LIO_READ)
+    bad = cb_for(impl, fd, -5, buf=bytes(8), lio_opcode=px.LIO_READ)
+    nop = cb_for(impl, fd, 0, buf=bytes(8), lio_opcode=px.LIO_NOP)
+    write = cb_for(impl, fd, 100, buf=b"listio", lio_opcode=px.LIO_WRITE)
+    assert raises_errno(lambda: impl.lio_listio(px.LIO_WAIT, [ok, None, bad, nop, write])) == (
+        errno.EIO
+    )
+    assert (impl.aio_error(ok), impl.aio_return(ok)) == (0, 8)
+    assert (impl.aio_error(bad), impl.aio_return(bad)) == (errno.EINVAL, -1)
+    assert (impl.aio_error(write), impl.aio_return(write)) == (0, 6)
+    assert bytes(ok.aio_buf)[:8] == DATA[:8]
+    assert os.pread(fd, 6, 100) == b"listio"
+
+
+@pytest.mark.parametrize("impl", BOTH)
+def test_lio_listio_nowait(impl: ModuleType, fd: int) -> None:
+    cbs = [
+        cb_for(impl, fd, i * 4, buf=bytes([65 + i]) * 4, lio_opcode=px.LIO_WRITE) for i in range(8)
+    ]
+    impl.lio_listio(px.LIO_NOWAIT, cbs)
+    for cb in cbs:
+        assert outcome(impl, cb) == (0, 4)
+    assert os.pread(fd, 32, 0) == b"".join(bytes([65 + i]) * 4 for i in range(8))
+    assert raises_errno(lambda: impl.lio_listio(7, cbs)) == errno.EINVAL
+
+
+@pytest.mark.parametrize("impl", BOTH)
+def test_o_append_writes_land_in_call_order(impl: ModuleType, tmp_path: Path) -> None:
+    fd = os.open(tmp_path / "log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        parts = [f"line {i:03d}\n".encode() * (1 + i % 5) for i in range(60)]
+        cbs = [cb_for(impl, fd, 0, buf=p) for p in parts]
+        for cb in cbs:
+            impl.aio_write(cb)
+        for cb, p in zip(cbs, parts, strict=True):
+            assert outcome(impl, cb) == (0, len(p))
+    finally:
+        os.close(fd)
+    assert (tmp_path / "log").read_bytes() == b"".join(parts)
+
+
+# -- what only threadlets.posix does ----------------------------------------------------------
+
+
+class _GatedWrites(Syscalls):
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.order: list[str] = []
+        self.in_write = threading.Event()
+
+    def pwritev(self, fd: int, buffers: Sequence[Any], offset: int, flags: int = 0) -> int:
+        if flags:
+            raise OSError(errno.EOPNOTSUPP, "no inline writes")
+        self.in_write.set()
+        assert self.gate.wait(30)
+        self.order.append("write")
+        return os.pwritev(fd, buffers, offset)
+
+    def fsync(self, fd: int) -> None:
+        self.order.append("fsync")
+        os.fsync(fd)
+
+
+def test_aio_fsync_waits_for_writes_queued_before_it(fd: int) -> None:
+    sc = _GatedWrites()
+    with ThreadletQueue(max_threads=4) as q:
+        saved = px._ctx
+        px._ctx = AioContext(q, deliver=False, syscalls=sc)
+        try:
+            w = px.aiocb(fd, 0, b"data")
+            px.aio_write(w)
+            assert sc.in_write.wait(10)
+            f = px.aiocb(fd)
+            px.aio_fsync(os.O_SYNC, f)
+            with pytest.raises(OSError, match="timed out"):
+                px.aio_suspend([f], 0.05)
+            assert sc.order == []  # the fsync has not started
+            sc.gate.set()
+            assert outcome(px, f) == (0, 0)
+            assert outcome(px, w) == (0, 4)
+            assert sc.order == ["write", "fsync"]
+        finally:
+            px._ctx = saved
+
+
+def test_sigev_thread_notifies_on_a_worker_even_when_cancelled(
+    pipe: tuple[int, int], one_worker: ThreadletQueue
+) -> None:
+    r, w = pipe
+    got: list[tuple[object, str]] = []
+    done = threading.Barrier(3, timeout=10)
+
+    def note(value: object) -> None:
+        got.append((value, threading.current_thread().name))
+        done.wait()
+
+    running = px.aiocb(
+        r, 0, bytearray(1), sigevent=px.sigevent(px.SIGEV_THREAD, value="a", function=note)
+    )
+    queued = px.aiocb(
+        r, 0, bytearray(1), sigevent=px.sigevent(px.SIGEV_THREAD, value="b", function=note)
+    )
+    px.aio_read(running)
+    px.aio_read(queued)
+    assert px.aio_cancel(r, queued) == px.AIO_CANCELED
+    os.write(w, b"x")
+    done.wait()
+    assert sorted(v for v, _ in got) == ["a", "b"]
+    assert all(name != threading.main_thread().name for _, name in got)
+
+
+def test_sigev_signal_and_list_notification(fd: int) -> None:
+    hits: list[int] = []
+    arrived = threading.Event()
+    old = signal.signal(signal.SIGUSR1, lambda signo, frame: (hits.append(signo), arrived.set()))
+    try:
+        listed = threading.Event()
+        cbs = [px.aiocb(fd, i, bytearray(1), lio_opcode=px.LIO_READ) for i in range(4)]
+        cbs[0].aio_sigevent = px.sigevent(px.SIGEV_SIGNAL, signo=signal.SIGUSR1)
+        px.lio_listio(
+            px.LIO_NOWAIT,
+            cbs,
+            px.sigevent(px.SIGEV_THREAD, function=lambda v: listed.set()),
+        )
+        assert listed.wait(10)
+        assert arrived.wait(10)
+        assert hits == [signal.SIGUSR1]
+        assert all(px.aio_error(cb) == 0 for cb in cbs)
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+
+
+def test_bad_input(fd: int) -> None:
+    cb = px.aiocb(fd, 0, bytearray(10))
+    with pytest.raises(OSError) as never:
+        px.aio_error(cb)
+    assert never.value.errno == errno.EINVAL  # never submitted (glibc reads junk)
+    with pytest.raises(TypeError, match="writable"):
+        px.aio_read(px.aiocb(fd, 0, b"readonly"))
+    with pytest.raises(TypeError, match="buffer"):
+        px.aio_write(px.aiocb(fd, 0, 12))
+    with pytest.raises(OSError, match="does not fit"):
+        px.aio_write(px.aiocb(fd, 0, b"abc", nbytes=10))
+    with pytest.raises(TypeError, match="aio_offset"):
+        px.aio_read(px.aiocb(fd, "0", bytearray(1)))  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        px.aiocb("3")  # type: ignore[arg-type]
+    with pytest.raises(OSError, match="signal number"):
+        px.aio_read(px.aiocb(fd, 0, bytearray(1), sigevent=px.sigevent(px.SIGEV_SIGNAL, 0)))
+    with pytest.raises(TypeError, match="list"):
+        px.aio_suspend(cb)  # type: ignore[arg-type]
+    with pytest.raises(OSError, match=">= 0"):
+        px.aio_suspend([cb], -1)
+    assert os.pread(fd, len(DATA) + 1, 0) == DATA  # nothing was written
+
+
+def test_an_aiocb_cannot_be_submitted_twice_in_flight(
+    pipe: tuple[int, int], one_worker: ThreadletQueue
+) -> None:
+    r, w = pipe
+    cb = px.aiocb(r, 0, bytearray(4))
+    px.aio_read(cb)
+    with pytest.raises(OSError, match="already in progress") as info:
+        px.aio_read(cb)
+    assert info.value.errno == errno.EINVAL
+    os.write(w, b"data")
+    assert outcome(px, cb) == (0, 4)
+    px.aio_write(px.aiocb(w, 0, b"more"))  # reuse after completion is fine
+    px.aio_read(cb)
+    assert outcome(px, cb) == (0, 4)
+    assert bytes(cb.aio_buf) == b"more"
