@@ -7,10 +7,14 @@ Layers, each in its own module, each depending only on those before it:
 * :mod:`threadlets.syscalls` -- the system-call seam and fault injection.
 * :mod:`threadlets.ops` -- what each I/O request does to a file (QEMU's rules).
 * :mod:`threadlets.engine` -- the paio engine: requests and completion contexts.
+* :mod:`threadlets.posix` -- POSIX AIO (aio_read ... lio_listio) on the engine.
+* :mod:`threadlets.awaitable` -- awaiting requests from asyncio, trio, anyio.
+* :mod:`threadlets.asyncfile` -- ``threadlets.open``: async file objects.
 
 The command-line tools live in :mod:`threadlets.cli`.
 """
 
+from threadlets.asyncfile import AsyncFile, open, wrap
 from threadlets.engine import AioContext, AioRequest, ContextStats
 from threadlets.pool import (
     CancelledError,
@@ -30,6 +34,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AioContext",
     "AioRequest",
+    "AsyncFile",
     "CancelResult",
     "CancelledError",
     "ContextStats",
@@ -42,5 +47,7 @@ __all__ = [
     "__version__",
     "aligned_buffer",
     "default_queue",
+    "open",
     "submit",
+    "wrap",
 ]

@@ -51,6 +51,7 @@ import os
 import select
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -307,6 +308,8 @@ class AioContext:
         self.inline = bool(inline) and bool(RWF_NOWAIT)
         self._deliver = bool(deliver)
         self._notifier = _Notifier()
+        # The eventfd is closed with the context, or when it is collected.
+        self._finalizer = weakref.finalize(self, self._notifier.close)
         self._files: dict[int, AioFile] = {}
         self._preadv = os.preadv if type(self._sc) is Syscalls else self._sc.preadv
         # Submission counters are itertools.count objects: next() is one C
@@ -385,6 +388,33 @@ class AioContext:
         req = AioRequest(self, kind, None, (), callback)
         req._set_inline(None, exc)
         return self._start(req)
+
+    def read_inline(self, fd: int, offset: int, buffer: bytearray) -> int:
+        """The inline fast path alone, for front ends: read into ``buffer``
+        in this thread if the data is in the page cache.
+
+        Returns the count (short only at end of file), or -1 if the read
+        would block or came up short -- then submit it with :meth:`read`.
+        Nothing is queued and no request object is made.
+        """
+        f = self._files.get(fd)
+        if (
+            f is None
+            or not f.nowait_reads
+            or type(buffer) is not bytearray
+            or type(offset) is not int
+            or not 0 <= offset <= _MAX_IO_OFFSET
+            or type(fd) is not int
+        ):
+            return -1
+        try:
+            n = self._preadv(fd, (buffer,), offset, RWF_NOWAIT)
+        except OSError:
+            return -1  # would block, or an error for read() to report
+        if n == len(buffer) or not n:
+            next(self._n_unseen)
+            return n
+        return -1
 
     def read(
         self,
@@ -581,6 +611,16 @@ class AioContext:
             "copy_range", dst_fd, _copy_range_args, (src, src_offset, dst_offset, length), callback
         )
 
+    def call(
+        self, fn: Callable[..., Any], /, *args: Any, callback: Callback | None = None
+    ) -> AioRequest:
+        """Run any blocking call (``os.open``, ``os.fstat``...) on a worker as a
+        request of this context: same cancel, same completion delivery.  The
+        result is whatever ``fn`` returns."""
+        if not callable(fn):
+            raise TypeError(f"call() needs a callable, not {type(fn).__name__}")
+        return self._start(AioRequest(self, "call", fn, args, callback))
+
     # -- completion -------------------------------------------------------------------
 
     def _complete(self, req: AioRequest) -> None:
@@ -689,7 +729,7 @@ class AioContext:
             return False
         with self._lock:
             self._closed = True
-        self._notifier.close()
+        self._finalizer()
         self._files.clear()
         return True
 
