@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from threadlets import __version__
 from threadlets.pool import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_THREADS
@@ -73,6 +74,166 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'4K', '256M', '1G', '4096' -> bytes (binary units)."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in _UNITS else (t, "")
+    try:
+        value = float(num) * _UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (say 4K, 256M, 1G)") from None
+    if value < 0 or value != int(value):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}")
+    return int(value)
+
+
+def parse_duration(text: str) -> float:
+    """'20s', '2m', '1h', '0.5' -> seconds."""
+    t = text.strip().lower()
+    scale = {"s": 1, "m": 60, "h": 3600}.get(t[-1:])
+    try:
+        value = float(t[:-1]) * scale if scale else float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (say 20s, 2m)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"a duration must be > 0: {text!r}")
+    return value
+
+
+def parse_mix(text: str) -> dict[str, int]:
+    """'read=40,write=30' -> {'read': 40, 'write': 30}."""
+    from threadlets.stress import KINDS
+
+    mix: dict[str, int] = {}
+    for part in text.split(","):
+        name, sep, weight = part.partition("=")
+        name = name.strip()
+        if not sep or name not in KINDS:
+            raise argparse.ArgumentTypeError(
+                f"bad --mix entry {part!r}: use KIND=WEIGHT with KIND in {', '.join(KINDS)}"
+            )
+        try:
+            mix[name] = int(weight)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad weight in --mix entry {part!r}") from None
+        if mix[name] < 0:
+            raise argparse.ArgumentTypeError(f"negative weight in --mix entry {part!r}")
+    return mix
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a rate: {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"a rate is between 0 and 1, not {text}")
+    return value
+
+
+def _stress(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from threadlets.stress import StressConfig, StressError, run_stress
+
+    console = Console(stderr=args.json)
+    cfg = StressConfig(
+        path=args.path,
+        size=args.size,
+        duration=None if args.ops is not None else args.duration,
+        ops=args.ops,
+        concurrency=args.concurrency,
+        block_size=args.block_size,
+        direct=args.direct,
+        seed=args.seed,
+        cancel_rate=args.cancel_rate,
+        inject_faults=args.inject_faults,
+        fio_pattern=args.fio_pattern,
+        corrupt_after=args.corrupt_after,
+    )
+    if args.mix is not None:
+        cfg.mix = args.mix
+    total = float(cfg.ops) if cfg.ops is not None else cfg.duration
+    with Progress(
+        TextColumn("[bold]stress[/]"),
+        BarColumn(),
+        TextColumn("{task.fields[ops]:>9,} ops"),
+        TextColumn("{task.fields[rate]:>9,.0f} ops/s"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=args.json or not console.is_terminal,
+    ) as progress:
+        task = progress.add_task("stress", total=total, ops=0, rate=0.0)
+
+        def tick(ops: int, elapsed: float) -> None:
+            done = ops if cfg.ops is not None else elapsed
+            progress.update(task, completed=done, ops=ops, rate=ops / elapsed if elapsed else 0)
+
+        cfg.progress = tick
+        try:
+            report = run_stress(cfg)
+        except StressError as e:
+            console.print(f"[red]threadlets stress: {e}[/]")
+            return 2
+    if args.json:
+        print(json.dumps(report.as_json(), indent=2))
+    else:
+        _print_stress(console, report, Table)
+    return 0 if report.ok else 1
+
+
+def _print_stress(console: Any, report: Any, table_cls: Any) -> None:
+    for m in report.mismatches:
+        console.print(f"[red]{m.describe()}[/]")
+    table = table_cls(title=f"threadlets stress, seed {report.seed}")
+    table.add_column("operation")
+    table.add_column("count", justify="right")
+    table.add_column("p50 us", justify="right")
+    table.add_column("p99 us", justify="right")
+    table.add_column("max us", justify="right")
+    for kind, count in sorted(report.by_kind.items()):
+        lat = report.latency_us.get(kind, {})
+        table.add_row(
+            kind,
+            f"{count:,}",
+            str(lat.get("p50", "")),
+            str(lat.get("p99", "")),
+            str(lat.get("max", "")),
+        )
+    console.print(table)
+    facts = table_cls(show_header=False)
+    facts.add_column()
+    facts.add_column()
+    facts.add_row(
+        "operations",
+        f"{report.ops:,} in {report.seconds:.2f} s ({report.ops_per_second:,.0f} ops/s)",
+    )
+    facts.add_row("bytes read / written", f"{report.bytes_read:,} / {report.bytes_written:,}")
+    facts.add_row("verified reads", f"{report.verified_reads:,}")
+    facts.add_row(
+        "cancels", ", ".join(f"{k} {v}" for k, v in sorted(report.cancels.items())) or "none"
+    )
+    facts.add_row("expected errors", _fmt_counts(report.expected_errors))
+    facts.add_row("unexpected errors", _fmt_counts(report.unexpected_errors))
+    if report.faults:
+        facts.add_row("injected", f"{report.faults}")
+    if report.fio_check is not None:
+        facts.add_row("fio check", report.fio_check)
+    facts.add_row("mismatches", str(len(report.mismatches)))
+    facts.add_row("verdict", "[green]OK[/]" if report.ok else "[red]FAILED[/]")
+    console.print(facts)
+
+
+def _fmt_counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="threadlets", description="Fast, correct asynchronous file and block I/O."
@@ -86,6 +247,49 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=_info)
+
+    st = sub.add_parser(
+        "stress",
+        help="hammer a file through the engine and verify every byte",
+        description="Random concurrent reads, writes, vectored I/O, flushes, discards, "
+        "write-zeroes, truncates and cancels, each read checked against a model of "
+        "what the file must hold.  Exit status 1 on any mismatch or unexpected error.",
+    )
+    st.add_argument("path", nargs="?", help="file or block device (default: a temporary file)")
+    st.add_argument(
+        "--size", type=parse_size, default=256 << 20, help="bytes to use (default 256M)"
+    )
+    when = st.add_mutually_exclusive_group()
+    when.add_argument(
+        "--duration", type=parse_duration, default=20.0, help="run time (default 20s)"
+    )
+    when.add_argument("--ops", type=int, help="run exactly this many operations (reproducible)")
+    st.add_argument("--concurrency", type=int, default=32, help="requests in flight (default 32)")
+    st.add_argument("--block-size", type=parse_size, default=4096, help="I/O unit (default 4K)")
+    st.add_argument("--mix", type=parse_mix, help="weights, e.g. read=40,write=30,flush=5")
+    st.add_argument("--direct", action="store_true", help="open with O_DIRECT (aligned I/O)")
+    st.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    st.add_argument("--cancel-rate", type=_rate, default=0.05, help="share of requests cancelled")
+    st.add_argument(
+        "--inject-faults",
+        type=_rate,
+        default=0.0,
+        metavar="RATE",
+        help="inject EIO/ENOSPC/EINTR and short transfers at this rate",
+    )
+    st.add_argument(
+        "--fio-pattern",
+        action="store_true",
+        help="finish by writing fio's %%o pattern and have fio verify it",
+    )
+    st.add_argument(
+        "--corrupt-after",
+        type=int,
+        metavar="N",
+        help="self-test: flip a byte behind the engine's back after N ops",
+    )
+    st.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    st.set_defaults(func=_stress)
     return parser
 
 
