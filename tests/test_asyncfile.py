@@ -454,8 +454,9 @@ def test_loop_closed_with_requests_outstanding() -> None:
     assert not task.done()
     loop.close()  # the request still runs on its worker
     os.write(w, b"late")  # it finishes; nobody processes its completion
-    q = threadlets.default_queue()
-    assert q.drain(10)
+    from threadlets.engine import io_queue
+
+    assert io_queue().drain(10)
     del task, loop
     gc.collect()
 

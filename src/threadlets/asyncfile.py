@@ -277,8 +277,10 @@ class AsyncFile:
             parts = [bytes(self._buffered())]
             self._pos += len(parts[0])
             self._drop_read_ahead()
+            size = CHUNK
             while True:
-                chunk = await self.pread(max(CHUNK, 1 << 20), self._pos)
+                chunk = await self.pread(size, self._pos)
+                size = min(size * 2, 1 << 20)  # grow for large files
                 if not chunk:
                     return b"".join(parts)
                 parts.append(chunk)

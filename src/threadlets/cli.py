@@ -234,6 +234,46 @@ def _fmt_counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from threadlets.bench import WORKLOADS, BenchConfig, plot, run_bench, to_markdown
+
+    console = Console(stderr=True)
+    cfg = BenchConfig(
+        workloads=args.workload or list(WORKLOADS), quick=args.quick, directory=args.directory
+    )
+    if args.seconds is not None:
+        cfg.seconds = args.seconds
+    if args.repeats is not None:
+        cfg.repeats = args.repeats
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    ) as progress:
+        task = progress.add_task("bench", total=None)
+        cfg.progress = lambda what: progress.update(task, description=what)
+        report = run_bench(cfg)
+    report["command"] = "threadlets bench " + " ".join(args.argv)
+    if args.plot:
+        plot(report, args.plot)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(to_markdown(report, "threadlets bench " + " ".join(args.argv)))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        from rich.markdown import Markdown
+
+        Console().print(Markdown(to_markdown(report, "threadlets bench " + " ".join(args.argv))))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="threadlets", description="Fast, correct asynchronous file and block I/O."
@@ -290,11 +330,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     st.add_argument("--json", action="store_true", help="print the report as one JSON object")
     st.set_defaults(func=_stress)
+
+    from threadlets.bench import WORKLOADS
+
+    be = sub.add_parser(
+        "bench",
+        help="measure threadlets beside the peers, side by side",
+        description="Workloads: " + "; ".join(f"{k} ({v})" for k, v in WORKLOADS.items()),
+    )
+    be.add_argument(
+        "--workload",
+        action="append",
+        choices=list(WORKLOADS),
+        help="run only this workload (repeatable; default: all)",
+    )
+    be.add_argument("--quick", action="store_true", help="tiny and short: checks the harness")
+    be.add_argument("--seconds", type=float, help="length of one measurement")
+    be.add_argument("--repeats", type=int, help="rounds (the median is reported)")
+    be.add_argument("--directory", default=".", help="where the test files go (default .)")
+    be.add_argument("--json", action="store_true", help="print the results as JSON")
+    be.add_argument("--plot", metavar="FILE.png", help="write a PNG chart")
+    be.add_argument("--markdown", metavar="FILE.md", help="write the tables as Markdown")
+    be.set_defaults(func=_bench)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv[1:]
     result: int = args.func(args)
     return result
 
