@@ -592,3 +592,10 @@ def test_fcntl_flags_direct(path: Path) -> None:
         assert not flags & getattr(os, "O_DIRECT", 0)
     finally:
         os.close(fd)
+
+
+def test_empty_buffer_lists_are_zero_length_requests(ctx: AioContext, fd: int) -> None:
+    assert run(ctx, ctx.read(fd, 0, [])) == 0
+    assert run(ctx, ctx.write(fd, 0, [])) == 0
+    assert run(ctx, ctx.read(fd, 0, bytearray())) == 0
+    assert os.pread(fd, len(PATTERN) + 1, 0) == PATTERN

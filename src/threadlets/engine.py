@@ -514,7 +514,7 @@ class AioContext:
                     req._result = done
                     req._state = _DONE
                     return self._start(req)
-        if type(views[0]) is bytearray:  # the fast path's: ops needs views to slice
+        if views and type(views[0]) is bytearray:  # the fast path's: ops slices views
             views = [memoryview(views[0])]
         args = (self._sc, f, views, offset, total, zero_fill, done)
         return self._start(AioRequest(self, "read", ops.read, args, callback))
@@ -796,14 +796,22 @@ class _InlineDone(AioRequest):
 
     __slots__ = ()
 
+    # What every such request holds is a class attribute: these names shadow
+    # the slots for reading, and nothing writes them on a finished request.
+    _state = _DONE
+    _processed = True
+    _exception = None
+    _waiters = None
+    _callbacks = None
+    _fn = None
+    _args = ()
+    _kwargs = None
+    callback = None
+
     def __init__(self, ctx: AioContext, kind: str, result: int) -> None:
         self._ctx = ctx
         self.kind = kind
         self._result = result
-        self._exception = None
-        self._state = _DONE
-        self._processed = True
-        self.callback = None
 
     @property
     def state(self) -> ThreadletState:

@@ -299,6 +299,14 @@ def _direct_rw(
     return _bounce_read(sc, f, buffers, offset, total, req, mem)
 
 
+def _bounce_span(offset: int, total: int, req: int, mem: int) -> tuple[int, int, memoryview]:
+    """The aligned range around [offset, offset + total), and a bounce
+    buffer for it."""
+    start = offset - offset % req
+    end = -(-(offset + total) // req) * req
+    return start, end, aligned_buffer(end - start, max(mem, req))
+
+
 def _bounce_read(
     sc: Syscalls,
     f: AioFile,
@@ -308,9 +316,7 @@ def _bounce_read(
     req: int,
     mem: int,
 ) -> int:
-    start = offset - offset % req
-    end = -(-(offset + total) // req) * req
-    bounce = aligned_buffer(end - start, max(mem, req))
+    start, end, bounce = _bounce_span(offset, total, req, mem)
     n = rw_loop(sc, f.fd, [bounce], start, end - start, False)
     head = offset - start
     got = max(0, min(n - head, total))
@@ -327,9 +333,7 @@ def _bounce_write(
     req: int,
     mem: int,
 ) -> int:
-    start = offset - offset % req
-    end = -(-(offset + total) // req) * req
-    bounce = aligned_buffer(end - start, max(mem, req))
+    start, end, bounce = _bounce_span(offset, total, req, mem)
     head = offset - start
     if head == 0 and end == offset + total:
         # Only the memory is misaligned: copy and write.
