@@ -599,3 +599,44 @@ def test_empty_buffer_lists_are_zero_length_requests(ctx: AioContext, fd: int) -
     assert run(ctx, ctx.write(fd, 0, [])) == 0
     assert run(ctx, ctx.read(fd, 0, bytearray())) == 0
     assert os.pread(fd, len(PATTERN) + 1, 0) == PATTERN
+
+
+class _PartlyCached(Syscalls):
+    """The inline attempt finds only the first bytes cached; writes are
+    taken inline in part (as a file system with RWF_NOWAIT writes may)."""
+
+    def __init__(self) -> None:
+        self.inline_calls = 0
+        self.worker_offsets: list[int] = []
+
+    def preadv(self, fd: int, buffers: Sequence[Any], offset: int, flags: int = 0) -> int:
+        if flags:
+            self.inline_calls += 1
+            return os.preadv(fd, [memoryview(buffers[0])[:100]], offset)
+        self.worker_offsets.append(offset)
+        return os.preadv(fd, buffers, offset)
+
+    def pwritev(self, fd: int, buffers: Sequence[Any], offset: int, flags: int = 0) -> int:
+        if flags:
+            self.inline_calls += 1
+            return os.pwritev(fd, [memoryview(buffers[0])[:3]], offset)
+        self.worker_offsets.append(offset)
+        return os.pwritev(fd, buffers, offset)
+
+
+def test_a_short_inline_attempt_is_resumed_by_a_worker(fd: int) -> None:
+    sc = _PartlyCached()
+    with ThreadletQueue(max_threads=1) as q, AioContext(q, syscalls=sc) as ctx:
+        buf = bytearray(1000)
+        req = ctx.read(fd, 10, buf)
+        assert ctx.wait(req, 10)
+        assert req.result() == 1000
+        assert buf == PATTERN[10:1010]
+        assert sc.worker_offsets == [110]  # the worker went on from byte 100
+        req = ctx.write(fd, 0, [b"abcdef", b"gh"])
+        assert ctx.wait(req, 10)
+        assert req.result() == 8
+        assert os.pread(fd, 8, 0) == b"abcdefgh"
+        assert sc.worker_offsets[-1] == 3
+        assert sc.inline_calls == 2
+        assert ctx.stats().inline == 0  # neither finished inline

@@ -110,6 +110,8 @@ class AsyncFile:
         self._owner = owner  # a wrapped Python file object, kept alive
         self._closed = False
         self._trio = io_.kind == "trio"
+        #: True once closed, and always on trio: the fast paths check only this.
+        self._slow_path = self._trio
         self._outstanding: set[AioRequest] = set()
         self._pos = 0
         self._rbuf = b""  # read-ahead: bytes of the file from _rbuf_off
@@ -166,9 +168,8 @@ class AsyncFile:
 
     async def pread(self, n: int, offset: int) -> bytes:
         """Read up to ``n`` bytes at ``offset``."""
-        if self._closed:
-            raise ValueError("I/O operation on closed file")
-        if self._trio:
+        if self._slow_path:  # closed, or trio (which wants a checkpoint)
+            self._check_open()
             await self._io.checkpoint()
         buf = bytearray(n)  # TypeError or ValueError for a bad n
         # The cached-data fast path, spelled out: no request object at all.
@@ -448,6 +449,7 @@ class AsyncFile:
         if self._closed:
             return
         self._closed = True
+        self._slow_path = True
         for req in list(self._outstanding):
             # Another task awaits it; wait for it on a worker, not the loop.
             await self._run(self._ctx.call(req.wait))
