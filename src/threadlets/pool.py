@@ -434,10 +434,13 @@ class ThreadletQueue:
             self._items.append(item)
             self._queued += 1
             self._submitted += 1
-            if self._idle:
-                self._idle.pop().mailbox.release()
-            elif self._threads < self._max:
+            idle = self._idle.pop() if self._idle else None
+            if idle is None and self._threads < self._max:
                 self._spawn()
+        if idle is not None:
+            # Popped under the lock, so the wakeup is ours alone to send; a
+            # release can enter the kernel, so it is sent outside the lock.
+            idle.mailbox.release()
 
     # -- workers --------------------------------------------------------------
 
