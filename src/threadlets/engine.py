@@ -511,8 +511,7 @@ class AioContext:
                         next(self._n_unseen)
                         return _InlineDone(self, "read", done)
                     req = AioRequest(self, "read", None, (), callback)
-                    req._result = done
-                    req._state = _DONE
+                    req._set_inline(done, None)
                     return self._start(req)
         if views and type(views[0]) is bytearray:  # the fast path's: ops slices views
             views = [memoryview(views[0])]
