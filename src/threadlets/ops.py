@@ -177,6 +177,12 @@ def _scatter(src: memoryview, buffers: Sequence[memoryview]) -> None:
         pos += n
 
 
+def _gather(buffers: Sequence[memoryview], dst: memoryview, pos: int) -> None:
+    for b in buffers:
+        dst[pos : pos + len(b)] = b
+        pos += len(b)
+
+
 def _zero(buffers: Sequence[memoryview], start: int) -> None:
     for b in _skip(buffers, start) if start else buffers:
         b[:] = bytes(len(b))
@@ -337,10 +343,7 @@ def _bounce_write(
     head = offset - start
     if head == 0 and end == offset + total:
         # Only the memory is misaligned: copy and write.
-        pos = 0
-        for b in buffers:
-            bounce[pos : pos + len(b)] = b
-            pos += len(b)
+        _gather(buffers, bounce, 0)
         return rw_loop(sc, f.fd, [bounce], start, end - start, True)
     # Partial blocks: read-modify-write the edge blocks, then restore the
     # file size if the aligned write went past the end of the file.
@@ -350,10 +353,7 @@ def _bounce_write(
             rw_loop(sc, f.fd, [bounce[:req]], start, req, False)
         if (offset + total) % req and end - req >= start + (req if head else 0):
             rw_loop(sc, f.fd, [bounce[end - start - req :]], end - req, req, False)
-        pos = head
-        for b in buffers:
-            bounce[pos : pos + len(b)] = b
-            pos += len(b)
+        _gather(buffers, bounce, head)
         rw_loop(sc, f.fd, [bounce], start, end - start, True)
         if end > size and end > offset + total:
             sc.ftruncate(f.fd, max(size, offset + total))
