@@ -292,7 +292,9 @@ class _Stress:
         self.fd = fd
         self.report = report
         self.rng = random.Random(cfg.seed)
-        self.queue = ThreadletQueue(max_threads=min(cfg.concurrency, 64), name="stress")
+        # As many workers as io_queue() would have, never more than requests.
+        cap = min(64, 4 * (os.cpu_count() or 1))
+        self.queue = ThreadletQueue(max_threads=min(cfg.concurrency, cap), name="stress")
         self.sc: Syscalls = (
             FaultInjector(cfg.inject_faults, seed=cfg.seed) if cfg.inject_faults else Syscalls()
         )
