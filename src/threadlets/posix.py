@@ -465,29 +465,29 @@ def aio_fsync(op: int, cb: aiocb) -> None:
     _accept(cb, "fsync" if op == os.O_SYNC else "fdatasync", None, None)
 
 
-def aio_error(cb: aiocb) -> int:
-    """EINPROGRESS while in progress; then 0 or the errno (ECANCELED if
-    cancelled)."""
+def _status(cb: object) -> tuple[bool, int, int]:
+    """(finished, error, return value) of a submitted aiocb, read together."""
     if not isinstance(cb, aiocb):
         raise TypeError(f"expected an aiocb, not {type(cb).__name__}")
     with _lock:
         if cb._status == _IDLE:
             raise _einval("this aiocb was never submitted")
-        if cb._status != _DONE:
-            return errno.EINPROGRESS
-        return cb._error
+        return cb._status == _DONE, cb._error, cb._return
+
+
+def aio_error(cb: aiocb) -> int:
+    """EINPROGRESS while in progress; then 0 or the errno (ECANCELED if
+    cancelled)."""
+    finished, error, _ = _status(cb)
+    return error if finished else errno.EINPROGRESS
 
 
 def aio_return(cb: aiocb) -> int:
     """The byte count of a finished request, or -1 if it failed."""
-    if not isinstance(cb, aiocb):
-        raise TypeError(f"expected an aiocb, not {type(cb).__name__}")
-    with _lock:
-        if cb._status == _IDLE:
-            raise _einval("this aiocb was never submitted")
-        if cb._status != _DONE:
-            raise OSError(errno.EINPROGRESS, "the request is still in progress")
-        return cb._return
+    finished, _, value = _status(cb)
+    if not finished:
+        raise OSError(errno.EINPROGRESS, "the request is still in progress")
+    return value
 
 
 def aio_cancel(fildes: int, cb: aiocb | None = None) -> int:
