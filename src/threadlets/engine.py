@@ -414,6 +414,18 @@ class AioContext:
             processed = self._processed
         return _count(self._n_tracked) - processed
 
+    def _prepare(
+        self, fd: object, offset: object, buffers: object, writable: bool
+    ) -> tuple[AioFile | OSError, list[memoryview], int]:
+        """Check a read's or write's arguments (raising for bad ones) and
+        find its file (or the OSError that looking it up gave)."""
+        if self._closed:
+            raise RuntimeError("the AioContext is closed")
+        f = self._file(_check_fd(fd))
+        views, total = _views(buffers, writable=writable)
+        _check_range(offset, total)
+        return f, views, total
+
     def _fail_now(self, kind: str, exc: OSError, callback: Callback | None) -> AioRequest:
         req = AioRequest(self, kind, None, (), callback)
         req._set_inline(None, exc)
@@ -483,11 +495,7 @@ class AioContext:
             views = [buffers]
             total = len(buffers)  # type: ignore[arg-type]
         else:
-            if self._closed:
-                raise RuntimeError("the AioContext is closed")
-            ff = self._file(_check_fd(fd))
-            views, total = _views(buffers, writable=True)
-            _check_range(offset, total)
+            ff, views, total = self._prepare(fd, offset, buffers, writable=True)
             if isinstance(ff, OSError):
                 return self._fail_now("read", ff, callback)
             f = ff
@@ -530,11 +538,7 @@ class AioContext:
 
         The buffers must not change until the request finished.
         """
-        if self._closed:
-            raise RuntimeError("the AioContext is closed")
-        f = self._file(_check_fd(fd))
-        views, total = _views(buffers, writable=False)
-        _check_range(offset, total)
+        f, views, total = self._prepare(fd, offset, buffers, writable=False)
         if isinstance(f, OSError):
             return self._fail_now("write", f, callback)
         done = 0
