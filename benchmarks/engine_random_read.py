@@ -20,27 +20,17 @@ import re
 import shutil
 import statistics
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 
 import threadlets
+from threadlets.bench import make_file
 
 BLOCK = 4096
 DEPTH = 32
 #: Worker threads of the engine's queue (see docs/benchmarks.md for why 8).
 THREADS = 8
 QEMU = "qemu-img bench -i threads -t none"
-
-
-def make_file(directory: str, size: int) -> str:
-    fd, path = tempfile.mkstemp(dir=directory, prefix="threadlets-bench-")
-    chunk = os.urandom(1 << 20)
-    for off in range(0, size, len(chunk)):
-        os.pwrite(fd, chunk, off)
-    os.fsync(fd)
-    os.close(fd)
-    return path
 
 
 def offsets(size: int, n: int, seed: int) -> list[int]:

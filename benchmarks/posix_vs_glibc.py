@@ -17,7 +17,6 @@ import os
 import random
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from types import ModuleType
@@ -28,19 +27,10 @@ from tests import glibc_aio
 
 import threadlets
 import threadlets.posix as px
+from threadlets.bench import make_file
 
 BLOCK = 4096
 DEPTH = 32
-
-
-def make_file(directory: str, size: int) -> str:
-    fd, path = tempfile.mkstemp(dir=directory, prefix="threadlets-bench-")
-    chunk = os.urandom(1 << 20)
-    for off in range(0, size, len(chunk)):
-        os.pwrite(fd, chunk, off)
-    os.fsync(fd)
-    os.close(fd)
-    return path
 
 
 def run(impl: ModuleType, path: str, seconds: float, offsets: list[int]) -> float:

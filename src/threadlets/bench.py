@@ -76,7 +76,8 @@ Runner = Callable[[], Result | None]
 # -- helpers -------------------------------------------------------------------------------------
 
 
-def _make_file(directory: str, size: int) -> str:
+def make_file(directory: str, size: int) -> str:
+    """A file of ``size`` random bytes, synced to disk (benchmarks read it)."""
     fd, path = tempfile.mkstemp(dir=directory, prefix="threadlets-bench-")
     chunk = os.urandom(1 << 20)
     for off in range(0, size, len(chunk)):
@@ -594,7 +595,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         "workloads": {},
     }
     scratch = tempfile.mkdtemp(dir=cfg.directory, prefix="threadlets-bench-")
-    path = _make_file(scratch, cfg.size)
+    path = make_file(scratch, cfg.size)
     try:
         for name in cfg.workloads:
             if name == "queue-depth":

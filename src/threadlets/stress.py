@@ -35,6 +35,7 @@ operations; only their timing differs.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import itertools
@@ -490,8 +491,6 @@ class _Stress:
             end = min(op.end, self.cfg.size)
             self.model.unsure(op.offset, end, [op, *self._old_values(op), *self.racing_writers(op)])
             self.remember_writer(op)
-        if op.kind == "truncate":
-            self.model.size = max(self.model.size, 0)
 
     def _old_values(self, op: Op) -> list[Op]:
         # The current model bytes, frozen as a pseudo-operation.
@@ -656,7 +655,9 @@ def _summarise_latency(lat: dict[str, list[float]]) -> dict[str, dict[str, float
     return out
 
 
-def _temp_path(cfg: StressConfig) -> Iterator[str]:
+@contextlib.contextmanager
+def _file_path(cfg: StressConfig) -> Iterator[str]:
+    """cfg.path, or a temporary file removed afterwards."""
     if cfg.path is not None:
         yield cfg.path
         return
@@ -672,9 +673,7 @@ def run_stress(cfg: StressConfig) -> StressReport:
     """Run one stress test as configured; the report says what happened."""
     cfg.check()
     report = StressReport(seed=cfg.seed)
-    paths = _temp_path(cfg)
-    path = next(paths)
-    try:
+    with _file_path(cfg) as path:
         flags = os.O_RDWR | os.O_CREAT | (O_DIRECT if cfg.direct else 0)
         if cfg.direct and not O_DIRECT:
             raise StressError("O_DIRECT is not supported on this platform")
@@ -709,9 +708,6 @@ def run_stress(cfg: StressConfig) -> StressReport:
                 st.close()
         finally:
             os.close(fd)
-    finally:
-        for _ in paths:
-            pass
     return report
 
 
