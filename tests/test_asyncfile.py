@@ -143,6 +143,27 @@ async def test_positional_io(data_path: Path, no_fd_leak: None) -> None:
             for i in range(50):
                 tg.start_soon(one, i)
         assert all(results[i] == DATA[4096 + i * 64 : 4160 + i * 64] for i in range(50))
+        # Sizes that change from call to call (the inline path's scratch
+        # buffer is resized), and one past it (always a request).
+        sized: dict[int, bytes] = {}
+
+        async def sized_one(i: int) -> None:
+            for k in range(40):  # enough reads to pass through the fairness yield
+                n = 1 + (i * 37 + k * 101) % 5000 if k % 2 else 64  # sizes shared and not
+                off = 8192 + i * 11  # past the bytes written above
+                got = await f.pread(n, off)
+                sized[i] = got if got != DATA[off : off + n] else sized.get(i, b"ok")
+
+        async with anyio.create_task_group() as tg:
+            for i in range(20):
+                tg.start_soon(sized_one, i)
+        assert set(sized.values()) == {b"ok"}
+        whole = await f.pread(len(DATA), 0)  # larger than the scratch limit
+        assert len(whole) == len(DATA) and whole[8192:] == DATA[8192:]
+        assert await f.pread(0, 10) == b""
+        for bad, exc in [(-1, ValueError), (True, TypeError), (b"ab", TypeError), (2.0, TypeError)]:
+            with pytest.raises(exc):
+                await f.pread(bad, 0)  # type: ignore[arg-type]
     assert f.closed
     with pytest.raises(ValueError, match="closed file"):
         await f.pread(1, 0)

@@ -80,6 +80,15 @@ def _check_text_args(
         raise ValueError(f"illegal newline value: {newline!r}")
 
 
+def _count_arg(n: object) -> int:
+    """A byte count argument: an int >= 0."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"count must be an int, not {type(n).__name__}")
+    if n < 0:
+        raise ValueError(f"count must be >= 0, not {n}")
+    return n
+
+
 class AsyncFile:
     """An open file whose every I/O call is awaited.  Made by :func:`open`
     or :func:`wrap`; use ``async with`` or ``await f.close()``."""
@@ -112,6 +121,9 @@ class AsyncFile:
         self._trio = io_.kind == "trio"
         #: True once closed, and always on trio: the fast paths check only this.
         self._slow_path = self._trio
+        #: The engine's inline read of this fd (None: reads always queue).
+        self._read_inline = io_.ctx.inline_reader(fd)
+        self._scratch = bytearray()  # pread's buffer on the inline path
         self._outstanding: set[AioRequest] = set()
         self._pos = 0
         self._rbuf = b""  # read-ahead: bytes of the file from _rbuf_off
@@ -171,16 +183,24 @@ class AsyncFile:
         if self._slow_path:  # closed, or trio (which wants a checkpoint)
             self._check_open()
             await self._io.checkpoint()
-        buf = bytearray(n)  # TypeError or ValueError for a bad n
         # The cached-data fast path, spelled out: no request object at all.
-        got = self._ctx.read_inline(self._fd, offset, buf)
-        if got >= 0:
-            io_ = self._io
-            io_.inline_run += 1
-            if io_.inline_run >= YIELD_EVERY:
-                await io_.fair_yield()
-        else:
-            got = await self._run(self._ctx.read(self._fd, offset, buf))
+        # The read goes into the file's scratch buffer and is copied out
+        # before anything else can run, so concurrent preads may share it.
+        read_inline = self._read_inline
+        if read_inline is not None and type(n) is int and 0 < n <= CHUNK:
+            buf = self._scratch
+            if len(buf) != n:
+                buf = self._scratch = bytearray(n)
+            got = read_inline(buf, offset)
+            if got >= 0:
+                data = bytes(buf) if got == n else bytes(buf[:got])  # before any await
+                io_ = self._io
+                io_.inline_run += 1
+                if io_.inline_run >= YIELD_EVERY:
+                    await io_.fair_yield()
+                return data
+        buf = bytearray(_count_arg(n))
+        got = await self._run(self._ctx.read(self._fd, offset, buf))
         return bytes(buf) if got == n else bytes(memoryview(buf)[:got])
 
     async def preadv(self, buffers: Sequence[WriteableBuffer], offset: int) -> int:

@@ -431,32 +431,37 @@ class AioContext:
         req._set_inline(None, exc)
         return self._start(req)
 
-    def read_inline(self, fd: int, offset: int, buffer: bytearray) -> int:
-        """The inline fast path alone, for front ends: read into ``buffer``
-        in this thread if the data is in the page cache.
+    def inline_reader(self, fd: int) -> Callable[[bytearray, int], int] | None:
+        """The inline fast path alone, bound to one descriptor, for front
+        ends that read one file many times.
 
-        Returns the count (short only at end of file), or -1 if the read
-        would block or came up short -- then submit it with :meth:`read`.
-        Nothing is queued and no request object is made.
+        Returns ``read_inline(buffer, offset) -> int``, which reads into the
+        bytearray ``buffer`` in the calling thread if the data is in the page
+        cache and returns the count (short only at end of file), or -1 if the
+        read would block, failed or came up short -- then submit it with
+        :meth:`read`, which reports what went wrong.  Nothing is queued and
+        no request object is made.  Returns None if reads of ``fd`` never
+        go inline here (inline path off, or ``fd`` is not a usable file).
+        Valid until :meth:`forget` of ``fd`` or :meth:`close`.
         """
-        f = self._files.get(fd)
-        if (
-            f is None
-            or not f.nowait_reads
-            or type(buffer) is not bytearray
-            or type(offset) is not int
-            or not 0 <= offset <= _MAX_IO_OFFSET
-            or type(fd) is not int
-        ):
+        f = self._file(_check_fd(fd))
+        if isinstance(f, OSError) or not f.nowait_reads:
+            return None
+        preadv, unseen = self._preadv, self._n_unseen
+
+        def read_inline(buffer: bytearray, offset: int) -> int:
+            if not f.nowait_reads or type(offset) is not int or not 0 <= offset <= _MAX_IO_OFFSET:
+                return -1
+            try:
+                n = preadv(fd, (buffer,), offset, RWF_NOWAIT)
+            except OSError:
+                return -1  # would block, or an error for read() to report
+            if n == len(buffer) or not n:
+                next(unseen)
+                return n
             return -1
-        try:
-            n = self._preadv(fd, (buffer,), offset, RWF_NOWAIT)
-        except OSError:
-            return -1  # would block, or an error for read() to report
-        if n == len(buffer) or not n:
-            next(self._n_unseen)
-            return n
-        return -1
+
+        return read_inline
 
     def read(
         self,
