@@ -159,7 +159,8 @@ async def test_positional_io(data_path: Path, no_fd_leak: None) -> None:
                 tg.start_soon(sized_one, i)
         assert set(sized.values()) == {b"ok"}
         whole = await f.pread(len(DATA), 0)  # larger than the scratch limit
-        assert len(whole) == len(DATA) and whole[8192:] == DATA[8192:]
+        assert len(whole) == len(DATA)
+        assert whole[8192:] == DATA[8192:]
         assert await f.pread(0, 10) == b""
         for bad, exc in [(-1, ValueError), (True, TypeError), (b"ab", TypeError), (2.0, TypeError)]:
             with pytest.raises(exc):
