@@ -3,8 +3,9 @@ synchronous os.pread loop, in one run.
 
 Cached: a 64 MiB file read once so it sits in the page cache; AioContext
 with the inline (RWF_NOWAIT) path on and off.  O_DIRECT: the same reads with
-O_DIRECT through AioContext beside ``qemu-img bench -f raw -i threads -t none
--d 32 -s 4096`` on the same file, if qemu-img is installed.
+O_DIRECT through AioContext (thread-pool and io_uring backends) beside
+``qemu-img bench -f raw -i threads -t none -d 32 -s 4096`` (and ``-i
+io_uring``) on the same file, if qemu-img is installed.
 
     python benchmarks/engine_random_read.py [--seconds 2] [--repeats 3] [--direct]
 """
@@ -25,12 +26,14 @@ from collections.abc import Callable
 
 import threadlets
 from threadlets.bench import make_file
+from threadlets.probe import probe_io_uring
 
 BLOCK = 4096
 DEPTH = 32
 #: Worker threads of the engine's queue (see docs/benchmarks.md for why 8).
 THREADS = 8
 QEMU = "qemu-img bench -i threads -t none"
+QEMU_URING = "qemu-img bench -i io_uring -t none"
 
 
 def offsets(size: int, n: int, seed: int) -> list[int]:
@@ -88,12 +91,12 @@ def engine_cached(path: str, offs: list[int], seconds: float, inline: bool) -> f
         os.close(fd)
 
 
-def engine_direct(path: str, offs: list[int], seconds: float) -> float:
+def engine_direct(path: str, offs: list[int], seconds: float, backend: str = "threads") -> float:
     """Exactly DEPTH O_DIRECT reads in flight, as qemu-img bench keeps them:
     each completion callback submits the next read into its buffer."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     q = threadlets.ThreadletQueue(max_threads=THREADS)
-    ctx = threadlets.AioContext(q)
+    ctx = threadlets.AioContext(q, backend=backend)
     counter = itertools.count()
     noffs = len(offs)
     stop = False
@@ -123,11 +126,11 @@ def engine_direct(path: str, offs: list[int], seconds: float) -> float:
         os.close(fd)
 
 
-def qemu_img_bench(path: str, count: int) -> float | None:
+def qemu_img_bench(path: str, count: int, aio: str = "threads") -> float | None:
     exe = shutil.which("qemu-img")
     if exe is None:
         return None
-    cmd = [exe, "bench", "-f", "raw", "-i", "threads", "-t", "none", "-d", str(DEPTH)]
+    cmd = [exe, "bench", "-f", "raw", "-i", aio, "-t", "none", "-d", str(DEPTH)]
     cmd += ["-s", str(BLOCK), "-S", str(BLOCK * 7919), "-c", str(count), path]
     t0 = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -181,14 +184,23 @@ def main() -> None:
         if args.direct:
             dres: dict[str, list[float]] = {}
             have_qemu = shutil.which("qemu-img") is not None
+            have_uring = probe_io_uring().supported
             for _ in range(args.repeats):
                 if have_qemu:
-                    q = qemu_img_bench(path, int(20_000 * args.seconds))
+                    q = qemu_img_bench(path, int(40_000 * args.seconds))
                     assert q is not None
                     dres.setdefault(QEMU, []).append(q)
-                dres.setdefault("AioContext O_DIRECT", []).append(
+                dres.setdefault("AioContext O_DIRECT, threads backend", []).append(
                     engine_direct(path, offs, args.seconds)
                 )
+                if have_uring:
+                    dres.setdefault("AioContext O_DIRECT, io_uring backend", []).append(
+                        engine_direct(path, offs, args.seconds, "io_uring")
+                    )
+                    if have_qemu:
+                        q = qemu_img_bench(path, int(100_000 * args.seconds), "io_uring")
+                        assert q is not None
+                        dres.setdefault(QEMU_URING, []).append(q)
             if have_qemu:
                 table("O_DIRECT 4 KiB random reads, depth 32", QEMU, dres)
             else:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from threadlets import __version__
+from threadlets.engine import BACKENDS
 from threadlets.pool import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_THREADS
 from threadlets.probe import probe_direct_io, probe_io_uring, probe_nowait
 
@@ -150,6 +151,7 @@ def _stress(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         block_size=args.block_size,
         direct=args.direct,
+        backend=args.backend,
         seed=args.seed,
         cancel_rate=args.cancel_rate,
         inject_faults=args.inject_faults,
@@ -308,6 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--block-size", type=parse_size, default=4096, help="I/O unit (default 4K)")
     st.add_argument("--mix", type=parse_mix, help="weights, e.g. read=40,write=30,flush=5")
     st.add_argument("--direct", action="store_true", help="open with O_DIRECT (aligned I/O)")
+    st.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="threads",
+        help="what runs requests that do not finish inline (default threads)",
+    )
     st.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     st.add_argument("--cancel-rate", type=_rate, default=0.05, help="share of requests cancelled")
     st.add_argument(

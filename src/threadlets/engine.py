@@ -44,6 +44,7 @@ A request's callback and ``_processed`` flag belong to the thread that runs
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import itertools
 import logging
@@ -56,17 +57,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from threadlets import ops
+from threadlets import ops, uring
 from threadlets.ops import MAX_OFFSET, AioFile
 from threadlets.pool import (
     CancelResult,
     Threadlet,
     ThreadletQueue,
     ThreadletState,
+    _check_timeout,
     _invoke_callback,
 )
 from threadlets.probe import RWF_NOWAIT
 from threadlets.syscalls import Syscalls
+from threadlets.uring import Ring, RingUnavailable
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
@@ -85,6 +88,12 @@ Callback = Callable[["AioRequest"], object]
 #: Below this, offset + any buffer length cannot pass MAX_OFFSET.
 _MAX_IO_OFFSET = MAX_OFFSET - (1 << 40)
 
+
+#: What runs requests that do not finish inline: a thread pool, the kernel's
+#: io_uring, or io_uring where it can be set up and the pool elsewhere.
+BACKENDS = ("threads", "io_uring", "auto")
+#: Submission slots of a context's ring: more in flight go to the threads.
+RING_ENTRIES = 256
 
 _io_queue_lock = threading.Lock()
 _io_queue: ThreadletQueue | None = None
@@ -127,7 +136,7 @@ class AioRequest(Threadlet[int]):
     :meth:`AioContext.process_completions` in the context's thread.
     """
 
-    __slots__ = ("_ctx", "_processed", "callback", "kind")
+    __slots__ = ("_ctx", "_on_ring", "_processed", "callback", "kind")
 
     def __init__(
         self,
@@ -152,6 +161,8 @@ class AioRequest(Threadlet[int]):
         self.callback = callback
         #: Set by process_completions once the callback ran (or would have).
         self._processed = False
+        #: In the kernel's hands (io_uring backend), until it completes there.
+        self._on_ring = False
 
     def __repr__(self) -> str:
         return f"<AioRequest {self.kind} {self._state.value}>"
@@ -180,6 +191,31 @@ class AioRequest(Threadlet[int]):
             return exc.errno, -1
         return errno.EIO, -1
 
+    def wait(self, timeout: float | None = None) -> bool:
+        ring = self._ctx._ring
+        if ring is None:
+            return Threadlet.wait(self, timeout)
+        # Called from a completion callback, this thread may hold the ring's
+        # plug with the request still held back: send it first.
+        ring.flush()
+        if not ring.owner_mode:
+            return Threadlet.wait(self, timeout)
+        # Owner mode: nobody else may be reaping, so reap while waiting.
+        _check_timeout(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            ring.reap()
+            if Threadlet.wait(self, 0):
+                return True
+            remaining = None
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+            if not self._on_ring:  # finishing on a worker: an ordinary wait
+                return Threadlet.wait(self, remaining)
+            ring.wait(remaining)
+
     def _finished(self) -> None:
         if self._waiters or self._callbacks:
             Threadlet._finished(self)
@@ -202,6 +238,7 @@ class ContextStats:
     submitted: int
     inline: int
     threaded: int
+    ring: int
     processed: int
     outstanding: int
     wakeups: int
@@ -330,16 +367,35 @@ class AioContext:
         inline: bool = True,
         syscalls: Syscalls | None = None,
         deliver: bool = True,
+        backend: str = "threads",
     ) -> None:
         if queue is not None and not isinstance(queue, ThreadletQueue):
             raise TypeError(f"queue must be a ThreadletQueue, not {type(queue).__name__}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
         self._queue = queue if queue is not None else io_queue()
         self._sc = syscalls if syscalls is not None else Syscalls()
         self.inline = bool(inline) and bool(RWF_NOWAIT)
         self._deliver = bool(deliver)
+        if backend == "io_uring" and type(self._sc) is not Syscalls:
+            raise ValueError("syscalls= (fault injection) needs the threads backend")
         self._notifier = _Notifier()
-        # The eventfd is closed with the context, or when it is collected.
-        self._finalizer = weakref.finalize(self, self._notifier.close)
+        self._ring: Ring | None = None
+        if backend != "threads" and type(self._sc) is Syscalls:
+            try:
+                # A delivering context reaps in its owner's thread, woken by
+                # the kernel through the eventfd; otherwise a reaper thread
+                # finishes requests (see threadlets.uring).
+                efd = self._notifier.fileno() if self._deliver else None
+                self._ring = Ring(RING_ENTRIES, eventfd=efd)
+            except RingUnavailable:
+                if backend == "io_uring":
+                    self._notifier.close()
+                    raise
+        #: "io_uring" or "threads": what runs requests that do not finish inline.
+        self.backend = "threads" if self._ring is None else "io_uring"
+        # The eventfd (and ring) close with the context, or when it is collected.
+        self._finalizer = weakref.finalize(self, _release, self._notifier, self._ring)
         self._files: dict[int, AioFile] = {}
         self._preadv = os.preadv if type(self._sc) is Syscalls else self._sc.preadv
         # Submission counters are itertools.count objects: next() is one C
@@ -349,6 +405,7 @@ class AioContext:
         self._n_unseen = itertools.count()  # finished inline, no callback
         self._n_inline = itertools.count()  # finished inline, with a callback
         self._n_tracked = itertools.count()  # all that reach the completed list
+        self._n_ring = itertools.count()  # of those, submitted to the ring
         self._lock = threading.Lock()
         # Protected by _lock:
         self._completed: list[AioRequest] = []
@@ -408,6 +465,74 @@ class AioContext:
             self._queue._submit(req)
             next(self._n_tracked)
         return req
+
+    def _ring_submit(
+        self,
+        req: AioRequest,
+        opcode: int,
+        f: AioFile,
+        views: list[Any],
+        offset: int,
+        total: int,
+        done: int,
+    ) -> bool:
+        """Hand a single-buffer read or write to the ring, RUNNING from now
+        on (the kernel may start it at once: it cannot be cancelled).  False
+        if the ring does not take it; then it goes to the threads."""
+        if len(views) != 1 or total == done:
+            return False
+        addr = _address(views[0])
+        if addr is None:
+            return False
+        addr += done
+        length = total - done
+        pos = offset + done
+        if f.direct:
+            request_align, buffer_align = f.alignment(self._sc)
+            if pos % request_align or length % request_align or addr % buffer_align:
+                return False  # the threads' bounce buffer handles it
+        if self._closed:
+            raise RuntimeError("the AioContext is closed")
+        if req.callback is not None and not self._deliver:
+            raise ValueError("this AioContext does not deliver completions: no callback=")
+        req._state = _RUNNING
+        req._on_ring = True
+        ring = self._ring
+        assert ring is not None
+        if not ring.submit(
+            opcode, f.fd, pos, addr, length, 0, lambda res: self._ring_done(req, res, length)
+        ):
+            req._state = _QUEUED
+            req._on_ring = False
+            return False
+        next(self._n_tracked)
+        next(self._n_ring)
+        return True
+
+    def _ring_done(self, req: AioRequest, res: int, length: int) -> None:
+        """A ring completion (in the reaper thread).  A full transfer
+        finishes the request; anything else -- short, an error, EOF, EINTR,
+        an alignment the probe did not foresee -- goes to a worker, which
+        repeats the call from where the kernel stopped and has the last
+        word, with all of :mod:`threadlets.ops`'s rules."""
+        req._on_ring = False
+        if res == length:
+            args = req._args
+            with req._queue._lock:
+                req._result = args[4]  # the request's total
+                req._state = _DONE
+            req._finished()
+            return
+        args = req._args
+        if res > 0:
+            args = (*args[:-1], args[-1] + res)  # the last argument is `done`
+        fn = req._fn
+        assert fn is not None
+        self._queue.submit(_finish_elsewhere, req, fn, args)
+        ring = self._ring
+        if ring is not None and ring.owner_mode:
+            # A waiter in ring.wait() for this request must look again.
+            ring.submit(uring.OP_NOP, -1, 0, 0, 0, 0, _ignore)
 
     def _outstanding(self) -> int:
         with self._lock:
@@ -529,7 +654,12 @@ class AioContext:
         if views and type(views[0]) is bytearray:  # the fast path's: ops slices views
             views = [memoryview(views[0])]
         args = (self._sc, f, views, offset, total, zero_fill, done)
-        return self._start(AioRequest(self, "read", ops.read, args, callback))
+        req = AioRequest(self, "read", ops.read, args, callback)
+        if self._ring is not None and self._ring_submit(
+            req, uring.OP_READ, f, views, offset, total, done
+        ):
+            return req
+        return self._start(req)
 
     def write(
         self,
@@ -561,7 +691,14 @@ class AioContext:
                     req._set_inline(done, None)
                     return self._start(req)
         args = (self._sc, f, views, offset, total, done)
-        return self._start(AioRequest(self, "write", ops.write, args, callback))
+        req = AioRequest(self, "write", ops.write, args, callback)
+        if (
+            self._ring is not None
+            and not f.append  # the kernel picks the offset: never send one twice
+            and self._ring_submit(req, uring.OP_WRITE, f, views, offset, total, done)
+        ):
+            return req
+        return self._start(req)
 
     def _submit_op(
         self,
@@ -684,26 +821,43 @@ class AioContext:
         method again.  An exception from a callback is logged, and the rest
         still run.
         """
-        with self._lock:
-            signalled = self._signalled
-        if signalled:
-            self._notifier.clear()  # before taking the list: see the module docstring
+        ring = self._ring
+        if ring is not None and ring.owner_mode:
+            # The kernel writes the eventfd too: clear it, then reap, so a
+            # completion posted after the reap leaves it readable.
+            self._notifier.clear()
+            with self._lock:
+                # What the reap completes is taken below: no eventfd write
+                # for it (others' completions after that write as usual).
+                self._signalled = True
+            ring.reap()
+        else:
+            with self._lock:
+                signalled = self._signalled
+            if signalled:
+                self._notifier.clear()  # before taking the list: see the module docstring
         with self._lock:
             batch = self._completed
+            self._signalled = False  # set only while the list is non-empty, or just above
             if not batch:
                 return 0
             self._completed = []
-            self._signalled = False
             self._processed += len(batch)
             self._batches += 1
-        for req in batch:
-            req._processed = True
-            cb = req.callback
-            if cb is not None:
-                try:
-                    cb(req)
-                except Exception:
-                    log.exception("exception in completion callback of %r", req)
+        # Requests the callbacks submit reach the kernel in one io_uring_enter.
+        plugged = ring is not None and ring.plug()
+        try:
+            for req in batch:
+                req._processed = True
+                cb = req.callback
+                if cb is not None:
+                    try:
+                        cb(req)
+                    except Exception:
+                        log.exception("exception in completion callback of %r", req)
+        finally:
+            if plugged:
+                ring.unplug()  # type: ignore[union-attr]
         return len(batch)
 
     def poll(self, timeout: float | None = None) -> int:
@@ -715,7 +869,11 @@ class AioContext:
         if timeout is not None and timeout < 0:
             raise ValueError(f"timeout must be None or >= 0, not {timeout!r}")
         n = self.process_completions()
-        if n or not self._notifier.wait(timeout):
+        if n:
+            return n
+        if self._ring is not None:
+            self._ring.flush()  # a callback's plugged submissions must start before we sleep
+        if not self._notifier.wait(timeout):
             return n
         return self.process_completions()
 
@@ -754,6 +912,8 @@ class AioContext:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
+            if self._ring is not None:
+                self._ring.flush()  # see poll()
             self._notifier.wait(remaining)
 
     def close(self, timeout: float | None = None) -> bool:
@@ -785,7 +945,8 @@ class AioContext:
             return ContextStats(
                 submitted=tracked + unseen,
                 inline=inline,
-                threaded=tracked + unseen - inline,
+                threaded=tracked + unseen - inline - _count(self._n_ring),
+                ring=_count(self._n_ring),
                 processed=processed + unseen,
                 outstanding=tracked - processed,
                 wakeups=self._wakeups,
@@ -808,6 +969,7 @@ class _InlineDone(AioRequest):
     # the slots for reading, and nothing writes them on a finished request.
     _state = _DONE
     _processed = True
+    _on_ring = False
     _exception = None
     _waiters = None
     _callbacks = None
@@ -860,6 +1022,44 @@ class _InlineDone(AioRequest):
         if not callable(fn):
             raise TypeError(f"callback must be callable, not {type(fn).__name__}")
         _invoke_callback(fn, self)
+
+
+def _finish_elsewhere(req: AioRequest, fn: Callable[..., int], args: tuple[Any, ...]) -> None:
+    """Run what the ring left of a request on a worker, then finish it."""
+    result: int | None = None
+    exc: BaseException | None = None
+    try:
+        result = fn(*args)
+    except BaseException as e:
+        exc = e
+    with req._queue._lock:
+        req._result = result  # the outcome before the state
+        req._exception = exc
+        req._state = _DONE
+    req._finished()
+
+
+def _address(view: Any) -> int | None:
+    """The address of a buffer's first byte for the kernel to use, or None
+    where Python cannot give it (read-only memory other than whole bytes)."""
+    if type(view) is memoryview and view.readonly:
+        if type(view.obj) is bytes and len(view) == len(view.obj):
+            return ctypes.cast(ctypes.c_char_p(view.obj), ctypes.c_void_p).value or 0
+        return None
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(view))
+    except (TypeError, ValueError):
+        return None
+
+
+def _ignore(res: int) -> None:
+    pass
+
+
+def _release(notifier: _Notifier, ring: Ring | None) -> None:
+    notifier.close()
+    if ring is not None:
+        ring.close()
 
 
 def _count(counter: itertools.count[int]) -> int:

@@ -50,7 +50,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from threadlets.engine import AioContext, AioRequest
+from threadlets.engine import BACKENDS, AioContext, AioRequest
 from threadlets.pool import CancelResult, ThreadletQueue
 from threadlets.probe import O_DIRECT, aligned_buffer
 from threadlets.syscalls import FaultInjector, Syscalls
@@ -86,6 +86,8 @@ class StressConfig:
     block_size: int = 4096
     mix: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_MIX))
     direct: bool = False
+    #: The engine backend: "threads", "io_uring" or "auto" (see AioContext).
+    backend: str = "threads"
     seed: int = 0
     cancel_rate: float = 0.05
     inject_faults: float = 0.0
@@ -113,6 +115,10 @@ class StressConfig:
             raise StressError(f"unknown operation kinds in --mix: {sorted(unknown)}")
         if sum(self.mix.values()) <= 0 or min(self.mix.values()) < 0:
             raise StressError("--mix needs positive weights")
+        if self.backend not in BACKENDS:
+            raise StressError(f"--backend must be one of {', '.join(BACKENDS)}")
+        if self.backend == "io_uring" and self.inject_faults:
+            raise StressError("--inject-faults needs the threads backend (faults enter through it)")
         if self.direct and self.block_size % 512:
             raise StressError("--direct needs a --block-size that is a multiple of 512")
         if self.fio_pattern and (self.size % self.block_size or self.block_size % 8):
@@ -299,7 +305,7 @@ class _Stress:
         self.sc: Syscalls = (
             FaultInjector(cfg.inject_faults, seed=cfg.seed) if cfg.inject_faults else Syscalls()
         )
-        self.ctx = AioContext(self.queue, syscalls=self.sc)
+        self.ctx = AioContext(self.queue, syscalls=self.sc, backend=cfg.backend)
         self.model = _Model(cfg.size)
         self.inflight: dict[int, Op] = {}
         self.history: deque[Op] = deque(maxlen=4096)
@@ -694,7 +700,7 @@ def run_stress(cfg: StressConfig) -> StressReport:
                     }
                 if cfg.fio_pattern and report.ok:
                     if cfg.inject_faults:
-                        st.ctx = AioContext(st.queue)  # the final pass without faults
+                        st.ctx = AioContext(st.queue, backend=cfg.backend)  # no faults now
                     st.write_fio_pattern()
                     passed, output = fio_verify(path, cfg.size, cfg.block_size)
                     if passed:

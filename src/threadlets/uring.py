@@ -1,0 +1,403 @@
+"""The io_uring backend: one kernel submission/completion ring, driven
+through ctypes.
+
+This module owns :class:`Ring`: the ring's memory, the submission of single
+reads, writes and fsyncs, and the *reaper*, one thread per ring that sleeps
+in ``io_uring_enter(GETEVENTS)`` and hands each completion to the callback
+it was submitted with.  What a completion means for a request (finish it,
+or hand the rest to the thread pool) is :mod:`threadlets.engine`'s business;
+this module knows nothing of requests.
+
+Why a reaper thread and not the context's owner: completions then reach the
+engine exactly as a thread-pool worker delivers them, so waiting, draining,
+callbacks and the one-eventfd-write-per-batch rule are the engine's own; and
+one thread wakes per *batch* of completions instead of one per request,
+which is where the thread pool spends its time under the GIL.
+
+Memory ordering.  The submitting thread writes an SQE, then the SQ tail,
+then calls ``io_uring_enter`` itself (no SQPOLL), so the kernel reads the
+ring in the same thread's program order.  The reaper reads the CQ tail and
+then the CQEs the kernel published before it; x86-64 keeps loads in order,
+which is why :class:`Ring` refuses other machines (Python cannot issue the
+acquire barrier that weaker memory models would need).
+
+Ownership: every field marked "under _lock" is touched only with the ring's
+lock held; the CQ head and ``_pending`` lookups belong to the reaper thread.
+After ``fork()`` a ring is dead in the child (its reaper does not exist
+there): :attr:`Ring.usable` turns false and the engine uses its threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import itertools
+import logging
+import mmap
+import os
+import struct
+import sys
+import threading
+from collections.abc import Callable
+from threading import get_ident as _get_ident
+
+__all__ = ["FSYNC_DATASYNC", "OP_FSYNC", "OP_READ", "OP_WRITE", "Ring", "RingUnavailable"]
+
+log = logging.getLogger("threadlets.uring")
+
+# io_uring_setup / io_uring_enter: one syscall number on every architecture
+# since Linux 5.1's unified table (alpha aside).
+_NR_SETUP, _NR_ENTER, _NR_REGISTER = 425, 426, 427
+_ENTER_GETEVENTS, _ENTER_EXT_ARG = 1, 8
+_REGISTER_EVENTFD = 4
+_FEAT_SINGLE_MMAP = 1
+_OFF_SQ_RING, _OFF_CQ_RING, _OFF_SQES = 0, 0x8000000, 0x10000000
+
+OP_NOP, OP_FSYNC, OP_READ, OP_WRITE = 0, 3, 22, 23
+FSYNC_DATASYNC = 1
+
+# struct io_uring_sqe: opcode, flags, ioprio, fd, off, addr, len, op flags,
+# user_data, buf_index, personality, splice_fd_in, addr3, pad.
+_SQE = struct.Struct("<BBHiQQIIQHHiQQ")
+_CQE = struct.Struct("<QiI")  # user_data, res, flags
+assert _SQE.size == 64
+assert _CQE.size == 16
+
+_STOP = 0  # user_data of the NOP that tells the reaper to finish
+
+_generation = 0  # bumped in a forked child: rings made before are dead there
+
+#: Owner-mode rings not yet released: a ring with operations in flight must
+#: not be collected (the kernel still writes into their buffers).
+_open_rings: set[Ring] = set()
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = (("tv_sec", ctypes.c_int64), ("tv_nsec", ctypes.c_int64))
+
+
+class _GeteventsArg(ctypes.Structure):  # struct io_uring_getevents_arg
+    _fields_ = (
+        ("sigmask", ctypes.c_uint64),
+        ("sigmask_sz", ctypes.c_uint32),
+        ("min_wait_usec", ctypes.c_uint32),
+        ("ts", ctypes.c_uint64),
+    )
+
+
+def _after_fork_in_child() -> None:
+    global _generation
+    _generation += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class RingUnavailable(OSError):
+    """io_uring cannot be used here (not Linux, not x86-64, or refused by
+    the kernel, a seccomp filter or ``kernel.io_uring_disabled``)."""
+
+
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    return libc
+
+
+class Ring:
+    """One io_uring instance with its reaper thread.
+
+    :meth:`submit` queues one operation and returns False (nothing queued)
+    when the ring is full, closed or dead after a fork; the caller then does
+    the work another way.  ``on_done(res)`` runs once per submitted
+    operation, in the reaper thread, with the kernel's result (a count, or
+    ``-errno``).  The memory at ``addr`` must stay valid and unmoved until
+    then.
+    """
+
+    def __init__(self, entries: int = 256, eventfd: int | None = None) -> None:
+        if not sys.platform.startswith("linux"):
+            raise RingUnavailable(errno.ENOSYS, "io_uring is Linux-only")
+        if os.uname().machine != "x86_64":
+            raise RingUnavailable(
+                errno.ENOSYS, f"the io_uring backend needs x86-64, not {os.uname().machine}"
+            )
+        self._libc = libc = _libc()
+        params = (ctypes.c_uint32 * 30)()  # struct io_uring_params, 120 bytes
+        fd = libc.syscall(_NR_SETUP, ctypes.c_uint(entries), params)
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise RingUnavailable(err, f"io_uring_setup: {os.strerror(err)}")
+        self._fd = int(fd)
+        self._released = False
+        p = list(params)
+        sq_entries, cq_entries, features = p[0], p[1], p[5]
+        # Offsets into the ring mappings (the masks are read from there).
+        sq_head, sq_tail, sq_mask_at, _, _, _, sq_array = p[10:17]
+        cq_head, cq_tail, cq_mask_at, _, _, cqes = p[20:26]
+        sq_size = sq_array + 4 * sq_entries
+        cq_size = cqes + _CQE.size * cq_entries
+        prot = mmap.PROT_READ | mmap.PROT_WRITE
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        try:
+            if features & _FEAT_SINGLE_MMAP:
+                self._sq_mm = self._cq_mm = mmap.mmap(
+                    fd, max(sq_size, cq_size), flags, prot, offset=_OFF_SQ_RING
+                )
+            else:  # pragma: no cover - kernels before 5.4
+                self._sq_mm = mmap.mmap(fd, sq_size, flags, prot, offset=_OFF_SQ_RING)
+                self._cq_mm = mmap.mmap(fd, cq_size, flags, prot, offset=_OFF_CQ_RING)
+            self._sqes = mmap.mmap(fd, _SQE.size * sq_entries, flags, prot, offset=_OFF_SQES)
+        except OSError:
+            os.close(fd)
+            raise
+        u32 = ctypes.c_uint32
+        self._sq_head = u32.from_buffer(self._sq_mm, sq_head)  # written by the kernel
+        self._sq_tail = u32.from_buffer(self._sq_mm, sq_tail)
+        self._cq_head = u32.from_buffer(self._cq_mm, cq_head)
+        self._cq_tail = u32.from_buffer(self._cq_mm, cq_tail)  # written by the kernel
+        array = (u32 * sq_entries).from_buffer(self._sq_mm, sq_array)
+        for i in range(sq_entries):
+            array[i] = i  # SQE i is always slot i: the tail alone says what is new
+        del array
+        self._sq_mask = u32.from_buffer_copy(self._sq_mm, sq_mask_at).value
+        self._cq_mask = u32.from_buffer_copy(self._cq_mm, cq_mask_at).value
+        self._cqes = cqes
+        self.entries = sq_entries
+        self._enter = libc.syscall
+        self._lock = threading.Lock()
+        # Under _lock:
+        self._tail = self._sq_tail.value
+        self._inflight = 0
+        self._unsubmitted = 0  # published SQEs no io_uring_enter took yet
+        self._plugged_by: int | None = None  # the thread holding the plug
+        self._closing = False
+        self._stopped = False  # reaper mode: close()'s NOP came back
+        self._pending: dict[int, Callable[[int], None]] = {}
+        self._ids = itertools.count(1)
+        self._generation = _generation
+        self.submitted = 0
+        self.reaped = 0
+        self.wakeups = 0
+        self._reaper: threading.Thread | None = None
+        if eventfd is not None:
+            # Owner mode: the kernel signals the owner's eventfd for every
+            # completion, and the owner reaps.  No thread of ours.
+            arg = ctypes.c_int32(eventfd)
+            if libc.syscall(_NR_REGISTER, self._fd, _REGISTER_EVENTFD, ctypes.byref(arg), 1) < 0:
+                err = ctypes.get_errno()
+                self._release()
+                raise RingUnavailable(err, f"IORING_REGISTER_EVENTFD: {os.strerror(err)}")
+            _open_rings.add(self)  # alive while the kernel may use its buffers
+        else:
+            self._reaper = threading.Thread(
+                target=self._reap_loop, name=f"threadlets-uring-{self._fd}", daemon=True
+            )
+            self._reaper.start()
+
+    def __repr__(self) -> str:
+        return f"<Ring fd={self._fd} entries={self.entries} inflight={self._inflight}>"
+
+    @property
+    def usable(self) -> bool:
+        """False once closing, and in a child process after fork."""
+        return not self._closing and self._generation == _generation
+
+    # -- submission (any thread) ---------------------------------------------------------
+
+    def submit(
+        self,
+        opcode: int,
+        fd: int,
+        offset: int,
+        addr: int,
+        length: int,
+        op_flags: int,
+        on_done: Callable[[int], None],
+    ) -> bool:
+        """Queue one operation and tell the kernel (at :meth:`unplug` if
+        this thread plugged the ring).  False: not queued."""
+        with self._lock:
+            if self._closing or self._generation != _generation:
+                return False
+            # At most `entries` in flight: the CQ (twice as large) never overflows.
+            if self._inflight >= self.entries:
+                return False
+            ident = next(self._ids)
+            self._pending[ident] = on_done
+            self._push(opcode, fd, offset, addr, length, op_flags, ident)
+            self._inflight += 1
+            self.submitted += 1
+            if self._plugged_by == _get_ident():
+                return True
+            n, self._unsubmitted = self._unsubmitted, 0
+        self._kick(n)
+        return True
+
+    def plug(self) -> bool:
+        """Hold back this thread's submissions until :meth:`unplug`, so that
+        a burst costs one ``io_uring_enter`` (one doorbell for the device)
+        instead of one each.  Other threads' submissions go at once.  False
+        (and nothing to unplug) if another thread holds the plug."""
+        with self._lock:
+            if self._plugged_by is not None:
+                return False
+            self._plugged_by = _get_ident()
+            return True
+
+    def unplug(self) -> None:
+        """Release the plug and submit what it held back."""
+        with self._lock:
+            self._plugged_by = None
+            n, self._unsubmitted = self._unsubmitted, 0
+        self._kick(n)
+
+    def flush(self) -> None:
+        """Submit what a plug holds back now (before the plugging thread
+        blocks on a request, which would otherwise never start)."""
+        with self._lock:
+            n, self._unsubmitted = self._unsubmitted, 0
+        self._kick(n)
+
+    def _push(
+        self, opcode: int, fd: int, offset: int, addr: int, length: int, op_flags: int, ident: int
+    ) -> None:
+        # Under _lock.  The SQE, then the tail; the kernel reads them when
+        # someone calls io_uring_enter (see _kick).
+        tail = self._tail
+        _SQE.pack_into(
+            self._sqes,
+            (tail & self._sq_mask) * 64,
+            opcode, 0, 0, fd, offset, addr, length, op_flags, ident, 0, 0, 0, 0, 0,
+        )  # fmt: skip
+        self._tail = tail = (tail + 1) & 0xFFFFFFFF
+        self._sq_tail.value = tail
+        self._unsubmitted += 1
+
+    def _kick(self, n: int) -> None:
+        """Submit ``n`` published SQEs.  Outside the lock: the syscall
+        starts the I/O and can take a while.  Concurrent kicks are fine:
+        each submits what is there, and together they cover every SQE."""
+        while n > 0:
+            got = self._enter(_NR_ENTER, self._fd, n, 0, 0, None, 0)
+            if got >= 0:
+                n -= got
+                if got == 0:  # pragma: no cover - a concurrent kick took them
+                    return
+                continue
+            err = ctypes.get_errno()
+            if err not in (errno.EINTR, errno.EAGAIN, errno.EBUSY):  # pragma: no cover
+                # The SQEs stay in the ring: the next kick submits them.
+                log.error("io_uring_enter(submit): %s", os.strerror(err))
+                return
+
+    # -- the reaper ----------------------------------------------------------------------
+
+    def _reap_loop(self) -> None:
+        # Reaper mode: sleep until completions arrive, hand them out, repeat
+        # until close()'s NOP came back with nothing else in flight.
+        while True:
+            n = self._enter(_NR_ENTER, self._fd, 0, 1, _ENTER_GETEVENTS, None, 0)
+            if n < 0:
+                err = ctypes.get_errno()
+                if err in (errno.EINTR, errno.EAGAIN):
+                    continue
+                log.error("io_uring_enter(wait): %s", os.strerror(err))  # pragma: no cover
+                break  # pragma: no cover
+            self.reap()
+            with self._lock:
+                if self._stopped and not self._pending:
+                    break
+        self._release()
+
+    def reap(self) -> int:
+        """Hand every completion the kernel has posted to its callback, in
+        this thread.  Non-blocking; any thread.  Returns how many."""
+        callbacks = []
+        with self._lock:
+            head = self._cq_head.value
+            tail = self._cq_tail.value
+            if head == tail:
+                return 0
+            mm, mask, base, pending = self._cq_mm, self._cq_mask, self._cqes, self._pending
+            while head != tail:
+                ident, res, _ = _CQE.unpack_from(mm, base + (head & mask) * 16)
+                head = (head + 1) & 0xFFFFFFFF
+                if ident == _STOP:
+                    self._stopped = True
+                else:
+                    callbacks.append((pending.pop(ident), res))
+            self._cq_head.value = head  # the kernel may reuse those CQEs now
+            self._inflight -= len(callbacks)
+            self.reaped += len(callbacks)
+            self.wakeups += 1
+        plugged = self.plug()  # callbacks that submit: one kick for all
+        try:
+            for cb, res in callbacks:
+                try:
+                    cb(res)
+                except Exception:  # pragma: no cover - the engine's callbacks do not raise
+                    log.exception("exception in io_uring completion %r", cb)
+        finally:
+            if plugged:
+                self.unplug()
+        return len(callbacks)
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Owner mode: block until a completion is posted (it may be reaped
+        by another thread first) or ``timeout`` seconds passed."""
+        self.flush()
+        if timeout is None:
+            self._enter(_NR_ENTER, self._fd, 0, 1, _ENTER_GETEVENTS, None, 0)
+            return
+        ts = _Timespec(int(timeout), int((timeout % 1) * 1e9))
+        arg = _GeteventsArg(0, 0, 0, ctypes.addressof(ts))
+        self._enter(
+            _NR_ENTER, self._fd, 0, 1, _ENTER_GETEVENTS | _ENTER_EXT_ARG,
+            ctypes.byref(arg), ctypes.sizeof(arg),
+        )  # fmt: skip
+
+    @property
+    def owner_mode(self) -> bool:
+        """True if the owner reaps (no reaper thread)."""
+        return self._reaper is None
+
+    # -- shutdown ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop taking submissions.  The reaper finishes what is in flight,
+        then releases the ring; :meth:`join` waits for that."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            if self._reaper is None or self._generation != _generation:
+                # Owner mode (its owner drained it), or a forked child (no
+                # reaper here): nothing will use the ring again.
+                self._release()
+                return
+            self._push(OP_NOP, -1, 0, 0, 0, 0, _STOP)
+            n, self._unsubmitted = self._unsubmitted, 0
+        self._kick(n)
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until the reaper released the ring; False on timeout."""
+        reaper = self._reaper
+        if reaper is None or reaper is threading.current_thread():
+            return True
+        reaper.join(timeout)
+        return not reaper.is_alive()
+
+    def _release(self) -> None:
+        _open_rings.discard(self)
+        if self._released:
+            return
+        self._released = True
+        # ctypes views into the mappings must go before the mappings can close.
+        del self._sq_head, self._sq_tail, self._cq_head, self._cq_tail
+        self._sqes.close()
+        if self._cq_mm is not self._sq_mm:  # pragma: no cover
+            self._cq_mm.close()
+        self._sq_mm.close()
+        os.close(self._fd)

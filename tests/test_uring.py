@@ -1,0 +1,374 @@
+"""The io_uring backend: the ring itself (submission, plugging, reaping,
+close) and the engine on it -- contents verified, every way a request leaves
+the ring (full transfer, short, error, alignment the ring cannot take),
+foreign-thread waits in owner mode, the reaper mode of non-delivering
+contexts, cancel, close and fork."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import threadlets
+from threadlets import AioContext, CancelResult, ThreadletQueue
+from threadlets.probe import buffer_address, probe_direct_io, probe_io_uring
+from threadlets.syscalls import FaultInjector
+from threadlets.uring import OP_FSYNC, OP_READ, OP_WRITE, Ring
+
+pytestmark = pytest.mark.skipif(
+    not probe_io_uring().supported or os.uname().machine != "x86_64",
+    reason="io_uring backend not available here",
+)
+
+PATTERN = bytes(range(256)) * 64  # 16 KiB
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    p = tmp_path / "data"
+    p.write_bytes(PATTERN)
+    return p
+
+
+@pytest.fixture
+def fd(path: Path) -> Iterator[int]:
+    fd = os.open(path, os.O_RDWR)
+    yield fd
+    os.close(fd)
+
+
+@pytest.fixture
+def ctx() -> Iterator[AioContext]:
+    q = ThreadletQueue(max_threads=4)
+    c = AioContext(q, backend="io_uring", inline=False)
+    yield c
+    assert c.close(timeout=10)
+    assert q.close(timeout=10)
+
+
+# -- the ring ------------------------------------------------------------------------
+
+
+def test_ring_read_write_fsync(fd: int) -> None:
+    ring = Ring(8)
+    results: list[int] = []
+    done = threading.Semaphore(0)
+
+    def cb(res: int) -> None:
+        results.append(res)
+        done.release()
+
+    buf = threadlets.aligned_buffer(4096)
+    data = bytearray(b"ring" * 25)
+    assert ring.submit(OP_WRITE, fd, 10, buffer_address(memoryview(data)) or 0, 100, 0, cb)
+    assert done.acquire(timeout=10)
+    assert ring.submit(OP_READ, fd, 0, buffer_address(buf) or 0, 4096, 0, cb)
+    assert done.acquire(timeout=10)
+    assert ring.submit(OP_FSYNC, fd, 0, 0, 0, 0, cb)
+    assert done.acquire(timeout=10)
+    assert ring.submit(OP_READ, 999_999, 0, buffer_address(buf) or 0, 1, 0, cb)  # EBADF
+    assert done.acquire(timeout=10)
+    assert results == [100, 4096, 0, -9]
+    assert bytes(buf[:110]) == PATTERN[:10] + b"ring" * 25
+    ring.close()
+    assert ring.join(10)
+    assert not ring.submit(OP_READ, fd, 0, buffer_address(buf) or 0, 1, 0, cb)  # closed
+
+
+def test_ring_plug_holds_submissions_until_unplug(fd: int) -> None:
+    """While this thread holds the plug, its SQEs are published but the
+    kernel has not taken them (the SQ head stays behind); unplug submits
+    them in one go.  Without SQPOLL the kernel only reads the SQ inside
+    io_uring_enter, so this is deterministic."""
+    ring = Ring(16)
+    done = threading.Semaphore(0)
+    bufs = [bytearray(512) for _ in range(4)]
+    assert ring.plug()
+    for i, b in enumerate(bufs):
+        assert ring.submit(OP_READ, fd, i * 512, buffer_address(memoryview(b)) or 0, 512, 0,
+                           lambda res: done.release())  # fmt: skip
+    assert (ring._tail - ring._sq_head.value) & 0xFFFFFFFF == 4  # nothing taken yet
+    # Another thread does not queue behind this thread's plug.
+    other = threading.Thread(target=lambda: ring.plug() or ring.flush())
+    other.start()
+    other.join()
+    ring.unplug()
+    assert ring._sq_head.value == ring._tail
+    for _ in bufs:
+        assert done.acquire(timeout=10)
+    assert [bytes(b) for b in bufs] == [PATTERN[i * 512 : (i + 1) * 512] for i in range(4)]
+    ring.close()
+    assert ring.join(10)
+
+
+def test_ring_refuses_more_than_entries_in_flight(tmp_path: Path) -> None:
+    r, w = os.pipe()  # reads of an empty pipe stay in flight until written
+    ring = Ring(4)
+    got: list[int] = []
+    bufs = [bytearray(1) for _ in range(ring.entries + 1)]
+    taken = [
+        ring.submit(OP_READ, r, 0, buffer_address(memoryview(b)) or 0, 1, 0, got.append)
+        for b in bufs
+    ]
+    assert taken == [True] * ring.entries + [False]
+    os.write(w, b"x" * ring.entries)
+    ring.close()
+    assert ring.join(10)
+    assert got == [1] * ring.entries
+    os.close(r)
+    os.close(w)
+
+
+# -- the engine on the ring ------------------------------------------------------------
+
+
+def test_read_write_roundtrip_on_the_ring(ctx: AioContext, fd: int) -> None:
+    assert ctx.backend == "io_uring"
+    req = ctx.write(fd, 100, b"hello, world")
+    assert ctx.wait(req, timeout=10)
+    assert req.result() == 12
+    buf = bytearray(4096)
+    req = ctx.read(fd, 0, buf)
+    assert ctx.wait(req, timeout=10)
+    assert req.result() == 4096
+    assert bytes(buf) == PATTERN[:100] + b"hello, world" + PATTERN[112:4096]
+    s = ctx.stats()
+    assert s.ring == 2
+    assert s.threaded == 0
+    assert s.outstanding == 0
+
+
+def test_many_concurrent_requests_verified(ctx: AioContext, fd: int) -> None:
+    """Writes of distinct blocks, all in flight together, then reads of all
+    of them, all in flight together: every byte where it belongs."""
+    rng = random.Random(7)
+    blocks = {i: rng.randbytes(512) for i in range(64)}
+    reqs = [ctx.write(fd, i * 512, data) for i, data in blocks.items()]
+    assert ctx.drain(timeout=10)
+    assert [r.result() for r in reqs] == [512] * 64
+    bufs = {i: bytearray(512) for i in blocks}
+    reqs = [ctx.read(fd, i * 512, b) for i, b in bufs.items()]
+    assert ctx.drain(timeout=10)
+    assert all(r.result() == 512 for r in reqs)
+    assert all(bufs[i] == blocks[i] for i in blocks)
+    assert ctx.stats().ring == 128
+
+
+def test_short_read_at_eof_finishes_on_a_worker(ctx: AioContext, fd: int) -> None:
+    buf = bytearray(4096)
+    req = ctx.read(fd, len(PATTERN) - 100, buf)
+    assert ctx.wait(req, timeout=10)
+    assert req.result() == 100
+    assert bytes(buf[:100]) == PATTERN[-100:]
+    req = ctx.read(fd, len(PATTERN) - 100, bytearray(4096), zero_fill=True)
+    assert ctx.wait(req, timeout=10)
+    assert req.result() == 4096
+    req = ctx.read(fd, len(PATTERN) + 4096, bytearray(10))
+    assert ctx.wait(req, timeout=10)
+    assert req.result() == 0
+
+
+def test_errors_come_back_with_the_thread_paths_errno(ctx: AioContext, path: Path) -> None:
+    rfd = os.open(path, os.O_RDONLY)
+    try:
+        req = ctx.write(rfd, 0, b"nope")  # EBADF: not open for writing
+        assert ctx.wait(req, timeout=10)
+        assert req.error == 9
+        assert os.pread(rfd, 4, 0) == PATTERN[:4]
+    finally:
+        os.close(rfd)
+
+
+def test_vectored_and_read_only_views_go_to_threads(ctx: AioContext, fd: int) -> None:
+    bufs = [bytearray(3), bytearray(5)]
+    req = ctx.read(fd, 0, bufs)
+    assert ctx.wait(req, timeout=10)
+    assert req.result() == 8
+    data = b"0123456789"
+    req = ctx.write(fd, 0, memoryview(data)[2:6])  # a slice of bytes: no address for the kernel
+    assert ctx.wait(req, timeout=10)
+    assert req.result() == 4
+    assert os.pread(fd, 4, 0) == b"2345"
+    s = ctx.stats()
+    assert s.ring == 0
+    assert s.threaded == 2
+
+
+def test_ring_requests_are_running_and_not_cancelled(ctx: AioContext) -> None:
+    r, w = os.pipe()
+    try:
+        buf = bytearray(3)
+        req = ctx.read(r, 0, buf)  # stays in the kernel until the pipe has data
+        assert req.state is threadlets.ThreadletState.RUNNING
+        assert req.cancel() is CancelResult.NOTCANCELED
+        os.write(w, b"abc")
+        assert ctx.wait(req, timeout=10)
+        assert req.result() == 3
+        assert buf == b"abc"
+        assert req.cancel() is CancelResult.ALLDONE
+    finally:
+        ctx.forget(r)
+        os.close(r)
+        os.close(w)
+
+
+def test_callbacks_resubmit_through_the_plug(ctx: AioContext, fd: int) -> None:
+    """Each completion's callback submits the next read (held back by the
+    plug during process_completions, then sent in one go)."""
+    seen: list[bytes] = []
+    bufs = [bytearray(256) for _ in range(8)]
+
+    def chain(i: int, left: int) -> None:
+        def cb(req: threadlets.AioRequest) -> None:
+            assert req.result() == 256
+            seen.append(bytes(bufs[i]))
+            if left:
+                chain(i, left - 1)
+
+        ctx.read(fd, ((i * 7 + left) % 64) * 256, bufs[i], callback=cb)
+
+    for i in range(8):
+        chain(i, 20)
+    assert ctx.drain(timeout=10)
+    assert len(seen) == 8 * 21
+    assert all(s in PATTERN for s in seen)
+
+
+def test_callback_waiting_on_a_held_back_request(ctx: AioContext, fd: int) -> None:
+    """A callback that submits and then waits for that request (which the
+    plug holds back) must not deadlock: wait() sends it first."""
+    out: list[int] = []
+
+    def cb(req: threadlets.AioRequest) -> None:
+        inner = ctx.read(fd, 0, bytearray(16))
+        assert inner.wait(timeout=10)
+        out.append(inner.result())
+
+    ctx.read(fd, 0, bytearray(16), callback=cb)
+    assert ctx.drain(timeout=10)
+    assert out == [16]
+
+
+def test_foreign_thread_wait_reaps_in_owner_mode(ctx: AioContext) -> None:
+    """Nobody processes the context's completions: a thread waiting on the
+    request itself reaps the ring (and the owner later sees the request)."""
+    r, w = os.pipe()
+    try:
+        buf = bytearray(2)
+        req = ctx.read(r, 0, buf)
+        result: list[bool] = []
+        t = threading.Thread(target=lambda: result.append(req.wait(timeout=10)))
+        t.start()
+        os.write(w, b"ok")
+        t.join()
+        assert result == [True]
+        assert buf == b"ok"
+        assert ctx.process_completions() == 1
+    finally:
+        ctx.forget(r)
+        os.close(r)
+        os.close(w)
+
+
+def test_foreign_wait_follows_a_request_to_the_workers(ctx: AioContext, fd: int) -> None:
+    """A short ring read finishes on a worker: a waiter blocked in the ring
+    must learn that (the NOP wakes it) and wait for the worker instead."""
+    results: list[int] = []
+    gate = threading.Event()
+    blocker = ctx.queue.submit(gate.wait, 10)  # the one worker is busy until set
+    try:
+        ctx.queue.set_limits(max_threads=1)
+        req = ctx.read(fd, len(PATTERN) - 10, bytearray(100))  # short: worker's turn
+
+        def waiter() -> None:
+            assert req.wait(timeout=10)
+            results.append(req.result())
+
+        t = threading.Thread(target=waiter)
+        t.start()
+        gate.set()
+        t.join(timeout=20)
+        assert results == [10]
+    finally:
+        gate.set()
+        blocker.wait(10)
+        ctx.queue.set_limits(max_threads=4)
+
+
+def test_non_delivering_context_uses_a_reaper(fd: int) -> None:
+    with AioContext(deliver=False, backend="io_uring", inline=False) as ctx:
+        assert ctx._ring is not None
+        assert not ctx._ring.owner_mode
+        buf = bytearray(64)
+        req = ctx.read(fd, 64, buf)
+        assert req.wait(timeout=10)
+        assert req.result() == 64
+        assert buf == PATTERN[64:128]
+        ring = ctx._ring
+    assert ring.join(10)  # closing let the reaper finish and release the ring
+
+
+@pytest.mark.skipif(not probe_direct_io(".").supported, reason="no O_DIRECT here")
+def test_direct_aligned_on_the_ring_unaligned_bounced(ctx: AioContext, path: Path) -> None:
+    dfd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        ab = threadlets.aligned_buffer(4096)
+        req = ctx.read(dfd, 4096, ab)
+        assert ctx.wait(req, timeout=10)
+        assert req.result() == 4096
+        assert bytes(ab) == PATTERN[4096:8192]
+        assert ctx.stats().ring == 1
+        raw = bytearray(5000)
+        req = ctx.read(dfd, 4097, memoryview(raw)[1:4097])  # misaligned: bounce on a worker
+        assert ctx.wait(req, timeout=10)
+        assert req.result() == 4096
+        assert bytes(raw[1:4097]) == PATTERN[4097:8193]
+        assert ctx.stats().ring == 1
+    finally:
+        ctx.forget(dfd)
+        os.close(dfd)
+
+
+def test_backend_arguments() -> None:
+    with pytest.raises(ValueError, match="backend must be one of"):
+        AioContext(backend="fibers")
+    with pytest.raises(ValueError, match="threads backend"):
+        AioContext(backend="io_uring", syscalls=FaultInjector(0.1, seed=1))
+    with AioContext(backend="auto", syscalls=FaultInjector(0.1, seed=1)) as c:
+        assert c.backend == "threads"  # faults enter through the threads only
+    with AioContext(backend="auto") as c:
+        assert c.backend == "io_uring"
+    with AioContext() as c:
+        assert c.backend == "threads"
+
+
+def test_forked_child_falls_back_to_threads(path: Path) -> None:
+    code = f"""
+import os, sys, threadlets
+ctx = threadlets.AioContext(backend="io_uring", inline=False)
+fd = os.open({str(path)!r}, os.O_RDONLY)
+pid = os.fork()
+if pid == 0:
+    buf = bytearray(8)
+    req = ctx.read(fd, 8, buf)
+    ok = ctx.wait(req, timeout=10) and req.result() == 8 and buf == bytes(range(8, 16))
+    ok = ok and ctx.stats().ring == 0 and ctx.stats().threaded == 1
+    os._exit(0 if ok else 1)
+_, status = os.waitpid(pid, 0)
+buf = bytearray(8)
+req = ctx.read(fd, 0, buf)
+assert ctx.wait(req, timeout=10) and buf == bytes(range(8)) and ctx.stats().ring == 1
+ctx.close()
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", code], check=False, timeout=60, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
