@@ -647,7 +647,10 @@ class AioContext:
                     if callback is None:
                         # Nothing to deliver: finished before anyone saw it.
                         next(self._n_unseen)
-                        return _InlineDone(self, "read", done)
+                        d = _new_object(_InlineDone)  # no __init__ frame: see the class
+                        d._ctx = self
+                        d._result = done
+                        return d
                     req = AioRequest(self, "read", None, (), callback)
                     req._set_inline(done, None)
                     return self._start(req)
@@ -957,10 +960,11 @@ class AioContext:
 class _InlineDone(AioRequest):
     """A request that finished inline and had no callback: born DONE.
 
-    The hot path of cached reads builds one of these per read, so it sets
-    only the fields a finished request is read through and overrides every
-    accessor that would look at the others (waiters, callbacks, the
-    queue's lock): there is nothing left to synchronise with.
+    The hot path of cached reads builds one of these per read with
+    ``object.__new__`` (no ``__init__`` frame) and sets only ``_ctx`` and
+    ``_result``: every other field is a class attribute.  It overrides every
+    accessor that would look at the others (waiters, callbacks, the queue's
+    lock): there is nothing left to synchronise with.
     """
 
     __slots__ = ()
@@ -977,11 +981,7 @@ class _InlineDone(AioRequest):
     _args = ()
     _kwargs = None
     callback = None
-
-    def __init__(self, ctx: AioContext, kind: str, result: int) -> None:
-        self._ctx = ctx
-        self.kind = kind
-        self._result = result
+    kind = "read"  # the only kind that finishes inline without a callback
 
     @property
     def state(self) -> ThreadletState:
@@ -1060,6 +1060,9 @@ def _release(notifier: _Notifier, ring: Ring | None) -> None:
     notifier.close()
     if ring is not None:
         ring.close()
+
+
+_new_object = object.__new__
 
 
 def _count(counter: itertools.count[int]) -> int:
