@@ -825,42 +825,52 @@ class AioContext:
         still run.
         """
         ring = self._ring
-        if ring is not None and ring.owner_mode:
-            # The kernel writes the eventfd too: clear it, then reap, so a
-            # completion posted after the reap leaves it readable.
-            self._notifier.clear()
-            with self._lock:
-                # What the reap completes is taken below: no eventfd write
-                # for it (others' completions after that write as usual).
-                self._signalled = True
-            ring.reap()
-        else:
-            with self._lock:
-                signalled = self._signalled
-            if signalled:
-                self._notifier.clear()  # before taking the list: see the module docstring
+        if ring is None:
+            return self._process()
+        # What the callbacks submit, and what the ring held back for the
+        # reap, reaches the kernel in one io_uring_enter when this returns.
+        plugged = ring.plug()
+        try:
+            if ring.owner_mode:
+                # The kernel writes the eventfd too: clear it, then reap, so
+                # a completion posted after the reap leaves it readable.
+                self._notifier.clear()
+                with self._lock:
+                    # What the reap finishes is taken by _process: no eventfd
+                    # write for it (later completions write as usual).
+                    self._signalled = True
+                ring.reap()
+                # No second clear in _process: it could swallow the wakeup
+                # of a completion posted since the reap.
+                return self._process(clear=False)
+            return self._process()
+        finally:
+            if plugged:
+                ring.unplug()
+            else:
+                ring.flush()
+
+    def _process(self, clear: bool = True) -> int:
+        with self._lock:
+            signalled = self._signalled
+        if signalled and clear:
+            self._notifier.clear()  # before taking the list: see the module docstring
         with self._lock:
             batch = self._completed
-            self._signalled = False  # set only while the list is non-empty, or just above
+            self._signalled = False  # true only while the list is non-empty (or just above)
             if not batch:
                 return 0
             self._completed = []
             self._processed += len(batch)
             self._batches += 1
-        # Requests the callbacks submit reach the kernel in one io_uring_enter.
-        plugged = ring is not None and ring.plug()
-        try:
-            for req in batch:
-                req._processed = True
-                cb = req.callback
-                if cb is not None:
-                    try:
-                        cb(req)
-                    except Exception:
-                        log.exception("exception in completion callback of %r", req)
-        finally:
-            if plugged:
-                ring.unplug()  # type: ignore[union-attr]
+        for req in batch:
+            req._processed = True
+            cb = req.callback
+            if cb is not None:
+                try:
+                    cb(req)
+                except Exception:
+                    log.exception("exception in completion callback of %r", req)
         return len(batch)
 
     def poll(self, timeout: float | None = None) -> int:

@@ -239,7 +239,7 @@ _ctx: AioContext | None = None
 def _context() -> AioContext:
     global _ctx
     if _ctx is None:
-        _ctx = AioContext(deliver=False)
+        _ctx = AioContext(deliver=False, backend="auto")
     return _ctx
 
 

@@ -65,6 +65,12 @@ assert _CQE.size == 16
 
 _STOP = 0  # user_data of the NOP that tells the reaper to finish
 
+#: With this many operations in the kernel, a submission is held back until
+#: the next reap (one of them completing) instead of costing a syscall --
+#: and, for O_DIRECT, a doorbell to the device -- of its own.  Below it,
+#: submissions go at once, so a lone request never waits for another.
+DEFER_AT = 4
+
 _generation = 0  # bumped in a forked child: rings made before are dead there
 
 #: Owner-mode rings not yet released: a ring with operations in flight must
@@ -171,6 +177,7 @@ class Ring:
         self._tail = self._sq_tail.value
         self._inflight = 0
         self._unsubmitted = 0  # published SQEs no io_uring_enter took yet
+        self._in_kernel = 0  # SQEs given to the kernel whose CQEs were not reaped
         self._plugged_by: int | None = None  # the thread holding the plug
         self._closing = False
         self._stopped = False  # reaper mode: close()'s NOP came back
@@ -229,11 +236,19 @@ class Ring:
             self._push(opcode, fd, offset, addr, length, op_flags, ident)
             self._inflight += 1
             self.submitted += 1
-            if self._plugged_by == _get_ident():
+            if self._plugged_by == _get_ident() or self._in_kernel >= DEFER_AT:
+                # Held back: by this thread's plug, or until the next reap,
+                # which the many operations in the kernel make imminent.
                 return True
-            n, self._unsubmitted = self._unsubmitted, 0
+            n = self._take()
         self._kick(n)
         return True
+
+    def _take(self) -> int:
+        # Under _lock: the published SQEs the caller will now submit.
+        n, self._unsubmitted = self._unsubmitted, 0
+        self._in_kernel += n
+        return n
 
     def plug(self) -> bool:
         """Hold back this thread's submissions until :meth:`unplug`, so that
@@ -247,17 +262,17 @@ class Ring:
             return True
 
     def unplug(self) -> None:
-        """Release the plug and submit what it held back."""
+        """Release the plug and submit what is held back."""
         with self._lock:
             self._plugged_by = None
-            n, self._unsubmitted = self._unsubmitted, 0
+            n = self._take()
         self._kick(n)
 
     def flush(self) -> None:
-        """Submit what a plug holds back now (before the plugging thread
-        blocks on a request, which would otherwise never start)."""
+        """Submit what is held back now.  A thread about to block on a
+        request calls this first: a held-back request would never start."""
         with self._lock:
-            n, self._unsubmitted = self._unsubmitted, 0
+            n = self._take()
         self._kick(n)
 
     def _push(
@@ -321,6 +336,7 @@ class Ring:
             if head == tail:
                 return 0
             mm, mask, base, pending = self._cq_mm, self._cq_mask, self._cqes, self._pending
+            reaped = (tail - head) & 0xFFFFFFFF
             while head != tail:
                 ident, res, _ = _CQE.unpack_from(mm, base + (head & mask) * 16)
                 head = (head + 1) & 0xFFFFFFFF
@@ -329,10 +345,15 @@ class Ring:
                 else:
                     callbacks.append((pending.pop(ident), res))
             self._cq_head.value = head  # the kernel may reuse those CQEs now
+            self._in_kernel -= reaped
             self._inflight -= len(callbacks)
             self.reaped += len(callbacks)
             self.wakeups += 1
-        plugged = self.plug()  # callbacks that submit: one kick for all
+            holder = self._plugged_by
+            me = _get_ident()
+            plugged = holder is None
+            if plugged:
+                self._plugged_by = me  # callbacks that submit: one kick for all
         try:
             for cb, res in callbacks:
                 try:
@@ -340,8 +361,12 @@ class Ring:
                 except Exception:  # pragma: no cover - the engine's callbacks do not raise
                     log.exception("exception in io_uring completion %r", cb)
         finally:
+            # Whoever reaps submits what was held back (see submit), unless
+            # this thread's own plug will do it when released.
             if plugged:
                 self.unplug()
+            elif holder != me:
+                self.flush()
         return len(callbacks)
 
     def wait(self, timeout: float | None = None) -> None:
@@ -378,7 +403,7 @@ class Ring:
                 self._release()
                 return
             self._push(OP_NOP, -1, 0, 0, 0, 0, _STOP)
-            n, self._unsubmitted = self._unsubmitted, 0
+            n = self._take()
         self._kick(n)
 
     def join(self, timeout: float | None = None) -> bool:
