@@ -19,6 +19,7 @@ import pytest
 import threadlets
 import threadlets.awaitable as aw
 from threadlets import ThreadletQueue
+from threadlets.probe import probe_io_uring
 
 from .conftest import Gate
 
@@ -99,7 +100,7 @@ def gated() -> Iterator[tuple[ThreadletQueue, Gate]]:
     gate = Gate()
     q.submit(gate)
     assert gate.started.wait(10)
-    aw.configure(queue=q, inline=False)
+    aw.configure(queue=q, inline=False, backend="threads")
     try:
         yield q, gate
     finally:
@@ -324,10 +325,23 @@ class _opened:
         await self.f.close()
 
 
+@pytest.fixture(params=["threads", "io_uring"])
+def backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """New loops' engine backend (io_uring skipped where unavailable)."""
+    if request.param == "io_uring" and not probe_io_uring().supported:
+        pytest.skip("no io_uring here")
+    aw.configure(backend=request.param)
+    try:
+        yield request.param
+    finally:
+        aw.configure()
+
+
 @pytest.mark.anyio
-async def test_cancel_while_running_waits_for_the_request(no_fd_leak: None) -> None:
+async def test_cancel_while_running_waits_for_the_request(backend: str, no_fd_leak: None) -> None:
     r, w = os.pipe()
     f = threadlets.wrap(r)
+    assert f._ctx.backend == backend
     buf = bytearray(5)
     order: list[str] = []
     scope = anyio.CancelScope()
@@ -335,7 +349,7 @@ async def test_cancel_while_running_waits_for_the_request(no_fd_leak: None) -> N
     async def reader() -> None:
         with scope:
             try:
-                await f.preadinto(buf, 0)  # blocks in the kernel on a worker
+                await f.preadinto(buf, 0)  # blocks in the kernel
             except anyio.get_cancelled_exc_class():
                 order.append(f"cancelled after the read, buffer={bytes(buf)!r}")
                 raise
@@ -343,7 +357,7 @@ async def test_cancel_while_running_waits_for_the_request(no_fd_leak: None) -> N
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(reader)
-        await until(lambda: len(f._outstanding) == 1 and _running(f))
+        await until(lambda: len(f._outstanding) == 1 and _running(f))  # a worker, or the ring
         scope.cancel()
         for _ in range(20):  # the reader must not give up while it runs
             await anyio.lowlevel.checkpoint()
@@ -352,6 +366,30 @@ async def test_cancel_while_running_waits_for_the_request(no_fd_leak: None) -> N
     assert order == ["cancelled after the read, buffer=b'hello'", "left the scope"]
     await f.close()
     os.close(w)
+
+
+@pytest.mark.anyio
+async def test_positional_io_without_the_inline_path(
+    data_path: Path, backend: str, no_fd_leak: None
+) -> None:
+    aw.configure(inline=False, backend=backend)  # every request to the backend
+    async with threadlets.open(data_path, "r+b") as f:
+        assert f._ctx.backend == backend
+        results = {}
+
+        async def one(i: int) -> None:
+            results[i] = await f.pread(512, i * 512)
+            await f.pwrite(results[i][::-1], i * 512)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(64):
+                tg.start_soon(one, i)
+        assert all(results[i] == DATA[i * 512 : (i + 1) * 512] for i in range(64))
+        whole = await f.pread(64 * 512, 0)
+        assert whole == b"".join(DATA[i * 512 : (i + 1) * 512][::-1] for i in range(64))
+        stats = f._ctx.stats()
+        assert stats.inline == 0
+        assert (stats.ring > 0) == (backend == "io_uring")
 
 
 def _running(f: threadlets.AsyncFile) -> bool:
@@ -425,7 +463,7 @@ async def test_close_waits_for_outstanding_requests(no_fd_leak: None) -> None:
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(reader)
-        await until(lambda: len(f._outstanding) == 1 and _running(f))
+        await until(lambda: len(f._outstanding) == 1 and _running(f))  # a worker, or the ring
         tg.start_soon(closer)
         for _ in range(20):
             await anyio.lowlevel.checkpoint()

@@ -35,7 +35,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from threadlets.engine import AioContext, AioRequest
+from threadlets.engine import BACKENDS, AioContext, AioRequest
 from threadlets.pool import CancelResult, ThreadletQueue
 
 __all__ = ["YIELD_EVERY", "LoopIO", "configure", "current"]
@@ -46,21 +46,28 @@ __all__ = ["YIELD_EVERY", "LoopIO", "configure", "current"]
 YIELD_EVERY = 256
 
 
-_settings: dict[str, Any] = {"queue": None, "inline": True}
+_settings: dict[str, Any] = {"queue": None, "inline": True, "backend": "auto"}
 
 
-def configure(*, queue: ThreadletQueue | None = None, inline: bool = True) -> None:
-    """Choose the threadlet queue (default: the global default queue) and
-    whether the inline fast path is used, for the event loops that start
-    doing I/O from now on.  Loops already doing I/O keep theirs."""
+def configure(
+    *, queue: ThreadletQueue | None = None, inline: bool = True, backend: str = "auto"
+) -> None:
+    """Choose the threadlet queue (default: the global default queue),
+    whether the inline fast path is used, and the engine backend ("auto":
+    io_uring where it can be set up, else threads; see
+    :class:`~threadlets.AioContext`), for the event loops that start doing
+    I/O from now on.  Loops already doing I/O keep theirs."""
     if queue is not None and not isinstance(queue, ThreadletQueue):
         raise TypeError(f"queue must be a ThreadletQueue or None, not {type(queue).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     _settings["queue"] = queue
     _settings["inline"] = bool(inline)
+    _settings["backend"] = backend
 
 
 def _new_context() -> AioContext:
-    return AioContext(_settings["queue"], inline=_settings["inline"])
+    return AioContext(_settings["queue"], inline=_settings["inline"], backend=_settings["backend"])
 
 
 class LoopIO:
