@@ -6,6 +6,7 @@ Layers, each in its own module, each depending only on those before it:
 * :mod:`threadlets.probe` -- what this machine supports; aligned buffers.
 * :mod:`threadlets.syscalls` -- the system-call seam and fault injection.
 * :mod:`threadlets.ops` -- what each I/O request does to a file (QEMU's rules).
+* :mod:`threadlets.uring` -- the io_uring backend: a kernel ring via ctypes.
 * :mod:`threadlets.engine` -- the paio engine: requests and completion contexts.
 * :mod:`threadlets.posix` -- POSIX AIO (aio_read ... lio_listio) on the engine.
 * :mod:`threadlets.awaitable` -- awaiting requests from asyncio, trio, anyio.
@@ -28,6 +29,7 @@ from threadlets.pool import (
 )
 from threadlets.probe import aligned_buffer
 from threadlets.syscalls import FaultInjector, Syscalls
+from threadlets.uring import RingUnavailable
 
 __version__ = "0.1.0"
 
@@ -40,6 +42,7 @@ __all__ = [
     "ContextStats",
     "FaultInjector",
     "QueueStats",
+    "RingUnavailable",
     "Syscalls",
     "Threadlet",
     "ThreadletQueue",

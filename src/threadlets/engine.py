@@ -3,8 +3,10 @@
 This module owns :class:`AioContext` (the owner of a set of requests and of
 the eventfd that says some of them finished) and :class:`AioRequest` (one
 I/O request).  What a request does to the file lives in :mod:`threadlets.ops`;
-which thread runs it is :mod:`threadlets.pool`'s business.  An io_uring
-backend would replace the pool below this interface, not the interface.
+what runs it is the *backend*'s business: the thread pool
+(:mod:`threadlets.pool`), or the kernel's io_uring (:mod:`threadlets.uring`)
+for the reads and writes it can take, with the pool for everything else.
+The interface is the same for both.
 
 Life of a request
 =================
@@ -20,6 +22,19 @@ under the queue's lock.  Two things are added:
   (or came up short) goes to a worker, which resumes where the inline
   attempt stopped.  Writes do the same where the file system takes
   ``RWF_NOWAIT`` writes (EOPNOTSUPP turns it off for that file).
+* **The io_uring backend** (``backend="io_uring"``, or ``"auto"``: where
+  it can be set up).  A single-buffer read or write that did not finish
+  inline goes to the ring and is RUNNING from then on: the kernel may start
+  it at once, so cancel answers NOTCANCELED.  A full transfer finishes it;
+  anything else -- short, EOF, an error, an alignment the ring was not given
+  -- goes to a worker that repeats the call from where the kernel stopped,
+  so every rule of :mod:`threadlets.ops` (EINTR, zero-fill, bounce buffers,
+  the errno reported) still has the last word.  Vectored requests, O_APPEND
+  writes, flushes and the rest run on the pool.  A delivering context reaps
+  the ring in its owner's thread, woken by the kernel through the same
+  eventfd; requests then finish when the owner processes completions or
+  someone waits on them.  A context with ``deliver=False`` has a reaper
+  thread instead, so its requests finish on their own.
 * **Completion through the context.**  When a request finishes (in a worker,
   inline, or by cancel) it is appended to the context's completed list, and
   the first completion of a batch writes the eventfd once.  The owner
@@ -32,7 +47,10 @@ Ordering that matters: the eventfd is cleared *before* the completed list is
 taken, and ``_signalled`` is reset in the same critical section that takes
 the list.  A completion that arrives after the list was taken therefore
 finds ``_signalled`` false and writes the eventfd again: no wakeup is lost,
-and a spurious one only costs an empty pass.
+and a spurious one only costs an empty pass.  With a ring in owner mode the
+kernel also writes the eventfd, so the order is: clear, reap, take the list
+(and never clear again in that pass): a completion posted after the reap
+leaves the eventfd readable.
 
 Who touches what: ``_completed``, ``_signalled``, ``_processed`` and the
 wakeup counters are protected by the context's ``_lock``; the submission
@@ -207,11 +225,9 @@ class AioRequest(Threadlet[int]):
             ring.reap()
             if Threadlet.wait(self, 0):
                 return True
-            remaining = None
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
+            remaining = _time_left(deadline)
+            if remaining is not None and remaining <= 0:
+                return False
             if not self._on_ring:  # finishing on a worker: an ordinary wait
                 return Threadlet.wait(self, remaining)
             ring.wait(remaining)
@@ -348,6 +364,14 @@ class AioContext:
     calls :meth:`process_completions`.  ``inline=False`` turns the
     ``RWF_NOWAIT`` fast path off.  ``syscalls`` replaces the system calls
     (fault injection).
+
+    ``backend`` is what runs requests that do not finish inline:
+    ``"threads"`` (the pool, the default), ``"io_uring"`` (the kernel's ring
+    for single-buffer reads and writes, the pool for the rest; raises
+    :class:`~threadlets.uring.RingUnavailable`, an OSError, where it cannot
+    be set up) or ``"auto"`` (io_uring where possible).  The attribute
+    ``backend`` says which one the context got.  Fault injection
+    (``syscalls=``) needs the threads.
 
     ``deliver=False`` makes a context that delivers nothing: finished
     requests are not queued for :meth:`process_completions` and per-request
@@ -920,11 +944,9 @@ class AioContext:
             self.process_completions()
             if done():
                 return True
-            remaining = None
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
+            remaining = _time_left(deadline)
+            if remaining is not None and remaining <= 0:
+                return False
             if self._ring is not None:
                 self._ring.flush()  # see poll()
             self._notifier.wait(remaining)
@@ -1060,6 +1082,10 @@ def _address(view: Any) -> int | None:
         return ctypes.addressof(ctypes.c_char.from_buffer(view))
     except (TypeError, ValueError):
         return None
+
+
+def _time_left(deadline: float | None) -> float | None:
+    return None if deadline is None else deadline - time.monotonic()
 
 
 def _ignore(res: int) -> None:

@@ -4,7 +4,9 @@ This module owns the POSIX interface: :class:`aiocb`, :class:`sigevent`,
 ``aio_read`` ... ``lio_listio`` and their constants, with glibc's values.  It
 runs every request on the paio engine (:mod:`threadlets.engine`), through one
 process-wide :class:`~threadlets.engine.AioContext` that delivers nothing:
-each request's completion is followed through the request itself.
+each request's completion is followed through the request itself.  That
+context uses io_uring where it can be set up (``backend="auto"``): reads and
+writes then finish in the ring's reaper thread, the rest on the pool.
 
 Where C returns -1 and sets errno, these functions raise ``OSError`` with
 that errno, as the ``os`` module does.

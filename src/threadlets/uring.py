@@ -2,29 +2,41 @@
 through ctypes.
 
 This module owns :class:`Ring`: the ring's memory, the submission of single
-reads, writes and fsyncs, and the *reaper*, one thread per ring that sleeps
-in ``io_uring_enter(GETEVENTS)`` and hands each completion to the callback
-it was submitted with.  What a completion means for a request (finish it,
-or hand the rest to the thread pool) is :mod:`threadlets.engine`'s business;
-this module knows nothing of requests.
+reads, writes and fsyncs, and the reaping of their completions, each handed
+to the callback it was submitted with.  What a completion means for a
+request (finish it, or hand the rest to the thread pool) is
+:mod:`threadlets.engine`'s business; this module knows nothing of requests.
 
-Why a reaper thread and not the context's owner: completions then reach the
-engine exactly as a thread-pool worker delivers them, so waiting, draining,
-callbacks and the one-eventfd-write-per-batch rule are the engine's own; and
-one thread wakes per *batch* of completions instead of one per request,
-which is where the thread pool spends its time under the GIL.
+Who reaps.  In *owner mode* (``eventfd=`` given) the kernel signals that
+eventfd for every completion and the owner -- the thread that processes the
+engine context's completions, an event loop say -- calls :meth:`Ring.reap`
+itself: a completion costs no thread hop at all, as in QEMU's AioContext.
+Without an eventfd the ring runs a *reaper* thread that sleeps in
+``io_uring_enter(GETEVENTS)``; the engine uses that for contexts that
+deliver nothing (:mod:`threadlets.posix`), whose requests must finish with
+nobody polling.
 
-Memory ordering.  The submitting thread writes an SQE, then the SQ tail,
-then calls ``io_uring_enter`` itself (no SQPOLL), so the kernel reads the
-ring in the same thread's program order.  The reaper reads the CQ tail and
-then the CQEs the kernel published before it; x86-64 keeps loads in order,
-which is why :class:`Ring` refuses other machines (Python cannot issue the
-acquire barrier that weaker memory models would need).
+Fewer system calls.  A submission normally calls ``io_uring_enter`` at
+once.  It is held back instead while this thread holds the ring's plug (a
+burst: the engine plugs while completion callbacks run) or while
+:data:`DEFER_AT` or more operations are in the kernel: one of them will
+complete soon, and whoever reaps it submits everything held back in the
+same call.  On O_DIRECT each ``io_uring_enter`` is also a doorbell to the
+device -- on a VM an exit to the hypervisor -- so this matters more than
+the Python it saves.  A thread about to block on an operation calls
+:meth:`Ring.flush` first, so nothing held back waits on its own submitter.
 
-Ownership: every field marked "under _lock" is touched only with the ring's
-lock held; the CQ head and ``_pending`` lookups belong to the reaper thread.
-After ``fork()`` a ring is dead in the child (its reaper does not exist
-there): :attr:`Ring.usable` turns false and the engine uses its threads.
+Memory ordering.  A submitter writes an SQE and the SQ tail under the
+ring's lock; ``io_uring_enter`` is then called (no SQPOLL) by a thread that
+took the lock after those stores, so the lock orders them before the kernel
+reads the ring.  The reaper reads
+the CQ tail and then the CQEs the kernel published before it; x86-64 keeps
+loads in order, which is why :class:`Ring` refuses other machines (Python
+cannot issue the acquire barrier that weaker memory models would need).
+
+Ownership: fields marked "under _lock" are touched only with the ring's
+lock held, and so is the CQ head.  After ``fork()`` a ring is dead in the
+child: :attr:`Ring.usable` turns false and the engine uses its threads.
 """
 
 from __future__ import annotations
