@@ -81,7 +81,7 @@ _STOP = 0  # user_data of the NOP that tells the reaper to finish
 #: the next reap (one of them completing) instead of costing a syscall --
 #: and, for O_DIRECT, a doorbell to the device -- of its own.  Below it,
 #: submissions go at once, so a lone request never waits for another.
-DEFER_AT = 4
+DEFER_AT = 8
 
 _generation = 0  # bumped in a forked child: rings made before are dead there
 
