@@ -245,7 +245,7 @@ def test_requests_on_one_fd_run_in_parallel_unlike_glibc(
         else:
             ring = px._ctx._ring
             assert ring is not None
-            assert ring._in_kernel == 2  # submitted at once: fewer than DEFER_AT in the kernel
+            assert ring._in_kernel == 2  # submitted at once: the reaper is idle
         assert px.aio_cancel(r) == px.AIO_NOTCANCELED
         os.write(w, b"abcdef")
         assert sorted(outcome(px, cb) for cb in cbs) == [(0, 3), (0, 3)]

@@ -20,7 +20,9 @@ import threadlets
 from threadlets import AioContext, CancelResult, ThreadletQueue
 from threadlets.probe import buffer_address, probe_direct_io, probe_io_uring
 from threadlets.syscalls import FaultInjector
-from threadlets.uring import OP_FSYNC, OP_READ, OP_WRITE, Ring
+from threadlets.uring import DEFER_AT, OP_FSYNC, OP_NOP, OP_READ, OP_WRITE, Ring
+
+from .conftest import wait_until
 
 pytestmark = pytest.mark.skipif(
     not probe_io_uring().supported or os.uname().machine != "x86_64",
@@ -124,6 +126,112 @@ def test_ring_refuses_more_than_entries_in_flight(tmp_path: Path) -> None:
     assert got == [1] * ring.entries
     os.close(r)
     os.close(w)
+
+
+@pytest.mark.parametrize("reaper", [True, False])
+def test_submissions_never_wait_on_stuck_operations(fd: int, reaper: bool) -> None:
+    """Pipe reads that will never complete sit in the kernel; a file read
+    submitted after them goes to the kernel at once and completes."""
+    efd = os.eventfd(0, os.EFD_NONBLOCK) if not reaper else None
+    ring = Ring(32, eventfd=efd)
+    r, w = os.pipe()
+    try:
+        if reaper:  # asleep before the stuck ones arrive: a long sleep, then
+            wait_until(lambda: _in_io_uring_enter(ring))
+        stuck = [bytearray(1) for _ in range(16)]
+        for b in stuck:
+            assert ring.submit(OP_READ, r, 0, buffer_address(memoryview(b)) or 0, 1, 0,
+                               lambda res: None)  # fmt: skip
+        done = threading.Event()
+        buf = bytearray(16)
+        assert ring.submit(
+            OP_READ, fd, 0, buffer_address(memoryview(buf)) or 0, 16, 0, lambda res: done.set()
+        )
+        assert ring._unsubmitted == 0  # not held back: straight to the kernel
+        assert ring._in_kernel == 17
+        if not reaper:
+            ring.wait(10)
+            ring.reap()
+        assert done.wait(10)
+        assert buf == PATTERN[:16]
+        os.write(w, b"x" * len(stuck))  # let the stuck ones finish
+        if not reaper:
+            while ring._inflight:
+                ring.wait(10)
+                ring.reap()
+    finally:
+        ring.close()
+        assert ring.join(10)
+        os.close(r)
+        os.close(w)
+        if efd is not None:
+            os.close(efd)
+
+
+def test_short_sleeps_send_held_back_work_past_stuck_operations(fd: int) -> None:
+    """With DEFER_AT operations stuck in the kernel the reaper sleeps short
+    and submissions are held back for it: they still complete (HOLD_MAX
+    later at the latest), and once a short sleep sees nothing the reaper
+    goes back to sleeping until a completion (no stream of wakeups)."""
+    ring = Ring(32)
+    r, w = os.pipe()
+    try:
+        for _ in range(DEFER_AT):
+            b = bytearray(1)
+            assert ring.submit(OP_READ, r, 0, buffer_address(memoryview(b)) or 0, 1, 0,
+                               lambda res, b=b: None)  # fmt: skip
+        for i in range(5):  # each completion wakes the reaper, which then sleeps short
+            done = threading.Event()
+            buf = bytearray(16)
+            assert ring.submit(OP_READ, fd, 16 * i, buffer_address(memoryview(buf)) or 0, 16,
+                               0, lambda res, done=done: done.set())  # fmt: skip
+            assert done.wait(10)
+            assert buf == PATTERN[16 * i : 16 * (i + 1)]
+        wait_until(lambda: not ring._reaper_holds)  # quiet: a long sleep now
+        wakeups = ring.wakeups
+        assert ring.submit(OP_NOP, -1, 0, 0, 0, 0, lambda res: None)
+        wait_until(lambda: ring.wakeups > wakeups)
+        os.write(w, b"x" * DEFER_AT)
+    finally:
+        ring.close()
+        assert ring.join(10)
+        os.close(r)
+        os.close(w)
+
+
+def _in_io_uring_enter(ring: Ring) -> bool:
+    """The reaper thread is blocked in io_uring_enter (from /proc)."""
+    assert ring._reaper is not None
+    try:
+        with open(f"/proc/self/task/{ring._reaper.native_id}/syscall") as f:
+            return f.read().split()[0] == "426"
+    except (OSError, IndexError):
+        pytest.skip("cannot read /proc/self/task/*/syscall here")
+
+
+def test_reaper_sends_what_was_held_back_during_its_pass(fd: int) -> None:
+    """While the reaper is busy in a completion callback, another thread's
+    submission is held back; the end of the reaper's pass sends it."""
+    ring = Ring(8)
+    in_callback, release = threading.Event(), threading.Event()
+    first, second = bytearray(8), bytearray(8)
+    done = threading.Event()
+
+    def slow(res: int) -> None:
+        in_callback.set()
+        assert release.wait(10)
+
+    assert ring.submit(OP_READ, fd, 0, buffer_address(memoryview(first)) or 0, 8, 0, slow)
+    assert in_callback.wait(10)
+    assert ring.submit(
+        OP_READ, fd, 8, buffer_address(memoryview(second)) or 0, 8, 0, lambda res: done.set()
+    )
+    assert ring._unsubmitted == 1  # held back: the reaper is mid-pass
+    release.set()
+    assert done.wait(10)
+    assert second == PATTERN[8:16]
+    ring.close()
+    assert ring.join(10)
 
 
 # -- the engine on the ring ------------------------------------------------------------

@@ -189,7 +189,8 @@ def probe_io_uring() -> IoUringSupport:
         disabled = "0"
     libc = ctypes.CDLL(None, use_errno=True)
     params = ctypes.create_string_buffer(120)  # struct io_uring_params, zeroed
-    fd = libc.syscall(nr, 1, params)
+    libc.syscall.restype = ctypes.c_long
+    fd = libc.syscall(ctypes.c_long(nr), ctypes.c_uint(1), params)  # typed: see uring._syscalls
     if fd < 0:
         err = ctypes.get_errno()
         note = f" (kernel.io_uring_disabled={disabled})" if disabled != "0" else ""

@@ -18,13 +18,16 @@ nobody polling.
 
 Fewer system calls.  A submission normally calls ``io_uring_enter`` at
 once.  It is held back instead while this thread holds the ring's plug (a
-burst: the engine plugs while completion callbacks run) or while
-:data:`DEFER_AT` or more operations are in the kernel: one of them will
-complete soon, and whoever reaps it submits everything held back in the
-same call.  On O_DIRECT each ``io_uring_enter`` is also a doorbell to the
-device -- on a VM an exit to the hypervisor -- so this matters more than
-the Python it saves.  A thread about to block on an operation calls
-:meth:`Ring.flush` first, so nothing held back waits on its own submitter.
+burst: the engine plugs while completion callbacks run), and, in reaper
+mode, while the reaper is busy handing out completions or, with
+:data:`DEFER_AT` or more operations in the kernel, in a sleep of at most
+:data:`HOLD_MAX`: at the end of either it submits everything held back in
+one call.  The wait is bounded by Python work under way or by HOLD_MAX,
+never by how long the kernel takes.  On O_DIRECT
+each ``io_uring_enter`` is also a doorbell to the device -- on a VM an exit
+to the hypervisor -- so this matters more than the Python it saves.  A
+thread about to block on an operation calls :meth:`Ring.flush` first, so
+nothing held back waits on its own submitter.
 
 Memory ordering.  A submitter writes an SQE and the SQ tail under the
 ring's lock; ``io_uring_enter`` is then called (no SQPOLL) by a thread that
@@ -52,8 +55,19 @@ import sys
 import threading
 from collections.abc import Callable
 from threading import get_ident as _get_ident
+from typing import Any
 
-__all__ = ["FSYNC_DATASYNC", "OP_FSYNC", "OP_READ", "OP_WRITE", "Ring", "RingUnavailable"]
+__all__ = [
+    "DEFER_AT",
+    "FSYNC_DATASYNC",
+    "HOLD_MAX",
+    "OP_FSYNC",
+    "OP_NOP",
+    "OP_READ",
+    "OP_WRITE",
+    "Ring",
+    "RingUnavailable",
+]
 
 log = logging.getLogger("threadlets.uring")
 
@@ -62,7 +76,9 @@ log = logging.getLogger("threadlets.uring")
 _NR_SETUP, _NR_ENTER, _NR_REGISTER = 425, 426, 427
 _ENTER_GETEVENTS, _ENTER_EXT_ARG = 1, 8
 _REGISTER_EVENTFD = 4
-_FEAT_SINGLE_MMAP = 1
+_FEAT_SINGLE_MMAP, _FEAT_NODROP, _FEAT_EXT_ARG = 1, 2, 256
+#: NODROP: no completion is ever lost; EXT_ARG: waits with a timeout (5.11).
+_FEAT_NEEDED = _FEAT_NODROP | _FEAT_EXT_ARG
 _OFF_SQ_RING, _OFF_CQ_RING, _OFF_SQES = 0, 0x8000000, 0x10000000
 
 OP_NOP, OP_FSYNC, OP_READ, OP_WRITE = 0, 3, 22, 23
@@ -77,11 +93,14 @@ assert _CQE.size == 16
 
 _STOP = 0  # user_data of the NOP that tells the reaper to finish
 
-#: With this many operations in the kernel, a submission is held back until
-#: the next reap (one of them completing) instead of costing a syscall --
-#: and, for O_DIRECT, a doorbell to the device -- of its own.  Below it,
-#: submissions go at once, so a lone request never waits for another.
+#: Reaper mode: with this many operations in the kernel, the reaper sleeps at
+#: most HOLD_MAX seconds at a time (one of them will complete soon anyway),
+#: and meanwhile submissions are held back for it: one io_uring_enter -- and
+#: for O_DIRECT one doorbell to the device -- per batch instead of each.
+#: A short sleep that saw nothing makes the next one long, so operations
+#: that never complete (a pipe) cost one extra wakeup, not a stream of them.
 DEFER_AT = 8
+HOLD_MAX = 0.001
 
 _generation = 0  # bumped in a forked child: rings made before are dead there
 
@@ -117,21 +136,35 @@ class RingUnavailable(OSError):
     the kernel, a seccomp filter or ``kernel.io_uring_disabled``)."""
 
 
-def _libc() -> ctypes.CDLL:
+def _syscalls() -> tuple[Any, Any, Any]:
+    """io_uring_setup, io_uring_enter and io_uring_register through libc's
+    syscall(), each with its full prototype: unprototyped ctypes arguments
+    are C ints, and the upper half of a 64-bit argument (a size_t, a
+    pointer) would then be whatever the register held."""
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    return libc
+    c_long, c_uint, c_void_p = ctypes.c_long, ctypes.c_uint, ctypes.c_void_p
+    setup = ctypes.CFUNCTYPE(c_long, c_long, c_uint, c_void_p, use_errno=True)
+    enter = ctypes.CFUNCTYPE(
+        c_long, c_long, c_uint, c_uint, c_uint, c_uint, c_void_p, ctypes.c_size_t, use_errno=True
+    )
+    register = ctypes.CFUNCTYPE(c_long, c_long, c_uint, c_uint, c_void_p, c_uint, use_errno=True)
+    return (
+        setup(("syscall", libc)),
+        enter(("syscall", libc)),
+        register(("syscall", libc)),
+    )
 
 
 class Ring:
-    """One io_uring instance with its reaper thread.
+    """One io_uring instance: owner-reaped if given an ``eventfd``, else
+    with a reaper thread of its own.
 
     :meth:`submit` queues one operation and returns False (nothing queued)
     when the ring is full, closed or dead after a fork; the caller then does
     the work another way.  ``on_done(res)`` runs once per submitted
-    operation, in the reaper thread, with the kernel's result (a count, or
-    ``-errno``).  The memory at ``addr`` must stay valid and unmoved until
-    then.
+    operation, in the thread that reaps it, with the kernel's result (a
+    count, or ``-errno``).  The memory at ``addr`` must stay valid and
+    unmoved until then.
     """
 
     def __init__(self, entries: int = 256, eventfd: int | None = None) -> None:
@@ -141,16 +174,21 @@ class Ring:
             raise RingUnavailable(
                 errno.ENOSYS, f"the io_uring backend needs x86-64, not {os.uname().machine}"
             )
-        self._libc = libc = _libc()
+        setup, enter, register = _syscalls()
         params = (ctypes.c_uint32 * 30)()  # struct io_uring_params, 120 bytes
-        fd = libc.syscall(_NR_SETUP, ctypes.c_uint(entries), params)
+        fd = setup(_NR_SETUP, entries, ctypes.addressof(params))
         if fd < 0:
             err = ctypes.get_errno()
             raise RingUnavailable(err, f"io_uring_setup: {os.strerror(err)}")
-        self._fd = int(fd)
-        self._released = False
         p = list(params)
         sq_entries, cq_entries, features = p[0], p[1], p[5]
+        if features & _FEAT_NEEDED != _FEAT_NEEDED:
+            os.close(fd)
+            raise RingUnavailable(
+                errno.ENOSYS, "io_uring here lacks NODROP or EXT_ARG (Linux 5.11 or newer needed)"
+            )
+        self._fd = int(fd)
+        self._released = False
         # Offsets into the ring mappings (the masks are read from there).
         sq_head, sq_tail, sq_mask_at, _, _, _, sq_array = p[10:17]
         cq_head, cq_tail, cq_mask_at, _, _, cqes = p[20:26]
@@ -183,7 +221,7 @@ class Ring:
         self._cq_mask = u32.from_buffer_copy(self._cq_mm, cq_mask_at).value
         self._cqes = cqes
         self.entries = sq_entries
-        self._enter = libc.syscall
+        self._enter = enter
         self._lock = threading.Lock()
         # Under _lock:
         self._tail = self._sq_tail.value
@@ -193,6 +231,7 @@ class Ring:
         self._plugged_by: int | None = None  # the thread holding the plug
         self._closing = False
         self._stopped = False  # reaper mode: close()'s NOP came back
+        self._reaper_holds = False  # reaper mode: busy, or in a short sleep (see submit)
         self._pending: dict[int, Callable[[int], None]] = {}
         self._ids = itertools.count(1)
         self._generation = _generation
@@ -204,7 +243,7 @@ class Ring:
             # Owner mode: the kernel signals the owner's eventfd for every
             # completion, and the owner reaps.  No thread of ours.
             arg = ctypes.c_int32(eventfd)
-            if libc.syscall(_NR_REGISTER, self._fd, _REGISTER_EVENTFD, ctypes.byref(arg), 1) < 0:
+            if register(_NR_REGISTER, self._fd, _REGISTER_EVENTFD, ctypes.addressof(arg), 1) < 0:
                 err = ctypes.get_errno()
                 self._release()
                 raise RingUnavailable(err, f"IORING_REGISTER_EVENTFD: {os.strerror(err)}")
@@ -248,9 +287,10 @@ class Ring:
             self._push(opcode, fd, offset, addr, length, op_flags, ident)
             self._inflight += 1
             self.submitted += 1
-            if self._plugged_by == _get_ident() or self._in_kernel >= DEFER_AT:
-                # Held back: by this thread's plug, or until the next reap,
-                # which the many operations in the kernel make imminent.
+            if self._plugged_by == _get_ident() or self._reaper_holds:
+                # Held back: by this thread's plug, or for the reaper, which
+                # sends everything held back at the end of its current pass
+                # or short sleep.
                 return True
             n = self._take()
         self._kick(n)
@@ -324,18 +364,33 @@ class Ring:
     def _reap_loop(self) -> None:
         # Reaper mode: sleep until completions arrive, hand them out, repeat
         # until close()'s NOP came back with nothing else in flight.
+        quiet = False  # the last short sleep saw nothing: sleep long now
         while True:
-            n = self._enter(_NR_ENTER, self._fd, 0, 1, _ENTER_GETEVENTS, None, 0)
-            if n < 0:
+            with self._lock:
+                # Ordering: what was held back is taken in the same critical
+                # section that decides whether submitters may hold back
+                # during the sleep, so nothing waits on a long sleep.
+                n = self._take()
+                short = self._in_kernel >= DEFER_AT and not quiet
+                self._reaper_holds = short
+                finished = self._stopped and not self._pending
+            self._kick(n)
+            if finished:
+                break
+            got = self._wait(HOLD_MAX if short else None)
+            if got < 0:
                 err = ctypes.get_errno()
+                if err == errno.ETIME:  # the short sleep ran out
+                    quiet = not self._unsubmitted
+                    continue
                 if err in (errno.EINTR, errno.EAGAIN):
                     continue
                 log.error("io_uring_enter(wait): %s", os.strerror(err))  # pragma: no cover
                 break  # pragma: no cover
-            self.reap()
+            quiet = False
             with self._lock:
-                if self._stopped and not self._pending:
-                    break
+                self._reaper_holds = True  # busy: submissions wait for this pass
+            self.reap()
         self._release()
 
     def reap(self) -> int:
@@ -385,14 +440,19 @@ class Ring:
         """Owner mode: block until a completion is posted (it may be reaped
         by another thread first) or ``timeout`` seconds passed."""
         self.flush()
+        self._wait(timeout)
+
+    def _wait(self, timeout: float | None) -> int:
+        """io_uring_enter(GETEVENTS) for one completion, with a timeout."""
         if timeout is None:
-            self._enter(_NR_ENTER, self._fd, 0, 1, _ENTER_GETEVENTS, None, 0)
-            return
+            return int(self._enter(_NR_ENTER, self._fd, 0, 1, _ENTER_GETEVENTS, None, 0))
         ts = _Timespec(int(timeout), int((timeout % 1) * 1e9))
         arg = _GeteventsArg(0, 0, 0, ctypes.addressof(ts))
-        self._enter(
-            _NR_ENTER, self._fd, 0, 1, _ENTER_GETEVENTS | _ENTER_EXT_ARG,
-            ctypes.byref(arg), ctypes.sizeof(arg),
+        return int(
+            self._enter(
+                _NR_ENTER, self._fd, 0, 1, _ENTER_GETEVENTS | _ENTER_EXT_ARG,
+                ctypes.addressof(arg), ctypes.sizeof(arg),
+            )
         )  # fmt: skip
 
     @property
