@@ -148,7 +148,6 @@ def test_submissions_never_wait_on_stuck_operations(fd: int, reaper: bool) -> No
             OP_READ, fd, 0, buffer_address(memoryview(buf)) or 0, 16, 0, lambda res: done.set()
         )
         assert ring._unsubmitted == 0  # not held back: straight to the kernel
-        assert ring._in_kernel == 17
         if not reaper:
             ring.wait(10)
             ring.reap()
