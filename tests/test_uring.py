@@ -110,6 +110,40 @@ def test_ring_plug_holds_submissions_until_unplug(fd: int) -> None:
     assert ring.join(10)
 
 
+def test_hold_schedules_one_flush_per_batch(fd: int) -> None:
+    """A permanent plug (an event loop's): submissions wait for a flush,
+    and only the first one after each flush asks for one to be scheduled."""
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    ring = Ring(16, eventfd=efd)
+    scheduled: list[int] = []
+    results: list[int] = []
+    try:
+        assert ring.hold(lambda: scheduled.append(ring._unsubmitted))
+        assert not ring.plug()  # the hold is the plug
+        bufs = [bytearray(64) for _ in range(6)]
+        for i, b in enumerate(bufs[:3]):
+            assert ring.submit(OP_READ, fd, 64 * i, buffer_address(memoryview(b)) or 0, 64, 0,
+                               results.append)  # fmt: skip
+        assert scheduled == [1]  # asked once, by the first
+        assert ring._unsubmitted == 3
+        assert ring._in_kernel == 0
+        ring.flush()
+        assert ring._in_kernel == 3
+        for i, b in enumerate(bufs[3:], 3):
+            assert ring.submit(OP_READ, fd, 64 * i, buffer_address(memoryview(b)) or 0, 64, 0,
+                               results.append)  # fmt: skip
+        assert scheduled == [1, 1]  # asked again after the flush
+        ring.flush()
+        while len(results) < 6:
+            ring.wait(10)
+            ring.reap()
+        assert results == [64] * 6
+        assert [bytes(b) for b in bufs] == [PATTERN[64 * i : 64 * (i + 1)] for i in range(6)]
+    finally:
+        ring.close()
+        os.close(efd)
+
+
 def test_ring_refuses_more_than_entries_in_flight(tmp_path: Path) -> None:
     r, w = os.pipe()  # reads of an empty pipe stay in flight until written
     ring = Ring(4)

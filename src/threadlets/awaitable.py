@@ -120,6 +120,8 @@ def _asyncio_current(loop: asyncio.AbstractEventLoop) -> LoopIO:
     if io is None:
         ctx = _new_context()
         loop.add_reader(ctx.fileno(), ctx.process_completions)
+        # One io_uring_enter per loop iteration for what its tasks submit.
+        ctx.hold_submissions(loop.call_soon)
         io = _asyncio_io[loop] = LoopIO(ctx, "asyncio")
     return io
 

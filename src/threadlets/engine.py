@@ -211,7 +211,7 @@ class AioRequest(Threadlet[int]):
 
     def wait(self, timeout: float | None = None) -> bool:
         ring = self._ctx._ring
-        if ring is None:
+        if ring is None or self._state is _DONE:  # (DONE is final: no lock needed)
             return Threadlet.wait(self, timeout)
         # Called from a completion callback, this thread may hold the ring's
         # plug with the request still held back: send it first.
@@ -455,6 +455,19 @@ class AioContext:
     def fileno(self) -> int:
         """The eventfd: readable when completions wait to be processed."""
         return self._notifier.fileno()
+
+    def hold_submissions(self, schedule: Callable[[Callable[[], None]], object]) -> bool:
+        """For an event loop that owns this context: from now on, what this
+        thread submits to the io_uring backend is held back and sent in one
+        ``io_uring_enter`` by a flush that ``schedule(flush)`` arranges
+        (pass ``loop.call_soon``), so a loop iteration's worth of requests
+        costs one system call.  Blocking waits flush first.  False (nothing
+        changes) without a ring in owner mode."""
+        ring = self._ring
+        if ring is None or not ring.owner_mode:
+            return False
+        flush = ring.flush
+        return ring.hold(lambda: schedule(flush))
 
     def forget(self, fd: int) -> None:
         """Drop what the context remembers about ``fd`` (call before the

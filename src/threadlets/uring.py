@@ -229,6 +229,8 @@ class Ring:
         self._unsubmitted = 0  # published SQEs no io_uring_enter took yet
         self._in_kernel = 0  # SQEs given to the kernel whose CQEs were not reaped
         self._plugged_by: int | None = None  # the thread holding the plug
+        self._schedule: Callable[[], object] | None = None  # hold()'s, for good
+        self._flush_scheduled = False  # hold(): schedule() called since the last take
         self._closing = False
         self._stopped = False  # reaper mode: close()'s NOP came back
         self._reaper_holds = False  # reaper mode: busy, or in a short sleep (see submit)
@@ -287,17 +289,29 @@ class Ring:
             self._push(opcode, fd, offset, addr, length, op_flags, ident)
             self._inflight += 1
             self.submitted += 1
-            if self._plugged_by == _get_ident() or self._reaper_holds:
-                # Held back: by this thread's plug, or for the reaper, which
-                # sends everything held back at the end of its current pass
-                # or short sleep.
+            if self._plugged_by == _get_ident():
+                # Held back by this thread's plug.  A permanent one (hold())
+                # has a flush scheduled by the first submission it holds.
+                schedule = self._schedule
+                if schedule is None or self._flush_scheduled:
+                    return True
+                self._flush_scheduled = True
+            elif self._reaper_holds:
+                # Held back for the reaper, which sends everything held back
+                # at the end of its current pass or short sleep.
                 return True
-            n = self._take()
+            else:
+                schedule = None
+                n = self._take()
+        if schedule is not None:
+            schedule()
+            return True
         self._kick(n)
         return True
 
     def _take(self) -> int:
         # Under _lock: the published SQEs the caller will now submit.
+        self._flush_scheduled = False
         n, self._unsubmitted = self._unsubmitted, 0
         self._in_kernel += n
         return n
@@ -311,6 +325,19 @@ class Ring:
             if self._plugged_by is not None:
                 return False
             self._plugged_by = _get_ident()
+            return True
+
+    def hold(self, schedule: Callable[[], object]) -> bool:
+        """Plug the ring for this thread for good: its submissions are held
+        back until :meth:`flush`, and the first one held after each flush
+        calls ``schedule()``, which must arrange for a flush soon (an event
+        loop's ``call_soon``: everything one loop iteration submits then
+        costs one ``io_uring_enter``).  False if another plug is held."""
+        with self._lock:
+            if self._plugged_by is not None:
+                return False
+            self._plugged_by = _get_ident()
+            self._schedule = schedule
             return True
 
     def unplug(self) -> None:
