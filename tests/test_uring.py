@@ -20,7 +20,15 @@ import threadlets
 from threadlets import AioContext, CancelResult, ThreadletQueue
 from threadlets.probe import buffer_address, probe_direct_io, probe_io_uring
 from threadlets.syscalls import FaultInjector
-from threadlets.uring import DEFER_AT, OP_FSYNC, OP_NOP, OP_READ, OP_WRITE, Ring
+from threadlets.uring import (
+    DEFER_AT,
+    OP_FSYNC,
+    OP_NOP,
+    OP_READ,
+    OP_WRITE,
+    Ring,
+    call_after_batch,
+)
 
 from .conftest import wait_until
 
@@ -139,6 +147,41 @@ def test_hold_schedules_one_flush_per_batch(fd: int) -> None:
             ring.reap()
         assert results == [64] * 6
         assert [bytes(b) for b in bufs] == [PATTERN[64 * i : 64 * (i + 1)] for i in range(6)]
+    finally:
+        ring.close()
+        os.close(efd)
+
+
+def test_call_after_batch_runs_once_after_the_whole_batch(fd: int) -> None:
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    ring = Ring(16, eventfd=efd)
+    events: list[str] = []
+
+    def after() -> None:
+        events.append("after")
+
+    def cb(res: int) -> None:
+        events.append(f"done {res}")
+        assert call_after_batch(after)
+
+    try:
+        assert not call_after_batch(after)  # not in a reap: the caller runs it
+        assert ring.plug()
+        bufs = [bytearray(8 * (i + 1)) for i in range(3)]
+        for b in bufs:
+            assert ring.submit(OP_READ, fd, 0, buffer_address(memoryview(b)) or 0, len(b), 0, cb)
+        ring.unplug()
+        got = reaps = 0
+        while got < 3:
+            ring.wait(10)
+            n = ring.reap()
+            got += n
+            reaps += n > 0
+        # One "after" per reap that handed something out, after all of it.
+        assert events.count("after") == reaps
+        assert events[-1] == "after"
+        assert sorted(e for e in events if e != "after") == ["done 16", "done 24", "done 8"]
+        assert events[0] != "after"
     finally:
         ring.close()
         os.close(efd)

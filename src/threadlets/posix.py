@@ -416,6 +416,11 @@ def _set_done(cb: aiocb, err: int, ret: int, notify: list[aiocb]) -> None:
         del _fds[cb.aio_fildes]
 
 
+def _wake_waiters() -> None:
+    with _lock:
+        _cond.notify_all()
+
+
 def _notify(done: list[aiocb]) -> None:
     """After _lock is dropped: watch what was launched, wake aio_suspend and
     lio_listio waiters, send each finished aiocb's notifications."""
@@ -423,8 +428,11 @@ def _notify(done: list[aiocb]) -> None:
     if not done:
         return
     groups: list[_Group] = []
+    # In the ring's reaper, waiters are woken once per batch of completions.
+    deferred = _ctx is not None and _ctx.call_after_batch(_wake_waiters)
     with _lock:
-        _cond.notify_all()
+        if not deferred:
+            _cond.notify_all()
         for cb in done:
             g = cb._group
             if g is not None:

@@ -67,6 +67,7 @@ __all__ = [
     "OP_WRITE",
     "Ring",
     "RingUnavailable",
+    "call_after_batch",
 ]
 
 log = logging.getLogger("threadlets.uring")
@@ -129,6 +130,21 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+_batch = threading.local()  # .after: what to run when this thread's reap is done
+
+
+def call_after_batch(fn: Callable[[], object]) -> bool:
+    """From a completion callback: if this thread is handing out a batch
+    of completions (in :meth:`Ring.reap`), run ``fn`` once when the whole
+    batch is done, and return True; otherwise return False (run it now)."""
+    after: list[Callable[[], object]] | None = getattr(_batch, "after", None)
+    if after is None:
+        return False
+    if fn not in after:
+        after.append(fn)
+    return True
 
 
 class RingUnavailable(OSError):
@@ -448,13 +464,25 @@ class Ring:
             plugged = holder is None
             if plugged:
                 self._plugged_by = me  # callbacks that submit: one kick for all
+        outer = getattr(_batch, "after", None)  # a reap inside a callback's wait
+        after: list[Callable[[], object]] = [] if outer is None else outer
+        _batch.after = after
         try:
             for cb, res in callbacks:
                 try:
                     cb(res)
                 except Exception:  # pragma: no cover - the engine's callbacks do not raise
                     log.exception("exception in io_uring completion %r", cb)
+            if outer is None:
+                _batch.after = None
+                for fn in after:
+                    try:
+                        fn()
+                    except Exception:  # pragma: no cover
+                        log.exception("exception in after-batch call %r", fn)
         finally:
+            if outer is None:
+                _batch.after = None
             # Whoever reaps submits what was held back (see submit), unless
             # this thread's own plug will do it when released.
             if plugged:
