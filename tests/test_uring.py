@@ -403,6 +403,35 @@ def test_ring_requests_are_running_and_not_cancelled(ctx: AioContext) -> None:
         os.close(w)
 
 
+def test_the_buffer_stays_pinned_while_the_kernel_has_it(ctx: AioContext) -> None:
+    """The kernel writes through a raw address: while a ring read is in
+    flight the memory stays where it is, even if the caller releases its
+    memoryview (the bytearray under it cannot be resized)."""
+    r, w = os.pipe()
+    try:
+        first = ctx.read(r, 0, bytearray(1))  # the context knows the fd from now on:
+        os.write(w, b"1")  # the next read takes the fast path, which keeps the
+        assert ctx.wait(first, timeout=10)  # caller's own memoryview
+        raw = bytearray(4)
+        view = memoryview(raw)
+        req = ctx.read(r, 0, view)
+        assert ctx.stats().ring == 2
+        view.release()
+        with pytest.raises(BufferError):
+            raw.extend(b"more")
+        os.write(w, b"data")
+        assert ctx.wait(req, timeout=10)
+        assert raw == b"data"
+        del req  # the request (and its pin) goes; the buffer is free again
+        ctx.process_completions()
+        raw.extend(b"more")
+        assert raw == b"datamore"
+    finally:
+        ctx.forget(r)
+        os.close(r)
+        os.close(w)
+
+
 def test_callbacks_resubmit_through_the_plug(ctx: AioContext, fd: int) -> None:
     """Each completion's callback submits the next read (held back by the
     plug during process_completions, then sent in one go)."""

@@ -525,9 +525,10 @@ class AioContext:
         if the ring does not take it; then it goes to the threads."""
         if len(views) != 1 or total == done:
             return False
-        addr = _address(views[0])
-        if addr is None:
+        pinned = _pin(views[0])
+        if pinned is None:
             return False
+        addr, pin = pinned
         addr += done
         length = total - done
         pos = offset + done
@@ -543,8 +544,9 @@ class AioContext:
         req._on_ring = True
         ring = self._ring
         assert ring is not None
+        # The callback holds `pin` until the kernel is done with the memory.
         if not ring.submit(
-            opcode, f.fd, pos, addr, length, 0, lambda res: self._ring_done(req, res, length)
+            opcode, f.fd, pos, addr, length, 0, lambda res: self._ring_done(req, res, length, pin)
         ):
             req._state = _QUEUED
             req._on_ring = False
@@ -553,8 +555,8 @@ class AioContext:
         next(self._n_ring)
         return True
 
-    def _ring_done(self, req: AioRequest, res: int, length: int) -> None:
-        """A ring completion (in the reaper thread).  A full transfer
+    def _ring_done(self, req: AioRequest, res: int, length: int, pin: object) -> None:
+        """A ring completion (in the thread that reaped it).  A full transfer
         finishes the request; anything else -- short, an error, EOF, EINTR,
         an alignment the probe did not foresee -- goes to a worker, which
         repeats the call from where the kernel stopped and has the last
@@ -1091,17 +1093,23 @@ def _finish_elsewhere(req: AioRequest, fn: Callable[..., int], args: tuple[Any, 
     req._finished()
 
 
-def _address(view: Any) -> int | None:
-    """The address of a buffer's first byte for the kernel to use, or None
-    where Python cannot give it (read-only memory other than whole bytes)."""
+def _pin(view: Any) -> tuple[int, object] | None:
+    """The address of a buffer's first byte for the kernel to use, and an
+    object that keeps that memory in place while it is held: an export of
+    the buffer (a bytearray cannot resize, an mmap cannot close, a
+    memoryview cannot be released under it), or the bytes object itself.
+    None where Python cannot give an address (read-only memory other than
+    whole bytes)."""
     if type(view) is memoryview and view.readonly:
-        if type(view.obj) is bytes and len(view) == len(view.obj):
-            return ctypes.cast(ctypes.c_char_p(view.obj), ctypes.c_void_p).value or 0
+        obj = view.obj
+        if type(obj) is bytes and len(view) == len(obj):
+            return ctypes.cast(ctypes.c_char_p(obj), ctypes.c_void_p).value or 0, obj
         return None
     try:
-        return ctypes.addressof(ctypes.c_char.from_buffer(view))
+        export = ctypes.c_char.from_buffer(view)
     except (TypeError, ValueError):
         return None
+    return ctypes.addressof(export), export
 
 
 def _time_left(deadline: float | None) -> float | None:
