@@ -562,6 +562,39 @@ def test_backend_arguments() -> None:
         assert c.backend == "threads"
 
 
+def test_forked_child_leaves_the_parents_completions_alone(path: Path) -> None:
+    """The ring's memory is shared across fork: a child processing its copy
+    of the context must not reap (or submit) the parent's operations."""
+    code = """
+import os, sys, time, threadlets
+ctx = threadlets.AioContext(backend="io_uring", inline=False)
+r, w = os.pipe()
+buf = bytearray(2)
+req = ctx.read(r, 0, buf)  # in the kernel until the pipe has data
+os.write(w, b"ok")
+ring = ctx._ring
+deadline = time.monotonic() + 10
+while ring._cq_tail.value == ring._cq_head.value:  # posted, not yet reaped
+    assert time.monotonic() < deadline
+    time.sleep(0.001)
+pid = os.fork()
+if pid == 0:
+    ctx.process_completions()
+    ctx._ring.reap()
+    ctx._ring.flush()
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+assert ctx.wait(req, timeout=10), "the child took the parent's completion"
+assert req.result() == 2 and buf == b"ok"
+ctx.close()
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", code], check=False, timeout=60, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_forked_child_falls_back_to_threads(path: Path) -> None:
     code = f"""
 import os, sys, threadlets

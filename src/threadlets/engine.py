@@ -211,7 +211,9 @@ class AioRequest(Threadlet[int]):
 
     def wait(self, timeout: float | None = None) -> bool:
         ring = self._ctx._ring
-        if ring is None or self._state is _DONE:  # (DONE is final: no lock needed)
+        # (DONE is final: no lock needed.)  A ring that is not usable (closed,
+        # or the parent's after a fork) has nothing to reap for this thread.
+        if ring is None or self._state is _DONE or not ring.usable:
             return Threadlet.wait(self, timeout)
         # Called from a completion callback, this thread may hold the ring's
         # plug with the request still held back: send it first.
@@ -877,7 +879,7 @@ class AioContext:
         # reap, reaches the kernel in one io_uring_enter when this returns.
         plugged = ring.plug()
         try:
-            if ring.owner_mode:
+            if ring.owner_mode and ring.usable:
                 # The kernel writes the eventfd too: clear it, then reap, so
                 # a completion posted after the reap leaves it readable.
                 self._notifier.clear()

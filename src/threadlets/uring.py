@@ -326,7 +326,11 @@ class Ring:
         return True
 
     def _take(self) -> int:
-        # Under _lock: the published SQEs the caller will now submit.
+        # Under _lock: the published SQEs the caller will now submit.  None
+        # in a forked child: the ring's memory is shared with the parent,
+        # whose SQEs (and buffers) these are.
+        if self._generation != _generation:
+            return 0
         self._flush_scheduled = False
         n, self._unsubmitted = self._unsubmitted, 0
         self._in_kernel += n
@@ -441,6 +445,8 @@ class Ring:
         this thread.  Non-blocking; any thread.  Returns how many."""
         callbacks = []
         with self._lock:
+            if self._generation != _generation:
+                return 0  # a forked child: the completions are the parent's
             head = self._cq_head.value
             tail = self._cq_tail.value
             if head == tail:
@@ -495,7 +501,8 @@ class Ring:
         """Owner mode: block until a completion is posted (it may be reaped
         by another thread first) or ``timeout`` seconds passed."""
         self.flush()
-        self._wait(timeout)
+        if self._generation == _generation:
+            self._wait(timeout)
 
     def _wait(self, timeout: float | None) -> int:
         """io_uring_enter(GETEVENTS) for one completion, with a timeout."""
