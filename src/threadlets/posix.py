@@ -361,7 +361,7 @@ _launched: list[tuple[aiocb, AioRequest]] = []
 
 
 def _watch_launched() -> None:
-    while True:
+    while _launched:  # (an unlocked peek: the list is taken under _lock)
         with _lock:
             if not _launched:
                 return
