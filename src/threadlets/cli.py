@@ -19,11 +19,29 @@ from threadlets.pool import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_THREADS
 from threadlets.probe import probe_direct_io, probe_io_uring, probe_nowait
 
 
+def _auto_backend() -> tuple[str, str]:
+    """What AioContext(backend="auto") gets here (the front ends' default),
+    found by making one."""
+    from threadlets.engine import AioContext
+    from threadlets.uring import Ring, RingUnavailable
+
+    with AioContext(backend="auto") as ctx:
+        got = ctx.backend
+    if got == "io_uring":
+        return got, "the front ends and threadlets.posix use the kernel's ring"
+    try:
+        Ring(1).close()
+    except RingUnavailable as e:
+        return got, f"no ring: {e.strerror}"
+    return got, "threads"  # pragma: no cover
+
+
 def _info(args: argparse.Namespace) -> int:
     directory = os.path.abspath(args.directory)
     nowait_ok, nowait_note = probe_nowait(directory)
     direct = probe_direct_io(directory)
     uring = probe_io_uring()
+    backend, backend_note = _auto_backend()
     facts: dict[str, object] = {
         "version": __version__,
         "python": sys.version.split()[0],
@@ -38,6 +56,8 @@ def _info(args: argparse.Namespace) -> int:
         "o_direct_note": direct.reason or "supported",
         "io_uring": uring.supported,
         "io_uring_note": uring.reason,
+        "auto_backend": backend,
+        "auto_backend_note": backend_note,
         "default_max_threads": DEFAULT_MAX_THREADS,
         "default_min_threads": 0,
         "default_idle_timeout_s": DEFAULT_IDLE_TIMEOUT,
@@ -66,6 +86,7 @@ def _info(args: argparse.Namespace) -> int:
     )
     table.add_row("O_DIRECT", yes(direct.supported), f"{align} (in {directory})")
     table.add_row("io_uring", yes(uring.supported), uring.reason)
+    table.add_row('backend "auto"', backend, backend_note)
     table.add_row(
         "default pool limits",
         f"max {DEFAULT_MAX_THREADS}, min 0",
