@@ -17,29 +17,33 @@ deliver nothing (:mod:`threadlets.posix`), whose requests must finish with
 nobody polling.
 
 Fewer system calls.  A submission normally calls ``io_uring_enter`` at
-once.  It is held back instead while this thread holds the ring's plug (a
-burst: the engine plugs while completion callbacks run), and, in reaper
-mode, while the reaper is busy handing out completions or, with
+once.  It is held back instead while this thread holds the ring's plug: a
+burst (the engine plugs while completion callbacks run) or, with
+:meth:`Ring.hold`, for good, with a flush scheduled once per batch (an
+event loop's ``call_soon``: one call per loop iteration).  In reaper mode it
+is also held back while the reaper is busy handing out completions or, with
 :data:`DEFER_AT` or more operations in the kernel, in a sleep of at most
-:data:`HOLD_MAX`: at the end of either it submits everything held back in
-one call.  The wait is bounded by Python work under way or by HOLD_MAX,
-never by how long the kernel takes.  On O_DIRECT
-each ``io_uring_enter`` is also a doorbell to the device -- on a VM an exit
-to the hypervisor -- so this matters more than the Python it saves.  A
-thread about to block on an operation calls :meth:`Ring.flush` first, so
-nothing held back waits on its own submitter.
+:data:`HOLD_MAX`; the reaper submits everything held back at the end of
+either.  Every wait is bounded by Python work under way or by HOLD_MAX,
+never by how long the kernel takes.  On O_DIRECT each ``io_uring_enter`` is
+also a doorbell to the device -- on a VM an exit to the hypervisor -- so
+this matters more than the Python it saves.  A thread about to block on an
+operation calls :meth:`Ring.flush` first, so nothing held back waits on its
+own submitter.
 
 Memory ordering.  A submitter writes an SQE and the SQ tail under the
 ring's lock; ``io_uring_enter`` is then called (no SQPOLL) by a thread that
 took the lock after those stores, so the lock orders them before the kernel
-reads the ring.  The reaper reads
-the CQ tail and then the CQEs the kernel published before it; x86-64 keeps
-loads in order, which is why :class:`Ring` refuses other machines (Python
-cannot issue the acquire barrier that weaker memory models would need).
+reads the ring.  A reaper reads the CQ tail and then the CQEs the kernel
+published before it; x86-64 keeps loads in order, which is why
+:class:`Ring` refuses other machines (Python cannot issue the acquire
+barrier that weaker memory models would need).
 
 Ownership: fields marked "under _lock" are touched only with the ring's
 lock held, and so is the CQ head.  After ``fork()`` a ring is dead in the
-child: :attr:`Ring.usable` turns false and the engine uses its threads.
+child -- its memory is shared with the parent, whose operations are in it --
+so the child neither submits nor reaps: :attr:`Ring.usable` turns false and
+the engine uses its threads.
 """
 
 from __future__ import annotations
