@@ -19,7 +19,7 @@ import pytest
 import threadlets
 from threadlets import AioContext, AioRequest, CancelResult, ThreadletQueue, ThreadletState
 from threadlets.ops import IOV_MAX
-from threadlets.probe import buffer_address, probe_direct_io
+from threadlets.probe import buffer_address, probe_direct_io, probe_io_uring
 from threadlets.syscalls import FaultInjector, Syscalls
 
 from .conftest import Gate
@@ -41,10 +41,13 @@ def fd(path: Path) -> Iterator[int]:
     os.close(fd)
 
 
-@pytest.fixture
-def ctx() -> Iterator[AioContext]:
+@pytest.fixture(params=["threads", "io_uring"])
+def ctx(request: pytest.FixtureRequest) -> Iterator[AioContext]:
+    """A context on each backend (the tests that use it hold on both)."""
+    if request.param == "io_uring" and not probe_io_uring().supported:
+        pytest.skip("no io_uring here")
     q = ThreadletQueue(max_threads=4)
-    c = AioContext(q)
+    c = AioContext(q, backend=request.param)
     yield c
     assert c.close(timeout=10)
     assert q.close(timeout=10)
@@ -514,6 +517,8 @@ def test_process_completions_logs_callback_errors(
 
 
 def test_wait_timeout_and_eventfd(ctx: AioContext, fd: int) -> None:
+    if ctx.backend != "threads":
+        pytest.skip("holds a request back by gating the thread pool")
     sc_gate = Gate()
     ctx.queue.set_limits(max_threads=1)
     ctx.queue.submit(sc_gate)

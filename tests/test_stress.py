@@ -26,6 +26,8 @@ SMALL = 4 << 20
         pytest.param({"cancel_rate": 0.5}, id="many-cancels"),
         pytest.param({"mix": {"readv": 50, "writev": 50}, "concurrency": 64}, id="vectored-deep"),
         pytest.param({"mix": {"write": 60, "read": 40}, "concurrency": 1}, id="serial"),
+        pytest.param({"backend": "auto"}, id="io_uring-where-available"),
+        pytest.param({"backend": "auto", "direct": True}, id="io_uring-direct"),
     ],
 )
 def test_short_run_of_each_mode(tmp_path: Path, extra: dict[str, object]) -> None:
@@ -106,6 +108,8 @@ def test_bad_configuration() -> None:
         StressConfig(ops=1, mix={"nope": 1}),
         StressConfig(ops=1, direct=True, block_size=100),
         StressConfig(ops=1, cancel_rate=2),
+        StressConfig(ops=1, backend="fibers"),
+        StressConfig(ops=1, backend="io_uring", inject_faults=0.1),
     ):
         with pytest.raises(StressError):
             run_stress(bad)
