@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from threadlets import AioContext
 from threadlets.stress import StressConfig, StressError, fio_verify, run_stress
 
 SMALL = 4 << 20
@@ -42,6 +43,8 @@ def test_short_run_of_each_mode(tmp_path: Path, extra: dict[str, object]) -> Non
         assert report.expected_errors
     if extra.get("cancel_rate"):
         assert report.cancels.get("CANCELED", 0) > 50
+    with AioContext(backend=str(extra.get("backend", "threads"))) as ctx:
+        assert report.backend == ctx.backend  # what the run got is what this machine gives
 
 
 def test_corruption_is_reported_with_exit_status_1(tmp_path: Path) -> None:

@@ -190,6 +190,8 @@ class Mismatch:
 @dataclass
 class StressReport:
     seed: int
+    #: What ran the requests that did not finish inline ("threads"/"io_uring").
+    backend: str = "threads"
     ops: int = 0
     seconds: float = 0.0
     by_kind: dict[str, int] = field(default_factory=dict)
@@ -220,6 +222,7 @@ class StressReport:
         return {
             "ok": self.ok,
             "seed": self.seed,
+            "backend": self.backend,
             "ops": self.ops,
             "seconds": round(self.seconds, 3),
             "ops_per_second": round(self.ops_per_second, 1),
@@ -688,6 +691,7 @@ def run_stress(cfg: StressConfig) -> StressReport:
             os.ftruncate(fd, 0)
             os.ftruncate(fd, cfg.size)  # the model starts as zeros
             st = _Stress(cfg, fd, report)
+            report.backend = st.ctx.backend
             st.path_for_corruption = path
             try:
                 st.run()
