@@ -237,6 +237,7 @@ def _print_stress(console: Any, report: Any, table_cls: Any) -> None:
         "operations",
         f"{report.ops:,} in {report.seconds:.2f} s ({report.ops_per_second:,.0f} ops/s)",
     )
+    facts.add_row("backend", report.backend)
     facts.add_row("bytes read / written", f"{report.bytes_read:,} / {report.bytes_written:,}")
     facts.add_row("verified reads", f"{report.verified_reads:,}")
     facts.add_row(
