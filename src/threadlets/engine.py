@@ -535,7 +535,10 @@ class AioContext:
         length = total - done
         pos = offset + done
         if f.direct:
-            request_align, buffer_align = f.alignment(self._sc)
+            try:
+                request_align, buffer_align = f.alignment(self._sc)
+            except OSError:
+                return False  # the worker repeats the probe and reports the error
             if pos % request_align or length % request_align or addr % buffer_align:
                 return False  # the threads' bounce buffer handles it
         if self._closed:
