@@ -359,6 +359,20 @@ def test_short_read_at_eof_finishes_on_a_worker(ctx: AioContext, fd: int) -> Non
     assert req.result() == 0
 
 
+def test_short_ring_read_finishes_even_if_the_queue_closed(fd: int) -> None:
+    """The rest of a short ring read goes to the context's queue; if that
+    queue was closed meanwhile, the reaping thread finishes it itself."""
+    q = ThreadletQueue(max_threads=2)
+    ctx = AioContext(q, backend="io_uring", inline=False)
+    try:
+        req = ctx.read(fd, len(PATTERN) - 10, bytearray(4096))  # short: EOF
+        assert q.close(timeout=10)
+        assert ctx.wait(req, timeout=10)
+        assert req.result() == 10
+    finally:
+        ctx.close(timeout=10)
+
+
 def test_errors_come_back_with_the_thread_paths_errno(ctx: AioContext, path: Path) -> None:
     rfd = os.open(path, os.O_RDONLY)
     try:

@@ -579,7 +579,10 @@ class AioContext:
             args = (*args[:-1], args[-1] + res)  # the last argument is `done`
         fn = req._fn
         assert fn is not None
-        self._queue.submit(_finish_elsewhere, req, fn, args)
+        try:
+            self._queue.submit(_finish_elsewhere, req, fn, args)
+        except RuntimeError:  # the queue was closed under us: finish it here
+            _finish_elsewhere(req, fn, args)
         ring = self._ring
         if ring is not None and ring.owner_mode:
             # A waiter in ring.wait() for this request must look again.
