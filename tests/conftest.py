@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -44,3 +46,23 @@ def queue() -> Iterator[ThreadletQueue]:
     q = ThreadletQueue(max_threads=4, name="test")
     yield q
     assert q.close(timeout=10)
+
+
+#: The contents of the ``path`` fixture's file: 16 KiB of a known pattern.
+PATTERN = bytes(range(256)) * 64
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    """A file holding PATTERN (a module may override it with other data)."""
+    p = tmp_path / "data"
+    p.write_bytes(PATTERN)
+    return p
+
+
+@pytest.fixture
+def fd(path: Path) -> Iterator[int]:
+    """``path`` opened read-write; closed after the test."""
+    fd = os.open(path, os.O_RDWR)
+    yield fd
+    os.close(fd)

@@ -22,23 +22,9 @@ from threadlets.ops import IOV_MAX
 from threadlets.probe import buffer_address, probe_direct_io, probe_io_uring
 from threadlets.syscalls import FaultInjector, Syscalls
 
-from .conftest import Gate
+from .conftest import PATTERN, Gate
 
 FIGETBSZ = 2
-
-
-@pytest.fixture
-def path(tmp_path: Path) -> Path:
-    p = tmp_path / "data"
-    p.write_bytes(bytes(range(256)) * 64)  # 16 KiB of a known pattern
-    return p
-
-
-@pytest.fixture
-def fd(path: Path) -> Iterator[int]:
-    fd = os.open(path, os.O_RDWR)
-    yield fd
-    os.close(fd)
 
 
 @pytest.fixture(params=["threads", "io_uring"])
@@ -57,8 +43,6 @@ def run(ctx: AioContext, req: AioRequest) -> int:
     assert ctx.wait(req, timeout=10)
     return req.result()
 
-
-PATTERN = bytes(range(256)) * 64
 
 # -- reads and writes --------------------------------------------------------------
 

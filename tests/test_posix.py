@@ -38,16 +38,11 @@ DATA = bytes(range(256)) * 16  # 4 KiB
 
 @pytest.fixture
 def path(tmp_path: Path) -> Path:
+    """Overrides conftest's: this module's data is DATA (conftest's ``fd``
+    opens it)."""
     p = tmp_path / "data"
     p.write_bytes(DATA)
     return p
-
-
-@pytest.fixture
-def fd(path: Path) -> Iterator[int]:
-    fd = os.open(path, os.O_RDWR)
-    yield fd
-    os.close(fd)
 
 
 @pytest.fixture

@@ -30,28 +30,12 @@ from threadlets.uring import (
     call_after_batch,
 )
 
-from .conftest import wait_until
+from .conftest import PATTERN, wait_until
 
 pytestmark = pytest.mark.skipif(
     not probe_io_uring().supported or os.uname().machine != "x86_64",
     reason="io_uring backend not available here",
 )
-
-PATTERN = bytes(range(256)) * 64  # 16 KiB
-
-
-@pytest.fixture
-def path(tmp_path: Path) -> Path:
-    p = tmp_path / "data"
-    p.write_bytes(PATTERN)
-    return p
-
-
-@pytest.fixture
-def fd(path: Path) -> Iterator[int]:
-    fd = os.open(path, os.O_RDWR)
-    yield fd
-    os.close(fd)
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from threadlets.awaitable import YIELD_EVERY, LoopIO, current
-from threadlets.engine import AioRequest, _InlineDone
+from threadlets.engine import AioRequest, _InlineDone, _nonnegative
 from threadlets.probe import O_DIRECT
 
 if TYPE_CHECKING:
@@ -78,15 +78,6 @@ def _check_text_args(
     codecs.lookup(encoding or "utf-8")  # LookupError for an unknown codec
     if newline not in (None, "", "\n", "\r\n"):
         raise ValueError(f"illegal newline value: {newline!r}")
-
-
-def _count_arg(n: object) -> int:
-    """A byte count argument: an int >= 0."""
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"count must be an int, not {type(n).__name__}")
-    if n < 0:
-        raise ValueError(f"count must be >= 0, not {n}")
-    return n
 
 
 class AsyncFile:
@@ -199,7 +190,7 @@ class AsyncFile:
                 if io_.inline_run >= YIELD_EVERY:
                     await io_.fair_yield()
                 return data
-        buf = bytearray(_count_arg(n))
+        buf = bytearray(_nonnegative(n, "count"))
         got = await self._run(self._ctx.read(self._fd, offset, buf))
         return bytes(buf) if got == n else bytes(memoryview(buf)[:got])
 

@@ -62,7 +62,6 @@ A request's callback and ``_processed`` flag belong to the thread that runs
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import itertools
 import logging
@@ -85,7 +84,7 @@ from threadlets.pool import (
     _check_timeout,
     _invoke_callback,
 )
-from threadlets.probe import RWF_NOWAIT
+from threadlets.probe import RWF_NOWAIT, pin_buffer
 from threadlets.syscalls import Syscalls
 from threadlets.uring import Ring, RingUnavailable
 
@@ -311,27 +310,27 @@ class _Notifier:
             os.close(self._wfd)
 
 
+def _nonnegative(value: object, name: str) -> int:
+    """An int argument that must be >= 0 (bool is refused)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, not {value}")
+    return value
+
+
 def _check_fd(fd: object) -> int:
-    if isinstance(fd, bool) or not isinstance(fd, int):
-        raise TypeError(f"fd must be an int, not {type(fd).__name__}")
-    if fd < 0:
-        raise ValueError(f"fd must be >= 0, not {fd}")
-    return fd
+    return _nonnegative(fd, "fd")
 
 
 def _check_range(offset: object, length: object, what: str = "length") -> tuple[int, int]:
-    for name, v in (("offset", offset), (what, length)):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"{name} must be an int, not {type(v).__name__}")
-        if v < 0:
-            raise ValueError(f"{name} must be >= 0, not {v}")
-    assert isinstance(offset, int)
-    assert isinstance(length, int)
-    if offset + length > MAX_OFFSET:
+    start = _nonnegative(offset, "offset")
+    count = _nonnegative(length, what)
+    if start + count > MAX_OFFSET:
         raise ValueError(
-            f"offset {offset} + {what} {length} is past the largest file offset ({MAX_OFFSET})"
+            f"offset {start} + {what} {count} is past the largest file offset ({MAX_OFFSET})"
         )
-    return offset, length
+    return start, count
 
 
 def _views(buffers: object, writable: bool) -> tuple[list[memoryview], int]:
@@ -498,7 +497,8 @@ class AioContext:
         return f
 
     def _start(self, req: AioRequest) -> AioRequest:
-        """Hand a request to the pool, or deliver one finished inline."""
+        """Deliver a request finished inline, or hand one to the backend:
+        the ring for the reads and writes it takes, else the pool."""
         if self._closed:
             raise RuntimeError("the AioContext is closed")
         if req.callback is not None and not self._deliver:
@@ -507,27 +507,33 @@ class AioContext:
             next(self._n_inline)
             next(self._n_tracked)
             self._complete(req)
+        elif (
+            self._ring is not None
+            and (req._fn is ops.read or req._fn is ops.write)  # (identity: any callable may come)
+            and self._ring_submit(req)
+        ):
+            next(self._n_tracked)
+            next(self._n_ring)
         else:
             self._queue._submit(req)
             next(self._n_tracked)
         return req
 
-    def _ring_submit(
-        self,
-        req: AioRequest,
-        opcode: int,
-        f: AioFile,
-        views: list[Any],
-        offset: int,
-        total: int,
-        done: int,
-    ) -> bool:
-        """Hand a single-buffer read or write to the ring, RUNNING from now
-        on (the kernel may start it at once: it cannot be cancelled).  False
-        if the ring does not take it; then it goes to the threads."""
-        if len(views) != 1 or total == done:
-            return False
-        pinned = _pin(views[0])
+    def _ring_submit(self, req: AioRequest) -> bool:
+        """Hand an ops.read or ops.write request to the ring, RUNNING from
+        now on (the kernel may start it at once: it cannot be cancelled).
+        False if the ring does not take it; then it goes to the threads.
+
+        Its arguments say everything: ``(sc, f, views, offset, total, ...,
+        done)``, ``done`` being what the inline attempt already moved."""
+        fn = req._fn
+        assert fn is not None
+        args = req._args
+        f: AioFile = args[1]
+        views, offset, total, done = args[2], args[3], args[4], args[-1]
+        if len(views) != 1 or total == done or (f.append and fn is ops.write):
+            return False  # vectored; nothing left; or the kernel picks the offset
+        pinned = pin_buffer(views[0])
         if pinned is None:
             return False
         addr, pin = pinned
@@ -541,23 +547,23 @@ class AioContext:
                 return False  # the worker repeats the probe and reports the error
             if pos % request_align or length % request_align or addr % buffer_align:
                 return False  # the threads' bounce buffer handles it
-        if self._closed:
-            raise RuntimeError("the AioContext is closed")
-        if req.callback is not None and not self._deliver:
-            raise ValueError("this AioContext does not deliver completions: no callback=")
         req._state = _RUNNING
         req._on_ring = True
         ring = self._ring
         assert ring is not None
         # The callback holds `pin` until the kernel is done with the memory.
         if not ring.submit(
-            opcode, f.fd, pos, addr, length, 0, lambda res: self._ring_done(req, res, length, pin)
+            uring.OP_READ if fn is ops.read else uring.OP_WRITE,
+            f.fd,
+            pos,
+            addr,
+            length,
+            0,
+            lambda res: self._ring_done(req, res, length, pin),
         ):
             req._state = _QUEUED
             req._on_ring = False
             return False
-        next(self._n_tracked)
-        next(self._n_ring)
         return True
 
     def _ring_done(self, req: AioRequest, res: int, length: int, pin: object) -> None:
@@ -711,12 +717,7 @@ class AioContext:
         if views and type(views[0]) is bytearray:  # the fast path's: ops slices views
             views = [memoryview(views[0])]
         args = (self._sc, f, views, offset, total, zero_fill, done)
-        req = AioRequest(self, "read", ops.read, args, callback)
-        if self._ring is not None and self._ring_submit(
-            req, uring.OP_READ, f, views, offset, total, done
-        ):
-            return req
-        return self._start(req)
+        return self._start(AioRequest(self, "read", ops.read, args, callback))
 
     def write(
         self,
@@ -748,14 +749,7 @@ class AioContext:
                     req._set_inline(done, None)
                     return self._start(req)
         args = (self._sc, f, views, offset, total, done)
-        req = AioRequest(self, "write", ops.write, args, callback)
-        if (
-            self._ring is not None
-            and not f.append  # the kernel picks the offset: never send one twice
-            and self._ring_submit(req, uring.OP_WRITE, f, views, offset, total, done)
-        ):
-            return req
-        return self._start(req)
+        return self._start(AioRequest(self, "write", ops.write, args, callback))
 
     def _submit_op(
         self,
@@ -1099,25 +1093,6 @@ def _finish_elsewhere(req: AioRequest, fn: Callable[..., int], args: tuple[Any, 
         req._exception = exc
         req._state = _DONE
     req._finished()
-
-
-def _pin(view: Any) -> tuple[int, object] | None:
-    """The address of a buffer's first byte for the kernel to use, and an
-    object that keeps that memory in place while it is held: an export of
-    the buffer (a bytearray cannot resize, an mmap cannot close, a
-    memoryview cannot be released under it), or the bytes object itself.
-    None where Python cannot give an address (read-only memory other than
-    whole bytes)."""
-    if type(view) is memoryview and view.readonly:
-        obj = view.obj
-        if type(obj) is bytes and len(view) == len(obj):
-            return ctypes.cast(ctypes.c_char_p(obj), ctypes.c_void_p).value or 0, obj
-        return None
-    try:
-        export = ctypes.c_char.from_buffer(view)
-    except (TypeError, ValueError):
-        return None
-    return ctypes.addressof(export), export
 
 
 def _time_left(deadline: float | None) -> float | None:

@@ -26,6 +26,7 @@ __all__ = [
     "IoUringSupport",
     "aligned_buffer",
     "buffer_address",
+    "pin_buffer",
     "probe_alignment",
     "probe_direct_io",
     "probe_io_uring",
@@ -78,7 +79,27 @@ def buffer_address(buf: memoryview) -> int | None:
         return None
     if len(buf) == 0:
         return 0
-    return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    pinned = pin_buffer(buf)
+    return None if pinned is None else pinned[0]
+
+
+def pin_buffer(view: object) -> tuple[int, object] | None:
+    """The address of a buffer's first byte for the kernel to use, and an
+    object that keeps that memory in place while it is held: an export of
+    the buffer (a bytearray cannot resize, an mmap cannot close, a
+    memoryview cannot be released under it), or the bytes object itself.
+    None where Python cannot give an address (read-only memory other than
+    whole bytes, or an empty buffer)."""
+    if type(view) is memoryview and view.readonly:
+        obj = view.obj
+        if type(obj) is bytes and len(view) == len(obj):
+            return ctypes.cast(ctypes.c_char_p(obj), ctypes.c_void_p).value or 0, obj
+        return None
+    try:
+        export = ctypes.c_char.from_buffer(view)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return ctypes.addressof(export), export
 
 
 def probe_alignment(fd: int) -> tuple[int, int]:

@@ -345,11 +345,7 @@ class Ring:
         a burst costs one ``io_uring_enter`` (one doorbell for the device)
         instead of one each.  Other threads' submissions go at once.  False
         (and nothing to unplug) if another thread holds the plug."""
-        with self._lock:
-            if self._plugged_by is not None:
-                return False
-            self._plugged_by = _get_ident()
-            return True
+        return self._plug(None)
 
     def hold(self, schedule: Callable[[], object]) -> bool:
         """Plug the ring for this thread for good: its submissions are held
@@ -357,6 +353,9 @@ class Ring:
         calls ``schedule()``, which must arrange for a flush soon (an event
         loop's ``call_soon``: everything one loop iteration submits then
         costs one ``io_uring_enter``).  False if another plug is held."""
+        return self._plug(schedule)
+
+    def _plug(self, schedule: Callable[[], object] | None) -> bool:
         with self._lock:
             if self._plugged_by is not None:
                 return False
