@@ -418,6 +418,15 @@ def test_exit_with_a_blocked_worker() -> None:
     assert proc.stdout == "exiting\n"
 
 
+def _syscall_of(pid: int) -> str:
+    """The number of the system call a process's main thread is in."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/syscall") as f:
+            return f.read().split(" ", 1)[0]
+    except OSError:
+        return ""
+
+
 def test_ctrl_c_interrupts_a_wait_in_the_main_thread() -> None:
     code = textwrap.dedent(
         """
@@ -428,8 +437,9 @@ def test_ctrl_c_interrupts_a_wait_in_the_main_thread() -> None:
             threading.Event().wait()
         t = threadlets.submit(block)
         assert started.wait(10)
-        print("waiting", flush=True)
         try:
+            # Inside the try: the SIGINT is sent only after this line.
+            print("waiting", flush=True)
             t.result()
         except KeyboardInterrupt:
             print("interrupted", flush=True)
@@ -441,6 +451,11 @@ def test_ctrl_c_interrupts_a_wait_in_the_main_thread() -> None:
     )
     assert proc.stdout is not None
     assert proc.stdout.readline() == "waiting\n"
+    # Send it while the main thread sleeps in the wait (a futex, syscall
+    # 202 on x86-64), so the test shows the wait itself is interruptible.
+    # Arriving earlier would still land inside the try: never flaky.
+    if sys.platform.startswith("linux") and os.uname().machine == "x86_64":
+        wait_until(lambda: _syscall_of(proc.pid) == "202", timeout=30)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 3, err

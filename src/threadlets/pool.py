@@ -188,6 +188,63 @@ class Threadlet(Generic[T]):
             for cb in callbacks:
                 _invoke_callback(cb, self)
 
+    # -- the life-cycle protocol ----------------------------------------------
+    #
+    # With the queue's worker loop and cancel(), these are the only code that
+    # changes ``_state``, ``_result`` or ``_exception``.  The engine (inline
+    # completions, the io_uring backend) and the front ends call them and
+    # assign none of the three themselves.
+
+    def _born_finished(self, result: T | None, exc: BaseException | None) -> None:
+        """Make a threadlet DONE before anyone else has seen it (an I/O
+        request that completed in the submitting thread).  No lock: it is
+        not published yet."""
+        self._result = result
+        self._exception = exc
+        self._state = _DONE
+
+    def _claim(self) -> bool:
+        """QUEUED -> RUNNING for work that runs outside the queue's workers
+        (the kernel's ring).  False if it is not QUEUED.  A claimed
+        threadlet is remembered by its queue until :meth:`_finish`, so that
+        a forked child can cancel it (see ``_reset_after_fork``)."""
+        queue = self._queue
+        with queue._lock:
+            if self._state is not _QUEUED:
+                return False
+            self._state = _RUNNING
+            queue._claimed.add(self)
+            return True
+
+    def _unclaim(self) -> None:
+        """RUNNING -> QUEUED: the claimant could not start it after all
+        (it had not been handed to anyone)."""
+        queue = self._queue
+        with queue._lock:
+            if self._state is _RUNNING:
+                self._state = _QUEUED
+                queue._claimed.discard(self)
+
+    def _finish(self, result: T | None, exc: BaseException | None) -> bool:
+        """RUNNING -> DONE for claimed work: the outcome before the state,
+        under the lock; then waiters and callbacks, without it.  False, and
+        nothing changes, if it is not RUNNING (cancelled in a forked child)."""
+        queue = self._queue
+        with queue._lock:
+            if self._state is not _RUNNING:
+                return False
+            self._result = result  # the outcome before the state
+            self._exception = exc
+            self._state = _DONE
+            queue._claimed.discard(self)
+        self._finished()
+        return True
+
+    def _forked(self) -> None:
+        """Called in a forked child (no other thread runs there) for each of the
+        parent's threadlets that just became CANCELLED there.  Subclasses
+        mark their own bookkeeping finished (no callback runs)."""
+
     # -- public API ---------------------------------------------------------
 
     @property
@@ -393,6 +450,8 @@ class ThreadletQueue:
         self._items: deque[Threadlet[Any]] = deque()  # may hold cancelled items
         self._idle: list[_Worker] = []  # LIFO: the most recently idle wakes first
         self._workers: set[_Worker] = set()
+        #: Claimed threadlets (RUNNING outside the workers; see _claim).
+        self._claimed: set[Threadlet[Any]] = set()
         self._min = min_threads
         self._max = max_threads
         self._closed = False
@@ -656,7 +715,11 @@ class ThreadletQueue:
         twice and nobody in the child waits forever.  Their callbacks do not
         run in the child.
         """
-        old_items = list(self._items) + [w.current for w in self._workers if w.current]
+        old_items = (
+            list(self._items)
+            + [w.current for w in self._workers if w.current]
+            + list(self._claimed)
+        )
         min_threads, max_threads, closed = self._min, self._max, self._closed
         submitted, completed, cancelled = self._submitted, self._completed, self._cancelled
         self._init_state(min_threads, max_threads)
@@ -669,6 +732,7 @@ class ThreadletQueue:
                 item._waiters = None
                 item._callbacks = None
                 self._cancelled += 1
+                item._forked()
         self._submitted = self._completed + self._cancelled
         if not closed:
             self._spawn_warm()
