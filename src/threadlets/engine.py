@@ -3,61 +3,71 @@
 This module owns :class:`AioContext` (the owner of a set of requests and of
 the eventfd that says some of them finished) and :class:`AioRequest` (one
 I/O request).  What a request does to the file lives in :mod:`threadlets.ops`;
-what runs it is the *backend*'s business: the thread pool
-(:mod:`threadlets.pool`), or the kernel's io_uring (:mod:`threadlets.uring`)
-for the reads and writes it can take, with the pool for everything else.
-The interface is the same for both.
+a request's states and their transitions live in :mod:`threadlets.pool`
+(the threadlet protocol), which every path here calls; what runs a request
+is a *backend*: the thread pool, or the kernel's io_uring
+(:mod:`threadlets.uring`) for the reads and writes it can take.
+
+A context is three parts along its seams:
+
+* :class:`_CompletionQueue` -- the completion side: the notifier (an
+  eventfd), the finished requests not yet delivered, ``process``/``wait``/
+  ``drain``, the counters, and admission (close excludes submission).
+* the pool backend -- ``ThreadletQueue._submit``: a worker runs the
+  request's transfer or operation.
+* :class:`_RingBackend` -- single-buffer reads and writes on the ring.
+
+``AioContext._start`` is the one door: a request finished inline is
+delivered, else the ring takes it, else the pool.
 
 Life of a request
 =================
 
-A request is a :class:`~threadlets.pool.Threadlet` whose work is an
-operation from :mod:`threadlets.ops`, so its states and its cancel are the
-pool's: QUEUED -> RUNNING -> DONE, or QUEUED -> CANCELLED, every transition
-under the queue's lock.  Two things are added:
+QUEUED -> RUNNING -> DONE, or QUEUED -> CANCELLED, every transition by
+the pool's protocol under the queue's lock:
 
 * **Inline fast path.**  A read first tries ``preadv(..., RWF_NOWAIT)`` in
   the submitting thread: if the data is in the page cache the request is
-  DONE before ``read()`` returns, without a thread hop.  What would block
-  (or came up short) goes to a worker, which resumes where the inline
+  born DONE (``_born_finished``), without a thread hop.  What would block
+  (or came up short) goes to a backend, which resumes where the inline
   attempt stopped.  Writes do the same where the file system takes
-  ``RWF_NOWAIT`` writes (EOPNOTSUPP turns it off for that file).
-* **The io_uring backend** (``backend="io_uring"``, or ``"auto"``: where
-  it can be set up).  A single-buffer read or write that did not finish
-  inline goes to the ring and is RUNNING from then on: the kernel may start
-  it at once, so cancel answers NOTCANCELED.  A full transfer finishes it;
-  anything else -- short, EOF, an error, an alignment the ring was not given
-  -- goes to a worker that repeats the call from where the kernel stopped,
-  so every rule of :mod:`threadlets.ops` (EINTR, zero-fill, bounce buffers,
-  the errno reported) still has the last word.  Vectored requests, O_APPEND
-  writes, flushes and the rest run on the pool.  A delivering context reaps
-  the ring in its owner's thread, woken by the kernel through the same
-  eventfd; requests then finish when the owner processes completions or
-  someone waits on them.  A context with ``deliver=False`` has a reaper
-  thread instead, so its requests finish on their own.
-* **Completion through the context.**  When a request finishes (in a worker,
-  inline, or by cancel) it is appended to the context's completed list, and
-  the first completion of a batch writes the eventfd once.  The owner
-  thread (an event loop watching :meth:`AioContext.fileno`, or a caller of
-  :meth:`AioContext.wait`) calls :meth:`AioContext.process_completions`,
-  which runs each request's callback exactly once, in that thread.  No
-  callback ever runs inside a submit or inside ``cancel()``.
+  ``RWF_NOWAIT`` writes.
+* **The io_uring backend** (``backend="io_uring"``, or ``"auto"``).  A
+  single-buffer read or write that did not finish inline is claimed
+  (QUEUED -> RUNNING) and handed to the kernel: cancel answers NOTCANCELED
+  from then on.  A full transfer finishes it.  On a stream (a pipe, socket
+  or terminal) any count is the answer, as one ``readv``/``writev`` is.
+  Anything else -- short, EOF, an error -- is finished by a worker that
+  repeats the call from where the kernel stopped (:class:`_Transfer`), so
+  every rule of :mod:`threadlets.ops` has the last word.
+* **Completion through the context.**  When a request finishes (in a
+  worker, inline, on the ring, or by cancel) it is appended to the
+  context's ready queue, and the first completion of a batch writes the
+  eventfd once.  The owner calls :meth:`AioContext.process_completions`,
+  which runs each request's callback exactly once, in that thread.
 
-Ordering that matters: the eventfd is cleared *before* the completed list is
-taken, and ``_signalled`` is reset in the same critical section that takes
-the list.  A completion that arrives after the list was taken therefore
-finds ``_signalled`` false and writes the eventfd again: no wakeup is lost,
-and a spurious one only costs an empty pass.  With a ring in owner mode the
-kernel also writes the eventfd, so the order is: clear, reap, take the list
-(and never clear again in that pass): a completion posted after the reap
-leaves the eventfd readable.
+Delivery survives interrupts: requests are taken off the ready queue one at
+a time, so a callback raising anything (``KeyboardInterrupt``,
+``SystemExit``, ``CancelledError``), or Ctrl-C in a wait, leaves the rest
+deliverable by the next call, each still exactly once; the counters count
+what was delivered.
 
-Who touches what: ``_completed``, ``_signalled``, ``_processed`` and the
-wakeup counters are protected by the context's ``_lock``; the submission
-counters are ``itertools.count`` objects (one atomic C call each); ``_files`` is touched
-only by submitting threads (dict operations on it are single bytecodes).
-A request's callback and ``_processed`` flag belong to the thread that runs
-:meth:`process_completions`.
+Ordering that matters: the eventfd is cleared *before* the ready queue is
+looked at, and ``signalled`` is reset in the same critical section that
+snapshots it; a completion after that finds ``signalled`` false and writes
+the eventfd again, so no wakeup is lost.  The eventfd is written under the
+queue's lock, and closed under it once nothing is outstanding and nothing
+can be admitted: no completion ever writes a closed (or reused) fd number.
+
+Fork: in a child, every request the parent had outstanding reads CANCELLED
+(the pool's fork rule) and counts as finished, so waits, ``drain()`` and
+``close()`` return at once; the child gets a fresh eventfd and never
+touches the parent's ring.
+
+Who touches what: the completion queue's fields are under its ``lock``;
+``_files`` is touched by submitting threads (single dict operations) and
+emptied by close; a request's ``callback`` and ``_processed`` belong to the
+thread that runs :meth:`AioContext.process_completions`.
 """
 
 from __future__ import annotations
@@ -70,6 +80,7 @@ import select
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -104,6 +115,13 @@ Callback = Callable[["AioRequest"], object]
 
 #: Below this, offset + any buffer length cannot pass MAX_OFFSET.
 _MAX_IO_OFFSET = MAX_OFFSET - (1 << 40)
+#: The SQE offset that means "the file's own position" (-1 as a u64).
+_CURRENT_POSITION = 2**64 - 1
+#: File descriptors are C ints: a larger number is not an open file (EBADF).
+_MAX_FD = 2**31 - 1
+#: The most one read or write moves in Linux (MAX_RW_COUNT); larger ring
+#: transfers go to the pool, whose loop resumes after each short count.
+_MAX_RING_LENGTH = 0x7FFFF000
 
 
 #: What runs requests that do not finish inline: a thread pool, the kernel's
@@ -134,13 +152,51 @@ def io_queue() -> ThreadletQueue:
         return _io_queue
 
 
-def _reset_io_queue_lock() -> None:
-    global _io_queue_lock
-    _io_queue_lock = threading.Lock()
+class _Transfer:
+    """A read or write, named: what ops, the ring and the worker share.
 
+    ``done`` bytes were moved already (by the inline attempt or the ring);
+    :meth:`run` moves the rest by ops' rules and returns the request's
+    result."""
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_io_queue_lock)
+    __slots__ = ("buffers", "done", "file", "offset", "sc", "total", "write", "zero_fill")
+
+    def __init__(
+        self,
+        sc: Syscalls,
+        file: AioFile,
+        buffers: list[memoryview],
+        offset: int,
+        total: int,
+        done: int,
+        *,
+        write: bool,
+        zero_fill: bool = False,
+    ) -> None:
+        self.sc = sc
+        self.file = file
+        self.buffers = buffers
+        self.offset = offset
+        self.total = total
+        self.done = done
+        self.write = write
+        self.zero_fill = zero_fill
+
+    def run(self) -> int:
+        if self.write:
+            return ops.write(self.sc, self.file, self.buffers, self.offset, self.total, self.done)
+        return ops.read(
+            self.sc, self.file, self.buffers, self.offset, self.total, self.zero_fill, self.done
+        )
+
+    def one_transfer(self, moved: int) -> int:
+        """The result when one system call moving ``moved`` bytes is the
+        whole answer (a stream), as ops gives it."""
+        n = self.done + moved
+        if self.zero_fill and not self.write and n < self.total:
+            ops._zero(self.buffers, n)
+            return self.total
+        return n
 
 
 class AioRequest(Threadlet[int]):
@@ -153,15 +209,16 @@ class AioRequest(Threadlet[int]):
     :meth:`AioContext.process_completions` in the context's thread.
     """
 
-    __slots__ = ("_ctx", "_on_ring", "_processed", "callback", "kind")
+    __slots__ = ("_ctx", "_on_ring", "_processed", "_transfer", "callback", "kind")
 
     def __init__(
         self,
         ctx: AioContext,
         kind: str,
-        fn: Callable[..., int] | None,
+        fn: Callable[..., Any] | None,
         args: tuple[Any, ...],
         callback: Callback | None,
+        transfer: _Transfer | None = None,
     ) -> None:
         # Threadlet.__init__ spelled out: this runs once per request.
         self._queue = ctx._queue
@@ -176,6 +233,7 @@ class AioRequest(Threadlet[int]):
         self._ctx = ctx
         self.kind = kind
         self.callback = callback
+        self._transfer = transfer
         #: Set by process_completions once the callback ran (or would have).
         self._processed = False
         #: In the kernel's hands (io_uring backend), until it completes there.
@@ -214,12 +272,13 @@ class AioRequest(Threadlet[int]):
         # or the parent's after a fork) has nothing to reap for this thread.
         if ring is None or self._state is _DONE or not ring.usable:
             return Threadlet.wait(self, timeout)
-        # Called from a completion callback, this thread may hold the ring's
-        # plug with the request still held back: send it first.
-        ring.flush()
-        if not ring.owner_mode:
+        if not ring.owner_mode and not ring.is_reaper():
+            # The reaper thread finishes ring requests; a held-back one (a
+            # callback's plug) must start first.
+            ring.flush()
             return Threadlet.wait(self, timeout)
-        # Owner mode: nobody else may be reaping, so reap while waiting.
+        # Owner mode, or the reaper itself waiting inside a callback: reap
+        # while waiting (see Ring.wait for why no wakeup is lost).
         _check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -231,20 +290,19 @@ class AioRequest(Threadlet[int]):
                 return False
             if not self._on_ring:  # finishing on a worker: an ordinary wait
                 return Threadlet.wait(self, remaining)
-            ring.wait(remaining)
+            ring.wait(remaining, self._left_ring)
+
+    def _left_ring(self) -> bool:
+        return not self._on_ring
 
     def _finished(self) -> None:
         if self._waiters or self._callbacks:
             Threadlet._finished(self)
-        self._ctx._complete(self)
+        self._ctx._cq.complete(self)
 
-    # -- made finished without a worker -----------------------------------------
-
-    def _set_inline(self, result: int | None, exc: BaseException | None) -> None:
-        # Nobody else has seen this request yet: no lock needed to finish it.
-        self._result = result
-        self._exception = exc
-        self._state = _DONE
+    def _forked(self) -> None:
+        # The parent's request, cancelled in this child: nothing to deliver.
+        self._processed = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +334,7 @@ class _Notifier:
             self._eventfd = False
         self._poll = select.poll()
         self._poll.register(self._rfd, select.POLLIN)
+        self.closed = False
 
     def fileno(self) -> int:
         return self._rfd
@@ -305,9 +364,158 @@ class _Notifier:
         return bool(self._poll.poll(ms))
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         os.close(self._rfd)
         if self._wfd != self._rfd:  # pragma: no cover
             os.close(self._wfd)
+
+
+class _CompletionQueue:
+    """The completion side of a context: admission, the ready queue, the
+    notifier and the counters.
+
+    Invariants (all under ``lock``):
+
+    * ``admitted`` counts requests let in; none is let in once ``closing``.
+    * ``delivered`` counts those whose completion was taken: by
+      :meth:`process` (a delivering context) or at completion (one that
+      delivers nothing).  ``admitted - delivered`` is what is outstanding.
+    * ``ready`` holds finished requests not yet delivered; while it is not
+      empty, ``signalled`` is true or the eventfd is readable.
+    * The notifier is written only under the lock and only while open; it
+      is closed under the lock, after nothing is outstanding or admissible.
+    """
+
+    def __init__(self, deliver: bool) -> None:
+        self.deliver = deliver
+        self.notifier = _Notifier()
+        self.lock = threading.Lock()
+        #: Notified when nothing is outstanding (close() of a context that
+        #: delivers nothing waits on it).
+        self.quiet = threading.Condition(self.lock)
+        self.ready: deque[AioRequest] = deque()
+        self.signalled = False
+        self.closing = False
+        self.admitted = 0
+        self.delivered = 0
+        self.wakeups = 0
+        self.batches = 0
+
+    def admit(self) -> None:
+        """Let one request in, or raise if the context is closing."""
+        with self.lock:
+            if self.closing:
+                raise RuntimeError("the AioContext is closed")
+            self.admitted += 1
+
+    def outstanding(self) -> int:
+        with self.lock:
+            return self.admitted - self.delivered
+
+    def complete(self, req: AioRequest) -> None:
+        """A request finished: queue it for delivery and wake the owner,
+        once per batch.  Any thread; never runs a callback, never raises."""
+        with self.lock:
+            if not self.deliver:
+                self.delivered += 1
+                if self.admitted == self.delivered:
+                    self.quiet.notify_all()
+                return
+            self.ready.append(req)
+            if self.signalled:
+                return
+            self.signalled = True
+            self.wakeups += 1
+            self._signal()
+
+    def _signal(self) -> None:
+        # Under the lock, so that close() cannot close the fd under us.
+        if not self.notifier.closed:
+            try:
+                self.notifier.signal()
+            except OSError:  # pragma: no cover - would be a bug: keep the worker alive
+                log.exception("cannot signal the completion eventfd")
+
+    def process(self, clear: bool = True) -> int:
+        """Deliver the requests that were ready when called, one at a time,
+        running each callback in this thread.  See the module docstring for
+        the ordering and for what an exception leaves behind."""
+        lock, ready = self.lock, self.ready
+        if clear:
+            with lock:
+                signalled = self.signalled
+            if signalled:
+                self.notifier.clear()  # before the snapshot below
+        with lock:
+            self.signalled = False
+            limit = len(ready)  # later ones have written the eventfd again
+            if not limit:
+                return 0
+            self.batches += 1
+        n = 0
+        req: AioRequest | None = None
+        called = False
+        try:
+            while n < limit:
+                with lock:
+                    if not ready:
+                        break
+                    req = ready.popleft()
+                    self.delivered += 1
+                called = True  # from here on the request counts as delivered
+                req._processed = True
+                cb = req.callback
+                if cb is not None:
+                    try:
+                        cb(req)
+                    except Exception:
+                        log.exception("exception in completion callback of %r", req)
+                req = None
+                called = False
+                n += 1
+        except BaseException:
+            if req is not None and not called:
+                with lock:  # interrupted between taking it and its callback
+                    ready.appendleft(req)
+                    self.delivered -= 1
+            raise
+        finally:
+            with lock:
+                if ready and not self.signalled:
+                    # Left behind (an exception, or the limit): come back.
+                    self.signalled = True
+                    self.wakeups += 1
+                    self._signal()
+        return n
+
+    def resignal(self) -> None:
+        """Make the eventfd readable, so that the owner comes back."""
+        with self.lock:
+            self.signalled = True
+            self.wakeups += 1
+            self._signal()
+
+    def wait_quiet(self, timeout: float | None) -> bool:
+        with self.lock:
+            return self.quiet.wait_for(lambda: self.admitted == self.delivered, timeout)
+
+    def after_fork(self) -> None:
+        """In a forked child: the parent's requests count as finished, and
+        the child gets an eventfd of its own (the inherited one is the
+        parent's too)."""
+        for req in self.ready:
+            req._processed = True
+        self.ready.clear()
+        self.lock = threading.Lock()
+        self.quiet = threading.Condition(self.lock)
+        self.delivered = self.admitted
+        self.signalled = False
+        old = self.notifier
+        if not old.closed:
+            old.close()  # the child's copy only
+            self.notifier = _Notifier()
 
 
 def _nonnegative(value: object, name: str) -> int:
@@ -333,8 +541,17 @@ def _check_range(offset: object, length: object, what: str = "length") -> tuple[
     return start, count
 
 
+def _check_callback(callback: object) -> None:
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable or None, not {type(callback).__name__}")
+
+
 def _views(buffers: object, writable: bool) -> tuple[list[memoryview], int]:
-    """One buffer or a list/tuple of them, as flat byte memoryviews."""
+    """One buffer or a list/tuple of them, as flat byte memoryviews.
+
+    Raises TypeError for what is not a buffer (or a read-only one to read
+    into) and BufferError for a non-contiguous one, as ``os.preadv`` does,
+    before anything is queued."""
     items = buffers if isinstance(buffers, (list, tuple)) else (buffers,)
     views: list[memoryview] = []
     total = 0
@@ -347,13 +564,116 @@ def _views(buffers: object, writable: bool) -> tuple[list[memoryview], int]:
             ) from None
         if writable and mv.readonly:
             raise TypeError(f"cannot read into a read-only buffer ({type(b).__name__})")
+        if not mv.c_contiguous:
+            raise BufferError("memoryview: underlying buffer is not C-contiguous")
         if mv.format != "B" or mv.ndim != 1:
-            if not mv.c_contiguous:
-                raise ValueError("buffers must be C-contiguous")
             mv = mv.cast("B")
         views.append(mv)
         total += mv.nbytes
     return views, total
+
+
+class _RingBackend:
+    """Single-buffer reads and writes on a context's ring.
+
+    :meth:`start` claims a request (QUEUED -> RUNNING) and hands it to the
+    kernel, or returns False and leaves it QUEUED for the pool.  The
+    completion (in the thread that reaps it) finishes the request, or sends
+    what is left of it to a worker."""
+
+    __slots__ = ("ctx", "ring")
+
+    def __init__(self, ctx: AioContext, ring: Ring) -> None:
+        self.ctx = ctx
+        self.ring = ring
+
+    def start(self, req: AioRequest) -> bool:
+        t = req._transfer
+        if t is None or len(t.buffers) != 1 or t.done == t.total:
+            return False  # not a transfer, vectored, or nothing left
+        f = t.file
+        if t.write and f.append:
+            return False  # the kernel picks the offset
+        length = t.total - t.done
+        if length > _MAX_RING_LENGTH:
+            return False  # one SQE moves at most this much (and len is 32 bits)
+        pos = t.offset + t.done
+        stream = f.stream
+        if f.direct and not stream:
+            try:
+                request_align, buffer_align = f.alignment(t.sc)
+            except OSError:
+                return False  # the worker repeats the probe and reports the error
+            if pos % request_align or length % request_align:
+                return False  # the threads' bounce buffer handles it
+        else:
+            buffer_align = 1
+        pinned = pin_buffer(t.buffers[0])
+        if pinned is None:
+            return False
+        addr, pin = pinned
+        addr += t.done
+        if addr % buffer_align or not req._claim():
+            return False
+        req._on_ring = True
+        ring = self.ring
+        # The callback holds `pin` until the kernel is done with the memory.
+        if not ring.submit(
+            uring.OP_WRITE if t.write else uring.OP_READ,
+            f.fd,
+            _CURRENT_POSITION if stream else pos,  # a stream has no offset
+            addr,
+            length,
+            0,
+            lambda res: self._done(req, res, pin),
+        ):
+            req._on_ring = False
+            req._unclaim()
+            return False
+        return True
+
+    def _done(self, req: AioRequest, res: int, pin: object) -> None:
+        """A ring completion, in the thread that reaped it.  A full transfer
+        finishes the request, and so does any count on a stream (one
+        transfer is the answer there); anything else -- short, an error,
+        EOF, EINTR, an alignment the probe did not foresee -- goes to a
+        worker, which repeats the call from where the kernel stopped."""
+        del pin  # the kernel is done with the memory
+        t = req._transfer
+        assert t is not None
+        req._on_ring = False
+        if res == t.total - t.done or (res >= 0 and t.file.stream):
+            req._finish(t.one_transfer(res), None)
+            return
+        if res > 0:
+            t.done += res
+        self.ctx._continue(req, t.run)
+
+
+@dataclass(frozen=True, slots=True)
+class _Continuation:
+    """What is left of a claimed request, run on a worker (or, if the queue
+    cancels it, in the thread that cancelled it), then finished."""
+
+    req: AioRequest
+    run: Callable[[], int]
+
+    def __call__(self) -> None:
+        result: int | None = None
+        exc: BaseException | None = None
+        try:
+            result = self.run()
+        except BaseException as e:
+            exc = e
+        self.req._finish(result, exc)
+
+    def if_cancelled(self, t: Threadlet[None]) -> None:
+        # The queue was closed under us: a claimed request must still finish.
+        if t.cancelled():
+            self()
+
+
+_live_contexts: weakref.WeakSet[AioContext] = weakref.WeakSet()
 
 
 class AioContext:
@@ -380,6 +700,11 @@ class AioContext:
     request itself (``wait()``, ``add_done_callback()``, which runs in the
     thread that finishes it), as :mod:`threadlets.posix` does.
 
+    Closing: :meth:`close` refuses new requests from every thread at once,
+    waits for the outstanding ones (delivering their callbacks), then
+    releases the eventfd and the ring.  A submission racing it either
+    completes before close returns or raises RuntimeError.
+
     File state (O_DIRECT alignment, sticky flush errors, what the file does
     not support) is kept per fd.  If you close an fd and open another file
     on the same number, call :meth:`forget` first.
@@ -404,44 +729,37 @@ class AioContext:
         self._deliver = bool(deliver)
         if backend == "io_uring" and type(self._sc) is not Syscalls:
             raise ValueError("syscalls= (fault injection) needs the threads backend")
-        self._notifier = _Notifier()
+        self._cq = _CompletionQueue(self._deliver)
         self._ring: Ring | None = None
+        self._ring_backend: _RingBackend | None = None
         if backend != "threads" and type(self._sc) is Syscalls:
             try:
                 # A delivering context reaps in its owner's thread, woken by
                 # the kernel through the eventfd; otherwise a reaper thread
                 # finishes requests (see threadlets.uring).
-                efd = self._notifier.fileno() if self._deliver else None
+                efd = self._cq.notifier.fileno() if self._deliver else None
                 self._ring = Ring(RING_ENTRIES, eventfd=efd)
+                self._ring_backend = _RingBackend(self, self._ring)
             except RingUnavailable:
                 if backend == "io_uring":
-                    self._notifier.close()
+                    self._cq.notifier.close()
                     raise
         #: "io_uring" or "threads": what runs requests that do not finish inline.
         self.backend = "threads" if self._ring is None else "io_uring"
-        # The eventfd (and ring) close with the context, or when it is collected.
-        self._finalizer = weakref.finalize(self, _release, self._notifier, self._ring)
+        # The ring and the eventfd close with the context, or when it is
+        # collected (the ring first: the kernel writes the eventfd).
+        self._finalizer = weakref.finalize(self, _release, self._cq, self._ring)
         self._files: dict[int, AioFile] = {}
         self._preadv = os.preadv if type(self._sc) is Syscalls else self._sc.preadv
-        # Submission counters are itertools.count objects: next() is one C
-        # call, atomic under the GIL, so the submit path takes no lock of
-        # ours.  They only count; no state depends on them but drain's
-        # "nothing outstanding" (tracked - processed), read by the owner.
+        # Statistics only (itertools.count: one atomic C call each, no lock).
         self._n_unseen = itertools.count()  # finished inline, no callback
         self._n_inline = itertools.count()  # finished inline, with a callback
-        self._n_tracked = itertools.count()  # all that reach the completed list
-        self._n_ring = itertools.count()  # of those, submitted to the ring
-        self._lock = threading.Lock()
-        # Protected by _lock:
-        self._completed: list[AioRequest] = []
-        self._signalled = False
-        self._closed = False
-        self._processed = 0
-        self._wakeups = 0
-        self._batches = 0
+        self._n_ring = itertools.count()  # handed to the ring
+        _live_contexts.add(self)
 
     def __repr__(self) -> str:
-        return f"<AioContext fd={self._notifier.fileno()} outstanding={self._outstanding()}>"
+        state = "closed" if self._cq.closing else f"fd={self._cq.notifier.fileno()}"
+        return f"<AioContext {state} outstanding={self._cq.outstanding()}>"
 
     def __enter__(self) -> AioContext:
         return self
@@ -455,7 +773,9 @@ class AioContext:
 
     def fileno(self) -> int:
         """The eventfd: readable when completions wait to be processed."""
-        return self._notifier.fileno()
+        if self._cq.notifier.closed:
+            raise ValueError("I/O operation on a closed AioContext")
+        return self._cq.notifier.fileno()
 
     def call_after_batch(self, fn: Callable[[], object]) -> bool:
         """For a request's done-callback: if this thread is delivering a
@@ -470,12 +790,28 @@ class AioContext:
         ``io_uring_enter`` by a flush that ``schedule(flush)`` arranges
         (pass ``loop.call_soon``), so a loop iteration's worth of requests
         costs one system call.  Blocking waits flush first.  False (nothing
-        changes) without a ring in owner mode."""
+        changes) without a ring in owner mode.
+
+        A bound method is held weakly (the ring must not keep an event loop
+        alive); once its object is gone, held submissions go at once."""
         ring = self._ring
         if ring is None or not ring.owner_mode:
             return False
         flush = ring.flush
-        return ring.hold(lambda: schedule(flush))
+        try:
+            weak: Callable[[], Callable[[Callable[[], None]], object] | None]
+            weak = weakref.WeakMethod(schedule)
+        except TypeError:
+            weak = lambda: schedule  # noqa: E731 - not a bound method: hold it
+
+        def arrange() -> None:
+            fn = weak()
+            if fn is None:
+                flush()
+            else:
+                fn(flush)
+
+        return ring.hold(arrange)
 
     def forget(self, fd: int) -> None:
         """Drop what the context remembers about ``fd`` (call before the
@@ -485,8 +821,14 @@ class AioContext:
     # -- submission ---------------------------------------------------------------
 
     def _file(self, fd: int) -> AioFile | OSError:
+        """The context's record of ``fd`` (made on first use), or the
+        OSError that looking it up gave.  Raises if the context is closed."""
         f = self._files.get(fd)
         if f is None:
+            if self._cq.closing:
+                raise RuntimeError("the AioContext is closed")
+            if fd > _MAX_FD:
+                return OSError(errno.EBADF, f"{os.strerror(errno.EBADF)}: fd {fd}")
             try:
                 f = AioFile.from_fd(self._sc, fd)
             except OSError as e:
@@ -494,126 +836,57 @@ class AioContext:
             if not self.inline:
                 f.nowait_reads = f.nowait_writes = False
             self._files[fd] = f
+            if self._cq.closing:  # closed meanwhile: close() cleared _files before us
+                self._files.pop(fd, None)
+                raise RuntimeError("the AioContext is closed")
         return f
 
     def _start(self, req: AioRequest) -> AioRequest:
-        """Deliver a request finished inline, or hand one to the backend:
-        the ring for the reads and writes it takes, else the pool."""
-        if self._closed:
-            raise RuntimeError("the AioContext is closed")
+        """The one door: deliver a request finished inline, or hand it to
+        the ring, or to the pool."""
         if req.callback is not None and not self._deliver:
             raise ValueError("this AioContext does not deliver completions: no callback=")
+        self._cq.admit()
         if req._state is _DONE:
             next(self._n_inline)
-            next(self._n_tracked)
-            self._complete(req)
-        elif (
-            self._ring is not None
-            and (req._fn is ops.read or req._fn is ops.write)  # (identity: any callable may come)
-            and self._ring_submit(req)
-        ):
-            next(self._n_tracked)
+            self._cq.complete(req)
+            return req
+        rb = self._ring_backend
+        if rb is not None and rb.ring.usable and rb.start(req):
             next(self._n_ring)
-        else:
+            return req
+        try:
             self._queue._submit(req)
-            next(self._n_tracked)
+        except BaseException:
+            with self._cq.lock:  # not admitted after all
+                self._cq.admitted -= 1
+            raise
         return req
 
-    def _ring_submit(self, req: AioRequest) -> bool:
-        """Hand an ops.read or ops.write request to the ring, RUNNING from
-        now on (the kernel may start it at once: it cannot be cancelled).
-        False if the ring does not take it; then it goes to the threads.
-
-        Its arguments say everything: ``(sc, f, views, offset, total, ...,
-        done)``, ``done`` being what the inline attempt already moved."""
-        fn = req._fn
-        assert fn is not None
-        args = req._args
-        f: AioFile = args[1]
-        views, offset, total, done = args[2], args[3], args[4], args[-1]
-        if len(views) != 1 or total == done or (f.append and fn is ops.write):
-            return False  # vectored; nothing left; or the kernel picks the offset
-        pinned = pin_buffer(views[0])
-        if pinned is None:
-            return False
-        addr, pin = pinned
-        addr += done
-        length = total - done
-        pos = offset + done
-        if f.direct:
-            try:
-                request_align, buffer_align = f.alignment(self._sc)
-            except OSError:
-                return False  # the worker repeats the probe and reports the error
-            if pos % request_align or length % request_align or addr % buffer_align:
-                return False  # the threads' bounce buffer handles it
-        req._state = _RUNNING
-        req._on_ring = True
-        ring = self._ring
-        assert ring is not None
-        # The callback holds `pin` until the kernel is done with the memory.
-        if not ring.submit(
-            uring.OP_READ if fn is ops.read else uring.OP_WRITE,
-            f.fd,
-            pos,
-            addr,
-            length,
-            0,
-            lambda res: self._ring_done(req, res, length, pin),
-        ):
-            req._state = _QUEUED
-            req._on_ring = False
-            return False
-        return True
-
-    def _ring_done(self, req: AioRequest, res: int, length: int, pin: object) -> None:
-        """A ring completion (in the thread that reaped it).  A full transfer
-        finishes the request; anything else -- short, an error, EOF, EINTR,
-        an alignment the probe did not foresee -- goes to a worker, which
-        repeats the call from where the kernel stopped and has the last
-        word, with all of :mod:`threadlets.ops`'s rules."""
-        req._on_ring = False
-        if res == length:
-            args = req._args
-            with req._queue._lock:
-                req._result = args[4]  # the request's total
-                req._state = _DONE
-            req._finished()
-            return
-        args = req._args
-        if res > 0:
-            args = (*args[:-1], args[-1] + res)  # the last argument is `done`
-        fn = req._fn
-        assert fn is not None
+    def _continue(self, req: AioRequest, run: Callable[[], int]) -> None:
+        """Finish a claimed request on a worker: ``run()`` gives its result."""
+        job = _Continuation(req, run)
         try:
-            self._queue.submit(_finish_elsewhere, req, fn, args)
-        except RuntimeError:  # the queue was closed under us: finish it here
-            _finish_elsewhere(req, fn, args)
-        ring = self._ring
-        if ring is not None and ring.owner_mode:
-            # A waiter in ring.wait() for this request must look again.
-            ring.submit(uring.OP_NOP, -1, 0, 0, 0, 0, _ignore)
-
-    def _outstanding(self) -> int:
-        with self._lock:
-            processed = self._processed
-        return _count(self._n_tracked) - processed
+            t = self._queue.submit(job)
+        except RuntimeError:  # the queue is closed: finish it here
+            job()
+            return
+        t.add_done_callback(job.if_cancelled)
 
     def _prepare(
-        self, fd: object, offset: object, buffers: object, writable: bool
+        self, fd: object, offset: object, buffers: object, writable: bool, callback: object
     ) -> tuple[AioFile | OSError, list[memoryview], int]:
         """Check a read's or write's arguments (raising for bad ones) and
         find its file (or the OSError that looking it up gave)."""
-        if self._closed:
-            raise RuntimeError("the AioContext is closed")
-        f = self._file(_check_fd(fd))
+        _check_callback(callback)
         views, total = _views(buffers, writable=writable)
         _check_range(offset, total)
+        f = self._file(_check_fd(fd))
         return f, views, total
 
     def _fail_now(self, kind: str, exc: OSError, callback: Callback | None) -> AioRequest:
         req = AioRequest(self, kind, None, (), callback)
-        req._set_inline(None, exc)
+        req._born_finished(None, exc)
         return self._start(req)
 
     def inline_reader(self, fd: int) -> Callable[[bytearray, int], int] | None:
@@ -627,7 +900,8 @@ class AioContext:
         :meth:`read`, which reports what went wrong.  Nothing is queued and
         no request object is made.  Returns None if reads of ``fd`` never
         go inline here (inline path off, or ``fd`` is not a usable file).
-        Valid until :meth:`forget` of ``fd`` or :meth:`close`.
+        Valid until :meth:`forget` of ``fd`` or :meth:`close` (after which
+        it always answers -1).
         """
         f = self._file(_check_fd(fd))
         if isinstance(f, OSError) or not f.nowait_reads:
@@ -661,6 +935,8 @@ class AioContext:
 
         The result is the byte count, short only at end of file; with
         ``zero_fill`` the rest is zero-filled and the full length reported.
+        On a pipe, socket or terminal, one transfer is the answer: the count
+        of one ``readv``.
         """
         # The common case first, in as few steps as possible: an fd this
         # context knows, a sane offset, one flat writable buffer.
@@ -672,6 +948,7 @@ class AioContext:
             and type(offset) is int
             and 0 <= offset <= _MAX_IO_OFFSET
             and type(fd) is int
+            and (callback is None or callable(callback))
             and (  # (a closed context has no files, so no fast path)
                 t is bytearray
                 or (
@@ -679,13 +956,14 @@ class AioContext:
                     and buffers.ndim == 1  # type: ignore[union-attr]
                     and buffers.format == "B"  # type: ignore[union-attr]
                     and not buffers.readonly  # type: ignore[union-attr]
+                    and buffers.c_contiguous  # type: ignore[union-attr]
                 )
             )
         ):
             views = [buffers]
             total = len(buffers)  # type: ignore[arg-type]
         else:
-            ff, views, total = self._prepare(fd, offset, buffers, writable=True)
+            ff, views, total = self._prepare(fd, offset, buffers, True, callback)
             if isinstance(ff, OSError):
                 return self._fail_now("read", ff, callback)
             f = ff
@@ -698,7 +976,7 @@ class AioContext:
             except OSError as e:
                 if e.errno in (errno.EOPNOTSUPP, errno.ESPIPE):
                     f.nowait_reads = False
-                # Anything else: the worker repeats the call and reports it.
+                # Anything else: the backend repeats the call and reports it.
             else:
                 if done == total or not done:
                     if zero_fill and done < total:
@@ -712,12 +990,12 @@ class AioContext:
                         d._result = done
                         return d
                     req = AioRequest(self, "read", None, (), callback)
-                    req._set_inline(done, None)
+                    req._born_finished(done, None)
                     return self._start(req)
         if views and type(views[0]) is bytearray:  # the fast path's: ops slices views
             views = [memoryview(views[0])]
-        args = (self._sc, f, views, offset, total, zero_fill, done)
-        return self._start(AioRequest(self, "read", ops.read, args, callback))
+        xfer = _Transfer(self._sc, f, views, offset, total, done, write=False, zero_fill=zero_fill)
+        return self._start(AioRequest(self, "read", xfer.run, (), callback, xfer))
 
     def write(
         self,
@@ -729,9 +1007,11 @@ class AioContext:
     ) -> AioRequest:
         """Write one buffer or a list of them (vectored), at ``offset``.
 
-        The buffers must not change until the request finished.
+        The buffers must not change until the request finished.  On a
+        pipe, socket or terminal, one transfer is the answer: the count of
+        one ``writev``.
         """
-        f, views, total = self._prepare(fd, offset, buffers, writable=False)
+        f, views, total = self._prepare(fd, offset, buffers, False, callback)
         if isinstance(f, OSError):
             return self._fail_now("write", f, callback)
         done = 0
@@ -746,10 +1026,10 @@ class AioContext:
             else:
                 if done == total:
                     req = AioRequest(self, "write", None, (), callback)
-                    req._set_inline(done, None)
+                    req._born_finished(done, None)
                     return self._start(req)
-        args = (self._sc, f, views, offset, total, done)
-        return self._start(AioRequest(self, "write", ops.write, args, callback))
+        xfer = _Transfer(self._sc, f, views, offset, total, done, write=True)
+        return self._start(AioRequest(self, "write", xfer.run, (), callback, xfer))
 
     def _submit_op(
         self,
@@ -759,6 +1039,7 @@ class AioContext:
         args: tuple[Any, ...],
         callback: Callback | None,
     ) -> AioRequest:
+        _check_callback(callback)
         f = self._file(_check_fd(fd))
         if isinstance(f, OSError):
             return self._fail_now(kind, f, callback)
@@ -830,6 +1111,7 @@ class AioContext:
         only at the end of the source)."""
         _check_range(src_offset, length)
         _check_range(dst_offset, length)
+        _check_callback(callback)
         src = self._file(_check_fd(src_fd))
         if isinstance(src, OSError):
             return self._fail_now("copy_range", src, callback)
@@ -845,36 +1127,24 @@ class AioContext:
         result is whatever ``fn`` returns."""
         if not callable(fn):
             raise TypeError(f"call() needs a callable, not {type(fn).__name__}")
+        _check_callback(callback)
         return self._start(AioRequest(self, "call", fn, args, callback))
 
     # -- completion -------------------------------------------------------------------
-
-    def _complete(self, req: AioRequest) -> None:
-        """A request finished: queue it for process_completions and wake the
-        owner, once per batch.  Any thread; never runs a callback."""
-        if not self._deliver:
-            with self._lock:
-                self._processed += 1
-            return
-        with self._lock:
-            self._completed.append(req)
-            if self._signalled:
-                return
-            self._signalled = True
-            self._wakeups += 1
-        self._notifier.signal()
 
     def process_completions(self) -> int:
         """Run the callbacks of finished requests, each exactly once, in this
         thread.  Returns how many requests it processed.
 
         Callbacks may submit, cancel, wait for other requests, or call this
-        method again.  An exception from a callback is logged, and the rest
-        still run.
+        method again.  An Exception from a callback is logged, and the rest
+        still run.  Any other exception (KeyboardInterrupt, SystemExit,
+        CancelledError), from a callback or an interrupt, propagates; the
+        requests not yet delivered stay deliverable by the next call.
         """
         ring = self._ring
         if ring is None:
-            return self._process()
+            return self._cq.process()
         # What the callbacks submit, and what the ring held back for the
         # reap, reaches the kernel in one io_uring_enter when this returns.
         plugged = ring.plug()
@@ -882,44 +1152,29 @@ class AioContext:
             if ring.owner_mode and ring.usable:
                 # The kernel writes the eventfd too: clear it, then reap, so
                 # a completion posted after the reap leaves it readable.
-                self._notifier.clear()
-                with self._lock:
-                    # What the reap finishes is taken by _process: no eventfd
-                    # write for it (later completions write as usual).
-                    self._signalled = True
-                ring.reap()
-                # No second clear in _process: it could swallow the wakeup
+                cq = self._cq
+                cq.notifier.clear()
+                with cq.lock:
+                    # What the reap finishes is taken by process(): no
+                    # eventfd write for it (later completions write as usual).
+                    cq.signalled = True
+                try:
+                    ring.reap()
+                except BaseException:
+                    # A callback raised: the rest (on the ring, or ready
+                    # here) is delivered by the next call; make sure there
+                    # is one.
+                    cq.resignal()
+                    raise
+                # No second clear in process(): it could swallow the wakeup
                 # of a completion posted since the reap.
-                return self._process(clear=False)
-            return self._process()
+                return cq.process(clear=False)
+            return self._cq.process()
         finally:
             if plugged:
                 ring.unplug()
             else:
                 ring.flush()
-
-    def _process(self, clear: bool = True) -> int:
-        with self._lock:
-            signalled = self._signalled
-        if signalled and clear:
-            self._notifier.clear()  # before taking the list: see the module docstring
-        with self._lock:
-            batch = self._completed
-            self._signalled = False  # true only while the list is non-empty (or just above)
-            if not batch:
-                return 0
-            self._completed = []
-            self._processed += len(batch)
-            self._batches += 1
-        for req in batch:
-            req._processed = True
-            cb = req.callback
-            if cb is not None:
-                try:
-                    cb(req)
-                except Exception:
-                    log.exception("exception in completion callback of %r", req)
-        return len(batch)
 
     def poll(self, timeout: float | None = None) -> int:
         """Process completions; if there were none, block until some arrive
@@ -934,7 +1189,7 @@ class AioContext:
             return n
         if self._ring is not None:
             self._ring.flush()  # a callback's plugged submissions must start before we sleep
-        if not self._notifier.wait(timeout):
+        if not self._cq.notifier.wait(timeout):
             return n
         return self.process_completions()
 
@@ -954,7 +1209,7 @@ class AioContext:
     def drain(self, timeout: float | None = None) -> bool:
         """Process completions until no request is outstanding (QEMU's
         qemu_aio_flush).  Returns False if ``timeout`` seconds passed first."""
-        return self._wait_until(lambda: self._outstanding() <= 0, timeout)
+        return self._wait_until(lambda: self._cq.outstanding() <= 0, timeout)
 
     def _wait_until(self, done: Callable[[], bool], timeout: float | None) -> bool:
         if not self._deliver:
@@ -973,44 +1228,73 @@ class AioContext:
                 return False
             if self._ring is not None:
                 self._ring.flush()  # see poll()
-            self._notifier.wait(remaining)
+            self._cq.notifier.wait(remaining)
 
     def close(self, timeout: float | None = None) -> bool:
-        """Wait for outstanding requests (running their callbacks), then
-        release the eventfd.  Returns False, leaving the context open, if
+        """Refuse new requests (from any thread, at once), wait for the
+        outstanding ones (running their callbacks), then release the eventfd
+        and the ring.  Returns False, leaving the context open, if
         ``timeout`` seconds passed first.  Closing twice is harmless."""
-        with self._lock:
-            if self._closed:
+        cq = self._cq
+        with cq.lock:
+            if cq.notifier.closed:
                 return True
-        if self._deliver and not self.drain(timeout):
-            return False
-        with self._lock:
-            self._closed = True
-        self._finalizer()
+            cq.closing = True
+        for f in list(self._files.values()):
+            f.nowait_reads = False  # inline readers handed out answer -1 now
         self._files.clear()
+        try:
+            quiet = self.drain(timeout) if self._deliver else cq.wait_quiet(timeout)
+        except BaseException:
+            self._reopen()
+            raise
+        if not quiet:
+            self._reopen()
+            return False
+        self._finalizer()
         return True
+
+    def _reopen(self) -> None:
+        with self._cq.lock:
+            self._cq.closing = False
 
     @property
     def closed(self) -> bool:
-        with self._lock:
-            return self._closed
+        with self._cq.lock:
+            return self._cq.notifier.closed
 
     def stats(self) -> ContextStats:
         unseen = _count(self._n_unseen)
         inline = _count(self._n_inline) + unseen
-        tracked = _count(self._n_tracked)
-        with self._lock:
-            processed = self._processed
-            return ContextStats(
-                submitted=tracked + unseen,
-                inline=inline,
-                threaded=tracked + unseen - inline - _count(self._n_ring),
-                ring=_count(self._n_ring),
-                processed=processed + unseen,
-                outstanding=tracked - processed,
-                wakeups=self._wakeups,
-                batches=self._batches,
-            )
+        ring = _count(self._n_ring)
+        cq = self._cq
+        with cq.lock:
+            admitted, delivered = cq.admitted, cq.delivered
+            wakeups, batches = cq.wakeups, cq.batches
+        return ContextStats(
+            submitted=admitted + unseen,
+            inline=inline,
+            threaded=admitted + unseen - inline - ring,
+            ring=ring,
+            processed=delivered + unseen,
+            outstanding=admitted - delivered,
+            wakeups=wakeups,
+            batches=batches,
+        )
+
+    def _after_fork_in_child(self) -> None:
+        # See the module docstring.  The pool already cancelled the
+        # parent's requests (and marked them processed); the ring is the
+        # parent's: this context uses the threads from now on.
+        self._cq.after_fork()
+        self._files.clear()  # their locks may have been held at the fork
+        if self._ring is not None:
+            self._ring.close()  # in a child: releases only the child's mappings
+        self._ring = None
+        self._ring_backend = None
+        self.backend = "threads"
+        self._finalizer.detach()
+        self._finalizer = weakref.finalize(self, _release, self._cq, None)
 
 
 class _InlineDone(AioRequest):
@@ -1036,6 +1320,7 @@ class _InlineDone(AioRequest):
     _fn = None
     _args = ()
     _kwargs = None
+    _transfer = None
     callback = None
     kind = "read"  # the only kind that finishes inline without a callback
 
@@ -1080,33 +1365,16 @@ class _InlineDone(AioRequest):
         _invoke_callback(fn, self)
 
 
-def _finish_elsewhere(req: AioRequest, fn: Callable[..., int], args: tuple[Any, ...]) -> None:
-    """Run what the ring left of a request on a worker, then finish it."""
-    result: int | None = None
-    exc: BaseException | None = None
-    try:
-        result = fn(*args)
-    except BaseException as e:
-        exc = e
-    with req._queue._lock:
-        req._result = result  # the outcome before the state
-        req._exception = exc
-        req._state = _DONE
-    req._finished()
-
-
 def _time_left(deadline: float | None) -> float | None:
     return None if deadline is None else deadline - time.monotonic()
 
 
-def _ignore(res: int) -> None:
-    pass
-
-
-def _release(notifier: _Notifier, ring: Ring | None) -> None:
-    notifier.close()
+def _release(cq: _CompletionQueue, ring: Ring | None) -> None:
     if ring is not None:
-        ring.close()
+        ring.close()  # first: the kernel writes the eventfd
+    with cq.lock:
+        cq.closing = True
+        cq.notifier.close()
 
 
 _new_object = object.__new__
@@ -1121,3 +1389,17 @@ def _copy_range_args(
     sc: Syscalls, dst: AioFile, src: AioFile, src_offset: int, dst_offset: int, length: int
 ) -> int:
     return ops.copy_range(sc, src, src_offset, dst, dst_offset, length)
+
+
+# -- fork -------------------------------------------------------------------------------
+
+
+def _after_fork_in_child() -> None:
+    global _io_queue_lock
+    _io_queue_lock = threading.Lock()
+    for ctx in list(_live_contexts):
+        ctx._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

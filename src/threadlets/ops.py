@@ -84,6 +84,7 @@ class AioFile:
         "flags",
         "nowait_reads",
         "nowait_writes",
+        "stream",
     )
 
     def __init__(self, fd: int, flags: int) -> None:
@@ -91,6 +92,9 @@ class AioFile:
         self.flags = flags
         self.direct = bool(O_DIRECT and flags & O_DIRECT)
         self.append = bool(flags & os.O_APPEND)
+        #: A pipe, socket, terminal...: not a regular file or block device.
+        #: One transfer is the answer there (see _stream_rw).
+        self.stream = False
         # RWF_NOWAIT on an O_DIRECT file would still wait for the device in
         # the submitting thread: only buffered files take the inline path.
         self.nowait_reads = not self.direct
@@ -108,7 +112,10 @@ class AioFile:
     @classmethod
     def from_fd(cls, sc: Syscalls, fd: int) -> AioFile:
         """Look the fd up (F_GETFL); raises OSError(EBADF) if it is not open."""
-        return cls(fd, sc.getfl(fd))
+        f = cls(fd, sc.getfl(fd))
+        mode = sc.fstat(fd).st_mode
+        f.stream = not (stat.S_ISREG(mode) or stat.S_ISBLK(mode))
+        return f
 
     # -- per-file memory -----------------------------------------------------
 

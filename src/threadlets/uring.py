@@ -57,6 +57,7 @@ import os
 import struct
 import sys
 import threading
+from collections import deque
 from collections.abc import Callable
 from threading import get_ident as _get_ident
 from typing import Any
@@ -97,6 +98,7 @@ assert _SQE.size == 64
 assert _CQE.size == 16
 
 _STOP = 0  # user_data of the NOP that tells the reaper to finish
+_KICK = 1 << 63  # user_data of the NOPs that wake sleepers (see Ring.wait)
 
 #: Reaper mode: with this many operations in the kernel, the reaper sleeps at
 #: most HOLD_MAX seconds at a time (one of them will complete soon anyway),
@@ -109,8 +111,9 @@ HOLD_MAX = 0.001
 
 _generation = 0  # bumped in a forked child: rings made before are dead there
 
-#: Owner-mode rings not yet released: a ring with operations in flight must
-#: not be collected (the kernel still writes into their buffers).
+#: Rings with operations in flight: such a ring must not be collected (the
+#: kernel still writes into their buffers, which the ring's callbacks pin).
+#: An idle ring is not here, so it goes with its owner.
 _open_rings: set[Ring] = set()
 
 
@@ -255,7 +258,14 @@ class Ring:
         self._stopped = False  # reaper mode: close()'s NOP came back
         self._reaper_holds = False  # reaper mode: busy, or in a short sleep (see submit)
         self._pending: dict[int, Callable[[int], None]] = {}
-        self._ids = itertools.count(1)
+        #: Completions taken off the CQ and not yet handed out, oldest first.
+        #: They are handed out one at a time, so an exception of any kind in
+        #: one callback (Ctrl-C included) leaves the rest for the next reap.
+        self._ready: deque[tuple[Callable[[int], None], int]] = deque()
+        #: Threads asleep in wait(): a reap that hands out completions wakes
+        #: them with a NOP, since one of those may be what they wait for.
+        self._sleepers = 0
+        self._ids = itertools.count(1)  # (never reaches _KICK)
         self._generation = _generation
         self.submitted = 0
         self.reaped = 0
@@ -269,7 +279,6 @@ class Ring:
                 err = ctypes.get_errno()
                 self._release()
                 raise RingUnavailable(err, f"IORING_REGISTER_EVENTFD: {os.strerror(err)}")
-            _open_rings.add(self)  # alive while the kernel may use its buffers
         else:
             self._reaper = threading.Thread(
                 target=self._reap_loop, name=f"threadlets-uring-{self._fd}", daemon=True
@@ -305,6 +314,8 @@ class Ring:
             if self._inflight >= self.entries:
                 return False
             ident = next(self._ids)
+            if not self._pending:
+                _open_rings.add(self)  # alive while the kernel may use its buffers
             self._pending[ident] = on_done
             self._push(opcode, fd, offset, addr, length, op_flags, ident)
             self._inflight += 1
@@ -445,28 +456,18 @@ class Ring:
 
     def reap(self) -> int:
         """Hand every completion the kernel has posted to its callback, in
-        this thread.  Non-blocking; any thread.  Returns how many."""
-        callbacks = []
+        this thread.  Non-blocking; any thread.  Returns how many.
+
+        Completions are handed out one at a time: if a callback raises
+        (any exception, Ctrl-C included), the rest stay queued for the next
+        reap, each still handed out exactly once.  May be called again from
+        inside a callback."""
         with self._lock:
             if self._generation != _generation:
                 return 0  # a forked child: the completions are the parent's
-            head = self._cq_head.value
-            tail = self._cq_tail.value
-            if head == tail:
+            self._collect()
+            if not self._ready:
                 return 0
-            mm, mask, base, pending = self._cq_mm, self._cq_mask, self._cqes, self._pending
-            reaped = (tail - head) & 0xFFFFFFFF
-            while head != tail:
-                ident, res, _ = _CQE.unpack_from(mm, base + (head & mask) * 16)
-                head = (head + 1) & 0xFFFFFFFF
-                if ident == _STOP:
-                    self._stopped = True
-                else:
-                    callbacks.append((pending.pop(ident), res))
-            self._cq_head.value = head  # the kernel may reuse those CQEs now
-            self._in_kernel -= reaped
-            self._inflight -= len(callbacks)
-            self.reaped += len(callbacks)
             self.wakeups += 1
             holder = self._plugged_by
             me = _get_ident()
@@ -476,12 +477,21 @@ class Ring:
         outer = getattr(_batch, "after", None)  # a reap inside a callback's wait
         after: list[Callable[[], object]] = [] if outer is None else outer
         _batch.after = after
+        handed = 0
+        ready, lock = self._ready, self._lock
+        item: tuple[Callable[[int], None], int] | None = None
+        called = False
         try:
-            for cb, res in callbacks:
-                try:
-                    cb(res)
-                except Exception:  # pragma: no cover - the engine's callbacks do not raise
-                    log.exception("exception in io_uring completion %r", cb)
+            while True:
+                with lock:
+                    if not ready:
+                        break
+                    item = ready.popleft()
+                called = True  # from here on the completion is delivered
+                item[0](item[1])
+                item = None
+                called = False
+                handed += 1
             if outer is None:
                 _batch.after = None
                 for fn in after:
@@ -489,6 +499,11 @@ class Ring:
                         fn()
                     except Exception:  # pragma: no cover
                         log.exception("exception in after-batch call %r", fn)
+        except BaseException:
+            if item is not None and not called:
+                with lock:  # interrupted before its callback was called
+                    ready.appendleft(item)
+            raise
         finally:
             if outer is None:
                 _batch.after = None
@@ -498,14 +513,86 @@ class Ring:
                 self.unplug()
             elif holder != me:
                 self.flush()
-        return len(callbacks)
+            if handed:
+                self._wake_sleepers()
+        return handed
 
-    def wait(self, timeout: float | None = None) -> None:
-        """Owner mode: block until a completion is posted (it may be reaped
-        by another thread first) or ``timeout`` seconds passed."""
+    def _collect(self) -> None:
+        # Under _lock: move the posted CQEs to _ready and give the slots back.
+        head = self._cq_head.value
+        tail = self._cq_tail.value
+        if head == tail:
+            return
+        mm, mask, base, pending = self._cq_mm, self._cq_mask, self._cqes, self._pending
+        ready = self._ready
+        try:
+            while head != tail:
+                ident, res, _ = _CQE.unpack_from(mm, base + (head & mask) * 16)
+                head = (head + 1) & 0xFFFFFFFF
+                self._in_kernel -= 1
+                if ident == _STOP:
+                    self._stopped = True
+                    continue
+                on_done = pending.pop(ident, None)
+                if on_done is None:  # pragma: no cover - a kick's NOP, already counted
+                    continue
+                self._inflight -= 1
+                self.reaped += 1
+                ready.append((on_done, res))
+        finally:
+            self._cq_head.value = head  # the kernel may reuse those CQEs now
+            if not pending:
+                _open_rings.discard(self)
+
+    def _wake_sleepers(self) -> None:
+        """After handing out completions: threads asleep in wait() may have
+        been waiting for one of them, and the CQE that would have woken them
+        is gone.  A NOP posts another."""
+        with self._lock:
+            if not self._sleepers or self._closing or self._generation != _generation:
+                return
+            if self._unsubmitted < self.entries:  # (else what is held wakes them)
+                self._push(OP_NOP, -1, 0, 0, 0, 0, _KICK)
+            n = self._take()
+        self._kick(n)
+
+    def wait(self, timeout: float | None = None, ready: Callable[[], bool] | None = None) -> None:
+        """Block until ``ready()`` may have become true: a completion was
+        posted (it may be reaped by another thread first; that thread then
+        wakes us), or ``timeout`` seconds passed.  Call :meth:`reap` after.
+
+        Any thread may wait, the reaper thread too (from a callback): a
+        waiter counts as a sleeper from before it checks ``ready()`` until
+        it returns, and every reap that hands out completions while there
+        are sleepers posts a NOP, so no wakeup is lost between the check and
+        the sleep."""
         self.flush()
-        if self._generation == _generation:
+        if self._generation != _generation:
+            return
+        me_reaper = self._reaper is not None and self._reaper.ident == _get_ident()
+        with self._lock:
+            self._sleepers += 1
+            if me_reaper:
+                # Asleep inside a callback: submissions must not wait for
+                # the end of this pass, which waits for them.
+                held, self._reaper_holds = self._reaper_holds, False
+                n = self._take()
+            else:
+                n = 0
+        self._kick(n)
+        try:
+            if (ready is not None and ready()) or self._cq_head.value != self._cq_tail.value:
+                return
             self._wait(timeout)
+        finally:
+            with self._lock:
+                self._sleepers -= 1
+                if me_reaper:
+                    self._reaper_holds = held
+
+    def is_reaper(self) -> bool:
+        """True in this ring's reaper thread (reaper mode only)."""
+        return self._reaper is not None and self._reaper.ident == _get_ident()
 
     def _wait(self, timeout: float | None) -> int:
         """io_uring_enter(GETEVENTS) for one completion, with a timeout."""
