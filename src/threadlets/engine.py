@@ -599,6 +599,11 @@ class _RingBackend:
             return False  # one SQE moves at most this much (and len is 32 bits)
         pos = t.offset + t.done
         stream = f.stream
+        if stream and t.sc.getfl(f.fd) & os.O_NONBLOCK:
+            # The kernel would wait for data where readv says EAGAIN at once:
+            # the pool's one readv/writev is the answer.  (Checked per
+            # request: a stream's O_NONBLOCK is often toggled.)
+            return False
         if f.direct and not stream:
             try:
                 request_align, buffer_align = f.alignment(t.sc)
