@@ -73,6 +73,8 @@ class BenchConfig:
     #: Where the scratch directory is made; None: the system temp directory.
     directory: str | None = None
     progress: Callable[[Step], None] | None = None
+    #: Called with the scratch directory once it exists, before the test file is made.
+    on_scratch: Callable[[str], None] | None = None
 
     def __post_init__(self) -> None:
         if self.quick:
@@ -681,6 +683,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     directory = tempfile.gettempdir() if cfg.directory is None else cfg.directory
     scratch = tempfile.mkdtemp(dir=directory, prefix="threadlets-bench-")
     try:
+        if cfg.on_scratch is not None:
+            cfg.on_scratch(scratch)
         path = make_file(scratch, cfg.size)
         plan = {
             name: {} if name == "queue-depth" else _runners(name, cfg, path, scratch)

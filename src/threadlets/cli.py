@@ -390,7 +390,16 @@ def _bench(args: argparse.Namespace) -> int:
                     flush=True,
                 )
 
+        def scratch(directory: str) -> None:
+            print(
+                f"threadlets bench: scratch files in {directory} "
+                "(removed at the end, Ctrl-C included)",
+                file=sys.stderr,
+                flush=True,
+            )
+
         cfg.progress = show
+        cfg.on_scratch = scratch
         report = run_bench(cfg)
     report["command"] = "threadlets bench " + " ".join(args.argv)
     if args.plot:
