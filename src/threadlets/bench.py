@@ -15,7 +15,10 @@ io_uring).
 
 Scratch files live in one directory made under ``BenchConfig.directory``
 (the system temp directory unless told otherwise, never the cwd by
-default) and are removed however the run ends, Ctrl-C included.  The whole
+default) and are removed however the run ends.  In the main thread the
+first Ctrl-C ends the running measurement early and raises
+KeyboardInterrupt between measurements, where nothing is half made (not
+inside an event loop's set-up); a second raises at once.  The whole
 run is planned before the first measurement, so progress can say which
 measurement of how many is running and about how long is left.
 """
@@ -35,6 +38,7 @@ import shutil
 import statistics
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -43,10 +47,13 @@ from typing import Any
 import threadlets
 import threadlets.awaitable as aw
 from threadlets.probe import probe_direct_io
+from threadlets.stress import sigint_calls
 
 __all__ = ["WORKLOADS", "BenchConfig", "Step", "figure", "plot", "run_bench", "to_markdown"]
 
 BLOCK = 4096
+#: Set by the first Ctrl-C: measurements end early, the run stops at the next step.
+_stop = threading.Event()
 
 
 @dataclass
@@ -147,7 +154,7 @@ async def _tasks(op: Callable[[int], Awaitable[object]], depth: int, seconds: fl
     async def task(i: int) -> None:
         nonlocal count
         k = i * 977
-        while time.perf_counter() < deadline:
+        while time.perf_counter() < deadline and not _stop.is_set():
             for _ in range(16):
                 t0 = time.perf_counter()
                 await op(k)
@@ -455,7 +462,7 @@ def _seq_fdatasync(cfg: BenchConfig, path: str) -> dict[str, Runner]:
         n = 0
         lat: list[float] = []
         t0 = time.perf_counter()
-        while time.perf_counter() - t0 < cfg.seconds:
+        while time.perf_counter() - t0 < cfg.seconds and not _stop.is_set():
             s = time.perf_counter()
             await write((n * chunk) % cfg.size)
             lat.append(time.perf_counter() - s)
@@ -469,7 +476,7 @@ def _seq_fdatasync(cfg: BenchConfig, path: str) -> dict[str, Runner]:
         try:
             n = 0
             t0 = time.perf_counter()
-            while time.perf_counter() - t0 < cfg.seconds:
+            while time.perf_counter() - t0 < cfg.seconds and not _stop.is_set():
                 os.pwrite(fd, data, (n * chunk) % cfg.size)
                 n += 1
                 if (n * chunk) % every == 0:
@@ -636,6 +643,7 @@ class _Progress:
         self.t0: float | None = None
 
     def step(self, workload: str, index: int, what: str, round_: int, rounds: int) -> None:
+        _stopped()
         now = time.perf_counter()
         if self.t0 is None:
             self.t0 = now
@@ -659,10 +667,21 @@ class _Progress:
         self.done += 1
 
 
+def _stopped() -> None:
+    if _stop.is_set():
+        raise KeyboardInterrupt
+
+
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Run the chosen workloads; the result has the documented JSON shape.
     Whatever ends the run (Ctrl-C too), its scratch directory is removed."""
     cfg.check()
+    _stop.clear()
+    with sigint_calls(_stop.set):
+        return _run(cfg)
+
+
+def _run(cfg: BenchConfig) -> dict[str, Any]:
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": {
@@ -686,6 +705,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         if cfg.on_scratch is not None:
             cfg.on_scratch(scratch)
         path = make_file(scratch, cfg.size)
+        _stopped()
         plan = {
             name: {} if name == "queue-depth" else _runners(name, cfg, path, scratch)
             for name in cfg.workloads
@@ -716,6 +736,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                     if res is not None:
                         rounds.setdefault(cname, []).append(res)
             report["workloads"][name] = _summarise(WORKLOADS[name], rounds)
+        _stopped()  # the last measurement may have been cut short
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return report

@@ -81,7 +81,15 @@ from threadlets.pool import CancelResult, ThreadletQueue
 from threadlets.probe import O_DIRECT, aligned_buffer
 from threadlets.syscalls import FaultInjector, Syscalls
 
-__all__ = ["KINDS", "Mismatch", "StressConfig", "StressReport", "fio_verify", "run_stress"]
+__all__ = [
+    "KINDS",
+    "Mismatch",
+    "StressConfig",
+    "StressReport",
+    "fio_verify",
+    "run_stress",
+    "sigint_calls",
+]
 
 KINDS = ("read", "write", "readv", "writev", "flush", "discard", "write_zeroes", "truncate")
 DEFAULT_MIX = {
@@ -396,6 +404,9 @@ class _Stress:
         self.recent_writers: list[Op] = []
         #: Fingerprint of the generated operation sequence (reproducibility).
         self.digest = hashlib.blake2b(digest_size=16)
+
+    def stop(self) -> None:
+        self.stopping = True
 
     # -- generating ---------------------------------------------------------------------
 
@@ -859,19 +870,20 @@ def _load(path: str, into: bytearray) -> None:
 
 
 @contextlib.contextmanager
-def _sigint_stops(st: _Stress) -> Iterator[None]:
-    """In the main thread, the first SIGINT asks the run to stop (a second
-    raises KeyboardInterrupt as usual)."""
+def sigint_calls(stop: Callable[[], None]) -> Iterator[None]:
+    """Within: in the main thread, the first SIGINT calls ``stop()`` instead
+    of raising KeyboardInterrupt anywhere (a second raises as usual).  For
+    the tools, whose state must not be left half updated."""
     main = threading.current_thread() is threading.main_thread()
     if not main or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         yield
         return
 
-    def stop(signum: int, frame: object) -> None:
-        st.stopping = True
+    def first(signum: int, frame: object) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        stop()
 
-    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGINT, first)
     try:
         yield
     finally:
@@ -901,7 +913,7 @@ def run_stress(cfg: StressConfig) -> StressReport:
             report.backend = st.ctx.backend
             st.path_for_corruption = path
             st.device = target.device
-            with _sigint_stops(st):
+            with sigint_calls(st.stop):
                 if cfg.on_start is not None:
                     cfg.on_start(path, target.size, report.backend)
                 st.run()
