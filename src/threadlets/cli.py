@@ -371,7 +371,7 @@ def _bench(args: argparse.Namespace) -> int:
         transient=True,
         disable=not live,
     ) as progress:
-        task = progress.add_task("bench", total=None, left="")
+        task = progress.add_task("making the test file", total=None, left="")
 
         def show(step: Step) -> None:
             what = (
