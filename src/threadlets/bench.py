@@ -12,12 +12,24 @@ inline path, the thread pool), aiofiles, caio, anyio, asyncio.to_thread, a direc
 synchronous loop (the limit: it blocks the event loop), and the external
 references fio (psync, io_uring) and ``qemu-img bench`` (threads,
 io_uring).
+
+Scratch files live in one directory made under ``BenchConfig.directory``
+(the system temp directory unless told otherwise, never the cwd by
+default) and are removed however the run ends.  In the main thread the
+first Ctrl-C ends the running measurement early and raises
+KeyboardInterrupt between measurements, where nothing is half made (not
+inside an event loop's set-up); a second raises at once.  The whole
+run is planned before the first measurement, so progress can say which
+measurement of how many is running and about how long is left.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import importlib.util
 import json
+import math
 import os
 import platform
 import random
@@ -26,6 +38,7 @@ import shutil
 import statistics
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -34,10 +47,28 @@ from typing import Any
 import threadlets
 import threadlets.awaitable as aw
 from threadlets.probe import probe_direct_io
+from threadlets.stress import sigint_calls
 
-__all__ = ["WORKLOADS", "BenchConfig", "plot", "run_bench", "to_markdown"]
+__all__ = ["WORKLOADS", "BenchConfig", "Step", "figure", "plot", "run_bench", "to_markdown"]
 
 BLOCK = 4096
+#: Set by the first Ctrl-C: measurements end early, the run stops at the next step.
+_stop = threading.Event()
+
+
+@dataclass
+class Step:
+    """Where a run is, given to ``BenchConfig.progress`` before each measurement."""
+
+    done: int  # measurements finished
+    total: int  # measurements planned
+    workload: str
+    workload_index: int  # from 1
+    workloads: int
+    what: str  # the contender, or the queue depth
+    round: int  # from 1
+    rounds: int
+    seconds_left: float  # an estimate: the plan, scaled by how the run keeps to it
 
 
 @dataclass
@@ -46,13 +77,27 @@ class BenchConfig:
     quick: bool = False
     seconds: float = 2.0
     repeats: int = 3
-    directory: str = "."
-    progress: Callable[[str], None] | None = None
+    #: Where the scratch directory is made; None: the system temp directory.
+    directory: str | None = None
+    progress: Callable[[Step], None] | None = None
+    #: Called with the scratch directory once it exists, before the test file is made.
+    on_scratch: Callable[[str], None] | None = None
 
     def __post_init__(self) -> None:
         if self.quick:
             self.seconds = 0.25
             self.repeats = 1
+
+    def check(self) -> None:
+        if not (math.isfinite(self.seconds) and self.seconds > 0):
+            raise ValueError(f"seconds must be a finite number > 0, not {self.seconds}")
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be >= 1, not {self.repeats}")
+        unknown = set(self.workloads) - set(WORKLOADS)
+        if unknown:
+            raise ValueError(f"unknown workloads: {sorted(unknown)}; choose from {list(WORKLOADS)}")
+        if self.directory is not None and not os.path.isdir(self.directory):
+            raise FileNotFoundError(errno.ENOENT, "no such directory", self.directory)
 
     @property
     def size(self) -> int:
@@ -109,7 +154,7 @@ async def _tasks(op: Callable[[int], Awaitable[object]], depth: int, seconds: fl
     async def task(i: int) -> None:
         nonlocal count
         k = i * 977
-        while time.perf_counter() < deadline:
+        while time.perf_counter() < deadline and not _stop.is_set():
             for _ in range(16):
                 t0 = time.perf_counter()
                 await op(k)
@@ -260,6 +305,13 @@ ASYNC_CONTENDERS: dict[str, Any] = {
     "direct loop (blocks the loop)": _c_direct,
 }
 DIRECT = "direct loop (blocks the loop)"
+#: The module a contender needs: without it, it is not planned at all.
+_NEEDS = {"caio": "caio", "aiofiles": "aiofiles", "anyio.to_thread": "anyio"}
+
+
+def _installed(cname: str) -> bool:
+    module = _NEEDS.get(cname)
+    return module is None or importlib.util.find_spec(module) is not None
 
 
 def _async_runner(
@@ -359,16 +411,19 @@ def _rw_workload(
     runners = {
         name: _async_runner(make, path, offsets, depth, cfg.seconds, write, direct)
         for name, make in ASYNC_CONTENDERS.items()
+        if _installed(name)
     }
     rw = "randwrite" if write else "randread"
-    runners["fio psync"] = _fio(path, cfg.size, rw, depth, direct, "psync", cfg.seconds)
-    runners["fio io_uring"] = _fio(path, cfg.size, rw, depth, direct, "io_uring", cfg.seconds)
-    runners["qemu-img bench threads"] = _qemu(
-        path, cfg.size, depth, direct, "threads", write, cfg.seconds
-    )
-    runners["qemu-img bench io_uring"] = _qemu(
-        path, cfg.size, depth, direct, "io_uring", write, cfg.seconds
-    )
+    if shutil.which("fio"):
+        runners["fio psync"] = _fio(path, cfg.size, rw, depth, direct, "psync", cfg.seconds)
+        runners["fio io_uring"] = _fio(path, cfg.size, rw, depth, direct, "io_uring", cfg.seconds)
+    if shutil.which("qemu-img"):
+        runners["qemu-img bench threads"] = _qemu(
+            path, cfg.size, depth, direct, "threads", write, cfg.seconds
+        )
+        runners["qemu-img bench io_uring"] = _qemu(
+            path, cfg.size, depth, direct, "io_uring", write, cfg.seconds
+        )
     return runners
 
 
@@ -407,7 +462,7 @@ def _seq_fdatasync(cfg: BenchConfig, path: str) -> dict[str, Runner]:
         n = 0
         lat: list[float] = []
         t0 = time.perf_counter()
-        while time.perf_counter() - t0 < cfg.seconds:
+        while time.perf_counter() - t0 < cfg.seconds and not _stop.is_set():
             s = time.perf_counter()
             await write((n * chunk) % cfg.size)
             lat.append(time.perf_counter() - s)
@@ -421,7 +476,7 @@ def _seq_fdatasync(cfg: BenchConfig, path: str) -> dict[str, Runner]:
         try:
             n = 0
             t0 = time.perf_counter()
-            while time.perf_counter() - t0 < cfg.seconds:
+            while time.perf_counter() - t0 < cfg.seconds and not _stop.is_set():
                 os.pwrite(fd, data, (n * chunk) % cfg.size)
                 n += 1
                 if (n * chunk) % every == 0:
@@ -430,12 +485,13 @@ def _seq_fdatasync(cfg: BenchConfig, path: str) -> dict[str, Runner]:
         finally:
             os.close(fd)
 
-    return {
+    runners = {
         "threadlets": threadlets_run,
         "asyncio.to_thread": thread_run(_to_thread),
         "anyio.to_thread": thread_run(_anyio_thread),
         DIRECT: direct_run,
     }
+    return {k: v for k, v in runners.items() if _installed(k)}
 
 
 def _small_files(cfg: BenchConfig, directory: str) -> dict[str, Runner]:
@@ -465,23 +521,20 @@ def _small_files(cfg: BenchConfig, directory: str) -> dict[str, Runner]:
     async def direct(p: str) -> object:
         return sync_read(p)
 
+    async def af(p: str) -> object:
+        import aiofiles
+
+        async with aiofiles.open(p, "rb") as f:
+            return await f.read()
+
     runners = {
         "threadlets": async_run(tl),
         "asyncio.to_thread": async_run(lambda p: asyncio.to_thread(sync_read, p)),
         "anyio.to_thread": async_run(lambda p: _anyio_thread(sync_read, p)),
         DIRECT: async_run(direct),
+        "aiofiles": async_run(af),
     }
-    try:
-        import aiofiles
-
-        async def af(p: str) -> object:
-            async with aiofiles.open(p, "rb") as f:
-                return await f.read()
-
-        runners["aiofiles"] = async_run(af)
-    except ImportError:
-        pass
-    return runners
+    return {k: v for k, v in runners.items() if _installed(k)}
 
 
 WORKLOADS = {
@@ -505,7 +558,7 @@ def _runners(name: str, cfg: BenchConfig, path: str, scratch: str) -> dict[str, 
     if name == "cached-read-qd32":
         return _rw_workload(cfg, path, 32, False, False, True)
     if name == "direct-read-qd32":
-        if not probe_direct_io(cfg.directory).supported:
+        if not probe_direct_io(scratch).supported:
             return {}
         r = _rw_workload(cfg, path, 32, False, True, False)
         return {
@@ -532,10 +585,15 @@ def _pct(vals: list[float], q: float) -> float | None:
     return vals[min(len(vals) - 1, int(len(vals) * q))]
 
 
-def _queue_depth_sweep(cfg: BenchConfig, path: str) -> dict[str, Any]:
+def _depths(cfg: BenchConfig) -> list[int]:
+    return [1, 4, 16, 64, 256] if cfg.quick else [1, 2, 4, 8, 16, 32, 64, 128, 256]
+
+
+def _queue_depth_sweep(
+    cfg: BenchConfig, path: str, before: Callable[[int], None]
+) -> dict[str, Any]:
     """threadlets (threads only, so the pool matters) against queue depth,
     and the pool's thread count sampled over the sweep."""
-    depths = [1, 4, 16, 64, 256] if cfg.quick else [1, 2, 4, 8, 16, 32, 64, 128, 256]
     offsets = _offsets(cfg.size)
     q = threadlets.ThreadletQueue(name="bench-sweep")
     aw.configure(queue=q, inline=False, backend="threads")
@@ -543,7 +601,7 @@ def _queue_depth_sweep(cfg: BenchConfig, path: str) -> dict[str, Any]:
     t_start = time.perf_counter()
     try:
         out = []
-        for d in depths:
+        for d in _depths(cfg):
 
             async def main(d: int = d) -> Result:
                 async with threadlets.open(path, "rb") as f:
@@ -555,10 +613,9 @@ def _queue_depth_sweep(cfg: BenchConfig, path: str) -> dict[str, Any]:
                     finally:
                         sampler.cancel()
 
+            before(d)
             r = asyncio.run(main())
             out.append({"depth": d, "ops_per_s": round(r.rate, 1)})
-            if cfg.progress:
-                cfg.progress(f"queue-depth {d}")
     finally:
         aw.configure()
         q.close(timeout=10)
@@ -576,15 +633,60 @@ async def _sample_threads(
         await asyncio.sleep(0.01)
 
 
+class _Progress:
+    """Counts measurements against the plan and estimates the time left."""
+
+    def __init__(self, cfg: BenchConfig, planned: list[float]) -> None:
+        self.cfg = cfg
+        self.planned = planned  # seconds, one per measurement, in run order
+        self.done = 0
+        self.t0: float | None = None
+
+    def step(self, workload: str, index: int, what: str, round_: int, rounds: int) -> None:
+        _stopped()
+        now = time.perf_counter()
+        if self.t0 is None:
+            self.t0 = now
+        behind = sum(self.planned[: self.done])
+        scale = (now - self.t0) / behind if behind else 1.0
+        left = scale * sum(self.planned[self.done :])
+        if self.cfg.progress is not None:
+            self.cfg.progress(
+                Step(
+                    self.done,
+                    len(self.planned),
+                    workload,
+                    index,
+                    len(self.cfg.workloads),
+                    what,
+                    round_,
+                    rounds,
+                    left,
+                )
+            )
+        self.done += 1
+
+
+def _stopped() -> None:
+    if _stop.is_set():
+        raise KeyboardInterrupt
+
+
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
-    """Run the chosen workloads; the result has the documented JSON shape."""
-    unknown = set(cfg.workloads) - set(WORKLOADS)
-    if unknown:
-        raise ValueError(f"unknown workloads: {sorted(unknown)}; choose from {list(WORKLOADS)}")
+    """Run the chosen workloads; the result has the documented JSON shape.
+    Whatever ends the run (Ctrl-C too), its scratch directory is removed."""
+    cfg.check()
+    _stop.clear()
+    with sigint_calls(_stop.set):
+        return _run(cfg)
+
+
+def _run(cfg: BenchConfig) -> dict[str, Any]:
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": {
             "platform": platform.platform(),
+            "kernel": f"{platform.system()} {platform.release()}",
             "python": platform.python_version(),
             "cpus": os.cpu_count(),
             "processor": platform.processor() or platform.machine(),
@@ -597,29 +699,52 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         },
         "workloads": {},
     }
-    scratch = tempfile.mkdtemp(dir=cfg.directory, prefix="threadlets-bench-")
-    path = make_file(scratch, cfg.size)
+    directory = tempfile.gettempdir() if cfg.directory is None else cfg.directory
+    scratch = tempfile.mkdtemp(dir=directory, prefix="threadlets-bench-")
     try:
-        for name in cfg.workloads:
+        if cfg.on_scratch is not None:
+            cfg.on_scratch(scratch)
+        path = make_file(scratch, cfg.size)
+        _stopped()
+        plan = {
+            name: {} if name == "queue-depth" else _runners(name, cfg, path, scratch)
+            for name in cfg.workloads
+        }
+        planned: list[float] = []
+        for name, runners in plan.items():
+            if name == "queue-depth":
+                planned += [cfg.seconds] * len(_depths(cfg))
+            else:
+                planned += [_planned(cfg, c) for _ in range(cfg.repeats) for c in runners]
+        progress = _Progress(cfg, planned)
+        for index, (name, runners) in enumerate(plan.items(), 1):
             if name == "queue-depth":
                 _cache(path)
-                report["queue_depth"] = _queue_depth_sweep(cfg, path)
+                report["queue_depth"] = _queue_depth_sweep(
+                    cfg,
+                    path,
+                    lambda d, i=index: progress.step("queue-depth", i, f"depth {d}", 1, 1),  # type: ignore[misc]
+                )
                 continue
-            runners = _runners(name, cfg, path, scratch)
             rounds: dict[str, list[Result]] = {}
-            for _ in range(cfg.repeats):
+            for r in range(cfg.repeats):
                 for cname, run in runners.items():
                     if name.startswith(("cached", "random-write")):
                         _cache(path)
-                    if cfg.progress:
-                        cfg.progress(f"{name}: {cname}")
+                    progress.step(name, index, cname, r + 1, cfg.repeats)
                     res = run()
                     if res is not None:
                         rounds.setdefault(cname, []).append(res)
             report["workloads"][name] = _summarise(WORKLOADS[name], rounds)
+        _stopped()  # the last measurement may have been cut short
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return report
+
+
+def _planned(cfg: BenchConfig, contender: str) -> float:
+    """How long one measurement of ``contender`` is meant to take."""
+    return max(1.0, round(cfg.seconds)) if contender.startswith("fio") else cfg.seconds
 
 
 def _summarise(title: str, rounds: dict[str, list[Result]]) -> dict[str, Any]:
@@ -678,28 +803,85 @@ def to_markdown(report: dict[str, Any], command: str) -> str:
     return "\n".join(lines)
 
 
-def plot(report: dict[str, Any], path: str) -> None:
-    """A PNG: ops/s per contender for each workload, and ops/s against
-    queue depth with the pool's thread count."""
+#: Bar colours by kind of contender (the legend names them).
+_KINDS = {
+    "threadlets": "tab:orange",
+    "Python peers": "tab:blue",
+    "direct loop (blocks the event loop)": "tab:gray",
+    "fio / qemu-img (C, no Python)": "tab:green",
+}
+
+
+def _kind(contender: str) -> str:
+    if contender.startswith("threadlets"):
+        return "threadlets"
+    if contender == DIRECT:
+        return "direct loop (blocks the event loop)"
+    if contender.startswith(("fio", "qemu-img")):
+        return "fio / qemu-img (C, no Python)"
+    return "Python peers"
+
+
+def _title(report: dict[str, Any]) -> str:
+    m, c = report["machine"], report["config"]
+    kernel = m.get("kernel") or m["platform"]
+    return (
+        f"threadlets bench, {report['date']}: {m['cpus']} cores, {kernel}, Python {m['python']}\n"
+        f"bars: median ops/s of {c['repeats']} round(s) of {c['seconds']} s "
+        "(linear axis from 0); whiskers: min to max of the rounds; label: share of the best"
+    )
+
+
+def figure(report: dict[str, Any]) -> Any:
+    """The chart as a matplotlib Figure: ops/s per contender for each
+    workload on a linear axis from 0, with the spread of the rounds, and
+    ops/s against queue depth with the pool's thread count."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import StrMethodFormatter
 
     names = list(report["workloads"])
-    panels = len(names) + (2 if "queue_depth" in report else 0)
-    fig, axes = plt.subplots(max(panels, 1), 1, figsize=(10, 3.2 * max(panels, 1)), squeeze=False)
+    heights = [0.9 + 0.32 * len(report["workloads"][n]["contenders"]) for n in names]
+    if "queue_depth" in report:
+        heights += [2.6, 2.2]
+    heights = heights or [1.0]
+    inches = sum(heights) + 1.6
+    fig, axes = plt.subplots(
+        len(heights),
+        1,
+        figsize=(11, inches),
+        squeeze=False,
+        gridspec_kw={"height_ratios": heights},
+    )
     for ax, name in zip(axes[:, 0], names, strict=False):
         rows = sorted(
             report["workloads"][name]["contenders"].items(), key=lambda kv: kv[1]["ops_per_s"]
         )
         labels = [k for k, _ in rows]
         vals = [v["ops_per_s"] for _, v in rows]
-        colors = ["tab:orange" if k.startswith("threadlets") else "tab:blue" for k in labels]
-        ax.barh(labels, vals, color=colors)
-        ax.set_xscale("log")
-        ax.set_title(f"{name}: {report['workloads'][name]['title']}")
-        ax.set_xlabel("ops/s (log)")
+        low = [v["ops_per_s"] - v["spread"][0] for _, v in rows]
+        high = [v["spread"][1] - v["ops_per_s"] for _, v in rows]
+        colors = [_KINDS[_kind(k)] for k in labels]
+        ax.barh(labels, vals, color=colors, xerr=[low, high], capsize=3, ecolor="black")
+        ax.set_xscale("linear")
+        ax.set_xlim(0, max((v["spread"][1] for _, v in rows), default=1) * 1.18 or 1)
+        for y, (_, v) in enumerate(rows):
+            share = v["vs_best"]
+            if share is not None:
+                ax.annotate(
+                    f" {v['ops_per_s']:,.0f}  ({share:.2f} of best)",
+                    (v["spread"][1], y),
+                    va="center",
+                    fontsize=8,
+                )
+        ax.set_title(f"{name}: {report['workloads'][name]['title']}", loc="left", fontsize=10)
+        ax.set_xlabel("ops/s")
+        ax.xaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
+        ax.tick_params(axis="y", labelsize=8)
     if "queue_depth" in report:
         ax = axes[len(names), 0]
         pts = report["queue_depth"]["points"]
@@ -707,15 +889,42 @@ def plot(report: dict[str, Any], path: str) -> None:
             [p["depth"] for p in pts], [p["ops_per_s"] for p in pts], marker="o", color="tab:orange"
         )
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("queue depth (tasks)")
+        ax.set_xticks([p["depth"] for p in pts], [str(p["depth"]) for p in pts])
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("queue depth (tasks, log scale)")
         ax.set_ylabel("ops/s")
-        ax.set_title("threadlets (threads only): throughput against queue depth")
+        ax.yaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
+        ax.set_title(
+            "threadlets (threads only): throughput against queue depth", loc="left", fontsize=10
+        )
         threads = report["queue_depth"]["threads_over_time"]
         ax = axes[len(names) + 1, 0]
         ax.plot([t["t"] for t in threads], [t["threads"] for t in threads], color="tab:gray")
+        ax.set_ylim(bottom=0)
         ax.set_xlabel("seconds into the sweep")
         ax.set_ylabel("pool threads")
-        ax.set_title("the elastic pool's thread count over the sweep")
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=90)
-    plt.close(fig)
+        ax.set_title("the elastic pool's thread count over the sweep", loc="left", fontsize=10)
+    handles: list[Any] = [Patch(color=color, label=kind) for kind, color in _KINDS.items()]
+    handles.append(Line2D([], [], color="black", marker="|", label="min to max of the rounds"))
+    # Title and legend take the top inch, whatever the figure's height.
+    fig.legend(
+        handles=handles,
+        loc="upper center",
+        ncol=3,
+        fontsize=8,
+        bbox_to_anchor=(0.5, 1 - 0.1 / inches),
+    )
+    fig.suptitle(_title(report), fontsize=9, y=1 - 0.05 / inches, va="bottom")
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / inches))
+    return fig
+
+
+def plot(report: dict[str, Any], path: str) -> None:
+    """Write :func:`figure` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(report)
+    try:
+        fig.savefig(path, format="png", dpi=90, bbox_inches="tight")
+    finally:
+        plt.close(fig)

@@ -7,9 +7,12 @@ in its own module.  Output goes through rich (the ``tools`` extra).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import math
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -107,9 +110,16 @@ def parse_size(text: str) -> int:
         value = float(num) * _UNITS[unit]
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (say 4K, 256M, 1G)") from None
-    if value < 0 or value != int(value):
+    if not math.isfinite(value) or value < 0 or value != int(value):
         raise argparse.ArgumentTypeError(f"not a size: {text!r}")
     return int(value)
+
+
+def _positive_size(text: str) -> int:
+    value = parse_size(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"a size must be > 0: {text!r}")
+    return value
 
 
 def parse_duration(text: str) -> float:
@@ -120,9 +130,61 @@ def parse_duration(text: str) -> float:
         value = float(t[:-1]) * scale if scale else float(t)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a duration: {text!r} (say 20s, 2m)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"a duration must be > 0: {text!r}")
+    from threadlets.stress import MAX_DURATION
+
+    if not 0 < value <= MAX_DURATION:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(
+            f"a duration must be > 0 and at most {MAX_DURATION:.0f} s: {text!r}"
+        )
     return value
+
+
+def _count(least: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be >= {least}: {text!r}")
+        return value
+
+    parse.__name__ = "count"
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"seconds must be a finite number > 0: {text!r}")
+    return value
+
+
+def _directory(text: str) -> str:
+    """An existing directory this process can make files in."""
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"no such directory: {text!r}")
+    if not os.access(text, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write in {text!r}")
+    return text
+
+
+def _output_file(text: str) -> str:
+    """A file path that can be written: its directory exists and is
+    writable, and it is not itself a directory (checked before measuring)."""
+    parent = os.path.dirname(os.path.abspath(text))
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory")
+    if not os.path.isdir(parent):
+        raise argparse.ArgumentTypeError(f"no such directory: {parent!r}")
+    if not os.access(parent, os.W_OK | os.X_OK) or (
+        os.path.exists(text) and not os.access(text, os.W_OK)
+    ):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}")
+    return text
 
 
 def parse_mix(text: str) -> dict[str, int]:
@@ -178,10 +240,25 @@ def _stress(args: argparse.Namespace) -> int:
         inject_faults=args.inject_faults,
         fio_pattern=args.fio_pattern,
         corrupt_after=args.corrupt_after,
+        force=args.force,
     )
     if args.mix is not None:
         cfg.mix = args.mix
+    try:
+        cfg.check()
+    except StressError as e:
+        args.parser.error(str(e))  # exits 2
     total = float(cfg.ops) if cfg.ops is not None else cfg.duration
+
+    def started(path: str, size: int, backend: str) -> None:
+        print(
+            f"threadlets stress: started on {path} ({size:,} bytes, backend {backend}, "
+            f"seed {cfg.seed}); Ctrl-C stops and reports",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    cfg.on_start = started
     with Progress(
         TextColumn("[bold]stress[/]"),
         BarColumn(),
@@ -202,16 +279,21 @@ def _stress(args: argparse.Namespace) -> int:
         try:
             report = run_stress(cfg)
         except StressError as e:
-            console.print(f"[red]threadlets stress: {e}[/]")
+            progress.stop()
+            print(f"threadlets stress: error: {e}", file=sys.stderr)
             return 2
     if args.json:
         print(json.dumps(report.as_json(), indent=2))
     else:
         _print_stress(console, report, Table)
-    return 0 if report.ok else 1
+    if not report.ok:
+        return 1
+    return 130 if report.interrupted else 0
 
 
 def _print_stress(console: Any, report: Any, table_cls: Any) -> None:
+    from rich.markup import escape
+
     for m in report.mismatches:
         console.print(f"[red]{m.describe()}[/]")
     table = table_cls(title=f"threadlets stress, seed {report.seed}")
@@ -237,6 +319,7 @@ def _print_stress(console: Any, report: Any, table_cls: Any) -> None:
         "operations",
         f"{report.ops:,} in {report.seconds:.2f} s ({report.ops_per_second:,.0f} ops/s)",
     )
+    facts.add_row("target", f"{escape(report.path)} ({report.size:,} bytes)")
     facts.add_row("backend", report.backend)
     facts.add_row("bytes read / written", f"{report.bytes_read:,} / {report.bytes_written:,}")
     facts.add_row("verified reads", f"{report.verified_reads:,}")
@@ -250,7 +333,13 @@ def _print_stress(console: Any, report: Any, table_cls: Any) -> None:
     if report.fio_check is not None:
         facts.add_row("fio check", report.fio_check)
     facts.add_row("mismatches", str(len(report.mismatches)))
-    facts.add_row("verdict", "[green]OK[/]" if report.ok else "[red]FAILED[/]")
+    if not report.ok:
+        verdict = "[red]FAILED[/]"
+    elif report.interrupted:
+        verdict = "[yellow]INTERRUPTED[/]: no mismatch in what ran"
+    else:
+        verdict = "[green]OK[/]"
+    facts.add_row("verdict", verdict)
     console.print(facts)
 
 
@@ -260,9 +349,9 @@ def _fmt_counts(counts: dict[str, int]) -> str:
 
 def _bench(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from threadlets.bench import WORKLOADS, BenchConfig, plot, run_bench, to_markdown
+    from threadlets.bench import WORKLOADS, BenchConfig, Step, plot, run_bench, to_markdown
 
     console = Console(stderr=True)
     cfg = BenchConfig(
@@ -272,16 +361,45 @@ def _bench(args: argparse.Namespace) -> int:
         cfg.seconds = args.seconds
     if args.repeats is not None:
         cfg.repeats = args.repeats
+    live = console.is_terminal
     with Progress(
-        SpinnerColumn(),
         TextColumn("{task.description}"),
-        TimeElapsedColumn(),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[left]}"),
         console=console,
         transient=True,
-        disable=not console.is_terminal,
+        disable=not live,
     ) as progress:
-        task = progress.add_task("bench", total=None)
-        cfg.progress = lambda what: progress.update(task, description=what)
+        task = progress.add_task("making the test file", total=None, left="")
+
+        def show(step: Step) -> None:
+            what = (
+                f"workload {step.workload_index}/{step.workloads} {step.workload}: {step.what}"
+                + (f", round {step.round}/{step.rounds}" if step.rounds > 1 else "")
+            )
+            left = f"about {_fmt_seconds(step.seconds_left)} left"
+            if live:
+                progress.update(
+                    task, description=what, completed=step.done, total=step.total, left=left
+                )
+            else:
+                print(
+                    f"threadlets bench: {what} (measurement {step.done + 1}/{step.total}, {left})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+        def scratch(directory: str) -> None:
+            print(
+                f"threadlets bench: scratch files in {directory} "
+                "(removed at the end, Ctrl-C included)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        cfg.progress = show
+        cfg.on_scratch = scratch
         report = run_bench(cfg)
     report["command"] = "threadlets bench " + " ".join(args.argv)
     if args.plot:
@@ -296,6 +414,17 @@ def _bench(args: argparse.Namespace) -> int:
 
         Console().print(Markdown(to_markdown(report, "threadlets bench " + " ".join(args.argv))))
     return 0
+
+
+def _fmt_seconds(seconds: float) -> str:
+    s = max(0, round(seconds))
+    return f"{s // 60}m {s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def _plot_file(text: str) -> str:
+    if importlib.util.find_spec("matplotlib") is None:
+        raise argparse.ArgumentTypeError("--plot needs matplotlib: pip install 'threadlets[tools]'")
+    return _output_file(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -321,22 +450,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     st.add_argument("path", nargs="?", help="file or block device (default: a temporary file)")
     st.add_argument(
-        "--size", type=parse_size, default=256 << 20, help="bytes to use (default 256M)"
+        "--size",
+        type=_positive_size,
+        help="bytes to use (default 256M; on a block device, all of it)",
     )
     when = st.add_mutually_exclusive_group()
     when.add_argument(
         "--duration", type=parse_duration, default=20.0, help="run time (default 20s)"
     )
-    when.add_argument("--ops", type=int, help="run exactly this many operations (reproducible)")
-    st.add_argument("--concurrency", type=int, default=32, help="requests in flight (default 32)")
-    st.add_argument("--block-size", type=parse_size, default=4096, help="I/O unit (default 4K)")
+    when.add_argument(
+        "--ops", type=_count(1), help="run exactly this many operations (reproducible)"
+    )
+    st.add_argument(
+        "--concurrency", type=_count(1), default=32, help="requests in flight (default 32)"
+    )
+    st.add_argument("--block-size", type=_positive_size, default=4096, help="I/O unit (default 4K)")
     st.add_argument("--mix", type=parse_mix, help="weights, e.g. read=40,write=30,flush=5")
     st.add_argument("--direct", action="store_true", help="open with O_DIRECT (aligned I/O)")
     st.add_argument(
         "--backend",
         choices=BACKENDS,
-        default="threads",
-        help="what runs requests that do not finish inline (default threads)",
+        default="auto",
+        help="what runs requests that do not finish inline (default auto, as the front "
+        "ends: io_uring where the kernel has it; the report says which ran)",
     )
     st.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     st.add_argument("--cancel-rate", type=_rate, default=0.05, help="share of requests cancelled")
@@ -354,12 +490,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     st.add_argument(
         "--corrupt-after",
-        type=int,
+        type=_count(0),
         metavar="N",
         help="self-test: flip a byte behind the engine's back after N ops",
     )
+    st.add_argument(
+        "--force", action="store_true", help="overwrite PATH if it is an existing regular file"
+    )
     st.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    st.set_defaults(func=_stress)
+    st.set_defaults(func=_stress, parser=st)
 
     from threadlets.bench import WORKLOADS
 
@@ -375,12 +514,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="run only this workload (repeatable; default: all)",
     )
     be.add_argument("--quick", action="store_true", help="tiny and short: checks the harness")
-    be.add_argument("--seconds", type=float, help="length of one measurement")
-    be.add_argument("--repeats", type=int, help="rounds (the median is reported)")
-    be.add_argument("--directory", default=".", help="where the test files go (default .)")
+    be.add_argument("--seconds", type=_seconds, help="length of one measurement (default 2)")
+    be.add_argument("--repeats", type=_count(1), help="rounds (the median is reported; default 3)")
+    be.add_argument(
+        "--directory",
+        type=_directory,
+        help=f"where the scratch files go (default: the system temp directory, "
+        f"{tempfile.gettempdir()}); they are removed at the end, Ctrl-C included",
+    )
     be.add_argument("--json", action="store_true", help="print the results as JSON")
-    be.add_argument("--plot", metavar="FILE.png", help="write a PNG chart")
-    be.add_argument("--markdown", metavar="FILE.md", help="write the tables as Markdown")
+    be.add_argument("--plot", type=_plot_file, metavar="FILE.png", help="write a PNG chart")
+    be.add_argument(
+        "--markdown", type=_output_file, metavar="FILE.md", help="write the tables as Markdown"
+    )
     be.set_defaults(func=_bench)
     return parser
 
@@ -389,7 +535,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv[1:]
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+    except KeyboardInterrupt:
+        print(f"threadlets {args.command}: interrupted", file=sys.stderr)
+        return 130
     return result
 
 

@@ -31,19 +31,45 @@ Reproducibility: the operation sequence is drawn from the seed alone, and
 operations are issued in sequence order (an operation that conflicts with
 one in flight waits for it), so the same seed and ``--ops`` replay the same
 operations; only their timing differs.
+
+The target
+==========
+
+A path that does not exist is created; an existing regular file is
+overwritten only with ``force`` (a temporary file made for the run is
+removed afterwards).  A block device is used in place: nothing truncates it,
+its size is the device's (``size`` may ask for less), the model starts from
+what the device holds, truncates are left out of the mix and discards and
+write-zeroes are aligned to its logical block size.  Anything else (a
+directory, a FIFO, a path that cannot be opened) is a :class:`StressError`
+before any request runs.
+
+Ctrl-C
+======
+
+In the main thread, SIGINT stops the run instead of raising: nothing new is
+issued, what is in flight finishes and is checked, and the report (with
+``interrupted`` set) covers what ran.  A second SIGINT raises
+KeyboardInterrupt as usual.  Either way a temporary file is removed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import fcntl
 import hashlib
 import itertools
 import os
 import random
 import shutil
+import signal
+import stat
+import struct
 import subprocess
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -55,7 +81,15 @@ from threadlets.pool import CancelResult, ThreadletQueue
 from threadlets.probe import O_DIRECT, aligned_buffer
 from threadlets.syscalls import FaultInjector, Syscalls
 
-__all__ = ["KINDS", "Mismatch", "StressConfig", "StressReport", "fio_verify", "run_stress"]
+__all__ = [
+    "KINDS",
+    "Mismatch",
+    "StressConfig",
+    "StressReport",
+    "fio_verify",
+    "run_stress",
+    "sigint_calls",
+]
 
 KINDS = ("read", "write", "readv", "writev", "flush", "discard", "write_zeroes", "truncate")
 DEFAULT_MIX = {
@@ -70,6 +104,10 @@ DEFAULT_MIX = {
 }
 _WRITERS = ("write", "writev", "discard", "write_zeroes")
 _PATTERN = 256
+DEFAULT_SIZE = 256 << 20
+#: Longer than anyone runs a stress test; beyond it a duration is a typo.
+MAX_DURATION = 365 * 86400.0
+_BLKSSZGET = 0x1268  # <linux/fs.h>: the logical block size, an int
 
 
 class StressError(Exception):
@@ -79,15 +117,17 @@ class StressError(Exception):
 @dataclass
 class StressConfig:
     path: str | None = None
-    size: int = 256 << 20
+    #: Bytes to use; None: DEFAULT_SIZE for a file, all of a block device.
+    size: int | None = None
     duration: float | None = 20.0
     ops: int | None = None
     concurrency: int = 32
     block_size: int = 4096
     mix: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_MIX))
     direct: bool = False
-    #: The engine backend: "threads", "io_uring" or "auto" (see AioContext).
-    backend: str = "threads"
+    #: The engine backend: "threads", "io_uring" or "auto" (see AioContext);
+    #: "auto", as the front ends use, runs fault injection on threads.
+    backend: str = "auto"
     seed: int = 0
     cancel_rate: float = 0.05
     inject_faults: float = 0.0
@@ -95,17 +135,22 @@ class StressConfig:
     #: Self-test: after this many operations, flip a byte of the file behind
     #: the engine's back (the run must then report a mismatch).
     corrupt_after: int | None = None
+    #: Overwrite an existing regular file at ``path``.
+    force: bool = False
     progress: Callable[[int, float], None] | None = None
+    #: Called once the target is open and the context made, before the
+    #: first request: (path, size, backend).
+    on_start: Callable[[str, int, str], None] | None = None
 
     def check(self) -> None:
-        if self.size <= 0:
-            raise StressError("--size must be > 0")
+        if self.size is not None:
+            _check_size(self.size, self.block_size)
         if self.concurrency < 1:
             raise StressError("--concurrency must be >= 1")
         if self.block_size < 1:
             raise StressError("--block-size must be >= 1")
-        if self.ops is None and (self.duration is None or self.duration <= 0):
-            raise StressError("give --duration > 0 or --ops")
+        if self.ops is None and (self.duration is None or not 0 < self.duration <= MAX_DURATION):
+            raise StressError(f"give --ops, or --duration > 0 and at most {MAX_DURATION:.0f} s")
         if self.ops is not None and self.ops < 0:
             raise StressError("--ops must be >= 0")
         if not 0 <= self.cancel_rate <= 1 or not 0 <= self.inject_faults <= 1:
@@ -121,8 +166,27 @@ class StressConfig:
             raise StressError("--inject-faults needs the threads backend (faults enter through it)")
         if self.direct and self.block_size % 512:
             raise StressError("--direct needs a --block-size that is a multiple of 512")
-        if self.fio_pattern and (self.size % self.block_size or self.block_size % 8):
+        if self.fio_pattern and ((self.size or 0) % self.block_size or self.block_size % 8):
             raise StressError("--fio-pattern needs --size a multiple of --block-size (of 8 bytes)")
+
+
+def _memory() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):  # pragma: no cover
+        return 1 << 62
+
+
+def _check_size(size: int, block_size: int) -> None:
+    if size <= 0:
+        raise StressError("--size must be > 0")
+    if size > _memory():
+        raise StressError(
+            f"--size {size} is more than this machine's memory ({_memory()} bytes): "
+            "the model keeps a copy of every byte"
+        )
+    if block_size > size:
+        raise StressError(f"--block-size {block_size} is larger than --size {size}")
 
 
 @dataclass
@@ -192,6 +256,10 @@ class StressReport:
     seed: int
     #: What ran the requests that did not finish inline ("threads"/"io_uring").
     backend: str = "threads"
+    path: str = ""
+    size: int = 0
+    #: Stopped early by SIGINT: the figures cover what ran.
+    interrupted: bool = False
     ops: int = 0
     seconds: float = 0.0
     by_kind: dict[str, int] = field(default_factory=dict)
@@ -223,6 +291,9 @@ class StressReport:
             "ok": self.ok,
             "seed": self.seed,
             "backend": self.backend,
+            "path": self.path,
+            "size": self.size,
+            "interrupted": self.interrupted,
             "ops": self.ops,
             "seconds": round(self.seconds, 3),
             "ops_per_second": round(self.ops_per_second, 1),
@@ -297,8 +368,17 @@ class _Model:
 
 
 class _Stress:
-    def __init__(self, cfg: StressConfig, fd: int, report: StressReport) -> None:
+    def __init__(
+        self, cfg: StressConfig, fd: int, report: StressReport, space_align: int = 1
+    ) -> None:
+        assert cfg.size is not None
+        self.size = cfg.size
         self.cfg = cfg
+        #: Discards and write-zeroes on a block device: its logical block size.
+        self.space_align = space_align
+        #: Set by SIGINT: issue nothing more, finish what is in flight.
+        self.stopping = False
+        self.device = False
         self.fd = fd
         self.report = report
         self.rng = random.Random(cfg.seed)
@@ -309,7 +389,7 @@ class _Stress:
             FaultInjector(cfg.inject_faults, seed=cfg.seed) if cfg.inject_faults else Syscalls()
         )
         self.ctx = AioContext(self.queue, syscalls=self.sc, backend=cfg.backend)
-        self.model = _Model(cfg.size)
+        self.model = _Model(self.size)
         self.inflight: dict[int, Op] = {}
         self.history: deque[Op] = deque(maxlen=4096)
         self.latencies: dict[str, list[float]] = {}
@@ -325,6 +405,9 @@ class _Stress:
         #: Fingerprint of the generated operation sequence (reproducibility).
         self.digest = hashlib.blake2b(digest_size=16)
 
+    def stop(self) -> None:
+        self.stopping = True
+
     # -- generating ---------------------------------------------------------------------
 
     def generate(self) -> Op:
@@ -335,19 +418,25 @@ class _Stress:
         kind = rng.choices(self.kinds, self.weights)[0]
         bs = cfg.block_size
         if cfg.direct:
-            blocks = cfg.size // bs
+            blocks = self.size // bs
             offset = rng.randrange(blocks) * bs
             length = rng.randint(1, min(4, blocks - offset // bs)) * bs
         else:
-            offset = rng.randrange(cfg.size)
-            length = rng.randint(1, min(4 * bs, cfg.size - offset))
+            offset = rng.randrange(self.size)
+            length = rng.randint(1, min(4 * bs, self.size - offset))
         pieces = rng.randint(2, 4) if kind in ("readv", "writev") else 1
+        if kind in ("discard", "write_zeroes") and self.space_align > 1:
+            # A block device takes only whole logical blocks (the size is a
+            # multiple of them, so the rounded-up length still fits).
+            a = self.space_align
+            offset -= offset % a
+            length = -(-length // a) * a
         if kind == "truncate":
             # Within the last sixteenth of the file: the end moves back and
             # forth (later writes extend it again) without the model having
             # to zero most of a large file each time.
-            low = cfg.size - cfg.size // 16
-            offset = rng.randrange(low, cfg.size + 1)
+            low = self.size - self.size // 16
+            offset = rng.randrange(low, self.size + 1)
             if cfg.direct:
                 offset -= offset % bs
             length = 0
@@ -487,6 +576,11 @@ class _Stress:
 
     def error(self, op: Op, err: int) -> None:
         name = errno.errorcode.get(err, str(err))
+        if op.kind == "discard" and err == errno.ENOTSUP:
+            # The file or device cannot punch holes: nothing happened.
+            key = f"discard:{name}"
+            self.report.expected_errors[key] = self.report.expected_errors.get(key, 0) + 1
+            return
         injected = bool(self.cfg.inject_faults) and err in (errno.EIO, errno.ENOSPC)
         if op.kind == "flush" and self.flush_errno and err == self.flush_errno:
             injected = True  # the sticky flush error, as it should be
@@ -497,7 +591,7 @@ class _Stress:
         if op.kind in _WRITERS:
             # It may have landed in part: old or new values are allowed, and
             # the writers it raced with may have landed before or after it.
-            end = min(op.end, self.cfg.size)
+            end = min(op.end, self.size)
             self.model.unsure(op.offset, end, [op, *self._old_values(op), *self.racing_writers(op)])
             self.remember_writer(op)
 
@@ -551,7 +645,7 @@ class _Stress:
         last_progress = t0
         while True:
             # Issue in sequence order while there is room.
-            while len(self.inflight) < cfg.concurrency:
+            while len(self.inflight) < cfg.concurrency and not self.stopping:
                 if self.pending is None:
                     if cfg.ops is not None and self.next_n >= cfg.ops:
                         break
@@ -565,6 +659,8 @@ class _Stress:
             finished = (cfg.ops is not None and self.next_n >= cfg.ops) or (
                 deadline is not None and time.perf_counter() >= deadline
             )
+            if self.stopping and not self.inflight:
+                break
             if finished and not self.inflight and self.pending is None:
                 break
             self.ctx.poll(0.1)
@@ -582,7 +678,8 @@ class _Stress:
                 last_progress = now
         self.ctx.drain()
         self.report.seconds = time.perf_counter() - t0
-        if not self.report.mismatches:
+        self.report.interrupted = self.stopping
+        if not self.report.mismatches and not self.stopping:
             self.final_check()
 
     def corrupt(self) -> None:
@@ -616,11 +713,11 @@ class _Stress:
 
     def final_check(self) -> None:
         """Read the whole file back and compare it with the model."""
-        size = os.fstat(self.fd).st_size
+        size = os.fstat(self.fd).st_size  # 0 for a block device
         chunk = 1 << 20
         pos = 0
         end = max(size, self.model.size)
-        while pos < end and not self.report.mismatches:
+        while pos < end and not self.report.mismatches and not self.stopping:
             n = min(chunk, end - pos)
             op = Op(-1, "read", pos, n)
             bufs = [aligned_buffer(n)] if self.cfg.direct else [bytearray(n)]
@@ -634,15 +731,16 @@ class _Stress:
 
     def write_fio_pattern(self) -> None:
         bs = self.cfg.block_size
-        for off in range(0, self.cfg.size, bs):
+        for off in range(0, self.size, bs):
             block = off.to_bytes(8, "little") * (bs // 8)
             buf = aligned_buffer(bs)
             buf[:] = block
             req = self.ctx.write(self.fd, off, buf)
             self.ctx.wait(req)
             req.result()
-        req = self.ctx.truncate(self.fd, self.cfg.size)
-        self.ctx.wait(req)
+        if not self.device:
+            req = self.ctx.truncate(self.fd, self.size)
+            self.ctx.wait(req)
         req = self.ctx.flush(self.fd)
         self.ctx.wait(req)
         self.report.fio_pattern_written = True
@@ -664,36 +762,160 @@ def _summarise_latency(lat: dict[str, list[float]]) -> dict[str, dict[str, float
     return out
 
 
+@dataclass
+class _Target:
+    fd: int
+    path: str
+    size: int
+    device: bool
+    #: What discards and write-zeroes must be aligned to (1 for a file).
+    space_align: int
+
+
 @contextlib.contextmanager
-def _file_path(cfg: StressConfig) -> Iterator[str]:
-    """cfg.path, or a temporary file removed afterwards."""
-    if cfg.path is not None:
-        yield cfg.path
-        return
-    fd, path = tempfile.mkstemp(prefix="threadlets-stress-", dir=".")
-    os.close(fd)
+def _target(cfg: StressConfig) -> Iterator[_Target]:
+    """Open what the run works on (see "The target" above); afterwards
+    close it and remove a temporary file."""
+    if cfg.direct and not O_DIRECT:
+        raise StressError("O_DIRECT is not supported on this platform")
+    temp = None
+    if cfg.path is None:
+        fd, temp = tempfile.mkstemp(prefix="threadlets-stress-", dir=".")
+        os.close(fd)
     try:
-        yield path
+        path = temp or str(cfg.path)
+        fd, device = _open(path, cfg.direct, cfg.force or temp is not None)
+        try:
+            if device:
+                end = os.lseek(fd, 0, os.SEEK_END)
+                align = _logical_block_size(fd)
+                size = end if cfg.size is None else cfg.size
+                if size > end:
+                    raise StressError(f"--size {size} is larger than {path} ({end} bytes)")
+                if size % align:
+                    raise StressError(
+                        f"--size must be a multiple of {path}'s logical block size ({align})"
+                    )
+            else:
+                size = DEFAULT_SIZE if cfg.size is None else cfg.size
+                align = 1
+            yield _Target(fd, path, size, device, align)
+        finally:
+            os.close(fd)
     finally:
-        os.unlink(path)
+        if temp is not None:
+            os.unlink(temp)
+
+
+def _open(path: str, direct: bool, force: bool) -> tuple[int, bool]:
+    """(fd, is a block device); a StressError for anything else."""
+    try:
+        mode: int | None = os.stat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as e:
+        raise StressError(f"cannot use {path}: {e.strerror}") from None
+    if mode is not None:
+        _check_kind(path, mode)
+        if stat.S_ISREG(mode) and not force:
+            raise StressError(f"will not overwrite the existing file {path} (give --force)")
+    create = os.O_CREAT | os.O_EXCL if mode is None else 0
+    try:
+        fd = os.open(path, os.O_RDWR | create, 0o644)
+    except OSError as e:
+        raise StressError(f"cannot open {path}: {e.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode  # what was opened, whatever the path names now
+        _check_kind(path, mode)
+        if direct:
+            try:
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | O_DIRECT)
+            except OSError as e:
+                raise StressError(f"cannot open {path} with O_DIRECT: {e.strerror}") from None
+    except BaseException:
+        os.close(fd)
+        if create:
+            os.unlink(path)
+        raise
+    return fd, stat.S_ISBLK(mode)
+
+
+def _check_kind(path: str, mode: int) -> None:
+    if stat.S_ISDIR(mode):
+        raise StressError(f"{path} is a directory")
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        raise StressError(f"{path} is neither a regular file nor a block device")
+
+
+def _logical_block_size(fd: int) -> int:
+    try:
+        got = fcntl.ioctl(fd, _BLKSSZGET, struct.pack("i", 0))
+    except OSError:  # pragma: no cover
+        return 512
+    size: int = struct.unpack("i", got)[0]
+    return max(1, size)
+
+
+def _load(path: str, into: bytearray) -> None:
+    """The model of a block device starts from what the device holds (read
+    without O_DIRECT, before any request runs)."""
+    with open(path, "rb", buffering=0) as f:
+        view = memoryview(into)
+        pos = 0
+        while pos < len(into):
+            n = f.readinto(view[pos : pos + (1 << 20)])
+            if not n:
+                raise StressError(f"{path} ended at {pos} bytes")
+            pos += n
+
+
+@contextlib.contextmanager
+def sigint_calls(stop: Callable[[], None]) -> Iterator[None]:
+    """Within: in the main thread, the first SIGINT calls ``stop()`` instead
+    of raising KeyboardInterrupt anywhere (a second raises as usual).  For
+    the tools, whose state must not be left half updated."""
+    main = threading.current_thread() is threading.main_thread()
+    if not main or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+
+    def first(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        stop()
+
+    signal.signal(signal.SIGINT, first)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def run_stress(cfg: StressConfig) -> StressReport:
-    """Run one stress test as configured; the report says what happened."""
+    """Run one stress test as configured; the report says what happened.
+    Bad configuration or an unusable path: StressError, before any request."""
     cfg.check()
     report = StressReport(seed=cfg.seed)
-    with _file_path(cfg) as path:
-        flags = os.O_RDWR | os.O_CREAT | (O_DIRECT if cfg.direct else 0)
-        if cfg.direct and not O_DIRECT:
-            raise StressError("O_DIRECT is not supported on this platform")
-        fd = os.open(path, flags, 0o644)
-        try:
+    with _target(cfg) as target:
+        mix = dict(cfg.mix)
+        if target.device:
+            mix.pop("truncate", None)  # a block device has a fixed size
+        cfg = dataclasses.replace(cfg, size=target.size, mix=mix)
+        cfg.check()
+        path, fd = target.path, target.fd
+        report.path, report.size = path, target.size
+        if not target.device:
             os.ftruncate(fd, 0)
-            os.ftruncate(fd, cfg.size)  # the model starts as zeros
-            st = _Stress(cfg, fd, report)
+            os.ftruncate(fd, target.size)  # the model starts as zeros
+        st = _Stress(cfg, fd, report, target.space_align)
+        try:
+            if target.device:
+                _load(path, st.model.data)
             report.backend = st.ctx.backend
             st.path_for_corruption = path
-            try:
+            st.device = target.device
+            with sigint_calls(st.stop):
+                if cfg.on_start is not None:
+                    cfg.on_start(path, target.size, report.backend)
                 st.run()
                 report.latency_us = _summarise_latency(st.latencies)
                 if isinstance(st.sc, FaultInjector):
@@ -702,22 +924,24 @@ def run_stress(cfg: StressConfig) -> StressReport:
                         "errors": dict(st.sc.stats.errors),
                         "short": st.sc.stats.short,
                     }
-                if cfg.fio_pattern and report.ok:
+                if cfg.fio_pattern and report.ok and not st.stopping:
                     if cfg.inject_faults:
+                        st.ctx.close()
                         st.ctx = AioContext(st.queue, backend=cfg.backend)  # no faults now
                     st.write_fio_pattern()
-                    passed, output = fio_verify(path, cfg.size, cfg.block_size)
-                    if passed:
+                    passed, output = fio_verify(path, target.size, cfg.block_size)
+                    if st.stopping:
+                        report.fio_check = "interrupted"
+                    elif passed:
                         report.fio_check = "passed"
                     elif shutil.which("fio") is None:
                         report.fio_check = "skipped: fio is not installed"
                     else:
                         report.fio_check = "failed: " + output.strip()[-500:]
-            finally:
-                report.sequence_digest = st.digest.hexdigest()
-                st.close()
+                report.interrupted = st.stopping
         finally:
-            os.close(fd)
+            report.sequence_digest = st.digest.hexdigest()
+            st.close()
     return report
 
 
