@@ -257,7 +257,12 @@ def test_close_racing_submissions_from_another_thread(
             refused = threading.Event()
             go = threading.Barrier(2)
 
-            def submitter(ctx: AioContext = ctx) -> None:
+            def submitter(
+                ctx: AioContext = ctx,
+                go: threading.Barrier = go,
+                accepted: list[AioRequest] = accepted,
+                refused: threading.Event = refused,
+            ) -> None:
                 go.wait()
                 while True:
                     try:
@@ -474,7 +479,9 @@ def test_foreign_thread_waits_race_the_owners_reaps(queue: ThreadletQueue, switc
             try:
                 req = ctx.read(r, 0, bytearray(1))
                 result: list[bool] = []
-                t = threading.Thread(target=lambda: result.append(req.wait(timeout=20)))
+                t = threading.Thread(
+                    target=lambda req=req, result=result: result.append(req.wait(timeout=20))
+                )
                 t.start()
                 os.write(w, b"x")
                 assert ctx.wait(req, timeout=10)
@@ -727,4 +734,3 @@ def test_contexts_dropped_without_close_leak_nothing(backend: str, path: Path) -
         assert _fds() == fds
     finally:
         os.close(fd)
-
