@@ -734,3 +734,32 @@ def test_contexts_dropped_without_close_leak_nothing(backend: str, path: Path) -
         assert _fds() == fds
     finally:
         os.close(fd)
+
+
+@pytest.mark.skipif(bool(os.environ.get("THREADLETS_DEV_MODE_RUN")), reason="already inside it")
+def test_the_matrix_under_dev_mode() -> None:
+    """This module again under ``python -X dev`` (asyncio debug, resource
+    and deprecation warnings as errors), in a child process."""
+    env = dict(os.environ, THREADLETS_DEV_MODE_RUN="1")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-X",
+            "dev",
+            "-W",
+            "error::ResourceWarning",
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            "-p",
+            "no:cacheprovider",
+            __file__,
+        ],
+        check=False,
+        timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

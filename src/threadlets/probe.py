@@ -205,7 +205,8 @@ def probe_io_uring() -> IoUringSupport:
     if nr is None:
         return IoUringSupport(False, f"unknown syscall number on {os.uname().machine}")
     try:
-        disabled = open("/proc/sys/kernel/io_uring_disabled").read().strip()  # noqa: SIM115
+        with open("/proc/sys/kernel/io_uring_disabled") as f:
+            disabled = f.read().strip()
     except OSError:
         disabled = "0"
     libc = ctypes.CDLL(None, use_errno=True)
