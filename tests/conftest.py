@@ -66,3 +66,13 @@ def fd(path: Path) -> Iterator[int]:
     fd = os.open(path, os.O_RDWR)
     yield fd
     os.close(fd)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """THREADLETS_SHUFFLE_SEED=N runs the tests in a random order (seeded):
+    tools/soak-tests uses it to find tests that depend on each other."""
+    seed = os.environ.get("THREADLETS_SHUFFLE_SEED")
+    if seed:
+        import random
+
+        random.Random(int(seed)).shuffle(items)
