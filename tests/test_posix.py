@@ -50,10 +50,8 @@ def one_worker() -> Iterator[ThreadletQueue]:
     """Run threadlets.posix on a one-worker queue, so that a request blocked
     in a read holds the only worker and the next one stays queued."""
     q = ThreadletQueue(max_threads=1)
-    saved = px._ctx
-    px._ctx = AioContext(q, deliver=False)
-    yield q
-    px._ctx = saved
+    with px.use_context(AioContext(q, deliver=False)):
+        yield q
     q.close(timeout=10)
 
 
@@ -229,16 +227,16 @@ def test_requests_on_one_fd_run_in_parallel_unlike_glibc(
     if backend == "io_uring" and not probe_io_uring().supported:
         pytest.skip("no io_uring here")
     r, w = pipe
-    saved = px._ctx
-    px._ctx = AioContext(deliver=False, backend=backend)
+    ctx = AioContext(deliver=False, backend=backend)
     try:
+        px.set_context(ctx)
         cbs = [px.aiocb(r, 0, bytearray(3)) for _ in range(2)]
         for cb in cbs:
             px.aio_read(cb)
         if backend == "threads":
             wait_until(lambda: readers_blocked_on(r) == 2)
         else:
-            ring = px._ctx._ring
+            ring = ctx._ring
             assert ring is not None
             assert ring._in_kernel == 2  # submitted at once: the reaper is idle
         assert px.aio_cancel(r) == px.AIO_NOTCANCELED
@@ -246,8 +244,8 @@ def test_requests_on_one_fd_run_in_parallel_unlike_glibc(
         assert sorted(outcome(px, cb) for cb in cbs) == [(0, 3), (0, 3)]
         assert sorted(bytes(cb.aio_buf) for cb in cbs) == [b"abc", b"def"]
     finally:
-        px._ctx.close()
-        px._ctx = saved
+        px.set_context(None)
+        ctx.close()
 
 
 @pytest.mark.parametrize("impl", BOTH)
@@ -318,9 +316,7 @@ class _GatedWrites(Syscalls):
 def test_aio_fsync_waits_for_writes_queued_before_it(fd: int) -> None:
     sc = _GatedWrites()
     with ThreadletQueue(max_threads=4) as q:
-        saved = px._ctx
-        px._ctx = AioContext(q, deliver=False, syscalls=sc)
-        try:
+        with px.use_context(AioContext(q, deliver=False, syscalls=sc)):
             w = px.aiocb(fd, 0, b"data")
             px.aio_write(w)
             assert sc.in_write.wait(10)
@@ -333,8 +329,6 @@ def test_aio_fsync_waits_for_writes_queued_before_it(fd: int) -> None:
             assert outcome(px, f) == (0, 0)
             assert outcome(px, w) == (0, 4)
             assert sc.order == ["write", "fsync"]
-        finally:
-            px._ctx = saved
 
 
 def test_sigev_thread_notifies_on_a_worker_even_when_cancelled(
