@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 import threadlets.posix as px
-from threadlets import AioContext, ThreadletQueue
+from threadlets import AioContext, RingUnavailable, ThreadletQueue
 from threadlets.probe import probe_io_uring
 from threadlets.syscalls import Syscalls
 
@@ -315,20 +315,22 @@ class _GatedWrites(Syscalls):
 
 def test_aio_fsync_waits_for_writes_queued_before_it(fd: int) -> None:
     sc = _GatedWrites()
-    with ThreadletQueue(max_threads=4) as q:
-        with px.use_context(AioContext(q, deliver=False, syscalls=sc)):
-            w = px.aiocb(fd, 0, b"data")
-            px.aio_write(w)
-            assert sc.in_write.wait(10)
-            f = px.aiocb(fd)
-            px.aio_fsync(os.O_SYNC, f)
-            with pytest.raises(OSError, match="timed out"):
-                px.aio_suspend([f], 0.05)
-            assert sc.order == []  # the fsync has not started
-            sc.gate.set()
-            assert outcome(px, f) == (0, 0)
-            assert outcome(px, w) == (0, 4)
-            assert sc.order == ["write", "fsync"]
+    with (
+        ThreadletQueue(max_threads=4) as q,
+        px.use_context(AioContext(q, deliver=False, syscalls=sc)),
+    ):
+        w = px.aiocb(fd, 0, b"data")
+        px.aio_write(w)
+        assert sc.in_write.wait(10)
+        f = px.aiocb(fd)
+        px.aio_fsync(os.O_SYNC, f)
+        with pytest.raises(OSError, match="timed out"):
+            px.aio_suspend([f], 0.05)
+        assert sc.order == []  # the fsync has not started
+        sc.gate.set()
+        assert outcome(px, f) == (0, 0)
+        assert outcome(px, w) == (0, 4)
+        assert sc.order == ["write", "fsync"]
 
 
 def test_sigev_thread_notifies_on_a_worker_even_when_cancelled(
@@ -417,3 +419,149 @@ def test_an_aiocb_cannot_be_submitted_twice_in_flight(
     px.aio_read(cb)
     assert outcome(px, cb) == (0, 4)
     assert bytes(cb.aio_buf) == b"more"
+
+
+# -- regression tests ---------------------------------------------------------------------
+
+
+@pytest.fixture(params=["threads", "io_uring"])
+def backend_ctx(request: pytest.FixtureRequest) -> Iterator[AioContext]:
+    """The default runtime on a fresh context of each backend."""
+    try:
+        ctx = AioContext(deliver=False, backend=request.param)
+    except RingUnavailable as e:
+        pytest.skip(f"no io_uring here: {e}")
+    with px.use_context(ctx):
+        yield ctx
+    ctx.close()
+
+
+@pytest.mark.parametrize("impl", BOTH)
+def test_fd_past_int_max_is_ebadf_like_a_negative_one(impl: ModuleType, fd: int) -> None:
+    # Issue 16: OverflowError left the aiocb EINPROGRESS for ever.  (ctypes
+    # truncates these numbers to negative C ints: glibc sees a bad fd too.)
+    for bad in (-5, 2**31, 2**31 + 5):
+        cb = cb_for(impl, bad, 0, buf=bytes(10))
+        impl.aio_read(cb)
+        assert outcome(impl, cb) == (errno.EBADF, -1)
+        cb.aio_offset = 1
+        impl.aio_read(cb)  # finished: it can be submitted again
+        assert outcome(impl, cb) == (errno.EBADF, -1)
+
+
+@pytest.mark.parametrize("impl", BOTH)
+def test_lio_listio_reports_a_huge_fd_through_its_aiocb(impl: ModuleType, fd: int) -> None:
+    first = cb_for(impl, fd, 0, buf=bytes(8), lio_opcode=px.LIO_READ)
+    huge = cb_for(impl, 2**31, 0, buf=bytes(8), lio_opcode=px.LIO_READ)
+    last = cb_for(impl, fd, 8, buf=bytes(8), lio_opcode=px.LIO_READ)
+    assert raises_errno(lambda: impl.lio_listio(px.LIO_WAIT, [first, huge, last])) == errno.EIO
+    assert [(impl.aio_error(c), impl.aio_return(c)) for c in (first, huge, last)] == [
+        (0, 8),
+        (errno.EBADF, -1),
+        (0, 8),
+    ]
+
+
+def test_lio_listio_checks_every_entry_before_starting_any(fd: int) -> None:
+    good = px.aiocb(fd, 0, b"written", lio_opcode=px.LIO_WRITE)
+    bad = px.aiocb(fd, 0, bytearray(4), reqprio=99, lio_opcode=px.LIO_READ)
+    with pytest.raises(OSError, match="aio_reqprio") as info:
+        px.lio_listio(px.LIO_NOWAIT, [good, bad])
+    assert info.value.errno == errno.EINVAL
+    with pytest.raises(OSError, match="never submitted"):
+        px.aio_error(good)
+    busy = px.aiocb(fd, 0, bytearray(4), lio_opcode=px.LIO_READ)
+    px.lio_listio(px.LIO_WAIT, [busy])
+    # An aiocb in progress anywhere in the list refuses the whole list.
+    r, w = os.pipe()
+    try:
+        blocked = px.aiocb(r, 0, bytearray(1), lio_opcode=px.LIO_READ)
+        px.aio_read(blocked)
+        with pytest.raises(OSError, match="already in progress"):
+            px.lio_listio(px.LIO_NOWAIT, [good, blocked])
+        with pytest.raises(OSError, match="never submitted"):
+            px.aio_error(good)
+        os.write(w, b"x")
+        assert outcome(px, blocked) == (0, 1)
+    finally:
+        os.close(r)
+        os.close(w)
+    assert os.pread(fd, 7, 0) == DATA[:7]
+
+
+def test_a_closed_context_fails_the_submission_and_finishes_the_aiocb(fd: int) -> None:
+    ctx = AioContext(deliver=False)
+    ctx.close()
+    cb = px.aiocb(fd, 0, bytearray(10))
+    with px.use_context(ctx):
+        with pytest.raises(RuntimeError, match="closed"):
+            px.aio_read(cb)
+        assert outcome(px, cb) == (errno.ECANCELED, -1)  # not EINPROGRESS for ever
+        listed = [px.aiocb(fd, i, bytearray(1), lio_opcode=px.LIO_READ) for i in range(3)]
+        with pytest.raises(RuntimeError, match="closed"):
+            px.lio_listio(px.LIO_WAIT, listed)
+        assert [px.aio_error(c) for c in listed] == [errno.ECANCELED] * 3
+    px.aio_read(cb)  # on a working context again
+    assert outcome(px, cb) == (0, 10)
+
+
+class _InterruptedReads(Syscalls):
+    """The first read raises KeyboardInterrupt in the submitting thread (the
+    inline attempt), as a Ctrl-C landing there would."""
+
+    def __init__(self) -> None:
+        self.interrupts = 1
+
+    def preadv(self, fd: int, buffers: Sequence[Any], offset: int, flags: int = 0) -> int:
+        if self.interrupts:
+            self.interrupts -= 1
+            raise KeyboardInterrupt
+        return os.preadv(fd, buffers, offset, flags)
+
+
+def test_ctrl_c_in_the_submission_leaves_nothing_in_progress(fd: int) -> None:
+    sc = _InterruptedReads()
+    with px.use_context(AioContext(deliver=False, syscalls=sc)):
+        cb = px.aiocb(fd, 0, bytearray(10))
+        with pytest.raises(KeyboardInterrupt):
+            px.aio_read(cb)
+        assert outcome(px, cb) == (errno.ECANCELED, -1)
+        px.aio_read(cb)
+        assert outcome(px, cb) == (0, 10)
+        assert bytes(cb.aio_buf) == DATA[:10]
+        # In a list: what was accepted is launched or finished, and the list
+        # notification still fires once.
+        sc.interrupts = 1
+        listed = threading.Event()
+        cbs = [px.aiocb(fd, i, bytearray(1), lio_opcode=px.LIO_READ) for i in range(3)]
+        with pytest.raises(KeyboardInterrupt):
+            px.lio_listio(
+                px.LIO_NOWAIT, cbs, px.sigevent(px.SIGEV_THREAD, function=lambda v: listed.set())
+            )
+        px.aio_suspend(cbs, 10)
+        for c in cbs:
+            assert outcome(px, c) in ((errno.ECANCELED, -1), (0, 1))
+        assert listed.wait(10)
+
+
+def test_the_next_o_append_write_fails_cleanly_if_the_context_closed(tmp_path: Path) -> None:
+    # A launch from a completion (the next O_APPEND write) that the engine
+    # refuses finishes that aiocb; it does not stay pending for ever.
+    sc = _GatedWrites()
+    fd = os.open(tmp_path / "log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        with ThreadletQueue(max_threads=2) as q:
+            ctx = AioContext(q, deliver=False, syscalls=sc)
+            with px.use_context(ctx):
+                first = px.aiocb(fd, 0, b"first")
+                second = px.aiocb(fd, 0, b"second")
+                px.aio_write(first)
+                px.aio_write(second)
+                assert sc.in_write.wait(10)
+                ctx.close()
+                sc.gate.set()
+                assert outcome(px, first) == (0, 5)
+                assert outcome(px, second) == (errno.ECANCELED, -1)
+    finally:
+        os.close(fd)
+    assert (tmp_path / "log").read_bytes() == b"first"
