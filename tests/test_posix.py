@@ -9,6 +9,7 @@ purpose -- requests on one fd run in parallel here, one at a time in glibc
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import platform
 import signal
@@ -22,7 +23,7 @@ import pytest
 
 import threadlets.posix as px
 from threadlets import AioContext, RingUnavailable, ThreadletQueue
-from threadlets.probe import probe_io_uring
+from threadlets.probe import O_DIRECT, probe_io_uring
 from threadlets.syscalls import Syscalls
 
 from . import glibc_aio
@@ -565,3 +566,38 @@ def test_the_next_o_append_write_fails_cleanly_if_the_context_closed(tmp_path: P
     finally:
         os.close(fd)
     assert (tmp_path / "log").read_bytes() == b"first"
+
+
+@pytest.mark.parametrize("how", ["reopened", "F_SETFL"])
+def test_an_fd_that_became_o_direct_is_not_read_as_the_old_file(
+    backend_ctx: AioContext, tmp_path: Path, how: str
+) -> None:
+    # Issue 17: the context remembered the fd as buffered, so an unaligned
+    # read of the O_DIRECT file failed with EINVAL instead of going through
+    # the bounce buffer.  (glibc has no bounce buffer: EINVAL there.)
+    old_data = bytes(range(256)) * 64
+    new_data = bytes(reversed(old_data))
+    (tmp_path / "old").write_bytes(old_data)
+    (tmp_path / "new").write_bytes(new_data)
+    fd = os.open(tmp_path / "old", os.O_RDONLY)
+    try:
+        first = px.aiocb(fd, 1, bytearray(100))
+        px.aio_read(first)
+        assert outcome(px, first) == (0, 100)
+        try:
+            if how == "reopened":  # the number now names another file
+                direct = os.open(tmp_path / "new", os.O_RDONLY | O_DIRECT)
+                os.dup2(direct, fd)
+                os.close(direct)
+                expected = new_data[1:101]
+            else:  # the same file, its flags changed
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | O_DIRECT)
+                expected = old_data[1:101]
+        except OSError as e:
+            pytest.skip(f"no O_DIRECT on this file system: {e}")
+        again = px.aiocb(fd, 1, bytearray(100))
+        px.aio_read(again)
+        assert outcome(px, again) == (0, 100)
+        assert bytes(again.aio_buf) == expected
+    finally:
+        os.close(fd)
