@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import platform
 import signal
@@ -815,3 +816,147 @@ def test_a_read_of_an_empty_nonblocking_stream_is_eagain(
         cb = cb_for(mod, r, 0, buf=bytes(64))
         mod.aio_read(cb)
         assert outcome(mod, cb) == (errno.EAGAIN, -1)
+
+
+# -- more of the same families ---------------------------------------------------------------
+
+
+def test_changing_an_aiocb_in_flight_changes_nothing(fd: int) -> None:
+    # The request runs, orders and notifies with what the aiocb held when it
+    # was submitted (glibc copies it too).  Before, a changed aio_fildes left
+    # the request on its fd's books for ever: a later aio_fsync never ran.
+    sc = _GatedWrites()
+    got: list[object] = []
+    notified = threading.Event()
+
+    def note(value: object) -> None:
+        got.append(value)
+        notified.set()
+
+    with (
+        ThreadletQueue(max_threads=2) as q,
+        px.use_context(AioContext(q, deliver=False, syscalls=sc)),
+    ):
+        w = px.aiocb(
+            fd, 0, b"data", sigevent=px.sigevent(px.SIGEV_THREAD, value="asked", function=note)
+        )
+        px.aio_write(w)
+        assert sc.in_write.wait(10)
+        w.aio_fildes = 9999
+        w.aio_offset = 100
+        w.aio_sigevent = px.sigevent(px.SIGEV_THREAD, value="changed", function=note)
+        f = px.aiocb(fd)
+        px.aio_fsync(os.O_SYNC, f)
+        sc.gate.set()
+        assert outcome(px, w) == (0, 4)
+        assert outcome(px, f) == (0, 0)
+        assert notified.wait(10)
+    assert got == ["asked"]
+    assert os.pread(fd, 4, 0) == b"data"
+
+
+class _LogWatch(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self.seen = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        self.seen.set()
+
+
+def test_a_sigev_thread_function_that_raises_is_logged(fd: int) -> None:
+    def broken(value: object) -> None:
+        raise ValueError(f"broken notification {value}")
+
+    watch = _LogWatch()
+    logger = logging.getLogger("threadlets")
+    logger.addHandler(watch)
+    try:
+        cb = px.aiocb(
+            fd, 0, bytearray(4), sigevent=px.sigevent(px.SIGEV_THREAD, value=7, function=broken)
+        )
+        px.aio_read(cb)
+        assert outcome(px, cb) == (0, 4)
+        assert watch.seen.wait(10)  # before, it vanished without a trace
+    finally:
+        logger.removeHandler(watch)
+    exc = watch.records[0].exc_info
+    assert exc is not None
+    assert "broken notification 7" in str(exc[1])
+
+
+def test_a_notification_that_raises_does_not_lose_the_others() -> None:
+    # Both requests fail at once (a bad fd), so their notifications are sent
+    # by lio_listio itself: the signal handler raises there.  The other
+    # request still is submitted and notified, and the list notification
+    # still fires; then the handler's exception propagates.
+    seen = {"thread": threading.Event(), "list": threading.Event()}
+
+    def handler(signo: int, frame: object) -> None:
+        raise RuntimeError("from the signal handler")
+
+    old = signal.signal(signal.SIGUSR1, handler)
+    try:
+        first = px.aiocb(-1, 0, bytearray(1), sigevent=px.sigevent(px.SIGEV_SIGNAL, signal.SIGUSR1))
+        second = px.aiocb(
+            -1,
+            0,
+            bytearray(1),
+            sigevent=px.sigevent(px.SIGEV_THREAD, value="thread", function=lambda v: seen[v].set()),
+        )
+        for c in (first, second):
+            c.aio_lio_opcode = px.LIO_READ
+        with pytest.raises(RuntimeError, match="signal handler"):
+            px.lio_listio(
+                px.LIO_NOWAIT,
+                [first, second],
+                px.sigevent(px.SIGEV_THREAD, value="list", function=lambda v: seen[v].set()),
+            )
+        assert seen["thread"].wait(10)
+        assert seen["list"].wait(10)
+        assert [px.aio_error(c) for c in (first, second)] == [errno.EBADF] * 2
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+
+
+class _GatedCount(int):
+    """An aio_nbytes whose bounds check waits for a gate: it holds a
+    submission between its early checks and its acceptance."""
+
+    entered: threading.Event
+    gate: threading.Event
+
+    def __ge__(self, other: object) -> bool:
+        self.entered.set()
+        assert self.gate.wait(10)
+        return int(self) >= other  # type: ignore[operator]
+
+
+def test_an_aiocb_submitted_from_two_threads_at_once_runs_once(pipe: tuple[int, int]) -> None:
+    r, w = pipe
+    n = _GatedCount(1)
+    n.entered, n.gate = threading.Event(), threading.Event()
+    cb = px.aiocb(r, 0, bytearray(1), nbytes=n)
+    errors: list[BaseException] = []
+
+    def submit() -> None:
+        try:
+            px.aio_read(cb)
+        except BaseException as e:
+            errors.append(e)
+
+    t = threading.Thread(target=submit)
+    t.start()
+    assert n.entered.wait(10)  # the thread passed the early checks
+    cb.aio_nbytes = 1
+    px.aio_read(cb)  # this one wins
+    n.gate.set()
+    t.join(10)
+    assert len(errors) == 1
+    assert isinstance(errors[0], OSError)
+    assert errors[0].errno == errno.EINVAL
+    os.write(w, b"ab")
+    assert outcome(px, cb) == (0, 1)
+    assert os.read(r, 1) == b"b"  # only one read ran

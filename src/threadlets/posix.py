@@ -544,7 +544,7 @@ class PosixAio:
         group_sigev = None if mode == LIO_WAIT or sigevent is None else sigevent._copy()
         if not work:
             if group_sigev is not None:
-                self._fire([group_sigev])
+                group_sigev._fire()
             return
         self._submit(work, _Group(len(work), group_sigev))
         if mode == LIO_NOWAIT:
@@ -644,10 +644,11 @@ class PosixAio:
 
     def _run(self, after: _After, raising: bool) -> None:
         """After the lock is dropped: submit every claimed aiocb (finishing
-        the ones the engine refuses), then send the notifications.  The
-        first exception propagates once that is all done if ``raising``
-        (the submitter's own call); otherwise only a BaseException does
-        (an Exception is what the aiocb reports)."""
+        the ones the engine refuses), then send every notification.  Then
+        the first exception propagates if ``raising`` (the submitter's own
+        call) or if it is not an Exception (Ctrl-C); otherwise the aiocb
+        reports a refused submission, and a notification that could not be
+        sent is logged."""
         first: BaseException | None = None
         launch = after.launch
         i = 0
@@ -660,10 +661,12 @@ class PosixAio:
                 first = first or e
                 self._launch_failed(cb, e, after)
         launch.clear()
-        if after.notify:
+        for sev in after.notify:
             try:
-                self._fire(after.notify)
+                sev._fire()
             except BaseException as e:
+                if not raising and isinstance(e, Exception):
+                    log.exception("could not send the notification %r", sev)
                 first = first or e
         if first is not None and (raising or not isinstance(first, Exception)):
             raise first
@@ -767,20 +770,6 @@ class PosixAio:
             state.barriers = still
         if not state.active:
             del self._fds[fd]
-
-    def _fire(self, notify: list[sigevent]) -> None:
-        """Send notifications, every one even if one raises; then raise the
-        first BaseException, log Exceptions."""
-        first: BaseException | None = None
-        for sev in notify:
-            try:
-                sev._fire()
-            except Exception:
-                log.exception("could not send the notification %r", sev)
-            except BaseException as e:
-                first = first or e
-        if first is not None:
-            raise first
 
     # -- status -------------------------------------------------------------------
 
