@@ -960,3 +960,77 @@ def test_an_aiocb_submitted_from_two_threads_at_once_runs_once(pipe: tuple[int, 
     os.write(w, b"ab")
     assert outcome(px, cb) == (0, 1)
     assert os.read(r, 1) == b"b"  # only one read ran
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_in_a_forked_child_the_parents_requests_read_ecanceled(
+    pipe: tuple[int, int], fd: int
+) -> None:
+    r, w = pipe
+    blocked = px.aiocb(r, 0, bytearray(3))
+    px.aio_read(blocked)
+    listed = [px.aiocb(r, 0, bytearray(3), lio_opcode=px.LIO_READ)]
+    px.lio_listio(px.LIO_NOWAIT, listed)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            px.aio_suspend([blocked], 10)  # returns at once
+            if [(px.aio_error(c), px.aio_return(c)) for c in (blocked, *listed)] == [
+                (errno.ECANCELED, -1)
+            ] * 2:
+                fresh = px.aiocb(fd, 0, bytearray(4), lio_opcode=px.LIO_READ)
+                px.lio_listio(px.LIO_WAIT, [fresh])  # the child has a working runtime
+                code = 0 if bytes(fresh.aio_buf) == DATA[:4] else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    os.write(w, b"abcdef")
+    assert sorted(outcome(px, c) for c in (blocked, *listed)) == [(0, 3), (0, 3)]
+
+
+def test_set_context_takes_only_a_non_delivering_context(fd: int) -> None:
+    with AioContext() as delivering, pytest.raises(ValueError, match="deliver=False"):
+        px.set_context(delivering)
+    with pytest.raises(TypeError, match="AioContext"):
+        px.set_context("threads")  # type: ignore[arg-type]
+    with AioContext(deliver=False) as ctx:
+        runtime = px.PosixAio(ctx)
+        assert runtime.context is ctx
+        cb = px.aiocb(fd, 0, bytearray(4))
+        runtime.aio_read(cb)
+        runtime.aio_suspend([cb], 10)
+        assert (runtime.aio_error(cb), runtime.aio_return(cb)) == (0, 4)
+        with px.use_context(ctx) as used:
+            assert used is ctx is px.default_runtime().context
+        assert px.default_runtime().context is not ctx
+
+
+def test_each_context_forgets_an_fd_reused_while_another_was_in_use(tmp_path: Path) -> None:
+    # The identities seen are kept per context: coming back to a context
+    # that knew the old file, the runtime still sees that the fd changed.
+    old_data = bytes(range(256)) * 64
+    new_data = bytes(reversed(old_data))
+    (tmp_path / "old").write_bytes(old_data)
+    (tmp_path / "new").write_bytes(new_data)
+    fd = os.open(tmp_path / "old", os.O_RDONLY)
+    try:
+        with AioContext(deliver=False) as first, AioContext(deliver=False) as second:
+            with px.use_context(first):
+                cb = px.aiocb(fd, 1, bytearray(100))
+                px.aio_read(cb)
+                assert outcome(px, cb) == (0, 100)
+            try:
+                direct = os.open(tmp_path / "new", os.O_RDONLY | O_DIRECT)
+            except OSError as e:
+                pytest.skip(f"no O_DIRECT on this file system: {e}")
+            os.dup2(direct, fd)
+            os.close(direct)
+            for ctx in (second, first):
+                with px.use_context(ctx):
+                    px.aio_read(cb)
+                    assert outcome(px, cb) == (0, 100)
+                    assert bytes(cb.aio_buf) == new_data[1:101]
+    finally:
+        os.close(fd)
