@@ -416,8 +416,9 @@ class PosixAio:
 
     ``context`` (optional) must be an ``AioContext(deliver=False)``;
     without one, the runtime makes its own on first use
-    (``backend="auto"``).  aiocbs are bound to the runtime that runs them
-    until they finish.  In a forked child, every aiocb the parent had in
+    (``backend="auto"``).  An aiocb belongs to the runtime that runs it
+    until it finishes: wait for it, cancel it and read its status through
+    that runtime's methods.  In a forked child, every aiocb the parent had in
     progress reads ECANCELED / -1, and the runtime's own context is made
     afresh (a given one is kept: the engine handles the fork).
     """
@@ -687,16 +688,22 @@ class PosixAio:
         req.add_done_callback(functools.partial(self._request_finished, cb))
 
     def _launch_failed(self, cb: aiocb, exc: BaseException, after: _After) -> None:
-        req = cb._req
-        if req is not None:
-            # The engine took it: its callback (perhaps registered a second
-            # time, which the identity check makes harmless) finishes it.
-            req.add_done_callback(functools.partial(self._request_finished, cb))
+        if self._rewatch(cb):
             return
         with self._lock:
             if cb._status is _INFLIGHT and cb._req is None:
                 self._finish(cb, _submit_errno(exc), -1, after)
                 self._cond.notify_all()
+
+    def _rewatch(self, cb: aiocb) -> bool:
+        """After an interrupt: if an engine request runs cb, make sure its
+        callback will finish cb (registered twice is harmless: the second
+        call finds cb no longer INFLIGHT with that request)."""
+        req = cb._req
+        if req is None:
+            return False
+        req.add_done_callback(functools.partial(self._request_finished, cb))
+        return True
 
     # -- completion ----------------------------------------------------------------
 
@@ -835,6 +842,10 @@ class PosixAio:
         try:
             # Without _lock: a cancel finishes the request, whose callback takes it.
             outcomes = [r.cancel() for r in running]
+        except BaseException:
+            for c in targets:  # (an interrupt may have cut a callback short)
+                self._rewatch(c)
+            raise
         finally:
             self._run(after, raising=True)
         if not targets:
