@@ -1034,3 +1034,31 @@ def test_each_context_forgets_an_fd_reused_while_another_was_in_use(tmp_path: Pa
                     assert bytes(cb.aio_buf) == new_data[1:101]
     finally:
         os.close(fd)
+
+
+def test_ctrl_c_in_a_completion_run_by_the_submitter_loses_nothing(
+    fd: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A cached read finishes inside aio_read, whose thread runs the request's
+    # callback: an interrupt landing there must not leave the aiocb in
+    # progress with its callback spent.
+    ctx = AioContext(deliver=False)
+    if not ctx.inline:
+        pytest.skip("no inline reads here")
+    real = px.PosixAio._request_finished
+    interrupts = [threading.current_thread()]
+
+    def interrupted(self: px.PosixAio, cb: px.aiocb, req: Any) -> None:
+        if interrupts and interrupts[0] is threading.current_thread():
+            interrupts.clear()
+            raise KeyboardInterrupt
+        real(self, cb, req)
+
+    monkeypatch.setattr(px.PosixAio, "_request_finished", interrupted)
+    with px.use_context(ctx):
+        cb = px.aiocb(fd, 0, bytearray(10))
+        with pytest.raises(KeyboardInterrupt):
+            px.aio_read(cb)
+        assert not interrupts  # it did land in the completion
+        assert outcome(px, cb) == (0, 10)
+    ctx.close()
