@@ -1062,3 +1062,53 @@ def test_ctrl_c_in_a_completion_run_by_the_submitter_loses_nothing(
         assert not interrupts  # it did land in the completion
         assert outcome(px, cb) == (0, 10)
     ctx.close()
+
+
+class _InterruptedForget(AioContext):
+    """A context whose forget() is interrupted once (Ctrl-C landing while
+    a list is being accepted, under posix's lock)."""
+
+    interrupts = 1
+
+    def forget(self, fd: int) -> None:
+        if self.interrupts:
+            self.interrupts -= 1
+            raise KeyboardInterrupt
+        super().forget(fd)
+
+
+def test_ctrl_c_while_a_list_is_accepted_leaves_nothing_in_progress(
+    fd: int, tmp_path: Path
+) -> None:
+    (tmp_path / "other").write_bytes(b"other file")
+    reused = os.open(tmp_path / "other", os.O_RDONLY)
+    ctx = _InterruptedForget(deliver=False)
+    try:
+        with px.use_context(ctx):
+            seen = px.aiocb(reused, 0, bytearray(5))
+            px.aio_read(seen)
+            assert outcome(px, seen) == (0, 5)
+            os.dup2(fd, reused)  # the number now names another file: forget it
+            listed = threading.Event()
+            cbs = [
+                px.aiocb(fd, 0, bytearray(4), lio_opcode=px.LIO_READ),
+                px.aiocb(reused, 0, bytearray(4), lio_opcode=px.LIO_READ),
+                px.aiocb(fd, 4, bytearray(4), lio_opcode=px.LIO_READ),
+            ]
+            with pytest.raises(KeyboardInterrupt):
+                px.lio_listio(
+                    px.LIO_NOWAIT,
+                    cbs,
+                    px.sigevent(px.SIGEV_THREAD, function=lambda v: listed.set()),
+                )
+            assert outcome(px, cbs[0]) == (0, 4)
+            assert outcome(px, cbs[1]) == (errno.ECANCELED, -1)
+            with pytest.raises(OSError, match="never submitted"):
+                px.aio_error(cbs[2])
+            assert listed.wait(10)
+            px.aio_read(cbs[1])  # the interrupted one can be submitted again
+            assert outcome(px, cbs[1]) == (0, 4)
+            assert bytes(cbs[1].aio_buf) == DATA[:4]
+    finally:
+        os.close(reused)
+        ctx.close()

@@ -561,25 +561,38 @@ class PosixAio:
         """Accept checked entries, all or none, then launch what may start."""
         ctx = self.context
         after = _After()
-        with self._lock:
-            for cb, _, _, _ in entries:
-                if cb._status is _PENDING or cb._status is _INFLIGHT:
-                    raise _einval("this aiocb is already in progress")
-            accepted = 0
-            try:
-                for cb, op, view, ident in entries:
-                    self._accept(ctx, cb, op, view, ident, group, after)
-                    accepted += 1
-            finally:
-                # Only an interrupt (Ctrl-C) lands here early: the group
-                # does not wait for entries that were never accepted.
-                if group is not None and accepted < len(entries):
-                    group.remaining -= len(entries) - accepted
-                    if group.remaining == 0 and group.sigevent is not None:
-                        after.notify.append(group.sigevent)
-            if after.notify:
-                self._cond.notify_all()
-        self._run(after, raising=True)
+        try:
+            with self._lock:
+                for cb, _, _, _ in entries:
+                    if cb._status is _PENDING or cb._status is _INFLIGHT:
+                        raise _einval("this aiocb is already in progress")
+                accepted = 0
+                try:
+                    for cb, op, view, ident in entries:
+                        self._accept(ctx, cb, op, view, ident, group, after)
+                        accepted += 1
+                finally:
+                    # (What started and finished here was never seen in
+                    # progress by a waiter: nobody to wake.)
+                    if accepted < len(entries):  # (an interrupt: Ctrl-C)
+                        self._interrupted(entries[accepted][0], entries, group, after)
+        finally:
+            self._run(after, raising=True)  # (what was claimed, even after an interrupt)
+
+    def _interrupted(
+        self, cb: aiocb, entries: _Entries, group: _Group | None, after: _After
+    ) -> None:
+        """An interrupt cut _accept short at ``cb``: finish it unless it was
+        claimed, and let the group wait only for what is in progress.  With
+        _lock held."""
+        if cb._status is _PENDING or (cb._status is _INFLIGHT and cb not in after.launch):
+            self._finish(cb, errno.ECANCELED, -1, after)
+        elif cb._status is not _INFLIGHT and cb._group is group:
+            cb._group = None  # it never got in progress
+        if group is not None and group.remaining > 0:
+            group.remaining = sum(1 for c, _, _, _ in entries if c._group is group)
+            if group.remaining == 0 and group.sigevent is not None:
+                after.notify.append(group.sigevent)
 
     def _accept(
         self,
