@@ -17,6 +17,7 @@ import platform
 import signal
 import socket
 import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -1112,3 +1113,42 @@ def test_ctrl_c_while_a_list_is_accepted_leaves_nothing_in_progress(
     finally:
         os.close(reused)
         ctx.close()
+
+
+def _in_function(thread: threading.Thread, name: str) -> bool:
+    frame = sys._current_frames().get(thread.ident or -1)
+    while frame is not None:
+        if frame.f_code.co_name == name:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def test_an_interrupted_aio_suspend_leaves_the_runtime_working(pipe: tuple[int, int]) -> None:
+    # A signal handler that raises ends the wait with its exception (PEP 475);
+    # the lock is released and the request still finishes and can be waited for.
+    r, w = pipe
+    cb = px.aiocb(r, 0, bytearray(2))
+    px.aio_read(cb)
+    main = threading.current_thread()
+
+    def interrupt_when_asleep() -> None:
+        wait_until(lambda: _in_function(main, "aio_suspend"))
+        assert main.ident is not None
+        signal.pthread_kill(main.ident, signal.SIGUSR1)
+
+    def handler(signo: int, frame: object) -> None:
+        raise InterruptedError("stop waiting")
+
+    old = signal.signal(signal.SIGUSR1, handler)
+    try:
+        t = threading.Thread(target=interrupt_when_asleep)
+        t.start()
+        with pytest.raises(InterruptedError, match="stop waiting"):
+            px.aio_suspend([cb], 30)
+        t.join(10)
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+    assert px.aio_error(cb) == errno.EINPROGRESS
+    os.write(w, b"ok")
+    assert outcome(px, cb) == (0, 2)
