@@ -40,7 +40,9 @@ Differences from glibc, on purpose
   the exception propagates from the call that submitted it, and the aiocb
   is finished -- with the OSError's errno, else ECANCELED -- so nothing
   waits on it for ever.  What lio_listio accepted is launched or finished
-  that way too before the exception propagates.
+  that way too before the exception propagates.  (One window is left: an
+  interrupt inside the engine's submit, after the engine took the request
+  and before it returned it, finishes the aiocb while the request runs.)
 * Requests run with what the aiocb held when submitted: changing its
   fields while it is in progress changes nothing.
 
@@ -54,7 +56,10 @@ File identity: the engine keeps per-fd state (O_DIRECT alignment, flags,
 sticky flush errors).  Each submission reads the fd's identity (st_dev,
 st_ino, F_GETFL flags); when it changed since the runtime last saw that fd
 number -- the fd was closed and the number reused, or its flags changed --
-the runtime makes the context forget the fd before submitting.
+the runtime makes the context forget the fd before submitting.  Identities
+are kept per context (each remembers its own fds).  The same file opened
+again with the same flags on the same number is not told apart.  Cost: an
+fstat and an F_GETFL per submission.
 
 Locking (per runtime): ``_lock`` protects every aiocb's ``_status``/
 ``_error``/``_return``/``_group``, the per-fd tables and the identities.
