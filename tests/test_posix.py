@@ -1152,3 +1152,43 @@ def test_an_interrupted_aio_suspend_leaves_the_runtime_working(pipe: tuple[int, 
     assert px.aio_error(cb) == errno.EINPROGRESS
     os.write(w, b"ok")
     assert outcome(px, cb) == (0, 2)
+
+
+class _RecordingForget(AioContext):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.forgotten: list[int] = []
+
+    def forget(self, fd: int) -> None:
+        self.forgotten.append(fd)
+        super().forget(fd)
+
+
+def test_a_buffered_fd_reused_for_another_file_is_forgotten_by_its_next_flush(
+    tmp_path: Path,
+) -> None:
+    # Buffered reads and writes read only the flags (the engine's memory of
+    # another buffered file only tunes the inline path); a flush, whose
+    # sticky errors are per file, also reads st_dev/st_ino.
+    for name in ("old", "new"):
+        (tmp_path / name).write_bytes(name.encode() * 10)
+    fd = os.open(tmp_path / "old", os.O_RDWR)
+    ctx = _RecordingForget(deliver=False)
+    try:
+        with px.use_context(ctx):
+            flush = px.aiocb(fd)
+            px.aio_fsync(os.O_SYNC, flush)
+            assert outcome(px, flush) == (0, 0)
+            other = os.open(tmp_path / "new", os.O_RDWR)
+            os.dup2(other, fd)
+            os.close(other)
+            cb = px.aiocb(fd, 0, bytearray(3))
+            px.aio_read(cb)
+            assert outcome(px, cb) == (0, 3)
+            assert bytes(cb.aio_buf) == b"new"
+            px.aio_fsync(os.O_SYNC, flush)
+            assert outcome(px, flush) == (0, 0)
+            assert ctx.forgotten == [fd]
+    finally:
+        os.close(fd)
+        ctx.close()

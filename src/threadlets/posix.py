@@ -53,13 +53,15 @@ a transfer that moved some bytes and then failed reports the bytes moved
 QEMU's rule (the error) and says how much moved in ``exc.transferred``.
 
 File identity: the engine keeps per-fd state (O_DIRECT alignment, flags,
-sticky flush errors).  Each submission reads the fd's identity (st_dev,
-st_ino, F_GETFL flags); when it changed since the runtime last saw that fd
+sticky flush errors).  Each submission reads the fd's identity (F_GETFL
+flags, st_dev, st_ino); when it changed since the runtime last saw that fd
 number -- the fd was closed and the number reused, or its flags changed --
 the runtime makes the context forget the fd before submitting.  Identities
-are kept per context (each remembers its own fds).  The same file opened
-again with the same flags on the same number is not told apart.  Cost: an
-fstat and an F_GETFL per submission.
+are kept per context (each remembers its own fds).  Cost: an F_GETFL per
+submission, and an fstat for flushes and O_DIRECT fds (see ``_identity``:
+for buffered reads and writes a reuse with the same flags is noticed at the
+next flush).  The same file opened again with the same flags on the same
+number is not told apart.
 
 Locking (per runtime): ``_lock`` protects every aiocb's ``_status``/
 ``_error``/``_return``/``_group``, the per-fd tables and the identities.
@@ -91,6 +93,7 @@ from typing import Any
 from threadlets.engine import AioContext, AioRequest
 from threadlets.ops import MAX_OFFSET
 from threadlets.pool import CancelResult, Threadlet, default_queue
+from threadlets.probe import O_DIRECT
 
 __all__ = [
     "AIO_ALLDONE",
@@ -166,16 +169,23 @@ def _is_open(fd: int) -> bool:
     return True
 
 
-def _identity(fd: int) -> _Identity | None:
-    """(st_dev, st_ino, F_GETFL flags) of an open fd, or None."""
+def _identity(fd: int, full: bool) -> _Identity | None:
+    """(F_GETFL flags, st_dev, st_ino) of an open fd, or None if it is not
+    one.  st_dev and st_ino (an fstat: the costly part) are read only where
+    the engine's memory of the file decides a result -- ``full`` (a flush:
+    sticky errors) or an O_DIRECT fd (alignment) -- and are -1 otherwise:
+    for a buffered read or write, the memory of another file with the same
+    flags only tunes the inline fast path."""
     if not 0 <= fd <= _FD_MAX:
         return None
     try:
-        st = os.fstat(fd)
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        if not full and not flags & O_DIRECT:
+            return flags, -1, -1
+        st = os.fstat(fd)
     except OSError:
         return None
-    return st.st_dev, st.st_ino, flags
+    return flags, st.st_dev, st.st_ino
 
 
 def _submit_errno(exc: BaseException) -> int:
@@ -495,14 +505,14 @@ class PosixAio:
         """Queue a read of ``aio_nbytes`` at ``aio_offset`` into ``aio_buf``."""
         _check_common(cb)
         view = _buffer(cb, writable=True)
-        self._submit([(cb, "read", view, _identity(cb.aio_fildes))], None)
+        self._submit([(cb, "read", view, _identity(cb.aio_fildes, False))], None)
 
     def aio_write(self, cb: aiocb) -> None:
         """Queue a write of ``aio_buf[:aio_nbytes]`` at ``aio_offset`` (at the
         end of the file, in call order, for an O_APPEND fd)."""
         _check_common(cb)
         view = _buffer(cb, writable=False)
-        self._submit([(cb, "write", view, _identity(cb.aio_fildes))], None)
+        self._submit([(cb, "write", view, _identity(cb.aio_fildes, False))], None)
 
     def aio_fsync(self, op: int, cb: aiocb) -> None:
         """Queue an fsync (``op`` os.O_SYNC) or fdatasync (os.O_DSYNC) of
@@ -511,7 +521,7 @@ class PosixAio:
         if op not in (os.O_SYNC, dsync):
             raise _einval("op must be os.O_SYNC or os.O_DSYNC")
         _check_common(cb)
-        ident = _identity(cb.aio_fildes)
+        ident = _identity(cb.aio_fildes, True)
         if ident is None:
             raise _ebadf()
         self._submit([(cb, "fsync" if op == os.O_SYNC else "fdatasync", None, ident)], None)
@@ -546,7 +556,7 @@ class PosixAio:
             work.append((c, "read" if op == LIO_READ else "write", view, None))
         if len({id(c) for c, _, _, _ in work}) != len(work):
             raise _einval("the same aiocb appears twice in the list")
-        work = [(c, op, view, _identity(c.aio_fildes)) for c, op, view, _ in work]
+        work = [(c, op, view, _identity(c.aio_fildes, False)) for c, op, view, _ in work]
         group_sigev = None if mode == LIO_WAIT or sigevent is None else sigevent._copy()
         if not work:
             if group_sigev is not None:
@@ -628,13 +638,19 @@ class PosixAio:
             self._table_ctx = ctx
         known = self._identities.get(fd)
         if known != ident:
-            # Closed, reused for another file, or its flags changed: what the
-            # engine remembers about this fd number is stale.
-            if known is not None:
-                ctx.forget(fd)
-            if ident is None:
-                del self._identities[fd]
+            if ident is None:  # closed
+                if known is not None:
+                    ctx.forget(fd)
+                    del self._identities[fd]
+            elif known is None or (
+                known[0] == ident[0] and (known[1] == -1 or ident[1] == -1 or known == ident)
+            ):
+                if known is None or ident[1] != -1:  # (the same file, as far as we know)
+                    self._identities[fd] = ident
             else:
+                # Reused for another file, or its flags changed: what the
+                # engine remembers about this fd number is stale.
+                ctx.forget(fd)
                 self._identities[fd] = ident
         if view is not None and (offset < 0 or offset + len(view) > MAX_OFFSET):
             # As glibc: the system call refuses it, so the status says so.
@@ -654,7 +670,7 @@ class PosixAio:
                 return
         else:
             state.active[cb] = None
-            if op == "write" and ident[2] & os.O_APPEND:
+            if op == "write" and ident[0] & os.O_APPEND:
                 state.appends.append(cb)
                 if len(state.appends) > 1:
                     return
