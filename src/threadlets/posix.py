@@ -1,12 +1,19 @@
 """POSIX asynchronous I/O (IEEE 1003.1 ``aio_*``) for threaded Python code.
 
 This module owns the POSIX interface: :class:`aiocb`, :class:`sigevent`,
-``aio_read`` ... ``lio_listio`` and their constants, with glibc's values.  It
-runs every request on the paio engine (:mod:`threadlets.engine`), through one
-process-wide :class:`~threadlets.engine.AioContext` that delivers nothing:
-each request's completion is followed through the request itself.  That
-context uses io_uring where it can be set up (``backend="auto"``): reads and
-writes then finish in the ring's reaper thread, the rest on the pool.
+``aio_read`` ... ``lio_listio`` and their constants, with glibc's values, and
+:class:`PosixAio`, the runtime that carries them out.  The module-level
+functions are those of one default runtime.  A runtime runs every request on
+the paio engine (:mod:`threadlets.engine`), through one
+:class:`~threadlets.engine.AioContext` that delivers nothing: each request's
+completion is followed through the request itself.  By default that context
+is made on first use with ``backend="auto"`` (io_uring where it can be set
+up: reads and writes then finish in the ring's reaper thread, the rest on
+the pool).  :func:`set_context` / :func:`use_context` give the runtime
+another one; it must be made with ``deliver=False`` (a delivering context
+would hold completions back for an owner thread that posix does not have),
+and it stays the caller's to close -- requests submitted after it was closed
+fail (see below).
 
 Where C returns -1 and sets errno, these functions raise ``OSError`` with
 that errno, as the ``os`` module does.
@@ -22,37 +29,71 @@ Differences from glibc, on purpose
   parallel, not used to reorder them.
 * ``SIGEV_SIGNAL`` sends the signal to the process; a Python signal handler
   cannot see ``sigev_value``.  ``SIGEV_THREAD`` calls ``function(value)``
-  on a worker thread.
+  on a worker thread; what it raises is logged (logger ``threadlets``).
 * ``aio_suspend`` is not interrupted with EINTR: Python runs signal
   handlers and resumes the wait (PEP 475); a handler that raises ends it
   with that exception.
 * ``aio_error``/``aio_return`` on an aiocb that was never submitted raise
   EINVAL (glibc reads whatever the struct holds); ``aio_return`` while the
   request is in progress raises EINPROGRESS (undefined in POSIX).
+* If handing a request to the engine raises (Ctrl-C, a closed context),
+  the exception propagates from the call that submitted it, and the aiocb
+  is finished -- with the OSError's errno, else ECANCELED -- so nothing
+  waits on it for ever.  What lio_listio accepted is launched or finished
+  that way too before the exception propagates.  (One window is left: an
+  interrupt inside the engine's submit, after the engine took the request
+  and before it returned it, finishes the aiocb while the request runs.)
+* Requests run with what the aiocb held when submitted: changing its
+  fields while it is in progress changes nothing.
 
-Locking: ``_lock`` protects every aiocb's ``_status``/``_error``/
-``_return``/``_req`` and the per-fd tables.  Engine calls that may finish
-a request (and so run its done-callback, which takes ``_lock``) are made
-without holding it, except ``_launch``, which submits with the lock held:
-the engine never calls back into this module from a submit.
+What glibc does and we keep: a bad fd (negative, past INT_MAX, not open)
+or offset is reported through ``aio_error`` (EBADF, EINVAL), not raised;
+a transfer that moved some bytes and then failed reports the bytes moved
+(``aio_error`` 0, ``aio_return`` the count), where the engine itself keeps
+QEMU's rule (the error) and says how much moved in ``exc.transferred``.
+
+File identity: the engine keeps per-fd state (O_DIRECT alignment, flags,
+sticky flush errors).  Each submission reads the fd's identity (F_GETFL
+flags, st_dev, st_ino); when it changed since the runtime last saw that fd
+number -- the fd was closed and the number reused, or its flags changed --
+the runtime makes the context forget the fd before submitting.  Identities
+are kept per context (each remembers its own fds).  Cost: an F_GETFL per
+submission, and an fstat for flushes and O_DIRECT fds (see ``_identity``:
+for buffered reads and writes a reuse with the same flags is noticed at the
+next flush).  The same file opened again with the same flags on the same
+number is not told apart.
+
+Locking (per runtime): ``_lock`` protects every aiocb's ``_status``/
+``_error``/``_return``/``_group``, the per-fd tables and the identities.
+An aiocb leaves IDLE/DONE only under ``_lock``, all entries of a list at
+once, after every entry was checked.  Engine calls are made without the
+lock: an aiocb is *claimed* (INFLIGHT, ``_req`` None) under the lock, then
+submitted outside it; the submitting thread stores ``_req`` and registers
+the done-callback, which takes the lock to finish the aiocb.  Until ``_req``
+is stored, aio_cancel answers NOTCANCELED for it (it is as good as
+running), and nothing else but that submitting thread may finish it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import functools
+import logging
 import os
 import signal
 import threading
 import time
+import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from threadlets.engine import AioContext, AioRequest
 from threadlets.ops import MAX_OFFSET
 from threadlets.pool import CancelResult, Threadlet, default_queue
+from threadlets.probe import O_DIRECT
 
 __all__ = [
     "AIO_ALLDONE",
@@ -67,6 +108,7 @@ __all__ = [
     "SIGEV_NONE",
     "SIGEV_SIGNAL",
     "SIGEV_THREAD",
+    "PosixAio",
     "aio_cancel",
     "aio_error",
     "aio_fsync",
@@ -75,9 +117,14 @@ __all__ = [
     "aio_suspend",
     "aio_write",
     "aiocb",
+    "default_runtime",
     "lio_listio",
+    "set_context",
     "sigevent",
+    "use_context",
 ]
+
+log = logging.getLogger("threadlets")
 
 AIO_CANCELED = 0
 AIO_NOTCANCELED = 1
@@ -92,15 +139,66 @@ SIGEV_NONE = 1
 SIGEV_THREAD = 2
 AIO_PRIO_DELTA_MAX = 20
 
-# aiocb._status
+#: aio_fildes is a C int: larger numbers cannot name an open file.
+_FD_MAX = 2**31 - 1
+
+# aiocb._status; leaving _IDLE/_DONE happens under the runtime's lock.
 _IDLE = "idle"  # never submitted
 _PENDING = "pending"  # accepted, waiting for an ordering constraint
-_INFLIGHT = "inflight"  # an engine request runs it
+_INFLIGHT = "inflight"  # claimed: being submitted (_req None) or run by _req
 _DONE = "done"
+
+_Identity = tuple[int, int, int]
 
 
 def _einval(what: str) -> OSError:
     return OSError(errno.EINVAL, f"{os.strerror(errno.EINVAL)}: {what}")
+
+
+def _ebadf() -> OSError:
+    return OSError(errno.EBADF, os.strerror(errno.EBADF))
+
+
+def _is_open(fd: int) -> bool:
+    if not 0 <= fd <= _FD_MAX:
+        return False
+    try:
+        fcntl.fcntl(fd, fcntl.F_GETFL)
+    except OSError:
+        return False
+    return True
+
+
+def _identity(fd: int, full: bool) -> _Identity | None:
+    """(F_GETFL flags, st_dev, st_ino) of an open fd, or None if it is not
+    one.  st_dev and st_ino (an fstat: the costly part) are read only where
+    the engine's memory of the file decides a result -- ``full`` (a flush:
+    sticky errors) or an O_DIRECT fd (alignment) -- and are -1 otherwise:
+    for a buffered read or write, the memory of another file with the same
+    flags only tunes the inline fast path."""
+    if not 0 <= fd <= _FD_MAX:
+        return None
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        if not full and not flags & O_DIRECT:
+            return flags, -1, -1
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return flags, st.st_dev, st.st_ino
+
+
+def _submit_errno(exc: BaseException) -> int:
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    return errno.ECANCELED
+
+
+def _call_notify(fn: Callable[[Any], object], value: object) -> None:
+    try:
+        fn(value)
+    except Exception:
+        log.exception("exception in SIGEV_THREAD function %r", fn)
 
 
 class sigevent:
@@ -138,13 +236,22 @@ class sigevent:
             return
         raise _einval(f"bad sigev_notify {self.sigev_notify!r}")
 
+    def _copy(self) -> sigevent | None:
+        """What fires at completion, fixed at submission (None: nothing)."""
+        if self.sigev_notify == SIGEV_NONE:
+            return None
+        return sigevent(self.sigev_notify, self.sigev_signo, self.sigev_value, self.function)
+
     def _fire(self) -> None:
         if self.sigev_notify == SIGEV_SIGNAL:
             os.kill(os.getpid(), self.sigev_signo)
         elif self.sigev_notify == SIGEV_THREAD:
             fn = self.function
             assert fn is not None
-            default_queue().submit(fn, self.sigev_value)
+            default_queue().submit(_call_notify, fn, self.sigev_value)
+
+
+_SigEvent = sigevent  # (aiocb.__init__ and lio_listio have a parameter `sigevent`)
 
 
 class aiocb:
@@ -152,16 +259,20 @@ class aiocb:
 
     ``aio_buf`` is a writable buffer for reads and any bytes-like object for
     writes; ``aio_nbytes`` defaults to its length.  The block may be reused
-    once its request has finished.
+    once its request has finished.  The request runs with the values the
+    fields had when it was submitted.
     """
 
     __slots__ = (
         "__weakref__",
         "_error",
+        "_fd",
         "_group",
+        "_offset",
         "_op",
         "_req",
         "_return",
+        "_sigev",
         "_status",
         "_view",
         "aio_buf",
@@ -192,13 +303,18 @@ class aiocb:
         self.aio_reqprio = reqprio
         self.aio_sigevent = sigevent
         self.aio_lio_opcode = lio_opcode
+        # Written under the runtime's lock (but _req: see the module docstring):
         self._status = _IDLE
         self._error = 0
         self._return = 0
+        self._group: _Group | None = None
+        # Fixed by each submission while the aiocb is in progress:
         self._req: AioRequest | None = None
         self._op = ""
+        self._fd = fildes
+        self._offset = 0
         self._view: memoryview | None = None
-        self._group: _Group | None = None
+        self._sigev: _SigEvent | None = None
 
     def __repr__(self) -> str:
         return (
@@ -210,16 +326,15 @@ class aiocb:
 class _Group:
     """The requests of one lio_listio call, for its list notification."""
 
-    __slots__ = ("failed", "remaining", "sigevent")
+    __slots__ = ("remaining", "sigevent")
 
     def __init__(self, remaining: int, sigev: sigevent | None) -> None:
         self.remaining = remaining
-        self.failed = False
         self.sigevent = sigev
 
 
 class _Fd:
-    """What must be ordered on one fd (protected by ``_lock``)."""
+    """What must be ordered on one fd (protected by the runtime's lock)."""
 
     __slots__ = ("active", "appends", "barriers")
 
@@ -232,20 +347,23 @@ class _Fd:
         self.barriers: list[tuple[aiocb, set[aiocb]]] = []
 
 
-_lock = threading.Lock()
-_cond = threading.Condition(_lock)
-_fds: dict[int, _Fd] = {}
-_ctx: AioContext | None = None
+class _After:
+    """What a critical section leaves for after the lock is dropped: aiocbs
+    claimed for launch, and notifications to send."""
+
+    __slots__ = ("launch", "notify")
+
+    def __init__(self) -> None:
+        self.launch: list[aiocb] = []
+        self.notify: list[sigevent] = []
 
 
-def _context() -> AioContext:
-    global _ctx
-    if _ctx is None:
-        _ctx = AioContext(deliver=False, backend="auto")
-    return _ctx
+#: One entry of a submission: (aiocb, op, buffer or None, identity of its fd).
+_Entry = tuple[aiocb, str, "memoryview | None", "_Identity | None"]
+_Entries = list[_Entry]  # (the methods' parameter `list` shadows the builtin)
 
 
-# -- submission --------------------------------------------------------------------
+# -- checks made before anything changes -----------------------------------------
 
 
 def _check_common(cb: object) -> aiocb:
@@ -260,8 +378,11 @@ def _check_common(cb: object) -> aiocb:
         if not isinstance(cb.aio_sigevent, sigevent):
             raise TypeError("aio_sigevent must be a sigevent or None")
         cb.aio_sigevent._check()
-    if cb._status in (_PENDING, _INFLIGHT):
+    if cb._status is _PENDING or cb._status is _INFLIGHT:  # (checked again under the lock)
         raise _einval("this aiocb is already in progress")
+    fd = cb.aio_fildes
+    if isinstance(fd, bool) or not isinstance(fd, int):
+        raise TypeError(f"aio_fildes must be an int, not {type(fd).__name__}")
     offset = cb.aio_offset
     if isinstance(offset, bool) or not isinstance(offset, int):
         raise TypeError(f"aio_offset must be an int, not {type(offset).__name__}")
@@ -290,276 +411,6 @@ def _buffer(cb: aiocb, writable: bool) -> memoryview:
     return view[:n]
 
 
-def _flags(fd: int) -> int | None:
-    try:
-        return fcntl.fcntl(fd, fcntl.F_GETFL)
-    except (OSError, OverflowError):
-        return None
-
-
-def _accept(cb: aiocb, op: str, view: memoryview | None, group: _Group | None) -> None:
-    """Take a validated aiocb in flight: order it, then launch it."""
-    fd = cb.aio_fildes
-    offset = cb.aio_offset
-    length = 0 if view is None else len(view)
-    append = op == "write" and (_flags(fd) or 0) & os.O_APPEND
-    notify: list[aiocb] = []
-    with _lock:
-        cb._op = op
-        cb._view = view
-        cb._group = group
-        cb._req = None
-        cb._status = _PENDING
-        cb._error = errno.EINPROGRESS
-        cb._return = 0
-        if op not in ("fsync", "fdatasync") and (offset < 0 or offset + length > MAX_OFFSET):
-            # As glibc: the system call refuses it, so the status says so.
-            _set_done(cb, errno.EINVAL, -1, notify)
-        elif fd < 0:
-            _set_done(cb, errno.EBADF, -1, notify)
-        else:
-            state = _fds.setdefault(fd, _Fd())
-            if op in ("fsync", "fdatasync"):
-                before = {c for c in state.active if c._op in ("read", "write")}
-                state.active[cb] = None
-                if before:
-                    state.barriers.append((cb, before))
-                else:
-                    _launch(cb)
-            else:
-                state.active[cb] = None
-                if append:
-                    state.appends.append(cb)
-                    if len(state.appends) == 1:
-                        _launch(cb)
-                else:
-                    _launch(cb)
-    _notify(notify)
-
-
-def _launch(cb: aiocb) -> None:
-    """Start the engine request of a PENDING aiocb.  Called with _lock held."""
-    ctx = _context()
-    fd = cb.aio_fildes
-    if cb._op == "read":
-        assert cb._view is not None
-        req = ctx.read(fd, cb.aio_offset, cb._view)
-    elif cb._op == "write":
-        assert cb._view is not None
-        req = ctx.write(fd, cb.aio_offset, cb._view)
-    else:
-        req = ctx.flush(fd, datasync=cb._op == "fdatasync")
-    cb._req = req
-    cb._status = _INFLIGHT
-    # The done-callback takes _lock, and runs at once if the request already
-    # finished (inline): it is registered by _watch_launched, without _lock.
-    _launched.append((cb, req))
-
-
-#: (aiocb, request) pairs launched under _lock, their callbacks not yet set.
-_launched: list[tuple[aiocb, AioRequest]] = []
-
-
-def _watch_launched() -> None:
-    while _launched:  # (an unlocked peek: the list is taken under _lock)
-        with _lock:
-            if not _launched:
-                return
-            batch = _launched[:]
-            _launched.clear()
-        for cb, req in batch:
-            req.add_done_callback(functools.partial(_request_finished, cb))
-
-
-def _request_finished(cb: aiocb, req: Threadlet[int]) -> None:
-    assert isinstance(req, AioRequest)
-    err, ret = req.outcome()
-    notify: list[aiocb] = []
-    with _lock:
-        if cb._req is not req or cb._status != _INFLIGHT:
-            return
-        _set_done(cb, err, ret, notify)
-    _notify(notify)
-
-
-def _set_done(cb: aiocb, err: int, ret: int, notify: list[aiocb]) -> None:
-    """Finish an aiocb and start what waited for it.  With _lock held."""
-    cb._status = _DONE
-    cb._error = err
-    cb._return = ret
-    cb._view = None
-    notify.append(cb)
-    state = _fds.get(cb.aio_fildes)
-    if state is None:
-        return
-    state.active.pop(cb, None)
-    if state.appends and state.appends[0] is cb:
-        state.appends.popleft()
-        while state.appends:
-            nxt = state.appends[0]
-            if nxt._status == _PENDING:
-                _launch(nxt)
-                break
-            state.appends.popleft()
-    elif cb in state.appends:
-        state.appends.remove(cb)
-    still: list[tuple[aiocb, set[aiocb]]] = []
-    for fsync_cb, waiting in state.barriers:
-        waiting.discard(cb)
-        if waiting or fsync_cb._status != _PENDING:
-            if fsync_cb._status == _PENDING:
-                still.append((fsync_cb, waiting))
-            continue
-        _launch(fsync_cb)
-    state.barriers = still
-    if not state.active:
-        del _fds[cb.aio_fildes]
-
-
-def _wake_waiters() -> None:
-    with _lock:
-        _cond.notify_all()
-
-
-def _notify(done: list[aiocb]) -> None:
-    """After _lock is dropped: watch what was launched, wake aio_suspend and
-    lio_listio waiters, send each finished aiocb's notifications."""
-    _watch_launched()
-    if not done:
-        return
-    groups: list[_Group] = []
-    # In the ring's reaper, waiters are woken once per batch of completions.
-    deferred = _ctx is not None and _ctx.call_after_batch(_wake_waiters)
-    with _lock:
-        if not deferred:
-            _cond.notify_all()
-        for cb in done:
-            g = cb._group
-            if g is not None:
-                cb._group = None
-                if cb._error:
-                    g.failed = True
-                g.remaining -= 1
-                if g.remaining == 0:
-                    groups.append(g)
-    for cb in done:
-        if cb.aio_sigevent is not None:
-            cb.aio_sigevent._fire()
-    for g in groups:
-        if g.sigevent is not None:
-            g.sigevent._fire()
-
-
-def aio_read(cb: aiocb) -> None:
-    """Queue a read of ``aio_nbytes`` at ``aio_offset`` into ``aio_buf``."""
-    _check_common(cb)
-    _accept(cb, "read", _buffer(cb, writable=True), None)
-
-
-def aio_write(cb: aiocb) -> None:
-    """Queue a write of ``aio_buf[:aio_nbytes]`` at ``aio_offset`` (at the end
-    of the file, in call order, for an O_APPEND fd)."""
-    _check_common(cb)
-    _accept(cb, "write", _buffer(cb, writable=False), None)
-
-
-def aio_fsync(op: int, cb: aiocb) -> None:
-    """Queue an fsync (``op`` os.O_SYNC) or fdatasync (os.O_DSYNC) of
-    ``aio_fildes`` that completes after the I/O queued on it before."""
-    dsync = getattr(os, "O_DSYNC", -1)
-    if op not in (os.O_SYNC, dsync):
-        raise _einval("op must be os.O_SYNC or os.O_DSYNC")
-    _check_common(cb)
-    if _flags(cb.aio_fildes) is None:
-        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
-    _accept(cb, "fsync" if op == os.O_SYNC else "fdatasync", None, None)
-
-
-def _status(cb: object) -> tuple[bool, int, int]:
-    """(finished, error, return value) of a submitted aiocb, read together."""
-    if not isinstance(cb, aiocb):
-        raise TypeError(f"expected an aiocb, not {type(cb).__name__}")
-    with _lock:
-        if cb._status == _IDLE:
-            raise _einval("this aiocb was never submitted")
-        return cb._status == _DONE, cb._error, cb._return
-
-
-def aio_error(cb: aiocb) -> int:
-    """EINPROGRESS while in progress; then 0 or the errno (ECANCELED if
-    cancelled)."""
-    finished, error, _ = _status(cb)
-    return error if finished else errno.EINPROGRESS
-
-
-def aio_return(cb: aiocb) -> int:
-    """The byte count of a finished request, or -1 if it failed."""
-    finished, _, value = _status(cb)
-    if not finished:
-        raise OSError(errno.EINPROGRESS, "the request is still in progress")
-    return value
-
-
-def aio_cancel(fildes: int, cb: aiocb | None = None) -> int:
-    """Cancel ``cb``, or every request on ``fildes``.
-
-    AIO_CANCELED if all targeted requests were cancelled, AIO_NOTCANCELED if
-    at least one is running (it completes normally), AIO_ALLDONE if none was
-    outstanding.  A cancelled request still gets its notification.
-    """
-    if isinstance(fildes, bool) or not isinstance(fildes, int):
-        raise TypeError(f"fildes must be an int, not {type(fildes).__name__}")
-    if _flags(fildes) is None:
-        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
-    if cb is not None:
-        if not isinstance(cb, aiocb):
-            raise TypeError(f"expected an aiocb or None, not {type(cb).__name__}")
-        if cb.aio_fildes != fildes:
-            raise _einval("the aiocb is for another file descriptor")
-    notify: list[aiocb] = []
-    running: list[AioRequest] = []
-    cancelled = 0
-    with _lock:
-        state = _fds.get(fildes)
-        targets = [] if state is None else list(state.active)
-        if cb is not None:
-            targets = [cb] if cb in targets else []
-        for c in targets:
-            if c._status == _PENDING:
-                _set_done(c, errno.ECANCELED, -1, notify)
-                cancelled += 1
-            elif c._status == _INFLIGHT:
-                assert c._req is not None
-                running.append(c._req)
-    outcomes = [r.cancel() for r in running]  # without _lock: cancel finishes them
-    _notify(notify)
-    if not targets:
-        return AIO_ALLDONE
-    if CancelResult.NOTCANCELED in outcomes:
-        return AIO_NOTCANCELED
-    if cancelled + outcomes.count(CancelResult.CANCELED) == 0:
-        return AIO_ALLDONE
-    return AIO_CANCELED
-
-
-def aio_suspend(list: Sequence[aiocb | None], timeout: float | None = None) -> None:
-    """Wait until at least one request of ``list`` is no longer in progress
-    (None entries are ignored).  Raises OSError(EAGAIN) on timeout."""
-    cbs = _check_list(list)
-    if timeout is not None:
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-            raise TypeError(f"timeout must be a number or None, not {type(timeout).__name__}")
-        if timeout < 0:
-            raise _einval("timeout must be >= 0")
-    deadline = None if timeout is None else time.monotonic() + timeout
-    with _lock:
-        while all(c._status in (_PENDING, _INFLIGHT) for c in cbs) and cbs:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise OSError(errno.EAGAIN, "aio_suspend timed out")
-            _cond.wait(remaining)
-
-
 def _check_list(items: Iterable[aiocb | None]) -> list[aiocb]:
     if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
         raise TypeError("expected a list of aiocb or None")
@@ -573,68 +424,552 @@ def _check_list(items: Iterable[aiocb | None]) -> list[aiocb]:
     return out
 
 
-_Work = list[tuple[aiocb, str, memoryview]]
+class PosixAio:
+    """A POSIX AIO runtime: the lock, the per-fd ordering tables, the fd
+    identities and the :class:`~threadlets.engine.AioContext` behind one set
+    of ``aio_*`` functions (its methods of the same names).
 
-
-def lio_listio(mode: int, list: Sequence[aiocb | None], sigevent: sigevent | None = None) -> None:
-    """Submit a list of reads and writes (``aio_lio_opcode`` LIO_READ,
-    LIO_WRITE, or LIO_NOP to skip).
-
-    LIO_WAIT waits for all of them and raises OSError(EIO) if any failed
-    (each aiocb keeps its own status).  LIO_NOWAIT returns at once; each
-    request's own notification fires, and ``sigevent`` once all are done.
+    ``context`` (optional) must be an ``AioContext(deliver=False)``;
+    without one, the runtime makes its own on first use
+    (``backend="auto"``).  An aiocb belongs to the runtime that runs it
+    until it finishes: wait for it, cancel it and read its status through
+    that runtime's methods.  In a forked child, every aiocb the parent had in
+    progress reads ECANCELED / -1, and the runtime's own context is made
+    afresh (a given one is kept: the engine handles the fork).
     """
-    if mode not in (LIO_WAIT, LIO_NOWAIT):
-        raise _einval(f"bad mode {mode!r}")
-    cbs = _check_list(list)
-    if sigevent is not None:
-        sigevent._check()
-    work: _Work = []
-    for c in cbs:
-        op = c.aio_lio_opcode
-        if op == LIO_NOP:
-            continue
-        if op not in (LIO_READ, LIO_WRITE):
-            raise _einval(f"bad aio_lio_opcode {op!r}")
-        _check_common(c)
-        work.append((c, "read" if op == LIO_READ else "write", _buffer(c, op == LIO_READ)))
-    if len({id(c) for c, _, _ in work}) != len(work):
-        raise _einval("the same aiocb appears twice in the list")
-    group = _Group(len(work), sigevent if mode == LIO_NOWAIT else None)
-    if not work:
-        if group.sigevent is not None:
-            group.sigevent._fire()
-        return
-    for c, kind, view in work:
-        _accept(c, kind, view, group)
-    if mode == LIO_NOWAIT:
-        return
-    with _lock:
-        while any(c._status != _DONE for c, _, _ in work):
-            _cond.wait()
-        failed = any(c._error for c, _, _ in work)
-    if failed:
-        raise OSError(errno.EIO, "at least one request of the list failed")
+
+    def __init__(self, context: AioContext | None = None) -> None:
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        # Protected by _lock:
+        self._fds: dict[int, _Fd] = {}
+        #: The fd identities last seen, per context (what each may remember);
+        #: _identities is _tables[_table_ctx], the table of the context in use.
+        self._tables: weakref.WeakKeyDictionary[AioContext, dict[int, _Identity]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._table_ctx: AioContext | None = None
+        self._identities: dict[int, _Identity] = {}
+        # Replaced under _lock; read by submitting threads without it:
+        self._given: AioContext | None = None
+        self._own: AioContext | None = None
+        if context is not None:
+            self.set_context(context)
+        _runtimes.add(self)
+
+    def __repr__(self) -> str:
+        return f"<PosixAio context={self._given or self._own!r}>"
+
+    # -- the context ------------------------------------------------------------
+
+    @property
+    def context(self) -> AioContext:
+        """The context requests are submitted to (made on first use)."""
+        ctx = self._given
+        if ctx is None:
+            ctx = self._own
+            if ctx is None:
+                with self._lock:
+                    if self._own is None:
+                        self._own = AioContext(deliver=False, backend="auto")
+                    ctx = self._given if self._given is not None else self._own
+        return ctx
+
+    def set_context(self, context: AioContext | None) -> AioContext | None:
+        """Submit later requests to ``context`` (an ``AioContext(deliver=False)``;
+        None: the runtime's own).  Requests in progress finish where they
+        run.  Returns the context given before (None if none was)."""
+        if context is not None:
+            if not isinstance(context, AioContext):
+                raise TypeError(f"expected an AioContext, not {type(context).__name__}")
+            if getattr(context, "_deliver", True):
+                raise ValueError("threadlets.posix needs an AioContext(deliver=False)")
+        with self._lock:
+            previous = self._given
+            self._given = context
+        return previous
+
+    @contextlib.contextmanager
+    def use_context(self, context: AioContext | None) -> Iterator[AioContext]:
+        """``with runtime.use_context(ctx):`` -- set_context(ctx) for the
+        block, then the one given before."""
+        previous = self.set_context(context)
+        try:
+            yield self.context
+        finally:
+            self.set_context(previous)
+
+    # -- submission ---------------------------------------------------------------
+
+    def aio_read(self, cb: aiocb) -> None:
+        """Queue a read of ``aio_nbytes`` at ``aio_offset`` into ``aio_buf``."""
+        _check_common(cb)
+        view = _buffer(cb, writable=True)
+        self._submit([(cb, "read", view, _identity(cb.aio_fildes, False))], None)
+
+    def aio_write(self, cb: aiocb) -> None:
+        """Queue a write of ``aio_buf[:aio_nbytes]`` at ``aio_offset`` (at the
+        end of the file, in call order, for an O_APPEND fd)."""
+        _check_common(cb)
+        view = _buffer(cb, writable=False)
+        self._submit([(cb, "write", view, _identity(cb.aio_fildes, False))], None)
+
+    def aio_fsync(self, op: int, cb: aiocb) -> None:
+        """Queue an fsync (``op`` os.O_SYNC) or fdatasync (os.O_DSYNC) of
+        ``aio_fildes`` that completes after the I/O queued on it before."""
+        dsync = getattr(os, "O_DSYNC", -1)
+        if op not in (os.O_SYNC, dsync):
+            raise _einval("op must be os.O_SYNC or os.O_DSYNC")
+        _check_common(cb)
+        ident = _identity(cb.aio_fildes, True)
+        if ident is None:
+            raise _ebadf()
+        self._submit([(cb, "fsync" if op == os.O_SYNC else "fdatasync", None, ident)], None)
+
+    def lio_listio(
+        self, mode: int, list: Sequence[aiocb | None], sigevent: sigevent | None = None
+    ) -> None:
+        """Submit a list of reads and writes (``aio_lio_opcode`` LIO_READ,
+        LIO_WRITE, or LIO_NOP to skip).  Every entry is checked before any
+        starts: one bad entry raises, and none is submitted.
+
+        LIO_WAIT waits for all of them and raises OSError(EIO) if any failed
+        (each aiocb keeps its own status).  LIO_NOWAIT returns at once; each
+        request's own notification fires, and ``sigevent`` once all are done.
+        """
+        if mode not in (LIO_WAIT, LIO_NOWAIT):
+            raise _einval(f"bad mode {mode!r}")
+        cbs = _check_list(list)
+        if sigevent is not None:
+            if not isinstance(sigevent, _SigEvent):
+                raise TypeError("sigevent must be a sigevent or None")
+            sigevent._check()
+        work: _Entries = []
+        for c in cbs:
+            op = c.aio_lio_opcode
+            if op == LIO_NOP:
+                continue
+            if op not in (LIO_READ, LIO_WRITE):
+                raise _einval(f"bad aio_lio_opcode {op!r}")
+            _check_common(c)
+            view = _buffer(c, op == LIO_READ)
+            work.append((c, "read" if op == LIO_READ else "write", view, None))
+        if len({id(c) for c, _, _, _ in work}) != len(work):
+            raise _einval("the same aiocb appears twice in the list")
+        work = [(c, op, view, _identity(c.aio_fildes, False)) for c, op, view, _ in work]
+        group_sigev = None if mode == LIO_WAIT or sigevent is None else sigevent._copy()
+        if not work:
+            if group_sigev is not None:
+                group_sigev._fire()
+            return
+        self._submit(work, _Group(len(work), group_sigev))
+        if mode == LIO_NOWAIT:
+            return
+        with self._lock:
+            while any(c._status is not _DONE for c, _, _, _ in work):
+                self._cond.wait()
+            failed = any(c._error for c, _, _, _ in work)
+        if failed:
+            raise OSError(errno.EIO, "at least one request of the list failed")
+
+    def _submit(self, entries: _Entries, group: _Group | None) -> None:
+        """Accept checked entries, all or none, then launch what may start."""
+        ctx = self.context
+        after = _After()
+        try:
+            with self._lock:
+                for cb, _, _, _ in entries:
+                    if cb._status is _PENDING or cb._status is _INFLIGHT:
+                        raise _einval("this aiocb is already in progress")
+                accepted = 0
+                try:
+                    for cb, op, view, ident in entries:
+                        self._accept(ctx, cb, op, view, ident, group, after)
+                        accepted += 1
+                finally:
+                    # (What started and finished here was never seen in
+                    # progress by a waiter: nobody to wake.)
+                    if accepted < len(entries):  # (an interrupt: Ctrl-C)
+                        self._interrupted(entries[accepted][0], entries, group, after)
+        finally:
+            self._run(after, raising=True)  # (what was claimed, even after an interrupt)
+
+    def _interrupted(
+        self, cb: aiocb, entries: _Entries, group: _Group | None, after: _After
+    ) -> None:
+        """An interrupt cut _accept short at ``cb``: finish it unless it was
+        claimed, and let the group wait only for what is in progress.  With
+        _lock held."""
+        if cb._status is _PENDING or (cb._status is _INFLIGHT and cb not in after.launch):
+            self._finish(cb, errno.ECANCELED, -1, after)
+        elif cb._status is not _INFLIGHT and cb._group is group:
+            cb._group = None  # it never got in progress
+        if group is not None and group.remaining > 0:
+            group.remaining = sum(1 for c, _, _, _ in entries if c._group is group)
+            if group.remaining == 0 and group.sigevent is not None:
+                after.notify.append(group.sigevent)
+
+    def _accept(
+        self,
+        ctx: AioContext,
+        cb: aiocb,
+        op: str,
+        view: memoryview | None,
+        ident: _Identity | None,
+        group: _Group | None,
+        after: _After,
+    ) -> None:
+        """Take a checked aiocb in progress: claim it for launch, or queue it
+        behind what POSIX orders it after.  With _lock held."""
+        fd = cb.aio_fildes
+        offset = cb.aio_offset
+        cb._op = op
+        cb._fd = fd
+        cb._offset = offset
+        cb._view = view
+        cb._group = group
+        cb._sigev = None if cb.aio_sigevent is None else cb.aio_sigevent._copy()
+        cb._req = None
+        cb._status = _PENDING
+        cb._error = errno.EINPROGRESS
+        cb._return = 0
+        if self._table_ctx is not ctx:
+            self._identities = self._tables.setdefault(ctx, {})
+            self._table_ctx = ctx
+        known = self._identities.get(fd)
+        if known != ident:
+            if ident is None:  # closed
+                if known is not None:
+                    ctx.forget(fd)
+                    del self._identities[fd]
+            elif known is None or (
+                known[0] == ident[0] and (known[1] == -1 or ident[1] == -1 or known == ident)
+            ):
+                if known is None or ident[1] != -1:  # (the same file, as far as we know)
+                    self._identities[fd] = ident
+            else:
+                # Reused for another file, or its flags changed: what the
+                # engine remembers about this fd number is stale.
+                ctx.forget(fd)
+                self._identities[fd] = ident
+        if view is not None and (offset < 0 or offset + len(view) > MAX_OFFSET):
+            # As glibc: the system call refuses it, so the status says so.
+            self._finish(cb, errno.EINVAL, -1, after)
+            return
+        if ident is None:
+            self._finish(cb, errno.EBADF, -1, after)
+            return
+        state = self._fds.get(fd)
+        if state is None:
+            state = self._fds[fd] = _Fd()
+        if view is None:  # fsync / fdatasync
+            before = {c for c in state.active if c._op in {"read", "write"}}
+            state.active[cb] = None
+            if before:
+                state.barriers.append((cb, before))
+                return
+        else:
+            state.active[cb] = None
+            if op == "write" and ident[0] & os.O_APPEND:
+                state.appends.append(cb)
+                if len(state.appends) > 1:
+                    return
+        cb._status = _INFLIGHT
+        after.launch.append(cb)
+
+    def _run(self, after: _After, raising: bool) -> None:
+        """After the lock is dropped: submit every claimed aiocb (finishing
+        the ones the engine refuses), then send every notification.  Then
+        the first exception propagates if ``raising`` (the submitter's own
+        call) or if it is not an Exception (Ctrl-C); otherwise the aiocb
+        reports a refused submission, and a notification that could not be
+        sent is logged."""
+        first: BaseException | None = None
+        launch = after.launch
+        i = 0
+        while i < len(launch):  # (finishing one may claim more)
+            cb = launch[i]
+            i += 1
+            try:
+                self._launch(cb)
+            except BaseException as e:
+                first = first or e
+                self._launch_failed(cb, e, after)
+        launch.clear()
+        for sev in after.notify:
+            try:
+                sev._fire()
+            except BaseException as e:
+                if not raising and isinstance(e, Exception):
+                    log.exception("could not send the notification %r", sev)
+                first = first or e
+        if first is not None and (raising or not isinstance(first, Exception)):
+            raise first
+
+    def _launch(self, cb: aiocb) -> None:
+        """Hand a claimed aiocb to the engine.  Without _lock."""
+        ctx = self.context
+        if cb._op == "read":
+            assert cb._view is not None
+            req = ctx.read(cb._fd, cb._offset, cb._view)
+        elif cb._op == "write":
+            assert cb._view is not None
+            req = ctx.write(cb._fd, cb._offset, cb._view)
+        else:
+            req = ctx.flush(cb._fd, datasync=cb._op == "fdatasync")
+        # Stored before the callback can run: it checks that it is cb's request.
+        cb._req = req
+        req.add_done_callback(functools.partial(self._request_finished, cb))
+
+    def _launch_failed(self, cb: aiocb, exc: BaseException, after: _After) -> None:
+        if self._rewatch(cb):
+            return
+        with self._lock:
+            if cb._status is _INFLIGHT and cb._req is None:
+                self._finish(cb, _submit_errno(exc), -1, after)
+                self._cond.notify_all()
+
+    def _rewatch(self, cb: aiocb) -> bool:
+        """After an interrupt: if an engine request runs cb, make sure its
+        callback will finish cb (registered twice is harmless: the second
+        call finds cb no longer INFLIGHT with that request)."""
+        req = cb._req
+        if req is None:
+            return False
+        req.add_done_callback(functools.partial(self._request_finished, cb))
+        return True
+
+    # -- completion ----------------------------------------------------------------
+
+    def _request_finished(self, cb: aiocb, req: Threadlet[int]) -> None:
+        assert isinstance(req, AioRequest)
+        err, ret = req.outcome()
+        if err and err != errno.ECANCELED:
+            moved = getattr(req.exception(), "transferred", 0)
+            if type(moved) is int and moved > 0:
+                err, ret = 0, moved  # as glibc: what moved before the error
+        after = _After()
+        # In the ring's reaper, waiters are woken once per batch of completions.
+        deferred = self.context.call_after_batch(self._wake_waiters)
+        with self._lock:
+            if cb._req is not req or cb._status is not _INFLIGHT:
+                return
+            self._finish(cb, err, ret, after)
+            if not deferred:
+                self._cond.notify_all()
+        if after.launch or after.notify:
+            self._run(after, raising=False)
+
+    def _wake_waiters(self) -> None:
+        with self._lock:
+            self._cond.notify_all()
+
+    def _finish(self, cb: aiocb, err: int, ret: int, after: _After) -> None:
+        """Finish an aiocb, claim what waited for it, queue its notifications.
+        With _lock held; the caller wakes the waiters."""
+        cb._status = _DONE
+        cb._error = err
+        cb._return = ret
+        cb._view = None
+        cb._req = None
+        if cb._sigev is not None:
+            after.notify.append(cb._sigev)
+            cb._sigev = None
+        g = cb._group
+        if g is not None:
+            cb._group = None
+            g.remaining -= 1
+            if g.remaining == 0 and g.sigevent is not None:
+                after.notify.append(g.sigevent)
+        fd = cb._fd
+        state = self._fds.get(fd)
+        if state is None or cb not in state.active:
+            return  # (never queued on the fd: refused at acceptance)
+        del state.active[cb]
+        if state.appends and state.appends[0] is cb:
+            state.appends.popleft()
+            while state.appends:
+                nxt = state.appends[0]
+                if nxt._status is _PENDING:
+                    nxt._status = _INFLIGHT
+                    after.launch.append(nxt)
+                    break
+                state.appends.popleft()
+        elif cb in state.appends:
+            state.appends.remove(cb)
+        if state.barriers:
+            still: list[tuple[aiocb, set[aiocb]]] = []
+            for fsync_cb, waiting in state.barriers:
+                waiting.discard(cb)
+                if fsync_cb._status is not _PENDING:
+                    continue
+                if waiting:
+                    still.append((fsync_cb, waiting))
+                else:
+                    fsync_cb._status = _INFLIGHT
+                    after.launch.append(fsync_cb)
+            state.barriers = still
+        if not state.active:
+            del self._fds[fd]
+
+    # -- status -------------------------------------------------------------------
+
+    def _status(self, cb: object) -> tuple[bool, int, int]:
+        """(finished, error, return value) of a submitted aiocb, read together."""
+        if not isinstance(cb, aiocb):
+            raise TypeError(f"expected an aiocb, not {type(cb).__name__}")
+        with self._lock:
+            if cb._status is _IDLE:
+                raise _einval("this aiocb was never submitted")
+            return cb._status is _DONE, cb._error, cb._return
+
+    def aio_error(self, cb: aiocb) -> int:
+        """EINPROGRESS while in progress; then 0 or the errno (ECANCELED if
+        cancelled)."""
+        finished, error, _ = self._status(cb)
+        return error if finished else errno.EINPROGRESS
+
+    def aio_return(self, cb: aiocb) -> int:
+        """The byte count of a finished request, or -1 if it failed."""
+        finished, _, value = self._status(cb)
+        if not finished:
+            raise OSError(errno.EINPROGRESS, "the request is still in progress")
+        return value
+
+    def aio_cancel(self, fildes: int, cb: aiocb | None = None) -> int:
+        """Cancel ``cb``, or every request on ``fildes``.
+
+        AIO_CANCELED if all targeted requests were cancelled, AIO_NOTCANCELED
+        if at least one is running (it completes normally), AIO_ALLDONE if
+        none was outstanding.  A cancelled request still gets its
+        notification.
+        """
+        if isinstance(fildes, bool) or not isinstance(fildes, int):
+            raise TypeError(f"fildes must be an int, not {type(fildes).__name__}")
+        if not _is_open(fildes):
+            raise _ebadf()
+        if cb is not None:
+            if not isinstance(cb, aiocb):
+                raise TypeError(f"expected an aiocb or None, not {type(cb).__name__}")
+            if cb.aio_fildes != fildes:
+                raise _einval("the aiocb is for another file descriptor")
+        after = _After()
+        running: list[AioRequest] = []
+        cancelled = 0
+        launching = False
+        with self._lock:
+            state = self._fds.get(fildes)
+            targets = [] if state is None else list(state.active)
+            if cb is not None:
+                targets = [cb] if cb in targets else []
+            for c in targets:
+                if c._status is _PENDING:
+                    self._finish(c, errno.ECANCELED, -1, after)
+                    cancelled += 1
+                elif c._status is _INFLIGHT:
+                    if c._req is None:
+                        launching = True  # being submitted: as good as running
+                    else:
+                        running.append(c._req)
+            if cancelled:
+                self._cond.notify_all()
+        try:
+            # Without _lock: a cancel finishes the request, whose callback takes it.
+            outcomes = [r.cancel() for r in running]
+        except BaseException:
+            for c in targets:  # (an interrupt may have cut a callback short)
+                self._rewatch(c)
+            raise
+        finally:
+            self._run(after, raising=True)
+        if not targets:
+            return AIO_ALLDONE
+        if launching or CancelResult.NOTCANCELED in outcomes:
+            return AIO_NOTCANCELED
+        if cancelled + outcomes.count(CancelResult.CANCELED) == 0:
+            return AIO_ALLDONE
+        return AIO_CANCELED
+
+    def aio_suspend(self, list: Sequence[aiocb | None], timeout: float | None = None) -> None:
+        """Wait until at least one request of ``list`` is no longer in
+        progress (None entries are ignored).  Raises OSError(EAGAIN) on
+        timeout."""
+        cbs = _check_list(list)
+        if timeout is not None:
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+                raise TypeError(f"timeout must be a number or None, not {type(timeout).__name__}")
+            if timeout < 0:
+                raise _einval("timeout must be >= 0")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while cbs and all(c._status is _PENDING or c._status is _INFLIGHT for c in cbs):
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise OSError(errno.EAGAIN, "aio_suspend timed out")
+                self._cond.wait(remaining)
+
+    # -- fork ------------------------------------------------------------------------
+
+    def _after_fork_in_child(self) -> None:
+        """In the child the parent's requests are not ours to finish: the pool
+        marked their threadlets CANCELLED; mark their aiocbs so too."""
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        for state in self._fds.values():
+            for c in state.active:
+                c._status = _DONE
+                c._error = errno.ECANCELED
+                c._return = -1
+                c._req = None
+                c._view = None
+                c._group = None
+                c._sigev = None
+        self._fds.clear()
+        if self._own is not None and self._table_ctx is self._own:
+            self._table_ctx = None
+            self._identities = {}
+        self._own = None  # (a given context is the caller's: the engine handles it)
 
 
-# -- fork --------------------------------------------------------------------------
+_runtimes: weakref.WeakSet[PosixAio] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
-    """In the child the parent's requests are not ours to finish: the pool
-    marked their threadlets CANCELLED; mark their aiocbs so too."""
-    global _lock, _cond, _ctx
-    _lock = threading.Lock()
-    _cond = threading.Condition(_lock)
-    for state in _fds.values():
-        for c in state.active:
-            c._status = _DONE
-            c._error = errno.ECANCELED
-            c._return = -1
-    _fds.clear()
-    _launched.clear()
-    _ctx = None
+    for rt in list(_runtimes):
+        rt._after_fork_in_child()
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+#: The runtime behind the module-level functions.
+_default = PosixAio()
+
+
+def default_runtime() -> PosixAio:
+    """The runtime behind the module-level ``aio_*`` functions."""
+    return _default
+
+
+def set_context(context: AioContext | None) -> AioContext | None:
+    """Give the default runtime an ``AioContext(deliver=False)`` to submit
+    to (None: its own, made on first use); returns the one given before.
+    See :meth:`PosixAio.set_context`."""
+    return _default.set_context(context)
+
+
+def use_context(context: AioContext | None) -> contextlib.AbstractContextManager[AioContext]:
+    """``with threadlets.posix.use_context(ctx):`` -- the default runtime
+    submits to ``ctx`` inside the block."""
+    return _default.use_context(context)
+
+
+aio_read = _default.aio_read
+aio_write = _default.aio_write
+aio_fsync = _default.aio_fsync
+aio_error = _default.aio_error
+aio_return = _default.aio_return
+aio_cancel = _default.aio_cancel
+aio_suspend = _default.aio_suspend
+lio_listio = _default.lio_listio
