@@ -11,6 +11,7 @@ everything and holds no fd.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from pathlib import Path
@@ -119,10 +120,8 @@ class EngineMachine(RuleBasedStateMachine):
     def process(self) -> None:
         if self.closed:
             return
-        try:
+        with contextlib.suppress(_Raise):
             self.ctx.process_completions()
-        except _Raise:
-            pass
 
     @rule()
     def close_now(self) -> None:

@@ -227,9 +227,10 @@ def test_requests_on_one_fd_run_in_parallel_unlike_glibc(
     pipe: tuple[int, int], backend: str
 ) -> None:
     # Different on purpose: two reads of one pipe are both in the kernel at
-    # once here (glibc would queue the second behind the first), so an
-    # fd-wide cancel cancels neither.  On threads, two workers are blocked
-    # in read(); on io_uring, both reads are in the ring.
+    # once here (glibc would queue the second behind the first).  On
+    # threads, two workers are blocked in read(), so an fd-wide cancel
+    # cancels neither; on io_uring both reads wait in the ring, which takes
+    # them back (IORING_OP_ASYNC_CANCEL): both cancelled, nothing consumed.
     if backend == "io_uring" and not probe_io_uring().supported:
         pytest.skip("no io_uring here")
     r, w = pipe
@@ -245,6 +246,13 @@ def test_requests_on_one_fd_run_in_parallel_unlike_glibc(
             ring = ctx._ring
             assert ring is not None
             assert ring._in_kernel == 2  # submitted at once: the reaper is idle
+        if backend == "io_uring":
+            assert px.aio_cancel(r) == px.AIO_CANCELED
+            assert [outcome(px, cb) for cb in cbs] == [(errno.ECANCELED, -1)] * 2
+            os.write(w, b"abcdef")
+            assert os.read(r, 6) == b"abcdef"  # nothing was consumed
+            assert [bytes(cb.aio_buf) for cb in cbs] == [bytes(3)] * 2
+            return
         assert px.aio_cancel(r) == px.AIO_NOTCANCELED
         os.write(w, b"abcdef")
         assert sorted(outcome(px, cb) for cb in cbs) == [(0, 3), (0, 3)]
@@ -763,15 +771,7 @@ def stream(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[int
 _STREAM_IMPLS = [
     pytest.param("glibc", marks=needs_glibc),
     pytest.param("threads"),
-    # Expected to pass once the engine's io_uring path is fixed (issue 18a);
-    # then drop the mark.  Today a blocking read stays EINPROGRESS with the
-    # bytes in the pipe, an O_NONBLOCK one says EAGAIN, and one of an empty
-    # O_NONBLOCK pipe stays EINPROGRESS: not run, as each would sit out the
-    # 10 s safety timeout.
-    pytest.param(
-        "io_uring",
-        marks=pytest.mark.xfail(run=False, reason="needs the engine's io_uring fix (issue 18a)"),
-    ),
+    pytest.param("io_uring"),
 ]
 
 

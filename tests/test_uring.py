@@ -177,7 +177,7 @@ def test_ring_refuses_more_than_entries_in_flight(tmp_path: Path) -> None:
     got: list[int] = []
     bufs = [bytearray(1) for _ in range(ring.entries + 1)]
     taken = [
-        ring.submit(OP_READ, r, 0, buffer_address(memoryview(b)) or 0, 1, 0, got.append)
+        bool(ring.submit(OP_READ, r, 0, buffer_address(memoryview(b)) or 0, 1, 0, got.append))
         for b in bufs
     ]
     assert taken == [True] * ring.entries + [False]
@@ -383,18 +383,41 @@ def test_vectored_and_read_only_views_go_to_threads(ctx: AioContext, fd: int) ->
     assert s.threaded == 2
 
 
-def test_ring_requests_are_running_and_not_cancelled(ctx: AioContext) -> None:
+def test_a_ring_request_that_moved_nothing_is_cancelled(ctx: AioContext) -> None:
+    """IORING_OP_ASYNC_CANCEL: the same answers as on the threads backend
+    (CANCELED: nothing touched), and the request reads CANCELLED at once."""
     r, w = os.pipe()
     try:
         buf = bytearray(3)
         req = ctx.read(r, 0, buf)  # stays in the kernel until the pipe has data
         assert req.state is threadlets.ThreadletState.RUNNING
-        assert req.cancel() is CancelResult.NOTCANCELED
+        assert req.cancel() is CancelResult.CANCELED
+        assert req.state is threadlets.ThreadletState.CANCELLED
+        assert req.cancel() is CancelResult.ALLDONE
+        assert ctx.wait(req, timeout=10)
+        os.write(w, b"xyz")
+        assert os.read(r, 3) == b"xyz"  # nothing was consumed
+        assert buf == bytes(3)
+    finally:
+        ctx.forget(r)
+        os.close(r)
+        os.close(w)
+
+
+def test_a_ring_request_the_kernel_completed_is_not_cancelled(ctx: AioContext) -> None:
+    r, w = os.pipe()
+    try:
+        buf = bytearray(3)
+        req = ctx.read(r, 0, buf)
+        assert req.state is threadlets.ThreadletState.RUNNING
         os.write(w, b"abc")
+        ring = ctx._ring
+        assert ring is not None
+        wait_until(lambda: ring._cq_tail.value != ring._cq_head.value)  # posted, not reaped
+        assert req.cancel() is CancelResult.ALLDONE  # (the kernel says -ENOENT)
         assert ctx.wait(req, timeout=10)
         assert req.result() == 3
         assert buf == b"abc"
-        assert req.cancel() is CancelResult.ALLDONE
     finally:
         ctx.forget(r)
         os.close(r)

@@ -34,8 +34,11 @@ the pool's protocol under the queue's lock:
   ``RWF_NOWAIT`` writes.
 * **The io_uring backend** (``backend="io_uring"``, or ``"auto"``).  A
   single-buffer read or write that did not finish inline is claimed
-  (QUEUED -> RUNNING) and handed to the kernel: cancel answers NOTCANCELED
-  from then on.  A full transfer finishes it.  On a stream (a pipe, socket
+  (QUEUED -> RUNNING) and handed to the kernel.  Cancel asks the kernel to
+  take it back (IORING_OP_ASYNC_CANCEL): CANCELED if it had moved nothing
+  (a read waiting on an empty pipe, an operation still queued in the
+  kernel), else NOTCANCELED or ALLDONE, as on the threads.  A full transfer
+  finishes it.  On a stream (a pipe, socket
   or terminal) any count is the answer, as one ``readv``/``writev`` is.
   Anything else -- short, EOF, an error -- is finished by a worker that
   repeats the call from where the kernel stopped (:class:`_Transfer`), so
@@ -209,7 +212,16 @@ class AioRequest(Threadlet[int]):
     :meth:`AioContext.process_completions` in the context's thread.
     """
 
-    __slots__ = ("_ctx", "_on_ring", "_processed", "_transfer", "callback", "kind")
+    __slots__ = (
+        "_cancel_asked",
+        "_ctx",
+        "_on_ring",
+        "_processed",
+        "_ring_ident",
+        "_transfer",
+        "callback",
+        "kind",
+    )
 
     def __init__(
         self,
@@ -238,6 +250,10 @@ class AioRequest(Threadlet[int]):
         self._processed = False
         #: In the kernel's hands (io_uring backend), until it completes there.
         self._on_ring = False
+        #: The ring's id of its operation (0: none yet), and whether we asked
+        #: the kernel to cancel it.
+        self._ring_ident = 0
+        self._cancel_asked = False
 
     def __repr__(self) -> str:
         return f"<AioRequest {self.kind} {self._state.value}>"
@@ -294,6 +310,22 @@ class AioRequest(Threadlet[int]):
 
     def _left_ring(self) -> bool:
         return not self._on_ring
+
+    def cancel(self) -> CancelResult:
+        """Cancel the request if it has not started: CANCELED (it never
+        touches the file or the buffer), NOTCANCELED (running: it completes
+        with its real result) or ALLDONE (finished).
+
+        On the io_uring backend a request in the kernel that has moved
+        nothing yet -- a read of an empty pipe, an operation still queued
+        in the kernel -- is taken back with IORING_OP_ASYNC_CANCEL, so the
+        answers are the same on both backends."""
+        rb = self._ctx._ring_backend
+        if self._on_ring and rb is not None:
+            answer = rb.cancel(self)
+            if answer is not None:
+                return answer
+        return Threadlet.cancel(self)
 
     def _finished(self) -> None:
         if self._waiters or self._callbacks:
@@ -623,7 +655,7 @@ class _RingBackend:
         req._on_ring = True
         ring = self.ring
         # The callback holds `pin` until the kernel is done with the memory.
-        if not ring.submit(
+        ident = ring.submit(
             uring.OP_WRITE if t.write else uring.OP_READ,
             f.fd,
             _CURRENT_POSITION if stream else pos,  # a stream has no offset
@@ -631,11 +663,46 @@ class _RingBackend:
             length,
             0,
             lambda res: self._done(req, res, pin),
-        ):
+        )
+        if not ident:
             req._on_ring = False
             req._unclaim()
             return False
+        req._ring_ident = ident
         return True
+
+    def cancel(self, req: AioRequest) -> CancelResult | None:
+        """Take a request back from the kernel if it has moved nothing:
+        CANCELED once it reads CANCELLED, else None (the caller answers as
+        for any running or finished request).  Waits for the kernel's
+        answer, which it gives while the cancel is submitted."""
+        t = req._transfer
+        ring = self.ring
+        ident = req._ring_ident
+        if not ident or t is None or t.done or not ring.usable:
+            return None  # nothing to cancel, or bytes already moved
+        answer: list[int] = []
+        got = threading.Event()
+
+        def on_done(res: int) -> None:
+            answer.append(res)
+            got.set()
+
+        req._cancel_asked = True
+        if not ring.cancel(ident, on_done):
+            req._cancel_asked = False
+            return None
+        if ring.owner_mode or ring.is_reaper():
+            while not answer:  # nobody else reaps for this thread
+                ring.reap()
+                if not answer:
+                    ring.wait(None, lambda: bool(answer))
+        else:
+            got.wait()
+        if answer[0] != 0:
+            return None  # running (-EALREADY) or completed (-ENOENT)
+        req.wait()  # its -ECANCELED completion is posted: let it finish
+        return CancelResult.CANCELED if req._state is _CANCELLED else None
 
     def _done(self, req: AioRequest, res: int, pin: object) -> None:
         """A ring completion, in the thread that reaped it.  A full transfer
@@ -647,6 +714,9 @@ class _RingBackend:
         t = req._transfer
         assert t is not None
         req._on_ring = False
+        if res == -errno.ECANCELED and req._cancel_asked:
+            req._finish_cancelled()  # (see cancel: nothing moved)
+            return
         if res == t.total - t.done or (res >= 0 and t.file.stream):
             req._finish(t.one_transfer(res), None)
             return
@@ -775,6 +845,11 @@ class AioContext:
     @property
     def queue(self) -> ThreadletQueue:
         return self._queue
+
+    @property
+    def deliver(self) -> bool:
+        """False for a context that delivers nothing (see the class)."""
+        return self._deliver
 
     def fileno(self) -> int:
         """The eventfd: readable when completions wait to be processed."""
@@ -1319,6 +1394,8 @@ class _InlineDone(AioRequest):
     _state = _DONE
     _processed = True
     _on_ring = False
+    _ring_ident = 0
+    _cancel_asked = False
     _exception = None
     _waiters = None
     _callbacks = None

@@ -240,6 +240,20 @@ class Threadlet(Generic[T]):
         self._finished()
         return True
 
+    def _finish_cancelled(self) -> bool:
+        """RUNNING -> CANCELLED for claimed work that its runner took back
+        before it touched anything (the kernel's ring cancelled it): it
+        completes as cancelled, waiters and callbacks as for any cancel.
+        False, and nothing changes, if it is not RUNNING."""
+        queue = self._queue
+        with queue._lock:
+            if self._state is not _RUNNING:
+                return False
+            self._state = _CANCELLED
+            queue._claimed.discard(self)
+        self._finished()
+        return True
+
     def _forked(self) -> None:
         """Called in a forked child (no other thread runs there) for each of the
         parent's threadlets that just became CANCELLED there.  Subclasses

@@ -482,7 +482,7 @@ class PosixAio:
         if context is not None:
             if not isinstance(context, AioContext):
                 raise TypeError(f"expected an AioContext, not {type(context).__name__}")
-            if getattr(context, "_deliver", True):
+            if context.deliver:
                 raise ValueError("threadlets.posix needs an AioContext(deliver=False)")
         with self._lock:
             previous = self._given

@@ -66,6 +66,7 @@ __all__ = [
     "DEFER_AT",
     "FSYNC_DATASYNC",
     "HOLD_MAX",
+    "OP_ASYNC_CANCEL",
     "OP_FSYNC",
     "OP_NOP",
     "OP_READ",
@@ -87,7 +88,7 @@ _FEAT_SINGLE_MMAP, _FEAT_NODROP, _FEAT_EXT_ARG = 1, 2, 256
 _FEAT_NEEDED = _FEAT_NODROP | _FEAT_EXT_ARG
 _OFF_SQ_RING, _OFF_CQ_RING, _OFF_SQES = 0, 0x8000000, 0x10000000
 
-OP_NOP, OP_FSYNC, OP_READ, OP_WRITE = 0, 3, 22, 23
+OP_NOP, OP_FSYNC, OP_ASYNC_CANCEL, OP_READ, OP_WRITE = 0, 3, 14, 22, 23
 FSYNC_DATASYNC = 1
 
 # struct io_uring_sqe: opcode, flags, ioprio, fd, off, addr, len, op flags,
@@ -304,15 +305,16 @@ class Ring:
         length: int,
         op_flags: int,
         on_done: Callable[[int], None],
-    ) -> bool:
+    ) -> int:
         """Queue one operation and tell the kernel (at :meth:`unplug` if
-        this thread plugged the ring).  False: not queued."""
+        this thread plugged the ring).  Returns its id (for :meth:`cancel`),
+        or 0: not queued."""
         with self._lock:
             if self._closing or self._generation != _generation:
-                return False
+                return 0
             # At most `entries` in flight: the CQ (twice as large) never overflows.
             if self._inflight >= self.entries:
-                return False
+                return 0
             ident = next(self._ids)
             if not self._pending:
                 _open_rings.add(self)  # alive while the kernel may use its buffers
@@ -325,19 +327,30 @@ class Ring:
                 # has a flush scheduled by the first submission it holds.
                 schedule = self._schedule
                 if schedule is None or self._flush_scheduled:
-                    return True
+                    return ident
                 self._flush_scheduled = True
             elif self._reaper_holds:
                 # Held back for the reaper, which sends everything held back
                 # at the end of its current pass or short sleep.
-                return True
+                return ident
             else:
                 schedule = None
                 n = self._take()
         if schedule is not None:
             schedule()
-            return True
+            return ident
         self._kick(n)
+        return ident
+
+    def cancel(self, ident: int, on_done: Callable[[int], None]) -> bool:
+        """Ask the kernel to cancel the operation ``ident`` (IORING_OP_ASYNC_CANCEL),
+        at once even if this thread holds the plug.  ``on_done(res)`` gets
+        0 (cancelled: the operation completes with -ECANCELED, having moved
+        nothing), -EALREADY (running: it completes normally) or -ENOENT (it
+        had completed).  False if the ring cannot take the request."""
+        if not self.submit(OP_ASYNC_CANCEL, -1, 0, ident, 0, 0, on_done):
+            return False
+        self.flush()
         return True
 
     def _take(self) -> int:
