@@ -27,8 +27,11 @@ Invariants:
 * ``_snapshot`` is ``None`` or ``(dec_flags, next_input)``: the decoder had
   nothing buffered and flags ``dec_flags`` ``len(next_input)`` bytes before
   the buffer's position, and ``next_input`` are the bytes fed since then.
-  ``tell()`` replays them to find a cookie; it is kept only while
-  ``_telling`` (not during iteration).
+  ``tell()`` replays them to find a cookie.  io takes no snapshot while it
+  iterates (``tell()`` is refused then), so after an iteration left early
+  and a ``flush()`` its ``tell()`` decodes a stale snapshot and answers an
+  error or garbage; this wrapper always takes one, and answers the right
+  cookie there.  That is its one deliberate difference from io.
 * Writes go through to the buffer at once (as ``_pyio`` does); nothing is
   held here, so closing the buffer loses nothing.
 * ``io.TextIOWrapper`` asks the buffer for its position when it is made,
@@ -313,9 +316,8 @@ class AsyncTextWrapper:
         decoder = self._decoder
         if decoder is None:
             raise io.UnsupportedOperation("not readable")
-        if self._telling:
-            # A snapshot point: len(dec_buffer) bytes back, nothing was buffered.
-            dec_buffer, dec_flags = decoder.getstate()
+        # A snapshot point: len(dec_buffer) bytes back, nothing was buffered.
+        dec_buffer, dec_flags = decoder.getstate()
         if size_hint > 0:
             size_hint = int(max(self._b2cratio, 1.0) * size_hint)
         chunk = await self._buffer.read1(max(self._CHUNK_SIZE, size_hint))
@@ -325,8 +327,7 @@ class AsyncTextWrapper:
         self._b2cratio = len(chunk) / len(decoded) if decoded else 0.0
         if decoded:
             eof = False
-        if self._telling:
-            self._snapshot = (dec_flags, dec_buffer + chunk)
+        self._snapshot = (dec_flags, dec_buffer + chunk)
         return not eof
 
     # -- reading --------------------------------------------------------------------------
@@ -529,7 +530,8 @@ class AsyncTextWrapper:
         try:
             # Fast search for a start point close to the current position
             # (one decode for fixed-width codecs).
-            skip_bytes = int(self._b2cratio * chars_to_skip)
+            # (io does not cap this, and may read past next_input's end.)
+            skip_bytes = min(int(self._b2cratio * chars_to_skip), len(next_input))
             skip_back = 1
             while skip_bytes > 0:
                 self._decoder_setstate(decoder, start_pos, dec_flags)
