@@ -30,8 +30,10 @@ Invariants:
   ``tell()`` replays them to find a cookie.  io takes no snapshot while it
   iterates (``tell()`` is refused then), so after an iteration left early
   and a ``flush()`` its ``tell()`` decodes a stale snapshot and answers an
-  error or garbage; this wrapper always takes one, and answers the right
-  cookie there.  That is its one deliberate difference from io.
+  error or garbage (C reads past the end of a bytes object); this wrapper
+  always takes one, and caps its guess at the snapshot's end, so it
+  answers the right cookie there.  Those are its only departures from io,
+  both where io's answer is undefined.
 * Writes go through to the buffer at once (as ``_pyio`` does); nothing is
   held here, so closing the buffer loses nothing.
 * ``io.TextIOWrapper`` asks the buffer for its position when it is made,
