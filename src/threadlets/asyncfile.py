@@ -215,12 +215,15 @@ class AsyncFile:
         # warning.  No loop access here (any thread, any time).
         if getattr(self, "_closed", True):
             return
-        self._closed = True
         if self._owner is None and self._closefd:
-            warnings.warn(f"unclosed file {self!r}", ResourceWarning, stacklevel=2, source=self)
-            self._ctx.forget(self._fd)
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
+            try:
+                warnings.warn(f"unclosed file {self!r}", ResourceWarning, stacklevel=2, source=self)
+            finally:
+                self._closed = True
+                self._ctx.forget(self._fd)
+                with contextlib.suppress(OSError):
+                    os.close(self._fd)
+        self._closed = True
 
     # -- plumbing -----------------------------------------------------------------------
 
@@ -458,7 +461,7 @@ class AsyncFile:
         return out
 
     async def _readline(self, limit: int) -> bytes:
-        self._check_readable("readline")
+        self._check_readable()
         while True:
             have = self._buffered()
             nl = bytes(have).find(b"\n") if len(have) < 4096 else self._find_nl()
@@ -558,7 +561,7 @@ class AsyncFile:
             except BlockingIOError:
                 return None
             except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ESPIPE):
                     raise
                 self._nowait_read = False  # (a terminal): see below
             else:
@@ -580,7 +583,7 @@ class AsyncFile:
             except BlockingIOError:
                 return None
             except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ESPIPE):
                     raise
                 self._nowait_write = False
         with _NonBlocking(fd):
@@ -590,6 +593,7 @@ class AsyncFile:
                 return None
 
     async def _stream_read(self, n: int) -> bytes:
+        n = min(n, CHUNK)  # what one read of a pipe or terminal can give
         waited = False
         while True:
             data = self._try_read(n)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import fcntl
 import sys
 import weakref
 from collections.abc import Awaitable, Callable
@@ -125,6 +126,9 @@ class LoopIO:
         if self.kind == "asyncio":
             loop = asyncio.get_running_loop()
             fut: asyncio.Future[None] = loop.create_future()
+            # uvloop (libuv's uv_poll) leaves a watched fd O_NONBLOCK: put
+            # back the flags, which other users of the file may rely on.
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
             if write:
                 loop.add_writer(fd, _set_done, fut)
             else:
@@ -136,6 +140,8 @@ class LoopIO:
                     loop.remove_writer(fd)
                 else:
                     loop.remove_reader(fd)
+                if fcntl.fcntl(fd, fcntl.F_GETFL) != flags:
+                    fcntl.fcntl(fd, fcntl.F_SETFL, flags)
         else:
             import trio
 
@@ -166,6 +172,10 @@ class LoopIO:
         result = task.result()
         if cancelled is not None:
             raise cancelled
+        if anyio is not None:
+            # An anyio scope's cancellation held back by the shield comes
+            # through at the next checkpoint: here, not in the caller's code.
+            await asyncio.sleep(0)
         return result
 
     async def fair_yield(self) -> None:
