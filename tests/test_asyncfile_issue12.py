@@ -22,10 +22,12 @@ import pytest
 
 import threadlets
 import threadlets.awaitable as aw
+from threadlets import ThreadletQueue
 
-from .test_asyncfile import HAVE_UVLOOP, anyio_backend, backend, fds_on, until
+from .conftest import Gate
+from .test_asyncfile import HAVE_UVLOOP, anyio_backend, backend, fds_on, gated, until
 
-__all__ = ["anyio_backend", "backend"]  # fixtures used by name
+__all__ = ["anyio_backend", "backend", "gated"]  # fixtures used by name
 
 DATA = bytes(range(256)) * 256  # 64 KiB
 
@@ -60,8 +62,10 @@ async def test_concurrent_stream_writes_lose_nothing(
 
 
 @pytest.mark.anyio
-async def test_concurrent_stream_reads_are_atomic(data_path: Path) -> None:
-    # Many readers of one file: every byte is read exactly once.
+async def test_concurrent_stream_reads_are_atomic(data_path: Path, backend: str) -> None:
+    # Many readers of one file, each read a request (so it suspends inside
+    # the call): every byte is read exactly once.
+    aw.configure(inline=False, backend=backend)
     pieces: list[bytes] = []
     async with threadlets.open(data_path, "rb") as f:
 
@@ -123,6 +127,35 @@ async def test_changes_drop_the_read_ahead(data_path: Path, backend: str, change
         await CHANGES[change](f)
         await f.seek(1)
         rest = await f.read()
+    assert rest == data_path.read_bytes()[1:]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "change", ["pwrite", "discard", "write_zeroes"]
+)  # (truncate waits for the lock)
+async def test_a_change_during_a_read_ahead_drops_it(
+    data_path: Path, gated: tuple[ThreadletQueue, Gate], change: str
+) -> None:
+    # One worker, held: the read-ahead's read is queued first and runs
+    # first (reading the old bytes), the change runs after it.
+    q, gate = gated
+    fd = os.open(data_path, os.O_RDWR)
+    f = threadlets.wrap(fd)
+    first: list[bytes] = []
+
+    async def reader() -> None:
+        first.append(await f.read(1))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(reader)
+        await until(lambda: q.stats().queued == 1)
+        tg.start_soon(CHANGES[change], f)
+        await until(lambda: q.stats().queued == 2)
+        gate.release.set()
+    assert first == [DATA[:1]]
+    rest = await f.read()
+    await f.close()
     assert rest == data_path.read_bytes()[1:]
 
 
@@ -352,6 +385,12 @@ async def test_cancelled_pty_read(backend: str) -> None:
     assert f._stream
     assert not f._pipe
     await _check_cancelled_read(f, lambda data: os.write(master, data))
+    # What the read-ahead took from the terminal is kept across a write.
+    os.write(master, b"abcdef")
+    assert await f.read(2) == b"ab"
+    assert await f.write(b"x") == 1
+    assert os.read(master, 1) == b"x"
+    assert await f.read(4) == b"cdef"
     await f.close()
     os.close(master)
 

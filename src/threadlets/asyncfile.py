@@ -47,6 +47,7 @@ import os
 import stat
 import threading
 import warnings
+from asyncio.events import _get_running_loop
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -241,7 +242,7 @@ class AsyncFile:
 
     def _check_loop(self) -> None:
         if self._loop is not None:
-            if asyncio.events._get_running_loop() is not self._loop:
+            if _get_running_loop() is not self._loop:
                 self._io.check_current()  # raises
         else:
             self._io.check_current()
@@ -283,7 +284,7 @@ class AsyncFile:
         if self._slow_path:  # closed, or trio (which wants a checkpoint)
             self._enter()
             await self._io.checkpoint()
-        elif asyncio.events._get_running_loop() is not self._loop:
+        elif _get_running_loop() is not self._loop:
             self._io.check_current()
         return await self._read_at(n, offset)
 
@@ -332,7 +333,10 @@ class AsyncFile:
 
     async def _changing(self, submit: Callable[[], AioRequest]) -> Any:
         """Run a request that changes the file: the read-ahead is dropped
-        before it is submitted and again once it finished."""
+        before it is submitted and again once it finished.  (A stream's
+        read-ahead is data already taken from it: it stays.)"""
+        if self._stream:
+            return await self._run(submit())
         self._rbuf = b""
         self._wgen += 1
         try:
@@ -392,7 +396,7 @@ class AsyncFile:
                 self._rbuf, self._rbuf_off, end = b"", self._pos, self._pos
             gen = self._wgen
             chunk = await self._raw_read(max(CHUNK, want), end)
-            if gen == self._wgen:
+            if gen == self._wgen or self._stream:  # (a stream's data is read once)
                 break
             self._rbuf = b""  # the file changed meanwhile: read it again
         if not chunk:
