@@ -286,12 +286,29 @@ class AsyncFile:
             await self._io.checkpoint()
         elif _get_running_loop() is not self._loop:
             self._io.check_current()
-        return await self._read_at(n, offset)
-
-    async def _read_at(self, n: int, offset: int) -> bytes:
         # The cached-data fast path, spelled out: no request object at all.
         # The read goes into the file's scratch buffer and is copied out
         # before anything else can run, so concurrent preads may share it.
+        # (_read_at's body, repeated: a coroutine call costs here.)
+        read_inline = self._read_inline
+        if read_inline is not None and type(n) is int and 0 < n <= CHUNK:
+            buf = self._scratch
+            if len(buf) != n:
+                buf = self._scratch = bytearray(n)
+            got = read_inline(buf, offset)
+            if got >= 0:
+                data = bytes(buf) if got == n else bytes(buf[:got])  # before any await
+                io_ = self._io
+                io_.inline_run += 1
+                if io_.inline_run >= YIELD_EVERY:
+                    await io_.fair_yield()
+                return data
+        buf = bytearray(_nonnegative(n, "count"))
+        got = await self._run(self._ctx.read(self._fd, offset, buf))
+        return bytes(buf) if got == n else bytes(memoryview(buf)[:got])
+
+    async def _read_at(self, n: int, offset: int) -> bytes:
+        """pread without its checks, for the stream (see pread)."""
         read_inline = self._read_inline
         if read_inline is not None and type(n) is int and 0 < n <= CHUNK:
             buf = self._scratch
