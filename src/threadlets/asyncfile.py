@@ -775,7 +775,10 @@ class AsyncFile:
         self._check_loop()
         self._closed = True
         self._slow_path = True
-        await self._io.shielded(self._finish_close)
+        if self._outstanding or (self._text is not None and self._writable):
+            await self._io.shielded(self._finish_close)
+        else:
+            self._release()  # nothing to wait for
 
     async def _finish_close(self) -> None:
         try:
@@ -790,15 +793,19 @@ class AsyncFile:
             for req in list(self._outstanding):
                 # Another task awaits it; wait for it on a worker, not the loop.
                 await self._run(self._ctx.call(req.wait))
-            self._ctx.forget(self._fd)
-            if self._owner is not None:
-                self._owner.close()
-            elif self._closefd:
-                if self._stream and self._trio:
-                    import trio
+            self._release()
 
-                    trio.lowlevel.notify_closing(self._fd)
-                os.close(self._fd)
+    def _release(self) -> None:
+        """Give the descriptor up (the last step of closing)."""
+        self._ctx.forget(self._fd)
+        if self._owner is not None:
+            self._owner.close()
+        elif self._closefd:
+            if self._stream and self._trio:
+                import trio
+
+                trio.lowlevel.notify_closing(self._fd)
+            os.close(self._fd)
 
     async def __aenter__(self) -> AsyncFile:
         return self
