@@ -5,7 +5,16 @@ This module owns the glue between an event loop and the paio engine: one
 ``trio.run`` (trio), whose eventfd the loop watches, and
 :meth:`LoopIO.wait`, which suspends a task until its request finished.
 anyio needs nothing of its own: on either backend its tasks are asyncio or
-trio tasks, and its cancel scopes cancel them the same way.
+trio tasks, and its cancel scopes cancel them the same way.  Also here, for
+the file objects: :class:`StreamLock` (one file's stream calls, in turn),
+:meth:`LoopIO.wait_fd` (readiness of a pipe or terminal) and
+:meth:`LoopIO.shielded` (finish something despite a cancellation).
+
+Lifetime: nothing of ours holds an asyncio loop strongly.  When the loop
+closes (or, for uvloop, is collected) its context is closed, releasing the
+eventfd and the ring; a context with requests still outstanding is kept
+until a later loop finds them finished (the kernel may still write into a
+ring request's buffer).
 
 Cancellation (the guarantee)
 ============================
