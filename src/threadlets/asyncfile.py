@@ -6,32 +6,53 @@ This module owns :class:`AsyncFile`, the file object most users touch, and
 * Positional I/O with no shared file position -- ``pread``, ``preadinto``,
   ``pwrite``, ``preadv``, ``pwritev`` -- each one engine request, safe to
   run from many tasks at once.
-* The aiofiles-shaped stream -- ``read``, ``readinto``, ``readline``, async
-  iteration over lines, ``write``, ``seek``, ``tell``, ``flush``,
-  ``close`` -- with a read buffer, so lines are cut from 64 KiB chunks
-  instead of costing a request each.  Stream calls on one file must not
-  overlap (as with any file object): await one before the next.
+* The stream of a Python file object -- ``read``, ``read1``, ``readinto``,
+  ``readline``, ``readlines``, async iteration over lines, ``write``,
+  ``writelines``, ``seek``, ``tell``, ``truncate``, ``flush`` -- with a read
+  buffer, so lines are cut from 64 KiB chunks instead of costing a request
+  each.  Stream calls on one file are atomic with respect to each other, as
+  a Python buffered file's are: they take the file's :class:`StreamLock`
+  (a flag test when nobody else holds it).  In text mode the stream is a
+  :class:`threadlets.textio.AsyncTextWrapper` over the file's binary stream,
+  with Python's text-mode semantics.
 
-Plus ``fsync``, ``fdatasync``, ``discard``, ``write_zeroes``, ``allocate``,
-``truncate`` and ``stat``.  Every call is an engine request awaited through
-:mod:`threadlets.awaitable`, with its cancellation guarantee: a cancelled
-call either never happened or finished before the cancellation is seen.
+Plus ``fsync``, ``fdatasync``, ``discard``, ``write_zeroes``, ``allocate``
+and ``stat``.  Every call that changes the file drops the read-ahead.
 
-A file belongs to the event loop it was opened in.  Closing it waits for
-its outstanding requests, then closes the descriptor.
+Files that can block for ever (pipes, FIFOs, terminals, sockets: anything
+but a regular file or block device, decided once from ``fstat``) are read
+and written through the stream by waiting for readiness on the event loop
+and then moving data without blocking, so such a call can be cancelled at
+any time with nothing consumed.  Other calls are engine requests awaited
+through :mod:`threadlets.awaitable`, with its cancellation guarantee: a
+cancelled call either never happened or finished before the cancellation
+is seen.
+
+A file belongs to the event loop it was opened in; another loop gets a
+RuntimeError.  Closing it waits for its outstanding requests, then closes
+the descriptor, even if the closing task is cancelled meanwhile.  A file
+collected unclosed closes its descriptor and warns (ResourceWarning).
 """
 
 from __future__ import annotations
 
+import asyncio
 import codecs
+import contextlib
+import errno
 import fcntl
 import io
+import operator
 import os
-from collections.abc import AsyncIterator, Generator, Sequence
+import stat
+import threading
+import warnings
+from asyncio.events import _get_running_loop
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from threadlets.awaitable import YIELD_EVERY, LoopIO, current
+from threadlets.awaitable import YIELD_EVERY, LoopIO, StreamLock, current
 from threadlets.engine import AioRequest, _InlineDone, _nonnegative
 from threadlets.probe import O_DIRECT
 
@@ -42,6 +63,8 @@ __all__ = ["AsyncFile", "open", "wrap"]
 
 #: Read-ahead of the stream methods.
 CHUNK = 64 * 1024
+
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 
 
 def _flags_for(mode: str) -> tuple[int, bool, bool, bool]:
@@ -75,14 +98,43 @@ def _check_text_args(
         if encoding is not None or errors is not None or newline is not None:
             raise ValueError("binary mode doesn't take an encoding, errors or newline argument")
         return
-    codecs.lookup(encoding or "utf-8")  # LookupError for an unknown codec
-    if newline not in (None, "", "\n", "\r\n"):
+    if encoding is not None:
+        codecs.lookup(encoding)  # LookupError for an unknown codec
+    if newline not in (None, "", "\n", "\r", "\r\n"):
         raise ValueError(f"illegal newline value: {newline!r}")
+
+
+def _size(size: object) -> int:
+    """A read size as the built-in files take it: an int, or None for all."""
+    if size is None:
+        return -1
+    try:
+        n = operator.index(size)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(
+            f"argument should be integer or None, not '{type(size).__name__}'"
+        ) from None
+    return n
+
+
+def _espipe() -> OSError:
+    return OSError(errno.ESPIPE, os.strerror(errno.ESPIPE))
+
+
+def _einval() -> OSError:
+    return OSError(errno.EINVAL, os.strerror(errno.EINVAL))
 
 
 class AsyncFile:
     """An open file whose every I/O call is awaited.  Made by :func:`open`
-    or :func:`wrap`; use ``async with`` or ``await f.close()``."""
+    or :func:`wrap`; use ``async with`` or ``await f.close()``.
+
+    Who touches what: everything here belongs to the file's event loop.
+    The stream state (``_pos``, the read-ahead ``_rbuf`` at ``_rbuf_off``,
+    the text layer) is changed only by a holder of ``_lock``, and by the
+    positional calls that change the file, which drop the read-ahead and
+    bump ``_wgen`` before and after they run (a read-ahead filled across a
+    bump is read again)."""
 
     def __init__(
         self,
@@ -96,39 +148,83 @@ class AsyncFile:
         newline: str | None = None,
         closefd: bool = True,
         owner: Any = None,
+        st: os.stat_result | None = None,
+        pos: int | None = None,
     ) -> None:
+        self._closed = True  # until set up: nothing for __del__ to close
         _, text, readable, writable = _flags_for(mode)
+        _check_text_args(text, encoding, errors, newline)
         self._fd = fd
         self.name = name
         self.mode = mode
         self._io = io_
         self._ctx = io_.ctx
+        # asyncio: the loop, to tell a foreign loop at a glance (trio checks
+        # through the slow path).
+        self._loop = asyncio.get_running_loop() if io_.kind == "asyncio" else None
         self._readable = readable
         self._writable = writable
         self._append = "a" in mode
         self._closefd = closefd
         self._owner = owner  # a wrapped Python file object, kept alive
-        self._closed = False
         self._trio = io_.kind == "trio"
-        #: True once closed, and always on trio: the fast paths check only this.
-        self._slow_path = self._trio
+        if st is None:
+            st = os.fstat(fd)
+        #: Can block for ever: readiness on the loop, then non-blocking I/O.
+        self._stream = not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode))
+        self._pipe = stat.S_ISFIFO(st.st_mode)
+        self._nowait_read = self._nowait_write = bool(_RWF_NOWAIT)
+        try:
+            here = os.lseek(fd, 0, os.SEEK_CUR)
+            self._seekable = True
+        except OSError:
+            here, self._seekable = 0, False
+        self._pos = here if pos is None else pos
         #: The engine's inline read of this fd (None: reads always queue).
-        self._read_inline = io_.ctx.inline_reader(fd)
+        self._read_inline = None if self._stream else io_.ctx.inline_reader(fd)
         self._scratch = bytearray()  # pread's buffer on the inline path
         self._outstanding: set[AioRequest] = set()
-        self._pos = 0
         self._rbuf = b""  # read-ahead: bytes of the file from _rbuf_off
         self._rbuf_off = 0
-        self._text = text
-        _check_text_args(text, encoding, errors, newline)
+        self._wgen = 0
+        self._lock = StreamLock(io_.kind)
+        self._text: Any = None
         if text:
-            self.encoding = encoding or "utf-8"
-            self.errors = errors or "strict"
+            from threadlets.textio import AsyncTextWrapper
+
+            self._text = AsyncTextWrapper(
+                _BinaryStream(self),
+                encoding=encoding,
+                errors=errors,
+                newline=newline,
+                line_buffering=False,
+                write_through=False,
+            )
+            self.encoding = getattr(self._text, "encoding", encoding)
+            self.errors = getattr(self._text, "errors", errors or "strict")
             self.newline = newline
+        self._closed = False
+        #: True once closed, and always on trio: the fast paths check only this.
+        self._slow_path = self._trio
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"fd={self._fd}"
         return f"<threadlets.AsyncFile {self.name!r} mode={self.mode!r} {state}>"
+
+    def __del__(self) -> None:
+        # Like the built-in files: a file collected open is closed, with a
+        # warning.  No loop access here (any thread, any time).
+        if getattr(self, "_closed", True):
+            return
+        if self._owner is None and self._closefd:
+            try:
+                warnings.warn(f"unclosed file {self!r}", ResourceWarning, stacklevel=2, source=self)
+            finally:
+                self._closed = True
+                self._ctx.forget(self._fd)
+                with contextlib.suppress(OSError):
+                    os.close(self._fd)
+        self._closed = True
 
     # -- plumbing -----------------------------------------------------------------------
 
@@ -143,6 +239,19 @@ class AsyncFile:
     def _check_open(self) -> None:
         if self._closed:
             raise ValueError("I/O operation on closed file")
+
+    def _check_loop(self) -> None:
+        if self._loop is not None:
+            if _get_running_loop() is not self._loop:
+                self._io.check_current()  # raises
+        else:
+            self._io.check_current()
+
+    def _enter(self) -> None:
+        """What every call checks before it does anything."""
+        if self._closed:
+            raise ValueError("I/O operation on closed file")
+        self._check_loop()
 
     async def _run(self, req: AioRequest) -> Any:
         """Await one request; what every call comes down to."""
@@ -160,10 +269,11 @@ class AsyncFile:
             outstanding.discard(req)
         return req.result()
 
+    # -- positional I/O ---------------------------------------------------------------------
+
     async def preadinto(self, buf: WriteableBuffer, offset: int) -> int:
         """Read into ``buf`` from ``offset``; returns the count (short at EOF)."""
-        if self._closed:
-            raise ValueError("I/O operation on closed file")
+        self._enter()
         if self._trio:
             await self._io.checkpoint()
         result: int = await self._run(self._ctx.read(self._fd, offset, buf))
@@ -172,11 +282,33 @@ class AsyncFile:
     async def pread(self, n: int, offset: int) -> bytes:
         """Read up to ``n`` bytes at ``offset``."""
         if self._slow_path:  # closed, or trio (which wants a checkpoint)
-            self._check_open()
+            self._enter()
             await self._io.checkpoint()
+        elif _get_running_loop() is not self._loop:
+            self._io.check_current()
         # The cached-data fast path, spelled out: no request object at all.
         # The read goes into the file's scratch buffer and is copied out
         # before anything else can run, so concurrent preads may share it.
+        # (_read_at's body, repeated: a coroutine call costs here.)
+        read_inline = self._read_inline
+        if read_inline is not None and type(n) is int and 0 < n <= CHUNK:
+            buf = self._scratch
+            if len(buf) != n:
+                buf = self._scratch = bytearray(n)
+            got = read_inline(buf, offset)
+            if got >= 0:
+                data = bytes(buf) if got == n else bytes(buf[:got])  # before any await
+                io_ = self._io
+                io_.inline_run += 1
+                if io_.inline_run >= YIELD_EVERY:
+                    await io_.fair_yield()
+                return data
+        buf = bytearray(_nonnegative(n, "count"))
+        got = await self._run(self._ctx.read(self._fd, offset, buf))
+        return bytes(buf) if got == n else bytes(memoryview(buf)[:got])
+
+    async def _read_at(self, n: int, offset: int) -> bytes:
+        """pread without its checks, for the stream (see pread)."""
         read_inline = self._read_inline
         if read_inline is not None and type(n) is int and 0 < n <= CHUNK:
             buf = self._scratch
@@ -196,79 +328,94 @@ class AsyncFile:
 
     async def preadv(self, buffers: Sequence[WriteableBuffer], offset: int) -> int:
         """Read into several buffers, in order, from ``offset``."""
-        self._check_open()
+        self._enter()
         await self._io.checkpoint()
         result: int = await self._run(self._ctx.read(self._fd, offset, list(buffers)))
         return result
 
     async def pwrite(self, data: ReadableBuffer, offset: int) -> int:
         """Write ``data`` at ``offset``; returns the count written."""
-        self._check_open()
+        self._enter()
         await self._io.checkpoint()
-        result: int = await self._run(self._ctx.write(self._fd, offset, data))
+        result: int = await self._changing(lambda: self._ctx.write(self._fd, offset, data))
         return result
 
     async def pwritev(self, buffers: Sequence[ReadableBuffer], offset: int) -> int:
         """Write several buffers, in order, at ``offset``."""
-        self._check_open()
+        self._enter()
         await self._io.checkpoint()
-        result: int = await self._run(self._ctx.write(self._fd, offset, list(buffers)))
+        bufs = list(buffers)
+        result: int = await self._changing(lambda: self._ctx.write(self._fd, offset, bufs))
         return result
+
+    async def _changing(self, submit: Callable[[], AioRequest]) -> Any:
+        """Run a request that changes the file: the read-ahead is dropped
+        before it is submitted and again once it finished.  (A stream's
+        read-ahead is data already taken from it: it stays.)"""
+        if self._stream:
+            return await self._run(submit())
+        self._rbuf = b""
+        self._wgen += 1
+        try:
+            return await self._run(submit())
+        finally:
+            self._rbuf = b""
+            self._wgen += 1
 
     # -- the rest of the engine ------------------------------------------------------------------
 
-    async def _op(self, req: AioRequest) -> Any:
+    async def _op(self, submit: Callable[[], AioRequest], changes: bool = False) -> Any:
+        self._enter()
         await self._io.checkpoint()
-        return await self._run(req)
+        if changes:
+            return await self._changing(submit)
+        return await self._run(submit())
 
     async def fsync(self) -> None:
-        self._check_open()
-        await self._op(self._ctx.flush(self._fd, datasync=False))
+        await self._op(lambda: self._ctx.flush(self._fd, datasync=False))
 
     async def fdatasync(self) -> None:
-        self._check_open()
-        await self._op(self._ctx.flush(self._fd, datasync=True))
+        await self._op(lambda: self._ctx.flush(self._fd, datasync=True))
 
     async def discard(self, offset: int, length: int) -> None:
         """Punch a hole: the range reads as zeros; the size is kept."""
-        self._check_open()
-        self._drop_read_ahead()
-        await self._op(self._ctx.discard(self._fd, offset, length))
+        await self._op(lambda: self._ctx.discard(self._fd, offset, length), True)
 
     async def write_zeroes(self, offset: int, length: int) -> None:
-        self._check_open()
-        self._drop_read_ahead()
-        await self._op(self._ctx.write_zeroes(self._fd, offset, length))
+        await self._op(lambda: self._ctx.write_zeroes(self._fd, offset, length), True)
 
     async def allocate(self, offset: int, length: int) -> None:
-        self._check_open()
-        await self._op(self._ctx.allocate(self._fd, offset, length))
-
-    async def truncate(self, size: int | None = None) -> int:
-        """Set the size (default: the current position); returns it."""
-        self._check_open()
-        if size is None:
-            size = self._pos
-        self._drop_read_ahead()
-        await self._op(self._ctx.truncate(self._fd, size))
-        return size
+        await self._op(lambda: self._ctx.allocate(self._fd, offset, length), True)
 
     async def stat(self) -> os.stat_result:
-        self._check_open()
-        result: os.stat_result = await self._op(self._ctx.call(os.fstat, self._fd))
+        result: os.stat_result = await self._op(lambda: self._ctx.call(os.fstat, self._fd))
         return result
 
-    # -- the stream (aiofiles-shaped) ---------------------------------------------------------
+    async def _size_now(self) -> int:
+        st: os.stat_result = await self._run(self._ctx.call(os.fstat, self._fd))
+        return st.st_size
+
+    # -- the binary stream, without the lock (callers hold it) ----------------------------
 
     def _drop_read_ahead(self) -> None:
         self._rbuf = b""
 
+    async def _raw_read(self, n: int, offset: int) -> bytes:
+        if self._stream:
+            return await self._stream_read(n)
+        return await self._read_at(n, offset)
+
     async def _fill(self, want: int) -> bool:
         """Read ahead from the end of the buffer; False at end of file."""
-        end = self._rbuf_off + len(self._rbuf)
-        if not (self._rbuf_off <= self._pos <= end):
-            self._rbuf, self._rbuf_off, end = b"", self._pos, self._pos
-        chunk = await self.pread(max(CHUNK, want), end)
+        while True:
+            end = self._rbuf_off + len(self._rbuf)
+            if not (self._rbuf_off <= self._pos <= end):
+                self._rbuf, self._rbuf_off, end = b"", self._pos, self._pos
+            gen = self._wgen
+            chunk = await self._raw_read(max(CHUNK, want), end)
+            if gen == self._wgen or self._stream:  # (a stream's data is read once)
+                break
+            self._rbuf = b""  # the file changed meanwhile: read it again
         if not chunk:
             return False
         keep = self._rbuf[self._pos - self._rbuf_off :]
@@ -282,38 +429,60 @@ class AsyncFile:
             return memoryview(self._rbuf)[start:]
         return memoryview(b"")
 
-    async def _read_bytes(self, n: int = -1) -> bytes:
+    def _check_readable(self, what: str = "read") -> None:
         if not self._readable:
-            raise io.UnsupportedOperation("not readable")
-        if n is None or n < 0:
+            raise io.UnsupportedOperation(what)
+
+    async def _read(self, n: int) -> bytes:
+        self._check_readable()
+        if n < -1:
+            raise ValueError("read length must be non-negative or -1")
+        if n == -1:
             parts = [bytes(self._buffered())]
             self._pos += len(parts[0])
             self._drop_read_ahead()
             size = CHUNK
             while True:
-                chunk = await self.pread(size, self._pos)
+                chunk = await self._raw_read(size, self._pos)
                 size = min(size * 2, 1 << 20)  # grow for large files
                 if not chunk:
                     return b"".join(parts)
                 parts.append(chunk)
                 self._pos += len(chunk)
         have = self._buffered()
-        if len(have) < n:
-            if n - len(have) >= CHUNK:  # large: read it directly
-                rest = await self.pread(n - len(have), self._pos + len(have))
-                out = bytes(have) + rest
-                self._pos += len(out)
-                self._drop_read_ahead()
-                return out
+        if len(have) < n and not self._stream and n - len(have) >= CHUNK:
+            # Large: read it directly.
+            rest = await self._read_at(n - len(have), self._pos + len(have))
+            out = bytes(have) + rest
+            self._pos += len(out)
+            self._drop_read_ahead()
+            return out
+        while len(have) < n:
+            # (A stream may need several reads; what each got stays in the
+            # read-ahead, so a cancellation between them loses nothing.)
+            if not await self._fill(n - len(have)):
+                break
+            have = self._buffered()
+        out = bytes(have[:n])
+        self._pos += len(out)
+        return out
+
+    async def _read1(self, n: int) -> bytes:
+        """At most ``n`` bytes, with at most one read of the file; b"" only
+        at end of file (or for ``n == 0``)."""
+        self._check_readable("read1")
+        if n < 0:
+            n = CHUNK
+        have = self._buffered()
+        if not have and n:
             await self._fill(n)
             have = self._buffered()
         out = bytes(have[:n])
         self._pos += len(out)
         return out
 
-    async def _readline_bytes(self, limit: int = -1) -> bytes:
-        if not self._readable:
-            raise io.UnsupportedOperation("not readable")
+    async def _readline(self, limit: int) -> bytes:
+        self._check_readable()
         while True:
             have = self._buffered()
             nl = bytes(have).find(b"\n") if len(have) < 4096 else self._find_nl()
@@ -334,57 +503,204 @@ class AsyncFile:
         i = self._rbuf.find(b"\n", start)
         return i - start if i >= 0 else -1
 
-    async def read(self, n: int = -1) -> Any:
-        """Read up to ``n`` bytes (text mode: characters), or to the end."""
-        self._check_open()
-        if not self._text:
-            return await self._read_bytes(n)
-        if n is None or n < 0:
-            return self._translate((await self._read_bytes(-1)).decode(self.encoding, self.errors))
-        # Text: decode what the read-ahead holds (at least n characters'
-        # worth, or to the end), keep n characters, and advance the byte
-        # position by what they encode to.
+    async def _readlines(self, hint: int) -> list[bytes]:
+        lines: list[bytes] = []
+        total = 0
         while True:
-            have = bytes(self._buffered())
-            text = have.decode(self.encoding, "ignore" if len(have) > 4 * n else self.errors)
-            if len(text) > n or not await self._fill(len(have) + 4 * n):
-                break
-        text = have.decode(self.encoding, self.errors) if len(have) <= 4 * n else text
-        out = text[:n]
-        self._pos += len(out.encode(self.encoding, self.errors))
-        return self._translate(out)
+            line = await self._readline(-1)
+            if not line:
+                return lines
+            lines.append(line)
+            total += len(line)
+            if 0 < hint <= total:
+                return lines
 
-    def _translate(self, text: str) -> str:
-        if self.newline is None and "\r" in text:
-            return text.replace("\r\n", "\n").replace("\r", "\n")
-        return text
+    async def _write(self, data: Any) -> int:
+        if not self._writable:
+            raise io.UnsupportedOperation("write")
+        if isinstance(data, str):
+            raise TypeError("a bytes-like object is required, not 'str'")
+        try:
+            view = memoryview(data)
+        except TypeError:
+            raise TypeError(
+                f"a bytes-like object is required, not '{type(data).__name__}'"
+            ) from None
+        if self._stream:
+            return await self._stream_write(view)
+        pos = self._pos
+        n: int = await self._changing(lambda: self._ctx.write(self._fd, pos, data))
+        if self._append:
+            self._pos = await self._size_now()
+        else:
+            self._pos = pos + n
+        return n
+
+    async def _seek(self, offset: object, whence: object = os.SEEK_SET) -> int:
+        off = operator.index(offset)  # type: ignore[arg-type]
+        how = operator.index(whence)  # type: ignore[arg-type]
+        if how not in (os.SEEK_SET, os.SEEK_CUR, os.SEEK_END, os.SEEK_DATA, os.SEEK_HOLE):
+            raise ValueError(f"whence value {how} unsupported")
+        if not self._seekable:
+            raise _espipe()
+        if how == os.SEEK_SET:
+            new = off
+        elif how == os.SEEK_CUR:
+            new = self._pos + off
+        elif how == os.SEEK_END:
+            new = await self._size_now() + off
+        else:
+            new = await self._run(self._ctx.call(os.lseek, self._fd, off, how))
+        if new < 0:
+            raise _einval()
+        self._pos = new
+        return new
+
+    def _tell(self) -> int:
+        if not self._seekable:
+            raise _espipe()
+        return self._pos
+
+    async def _truncate(self, size: object = None) -> int:
+        if not self._writable:
+            raise io.UnsupportedOperation("truncate")
+        n = self._pos if size is None else operator.index(size)  # type: ignore[arg-type]
+        if n < 0:
+            raise _einval()
+        await self._changing(lambda: self._ctx.truncate(self._fd, n))
+        return n
+
+    # -- streams that can block for ever (pipes, terminals...) ------------------------------
+
+    def _try_read(self, n: int) -> bytes | None:
+        """One read that does not block: the bytes, or None if it would."""
+        fd = self._fd
+        if self._nowait_read:
+            buf = bytearray(n)
+            try:
+                got = os.preadv(fd, [buf], -1, _RWF_NOWAIT)  # -1: the file position
+            except BlockingIOError:
+                return None
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ESPIPE):
+                    raise
+                self._nowait_read = False  # (a terminal): see below
+            else:
+                del buf[got:]
+                return bytes(buf)
+        # The descriptor is non-blocking for this one call only: the open
+        # file description may be shared (stdin).
+        with _NonBlocking(fd):
+            try:
+                return os.read(fd, n)
+            except BlockingIOError:
+                return None
+
+    def _try_write(self, view: memoryview) -> int | None:
+        fd = self._fd
+        if self._nowait_write:
+            try:
+                return os.pwritev(fd, [view], -1, _RWF_NOWAIT)
+            except BlockingIOError:
+                return None
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ESPIPE):
+                    raise
+                self._nowait_write = False
+        with _NonBlocking(fd):
+            try:
+                return os.write(fd, view)
+            except BlockingIOError:
+                return None
+
+    async def _stream_read(self, n: int) -> bytes:
+        n = min(n, CHUNK)  # what one read of a pipe or terminal can give
+        waited = False
+        while True:
+            data = self._try_read(n)
+            # A FIFO that no writer has opened yet reads as end of file but
+            # is not readable: end of file only once the loop says readable.
+            if data is None or (not data and self._pipe and not waited):
+                await self._io.wait_fd(self._fd, write=False)
+                waited = True
+                continue
+            return data
+
+    async def _stream_write(self, view: memoryview) -> int:
+        view = view.cast("B")
+        done = 0
+        while done < len(view):
+            n = self._try_write(view[done:])
+            if n is None:
+                await self._io.wait_fd(self._fd, write=True)
+            else:
+                done += n
+        return done
+
+    # -- the stream's public calls -------------------------------------------------------------
+
+    async def _locked(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        self._enter()
+        await self._io.checkpoint()
+        lock = self._lock
+        if lock.busy:
+            await lock.acquire()
+        else:
+            lock.busy = True
+        try:
+            return await fn(*args)
+        finally:
+            lock.release()
+
+    async def read(self, size: int | None = -1) -> Any:
+        """Read up to ``size`` bytes (text mode: characters), or to the end."""
+        if self._text is not None:
+            return await self._locked(self._text.read, size)
+        return await self._locked(self._read, _size(size))
+
+    async def read1(self, size: int = -1) -> bytes:
+        """At most ``size`` bytes with at most one read of the file (binary)."""
+        if self._text is not None:
+            raise AttributeError("read1 needs binary mode")
+        return await self._locked(self._read1, operator.index(size))  # type: ignore[no-any-return]
 
     async def readinto(self, buf: WriteableBuffer) -> int:
         """Read into ``buf`` at the current position (binary mode)."""
-        self._check_open()
-        if self._text:
+        if self._text is not None:
             raise io.UnsupportedOperation("readinto() needs binary mode")
-        view = memoryview(buf).cast("B")
-        data = await self._read_bytes(len(view))
+        view = memoryview(buf)
+        if view.readonly:
+            raise TypeError(
+                f"readinto() argument must be read-write bytes-like object, "
+                f"not {type(buf).__name__}"
+            )
+        view = view.cast("B")
+        if not self._readable:
+            self._enter()
+            raise io.UnsupportedOperation("read")
+        data: bytes = await self._locked(self._read, len(view))
         view[: len(data)] = data
         return len(data)
 
-    async def readline(self, size: int = -1) -> Any:
+    async def readline(self, size: int | None = -1) -> Any:
         """One line, with its newline; b"" / "" at end of file."""
-        self._check_open()
-        line = await self._readline_bytes(size)
-        if self._text:
-            return self._translate(line.decode(self.encoding, self.errors))
-        return line
+        if self._text is not None:
+            return await self._locked(self._text.readline, size)
+        return await self._locked(self._readline, _size(size))
 
-    async def readlines(self) -> list[Any]:
-        return [line async for line in self]
+    async def readlines(self, hint: int | None = -1) -> list[Any]:
+        """The remaining lines (stopping once ``hint`` bytes/characters are read)."""
+        if self._text is not None:
+            return await self._locked(self._text.readlines, hint)  # type: ignore[no-any-return]
+        return await self._locked(self._readlines, _size(hint))  # type: ignore[no-any-return]
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self
 
     async def __anext__(self) -> Any:
-        line = await self.readline()
+        if self._text is not None:
+            return await self._locked(self._text.__anext__)
+        line = await self._locked(self._readline, -1)
         if not line:
             raise StopAsyncIteration
         return line
@@ -392,82 +708,103 @@ class AsyncFile:
     async def write(self, data: Any) -> int:
         """Write at the current position (at the end in append mode);
         returns the count of bytes (text mode: characters) written."""
-        self._check_open()
-        if not self._writable:
-            raise io.UnsupportedOperation("not writable")
-        if self._text:
-            if not isinstance(data, str):
-                raise TypeError(f"write() argument must be str, not {type(data).__name__}")
-            payload = data.encode(self.encoding, self.errors)
-            if self.newline not in (None, "", "\n"):
-                payload = data.replace("\n", self.newline).encode(self.encoding, self.errors)
-        else:
-            if isinstance(data, str):
-                raise TypeError("a bytes-like object is required, not 'str'")
-            payload = data
-        self._drop_read_ahead()
-        n = await self.pwrite(payload, self._pos)
-        if self._append:
-            self._pos = (await self.stat()).st_size
-        else:
-            self._pos += n
-        return len(data) if self._text else n
+        if self._text is not None:
+            return await self._locked(self._text.write, data)  # type: ignore[no-any-return]
+        return await self._locked(self._write, data)  # type: ignore[no-any-return]
 
-    async def writelines(self, lines: Sequence[Any]) -> None:
+    async def writelines(self, lines: Iterable[Any]) -> None:
+        """Write each of ``lines``, as one call."""
+        await self._locked(self._writelines, lines)
+
+    async def _writelines(self, lines: Iterable[Any]) -> None:
+        write = self._text.write if self._text is not None else self._write
         for line in lines:
-            await self.write(line)
+            await write(line)
 
     async def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         """Move the position; returns the new one."""
-        self._check_open()
-        if isinstance(offset, bool) or not isinstance(offset, int):
-            raise TypeError(f"offset must be an int, not {type(offset).__name__}")
-        if whence == os.SEEK_SET:
-            new = offset
-        elif whence == os.SEEK_CUR:
-            new = self._pos + offset
-        elif whence == os.SEEK_END:
-            new = (await self.stat()).st_size + offset
-        else:
-            raise ValueError(f"invalid whence ({whence!r}, should be 0, 1 or 2)")
-        if new < 0:
-            raise OSError(22, f"negative seek position {new}")
-        self._pos = new
-        return new
+        if self._text is not None:
+            return await self._locked(self._text.seek, offset, whence)  # type: ignore[no-any-return]
+        return await self._locked(self._seek, offset, whence)  # type: ignore[no-any-return]
 
     async def tell(self) -> int:
-        """The position (in text mode: a byte offset, as a cookie for seek)."""
-        self._check_open()
-        return self._pos
+        """The position (in text mode: an opaque cookie for seek)."""
+        if self._text is not None:
+            return await self._locked(self._text.tell)  # type: ignore[no-any-return]
+        return await self._locked(self._tell_async)  # type: ignore[no-any-return]
+
+    async def _tell_async(self) -> int:
+        return self._tell()
+
+    async def truncate(self, size: int | None = None) -> int:
+        """Set the size (default: the current position); returns it.  The
+        position does not move."""
+        if self._text is not None:
+            return await self._locked(self._text.truncate, size)  # type: ignore[no-any-return]
+        return await self._locked(self._truncate, size)  # type: ignore[no-any-return]
 
     async def flush(self) -> None:
-        """Writes are not buffered here: nothing to do (see fsync)."""
-        self._check_open()
+        """Text mode: write what the text layer holds.  Binary writes are not
+        buffered here (see fsync for durability)."""
+        if self._text is not None:
+            await self._locked(self._text.flush)
+        else:
+            self._enter()
 
     def readable(self) -> bool:
+        self._check_open()
         return self._readable
 
     def writable(self) -> bool:
+        self._check_open()
         return self._writable
 
     def seekable(self) -> bool:
-        return True
+        """True only where the descriptor can seek (not a pipe or terminal)."""
+        self._check_open()
+        return self._seekable
 
     # -- closing ------------------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Wait for this file's outstanding requests, then close it."""
+        """Write what the text layer holds, wait for this file's outstanding
+        requests, then close it.  A cancelled close still closes the file,
+        then lets the cancellation through."""
         if self._closed:
             return
+        self._check_loop()
         self._closed = True
         self._slow_path = True
-        for req in list(self._outstanding):
-            # Another task awaits it; wait for it on a worker, not the loop.
-            await self._run(self._ctx.call(req.wait))
+        if self._outstanding or (self._text is not None and self._writable):
+            await self._io.shielded(self._finish_close)
+        else:
+            self._release()  # nothing to wait for
+
+    async def _finish_close(self) -> None:
+        try:
+            if self._text is not None and self._writable:
+                lock = self._lock
+                await lock.acquire()
+                try:
+                    await self._text.flush()
+                finally:
+                    lock.release()
+        finally:
+            for req in list(self._outstanding):
+                # Another task awaits it; wait for it on a worker, not the loop.
+                await self._run(self._ctx.call(req.wait))
+            self._release()
+
+    def _release(self) -> None:
+        """Give the descriptor up (the last step of closing)."""
         self._ctx.forget(self._fd)
         if self._owner is not None:
             self._owner.close()
         elif self._closefd:
+            if self._stream and self._trio:
+                import trio
+
+                trio.lowlevel.notify_closing(self._fd)
             os.close(self._fd)
 
     async def __aenter__(self) -> AsyncFile:
@@ -480,6 +817,75 @@ class AsyncFile:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+class _NonBlocking:
+    """O_NONBLOCK on a descriptor for the span of a ``with``, restored after."""
+
+    __slots__ = ("_fd", "_flags")
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._flags = -1
+
+    def __enter__(self) -> None:
+        flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+        if not flags & os.O_NONBLOCK:
+            fcntl.fcntl(self._fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+            self._flags = flags
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._flags >= 0:
+            fcntl.fcntl(self._fd, fcntl.F_SETFL, self._flags)
+
+
+class _BinaryStream:
+    """A file's binary stream as the text layer uses it: the async calls of
+    a Python buffered file, without the file's lock (the text call that
+    reaches here holds it)."""
+
+    __slots__ = ("_f",)
+
+    def __init__(self, f: AsyncFile) -> None:
+        self._f = f
+
+    @property
+    def closed(self) -> bool:
+        return self._f._closed
+
+    @property
+    def name(self) -> object:
+        return self._f.name
+
+    async def read1(self, size: int = -1) -> bytes:
+        return await self._f._read1(operator.index(size))
+
+    async def read(self, size: int | None = -1) -> bytes:
+        return await self._f._read(_size(size))
+
+    async def write(self, data: ReadableBuffer) -> int:
+        return await self._f._write(data)
+
+    async def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        return await self._f._seek(pos, whence)
+
+    async def tell(self) -> int:
+        return self._f._tell()
+
+    async def flush(self) -> None:
+        pass
+
+    async def truncate(self, pos: int | None = None) -> int:
+        return await self._f._truncate(pos)
+
+    def readable(self) -> bool:
+        return self._f._readable
+
+    def writable(self) -> bool:
+        return self._f._writable
+
+    def seekable(self) -> bool:
+        return self._f._seekable
 
 
 class _Opener:
@@ -541,20 +947,107 @@ async def _open(
 ) -> AsyncFile:
     io_ = current()
     await io_.checkpoint()
-    req = io_.ctx.call(os.open, os.fspath(path), flags, perms)
+    where = os.fspath(path)
+    req = io_.ctx.call(_open_nonblocking, where, flags, perms)
     try:
         await io_.wait(req)
     except BaseException:
         # Cancelled: if the open ran anyway, its descriptor is ours to close.
-        if req.error == 0:
-            os.close(req.result())
+        opened: Any = req.result() if req.error == 0 else None
+        if opened is not None:
+            os.close(opened[0])
         raise
-    fd: int = req.result()
+    got: Any = req.result()
+    if got is None:
+        got = await _open_blocking(io_, where, flags, perms)
+    fd, st = got
     try:
-        return AsyncFile(fd, path, mode, io_, encoding=encoding, errors=errors, newline=newline)
+        return AsyncFile(
+            fd,
+            path,
+            mode,
+            io_,
+            encoding=encoding,
+            errors=errors,
+            newline=newline,
+            st=st,
+            pos=st.st_size if "a" in mode else 0,
+        )
     except BaseException:
         os.close(fd)
         raise
+
+
+def _opened(fd: int, path: Any) -> tuple[int, os.stat_result]:
+    """The descriptor and its stat, or IsADirectoryError as open() gives."""
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def _open_nonblocking(path: Any, flags: int, perms: int) -> tuple[int, os.stat_result] | None:
+    """Open without waiting for a FIFO's other end (then clear O_NONBLOCK);
+    None where that cannot be done (a FIFO for writing with no reader)."""
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK, perms)
+    except OSError as e:
+        if e.errno in (errno.ENXIO, errno.EAGAIN):
+            return None
+        raise
+    fd, st = _opened(fd, path)
+    if not flags & os.O_NONBLOCK:
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        except BaseException:
+            os.close(fd)
+            raise
+    return fd, st
+
+
+class _DetachedOpen:
+    """A blocking open on a worker that its task may abandon while it runs
+    (a FIFO with no reader may wait for ever): the descriptor it gets after
+    that is closed at once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self._fd: int | None = None
+
+    def run(self, path: Any, flags: int, perms: int) -> tuple[int, os.stat_result] | None:
+        fd, st = _opened(os.open(path, flags, perms), path)
+        with self._lock:
+            if not self._abandoned:
+                self._fd = fd
+                return fd, st
+        os.close(fd)
+        return None
+
+    def abandon(self) -> None:
+        with self._lock:
+            self._abandoned = True
+            fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+async def _open_blocking(
+    io_: LoopIO, path: Any, flags: int, perms: int
+) -> tuple[int, os.stat_result]:
+    opener = _DetachedOpen()
+    req = io_.ctx.call(opener.run, path, flags, perms)
+    try:
+        await io_.wait(req, detach=True)
+    except BaseException:
+        opener.abandon()
+        raise
+    got: Any = req.result()
+    return got  # type: ignore[no-any-return]
 
 
 def wrap(
@@ -566,14 +1059,18 @@ def wrap(
     errors: str | None = None,
     newline: str | None = None,
 ) -> AsyncFile:
-    """An AsyncFile over an open descriptor or Python file object.
+    """An AsyncFile over an open descriptor or Python file object, from its
+    current position.
 
     The mode defaults to the file object's, or to what the descriptor was
-    opened for.  Closing the AsyncFile closes the file object, or the
-    descriptor if ``closefd``.  Call it inside the event loop that will use
-    the file.
+    opened for; a text file object's encoding and errors are the defaults of
+    a text-mode result.  A file object's own buffer is flushed first.
+    Closing the AsyncFile closes the file object, or the descriptor if
+    ``closefd``.  Call it inside the event loop that will use the file.
     """
+    io_ = current()
     owner = None
+    pos: int | None = None
     if isinstance(file, bool):
         raise TypeError("expected a file descriptor or file object, not bool")
     if isinstance(file, int):
@@ -587,6 +1084,17 @@ def wrap(
             mode = file.mode.replace("U", "")
             if "b" not in mode and not hasattr(file, "encoding"):
                 mode += "b"
+        if mode is not None and "b" not in mode and hasattr(file, "encoding"):
+            encoding = encoding if encoding is not None else file.encoding
+            errors = errors if errors is not None else getattr(file, "errors", None)
+        # Where the file object stands, its own buffer counted.
+        if not getattr(file, "closed", False):
+            if getattr(file, "writable", lambda: False)():
+                file.flush()
+            try:
+                pos = file.tell()
+            except (OSError, ValueError):
+                pos = None
     else:
         raise TypeError(f"expected a file descriptor or file object, not {type(file).__name__}")
     if mode is None:
@@ -599,10 +1107,11 @@ def wrap(
         fd,
         name,
         mode,
-        current(),
+        io_,
         encoding=encoding,
         errors=errors,
         newline=newline,
         closefd=closefd,
         owner=owner,
+        pos=pos,
     )

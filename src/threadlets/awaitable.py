@@ -5,7 +5,16 @@ This module owns the glue between an event loop and the paio engine: one
 ``trio.run`` (trio), whose eventfd the loop watches, and
 :meth:`LoopIO.wait`, which suspends a task until its request finished.
 anyio needs nothing of its own: on either backend its tasks are asyncio or
-trio tasks, and its cancel scopes cancel them the same way.
+trio tasks, and its cancel scopes cancel them the same way.  Also here, for
+the file objects: :class:`StreamLock` (one file's stream calls, in turn),
+:meth:`LoopIO.wait_fd` (readiness of a pipe or terminal) and
+:meth:`LoopIO.shielded` (finish something despite a cancellation).
+
+Lifetime: nothing of ours holds an asyncio loop strongly.  When the loop
+closes (or, for uvloop, is collected) its context is closed, releasing the
+eventfd and the ring; a context with requests still outstanding is kept
+until a later loop finds them finished (the kernel may still write into a
+ring request's buffer).
 
 Cancellation (the guarantee)
 ============================
@@ -30,15 +39,20 @@ cached I/O cannot starve the others.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
+import fcntl
 import sys
 import weakref
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from threadlets.engine import BACKENDS, AioContext, AioRequest
 from threadlets.pool import CancelResult, ThreadletQueue
 
-__all__ = ["YIELD_EVERY", "LoopIO", "configure", "current"]
+__all__ = ["YIELD_EVERY", "LoopIO", "StreamLock", "configure", "current"]
+
+T = TypeVar("T")
 
 #: Inline completions on one loop between two forced yields: often enough
 #: that other tasks run every few hundred microseconds, rarely enough that
@@ -71,23 +85,107 @@ def _new_context() -> AioContext:
 
 
 class LoopIO:
-    """The engine as one event loop sees it.  Made by :func:`current`."""
+    """The engine as one event loop sees it.  Made by :func:`current`.
 
-    __slots__ = ("__weakref__", "ctx", "inline_run", "kind")
+    It holds its asyncio loop only weakly: the loop's own structures hold
+    the context, and nothing of ours may keep a finished loop alive."""
 
-    def __init__(self, ctx: AioContext, kind: str) -> None:
+    __slots__ = ("__weakref__", "_loop", "ctx", "inline_run", "kind")
+
+    def __init__(
+        self, ctx: AioContext, kind: str, loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
+    ) -> None:
         self.ctx = ctx
         self.kind = kind  # "asyncio" or "trio"
+        self._loop = loop
         #: Inline completions since this loop last yielded for fairness.
         self.inline_run = 0
 
-    async def wait(self, req: AioRequest) -> None:
-        """Suspend until ``req`` finished (its completion processed), with
-        the cancellation rules of the module docstring."""
+    def is_current(self) -> bool:
+        """True if the running event loop is this one."""
         if self.kind == "asyncio":
-            await _asyncio_wait(req)
+            loop = self._loop
+            return loop is not None and asyncio.events._get_running_loop() is loop()
+        try:
+            return _trio_runvar is not None and _trio_runvar.get(None) is self
+        except RuntimeError:  # not inside trio.run
+            return False
+
+    def check_current(self) -> None:
+        """Raise RuntimeError unless called from this loop (before anything
+        is submitted: a request's completion is delivered to its loop)."""
+        if not self.is_current():
+            raise RuntimeError(
+                "this file belongs to another event loop (use it only in the one that opened it)"
+            )
+
+    async def wait(self, req: AioRequest, *, detach: bool = False) -> None:
+        """Suspend until ``req`` finished (its completion processed), with
+        the cancellation rules of the module docstring.  ``detach=True``
+        lets a cancellation through at once even while ``req`` runs (for a
+        request that may never end, whose caller cleans up after it)."""
+        if self.kind == "asyncio":
+            await _asyncio_wait(req, detach)
         else:
-            await _trio_wait(req)
+            await _trio_wait(req, detach)
+
+    async def wait_fd(self, fd: int, write: bool) -> None:
+        """Suspend until ``fd`` is readable (writable); cancellable at any
+        time, with nothing consumed."""
+        if self.kind == "asyncio":
+            loop = asyncio.get_running_loop()
+            fut: asyncio.Future[None] = loop.create_future()
+            # uvloop (libuv's uv_poll) leaves a watched fd O_NONBLOCK: put
+            # back the flags, which other users of the file may rely on.
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            if write:
+                loop.add_writer(fd, _set_done, fut)
+            else:
+                loop.add_reader(fd, _set_done, fut)
+            try:
+                await fut
+            finally:
+                if write:
+                    loop.remove_writer(fd)
+                else:
+                    loop.remove_reader(fd)
+                if fcntl.fcntl(fd, fcntl.F_GETFL) != flags:
+                    fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+        else:
+            import trio
+
+            if write:
+                await trio.lowlevel.wait_writable(fd)
+            else:
+                await trio.lowlevel.wait_readable(fd)
+
+    async def shielded(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run ``fn()`` to its end even if the caller is cancelled meanwhile;
+        then let the cancellation through."""
+        if self.kind == "trio":
+            import trio
+
+            with trio.CancelScope(shield=True):
+                result = await fn()
+            await trio.lowlevel.checkpoint_if_cancelled()
+            return result
+        task = asyncio.ensure_future(fn())
+        cancelled: BaseException | None = None
+        anyio = sys.modules.get("anyio")
+        with anyio.CancelScope(shield=True) if anyio is not None else _no_scope():
+            while not task.done():
+                try:
+                    await asyncio.wait((task,))
+                except asyncio.CancelledError as e:
+                    cancelled = e  # a plain Task.cancel() arrives once: hold it
+        result = task.result()
+        if cancelled is not None:
+            raise cancelled
+        if anyio is not None:
+            # An anyio scope's cancellation held back by the shield comes
+            # through at the next checkpoint: here, not in the caller's code.
+            await asyncio.sleep(0)
+        return result
 
     async def fair_yield(self) -> None:
         """Called after an inline completion: yields once in a while."""
@@ -108,6 +206,81 @@ class LoopIO:
             await trio.lowlevel.checkpoint_if_cancelled()
 
 
+class StreamLock:
+    """Makes one file's stream calls atomic with respect to each other.
+
+    Uncontended, taking it is a flag test; contended, waiters queue FIFO and
+    :meth:`release` hands the lock straight to the first (``busy`` stays
+    set), so no task can overtake them.  A waiter cancelled after the
+    hand-over passes the lock on.  Works on asyncio (and uvloop) and trio,
+    and so under anyio on either."""
+
+    __slots__ = ("_waiters", "busy", "trio")
+
+    def __init__(self, kind: str) -> None:
+        self.busy = False
+        self.trio = kind == "trio"
+        #: asyncio futures (a cancelled one is skipped) or trio tasks.
+        self._waiters: collections.deque[Any] = collections.deque()
+
+    async def acquire(self) -> None:
+        if not self.busy:
+            self.busy = True
+        elif self.trio:
+            await self._trio_wait()
+        else:
+            await self._asyncio_wait()
+
+    async def _asyncio_wait(self) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # it was handed to us: pass it on
+            raise
+
+    async def _trio_wait(self) -> None:
+        import trio
+
+        task = trio.lowlevel.current_task()
+        self._waiters.append(task)
+
+        def abort(raise_cancel: Callable[[], object]) -> trio.lowlevel.Abort:
+            self._waiters.remove(task)  # still queued: reschedule() not yet called
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def release(self) -> None:
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if self.trio:
+                import trio
+
+                trio.lowlevel.reschedule(waiter)
+                return
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.busy = False
+
+
+class _no_scope:
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(self, *exc_info: object) -> None:
+        pass
+
+
+def _set_done(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 # -- asyncio ------------------------------------------------------------------------------
 
 _asyncio_io: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopIO] = (
@@ -118,30 +291,85 @@ _asyncio_io: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopIO] = (
 def _asyncio_current(loop: asyncio.AbstractEventLoop) -> LoopIO:
     io = _asyncio_io.get(loop)
     if io is None:
+        if _orphans:
+            _sweep_orphans()
         ctx = _new_context()
         loop.add_reader(ctx.fileno(), ctx.process_completions)
+        ref = weakref.ref(loop)
         # One io_uring_enter per loop iteration for what its tasks submit.
-        ctx.hold_submissions(loop.call_soon)
-        io = _asyncio_io[loop] = LoopIO(ctx, "asyncio")
+        # The ring holds this scheduler for good: it must not hold the loop.
+        ctx.hold_submissions(lambda flush: _call_soon(ref, flush))
+        io = _asyncio_io[loop] = LoopIO(ctx, "asyncio", ref)
+        # When the loop closes or goes, so do the eventfd and the ring.
+        weakref.finalize(loop, _release, ctx)
+        _watch_close(loop, ctx)
     return io
+
+
+def _call_soon(ref: weakref.ref[asyncio.AbstractEventLoop], fn: Callable[[], None]) -> None:
+    loop = ref()
+    if loop is not None and not loop.is_closed():
+        loop.call_soon(fn)
+    else:
+        fn()  # no loop iteration to come: submit now
+
+
+#: Contexts of closed loops that still had requests outstanding: kept (the
+#: kernel may still write into a ring request's buffer) until a later loop
+#: finds them finished.
+_orphans: set[AioContext] = set()
+
+
+def _release(ctx: AioContext) -> None:
+    """The loop of ``ctx`` closed or was collected: close ``ctx`` now if
+    nothing is outstanding, else keep it for a later sweep.  Any thread
+    (a finalizer): it runs no completion callback."""
+    if ctx._outstanding() <= 0:
+        _orphans.discard(ctx)
+        ctx.close(timeout=0)
+    else:
+        _orphans.add(ctx)
+
+
+def _sweep_orphans() -> None:
+    for ctx in list(_orphans):
+        ctx.process_completions()  # their waiters' loops are closed: see _waker
+        _release(ctx)
+
+
+def _watch_close(loop: asyncio.AbstractEventLoop, ctx: AioContext) -> None:
+    """Release ``ctx`` as soon as ``loop`` closes (as asyncio.run does),
+    where the loop lets us see that (uvloop's does not: there the loop's
+    collection releases it)."""
+    close = loop.close
+    ref = weakref.ref(ctx)
+
+    def close_and_release() -> None:
+        close()
+        c = ref()
+        if c is not None:
+            _release(c)
+
+    with contextlib.suppress(AttributeError):
+        loop.close = close_and_release  # type: ignore[method-assign]
 
 
 def _waker(fut: asyncio.Future[None]) -> Callable[[AioRequest], None]:
     def wake(req: AioRequest) -> None:
-        if not fut.done():
+        if not fut.done() and not fut.get_loop().is_closed():
             fut.set_result(None)
 
     return wake
 
 
-async def _asyncio_wait(req: AioRequest) -> None:
+async def _asyncio_wait(req: AioRequest, detach: bool = False) -> None:
     loop = asyncio.get_running_loop()
     fut = loop.create_future()
     req.callback = _waker(fut)
     try:
         await fut
     except asyncio.CancelledError:
-        if req.cancel() is not CancelResult.CANCELED:
+        if req.cancel() is not CancelResult.CANCELED and not detach:
             # Running, or finished with its completion not yet processed:
             # wait it out, holding back further cancellations, then let the
             # caller see the one it got.
@@ -206,7 +434,7 @@ async def _trio_pump(ctx: AioContext) -> None:
         ctx.process_completions()
 
 
-async def _trio_wait(req: AioRequest) -> None:
+async def _trio_wait(req: AioRequest, detach: bool = False) -> None:
     import trio
 
     task = trio.lowlevel.current_task()
@@ -218,7 +446,7 @@ async def _trio_wait(req: AioRequest) -> None:
 
     def abort(raise_cancel: Callable[[], object]) -> trio.lowlevel.Abort:
         nonlocal aborted
-        if req.cancel() is CancelResult.CANCELED:
+        if req.cancel() is CancelResult.CANCELED or detach:
             aborted = True
             return trio.lowlevel.Abort.SUCCEEDED
         # Running (or finished, completion not yet processed): we will be
