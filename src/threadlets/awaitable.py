@@ -324,7 +324,7 @@ def _release(ctx: AioContext) -> None:
     """The loop of ``ctx`` closed or was collected: close ``ctx`` now if
     nothing is outstanding, else keep it for a later sweep.  Any thread
     (a finalizer): it runs no completion callback."""
-    if ctx._outstanding() <= 0:
+    if ctx.stats().outstanding <= 0:
         _orphans.discard(ctx)
         ctx.close(timeout=0)
     else:
