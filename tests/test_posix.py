@@ -572,8 +572,14 @@ def test_the_next_o_append_write_fails_cleanly_if_the_context_closed(tmp_path: P
                 px.aio_write(first)
                 px.aio_write(second)
                 assert sc.in_write.wait(10)
-                ctx.close()
+                # close() refuses new requests at once and waits for the
+                # running write, whose completion then launches the next.
+                closer = threading.Thread(target=ctx.close)
+                closer.start()
+                wait_until(lambda: ctx._cq.closing)
                 sc.gate.set()
+                closer.join(10)
+                assert ctx.closed
                 assert outcome(px, first) == (0, 5)
                 assert outcome(px, second) == (errno.ECANCELED, -1)
     finally:
