@@ -10,6 +10,8 @@ import gc
 import logging
 import mmap
 import os
+import signal
+import sys
 import threading
 import time
 import weakref
@@ -485,3 +487,65 @@ def test_fork_from_a_worker(where: str) -> None:
     assert os.waitstatus_to_exitcode(status) == 0
     assert report == b"1,1,1,1,1,1,1"
     assert q.close(10)
+
+
+# -- Ctrl-C in every wait -------------------------------------------------------------------------
+
+
+def _syscall_of(tid: int) -> str:
+    """The number of the system call a thread of this process is in."""
+    try:
+        with open(f"/proc/self/task/{tid}/syscall") as f:
+            return f.read().split(" ", 1)[0]
+    except OSError:
+        return ""
+
+
+@pytest.mark.skipif(
+    not (sys.platform.startswith("linux") and os.uname().machine == "x86_64"),
+    reason="finds the futex wait through /proc (x86-64 syscall numbers)",
+)
+@pytest.mark.parametrize("call", ["wait", "result", "drain", "close"])
+def test_ctrl_c_in_a_wait_leaves_everything_deliverable(call: str) -> None:
+    q = ThreadletQueue(max_threads=1)
+    gate = Gate("v")
+    t = q.submit(gate)
+    assert gate.started.wait(10)
+    behind = q.submit(lambda: "behind")
+    calls: list[ThreadletState] = []
+    t.add_done_callback(lambda x: calls.append(x.state))
+    blocking: dict[str, Callable[[], object]] = {
+        "wait": t.wait,
+        "result": t.result,
+        "drain": q.drain,
+        "close": q.close,
+    }
+    main_tid = threading.get_native_id()
+    calling = threading.Event()
+
+    def interrupt() -> None:
+        assert calling.wait(10)
+        # Once the main thread sleeps in the wait (futex, 202): Ctrl-C.
+        wait_until(lambda: _syscall_of(main_tid) == "202", timeout=30)
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+
+    helper = threading.Thread(target=interrupt)
+    helper.start()
+    interrupted = False
+    try:  # the signal may come as soon as ``calling`` is set
+        calling.set()
+        blocking[call]()
+    except KeyboardInterrupt:
+        interrupted = True
+    helper.join(10)
+    assert interrupted
+    assert not t._waiters  # the interrupted waiter withdrew
+    gate.release.set()
+    assert t.result(10) == "v"
+    assert calls == [ThreadletState.DONE]
+    if call == "close":  # it had begun: the queued work was cancelled
+        assert behind.cancelled()
+    else:
+        assert behind.result(10) == "behind"
+    assert q.close(10)
+    assert q.stats().threads == 0

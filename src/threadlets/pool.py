@@ -337,27 +337,30 @@ class Threadlet(Generic[T]):
         """
         timeout = _check_timeout(timeout)
         lock = self._queue._lock
-        with lock:
-            if self._state is _DONE or self._state is _CANCELLED:
-                return True
-            waiter = threading.Lock()
-            waiter.acquire()
-            if self._waiters is None:
-                self._waiters = [waiter]
-            else:
-                self._waiters.append(waiter)
-        try:
+        waiter: threading.Lock | None = None
+        woken = False
+        try:  # (from before the waiter is added: a Ctrl-C may come at any point)
+            with lock:
+                if self._state is _DONE or self._state is _CANCELLED:
+                    return True
+                waiter = threading.Lock()
+                waiter.acquire()
+                if self._waiters is None:
+                    self._waiters = [waiter]
+                else:
+                    self._waiters.append(waiter)
             woken = waiter.acquire() if timeout is None else waiter.acquire(timeout=timeout)
         finally:
-            # Timed out or interrupted (Ctrl-C): withdraw the waiter, unless
-            # the finisher already took the list to release it.
-            with lock:
-                if not (self._state is _DONE or self._state is _CANCELLED):
-                    waiters = self._waiters
-                    if waiters is not None and waiter in waiters:
-                        waiters.remove(waiter)
-                else:
-                    woken = True
+            # Timed out or interrupted: withdraw the waiter, unless the
+            # finisher already took the list to release it.
+            if waiter is not None:
+                with lock:
+                    if not (self._state is _DONE or self._state is _CANCELLED):
+                        waiters = self._waiters
+                        if waiters is not None and waiter in waiters:
+                            waiters.remove(waiter)
+                    else:
+                        woken = True
         return woken
 
     def result(self, timeout: float | None = None) -> T:
