@@ -419,8 +419,10 @@ def _child_report(q: ThreadletQueue, item: Threadlet[object]) -> bytes:
 def test_fork_while_a_worker_runs_a_callback() -> None:
     q = ThreadletQueue(max_threads=2)
     in_cb, go = threading.Event(), threading.Event()
-    t = q.submit(lambda: "v")
+    gate = Gate("v")
+    t = q.submit(gate)
     t.add_done_callback(lambda _: (in_cb.set(), go.wait(30)))
+    gate.release.set()
     assert in_cb.wait(10)
     r, w = os.pipe()
     pid = os.fork()
@@ -549,3 +551,26 @@ def test_ctrl_c_in_a_wait_leaves_everything_deliverable(call: str) -> None:
         assert behind.result(10) == "behind"
     assert q.close(10)
     assert q.stats().threads == 0
+
+
+def test_submit_when_a_worker_cannot_start_but_others_run(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    with ThreadletQueue(max_threads=2) as q:
+        gate = Gate()
+        busy = q.submit(gate)
+        assert gate.started.wait(10)
+        monkeypatch.setattr(threading.Thread, "start", refuse)
+        with caplog.at_level(logging.WARNING, logger="threadlets"):
+            t = q.submit(lambda: "waited")  # queued for the running worker
+        monkeypatch.undo()
+        assert "could not start a worker" in caplog.text
+        assert t.state is ThreadletState.QUEUED
+        gate.release.set()
+        assert t.result(10) == "waited"
+        assert busy.wait(10)
+        s = q.stats()
+        assert (s.submitted, s.completed, s.spawned) == (2, 2, 1)
