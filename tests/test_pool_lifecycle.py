@@ -574,3 +574,27 @@ def test_submit_when_a_worker_cannot_start_but_others_run(
         assert busy.wait(10)
         s = q.stats()
         assert (s.submitted, s.completed, s.spawned) == (2, 2, 1)
+
+
+def test_callbacks_waiting_for_the_next_threadlet_race() -> None:
+    # Two warm workers; A's callback waits for B, submitted just before A is
+    # let go.  Whichever worker gets there first, B is taken only by a
+    # worker that is free: never by A's, which is busy delivering A.
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        with ThreadletQueue(max_threads=2, min_threads=2) as q:
+            for _ in range(200):
+                gate = Gate()
+                a = q.submit(gate)
+                waited: list[bool] = []
+                box: list[Threadlet[int]] = []
+                a.add_done_callback(
+                    lambda _, box=box, waited=waited: waited.append(box[0].wait(10))
+                )
+                box.append(q.submit(int))
+                gate.release.set()
+                assert q.drain(30)
+                assert waited == [True]
+    finally:
+        sys.setswitchinterval(old_interval)
