@@ -335,33 +335,55 @@ class Threadlet(Generic[T]):
         Returns True if it did, False if ``timeout`` seconds passed first
         (None, or more than ``threading.TIMEOUT_MAX``: no limit).
         """
+        state = self._settle(timeout)[0]
+        return state is _DONE or state is _CANCELLED
+
+    def _settle(self, timeout: float | None) -> tuple[ThreadletState, Any, BaseException | None]:
+        """Wait as :meth:`wait` does; return the state (QUEUED or RUNNING:
+        timed out) with the outcome, read in the same locked look."""
         timeout = _check_timeout(timeout)
         lock = self._queue._lock
         waiter: threading.Lock | None = None
-        woken = False
         try:  # (from before the waiter is added: a Ctrl-C may come at any point)
             with lock:
-                if self._state is _DONE or self._state is _CANCELLED:
-                    return True
+                state = self._state
+                if state is _DONE or state is _CANCELLED:
+                    return state, self._result, self._exception
                 waiter = threading.Lock()
                 waiter.acquire()
                 if self._waiters is None:
                     self._waiters = [waiter]
                 else:
                     self._waiters.append(waiter)
-            woken = waiter.acquire() if timeout is None else waiter.acquire(timeout=timeout)
+            if timeout is None:
+                waiter.acquire()
+            else:
+                waiter.acquire(timeout=timeout)
         finally:
-            # Timed out or interrupted: withdraw the waiter, unless the
-            # finisher already took the list to release it.
             if waiter is not None:
                 with lock:
-                    if not (self._state is _DONE or self._state is _CANCELLED):
+                    state = self._state
+                    if not (state is _DONE or state is _CANCELLED):
+                        # Timed out or interrupted: withdraw the waiter.
                         waiters = self._waiters
                         if waiters is not None and waiter in waiters:
                             waiters.remove(waiter)
-                    else:
-                        woken = True
-        return woken
+                    result, exc = self._result, self._exception
+        return state, result, exc
+
+    def _outcome(self, timeout: float | None) -> tuple[Any, BaseException | None]:
+        if type(self).wait is not _plain_wait:
+            # A subclass's wait() must do the waiting (the engine's reaps
+            # its ring meanwhile); then one look reads the outcome.
+            if not self.wait(timeout):
+                raise TimeoutError(f"{self!r} did not finish within {timeout} s")
+            timeout = 0
+        state, result, exc = self._settle(timeout)
+        if state is _CANCELLED:
+            raise CancelledError()
+        if state is not _DONE:
+            raise TimeoutError(f"{self!r} did not finish within {timeout} s")
+        return result, exc
 
     def result(self, timeout: float | None = None) -> T:
         """The return value of the work; re-raises what it raised.
@@ -369,29 +391,14 @@ class Threadlet(Generic[T]):
         Raises ``CancelledError`` if it was cancelled and ``TimeoutError`` if
         it did not finish within ``timeout`` seconds.
         """
-        _check_timeout(timeout)
-        lock = self._queue._lock
-        with lock:  # finished already (the common case): one look
-            state, exc, result = self._state, self._exception, self._result
-        if state is _QUEUED or state is _RUNNING:
-            if not self.wait(timeout):
-                raise TimeoutError(f"{self!r} did not finish within {timeout} s")
-            with lock:
-                state, exc, result = self._state, self._exception, self._result
-        if state is _CANCELLED:
-            raise CancelledError()
+        result, exc = self._outcome(timeout)
         if exc is not None:
             raise exc
-        return result  # type: ignore[return-value]
+        return result  # type: ignore[no-any-return]
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """What the work raised, or None; ``CancelledError`` if cancelled."""
-        if not self.wait(timeout):
-            raise TimeoutError(f"{self!r} did not finish within {timeout} s")
-        with self._queue._lock:
-            if self._state is _CANCELLED:
-                raise CancelledError()
-            return self._exception
+        return self._outcome(timeout)[1]
 
     def add_done_callback(self, fn: Callable[[Threadlet[T]], object]) -> None:
         """Call ``fn(threadlet)`` exactly once when it finishes or is
@@ -413,6 +420,9 @@ class Threadlet(Generic[T]):
                     self._callbacks.append(fn)
                 return
         _invoke_callback(fn, self)
+
+
+_plain_wait = Threadlet.wait
 
 
 def _run_callbacks(callbacks: Iterable[Callable[[Any], object]], item: object) -> None:
@@ -783,7 +793,8 @@ class ThreadletQueue:
                 self._closers += 1
                 self._quiet.notify_all()
             try:
-                if not self._quiet.wait_for(lambda: self._threads <= self._closers, timeout):
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if not self._quiet.wait_for(lambda: self._threads <= self._closers, left):
                     return False
             finally:
                 if own:
