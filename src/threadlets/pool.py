@@ -154,7 +154,9 @@ class Threadlet(Generic[T]):
     The handle a caller keeps: it tells the state, cancels with a definite
     :class:`CancelResult`, waits, and hands out the result or exception.
     Subclasses (the engine's requests) override :meth:`_run` to do their work
-    and :meth:`_finished` to deliver completion elsewhere.
+    and :meth:`_finished` to deliver completion elsewhere (a worker then
+    always delivers before it takes more), and may override :meth:`wait`
+    (``result()`` and ``exception()`` wait through it).
     """
 
     __slots__ = (
