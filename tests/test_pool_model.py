@@ -1,12 +1,15 @@
 """Threadlet queues against a model: a hypothesis state machine over random
-submit / release / cancel / wait / set_limits / close sequences, and a race
-test of cancel against dequeue."""
+submit / release / cancel / wait / set_limits / close sequences, with
+done-callbacks that raise an Exception or a BaseException or wait for other
+work, and a race test of cancel against dequeue."""
 
 from __future__ import annotations
 
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -22,6 +25,24 @@ from hypothesis.stateful import (
 from threadlets import CancelledError, CancelResult, QueueStats, ThreadletQueue, ThreadletState
 from threadlets.pool import Threadlet
 
+T = TypeVar("T")
+
+
+class Interrupt(BaseException):
+    """What a Ctrl-C looks like to the queue: a BaseException, not an Exception."""
+
+
+#: What an added done-callback does besides counting its runs.
+CALLBACK_KINDS = ("record", "raise_exception", "raise_base", "wait_other")
+
+
+@dataclass
+class Callback:
+    kind: str
+    runs: int = 0
+    #: For "wait_other": what each wait returned (must be True).
+    waits: list[bool] = field(default_factory=list)
+
 
 @dataclass
 class Job:
@@ -31,7 +52,9 @@ class Job:
     gate: threading.Event = field(default_factory=threading.Event)
     started: threading.Event = field(default_factory=threading.Event)
     runs: int = 0
-    callbacks: list[ThreadletState] = field(default_factory=list)
+    #: The final state as the submit-time callback saw it (None: not watched).
+    callbacks: list[ThreadletState] | None = None
+    added: list[Callback] = field(default_factory=list)
     cancel_results: list[CancelResult] = field(default_factory=list)
     handle: Threadlet[int] | None = None
 
@@ -51,6 +74,9 @@ class QueueMachine(RuleBasedStateMachine):
         self.max_threads = 3
         self.all: list[Job] = []
         self.closed = False
+        #: Interrupt callbacks that ran in this (the main) thread: there the
+        #: call that ran them (cancel, close, add_done_callback) must raise.
+        self.main_interrupts = 0
 
     def live_gated(self) -> int:
         """Jobs that may still occupy a worker forever."""
@@ -63,17 +89,60 @@ class QueueMachine(RuleBasedStateMachine):
             and not (self.closed and j.runs == 0)
         )
 
+    def interrupts_here(self, call: Callable[[], T]) -> T | None:
+        """Run ``call``; it raises Interrupt exactly when an Interrupt
+        callback ran in this thread during it (after all the others ran)."""
+        before = self.main_interrupts
+        try:
+            value = call()
+        except Interrupt:
+            assert self.main_interrupts > before, "an Interrupt raised in no callback here"
+            return None
+        assert self.main_interrupts == before, "an Interrupt from a callback here was lost"
+        return value
+
+    def make_callback(self, kind: str, other: Job) -> tuple[Callback, Callable[[object], None]]:
+        record = Callback(kind)
+        main = threading.main_thread()
+
+        def cb(_: object) -> None:
+            record.runs += 1
+            if kind == "raise_exception":
+                raise ValueError("callback failed")
+            if kind == "raise_base":
+                if threading.current_thread() is main:
+                    self.main_interrupts += 1
+                raise Interrupt
+            if kind == "wait_other" and other.started.is_set() and other.gate.is_set():
+                # It runs (or ran) and is released: it finishes without
+                # needing a worker, whichever thread waits here.
+                assert other.handle is not None
+                record.waits.append(other.handle.wait(timeout=30))
+
+        return record, cb
+
     @precondition(lambda self: not self.closed)
-    @rule(target=jobs, release_now=st.booleans())
-    def submit(self, release_now: bool) -> Job:
+    @rule(target=jobs, release_now=st.booleans(), watch=st.booleans())
+    def submit(self, release_now: bool, watch: bool) -> Job:
         job = Job(len(self.all))
         if release_now:
             job.gate.set()
         handle = self.queue.submit(job)
         job.handle = handle
-        handle.add_done_callback(lambda t: job.callbacks.append(t.state))
+        if watch:  # unwatched jobs take the worker's path without delivery
+            seen: list[ThreadletState] = []
+            job.callbacks = seen
+            self.interrupts_here(lambda: handle.add_done_callback(lambda t: seen.append(t.state)))
         self.all.append(job)
         return job
+
+    @rule(job=jobs, other=jobs, kind=st.sampled_from(CALLBACK_KINDS))
+    def add_callback(self, job: Job, other: Job, kind: str) -> None:
+        assert job.handle is not None
+        record, cb = self.make_callback(kind, other)
+        job.added.append(record)
+        handle = job.handle
+        self.interrupts_here(lambda: handle.add_done_callback(cb))
 
     @rule(job=jobs)
     def release(self, job: Job) -> None:
@@ -82,17 +151,23 @@ class QueueMachine(RuleBasedStateMachine):
     @rule(job=jobs)
     def cancel(self, job: Job) -> None:
         assert job.handle is not None
-        result = job.handle.cancel()
+        handle = job.handle
+        result = self.interrupts_here(handle.cancel)
+        if result is None:  # an Interrupt callback ran: it was cancelled here
+            result = CancelResult.CANCELED
         if result is CancelResult.CANCELED:
             assert job.runs == 0
             assert not job.started.is_set()
             assert CancelResult.CANCELED not in job.cancel_results
-            assert job.handle.state is ThreadletState.CANCELLED
+            assert handle.state is ThreadletState.CANCELLED
+            # Delivered before cancel returned, in this thread.
+            assert all(r.runs == 1 for r in job.added)
         elif result is CancelResult.NOTCANCELED:
             # Running: it was taken off the queue, so it will run to the end.
-            assert job.handle.state is ThreadletState.RUNNING
+            # RUNNING means its function runs: it has started.
+            assert job.started.is_set()
         else:
-            assert job.handle.done()
+            assert handle.done()
         job.cancel_results.append(result)
 
     @rule(job=consumes(jobs))
@@ -114,11 +189,18 @@ class QueueMachine(RuleBasedStateMachine):
     @rule()
     def drain(self) -> None:
         # Drain must finish when nothing can block forever, and time out
-        # (not hang) when something can.
+        # (not hang) when something can.  After it, every finished job was
+        # delivered: each of its callbacks ran once.
         if self.live_gated() == 0:
             assert self.queue.drain(timeout=30)
             s = self.queue.stats()
             assert (s.queued, s.running) == (0, 0)
+            for job in self.all:
+                assert job.handle is not None
+                assert job.handle.done()
+                assert all(r.runs == 1 for r in job.added)
+                if job.callbacks is not None:
+                    assert job.callbacks == [job.handle.state]
         else:
             assert not self.queue.drain(timeout=0.001)
 
@@ -134,11 +216,12 @@ class QueueMachine(RuleBasedStateMachine):
     @rule()
     def close_with_timeout(self) -> None:
         self.closed = True
-        self.queue.close(timeout=0)
+        self.interrupts_here(lambda: self.queue.close(timeout=0))
         for job in self.all:
             assert job.handle is not None
             if job.runs == 0 and job.handle.state is ThreadletState.CANCELLED:
-                assert job.callbacks == [ThreadletState.CANCELLED]
+                assert job.callbacks in (None, [ThreadletState.CANCELLED])
+                assert all(r.runs == 1 for r in job.added)
         try:
             self.queue.submit(lambda: None)
         except RuntimeError:
@@ -153,20 +236,35 @@ class QueueMachine(RuleBasedStateMachine):
         assert s.submitted == len(self.all)
         assert s.idle <= s.threads
         assert s.spawned - s.retired == s.threads
-        assert all(j.runs <= 1 for j in self.all)
+        for job in self.all:
+            assert job.runs <= 1
+            assert all(r.runs <= 1 for r in job.added)
+            if job.callbacks is not None:
+                assert len(job.callbacks) <= 1
 
     def teardown(self) -> None:
         for job in self.all:
             job.gate.set()
+        # Closing cancels what is queued, here: an Interrupt callback among
+        # them is raised after all were delivered; close again to wait.
+        self.interrupts_here(lambda: self.queue.close(timeout=30))
         assert self.queue.close(timeout=30)
         s = self.queue.stats()
         assert s.threads == 0
+        assert s.submitted == s.completed + s.cancelled
+        # close() joined them: no worker of this queue is alive.
+        prefix = f"{self.queue.name}-worker-"
+        assert not [t for t in threading.enumerate() if t.name.startswith(prefix)]
         for job in self.all:
             h = job.handle
             assert h is not None
             assert h.done()
-            # Callbacks ran exactly once, with the final state.
-            assert job.callbacks == [h.state]
+            # Finished exactly once: every callback ran once, with the final state.
+            if job.callbacks is not None:
+                assert job.callbacks == [h.state]
+            for r in job.added:
+                assert r.runs == 1, f"a {r.kind} callback ran {r.runs} times"
+                assert all(r.waits)
             if h.state is ThreadletState.CANCELLED:
                 assert job.runs == 0
                 assert CancelResult.NOTCANCELED not in job.cancel_results

@@ -19,17 +19,22 @@ A threadlet has one explicit state::
   of "a worker took it" and "cancel took it" exactly one wins, and cancel
   knows which: the seed patch read a flag written outside the lock and was
   rejected for it.
-* Once RUNNING, only the worker that runs it writes it.  It stores the result
-  *before* it sets DONE, both under the lock; readers take the lock too, so
-  nobody relies on the GIL making a store "atomic".
+* A threadlet is RUNNING only while its function runs.  Only the worker that
+  runs it writes it then.  It stores the result *before* it sets DONE, both
+  under the lock; readers take the lock too, so nobody relies on the GIL
+  making a store "atomic".
 * After a threadlet reaches DONE or CANCELLED, and with the lock released,
-  its waiters are woken and its done-callbacks run, exactly once, in the
-  thread that finished it (the worker, or the thread that cancelled it).
+  its waiters are woken and its done-callbacks run, each exactly once, in the
+  thread that finished it (the worker, or the thread that cancelled it).  A
+  callback that raises never stops the others; see :meth:`Threadlet._finished`
+  for where a KeyboardInterrupt or SystemExit from one goes.
 
 Who touches what: every field of the queue and every ``_state``/``_result``
 /``_exception``/``_waiters``/``_callbacks`` of a threadlet is protected by the
 queue's ``_lock``.  ``_fn``/``_args``/``_kwargs`` are written once before
-submission and read only by the worker that took the threadlet.
+submission and read only by the worker that took the threadlet, which drops
+them when the function returned (as does cancel): a finished threadlet does
+not keep the caller's buffers exported.
 
 Workers
 =======
@@ -37,33 +42,48 @@ Workers
 A worker is spawned by :meth:`ThreadletQueue.submit` only when no worker is
 idle and fewer than ``max_threads`` exist.  A worker counts as idle only while
 it waits for work: it is on the ``_idle`` stack exactly from the moment it
-finds the queue empty (under the lock) until a submitter pops it to hand it a
+finds the queue empty (under the lock) until someone pops it to hand it a
 wakeup.  Idle workers are woken LIFO, so under light load the same few do the
 work and the surplus reaches ``idle_timeout`` and retires (trio's thread cache
 does the same, for the same reason).  Workers above ``min_threads`` retire
-after ``idle_timeout`` seconds without work.
+after ``idle_timeout`` seconds without work, and any worker above
+``max_threads`` (lowered by :meth:`~ThreadletQueue.set_limits`) retires before
+it takes more work.
+
+The worker loop is QEMU's: take the head (under the lock), run it, publish
+the outcome (under the lock), deliver it (waiters, callbacks), and only then
+take the next.  A callback may so wait for work queued behind it: that work
+is still QUEUED, and any other worker may take it.
 
 Each worker waits on its own ``threading.Lock`` used as a mailbox: held means
-"no news"; a submitter releases it to wake exactly that worker.  A lock
-acquire with a timeout is a single C call that blocks in the kernel, so no
-wait anywhere in this module spins, and waits in the main thread stay
-interruptible by Ctrl-C.
+"no news"; whoever pops the worker off the idle stack releases it to wake
+exactly that worker.  A lock acquire with a timeout is a single C call that
+blocks in the kernel, so no wait anywhere in this module spins, and waits in
+the main thread stay interruptible by Ctrl-C.
 
-Workers are daemon threads: they never keep the interpreter alive, and a
-worker blocked in a system call cannot hang the exit.  After ``fork()`` the
-child's queues start empty with no workers (see :func:`_after_fork_in_child`).
+A worker holds its queue only through a weak reference, and strongly only
+while it takes, runs or delivers a threadlet (as CPython's
+``concurrent.futures.thread`` does): a queue dropped without ``close()`` is
+collected, and a finalizer wakes its idle workers, which find it gone and
+exit.  A threadlet holds its queue strongly, so a queue with work stays alive
+until the work is done.  Workers are daemon threads: they never keep the
+interpreter alive, and a worker blocked in a system call cannot hang the
+exit.  After ``fork()`` the child's queues start empty with no workers (see
+:func:`_after_fork_in_child`).
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 import itertools
 import logging
 import os
 import threading
+import time
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from typing import Any, Generic, ParamSpec, TypeVar
@@ -117,9 +137,15 @@ _DONE = ThreadletState.DONE
 _CANCELLED = ThreadletState.CANCELLED
 
 
-def _check_timeout(timeout: float | None) -> None:
-    if timeout is not None and timeout < 0:
+def _check_timeout(timeout: float | None) -> float | None:
+    """Refuse a negative or NaN timeout; return what a lock wait takes:
+    None (no limit) for None or for anything above ``threading.TIMEOUT_MAX``
+    (about 292 years), infinity included."""
+    if timeout is None:
+        return None
+    if not timeout >= 0:  # NaN too
         raise ValueError(f"timeout must be None or >= 0, not {timeout!r}")
+    return None if timeout > threading.TIMEOUT_MAX else timeout
 
 
 class Threadlet(Generic[T]):
@@ -128,7 +154,9 @@ class Threadlet(Generic[T]):
     The handle a caller keeps: it tells the state, cancels with a definite
     :class:`CancelResult`, waits, and hands out the result or exception.
     Subclasses (the engine's requests) override :meth:`_run` to do their work
-    and :meth:`_finished` to deliver completion elsewhere.
+    and :meth:`_finished` to deliver completion elsewhere (a worker then
+    always delivers before it takes more), and may override :meth:`wait`
+    (``result()`` and ``exception()`` wait through it).
     """
 
     __slots__ = (
@@ -164,7 +192,8 @@ class Threadlet(Generic[T]):
         self._callbacks: list[Callable[[Threadlet[T]], object]] | None = None
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self._state.value} {self._fn!r}>"
+        fn = "" if self._fn is None else f" {self._fn!r}"
+        return f"<{type(self).__name__} {self._state.value}{fn}>"
 
     # -- what a worker calls (no lock held) -------------------------------
 
@@ -177,16 +206,26 @@ class Threadlet(Generic[T]):
         return fn(*self._args)
 
     def _finished(self) -> None:
-        """Deliver completion. Called once, without the lock, after the
-        state became DONE or CANCELLED."""
+        """Deliver completion: wake the waiters, then run the done-callbacks
+        in the order they were added, each exactly once.  Called once,
+        without the lock, after the state became DONE or CANCELLED.
+
+        A callback that raises does not stop the rest.  An ``Exception`` is
+        logged.  Any other ``BaseException`` (KeyboardInterrupt, SystemExit,
+        asyncio.CancelledError) is logged too in a worker thread, which must
+        survive to serve the queue; in any other thread (``cancel()`` or
+        ``close()`` called by user code, ``add_done_callback`` on a finished
+        threadlet, the engine's completing thread) the first one is re-raised
+        once every callback ran: a Ctrl-C reaches the code that was
+        interrupted, and costs no other callback its run.
+        """
         waiters = self._waiters
         if waiters:
             for w in waiters:
                 w.release()
         callbacks = self._callbacks
         if callbacks:
-            for cb in callbacks:
-                _invoke_callback(cb, self)
+            _run_callbacks(callbacks, self)
 
     # -- the life-cycle protocol ----------------------------------------------
     #
@@ -228,7 +267,9 @@ class Threadlet(Generic[T]):
     def _finish(self, result: T | None, exc: BaseException | None) -> bool:
         """RUNNING -> DONE for claimed work: the outcome before the state,
         under the lock; then waiters and callbacks, without it.  False, and
-        nothing changes, if it is not RUNNING (cancelled in a forked child)."""
+        nothing changes, if it is not RUNNING (cancelled in a forked child).
+        Outside a worker, a KeyboardInterrupt (or other non-Exception) from
+        a callback is re-raised here after all ran (see :meth:`_finished`)."""
         queue = self._queue
         with queue._lock:
             if self._state is not _RUNNING:
@@ -281,14 +322,19 @@ class Threadlet(Generic[T]):
         Returns CANCELED if it was still queued (it will never run; waiters
         wake and callbacks run in this thread before cancel returns),
         NOTCANCELED if it is running (it completes normally), ALLDONE if it
-        had already finished.
+        had already finished.  If a callback raises a BaseException that is
+        not an Exception (Ctrl-C), cancel raises it once all callbacks ran;
+        the threadlet is cancelled all the same (in a worker it is logged).
         """
         queue = self._queue
         with queue._lock:
             state = self._state
             if state is _QUEUED:
                 self._state = _CANCELLED
-                # The item stays in the deque; workers skip cancelled items.
+                # The item stays in the deque (workers skip cancelled items),
+                # but what it would have run is dropped now.
+                self._fn = self._kwargs = None
+                self._args = ()
                 queue._queued -= 1
                 queue._cancelled += 1
                 queue._notify_if_quiet()
@@ -302,32 +348,58 @@ class Threadlet(Generic[T]):
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the threadlet finished or was cancelled.
 
-        Returns True if it did, False if ``timeout`` seconds passed first.
+        Returns True if it did, False if ``timeout`` seconds passed first
+        (None, or more than ``threading.TIMEOUT_MAX``: no limit).
         """
-        _check_timeout(timeout)
+        state = self._settle(timeout)[0]
+        return state is _DONE or state is _CANCELLED
+
+    def _settle(self, timeout: float | None) -> tuple[ThreadletState, Any, BaseException | None]:
+        """Wait as :meth:`wait` does; return the state (QUEUED or RUNNING:
+        timed out) with the outcome, read in the same locked look."""
+        timeout = _check_timeout(timeout)
         lock = self._queue._lock
-        with lock:
-            if self._state is _DONE or self._state is _CANCELLED:
-                return True
-            waiter = threading.Lock()
-            waiter.acquire()
-            if self._waiters is None:
-                self._waiters = [waiter]
-            else:
-                self._waiters.append(waiter)
-        try:
-            woken = waiter.acquire() if timeout is None else waiter.acquire(timeout=timeout)
-        finally:
-            # Timed out or interrupted (Ctrl-C): withdraw the waiter, unless
-            # the finisher already took the list to release it.
+        waiter: threading.Lock | None = None
+        try:  # (from before the waiter is added: a Ctrl-C may come at any point)
             with lock:
-                if not (self._state is _DONE or self._state is _CANCELLED):
-                    waiters = self._waiters
-                    if waiters is not None and waiter in waiters:
-                        waiters.remove(waiter)
+                state = self._state
+                if state is _DONE or state is _CANCELLED:
+                    return state, self._result, self._exception
+                waiter = threading.Lock()
+                waiter.acquire()
+                if self._waiters is None:
+                    self._waiters = [waiter]
                 else:
-                    woken = True
-        return woken
+                    self._waiters.append(waiter)
+            if timeout is None:
+                waiter.acquire()
+            else:
+                waiter.acquire(timeout=timeout)
+        finally:
+            if waiter is not None:
+                with lock:
+                    state = self._state
+                    if not (state is _DONE or state is _CANCELLED):
+                        # Timed out or interrupted: withdraw the waiter.
+                        waiters = self._waiters
+                        if waiters is not None and waiter in waiters:
+                            waiters.remove(waiter)
+                    result, exc = self._result, self._exception
+        return state, result, exc
+
+    def _outcome(self, timeout: float | None) -> tuple[Any, BaseException | None]:
+        if type(self).wait is not _plain_wait:
+            # A subclass's wait() must do the waiting (the engine's reaps
+            # its ring meanwhile); then one look reads the outcome.
+            if not self.wait(timeout):
+                raise TimeoutError(f"{self!r} did not finish within {timeout} s")
+            timeout = 0
+        state, result, exc = self._settle(timeout)
+        if state is _CANCELLED:
+            raise CancelledError()
+        if state is not _DONE:
+            raise TimeoutError(f"{self!r} did not finish within {timeout} s")
+        return result, exc
 
     def result(self, timeout: float | None = None) -> T:
         """The return value of the work; re-raises what it raised.
@@ -335,33 +407,24 @@ class Threadlet(Generic[T]):
         Raises ``CancelledError`` if it was cancelled and ``TimeoutError`` if
         it did not finish within ``timeout`` seconds.
         """
-        if not self.wait(timeout):
-            raise TimeoutError(f"{self!r} did not finish within {timeout} s")
-        with self._queue._lock:
-            if self._state is _CANCELLED:
-                raise CancelledError()
-            exc = self._exception
-            result = self._result
+        result, exc = self._outcome(timeout)
         if exc is not None:
             raise exc
-        return result  # type: ignore[return-value]
+        return result  # type: ignore[no-any-return]
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """What the work raised, or None; ``CancelledError`` if cancelled."""
-        if not self.wait(timeout):
-            raise TimeoutError(f"{self!r} did not finish within {timeout} s")
-        with self._queue._lock:
-            if self._state is _CANCELLED:
-                raise CancelledError()
-            return self._exception
+        return self._outcome(timeout)[1]
 
     def add_done_callback(self, fn: Callable[[Threadlet[T]], object]) -> None:
         """Call ``fn(threadlet)`` exactly once when it finishes or is
         cancelled; at once, in this thread, if that already happened.
 
         Otherwise it runs in the thread that finishes the threadlet (a
-        worker, or the thread that cancels it).  An exception from ``fn`` is
-        logged, never propagated.
+        worker, or the thread that cancels it).  An Exception from ``fn`` is
+        logged, never propagated.  Any other BaseException (Ctrl-C) is
+        logged in a worker and propagates elsewhere: from this call, or from
+        the ``cancel()``/``close()`` that ran it (see :meth:`_finished`).
         """
         if not callable(fn):
             raise TypeError(f"callback must be callable, not {type(fn).__name__}")
@@ -375,11 +438,51 @@ class Threadlet(Generic[T]):
         _invoke_callback(fn, self)
 
 
+_plain_wait = Threadlet.wait
+
+
+def _run_callbacks(callbacks: Iterable[Callable[[Any], object]], item: object) -> None:
+    """Run each callback once, whatever the others raise: see
+    :meth:`Threadlet._finished` for what is logged and what re-raised."""
+    interrupt: BaseException | None = None
+    for cb in callbacks:
+        try:
+            cb(item)
+        except Exception:
+            log.exception("exception in done-callback %r of %r", cb, item)
+        except BaseException as exc:  # KeyboardInterrupt, SystemExit, ...
+            if interrupt is None and not _in_worker():
+                interrupt = exc
+            else:
+                log.exception("%s in done-callback %r of %r", type(exc).__name__, cb, item)
+    if interrupt is not None:
+        try:
+            raise interrupt
+        finally:
+            interrupt = None  # no cycle through this frame
+
+
 def _invoke_callback(cb: Callable[[Any], object], item: Any) -> None:
-    try:
-        cb(item)
-    except Exception:
-        log.exception("exception in done-callback %r of %r", cb, item)
+    _run_callbacks((cb,), item)
+
+
+def _finish_all(items: Iterable[Threadlet[Any]]) -> None:
+    """Deliver each of ``items`` although one raises; then re-raise the
+    first exception (the others are logged)."""
+    first: BaseException | None = None
+    for item in items:
+        try:
+            item._finished()
+        except BaseException as exc:
+            if first is None:
+                first = exc
+            else:
+                log.exception("%s while delivering %r", type(exc).__name__, item)
+    if first is not None:
+        try:
+            raise first
+        finally:
+            first = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -404,26 +507,43 @@ class QueueStats:
 
 
 class _Worker:
-    """One worker thread's mailbox.
+    """One worker thread's mailbox and membership.
 
     ``mailbox`` is a lock used as a binary semaphore: the worker holds it
     while it has no news and blocks acquiring it again; whoever pops the
     worker off the idle stack releases it, which wakes exactly this worker.
     """
 
-    __slots__ = ("current", "mailbox")
+    __slots__ = ("current", "live", "mailbox", "thread")
 
     def __init__(self) -> None:
         self.mailbox = threading.Lock()
         self.mailbox.acquire()
-        #: The threadlet this worker runs (protected by the queue's lock).
+        # Protected by the queue's lock:
+        #: The threadlet this worker runs.
         self.current: Threadlet[Any] | None = None
+        #: False once the worker does not belong to the queue: its start()
+        #: failed, or this is a forked child.  It then exits at its next
+        #: look at the queue, touching nothing.
+        self.live = True
+        #: Written once by the spawner, before the thread starts.
+        self.thread: threading.Thread | None = None
 
 
 _queue_ids = itertools.count(1)
-#: ``_current.queue`` is the queue whose worker this thread is, if any.
+#: ``_current.queue`` is a weak reference to the queue whose worker this
+#: thread is, if any (a worker must not hold its queue strongly).
 _current = threading.local()
 _live_queues: weakref.WeakSet[ThreadletQueue] = weakref.WeakSet()
+
+
+def _in_worker() -> bool:
+    return getattr(_current, "queue", None) is not None
+
+
+def _is_own_worker(queue: ThreadletQueue) -> bool:
+    ref = getattr(_current, "queue", None)
+    return ref is not None and ref() is queue
 
 
 class ThreadletQueue:
@@ -431,7 +551,9 @@ class ThreadletQueue:
 
     ``max_threads`` bounds the workers; ``min_threads`` are spawned at once
     and kept warm; workers above that retire after ``idle_timeout`` seconds
-    without work.  Use it as a context manager to close it on exit.
+    without work (``float("inf")``, or anything above
+    ``threading.TIMEOUT_MAX``: never).  Use it as a context manager to close
+    it on exit; a queue dropped without closing lets its workers go too.
     """
 
     def __init__(
@@ -444,12 +566,15 @@ class ThreadletQueue:
         _check_limits(min_threads, max_threads)
         if isinstance(idle_timeout, bool) or not isinstance(idle_timeout, (int, float)):
             raise TypeError(f"idle_timeout must be a number, not {type(idle_timeout).__name__}")
-        if not idle_timeout > 0:
-            raise ValueError(f"idle_timeout must be > 0, not {idle_timeout!r}")
+        if not idle_timeout > 0:  # NaN too
+            raise ValueError(f"idle_timeout must be > 0 (inf: never retire), not {idle_timeout!r}")
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a str or None, not {type(name).__name__}")
         self.name = name or f"threadlets-{next(_queue_ids)}"
-        self._idle_timeout = float(idle_timeout)
+        #: None: idle workers never retire (a lock wait takes no longer).
+        self._idle_timeout: float | None = (
+            None if idle_timeout > threading.TIMEOUT_MAX else float(idle_timeout)
+        )
         self._init_state(min_threads, max_threads)
         _live_queues.add(self)
         with self._lock:
@@ -458,8 +583,9 @@ class ThreadletQueue:
     def _init_state(self, min_threads: int, max_threads: int) -> None:
         # Everything below is protected by _lock.
         self._lock = threading.Lock()
-        #: Waited on by drain() and close(); notified when nothing is queued
-        #: or running, and when a worker exits.
+        #: Waited on by drain() and close(); notified when nothing is queued,
+        #: running or being delivered by a worker, and when a worker exits
+        #: or a worker starts closing.
         self._quiet = threading.Condition(self._lock)
         self._items: deque[Threadlet[Any]] = deque()  # may hold cancelled items
         self._idle: list[_Worker] = []  # LIFO: the most recently idle wakes first
@@ -472,6 +598,10 @@ class ThreadletQueue:
         self._threads = 0
         self._queued = 0
         self._running = 0
+        #: Published by a worker, whose waiters/callbacks have not all run.
+        self._delivering = 0
+        #: Workers of this queue inside close() (from a callback).
+        self._closers = 0
         self._submitted = 0
         self._completed = 0
         self._cancelled = 0
@@ -479,6 +609,9 @@ class ThreadletQueue:
         self._retired = 0
         self._peak = 0
         self._thread_seq = 0
+        #: What workers hold instead of the queue; when the queue is
+        #: collected, _wake_idle wakes its idle workers so that they exit.
+        self._ref = weakref.ref(self, functools.partial(_wake_idle, self._lock, self._idle))
 
     def __repr__(self) -> str:
         return f"<ThreadletQueue {self.name!r} threads={self._threads} max={self._max}>"
@@ -500,7 +633,11 @@ class ThreadletQueue:
         return item
 
     def _submit(self, item: Threadlet[Any]) -> None:
-        """Queue a prepared threadlet (the engine's requests come this way)."""
+        """Queue a prepared threadlet (the engine's requests come this way).
+
+        Either it is queued and will run, or this raises and nothing was
+        queued (a worker could not be started and none exists, or Ctrl-C).
+        """
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"cannot submit to {self.name}: the queue is closed")
@@ -509,35 +646,56 @@ class ThreadletQueue:
             self._submitted += 1
             idle = self._idle.pop() if self._idle else None
             if idle is None and self._threads < self._max:
-                self._spawn()
+                try:
+                    self._spawn()
+                except Exception:
+                    if self._threads == 0:  # nobody would ever run it
+                        self._unsubmit()
+                        raise
+                    log.warning("%s: could not start a worker", self.name, exc_info=True)
+                except BaseException:
+                    self._unsubmit()
+                    raise
         if idle is not None:
             # Popped under the lock, so the wakeup is ours alone to send; a
             # release can enter the kernel, so it is sent outside the lock.
             idle.mailbox.release()
+
+    def _unsubmit(self) -> None:
+        # Called with the lock held, in the same hold as the append.
+        self._items.pop()
+        self._queued -= 1
+        self._submitted -= 1
 
     # -- workers --------------------------------------------------------------
 
     def _spawn(self) -> None:
         # Called with the lock held.  The new worker is not idle: it goes
         # straight to the queue.
-        self._threads += 1
-        self._spawned += 1
-        self._thread_seq += 1
-        self._peak = max(self._peak, self._threads)
         worker = _Worker()
-        self._workers.add(worker)
-        t = threading.Thread(
-            target=self._worker_main,
-            args=(worker,),
+        self._thread_seq += 1
+        t = worker.thread = threading.Thread(
+            target=_worker_main,
+            args=(self._ref, worker, self._idle_timeout),
             name=f"{self.name}-worker-{self._thread_seq}",
             daemon=True,
         )
+        peak = self._peak
+        self._threads += 1
+        self._spawned += 1
+        self._peak = max(peak, self._threads)
+        self._workers.add(worker)
         try:
             t.start()
         except BaseException:
+            # A Ctrl-C can arrive while start() waits for a thread that did
+            # start: it finds itself not live (we hold the lock until then)
+            # and exits without touching the queue.
+            worker.live = False
             self._workers.discard(worker)
             self._threads -= 1
             self._spawned -= 1
+            self._peak = peak
             raise
 
     def _spawn_warm(self) -> None:
@@ -547,75 +705,11 @@ class ThreadletQueue:
         while self._threads < want:
             self._spawn()
 
-    def _worker_main(self, me: _Worker) -> None:
-        _current.queue = self
-        lock = self._lock
-        items = self._items
-        done: Threadlet[Any] | None = None  # ran; its outcome not yet published
-        result: Any = None
-        error: BaseException | None = None
-        while True:
-            item: Threadlet[Any] | None = None
-            went_idle = False
-            # One critical section publishes the last outcome and takes the
-            # next threadlet: one lock round trip per threadlet.
-            with lock:
-                if done is not None:
-                    done._result = result  # the outcome before the state
-                    done._exception = error
-                    done._state = _DONE
-                    self._running -= 1
-                    self._completed += 1
-                while items:
-                    candidate = items.popleft()
-                    if candidate._state is _QUEUED:
-                        candidate._state = _RUNNING
-                        self._queued -= 1
-                        self._running += 1
-                        item = me.current = candidate
-                        break
-                else:
-                    me.current = None
-                    if not self._running and not self._queued:
-                        self._quiet.notify_all()
-                    if done is None:
-                        # Nothing published and nothing to run: idle, or
-                        # retire.  (With an outcome just published, loop
-                        # once more first, so that its callbacks have run
-                        # before this worker can count as gone.)
-                        if self._closed or self._threads > self._max:
-                            self._retire(me)
-                            return
-                        self._idle.append(me)
-                        went_idle = True
-            if done is not None:
-                # Waiters and callbacks run without the lock.
-                done._finished()
-                done = result = error = None
-            if item is not None:
-                try:
-                    result = item._run()
-                except BaseException as exc:
-                    error = exc
-                done = item
-                continue
-            if not went_idle:
-                continue
-            # Idle: wait until a submitter pops us off the stack and wakes us.
-            while not me.mailbox.acquire(timeout=self._idle_timeout):
-                with lock:
-                    if me not in self._idle:
-                        # Popped just as we timed out: its wakeup is ours.
-                        me.mailbox.acquire()
-                        break
-                    if self._threads > self._min or self._closed:
-                        self._idle.remove(me)
-                        self._retire(me)
-                        return
-                # A warm worker (at or below min_threads): keep waiting.
+    def _is_quiet(self) -> bool:
+        return not (self._queued or self._running or self._delivering)
 
     def _notify_if_quiet(self) -> None:
-        if self._running == 0 and self._queued == 0:
+        if not (self._queued or self._running or self._delivering):
             self._quiet.notify_all()
 
     def _retire(self, me: _Worker) -> None:
@@ -630,9 +724,10 @@ class ThreadletQueue:
     def set_limits(self, min_threads: int | None = None, max_threads: int | None = None) -> None:
         """Change the thread limits while the queue runs.
 
-        A lower ``max_threads`` retires the surplus as workers go idle (a
-        running worker finishes its work first); a higher one spawns workers
-        for work already queued; a higher ``min_threads`` spawns at once.
+        A lower ``max_threads`` retires the surplus: idle workers at once,
+        running ones when their work is done, before they take more; a
+        higher one spawns workers for work already queued; a higher
+        ``min_threads`` spawns at once.
         """
         with self._lock:
             new_min = self._min if min_threads is None else min_threads
@@ -640,7 +735,7 @@ class ThreadletQueue:
             _check_limits(new_min, new_max)
             self._min, self._max = new_min, new_max
             # Wake as many idle workers as there are surplus threads: each
-            # finds the queue empty and above max_threads, and retires.
+            # finds itself above max_threads, and retires.
             for _ in range(min(len(self._idle), self._threads - new_max)):
                 self._idle.pop().mailbox.release()
             if not self._closed:
@@ -662,25 +757,34 @@ class ThreadletQueue:
             return self._closed
 
     def drain(self, timeout: float | None = None) -> bool:
-        """Wait until nothing is queued or running.
+        """Wait until nothing is queued or running, and the waiters and
+        done-callbacks of what the workers finished have run.
 
         Returns False if ``timeout`` seconds passed first.  Work submitted
-        while draining is waited for too.
+        while draining is waited for too.  (Callbacks that cancel() runs in
+        its caller's thread are that caller's: drain does not wait for them.)
         """
-        _check_timeout(timeout)
-        if getattr(_current, "queue", None) is self:
+        timeout = _check_timeout(timeout)
+        if _is_own_worker(self):
             raise RuntimeError(f"drain() called from a worker of {self.name} would wait for itself")
         with self._lock:
-            return self._quiet.wait_for(lambda: self._queued == 0 and self._running == 0, timeout)
+            return self._quiet.wait_for(self._is_quiet, timeout)
 
     def close(self, timeout: float | None = None) -> bool:
         """Refuse new work, cancel what is queued, and wait for what runs.
 
         Waits at most ``timeout`` seconds for running work and for the
-        workers to exit; returns True if all did.  Cancelled threadlets get
-        their callbacks in this thread.  Closing twice is harmless.
+        worker threads to end; returns True if all did.  Cancelled
+        threadlets get their callbacks in this thread: if one raises a
+        BaseException that is not an Exception (Ctrl-C), close() raises it
+        once every cancelled threadlet was delivered, without waiting.
+        Called from a done-callback in one of this queue's workers, it waits
+        for the other workers (those not closing too) to retire.  Closing
+        twice is harmless.
         """
-        _check_timeout(timeout)
+        timeout = _check_timeout(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        own = _is_own_worker(self)
         cancelled: list[Threadlet[Any]] = []
         with self._lock:
             self._closed = True
@@ -688,18 +792,35 @@ class ThreadletQueue:
                 item = self._items.popleft()
                 if item._state is _QUEUED:
                     item._state = _CANCELLED
+                    item._fn = item._kwargs = None
+                    item._args = ()
                     self._queued -= 1
                     self._cancelled += 1
                     cancelled.append(item)
             while self._idle:
                 self._idle.pop().mailbox.release()
+            # A worker cannot join itself, nor another closing worker.
+            threads = [] if own else [w.thread for w in self._workers if w.thread]
             self._notify_if_quiet()
-        for item in cancelled:
-            item._finished()
-        # Called from one of our own workers (a callback), wait for the others.
-        me = 1 if getattr(_current, "queue", None) is self else 0
+        _finish_all(cancelled)
+        del cancelled
         with self._lock:
-            return self._quiet.wait_for(lambda: self._threads <= me, timeout)
+            if own:
+                self._closers += 1
+                self._quiet.notify_all()
+            try:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if not self._quiet.wait_for(lambda: self._threads <= self._closers, left):
+                    return False
+            finally:
+                if own:
+                    self._closers -= 1
+        # Each has retired; join so that none is left alive when we return.
+        for t in threads:
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if t.is_alive():
+                return False
+        return True
 
     def stats(self) -> QueueStats:
         """A snapshot of the counters, consistent with each other."""
@@ -727,13 +848,17 @@ class ThreadletQueue:
         Work that was queued or running belongs to the parent, which still
         runs it; the child's copies become CANCELLED so that nothing runs
         twice and nobody in the child waits forever.  Their callbacks do not
-        run in the child.
+        run in the child.  If the fork came from a worker (its function or a
+        callback), that thread goes on in the child but is no worker of the
+        reset queue: it exits at its next look at the queue.
         """
         old_items = (
             list(self._items)
             + [w.current for w in self._workers if w.current]
             + list(self._claimed)
         )
+        for w in self._workers:
+            w.live = False
         min_threads, max_threads, closed = self._min, self._max, self._closed
         submitted, completed, cancelled = self._submitted, self._completed, self._cancelled
         self._init_state(min_threads, max_threads)
@@ -750,6 +875,124 @@ class ThreadletQueue:
         self._submitted = self._completed + self._cancelled
         if not closed:
             self._spawn_warm()
+
+
+def _worker_main(ref: weakref.ref[ThreadletQueue], me: _Worker, idle_timeout: float | None) -> None:
+    """A worker thread: take the head of the queue, run it, publish its
+    outcome, deliver it (waiters, callbacks), and only then take the next.
+
+    A threadlet with nothing to deliver (no waiter, no callback, the plain
+    ``_finished``) is published in the same locked section that takes the
+    next: one lock round trip per threadlet on the hot path, and nothing
+    runs in between.  The queue is reached through ``ref`` anew for each
+    threadlet, and held by nothing while idle; nothing of a threadlet (the
+    item, its outcome, a traceback) outlives its turn in this frame.
+    """
+    _current.queue = ref
+    done: Threadlet[Any] | None = None  # ran; its outcome not yet published
+    result: Any = None
+    error: BaseException | None = None
+    delivering = False  # this worker counts in queue._delivering
+    while True:
+        queue = ref()
+        if queue is None:  # collected: nobody can submit to it any more
+            return
+        item: Threadlet[Any] | None = None
+        with queue._lock:
+            if not me.live:  # a forked child, or start() failed: not ours
+                return
+            if done is not None:
+                done._result = result  # the outcome before the state
+                done._exception = error
+                done._state = _DONE
+                done._fn = done._kwargs = None
+                done._args = ()
+                me.current = None
+                queue._running -= 1
+                queue._completed += 1
+                if done._waiters or done._callbacks or type(done)._finished is not _plain_finished:
+                    queue._delivering += 1
+                    delivering = True
+            elif delivering:
+                queue._delivering -= 1
+                delivering = False
+            if not delivering:
+                if not (queue._queued or queue._running or queue._delivering):
+                    queue._quiet.notify_all()
+                if queue._closed or queue._threads > queue._max:
+                    queue._retire(me)
+                    return
+                items = queue._items
+                while items:
+                    item = items.popleft()
+                    if item._state is _QUEUED:
+                        item._state = _RUNNING
+                        queue._queued -= 1
+                        queue._running += 1
+                        me.current = item
+                        break
+                else:
+                    item = None
+                    queue._idle.append(me)
+        result = error = None
+        if delivering:
+            assert done is not None
+            try:
+                done._finished()  # Threadlet's never raises in a worker
+            except BaseException:
+                log.exception("delivering %r failed", done)
+            done = None
+            continue
+        done = None
+        if item is None:
+            queue = None
+            if _idle_wait(ref, me, idle_timeout):
+                continue
+            return
+        try:
+            result = item._run()
+        except BaseException as exc:
+            error = exc
+        done, item = item, None
+
+
+_plain_finished = Threadlet._finished
+
+
+def _idle_wait(ref: weakref.ref[ThreadletQueue], me: _Worker, idle_timeout: float | None) -> bool:
+    """Wait, holding no reference to the queue, until popped off the idle
+    stack and woken (by a submitter, set_limits, close or the queue's
+    finalizer): True.  False if the worker retired instead: ``idle_timeout``
+    passed with more than ``min_threads`` alive, or the queue is gone."""
+    if idle_timeout is None:
+        me.mailbox.acquire()
+        return True
+    while not me.mailbox.acquire(timeout=idle_timeout):
+        queue = ref()
+        if queue is None:
+            return False
+        with queue._lock:
+            if me not in queue._idle:
+                # Popped just as we timed out: its wakeup is ours.
+                me.mailbox.acquire()
+                return True
+            if queue._threads > queue._min or queue._closed:
+                queue._idle.remove(me)
+                queue._retire(me)
+                return False
+        # A warm worker (at or below min_threads): keep waiting.
+        del queue
+    return True
+
+
+def _wake_idle(lock: threading.Lock, idle: list[_Worker], _ref: object) -> None:
+    """A queue was collected without close(): wake its idle workers, which
+    find it gone and exit.  (Nobody holds the lock of a dead queue.)"""
+    with lock:
+        woken = idle[:]
+        idle.clear()
+    for w in woken:
+        w.mailbox.release()
 
 
 def _check_limits(min_threads: int, max_threads: int) -> None:
@@ -815,6 +1058,8 @@ def _after_fork_in_parent() -> None:
 def _after_fork_in_child() -> None:
     global _default_lock
     _default_lock = threading.Lock()
+    # If a worker forked, its thread is no worker in the child.
+    _current.queue = None
     for q in _forking:
         q._reset_after_fork()
     _forking.clear()
