@@ -328,9 +328,14 @@ class AioRequest(Threadlet[int]):
         return Threadlet.cancel(self)
 
     def _finished(self) -> None:
+        self._transfer = None  # finished: the buffers are the caller's again
         if self._waiters or self._callbacks:
-            Threadlet._finished(self)
-        self._ctx._cq.complete(self)
+            try:
+                Threadlet._finished(self)
+            finally:  # (a done-callback's KeyboardInterrupt outside a worker)
+                self._ctx._cq.complete(self)
+        else:
+            self._ctx._cq.complete(self)
 
     def _forked(self) -> None:
         # The parent's request, cancelled in this child: nothing to deliver.

@@ -277,6 +277,8 @@ class Threadlet(Generic[T]):
             self._result = result  # the outcome before the state
             self._exception = exc
             self._state = _DONE
+            self._fn = self._kwargs = None  # what it ran is not kept alive
+            self._args = ()
             queue._claimed.discard(self)
         self._finished()
         return True
@@ -291,6 +293,8 @@ class Threadlet(Generic[T]):
             if self._state is not _RUNNING:
                 return False
             self._state = _CANCELLED
+            self._fn = self._kwargs = None
+            self._args = ()
             queue._claimed.discard(self)
         self._finished()
         return True

@@ -464,7 +464,13 @@ class Ring:
             quiet = False
             with self._lock:
                 self._reaper_holds = True  # busy: submissions wait for this pass
-            self.reap()
+            try:
+                self.reap()
+            except BaseException:
+                # A callback's KeyboardInterrupt or SystemExit must not end
+                # the thread that finishes every request of this ring: the
+                # rest of the batch stays queued for the next pass.
+                log.exception("exception in an io_uring completion callback")
         self._release()
 
     def reap(self) -> int:
