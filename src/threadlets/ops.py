@@ -442,6 +442,8 @@ def _direct_read(
     total: int,
     done: int,
 ) -> int:
+    if done >= total:
+        return done
     req, mem = f.alignment(sc)
     if _aligned(buffers, offset, total, req):
         try:
@@ -473,6 +475,8 @@ def _direct_write(
     total: int,
     done: int,
 ) -> int:
+    if done >= total:
+        return done
     req, mem = f.alignment(sc)
     start, end = _span(offset, total, req)
     if start == offset and end == offset + total:

@@ -14,8 +14,8 @@ import ctypes.util
 import errno
 import fcntl
 import os
-import random
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -121,6 +121,18 @@ class FaultStats:
     short: int = 0
 
 
+_KINDS = {"preadv": 1, "pwritev": 2, "fsync": 3, "fdatasync": 4, "fallocate": 5, "ftruncate": 6}
+_MASK = 2**64 - 1
+
+
+def _mix(x: int) -> int:
+    """The next of a splitmix64 sequence: 64 well-mixed bits from ``x``."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
+
+
 class FaultInjector(Syscalls):
     """System calls that fail or come up short at a given rate.
 
@@ -145,7 +157,7 @@ class FaultInjector(Syscalls):
     """
 
     #: How many distinct calls the injector remembers.
-    HISTORY = 4096
+    HISTORY = 1024
 
     def __init__(
         self,
@@ -162,8 +174,8 @@ class FaultInjector(Syscalls):
         self.short = short
         self.stats = FaultStats()
         self._lock = threading.Lock()
-        # Insertion order is recency: a call is moved to the end when made.
-        self._seen: dict[tuple[str, int, int, int], int] = {}
+        # Least recently made call first.
+        self._seen: OrderedDict[tuple[str, int, int, int], int] = OrderedDict()
 
     def _decide(
         self, kind: str, fd: int, offset: int, length: int, allocates: bool = False
@@ -176,19 +188,23 @@ class FaultInjector(Syscalls):
         key = (kind, fd, offset, length)
         with self._lock:
             seen = self._seen
-            nth = seen.pop(key, 0)
+            nth = seen.get(key, 0)
             seen[key] = nth + 1
+            seen.move_to_end(key)
             if len(seen) > self.HISTORY:
-                del seen[next(iter(seen))]
+                seen.popitem(last=False)
             self.stats.calls += 1
-        rng = random.Random(f"{self.seed}:{kind}:{offset}:{length}:{nth}")
-        if rng.random() >= self.rate:
+        # Uniform numbers from the call itself.  A tuple of ints hashes the
+        # same in every process (str hashes do not); a Random per call
+        # would cost twenty times as much.
+        x = hash((self.seed, _KINDS[kind], offset, length, nth)) & _MASK
+        x = _mix(x)
+        if x / 2**64 >= self.rate:
             return 0, -1
         allowed = [
             e
             for e in self.errors
-            if not (e == errno.ENOSPC and not allocates)
-            and not (e == errno.EINTR and nth % 3 == 2)
+            if not (e == errno.ENOSPC and not allocates) and not (e == errno.EINTR and nth % 3 == 2)
         ]
         unit = 0
         if self.short and kind in ("preadv", "pwritev"):
@@ -197,7 +213,8 @@ class FaultInjector(Syscalls):
                 allowed.append(0)  # 0 stands for "short transfer"
         if not allowed:
             return 0, -1
-        choice = rng.choice(allowed)
+        x = _mix(x)
+        choice = allowed[x % len(allowed)]
         with self._lock:
             if choice == 0:
                 self.stats.short += 1
@@ -207,7 +224,7 @@ class FaultInjector(Syscalls):
         if choice == 0:
             # Whole units, at least one, fewer than asked for.
             most = (length - 1) // unit
-            return 0, unit * (1 + int(rng.random() * most))
+            return 0, unit * (1 + _mix(x) % most)
         return choice, -1
 
     def _direct(self, fd: int) -> bool:
