@@ -95,10 +95,23 @@ def test_zero_fill_reaches_every_buffer_past_iov_max(tmp_path: Path) -> None:
     p.write_bytes(b"0123456789")
     fd, f = _open(p, os.O_RDONLY)
     try:
-        bufs = [bytearray(b"\xff") for _ in range(IOV_MAX + 10)]
+        bufs = [bytearray(b"\xff") for _ in range(2 * IOV_MAX)]
         n = ops.read(SC, f, [memoryview(b) for b in bufs], 0, len(bufs), True)
         assert n == len(bufs)
         assert b"".join(bufs) == b"0123456789" + bytes(len(bufs) - 10)
+    finally:
+        os.close(fd)
+
+
+def test_empty_direct_write_past_the_end_changes_nothing(direct_dir: Path) -> None:
+    p = direct_dir / "f"
+    p.write_bytes(DATA[:12345])
+    fd, f = _open(p, os.O_RDWR | os.O_DIRECT)
+    try:
+        assert ops.write(SC, f, [], 12346, 0) == 0
+        assert ops.write(SC, f, [memoryview(b"")], 20001, 0) == 0
+        assert ops.read(SC, f, [memoryview(bytearray(0))], 3, 0, False) == 0
+        assert _contents(p) == DATA[:12345]
     finally:
         os.close(fd)
 
@@ -342,6 +355,23 @@ def test_rmw_restore_retries_eintr(direct_dir: Path) -> None:
     try:
         assert ops.write(sc, f, [memoryview(b"xyz")], 4096, 3) == 3
         assert _contents(p) == DATA[:4096] + b"xyz"
+    finally:
+        os.close(fd)
+
+
+def test_direct_appends_land_at_the_end(direct_dir: Path) -> None:
+    p = direct_dir / "f"
+    p.write_bytes(DATA[:100])
+    fd, f = _open(p, os.O_WRONLY | os.O_APPEND | os.O_DIRECT)
+    want = bytearray(DATA[:100])
+    try:
+        for n in (3, 4096 - 103, 4096, 5000, 512):
+            payload = bytes([n % 251]) * n
+            buf = aligned_buffer(n)
+            buf[:] = payload
+            assert ops.write(SC, f, [buf], 0, n) == n  # the offset is the kernel's
+            want += payload
+            assert _contents(p) == bytes(want)
     finally:
         os.close(fd)
 

@@ -45,7 +45,10 @@ regular file:
   start is the largest end any acknowledged request reached, and it
   truncates back to no less than that;
 * a write that ends within that size runs beside everything else: no RMW can
-  shrink the file below a size it saw.  The engine's io_uring path asks
+  shrink the file below a size it saw;
+* an O_APPEND write always extends the file: it runs under the lock, at the
+  size read there (an RMW at the end goes through a descriptor without
+  O_APPEND, since pwritev on an O_APPEND descriptor ignores its offset).  The engine's io_uring path asks
   :meth:`AioFile.within_size` before it hands such a write to the kernel.
 
 Overlapping concurrent writes have no defined order, as with the kernel's own
@@ -319,38 +322,22 @@ def rw_loop(
             done += n
     except OSError as e:
         if e.errno == errno.ESPIPE:
-            return _stream_rw(sc, fd, buffers, offset, total, write, done, False)
+            return _stream_rw(sc, fd, buffers, total, write, done)
         raise _moved(e, done) from None
     return done
 
 
 def _stream_rw(
-    sc: Syscalls,
-    fd: int,
-    buffers: Sequence[memoryview],
-    offset: int,
-    total: int,
-    write: bool,
-    done: int,
-    positional: bool,
+    sc: Syscalls, fd: int, buffers: Sequence[memoryview], total: int, write: bool, done: int
 ) -> int:
-    """One transfer, as glibc's AIO does for a pipe, socket or terminal: a
-    short count is the answer, not a reason to wait for more.  A request
-    that already moved bytes (``done``) has had its transfer.  ``positional``
-    tries preadv/pwritev first (a character device may honour the offset);
-    ESPIPE, or not ``positional``, means readv/writev."""
+    """One readv/writev, as glibc's AIO does for a pipe, socket or terminal:
+    a short count is the answer, not a reason to wait for more.  A request
+    that already moved bytes (``done``) has had its transfer."""
     if done or not total:
         return done
     iov = buffers if len(buffers) <= IOV_MAX else _skip(buffers, 0)
     while True:
         try:
-            if positional:
-                try:
-                    return sc.pwritev(fd, iov, offset) if write else sc.preadv(fd, iov, offset)
-                except OSError as e:
-                    if e.errno != errno.ESPIPE:
-                        raise
-                    positional = False
             return sc.writev(fd, iov) if write else sc.readv(fd, iov)
         except InterruptedError:
             continue
@@ -365,15 +352,22 @@ def _stream(
     write: bool,
     done: int,
 ) -> int:
-    positional = f.positional
-    if positional and not done and total:
-        try:
-            return _stream_rw(sc, f.fd, buffers, offset, total, write, 0, True)
-        except OSError as e:
-            if e.errno != errno.ESPIPE:
-                raise
-            f.positional = False  # the same value from any thread
-    return _stream_rw(sc, f.fd, buffers, offset, total, write, done, False)
+    """One transfer on a file that is not a regular file or block device:
+    positional where the file takes it (a character device may honour the
+    offset), else readv/writev."""
+    if f.positional and not done and total:
+        iov = buffers if len(buffers) <= IOV_MAX else _skip(buffers, 0)
+        while True:
+            try:
+                return sc.pwritev(f.fd, iov, offset) if write else sc.preadv(f.fd, iov, offset)
+            except InterruptedError:
+                continue
+            except OSError as e:
+                if e.errno != errno.ESPIPE:
+                    raise
+                f.positional = False  # the same value from any thread
+                break
+    return _stream_rw(sc, f.fd, buffers, total, write, done)
 
 
 def read(
@@ -478,6 +472,9 @@ def _direct_write(
     if done >= total:
         return done
     req, mem = f.alignment(sc)
+    if f.append and f._sized:
+        with f._rmw_lock:
+            return _direct_append(sc, f, buffers, total, req, mem, done)
     start, end = _span(offset, total, req)
     if start == offset and end == offset + total:
         if not f._sized:
@@ -488,6 +485,32 @@ def _direct_write(
         return _whole_blocks(sc, f, buffers, offset, total, req, mem, done)
     with f._rmw_lock:
         return _rmw(sc, f, buffers, offset, total, req, mem, done)
+
+
+def _direct_append(
+    sc: Syscalls,
+    f: AioFile,
+    buffers: Sequence[memoryview],
+    total: int,
+    req: int,
+    mem: int,
+    done: int,
+) -> int:
+    """O_APPEND, under ``f._rmw_lock``: the write lands at the end of the
+    file whatever the offset says, and always extends it.  Whole blocks go
+    to the fd; partial ones are an RMW at the end of the file through a
+    descriptor without O_APPEND (whose writes land where they are asked)."""
+    offset = f._size(sc) - done  # `done` bytes of this request are there already
+    if not (offset % req or total % req):
+        return _whole_blocks(sc, f, buffers, offset, total, req, mem, done)
+    try:
+        writer = _reopen(f.fd, os.O_WRONLY | O_DIRECT)
+    except OSError as e:
+        raise _moved(e, done) from None
+    try:
+        return _rmw(sc, f, buffers, offset, total, req, mem, done, writer)
+    finally:
+        os.close(writer)
 
 
 def _whole_blocks(
@@ -526,17 +549,19 @@ def _rmw(
     req: int,
     mem: int,
     done: int,
+    writer: int = -1,
 ) -> int:
     """A write with partial edge blocks, under ``f._rmw_lock``: read the
-    edge blocks, patch them, write whole blocks, and give the file back
-    the size the request implies."""
+    edge blocks, patch them, write whole blocks (to ``writer`` if given),
+    and give the file back the size the request implies."""
     start, end = _span(offset, total, req)
     bounce = aligned_buffer(end - start, max(mem, req))
     head = offset - start
     last = end - 1 - (end - 1) % req  # start of the last block
     size = f._size(sc) if f._sized else -1
     try:
-        reader = f.fd if f.flags & os.O_ACCMODE != os.O_WRONLY else _reopen(f.fd)
+        readable = f.flags & os.O_ACCMODE != os.O_WRONLY
+        reader = f.fd if readable else _reopen(f.fd, os.O_RDONLY)
         try:
             if head:
                 first = min(req, end - start)
@@ -551,7 +576,7 @@ def _rmw(
     _gather(buffers, bounce, head)
     moved = 0
     try:
-        moved = rw_loop(sc, f.fd, [bounce], start, end - start, True)
+        moved = rw_loop(sc, f.fd if writer < 0 else writer, [bounce], start, end - start, True)
     except OSError as e:
         moved = _transferred(e)
         raise _moved(e, max(done, min(moved - head, total))) from None
@@ -564,10 +589,10 @@ def _rmw(
     return total
 
 
-def _reopen(fd: int) -> int:
-    """A read-only descriptor of a write-only fd's file, for the edge
-    blocks of an RMW."""
-    return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+def _reopen(fd: int, flags: int) -> int:
+    """Another descriptor of ``fd``'s file (a new open file description):
+    a reader for a write-only fd, a writer without O_APPEND."""
+    return os.open(f"/proc/self/fd/{fd}", flags | os.O_CLOEXEC)
 
 
 # -- flush -----------------------------------------------------------------------
