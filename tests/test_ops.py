@@ -817,3 +817,23 @@ def test_a_short_pipe_read_is_the_answer(backend: str) -> None:
         os.close(r)
         if w >= 0:
             os.close(w)
+
+
+def test_packet_mode_pipe_is_a_stream() -> None:
+    """pipe2(O_DIRECT): an O_DIRECT fd with no blocks; its data is never
+    read by an alignment probe."""
+    r, w = os.pipe2(os.O_DIRECT)
+    try:
+        fr, fw = AioFile.from_fd(SC, r), AioFile.from_fd(SC, w)
+        assert fw.direct
+        assert fw.stream
+        assert ops.write(SC, fw, [memoryview(b"one")], 0, 3) == 3
+        assert fr.alignment(SC) == fw.alignment(SC) == (1, 1)
+        assert ops.write(SC, fw, [memoryview(b"two!")], 0, 4) == 4
+        buf = bytearray(10)
+        assert ops.read(SC, fr, [memoryview(buf)], 0, 10, False) == 3  # one packet
+        assert buf[:3] == b"one"
+        assert os.read(r, 10) == b"two!"
+    finally:
+        os.close(r)
+        os.close(w)

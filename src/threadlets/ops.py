@@ -179,7 +179,9 @@ class AioFile:
             st = sc.fstat(self.fd)
         except OSError:
             return (MAX_ALIGNMENT, MAX_ALIGNMENT)  # not remembered: the fd is in trouble
-        if stat.S_ISREG(st.st_mode) and st.st_size < 2 * MAX_ALIGNMENT:
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            found = (1, 1)  # a packet-mode pipe or a device: no blocks to align to
+        elif stat.S_ISREG(st.st_mode) and st.st_size < 2 * MAX_ALIGNMENT:
             # Reads past end of file succeed whatever their alignment, so a
             # short file cannot be probed: assume the strictest.
             found = (MAX_ALIGNMENT, MAX_ALIGNMENT)

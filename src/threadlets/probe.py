@@ -17,6 +17,7 @@ import ctypes
 import errno
 import mmap
 import os
+import stat
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -159,6 +160,9 @@ def direct_alignment(fd: int) -> tuple[int, int]:
     except OSError:
         pass
     try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            return MAX_ALIGNMENT, MAX_ALIGNMENT  # reopening a pipe would read its data
         other = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | O_DIRECT | os.O_CLOEXEC)
     except OSError:
         return MAX_ALIGNMENT, MAX_ALIGNMENT
