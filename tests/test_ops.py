@@ -202,14 +202,16 @@ def test_reads_near_the_largest_offset_match_preadv(direct_dir: Path, direct: bo
 
 
 class _SpyLock:
-    """A lock that tells when someone asks for it."""
+    """A lock that tells when ``thread`` asks for it."""
 
-    def __init__(self, asked: threading.Event) -> None:
+    def __init__(self, asked: threading.Event, thread: threading.Thread) -> None:
         self._lock = threading.Lock()
         self._asked = asked
+        self._thread = thread
 
     def acquire(self) -> bool:
-        self._asked.set()
+        if threading.current_thread() is self._thread:
+            self._asked.set()
         return self._lock.acquire()
 
     def release(self) -> None:
@@ -245,7 +247,7 @@ def test_rmw_size_restore_keeps_a_concurrent_extension(direct_dir: Path) -> None
     progressed = threading.Event()
     sc = _PauseWrite(4096, progressed)
     fd, f = _open(p, os.O_RDWR | os.O_DIRECT, sc)
-    f._rmw_lock = _SpyLock(progressed)  # type: ignore[assignment]
+    f._rmw_lock = _SpyLock(progressed, threading.current_thread())  # type: ignore[assignment]
     aligned = aligned_buffer(4096)
     aligned[:] = b"A" * 4096
     errors: list[BaseException] = []
