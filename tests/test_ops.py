@@ -18,6 +18,7 @@ import tracemalloc
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -123,10 +124,16 @@ def test_buffer_helpers_with_empty_and_odd_buffers() -> None:
     assert [bytes(b) for b in ops._skip(bufs, 4)] == [b"efghi"]
     assert [bytes(b) for b in ops._skip(bufs, 2)] == [b"c", b"d", b"efghi"]
     dst = memoryview(bytearray(11))
-    ops._gather(bufs, dst, 1)
+    ops._gather(bufs, dst[1:10])
     assert bytes(dst) == b"\0abcdefghi\0"
+    ops._gather(bufs, dst[:4], 3)
+    assert bytes(dst[:4]) == b"defg"
+    ops._scatter(memoryview(b"XYZ"), bufs, 2)
+    assert b"".join(bufs) == b"abXYZfghi"
+    ops._scatter(memoryview(b"12345"), bufs, 7)  # as far as the list goes
+    assert b"".join(bufs) == b"abXYZfg12"
     ops._zero(bufs, 3)
-    assert b"".join(bufs) == b"abc" + bytes(6)
+    assert b"".join(bufs) == b"abX" + bytes(6)
     ops._zero(bufs, 0)
     assert b"".join(bufs) == bytes(9)
 
@@ -145,12 +152,21 @@ _buffer_lists = st.lists(st.integers(0, 5000), min_size=0, max_size=6)
         st.tuples(st.booleans(), st.integers(0, 20000), _buffer_lists, st.integers(0, 7)),
         min_size=1,
         max_size=6,
-    )
+    ),
+    chunk=st.sampled_from([1, 1500, 8192, 1 << 20]),
 )
 def test_read_and_write_match_preadv_pwritev(
+    direct_dir: Path, direct: bool, ops_list: list[tuple[bool, int, list[int], int]], chunk: int
+) -> None:
+    """ops.read/ops.write against os.preadv/os.pwritev on a plain file (with
+    bounce buffers of a block, a few, or the usual size)."""
+    with mock.patch.object(ops, "_CHUNK", chunk):
+        _match_preadv_pwritev(direct_dir, direct, ops_list)
+
+
+def _match_preadv_pwritev(
     direct_dir: Path, direct: bool, ops_list: list[tuple[bool, int, list[int], int]]
 ) -> None:
-    """ops.read/ops.write against os.preadv/os.pwritev on a plain file."""
     p, q = direct_dir / "subject", direct_dir / "oracle"
     p.write_bytes(DATA[:12345])
     q.write_bytes(DATA[:12345])

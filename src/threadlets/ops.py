@@ -243,21 +243,37 @@ def _skip(buffers: Sequence[memoryview], done: int) -> list[memoryview]:
     return out
 
 
-def _scatter(src: memoryview, buffers: Sequence[memoryview]) -> None:
-    """Copy ``src`` into the buffers, in order, as far as it goes."""
+def _scatter(src: memoryview, buffers: Sequence[memoryview], at: int = 0) -> None:
+    """Copy ``src`` into the buffer list from its byte ``at`` on, as far as
+    the list goes."""
     pos = 0
     for b in buffers:
         if pos >= len(src):
             break
-        n = min(len(b), len(src) - pos)
-        b[:n] = src[pos : pos + n]
-        pos += n
+        n = len(b)
+        if at >= n:
+            at -= n
+            continue
+        k = min(n - at, len(src) - pos)
+        b[at : at + k] = src[pos : pos + k]
+        pos += k
+        at = 0
 
 
-def _gather(buffers: Sequence[memoryview], dst: memoryview, pos: int) -> None:
+def _gather(buffers: Sequence[memoryview], dst: memoryview, at: int = 0) -> None:
+    """Fill ``dst`` from the buffer list's bytes ``at`` on."""
+    pos = 0
     for b in buffers:
-        dst[pos : pos + len(b)] = b
-        pos += len(b)
+        if pos >= len(dst):
+            break
+        n = len(b)
+        if at >= n:
+            at -= n
+            continue
+        k = min(n - at, len(dst) - pos)
+        dst[pos : pos + k] = b[at : at + k]
+        pos += k
+        at = 0
 
 
 def _zero(buffers: Sequence[memoryview], start: int) -> None:
@@ -447,20 +463,43 @@ def _direct_read(
         except OSError as e:
             if e.errno != errno.EINVAL:
                 raise
+    # Through an aligned buffer, a chunk at a time.
     start, end = _span(offset, total, req)
-    bounce = aligned_buffer(end - start, max(mem, req))
-    head = offset - start
-    try:
-        n = rw_loop(sc, f.fd, [bounce], start, end - start, False)
-    except OSError as e:
-        # Hand over what did arrive, and say so.
-        n = _transferred(e)
-        got = max(0, min(n - head, total))
-        _scatter(bounce[head : head + got], buffers)
-        raise _moved(e, max(got, done)) from None
-    got = max(0, min(n - head, total))
-    _scatter(bounce[head : head + got], buffers)
+    bounce = aligned_buffer(min(end - start, _chunk(req)), max(mem, req))
+    stop = offset + total
+    got = 0  # bytes of the caller's range delivered
+    pos = start
+    while pos < end:
+        want = min(len(bounce), end - pos)
+        try:
+            n = rw_loop(sc, f.fd, [bounce[:want]], pos, want, False)
+        except OSError as e:
+            n = _transferred(e)  # hand over what did arrive, and say so
+            got = max(got, _deliver(bounce, pos, n, buffers, offset, stop))
+            raise _moved(e, max(got, done)) from None
+        got = max(got, _deliver(bounce, pos, n, buffers, offset, stop))
+        if n < want:
+            break  # end of file
+        pos += n
     return got
+
+
+def _chunk(req: int) -> int:
+    """The bounce buffer's size for long requests: whole blocks."""
+    return max(req, _CHUNK - _CHUNK % req)
+
+
+def _deliver(
+    bounce: memoryview, pos: int, n: int, buffers: Sequence[memoryview], offset: int, stop: int
+) -> int:
+    """Copy the part of file bytes [pos, pos + n) (in ``bounce``) that lies
+    in the caller's range [offset, stop) to its buffers; returns how far into
+    the range that reaches (0 if not at all)."""
+    lo, hi = max(pos, offset), min(pos + n, stop)
+    if hi <= lo:
+        return 0
+    _scatter(bounce[lo - pos : hi - pos], buffers, lo - offset)
+    return hi - offset
 
 
 def _direct_write(
@@ -534,12 +573,17 @@ def _whole_blocks(
             if e.errno != errno.EINVAL:
                 raise
             done = max(done, _transferred(e))
-    bounce = aligned_buffer(total, max(mem, req))
-    _gather(buffers, bounce, 0)
-    try:
-        return rw_loop(sc, f.fd, [bounce], offset, total, True)
-    except OSError as e:
-        raise _moved(e, max(done, _transferred(e))) from None
+    bounce = aligned_buffer(min(total, _chunk(req)), max(mem, req))
+    pos = 0
+    while pos < total:
+        n = min(len(bounce), total - pos)
+        _gather(buffers, bounce[:n], pos)
+        try:
+            rw_loop(sc, f.fd, [bounce[:n]], offset + pos, n, True)
+        except OSError as e:
+            raise _moved(e, max(done, pos + _transferred(e))) from None
+        pos += n
+    return total
 
 
 def _rmw(
@@ -553,42 +597,81 @@ def _rmw(
     done: int,
     writer: int = -1,
 ) -> int:
-    """A write with partial edge blocks, under ``f._rmw_lock``: read the
-    edge blocks, patch them, write whole blocks (to ``writer`` if given),
-    and give the file back the size the request implies."""
+    """A write with partial edge blocks, under ``f._rmw_lock``: a chunk at
+    a time, read the edge blocks, patch them, write whole blocks (to
+    ``writer`` if given); then give the file back the size the request
+    implies."""
     start, end = _span(offset, total, req)
-    bounce = aligned_buffer(end - start, max(mem, req))
-    head = offset - start
-    last = end - 1 - (end - 1) % req  # start of the last block
+    bounce = aligned_buffer(min(end - start, _chunk(req)), max(mem, req))
+    stop = offset + total
     size = f._size(sc) if f._sized else -1
+    out = f.fd if writer < 0 else writer
+    reader = -1
+    moved = 0  # bytes written from `start` on
+
+    def moved_of_callers() -> int:
+        return max(done, min(moved - (offset - start), total))
+
     try:
-        readable = f.flags & os.O_ACCMODE != os.O_WRONLY
-        reader = f.fd if readable else _reopen(f.fd, os.O_RDONLY)
-        try:
-            if head:
-                first = min(req, end - start)
-                rw_loop(sc, reader, [bounce[:first]], start, first, False)
-            if end != offset + total and (last > start or not head):
-                rw_loop(sc, reader, [bounce[last - start :]], last, end - last, False)
-        finally:
-            if reader != f.fd:
-                os.close(reader)
-    except OSError as e:
-        raise _moved(e, done) from None
-    _gather(buffers, bounce, head)
-    moved = 0
-    try:
-        moved = rw_loop(sc, f.fd if writer < 0 else writer, [bounce], start, end - start, True)
-    except OSError as e:
-        moved = _transferred(e)
-        raise _moved(e, max(done, min(moved - head, total))) from None
+        while start + moved < end:
+            pos = start + moved
+            n = min(len(bounce), end - pos)
+            chunk = bounce[:n]
+            if pos < offset or pos + n > stop:
+                try:
+                    if reader < 0:
+                        writable_only = f.flags & os.O_ACCMODE == os.O_WRONLY
+                        reader = _reopen(f.fd, os.O_RDONLY) if writable_only else f.fd
+                    _read_edges(sc, reader, chunk, pos, offset, stop, req, mem)
+                except OSError as e:
+                    raise _moved(e, moved_of_callers()) from None
+            lo, hi = max(pos, offset), min(pos + n, stop)
+            _gather(buffers, chunk[lo - pos : hi - pos], lo - offset)
+            try:
+                rw_loop(sc, out, [chunk], pos, n, True)
+            except OSError as e:
+                moved += _transferred(e)
+                raise _moved(e, moved_of_callers()) from None
+            moved += n
     finally:
+        if reader >= 0 and reader != f.fd:
+            os.close(reader)
         # Never below `size`: every acknowledged extension is in it.
         reached = start + moved
-        keep = max(size, min(reached, offset + total))
+        keep = max(size, min(reached, stop))
         if size >= 0 and reached > keep:
             truncate(sc, f, keep, locked=True)
     return total
+
+
+def _read_edges(
+    sc: Syscalls,
+    fd: int,
+    chunk: memoryview,
+    pos: int,
+    offset: int,
+    stop: int,
+    req: int,
+    mem: int,
+) -> None:
+    """Read into ``chunk`` (file bytes [pos, pos + len(chunk))) the blocks
+    that the caller's range [offset, stop) covers only in part; past end of
+    file they read as zeros."""
+    end = pos + len(chunk)
+    blocks = []
+    if pos < offset:
+        blocks.append(pos)
+    last = end - 1 - (end - 1) % req
+    if end > stop and not (blocks and blocks[0] == last):
+        blocks.append(last)
+    # Into a block of its own: a block inside the chunk need not meet a
+    # buffer alignment stricter than the request alignment.
+    scratch = aligned_buffer(req, max(mem, req)) if blocks else chunk
+    for b in blocks:
+        e = min(b + req, end)
+        n = rw_loop(sc, fd, [scratch[: e - b]], b, e - b, False)
+        chunk[b - pos : b - pos + n] = scratch[:n]
+        chunk[b - pos + n : e - pos] = bytes(e - b - n)
 
 
 def _reopen(fd: int, flags: int) -> int:
