@@ -255,14 +255,21 @@ class _PauseWrite(Syscalls):
         return super().pwritev(fd, buffers, offset, flags)
 
 
-def test_rmw_size_restore_keeps_a_concurrent_extension(direct_dir: Path) -> None:
+@pytest.mark.parametrize("extend", ["write", "truncate", "allocate", "write_zeroes", "copy_range"])
+def test_rmw_size_restore_keeps_a_concurrent_extension(direct_dir: Path, extend: str) -> None:
+    """File of 4096 B; an RMW of 10 B at 4100 and, while it is between
+    reading the size and restoring it, a request that takes the file to
+    12288 B: both succeed and the file ends 12288 B long."""
     p = direct_dir / "f"
     p.write_bytes(DATA[:4096])
-    # Go on once the aligned write finished (old code) or waits for the
-    # file's lock (it may extend the file, so it runs after the RMW).
+    src_p = direct_dir / "src"
+    src_p.write_bytes(b"A" * 4096)
+    # Go on once the extension finished (old code) or waits for the file's
+    # lock (it may extend the file, so it runs after the RMW).
     progressed = threading.Event()
     sc = _PauseWrite(4096, progressed)
     fd, f = _open(p, os.O_RDWR | os.O_DIRECT, sc)
+    s, src = _open(src_p, os.O_RDONLY)
     f._rmw_lock = _SpyLock(progressed, threading.current_thread())  # type: ignore[assignment]
     aligned = aligned_buffer(4096)
     aligned[:] = b"A" * 4096
@@ -278,18 +285,29 @@ def test_rmw_size_restore_keeps_a_concurrent_extension(direct_dir: Path) -> None
     try:
         t.start()
         assert sc.paused.wait(10)  # the RMW read the size and holds the lock
-        assert ops.write(sc, f, [aligned], 8192, 4096) == 4096
+        if extend == "write":
+            assert ops.write(sc, f, [aligned], 8192, 4096) == 4096
+        elif extend == "truncate":
+            ops.truncate(sc, f, 12288)
+        elif extend == "allocate":
+            ops.allocate(sc, f, 8192, 4096)
+        elif extend == "write_zeroes":
+            ops.write_zeroes(sc, f, 8192, 4096)
+        else:
+            assert ops.copy_range(sc, src, 0, f, 8192, 4096) == 4096
         progressed.set()
         t.join(10)
         assert not t.is_alive()
         assert not errors
         data = _contents(p)
+        tail = b"A" * 4096 if extend in ("write", "copy_range") else bytes(4096)
         assert len(data) == 12288
-        assert data == DATA[:4096] + bytes(4) + b"B" * 10 + bytes(4096 - 14) + b"A" * 4096
+        assert data == DATA[:4096] + bytes(4) + b"B" * 10 + bytes(4096 - 14) + tail
     finally:
         progressed.set()
         t.join(10)
         os.close(fd)
+        os.close(s)
 
 
 @settings(
@@ -559,6 +577,35 @@ def test_fault_injector_is_deterministic_with_a_bounded_history(tmp_path: Path) 
 
 
 # -- what moved before an error --------------------------------------------------------
+
+
+def test_copy_range_error_after_progress_carries_the_count(tmp_path: Path) -> None:
+    class FailSecondCopy(Syscalls):
+        calls = 0
+
+        def copy_file_range(
+            self, src: int, dst: int, count: int, offset_src: int, offset_dst: int
+        ) -> int:
+            self.calls += 1
+            if self.calls == 2:
+                raise OSError(errno.EIO, "bad sector")
+            return super().copy_file_range(src, dst, min(count, 100), offset_src, offset_dst)
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_bytes(DATA[:1000])
+    b.write_bytes(b"")
+    sc = FailSecondCopy()
+    s, src = _open(a, os.O_RDONLY, sc)
+    d, dst = _open(b, os.O_RDWR, sc)
+    try:
+        with pytest.raises(OSError) as e:
+            ops.copy_range(sc, src, 0, dst, 0, 1000)
+        assert e.value.errno == errno.EIO
+        assert e.value.transferred == 100  # type: ignore[attr-defined]
+        assert _contents(b) == DATA[:100]
+    finally:
+        os.close(s)
+        os.close(d)
 
 
 class _FailSecond(Syscalls):
