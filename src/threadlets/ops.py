@@ -15,7 +15,10 @@ Rules they implement (``../shared/reference/semantics.md`` section 3):
   zero-fills the rest when asked.  A write that makes no progress fails with
   ENOSPC.  At most IOV_MAX buffers go to one system call.
 * On an O_DIRECT file, a buffer, offset or length that is not aligned goes
-  through an aligned bounce buffer.
+  through an aligned bounce buffer, at most about 1 MiB at a time.  The
+  alignment is probed once per file and never makes a request fail: where
+  the file cannot be probed it is the strictest (4096 for both).  Buffer
+  lists may hold empty buffers anywhere.
 * Flush is fdatasync (fsync if asked).  After a failed flush on a buffered
   file, later flushes fail with the same errno without calling the kernel.
 * "Not supported" is always ENOTSUP, and is remembered per file and kind.
@@ -45,11 +48,11 @@ regular file:
   start is the largest end any acknowledged request reached, and it
   truncates back to no less than that;
 * a write that ends within that size runs beside everything else: no RMW can
-  shrink the file below a size it saw;
+  shrink the file below a size it saw.  The engine's io_uring path asks
+  :meth:`AioFile.within_size` before it hands such a write to the kernel;
 * an O_APPEND write always extends the file: it runs under the lock, at the
   size read there (an RMW at the end goes through a descriptor without
-  O_APPEND, since pwritev on an O_APPEND descriptor ignores its offset).  The engine's io_uring path asks
-  :meth:`AioFile.within_size` before it hands such a write to the kernel.
+  O_APPEND, since pwritev on an O_APPEND descriptor ignores its offset).
 
 Overlapping concurrent writes have no defined order, as with the kernel's own
 O_DIRECT (an aligned write to a block that an RMW also patches may lose its
