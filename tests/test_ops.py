@@ -902,3 +902,17 @@ def test_packet_mode_pipe_is_a_stream() -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_within_size(direct_dir: Path) -> None:
+    p = direct_dir / "f"
+    p.write_bytes(DATA[:4096])
+    fd, f = _open(p, os.O_RDWR | os.O_DIRECT)
+    plain, g = _open(p, os.O_RDWR)
+    try:
+        assert f.within_size(SC, 4096)
+        assert not f.within_size(SC, 4097)
+        assert g.within_size(SC, 1 << 30)  # only O_DIRECT files restore sizes
+    finally:
+        os.close(fd)
+        os.close(plain)
