@@ -642,12 +642,11 @@ class _RingBackend:
             # request: a stream's O_NONBLOCK is often toggled.)
             return False
         if f.direct and not stream:
-            try:
-                request_align, buffer_align = f.alignment(t.sc)
-            except OSError:
-                return False  # the worker repeats the probe and reports the error
+            request_align, buffer_align = f.alignment(t.sc)
             if pos % request_align or length % request_align:
                 return False  # the threads' bounce buffer handles it
+            if t.write and not f.within_size(t.sc, pos + length):
+                return False  # it extends the file: ops serialises it (see ops)
         else:
             buffer_align = 1
         pinned = pin_buffer(t.buffers[0])
@@ -663,7 +662,7 @@ class _RingBackend:
         ident = ring.submit(
             uring.OP_WRITE if t.write else uring.OP_READ,
             f.fd,
-            _CURRENT_POSITION if stream else pos,  # a stream has no offset
+            pos if f.positional else _CURRENT_POSITION,  # a pipe has no offset
             addr,
             length,
             0,

@@ -15,10 +15,49 @@ Rules they implement (``../shared/reference/semantics.md`` section 3):
   zero-fills the rest when asked.  A write that makes no progress fails with
   ENOSPC.  At most IOV_MAX buffers go to one system call.
 * On an O_DIRECT file, a buffer, offset or length that is not aligned goes
-  through an aligned bounce buffer.
+  through an aligned bounce buffer, at most about 1 MiB at a time.  The
+  alignment is probed once per file and never makes a request fail: where
+  the file cannot be probed it is the strictest (4096 for both).  Buffer
+  lists may hold empty buffers anywhere.
 * Flush is fdatasync (fsync if asked).  After a failed flush on a buffered
   file, later flushes fail with the same errno without calling the kernel.
 * "Not supported" is always ENOTSUP, and is remembered per file and kind.
+* A partial transfer followed by an error fails the request (QEMU's rule,
+  which the engine keeps); the count that moved is on the exception as
+  ``transferred`` (an int > 0; absent when nothing moved), so that POSIX AIO
+  can report it as glibc does.
+* A file that is neither a regular file nor a block device
+  (:attr:`AioFile.stream`: a pipe, socket, terminal or other character
+  device) gets one transfer: a positional call where the file takes one,
+  else readv/writev.  A short count is the answer; EAGAIN (on an O_NONBLOCK
+  file) is raised only when nothing moved, and a request that already moved
+  bytes (``done``) returns them without another call.
+
+O_DIRECT writes and the size of the file.  A write whose edges are not
+aligned reads the edge blocks, patches them and writes whole blocks
+(read-modify-write, RMW); if those blocks reach past the end of the file it
+then truncates the file back to the size the request implies.  That restore
+must never undo another request's extension of the file, so on an O_DIRECT
+regular file:
+
+* every RMW runs under the file's ``_rmw_lock`` (which also keeps two RMWs
+  of one block from losing each other's bytes);
+* every other request that may change the size (a write whose end is past
+  the size read under that lock, truncate, allocate, write-zeroes, a copy
+  into the file) runs under the same lock, so the size an RMW reads at its
+  start is the largest end any acknowledged request reached, and it
+  truncates back to no less than that;
+* a write that ends within that size runs beside everything else: no RMW can
+  shrink the file below a size it saw.  The engine's io_uring path asks
+  :meth:`AioFile.within_size` before it hands such a write to the kernel;
+* an O_APPEND write always extends the file: it runs under the lock, at the
+  size read there (an RMW at the end goes through a descriptor without
+  O_APPEND, since pwritev on an O_APPEND descriptor ignores its offset).
+
+Overlapping concurrent writes have no defined order, as with the kernel's own
+O_DIRECT (an aligned write to a block that an RMW also patches may lose its
+bytes there).  The lock is per :class:`AioFile`: two descriptors of one file
+do not exclude each other.
 """
 
 from __future__ import annotations
@@ -33,7 +72,7 @@ from threadlets.probe import (
     MAX_ALIGNMENT,
     O_DIRECT,
     aligned_buffer,
-    probe_alignment,
+    direct_alignment,
 )
 from threadlets.syscalls import (
     FALLOC_FL_KEEP_SIZE,
@@ -68,8 +107,11 @@ class AioFile:
     """What the engine knows about one open file descriptor.
 
     Created from an fd by the engine (one per fd per context); the fd stays
-    the caller's.  ``flags`` and ``direct`` are fixed at creation; the other
-    state is protected by ``_lock`` and may be touched by any worker.
+    the caller's.  ``flags``, ``direct``, ``append`` and ``stream`` are fixed
+    at creation; ``positional`` is only ever cleared (by any thread: every
+    writer stores the same value); the other state is protected by ``_lock``
+    and may be touched by any worker.  ``_rmw_lock`` serialises the
+    size-changing requests of an O_DIRECT file (see the module docstring).
     """
 
     __slots__ = (
@@ -77,6 +119,7 @@ class AioFile:
         "_flush_error",
         "_lock",
         "_rmw_lock",
+        "_sized",
         "_unsupported",
         "append",
         "direct",
@@ -84,58 +127,86 @@ class AioFile:
         "flags",
         "nowait_reads",
         "nowait_writes",
+        "positional",
         "stream",
     )
 
-    def __init__(self, fd: int, flags: int) -> None:
+    def __init__(self, fd: int, flags: int, mode: int = stat.S_IFREG) -> None:
         self.fd = fd
         self.flags = flags
         self.direct = bool(O_DIRECT and flags & O_DIRECT)
         self.append = bool(flags & os.O_APPEND)
-        #: A pipe, socket, terminal...: not a regular file or block device.
-        #: One transfer is the answer there (see _stream_rw).
-        self.stream = False
+        # Not a regular file or a block device: one transfer is the answer.
+        self.stream = not (stat.S_ISREG(mode) or stat.S_ISBLK(mode))
+        # Whether preadv/pwritev work (FIFOs and sockets never; a character
+        # device may, a terminal answers ESPIPE): cleared on ESPIPE.
+        self.positional = not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode))
+        # Only a regular file's size changes with writes (a block device's
+        # st_size is 0 and cannot be truncated).
+        self._sized = stat.S_ISREG(mode)
         # RWF_NOWAIT on an O_DIRECT file would still wait for the device in
         # the submitting thread: only buffered files take the inline path.
-        self.nowait_reads = not self.direct
-        self.nowait_writes = not self.direct and not self.append
+        self.nowait_reads = not self.direct and not self.stream
+        self.nowait_writes = not self.direct and not self.append and not self.stream
         self._lock = threading.Lock()
-        # Serialises read-modify-write of partial blocks on O_DIRECT files.
         self._rmw_lock = threading.Lock()
         self._alignment: tuple[int, int] | None = None
         self._flush_error = 0
         self._unsupported: set[str] = set()
 
     def __repr__(self) -> str:
-        return f"<AioFile fd={self.fd} direct={self.direct}>"
+        return f"<AioFile fd={self.fd} direct={self.direct} stream={self.stream}>"
 
     @classmethod
     def from_fd(cls, sc: Syscalls, fd: int) -> AioFile:
-        """Look the fd up (F_GETFL); raises OSError(EBADF) if it is not open."""
-        f = cls(fd, sc.getfl(fd))
-        mode = sc.fstat(fd).st_mode
-        f.stream = not (stat.S_ISREG(mode) or stat.S_ISBLK(mode))
-        return f
+        """Look the fd up (F_GETFL, fstat); raises OSError(EBADF) if it is
+        not open."""
+        flags = sc.getfl(fd)
+        return cls(fd, flags, sc.fstat(fd).st_mode)
 
     # -- per-file memory -----------------------------------------------------
 
     def alignment(self, sc: Syscalls) -> tuple[int, int]:
-        """(request alignment, buffer alignment) for O_DIRECT, probed once."""
+        """(request alignment, buffer alignment) for O_DIRECT, probed once.
+
+        Never raises: where the file cannot be probed (too short, not
+        readable, reads fail) the answer is the strictest alignment, which
+        is always correct, only slower.
+        """
         found = self._alignment
         if found is not None:
             # Written once, as a whole tuple; a reader that still sees None
             # probes again, which gives the same answer.
             return found
-        st = sc.fstat(self.fd)
-        if stat.S_ISREG(st.st_mode) and st.st_size < 2 * MAX_ALIGNMENT:
+        try:
+            st = sc.fstat(self.fd)
+        except OSError:
+            return (MAX_ALIGNMENT, MAX_ALIGNMENT)  # not remembered: the fd is in trouble
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            found = (1, 1)  # a packet-mode pipe or a device: no blocks to align to
+        elif stat.S_ISREG(st.st_mode) and st.st_size < 2 * MAX_ALIGNMENT:
             # Reads past end of file succeed whatever their alignment, so a
             # short file cannot be probed: assume the strictest.
             found = (MAX_ALIGNMENT, MAX_ALIGNMENT)
         else:
-            found = probe_alignment(self.fd)
+            found = direct_alignment(self.fd)
         with self._lock:
             self._alignment = found
         return found
+
+    def within_size(self, sc: Syscalls, end: int) -> bool:
+        """Whether a write ending at ``end`` may run beside a read-modify-
+        write of this file: True unless the file is an O_DIRECT regular file
+        whose size (read under ``_rmw_lock``) is below ``end``.  A write for
+        which it is False must go through :func:`write`, which serialises
+        it."""
+        if not (self.direct and self._sized):
+            return True
+        with self._rmw_lock:
+            return end <= self._size(sc)
+
+    def _size(self, sc: Syscalls) -> int:
+        return sc.fstat(self.fd).st_size
 
     def check_supported(self, kind: str) -> None:
         with self._lock:
@@ -156,11 +227,12 @@ class AioFile:
 
 
 # -- buffers ---------------------------------------------------------------------
+# Buffer lists may hold empty buffers anywhere, and any number of buffers.
 
 
 def _skip(buffers: Sequence[memoryview], done: int) -> list[memoryview]:
-    """The buffer list with its first ``done`` bytes dropped, at most IOV_MAX
-    entries long."""
+    """The buffer list with its first ``done`` bytes (and its empty buffers)
+    dropped, at most IOV_MAX entries long."""
     out: list[memoryview] = []
     for b in buffers:
         n = len(b)
@@ -174,25 +246,63 @@ def _skip(buffers: Sequence[memoryview], done: int) -> list[memoryview]:
     return out
 
 
-def _scatter(src: memoryview, buffers: Sequence[memoryview]) -> None:
+def _scatter(src: memoryview, buffers: Sequence[memoryview], at: int = 0) -> None:
+    """Copy ``src`` into the buffer list from its byte ``at`` on, as far as
+    the list goes."""
     pos = 0
     for b in buffers:
-        n = min(len(b), len(src) - pos)
-        if n <= 0:
+        if pos >= len(src):
             break
-        b[:n] = src[pos : pos + n]
-        pos += n
+        n = len(b)
+        if at >= n:
+            at -= n
+            continue
+        k = min(n - at, len(src) - pos)
+        b[at : at + k] = src[pos : pos + k]
+        pos += k
+        at = 0
 
 
-def _gather(buffers: Sequence[memoryview], dst: memoryview, pos: int) -> None:
+def _gather(buffers: Sequence[memoryview], dst: memoryview, at: int = 0) -> None:
+    """Fill ``dst`` from the buffer list's bytes ``at`` on."""
+    pos = 0
     for b in buffers:
-        dst[pos : pos + len(b)] = b
-        pos += len(b)
+        if pos >= len(dst):
+            break
+        n = len(b)
+        if at >= n:
+            at -= n
+            continue
+        k = min(n - at, len(dst) - pos)
+        dst[pos : pos + k] = b[at : at + k]
+        pos += k
+        at = 0
 
 
 def _zero(buffers: Sequence[memoryview], start: int) -> None:
-    for b in _skip(buffers, start) if start else buffers:
-        b[:] = bytes(len(b))
+    """Zero-fill the buffers from byte ``start`` of the list to its end."""
+    for b in buffers:
+        n = len(b)
+        if start >= n:
+            start -= n
+            continue
+        b[start:] = bytes(n - start)
+        start = 0
+
+
+def _moved(exc: OSError, n: int) -> OSError:
+    """Record on ``exc`` that ``n`` bytes of the request moved before it
+    (or that none did)."""
+    if n > 0:
+        exc.transferred = n  # type: ignore[attr-defined]
+    elif hasattr(exc, "transferred"):
+        del exc.transferred
+    return exc
+
+
+def _transferred(exc: OSError) -> int:
+    n = getattr(exc, "transferred", 0)
+    return n if type(n) is int else 0
 
 
 # -- read and write ----------------------------------------------------------------
@@ -210,40 +320,75 @@ def rw_loop(
     """Transfer until ``total`` bytes moved, end of file, or an error.
 
     ``done`` bytes were already transferred (by the inline attempt).
-    Returns the count moved, ``done`` included.
+    Returns the count moved, ``done`` included; an OSError raised after
+    bytes moved carries that count as ``transferred``.  A file without
+    offsets (ESPIPE) gets one transfer (see :func:`_stream_rw`).
     """
     call: Callable[..., int]
     if type(sc) is Syscalls:  # skip a Python frame per call on the usual path
         call = os.pwritev if write else os.preadv
     else:
         call = sc.pwritev if write else sc.preadv
-    while done < total:
-        iov = buffers if done == 0 and len(buffers) <= IOV_MAX else _skip(buffers, done)
-        try:
-            n = call(fd, iov, offset + done)
-        except InterruptedError:
-            continue
-        except OSError as e:
-            if e.errno != errno.ESPIPE:
-                raise
-            return done + _stream_rw(sc, fd, iov, write)
-        if n == 0:
-            if write:
-                raise OSError(errno.ENOSPC, "write made no progress")
-            break  # end of file
-        done += n
+    try:
+        while done < total:
+            iov = buffers if done == 0 and len(buffers) <= IOV_MAX else _skip(buffers, done)
+            try:
+                n = call(fd, iov, offset + done)
+            except InterruptedError:
+                continue
+            if n == 0:
+                if write:
+                    raise OSError(errno.ENOSPC, "write made no progress")
+                break  # end of file
+            done += n
+    except OSError as e:
+        if e.errno == errno.ESPIPE:
+            return _stream_rw(sc, fd, buffers, total, write, done)
+        raise _moved(e, done) from None
     return done
 
 
-def _stream_rw(sc: Syscalls, fd: int, iov: Sequence[memoryview], write: bool) -> int:
-    """A pipe, socket or terminal has no offset (ESPIPE): one readv/writev,
-    as glibc's AIO does; a short count is the answer, not a reason to wait
-    for more."""
+def _stream_rw(
+    sc: Syscalls, fd: int, buffers: Sequence[memoryview], total: int, write: bool, done: int
+) -> int:
+    """One readv/writev, as glibc's AIO does for a pipe, socket or terminal:
+    a short count is the answer, not a reason to wait for more.  A request
+    that already moved bytes (``done``) has had its transfer."""
+    if done or not total:
+        return done
+    iov = buffers if len(buffers) <= IOV_MAX else _skip(buffers, 0)
     while True:
         try:
             return sc.writev(fd, iov) if write else sc.readv(fd, iov)
         except InterruptedError:
             continue
+
+
+def _stream(
+    sc: Syscalls,
+    f: AioFile,
+    buffers: Sequence[memoryview],
+    offset: int,
+    total: int,
+    write: bool,
+    done: int,
+) -> int:
+    """One transfer on a file that is not a regular file or block device:
+    positional where the file takes it (a character device may honour the
+    offset), else readv/writev."""
+    if f.positional and not done and total:
+        iov = buffers if len(buffers) <= IOV_MAX else _skip(buffers, 0)
+        while True:
+            try:
+                return sc.pwritev(f.fd, iov, offset) if write else sc.preadv(f.fd, iov, offset)
+            except InterruptedError:
+                continue
+            except OSError as e:
+                if e.errno != errno.ESPIPE:
+                    raise
+                f.positional = False  # the same value from any thread
+                break
+    return _stream_rw(sc, f.fd, buffers, total, write, done)
 
 
 def read(
@@ -255,8 +400,11 @@ def read(
     zero_fill: bool,
     done: int = 0,
 ) -> int:
-    n = _direct_rw(sc, f, buffers, offset, total, False, done) if f.direct else -1
-    if n < 0:
+    if f.stream:
+        n = _stream(sc, f, buffers, offset, total, False, done)
+    elif f.direct:
+        n = _direct_read(sc, f, buffers, offset, total, done)
+    else:
         n = rw_loop(sc, f.fd, buffers, offset, total, False, done)
     if zero_fill and n < total:
         _zero(buffers, n)
@@ -272,72 +420,144 @@ def write(
     total: int,
     done: int = 0,
 ) -> int:
-    n = _direct_rw(sc, f, buffers, offset, total, True, done) if f.direct else -1
-    if n < 0:
-        n = rw_loop(sc, f.fd, buffers, offset, total, True, done)
-    return n
+    if f.stream:
+        return _stream(sc, f, buffers, offset, total, True, done)
+    if f.direct:
+        return _direct_write(sc, f, buffers, offset, total, done)
+    return rw_loop(sc, f.fd, buffers, offset, total, True, done)
 
 
-def _any_unaligned_length(buffers: Sequence[memoryview], req: int) -> bool:
-    if len(buffers) == 1:
-        return False  # its length is the total, checked by the caller
-    return any(len(b) % req for b in buffers)
+# -- O_DIRECT ------------------------------------------------------------------------
 
 
-def _direct_rw(
+def _aligned(buffers: Sequence[memoryview], offset: int, total: int, req: int) -> bool:
+    """Whether offset and lengths suit O_DIRECT.  The memory's alignment is
+    left to the kernel, which refuses a misaligned buffer with EINVAL
+    (finding a buffer's address from Python costs more than the failed
+    call); the caller then bounces."""
+    if offset % req or total % req:
+        return False
+    return len(buffers) == 1 or not any(len(b) % req for b in buffers)
+
+
+def _span(offset: int, total: int, req: int) -> tuple[int, int]:
+    """The aligned range around [offset, offset + total), its end cut at
+    the largest file offset (a read there gets end of file, a write EFBIG,
+    instead of EINVAL for a range that overflows)."""
+    start = offset - offset % req
+    end = -(-(offset + total) // req) * req
+    return start, min(end, MAX_OFFSET)
+
+
+def _direct_read(
     sc: Syscalls,
     f: AioFile,
     buffers: Sequence[memoryview],
     offset: int,
     total: int,
-    write: bool,
     done: int,
 ) -> int:
-    """O_DIRECT: returns -1 to go straight through, else the bounced count.
-
-    Offsets and lengths are checked here; the memory's alignment is left to
-    the kernel, which refuses a misaligned buffer with EINVAL before moving
-    any data (finding a buffer's address from Python costs more than the
-    failed call).  Then the request goes through the bounce buffer.
-    """
+    if done >= total:
+        return done
     req, mem = f.alignment(sc)
-    if not (offset % req or total % req or _any_unaligned_length(buffers, req)):
+    if _aligned(buffers, offset, total, req):
         try:
-            return rw_loop(sc, f.fd, buffers, offset, total, write, done)
+            return rw_loop(sc, f.fd, buffers, offset, total, False, done)
         except OSError as e:
             if e.errno != errno.EINVAL:
                 raise
-    if write:
-        return _bounce_write(sc, f, buffers, offset, total, req, mem)
-    return _bounce_read(sc, f, buffers, offset, total, req, mem)
-
-
-def _bounce_span(offset: int, total: int, req: int, mem: int) -> tuple[int, int, memoryview]:
-    """The aligned range around [offset, offset + total), and a bounce
-    buffer for it."""
-    start = offset - offset % req
-    end = -(-(offset + total) // req) * req
-    return start, end, aligned_buffer(end - start, max(mem, req))
-
-
-def _bounce_read(
-    sc: Syscalls,
-    f: AioFile,
-    buffers: Sequence[memoryview],
-    offset: int,
-    total: int,
-    req: int,
-    mem: int,
-) -> int:
-    start, end, bounce = _bounce_span(offset, total, req, mem)
-    n = rw_loop(sc, f.fd, [bounce], start, end - start, False)
-    head = offset - start
-    got = max(0, min(n - head, total))
-    _scatter(bounce[head : head + got], buffers)
+    # Through an aligned buffer, a chunk at a time.
+    start, end = _span(offset, total, req)
+    bounce = aligned_buffer(min(end - start, _chunk(req)), max(mem, req))
+    stop = offset + total
+    got = 0  # bytes of the caller's range delivered
+    pos = start
+    while pos < end:
+        want = min(len(bounce), end - pos)
+        try:
+            n = rw_loop(sc, f.fd, [bounce[:want]], pos, want, False)
+        except OSError as e:
+            n = _transferred(e)  # hand over what did arrive, and say so
+            got = max(got, _deliver(bounce, pos, n, buffers, offset, stop))
+            raise _moved(e, max(got, done)) from None
+        got = max(got, _deliver(bounce, pos, n, buffers, offset, stop))
+        if n < want:
+            break  # end of file
+        pos += n
     return got
 
 
-def _bounce_write(
+def _chunk(req: int) -> int:
+    """The bounce buffer's size for long requests: whole blocks."""
+    return max(req, _CHUNK - _CHUNK % req)
+
+
+def _deliver(
+    bounce: memoryview, pos: int, n: int, buffers: Sequence[memoryview], offset: int, stop: int
+) -> int:
+    """Copy the part of file bytes [pos, pos + n) (in ``bounce``) that lies
+    in the caller's range [offset, stop) to its buffers; returns how far into
+    the range that reaches (0 if not at all)."""
+    lo, hi = max(pos, offset), min(pos + n, stop)
+    if hi <= lo:
+        return 0
+    _scatter(bounce[lo - pos : hi - pos], buffers, lo - offset)
+    return hi - offset
+
+
+def _direct_write(
+    sc: Syscalls,
+    f: AioFile,
+    buffers: Sequence[memoryview],
+    offset: int,
+    total: int,
+    done: int,
+) -> int:
+    if done >= total:
+        return done
+    req, mem = f.alignment(sc)
+    if f.append and f._sized:
+        with f._rmw_lock:
+            return _direct_append(sc, f, buffers, total, req, mem, done)
+    start, end = _span(offset, total, req)
+    if start == offset and end == offset + total:
+        if not f._sized:
+            return _whole_blocks(sc, f, buffers, offset, total, req, mem, done)
+        with f._rmw_lock:
+            if end > f._size(sc):  # it may extend the file: serialised
+                return _whole_blocks(sc, f, buffers, offset, total, req, mem, done)
+        return _whole_blocks(sc, f, buffers, offset, total, req, mem, done)
+    with f._rmw_lock:
+        return _rmw(sc, f, buffers, offset, total, req, mem, done)
+
+
+def _direct_append(
+    sc: Syscalls,
+    f: AioFile,
+    buffers: Sequence[memoryview],
+    total: int,
+    req: int,
+    mem: int,
+    done: int,
+) -> int:
+    """O_APPEND, under ``f._rmw_lock``: the write lands at the end of the
+    file whatever the offset says, and always extends it.  Whole blocks go
+    to the fd; partial ones are an RMW at the end of the file through a
+    descriptor without O_APPEND (whose writes land where they are asked)."""
+    offset = f._size(sc) - done  # `done` bytes of this request are there already
+    if not (offset % req or total % req):
+        return _whole_blocks(sc, f, buffers, offset, total, req, mem, done)
+    try:
+        writer = _reopen(f.fd, os.O_WRONLY | O_DIRECT)
+    except OSError as e:
+        raise _moved(e, done) from None
+    try:
+        return _rmw(sc, f, buffers, offset, total, req, mem, done, writer)
+    finally:
+        os.close(writer)
+
+
+def _whole_blocks(
     sc: Syscalls,
     f: AioFile,
     buffers: Sequence[memoryview],
@@ -345,26 +565,122 @@ def _bounce_write(
     total: int,
     req: int,
     mem: int,
+    done: int,
 ) -> int:
-    start, end, bounce = _bounce_span(offset, total, req, mem)
-    head = offset - start
-    if head == 0 and end == offset + total:
-        # Only the memory is misaligned: copy and write.
-        _gather(buffers, bounce, 0)
-        return rw_loop(sc, f.fd, [bounce], start, end - start, True)
-    # Partial blocks: read-modify-write the edge blocks, then restore the
-    # file size if the aligned write went past the end of the file.
-    with f._rmw_lock:
-        size = sc.fstat(f.fd).st_size
-        if head:
-            rw_loop(sc, f.fd, [bounce[:req]], start, req, False)
-        if (offset + total) % req and end - req >= start + (req if head else 0):
-            rw_loop(sc, f.fd, [bounce[end - start - req :]], end - req, req, False)
-        _gather(buffers, bounce, head)
-        rw_loop(sc, f.fd, [bounce], start, end - start, True)
-        if end > size and end > offset + total:
-            sc.ftruncate(f.fd, max(size, offset + total))
+    """A write of whole blocks: straight through, or from an aligned copy
+    of the memory if the kernel refuses the caller's."""
+    if _aligned(buffers, offset, total, req):
+        try:
+            return rw_loop(sc, f.fd, buffers, offset, total, True, done)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            done = max(done, _transferred(e))
+    bounce = aligned_buffer(min(total, _chunk(req)), max(mem, req))
+    pos = 0
+    while pos < total:
+        n = min(len(bounce), total - pos)
+        _gather(buffers, bounce[:n], pos)
+        try:
+            rw_loop(sc, f.fd, [bounce[:n]], offset + pos, n, True)
+        except OSError as e:
+            raise _moved(e, max(done, pos + _transferred(e))) from None
+        pos += n
     return total
+
+
+def _rmw(
+    sc: Syscalls,
+    f: AioFile,
+    buffers: Sequence[memoryview],
+    offset: int,
+    total: int,
+    req: int,
+    mem: int,
+    done: int,
+    writer: int = -1,
+) -> int:
+    """A write with partial edge blocks, under ``f._rmw_lock``: a chunk at
+    a time, read the edge blocks, patch them, write whole blocks (to
+    ``writer`` if given); then give the file back the size the request
+    implies."""
+    start, end = _span(offset, total, req)
+    bounce = aligned_buffer(min(end - start, _chunk(req)), max(mem, req))
+    stop = offset + total
+    size = f._size(sc) if f._sized else -1
+    out = f.fd if writer < 0 else writer
+    reader = -1
+    moved = 0  # bytes written from `start` on
+
+    def moved_of_callers() -> int:
+        return max(done, min(moved - (offset - start), total))
+
+    try:
+        while start + moved < end:
+            pos = start + moved
+            n = min(len(bounce), end - pos)
+            chunk = bounce[:n]
+            if pos < offset or pos + n > stop:
+                try:
+                    if reader < 0:
+                        writable_only = f.flags & os.O_ACCMODE == os.O_WRONLY
+                        reader = _reopen(f.fd, os.O_RDONLY) if writable_only else f.fd
+                    _read_edges(sc, reader, chunk, pos, offset, stop, req, mem)
+                except OSError as e:
+                    raise _moved(e, moved_of_callers()) from None
+            lo, hi = max(pos, offset), min(pos + n, stop)
+            _gather(buffers, chunk[lo - pos : hi - pos], lo - offset)
+            try:
+                rw_loop(sc, out, [chunk], pos, n, True)
+            except OSError as e:
+                moved += _transferred(e)
+                raise _moved(e, moved_of_callers()) from None
+            moved += n
+    finally:
+        if reader >= 0 and reader != f.fd:
+            os.close(reader)
+        # Never below `size`: every acknowledged extension is in it.
+        reached = start + moved
+        keep = max(size, min(reached, stop))
+        if size >= 0 and reached > keep:
+            truncate(sc, f, keep, locked=True)
+    return total
+
+
+def _read_edges(
+    sc: Syscalls,
+    fd: int,
+    chunk: memoryview,
+    pos: int,
+    offset: int,
+    stop: int,
+    req: int,
+    mem: int,
+) -> None:
+    """Read into ``chunk`` (file bytes [pos, pos + len(chunk))) the blocks
+    that the caller's range [offset, stop) covers only in part; past end of
+    file they read as zeros."""
+    end = pos + len(chunk)
+    blocks = []
+    if pos < offset:
+        blocks.append(pos)
+    last = end - 1 - (end - 1) % req
+    if end > stop and not (blocks and blocks[0] == last):
+        blocks.append(last)
+    # Into a block of its own: a block inside the chunk need not meet a
+    # buffer alignment stricter than the request alignment.
+    scratch = aligned_buffer(req, max(mem, req)) if blocks else chunk
+    for b in blocks:
+        e = min(b + req, end)
+        n = rw_loop(sc, fd, [scratch[: e - b]], b, e - b, False)
+        chunk[b - pos : b - pos + n] = scratch[:n]
+        chunk[b - pos + n : e - pos] = bytes(e - b - n)
+
+
+def _reopen(fd: int, flags: int) -> int:
+    """Another descriptor of ``fd``'s file (a new open file description):
+    a reader for a write-only fd, a writer without O_APPEND."""
+    return os.open(f"/proc/self/fd/{fd}", flags | os.O_CLOEXEC)
 
 
 # -- flush -----------------------------------------------------------------------
@@ -401,14 +717,22 @@ def flush(sc: Syscalls, f: AioFile, datasync: bool) -> int:
 
 def _fallocate(sc: Syscalls, f: AioFile, kind: str, mode: int, offset: int, length: int) -> None:
     f.check_supported(kind)
-    while True:
-        try:
-            sc.fallocate(f.fd, mode, offset, length)
-            return
-        except InterruptedError:
-            continue
-        except OSError as e:
-            raise f.note_error(kind, e) from None
+    # A mode without KEEP_SIZE may extend the file: see the module docstring.
+    guard = f._rmw_lock if f.direct and f._sized and not mode & FALLOC_FL_KEEP_SIZE else None
+    if guard is not None:
+        guard.acquire()
+    try:
+        while True:
+            try:
+                sc.fallocate(f.fd, mode, offset, length)
+                return
+            except InterruptedError:
+                continue
+            except OSError as e:
+                raise f.note_error(kind, e) from None
+    finally:
+        if guard is not None:
+            guard.release()
 
 
 def discard(sc: Syscalls, f: AioFile, offset: int, length: int) -> int:
@@ -441,6 +765,9 @@ def write_zeroes(sc: Syscalls, f: AioFile, offset: int, length: int) -> int:
         except OSError as e:
             if e.errno != errno.ENOTSUP:
                 raise
+    if f.append:
+        # pwritev on an O_APPEND file appends whatever the offset says.
+        raise _not_supported("write_zeroes on an O_APPEND file without fallocate")
     zeros = aligned_buffer(min(length, _CHUNK), MAX_ALIGNMENT)
     pos = 0
     while pos < length:
@@ -450,33 +777,81 @@ def write_zeroes(sc: Syscalls, f: AioFile, offset: int, length: int) -> int:
     return 0
 
 
-def truncate(sc: Syscalls, f: AioFile, length: int) -> int:
-    while True:
-        try:
-            sc.ftruncate(f.fd, length)
-            return 0
-        except InterruptedError:
-            continue
+def truncate(sc: Syscalls, f: AioFile, length: int, locked: bool = False) -> int:
+    """ftruncate; ``locked``: the caller holds ``f._rmw_lock``."""
+    guard = f._rmw_lock if f.direct and f._sized and not locked else None
+    if guard is not None:
+        guard.acquire()
+    try:
+        while True:
+            try:
+                sc.ftruncate(f.fd, length)
+                return 0
+            except InterruptedError:
+                continue
+    finally:
+        if guard is not None:
+            guard.release()
 
 
 def copy_range(
     sc: Syscalls, src: AioFile, src_offset: int, dst: AioFile, dst_offset: int, length: int
 ) -> int:
-    """copy_file_range until ``length`` bytes or end of the source file."""
+    """copy_file_range until ``length`` bytes or end of the source file.
+
+    Where the kernel refuses an O_DIRECT file's alignment (EINVAL) the rest
+    is copied through memory with :func:`read` and :func:`write`, which
+    bounce.  An error after bytes moved carries them as ``transferred``.
+    """
     dst.check_supported("copy_range")
     done = 0
+    guard = dst._rmw_lock if dst.direct and dst._sized else None
+    if guard is not None:
+        guard.acquire()  # the copy may extend dst: see the module docstring
+    try:
+        while done < length:
+            try:
+                n = sc.copy_file_range(
+                    src.fd, dst.fd, length - done, src_offset + done, dst_offset + done
+                )
+            except InterruptedError:
+                continue
+            except OSError as e:
+                if e.errno == errno.EINVAL and (src.direct or dst.direct):
+                    break
+                raise _moved(dst.note_error("copy_range", e), done) from None
+            if n == 0:
+                return done
+            done += n
+    finally:
+        if guard is not None:
+            guard.release()
+    if done < length:
+        done = _copy_through_memory(sc, src, src_offset, dst, dst_offset, length, done)
+    return done
+
+
+def _copy_through_memory(
+    sc: Syscalls,
+    src: AioFile,
+    src_offset: int,
+    dst: AioFile,
+    dst_offset: int,
+    length: int,
+    done: int,
+) -> int:
+    buf = aligned_buffer(min(length - done, _CHUNK), MAX_ALIGNMENT)
     while done < length:
+        want = min(len(buf), length - done)
         try:
-            n = sc.copy_file_range(
-                src.fd, dst.fd, length - done, src_offset + done, dst_offset + done
-            )
-        except InterruptedError:
-            continue
+            got = read(sc, src, [buf[:want]], src_offset + done, want, False)
+            if got:
+                write(sc, dst, [buf[:got]], dst_offset + done, got)
         except OSError as e:
-            raise dst.note_error("copy_range", e) from None
-        if n == 0:
-            break
-        done += n
+            raise _moved(e, done) from None
+        done += got
+        if got < want:
+            break  # end of the source
     return done
 
 

@@ -17,6 +17,7 @@ import ctypes
 import errno
 import mmap
 import os
+import stat
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ __all__ = [
     "IoUringSupport",
     "aligned_buffer",
     "buffer_address",
+    "direct_alignment",
     "pin_buffer",
     "probe_alignment",
     "probe_direct_io",
@@ -108,34 +110,68 @@ def probe_alignment(fd: int) -> tuple[int, int]:
     buffer offset for which a read is not refused with EINVAL.
 
     A file that takes unaligned reads (not opened with O_DIRECT, or a file
-    system that ignores it) answers (1, 1).
+    system that ignores it) answers (1, 1).  Raises the OSError of a read
+    that fails otherwise (a write-only fd: EBADF).
     """
     buf = aligned_buffer(3 * MAX_ALIGNMENT)
     request = MAX_ALIGNMENT
     for size in (1, 512, 1024, 2048, 4096):
-        try:
-            os.preadv(fd, [buf[:size]], 0)
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            continue
-        request = size
-        break
+        if _reads(fd, buf[:size]):
+            request = size
+            break
     # The memory probe reads across a page boundary: the kernel splits a
     # buffer into per-page segments, and a misaligned buffer inside one page
     # can pass where the same misalignment across pages fails.
     memory = MAX_ALIGNMENT
     span = 2 * MAX_ALIGNMENT
     for align in (1, 512, 1024, 2048, 4096):
+        if _reads(fd, buf[align : align + span]):
+            memory = align
+            break
+    return request, memory
+
+
+def _reads(fd: int, view: memoryview) -> bool:
+    """Whether a read into ``view`` at offset 0 is accepted (False for
+    EINVAL; any other error is raised; EINTR is retried)."""
+    while True:
         try:
-            os.preadv(fd, [buf[align : align + span]], 0)
+            os.preadv(fd, [view], 0)
+            return True
+        except InterruptedError:
+            continue
         except OSError as e:
             if e.errno != errno.EINVAL:
                 raise
-            continue
-        memory = align
-        break
-    return request, memory
+            return False
+
+
+def direct_alignment(fd: int) -> tuple[int, int]:
+    """:func:`probe_alignment` of an O_DIRECT ``fd`` that never raises.
+
+    A write-only fd, or one whose reads fail (EBADF, EACCES, EIO...), is
+    probed through a read-only O_DIRECT open of ``/proc/self/fd/N`` (a new
+    open file description of the same file); where that is not possible
+    either, the answer is the strictest alignment, (MAX_ALIGNMENT,
+    MAX_ALIGNMENT), which every device accepts.
+    """
+    try:
+        return probe_alignment(fd)
+    except OSError:
+        pass
+    try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            return MAX_ALIGNMENT, MAX_ALIGNMENT  # reopening a pipe would read its data
+        other = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | O_DIRECT | os.O_CLOEXEC)
+    except OSError:
+        return MAX_ALIGNMENT, MAX_ALIGNMENT
+    try:
+        return probe_alignment(other)
+    except OSError:
+        return MAX_ALIGNMENT, MAX_ALIGNMENT
+    finally:
+        os.close(other)
 
 
 @dataclass(frozen=True)

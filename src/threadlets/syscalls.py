@@ -14,11 +14,13 @@ import ctypes.util
 import errno
 import fcntl
 import os
-import random
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from threadlets.probe import MAX_ALIGNMENT, O_DIRECT
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
@@ -119,20 +121,43 @@ class FaultStats:
     short: int = 0
 
 
+_KINDS = {"preadv": 1, "pwritev": 2, "fsync": 3, "fdatasync": 4, "fallocate": 5, "ftruncate": 6}
+_MASK = 2**64 - 1
+
+
+def _mix(x: int) -> int:
+    """The next of a splitmix64 sequence: 64 well-mixed bits from ``x``."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
+
+
 class FaultInjector(Syscalls):
     """System calls that fail or come up short at a given rate.
 
     Whether a call is faulted, and how, is a function of the seed and of the
     call itself (its kind, offset and length, and how many times that same
-    call was made before), never of thread timing: the same seed and the
-    same operations give the same faults.  EINTR is injected at most twice
-    in a row for one call, so retries always make progress.
+    call was made recently), never of thread timing: the same seed and the
+    same sequence of calls give the same faults.  The history behind "how
+    many times" is bounded: it remembers the last ``HISTORY`` distinct calls
+    (least recently made forgotten first), and nothing at rate 0.  EINTR is
+    injected at most twice in a row for one call, so retries always make
+    progress.
 
-    ``errors`` are the errnos to inject: EIO anywhere, ENOSPC only where
-    space is allocated (writes, fallocate), EINTR anywhere.  ``short`` makes
-    reads and writes transfer only part of what was asked (at least one
-    byte).  Flags such as RWF_NOWAIT pass through.
+    Only faults the kernel can produce are injected.  ``errors`` are the
+    errnos to choose from: EIO anywhere; ENOSPC only where space is
+    allocated (writes, and fallocate modes other than punching a hole);
+    EINTR anywhere (each of these calls may be interrupted on some file
+    system).  ``short`` makes reads and writes transfer only part of what
+    was asked: at least one byte, and on an O_DIRECT descriptor a multiple
+    of ``MAX_ALIGNMENT`` (4096, the strictest alignment), never a cut the
+    device could not make -- so a call of at most 4096 bytes there is never
+    short.  Flags such as RWF_NOWAIT pass through.
     """
+
+    #: How many distinct calls the injector remembers.
+    HISTORY = 1024
 
     def __init__(
         self,
@@ -149,29 +174,47 @@ class FaultInjector(Syscalls):
         self.short = short
         self.stats = FaultStats()
         self._lock = threading.Lock()
-        self._seen: dict[tuple[str, int, int, int], int] = {}
+        # Least recently made call first.
+        self._seen: OrderedDict[tuple[str, int, int, int], int] = OrderedDict()
 
-    def _decide(self, kind: str, fd: int, offset: int, length: int) -> tuple[int, float]:
-        """Returns (errno to raise or 0, fraction to transfer or 1.0)."""
+    def _decide(
+        self, kind: str, fd: int, offset: int, length: int, allocates: bool = False
+    ) -> tuple[int, int]:
+        """Returns (errno to raise or 0, bytes to transfer or -1 for all)."""
+        if self.rate == 0.0:
+            with self._lock:
+                self.stats.calls += 1
+            return 0, -1
         key = (kind, fd, offset, length)
         with self._lock:
-            nth = self._seen.get(key, 0)
-            self._seen[key] = nth + 1
+            seen = self._seen
+            nth = seen.get(key, 0)
+            seen[key] = nth + 1
+            seen.move_to_end(key)
+            if len(seen) > self.HISTORY:
+                seen.popitem(last=False)
             self.stats.calls += 1
-        rng = random.Random(f"{self.seed}:{kind}:{offset}:{length}:{nth}")
-        if rng.random() >= self.rate:
-            return 0, 1.0
+        # Uniform numbers from the call itself.  A tuple of ints hashes the
+        # same in every process (str hashes do not); a Random per call
+        # would cost twenty times as much.
+        x = hash((self.seed, _KINDS[kind], offset, length, nth)) & _MASK
+        x = _mix(x)
+        if x / 2**64 >= self.rate:
+            return 0, -1
         allowed = [
             e
             for e in self.errors
-            if not (e == errno.ENOSPC and kind not in ("pwritev", "fallocate"))
-            and not (e == errno.EINTR and nth % 3 == 2)
+            if not (e == errno.ENOSPC and not allocates) and not (e == errno.EINTR and nth % 3 == 2)
         ]
-        if self.short and kind in ("preadv", "pwritev") and length > 1:
-            allowed.append(0)  # 0 stands for "short transfer"
+        unit = 0
+        if self.short and kind in ("preadv", "pwritev"):
+            unit = MAX_ALIGNMENT if self._direct(fd) else 1
+            if length > unit:
+                allowed.append(0)  # 0 stands for "short transfer"
         if not allowed:
-            return 0, 1.0
-        choice = rng.choice(allowed)
+            return 0, -1
+        x = _mix(x)
+        choice = allowed[x % len(allowed)]
         with self._lock:
             if choice == 0:
                 self.stats.short += 1
@@ -179,8 +222,16 @@ class FaultInjector(Syscalls):
                 name = errno.errorcode.get(choice, str(choice))
                 self.stats.errors[name] = self.stats.errors.get(name, 0) + 1
         if choice == 0:
-            return 0, rng.random()
-        return choice, 1.0
+            # Whole units, at least one, fewer than asked for.
+            most = (length - 1) // unit
+            return 0, unit * (1 + _mix(x) % most)
+        return choice, -1
+
+    def _direct(self, fd: int) -> bool:
+        try:
+            return bool(O_DIRECT and self.getfl(fd) & O_DIRECT)
+        except OSError:
+            return True  # the call itself will fail; cut nothing risky
 
     @staticmethod
     def _raise(e: int, what: str) -> None:
@@ -191,11 +242,10 @@ class FaultInjector(Syscalls):
     ) -> int:
         views = [memoryview(b).cast("B") for b in buffers]
         total = sum(len(v) for v in views)
-        e, fraction = self._decide(kind, fd, offset, total)
+        e, keep = self._decide(kind, fd, offset, total, allocates=kind == "pwritev")
         if e:
             self._raise(e, kind)
-        if fraction < 1.0:
-            keep = max(1, int(total * fraction))
+        if keep >= 0:
             cut: list[memoryview] = []
             for v in views:
                 if keep <= 0:
@@ -230,7 +280,8 @@ class FaultInjector(Syscalls):
         super().fdatasync(fd)
 
     def fallocate(self, fd: int, mode: int, offset: int, length: int) -> None:
-        e, _ = self._decide("fallocate", fd, offset, length)
+        allocates = not mode & FALLOC_FL_PUNCH_HOLE
+        e, _ = self._decide("fallocate", fd, offset, length, allocates=allocates)
         if e:
             self._raise(e, "fallocate")
         super().fallocate(fd, mode, offset, length)
