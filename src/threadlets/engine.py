@@ -202,6 +202,85 @@ class _Transfer:
         return n
 
 
+class _FileOp:
+    """A flush or a space request (discard, allocate, write_zeroes), named:
+    what ops, the ring and the worker share.  :meth:`run` is the worker
+    path, the reference; :meth:`sqe` says what the ring would do instead
+    (None: it cannot), and :meth:`outcome` reads the kernel's answer by
+    ops' rules (sticky flush errors, remembered ENOTSUP), or asks for the
+    worker (EINTR; write_zeroes' fallbacks)."""
+
+    __slots__ = ("datasync", "file", "kind", "length", "offset", "sc")
+
+    done = 0  # (moves no data: a cancel that wins touched nothing)
+
+    def __init__(
+        self,
+        sc: Syscalls,
+        file: AioFile,
+        kind: str,
+        offset: int = 0,
+        length: int = 0,
+        datasync: bool = True,
+    ) -> None:
+        self.sc = sc
+        self.file = file
+        self.kind = kind
+        self.offset = offset
+        self.length = length
+        self.datasync = datasync
+
+    def run(self) -> int:
+        sc, f = self.sc, self.file
+        if self.kind == "flush":
+            return ops.flush(sc, f, self.datasync)
+        if self.kind == "discard":
+            return ops.discard(sc, f, self.offset, self.length)
+        if self.kind == "allocate":
+            return ops.allocate(sc, f, self.offset, self.length)
+        return ops.write_zeroes(sc, f, self.offset, self.length)
+
+    def _name(self) -> str:
+        return "zero_range" if self.kind == "write_zeroes" else self.kind
+
+    def sqe(self, supported: frozenset[int]) -> tuple[int, int, int, int, int, int] | None:
+        """(opcode, fd, offset, addr, len, op flags) for the ring, or None."""
+        f = self.file
+        if self.kind == "flush":
+            if uring.OP_FSYNC not in supported:
+                return None
+            try:
+                ops.check_flush(f)
+            except OSError:
+                return None  # the worker reports the sticky error
+            return (uring.OP_FSYNC, f.fd, 0, 0, 0, uring.FSYNC_DATASYNC if self.datasync else 0)
+        mode = ops.FALLOCATE_MODES[self._name()]
+        if (
+            uring.OP_FALLOCATE not in supported
+            or not self.length
+            or f.is_unsupported(self._name())
+            or ops.fallocate_needs_lock(f, mode)
+        ):
+            return None
+        # IORING_OP_FALLOCATE: the length travels in addr, the mode in len.
+        return (uring.OP_FALLOCATE, f.fd, self.offset, self.length, mode, 0)
+
+    def outcome(self, res: int) -> tuple[int | None, BaseException | None] | None:
+        """(result, exception) to finish with, or None: the worker finishes it."""
+        if res >= 0:
+            return 0, None
+        err = -res
+        if err == errno.EINTR:
+            return None
+        exc = OSError(err, os.strerror(err))
+        if self.kind == "flush":
+            return None, ops.flush_failed(self.file, exc)
+        exc = self.file.note_error(self._name(), exc)
+        if self.kind == "write_zeroes" and exc.errno == errno.ENOTSUP:
+            return None  # the worker tries the fallbacks (now remembered)
+        return None, exc
+
+
 class AioRequest(Threadlet[int]):
     """One I/O request.  Made by the methods of :class:`AioContext`.
 
@@ -230,7 +309,7 @@ class AioRequest(Threadlet[int]):
         fn: Callable[..., Any] | None,
         args: tuple[Any, ...],
         callback: Callback | None,
-        transfer: _Transfer | None = None,
+        transfer: _Transfer | _FileOp | None = None,
     ) -> None:
         # Threadlet.__init__ spelled out: this runs once per request.
         self._queue = ctx._queue
@@ -626,6 +705,8 @@ class _RingBackend:
 
     def start(self, req: AioRequest) -> bool:
         t = req._transfer
+        if isinstance(t, _FileOp):
+            return self._start_op(req, t)
         if t is None or len(t.buffers) != 1 or t.done == t.total:
             return False  # not a transfer, vectored, or nothing left
         f = t.file
@@ -675,6 +756,30 @@ class _RingBackend:
         req._ring_ident = ident
         return True
 
+    def _start_op(self, req: AioRequest, op: _FileOp) -> bool:
+        sqe = op.sqe(self.ring.supported)
+        if sqe is None or not req._claim():
+            return False
+        req._on_ring = True
+        ident = self.ring.submit(*sqe, lambda res: self._op_done(req, op, res))
+        if not ident:
+            req._on_ring = False
+            req._unclaim()
+            return False
+        req._ring_ident = ident
+        return True
+
+    def _op_done(self, req: AioRequest, op: _FileOp, res: int) -> None:
+        req._on_ring = False
+        if res == -errno.ECANCELED and req._cancel_asked:
+            req._finish_cancelled()
+            return
+        outcome = op.outcome(res)
+        if outcome is None:
+            self.ctx._continue(req, op.run)
+            return
+        req._finish(*outcome)
+
     def cancel(self, req: AioRequest) -> CancelResult | None:
         """Take a request back from the kernel if it has moved nothing:
         CANCELED once it reads CANCELLED, else None (the caller answers as
@@ -716,7 +821,7 @@ class _RingBackend:
         worker, which repeats the call from where the kernel stopped."""
         del pin  # the kernel is done with the memory
         t = req._transfer
-        assert t is not None
+        assert isinstance(t, _Transfer)
         req._on_ring = False
         if res == -errno.ECANCELED and req._cancel_asked:
             req._finish_cancelled()  # (see cancel: nothing moved)
@@ -1129,12 +1234,28 @@ class AioContext:
             return self._fail_now(kind, f, callback)
         return self._start(AioRequest(self, kind, fn, (self._sc, f, *args), callback))
 
+    def _submit_file_op(
+        self,
+        kind: str,
+        fd: int,
+        offset: int,
+        length: int,
+        callback: Callback | None,
+        datasync: bool = True,
+    ) -> AioRequest:
+        _check_callback(callback)
+        f = self._file(_check_fd(fd))
+        if isinstance(f, OSError):
+            return self._fail_now(kind, f, callback)
+        op = _FileOp(self._sc, f, kind, offset, length, datasync)
+        return self._start(AioRequest(self, kind, op.run, (), callback, op))
+
     def flush(
         self, fd: int, *, datasync: bool = True, callback: Callback | None = None
     ) -> AioRequest:
         """fdatasync (or fsync with ``datasync=False``).  After a failed
         flush, later flushes of this fd fail with the same errno."""
-        return self._submit_op("flush", fd, ops.flush, (bool(datasync),), callback)
+        return self._submit_file_op("flush", fd, 0, 0, callback, datasync=bool(datasync))
 
     def ioctl(
         self,
@@ -1158,14 +1279,14 @@ class AioContext:
     ) -> AioRequest:
         """Punch a hole: the range reads as zeros, the file size is kept."""
         _check_range(offset, length)
-        return self._submit_op("discard", fd, ops.discard, (offset, length), callback)
+        return self._submit_file_op("discard", fd, offset, length, callback)
 
     def write_zeroes(
         self, fd: int, offset: int, length: int, *, callback: Callback | None = None
     ) -> AioRequest:
         """Make the range read as zeros, as a write of zeros would."""
         _check_range(offset, length)
-        return self._submit_op("write_zeroes", fd, ops.write_zeroes, (offset, length), callback)
+        return self._submit_file_op("write_zeroes", fd, offset, length, callback)
 
     def allocate(
         self, fd: int, offset: int, length: int, *, callback: Callback | None = None
@@ -1174,7 +1295,7 @@ class AioContext:
         _check_range(offset, length)
         if length == 0:
             raise ValueError("length must be > 0 for allocate")
-        return self._submit_op("allocate", fd, ops.allocate, (offset, length), callback)
+        return self._submit_file_op("allocate", fd, offset, length, callback)
 
     def truncate(self, fd: int, length: int, *, callback: Callback | None = None) -> AioRequest:
         """Set the file size."""

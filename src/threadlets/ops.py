@@ -687,10 +687,7 @@ def _reopen(fd: int, flags: int) -> int:
 
 
 def flush(sc: Syscalls, f: AioFile, datasync: bool) -> int:
-    with f._lock:
-        sticky = f._flush_error
-    if sticky:
-        raise OSError(sticky, f"{os.strerror(sticky)} (an earlier flush of fd {f.fd} failed)")
+    check_flush(f)
     while True:
         try:
             if datasync:
@@ -701,24 +698,52 @@ def flush(sc: Syscalls, f: AioFile, datasync: bool) -> int:
         except InterruptedError:
             continue
         except OSError as e:
-            if e.errno in (errno.EINVAL, errno.EROFS, errno.EBADF) or f.direct:
-                # Not a lost write-back: the fd cannot be flushed at all, or
-                # the page cache was not involved.
-                raise
-            # The kernel may have dropped the dirty pages: a later "success"
-            # would lie, so every later flush fails the same way.
-            with f._lock:
-                f._flush_error = e.errno or errno.EIO
-            raise
+            raise flush_failed(f, e) from None
+
+
+def check_flush(f: AioFile) -> None:
+    """Raise the error of an earlier failed flush of ``f`` (sticky)."""
+    with f._lock:
+        sticky = f._flush_error
+    if sticky:
+        raise OSError(sticky, f"{os.strerror(sticky)} (an earlier flush of fd {f.fd} failed)")
+
+
+def flush_failed(f: AioFile, e: OSError) -> OSError:
+    """What a flush that failed with ``e`` reports; remembers it where a
+    later flush must fail too.  (The io_uring backend calls this with the
+    kernel's errno: one rule for both.)"""
+    if e.errno in (errno.EINVAL, errno.EROFS, errno.EBADF) or f.direct:
+        # Not a lost write-back: the fd cannot be flushed at all, or the
+        # page cache was not involved.
+        return e
+    # The kernel may have dropped the dirty pages: a later "success" would
+    # lie, so every later flush fails the same way.
+    with f._lock:
+        f._flush_error = e.errno or errno.EIO
+    return e
 
 
 # -- space management ----------------------------------------------------------------
 
 
+#: The fallocate mode of each space request (write_zeroes: its first try).
+FALLOCATE_MODES = {
+    "discard": FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+    "allocate": 0,
+    "zero_range": FALLOC_FL_ZERO_RANGE,
+}
+
+
+def fallocate_needs_lock(f: AioFile, mode: int) -> bool:
+    """A mode without KEEP_SIZE may extend the file: on an O_DIRECT regular
+    file it runs under the per-file lock (see the module docstring)."""
+    return f.direct and f._sized and not mode & FALLOC_FL_KEEP_SIZE
+
+
 def _fallocate(sc: Syscalls, f: AioFile, kind: str, mode: int, offset: int, length: int) -> None:
     f.check_supported(kind)
-    # A mode without KEEP_SIZE may extend the file: see the module docstring.
-    guard = f._rmw_lock if f.direct and f._sized and not mode & FALLOC_FL_KEEP_SIZE else None
+    guard = f._rmw_lock if fallocate_needs_lock(f, mode) else None
     if guard is not None:
         guard.acquire()
     try:
@@ -736,12 +761,12 @@ def _fallocate(sc: Syscalls, f: AioFile, kind: str, mode: int, offset: int, leng
 
 
 def discard(sc: Syscalls, f: AioFile, offset: int, length: int) -> int:
-    _fallocate(sc, f, "discard", FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+    _fallocate(sc, f, "discard", FALLOCATE_MODES["discard"], offset, length)
     return 0
 
 
 def allocate(sc: Syscalls, f: AioFile, offset: int, length: int) -> int:
-    _fallocate(sc, f, "allocate", 0, offset, length)
+    _fallocate(sc, f, "allocate", FALLOCATE_MODES["allocate"], offset, length)
     return 0
 
 
@@ -752,7 +777,7 @@ def write_zeroes(sc: Syscalls, f: AioFile, offset: int, length: int) -> int:
         return 0
     if not f.is_unsupported("zero_range"):
         try:
-            _fallocate(sc, f, "zero_range", FALLOC_FL_ZERO_RANGE, offset, length)
+            _fallocate(sc, f, "zero_range", FALLOCATE_MODES["zero_range"], offset, length)
             return 0
         except OSError as e:
             if e.errno != errno.ENOTSUP:

@@ -67,6 +67,7 @@ __all__ = [
     "FSYNC_DATASYNC",
     "HOLD_MAX",
     "OP_ASYNC_CANCEL",
+    "OP_FALLOCATE",
     "OP_FSYNC",
     "OP_NOP",
     "OP_READ",
@@ -82,13 +83,15 @@ log = logging.getLogger("threadlets.uring")
 # since Linux 5.1's unified table (alpha aside).
 _NR_SETUP, _NR_ENTER, _NR_REGISTER = 425, 426, 427
 _ENTER_GETEVENTS, _ENTER_EXT_ARG = 1, 8
-_REGISTER_EVENTFD = 4
+_REGISTER_EVENTFD, _REGISTER_PROBE = 4, 8
+_PROBE_OPS = 256  # struct io_uring_probe: 16 bytes, then ops_len 8-byte io_uring_probe_op
+_OP_SUPPORTED = 1
 _FEAT_SINGLE_MMAP, _FEAT_NODROP, _FEAT_EXT_ARG = 1, 2, 256
 #: NODROP: no completion is ever lost; EXT_ARG: waits with a timeout (5.11).
 _FEAT_NEEDED = _FEAT_NODROP | _FEAT_EXT_ARG
 _OFF_SQ_RING, _OFF_CQ_RING, _OFF_SQES = 0, 0x8000000, 0x10000000
 
-OP_NOP, OP_FSYNC, OP_ASYNC_CANCEL, OP_READ, OP_WRITE = 0, 3, 14, 22, 23
+OP_NOP, OP_FSYNC, OP_ASYNC_CANCEL, OP_FALLOCATE, OP_READ, OP_WRITE = 0, 3, 14, 17, 22, 23
 FSYNC_DATASYNC = 1
 
 # struct io_uring_sqe: opcode, flags, ioprio, fd, off, addr, len, op flags,
@@ -176,6 +179,18 @@ def _syscalls() -> tuple[Any, Any, Any]:
         setup(("syscall", libc)),
         enter(("syscall", libc)),
         register(("syscall", libc)),
+    )
+
+
+def _probe_opcodes(register: Any, fd: int) -> frozenset[int]:
+    """IORING_REGISTER_PROBE: the opcodes the kernel supports.  A kernel
+    without the probe (before 5.6) is assumed to take the oldest few."""
+    buf = (ctypes.c_uint8 * (16 + 8 * _PROBE_OPS))()
+    if register(_NR_REGISTER, fd, _REGISTER_PROBE, ctypes.addressof(buf), _PROBE_OPS) < 0:
+        return frozenset({OP_NOP, OP_FSYNC})  # pragma: no cover - old kernels
+    last = buf[0]
+    return frozenset(
+        op for op in range(min(last + 1, _PROBE_OPS)) if buf[16 + 8 * op + 2] & _OP_SUPPORTED
     )
 
 
@@ -272,6 +287,9 @@ class Ring:
         self.reaped = 0
         self.wakeups = 0
         self._reaper: threading.Thread | None = None
+        #: The opcodes this kernel takes (IORING_REGISTER_PROBE): the engine
+        #: sends the others to its threads.
+        self.supported = _probe_opcodes(register, self._fd)
         if eventfd is not None:
             # Owner mode: the kernel signals the owner's eventfd for every
             # completion, and the owner reaps.  No thread of ours.
