@@ -606,11 +606,13 @@ def check_request(
         cmd = Cmd(req.cmd)
     except ValueError:
         return errno.EINVAL, f"unknown command {req.cmd}"
-    allowed = _ALLOWED_FLAGS[cmd]
+    # Plain ints: ~ on an IntFlag keeps only the defined bits, and unknown
+    # bits are exactly what must be caught.
+    allowed = int(_ALLOWED_FLAGS[cmd])
     if export.read_only:
-        allowed &= ~CmdFlag.FUA
+        allowed &= ~int(CmdFlag.FUA)
     if not structured:
-        allowed &= ~CmdFlag.DF
+        allowed &= ~int(CmdFlag.DF)
     if req.flags & ~allowed:
         return errno.EINVAL, f"flags {req.flags:#x} not valid for {cmd.name}"
     if cmd in _WRITES and export.read_only:
