@@ -91,7 +91,7 @@ def fio_has_nbd() -> bool:
     fio = shutil.which("fio")
     if fio is None:
         return False
-    out = subprocess.run([fio, "--enghelp=nbd"], capture_output=True, text=True)
+    out = subprocess.run([fio, "--enghelp=nbd"], check=False, capture_output=True, text=True)
     return out.returncode == 0 and "uri" in out.stdout
 
 
