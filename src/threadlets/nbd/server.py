@@ -100,10 +100,12 @@ def open_export(
     read_only: bool = False,
     direct: bool = False,
     description: str | None = None,
+    max_block: int = proto.MAX_PAYLOAD,
 ) -> Export:
     """Open ``path`` (a regular file or a block device) for serving.  With
     ``direct`` it is opened O_DIRECT and its alignment is the export's
-    minimum block size.  Raises OSError, or ValueError for other file types."""
+    minimum block size; ``max_block`` is the largest READ/WRITE accepted.
+    Raises OSError, or ValueError for other file types."""
     path = os.fspath(path)
     flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
     if direct:
@@ -130,7 +132,8 @@ def open_export(
             read_only=read_only,
             description=description if description is not None else os.path.basename(path),
             min_block=min_block,
-            preferred_block=preferred,
+            preferred_block=min(preferred, max_block),
+            max_block=max_block,
         )
         return Export(path, fd, info, stat.S_ISREG(st.st_mode), direct)
     except BaseException:
@@ -173,6 +176,13 @@ def allocation_extents(
         out.append((stop - pos, 0))
         pos = stop
     return out
+
+
+def _prefetch(fd: int, offset: int, length: int) -> int:
+    """NBD_CMD_CACHE: start reading the range into the page cache.  (Returns
+    0: the engine's ``outcome()`` wants a call's result not to be None.)"""
+    os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+    return 0
 
 
 def parse_bind(text: str) -> tuple[str, int]:
@@ -404,12 +414,14 @@ class _Connection(asyncio.Protocol):
             structured = self.structured
 
             def read_done(r: AioRequest) -> None:
-                self._end(length)
-                err, _ = r.outcome()
-                if err:
-                    self._error(req, err, os.strerror(err))
-                else:
-                    self._send(proto.reply_read_header(handle, offset, length, structured), buf)
+                try:
+                    err, _ = r.outcome()
+                    if err:
+                        self._error(req, err, os.strerror(err))
+                    else:
+                        self._send(proto.reply_read_header(handle, offset, length, structured), buf)
+                finally:
+                    self._end(length)
 
             self._begin(length)
             ctx.read(fd, offset, buf, zero_fill=True, callback=read_done)
@@ -441,21 +453,23 @@ class _Connection(asyncio.Protocol):
 
                 ctx.discard(fd, offset, length, callback=self._then_reply(req, 0, fallback))
         elif cmd == Cmd.CACHE:
-            ctx.call(os.posix_fadvise, fd, offset, length, os.POSIX_FADV_WILLNEED, callback=done)
+            ctx.call(_prefetch, fd, offset, length, callback=done)
         else:  # BLOCK_STATUS (check_request let nothing else through)
             one = bool(req.flags & CmdFlag.REQ_ONE)
             regular = server.export.regular
             end = min(length, 2**32 - 1)
 
             def status_done(r: AioRequest) -> None:
-                self._end(0)
-                err, _ = r.outcome()
-                if err:
-                    self._error(req, err, os.strerror(err))
-                    return
-                extents = cast(list[tuple[int, int]], r.result())
-                for ctx_id in self.meta_context:
-                    self._send(proto.reply_block_status(handle, ctx_id, extents))
+                try:
+                    err, _ = r.outcome()
+                    if err:
+                        self._error(req, err, os.strerror(err))
+                        return
+                    extents = cast(list[tuple[int, int]], r.result())
+                    for ctx_id in self.meta_context:
+                        self._send(proto.reply_block_status(handle, ctx_id, extents))
+                finally:
+                    self._end(0)
 
             ctx.call(allocation_extents, fd, offset, end, regular, one, callback=status_done)
 
@@ -476,29 +490,35 @@ class _Connection(asyncio.Protocol):
         )
 
         def flushed(r: AioRequest) -> None:
-            self._end(0)
-            err, _ = r.outcome()
-            if err:
-                self._error(req, err, os.strerror(err))
-            else:
-                self._send(proto.reply_ok(req.handle))
+            try:
+                err, _ = r.outcome()
+                if err:
+                    self._error(req, err, os.strerror(err))
+                else:
+                    self._send(proto.reply_ok(req.handle))
+            finally:
+                self._end(0)
 
+        # The reply (or the next step) before _end(): the connection may
+        # close once nothing is in flight.
         def done(r: AioRequest) -> None:
-            self._end(nbytes)
-            err, _ = r.outcome()
-            if err == errno.ENOTSUP:
-                if on_unsupported is not None:
-                    on_unsupported()
-                    return
-                if ok_unsupported:
-                    err = 0  # TRIM is advisory
-            if err:
-                self._error(req, err, os.strerror(err))
-            elif fua and not self.server.closed:
-                self._begin(0)
-                self.server.ctx.flush(self.server.export.fd, callback=flushed)
-            else:
-                self._send(proto.reply_ok(req.handle))
+            try:
+                err, _ = r.outcome()
+                if err == errno.ENOTSUP:
+                    if on_unsupported is not None:
+                        on_unsupported()
+                        return
+                    if ok_unsupported:
+                        err = 0  # TRIM is advisory
+                if err:
+                    self._error(req, err, os.strerror(err))
+                elif fua:
+                    self._begin(0)
+                    self.server.ctx.flush(self.server.export.fd, callback=flushed)
+                else:
+                    self._send(proto.reply_ok(req.handle))
+            finally:
+                self._end(nbytes)
 
         return done
 
