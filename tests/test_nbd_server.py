@@ -393,6 +393,21 @@ def test_trim_write_zeroes_fua_flush_cache(served: ServerThread, image: Path) ->
     assert os.path.getsize(image) == SIZE
 
 
+def test_zero_length_requests_succeed_without_touching_the_file(
+    served: ServerThread, image: Path
+) -> None:
+    c = served.client()
+    try:
+        for cmd in (Cmd.READ, Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES, Cmd.CACHE):
+            assert not c.call(cmd, SIZE, 0, CmdFlag.FUA if cmd != Cmd.READ else 0)
+        with pytest.raises(NBDError) as e:
+            c.call(Cmd.BLOCK_STATUS, 0, 0)
+        assert e.value.errno == errno.EINVAL
+    finally:
+        c.close()
+    assert os.path.getsize(image) == SIZE
+
+
 def test_block_status_reports_holes_and_data(served: ServerThread) -> None:
     c = served.client()
     try:

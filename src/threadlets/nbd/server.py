@@ -426,10 +426,11 @@ class _Connection(asyncio.Protocol):
             self._begin(length)
             ctx.read(fd, offset, buf, zero_fill=True, callback=read_done)
             return
+        if length == 0 and cmd != Cmd.FLUSH:
+            # Nothing to move (fallocate would refuse a zero length).
+            self._send(proto.reply_ok(handle))
+            return
         if cmd == Cmd.WRITE:
-            if length == 0:
-                self._send(proto.reply_ok(handle))
-                return
             data = req.data
             assert data is not None
             self._begin(length)
