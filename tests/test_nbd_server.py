@@ -408,6 +408,28 @@ def test_zero_length_requests_succeed_without_touching_the_file(
     assert os.path.getsize(image) == SIZE
 
 
+def test_a_request_the_engine_refuses_is_answered_and_not_left_in_flight(
+    served: ServerThread, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("the AioContext is closed")
+
+    c = served.client()
+    try:
+        monkeypatch.setattr(served.server.ctx, "read", refuse)
+        with pytest.raises(NBDError) as e:
+            c.read(0, 512)
+        assert e.value.errno == errno.EIO
+        monkeypatch.undo()
+        assert c.read(0, 512) == bytes(512)
+        c.send(Cmd.DISC)
+        assert c.at_eof()  # nothing counted in flight: DISC closes at once
+    finally:
+        c.close()
+    assert "failed to start" in caplog.text
+    caplog.clear()  # the one error logged on purpose
+
+
 def test_block_status_reports_holes_and_data(served: ServerThread) -> None:
     c = served.client()
     try:

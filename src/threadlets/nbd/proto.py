@@ -147,6 +147,12 @@ class ReplyType(enum.IntEnum):
     ERROR_OFFSET = _ERR >> 16 | 2
 
 
+# The same as plain ints, for the per-request paths.
+_FUA, _DF = int(CmdFlag.FUA), int(CmdFlag.DF)
+_READ, _WRITE, _FLUSH, _TRIM = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.FLUSH), int(Cmd.TRIM)
+_DISC = int(Cmd.DISC)
+_WRITE_ZEROES, _BLOCK_STATUS = int(Cmd.WRITE_ZEROES), int(Cmd.BLOCK_STATUS)
+
 REPLY_FLAG_DONE = 1 << 0
 STATE_HOLE = 1 << 0
 STATE_ZERO = 1 << 1
@@ -559,14 +565,14 @@ class RequestParser:
                 raise ProtocolError(f"bad request magic {magic:#x}")
             pos += 28
             req = Request(cmd, flags, handle, offset, length)
-            if cmd == Cmd.WRITE and length:
+            if cmd == _WRITE and length:
                 if length > self.max_payload:
                     req.dropped = True
                     self._skip = length
                 self._pending = req
                 continue
             out.append(req)
-            if cmd == Cmd.DISC:
+            if cmd == _DISC:
                 self.disconnected = True
                 break
         if src is buf:
@@ -584,43 +590,58 @@ class RequestParser:
 
 
 #: The command flags each command may carry (FUA is valid on all of them).
-_ALLOWED_FLAGS = {
-    Cmd.READ: CmdFlag.FUA | CmdFlag.DF,
-    Cmd.WRITE: CmdFlag.FUA,
-    Cmd.DISC: CmdFlag.FUA,
-    Cmd.FLUSH: CmdFlag.FUA,
-    Cmd.TRIM: CmdFlag.FUA,
-    Cmd.CACHE: CmdFlag.FUA,
-    Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE,
-    Cmd.BLOCK_STATUS: CmdFlag.FUA | CmdFlag.REQ_ONE,
+#: The command flags each command may carry (FUA is valid on all of them),
+#: as plain ints: ~ on an IntFlag keeps only the defined bits, and unknown
+#: bits are exactly what must be caught.
+_ALLOWED_FLAGS: dict[int, int] = {
+    int(cmd): int(flags)
+    for cmd, flags in {
+        Cmd.READ: CmdFlag.FUA | CmdFlag.DF,
+        Cmd.WRITE: CmdFlag.FUA,
+        Cmd.DISC: CmdFlag.FUA,
+        Cmd.FLUSH: CmdFlag.FUA,
+        Cmd.TRIM: CmdFlag.FUA,
+        Cmd.CACHE: CmdFlag.FUA,
+        Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE,
+        Cmd.BLOCK_STATUS: CmdFlag.FUA | CmdFlag.REQ_ONE,
+    }.items()
 }
-_WRITES = frozenset({Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES})
+_WRITES = frozenset({_WRITE, _TRIM, _WRITE_ZEROES})
 
 
 def check_request(
     req: Request, export: ExportInfo, structured: bool, meta_context: Mapping[int, str]
 ) -> tuple[int, str]:
     """(0, "") if the server should carry ``req`` out, else (the NBD error,
-    a message for the client).  Nothing outside the export is ever allowed."""
-    try:
-        cmd = Cmd(req.cmd)
-    except ValueError:
-        return errno.EINVAL, f"unknown command {req.cmd}"
-    # Plain ints: ~ on an IntFlag keeps only the defined bits, and unknown
-    # bits are exactly what must be caught.
-    allowed = int(_ALLOWED_FLAGS[cmd])
+    a message for the client).  Nothing outside the export is ever allowed.
+    (Plain ints throughout: this runs for every request.)"""
+    cmd = req.cmd
+    allowed = _ALLOWED_FLAGS.get(cmd)
+    if allowed is None:
+        return errno.EINVAL, f"unknown command {cmd}"
     if export.read_only:
-        allowed &= ~int(CmdFlag.FUA)
+        allowed &= ~_FUA
     if not structured:
-        allowed &= ~int(CmdFlag.DF)
+        allowed &= ~_DF
     if req.flags & ~allowed:
-        return errno.EINVAL, f"flags {req.flags:#x} not valid for {cmd.name}"
+        return errno.EINVAL, f"flags {req.flags:#x} not valid for {Cmd(cmd).name}"
     if cmd in _WRITES and export.read_only:
         return errno.EPERM, "the export is read-only"
-    if cmd == Cmd.FLUSH:
+    if cmd == _FLUSH:
         if req.offset or req.length:
             return errno.EINVAL, "NBD_CMD_FLUSH needs offset and length 0"
         return 0, ""
+    if cmd in (_READ, _WRITE) and (req.dropped or req.length > export.max_block):
+        return errno.EINVAL, f"length {req.length} over the maximum {export.max_block}"
+    if req.offset > export.size or req.length > export.size - req.offset:
+        err = errno.ENOSPC if cmd in (_WRITE, _WRITE_ZEROES) else errno.EINVAL
+        return err, f"request beyond the end of the export ({export.size} bytes)"
+    if cmd == _BLOCK_STATUS:
+        if not structured or not meta_context:
+            return errno.EINVAL, "no metadata context was negotiated"
+        if req.length == 0:
+            return errno.EINVAL, "NBD_CMD_BLOCK_STATUS needs a length"
+    return 0, ""
     if cmd in (Cmd.READ, Cmd.WRITE) and (req.dropped or req.length > export.max_block):
         return errno.EINVAL, f"length {req.length} over the maximum {export.max_block}"
     if req.offset > export.size or req.length > export.size - req.offset:

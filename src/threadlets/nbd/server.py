@@ -77,6 +77,12 @@ HANDSHAKE_TIMEOUT = 10.0
 #: At most this many block status descriptors in one reply.
 MAX_EXTENTS = 1024
 
+# Plain ints for the per-request paths.
+_READ, _WRITE, _DISC, _FLUSH = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.DISC), int(Cmd.FLUSH)
+_FUA = int(CmdFlag.FUA)
+#: The commands that write, for which FUA means a flush before the reply.
+_FUA_COMMANDS = frozenset({_WRITE, int(Cmd.TRIM), int(Cmd.WRITE_ZEROES)})
+
 
 @dataclass(frozen=True)
 class Export:
@@ -316,7 +322,9 @@ class _Connection(asyncio.Protocol):
 
     def _drop(self, why: str) -> None:
         log.info("nbd: dropping a connection: %s", why)
-        if self.transport is not None:
+        if self.transport is not None and not self.lost:
+            self.lost = True  # replies still to come go nowhere
+            self.out.clear()
             self.transport.abort()
 
     # -- flow control --------------------------------------------------------------------
@@ -387,7 +395,7 @@ class _Connection(asyncio.Protocol):
         server = self.server
         info = server.info
         cmd = req.cmd
-        if cmd == Cmd.DISC:
+        if cmd == _DISC:
             return
         err, message = proto.check_request(req, info, self.structured, self.meta_context)
         if err:
@@ -406,7 +414,7 @@ class _Connection(asyncio.Protocol):
         server = self.server
         ctx, fd = server.ctx, server.export.fd
         cmd, handle, offset, length = req.cmd, req.handle, req.offset, req.length
-        if cmd == Cmd.READ:
+        if cmd == _READ:
             if length == 0:
                 self._send(proto.reply_read_header(handle, offset, 0, self.structured))
                 return
@@ -423,20 +431,19 @@ class _Connection(asyncio.Protocol):
                 finally:
                     self._end(length)
 
-            self._begin(length)
             ctx.read(fd, offset, buf, zero_fill=True, callback=read_done)
+            self._begin(length)  # (after: a submission that raises begins nothing)
             return
-        if length == 0 and cmd != Cmd.FLUSH:
+        if length == 0 and cmd != _FLUSH:
             # Nothing to move (fallocate would refuse a zero length).
             self._send(proto.reply_ok(handle))
             return
-        if cmd == Cmd.WRITE:
+        if cmd == _WRITE:
             data = req.data
             assert data is not None
-            self._begin(length)
             ctx.write(fd, offset, data, callback=self._then_reply(req, length))
+            self._begin(length)
             return
-        self._begin(0)
         done = self._then_reply(req, 0)
         if cmd == Cmd.FLUSH:
             ctx.flush(fd, callback=done)
@@ -449,8 +456,7 @@ class _Connection(asyncio.Protocol):
                 # A punched hole reads as zeros in a regular file; where the
                 # file system cannot punch, write zeros instead.
                 def fallback() -> None:
-                    self._begin(0)
-                    ctx.write_zeroes(fd, offset, length, callback=done)
+                    self._follow(req, lambda: ctx.write_zeroes(fd, offset, length, callback=done))
 
                 ctx.discard(fd, offset, length, callback=self._then_reply(req, 0, fallback))
         elif cmd == Cmd.CACHE:
@@ -473,6 +479,18 @@ class _Connection(asyncio.Protocol):
                     self._end(0)
 
             ctx.call(allocation_extents, fd, offset, end, regular, one, callback=status_done)
+        self._begin(0)
+
+    def _follow(self, req: Request, submit: Callable[[], object]) -> None:
+        """From a callback: start the next engine request of ``req``, or
+        answer it with an error if that cannot start."""
+        try:
+            submit()
+        except Exception as e:
+            log.exception("nbd: a follow-up request failed to start")
+            self._error(req, errno.EIO, f"{type(e).__name__}: {e}")
+        else:
+            self._begin(0)
 
     def _then_reply(
         self,
@@ -484,11 +502,7 @@ class _Connection(asyncio.Protocol):
     ) -> Callable[[AioRequest], None]:
         """The callback that answers ``req`` when its engine request
         completes (after a flush first, for FUA)."""
-        fua = bool(req.flags & CmdFlag.FUA) and req.cmd in (
-            Cmd.WRITE,
-            Cmd.TRIM,
-            Cmd.WRITE_ZEROES,
-        )
+        fua = bool(req.flags & _FUA) and req.cmd in _FUA_COMMANDS
 
         def flushed(r: AioRequest) -> None:
             try:
@@ -514,8 +528,8 @@ class _Connection(asyncio.Protocol):
                 if err:
                     self._error(req, err, os.strerror(err))
                 elif fua:
-                    self._begin(0)
-                    self.server.ctx.flush(self.server.export.fd, callback=flushed)
+                    ctx, fd = self.server.ctx, self.server.export.fd
+                    self._follow(req, lambda: ctx.flush(fd, callback=flushed))
                 else:
                     self._send(proto.reply_ok(req.handle))
             finally:
