@@ -187,9 +187,11 @@ class Client:
 class ServerThread:
     """An NBDServer running in its own event loop thread."""
 
-    def __init__(self, export: server.Export, **kwargs: Any) -> None:
+    def __init__(
+        self, export: server.Export, loop: asyncio.AbstractEventLoop | None = None, **kwargs: Any
+    ) -> None:
         self.export = export
-        self.loop = asyncio.new_event_loop()
+        self.loop = loop if loop is not None else asyncio.new_event_loop()
         self.errors: list[dict[str, Any]] = []
         self.loop.set_exception_handler(lambda loop, ctx: self.errors.append(ctx))
         self.server = NBDServer(export, **kwargs)
@@ -556,6 +558,18 @@ def test_unix_socket(image: Path, tmp_path: Path) -> None:
         c = st.client()
         c.write(0, b"unix")
         assert c.read(0, 4) == b"unix"
+        c.close()
+    finally:
+        st.stop()
+
+
+def test_uvloop(image: Path, backend: str) -> None:
+    uvloop = pytest.importorskip("uvloop")
+    st = ServerThread(open_export(image), loop=uvloop.new_event_loop(), backend=backend).start()
+    try:
+        c = st.client()
+        c.write(0, b"uvloop")
+        assert c.read(0, 6) == b"uvloop"
         c.close()
     finally:
         st.stop()

@@ -237,8 +237,9 @@ class _Connection(asyncio.Protocol):
     # -- asyncio callbacks ---------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # (uvloop's transports are not asyncio.Transport subclasses.)
+        self.transport = cast(asyncio.Transport, transport)
+        transport = self.transport
         server = self.server
         if server.closing or len(server.connections) >= server.max_connections:
             log.info("nbd: refusing a connection (%s)", "closing" if server.closing else "full")
