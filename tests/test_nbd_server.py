@@ -619,6 +619,21 @@ def test_shutdown_finishes_requests_in_flight(
     assert image.read_bytes()[:6] == b"before"
 
 
+def test_shutdown_drops_a_client_that_reads_no_replies(image: Path) -> None:
+    st = ServerThread(open_export(image, max_block=1 << 20), backend="threads").start()
+    c = st.client()
+    try:
+        for _ in range(64):  # 64 MiB of replies that are never read
+            c.send(Cmd.READ, 0, 1 << 20)
+        assert c.read_lengths
+        st.run(st.server.close(0.5)).result(TIMEOUT)
+        assert st.server.closed
+        assert not st.server.connections
+    finally:
+        c.close()
+        st.stop()
+
+
 def _serve_cli(image: Path, sock: Path) -> subprocess.Popen[str]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     proc = subprocess.Popen(

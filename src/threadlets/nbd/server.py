@@ -390,7 +390,7 @@ class _Connection(asyncio.Protocol):
             if self.parser is not None and self.parser.disconnected:
                 self._close_when_idle()
             self._maybe_gone()
-            self.server._idle_check()
+            self.server._notify()
 
     def _dispatch(self, req: Request) -> None:
         server = self.server
@@ -573,7 +573,7 @@ class NBDServer:
         self._ctx: AioContext | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
-        self._idle: asyncio.Event | None = None
+        self._changed: asyncio.Event | None = None
 
     @property
     def ctx(self) -> AioContext:
@@ -593,7 +593,7 @@ class NBDServer:
         loop.add_reader(ctx.fileno(), ctx.process_completions)
         ctx.hold_submissions(loop.call_soon)
         self._loop, self._ctx = loop, ctx
-        self._idle = asyncio.Event()
+        self._changed = asyncio.Event()
 
     def _release(self) -> None:
         ctx = self._ctx
@@ -631,18 +631,37 @@ class NBDServer:
 
     def _gone(self, conn: _Connection) -> None:
         self.connections.discard(conn)
-        self._idle_check()
+        self._notify()
 
-    def _idle_check(self) -> None:
-        if self._idle is not None and all(c.in_flight == 0 for c in self.connections):
-            self._idle.set()
+    def _notify(self) -> None:
+        """A request finished or a connection went (for :meth:`close`)."""
+        if self.closing and self._changed is not None:
+            self._changed.set()
+
+    async def _until(self, done: Callable[[], bool], deadline: float) -> bool:
+        """Wait until ``done()`` (checked whenever a request finishes or a
+        connection goes), or the loop time ``deadline``."""
+        changed = self._changed
+        assert changed is not None
+        while not done():
+            changed.clear()
+            remaining = deadline - self.loop.time()
+            if remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(changed.wait(), remaining)
+            except TimeoutError:
+                return done()
+        return True
 
     async def close(self, timeout: float = 30.0) -> None:
-        """Graceful shutdown: see the module docstring.  Requests still in
-        flight after ``timeout`` seconds have their connections dropped."""
+        """Graceful shutdown: see the module docstring.  After ``timeout``
+        seconds, connections with requests in flight, or whose clients do not
+        read their last replies, are dropped."""
         if self.closing:
             return
         self.closing = True
+        deadline = self.loop.time() + timeout
         if self._server is not None:
             self._server.close()
         try:
@@ -651,14 +670,11 @@ class NBDServer:
                     conn._drop("server shutting down")
                 else:
                     conn._pause("shutdown")
-            assert self._idle is not None
-            self._idle.clear()
-            self._idle_check()
-            try:
-                await asyncio.wait_for(self._idle.wait(), timeout)
-            except TimeoutError:
+            if not await self._until(
+                lambda: all(c.in_flight == 0 for c in self.connections), deadline
+            ):
                 log.warning("nbd: requests still in flight after %s s: dropping", timeout)
-            if not self.info.read_only and self._ctx is not None:
+            if not self.info.read_only:
                 fut = self.loop.create_future()
 
                 def flushed(r: AioRequest) -> None:
@@ -670,9 +686,12 @@ class NBDServer:
                 if err:
                     log.error("nbd: flush at shutdown failed: %s", os.strerror(err))
             for conn in list(self.connections):
+                conn._flush_out()
                 if conn.transport is not None and not conn.lost:
-                    conn._flush_out()
-                    conn.transport.close()
+                    conn.transport.close()  # after the replies still buffered
+            if not await self._until(lambda: not self.connections, deadline):
+                for conn in list(self.connections):
+                    conn._drop("shutdown timed out")
             if self._server is not None:
                 await self._server.wait_closed()
         finally:
