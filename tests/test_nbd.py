@@ -128,8 +128,9 @@ def test_go_sends_export_block_size_and_enters_transmission() -> None:
 
 def test_info_answers_without_entering_transmission_and_empty_name_is_the_default() -> None:
     hs = handshake()
-    got = replies(hs.receive(opt(Opt.INFO, go_data("", proto.Info.DESCRIPTION))))
+    got = replies(hs.receive(opt(Opt.INFO, go_data("", proto.Info.DESCRIPTION, proto.Info.NAME))))
     assert (Opt.INFO, Rep.INFO, b"\0\x02a disk") in got
+    assert (Opt.INFO, Rep.INFO, b"\0\x01disk") in got  # the canonical name
     assert got[-1][1] == Rep.ACK
     assert not hs.done
 

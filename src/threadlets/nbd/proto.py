@@ -453,8 +453,9 @@ class Handshake:
             return _opt_reply(opt, Rep.ERR_UNKNOWN, f"no export named {name!r}".encode())
         flags = transmission_flags(export, self.structured)
         out = [_opt_reply(opt, Rep.INFO, struct.pack(">HQH", Info.EXPORT, export.size, flags))]
-        if Info.NAME in requests:
-            out.append(_opt_reply(opt, Rep.INFO, struct.pack(">H", Info.NAME) + name.encode()))
+        if Info.NAME in requests:  # the canonical name (the client may have sent "")
+            raw = export.name.encode()
+            out.append(_opt_reply(opt, Rep.INFO, struct.pack(">H", Info.NAME) + raw))
         if Info.DESCRIPTION in requests and export.description:
             desc = export.description.encode()[:MAX_STRING]
             out.append(_opt_reply(opt, Rep.INFO, struct.pack(">H", Info.DESCRIPTION) + desc))
