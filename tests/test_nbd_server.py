@@ -688,6 +688,16 @@ def test_cli_reports_a_missing_image(tmp_path: Path) -> None:
     assert "No such file" in out.stderr
 
 
+def test_cli_refuses_a_bad_address(capsys: pytest.CaptureFixture[str]) -> None:
+    from threadlets import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["nbd", "serve", "image", "--bind", "host:port"])
+    assert e.value.code == 2
+    assert "bad port" in capsys.readouterr().err
+    assert cli.main(["nbd"]) == 2
+
+
 # -- exports and addresses ---------------------------------------------------------------------
 
 

@@ -445,11 +445,12 @@ def _nbd(args: argparse.Namespace) -> int:
         return 1
 
     def ready(server: Any) -> None:
-        where = (
-            args.socket
-            if args.socket
-            else "nbd://{}:{}/{}".format(*server.address[:2], args.export_name)
-        )
+        if args.socket:
+            where = f"nbd+unix:///{args.export_name}?socket={args.socket}"
+        else:
+            host, port = server.address[:2]
+            host = f"[{host}]" if ":" in host else host
+            where = f"nbd://{host}:{port}/{args.export_name}"
         print(
             f"serving {args.image} ({export.info.size} bytes, backend "
             f"{server.ctx.backend}) on {where}; Ctrl-C stops",
