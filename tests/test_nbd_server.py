@@ -525,15 +525,20 @@ def test_garbage_during_the_handshake_drops_the_connection(served: ServerThread)
 
 
 def test_idle_handshake_times_out(image: Path) -> None:
-    st = ServerThread(open_export(image), backend="threads", handshake_timeout=0.2).start()
+    st = ServerThread(open_export(image), backend="threads", handshake_timeout=1.0).start()
     try:
-        c = Client.connect(st.address)
-        c.recv(18)
-        assert c.at_eof()  # dropped after 0.2 s (the socket waits up to 10 s)
-        c.close()
-        c = st.client()  # one that finishes in time stays
-        assert c.read(0, 16) == bytes(16)
-        c.close()
+        done = st.client()  # finished its handshake: no timeout applies any more
+        idle = Client.connect(st.address)
+        slow = Client.connect(st.address)  # sends, but never finishes
+        idle.recv(18)
+        slow.greet()
+        slow.sock.sendall(struct.pack(">QI", proto.IHAVEOPT, Opt.GO))
+        assert idle.at_eof()  # dropped after 1 s (the socket would wait 10 s)
+        assert slow.at_eof()
+        idle.close()
+        slow.close()
+        assert done.read(0, 16) == bytes(16)
+        done.close()
     finally:
         st.stop()
 
