@@ -580,6 +580,71 @@ def test_uvloop(image: Path, backend: str) -> None:
         st.stop()
 
 
+def test_several_clients_at_once(served: ServerThread, image: Path) -> None:
+    """CAN_MULTI_CONN: clients writing disjoint ranges at once, each reading
+    back its own and, after a flush, everyone's."""
+    n = 4
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(n)
+
+    def worker(k: int) -> None:
+        try:
+            c = served.client()
+            barrier.wait(TIMEOUT)
+            for i in range(32):
+                c.send(Cmd.WRITE, (k * 32 + i) * 4096, 4096, data=pattern(4096, k * 32 + i))
+            for _ in range(32):
+                assert c.reply()[1] == 0
+            c.call(Cmd.FLUSH)
+            for i in range(32):
+                assert c.read((k * 32 + i) * 4096, 4096) == pattern(4096, k * 32 + i)
+            c.close()
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+    assert not errors, errors
+    with open(image, "rb") as f:
+        for j in range(n * 32):
+            assert f.read(4096) == pattern(4096, j)
+
+
+def test_fuzz_the_live_server(image: Path) -> None:
+    """Random, truncated and mangled bytes after a good handshake: the server
+    answers or drops that connection, keeps serving others, and never writes
+    outside the export."""
+    from hypothesis import HealthCheck, given, settings
+
+    from tests.test_nbd import _valid_requests, mangled
+
+    st = ServerThread(open_export(image, max_block=1 << 16), backend="threads").start()
+    try:
+
+        @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+        @given(data=mangled(_valid_requests))
+        def feed(data: bytes) -> None:
+            c = st.client()
+            try:
+                c.sock.sendall(data)
+            except OSError:
+                pass  # dropped while we were still sending: that is an answer too
+            finally:
+                c.close()
+
+        feed()
+        c = st.client()
+        c.write(0, b"still here")
+        assert c.read(0, 10) == b"still here"
+        c.close()
+    finally:
+        st.stop()
+    assert os.path.getsize(image) == SIZE
+
+
 # -- shutdown ----------------------------------------------------------------------------------
 
 
