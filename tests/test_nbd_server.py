@@ -689,6 +689,30 @@ def test_shutdown_finishes_requests_in_flight(
     assert image.read_bytes()[:6] == b"before"
 
 
+def test_server_start_failures_and_closing_an_unstarted_server(image: Path) -> None:
+    export = open_export(image)
+    try:
+        with pytest.raises(ValueError, match="max_connections"):
+            NBDServer(export, max_connections=0)
+        srv = NBDServer(export)
+        asyncio.run(srv.close())
+        assert srv.closed
+
+        async def port_in_use() -> None:
+            first = NBDServer(export, backend="threads")
+            await first.start_tcp("127.0.0.1", 0)
+            second = NBDServer(export, backend="threads")
+            try:
+                with pytest.raises(OSError):
+                    await second.start_tcp("127.0.0.1", first.address[1])
+            finally:
+                await first.close()
+
+        asyncio.run(port_in_use())
+    finally:
+        export.close()
+
+
 def test_shutdown_drops_a_client_that_reads_no_replies(image: Path) -> None:
     st = ServerThread(open_export(image, max_block=1 << 20), backend="threads").start()
     c = st.client()

@@ -661,6 +661,9 @@ class NBDServer:
         if self.closing:
             return
         self.closing = True
+        if self._loop is None:  # never started
+            self.closed = True
+            return
         deadline = self.loop.time() + timeout
         if self._server is not None:
             self._server.close()
