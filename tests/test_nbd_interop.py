@@ -28,8 +28,10 @@ def need(binary: str) -> str:
     return path
 
 
-def run(*argv: str) -> subprocess.CompletedProcess[str]:
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT, check=False)
+def run(*argv: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    out = subprocess.run(
+        argv, capture_output=True, text=True, timeout=TIMEOUT, check=False, cwd=cwd
+    )
     assert out.returncode == 0, f"{argv}: {out.returncode}\n{out.stdout}\n{out.stderr}"
     return out
 
@@ -187,7 +189,7 @@ def fio_has_nbd() -> bool:
 
 
 @pytest.mark.skipif(not fio_has_nbd(), reason="fio or its nbd engine is not installed")
-def test_fio_verify_crc32c(served: ServerThread) -> None:
+def test_fio_verify_crc32c(served: ServerThread, tmp_path: Path) -> None:
     out = run(
         "fio",
         "--name=verify",
@@ -200,7 +202,9 @@ def test_fio_verify_crc32c(served: ServerThread) -> None:
         "--verify=crc32c",
         "--do_verify=1",
         "--verify_fatal=1",
+        "--verify_state_save=0",
         "--output-format=json",
+        cwd=tmp_path,  # where anything fio leaves behind goes
     )
     job = json.loads(out.stdout[out.stdout.index("{") :])["jobs"][0]
     assert job["error"] == 0
