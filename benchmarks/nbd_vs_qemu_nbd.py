@@ -111,6 +111,7 @@ def fio_iops(port: int, rw: str, seconds: float, size: int) -> float:
             "--randrepeat=0",
             "--output-format=json",
         ],
+        cwd=tempfile.gettempdir(),  # anything fio leaves behind goes there
         capture_output=True,
         text=True,
         check=True,
