@@ -427,6 +427,67 @@ def _plot_file(text: str) -> str:
     return _output_file(text)
 
 
+def _nbd(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from threadlets.nbd import open_export, parse_bind, serve
+
+    if args.nbd_command is None:
+        args.parser.print_help(sys.stderr)
+        return 2
+    host, port = parse_bind(args.bind)
+    try:
+        export = open_export(
+            args.image, name=args.export_name, read_only=args.read_only, direct=args.direct
+        )
+    except (OSError, ValueError) as e:
+        print(f"threadlets nbd serve: {e}", file=sys.stderr)
+        return 1
+
+    def ready(server: Any) -> None:
+        if args.socket:
+            where = f"nbd+unix:///{args.export_name}?socket={args.socket}"
+        else:
+            host, port = server.address[:2]
+            host = f"[{host}]" if ":" in host else host
+            where = f"nbd://{host}:{port}/{args.export_name}"
+        print(
+            f"serving {args.image} ({export.info.size} bytes, backend "
+            f"{server.ctx.backend}) on {where}; Ctrl-C stops",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    try:
+        asyncio.run(
+            serve(
+                export,
+                host=host,
+                port=port,
+                socket_path=args.socket,
+                backend=args.backend,
+                max_connections=args.max_connections,
+                ready=ready,
+            )
+        )
+    except OSError as e:
+        print(f"threadlets nbd serve: {e}", file=sys.stderr)
+        return 1
+    finally:
+        export.close()
+    return 0
+
+
+def _bind_address(text: str) -> str:
+    from threadlets.nbd import parse_bind
+
+    try:
+        parse_bind(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="threadlets", description="Fast, correct asynchronous file and block I/O."
@@ -528,6 +589,39 @@ def build_parser() -> argparse.ArgumentParser:
         "--markdown", type=_output_file, metavar="FILE.md", help="write the tables as Markdown"
     )
     be.set_defaults(func=_bench)
+
+    nbd = sub.add_parser("nbd", help="serve a file or block device to NBD clients")
+    nbd.set_defaults(func=_nbd, parser=nbd, nbd_command=None)
+    nbd_sub = nbd.add_subparsers(dest="nbd_command", metavar="NBD_COMMAND")
+    ns = nbd_sub.add_parser(
+        "serve",
+        help="serve IMAGE over NBD until Ctrl-C or SIGTERM",
+        description="Serve a file or block device to NBD clients (qemu, nbdinfo, nbdcopy, "
+        "the Linux nbd driver) through the engine.  SIGINT/SIGTERM stop it gracefully: "
+        "requests in flight finish, the image is flushed.",
+    )
+    ns.add_argument("image", help="regular file or block device to export")
+    where = ns.add_mutually_exclusive_group()
+    where.add_argument(
+        "--bind",
+        type=_bind_address,
+        default="127.0.0.1:10809",
+        metavar="HOST:PORT",
+        help="TCP address to listen on (default 127.0.0.1:10809, this machine only)",
+    )
+    where.add_argument("--socket", metavar="PATH", help="listen on a unix socket instead")
+    ns.add_argument("--export-name", default="", help="the export's name (default: empty)")
+    ns.add_argument("--read-only", action="store_true", help="refuse writes")
+    ns.add_argument("--direct", action="store_true", help="open the image with O_DIRECT")
+    ns.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="engine backend (default auto: io_uring where the kernel has it)",
+    )
+    ns.add_argument(
+        "--max-connections", type=_count(1), default=16, help="clients at once (default 16)"
+    )
     return parser
 
 
