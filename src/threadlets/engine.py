@@ -355,8 +355,7 @@ class AioRequest(Threadlet[int]):
         if state is _CANCELLED:
             return errno.ECANCELED, -1
         if exc is None:
-            assert result is not None
-            return 0, result
+            return 0, result if isinstance(result, int) else 0
         if isinstance(exc, OSError) and exc.errno:
             return exc.errno, -1
         return errno.EIO, -1
