@@ -292,6 +292,7 @@ class AioRequest(Threadlet[int]):
     """
 
     __slots__ = (
+        "_admitted",
         "_cancel_asked",
         "_ctx",
         "_on_ring",
@@ -333,6 +334,7 @@ class AioRequest(Threadlet[int]):
         #: the kernel to cancel it.
         self._ring_ident = 0
         self._cancel_asked = False
+        self._admitted = False  # counted by the completion queue
 
     def __repr__(self) -> str:
         return f"<AioRequest {self.kind} {self._state.value}>"
@@ -382,7 +384,9 @@ class AioRequest(Threadlet[int]):
             remaining = _time_left(deadline)
             if remaining is not None and remaining <= 0:
                 return False
-            if not self._on_ring:  # finishing on a worker: an ordinary wait
+            if not self._on_ring or not ring.usable:
+                # Finishing on a worker, or the ring closed under us (its
+                # closer drained it): an ordinary wait.
                 return Threadlet.wait(self, remaining)
             ring.wait(remaining, self._left_ring)
 
@@ -482,6 +486,7 @@ class _Notifier:
         if self.closed:
             return
         self.closed = True
+        self._poll.unregister(self._rfd)
         os.close(self._rfd)
         if self._wfd != self._rfd:  # pragma: no cover
             os.close(self._wfd)
@@ -518,16 +523,31 @@ class _CompletionQueue:
         self.wakeups = 0
         self.batches = 0
 
-    def admit(self) -> None:
+    def admit(self, req: AioRequest) -> None:
         """Let one request in, or raise if the context is closing."""
         with self.lock:
             if self.closing:
                 raise RuntimeError("the AioContext is closed")
             self.admitted += 1
+            req._admitted = True
+
+    def unadmit(self, req: AioRequest) -> None:
+        """Take back the admission of a request that reached no backend."""
+        with self.lock:
+            if req._admitted:
+                req._admitted = False
+                self.admitted -= 1
 
     def outstanding(self) -> int:
         with self.lock:
             return self.admitted - self.delivered
+
+    def complete_once(self, req: AioRequest) -> None:
+        """complete(), unless the request already reached the ready queue."""
+        with self.lock:
+            if req in self.ready:
+                return
+        self.complete(req)
 
     def complete(self, req: AioRequest) -> None:
         """A request finished: queue it for delivery and wake the owner,
@@ -558,11 +578,12 @@ class _CompletionQueue:
         running each callback in this thread.  See the module docstring for
         the ordering and for what an exception leaves behind."""
         lock, ready = self.lock, self.ready
-        if clear:
-            with lock:
-                signalled = self.signalled
-            if signalled:
-                self.notifier.clear()  # before the snapshot below
+        with lock:
+            if self.notifier.closed:
+                return 0  # closed: the fd number may be another file's now
+            signalled = self.signalled
+        if clear and signalled:
+            self.notifier.clear()  # before the snapshot below
         with lock:
             self.signalled = False
             limit = len(ready)  # later ones have written the eventfd again
@@ -570,35 +591,38 @@ class _CompletionQueue:
                 return 0
             self.batches += 1
         n = 0
-        req: AioRequest | None = None
-        called = False
         try:
-            while n < limit:
+            while limit > 0:
+                # Peek, claim, deliver, then take it off the queue: whatever
+                # an exception interrupts, the request is still at the head,
+                # and its claim (_processed) says whether its callback ran.
                 with lock:
                     if not ready:
                         break
-                    req = ready.popleft()
-                    self.delivered += 1
-                called = True  # from here on the request counts as delivered
-                req._processed = True
-                cb = req.callback
-                if cb is not None:
-                    try:
-                        cb(req)
-                    except Exception:
-                        log.exception("exception in completion callback of %r", req)
-                req = None
-                called = False
-                n += 1
-        except BaseException:
-            if req is not None and not called:
-                with lock:  # interrupted between taking it and its callback
-                    ready.appendleft(req)
-                    self.delivered -= 1
-            raise
+                    req = ready[0]
+                if not req._processed:
+                    req._processed = True  # claimed: its callback runs once, here
+                    n += 1
+                    cb = req.callback
+                    if cb is not None:
+                        try:
+                            cb(req)
+                        except Exception:
+                            log.exception("exception in completion callback of %r", req)
+                with lock:
+                    if ready and ready[0] is req:  # (unless a nested call took it)
+                        # Two plain bytecodes, no call between them: no
+                        # interrupt can separate the removal from the count.
+                        del ready[0]
+                        self.delivered += 1
+                limit -= 1
         finally:
             with lock:
-                if ready and not self.signalled:
+                # A callback that raised was delivered all the same.
+                while ready and ready[0]._processed:
+                    del ready[0]
+                    self.delivered += 1
+                if ready and not self.signalled and not self.notifier.closed:
                     # Left behind (an exception, or the limit): come back.
                     self.signalled = True
                     self.wakeups += 1
@@ -716,6 +740,10 @@ class _RingBackend:
             return False  # one SQE moves at most this much (and len is 32 bits)
         pos = t.offset + t.done
         stream = f.stream
+        if stream and t.write:
+            # A blocking writev waits for room for all of it; the kernel's
+            # ring write ends at the first partial transfer.
+            return False
         if stream and t.sc.getfl(f.fd) & os.O_NONBLOCK:
             # The kernel would wait for data where readv says EAGAIN at once:
             # the pool's one readv/writev is the answer.  (Checked per
@@ -734,39 +762,51 @@ class _RingBackend:
             return False
         addr, pin = pinned
         addr += t.done
-        if addr % buffer_align or not req._claim():
+        if addr % buffer_align:
             return False
-        req._on_ring = True
-        ring = self.ring
-        # The callback holds `pin` until the kernel is done with the memory.
-        ident = ring.submit(
+        return self._submit(
+            req,
             uring.OP_WRITE if t.write else uring.OP_READ,
             f.fd,
             pos if f.positional else _CURRENT_POSITION,  # a pipe has no offset
             addr,
             length,
             0,
+            # The callback holds `pin` until the kernel is done with the memory.
             lambda res: self._done(req, res, pin),
         )
-        if not ident:
-            req._on_ring = False
-            req._unclaim()
-            return False
+
+    def _submit(
+        self,
+        req: AioRequest,
+        opcode: int,
+        fd: int,
+        offset: int,
+        addr: int,
+        length: int,
+        op_flags: int,
+        on_done: Callable[[int], None],
+    ) -> bool:
+        """Claim ``req`` and hand it to the kernel; False (and QUEUED) if
+        the ring cannot take it, even when interrupted between the two."""
+        ident = 0
+        try:
+            if not req._claim():
+                return False
+            req._on_ring = True
+            ident = self.ring.submit(opcode, fd, offset, addr, length, op_flags, on_done)
+        finally:
+            if not ident:
+                req._on_ring = False
+                req._unclaim()  # (only if it is RUNNING: claimed just now)
         req._ring_ident = ident
         return True
 
     def _start_op(self, req: AioRequest, op: _FileOp) -> bool:
         sqe = op.sqe(self.ring.supported)
-        if sqe is None or not req._claim():
+        if sqe is None:
             return False
-        req._on_ring = True
-        ident = self.ring.submit(*sqe, lambda res: self._op_done(req, op, res))
-        if not ident:
-            req._on_ring = False
-            req._unclaim()
-            return False
-        req._ring_ident = ident
-        return True
+        return self._submit(req, *sqe, lambda res: self._op_done(req, op, res))
 
     def _op_done(self, req: AioRequest, op: _FileOp, res: int) -> None:
         req._on_ring = False
@@ -931,7 +971,9 @@ class AioContext:
         self.backend = "threads" if self._ring is None else "io_uring"
         # The ring and the eventfd close with the context, or when it is
         # collected (the ring first: the kernel writes the eventfd).
-        self._finalizer = weakref.finalize(self, _release, self._cq, self._ring)
+        self._finalizer = weakref.finalize(
+            self, _release, self._cq.notifier, self._cq.lock, self._ring
+        )
         self._files: dict[int, AioFile] = {}
         self._preadv = os.preadv if type(self._sc) is Syscalls else self._sc.preadv
         # Statistics only (itertools.count: one atomic C call each, no lock).
@@ -983,7 +1025,7 @@ class AioContext:
         A bound method is held weakly (the ring must not keep an event loop
         alive); once its object is gone, held submissions go at once."""
         ring = self._ring
-        if ring is None or not ring.owner_mode:
+        if ring is None or not ring.owner_mode or not ring.usable:
             return False
         flush = ring.flush
         try:
@@ -1034,20 +1076,26 @@ class AioContext:
         the ring, or to the pool."""
         if req.callback is not None and not self._deliver:
             raise ValueError("this AioContext does not deliver completions: no callback=")
-        self._cq.admit()
-        if req._state is _DONE:
-            next(self._n_inline)
-            self._cq.complete(req)
-            return req
-        rb = self._ring_backend
-        if rb is not None and rb.ring.usable and rb.start(req):
-            next(self._n_ring)
-            return req
+        cq = self._cq
         try:
+            cq.admit(req)
+            if req._state is _DONE:
+                next(self._n_inline)
+                cq.complete(req)
+                return req
+            rb = self._ring_backend
+            if rb is not None and rb.ring.usable and rb.start(req):
+                next(self._n_ring)
+                return req
             self._queue._submit(req)
         except BaseException:
-            with self._cq.lock:  # not admitted after all
-                self._cq.admitted -= 1
+            # (Ctrl-C, or the pool refusing it.)  A request no backend took
+            # is not outstanding; one that reached the ring, the pool or the
+            # ready queue is, and finishes as usual.
+            if req._state is _QUEUED and not self._queue._holds(req):
+                cq.unadmit(req)
+            elif req._state is _DONE and not req._processed:
+                cq.complete_once(req)
             raise
         return req
 
@@ -1388,6 +1436,7 @@ class AioContext:
             raise RuntimeError("this AioContext does not deliver completions: wait on requests")
         if timeout is not None and timeout < 0:
             raise ValueError(f"timeout must be None or >= 0, not {timeout!r}")
+        self._check_open()
         n = self.process_completions()
         if n:
             return n
@@ -1408,12 +1457,19 @@ class AioContext:
             raise TypeError(f"expected an AioRequest, not {type(request).__name__}")
         if request._ctx is not self:
             raise ValueError("the request belongs to another AioContext")
+        if request._processed:
+            return True
+        self._check_open()
         return self._wait_until(lambda: request._processed, timeout)
 
     def drain(self, timeout: float | None = None) -> bool:
         """Process completions until no request is outstanding (QEMU's
         qemu_aio_flush).  Returns False if ``timeout`` seconds passed first."""
         return self._wait_until(lambda: self._cq.outstanding() <= 0, timeout)
+
+    def _check_open(self) -> None:
+        if self._cq.notifier.closed:
+            raise RuntimeError("the AioContext is closed")
 
     def _wait_until(self, done: Callable[[], bool], timeout: float | None) -> bool:
         if not self._deliver:
@@ -1432,6 +1488,8 @@ class AioContext:
                 return False
             if self._ring is not None:
                 self._ring.flush()  # see poll()
+            if self._cq.notifier.closed:
+                return done()  # closed meanwhile (by a callback): nothing to wait for
             self._cq.notifier.wait(remaining)
 
     def close(self, timeout: float | None = None) -> bool:
@@ -1444,17 +1502,17 @@ class AioContext:
             if cq.notifier.closed:
                 return True
             cq.closing = True
-        for f in list(self._files.values()):
-            f.nowait_reads = False  # inline readers handed out answer -1 now
-        self._files.clear()
         try:
             quiet = self.drain(timeout) if self._deliver else cq.wait_quiet(timeout)
         except BaseException:
             self._reopen()
             raise
         if not quiet:
-            self._reopen()
+            self._reopen()  # (what the context knows of its files stays)
             return False
+        for f in list(self._files.values()):
+            f.nowait_reads = False  # inline readers handed out answer -1 now
+        self._files.clear()
         self._finalizer()
         return True
 
@@ -1493,12 +1551,12 @@ class AioContext:
         self._cq.after_fork()
         self._files.clear()  # their locks may have been held at the fork
         if self._ring is not None:
-            self._ring.close()  # in a child: releases only the child's mappings
+            self._ring.abandon_in_child()
         self._ring = None
         self._ring_backend = None
         self.backend = "threads"
         self._finalizer.detach()
-        self._finalizer = weakref.finalize(self, _release, self._cq, None)
+        self._finalizer = weakref.finalize(self, _release, self._cq.notifier, self._cq.lock, None)
 
 
 class _InlineDone(AioRequest):
@@ -1520,6 +1578,7 @@ class _InlineDone(AioRequest):
     _on_ring = False
     _ring_ident = 0
     _cancel_asked = False
+    _admitted = False
     _exception = None
     _waiters = None
     _callbacks = None
@@ -1575,12 +1634,13 @@ def _time_left(deadline: float | None) -> float | None:
     return None if deadline is None else deadline - time.monotonic()
 
 
-def _release(cq: _CompletionQueue, ring: Ring | None) -> None:
+def _release(notifier: _Notifier, lock: threading.Lock, ring: Ring | None) -> None:
+    # (Not given the completion queue: its ready requests refer back to the
+    # context, which the finalizer registry would then keep alive for ever.)
     if ring is not None:
         ring.close()  # first: the kernel writes the eventfd
-    with cq.lock:
-        cq.closing = True
-        cq.notifier.close()
+    with lock:
+        notifier.close()
 
 
 _new_object = object.__new__

@@ -271,16 +271,21 @@ class Threadlet(Generic[T]):
         Outside a worker, a KeyboardInterrupt (or other non-Exception) from
         a callback is re-raised here after all ran (see :meth:`_finished`)."""
         queue = self._queue
-        with queue._lock:
-            if self._state is not _RUNNING:
-                return False
-            self._result = result  # the outcome before the state
-            self._exception = exc
-            self._state = _DONE
-            self._fn = self._kwargs = None  # what it ran is not kept alive
-            self._args = ()
-            queue._claimed.discard(self)
-        self._finished()
+        changed = False
+        try:
+            with queue._lock:
+                if self._state is not _RUNNING:
+                    return False
+                self._result = result  # the outcome before the state
+                self._exception = exc
+                self._state = _DONE
+                self._fn = self._kwargs = None  # what it ran is not kept alive
+                self._args = ()
+                queue._claimed.discard(self)
+                changed = True
+        finally:
+            if changed:  # (delivered even if Ctrl-C lands as the lock is let go)
+                self._finished()
         return True
 
     def _finish_cancelled(self) -> bool:
@@ -289,14 +294,19 @@ class Threadlet(Generic[T]):
         completes as cancelled, waiters and callbacks as for any cancel.
         False, and nothing changes, if it is not RUNNING."""
         queue = self._queue
-        with queue._lock:
-            if self._state is not _RUNNING:
-                return False
-            self._state = _CANCELLED
-            self._fn = self._kwargs = None
-            self._args = ()
-            queue._claimed.discard(self)
-        self._finished()
+        changed = False
+        try:
+            with queue._lock:
+                if self._state is not _RUNNING:
+                    return False
+                self._state = _CANCELLED
+                self._fn = self._kwargs = None
+                self._args = ()
+                queue._claimed.discard(self)
+                changed = True
+        finally:
+            if changed:
+                self._finished()
         return True
 
     def _forked(self) -> None:
@@ -642,34 +652,53 @@ class ThreadletQueue:
         Either it is queued and will run, or this raises and nothing was
         queued (a worker could not be started and none exists, or Ctrl-C).
         """
-        with self._lock:
-            if self._closed:
-                raise RuntimeError(f"cannot submit to {self.name}: the queue is closed")
-            self._items.append(item)
-            self._queued += 1
-            self._submitted += 1
-            idle = self._idle.pop() if self._idle else None
-            if idle is None and self._threads < self._max:
-                try:
-                    self._spawn()
-                except Exception:
-                    if self._threads == 0:  # nobody would ever run it
+        idle: _Worker | None = None
+        try:
+            with self._lock:
+                if self._closed:
+                    raise RuntimeError(f"cannot submit to {self.name}: the queue is closed")
+                # `+=` rather than append(): CPython raises a pending Ctrl-C
+                # after C *calls*, never after an operator, so nothing can
+                # interrupt between queueing the item and counting it.
+                self._items += (item,)
+                self._queued += 1
+                self._submitted += 1
+                idles = self._idle
+                if idles:
+                    # Subscript and del, not pop(): no call between taking
+                    # the worker and holding it here, so an interrupt cannot
+                    # strand it off the idle stack (see the finally).
+                    idle = idles[-1]
+                    del idles[-1]
+                elif self._threads < self._max:
+                    try:
+                        self._spawn()
+                    except Exception:
+                        if self._threads == 0:  # nobody would ever run it
+                            self._unsubmit()
+                            raise
+                        log.warning("%s: could not start a worker", self.name, exc_info=True)
+                    except BaseException:
                         self._unsubmit()
                         raise
-                    log.warning("%s: could not start a worker", self.name, exc_info=True)
-                except BaseException:
-                    self._unsubmit()
-                    raise
-        if idle is not None:
-            # Popped under the lock, so the wakeup is ours alone to send; a
-            # release can enter the kernel, so it is sent outside the lock.
-            idle.mailbox.release()
+        finally:
+            if idle is not None:
+                # Popped under the lock, so the wakeup is ours alone to send;
+                # a release can enter the kernel, so it is sent outside the
+                # lock -- and sent even if Ctrl-C lands as the lock is let go.
+                idle.mailbox.release()
 
     def _unsubmit(self) -> None:
         # Called with the lock held, in the same hold as the append.
         self._items.pop()
         self._queued -= 1
         self._submitted -= 1
+
+    def _holds(self, item: Threadlet[Any]) -> bool:
+        """Whether ``item`` waits in this queue (for a submitter that was
+        interrupted and must know whether its submission happened)."""
+        with self._lock:
+            return item in self._items
 
     # -- workers --------------------------------------------------------------
 

@@ -274,10 +274,11 @@ class Ring:
         self._stopped = False  # reaper mode: close()'s NOP came back
         self._reaper_holds = False  # reaper mode: busy, or in a short sleep (see submit)
         self._pending: dict[int, Callable[[int], None]] = {}
-        #: Completions taken off the CQ and not yet handed out, oldest first.
-        #: They are handed out one at a time, so an exception of any kind in
-        #: one callback (Ctrl-C included) leaves the rest for the next reap.
-        self._ready: deque[tuple[Callable[[int], None], int]] = deque()
+        #: Completions taken off the CQ and not yet handed out, oldest first,
+        #: as [callback, result, claimed].  They are handed out one at a
+        #: time, so an exception of any kind in one callback (Ctrl-C
+        #: included) leaves the rest for the next reap.
+        self._ready: deque[list[Any]] = deque()
         #: Threads asleep in wait(): a reap that hands out completions wakes
         #: them with a NOP, since one of those may be what they wait for.
         self._sleepers = 0
@@ -500,8 +501,8 @@ class Ring:
         reap, each still handed out exactly once.  May be called again from
         inside a callback."""
         with self._lock:
-            if self._generation != _generation:
-                return 0  # a forked child: the completions are the parent's
+            if self._generation != _generation or self._released:
+                return 0  # a forked child (the completions are the parent's), or gone
             self._collect()
             if not self._ready:
                 return 0
@@ -516,19 +517,22 @@ class Ring:
         _batch.after = after
         handed = 0
         ready, lock = self._ready, self._lock
-        item: tuple[Callable[[int], None], int] | None = None
-        called = False
         try:
             while True:
+                # Peek, claim, hand out, then take it off: whatever an
+                # exception interrupts, the completion is still at the head
+                # and its claim says whether its callback was called.
                 with lock:
                     if not ready:
                         break
-                    item = ready.popleft()
-                called = True  # from here on the completion is delivered
-                item[0](item[1])
-                item = None
-                called = False
-                handed += 1
+                    item = ready[0]
+                if not item[2]:
+                    item[2] = True
+                    handed += 1
+                    item[0](item[1])
+                with lock:
+                    if ready and ready[0] is item:  # (unless a nested reap took it)
+                        del ready[0]
             if outer is None:
                 _batch.after = None
                 for fn in after:
@@ -536,12 +540,10 @@ class Ring:
                         fn()
                     except Exception:  # pragma: no cover
                         log.exception("exception in after-batch call %r", fn)
-        except BaseException:
-            if item is not None and not called:
-                with lock:  # interrupted before its callback was called
-                    ready.appendleft(item)
-            raise
         finally:
+            with lock:
+                while ready and ready[0][2]:  # a callback that raised was called
+                    del ready[0]
             if outer is None:
                 _batch.after = None
             # Whoever reaps submits what was held back (see submit), unless
@@ -575,7 +577,7 @@ class Ring:
                     continue
                 self._inflight -= 1
                 self.reaped += 1
-                ready.append((on_done, res))
+                ready.append([on_done, res, False])
         finally:
             self._cq_head.value = head  # the kernel may reuse those CQEs now
             if not pending:
@@ -604,7 +606,7 @@ class Ring:
         are sleepers posts a NOP, so no wakeup is lost between the check and
         the sleep."""
         self.flush()
-        if self._generation != _generation:
+        if self._generation != _generation or self._released:
             return
         me_reaper = self._reaper is not None and self._reaper.ident == _get_ident()
         with self._lock:
@@ -618,7 +620,11 @@ class Ring:
                 n = 0
         self._kick(n)
         try:
-            if (ready is not None and ready()) or self._cq_head.value != self._cq_tail.value:
+            with self._lock:
+                if self._released:
+                    return
+                posted = self._cq_head.value != self._cq_tail.value
+            if (ready is not None and ready()) or posted:
                 return
             self._wait(timeout)
         finally:
@@ -626,6 +632,15 @@ class Ring:
                 self._sleepers -= 1
                 if me_reaper:
                     self._reaper_holds = held
+
+    def abandon_in_child(self) -> None:
+        """In a forked child: let go of this process's copies of the ring
+        (mappings, fd) without touching the kernel state the parent uses.
+        The lock may have been held at the fork by a thread that does not
+        exist here: it is replaced first."""
+        self._lock = threading.Lock()
+        self._closing = True
+        self._release()
 
     def is_reaper(self) -> bool:
         """True in this ring's reaper thread (reaper mode only)."""
