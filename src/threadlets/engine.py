@@ -49,11 +49,20 @@ the pool's protocol under the queue's lock:
   eventfd once.  The owner calls :meth:`AioContext.process_completions`,
   which runs each request's callback exactly once, in that thread.
 
-Delivery survives interrupts: requests are taken off the ready queue one at
-a time, so a callback raising anything (``KeyboardInterrupt``,
-``SystemExit``, ``CancelledError``), or Ctrl-C in a wait, leaves the rest
-deliverable by the next call, each still exactly once; the counters count
-what was delivered.
+Delivery survives interrupts: a request stays at the head of the ready
+queue, claimed (``_processed``), while its callback runs, and is removed
+after, so a callback raising anything (``KeyboardInterrupt``,
+``SystemExit``, ``CancelledError``), or Ctrl-C in a wait or between two
+steps, leaves the rest deliverable by the next call, each exactly once; the
+counters count what was delivered.  CPython raises a pending Ctrl-C after a
+C call returns or as a Python function is entered; every step here that
+must not be separated from the next is a plain bytecode (``del``, ``+=``,
+attribute stores), and tests interrupt at every C-call return of a
+delivery and a submission.  One window is left, as in any pure-Python
+code: a Ctrl-C raised exactly as a callback is entered counts as that
+callback's run (for the engine's own ring and completion handlers, the
+request then stays unfinished).  trio closes that window with a SIGINT
+handler of its own; a library should not install one.
 
 Ordering that matters: the eventfd is cleared *before* the ready queue is
 looked at, and ``signalled`` is reset in the same critical section that
