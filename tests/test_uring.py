@@ -6,6 +6,7 @@ contexts, cancel, close and fork."""
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import subprocess
@@ -368,19 +369,23 @@ def test_errors_come_back_with_the_thread_paths_errno(ctx: AioContext, path: Pat
         os.close(rfd)
 
 
-def test_vectored_and_read_only_views_go_to_threads(ctx: AioContext, fd: int) -> None:
-    bufs = [bytearray(3), bytearray(5)]
+def test_vectored_requests_go_to_the_ring_read_only_views_to_threads(
+    ctx: AioContext, fd: int
+) -> None:
+    bufs = [bytearray(3), bytearray(0), bytearray(5)]  # (an empty one is left out)
     req = ctx.read(fd, 0, bufs)
     assert ctx.wait(req, timeout=10)
     assert req.result() == 8
+    assert bytes(bufs[0] + bufs[2]) == PATTERN[:8]
+    assert ctx.stats().ring == 1
     data = b"0123456789"
     req = ctx.write(fd, 0, memoryview(data)[2:6])  # a slice of bytes: no address for the kernel
     assert ctx.wait(req, timeout=10)
     assert req.result() == 4
     assert os.pread(fd, 4, 0) == b"2345"
     s = ctx.stats()
-    assert s.ring == 0
-    assert s.threaded == 2
+    assert s.ring == 1
+    assert s.threaded == 1
 
 
 def test_a_ring_request_that_moved_nothing_is_cancelled(ctx: AioContext) -> None:
@@ -639,3 +644,80 @@ sys.exit(os.waitstatus_to_exitcode(status))
         [sys.executable, "-c", code], check=False, timeout=60, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr
+
+
+# -- every request kind the kernel has an opcode for --------------------------------------
+
+
+def _kinds(ctx: AioContext, fd: int) -> dict[str, threadlets.AioRequest]:
+    """One request of each kind that can go to the ring."""
+    a, b = bytearray(100), bytearray(200)
+    return {
+        "readv": ctx.read(fd, 0, [a, b]),
+        "writev": ctx.write(fd, 8192, [b"x" * 100, b"y" * 50]),
+        "flush": ctx.flush(fd),
+        "fsync": ctx.flush(fd, datasync=False),
+        "discard": ctx.discard(fd, 4096, 4096),
+        "allocate": ctx.allocate(fd, 16384, 4096),
+        "write_zeroes": ctx.write_zeroes(fd, 0, 512),
+    }
+
+
+def test_every_kind_with_an_opcode_goes_to_the_ring(ctx: AioContext, fd: int) -> None:
+    before = ctx.stats().ring
+    reqs = _kinds(ctx, fd)
+    for kind, req in reqs.items():
+        assert ctx.wait(req, timeout=10), kind
+        req.result()  # raises if it failed
+    assert ctx.stats().ring - before == len(reqs)
+    assert reqs["readv"].result() == 300
+    assert reqs["writev"].result() == 150
+    assert os.pread(fd, 150, 8192) == b"x" * 100 + b"y" * 50
+    assert os.pread(fd, 512, 0) == bytes(512)
+    assert os.pread(fd, 4096, 4096) == bytes(4096)  # the hole reads as zeros
+    assert os.fstat(fd).st_size >= 16384 + 4096  # allocate extended it
+
+
+@pytest.mark.parametrize(
+    "missing", [OP_FSYNC, threadlets.uring.OP_FALLOCATE, threadlets.uring.OP_READV]
+)
+def test_an_opcode_the_kernel_lacks_goes_to_the_pool(
+    ctx: AioContext, fd: int, missing: int
+) -> None:
+    """What the probe says is missing runs on a worker, with the same result."""
+    ring = ctx._ring
+    assert ring is not None
+    ring.supported = ring.supported - {missing}
+    for kind, req in _kinds(ctx, fd).items():
+        assert ctx.wait(req, timeout=10), kind
+        req.result()
+    assert os.pread(fd, 150, 8192) == b"x" * 100 + b"y" * 50
+    kinds_on_it = {OP_FSYNC: 2, threadlets.uring.OP_FALLOCATE: 3, threadlets.uring.OP_READV: 1}
+    assert ctx.stats().ring == 7 - kinds_on_it[missing]
+
+
+def test_flush_errors_on_the_ring_follow_ops(ctx: AioContext) -> None:
+    """fsync of a pipe: EINVAL, not remembered (the fd cannot be flushed);
+    the same answer as the threads give."""
+    r, w = os.pipe()
+    try:
+        for _ in range(2):
+            req = ctx.flush(w)
+            assert ctx.wait(req, timeout=10)
+            with pytest.raises(OSError) as e:
+                req.result()
+            assert e.value.errno == errno.EINVAL
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_a_ring_flush_can_be_cancelled_or_not_but_answers(ctx: AioContext, fd: int) -> None:
+    req = ctx.flush(fd)
+    answer = req.cancel()
+    assert answer in (CancelResult.CANCELED, CancelResult.NOTCANCELED, CancelResult.ALLDONE)
+    assert ctx.wait(req, timeout=10)
+    if answer is CancelResult.CANCELED:
+        assert req.state is threadlets.ThreadletState.CANCELLED
+    else:
+        assert req.result() == 0

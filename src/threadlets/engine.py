@@ -84,6 +84,7 @@ thread that runs :meth:`AioContext.process_completions`.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import itertools
 import logging
@@ -739,8 +740,8 @@ class _RingBackend:
         t = req._transfer
         if isinstance(t, _FileOp):
             return self._start_op(req, t)
-        if t is None or len(t.buffers) != 1 or t.done == t.total:
-            return False  # not a transfer, vectored, or nothing left
+        if t is None or t.done == t.total:
+            return False  # not a transfer, or nothing left
         f = t.file
         if t.write and f.append:
             return False  # the kernel picks the offset
@@ -765,7 +766,10 @@ class _RingBackend:
             if t.write and not f.within_size(t.sc, pos + length):
                 return False  # it extends the file: ops serialises it (see ops)
         else:
-            buffer_align = 1
+            request_align = buffer_align = 1
+        offset = pos if f.positional else _CURRENT_POSITION  # a pipe has no offset
+        if len(t.buffers) != 1:
+            return self._start_vectored(req, t, offset, request_align, buffer_align)
         pinned = pin_buffer(t.buffers[0])
         if pinned is None:
             return False
@@ -777,12 +781,49 @@ class _RingBackend:
             req,
             uring.OP_WRITE if t.write else uring.OP_READ,
             f.fd,
-            pos if f.positional else _CURRENT_POSITION,  # a pipe has no offset
+            offset,
             addr,
             length,
             0,
             # The callback holds `pin` until the kernel is done with the memory.
             lambda res: self._done(req, res, pin),
+        )
+
+    def _start_vectored(
+        self, req: AioRequest, t: _Transfer, offset: int, request_align: int, buffer_align: int
+    ) -> bool:
+        """READV/WRITEV: an iovec array the kernel reads, built from pinned
+        buffers.  Only from the start (a resumed request goes to a worker),
+        and only where every piece meets O_DIRECT's alignment."""
+        opcode = uring.OP_WRITEV if t.write else uring.OP_READV
+        if t.done or len(t.buffers) > ops.IOV_MAX or opcode not in self.ring.supported:
+            return False
+        iov = (_Iovec * len(t.buffers))()
+        pins = []
+        n = 0
+        for b in t.buffers:
+            if not len(b):
+                continue  # moves nothing: left out
+            pinned = pin_buffer(b)
+            if pinned is None:
+                return False
+            addr, pin = pinned
+            if addr % buffer_align or len(b) % request_align:
+                return False
+            iov[n].base = addr
+            iov[n].len = len(b)
+            pins.append(pin)
+            n += 1
+        held = (iov, pins)  # alive until the kernel is done with both
+        return self._submit(
+            req,
+            opcode,
+            t.file.fd,
+            offset,
+            ctypes.addressof(iov),
+            n,
+            0,
+            lambda res: self._done(req, res, held),
         )
 
     def _submit(
@@ -880,6 +921,10 @@ class _RingBackend:
         if res > 0:
             t.done += res
         self.ctx._continue(req, t.run)
+
+
+class _Iovec(ctypes.Structure):  # struct iovec
+    _fields_ = (("base", ctypes.c_void_p), ("len", ctypes.c_size_t))
 
 
 @dataclass(frozen=True, slots=True)

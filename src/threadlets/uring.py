@@ -71,7 +71,9 @@ __all__ = [
     "OP_FSYNC",
     "OP_NOP",
     "OP_READ",
+    "OP_READV",
     "OP_WRITE",
+    "OP_WRITEV",
     "Ring",
     "RingUnavailable",
     "call_after_batch",
@@ -91,7 +93,8 @@ _FEAT_SINGLE_MMAP, _FEAT_NODROP, _FEAT_EXT_ARG = 1, 2, 256
 _FEAT_NEEDED = _FEAT_NODROP | _FEAT_EXT_ARG
 _OFF_SQ_RING, _OFF_CQ_RING, _OFF_SQES = 0, 0x8000000, 0x10000000
 
-OP_NOP, OP_FSYNC, OP_ASYNC_CANCEL, OP_FALLOCATE, OP_READ, OP_WRITE = 0, 3, 14, 17, 22, 23
+OP_NOP, OP_READV, OP_WRITEV, OP_FSYNC = 0, 1, 2, 3
+OP_ASYNC_CANCEL, OP_FALLOCATE, OP_READ, OP_WRITE = 14, 17, 22, 23
 FSYNC_DATASYNC = 1
 
 # struct io_uring_sqe: opcode, flags, ioprio, fd, off, addr, len, op flags,
