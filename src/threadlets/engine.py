@@ -419,6 +419,10 @@ class AioRequest(Threadlet[int]):
                 return answer
         return Threadlet.cancel(self)
 
+    #: Without waiters and done-callbacks, _finished only queues the request
+    #: for its context (see the pool's worker loop).
+    _quiet_finish = True
+
     def _finished(self) -> None:
         self._transfer = None  # finished: the buffers are the caller's again
         if self._waiters or self._callbacks:
@@ -533,14 +537,6 @@ class _CompletionQueue:
         self.wakeups = 0
         self.batches = 0
 
-    def admit(self, req: AioRequest) -> None:
-        """Let one request in, or raise if the context is closing."""
-        with self.lock:
-            if self.closing:
-                raise RuntimeError("the AioContext is closed")
-            self.admitted += 1
-            req._admitted = True
-
     def unadmit(self, req: AioRequest) -> None:
         """Take back the admission of a request that reached no backend."""
         with self.lock:
@@ -602,14 +598,23 @@ class _CompletionQueue:
             self.batches += 1
         n = 0
         try:
+            prev: AioRequest | None = None
             while limit > 0:
-                # Peek, claim, deliver, then take it off the queue: whatever
-                # an exception interrupts, the request is still at the head,
+                # Peek, claim, deliver, then take it off the queue (in the
+                # same hold of the lock as the next peek): whatever an
+                # exception interrupts, the request is still at the head,
                 # and its claim (_processed) says whether its callback ran.
                 with lock:
+                    if prev is not None and ready and ready[0] is prev:
+                        # Two plain bytecodes, no call between them: no
+                        # interrupt can separate the removal from the count.
+                        del ready[0]
+                        self.delivered += 1
                     if not ready:
                         break
                     req = ready[0]
+                prev = req
+                limit -= 1
                 if not req._processed:
                     req._processed = True  # claimed: its callback runs once, here
                     n += 1
@@ -619,13 +624,6 @@ class _CompletionQueue:
                             cb(req)
                         except Exception:
                             log.exception("exception in completion callback of %r", req)
-                with lock:
-                    if ready and ready[0] is req:  # (unless a nested call took it)
-                        # Two plain bytecodes, no call between them: no
-                        # interrupt can separate the removal from the count.
-                        del ready[0]
-                        self.delivered += 1
-                limit -= 1
         finally:
             with lock:
                 # A callback that raised was delivered all the same.
@@ -915,6 +913,9 @@ class _RingBackend:
         if res == -errno.ECANCELED and req._cancel_asked:
             req._finish_cancelled()  # (see cancel: nothing moved)
             return
+        if res == t.total - t.done and not t.zero_fill:
+            req._finish(t.total, None)
+            return
         if res == t.total - t.done or (res >= 0 and t.file.stream):
             req._finish(t.one_transfer(res), None)
             return
@@ -1132,7 +1133,11 @@ class AioContext:
             raise ValueError("this AioContext does not deliver completions: no callback=")
         cq = self._cq
         try:
-            cq.admit(req)
+            with cq.lock:  # (CompletionQueue.admit, inline: once per request)
+                if cq.closing:
+                    raise RuntimeError("the AioContext is closed")
+                cq.admitted += 1
+                req._admitted = True
             if req._state is _DONE:
                 next(self._n_inline)
                 cq.complete(req)

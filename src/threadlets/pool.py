@@ -309,6 +309,13 @@ class Threadlet(Generic[T]):
                 self._finished()
         return True
 
+    #: True for a subclass whose ``_finished``, when the threadlet has no
+    #: waiter and no callback, runs no user code and waits for nothing (the
+    #: engine's requests: it queues them for their context).  A worker then
+    #: takes the next threadlet in the same locked step that publishes this
+    #: one, and runs ``_finished`` after.
+    _quiet_finish = False
+
     def _forked(self) -> None:
         """Called in a forked child (no other thread runs there) for each of the
         parent's threadlets that just became CANCELLED there.  Subclasses
@@ -923,6 +930,7 @@ def _worker_main(ref: weakref.ref[ThreadletQueue], me: _Worker, idle_timeout: fl
     """
     _current.queue = ref
     done: Threadlet[Any] | None = None  # ran; its outcome not yet published
+    quiet: Threadlet[Any] | None = None  # published; its quiet _finished still to run
     result: Any = None
     error: BaseException | None = None
     delivering = False  # this worker counts in queue._delivering
@@ -943,9 +951,15 @@ def _worker_main(ref: weakref.ref[ThreadletQueue], me: _Worker, idle_timeout: fl
                 me.current = None
                 queue._running -= 1
                 queue._completed += 1
-                if done._waiters or done._callbacks or type(done)._finished is not _plain_finished:
+                if done._waiters or done._callbacks:
                     queue._delivering += 1
                     delivering = True
+                elif type(done)._finished is not _plain_finished:
+                    if done._quiet_finish:
+                        quiet = done  # run after taking the next: see below
+                    else:
+                        queue._delivering += 1
+                        delivering = True
             elif delivering:
                 queue._delivering -= 1
                 delivering = False
@@ -968,6 +982,15 @@ def _worker_main(ref: weakref.ref[ThreadletQueue], me: _Worker, idle_timeout: fl
                     item = None
                     queue._idle.append(me)
         result = error = None
+        if quiet is not None:
+            # A subclass's _finished that runs no user code (the engine's:
+            # it hands the request to its context): nothing can wait on the
+            # next threadlet meanwhile, so it runs after that one was taken.
+            try:
+                quiet._finished()
+            except BaseException:
+                log.exception("delivering %r failed", quiet)
+            quiet = None
         if delivering:
             assert done is not None
             try:

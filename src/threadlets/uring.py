@@ -521,21 +521,22 @@ class Ring:
         handed = 0
         ready, lock = self._ready, self._lock
         try:
+            prev = None
             while True:
-                # Peek, claim, hand out, then take it off: whatever an
-                # exception interrupts, the completion is still at the head
-                # and its claim says whether its callback was called.
+                # Peek, claim, hand out, then take it off (in the same hold
+                # of the lock as the next peek): whatever an exception
+                # interrupts, the completion is still at the head and its
+                # claim says whether its callback was called.
                 with lock:
+                    if prev is not None and ready and ready[0] is prev:
+                        del ready[0]  # (unless a nested reap took it)
                     if not ready:
                         break
-                    item = ready[0]
+                    item = prev = ready[0]
                 if not item[2]:
                     item[2] = True
                     handed += 1
                     item[0](item[1])
-                with lock:
-                    if ready and ready[0] is item:  # (unless a nested reap took it)
-                        del ready[0]
             if outer is None:
                 _batch.after = None
                 for fn in after:
