@@ -182,9 +182,9 @@ class _Transfer:
         offset: int,
         total: int,
         done: int,
-        *,
         write: bool,
-        zero_fill: bool = False,
+        zero_fill: bool,
+        /,
     ) -> None:
         self.sc = sc
         self.file = file
@@ -1289,7 +1289,7 @@ class AioContext:
                     return self._start(req)
         if views and type(views[0]) is bytearray:  # the fast path's: ops slices views
             views = [memoryview(views[0])]
-        xfer = _Transfer(self._sc, f, views, offset, total, done, write=False, zero_fill=zero_fill)
+        xfer = _Transfer(self._sc, f, views, offset, total, done, False, zero_fill)
         return self._start(AioRequest(self, "read", xfer.run, (), callback, xfer))
 
     def write(
@@ -1323,7 +1323,7 @@ class AioContext:
                     req = AioRequest(self, "write", None, (), callback)
                     req._born_finished(done, None)
                     return self._start(req)
-        xfer = _Transfer(self._sc, f, views, offset, total, done, write=True)
+        xfer = _Transfer(self._sc, f, views, offset, total, done, True, False)
         return self._start(AioRequest(self, "write", xfer.run, (), callback, xfer))
 
     def _submit_op(
