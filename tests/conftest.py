@@ -76,3 +76,57 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         import random
 
         random.Random(int(seed)).shuffle(items)
+
+
+def interrupt_cli_at(
+    args: list[str],
+    marker: str,
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+) -> tuple[int, str, str]:
+    """Run ``python -m threadlets.cli ARGS``; send SIGINT once a line of its
+    stderr holds ``marker`` (waiting for that line, never for time).
+    Returns (exit status, stdout, stderr)."""
+    import queue
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as stdout:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "threadlets.cli", *args],
+            cwd=cwd,
+            env=env,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        lines: queue.Queue[str | None] = queue.Queue()
+        err: list[str] = []
+
+        def read() -> None:
+            assert proc.stderr is not None
+            for line in proc.stderr:
+                err.append(line)
+                lines.put(line)
+            lines.put(None)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        try:
+            while True:
+                line = lines.get(timeout=timeout)  # a safety net only
+                assert line is not None, f"ended before {marker!r}:\n{''.join(err)}"
+                if marker in line:
+                    break
+            proc.send_signal(signal.SIGINT)
+            status = proc.wait(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        reader.join(timeout=60)
+        stdout.seek(0)
+        return status, stdout.read(), "".join(err)

@@ -9,12 +9,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import queue
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +20,8 @@ import pytest
 import threadlets.bench
 from threadlets.bench import WORKLOADS, BenchConfig, Step, figure, run_bench
 from threadlets.cli import main
+
+from .conftest import interrupt_cli_at
 
 EXPECTED_ALWAYS = {"threadlets", "direct loop (blocks the loop)"}
 
@@ -114,40 +113,8 @@ def test_every_workload_is_described(name: str) -> None:
 def _interrupt_at(args: list[str], marker: str, env: dict[str, str], cwd: Path) -> tuple[int, str]:
     """Run the CLI; SIGINT once a line of its stderr holds ``marker``.
     (exit status, stderr)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "threadlets.cli", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    lines: queue.Queue[str | None] = queue.Queue()
-    err: list[str] = []
-
-    def read() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            err.append(line)
-            lines.put(line)
-        lines.put(None)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
-        while True:
-            line = lines.get(timeout=120)  # a safety net only
-            assert line is not None, f"ended before {marker!r}:\n{''.join(err)}"
-            if marker in line:
-                break
-        proc.send_signal(signal.SIGINT)
-        status = proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    reader.join(timeout=60)
-    return status, "".join(err)
+    status, _, err = interrupt_cli_at(args, marker, cwd, env)
+    return status, err
 
 
 @pytest.mark.parametrize(

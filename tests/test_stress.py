@@ -8,12 +8,9 @@ import contextlib
 import inspect
 import json
 import os
-import queue
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +21,8 @@ import threadlets.stress
 from threadlets import AioContext
 from threadlets.cli import build_parser, main
 from threadlets.stress import StressConfig, StressError, fio_verify, run_stress
+
+from .conftest import interrupt_cli_at
 
 SMALL = 4 << 20
 
@@ -326,41 +325,7 @@ def test_bad_path_is_a_one_line_error(
 def _start_and_interrupt(args: list[str], cwd: Path, marker: str) -> tuple[int, str, str]:
     """Run the CLI, send SIGINT once a line of its stderr holds ``marker``;
     (exit status, stdout, stderr)."""
-    out = cwd.parent / "stdout"
-    with out.open("w") as stdout:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "threadlets.cli", *args],
-            cwd=cwd,
-            stdout=stdout,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        lines: queue.Queue[str | None] = queue.Queue()
-        err: list[str] = []
-
-        def read() -> None:
-            assert proc.stderr is not None
-            for line in proc.stderr:
-                err.append(line)
-                lines.put(line)
-            lines.put(None)
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        try:
-            while True:
-                line = lines.get(timeout=60)  # a safety net only
-                assert line is not None, f"ended before {marker!r}:\n{''.join(err)}"
-                if marker in line:
-                    break
-            proc.send_signal(signal.SIGINT)
-            status = proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        reader.join(timeout=60)
-    return status, out.read_text(), "".join(err)
+    return interrupt_cli_at(args, marker, cwd, timeout=60)
 
 
 @pytest.mark.parametrize("as_json", [False, True], ids=["table", "json"])
