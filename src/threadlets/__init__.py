@@ -15,7 +15,7 @@ Layers, each in its own module, each depending only on those before it:
 The command-line tools live in :mod:`threadlets.cli`.
 """
 
-from threadlets.asyncfile import AsyncFile, open, wrap
+from threadlets.asyncfile import AsyncBinaryFile, AsyncFile, AsyncTextFile, open, wrap
 from threadlets.engine import AioContext, AioRequest, ContextStats
 from threadlets.pool import (
     CancelledError,
@@ -36,7 +36,9 @@ __version__ = "0.1.0"
 __all__ = [
     "AioContext",
     "AioRequest",
+    "AsyncBinaryFile",
     "AsyncFile",
+    "AsyncTextFile",
     "CancelResult",
     "CancelledError",
     "ContextStats",
