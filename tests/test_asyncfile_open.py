@@ -225,3 +225,42 @@ def test_mypy_sees_bytes_and_str(
     }
     assert got == want, out + err
     assert 'expression has type "bytes", variable has type "str"' in out
+
+
+# -- small files: open and read without a hop to a worker ----------------------------------
+
+
+async def test_a_cached_small_file_needs_no_request(tmp_path: Path, backend: str) -> None:
+    from threadlets import oneshot
+    from threadlets.awaitable import current
+
+    p = tmp_path / "small"
+    p.write_bytes(b"s" * 4096)
+    ctx = current().ctx
+    if not ctx.inline or oneshot._openat2 is None:
+        pytest.skip("no inline path here")
+    p.read_bytes()  # cached
+    before = ctx.stats()
+    async with threadlets.open(p, "rb") as f:
+        assert await f.read() == b"s" * 4096
+    after = ctx.stats()
+    assert (after.threaded, after.ring) == (before.threaded, before.ring)
+
+
+@pytest.mark.parametrize("name", ["/proc/self/status", "/proc/self/mountinfo"])
+async def test_read_all_of_files_whose_size_says_nothing(name: str, backend: str) -> None:
+    # procfs: st_size is 0, the contents are not empty.
+    async with threadlets.open(name, "rb") as f:
+        got = await f.read()
+    with open(name, "rb") as pyfile:
+        assert got.startswith(pyfile.read(20))
+    assert (await threadlets.read_bytes(name)).startswith(got[:20])
+
+
+async def test_read_all_sees_a_file_grown_since_open(tmp_path: Path, backend: str) -> None:
+    p = tmp_path / "grows"
+    p.write_bytes(b"a" * 100)
+    async with threadlets.open(p, "rb") as f:
+        with open(p, "ab") as w:
+            w.write(b"b" * 100)
+        assert await f.read() == b"a" * 100 + b"b" * 100

@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, Union, overload
 
 from threadlets.awaitable import YIELD_EVERY, LoopIO, StreamLock, current
 from threadlets.engine import AioRequest, _InlineDone, _nonnegative
+from threadlets.oneshot import open_cached
 from threadlets.probe import O_DIRECT
 
 if TYPE_CHECKING:
@@ -200,6 +201,8 @@ class AsyncFile:
             st = os.fstat(fd)
         #: Can block for ever: readiness on the loop, then non-blocking I/O.
         self._stream = not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode))
+        self._regular = stat.S_ISREG(st.st_mode)
+        self._size_at_open = st.st_size
         self._pipe = stat.S_ISFIFO(st.st_mode)
         self._nowait_read = self._nowait_write = bool(_RWF_NOWAIT)
         try:
@@ -470,6 +473,16 @@ class AsyncFile:
             self._pos += len(parts[0])
             self._drop_read_ahead()
             size = CHUNK
+            left = self._size_at_open - self._pos
+            if self._regular and left > 0:
+                # What the size at open says is left, in one read (inline if
+                # cached: a read that ends short would not be); at the end
+                # if the size has not changed since.
+                chunk = await self._read_at(left, self._pos)
+                parts.append(chunk)
+                self._pos += len(chunk)
+                if len(chunk) == left and os.fstat(self._fd).st_size == self._pos:
+                    return b"".join(parts)
             while True:
                 chunk = await self._raw_read(size, self._pos)
                 size = min(size * 2, 1 << 20)  # grow for large files
@@ -1112,8 +1125,13 @@ async def _open(
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
         pos = None
     else:
-        if opener is not None:
-            got: Any = await _open_blocking(io_, path, flags, perms, opener)
+        got: Any = None
+        if opener is None and io_.ctx.inline:
+            got = _open_inline(path, flags)
+        if got is not None:
+            pass
+        elif opener is not None:
+            got = await _open_blocking(io_, path, flags, perms, opener)
         else:
             req = io_.ctx.call(_open_nonblocking, path, flags, perms)
             try:
@@ -1168,6 +1186,29 @@ def _opened(fd: int, path: Any) -> tuple[int, os.stat_result]:
     return fd, st
 
 
+def _open_inline(path: Any, flags: int) -> tuple[int, os.stat_result] | None:
+    """Open on the loop's thread if that cannot block (see
+    :func:`threadlets.oneshot.open_cached`); else None."""
+    fd = open_cached(path, flags)
+    if fd < 0:
+        return None
+    return _clear_nonblocking(*_opened(fd, path), flags)
+
+
+#: The status flags that F_SETFL sets (the rest it leaves alone).
+_SETFL_FLAGS = os.O_APPEND | os.O_NONBLOCK | O_DIRECT | getattr(os, "O_NOATIME", 0)
+
+
+def _clear_nonblocking(fd: int, st: os.stat_result, flags: int) -> tuple[int, os.stat_result]:
+    if not flags & os.O_NONBLOCK:
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags & _SETFL_FLAGS)
+        except BaseException:
+            os.close(fd)
+            raise
+    return fd, st
+
+
 def _open_nonblocking(path: Any, flags: int, perms: int) -> tuple[int, os.stat_result] | None:
     """Open without waiting for a FIFO's other end (then clear O_NONBLOCK);
     None where that cannot be done (a FIFO for writing with no reader)."""
@@ -1177,14 +1218,7 @@ def _open_nonblocking(path: Any, flags: int, perms: int) -> tuple[int, os.stat_r
         if e.errno in (errno.ENXIO, errno.EAGAIN):
             return None
         raise
-    fd, st = _opened(fd, path)
-    if not flags & os.O_NONBLOCK:
-        try:
-            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
-        except BaseException:
-            os.close(fd)
-            raise
-    return fd, st
+    return _clear_nonblocking(*_opened(fd, path), flags)
 
 
 class _DetachedOpen:

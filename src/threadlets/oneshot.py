@@ -38,7 +38,7 @@ from threadlets.awaitable import YIELD_EVERY, LoopIO, current
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, StrOrBytesPath
 
-__all__ = ["read_bytes", "read_text", "write_bytes", "write_text"]
+__all__ = ["open_cached", "read_bytes", "read_text", "write_bytes", "write_text"]
 
 _RDONLY = os.O_RDONLY | os.O_CLOEXEC
 _WRONLY = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
@@ -50,10 +50,11 @@ _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 INLINE_MAX = 256 * 1024
 
 
-def _make_openat2() -> Callable[[bytes], int] | None:
-    """``openat2(AT_FDCWD, path, O_RDONLY|O_NONBLOCK|O_CLOEXEC,
-    RESOLVE_CACHED)`` -> fd, or -1; None where the kernel or platform has no
-    openat2 (Linux < 5.12 has no RESOLVE_CACHED: EINVAL, also None)."""
+def _make_openat2() -> Callable[[bytes, int], int] | None:
+    """``openat2(AT_FDCWD, path, flags, RESOLVE_CACHED)`` -> fd, or -1
+    (the caller adds O_NONBLOCK: a FIFO must not wait for its other end);
+    None where the kernel or platform has no openat2 (Linux < 5.12 has no
+    RESOLVE_CACHED: EINVAL, also None)."""
     if not sys.platform.startswith("linux") or not _RWF_NOWAIT:
         return None
     try:
@@ -77,20 +78,29 @@ def _make_openat2() -> Callable[[bytes], int] | None:
         ctypes.c_void_p,
         ctypes.c_size_t,
     ]
-    how = OpenHow(_RDONLY | os.O_NONBLOCK, 0, 0x20)  # RESOLVE_CACHED
-    how_p, how_n = ctypes.addressof(how), ctypes.sizeof(how)
+    how_n = ctypes.sizeof(OpenHow)
     at_fdcwd = -100
     sys_openat2 = 437  # the same number on every Linux architecture
 
-    def openat2(path: bytes) -> int:
-        return int(syscall(sys_openat2, at_fdcwd, path, how_p, how_n))
+    def openat2(path: bytes, flags: int) -> int:
+        how = OpenHow(flags, 0, 0x20)  # RESOLVE_CACHED; one per call: any thread
+        return int(syscall(sys_openat2, at_fdcwd, path, ctypes.addressof(how), how_n))
 
-    probe = openat2(b"/")
+    probe = openat2(b"/", _RDONLY)
     if probe < 0:
         return None  # ENOSYS, or EINVAL for RESOLVE_CACHED (older kernels)
     os.close(probe)
-    openat2.how = how  # type: ignore[attr-defined]  # keep the struct alive
     return openat2
+
+
+def open_cached(path: str | bytes, flags: int) -> int:
+    """Open without blocking, or -1: only if every path component is in the
+    kernel's cache, and never O_CREAT or O_TRUNC (they write); with
+    O_NONBLOCK added (the caller clears it if it must).  Call it only from
+    an event loop's thread."""
+    if _openat2 is None or flags & (os.O_CREAT | os.O_TRUNC):
+        return -1
+    return _openat2(os.fsencode(path), flags | os.O_NONBLOCK)
 
 
 _openat2 = _make_openat2()
@@ -99,9 +109,7 @@ _openat2 = _make_openat2()
 def _read_inline(path: str | bytes) -> bytes | _Handoff | None:
     """The whole of a cached regular file, read without blocking; or the
     descriptor opened, for a worker to go on with; or None (nothing open)."""
-    if _openat2 is None:
-        return None
-    fd = _openat2(os.fsencode(path))
+    fd = open_cached(path, _RDONLY)
     if fd < 0:
         return None
     try:
