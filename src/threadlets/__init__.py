@@ -12,6 +12,7 @@ Layers, each in its own module, each depending only on those before it:
 * :mod:`threadlets.awaitable` -- awaiting requests from asyncio, trio, anyio.
 * :mod:`threadlets.asyncfile` -- ``threadlets.open``: async file objects.
 * :mod:`threadlets.oneshot` -- ``read_bytes``/``write_text``...: a whole file in one request.
+* :mod:`threadlets.path` -- ``threadlets.Path``: an async pathlib path.
 * :mod:`threadlets.aiofiles` -- a drop-in for aiofiles on the engine.
 
 The command-line tools live in :mod:`threadlets.cli`.
@@ -20,6 +21,7 @@ The command-line tools live in :mod:`threadlets.cli`.
 from threadlets.asyncfile import AsyncBinaryFile, AsyncFile, AsyncTextFile, open, wrap
 from threadlets.engine import AioContext, AioRequest, ContextStats
 from threadlets.oneshot import read_bytes, read_text, write_bytes, write_text
+from threadlets.path import Path
 from threadlets.pool import (
     CancelledError,
     CancelResult,
@@ -46,6 +48,7 @@ __all__ = [
     "CancelledError",
     "ContextStats",
     "FaultInjector",
+    "Path",
     "QueueStats",
     "RingUnavailable",
     "Syscalls",
