@@ -76,9 +76,11 @@ async def test_buffering_checked_as_open(text_path: Path) -> None:
             open(text_path, mode, buffering=0)  # noqa: SIM115
     with pytest.raises(TypeError):
         threadlets.open(text_path, "rb", buffering="1")  # type: ignore[call-overload]
-    with pytest.warns(RuntimeWarning, match="line buffering"):
+    with pytest.warns(RuntimeWarning, match="line buffering") as record:
         f = await threadlets.open(text_path, "rb", buffering=1)
     await f.close()
+    assert len(record) == 1  # once, pointing at the caller
+    assert record[0].filename == __file__
 
 
 async def test_unbuffered_reads_only_what_is_asked(tmp_path: Path, backend: str) -> None:
@@ -198,6 +200,20 @@ async def main(mode: str) -> None:
         bad: str = await binary.read()  # ERROR assignment
     async with threadlets.open("x") as text:
         await text.write(b"bytes")  # ERROR arg-type
+
+
+async def drop_in() -> None:
+    import threadlets.aiofiles as aiofiles
+    import threadlets.aiofiles.os
+
+    async with aiofiles.open("x") as t:
+        s: str = await t.read()
+    async with aiofiles.open("x", "rb") as b:
+        data: bytes = await b.read()
+    size: int = (await aiofiles.os.stat("x")).st_size
+    exists: bool = await aiofiles.os.path.exists("x")
+    async with aiofiles.open("x", "rb") as b:
+        wrong: str = await b.read()  # ERROR assignment
 """
 
 

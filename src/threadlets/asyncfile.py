@@ -113,18 +113,18 @@ def _check_text_args(
         raise ValueError(f"illegal newline value: {newline!r}")
 
 
-def _check_buffering(buffering: object, text: bool) -> bool:
+def _check_buffering(buffering: object, text: bool, warn: bool = True) -> bool:
     """Check ``buffering`` as open() does; True for line buffering (text)."""
     if isinstance(buffering, bool) or not isinstance(buffering, int):
         raise TypeError(f"'{type(buffering).__name__}' object cannot be interpreted as an integer")
     if buffering == 0 and text:
         raise ValueError("can't have unbuffered text I/O")
-    if buffering == 1 and not text:
+    if buffering == 1 and not text and warn:
         warnings.warn(
             "line buffering (buffering=1) isn't supported in binary mode, "
             "the default buffer size will be used",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=3,
         )
     return buffering == 1 and text
 
@@ -180,7 +180,7 @@ class AsyncFile:
         self._closed = True  # until set up: nothing for __del__ to close
         _, text, readable, writable = _flags_for(mode)
         _check_text_args(text, encoding, errors, newline)
-        line_buffering = _check_buffering(buffering, text)
+        line_buffering = _check_buffering(buffering, text, warn=False)
         #: Read-ahead size (0: unbuffered, reads go straight to the file).
         self._chunk = CHUNK if buffering < 0 or buffering == 1 else max(buffering, 0)
         self._fd = fd
