@@ -1162,7 +1162,7 @@ async def _open(
             closefd=closefd,
         )
     except BaseException:
-        if closefd:
+        if not isinstance(path, int):  # (a caller's descriptor stays theirs, as open() does)
             os.close(fd)
         raise
 
