@@ -11,12 +11,17 @@ Layers, each in its own module, each depending only on those before it:
 * :mod:`threadlets.posix` -- POSIX AIO (aio_read ... lio_listio) on the engine.
 * :mod:`threadlets.awaitable` -- awaiting requests from asyncio, trio, anyio.
 * :mod:`threadlets.asyncfile` -- ``threadlets.open``: async file objects.
+* :mod:`threadlets.oneshot` -- ``read_bytes``/``write_text``...: a whole file in one request.
+* :mod:`threadlets.path` -- ``threadlets.Path``: an async pathlib path.
+* :mod:`threadlets.aiofiles` -- a drop-in for aiofiles on the engine.
 
 The command-line tools live in :mod:`threadlets.cli`.
 """
 
-from threadlets.asyncfile import AsyncFile, open, wrap
+from threadlets.asyncfile import AsyncBinaryFile, AsyncFile, AsyncTextFile, open, wrap
 from threadlets.engine import AioContext, AioRequest, ContextStats
+from threadlets.oneshot import read_bytes, read_text, write_bytes, write_text
+from threadlets.path import Path
 from threadlets.pool import (
     CancelledError,
     CancelResult,
@@ -36,11 +41,14 @@ __version__ = "0.1.0"
 __all__ = [
     "AioContext",
     "AioRequest",
+    "AsyncBinaryFile",
     "AsyncFile",
+    "AsyncTextFile",
     "CancelResult",
     "CancelledError",
     "ContextStats",
     "FaultInjector",
+    "Path",
     "QueueStats",
     "RingUnavailable",
     "Syscalls",
@@ -51,6 +59,10 @@ __all__ = [
     "aligned_buffer",
     "default_queue",
     "open",
+    "read_bytes",
+    "read_text",
     "submit",
     "wrap",
+    "write_bytes",
+    "write_text",
 ]

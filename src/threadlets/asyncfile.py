@@ -50,16 +50,25 @@ import warnings
 from asyncio.events import _get_running_loop
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, Union, overload
 
 from threadlets.awaitable import YIELD_EVERY, LoopIO, StreamLock, current
 from threadlets.engine import AioRequest, _InlineDone, _nonnegative
+from threadlets.oneshot import open_cached
 from threadlets.probe import O_DIRECT
 
 if TYPE_CHECKING:
-    from _typeshed import ReadableBuffer, StrPath, WriteableBuffer
+    from _typeshed import (
+        OpenBinaryMode,
+        OpenTextMode,
+        ReadableBuffer,
+        StrPath,
+        WriteableBuffer,
+    )
 
-__all__ = ["AsyncFile", "open", "wrap"]
+T = TypeVar("T")
+
+__all__ = ["AsyncBinaryFile", "AsyncFile", "AsyncTextFile", "open", "wrap"]
 
 #: Read-ahead of the stream methods.
 CHUNK = 64 * 1024
@@ -102,6 +111,22 @@ def _check_text_args(
         codecs.lookup(encoding)  # LookupError for an unknown codec
     if newline not in (None, "", "\n", "\r", "\r\n"):
         raise ValueError(f"illegal newline value: {newline!r}")
+
+
+def _check_buffering(buffering: object, text: bool, warn: bool = True) -> bool:
+    """Check ``buffering`` as open() does; True for line buffering (text)."""
+    if isinstance(buffering, bool) or not isinstance(buffering, int):
+        raise TypeError(f"'{type(buffering).__name__}' object cannot be interpreted as an integer")
+    if buffering == 0 and text:
+        raise ValueError("can't have unbuffered text I/O")
+    if buffering == 1 and not text and warn:
+        warnings.warn(
+            "line buffering (buffering=1) isn't supported in binary mode, "
+            "the default buffer size will be used",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return buffering == 1 and text
 
 
 def _size(size: object) -> int:
@@ -150,10 +175,14 @@ class AsyncFile:
         owner: Any = None,
         st: os.stat_result | None = None,
         pos: int | None = None,
+        buffering: int = -1,
     ) -> None:
         self._closed = True  # until set up: nothing for __del__ to close
         _, text, readable, writable = _flags_for(mode)
         _check_text_args(text, encoding, errors, newline)
+        line_buffering = _check_buffering(buffering, text, warn=False)
+        #: Read-ahead size (0: unbuffered, reads go straight to the file).
+        self._chunk = CHUNK if buffering < 0 or buffering == 1 else max(buffering, 0)
         self._fd = fd
         self.name = name
         self.mode = mode
@@ -172,6 +201,8 @@ class AsyncFile:
             st = os.fstat(fd)
         #: Can block for ever: readiness on the loop, then non-blocking I/O.
         self._stream = not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode))
+        self._regular = stat.S_ISREG(st.st_mode)
+        self._size_at_open = st.st_size
         self._pipe = stat.S_ISFIFO(st.st_mode)
         self._nowait_read = self._nowait_write = bool(_RWF_NOWAIT)
         try:
@@ -197,7 +228,7 @@ class AsyncFile:
                 encoding=encoding,
                 errors=errors,
                 newline=newline,
-                line_buffering=False,
+                line_buffering=line_buffering,
                 write_through=False,
             )
             self.encoding = getattr(self._text, "encoding", encoding)
@@ -412,7 +443,7 @@ class AsyncFile:
             if not (self._rbuf_off <= self._pos <= end):
                 self._rbuf, self._rbuf_off, end = b"", self._pos, self._pos
             gen = self._wgen
-            chunk = await self._raw_read(max(CHUNK, want), end)
+            chunk = await self._raw_read(max(self._chunk, want), end)
             if gen == self._wgen or self._stream:  # (a stream's data is read once)
                 break
             self._rbuf = b""  # the file changed meanwhile: read it again
@@ -442,6 +473,16 @@ class AsyncFile:
             self._pos += len(parts[0])
             self._drop_read_ahead()
             size = CHUNK
+            left = self._size_at_open - self._pos
+            if self._regular and left > 0:
+                # What the size at open says is left, in one read (inline if
+                # cached: a read that ends short would not be); at the end
+                # if the size has not changed since.
+                chunk = await self._read_at(left, self._pos)
+                parts.append(chunk)
+                self._pos += len(chunk)
+                if len(chunk) == left and os.fstat(self._fd).st_size == self._pos:
+                    return b"".join(parts)
             while True:
                 chunk = await self._raw_read(size, self._pos)
                 size = min(size * 2, 1 << 20)  # grow for large files
@@ -450,7 +491,7 @@ class AsyncFile:
                 parts.append(chunk)
                 self._pos += len(chunk)
         have = self._buffered()
-        if len(have) < n and not self._stream and n - len(have) >= CHUNK:
+        if len(have) < n and not self._stream and n - len(have) >= self._chunk:
             # Large: read it directly.
             rest = await self._read_at(n - len(have), self._pos + len(have))
             out = bytes(have) + rest
@@ -493,7 +534,7 @@ class AsyncFile:
                 out = bytes(have[:cut])
                 self._pos += cut
                 return out
-            if not await self._fill(len(have) + CHUNK):
+            if not await self._fill(len(have) + (self._chunk or CHUNK)):
                 out = bytes(self._buffered())
                 self._pos += len(out)
                 return out
@@ -664,6 +705,22 @@ class AsyncFile:
             raise AttributeError("read1 needs binary mode")
         return await self._locked(self._read1, operator.index(size))  # type: ignore[no-any-return]
 
+    async def peek(self, size: int = 0) -> bytes:
+        """Bytes ahead of the position, without moving it: what the read-ahead
+        holds, after at most one read of the file if it holds nothing
+        (binary; like BufferedReader.peek, the count may differ from ``size``)."""
+        if self._text is not None:
+            raise AttributeError("peek needs binary mode")
+        return await self._locked(self._peek, operator.index(size))  # type: ignore[no-any-return]
+
+    async def _peek(self, size: int) -> bytes:
+        self._check_readable("peek")
+        have = self._buffered()
+        if not have:
+            await self._fill(max(size, 1))
+            have = self._buffered()
+        return bytes(have)
+
     async def readinto(self, buf: WriteableBuffer) -> int:
         """Read into ``buf`` at the current position (binary mode)."""
         if self._text is not None:
@@ -763,6 +820,11 @@ class AsyncFile:
         """True only where the descriptor can seek (not a pipe or terminal)."""
         self._check_open()
         return self._seekable
+
+    def isatty(self) -> bool:
+        """True if the descriptor is a terminal (a cheap ioctl, not awaited)."""
+        self._check_open()
+        return os.isatty(self._fd)
 
     # -- closing ------------------------------------------------------------------------------
 
@@ -888,20 +950,60 @@ class _BinaryStream:
         return self._f._seekable
 
 
-class _Opener:
+class AsyncBinaryFile(AsyncFile):
+    """An :class:`AsyncFile` opened in binary mode: reads give ``bytes``.
+    (The same object at run time; the class tells type checkers.)"""
+
+    if TYPE_CHECKING:
+
+        async def read(self, size: int | None = -1) -> bytes: ...
+        async def readline(self, size: int | None = -1) -> bytes: ...
+        async def readlines(self, hint: int | None = -1) -> list[bytes]: ...
+        async def write(self, data: ReadableBuffer) -> int: ...
+        async def writelines(self, lines: Iterable[ReadableBuffer]) -> None: ...
+        def __aiter__(self) -> AsyncIterator[bytes]: ...
+        async def __anext__(self) -> bytes: ...
+        async def __aenter__(self) -> AsyncBinaryFile: ...
+
+
+class AsyncTextFile(AsyncFile):
+    """An :class:`AsyncFile` opened in text mode: reads give ``str``.
+    (The same object at run time; the class tells type checkers.)"""
+
+    encoding: str
+    errors: str
+    newline: str | None
+
+    if TYPE_CHECKING:
+
+        async def read(self, size: int | None = -1) -> str: ...
+        async def readline(self, size: int | None = -1) -> str: ...
+        async def readlines(self, hint: int | None = -1) -> list[str]: ...
+        async def write(self, data: str) -> int: ...
+        async def writelines(self, lines: Iterable[str]) -> None: ...
+        def __aiter__(self) -> AsyncIterator[str]: ...
+        async def __anext__(self) -> str: ...
+        async def __aenter__(self) -> AsyncTextFile: ...
+
+
+_F = TypeVar("_F", bound=AsyncFile)
+
+
+class _Opener(Generic[_F]):
     """What :func:`open` returns: awaitable, and an async context manager."""
 
     __slots__ = ("_args", "_file")
 
     def __init__(self, args: tuple[Any, ...]) -> None:
         self._args = args
-        self._file: AsyncFile | None = None
+        self._file: _F | None = None
 
-    def __await__(self) -> Generator[Any, None, AsyncFile]:
-        return _open(*self._args).__await__()
+    def __await__(self) -> Generator[Any, None, _F]:
+        return _open(*self._args).__await__()  # type: ignore[return-value]
 
-    async def __aenter__(self) -> AsyncFile:
-        self._file = await _open(*self._args)
+    async def __aenter__(self) -> _F:
+        self._file = await _open(*self._args)  # type: ignore[assignment]
+        assert self._file is not None
         return self._file
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -909,31 +1011,96 @@ class _Opener:
         await self._file.close()
 
 
+_Path = Union["StrPath", bytes, int]
+
+
+@overload
 def open(
-    path: StrPath | bytes,
-    mode: str = "rb",
-    *,
-    direct: bool = False,
+    file: _Path,
+    mode: OpenTextMode = "r",
+    buffering: int = -1,
     encoding: str | None = None,
     errors: str | None = None,
     newline: str | None = None,
+    closefd: bool = True,
+    opener: Callable[[str, int], int] | None = None,
+    *,
+    direct: bool = False,
     perms: int = 0o666,
-) -> _Opener:
+) -> _Opener[AsyncTextFile]: ...
+@overload
+def open(
+    file: _Path,
+    mode: OpenBinaryMode,
+    buffering: int = -1,
+    encoding: None = None,
+    errors: None = None,
+    newline: None = None,
+    closefd: bool = True,
+    opener: Callable[[str, int], int] | None = None,
+    *,
+    direct: bool = False,
+    perms: int = 0o666,
+) -> _Opener[AsyncBinaryFile]: ...
+@overload
+def open(
+    file: _Path,
+    mode: str,
+    buffering: int = -1,
+    encoding: str | None = None,
+    errors: str | None = None,
+    newline: str | None = None,
+    closefd: bool = True,
+    opener: Callable[[str, int], int] | None = None,
+    *,
+    direct: bool = False,
+    perms: int = 0o666,
+) -> _Opener[AsyncFile]: ...
+def open(
+    file: _Path,
+    mode: str = "r",
+    buffering: int = -1,
+    encoding: str | None = None,
+    errors: str | None = None,
+    newline: str | None = None,
+    closefd: bool = True,
+    opener: Callable[[str, int], int] | None = None,
+    *,
+    direct: bool = False,
+    perms: int = 0o666,
+) -> _Opener[Any]:
     """Open a file for async I/O: ``async with threadlets.open(p) as f`` or
     ``f = await threadlets.open(p)``.
 
-    ``mode`` is Python's ("r", "w", "a", "x", with "+", "b" or "t"; binary
-    by default).  ``direct=True`` opens with O_DIRECT (any buffer works:
-    misaligned ones go through a bounce buffer).  The open runs on a worker;
-    a cancelled open closes the descriptor it got.
+    The arguments are the built-in open()'s, with its defaults: ``mode``
+    "r" is text ("rb" for bytes); ``file`` may be an open descriptor
+    (closed with the file unless ``closefd=False``); ``buffering`` 0 is
+    unbuffered (binary only), N > 1 the read-ahead size, 1 line buffering
+    (text); ``opener(path, flags)`` returns the descriptor.  Also
+    ``direct=True``: O_DIRECT (any buffer works: misaligned ones go through
+    a bounce buffer); ``perms``: the mode bits of a created file.  The open
+    runs on a worker; a cancelled open closes the descriptor it got.
+    A binary file's reads are ``bytes`` (:class:`AsyncBinaryFile`), a text
+    file's ``str`` (:class:`AsyncTextFile`).
     """
     flags, text, _, _ = _flags_for(mode)
     _check_text_args(text, encoding, errors, newline)
+    _check_buffering(buffering, text)
+    if isinstance(file, bool):
+        raise TypeError("expected str, bytes, os.PathLike object or integer, not bool")
+    if not isinstance(file, int):
+        file = os.fspath(file)
+        if not closefd:
+            raise ValueError("Cannot use closefd=False with file name")
+    if opener is not None and not callable(opener):
+        raise TypeError(f"'{type(opener).__name__}' object is not callable")
     if direct:
         if not O_DIRECT:
             raise OSError(95, "O_DIRECT is not supported on this platform")
         flags |= O_DIRECT
-    return _Opener((path, mode, flags, perms, encoding, errors, newline))
+    return _Opener(
+        (file, mode, flags, perms, encoding, errors, newline, buffering, closefd, opener)
+    )
 
 
 async def _open(
@@ -944,25 +1111,44 @@ async def _open(
     encoding: str | None,
     errors: str | None,
     newline: str | None,
+    buffering: int = -1,
+    closefd: bool = True,
+    opener: Callable[[str, int], int] | None = None,
 ) -> AsyncFile:
     io_ = current()
     await io_.checkpoint()
-    where = os.fspath(path)
-    req = io_.ctx.call(_open_nonblocking, where, flags, perms)
+    cls = AsyncBinaryFile if "b" in mode else AsyncTextFile
+    if isinstance(path, int):
+        fd = path
+        st = await _call(io_, os.fstat, fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+        pos = None
+    else:
+        got: Any = None
+        if opener is None and io_.ctx.inline:
+            got = _open_inline(path, flags)
+        if got is not None:
+            pass
+        elif opener is not None:
+            got = await _open_blocking(io_, path, flags, perms, opener)
+        else:
+            req = io_.ctx.call(_open_nonblocking, path, flags, perms)
+            try:
+                await io_.wait(req)
+            except BaseException:
+                # Cancelled: if the open ran anyway, its descriptor is ours to close.
+                opened: Any = req.result() if req.error == 0 else None
+                if opened is not None:
+                    os.close(opened[0])
+                raise
+            got = req.result()
+            if got is None:
+                got = await _open_blocking(io_, path, flags, perms)
+        fd, st = got
+        pos = st.st_size if "a" in mode else 0
     try:
-        await io_.wait(req)
-    except BaseException:
-        # Cancelled: if the open ran anyway, its descriptor is ours to close.
-        opened: Any = req.result() if req.error == 0 else None
-        if opened is not None:
-            os.close(opened[0])
-        raise
-    got: Any = req.result()
-    if got is None:
-        got = await _open_blocking(io_, where, flags, perms)
-    fd, st = got
-    try:
-        return AsyncFile(
+        return cls(
             fd,
             path,
             mode,
@@ -971,11 +1157,21 @@ async def _open(
             errors=errors,
             newline=newline,
             st=st,
-            pos=st.st_size if "a" in mode else 0,
+            pos=pos,
+            buffering=buffering,
+            closefd=closefd,
         )
     except BaseException:
-        os.close(fd)
+        if not isinstance(path, int):  # (a caller's descriptor stays theirs, as open() does)
+            os.close(fd)
         raise
+
+
+async def _call(io_: LoopIO, fn: Callable[..., T], *args: Any) -> T:
+    req = io_.ctx.call(fn, *args)
+    await io_.wait(req)
+    result: Any = req.result()
+    return result  # type: ignore[no-any-return]
 
 
 def _opened(fd: int, path: Any) -> tuple[int, os.stat_result]:
@@ -990,6 +1186,29 @@ def _opened(fd: int, path: Any) -> tuple[int, os.stat_result]:
     return fd, st
 
 
+def _open_inline(path: Any, flags: int) -> tuple[int, os.stat_result] | None:
+    """Open on the loop's thread if that cannot block (see
+    :func:`threadlets.oneshot.open_cached`); else None."""
+    fd = open_cached(path, flags)
+    if fd < 0:
+        return None
+    return _clear_nonblocking(*_opened(fd, path), flags)
+
+
+#: The status flags that F_SETFL sets (the rest it leaves alone).
+_SETFL_FLAGS = os.O_APPEND | os.O_NONBLOCK | O_DIRECT | getattr(os, "O_NOATIME", 0)
+
+
+def _clear_nonblocking(fd: int, st: os.stat_result, flags: int) -> tuple[int, os.stat_result]:
+    if not flags & os.O_NONBLOCK:
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags & _SETFL_FLAGS)
+        except BaseException:
+            os.close(fd)
+            raise
+    return fd, st
+
+
 def _open_nonblocking(path: Any, flags: int, perms: int) -> tuple[int, os.stat_result] | None:
     """Open without waiting for a FIFO's other end (then clear O_NONBLOCK);
     None where that cannot be done (a FIFO for writing with no reader)."""
@@ -999,14 +1218,7 @@ def _open_nonblocking(path: Any, flags: int, perms: int) -> tuple[int, os.stat_r
         if e.errno in (errno.ENXIO, errno.EAGAIN):
             return None
         raise
-    fd, st = _opened(fd, path)
-    if not flags & os.O_NONBLOCK:
-        try:
-            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
-        except BaseException:
-            os.close(fd)
-            raise
-    return fd, st
+    return _clear_nonblocking(*_opened(fd, path), flags)
 
 
 class _DetachedOpen:
@@ -1019,8 +1231,13 @@ class _DetachedOpen:
         self._abandoned = False
         self._fd: int | None = None
 
-    def run(self, path: Any, flags: int, perms: int) -> tuple[int, os.stat_result] | None:
-        fd, st = _opened(os.open(path, flags, perms), path)
+    def run(
+        self, path: Any, flags: int, perms: int, opener: Callable[[str, int], int] | None
+    ) -> tuple[int, os.stat_result] | None:
+        fd = os.open(path, flags, perms) if opener is None else opener(path, flags)
+        if not isinstance(fd, int) or fd < 0:
+            raise ValueError(f"opener returned {fd!r}")
+        fd, st = _opened(fd, path)
         with self._lock:
             if not self._abandoned:
                 self._fd = fd
@@ -1037,14 +1254,18 @@ class _DetachedOpen:
 
 
 async def _open_blocking(
-    io_: LoopIO, path: Any, flags: int, perms: int
+    io_: LoopIO,
+    path: Any,
+    flags: int,
+    perms: int,
+    opener: Callable[[str, int], int] | None = None,
 ) -> tuple[int, os.stat_result]:
-    opener = _DetachedOpen()
-    req = io_.ctx.call(opener.run, path, flags, perms)
+    detached = _DetachedOpen()
+    req = io_.ctx.call(detached.run, path, flags, perms, opener)
     try:
         await io_.wait(req, detach=True)
     except BaseException:
-        opener.abandon()
+        detached.abandon()
         raise
     got: Any = req.result()
     return got  # type: ignore[no-any-return]
@@ -1103,7 +1324,8 @@ def wrap(
         mode = {os.O_RDONLY: "rb", os.O_WRONLY: "wb", os.O_RDWR: "r+b"}[access]
         if fl & os.O_APPEND:
             mode = "ab" if access == os.O_WRONLY else "a+b"
-    return AsyncFile(
+    cls = AsyncBinaryFile if "b" in mode else AsyncTextFile
+    return cls(
         fd,
         name,
         mode,

@@ -1,0 +1,378 @@
+"""Whole-file helpers: ``read_bytes``, ``read_text``, ``write_bytes``,
+``write_text``, each one request on the engine (one hop to a worker that
+opens, reads or writes, and closes), with pathlib's semantics.
+
+What each one checks that the caller can get wrong (a str for bytes, an
+unknown codec, a bad ``newline``) is checked before anything is submitted;
+an encoding error in ``write_text`` happens before the file is opened, so a
+failed call never leaves a truncated file.  Reads first try to finish inline, on the loop's thread, doing only what
+cannot block -- as io_uring does for its own opens: ``openat2`` with
+``RESOLVE_CACHED`` (fails rather than wait for a path lookup) and
+``O_NONBLOCK`` (a FIFO does not wait for a writer), ``fstat``, and one
+``preadv2(RWF_NOWAIT)`` of the whole file (fails rather than wait for the
+disk).  Anything else -- not a regular file, a short read, an error, the
+context's inline path turned off -- closes what was opened and does the
+whole call as one request.  Cancellation is the engine's
+(:mod:`threadlets.awaitable`): cancelled while queued, nothing happened;
+cancelled while running, the call is waited out -- a write has then been
+done -- before the cancellation is seen.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import errno
+import io
+import locale
+import os
+import select
+import stat
+import sys
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from threadlets.awaitable import YIELD_EVERY, LoopIO, current
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer, StrOrBytesPath
+
+__all__ = ["open_cached", "read_bytes", "read_text", "write_bytes", "write_text"]
+
+_RDONLY = os.O_RDONLY | os.O_CLOEXEC
+_WRONLY = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+_NEWLINES = (None, "", "\n", "\r", "\r\n")
+
+
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+#: Larger files are read on a worker: an inline read of them holds the loop.
+INLINE_MAX = 256 * 1024
+
+
+def _make_openat2() -> Callable[[bytes, int], int] | None:
+    """``openat2(AT_FDCWD, path, flags, RESOLVE_CACHED)`` -> fd, or -1
+    (the caller adds O_NONBLOCK: a FIFO must not wait for its other end);
+    None where the kernel or platform has no openat2 (Linux < 5.12 has no
+    RESOLVE_CACHED: EINVAL, also None)."""
+    if not sys.platform.startswith("linux") or not _RWF_NOWAIT:
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        syscall = libc.syscall
+    except (OSError, AttributeError):
+        return None
+
+    class OpenHow(ctypes.Structure):
+        _fields_ = [
+            ("flags", ctypes.c_uint64),
+            ("mode", ctypes.c_uint64),
+            ("resolve", ctypes.c_uint64),
+        ]
+
+    syscall.restype = ctypes.c_long
+    syscall.argtypes = [
+        ctypes.c_long,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+    ]
+    how_n = ctypes.sizeof(OpenHow)
+    at_fdcwd = -100
+    sys_openat2 = 437  # the same number on every Linux architecture
+
+    def openat2(path: bytes, flags: int) -> int:
+        how = OpenHow(flags, 0, 0x20)  # RESOLVE_CACHED; one per call: any thread
+        return int(syscall(sys_openat2, at_fdcwd, path, ctypes.addressof(how), how_n))
+
+    probe = openat2(b"/", _RDONLY)
+    if probe < 0:
+        return None  # ENOSYS, or EINVAL for RESOLVE_CACHED (older kernels)
+    os.close(probe)
+    return openat2
+
+
+def open_cached(path: str | bytes, flags: int) -> int:
+    """Open without blocking, or -1: only if every path component is in the
+    kernel's cache, and never O_CREAT or O_TRUNC (they write); with
+    O_NONBLOCK added (the caller clears it if it must).  Call it only from
+    an event loop's thread."""
+    if _openat2 is None or flags & (os.O_CREAT | os.O_TRUNC):
+        return -1
+    return _openat2(os.fsencode(path), flags | os.O_NONBLOCK)
+
+
+_openat2 = _make_openat2()
+
+
+def _read_inline(path: str | bytes) -> bytes | _Handoff | None:
+    """The whole of a cached regular file, read without blocking; or the
+    descriptor opened, for a worker to go on with; or None (nothing open)."""
+    fd = open_cached(path, _RDONLY)
+    if fd < 0:
+        return None
+    try:
+        st = os.fstat(fd)
+        size = st.st_size
+        if stat.S_ISDIR(st.st_mode):
+            os.close(fd)
+            return None  # the worker's open says IsADirectoryError
+        if stat.S_ISREG(st.st_mode) and size <= INLINE_MAX:
+            buf = bytearray(size + 1)
+            try:
+                got = os.preadv(fd, [buf], 0, _RWF_NOWAIT)
+            except OSError:
+                got = -1
+            if got == size:
+                os.close(fd)
+                del buf[size:]
+                return bytes(buf)
+    except BaseException:
+        os.close(fd)
+        raise
+    # Not cached, large, or not a regular file: opened already (a FIFO's
+    # writer may have seen us open it), so the worker reads this descriptor.
+    return _Handoff(fd, path, not stat.S_ISREG(st.st_mode))
+
+
+class _Handoff:
+    """A descriptor opened on the loop for a worker to read and close.  If
+    the task gives up before the worker took it, the task closes it; if
+    after, and the file is a stream (a FIFO that may never be written),
+    the task wakes the worker through a pipe and the worker gives up."""
+
+    __slots__ = ("_done", "_lock", "_wake", "fd", "path", "stream")
+
+    def __init__(self, fd: int, path: Any, stream: bool) -> None:
+        self._lock = threading.Lock()
+        self.fd: int | None = fd
+        self.path = path
+        self.stream = stream  # not a regular file: may block for ever
+        self._wake = os.pipe2(os.O_CLOEXEC) if stream else None
+        self._done = False
+
+    def _take(self) -> int | None:
+        with self._lock:
+            fd, self.fd = self.fd, None
+        return fd
+
+    def abandon(self) -> None:
+        fd = self._take()
+        with self._lock:
+            if fd is not None:
+                os.close(fd)
+            if self._wake is not None and not self._done:
+                if fd is not None:  # the worker never started: nobody else uses the pipe
+                    self._finish()
+                else:
+                    os.write(self._wake[1], b"x")
+
+    def _finish(self) -> None:
+        """Close the pipe (the lock held)."""
+        self._done = True
+        if self._wake is not None:
+            os.close(self._wake[0])
+            os.close(self._wake[1])
+
+    def read(self) -> bytes:
+        """On the worker: the rest of the file, then close it."""
+        fd = self._take()
+        if fd is None:
+            raise OSError(errno.ECANCELED, os.strerror(errno.ECANCELED))
+        try:
+            if self._wake is None:
+                return _read_fd(fd, self.path)
+            return self._read_stream(fd, self._wake[0])
+        finally:
+            os.close(fd)
+            with self._lock:
+                if not self._done:
+                    self._finish()
+
+    def _read_stream(self, fd: int, wake: int) -> bytes:
+        # Opened O_NONBLOCK: wait as a blocking open and read would (a FIFO
+        # until a writer comes), but for the task's wake-up too.
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        poller.register(wake, select.POLLIN)
+        parts: list[bytes] = []
+        while True:
+            ready = dict(poller.poll())
+            if wake in ready:
+                raise OSError(errno.ECANCELED, os.strerror(errno.ECANCELED))
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                continue
+            if not data:
+                return b"".join(parts)
+            parts.append(data)
+
+
+def _read_fd(fd: int, path: Any) -> bytes:
+    st = os.fstat(fd)
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+    regular = stat.S_ISREG(st.st_mode)
+    want = st.st_size + 1 if regular else 65536
+    data = os.read(fd, want)
+    # A regular file read short is at its end: no read to see b"".
+    if regular and len(data) < want:
+        return data
+    parts = [data]
+    while data:
+        data = os.read(fd, max(want, 65536))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def _read_all(path: Any) -> bytes:
+    fd = os.open(path, _RDONLY)
+    try:
+        return _read_fd(fd, path)
+    finally:
+        os.close(fd)
+
+
+async def _inline_done(io_: LoopIO) -> None:
+    io_.inline_run += 1
+    if io_.inline_run >= YIELD_EVERY:
+        await io_.fair_yield()
+
+
+async def _one_call(fn: Any, *args: Any) -> Any:
+    io_ = current()
+    await io_.checkpoint()
+    return await _submit(io_, fn, *args)
+
+
+async def _submit(io_: LoopIO, fn: Any, *args: Any) -> Any:
+    req = io_.ctx.call(fn, *args)
+    await io_.wait(req)
+    return req.result()
+
+
+async def _read(io_: LoopIO, where: Any) -> bytes:
+    """read_bytes after its checks: inline, or a worker's."""
+    if io_.ctx.inline:
+        got = _read_inline(where)
+        if isinstance(got, bytes):
+            await _inline_done(io_)
+            return got
+        if got is not None:
+            req = io_.ctx.call(got.read)
+            try:
+                await io_.wait(req, detach=got.stream)
+            except BaseException:
+                got.abandon()
+                raise
+            result: Any = req.result()
+            return result  # type: ignore[no-any-return]
+    data: bytes = await _submit(io_, _read_all, where)
+    return data
+
+
+def _write_all(path: Any, view: memoryview) -> None:
+    fd = os.open(path, _WRONLY, 0o666)
+    try:
+        done = 0
+        while done < len(view):
+            done += os.write(fd, view[done:])
+    finally:
+        os.close(fd)
+
+
+def _encoding(encoding: str | None) -> str:
+    name = io.text_encoding(encoding)
+    if name == "locale":
+        name = locale.getencoding()
+    codecs.lookup(name)  # LookupError for an unknown codec, before any I/O
+    return name
+
+
+def _check_newline(newline: object) -> None:
+    if newline is not None and not isinstance(newline, str):
+        raise TypeError(f"newline must be str or None, not {type(newline).__name__}")
+    if newline not in _NEWLINES:
+        raise ValueError(f"illegal newline value: {newline!r}")
+
+
+def _decode(data: bytes, encoding: str, errors: str | None, newline: str | None) -> str:
+    if newline == "" or (newline is None and b"\r" not in data):
+        return data.decode(encoding, errors or "strict")
+    # The text layer's exact rules (universal newlines, a split "\r\n").
+    with io.TextIOWrapper(io.BytesIO(data), encoding, errors, newline) as f:
+        return f.read()
+
+
+def _read_text(path: Any, encoding: str, errors: str | None, newline: str | None) -> str:
+    return _decode(_read_all(path), encoding, errors, newline)
+
+
+def _write_text(
+    path: Any, text: str, encoding: str, errors: str | None, newline: str | None
+) -> None:
+    if newline in (None, "", "\n") or "\n" not in text:
+        data = text.encode(encoding, errors or "strict")
+    else:
+        buf = io.BytesIO()
+        f = io.TextIOWrapper(buf, encoding, errors, newline, write_through=True)
+        f.write(text)
+        f.flush()
+        data = buf.getvalue()
+    _write_all(path, memoryview(data))
+
+
+async def read_bytes(path: StrOrBytesPath) -> bytes:
+    """The whole file's contents (pathlib's ``read_bytes``), in one request
+    (or none, if it is cached)."""
+    io_ = current()
+    await io_.checkpoint()
+    return await _read(io_, os.fspath(path))
+
+
+async def read_text(
+    path: StrOrBytesPath,
+    encoding: str | None = None,
+    errors: str | None = None,
+    newline: str | None = None,
+) -> str:
+    """The whole file decoded (pathlib's ``read_text``; universal newlines
+    unless ``newline`` says otherwise), in one request."""
+    _check_newline(newline)
+    where, codec = os.fspath(path), _encoding(encoding)
+    io_ = current()
+    await io_.checkpoint()
+    if io_.ctx.inline:
+        data = await _read(io_, where)
+        if len(data) <= INLINE_MAX:
+            return _decode(data, codec, errors, newline)
+        result: str = await _submit(io_, _decode, data, codec, errors, newline)
+        return result
+    result = await _submit(io_, _read_text, where, codec, errors, newline)
+    return result
+
+
+async def write_bytes(path: StrOrBytesPath, data: ReadableBuffer) -> int:
+    """Create or truncate the file and write ``data`` (pathlib's
+    ``write_bytes``), in one request; returns the count written."""
+    view = memoryview(data).cast("B")  # TypeError for a str, before any I/O
+    await _one_call(_write_all, os.fspath(path), view)
+    return len(view)
+
+
+async def write_text(
+    path: StrOrBytesPath,
+    data: str,
+    encoding: str | None = None,
+    errors: str | None = None,
+    newline: str | None = None,
+) -> int:
+    """Create or truncate the file and write ``data`` encoded (pathlib's
+    ``write_text``), in one request; returns the count of characters."""
+    if not isinstance(data, str):
+        raise TypeError(f"data must be str, not {type(data).__name__}")
+    _check_newline(newline)
+    await _one_call(_write_text, os.fspath(path), data, _encoding(encoding), errors, newline)
+    return len(data)
