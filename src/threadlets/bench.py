@@ -529,6 +529,7 @@ def _small_files(cfg: BenchConfig, directory: str) -> dict[str, Runner]:
 
     runners = {
         "threadlets": async_run(tl),
+        "threadlets.read_bytes": async_run(threadlets.read_bytes),
         "asyncio.to_thread": async_run(lambda p: asyncio.to_thread(sync_read, p)),
         "anyio.to_thread": async_run(lambda p: _anyio_thread(sync_read, p)),
         DIRECT: async_run(direct),
