@@ -170,15 +170,25 @@ def test_ctrl_c_while_asleep_in_drain(backend: str, queue: ThreadletQueue) -> No
             main = threading.main_thread().ident
             assert main == threading.get_ident()
 
+            caught = threading.Event()
+
             def interrupt() -> None:
-                wait_until(lambda: _in_poll_or_wait(main), timeout=30)
-                signal.pthread_kill(main, signal.SIGINT)
+                # Until the main thread says it caught one: a signal is sent
+                # only while it sleeps in drain's poll.
+                while not caught.is_set():
+                    wait_until(lambda: _in_poll_or_wait(main) or caught.is_set(), timeout=30)
+                    if not caught.is_set():
+                        signal.pthread_kill(main, signal.SIGINT)
+                    caught.wait(0.5)
 
             t = threading.Thread(target=interrupt)
             t.start()
-            with pytest.raises(KeyboardInterrupt):
-                ctx.drain(timeout=30)
-            t.join()
+            try:
+                with pytest.raises(KeyboardInterrupt):
+                    ctx.drain(timeout=30)
+            finally:
+                caught.set()
+                t.join()
             _finish_all(ctx, pipes, reqs)
             assert ctx.drain(timeout=10)
             assert sorted(calls) == [0, 1, 2]

@@ -510,7 +510,7 @@ class _CompletionQueue:
     """The completion side of a context: admission, the ready queue, the
     notifier and the counters.
 
-    Invariants (all under ``lock``):
+    Invariants (all under ``lock``, but for admission, see AioContext._start):
 
     * ``admitted`` counts requests let in; none is let in once ``closing``.
     * ``delivered`` counts those whose completion was taken: by
@@ -538,11 +538,17 @@ class _CompletionQueue:
         self.batches = 0
 
     def unadmit(self, req: AioRequest) -> None:
-        """Take back the admission of a request that reached no backend."""
+        """Take back the admission of a request that reached no backend, and
+        wake a close() that may be waiting for it."""
         with self.lock:
             if req._admitted:
                 req._admitted = False
                 self.admitted -= 1
+                if self.closing:
+                    self.quiet.notify_all()
+                    if self.deliver:
+                        self.wakeups += 1
+                        self._signal()
 
     def outstanding(self) -> int:
         with self.lock:
@@ -597,13 +603,16 @@ class _CompletionQueue:
                 return 0
             self.batches += 1
         n = 0
+        prev: AioRequest | None = None
+        req: AioRequest | None = None
+        mine = called = False
         try:
-            prev: AioRequest | None = None
             while limit > 0:
                 # Peek, claim, deliver, then take it off the queue (in the
                 # same hold of the lock as the next peek): whatever an
                 # exception interrupts, the request is still at the head,
                 # and its claim (_processed) says whether its callback ran.
+                mine = False
                 with lock:
                     if prev is not None and ready and ready[0] is prev:
                         # Two plain bytecodes, no call between them: no
@@ -612,18 +621,24 @@ class _CompletionQueue:
                         self.delivered += 1
                     if not ready:
                         break
-                    req = ready[0]
-                prev = req
+                    req = prev = ready[0]
+                    if not req._processed:  # claimed under the lock
+                        req._processed = mine = True
                 limit -= 1
-                if not req._processed:
-                    req._processed = True  # claimed: its callback runs once, here
+                if mine:
                     n += 1
                     cb = req.callback
                     if cb is not None:
+                        called = True  # its callback runs once, here
                         try:
                             cb(req)
                         except Exception:
                             log.exception("exception in completion callback of %r", req)
+                        called = False
+        except BaseException:
+            if mine and not called and req is not None:
+                req._processed = False  # claimed, then interrupted before its call
+            raise
         finally:
             with lock:
                 # A callback that raised was delivered all the same.
@@ -847,6 +862,8 @@ class _RingBackend:
             if not ident:
                 req._on_ring = False
                 req._unclaim()  # (only if it is RUNNING: claimed just now)
+        if not ident:
+            return False  # the ring is full (or closing): the pool takes it
         req._ring_ident = ident
         return True
 
@@ -884,9 +901,10 @@ class _RingBackend:
             answer.append(res)
             got.set()
 
+        # Set before the cancel is submitted (its -ECANCELED may be reaped at
+        # once) and never cleared: another thread's cancel may have won.
         req._cancel_asked = True
         if not ring.cancel(ident, on_done):
-            req._cancel_asked = False
             return None
         if ring.owner_mode or ring.is_reaper():
             while not answer:  # nobody else reaps for this thread
@@ -1120,7 +1138,10 @@ class AioContext:
                 return e
             if not self.inline:
                 f.nowait_reads = f.nowait_writes = False
-            self._files[fd] = f
+            # One record per fd, even when two threads meet it first at once
+            # (its locks serialise O_DIRECT size changes, its memory keeps
+            # sticky flush errors): the first stored wins.
+            f = self._files.setdefault(fd, f)
             if self._cq.closing:  # closed meanwhile: close() cleared _files before us
                 self._files.pop(fd, None)
                 raise RuntimeError("the AioContext is closed")
@@ -1133,11 +1154,17 @@ class AioContext:
             raise ValueError("this AioContext does not deliver completions: no callback=")
         cq = self._cq
         try:
-            with cq.lock:  # (CompletionQueue.admit, inline: once per request)
-                if cq.closing:
-                    raise RuntimeError("the AioContext is closed")
-                cq.admitted += 1
-                req._admitted = True
+            # Admission without the lock (the hot path): count, then look at
+            # `closing`; close() sets `closing`, then waits for what is
+            # counted, so one of the two sees the other (the GIL orders
+            # them).  The two stores are plain bytecodes: no interrupt and
+            # no other thread comes between them (CPython switches threads
+            # only where it checks for signals, at calls and loops).
+            cq.admitted += 1
+            req._admitted = True
+            if cq.closing:
+                cq.unadmit(req)
+                raise RuntimeError("the AioContext is closed")
             if req._state is _DONE:
                 next(self._n_inline)
                 cq.complete(req)

@@ -520,23 +520,29 @@ class Ring:
         _batch.after = after
         handed = 0
         ready, lock = self._ready, self._lock
+        mine = called = False
+        item: list[Any] = []
+        prev = None
         try:
-            prev = None
             while True:
                 # Peek, claim, hand out, then take it off (in the same hold
                 # of the lock as the next peek): whatever an exception
                 # interrupts, the completion is still at the head and its
                 # claim says whether its callback was called.
+                mine = False
                 with lock:
                     if prev is not None and ready and ready[0] is prev:
                         del ready[0]  # (unless a nested reap took it)
                     if not ready:
                         break
                     item = prev = ready[0]
-                if not item[2]:
-                    item[2] = True
+                    if not item[2]:  # claimed under the lock: any thread may reap
+                        item[2] = mine = True
+                if mine:
                     handed += 1
+                    called = True
                     item[0](item[1])
+                    called = False
             if outer is None:
                 _batch.after = None
                 for fn in after:
@@ -544,6 +550,10 @@ class Ring:
                         fn()
                     except Exception:  # pragma: no cover
                         log.exception("exception in after-batch call %r", fn)
+        except BaseException:
+            if mine and not called:
+                item[2] = False  # claimed, then interrupted before its call
+            raise
         finally:
             with lock:
                 while ready and ready[0][2]:  # a callback that raised was called
