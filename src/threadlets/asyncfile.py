@@ -52,7 +52,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Itera
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from threadlets.awaitable import YIELD_EVERY, LoopIO, StreamLock, current
+from threadlets.awaitable import YIELD_EVERY, FdWaits, LoopIO, StreamLock, current
 from threadlets.engine import AioRequest, _InlineDone, _nonnegative
 from threadlets.probe import O_DIRECT
 
@@ -173,6 +173,8 @@ class AsyncFile:
         #: Can block for ever: readiness on the loop, then non-blocking I/O.
         self._stream = not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode))
         self._pipe = stat.S_ISFIFO(st.st_mode)
+        #: The stream's readiness waits, ended by close() (see S2 in close).
+        self._waits = FdWaits()
         self._nowait_read = self._nowait_write = bool(_RWF_NOWAIT)
         try:
             here = os.lseek(fd, 0, os.SEEK_CUR)
@@ -239,6 +241,12 @@ class AsyncFile:
     def _check_open(self) -> None:
         if self._closed:
             raise ValueError("I/O operation on closed file")
+
+    def _still_open(self) -> None:
+        """Checked by the stream before each request or system call on the
+        descriptor: a call that spans several may see a close() between."""
+        if self._closed:
+            raise ValueError("I/O operation on closed file.")
 
     def _check_loop(self) -> None:
         if self._loop is not None:
@@ -309,6 +317,7 @@ class AsyncFile:
 
     async def _read_at(self, n: int, offset: int) -> bytes:
         """pread without its checks, for the stream (see pread)."""
+        self._still_open()
         read_inline = self._read_inline
         if read_inline is not None and type(n) is int and 0 < n <= CHUNK:
             buf = self._scratch
@@ -352,6 +361,7 @@ class AsyncFile:
         """Run a request that changes the file: the read-ahead is dropped
         before it is submitted and again once it finished.  (A stream's
         read-ahead is data already taken from it: it stays.)"""
+        self._still_open()
         if self._stream:
             return await self._run(submit())
         self._rbuf = b""
@@ -392,6 +402,7 @@ class AsyncFile:
         return result
 
     async def _size_now(self) -> int:
+        self._still_open()
         st: os.stat_result = await self._run(self._ctx.call(os.fstat, self._fd))
         return st.st_size
 
@@ -550,6 +561,7 @@ class AsyncFile:
         elif how == os.SEEK_END:
             new = await self._size_now() + off
         else:
+            self._still_open()
             new = await self._run(self._ctx.call(os.lseek, self._fd, off, how))
         if new < 0:
             raise _einval()
@@ -617,11 +629,12 @@ class AsyncFile:
         n = min(n, CHUNK)  # what one read of a pipe or terminal can give
         waited = False
         while True:
+            self._still_open()
             data = self._try_read(n)
             # A FIFO that no writer has opened yet reads as end of file but
             # is not readable: end of file only once the loop says readable.
             if data is None or (not data and self._pipe and not waited):
-                await self._io.wait_fd(self._fd, write=False)
+                await self._io.wait_fd(self._fd, False, self._waits)
                 waited = True
                 continue
             return data
@@ -630,9 +643,10 @@ class AsyncFile:
         view = view.cast("B")
         done = 0
         while done < len(view):
+            self._still_open()
             n = self._try_write(view[done:])
             if n is None:
-                await self._io.wait_fd(self._fd, write=True)
+                await self._io.wait_fd(self._fd, True, self._waits)
             else:
                 done += n
         return done
@@ -775,6 +789,10 @@ class AsyncFile:
         self._check_loop()
         self._closed = True
         self._slow_path = True
+        # Stream calls in other tasks see _closed before their next request
+        # or system call; those waiting for readiness are woken (with
+        # ValueError) and the loop stops watching the descriptor.
+        self._waits.close()
         if self._outstanding or (self._text is not None and self._writable):
             await self._io.shielded(self._finish_close)
         else:
@@ -790,9 +808,11 @@ class AsyncFile:
                 finally:
                     lock.release()
         finally:
-            for req in list(self._outstanding):
+            while self._outstanding:
                 # Another task awaits it; wait for it on a worker, not the loop.
+                req = next(iter(self._outstanding))
                 await self._run(self._ctx.call(req.wait))
+                self._outstanding.discard(req)
             self._release()
 
     def _release(self) -> None:

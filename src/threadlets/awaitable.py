@@ -50,7 +50,7 @@ from typing import Any, TypeVar
 from threadlets.engine import BACKENDS, AioContext, AioRequest
 from threadlets.pool import CancelResult, ThreadletQueue
 
-__all__ = ["YIELD_EVERY", "LoopIO", "StreamLock", "configure", "current"]
+__all__ = ["YIELD_EVERY", "FdWaits", "LoopIO", "StreamLock", "configure", "current"]
 
 T = TypeVar("T")
 
@@ -129,9 +129,13 @@ class LoopIO:
         else:
             await _trio_wait(req, detach)
 
-    async def wait_fd(self, fd: int, write: bool) -> None:
+    async def wait_fd(self, fd: int, write: bool, waits: FdWaits | None = None) -> None:
         """Suspend until ``fd`` is readable (writable); cancellable at any
-        time, with nothing consumed."""
+        time, with nothing consumed.  With ``waits``, ``waits.close()``
+        ends the wait with ValueError and takes ``fd`` off the loop, so the
+        descriptor can be closed under it."""
+        if waits is not None and waits.closed:
+            raise _closed_file()
         if self.kind == "asyncio":
             loop = asyncio.get_running_loop()
             fut: asyncio.Future[None] = loop.create_future()
@@ -142,22 +146,55 @@ class LoopIO:
                 loop.add_writer(fd, _set_done, fut)
             else:
                 loop.add_reader(fd, _set_done, fut)
+            watched = True
+
+            def unwatch() -> None:
+                # Once only: after waits.close() the number may be another
+                # file's, with its own registration on this loop.
+                nonlocal watched
+                if watched:
+                    watched = False
+                    if write:
+                        loop.remove_writer(fd)
+                    else:
+                        loop.remove_reader(fd)
+                    if fcntl.fcntl(fd, fcntl.F_GETFL) != flags:
+                        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+
+            def abort() -> None:
+                unwatch()
+                if not fut.done():
+                    fut.set_exception(_closed_file())
+
+            if waits is not None:
+                waits._aborts.add(abort)
             try:
                 await fut
             finally:
-                if write:
-                    loop.remove_writer(fd)
-                else:
-                    loop.remove_reader(fd)
-                if fcntl.fcntl(fd, fcntl.F_GETFL) != flags:
-                    fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+                if waits is not None:
+                    waits._aborts.discard(abort)
+                unwatch()
         else:
             import trio
 
-            if write:
-                await trio.lowlevel.wait_writable(fd)
-            else:
-                await trio.lowlevel.wait_readable(fd)
+            scope = trio.CancelScope()
+            if waits is not None:
+                waits._aborts.add(scope.cancel)
+            try:
+                with scope:
+                    if write:
+                        await trio.lowlevel.wait_writable(fd)
+                    else:
+                        await trio.lowlevel.wait_readable(fd)
+            except trio.ClosedResourceError:
+                if waits is not None and waits.closed:
+                    raise _closed_file() from None
+                raise
+            finally:
+                if waits is not None:
+                    waits._aborts.discard(scope.cancel)
+            if scope.cancelled_caught:
+                raise _closed_file()
 
     async def shielded(self, fn: Callable[[], Awaitable[T]]) -> T:
         """Run ``fn()`` to its end even if the caller is cancelled meanwhile;
@@ -266,6 +303,32 @@ class StreamLock:
                 waiter.set_result(None)
                 return
         self.busy = False
+
+
+class FdWaits:
+    """The readiness waits (:meth:`LoopIO.wait_fd`) of one file, so that
+    closing the file ends them before the descriptor goes: each waiter gets
+    ValueError, and on asyncio the loop no longer watches the number (which
+    the next file opened may get).  (trio: the closer still calls
+    ``notify_closing`` before it closes the descriptor.)"""
+
+    __slots__ = ("_aborts", "closed")
+
+    def __init__(self) -> None:
+        self._aborts: set[Callable[[], None]] = set()
+        #: Set by close(): later waits raise at once.
+        self.closed = False
+
+    def close(self) -> None:
+        """End every wait now; call before the descriptor is closed."""
+        self.closed = True
+        for abort in list(self._aborts):
+            abort()
+        self._aborts.clear()
+
+
+def _closed_file() -> ValueError:
+    return ValueError("I/O operation on closed file.")
 
 
 class _no_scope:
