@@ -103,7 +103,8 @@ async def test_close_wakes_a_pipe_reader_and_frees_the_number() -> None:
             while not outcome:
                 await anyio.lowlevel.checkpoint()
     [got] = outcome
-    assert isinstance(got, ValueError) and "closed file" in str(got)
+    assert isinstance(got, ValueError)
+    assert "closed file" in str(got)
     # The number, reused, works for a new file on the same loop.
     r2, w2 = os.pipe()
     try:
@@ -148,3 +149,78 @@ async def test_closing_a_text_stream_with_a_blocked_reader_finishes() -> None:
     finally:
         a.close()
         b.close()
+
+
+# -- S3/S7: a cancelled read consumes nothing --------------------------------------------------
+
+
+async def _read_all(f: threadlets.AsyncFile) -> Any:
+    return await f.read()
+
+
+async def _read_n(f: threadlets.AsyncFile) -> Any:
+    return await f.read(100)
+
+
+async def _readline(f: threadlets.AsyncFile) -> Any:
+    return await f.readline()
+
+
+async def _readlines(f: threadlets.AsyncFile) -> Any:
+    return await f.readlines()
+
+
+async def _anext(f: threadlets.AsyncFile) -> Any:
+    return await f.__anext__()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("mode", ["rb", "r"])
+@pytest.mark.parametrize("call", [_read_all, _read_n, _readline, _readlines, _anext])
+async def test_a_cancelled_pipe_read_consumes_nothing(mode: str, call: Any) -> None:
+    r, w = os.pipe()
+    f = threadlets.wrap(r, mode)
+    try:
+        os.write(w, b"partial ")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, f)
+            await anyio.wait_all_tasks_blocked()
+            os.write(w, b"line")  # a second chunk, still no line end
+            await anyio.wait_all_tasks_blocked()
+            tg.cancel_scope.cancel()
+        os.write(w, b"\nrest")
+        os.close(w)
+        w = -1
+        expect = b"partial line\nrest"
+        assert await f.read() == (expect if mode == "rb" else expect.decode())
+    finally:
+        await f.close()
+        if w >= 0:
+            os.close(w)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("mode", ["rb", "r"])
+@pytest.mark.parametrize("call", [_read_all, _readline])
+async def test_a_cancelled_file_read_keeps_the_position(
+    tmp_path: Path, no_inline: str, mode: str, call: Any
+) -> None:
+    p = tmp_path / "long"
+    data = b"0123456789" * 100_000 + b"\nend"
+    p.write_bytes(data)
+    got: list[Any] = []
+
+    async def run(f: threadlets.AsyncFile) -> None:
+        got.append(await call(f))
+
+    async with threadlets.open(p, mode, encoding=None if "b" in mode else "ascii") as f:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run, f)
+            # Cancelled once the call has taken a chunk and asks for the next.
+            await until(
+                lambda: bool(got) or ((f._pos > 0 or bool(f._rbuf)) and bool(f._outstanding))
+            )
+            tg.cancel_scope.cancel()
+        done = len(got[0]) if got else 0  # (it may have finished first)
+        assert await f.tell() == done
+        assert await f.read() == (data if "b" in mode else data.decode())[done:]

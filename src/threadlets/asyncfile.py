@@ -449,17 +449,23 @@ class AsyncFile:
         if n < -1:
             raise ValueError("read length must be non-negative or -1")
         if n == -1:
+            start, gen = self._pos, self._wgen
             parts = [bytes(self._buffered())]
             self._pos += len(parts[0])
             self._drop_read_ahead()
             size = CHUNK
-            while True:
-                chunk = await self._raw_read(size, self._pos)
-                size = min(size * 2, 1 << 20)  # grow for large files
-                if not chunk:
-                    return b"".join(parts)
-                parts.append(chunk)
-                self._pos += len(chunk)
+            try:
+                while True:
+                    chunk = await self._raw_read(size, self._pos)
+                    size = min(size * 2, 1 << 20)  # grow for large files
+                    if not chunk:
+                        return b"".join(parts)
+                    parts.append(chunk)
+                    self._pos += len(chunk)
+            except BaseException as e:
+                if not isinstance(e, Exception):  # cancelled: consume nothing
+                    self._unread(start, gen, parts)
+                raise
         have = self._buffered()
         if len(have) < n and not self._stream and n - len(have) >= CHUNK:
             # Large: read it directly.
@@ -477,6 +483,14 @@ class AsyncFile:
         out = bytes(have[:n])
         self._pos += len(out)
         return out
+
+    def _unread(self, start: int, gen: int, parts: list[bytes]) -> None:
+        """Undo a read that took ``parts`` from position ``start``: they
+        become the read-ahead again (a stream's only copy; a file's, unless
+        it changed since)."""
+        self._pos = start
+        if self._stream or gen == self._wgen:
+            self._rbuf, self._rbuf_off = b"".join(parts), start
 
     async def _read1(self, n: int) -> bytes:
         """At most ``n`` bytes, with at most one read of the file; b"" only
