@@ -16,9 +16,9 @@ import pytest
 import threadlets
 import threadlets.awaitable as aw
 
-from .test_asyncfile import anyio_backend, backend, until
+from .test_asyncfile import anyio_backend, backend, gated, until
 
-__all__ = ["anyio_backend", "backend"]  # fixtures used by name
+__all__ = ["anyio_backend", "backend", "gated"]  # fixtures used by name
 
 pytestmark = [
     pytest.mark.filterwarnings("error::ResourceWarning"),
@@ -224,3 +224,75 @@ async def test_a_cancelled_file_read_keeps_the_position(
         done = len(got[0]) if got else 0  # (it may have finished first)
         assert await f.tell() == done
         assert await f.read() == (data if "b" in mode else data.decode())[done:]
+
+
+# -- S4: a cancelled write leaves the file right -----------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("mode", ["w+b", "a+b"])
+async def test_a_write_cancelled_while_running_moves_the_position(
+    tmp_path: Path, no_inline: str, mode: str
+) -> None:
+    p = tmp_path / "w"
+    caught = 0
+    async with threadlets.open(p, mode) as f:
+        for _ in range(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(f.write, b"X" * (1 << 20))
+                await anyio.wait_all_tasks_blocked()
+                if f._outstanding:
+                    [req] = f._outstanding
+                    assert req.wait(10)  # done, its completion not yet processed
+                    caught += 1
+                tg.cancel_scope.cancel()
+            assert await f.tell() == p.stat().st_size
+            if caught >= 3:
+                break
+        await f.write(b"Y")
+    data = p.read_bytes()
+    assert data.count(b"Y") == 1
+    assert data.endswith(b"Y")
+    assert set(data[:-1]) == {ord("X")}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", [pytest.param(("asyncio", {}), id="asyncio")])
+@pytest.mark.parametrize(
+    ("encoding", "expect"), [("iso2022_jp", "語\n"), ("utf-16", "語\n"), ("utf-8-sig", "語\n")]
+)
+async def test_a_text_write_cancelled_while_queued_keeps_the_encoder(
+    tmp_path: Path, gated: Any, encoding: str, expect: str
+) -> None:
+    p = tmp_path / "t"
+    # (Opened without the gated queue.)
+    f = threadlets.wrap(os.open(p, os.O_WRONLY | os.O_CREAT), "w", encoding=encoding)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(f.write, "日本")
+        await until(lambda: bool(f._outstanding))  # queued behind the gate
+        tg.cancel_scope.cancel()
+    _, gate = gated
+    gate.release.set()
+    await f.write("語\n")
+    await f.close()
+    assert p.read_bytes() == expect.encode(encoding)
+
+
+# -- M4: an empty write in append mode -----------------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("mode", "empty"), [("a+b", b""), ("a+", "")])
+async def test_an_empty_append_write_leaves_the_position(
+    tmp_path: Path, backend: str, mode: str, empty: Any
+) -> None:
+    p = tmp_path / "a"
+    p.write_bytes(b"0123456789")
+    with open(p, mode) as ref:  # the reference: io
+        ref.seek(3)
+        ref.write(empty)
+        expect = ref.tell()
+    async with threadlets.open(p, mode) as f:
+        await f.seek(3)
+        assert await f.write(empty) == 0
+        assert await f.tell() == expect == 3

@@ -189,6 +189,8 @@ class AsyncFile:
         self._rbuf = b""  # read-ahead: bytes of the file from _rbuf_off
         self._rbuf_off = 0
         self._wgen = 0
+        #: Bytes the last stream write moved, set even when it raised.
+        self._moved = 0
         self._lock = StreamLock(io_.kind)
         self._text: Any = None
         if text:
@@ -551,12 +553,40 @@ class AsyncFile:
             raise TypeError(
                 f"a bytes-like object is required, not '{type(data).__name__}'"
             ) from None
+        self._moved = 0
+        if not view.nbytes:
+            return 0  # (io moves nothing, not even in append mode)
         if self._stream:
             return await self._stream_write(view)
         pos = self._pos
-        n: int = await self._changing(lambda: self._ctx.write(self._fd, pos, data))
+        req: AioRequest | None = None
+
+        def submit() -> AioRequest:
+            nonlocal req
+            req = self._ctx.write(self._fd, pos, data)
+            return req
+
+        try:
+            n: int = await self._changing(submit)
+        except BaseException as e:
+            # Cancelled while it ran (or once it finished inline): the write
+            # happened, and the position must follow it.
+            moved = req.outcome()[1] if req is not None and not isinstance(e, Exception) else 0
+            if moved > 0:
+                self._moved = moved
+                if self._append and not self._closed:
+                    self._pos = os.fstat(self._fd).st_size
+                else:
+                    self._pos = pos + moved
+            raise
+        self._moved = n
         if self._append:
-            self._pos = await self._size_now()
+            try:
+                self._pos = await self._size_now()
+            except BaseException as e:
+                if not isinstance(e, Exception) and not self._closed:
+                    self._pos = os.fstat(self._fd).st_size
+                raise
         else:
             self._pos = pos + n
         return n
@@ -663,6 +693,7 @@ class AsyncFile:
                 await self._io.wait_fd(self._fd, True, self._waits)
             else:
                 done += n
+                self._moved = done
         return done
 
     # -- the stream's public calls -------------------------------------------------------------
@@ -899,6 +930,11 @@ class _BinaryStream:
 
     async def write(self, data: ReadableBuffer) -> int:
         return await self._f._write(data)
+
+    @property
+    def moved(self) -> int:
+        """Bytes the last write moved (set even when it raised)."""
+        return self._f._moved
 
     async def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
         return await self._f._seek(pos, whence)

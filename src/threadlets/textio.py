@@ -537,12 +537,20 @@ class AsyncTextWrapper:
         if haslf and self._writetranslate and self._writenl is not None:
             text = text.replace("\n", self._writenl)
         needflush = self._line_buffering and (haslf or "\r" in text)
+        state = encoder.getstate()
         try:
             data = encoder.encode(text)
         finally:
             if self._bom_once:
                 encoder.setstate(0)
-        await self._buffer.write(data)
+        try:
+            await self._buffer.write(data)
+        except BaseException as e:
+            # Cancelled before anything was written: the encoder's state (a
+            # stateful codec's shift, a BOM still to write) goes back too.
+            if not isinstance(e, Exception) and getattr(self._buffer, "moved", None) == 0:
+                encoder.setstate(state)
+            raise
         if needflush:
             await self._buffer.flush()
         self._set_decoded_chars("")
