@@ -6,6 +6,7 @@ the loop matters, on both engine backends where requests do."""
 from __future__ import annotations
 
 import os
+import select
 import socket
 from pathlib import Path
 from typing import Any
@@ -296,3 +297,70 @@ async def test_an_empty_append_write_leaves_the_position(
         await f.seek(3)
         assert await f.write(empty) == 0
         assert await f.tell() == expect == 3
+
+
+# -- S6: a cancelled open of a FIFO for writing ----------------------------------------------------
+
+_OPENAT = {"x86_64": 257, "aarch64": 56}.get(os.uname().machine)
+
+
+def _threads_in_open() -> int:
+    """Threads of this process inside openat(2) now."""
+    n = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/syscall") as f:  # the reference: procfs
+                first = f.read().split(" ", 1)[0]
+        except OSError:
+            continue
+        n += first == str(_OPENAT)
+    return n
+
+
+@pytest.mark.anyio
+@pytest.mark.skipif(_OPENAT is None, reason="openat's number unknown here")
+@pytest.mark.parametrize("mode", ["wb", "w"])
+async def test_a_cancelled_fifo_open_leaves_no_blocked_writer(tmp_path: Path, mode: str) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    aw.current()  # (the loop's own descriptors, trio's after a checkpoint)
+    await anyio.sleep(0)
+    fds = len(os.listdir("/proc/self/fd"))
+
+    async def opener() -> None:
+        await threadlets.open(fifo, mode)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(opener)
+        await until(lambda: _threads_in_open() > 0)  # a worker waits for a reader
+        tg.cancel_scope.cancel()
+    await until(lambda: _threads_in_open() == 0)
+    await until(lambda: len(os.listdir("/proc/self/fd")) <= fds)  # (the worker closes them)
+    # No phantom writer: a reader opened now sees no writer come (and go:
+    # that would make it readable, at end of file).
+    r = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        assert select.select([r], [], [], 0.05)[0] == []
+    finally:
+        os.close(r)
+
+
+@pytest.mark.anyio
+async def test_a_fifo_opened_for_writing_works_once_a_reader_comes(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got: list[threadlets.AsyncFile] = []
+
+    async def opener() -> None:
+        got.append(await threadlets.open(fifo, "wb"))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(opener)
+        await until(lambda: _threads_in_open() > 0)
+        r = os.open(fifo, os.O_RDONLY)
+    try:
+        async with got[0] as f:
+            await f.write(b"through")
+        assert os.read(r, 100) == b"through"
+    finally:
+        os.close(r)

@@ -1081,16 +1081,41 @@ def _open_nonblocking(path: Any, flags: int, perms: int) -> tuple[int, os.stat_r
 
 class _DetachedOpen:
     """A blocking open on a worker that its task may abandon while it runs
-    (a FIFO with no reader may wait for ever): the descriptor it gets after
-    that is closed at once."""
+    (a FIFO with no reader may wait for ever).  Abandoned while it waits in
+    open(2), it is given a reader (ours, opened without blocking) so the
+    worker returns at once; the descriptors are then closed, the writer's
+    first, so no phantom writer ever meets a later reader.  The descriptor
+    it gets after being abandoned is closed at once."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._abandoned = False
+        self._path: Any = None  # set once it runs (then it may block)
+        self._done = False
+        self._unblock = -1  # our reader of the FIFO, once abandoned
         self._fd: int | None = None
 
     def run(self, path: Any, flags: int, perms: int) -> tuple[int, os.stat_result] | None:
-        fd, st = _opened(os.open(path, flags, perms), path)
+        with self._lock:
+            if self._abandoned:
+                return None
+            self._path = path
+        fd = -1
+        abandoned = True
+        try:
+            fd = os.open(path, flags, perms)
+        finally:
+            with self._lock:
+                self._done = True
+                abandoned = self._abandoned
+                unblock, self._unblock = self._unblock, -1
+            if fd >= 0 and abandoned:
+                os.close(fd)
+            if unblock >= 0:
+                os.close(unblock)
+        if abandoned:
+            return None
+        fd, st = _opened(fd, path)
         with self._lock:
             if not self._abandoned:
                 self._fd = fd
@@ -1102,8 +1127,21 @@ class _DetachedOpen:
         with self._lock:
             self._abandoned = True
             fd, self._fd = self._fd, None
+            if self._path is not None and not self._done:
+                self._unblock = _fifo_reader(self._path)
         if fd is not None:
             os.close(fd)
+
+
+def _fifo_reader(path: Any) -> int:
+    """A reader of the FIFO at ``path``, opened without blocking; -1 if it
+    is not a FIFO (or cannot be opened)."""
+    try:
+        if not stat.S_ISFIFO(os.stat(path).st_mode):
+            return -1
+        return os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return -1
 
 
 async def _open_blocking(
