@@ -346,25 +346,37 @@ def _set_done(fut: asyncio.Future[None]) -> None:
 
 # -- asyncio ------------------------------------------------------------------------------
 
-_asyncio_io: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopIO] = (
+#: Each loop's LoopIO, held weakly: the loop holds it (its eventfd
+#: reader's handle does), and it refers back to the loop (through a
+#: completion's waiter), so a strong value here would keep the loop for ever.
+_asyncio_io: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, weakref.ref[LoopIO]] = (
     weakref.WeakKeyDictionary()
 )
 
 
+def _process(io: LoopIO) -> None:
+    io.ctx.process_completions()
+
+
 def _asyncio_current(loop: asyncio.AbstractEventLoop) -> LoopIO:
-    io = _asyncio_io.get(loop)
+    held = _asyncio_io.get(loop)
+    io = held() if held is not None else None
     if io is None:
         if _orphans:
             _sweep_orphans()
         ctx = _new_context()
-        loop.add_reader(ctx.fileno(), ctx.process_completions)
         ref = weakref.ref(loop)
+        io = LoopIO(ctx, "asyncio", ref)
+        loop.add_reader(ctx.fileno(), _process, io)
         # One io_uring_enter per loop iteration for what its tasks submit.
         # The ring holds this scheduler for good: it must not hold the loop.
         ctx.hold_submissions(lambda flush: _call_soon(ref, flush))
-        io = _asyncio_io[loop] = LoopIO(ctx, "asyncio", ref)
-        # When the loop closes or goes, so do the eventfd and the ring.
-        weakref.finalize(loop, _release, ctx)
+        _asyncio_io[loop] = weakref.ref(io)
+        # When the loop closes or goes, so do the eventfd and the ring.  (The
+        # finalizer holds the context weakly: an unprocessed completion
+        # refers back to the loop through its waiter's future.  A context
+        # collected with its loop is released by its own finalizer.)
+        weakref.finalize(loop, _release_ref, weakref.ref(ctx))
         _watch_close(loop, ctx)
     return io
 
@@ -387,11 +399,17 @@ def _release(ctx: AioContext) -> None:
     """The loop of ``ctx`` closed or was collected: close ``ctx`` now if
     nothing is outstanding, else keep it for a later sweep.  Any thread
     (a finalizer): it runs no completion callback."""
-    if ctx.stats().outstanding <= 0:
+    if ctx.closed or ctx.stats().outstanding <= 0:
         _orphans.discard(ctx)
         ctx.close(timeout=0)
     else:
         _orphans.add(ctx)
+
+
+def _release_ref(ref: weakref.ref[AioContext]) -> None:
+    ctx = ref()
+    if ctx is not None:
+        _release(ctx)
 
 
 def _sweep_orphans() -> None:
@@ -405,13 +423,11 @@ def _watch_close(loop: asyncio.AbstractEventLoop, ctx: AioContext) -> None:
     where the loop lets us see that (uvloop's does not: there the loop's
     collection releases it)."""
     close = loop.close
-    ref = weakref.ref(ctx)
 
     def close_and_release() -> None:
+        # (The loop holds this, and so the context: no cycle through a root.)
         close()
-        c = ref()
-        if c is not None:
-            _release(c)
+        _release(ctx)
 
     with contextlib.suppress(AttributeError):
         loop.close = close_and_release  # type: ignore[method-assign]
