@@ -400,3 +400,24 @@ def test_a_dropped_loop_with_an_unprocessed_completion_is_collected(
         warnings.simplefilter("ignore")  # "Task was destroyed but it is pending"
         gc.collect()
     assert ref() is None
+
+
+# -- M6: a positional write drops the text layer's decoded text too ------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("how", ["readline", "iterate", "read"])
+async def test_text_reads_after_a_pwrite_see_it(tmp_path: Path, backend: str, how: str) -> None:
+    p = tmp_path / "t"
+    p.write_bytes("lïne1\nlïne2\nlïne3\n".encode())
+    async with threadlets.open(p, "r+", encoding="utf-8") as f:
+        assert await f.readline() == "lïne1\n"
+        await f.pwrite("LÏNE2".encode(), 7)
+        if how == "readline":
+            assert await f.readline() == "LÏNE2\n"
+        elif how == "iterate":
+            assert [line async for line in f] == ["LÏNE2\n", "lïne3\n"]
+        else:
+            assert await f.read(3) == "LÏN"
+        await f.seek(0)
+        assert await f.read() == "lïne1\nLÏNE2\nlïne3\n"

@@ -368,6 +368,8 @@ class AsyncFile:
             return await self._run(submit())
         self._rbuf = b""
         self._wgen += 1
+        if self._text is not None:
+            self._text.invalidate()  # its decoded text, too
         try:
             return await self._run(submit())
         finally:

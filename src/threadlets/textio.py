@@ -240,6 +240,8 @@ class AsyncTextWrapper:
         #: During a read call: (snapshot, bytes, text) of each chunk it
         #: decoded, so a cancelled call can give back what it took.
         self._fed: list[tuple[tuple[int, bytes], bytes, str]] | None = None
+        #: The file changed under the decoded text (see invalidate).
+        self._stale = False
 
     # -- attributes -----------------------------------------------------------------------
 
@@ -347,6 +349,8 @@ class AsyncTextWrapper:
         snapshot that covers them, so ``tell()`` is where it was."""
         if self._fed is not None:  # (nested: the outer call undoes)
             return await fn(*args)
+        if self._stale:
+            await self._resync()
         saved = self._decoded_chars, self._decoded_chars_used, self._snapshot, self._telling
         fed = self._fed = []
         try:
@@ -357,6 +361,21 @@ class AsyncTextWrapper:
             raise
         finally:
             self._fed = None
+
+    def invalidate(self) -> None:
+        """The file changed other than through this wrapper (a positional
+        write): the next read decodes it again from the current position."""
+        self._stale = True
+
+    async def _resync(self) -> None:
+        self._stale = False
+        if self._snapshot is None or not self._seekable:
+            return  # nothing decoded ahead
+        telling, self._telling = self._telling, True
+        try:
+            await self.seek(await self.tell())
+        finally:
+            self._telling = telling
 
     def _give_back(
         self,
