@@ -30,7 +30,12 @@ is seen.
 
 A file belongs to the event loop it was opened in; another loop gets a
 RuntimeError.  Closing it waits for its outstanding requests, then closes
-the descriptor, even if the closing task is cancelled meanwhile.  A file
+the descriptor, even if the closing task is cancelled meanwhile.  A stream
+call of another task that spans the close gets ValueError at its next
+request (none is ever submitted on a closed descriptor), and one waiting
+for readiness is woken with ValueError before the descriptor goes.  A
+cancelled read consumes nothing (what it read goes back to the read-ahead
+or the text layer); a cancelled write that ran moves the position.  A file
 collected unclosed closes its descriptor and warns (ResourceWarning).
 """
 

@@ -7,7 +7,8 @@ This module owns the glue between an event loop and the paio engine: one
 anyio needs nothing of its own: on either backend its tasks are asyncio or
 trio tasks, and its cancel scopes cancel them the same way.  Also here, for
 the file objects: :class:`StreamLock` (one file's stream calls, in turn),
-:meth:`LoopIO.wait_fd` (readiness of a pipe or terminal) and
+:meth:`LoopIO.wait_fd` (readiness of a pipe or terminal, ended early by
+its file's :class:`FdWaits` when the file closes) and
 :meth:`LoopIO.shielded` (finish something despite a cancellation).
 
 Lifetime: nothing of ours holds an asyncio loop strongly.  When the loop
