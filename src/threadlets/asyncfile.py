@@ -30,7 +30,12 @@ is seen.
 
 A file belongs to the event loop it was opened in; another loop gets a
 RuntimeError.  Closing it waits for its outstanding requests, then closes
-the descriptor, even if the closing task is cancelled meanwhile.  A file
+the descriptor, even if the closing task is cancelled meanwhile.  A stream
+call of another task that spans the close gets ValueError at its next
+request (none is ever submitted on a closed descriptor), and one waiting
+for readiness is woken with ValueError before the descriptor goes.  A
+cancelled read consumes nothing (what it read goes back to the read-ahead
+or the text layer); a cancelled write that ran moves the position.  A file
 collected unclosed closes its descriptor and warns (ResourceWarning).
 """
 
@@ -52,7 +57,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Itera
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, Union, overload
 
-from threadlets.awaitable import YIELD_EVERY, LoopIO, StreamLock, current
+from threadlets.awaitable import YIELD_EVERY, FdWaits, LoopIO, StreamLock, current
 from threadlets.engine import AioRequest, _InlineDone, _nonnegative
 from threadlets.oneshot import open_cached
 from threadlets.probe import O_DIRECT
@@ -204,6 +209,8 @@ class AsyncFile:
         self._regular = stat.S_ISREG(st.st_mode)
         self._size_at_open = st.st_size
         self._pipe = stat.S_ISFIFO(st.st_mode)
+        #: The stream's readiness waits, ended by close() (see S2 in close).
+        self._waits = FdWaits()
         self._nowait_read = self._nowait_write = bool(_RWF_NOWAIT)
         try:
             here = os.lseek(fd, 0, os.SEEK_CUR)
@@ -218,6 +225,8 @@ class AsyncFile:
         self._rbuf = b""  # read-ahead: bytes of the file from _rbuf_off
         self._rbuf_off = 0
         self._wgen = 0
+        #: Bytes the last stream write moved, set even when it raised.
+        self._moved = 0
         self._lock = StreamLock(io_.kind)
         self._text: Any = None
         if text:
@@ -270,6 +279,12 @@ class AsyncFile:
     def _check_open(self) -> None:
         if self._closed:
             raise ValueError("I/O operation on closed file")
+
+    def _still_open(self) -> None:
+        """Checked by the stream before each request or system call on the
+        descriptor: a call that spans several may see a close() between."""
+        if self._closed:
+            raise ValueError("I/O operation on closed file.")
 
     def _check_loop(self) -> None:
         if self._loop is not None:
@@ -340,6 +355,7 @@ class AsyncFile:
 
     async def _read_at(self, n: int, offset: int) -> bytes:
         """pread without its checks, for the stream (see pread)."""
+        self._still_open()
         read_inline = self._read_inline
         if read_inline is not None and type(n) is int and 0 < n <= CHUNK:
             buf = self._scratch
@@ -383,10 +399,13 @@ class AsyncFile:
         """Run a request that changes the file: the read-ahead is dropped
         before it is submitted and again once it finished.  (A stream's
         read-ahead is data already taken from it: it stays.)"""
+        self._still_open()
         if self._stream:
             return await self._run(submit())
         self._rbuf = b""
         self._wgen += 1
+        if self._text is not None:
+            self._text.invalidate()  # its decoded text, too
         try:
             return await self._run(submit())
         finally:
@@ -423,6 +442,7 @@ class AsyncFile:
         return result
 
     async def _size_now(self) -> int:
+        self._still_open()
         st: os.stat_result = await self._run(self._ctx.call(os.fstat, self._fd))
         return st.st_size
 
@@ -469,27 +489,34 @@ class AsyncFile:
         if n < -1:
             raise ValueError("read length must be non-negative or -1")
         if n == -1:
+            start, gen = self._pos, self._wgen
             parts = [bytes(self._buffered())]
             self._pos += len(parts[0])
             self._drop_read_ahead()
             size = CHUNK
-            left = self._size_at_open - self._pos
-            if self._regular and left > 0:
-                # What the size at open says is left, in one read (inline if
-                # cached: a read that ends short would not be); at the end
-                # if the size has not changed since.
-                chunk = await self._read_at(left, self._pos)
-                parts.append(chunk)
-                self._pos += len(chunk)
-                if len(chunk) == left and os.fstat(self._fd).st_size == self._pos:
-                    return b"".join(parts)
-            while True:
-                chunk = await self._raw_read(size, self._pos)
-                size = min(size * 2, 1 << 20)  # grow for large files
-                if not chunk:
-                    return b"".join(parts)
-                parts.append(chunk)
-                self._pos += len(chunk)
+            try:
+                left = self._size_at_open - self._pos
+                if self._regular and left > 0:
+                    # What the size at open says is left, in one read (inline
+                    # if cached: a read that ends short would not be); at the
+                    # end if the size has not changed since.
+                    chunk = await self._read_at(left, self._pos)
+                    parts.append(chunk)
+                    self._pos += len(chunk)
+                    self._still_open()
+                    if len(chunk) == left and os.fstat(self._fd).st_size == self._pos:
+                        return b"".join(parts)
+                while True:
+                    chunk = await self._raw_read(size, self._pos)
+                    size = min(size * 2, 1 << 20)  # grow for large files
+                    if not chunk:
+                        return b"".join(parts)
+                    parts.append(chunk)
+                    self._pos += len(chunk)
+            except BaseException as e:
+                if not isinstance(e, Exception):  # cancelled: consume nothing
+                    self._unread(start, gen, parts)
+                raise
         have = self._buffered()
         if len(have) < n and not self._stream and n - len(have) >= self._chunk:
             # Large: read it directly.
@@ -507,6 +534,14 @@ class AsyncFile:
         out = bytes(have[:n])
         self._pos += len(out)
         return out
+
+    def _unread(self, start: int, gen: int, parts: list[bytes]) -> None:
+        """Undo a read that took ``parts`` from position ``start``: they
+        become the read-ahead again (a stream's only copy; a file's, unless
+        it changed since)."""
+        self._pos = start
+        if self._stream or gen == self._wgen:
+            self._rbuf, self._rbuf_off = b"".join(parts), start
 
     async def _read1(self, n: int) -> bytes:
         """At most ``n`` bytes, with at most one read of the file; b"" only
@@ -547,14 +582,20 @@ class AsyncFile:
     async def _readlines(self, hint: int) -> list[bytes]:
         lines: list[bytes] = []
         total = 0
-        while True:
-            line = await self._readline(-1)
-            if not line:
-                return lines
-            lines.append(line)
-            total += len(line)
-            if 0 < hint <= total:
-                return lines
+        start, gen = self._pos, self._wgen
+        try:
+            while True:
+                line = await self._readline(-1)
+                if not line:
+                    return lines
+                lines.append(line)
+                total += len(line)
+                if 0 < hint <= total:
+                    return lines
+        except BaseException as e:
+            if not isinstance(e, Exception):  # cancelled: consume nothing
+                self._unread(start, gen, [*lines, bytes(self._buffered())])
+            raise
 
     async def _write(self, data: Any) -> int:
         if not self._writable:
@@ -567,12 +608,40 @@ class AsyncFile:
             raise TypeError(
                 f"a bytes-like object is required, not '{type(data).__name__}'"
             ) from None
+        self._moved = 0
+        if not view.nbytes:
+            return 0  # (io moves nothing, not even in append mode)
         if self._stream:
             return await self._stream_write(view)
         pos = self._pos
-        n: int = await self._changing(lambda: self._ctx.write(self._fd, pos, data))
+        req: AioRequest | None = None
+
+        def submit() -> AioRequest:
+            nonlocal req
+            req = self._ctx.write(self._fd, pos, data)
+            return req
+
+        try:
+            n: int = await self._changing(submit)
+        except BaseException as e:
+            # Cancelled while it ran (or once it finished inline): the write
+            # happened, and the position must follow it.
+            moved = req.outcome()[1] if req is not None and not isinstance(e, Exception) else 0
+            if moved > 0:
+                self._moved = moved
+                if self._append and not self._closed:
+                    self._pos = os.fstat(self._fd).st_size
+                else:
+                    self._pos = pos + moved
+            raise
+        self._moved = n
         if self._append:
-            self._pos = await self._size_now()
+            try:
+                self._pos = await self._size_now()
+            except BaseException as e:
+                if not isinstance(e, Exception) and not self._closed:
+                    self._pos = os.fstat(self._fd).st_size
+                raise
         else:
             self._pos = pos + n
         return n
@@ -591,6 +660,7 @@ class AsyncFile:
         elif how == os.SEEK_END:
             new = await self._size_now() + off
         else:
+            self._still_open()
             new = await self._run(self._ctx.call(os.lseek, self._fd, off, how))
         if new < 0:
             raise _einval()
@@ -658,11 +728,12 @@ class AsyncFile:
         n = min(n, CHUNK)  # what one read of a pipe or terminal can give
         waited = False
         while True:
+            self._still_open()
             data = self._try_read(n)
             # A FIFO that no writer has opened yet reads as end of file but
             # is not readable: end of file only once the loop says readable.
             if data is None or (not data and self._pipe and not waited):
-                await self._io.wait_fd(self._fd, write=False)
+                await self._io.wait_fd(self._fd, False, self._waits)
                 waited = True
                 continue
             return data
@@ -671,11 +742,13 @@ class AsyncFile:
         view = view.cast("B")
         done = 0
         while done < len(view):
+            self._still_open()
             n = self._try_write(view[done:])
             if n is None:
-                await self._io.wait_fd(self._fd, write=True)
+                await self._io.wait_fd(self._fd, True, self._waits)
             else:
                 done += n
+                self._moved = done
         return done
 
     # -- the stream's public calls -------------------------------------------------------------
@@ -837,6 +910,10 @@ class AsyncFile:
         self._check_loop()
         self._closed = True
         self._slow_path = True
+        # Stream calls in other tasks see _closed before their next request
+        # or system call; those waiting for readiness are woken (with
+        # ValueError) and the loop stops watching the descriptor.
+        self._waits.close()
         if self._outstanding or (self._text is not None and self._writable):
             await self._io.shielded(self._finish_close)
         else:
@@ -852,9 +929,11 @@ class AsyncFile:
                 finally:
                     lock.release()
         finally:
-            for req in list(self._outstanding):
+            while self._outstanding:
                 # Another task awaits it; wait for it on a worker, not the loop.
+                req = next(iter(self._outstanding))
                 await self._run(self._ctx.call(req.wait))
+                self._outstanding.discard(req)
             self._release()
 
     def _release(self) -> None:
@@ -927,6 +1006,11 @@ class _BinaryStream:
 
     async def write(self, data: ReadableBuffer) -> int:
         return await self._f._write(data)
+
+    @property
+    def moved(self) -> int:
+        """Bytes the last write moved (set even when it raised)."""
+        return self._f._moved
 
     async def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
         return await self._f._seek(pos, whence)
@@ -1223,20 +1307,45 @@ def _open_nonblocking(path: Any, flags: int, perms: int) -> tuple[int, os.stat_r
 
 class _DetachedOpen:
     """A blocking open on a worker that its task may abandon while it runs
-    (a FIFO with no reader may wait for ever): the descriptor it gets after
-    that is closed at once."""
+    (a FIFO with no reader may wait for ever).  Abandoned while it waits in
+    open(2), it is given a reader (ours, opened without blocking) so the
+    worker returns at once; the descriptors are then closed, the writer's
+    first, so no phantom writer ever meets a later reader.  The descriptor
+    it gets after being abandoned is closed at once."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._abandoned = False
+        self._path: Any = None  # set once it runs (then it may block)
+        self._done = False
+        self._unblock = -1  # our reader of the FIFO, once abandoned
         self._fd: int | None = None
 
     def run(
         self, path: Any, flags: int, perms: int, opener: Callable[[str, int], int] | None
     ) -> tuple[int, os.stat_result] | None:
-        fd = os.open(path, flags, perms) if opener is None else opener(path, flags)
-        if not isinstance(fd, int) or fd < 0:
-            raise ValueError(f"opener returned {fd!r}")
+        with self._lock:
+            if self._abandoned:
+                return None
+            self._path = path
+        fd = -1
+        abandoned = True
+        try:
+            got = os.open(path, flags, perms) if opener is None else opener(path, flags)
+            if not isinstance(got, int) or got < 0:
+                raise ValueError(f"opener returned {got!r}")
+            fd = got
+        finally:
+            with self._lock:
+                self._done = True
+                abandoned = self._abandoned
+                unblock, self._unblock = self._unblock, -1
+            if fd >= 0 and abandoned:
+                os.close(fd)
+            if unblock >= 0:
+                os.close(unblock)
+        if abandoned:
+            return None
         fd, st = _opened(fd, path)
         with self._lock:
             if not self._abandoned:
@@ -1249,8 +1358,21 @@ class _DetachedOpen:
         with self._lock:
             self._abandoned = True
             fd, self._fd = self._fd, None
+            if self._path is not None and not self._done:
+                self._unblock = _fifo_reader(self._path)
         if fd is not None:
             os.close(fd)
+
+
+def _fifo_reader(path: Any) -> int:
+    """A reader of the FIFO at ``path``, opened without blocking; -1 if it
+    is not a FIFO (or cannot be opened)."""
+    try:
+        if not stat.S_ISFIFO(os.stat(path).st_mode):
+            return -1
+        return os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return -1
 
 
 async def _open_blocking(

@@ -7,7 +7,8 @@ This module owns the glue between an event loop and the paio engine: one
 anyio needs nothing of its own: on either backend its tasks are asyncio or
 trio tasks, and its cancel scopes cancel them the same way.  Also here, for
 the file objects: :class:`StreamLock` (one file's stream calls, in turn),
-:meth:`LoopIO.wait_fd` (readiness of a pipe or terminal) and
+:meth:`LoopIO.wait_fd` (readiness of a pipe or terminal, ended early by
+its file's :class:`FdWaits` when the file closes) and
 :meth:`LoopIO.shielded` (finish something despite a cancellation).
 
 Lifetime: nothing of ours holds an asyncio loop strongly.  When the loop
@@ -50,7 +51,7 @@ from typing import Any, TypeVar
 from threadlets.engine import BACKENDS, AioContext, AioRequest
 from threadlets.pool import CancelResult, ThreadletQueue
 
-__all__ = ["YIELD_EVERY", "LoopIO", "StreamLock", "configure", "current"]
+__all__ = ["YIELD_EVERY", "FdWaits", "LoopIO", "StreamLock", "configure", "current"]
 
 T = TypeVar("T")
 
@@ -129,9 +130,13 @@ class LoopIO:
         else:
             await _trio_wait(req, detach)
 
-    async def wait_fd(self, fd: int, write: bool) -> None:
+    async def wait_fd(self, fd: int, write: bool, waits: FdWaits | None = None) -> None:
         """Suspend until ``fd`` is readable (writable); cancellable at any
-        time, with nothing consumed."""
+        time, with nothing consumed.  With ``waits``, ``waits.close()``
+        ends the wait with ValueError and takes ``fd`` off the loop, so the
+        descriptor can be closed under it."""
+        if waits is not None and waits.closed:
+            raise _closed_file()
         if self.kind == "asyncio":
             loop = asyncio.get_running_loop()
             fut: asyncio.Future[None] = loop.create_future()
@@ -142,22 +147,55 @@ class LoopIO:
                 loop.add_writer(fd, _set_done, fut)
             else:
                 loop.add_reader(fd, _set_done, fut)
+            watched = True
+
+            def unwatch() -> None:
+                # Once only: after waits.close() the number may be another
+                # file's, with its own registration on this loop.
+                nonlocal watched
+                if watched:
+                    watched = False
+                    if write:
+                        loop.remove_writer(fd)
+                    else:
+                        loop.remove_reader(fd)
+                    if fcntl.fcntl(fd, fcntl.F_GETFL) != flags:
+                        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+
+            def abort() -> None:
+                unwatch()
+                if not fut.done():
+                    fut.set_exception(_closed_file())
+
+            if waits is not None:
+                waits._aborts.add(abort)
             try:
                 await fut
             finally:
-                if write:
-                    loop.remove_writer(fd)
-                else:
-                    loop.remove_reader(fd)
-                if fcntl.fcntl(fd, fcntl.F_GETFL) != flags:
-                    fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+                if waits is not None:
+                    waits._aborts.discard(abort)
+                unwatch()
         else:
             import trio
 
-            if write:
-                await trio.lowlevel.wait_writable(fd)
-            else:
-                await trio.lowlevel.wait_readable(fd)
+            scope = trio.CancelScope()
+            if waits is not None:
+                waits._aborts.add(scope.cancel)
+            try:
+                with scope:
+                    if write:
+                        await trio.lowlevel.wait_writable(fd)
+                    else:
+                        await trio.lowlevel.wait_readable(fd)
+            except trio.ClosedResourceError:
+                if waits is not None and waits.closed:
+                    raise _closed_file() from None
+                raise
+            finally:
+                if waits is not None:
+                    waits._aborts.discard(scope.cancel)
+            if scope.cancelled_caught:
+                raise _closed_file()
 
     async def shielded(self, fn: Callable[[], Awaitable[T]]) -> T:
         """Run ``fn()`` to its end even if the caller is cancelled meanwhile;
@@ -268,6 +306,32 @@ class StreamLock:
         self.busy = False
 
 
+class FdWaits:
+    """The readiness waits (:meth:`LoopIO.wait_fd`) of one file, so that
+    closing the file ends them before the descriptor goes: each waiter gets
+    ValueError, and on asyncio the loop no longer watches the number (which
+    the next file opened may get).  (trio: the closer still calls
+    ``notify_closing`` before it closes the descriptor.)"""
+
+    __slots__ = ("_aborts", "closed")
+
+    def __init__(self) -> None:
+        self._aborts: set[Callable[[], None]] = set()
+        #: Set by close(): later waits raise at once.
+        self.closed = False
+
+    def close(self) -> None:
+        """End every wait now; call before the descriptor is closed."""
+        self.closed = True
+        for abort in list(self._aborts):
+            abort()
+        self._aborts.clear()
+
+
+def _closed_file() -> ValueError:
+    return ValueError("I/O operation on closed file.")
+
+
 class _no_scope:
     def __enter__(self) -> None:
         pass
@@ -283,25 +347,37 @@ def _set_done(fut: asyncio.Future[None]) -> None:
 
 # -- asyncio ------------------------------------------------------------------------------
 
-_asyncio_io: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopIO] = (
+#: Each loop's LoopIO, held weakly: the loop holds it (its eventfd
+#: reader's handle does), and it refers back to the loop (through a
+#: completion's waiter), so a strong value here would keep the loop for ever.
+_asyncio_io: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, weakref.ref[LoopIO]] = (
     weakref.WeakKeyDictionary()
 )
 
 
+def _process(io: LoopIO) -> None:
+    io.ctx.process_completions()
+
+
 def _asyncio_current(loop: asyncio.AbstractEventLoop) -> LoopIO:
-    io = _asyncio_io.get(loop)
+    held = _asyncio_io.get(loop)
+    io = held() if held is not None else None
     if io is None:
         if _orphans:
             _sweep_orphans()
         ctx = _new_context()
-        loop.add_reader(ctx.fileno(), ctx.process_completions)
         ref = weakref.ref(loop)
+        io = LoopIO(ctx, "asyncio", ref)
+        loop.add_reader(ctx.fileno(), _process, io)
         # One io_uring_enter per loop iteration for what its tasks submit.
         # The ring holds this scheduler for good: it must not hold the loop.
         ctx.hold_submissions(lambda flush: _call_soon(ref, flush))
-        io = _asyncio_io[loop] = LoopIO(ctx, "asyncio", ref)
-        # When the loop closes or goes, so do the eventfd and the ring.
-        weakref.finalize(loop, _release, ctx)
+        _asyncio_io[loop] = weakref.ref(io)
+        # When the loop closes or goes, so do the eventfd and the ring.  (The
+        # finalizer holds the context weakly: an unprocessed completion
+        # refers back to the loop through its waiter's future.  A context
+        # collected with its loop is released by its own finalizer.)
+        weakref.finalize(loop, _release_ref, weakref.ref(ctx))
         _watch_close(loop, ctx)
     return io
 
@@ -324,11 +400,17 @@ def _release(ctx: AioContext) -> None:
     """The loop of ``ctx`` closed or was collected: close ``ctx`` now if
     nothing is outstanding, else keep it for a later sweep.  Any thread
     (a finalizer): it runs no completion callback."""
-    if ctx.stats().outstanding <= 0:
+    if ctx.closed or ctx.stats().outstanding <= 0:
         _orphans.discard(ctx)
         ctx.close(timeout=0)
     else:
         _orphans.add(ctx)
+
+
+def _release_ref(ref: weakref.ref[AioContext]) -> None:
+    ctx = ref()
+    if ctx is not None:
+        _release(ctx)
 
 
 def _sweep_orphans() -> None:
@@ -342,13 +424,11 @@ def _watch_close(loop: asyncio.AbstractEventLoop, ctx: AioContext) -> None:
     where the loop lets us see that (uvloop's does not: there the loop's
     collection releases it)."""
     close = loop.close
-    ref = weakref.ref(ctx)
 
     def close_and_release() -> None:
+        # (The loop holds this, and so the context: no cycle through a root.)
         close()
-        c = ref()
-        if c is not None:
-            _release(c)
+        _release(ctx)
 
     with contextlib.suppress(AttributeError):
         loop.close = close_and_release  # type: ignore[method-assign]

@@ -52,9 +52,12 @@ import locale
 import operator
 import os
 import sys
-from typing import Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
 
 __all__ = ["AsyncBinaryBuffer", "AsyncTextWrapper"]
+
+T = TypeVar("T")
 
 _SSIZE_MAX = sys.maxsize
 _NEWLINES = (None, "", "\n", "\r", "\r\n")
@@ -234,6 +237,11 @@ class AsyncTextWrapper:
         self._b2cratio = 0.0
         self._seekable = self._telling = buffer.seekable()
         self._bom_check = self._seekable and self._encoder is not None
+        #: During a read call: (snapshot, bytes, text) of each chunk it
+        #: decoded, so a cancelled call can give back what it took.
+        self._fed: list[tuple[tuple[int, bytes], bytes, str]] | None = None
+        #: The file changed under the decoded text (see invalidate).
+        self._stale = False
 
     # -- attributes -----------------------------------------------------------------------
 
@@ -330,12 +338,70 @@ class AsyncTextWrapper:
         if decoded:
             eof = False
         self._snapshot = (dec_flags, dec_buffer + chunk)
+        if self._fed is not None:
+            self._fed.append((self._snapshot, chunk, decoded))
         return not eof
+
+    async def _consuming(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Run a read call so that, if it is cancelled (a BaseException that
+        is not an Exception), it consumes nothing: the text it took and the
+        text it decoded since go back into ``_decoded_chars``, with a
+        snapshot that covers them, so ``tell()`` is where it was."""
+        if self._fed is not None:  # (nested: the outer call undoes)
+            return await fn(*args)
+        if self._stale:
+            await self._resync()
+        saved = self._decoded_chars, self._decoded_chars_used, self._snapshot, self._telling
+        fed = self._fed = []
+        try:
+            return await fn(*args)
+        except BaseException as e:
+            if not isinstance(e, Exception):
+                self._give_back(saved, fed)
+            raise
+        finally:
+            self._fed = None
+
+    def invalidate(self) -> None:
+        """The file changed other than through this wrapper (a positional
+        write): the next read decodes it again from the current position."""
+        self._stale = True
+
+    async def _resync(self) -> None:
+        self._stale = False
+        if self._snapshot is None or not self._seekable:
+            return  # nothing decoded ahead
+        telling, self._telling = self._telling, True
+        try:
+            await self.seek(await self.tell())
+        finally:
+            self._telling = telling
+
+    def _give_back(
+        self,
+        saved: tuple[str, int, tuple[int, bytes] | None, bool],
+        fed: list[tuple[tuple[int, bytes], bytes, str]],
+    ) -> None:
+        chars, used, snapshot, telling = saved
+        if fed:
+            # The decoder has taken every chunk: the decoded text of all of
+            # them, from the first snapshot, is what is left to return.
+            if snapshot is None:
+                snapshot, chars, used = fed[0][0], fed[0][2], 0
+                fed = fed[1:]
+            flags, data = snapshot
+            snapshot = (flags, data + b"".join(chunk for _, chunk, _ in fed))
+            chars += "".join(text for _, _, text in fed)
+        self._decoded_chars, self._decoded_chars_used = chars, used
+        self._snapshot, self._telling = snapshot, telling
 
     # -- reading --------------------------------------------------------------------------
 
     async def read(self, size: int | None = -1) -> str:
         """Read up to ``size`` characters, or to the end of the file."""
+        return await self._consuming(self._read, size)
+
+    async def _read(self, size: int | None) -> str:
         n = _optional_size(size)
         decoder = self._decoder
         if decoder is None:
@@ -360,11 +426,14 @@ class AsyncTextWrapper:
 
     async def readline(self, size: int | None = -1) -> str:
         """Read one line (at most ``size`` characters of it)."""
-        return await self._readline(_size(size))
+        return await self._consuming(self._readline, _size(size))
 
     async def readlines(self, hint: int | None = -1) -> list[str]:
         """The remaining lines; stop once they total more than ``hint``
         characters (if it is positive)."""
+        return await self._consuming(self._readlines, hint)
+
+    async def _readlines(self, hint: int | None) -> list[str]:
         limit = _optional_size(hint)
         lines: list[str] = []
         length = 0
@@ -383,6 +452,9 @@ class AsyncTextWrapper:
         return self
 
     async def __anext__(self) -> str:
+        return await self._consuming(self._next)
+
+    async def _next(self) -> str:
         self._telling = False  # until the end of the file (or a flush)
         line = await self._readline(-1)
         if not line:
@@ -484,12 +556,20 @@ class AsyncTextWrapper:
         if haslf and self._writetranslate and self._writenl is not None:
             text = text.replace("\n", self._writenl)
         needflush = self._line_buffering and (haslf or "\r" in text)
+        state = encoder.getstate()
         try:
             data = encoder.encode(text)
         finally:
             if self._bom_once:
                 encoder.setstate(0)
-        await self._buffer.write(data)
+        try:
+            await self._buffer.write(data)
+        except BaseException as e:
+            # Cancelled before anything was written: the encoder's state (a
+            # stateful codec's shift, a BOM still to write) goes back too.
+            if not isinstance(e, Exception) and getattr(self._buffer, "moved", None) == 0:
+                encoder.setstate(state)
+            raise
         if needflush:
             await self._buffer.flush()
         self._set_decoded_chars("")
