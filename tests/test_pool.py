@@ -498,3 +498,39 @@ def test_fork_child_gets_a_fresh_working_queue() -> None:
     assert ran_in == [os.getpid()]
     assert running.state is ThreadletState.DONE
     assert q.close(10)
+
+
+def test_workers_leave_ctrl_c_to_the_main_thread() -> None:
+    """A process-directed SIGINT must reach the main thread: CPython runs
+    handlers only there, and a main thread asleep in a wait is woken only if
+    the kernel gave it the signal.  Our threads block such signals."""
+    with ThreadletQueue(max_threads=1) as q:
+        mask = q.submit(signal.pthread_sigmask, signal.SIG_BLOCK, []).result(10)
+    assert signal.SIGINT in mask
+    assert signal.SIGTERM in mask
+    assert signal.SIGSEGV not in mask  # synchronous ones stay with the thread
+
+
+def test_the_ring_reaper_leaves_ctrl_c_to_the_main_thread() -> None:
+    from threadlets.probe import probe_io_uring
+
+    if not probe_io_uring().supported or os.uname().machine != "x86_64":
+        pytest.skip("no io_uring here")
+    from threadlets.uring import Ring
+
+    ring = Ring(4)
+    try:
+        assert ring._reaper is not None
+        tid = ring._reaper.native_id
+        wait_until(lambda: _blocked_signals(tid) & (1 << (signal.SIGINT - 1)) != 0)
+    finally:
+        ring.close()
+        ring.join(10)
+
+
+def _blocked_signals(tid: int | None) -> int:
+    with open(f"/proc/self/task/{tid}/status") as f:
+        for line in f:
+            if line.startswith("SigBlk:"):
+                return int(line.split()[1], 16)
+    return 0

@@ -79,6 +79,7 @@ import functools
 import itertools
 import logging
 import os
+import signal
 import threading
 import time
 import weakref
@@ -929,6 +930,7 @@ def _worker_main(ref: weakref.ref[ThreadletQueue], me: _Worker, idle_timeout: fl
     item, its outcome, a traceback) outlives its turn in this frame.
     """
     _current.queue = ref
+    block_async_signals()
     done: Threadlet[Any] | None = None  # ran; its outcome not yet published
     quiet: Threadlet[Any] | None = None  # published; its quiet _finished still to run
     result: Any = None
@@ -1013,6 +1015,26 @@ def _worker_main(ref: weakref.ref[ThreadletQueue], me: _Worker, idle_timeout: fl
 
 
 _plain_finished = Threadlet._finished
+
+#: Signals a process receives from outside (Ctrl-C, kill, timers, a child's
+#: exit): the kernel gives a process-directed one to any thread that does
+#: not block it, and CPython runs its handler only in the main thread -- a
+#: main thread asleep in a wait is then never woken (the "Ctrl-C does not
+#: interrupt the wait" hang).  Our threads block them, as QEMU's do.
+_ASYNC_SIGNALS = frozenset(
+    getattr(signal, name)
+    for name in (
+        "SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGALRM", "SIGVTALRM", "SIGPROF",
+        "SIGUSR1", "SIGUSR2", "SIGCHLD", "SIGWINCH", "SIGIO", "SIGURG",
+    )
+    if hasattr(signal, name)
+)  # fmt: skip
+
+
+def block_async_signals() -> None:
+    """In a thread of ours: leave externally sent signals to the main thread."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, _ASYNC_SIGNALS)
 
 
 def _idle_wait(ref: weakref.ref[ThreadletQueue], me: _Worker, idle_timeout: float | None) -> bool:

@@ -62,6 +62,8 @@ from collections.abc import Callable
 from threading import get_ident as _get_ident
 from typing import Any
 
+from threadlets.pool import block_async_signals
+
 __all__ = [
     "DEFER_AT",
     "FSYNC_DATASYNC",
@@ -460,6 +462,7 @@ class Ring:
     def _reap_loop(self) -> None:
         # Reaper mode: sleep until completions arrive, hand them out, repeat
         # until close()'s NOP came back with nothing else in flight.
+        block_async_signals()  # (see there: Ctrl-C belongs to the main thread)
         quiet = False  # the last short sleep saw nothing: sleep long now
         while True:
             with self._lock:
