@@ -5,14 +5,11 @@ the loop matters, on both engine backends where requests do."""
 
 from __future__ import annotations
 
-import asyncio
-import gc
 import os
 import select
 import socket
-import threading
-import warnings
-import weakref
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -392,51 +389,72 @@ def _until_handed_over(ctx: Any, req: Any) -> None:
     wait_until(there)
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+_DROPPED_LOOP = r"""
+import asyncio, gc, os, sys, threading, time, warnings, weakref
+import threadlets
+import threadlets.awaitable as aw
+
+path, backend = sys.argv[1], sys.argv[2]
+
+
+async def opener():
+    return await threadlets.open(path, "rb")
+
+
+# The loop's requests go to a queue whose one worker is held: the read
+# stays queued until released, so it is seen outstanding (no timing).
+q = threadlets.ThreadletQueue(max_threads=1)
+gate = threading.Event()
+aw.configure(queue=q, inline=False, backend=backend)
+loop = asyncio.new_event_loop()
+f = loop.run_until_complete(opener())
+held = q.submit(gate.wait, 10)  # (after the open, which may use the queue)
+task = loop.create_task(f.read())
+for _ in range(100):  # until the read is submitted (a few loop passes)
+    loop.run_until_complete(asyncio.sleep(0))
+    if f._outstanding:
+        break
+[req] = f._outstanding
+gate.set()
+assert held.result(10)
+assert req.wait(10)  # finished; its completion never processed
+ctx = req._ctx
+deadline = time.monotonic() + 60
+while req not in ctx._cq.ready:  # handed over just after it reads DONE
+    assert time.monotonic() < deadline, "never handed over"
+    time.sleep(0.001)
+ref = weakref.ref(loop)
+fd = f._fd
+f._closed = True  # (no unclosed-file warning: closed by hand below)
+os.close(fd)
+del loop, task, f, req, ctx
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # "Task was destroyed but it is pending"
+    gc.collect()
+assert ref() is None, "the dropped loop was not collected"
+assert q.close(timeout=10)
+print("collected")
+"""
+
+
 def test_a_dropped_loop_with_an_unprocessed_completion_is_collected(
-    tmp_path: Path, no_inline: str
+    tmp_path: Path, backend: str
 ) -> None:
-    if no_inline == "io_uring":
+    # In a process of its own: the dropped loop's garbage (its self-pipe
+    # sockets, "unclosed event loop") must not reach later tests.
+    if backend == "io_uring":
         pytest.skip("a ring read is reaped and delivered within the loop's pass: no window")
-    # Flaky under load (the soak's 4th run): the dropped loop's own garbage
-    # (its self-pipe sockets, "unclosed event loop") is sometimes collected
-    # during a later test, which then fails on the ResourceWarnings.  It
-    # needs to run in a process of its own; until then it is not run.
-    pytest.skip("flaky under load: its garbage reaches later tests; to run in a subprocess")
     p = tmp_path / "f"
     p.write_bytes(BIG)
-
-    async def opener() -> threadlets.AsyncFile:
-        return await threadlets.open(p, "rb")
-
-    # The loop's requests go to a queue whose one worker is held: the read
-    # stays queued until released, so it is seen outstanding (no timing).
-    q = threadlets.ThreadletQueue(max_threads=1)
-    gate = threading.Event()
-    aw.configure(queue=q, inline=False, backend=no_inline)
-    loop = asyncio.new_event_loop()
-    f = loop.run_until_complete(opener())
-    held = q.submit(gate.wait, 10)  # (after the open, which may use the queue)
-    task = loop.create_task(f.read())
-    for _ in range(100):  # until the read is submitted (a few loop passes)
-        loop.run_until_complete(asyncio.sleep(0))
-        if f._outstanding:
-            break
-    [req] = f._outstanding
-    gate.set()
-    assert held.result(10)
-    assert req.wait(10)  # finished; its completion never processed
-    _until_handed_over(req._ctx, req)
-    ref = weakref.ref(loop)
-    fd = f._fd
-    f._closed = True  # (no unclosed-file warning: closed by hand below)
-    os.close(fd)
-    del loop, task, f, req
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "Task was destroyed but it is pending"
-        gc.collect()
-    assert ref() is None
-    assert q.close(timeout=10)
+    proc = subprocess.run(
+        [sys.executable, "-c", _DROPPED_LOOP, str(p), backend],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "collected"
 
 
 # -- M6: a positional write drops the text layer's decoded text too ------------------------------
