@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -9,6 +10,15 @@ from pathlib import Path
 import pytest
 
 from threadlets import ThreadletQueue
+
+# A suite started in the background of a shell script (`pytest &`, or under
+# a CI runner that does so) inherits SIGINT ignored: Python then installs no
+# KeyboardInterrupt handler, here or in any child, and every test of Ctrl-C
+# waits for an interrupt that never comes.  The tests are about what the
+# library does with Ctrl-C, so they get Python's default: children then
+# start with SIGINT at its default and install their own handler.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:

@@ -449,15 +449,20 @@ def test_ctrl_c_interrupts_a_wait_in_the_main_thread() -> None:
     proc = subprocess.Popen(
         [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    assert proc.stdout is not None
-    assert proc.stdout.readline() == "waiting\n"
-    # Send it while the main thread sleeps in the wait (a futex, syscall
-    # 202 on x86-64), so the test shows the wait itself is interruptible.
-    # Arriving earlier would still land inside the try: never flaky.
-    if sys.platform.startswith("linux") and os.uname().machine == "x86_64":
-        wait_until(lambda: _syscall_of(proc.pid) == "202", timeout=30)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=30)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "waiting\n"
+        # Send it while the main thread sleeps in the wait (a futex, syscall
+        # 202 on x86-64), so the test shows the wait itself is interruptible.
+        # Arriving earlier would still land inside the try: never flaky.
+        if sys.platform.startswith("linux") and os.uname().machine == "x86_64":
+            wait_until(lambda: _syscall_of(proc.pid) == "202", timeout=30)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:  # (the test failed: leave no process behind)
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 3, err
     assert out == "interrupted\n"
 
