@@ -1,14 +1,25 @@
 """The threadlets NBD server beside qemu-nbd and nbdkit, one client for all.
 
-Each server exports the same cached 256 MiB raw image on a loopback port;
-the client is ``fio --ioengine=nbd`` (4 KiB random reads, then random
-writes, queue depth 32, one job), or ``qemu-img bench`` on ``nbd://`` when
-fio has no nbd engine.  Servers: ``threadlets nbd serve`` (threads and
-io_uring backends), ``qemu-nbd --aio=threads`` and ``--aio=io_uring``
-(``--cache=writeback``, the page cache as ours), ``nbdkit file``.  Reported:
-ops/s (median of the rounds) and the ratio to ``qemu-nbd --aio=threads``.
+Each server exports the same 256 MiB raw image (on /var/tmp, a disk file
+system, where /tmp may be tmpfs) on a loopback port.  Clients, each run
+against every server: ``fio --ioengine=nbd`` (4 KiB random reads, then
+random writes, queue depth 32, one job) where fio has the nbd engine, and
+``qemu-img bench`` on an ``nbd://`` URI (4 KiB, depth 32, a strided
+offset pattern; its time includes connecting).  Two image modes:
 
-    python benchmarks/nbd_vs_qemu_nbd.py [--seconds 5] [--repeats 3] [--size 256M]
+* cached: the image in the page cache.  ``threadlets nbd serve``,
+  ``qemu-nbd --cache=writeback``, ``nbdkit file``.
+* direct: O_DIRECT.  ``threadlets nbd serve --direct``,
+  ``qemu-nbd --cache=none``, and ``nbdkit file cache=none`` (nbdkit's file
+  plugin has no O_DIRECT: it only keeps its pages out of the cache).
+
+Servers: ``threadlets nbd serve`` (threads and io_uring backends),
+``qemu-nbd --aio=threads`` and ``--aio=io_uring``, nbdkit.  Reported: ops/s
+(median of the rounds) and the ratio to ``qemu-nbd --aio=threads`` in the
+same client and mode.
+
+    python benchmarks/nbd_vs_qemu_nbd.py [--seconds 5] [--repeats 3] [--size BYTES]
+        [--modes cached,direct] [--clients fio,qemu-img]
 """
 
 from __future__ import annotations
@@ -24,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 BLOCK = 4096
 DEPTH = 32
@@ -50,11 +61,19 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 20
     raise RuntimeError("server did not start listening")
 
 
-def servers(image: str) -> dict[str, list[str] | None]:
-    py = [sys.executable, "-m", "threadlets.cli", "nbd", "serve", image, "--bind"]
+MODES = ("cached", "direct")
+CLIENTS = ("fio", "qemu-img")
+
+
+def servers(image: str, direct: bool) -> dict[str, list[str] | None]:
+    py = [sys.executable, "-m", "threadlets.cli", "nbd", "serve", image]
+    py += ["--direct"] if direct else []
+    py += ["--bind"]
     qemu = shutil.which("qemu-nbd")
     nbdkit = shutil.which("nbdkit")
-    qemu_args = ["-f", "raw", "--cache=writeback", "-t", "-b", "127.0.0.1", "-x", "", "-p"]
+    cache = "none" if direct else "writeback"
+    qemu_args = ["-f", "raw", f"--cache={cache}", "-t", "-b", "127.0.0.1", "-x", "", "-p"]
+    kit_args = ["cache=none"] if direct else []
     return {
         "threadlets (threads)": [*py, "127.0.0.1:{port}", "--backend", "threads"],
         "threadlets (io_uring)": [*py, "127.0.0.1:{port}", "--backend", "io_uring"],
@@ -65,7 +84,9 @@ def servers(image: str) -> dict[str, list[str] | None]:
             [qemu, "--aio=io_uring", *qemu_args, "{port}", image] if qemu else None
         ),
         "nbdkit file": (
-            [nbdkit, "-f", "-i", "127.0.0.1", "-p", "{port}", "file", image] if nbdkit else None
+            [nbdkit, "-f", "-i", "127.0.0.1", "-p", "{port}", "file", image, *kit_args]
+            if nbdkit
+            else None
         ),
     }
 
@@ -122,14 +143,20 @@ def fio_iops(port: int, rw: str, seconds: float, size: int) -> float:
 
 
 def qemu_bench_iops(port: int, rw: str, seconds: float, size: int) -> float:
-    count = int(seconds * 20000)
-    argv = ["qemu-img", "bench", "-f", "raw", "-d", str(DEPTH), "-s", str(BLOCK)]
-    argv += ["-c", str(count), "-S", str(BLOCK * 7919 % size)]
-    if "write" in rw:
-        argv.append("-w")
-    t0 = time.perf_counter()
-    subprocess.run([*argv, f"nbd://127.0.0.1:{port}/"], capture_output=True, check=True)
-    return count / (time.perf_counter() - t0)
+    """qemu-img bench runs a count of requests, not a time: a short first
+    run measures the rate, the second runs about ``seconds`` at it."""
+
+    def bench(count: int) -> float:
+        argv = ["qemu-img", "bench", "-f", "raw", "-d", str(DEPTH), "-s", str(BLOCK)]
+        argv += ["-c", str(count), "-S", str(BLOCK * 7919 % size)]
+        if "write" in rw:
+            argv.append("-w")
+        t0 = time.perf_counter()
+        subprocess.run([*argv, f"nbd://127.0.0.1:{port}/"], capture_output=True, check=True)
+        return count / (time.perf_counter() - t0)
+
+    rate = bench(4 * DEPTH)
+    return bench(max(4 * DEPTH, int(rate * seconds)))
 
 
 def main() -> int:
@@ -137,45 +164,65 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--size", type=int, default=256 * 1024 * 1024)
+    ap.add_argument("--modes", default=",".join(MODES), help="cached,direct")
+    ap.add_argument("--clients", default=",".join(CLIENTS), help="fio,qemu-img")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    client = fio_iops if fio_has_nbd() else qemu_bench_iops
-    client_name = "fio --ioengine=nbd" if client is fio_iops else "qemu-img bench"
-    results: dict[str, dict[str, float]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    modes = [m for m in args.modes.split(",") if m]
+    wanted = [c for c in args.clients.split(",") if c]
+    if set(modes) - set(MODES) or set(wanted) - set(CLIENTS) or not modes or not wanted:
+        ap.error(f"--modes from {','.join(MODES)}, --clients from {','.join(CLIENTS)}")
+    clients: dict[str, Callable[[int, str, float, int], float]] = {}
+    if "fio" in wanted and fio_has_nbd():
+        clients["fio --ioengine=nbd"] = fio_iops
+    if "qemu-img" in wanted and shutil.which("qemu-img"):
+        clients["qemu-img bench"] = qemu_bench_iops
+    if not clients:
+        ap.error("none of the clients asked for is installed (fio with its nbd engine, qemu-img)")
+    # (client, mode) -> server -> rw -> ops/s
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
         image = os.path.join(tmp, "image.raw")
         with open(image, "wb") as f:
-            for _ in range(args.size // (1 << 20)):
+            for _ in range(max(1, args.size // (1 << 20))):
                 f.write(os.urandom(1 << 20))
-        with open(image, "rb") as f:  # into the page cache
-            while f.read(1 << 20):
-                pass
-        table = servers(image)
-        rounds: dict[str, dict[str, list[float]]] = {name: {} for name in table}
-        for _ in range(args.repeats):
-            for name, cmd in table.items():
-                if cmd is None:
-                    continue
-                for rw in ("randread", "randwrite"):
-                    with running(cmd) as port:
-                        iops = client(port, rw, args.seconds, args.size)
-                    rounds[name].setdefault(rw, []).append(iops)
-        for name, per in rounds.items():
-            if per:
-                results[name] = {rw: statistics.median(v) for rw, v in per.items()}
+        size = os.path.getsize(image)
+        for mode in modes:
+            if mode == "cached":
+                with open(image, "rb") as f:  # into the page cache
+                    while f.read(1 << 20):
+                        pass
+            table = servers(image, direct=mode == "direct")
+            for client_name, client in clients.items():
+                rounds: dict[str, dict[str, list[float]]] = {name: {} for name in table}
+                for _ in range(args.repeats):
+                    for name, cmd in table.items():
+                        if cmd is None:
+                            continue
+                        for rw in ("randread", "randwrite"):
+                            with running(cmd) as port:
+                                iops = client(port, rw, args.seconds, size)
+                            rounds[name].setdefault(rw, []).append(iops)
+                results[f"{client_name}, {mode}"] = {
+                    name: {rw: statistics.median(v) for rw, v in per.items()}
+                    for name, per in rounds.items()
+                    if per
+                }
     if args.json:
-        print(json.dumps({"client": client_name, "results": results}, indent=2))
+        print(json.dumps({"block": BLOCK, "depth": DEPTH, "results": results}, indent=2))
         return 0
-    base = results.get("qemu-nbd --aio=threads")
-    print(f"client: {client_name}, {BLOCK // 1024} KiB random, depth {DEPTH}, cached image")
-    print(f"{'server':26} {'read ops/s':>11} {'ratio':>6} {'write ops/s':>12} {'ratio':>6}")
-    for name, r in results.items():
-        cells = []
-        for rw in ("randread", "randwrite"):
-            ratio = f"{r[rw] / base[rw]:.2f}x" if base else "-"
-            cells.append((r[rw], ratio))
-        (rd, rr), (wr, wrr) = cells
-        print(f"{name:26} {rd:11.0f} {rr:>6} {wr:12.0f} {wrr:>6}")
+    print(f"{BLOCK // 1024} KiB random, depth {DEPTH}; ratio to qemu-nbd --aio=threads")
+    for key, table_results in results.items():
+        print(f"\n{key}")
+        print(f"{'server':26} {'read ops/s':>11} {'ratio':>6} {'write ops/s':>12} {'ratio':>6}")
+        base = table_results.get("qemu-nbd --aio=threads")
+        for name, r in table_results.items():
+            cells = []
+            for rw in ("randread", "randwrite"):
+                ratio = f"{r[rw] / base[rw]:.2f}x" if base else "-"
+                cells.append((r[rw], ratio))
+            (rd, rr), (wr, wrr) = cells
+            print(f"{name:26} {rd:11.0f} {rr:>6} {wr:12.0f} {wrr:>6}")
     return 0
 
 

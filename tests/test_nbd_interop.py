@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -210,3 +211,81 @@ def test_fio_verify_crc32c(served: ServerThread, tmp_path: Path) -> None:
     assert job["error"] == 0
     assert job["write"]["total_ios"] == SIZE // 4096
     assert job["read"]["total_ios"] == SIZE // 4096  # every block read back and verified
+
+
+@pytest.fixture(params=BACKENDS)
+def served_direct(request: pytest.FixtureRequest) -> Iterator[tuple[ServerThread, Path]]:
+    """The server started --direct, on an image on /var/tmp (a disk file
+    system, where /tmp may be tmpfs); skips where O_DIRECT is refused."""
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as d:
+        image = Path(d) / "image.raw"
+        image.write_bytes(b"\x5a" * SIZE)
+        try:
+            export = open_export(image, name="disk", direct=True)
+        except OSError as e:
+            pytest.skip(f"O_DIRECT refused on /var/tmp: {e}")
+        st = ServerThread(export, backend=request.param).start()
+        try:
+            yield st, image
+        finally:
+            st.stop()
+
+
+def test_direct_export_says_its_alignment(served_direct: tuple[ServerThread, Path]) -> None:
+    need("nbdinfo")
+    st, _ = served_direct
+    (export,) = json.loads(run("nbdinfo", "--json", uri(st)).stdout)["exports"]
+    assert export["block_size_minimum"] in (512, 1024, 2048, 4096)
+    assert export["block_size_preferred"] % export["block_size_minimum"] == 0
+
+
+def test_direct_unaligned_qemu_io_reads_and_writes(
+    served_direct: tuple[ServerThread, Path],
+) -> None:
+    need("qemu-io")
+    st, image = served_direct
+    cmds = [
+        "read -P 0x5a 1 1",
+        "read -P 0x5a 4097 1",
+        f"read -P 0x5a {SIZE - 1} 1",
+        "write -P 0x11 511 3",
+        "read -P 0x11 511 3",
+        "read -P 0x5a 510 1",
+        "read -P 0x5a 514 1",
+        "write -P 0x22 -f 4095 2",  # FUA, across two blocks
+        "read -P 0x22 4095 2",
+        "aio_write -P 0x33 12345 7000",
+        "aio_flush",
+        "read -P 0x33 12345 7000",
+        "read -P 0x5a 19345 1",
+        "write -z 100001 99",
+        "read -P 0 100001 99",
+        "read -P 0x5a 100000 1",
+        "read -P 0x5a 100100 1",
+        "flush",
+    ]
+    argv = ["qemu-io", "-f", "raw", uri(st)]
+    for c in cmds:
+        argv += ["-c", c]
+    out = run(*argv)
+    assert "Pattern verification failed" not in out.stdout + out.stderr
+    expected = bytearray(b"\x5a" * SIZE)
+    expected[511:514] = b"\x11" * 3
+    expected[4095:4097] = b"\x22" * 2
+    expected[12345:19345] = b"\x33" * 7000
+    expected[100001:100100] = bytes(99)
+    assert image.read_bytes() == expected
+
+
+def test_direct_qemu_img_convert_and_compare(
+    served_direct: tuple[ServerThread, Path], tmp_path: Path
+) -> None:
+    need("qemu-img")
+    st, image = served_direct
+    src = tmp_path / "src.raw"
+    src.write_bytes(os.urandom(SIZE // 2) + bytes(SIZE // 4) + os.urandom(SIZE // 4 - 3) + b"end")
+    run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src), uri(st))
+    run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(src), uri(st))
+    back = tmp_path / "back.raw"
+    run("qemu-img", "convert", "-f", "raw", "-O", "raw", uri(st), str(back))
+    assert back.read_bytes() == src.read_bytes() == image.read_bytes()
