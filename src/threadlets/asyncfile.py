@@ -1186,7 +1186,7 @@ def open(
         elif F_NOCACHE:
             nocache = True
         else:
-            note = capability_note("O_DIRECT")
+            note = capability_note("o_direct")
             raise OSError(errno.ENOTSUP, f"direct=True: {note}, and there is no F_NOCACHE")
     return _Opener(
         (file, mode, flags, perms, encoding, errors, newline, buffering, closefd, opener, nocache)

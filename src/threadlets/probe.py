@@ -109,8 +109,12 @@ def portable() -> bool:
     return _CAPABILITIES.portable
 
 
+_DISPLAY = {"rwf_nowait": "RWF_NOWAIT", "o_direct": "O_DIRECT", "f_nocache": "F_NOCACHE"}
+
+
 def capability_note(name: str) -> str:
     """Why capability ``name`` (a field of :class:`Capabilities`) is off."""
+    name = _DISPLAY.get(name, name)
     if _CAPABILITIES.portable:
         return f"{name} is turned off by THREADLETS_PORTABLE=1 (portable mode)"
     return f"{name} is not available on this platform"
@@ -268,7 +272,7 @@ class DirectIOSupport:
 def probe_direct_io(directory: str = ".") -> DirectIOSupport:
     """Open a scratch file with O_DIRECT in ``directory`` and probe it."""
     if not O_DIRECT:
-        return DirectIOSupport(False, reason=capability_note("O_DIRECT"))
+        return DirectIOSupport(False, reason=capability_note("o_direct"))
     with tempfile.NamedTemporaryFile(dir=directory, prefix=".threadlets-probe-") as f:
         f.write(b"\0" * 4 * MAX_ALIGNMENT)
         f.flush()
@@ -289,7 +293,7 @@ def probe_direct_io(directory: str = ".") -> DirectIOSupport:
 def probe_nowait(directory: str = ".") -> tuple[bool, str]:
     """Whether a cached read with ``preadv(..., RWF_NOWAIT)`` completes."""
     if not RWF_NOWAIT:
-        return False, capability_note("RWF_NOWAIT")
+        return False, capability_note("rwf_nowait")
     with tempfile.NamedTemporaryFile(dir=directory, prefix=".threadlets-probe-") as f:
         f.write(b"x" * PAGE_SIZE)
         f.flush()
