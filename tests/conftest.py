@@ -95,8 +95,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if portable():
         for item in items:
             reason = _needs_linux(item)
-            if reason:
-                item.add_marker(pytest.mark.skip(reason=reason))
+            if reason:  # first: the test's own skipif would give a vaguer reason
+                item.add_marker(pytest.mark.skipif(True, reason=reason), append=False)
     seed = os.environ.get("THREADLETS_SHUFFLE_SEED")
     if seed:
         import random
