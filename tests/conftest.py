@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from threadlets import ThreadletQueue
+from threadlets.probe import capability_note, portable
 
 # A suite started in the background of a shell script (`pytest &`, or under
 # a CI runner that does so) inherits SIGINT ignored: Python then installs no
@@ -78,14 +79,75 @@ def fd(path: Path) -> Iterator[int]:
     os.close(fd)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "linux_only(capability): the test needs a Linux-only capability (a field of "
+        "threadlets.probe.Capabilities: io_uring, rwf_nowait, o_direct, eventfd, openat2); "
+        "skipped in portable mode (THREADLETS_PORTABLE=1)",
+    )
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """THREADLETS_SHUFFLE_SEED=N runs the tests in a random order (seeded):
-    tools/soak-tests uses it to find tests that depend on each other."""
+    tools/soak-tests uses it to find tests that depend on each other.
+    In portable mode the tests of Linux-only capabilities are skipped."""
+    if portable():
+        for item in items:
+            reason = _needs_linux(item)
+            if reason:  # first: the test's own skipif would give a vaguer reason
+                item.add_marker(pytest.mark.skipif(True, reason=reason), append=False)
     seed = os.environ.get("THREADLETS_SHUFFLE_SEED")
     if seed:
         import random
 
         random.Random(int(seed)).shuffle(items)
+
+
+#: Tests of a Linux-only capability that do not skip themselves where it is
+#: off, by file::test (every parametrisation), file::test[id] or file (the
+#: module).  Prefer ``@pytest.mark.linux_only("capability")`` in new tests.
+_LINUX_ONLY = {
+    "io_uring": ("test_uring.py", "test_uring_model.py"),
+    "rwf_nowait": (
+        "test_engine.py::test_read_write_roundtrip[True]",
+        "test_engine.py::test_inline_read_completes_at_submit_but_calls_back_later",
+        "test_engine.py::test_cancel_inline_completed_is_alldone",
+        "test_engine.py::test_a_short_inline_attempt_is_resumed_by_a_worker",
+        "test_lifecycle.py::test_a_failed_close_keeps_what_the_context_knows",
+        "test_posix.py::test_ctrl_c_in_the_submission_leaves_nothing_in_progress",
+    ),
+    "o_direct": (
+        "test_bench.py::test_quick_bench_harness",  # expects the O_DIRECT workload's rows
+        "test_nbd_server.py::test_direct_export_advertises_its_alignment_and_serves_unaligned_io",
+        "test_ops.py::test_packet_mode_pipe_is_a_stream",  # pipe2(os.O_DIRECT)
+        "test_stress.py::test_short_run_of_each_mode[direct]",
+        "test_stress.py::test_short_run_of_each_mode[io_uring-direct]",
+        "test_stress.py::test_block_device[direct-threads]",
+        "test_stress.py::test_block_device[direct-auto]",
+    ),
+}
+
+
+def _needs_linux(item: pytest.Item) -> str:
+    """Why ``item`` cannot run in portable mode, or "" if it can: it is
+    marked ``linux_only``, listed in _LINUX_ONLY, or run with the io_uring
+    backend (a parameter -- of a fixture or of the test -- "io_uring")."""
+    marker = item.get_closest_marker("linux_only")
+    if marker is not None:
+        return capability_note(str(marker.args[0]))
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and "io_uring" in [
+        v for v in callspec.params.values() if isinstance(v, str)
+    ]:
+        return capability_note("io_uring")
+    module = item.path.name
+    name = f"{module}::{item.name}"
+    for capability, listed in _LINUX_ONLY.items():
+        for entry in listed:
+            if entry in (module, name) or name.startswith(entry + "["):
+                return capability_note(capability)
+    return ""
 
 
 def interrupt_cli_at(

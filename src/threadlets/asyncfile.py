@@ -60,7 +60,8 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, Union, overload
 from threadlets.awaitable import YIELD_EVERY, FdWaits, LoopIO, StreamLock, current
 from threadlets.engine import AioRequest, _InlineDone, _nonnegative
 from threadlets.oneshot import open_cached
-from threadlets.probe import O_DIRECT
+from threadlets.probe import F_NOCACHE, O_DIRECT, capability_note
+from threadlets.probe import RWF_NOWAIT as _RWF_NOWAIT
 
 if TYPE_CHECKING:
     from _typeshed import (
@@ -77,8 +78,6 @@ __all__ = ["AsyncBinaryFile", "AsyncFile", "AsyncTextFile", "open", "wrap"]
 
 #: Read-ahead of the stream methods.
 CHUNK = 64 * 1024
-
-_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 
 
 def _flags_for(mode: str) -> tuple[int, bool, bool, bool]:
@@ -1162,8 +1161,10 @@ def open(
     unbuffered (binary only), N > 1 the read-ahead size, 1 line buffering
     (text); ``opener(path, flags)`` returns the descriptor.  Also
     ``direct=True``: O_DIRECT (any buffer works: misaligned ones go through
-    a bounce buffer); ``perms``: the mode bits of a created file.  The open
-    runs on a worker; a cancelled open closes the descriptor it got.
+    a bounce buffer); where there is no O_DIRECT (macOS, portable mode),
+    ``fcntl(F_NOCACHE)`` on the descriptor opened; where there is neither,
+    OSError(ENOTSUP) at once.  ``perms``: the mode bits of a created file.
+    The open runs on a worker; a cancelled open closes the descriptor it got.
     A binary file's reads are ``bytes`` (:class:`AsyncBinaryFile`), a text
     file's ``str`` (:class:`AsyncTextFile`).
     """
@@ -1178,12 +1179,17 @@ def open(
             raise ValueError("Cannot use closefd=False with file name")
     if opener is not None and not callable(opener):
         raise TypeError(f"'{type(opener).__name__}' object is not callable")
+    nocache = False
     if direct:
-        if not O_DIRECT:
-            raise OSError(95, "O_DIRECT is not supported on this platform")
-        flags |= O_DIRECT
+        if O_DIRECT:
+            flags |= O_DIRECT
+        elif F_NOCACHE:
+            nocache = True
+        else:
+            note = capability_note("o_direct")
+            raise OSError(errno.ENOTSUP, f"direct=True: {note}, and there is no F_NOCACHE")
     return _Opener(
-        (file, mode, flags, perms, encoding, errors, newline, buffering, closefd, opener)
+        (file, mode, flags, perms, encoding, errors, newline, buffering, closefd, opener, nocache)
     )
 
 
@@ -1198,6 +1204,7 @@ async def _open(
     buffering: int = -1,
     closefd: bool = True,
     opener: Callable[[str, int], int] | None = None,
+    nocache: bool = False,
 ) -> AsyncFile:
     io_ = current()
     await io_.checkpoint()
@@ -1232,6 +1239,8 @@ async def _open(
         fd, st = got
         pos = st.st_size if "a" in mode else 0
     try:
+        if nocache and not isinstance(path, int):
+            fcntl.fcntl(fd, F_NOCACHE, 1)
         return cls(
             fd,
             path,

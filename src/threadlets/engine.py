@@ -108,7 +108,7 @@ from threadlets.pool import (
     _check_timeout,
     _invoke_callback,
 )
-from threadlets.probe import RWF_NOWAIT, pin_buffer
+from threadlets.probe import RWF_NOWAIT, capabilities, capability_note, pin_buffer
 from threadlets.syscalls import Syscalls
 from threadlets.uring import Ring, RingUnavailable
 
@@ -454,13 +454,14 @@ class ContextStats:
 
 
 class _Notifier:
-    """An eventfd (a pipe where there is none): readable while signalled."""
+    """An eventfd (a pipe where there is none, or in portable mode):
+    readable while signalled."""
 
     def __init__(self) -> None:
-        if hasattr(os, "eventfd"):
+        if capabilities().eventfd:
             self._rfd = self._wfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             self._eventfd = True
-        else:  # pragma: no cover - not Linux
+        else:
             self._rfd, self._wfd = os.pipe()
             os.set_blocking(self._rfd, False)
             os.set_blocking(self._wfd, False)
@@ -476,7 +477,7 @@ class _Notifier:
         try:
             if self._eventfd:
                 os.eventfd_write(self._wfd, 1)
-            else:  # pragma: no cover
+            else:
                 os.write(self._wfd, b"\0")
         except BlockingIOError:  # pragma: no cover - counter or pipe full: still readable
             pass
@@ -485,7 +486,7 @@ class _Notifier:
         try:
             if self._eventfd:
                 os.eventfd_read(self._rfd)
-            else:  # pragma: no cover
+            else:
                 while os.read(self._rfd, 4096):
                     pass
         except BlockingIOError:
@@ -502,7 +503,7 @@ class _Notifier:
         self.closed = True
         self._poll.unregister(self._rfd)
         os.close(self._rfd)
-        if self._wfd != self._rfd:  # pragma: no cover
+        if self._wfd != self._rfd:
             os.close(self._wfd)
 
 
@@ -1034,6 +1035,8 @@ class AioContext:
                 # the kernel through the eventfd; otherwise a reaper thread
                 # finishes requests (see threadlets.uring).
                 efd = self._cq.notifier.fileno() if self._deliver else None
+                if not capabilities().io_uring:
+                    raise RingUnavailable(errno.ENOSYS, capability_note("io_uring"))
                 self._ring = Ring(RING_ENTRIES, eventfd=efd)
                 self._ring_backend = _RingBackend(self, self._ring)
             except RingUnavailable:

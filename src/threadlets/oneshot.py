@@ -28,12 +28,13 @@ import locale
 import os
 import select
 import stat
-import sys
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from threadlets.awaitable import YIELD_EVERY, LoopIO, current
+from threadlets.probe import RWF_NOWAIT as _RWF_NOWAIT
+from threadlets.probe import capabilities
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, StrOrBytesPath
@@ -44,8 +45,6 @@ _RDONLY = os.O_RDONLY | os.O_CLOEXEC
 _WRONLY = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
 _NEWLINES = (None, "", "\n", "\r", "\r\n")
 
-
-_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 #: Larger files are read on a worker: an inline read of them holds the loop.
 INLINE_MAX = 256 * 1024
 
@@ -55,7 +54,7 @@ def _make_openat2() -> Callable[[bytes, int], int] | None:
     (the caller adds O_NONBLOCK: a FIFO must not wait for its other end);
     None where the kernel or platform has no openat2 (Linux < 5.12 has no
     RESOLVE_CACHED: EINVAL, also None)."""
-    if not sys.platform.startswith("linux") or not _RWF_NOWAIT:
+    if not capabilities().openat2 or not _RWF_NOWAIT:
         return None
     try:
         libc = ctypes.CDLL(None, use_errno=True)

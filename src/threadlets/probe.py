@@ -7,14 +7,25 @@ buffers.  Every probe tries the real operation and reports what happened; none
 guesses from version numbers, because seccomp filters, containers and sysctls
 disable features that the kernel version says exist.
 
+It also owns the *capabilities*: which Linux-only features threadlets may
+use at all (:func:`capabilities`), decided once, at import, here and nowhere
+else.  Each has a portable fallback that the other modules take when it is
+off: a pipe for the completion eventfd, no inline (``RWF_NOWAIT``) path, the
+threads backend for io_uring, ``F_NOCACHE`` (macOS) or an OSError(ENOTSUP)
+for O_DIRECT, no ``openat2`` for the one-call helpers' inline opens.
+
 Linux is the target.  Elsewhere each probe answers "not supported" with the
-reason instead of raising.
+reason instead of raising.  ``THREADLETS_PORTABLE=1`` in the environment
+when threadlets is imported (*portable mode*, :func:`portable`) turns every
+Linux-only capability off, so the code and tests of the fallbacks run on
+Linux as they would on macOS or a BSD.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import mmap
 import os
 import stat
@@ -23,12 +34,16 @@ import tempfile
 from dataclasses import dataclass
 
 __all__ = [
+    "Capabilities",
     "DirectIOSupport",
     "IoUringSupport",
     "aligned_buffer",
     "buffer_address",
+    "capabilities",
+    "capability_note",
     "direct_alignment",
     "pin_buffer",
+    "portable",
     "probe_alignment",
     "probe_direct_io",
     "probe_io_uring",
@@ -39,8 +54,78 @@ IS_LINUX = sys.platform.startswith("linux")
 PAGE_SIZE = mmap.PAGESIZE
 #: The largest alignment any Linux block device asks of O_DIRECT.
 MAX_ALIGNMENT = 4096
-O_DIRECT: int = getattr(os, "O_DIRECT", 0)
-RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """The Linux-only features threadlets may use here, and their fallbacks.
+
+    True means "use it where the kernel takes it" (the probes below say
+    whether it does); False means the fallback, always.
+    """
+
+    #: THREADLETS_PORTABLE=1 was set at import: every Linux-only one is off.
+    portable: bool
+    #: The completion notifier is an eventfd; else a non-blocking pipe.
+    eventfd: bool
+    #: Reads (and writes) try ``RWF_NOWAIT`` in the caller; else no inline path.
+    rwf_nowait: bool
+    #: backend "auto" tries io_uring and "io_uring" is allowed; else the
+    #: threads, and an explicit "io_uring" raises RingUnavailable.
+    io_uring: bool
+    #: ``direct=True`` opens with O_DIRECT; else F_NOCACHE, else ENOTSUP.
+    o_direct: bool
+    #: ``openat2(RESOLVE_CACHED)``: the one-call helpers' non-blocking open.
+    openat2: bool
+    #: ``fcntl(F_NOCACHE)`` (macOS): the page cache bypass without O_DIRECT.
+    f_nocache: bool
+
+
+def _from_environment() -> Capabilities:
+    forced = os.environ.get("THREADLETS_PORTABLE", "") not in ("", "0")
+    linux = IS_LINUX and not forced
+    return Capabilities(
+        portable=forced,
+        eventfd=linux and hasattr(os, "eventfd"),
+        rwf_nowait=linux and hasattr(os, "RWF_NOWAIT") and hasattr(os, "preadv"),
+        io_uring=linux,
+        o_direct=not forced and hasattr(os, "O_DIRECT"),
+        openat2=linux,
+        f_nocache=hasattr(fcntl, "F_NOCACHE"),
+    )
+
+
+_CAPABILITIES = _from_environment()
+
+
+def capabilities() -> Capabilities:
+    """What this process may use (fixed at import; see :class:`Capabilities`)."""
+    return _CAPABILITIES
+
+
+def portable() -> bool:
+    """Whether portable mode is on: ``THREADLETS_PORTABLE=1`` (any value but
+    empty or "0") was in the environment when threadlets was imported."""
+    return _CAPABILITIES.portable
+
+
+_DISPLAY = {"rwf_nowait": "RWF_NOWAIT", "o_direct": "O_DIRECT", "f_nocache": "F_NOCACHE"}
+
+
+def capability_note(name: str) -> str:
+    """Why capability ``name`` (a field of :class:`Capabilities`) is off."""
+    name = _DISPLAY.get(name, name)
+    if _CAPABILITIES.portable:
+        return f"{name} is turned off by THREADLETS_PORTABLE=1 (portable mode)"
+    return f"{name} is not available on this platform"
+
+
+#: 0 where O_DIRECT is off: no descriptor is then treated as O_DIRECT.
+O_DIRECT: int = getattr(os, "O_DIRECT", 0) if _CAPABILITIES.o_direct else 0
+#: 0 where the inline path is off.
+RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0) if _CAPABILITIES.rwf_nowait else 0
+#: 0 where there is no F_NOCACHE.
+F_NOCACHE: int = getattr(fcntl, "F_NOCACHE", 0)
 
 
 def aligned_buffer(size: int, alignment: int | None = None) -> memoryview:
@@ -187,7 +272,7 @@ class DirectIOSupport:
 def probe_direct_io(directory: str = ".") -> DirectIOSupport:
     """Open a scratch file with O_DIRECT in ``directory`` and probe it."""
     if not O_DIRECT:
-        return DirectIOSupport(False, reason="O_DIRECT is not available on this platform")
+        return DirectIOSupport(False, reason=capability_note("o_direct"))
     with tempfile.NamedTemporaryFile(dir=directory, prefix=".threadlets-probe-") as f:
         f.write(b"\0" * 4 * MAX_ALIGNMENT)
         f.flush()
@@ -207,8 +292,8 @@ def probe_direct_io(directory: str = ".") -> DirectIOSupport:
 
 def probe_nowait(directory: str = ".") -> tuple[bool, str]:
     """Whether a cached read with ``preadv(..., RWF_NOWAIT)`` completes."""
-    if not RWF_NOWAIT or not hasattr(os, "preadv"):
-        return False, "os.RWF_NOWAIT is not available on this platform"
+    if not RWF_NOWAIT:
+        return False, capability_note("rwf_nowait")
     with tempfile.NamedTemporaryFile(dir=directory, prefix=".threadlets-probe-") as f:
         f.write(b"x" * PAGE_SIZE)
         f.flush()
@@ -237,6 +322,8 @@ def probe_io_uring() -> IoUringSupport:
     """Try io_uring_setup(2) for a one-entry ring, then close it."""
     if not IS_LINUX:
         return IoUringSupport(False, "io_uring is Linux-only")
+    if not _CAPABILITIES.io_uring:
+        return IoUringSupport(False, capability_note("io_uring"))
     nr = _SYS_IO_URING_SETUP.get(os.uname().machine)
     if nr is None:
         return IoUringSupport(False, f"unknown syscall number on {os.uname().machine}")
