@@ -109,7 +109,8 @@ from threadlets.pool import (
     _invoke_callback,
 )
 from threadlets.probe import RWF_NOWAIT, capabilities, capability_note, pin_buffer
-from threadlets.syscalls import Syscalls
+from threadlets.syscalls import NR_WRITE, Syscalls
+from threadlets.syscalls import syscall_holding_the_gil as _raw_syscall
 from threadlets.uring import Ring, RingUnavailable
 
 if TYPE_CHECKING:
@@ -453,6 +454,10 @@ class ContextStats:
     batches: int
 
 
+_ONE = ctypes.c_uint64(1)  # what an eventfd write adds (read-only: shared)
+_ONE_ADDRESS = ctypes.addressof(_ONE)
+
+
 class _Notifier:
     """An eventfd (a pipe where there is none, or in portable mode):
     readable while signalled."""
@@ -476,6 +481,15 @@ class _Notifier:
     def signal(self) -> None:
         try:
             if self._eventfd:
+                if _raw_syscall is not None:
+                    # Keeping the GIL (see syscalls): the caller holds the
+                    # completion queue's lock, which the owner and the other
+                    # workers then wait for no longer than the write takes.
+                    if _raw_syscall(NR_WRITE, self._wfd, _ONE_ADDRESS, 8, 0, 0, 0) < 0:
+                        err = ctypes.get_errno()
+                        if err != errno.EAGAIN:
+                            raise OSError(err, os.strerror(err))
+                    return
                 os.eventfd_write(self._wfd, 1)
             else:
                 os.write(self._wfd, b"\0")
@@ -1119,6 +1133,15 @@ class AioContext:
 
         return ring.hold(arrange)
 
+    def send_held(self) -> None:
+        """Submit now what the io_uring backend holds back for a batch.  A
+        thread about to block in a wait the engine does not see (a front
+        end's own condition variable) calls this first, so that nothing it
+        submitted waits on its sleep."""
+        ring = self._ring
+        if ring is not None:
+            ring.flush()
+
     def forget(self, fd: int) -> None:
         """Drop what the context remembers about ``fd`` (call before the
         number is reused for another file)."""
@@ -1173,7 +1196,8 @@ class AioContext:
                 cq.complete(req)
                 return req
             rb = self._ring_backend
-            if rb is not None and rb.ring.usable and rb.start(req):
+            # (A ring that is closing, or a forked child's, refuses in submit.)
+            if rb is not None and rb.start(req):
                 next(self._n_ring)
                 return req
             self._queue._submit(req)

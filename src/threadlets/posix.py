@@ -77,6 +77,7 @@ running), and nothing else but that submitting thread may finish it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import functools
@@ -94,6 +95,8 @@ from threadlets.engine import AioContext, AioRequest
 from threadlets.ops import MAX_OFFSET
 from threadlets.pool import CancelResult, Threadlet, default_queue
 from threadlets.probe import O_DIRECT
+from threadlets.syscalls import NR_FCNTL, NR_FSTAT
+from threadlets.syscalls import syscall_holding_the_gil as _raw_syscall
 
 __all__ = [
     "AIO_ALLDONE",
@@ -171,13 +174,35 @@ def _is_open(fd: int) -> bool:
 
 def _identity(fd: int, full: bool) -> _Identity | None:
     """(F_GETFL flags, st_dev, st_ino) of an open fd, or None if it is not
-    one.  st_dev and st_ino (an fstat: the costly part) are read only where
-    the engine's memory of the file decides a result -- ``full`` (a flush:
-    sticky errors) or an O_DIRECT fd (alignment) -- and are -1 otherwise:
-    for a buffered read or write, the memory of another file with the same
-    flags only tunes the inline fast path."""
+    one.  st_dev and st_ino (an fstat) are read only where the engine's
+    memory of the file decides a result -- ``full`` (a flush: sticky
+    errors) or an O_DIRECT fd (alignment) -- and are -1 otherwise: for a
+    buffered read or write, the memory of another file with the same flags
+    only tunes the inline fast path.  Both calls keep the GIL where they can
+    (see syscalls.syscall_holding_the_gil): a submission then hands the
+    ring's reaper no chance to wake for each completion."""
     if not 0 <= fd <= _FD_MAX:
         return None
+    raw = _raw_syscall
+    if raw is None:
+        return _identity_os(fd, full)
+    flags = raw(NR_FCNTL, fd, fcntl.F_GETFL, 0, 0, 0, 0)
+    if flags < 0:
+        return None
+    if not full and not flags & O_DIRECT:
+        return flags, -1, -1
+    st = _Stat()  # (one per call: another thread may run right after the call)
+    if raw(NR_FSTAT, fd, ctypes.addressof(st), 0, 0, 0, 0) < 0:
+        return None
+    return flags, st[0], st[1]  # (struct stat on x86-64 starts st_dev, st_ino)
+
+
+_Stat = ctypes.c_uint64 * 18  # struct stat (144 bytes on x86-64)
+
+
+def _identity_os(fd: int, full: bool) -> _Identity | None:
+    """_identity through the os module (where raw system calls are not
+    known)."""
     try:
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         if not full and not flags & O_DIRECT:
@@ -750,7 +775,7 @@ class PosixAio:
                 err, ret = 0, moved  # as glibc: what moved before the error
         after = _After()
         # In the ring's reaper, waiters are woken once per batch of completions.
-        deferred = self.context.call_after_batch(self._wake_waiters)
+        deferred = req._ctx.call_after_batch(self._wake_waiters)
         with self._lock:
             if cb._req is not req or cb._status is not _INFLIGHT:
                 return
@@ -901,6 +926,11 @@ class PosixAio:
             if timeout < 0:
                 raise _einval("timeout must be >= 0")
         deadline = None if timeout is None else time.monotonic() + timeout
+        ctx = self._given or self._own
+        if ctx is not None:
+            # What this thread's burst of submissions left held back for the
+            # ring's reaper goes now, in one io_uring_enter, before we sleep.
+            ctx.send_held()
         with self._lock:
             while cbs and all(c._status is _PENDING or c._status is _INFLIGHT for c in cbs):
                 remaining = None if deadline is None else deadline - time.monotonic()

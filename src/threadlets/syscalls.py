@@ -14,13 +14,15 @@ import ctypes.util
 import errno
 import fcntl
 import os
+import platform
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from threadlets.probe import MAX_ALIGNMENT, O_DIRECT
+from threadlets.probe import MAX_ALIGNMENT, O_DIRECT, capabilities
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
@@ -51,6 +53,44 @@ def _load_fallocate() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
 
 
 _fallocate = _load_fallocate()
+
+
+class _SyscallHoldingTheGil(ctypes._CFuncPtr):  # type: ignore[misc,name-defined]
+    # libc's syscall(2), called without letting go of the GIL (ctypes'
+    # "pythonapi" calling convention), with errno kept for ctypes.get_errno().
+    _flags_ = (
+        ctypes._FUNCFLAG_CDECL  # type: ignore[attr-defined]
+        | ctypes._FUNCFLAG_PYTHONAPI  # type: ignore[attr-defined]
+        | ctypes._FUNCFLAG_USE_ERRNO  # type: ignore[attr-defined]
+    )
+    _restype_ = ctypes.c_long
+    _argtypes_ = (ctypes.c_long,) * 7
+
+
+def _load_syscall_holding_the_gil() -> _SyscallHoldingTheGil | None:
+    if not sys.platform.startswith("linux") or platform.machine() != "x86_64":
+        return None  # (the syscall numbers below are x86-64's)
+    if capabilities().portable:
+        return None  # as elsewhere: the os module's calls
+    try:
+        return _SyscallHoldingTheGil(("syscall", ctypes.CDLL(None, use_errno=True)))
+    except (OSError, AttributeError):  # pragma: no cover
+        return None
+
+
+#: ``syscall_holding_the_gil(nr, a1, ..., a6)``: a raw system call that
+#: keeps the GIL, for calls that return at once and are made on hot paths
+#: (F_GETFL, fstat, an eventfd write, an io_uring submission).  Letting the
+#: GIL go there hands it to whichever thread wants it -- the ring's reaper,
+#: a worker that finished a read -- and the caller then waits to get it back:
+#: one context switch per call, and completions reaped one at a time instead
+#: of in batches.  Returns -1 with ctypes' errno set on failure.  None where
+#: the numbers are not known (only x86-64 Linux).
+syscall_holding_the_gil = _load_syscall_holding_the_gil()
+NR_WRITE = 1
+NR_FSTAT = 5
+NR_FCNTL = 72
+NR_IO_URING_ENTER = 426
 
 
 class Syscalls:

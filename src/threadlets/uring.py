@@ -22,9 +22,10 @@ burst (the engine plugs while completion callbacks run) or, with
 :meth:`Ring.hold`, for good, with a flush scheduled once per batch (an
 event loop's ``call_soon``: one call per loop iteration).  In reaper mode it
 is also held back while the reaper is busy handing out completions or, with
-:data:`DEFER_AT` or more operations in the kernel, in a sleep of at most
-:data:`HOLD_MAX`; the reaper submits everything held back at the end of
-either.  Every wait is bounded by Python work under way or by HOLD_MAX,
+:data:`DEFER_AT` or more operations in the kernel (counting those whose
+completions its last pass handed out: a front end that keeps a depth sends
+them straight back), in a sleep of at most :data:`HOLD_MAX`; the reaper
+submits everything held back at the end of either.  Every wait is bounded by Python work under way or by HOLD_MAX,
 never by how long the kernel takes.  On O_DIRECT each ``io_uring_enter`` is
 also a doorbell to the device -- on a VM an exit to the hypervisor -- so
 this matters more than the Python it saves.  A thread about to block on an
@@ -464,13 +465,18 @@ class Ring:
         # until close()'s NOP came back with nothing else in flight.
         block_async_signals()  # (see there: Ctrl-C belongs to the main thread)
         quiet = False  # the last short sleep saw nothing: sleep long now
+        handed = 0  # completions the last pass handed out
         while True:
             with self._lock:
                 # Ordering: what was held back is taken in the same critical
                 # section that decides whether submitters may hold back
                 # during the sleep, so nothing waits on a long sleep.
                 n = self._take()
-                short = self._in_kernel >= DEFER_AT and not quiet
+                # The completions just handed out count as soon back in the
+                # kernel: a front end that keeps a depth resubmits them
+                # right after the pass (if it does not, the short sleep
+                # runs out once and the next is long).
+                short = self._in_kernel + handed >= DEFER_AT and not quiet
                 self._reaper_holds = short
                 finished = self._stopped and not self._pending
             self._kick(n)
@@ -489,8 +495,9 @@ class Ring:
             quiet = False
             with self._lock:
                 self._reaper_holds = True  # busy: submissions wait for this pass
+            handed = 0
             try:
-                self.reap()
+                handed = self.reap()
             except BaseException:
                 # A callback's KeyboardInterrupt or SystemExit must not end
                 # the thread that finishes every request of this ring: the
