@@ -1198,3 +1198,75 @@ def test_a_buffered_fd_reused_for_another_file_is_forgotten_by_its_next_flush(
     finally:
         os.close(fd)
         ctx.close()
+
+
+# -- the fd identity and held submissions (the speed work) -------------------------------------
+
+
+def test_identity_matches_the_os_modules_answer(tmp_path: Path) -> None:
+    """_identity keeps the GIL through raw system calls where it can; it must
+    say what fcntl/os.fstat say, for every kind of descriptor."""
+    p = tmp_path / "f"
+    p.write_bytes(b"x" * 4096)
+    r, w = os.pipe()
+    fds = [os.open(p, os.O_RDONLY), os.open(p, os.O_WRONLY | os.O_APPEND), r, w]
+    if O_DIRECT:
+        with contextlib.suppress(OSError):
+            fds.append(os.open(p, os.O_RDONLY | O_DIRECT))
+    try:
+        for fd in fds:
+            for full in (False, True):
+                assert px._identity(fd, full) == px._identity_os(fd, full)
+        closed = os.open(p, os.O_RDONLY)
+        os.close(closed)
+        for bad in (closed, -1, 2**31, 2**40):
+            assert px._identity(bad, True) is None
+            assert px._identity_os(bad, True) is None
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def test_a_waiter_sends_what_the_reaper_holds_back(path: Path) -> None:
+    """A submission held back for the ring's reaper (it is busy, or in a
+    short sleep) must not wait on the submitter's own sleep in aio_suspend or
+    lio_listio(LIO_WAIT): they send what is held first.  Made deterministic
+    by marking the reaper as holding while it is in a long sleep (nothing
+    in flight), where nothing else would ever send it."""
+    try:
+        ctx = AioContext(deliver=False, backend="io_uring", inline=False)
+    except RingUnavailable as e:
+        pytest.skip(f"io_uring: {e}")
+    ring = ctx._ring
+    assert ring is not None
+    assert not ring.owner_mode
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with px.use_context(ctx):
+            for wait in ("suspend", "listio"):
+                wait_until(lambda: _syscall_of_thread(ring) == "426")  # io_uring_enter
+                with ring._lock:
+                    ring._reaper_holds = True  # as if busy: submissions are held
+                cb = px.aiocb(fd, 0, bytearray(16), lio_opcode=px.LIO_READ)
+                if wait == "suspend":
+                    px.aio_read(cb)
+                    assert ring._unsubmitted == 1  # held back
+                    px.aio_suspend([cb], timeout=30)  # (EAGAIN: it never started)
+                else:
+                    px.lio_listio(px.LIO_WAIT, [cb])
+                assert px.aio_return(cb) == 16
+                with ring._lock:
+                    ring._reaper_holds = False
+    finally:
+        os.close(fd)
+        assert ctx.close(timeout=10)
+
+
+def _syscall_of_thread(ring: Any) -> str:
+    """The system call number the ring's reaper thread is in."""
+    tid = ring._reaper.native_id
+    try:
+        with open(f"/proc/self/task/{tid}/syscall") as f:
+            return f.read().split(" ", 1)[0]
+    except OSError:
+        return ""

@@ -203,6 +203,8 @@ _Stat = ctypes.c_uint64 * 18  # struct stat (144 bytes on x86-64)
 def _identity_os(fd: int, full: bool) -> _Identity | None:
     """_identity through the os module (where raw system calls are not
     known)."""
+    if not 0 <= fd <= _FD_MAX:
+        return None
     try:
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         if not full and not flags & O_DIRECT:
@@ -590,6 +592,7 @@ class PosixAio:
         self._submit(work, _Group(len(work), group_sigev))
         if mode == LIO_NOWAIT:
             return
+        self._send_held()
         with self._lock:
             while any(c._status is not _DONE for c, _, _, _ in work):
                 self._cond.wait()
@@ -926,17 +929,20 @@ class PosixAio:
             if timeout < 0:
                 raise _einval("timeout must be >= 0")
         deadline = None if timeout is None else time.monotonic() + timeout
-        ctx = self._given or self._own
-        if ctx is not None:
-            # What this thread's burst of submissions left held back for the
-            # ring's reaper goes now, in one io_uring_enter, before we sleep.
-            ctx.send_held()
+        self._send_held()
         with self._lock:
             while cbs and all(c._status is _PENDING or c._status is _INFLIGHT for c in cbs):
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise OSError(errno.EAGAIN, "aio_suspend timed out")
                 self._cond.wait(remaining)
+
+    def _send_held(self) -> None:
+        """Before this thread sleeps: what its burst of submissions left held
+        back for the ring's reaper goes now, in one io_uring_enter."""
+        ctx = self._given or self._own
+        if ctx is not None:
+            ctx.send_held()
 
     # -- fork ------------------------------------------------------------------------
 
