@@ -109,7 +109,7 @@ from threadlets.pool import (
     _invoke_callback,
 )
 from threadlets.probe import RWF_NOWAIT, capabilities, capability_note, pin_buffer
-from threadlets.syscalls import NR_WRITE, Syscalls
+from threadlets.syscalls import NR_READ, NR_WRITE, Syscalls
 from threadlets.syscalls import syscall_holding_the_gil as _raw_syscall
 from threadlets.uring import Ring, RingUnavailable
 
@@ -456,6 +456,8 @@ class ContextStats:
 
 _ONE = ctypes.c_uint64(1)  # what an eventfd write adds (read-only: shared)
 _ONE_ADDRESS = ctypes.addressof(_ONE)
+_SCRATCH = ctypes.c_uint64(0)  # where an eventfd's count is read to (and dropped)
+_SCRATCH_ADDRESS = ctypes.addressof(_SCRATCH)
 
 
 class _Notifier:
@@ -499,6 +501,12 @@ class _Notifier:
     def clear(self) -> None:
         try:
             if self._eventfd:
+                if _raw_syscall is not None:
+                    # Keeping the GIL: letting it go here costs the owner a
+                    # wait behind every busy worker to get it back.  (The
+                    # value read is not used: one scratch word for all.)
+                    _raw_syscall(NR_READ, self._rfd, _SCRATCH_ADDRESS, 8, 0, 0, 0)
+                    return
                 os.eventfd_read(self._rfd)
             else:
                 while os.read(self._rfd, 4096):

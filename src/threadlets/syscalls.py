@@ -87,6 +87,7 @@ def _load_syscall_holding_the_gil() -> _SyscallHoldingTheGil | None:
 #: of in batches.  Returns -1 with ctypes' errno set on failure.  None where
 #: the numbers are not known (only x86-64 Linux).
 syscall_holding_the_gil = _load_syscall_holding_the_gil()
+NR_READ = 0
 NR_WRITE = 1
 NR_FSTAT = 5
 NR_FCNTL = 72
