@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -65,3 +66,121 @@ def test_fifo_number_reused_for_a_regular_file_with_the_same_flags(
         assert _read(rt, fd2, 4096 + 16, 16) == DATA[4096 + 16 : 4096 + 32]
     finally:
         os.close(fd2)
+
+
+class _InterruptFirstSubmit:
+    """Stands in for a ring's io_uring_enter: once armed, the next call that
+    submits raises KeyboardInterrupt before the system call -- where Ctrl-C
+    lands when it arrives at the first instruction of Ring._kick, after the
+    SQEs were taken."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.armed = False
+
+    def __call__(self, nr: int, fd: int, to_submit: int, *rest: Any) -> int:
+        if to_submit and self.armed:
+            self.armed = False
+            raise KeyboardInterrupt
+        return int(self.real(nr, fd, to_submit, *rest))
+
+
+@pytest.fixture
+def ring_ctx() -> Iterator[tuple[AioContext, _InterruptFirstSubmit]]:
+    try:
+        c = AioContext(deliver=False, backend="io_uring")
+    except RingUnavailable as e:
+        pytest.skip(f"io_uring: {e}")
+    ring = c._ring
+    assert ring is not None
+    hook = _InterruptFirstSubmit(ring._enter)
+    ring._enter = hook
+    try:
+        yield c, hook
+    finally:
+        hook.armed = False
+        assert c.close(10)  # (a stranded SQE would keep it open for ever)
+
+
+def test_ctrl_c_in_send_held_loses_no_submission(
+    ring_ctx: tuple[AioContext, _InterruptFirstSubmit],
+) -> None:
+    """Ctrl-C inside send_held() after the held SQE was taken: the next
+    send_held must still submit it.  Failed before: each kick submitted only
+    its own count, so the taken SQE stayed in the ring and the read never
+    started (wait timed out)."""
+    ctx, hook = ring_ctx
+    ring = ctx._ring
+    assert ring is not None
+    r, w = os.pipe()
+    try:
+        buf = bytearray(4)
+        assert ring.plug()
+        req = ctx.read(r, 0, buf)  # held by this thread's plug
+        hook.armed = True
+        with pytest.raises(KeyboardInterrupt):
+            ctx.send_held()
+        ring.unplug()
+        ctx.send_held()
+        os.write(w, b"data")
+        assert req.wait(10)
+        assert req.result() == 4
+        assert buf == b"data"
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_ctrl_c_in_a_submit_does_not_strand_the_next_one(
+    ring_ctx: tuple[AioContext, _InterruptFirstSubmit],
+) -> None:
+    """An interrupted submission's SQE is sent by the next kick; the next
+    request must be sent too.  Failed before: the next kick sent only the
+    first SQE, and the second read never started."""
+    ctx, hook = ring_ctx
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    try:
+        b1, b2 = bytearray(4), bytearray(4)
+        hook.armed = True
+        with pytest.raises(KeyboardInterrupt):
+            ctx.read(r1, 0, b1)
+        req2 = ctx.read(r2, 0, b2)
+        os.write(w1, b"aaaa")
+        os.write(w2, b"bbbb")
+        assert req2.wait(10)
+        assert req2.result() == 4
+        assert b2 == b"bbbb"
+    finally:
+        for fd in (r1, w1, r2, w2):
+            os.close(fd)
+
+
+def test_ctrl_c_in_aio_suspend_then_aio_suspend_again(
+    ring_ctx: tuple[AioContext, _InterruptFirstSubmit],
+) -> None:
+    """posix: Ctrl-C in aio_suspend's send of what is held; a second
+    aio_suspend must see the request complete.  Failed before (EAGAIN after
+    the 10 s safety net)."""
+    ctx, hook = ring_ctx
+    ring = ctx._ring
+    assert ring is not None
+    rt = px.PosixAio(ctx)
+    r, w = os.pipe()
+    try:
+        buf = bytearray(4)
+        cb = px.aiocb(r, 0, buf, 4)
+        assert ring.plug()
+        rt.aio_read(cb)
+        hook.armed = True
+        with pytest.raises(KeyboardInterrupt):
+            rt.aio_suspend([cb], 10)
+        ring.unplug()
+        os.write(w, b"data")
+        rt.aio_suspend([cb], 10)
+        assert rt.aio_error(cb) == 0
+        assert rt.aio_return(cb) == 4
+        assert buf == b"data"
+    finally:
+        os.close(r)
+        os.close(w)
