@@ -57,10 +57,10 @@ sticky flush errors).  Each submission reads the fd's identity (F_GETFL
 flags, st_dev, st_ino); when it changed since the runtime last saw that fd
 number -- the fd was closed and the number reused, or its flags changed --
 the runtime makes the context forget the fd before submitting.  Identities
-are kept per context (each remembers its own fds).  Cost: an F_GETFL per
-submission, and an fstat for flushes and O_DIRECT fds (see ``_identity``:
-for buffered reads and writes a reuse with the same flags is noticed at the
-next flush).  The same file opened again with the same flags on the same
+are kept per context (each remembers its own fds).  Cost: an F_GETFL and an
+fstat per submission (see ``_identity``: the file type always counts; for
+buffered reads and writes a reuse for another file of the same type, with
+the same flags, is noticed at the next flush).  The same file opened again with the same flags on the same
 number is not told apart.
 
 Locking (per runtime): ``_lock`` protects every aiocb's ``_status``/
@@ -84,6 +84,7 @@ import functools
 import logging
 import os
 import signal
+import stat
 import threading
 import time
 import weakref
@@ -173,11 +174,15 @@ def _is_open(fd: int) -> bool:
 
 
 def _identity(fd: int, full: bool) -> _Identity | None:
-    """(F_GETFL flags, st_dev, st_ino) of an open fd, or None if it is not
-    one.  st_dev and st_ino (an fstat) are read only where the engine's
-    memory of the file decides a result -- ``full`` (a flush: sticky
-    errors) or an O_DIRECT fd (alignment) -- and are -1 otherwise: for a
-    buffered read or write, the memory of another file with the same flags
+    """(F_GETFL flags with the file type above them, st_dev, st_ino) of an
+    open fd, or None if it is not one.  The type (S_IFMT, shifted left 32
+    bits) always counts: the engine's memory of an fd says whether it is a
+    stream and whether it takes positional calls, so a pipe reusing a
+    regular file's number with the same flags (or the reverse) must be
+    noticed.  st_dev and st_ino are read only where the engine's memory of
+    the file decides a result -- ``full`` (a flush: sticky errors) or an
+    O_DIRECT fd (alignment) -- and are -1 otherwise: for a buffered read or
+    write of the same type, the memory of another file with the same flags
     only tunes the inline fast path.  Both calls keep the GIL where they can
     (see syscalls.syscall_holding_the_gil): a submission then hands the
     ring's reaper no chance to wake for each completion."""
@@ -189,12 +194,14 @@ def _identity(fd: int, full: bool) -> _Identity | None:
     flags = raw(NR_FCNTL, fd, fcntl.F_GETFL, 0, 0, 0, 0)
     if flags < 0:
         return None
-    if not full and not flags & O_DIRECT:
-        return flags, -1, -1
     st = _Stat()  # (one per call: another thread may run right after the call)
     if raw(NR_FSTAT, fd, ctypes.addressof(st), 0, 0, 0, 0) < 0:
         return None
-    return flags, st[0], st[1]  # (struct stat on x86-64 starts st_dev, st_ino)
+    # struct stat on x86-64: st_dev, st_ino, st_nlink, then st_mode (32 bits).
+    flags |= stat.S_IFMT(st[3] & 0xFFFFFFFF) << 32
+    if not full and not flags & O_DIRECT:
+        return flags, -1, -1
+    return flags, st[0], st[1]
 
 
 _Stat = ctypes.c_uint64 * 18  # struct stat (144 bytes on x86-64)
@@ -207,11 +214,12 @@ def _identity_os(fd: int, full: bool) -> _Identity | None:
         return None
     try:
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-        if not full and not flags & O_DIRECT:
-            return flags, -1, -1
         st = os.fstat(fd)
     except OSError:
         return None
+    flags |= stat.S_IFMT(st.st_mode) << 32
+    if not full and not flags & O_DIRECT:
+        return flags, -1, -1
     return flags, st.st_dev, st.st_ino
 
 

@@ -382,12 +382,18 @@ class Ring:
         # Under _lock: the published SQEs the caller will now submit.  None
         # in a forked child: the ring's memory is shared with the parent,
         # whose SQEs (and buffers) these are.
-        if self._generation != _generation:
+        if self._generation != _generation or self._released:
             return 0
         self._flush_scheduled = False
         n, self._unsubmitted = self._unsubmitted, 0
         self._in_kernel += n
-        return n
+        # Every published SQE the kernel has not consumed, not only these n:
+        # a kick cut short by an interrupt (Ctrl-C at the first instruction
+        # of _kick) left its SQEs in the ring, and as each kick submits only
+        # its count, oldest first, the newest SQE would then wait for good.
+        # (More than n only after such a loss, or beside a concurrent kick,
+        # which then finds nothing left.)
+        return (self._tail - self._sq_head.value) & 0xFFFFFFFF
 
     def plug(self) -> bool:
         """Hold back this thread's submissions until :meth:`unplug`, so that
@@ -503,7 +509,8 @@ class Ring:
                 # the thread that finishes every request of this ring: the
                 # rest of the batch stays queued for the next pass.
                 log.exception("exception in an io_uring completion callback")
-        self._release()
+        with self._lock:
+            self._release()  # (under the lock: _take reads the SQ head)
 
     def reap(self) -> int:
         """Hand every completion the kernel has posted to its callback, in
