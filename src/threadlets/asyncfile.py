@@ -10,7 +10,12 @@ This module owns :class:`AsyncFile`, the file object most users touch, and
   ``readline``, ``readlines``, async iteration over lines, ``write``,
   ``writelines``, ``seek``, ``tell``, ``truncate``, ``flush`` -- with a read
   buffer, so lines are cut from 64 KiB chunks instead of costing a request
-  each.  Stream calls on one file are atomic with respect to each other, as
+  each, and (regular files and block devices) a write buffer of the same
+  size, sent as one request when it would overflow and before any read,
+  seek, truncate, flush, close or positional call, with
+  ``io.BufferedWriter``'s rules (a write larger than the buffer goes
+  straight through; a failed or cancelled flush keeps what it did not
+  write).  Stream calls on one file are atomic with respect to each other, as
   a Python buffered file's are: they take the file's :class:`StreamLock`
   (a flag test when nobody else holds it).  In text mode the stream is a
   :class:`threadlets.textio.AsyncTextWrapper` over the file's binary stream,
@@ -35,8 +40,16 @@ call of another task that spans the close gets ValueError at its next
 request (none is ever submitted on a closed descriptor), and one waiting
 for readiness is woken with ValueError before the descriptor goes.  A
 cancelled read consumes nothing (what it read goes back to the read-ahead
-or the text layer); a cancelled write that ran moves the position.  A file
-collected unclosed closes its descriptor and warns (ResourceWarning).
+or the text layer); a cancelled write that ran moves the position.  A write
+that only fills the buffer awaits nothing after its checks, so it is never
+cancelled half-way.  Closing sends the buffer first (shielded, as the rest
+of close), closes even if that fails, then raises.  A file collected
+unclosed closes its descriptor and warns (ResourceWarning); what its buffer
+held is lost, as with io.
+
+Where io differs: in append mode ``tell()`` sends the buffer and answers
+where the descriptor is (the end of the file), where io's buffered files
+count from a position they cached before an earlier ``seek``.
 """
 
 from __future__ import annotations
@@ -163,7 +176,8 @@ class AsyncFile:
     the text layer) is changed only by a holder of ``_lock``, and by the
     positional calls that change the file, which drop the read-ahead and
     bump ``_wgen`` before and after they run (a read-ahead filled across a
-    bump is read again)."""
+    bump is read again).  The write buffer ``_wbuf`` is stream state too:
+    positional calls take the lock to send it before they run."""
 
     def __init__(
         self,
@@ -390,7 +404,8 @@ class AsyncFile:
         """Read into several buffers, in order, from ``offset``."""
         self._enter()
         await self._io.checkpoint()
-        await self._flush_locked()
+        if self._wbuf:
+            await self._flush_locked()
         result: int = await self._run(self._ctx.read(self._fd, offset, list(buffers)))
         return result
 
@@ -398,7 +413,8 @@ class AsyncFile:
         """Write ``data`` at ``offset``; returns the count written."""
         self._enter()
         await self._io.checkpoint()
-        await self._flush_locked()
+        if self._wbuf:
+            await self._flush_locked()
         result: int = await self._changing(lambda: self._ctx.write(self._fd, offset, data))
         return result
 
@@ -406,7 +422,8 @@ class AsyncFile:
         """Write several buffers, in order, at ``offset``."""
         self._enter()
         await self._io.checkpoint()
-        await self._flush_locked()
+        if self._wbuf:
+            await self._flush_locked()
         bufs = list(buffers)
         result: int = await self._changing(lambda: self._ctx.write(self._fd, offset, bufs))
         return result
@@ -441,7 +458,8 @@ class AsyncFile:
     async def _op(self, submit: Callable[[], AioRequest], changes: bool = False) -> Any:
         self._enter()
         await self._io.checkpoint()
-        await self._flush_locked()
+        if self._wbuf:
+            await self._flush_locked()
         if changes:
             return await self._changing(submit)
         return await self._run(submit())
@@ -1274,8 +1292,10 @@ def open(
     The arguments are the built-in open()'s, with its defaults: ``mode``
     "r" is text ("rb" for bytes); ``file`` may be an open descriptor
     (closed with the file unless ``closefd=False``); ``buffering`` 0 is
-    unbuffered (binary only), N > 1 the read-ahead size, 1 line buffering
-    (text); ``opener(path, flags)`` returns the descriptor.  Also
+    unbuffered (binary only: one request per read or write), N > 1 the
+    read-ahead and write-buffer size (-1: 64 KiB), 1 line buffering (text);
+    writes to pipes, sockets and terminals are never held back.
+    ``opener(path, flags)`` returns the descriptor.  Also
     ``direct=True``: O_DIRECT (any buffer works: misaligned ones go through
     a bounce buffer); where there is no O_DIRECT (macOS, portable mode),
     ``fcntl(F_NOCACHE)`` on the descriptor opened; where there is neither,
