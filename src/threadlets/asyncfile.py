@@ -10,7 +10,12 @@ This module owns :class:`AsyncFile`, the file object most users touch, and
   ``readline``, ``readlines``, async iteration over lines, ``write``,
   ``writelines``, ``seek``, ``tell``, ``truncate``, ``flush`` -- with a read
   buffer, so lines are cut from 64 KiB chunks instead of costing a request
-  each.  Stream calls on one file are atomic with respect to each other, as
+  each, and (regular files and block devices) a write buffer of the same
+  size, sent as one request when it would overflow and before any read,
+  seek, truncate, flush, close or positional call, with
+  ``io.BufferedWriter``'s rules (a write larger than the buffer goes
+  straight through; a failed or cancelled flush keeps what it did not
+  write).  Stream calls on one file are atomic with respect to each other, as
   a Python buffered file's are: they take the file's :class:`StreamLock`
   (a flag test when nobody else holds it).  In text mode the stream is a
   :class:`threadlets.textio.AsyncTextWrapper` over the file's binary stream,
@@ -35,8 +40,16 @@ call of another task that spans the close gets ValueError at its next
 request (none is ever submitted on a closed descriptor), and one waiting
 for readiness is woken with ValueError before the descriptor goes.  A
 cancelled read consumes nothing (what it read goes back to the read-ahead
-or the text layer); a cancelled write that ran moves the position.  A file
-collected unclosed closes its descriptor and warns (ResourceWarning).
+or the text layer); a cancelled write that ran moves the position.  A write
+that only fills the buffer awaits nothing after its checks, so it is never
+cancelled half-way.  Closing sends the buffer first (shielded, as the rest
+of close), closes even if that fails, then raises.  A file collected
+unclosed closes its descriptor and warns (ResourceWarning); what its buffer
+held is lost, as with io.
+
+Where io differs: in append mode ``tell()`` sends the buffer and answers
+where the descriptor is (the end of the file), where io's buffered files
+count from a position they cached before an earlier ``seek``.
 """
 
 from __future__ import annotations
@@ -163,7 +176,8 @@ class AsyncFile:
     the text layer) is changed only by a holder of ``_lock``, and by the
     positional calls that change the file, which drop the read-ahead and
     bump ``_wgen`` before and after they run (a read-ahead filled across a
-    bump is read again)."""
+    bump is read again).  The write buffer ``_wbuf`` is stream state too:
+    positional calls take the lock to send it before they run."""
 
     def __init__(
         self,
@@ -180,6 +194,7 @@ class AsyncFile:
         st: os.stat_result | None = None,
         pos: int | None = None,
         buffering: int = -1,
+        coalesce: bool = True,
     ) -> None:
         self._closed = True  # until set up: nothing for __del__ to close
         _, text, readable, writable = _flags_for(mode)
@@ -208,6 +223,15 @@ class AsyncFile:
         self._regular = stat.S_ISREG(st.st_mode)
         self._size_at_open = st.st_size
         self._pipe = stat.S_ISFIFO(st.st_mode)
+        #: The write buffer (see _flush_wbuf): bytes written through the
+        #: stream but not yet sent, for the file at _wbuf_pos (in append mode,
+        #: for its end).  Only regular files and block devices coalesce: a
+        #: pipe's, terminal's or socket's reader sees each write at once.
+        #: While it holds anything, _pos is its end (append mode: stale,
+        #: flushed before use).
+        self._wsize = self._chunk if writable and coalesce and not self._stream else 0
+        self._wbuf = bytearray()
+        self._wbuf_pos = 0
         #: The stream's readiness waits, ended by close() (see S2 in close).
         self._waits = FdWaits()
         self._nowait_read = self._nowait_write = bool(_RWF_NOWAIT)
@@ -319,7 +343,9 @@ class AsyncFile:
     async def preadinto(self, buf: WriteableBuffer, offset: int) -> int:
         """Read into ``buf`` from ``offset``; returns the count (short at EOF)."""
         self._enter()
-        if self._trio:
+        if self._wbuf:
+            await self._flush_locked()
+        elif self._trio:
             await self._io.checkpoint()
         result: int = await self._run(self._ctx.read(self._fd, offset, buf))
         return result
@@ -331,6 +357,8 @@ class AsyncFile:
             await self._io.checkpoint()
         elif _get_running_loop() is not self._loop:
             self._io.check_current()
+        if self._wbuf:
+            await self._flush_locked()
         # The cached-data fast path, spelled out: no request object at all.
         # The read goes into the file's scratch buffer and is copied out
         # before anything else can run, so concurrent preads may share it.
@@ -376,6 +404,8 @@ class AsyncFile:
         """Read into several buffers, in order, from ``offset``."""
         self._enter()
         await self._io.checkpoint()
+        if self._wbuf:
+            await self._flush_locked()
         result: int = await self._run(self._ctx.read(self._fd, offset, list(buffers)))
         return result
 
@@ -383,6 +413,8 @@ class AsyncFile:
         """Write ``data`` at ``offset``; returns the count written."""
         self._enter()
         await self._io.checkpoint()
+        if self._wbuf:
+            await self._flush_locked()
         result: int = await self._changing(lambda: self._ctx.write(self._fd, offset, data))
         return result
 
@@ -390,15 +422,25 @@ class AsyncFile:
         """Write several buffers, in order, at ``offset``."""
         self._enter()
         await self._io.checkpoint()
+        if self._wbuf:
+            await self._flush_locked()
         bufs = list(buffers)
         result: int = await self._changing(lambda: self._ctx.write(self._fd, offset, bufs))
         return result
 
-    async def _changing(self, submit: Callable[[], AioRequest]) -> Any:
+    async def _flush_locked(self) -> None:
+        """Send the write buffer, if it holds anything, before a positional
+        call (which sees what the stream wrote before it)."""
+        if self._wbuf:
+            await self._locked(self._flush_wbuf)
+
+    async def _changing(self, submit: Callable[[], AioRequest], closing: bool = False) -> Any:
         """Run a request that changes the file: the read-ahead is dropped
         before it is submitted and again once it finished.  (A stream's
-        read-ahead is data already taken from it: it stays.)"""
-        self._still_open()
+        read-ahead is data already taken from it: it stays.)  ``closing``:
+        close() sends the write buffer, after the file reads as closed."""
+        if not closing:
+            self._still_open()
         if self._stream:
             return await self._run(submit())
         self._rbuf = b""
@@ -416,6 +458,8 @@ class AsyncFile:
     async def _op(self, submit: Callable[[], AioRequest], changes: bool = False) -> Any:
         self._enter()
         await self._io.checkpoint()
+        if self._wbuf:
+            await self._flush_locked()
         if changes:
             return await self._changing(submit)
         return await self._run(submit())
@@ -487,6 +531,8 @@ class AsyncFile:
         self._check_readable()
         if n < -1:
             raise ValueError("read length must be non-negative or -1")
+        if self._wbuf:
+            await self._flush_wbuf()
         if n == -1:
             start, gen = self._pos, self._wgen
             parts = [bytes(self._buffered())]
@@ -546,6 +592,8 @@ class AsyncFile:
         """At most ``n`` bytes, with at most one read of the file; b"" only
         at end of file (or for ``n == 0``)."""
         self._check_readable("read1")
+        if self._wbuf:
+            await self._flush_wbuf()
         if n < 0:
             n = CHUNK
         have = self._buffered()
@@ -558,6 +606,8 @@ class AsyncFile:
 
     async def _readline(self, limit: int) -> bytes:
         self._check_readable()
+        if self._wbuf:
+            await self._flush_wbuf()
         while True:
             have = self._buffered()
             nl = bytes(have).find(b"\n") if len(have) < 4096 else self._find_nl()
@@ -608,10 +658,27 @@ class AsyncFile:
                 f"a bytes-like object is required, not '{type(data).__name__}'"
             ) from None
         self._moved = 0
-        if not view.nbytes:
+        n = view.nbytes
+        if not n:
             return 0  # (io moves nothing, not even in append mode)
         if self._stream:
             return await self._stream_write(view)
+        if self._wsize:
+            # io.BufferedWriter's rule: what fits is buffered (once the
+            # buffer is sent, if it would overflow); a larger write goes
+            # straight to the file, in one request.
+            if self._wbuf and len(self._wbuf) + n > self._wsize:
+                await self._flush_wbuf()
+            if n <= self._wsize:
+                self._still_open()  # (close() may have begun during the flush)
+                if not self._wbuf:
+                    self._wbuf_pos = self._pos
+                    self._rbuf = b""
+                self._wbuf += view
+                if not self._append:
+                    self._pos += n
+                self._moved = n
+                return n
         pos = self._pos
         req: AioRequest | None = None
 
@@ -621,7 +688,7 @@ class AsyncFile:
             return req
 
         try:
-            n: int = await self._changing(submit)
+            written: int = await self._changing(submit)
         except BaseException as e:
             # Cancelled while it ran (or once it finished inline): the write
             # happened, and the position must follow it.
@@ -633,17 +700,56 @@ class AsyncFile:
                 else:
                     self._pos = pos + moved
             raise
-        self._moved = n
+        self._moved = written
         if self._append:
+            await self._to_end()
+        else:
+            self._pos = pos + written
+        return written
+
+    async def _to_end(self) -> None:
+        """Append mode: the position follows a write to the end of the file."""
+        try:
+            self._pos = await self._size_now()
+        except BaseException as e:
+            if not isinstance(e, Exception) and not self._closed:
+                self._pos = os.fstat(self._fd).st_size
+            raise
+
+    async def _flush_wbuf(self, closing: bool = False) -> None:
+        """Send the write buffer, as one request.  What a request that
+        failed (ENOSPC, EIO) or whose caller was cancelled wrote leaves the
+        buffer; the rest stays, to be sent by the next flush (as with
+        io.BufferedWriter).  In append mode the position is then the end of
+        the file."""
+        if not self._wbuf:
+            return
+        moved = 1
+        while self._wbuf and moved:
+            data, pos = self._wbuf, self._wbuf_pos
+            # A new buffer: the request may keep a view of this one.
+            self._wbuf = bytearray()
+            req: AioRequest | None = None
+
+            def submit() -> AioRequest:
+                nonlocal req
+                req = self._ctx.write(self._fd, pos, data)  # noqa: B023
+                return req
+
+            moved = 0
             try:
-                self._pos = await self._size_now()
+                moved = await self._changing(submit, closing)
             except BaseException as e:
-                if not isinstance(e, Exception) and not self._closed:
+                moved = _moved_by(req, e)
+                if moved and self._append and not self._closed:
                     self._pos = os.fstat(self._fd).st_size
                 raise
-        else:
-            self._pos = pos + n
-        return n
+            finally:
+                if moved < len(data):
+                    self._wbuf = data[moved:]
+                self._wbuf_pos = pos + moved
+        if self._append and not closing:
+            await self._to_end()
 
     async def _seek(self, offset: object, whence: object = os.SEEK_SET) -> int:
         off = operator.index(offset)  # type: ignore[arg-type]
@@ -652,6 +758,8 @@ class AsyncFile:
             raise ValueError(f"whence value {how} unsupported")
         if not self._seekable:
             raise _espipe()
+        if self._wbuf:
+            await self._flush_wbuf()
         if how == os.SEEK_SET:
             new = off
         elif how == os.SEEK_CUR:
@@ -674,6 +782,8 @@ class AsyncFile:
     async def _truncate(self, size: object = None) -> int:
         if not self._writable:
             raise io.UnsupportedOperation("truncate")
+        if self._wbuf:
+            await self._flush_wbuf()
         n = self._pos if size is None else operator.index(size)  # type: ignore[arg-type]
         if n < 0:
             raise _einval()
@@ -787,6 +897,8 @@ class AsyncFile:
 
     async def _peek(self, size: int) -> bytes:
         self._check_readable("peek")
+        if self._wbuf:
+            await self._flush_wbuf()
         have = self._buffered()
         if not have:
             await self._fill(max(size, 1))
@@ -863,6 +975,8 @@ class AsyncFile:
         return await self._locked(self._tell_async)  # type: ignore[no-any-return]
 
     async def _tell_async(self) -> int:
+        if self._wbuf and self._append:  # (where the buffer lands is known once sent)
+            await self._flush_wbuf()
         return self._tell()
 
     async def truncate(self, size: int | None = None) -> int:
@@ -873,12 +987,12 @@ class AsyncFile:
         return await self._locked(self._truncate, size)  # type: ignore[no-any-return]
 
     async def flush(self) -> None:
-        """Text mode: write what the text layer holds.  Binary writes are not
-        buffered here (see fsync for durability)."""
+        """Send what the write buffer holds, as one request (see fsync for
+        durability)."""
         if self._text is not None:
             await self._locked(self._text.flush)
         else:
-            self._enter()
+            await self._locked(self._flush_wbuf)
 
     def readable(self) -> bool:
         self._check_open()
@@ -901,9 +1015,10 @@ class AsyncFile:
     # -- closing ------------------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Write what the text layer holds, wait for this file's outstanding
+        """Send what the write buffer holds, wait for this file's outstanding
         requests, then close it.  A cancelled close still closes the file,
-        then lets the cancellation through."""
+        then lets the cancellation through; one whose write fails closes
+        it, then raises the error (the unsent bytes are lost, as with io)."""
         if self._closed:
             return
         self._check_loop()
@@ -913,21 +1028,24 @@ class AsyncFile:
         # or system call; those waiting for readiness are woken (with
         # ValueError) and the loop stops watching the descriptor.
         self._waits.close()
-        if self._outstanding or (self._text is not None and self._writable):
+        if self._outstanding or self._wbuf or (self._wsize and self._lock.busy):
             await self._io.shielded(self._finish_close)
         else:
             self._release()  # nothing to wait for
 
     async def _finish_close(self) -> None:
         try:
-            if self._text is not None and self._writable:
+            # After the stream call in progress (if any): its write may
+            # have buffered, or be sending the buffer.
+            if self._wsize:
                 lock = self._lock
                 await lock.acquire()
                 try:
-                    await self._text.flush()
+                    await self._flush_wbuf(closing=True)
                 finally:
                     lock.release()
         finally:
+            self._wbuf = bytearray()
             while self._outstanding:
                 # Another task awaits it; wait for it on a worker, not the loop.
                 req = next(iter(self._outstanding))
@@ -957,6 +1075,22 @@ class AsyncFile:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+def _moved_by(req: AioRequest | None, e: BaseException) -> int:
+    """What a write request moved before ``e`` was raised to its caller:
+    its error's ``transferred``, or its whole result if it ran and the
+    caller was cancelled."""
+    if isinstance(e, OSError):
+        return int(getattr(e, "transferred", 0))
+    if req is None or isinstance(e, Exception):
+        return 0
+    err, value = req.outcome()
+    if err == 0:
+        return max(value, 0)
+    if err in (errno.EINPROGRESS, errno.ECANCELED):
+        return 0
+    return int(getattr(req.exception(), "transferred", 0))
 
 
 class _NonBlocking:
@@ -1015,10 +1149,10 @@ class _BinaryStream:
         return await self._f._seek(pos, whence)
 
     async def tell(self) -> int:
-        return self._f._tell()
+        return await self._f._tell_async()
 
     async def flush(self) -> None:
-        pass
+        await self._f._flush_wbuf()
 
     async def truncate(self, pos: int | None = None) -> int:
         return await self._f._truncate(pos)
@@ -1158,8 +1292,10 @@ def open(
     The arguments are the built-in open()'s, with its defaults: ``mode``
     "r" is text ("rb" for bytes); ``file`` may be an open descriptor
     (closed with the file unless ``closefd=False``); ``buffering`` 0 is
-    unbuffered (binary only), N > 1 the read-ahead size, 1 line buffering
-    (text); ``opener(path, flags)`` returns the descriptor.  Also
+    unbuffered (binary only: one request per read or write), N > 1 the
+    read-ahead and write-buffer size (-1: 64 KiB), 1 line buffering (text);
+    writes to pipes, sockets and terminals are never held back.
+    ``opener(path, flags)`` returns the descriptor.  Also
     ``direct=True``: O_DIRECT (any buffer works: misaligned ones go through
     a bounce buffer); where there is no O_DIRECT (macOS, portable mode),
     ``fcntl(F_NOCACHE)`` on the descriptor opened; where there is neither,
@@ -1416,7 +1552,9 @@ def wrap(
 
     The mode defaults to the file object's, or to what the descriptor was
     opened for; a text file object's encoding and errors are the defaults of
-    a text-mode result.  A file object's own buffer is flushed first.
+    a text-mode result.  A file object's own buffer is flushed first.  Its
+    writes are not buffered (each is one request, as with ``buffering=0``):
+    the descriptor's owner may write to it too.
     Closing the AsyncFile closes the file object, or the descriptor if
     ``closefd``.  Call it inside the event loop that will use the file.
     """
@@ -1467,4 +1605,5 @@ def wrap(
         closefd=closefd,
         owner=owner,
         pos=pos,
+        coalesce=False,
     )
