@@ -120,6 +120,10 @@ _LINUX_ONLY = {
     "o_direct": (
         "test_bench.py::test_quick_bench_harness",  # expects the O_DIRECT workload's rows
         "test_nbd_server.py::test_direct_export_advertises_its_alignment_and_serves_unaligned_io",
+        "test_nbd_interop.py::test_direct_export_says_its_alignment",
+        "test_nbd_interop.py::test_direct_unaligned_qemu_io_reads_and_writes",
+        "test_nbd_interop.py::test_direct_qemu_img_convert_and_compare",
+        "test_nbd_libnbd.py::test_direct_unaligned_requests_work",
         "test_ops.py::test_packet_mode_pipe_is_a_stream",  # pipe2(os.O_DIRECT)
         "test_stress.py::test_short_run_of_each_mode[direct]",
         "test_stress.py::test_short_run_of_each_mode[io_uring-direct]",
@@ -131,8 +135,9 @@ _LINUX_ONLY = {
 
 def _needs_linux(item: pytest.Item) -> str:
     """Why ``item`` cannot run in portable mode, or "" if it can: it is
-    marked ``linux_only``, listed in _LINUX_ONLY, or run with the io_uring
-    backend (a parameter -- of a fixture or of the test -- "io_uring")."""
+    marked ``linux_only``, listed in _LINUX_ONLY, run with the io_uring
+    backend (a parameter -- of a fixture or of the test -- "io_uring"), or
+    parametrised ``direct=True``."""
     marker = item.get_closest_marker("linux_only")
     if marker is not None:
         return capability_note(str(marker.args[0]))
@@ -141,6 +146,8 @@ def _needs_linux(item: pytest.Item) -> str:
         v for v in callspec.params.values() if isinstance(v, str)
     ]:
         return capability_note("io_uring")
+    if callspec is not None and callspec.params.get("direct") is True:
+        return capability_note("o_direct")  # (a test parametrised direct=True)
     module = item.path.name
     name = f"{module}::{item.name}"
     for capability, listed in _LINUX_ONLY.items():
