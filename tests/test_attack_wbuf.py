@@ -108,3 +108,23 @@ def test_io_oracle_flushes_on_collection(tmp_path: Path) -> None:
     """The oracle itself: io's finalizer writes the buffer."""
     assert _io_collected(tmp_path / "x", "wb", b"abc") == b"abc"
     assert io.DEFAULT_BUFFER_SIZE > 3
+
+
+@pytest.mark.anyio
+async def test_collected_text_file_writes_its_buffer(tmp_path: Path) -> None:
+    """Text mode too (the text layer and its binary stream form a cycle):
+    the BOM and the translated newlines land as io's finalizer writes them."""
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    f = await threadlets.open(ours, "w", encoding="utf-16", newline="\r\n")
+    await f.write("a\nb")
+    box: list[Any] = [f]
+    del f
+    with pytest.warns(ResourceWarning):
+        _collect(box)
+    g = open(theirs, "w", encoding="utf-16", newline="\r\n")  # noqa: SIM115
+    g.write("a\nb")
+    boxg: list[Any] = [g]
+    del g
+    with pytest.warns(ResourceWarning):
+        _collect(boxg)
+    assert ours.read_bytes() == theirs.read_bytes() == "a\r\nb".encode("utf-16")
