@@ -44,8 +44,10 @@ or the text layer); a cancelled write that ran moves the position.  A write
 that only fills the buffer awaits nothing after its checks, so it is never
 cancelled half-way.  Closing sends the buffer first (shielded, as the rest
 of close), closes even if that fails, then raises.  A file collected
-unclosed closes its descriptor and warns (ResourceWarning); what its buffer
-held is lost, as with io.
+unclosed writes what its buffer holds (blocking, errors ignored), closes its
+descriptor and warns (ResourceWarning), as io's finalizer does.  (So, as with
+io, a forked child that collects its copy of a file writes the buffer the
+parent held at the fork again: flush before forking.)
 
 Where io differs: in append mode ``tell()`` sends the buffer and answers
 where the descriptor is (the end of the file), where io's buffered files
@@ -279,6 +281,15 @@ class AsyncFile:
         # warning.  No loop access here (any thread, any time).
         if getattr(self, "_closed", True):
             return
+        # As io's finalizer does: what the buffer holds is written first
+        # (blocking, best effort: a failure is lost with the file).
+        if self._wbuf:
+            data, self._wbuf = self._wbuf, bytearray()
+            with contextlib.suppress(OSError):
+                if self._append:
+                    os.write(self._fd, data)
+                else:
+                    os.pwrite(self._fd, data, self._wbuf_pos)
         if self._owner is None and self._closefd:
             try:
                 warnings.warn(f"unclosed file {self!r}", ResourceWarning, stacklevel=2, source=self)
@@ -657,6 +668,8 @@ class AsyncFile:
             raise TypeError(
                 f"a bytes-like object is required, not '{type(data).__name__}'"
             ) from None
+        if not view.c_contiguous:
+            raise BufferError("memoryview: underlying buffer is not C-contiguous")
         self._moved = 0
         n = view.nbytes
         if not n:
