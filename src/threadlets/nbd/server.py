@@ -13,7 +13,9 @@ becomes one engine request of the server's :class:`~threadlets.AioContext`
 (a FUA write becomes a write, then a flush), whose eventfd the event loop
 watches.  Many requests are in flight per connection; each reply is queued
 when its request completes (out of order, as the spec allows) and the
-queued replies go out in one ``transport.write`` per loop iteration.
+queued replies go out in one ``transport.write`` per loop iteration.  An
+O_DIRECT export's READ and WRITE data go through pooled page-aligned
+buffers (see :class:`_AlignedBuffers`), so they can reach the ring.
 
 Who touches what: everything here runs in the event loop's thread, the
 engine's callbacks included (``process_completions`` is the loop's reader
@@ -151,7 +153,7 @@ def open_export(
         raise
 
 
-class AlignedBuffers:
+class _AlignedBuffers:
     """Page-aligned buffers for an O_DIRECT export's READ and WRITE data.
 
     A Python ``bytearray`` has no alignment, so O_DIRECT cannot use it:
@@ -634,7 +636,7 @@ class NBDServer:
         self._server: asyncio.Server | None = None
         self._changed: asyncio.Event | None = None
         #: Aligned READ/WRITE buffers, for an O_DIRECT export only.
-        self.buffers = AlignedBuffers() if export.direct else None
+        self.buffers = _AlignedBuffers() if export.direct else None
 
     @property
     def ctx(self) -> AioContext:
