@@ -26,6 +26,7 @@ import threadlets
 from threadlets.nbd import proto, server
 from threadlets.nbd.proto import Cmd, CmdFlag, Opt, Rep
 from threadlets.nbd.server import NBDServer, open_export, parse_bind
+from threadlets.probe import PAGE_SIZE, pin_buffer
 
 SIZE = 4 << 20
 TIMEOUT = 10.0
@@ -847,3 +848,48 @@ def test_parse_bind(text: str, want: tuple[str, int]) -> None:
 def test_parse_bind_rejects(text: str) -> None:
     with pytest.raises(ValueError, match=r"port|address"):
         parse_bind(text)
+
+
+def test_direct_reads_and_writes_use_aligned_reused_buffers(image: Path, backend: str) -> None:
+    """O_DIRECT cannot use a bytearray's memory: each READ/WRITE of a direct
+    export hands the engine a page-aligned buffer (so it can go to the ring,
+    not through a worker's bounce buffer), and reusing those buffers never
+    mixes up two requests' data."""
+    image.write_bytes(pattern(SIZE))
+    try:
+        export = open_export(image, direct=True)
+    except OSError as e:
+        pytest.skip(f"no O_DIRECT here: {e}")
+    st = ServerThread(export, backend=backend).start()
+    ctx = st.server.ctx
+    addresses: list[int] = []
+
+    def recording(method: Any) -> Any:
+        def call(fd: int, offset: int, buf: Any, **kwargs: Any) -> Any:
+            pinned = pin_buffer(buf)
+            addresses.append(-1 if pinned is None else pinned[0])
+            return method(fd, offset, buf, **kwargs)
+
+        return call
+
+    try:
+        ctx.read = recording(ctx.read)  # type: ignore[method-assign]
+        ctx.write = recording(ctx.write)  # type: ignore[method-assign]
+        c = st.client(structured=True)
+        try:
+            blocks = {i: pattern(4096, i) for i in range(48)}
+            handles = {c.send(Cmd.WRITE, i * 4096, 4096, data=d): i for i, d in blocks.items()}
+            for _ in handles:
+                assert c.reply()[1] == 0
+            for _ in range(2):  # twice: the second round reuses the first's buffers
+                reads = {c.send(Cmd.READ, i * 4096, 4096): i for i in blocks}
+                for _ in reads:
+                    handle, err, data, _ = c.reply()
+                    assert err == 0
+                    assert data == blocks[reads[handle]]
+        finally:
+            c.close()
+    finally:
+        st.stop()
+    assert len(addresses) == 48 * 3
+    assert all(a % PAGE_SIZE == 0 for a in addresses), addresses

@@ -13,7 +13,9 @@ becomes one engine request of the server's :class:`~threadlets.AioContext`
 (a FUA write becomes a write, then a flush), whose eventfd the event loop
 watches.  Many requests are in flight per connection; each reply is queued
 when its request completes (out of order, as the spec allows) and the
-queued replies go out in one ``transport.write`` per loop iteration.
+queued replies go out in one ``transport.write`` per loop iteration.  An
+O_DIRECT export's READ and WRITE data go through pooled page-aligned
+buffers (see :class:`_AlignedBuffers`), so they can reach the ring.
 
 Who touches what: everything here runs in the event loop's thread, the
 engine's callbacks included (``process_completions`` is the loop's reader
@@ -52,7 +54,7 @@ from typing import Any, cast
 from threadlets.engine import AioContext, AioRequest
 from threadlets.nbd import proto
 from threadlets.nbd.proto import Cmd, CmdFlag, ExportInfo, Handshake, Request, RequestParser
-from threadlets.probe import MAX_ALIGNMENT, probe_alignment
+from threadlets.probe import MAX_ALIGNMENT, PAGE_SIZE, aligned_buffer, probe_alignment
 
 __all__ = [
     "DEFAULT_PORT",
@@ -76,6 +78,10 @@ MAX_IN_FLIGHT_BYTES = 256 * 1024 * 1024
 HANDSHAKE_TIMEOUT = 10.0
 #: At most this many block status descriptors in one reply.
 MAX_EXTENTS = 1024
+#: O_DIRECT buffers up to this size are kept for reuse, at most
+#: :data:`POOL_BYTES` of them per server.
+POOL_MAX = 1 << 20
+POOL_BYTES = 64 * 1024 * 1024
 
 # Plain ints for the per-request paths.
 _READ, _WRITE, _DISC, _FLUSH = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.DISC), int(Cmd.FLUSH)
@@ -145,6 +151,39 @@ def open_export(
     except BaseException:
         os.close(fd)
         raise
+
+
+class _AlignedBuffers:
+    """Page-aligned buffers for an O_DIRECT export's READ and WRITE data.
+
+    A Python ``bytearray`` has no alignment, so O_DIRECT cannot use it:
+    the io_uring backend hands such a request to a worker and the worker
+    bounces it through a fresh aligned buffer (after a refused call).  An
+    aligned buffer goes to the ring, or straight to the worker's system
+    call.  Buffers up to :data:`POOL_MAX` bytes come back with :meth:`put`
+    once the engine is done with them and are reused, at most
+    :data:`POOL_BYTES` kept; only the event loop's thread touches this."""
+
+    def __init__(self, alignment: int = PAGE_SIZE) -> None:
+        self.alignment = max(PAGE_SIZE, alignment)
+        self.free: dict[int, list[memoryview]] = {}
+        self.kept = 0
+
+    def get(self, length: int) -> memoryview:
+        """A buffer of at least ``length`` bytes (a multiple of the alignment)."""
+        align = self.alignment
+        size = max(align, -(-length // align) * align)
+        free = self.free.get(size)
+        if free:
+            self.kept -= size
+            return free.pop()
+        return aligned_buffer(size, align)
+
+    def put(self, buf: memoryview) -> None:
+        size = len(buf)
+        if size <= POOL_MAX and self.kept + size <= POOL_BYTES:
+            self.free.setdefault(size, []).append(buf)
+            self.kept += size
 
 
 def allocation_extents(
@@ -419,8 +458,10 @@ class _Connection(asyncio.Protocol):
             if length == 0:
                 self._send(proto.reply_read_header(handle, offset, 0, self.structured))
                 return
-            buf = bytearray(length)
+            pool = server.buffers
             structured = self.structured
+            piece = None if pool is None else pool.get(length)
+            buf = bytearray(length) if piece is None else piece[:length]
 
             def read_done(r: AioRequest) -> None:
                 try:
@@ -428,8 +469,12 @@ class _Connection(asyncio.Protocol):
                     if err:
                         self._error(req, err, os.strerror(err))
                     else:
-                        self._send(proto.reply_read_header(handle, offset, length, structured), buf)
+                        header = proto.reply_read_header(handle, offset, length, structured)
+                        # A pooled buffer is copied out now: it is reused at once.
+                        self._send(header, buf if type(buf) is bytearray else bytes(buf))
                 finally:
+                    if piece is not None and pool is not None:
+                        pool.put(piece)
                     self._end(length)
 
             ctx.read(fd, offset, buf, zero_fill=True, callback=read_done)
@@ -440,9 +485,25 @@ class _Connection(asyncio.Protocol):
             self._send(proto.reply_ok(handle))
             return
         if cmd == _WRITE:
-            data = req.data
-            assert data is not None
-            ctx.write(fd, offset, data, callback=self._then_reply(req, length))
+            payload = req.data
+            assert payload is not None
+            data: bytes | memoryview = payload
+            callback = self._then_reply(req, length)
+            pool = server.buffers
+            if pool is not None:
+                piece = pool.get(length)
+                data = piece[:length]
+                data[:] = payload
+                reply = callback
+
+                def recycle(r: AioRequest) -> None:
+                    try:
+                        reply(r)
+                    finally:
+                        pool.put(piece)
+
+                callback = recycle
+            ctx.write(fd, offset, data, callback=callback)
             self._begin(length)
             return
         done = self._then_reply(req, 0)
@@ -574,6 +635,8 @@ class NBDServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
         self._changed: asyncio.Event | None = None
+        #: Aligned READ/WRITE buffers, for an O_DIRECT export only.
+        self.buffers = _AlignedBuffers() if export.direct else None
 
     @property
     def ctx(self) -> AioContext:
