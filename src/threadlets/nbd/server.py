@@ -54,7 +54,14 @@ from typing import Any, cast
 from threadlets.engine import AioContext, AioRequest
 from threadlets.nbd import proto
 from threadlets.nbd.proto import Cmd, CmdFlag, ExportInfo, Handshake, Request, RequestParser
-from threadlets.probe import MAX_ALIGNMENT, PAGE_SIZE, aligned_buffer, probe_alignment
+from threadlets.probe import (
+    MAX_ALIGNMENT,
+    O_DIRECT,
+    PAGE_SIZE,
+    aligned_buffer,
+    capability_note,
+    probe_alignment,
+)
 
 __all__ = [
     "DEFAULT_PORT",
@@ -121,7 +128,9 @@ def open_export(
     path = os.fspath(path)
     flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
     if direct:
-        flags |= os.O_DIRECT
+        if not O_DIRECT:  # (portable mode, or a system without it)
+            raise OSError(errno.ENOTSUP, f"--direct: {capability_note('o_direct')}")
+        flags |= O_DIRECT
     fd = os.open(path, flags)
     try:
         st = os.fstat(fd)
