@@ -778,15 +778,21 @@ def test_the_matrix_under_dev_mode() -> None:
             "-x",
             "-p",
             "no:cacheprovider",
+            # A test of the child that hangs fails there, with every
+            # thread's stack, well before this test's own timeout.
+            "-o",
+            "faulthandler_timeout=40",
+            "-o",
+            "timeout=60",
             __file__,
         ],
         check=False,
-        timeout=300,
+        timeout=110,
         capture_output=True,
         text=True,
         env=env,
     )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
 
 
 # -- Ctrl-C at every point where CPython delivers it ---------------------------------------
