@@ -58,10 +58,8 @@ flags, st_dev, st_ino); when it changed since the runtime last saw that fd
 number -- the fd was closed and the number reused, or its flags changed --
 the runtime makes the context forget the fd before submitting.  Identities
 are kept per context (each remembers its own fds).  Cost: an F_GETFL and an
-fstat per submission (see ``_identity``: the file type always counts; for
-buffered reads and writes a reuse for another file of the same type, with
-the same flags, is noticed at the next flush).  The same file opened again with the same flags on the same
-number is not told apart.
+fstat per submission (see ``_identity``).  The same file opened again
+with the same flags on the same number is not told apart.
 
 Locking (per runtime): ``_lock`` protects every aiocb's ``_status``/
 ``_error``/``_return``/``_group``, the per-fd tables and the identities.
@@ -95,7 +93,6 @@ from typing import Any
 from threadlets.engine import AioContext, AioRequest
 from threadlets.ops import MAX_OFFSET
 from threadlets.pool import CancelResult, Threadlet, default_queue
-from threadlets.probe import O_DIRECT
 from threadlets.syscalls import NR_FCNTL, NR_FSTAT
 from threadlets.syscalls import syscall_holding_the_gil as _raw_syscall
 
@@ -179,11 +176,9 @@ def _identity(fd: int, full: bool) -> _Identity | None:
     bits) always counts: the engine's memory of an fd says whether it is a
     stream and whether it takes positional calls, so a pipe reusing a
     regular file's number with the same flags (or the reverse) must be
-    noticed.  st_dev and st_ino are read only where the engine's memory of
-    the file decides a result -- ``full`` (a flush: sticky errors) or an
-    O_DIRECT fd (alignment) -- and are -1 otherwise: for a buffered read or
-    write of the same type, the memory of another file with the same flags
-    only tunes the inline fast path.  Both calls keep the GIL where they can
+    noticed.  The fstat that gives the type gives st_dev and st_ino too, so
+    every reuse by another file is noticed (``full`` is kept for callers;
+    it no longer changes the answer).  Both calls keep the GIL where they can
     (see syscalls.syscall_holding_the_gil): a submission then hands the
     ring's reaper no chance to wake for each completion."""
     if not 0 <= fd <= _FD_MAX:
@@ -199,8 +194,6 @@ def _identity(fd: int, full: bool) -> _Identity | None:
         return None
     # struct stat on x86-64: st_dev, st_ino, st_nlink, then st_mode (32 bits).
     flags |= stat.S_IFMT(st[3] & 0xFFFFFFFF) << 32
-    if not full and not flags & O_DIRECT:
-        return flags, -1, -1
     return flags, st[0], st[1]
 
 
@@ -218,8 +211,6 @@ def _identity_os(fd: int, full: bool) -> _Identity | None:
     except OSError:
         return None
     flags |= stat.S_IFMT(st.st_mode) << 32
-    if not full and not flags & O_DIRECT:
-        return flags, -1, -1
     return flags, st.st_dev, st.st_ino
 
 
