@@ -356,7 +356,7 @@ _asyncio_io: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, weakref.ref[Lo
 
 
 def _process(io: LoopIO) -> None:
-    io.ctx.process_completions()
+    io.ctx.on_readable()
 
 
 def _asyncio_current(loop: asyncio.AbstractEventLoop) -> LoopIO:
@@ -507,7 +507,7 @@ async def _trio_pump(ctx: AioContext) -> None:
     try:
         while True:
             await trio.lowlevel.wait_readable(ctx.fileno())
-            ctx.process_completions()
+            ctx.on_readable()
     finally:
         # The run is ending.  Requests still running finish in their
         # workers; the eventfd goes when the context is collected.

@@ -517,7 +517,16 @@ class _Notifier:
     def wait(self, timeout: float | None) -> bool:
         """Block until signalled or ``timeout`` seconds passed."""
         ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
-        return bool(self._poll.poll(ms))
+        events = self._poll.poll(ms)
+        for _, revents in events:
+            if revents & select.POLLNVAL:
+                # Closed behind our back (a double close elsewhere in the
+                # process): waiting again would return at once, for ever.
+                raise OSError(
+                    errno.EBADF,
+                    f"the completion eventfd (fd {self._rfd}) was closed by someone else",
+                )
+        return bool(events)
 
     def close(self) -> None:
         if self.closed:
@@ -569,7 +578,10 @@ class _CompletionQueue:
                 self.admitted -= 1
                 if self.closing:
                     self.quiet.notify_all()
-                    if self.deliver:
+                    if self.deliver and not self.signalled:
+                        # Signalled as complete() does, or process() would
+                        # never clear it, and close()'s drain would spin.
+                        self.signalled = True
                         self.wakeups += 1
                         self._signal()
 
@@ -674,6 +686,16 @@ class _CompletionQueue:
                     self.wakeups += 1
                     self._signal()
         return n
+
+    def clear_unsignalled(self) -> None:
+        """The owner woke and found nothing: if nobody here signalled, the
+        eventfd was written from outside (a stray write into its fd number
+        by code that wrote to a file it had closed): clear it, or every
+        later wait would return at once (a spin).  Under the lock, so that
+        no signal of ours is lost: one we send sets ``signalled`` first."""
+        with self.lock:
+            if not self.signalled and not self.notifier.closed:
+                self.notifier.clear()
 
     def resignal(self) -> None:
         """Make the eventfd readable, so that the owner comes back."""
@@ -1549,6 +1571,20 @@ class AioContext:
             else:
                 ring.flush()
 
+    def on_readable(self) -> int:
+        """What an event loop calls when :meth:`fileno` polls readable:
+        :meth:`process_completions`, and if that found nothing, make sure
+        the eventfd is not left readable by a write that was not ours (a
+        stray write into its fd number by code writing to a file it had
+        closed), so that a level-triggered loop does not spin on it."""
+        n = self.process_completions()
+        if not n and self._ring is None:
+            # (With a ring, process_completions() clears the eventfd every
+            # time: the kernel writes it too, and a clear here could swallow
+            # a completion's wakeup.)
+            self._cq.clear_unsignalled()
+        return n
+
     def poll(self, timeout: float | None = None) -> int:
         """Process completions; if there were none, block until some arrive
         (or ``timeout`` seconds pass) and process those.  QEMU's aio_poll.
@@ -1565,7 +1601,7 @@ class AioContext:
             self._ring.flush()  # a callback's plugged submissions must start before we sleep
         if not self._cq.notifier.wait(timeout):
             return n
-        return self.process_completions()
+        return self.on_readable()
 
     def wait(self, request: AioRequest, timeout: float | None = None) -> bool:
         """Process completions until ``request`` has been processed (its
@@ -1598,10 +1634,14 @@ class AioContext:
         if timeout is not None and timeout < 0:
             raise ValueError(f"timeout must be None or >= 0, not {timeout!r}")
         deadline = None if timeout is None else time.monotonic() + timeout
+        woken = False
         while True:
             if done():
                 return True
-            self.process_completions()
+            if woken:
+                self.on_readable()
+            else:
+                self.process_completions()
             if done():
                 return True
             remaining = _time_left(deadline)
@@ -1611,7 +1651,7 @@ class AioContext:
                 self._ring.flush()  # see poll()
             if self._cq.notifier.closed:
                 return done()  # closed meanwhile (by a callback): nothing to wait for
-            self._cq.notifier.wait(remaining)
+            woken = self._cq.notifier.wait(remaining)
 
     def close(self, timeout: float | None = None) -> bool:
         """Refuse new requests (from any thread, at once), wait for the
