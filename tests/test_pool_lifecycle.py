@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 import weakref
 from collections.abc import Callable
 
@@ -261,12 +262,21 @@ def test_finished_or_cancelled_threadlet_drops_its_arguments() -> None:
 # -- queues dropped without close() (defect 5c) ----------------------------------------------
 
 
-def _join_all(threads: list[threading.Thread], timeout: float = 10.0) -> list[threading.Thread]:
-    """Join every thread within one deadline; return those still alive."""
+def _join_all(threads: list[threading.Thread], timeout: float = 30.0) -> list[str]:
+    """Join every thread within one deadline (a safety net: 200 threads
+    exiting beside two CPU hogs once took over 10 s); return where those
+    still alive are (their names and stacks)."""
     deadline = time.monotonic() + timeout
     for t in threads:
         t.join(max(0.0, deadline - time.monotonic()))
-    return [t for t in threads if t.is_alive()]
+    frames = sys._current_frames()
+    return [
+        f"{t.name}:\n" + "".join(traceback.format_stack(frames[t.ident]))
+        if t.ident in frames
+        else t.name
+        for t in threads
+        if t.is_alive()
+    ]
 
 
 def _collected(refs: list[weakref.ref[ThreadletQueue]]) -> bool:

@@ -49,12 +49,15 @@ the pool's protocol under the queue's lock:
   eventfd once.  The owner calls :meth:`AioContext.process_completions`,
   which runs each request's callback exactly once, in that thread.
 
-Delivery survives interrupts: a request stays at the head of the ready
-queue, claimed (``_processed``), while its callback runs, and is removed
-after, so a callback raising anything (``KeyboardInterrupt``,
-``SystemExit``, ``CancelledError``), or Ctrl-C in a wait or between two
-steps, leaves the rest deliverable by the next call, each exactly once; the
-counters count what was delivered.  CPython raises a pending Ctrl-C after a
+Delivery survives interrupts: a call of process_completions() claims what
+is ready in one hold of the lock (``_taken``), then delivers it in order
+(``_processed``, then the callback); a request leaves the ready queue only
+once delivered and at its head, and what an exception interrupts gives its
+claimed, undelivered rest back.  So a callback raising anything
+(``KeyboardInterrupt``, ``SystemExit``, ``CancelledError``), or Ctrl-C in a
+wait or between two steps, leaves the rest deliverable by the next call,
+each exactly once; the counters count what was delivered.  (The ring hands
+its completions out the same way.)  CPython raises a pending Ctrl-C after a
 C call returns or as a Python function is entered; every step here that
 must not be separated from the next is a plain bytecode (``del``, ``+=``,
 attribute stores), and tests interrupt at every C-call return of a
@@ -78,8 +81,8 @@ touches the parent's ring.
 
 Who touches what: the completion queue's fields are under its ``lock``;
 ``_files`` is touched by submitting threads (single dict operations) and
-emptied by close; a request's ``callback`` and ``_processed`` belong to the
-thread that runs :meth:`AioContext.process_completions`.
+emptied by close; a request's ``callback``, ``_taken`` and ``_processed``
+belong to the thread that runs :meth:`AioContext.process_completions`.
 """
 
 from __future__ import annotations
@@ -309,6 +312,7 @@ class AioRequest(Threadlet[int]):
         "_on_ring",
         "_processed",
         "_ring_ident",
+        "_taken",
         "_transfer",
         "callback",
         "kind",
@@ -339,6 +343,8 @@ class AioRequest(Threadlet[int]):
         self._transfer = transfer
         #: Set by process_completions once the callback ran (or would have).
         self._processed = False
+        #: Claimed by a process_completions() call that is delivering it.
+        self._taken = False
         #: In the kernel's hands (io_uring backend), until it completes there.
         self._on_ring = False
         #: The ring's id of its operation (0: none yet), and whether we asked
@@ -631,57 +637,45 @@ class _CompletionQueue:
             signalled = self.signalled
         if clear and signalled:
             self.notifier.clear()  # before the snapshot below
-        with lock:
-            self.signalled = False
-            limit = len(ready)  # later ones have written the eventfd again
-            if not limit:
-                return 0
-            self.batches += 1
+        batch: list[AioRequest] = []
         n = 0
-        prev: AioRequest | None = None
-        req: AioRequest | None = None
-        mine = called = False
         try:
-            while limit > 0:
-                # Peek, claim, deliver, then take it off the queue (in the
-                # same hold of the lock as the next peek): whatever an
-                # exception interrupts, the request is still at the head,
-                # and its claim (_processed) says whether its callback ran.
-                mine = False
-                with lock:
-                    if prev is not None and ready and ready[0] is prev:
-                        # Two plain bytecodes, no call between them: no
-                        # interrupt can separate the removal from the count.
-                        del ready[0]
-                        self.delivered += 1
-                    if not ready:
-                        break
-                    req = prev = ready[0]
-                    if not req._processed:  # claimed under the lock
-                        req._processed = mine = True
-                limit -= 1
-                if mine:
-                    n += 1
-                    cb = req.callback
-                    if cb is not None:
-                        called = True  # its callback runs once, here
-                        try:
-                            cb(req)
-                        except Exception:
-                            log.exception("exception in completion callback of %r", req)
-                        called = False
+            with lock:
+                self.signalled = False
+                if not ready:
+                    return 0
+                self.batches += 1
+                # Claim what is ready now (later ones have written the
+                # eventfd again), in the same hold of the lock: what a nested
+                # call (from a callback) or another thread claimed is theirs.
+                for req in ready:
+                    if not req._taken and not req._processed:
+                        batch.append(req)  # (listed before it is claimed)
+                        req._taken = True
+            for req in batch:
+                # Delivered from here on, even if its callback raises: it
+                # leaves the queue once at its head (see the finally).
+                req._processed = True
+                n += 1
+                cb = req.callback
+                if cb is not None:
+                    try:
+                        cb(req)
+                    except Exception:
+                        log.exception("exception in completion callback of %r", req)
+            batch = []
         except BaseException:
-            if mine and not called and req is not None:
-                req._processed = False  # claimed, then interrupted before its call
+            for req in batch:
+                if not req._processed:
+                    req._taken = False  # claimed, never delivered: the next call's
             raise
         finally:
             with lock:
-                # A callback that raised was delivered all the same.
                 while ready and ready[0]._processed:
                     del ready[0]
                     self.delivered += 1
                 if ready and not self.signalled and not self.notifier.closed:
-                    # Left behind (an exception, or the limit): come back.
+                    # Left behind (an exception): come back.
                     self.signalled = True
                     self.wakeups += 1
                     self._signal()
@@ -808,6 +802,8 @@ class _RingBackend:
             return False  # one SQE moves at most this much (and len is 32 bits)
         pos = t.offset + t.done
         stream = f.stream
+        if f.short_nowait:
+            return False  # a character device: see AioFile.short_nowait
         if stream and t.write:
             # A blocking writev waits for room for all of it; the kernel's
             # ring write ends at the first partial transfer.
@@ -899,8 +895,9 @@ class _RingBackend:
         the ring cannot take it, even when interrupted between the two."""
         ident = 0
         try:
-            if not req._claim():
-                return False
+            # (Called only by start(), from _start: the request is not
+            # published yet, so it is QUEUED and nobody else holds it.)
+            req._claim_unpublished()
             req._on_ring = True
             ident = self.ring.submit(opcode, fd, offset, addr, length, op_flags, on_done)
         finally:
@@ -1736,6 +1733,7 @@ class _InlineDone(AioRequest):
     # the slots for reading, and nothing writes them on a finished request.
     _state = _DONE
     _processed = True
+    _taken = True
     _on_ring = False
     _ring_ident = 0
     _cancel_asked = False

@@ -128,6 +128,7 @@ class AioFile:
         "nowait_reads",
         "nowait_writes",
         "positional",
+        "short_nowait",
         "stream",
     )
 
@@ -141,6 +142,11 @@ class AioFile:
         # Whether preadv/pwritev work (FIFOs and sockets never; a character
         # device may, a terminal answers ESPIPE): cleared on ESPIPE.
         self.positional = not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode))
+        # A character device other than a terminal (/dev/zero, /dev/urandom,
+        # ...): the kernel's non-blocking attempt -- io_uring's first try --
+        # may move less than one readv would (/dev/zero stops at a page when
+        # the CPU is wanted elsewhere), so only a worker's readv answers.
+        self.short_nowait = stat.S_ISCHR(mode) and not os.isatty(fd)
         # Only a regular file's size changes with writes (a block device's
         # st_size is 0 and cannot be truncated).
         self._sized = stat.S_ISREG(mode)

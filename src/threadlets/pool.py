@@ -256,6 +256,15 @@ class Threadlet(Generic[T]):
             queue._claimed.add(self)
             return True
 
+    def _claim_unpublished(self) -> None:
+        """QUEUED -> RUNNING, as :meth:`_claim`, for a threadlet nobody else
+        can see yet (an I/O request on its way to the kernel's ring, before
+        its submitter returned it): no other thread can race the change, so
+        no lock.  Remembered as claimed first, so that a fork between the
+        two steps cancels it in the child all the same."""
+        self._queue._claimed.add(self)
+        self._state = _RUNNING
+
     def _unclaim(self) -> None:
         """RUNNING -> QUEUED: the claimant could not start it after all
         (it had not been handed to anyone)."""

@@ -516,10 +516,10 @@ class Ring:
         """Hand every completion the kernel has posted to its callback, in
         this thread.  Non-blocking; any thread.  Returns how many.
 
-        Completions are handed out one at a time: if a callback raises
-        (any exception, Ctrl-C included), the rest stay queued for the next
-        reap, each still handed out exactly once.  May be called again from
-        inside a callback."""
+        Completions are handed out in order, each exactly once: if a
+        callback raises (any exception, Ctrl-C included), the rest stay
+        queued for the next reap.  May be called again from inside a
+        callback."""
         with self._lock:
             if self._generation != _generation or self._released:
                 return 0  # a forked child (the completions are the parent's), or gone
@@ -537,29 +537,31 @@ class Ring:
         _batch.after = after
         handed = 0
         ready, lock = self._ready, self._lock
-        mine = called = False
-        item: list[Any] = []
-        prev = None
+        # Each completion is [on_done, res, state]: 0 waiting, 1 claimed by
+        # a reap, 2 handed out (its callback called).
+        batch: list[list[Any]] = []
         try:
             while True:
-                # Peek, claim, hand out, then take it off (in the same hold
-                # of the lock as the next peek): whatever an exception
-                # interrupts, the completion is still at the head and its
-                # claim says whether its callback was called.
-                mine = False
+                # Claim what is waiting, in one hold of the lock (any thread
+                # may reap); hand it out in order without the lock; the ones
+                # handed out leave the queue once at its head.  Whatever an
+                # exception interrupts, the claimed rest is given back (see
+                # the except) and each completion is handed out once.
                 with lock:
-                    if prev is not None and ready and ready[0] is prev:
-                        del ready[0]  # (unless a nested reap took it)
-                    if not ready:
-                        break
-                    item = prev = ready[0]
-                    if not item[2]:  # claimed under the lock: any thread may reap
-                        item[2] = mine = True
-                if mine:
+                    while ready and ready[0][2] == 2:
+                        del ready[0]
+                    batch = []
+                    for item in ready:
+                        if not item[2]:
+                            batch.append(item)  # (listed before it is claimed)
+                            item[2] = 1
+                if not batch:
+                    break
+                for item in batch:
+                    item[2] = 2  # before the call: one that raises was handed out
                     handed += 1
-                    called = True
                     item[0](item[1])
-                    called = False
+                batch = []
             if outer is None:
                 _batch.after = None
                 for fn in after:
@@ -568,12 +570,13 @@ class Ring:
                     except Exception:  # pragma: no cover
                         log.exception("exception in after-batch call %r", fn)
         except BaseException:
-            if mine and not called:
-                item[2] = False  # claimed, then interrupted before its call
+            for item in batch:
+                if item[2] == 1:
+                    item[2] = 0  # claimed, never handed out: the next reap's
             raise
         finally:
             with lock:
-                while ready and ready[0][2]:  # a callback that raised was called
+                while ready and ready[0][2] == 2:  # (a callback that raised was called)
                     del ready[0]
             if outer is None:
                 _batch.after = None
@@ -597,18 +600,24 @@ class Ring:
         ready = self._ready
         try:
             while head != tail:
+                # Ctrl-C can land as a C call returns: the two calls here
+                # change nothing (an interrupt leaves the CQE to the next
+                # collect), and everything from the head's step to the
+                # append's end is plain bytecodes: a CQE is either still
+                # unread or on the ready queue, never dropped or doubled.
                 ident, res, _ = _CQE.unpack_from(mm, base + (head & mask) * 16)
+                on_done = pending.get(ident)
                 head = (head + 1) & 0xFFFFFFFF
                 self._in_kernel -= 1
                 if ident == _STOP:
                     self._stopped = True
                     continue
-                on_done = pending.pop(ident, None)
                 if on_done is None:  # pragma: no cover - a kick's NOP, already counted
                     continue
+                del pending[ident]
                 self._inflight -= 1
                 self.reaped += 1
-                ready.append([on_done, res, False])
+                ready.append([on_done, res, 0])
         finally:
             self._cq_head.value = head  # the kernel may reuse those CQEs now
             if not pending:
