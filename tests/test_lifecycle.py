@@ -493,6 +493,26 @@ def test_ring_reap_interrupted_at_every_c_boundary_hands_each_out_once() -> None
             break
 
 
+def test_close_of_a_reaper_mode_context_has_released_the_ring(path: Path) -> None:
+    """deliver=False (what threadlets.posix uses): the ring's reaper thread
+    releases the ring's fd as it ends; close() returns after that, so the
+    fd is gone when close() returns (it once went a moment later)."""
+    _need("io_uring")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for _ in range(20):
+            ctx = AioContext(backend="io_uring", deliver=False)
+            ring = ctx._ring
+            assert ring is not None
+            assert ring._reaper is not None
+            assert ctx.read(fd, 0, bytearray(64)).wait(10)
+            assert ctx.close(timeout=10)
+            assert not ring._reaper.is_alive()
+            assert ring._released
+    finally:
+        os.close(fd)
+
+
 # -- 5, 6: close excludes submit ------------------------------------------------------------
 
 

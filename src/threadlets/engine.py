@@ -1672,6 +1672,12 @@ class AioContext:
             f.nowait_reads = False  # inline readers handed out answer -1 now
         self._files.clear()
         self._finalizer()
+        ring = self._ring
+        if ring is not None and not ring.owner_mode:
+            # Its reaper releases the ring (its fd, its mappings) as it ends,
+            # which it does at once now: close() returns after that.  (Not
+            # from a callback in the reaper itself: join() sees that.)
+            ring.join()
         return True
 
     def _reopen(self) -> None:
