@@ -115,3 +115,30 @@ def test_drain_inside_a_callback_does_not_spin(backend: str, path: Path) -> None
         ctx.drain(timeout=10)
         ctx.close(timeout=10)
         os.close(fd)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Ring.reap claims the whole batch (state 1): a done-callback that "
+    "waits for a later completion of the same batch sleeps its timeout out",
+)
+def test_ring_done_callback_waits_for_a_later_completion_of_the_same_reap(path: Path) -> None:
+    if not HAVE_RING:
+        pytest.skip("no io_uring here")
+    fd = os.open(path, os.O_RDONLY)
+    ctx = AioContext(backend="io_uring", inline=False)
+    ring = ctx._ring
+    assert ring is not None and ring.owner_mode
+    answers: list[bool] = []
+    try:
+        x = ctx.read(fd, 0, bytearray(16))
+        y = ctx.read(fd, 16, bytearray(16))
+        assert ring._pending  # both on the ring
+        wait_until(lambda: ring._cq_tail.value - ring._cq_head.value == 2)
+        x.add_done_callback(lambda _: answers.append(y.wait(timeout=1)))
+        ctx.process_completions()  # one reap: [x, y]
+        assert answers == [True]
+    finally:
+        ctx.drain(timeout=10)
+        ctx.close(timeout=10)
+        os.close(fd)
