@@ -5,6 +5,7 @@ defect found, with the fix proposed in the report."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import threading
@@ -17,6 +18,7 @@ import pytest
 
 from threadlets import AioContext, AioRequest
 from threadlets.probe import pin_buffer, probe_io_uring
+from threadlets.engine import _CompletionQueue
 from threadlets.uring import OP_READ, Ring
 
 from .conftest import wait_until
@@ -142,3 +144,112 @@ def test_ring_done_callback_waits_for_a_later_completion_of_the_same_reap(path: 
         ctx.drain(timeout=10)
         ctx.close(timeout=10)
         os.close(fd)
+
+
+# -- 1: a second Ctrl-C while the first one's give-back runs ----------------------------
+
+
+def _line_of(fn: Any, text: str) -> int:
+    """The line of ``fn`` holding ``text`` (-1: none, an older version)."""
+    lines, first = inspect.getsourcelines(fn)
+    found = [i for i, line in enumerate(lines) if text in line]
+    assert len(found) <= 1
+    return first + found[0] if found else -1
+
+
+def _interrupt_at_line(code: Any, lineno: int, hit: int) -> None:
+    """Raise KeyboardInterrupt the hit-th time ``lineno`` of ``code`` runs.
+    Used only where that line is reached through a loop's backward jump,
+    where CPython 3.11 checks for a pending signal."""
+    count = [0]
+
+    def local(frame: Any, event: str, arg: object) -> Any:
+        if event == "line" and frame.f_lineno == lineno:
+            count[0] += 1
+            if count[0] == hit:
+                sys.settrace(None)
+                frame.f_trace = None
+                raise KeyboardInterrupt
+        return local
+
+    def glob(frame: Any, event: str, arg: object) -> Any:
+        return local if frame.f_code is code else None
+
+    sys.settrace(glob)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a second Ctrl-C at the give-back loop's backward jump leaves the "
+    "rest of the batch claimed (_taken) for ever: never delivered, drain hangs",
+)
+def test_second_ctrl_c_during_the_give_back_strands_nothing(backend: str, path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    ctx = AioContext(backend=backend, inline=False)
+    ran: list[AioRequest] = []
+    try:
+        reqs: list[AioRequest] = []
+
+        def cb(r: AioRequest) -> None:
+            ran.append(r)
+            if r is reqs[0] and len(ran) == 1:
+                raise KeyboardInterrupt  # the first Ctrl-C, in a callback
+
+        reqs.extend(_ready_batch(ctx, fd, 4, cb))
+        code = _CompletionQueue.process.__code__
+        # The give-back's loop body, its second round (after a backward jump).
+        line = _line_of(_CompletionQueue.process, "if not req._processed:")
+        _interrupt_at_line(code, line, 2)
+        with pytest.raises(KeyboardInterrupt):
+            ctx.process_completions()
+        sys.settrace(None)
+        assert ctx.drain(timeout=1), f"stranded: {ctx.stats()}, ran {len(ran)}"
+        assert ran == reqs
+    finally:
+        sys.settrace(None)
+        ctx._cq.ready.clear()  # (so that close() does not wait for the stranded)
+        with ctx._cq.lock:
+            ctx._cq.delivered = ctx._cq.admitted
+        ctx.close(timeout=10)
+        os.close(fd)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a second Ctrl-C at Ring.reap's give-back loop leaves claimed "
+    "completions in state 1 for ever: never handed out",
+)
+def test_ring_second_ctrl_c_during_the_give_back_strands_nothing() -> None:
+    if not HAVE_RING:
+        pytest.skip("no io_uring here")
+    ring = Ring(8, eventfd=os.eventfd(0, os.EFD_CLOEXEC))
+    r, w = os.pipe()
+    bufs = [bytearray(1) for _ in range(4)]
+    got: list[int] = []
+
+    def on_done(i: int) -> None:
+        got.append(i)
+        if i == 0 and got.count(0) == 1:
+            raise KeyboardInterrupt
+
+    try:
+        os.write(w, b"abcd")
+        pins = [pin_buffer(b) for b in bufs]
+        for i, p in enumerate(pins):
+            assert p is not None
+            assert ring.submit(OP_READ, r, 2**64 - 1, p[0], 1, 0, lambda res, i=i: on_done(i))
+        wait_until(lambda: ring._cq_tail.value - ring._cq_head.value == 4)
+        line = _line_of(Ring.reap, "if item[2] == 1:")
+        _interrupt_at_line(Ring.reap.__code__, line, 2)
+        with pytest.raises(KeyboardInterrupt):
+            ring.reap()
+        sys.settrace(None)
+        while ring.reap():
+            pass
+        assert got == [0, 1, 2, 3]
+    finally:
+        sys.settrace(None)
+        ring._ready.clear()
+        ring.close()
+        os.close(r)
+        os.close(w)
