@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from threadlets import AioContext, AioRequest
-from threadlets.probe import pin_buffer, probe_io_uring
 from threadlets.engine import _CompletionQueue
+from threadlets.probe import pin_buffer, probe_io_uring
 from threadlets.uring import OP_READ, Ring
 
 from .conftest import wait_until
@@ -132,7 +132,8 @@ def test_ring_done_callback_waits_for_a_later_completion_of_the_same_reap(path: 
     fd = os.open(path, os.O_RDONLY)
     ctx = AioContext(backend="io_uring", inline=False)
     ring = ctx._ring
-    assert ring is not None and ring.owner_mode
+    assert ring is not None
+    assert ring.owner_mode
     answers: list[bool] = []
     try:
         x = ctx.read(fd, 0, bytearray(16))
@@ -336,7 +337,8 @@ def test_cancel_racing_a_ring_completion_gives_a_definite_answer(switchy: None) 
                 os.close(w)
         assert ctx.drain(timeout=10)
         s = ctx.stats()
-        assert s.outstanding == 0 and s.processed == s.submitted
+        assert s.outstanding == 0
+        assert s.processed == s.submitted
     finally:
         ctx.close(timeout=10)
 
@@ -370,7 +372,9 @@ assert status == 0, status
 assert ctx.close(timeout=10)
 """
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent / "src"))
-    p = subprocess.run([sys.executable, "-c", code], env=env, timeout=60, capture_output=True)
+    p = subprocess.run(
+        [sys.executable, "-c", code], check=False, env=env, timeout=60, capture_output=True
+    )
     assert p.returncode == 0, p.stderr.decode()
 
 
@@ -487,7 +491,12 @@ def test_close_racing_refused_submissions_from_several_threads_does_not_spin(
             go = threading.Barrier(4)
             refused = [threading.Event() for _ in range(3)]
 
-            def submitter(ev: threading.Event, go: threading.Barrier = go) -> None:
+            def submitter(
+                ev: threading.Event,
+                go: threading.Barrier = go,
+                ctx: AioContext = ctx,
+                fd: int = fd,
+            ) -> None:
                 go.wait()
                 while True:
                     try:
@@ -501,7 +510,9 @@ def test_close_racing_refused_submissions_from_several_threads_does_not_spin(
                 t.start()
             go.wait()
             result: list[bool] = []
-            closer = threading.Thread(target=lambda: result.append(ctx.close(timeout=10)))
+            closer = threading.Thread(
+                target=lambda ctx=ctx, result=result: result.append(ctx.close(timeout=10))
+            )
             cpu = time.process_time()
             closer.start()
             for ev in refused:
@@ -705,8 +716,11 @@ def test_dev_zero_read_on_a_worker_that_submitted_to_a_ring(backend: str) -> Non
                 # The worker submits a ring read of an empty pipe (the kernel
                 # arms a poll; its completion is task work for the worker).
                 inner: list[AioRequest] = []
-                c = ring_ctx.call(lambda pr=pr: inner.append(ring_ctx.read(pr, 0, bytearray(1))))
-                assert c.wait(10) and inner[0]._on_ring
+                c = ring_ctx.call(
+                    lambda pr=pr, inner=inner: inner.append(ring_ctx.read(pr, 0, bytearray(1)))
+                )
+                assert c.wait(10)
+                assert inner[0]._on_ring
                 req = ctx.read(fd, 0, bytearray(size))
                 wait_until(lambda req=req: req.state is not ThreadletState.QUEUED)
                 while not req.done() and _syscall_state(tid) != "running":
