@@ -815,7 +815,12 @@ def test_ctrl_c_at_every_c_return_with_callbacks_that_submit_and_nest(
             ran: list[AioRequest] = []
             extra: list[AioRequest] = []
 
-            def cb(r: AioRequest, ctx: AioContext = ctx, ran: list[AioRequest] = ran) -> None:
+            def cb(
+                r: AioRequest,
+                ctx: AioContext = ctx,
+                ran: list[AioRequest] = ran,
+                extra: list[AioRequest] = extra,
+            ) -> None:
                 ran.append(r)
                 if len(extra) < 2:
                     extra.append(ctx.read(fd, 0, bytearray(8), callback=ran.append))
