@@ -1,7 +1,7 @@
 """Attacks on the batch-claimed completion delivery (engine, uring), the
 unlocked ring claim, Ring._collect, the eventfd anti-spin rules and the
-character-device rule.  Breaks are xfail(strict=True): each documents a
-defect found, with the fix proposed in the report."""
+character-device rule.  Each test failed on the code it attacked (the
+session of 2026-11-30, third); the fixes landed with them."""
 
 from __future__ import annotations
 
@@ -62,11 +62,6 @@ def _ready_batch(ctx: AioContext, fd: int, n: int, cb: Any) -> list[AioRequest]:
 # -- 1: nested waits inside a callback --------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ctx.wait(B) inside A's callback cannot deliver B: the outer "
-    "process() holds B claimed (_taken) while A's callback runs",
-)
 def test_wait_for_a_later_request_of_the_same_batch_inside_a_callback(
     backend: str, path: Path
 ) -> None:
@@ -93,11 +88,6 @@ def test_wait_for_a_later_request_of_the_same_batch_inside_a_callback(
         os.close(fd)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="drain() inside a callback spins at full CPU until its timeout: "
-    "the rest of the outer batch is claimed by the outer process()",
-)
 def test_drain_inside_a_callback_does_not_spin(backend: str, path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     ctx = AioContext(backend=backend, inline=False)
@@ -121,11 +111,6 @@ def test_drain_inside_a_callback_does_not_spin(backend: str, path: Path) -> None
         os.close(fd)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Ring.reap claims the whole batch (state 1): a done-callback that "
-    "waits for a later completion of the same batch sleeps its timeout out",
-)
 def test_ring_done_callback_waits_for_a_later_completion_of_the_same_reap(path: Path) -> None:
     if not HAVE_RING:
         pytest.skip("no io_uring here")
@@ -181,11 +166,6 @@ def _interrupt_at_line(code: Any, lineno: int, hit: int) -> None:
     sys.settrace(glob)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a second Ctrl-C at the give-back loop's backward jump leaves the "
-    "rest of the batch claimed (_taken) for ever: never delivered, drain hangs",
-)
 def test_second_ctrl_c_during_the_give_back_strands_nothing(backend: str, path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     ctx = AioContext(backend=backend, inline=False)
@@ -218,11 +198,6 @@ def test_second_ctrl_c_during_the_give_back_strands_nothing(backend: str, path: 
         os.close(fd)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a second Ctrl-C at Ring.reap's give-back loop leaves claimed "
-    "completions in state 1 for ever: never handed out",
-)
 def test_ring_second_ctrl_c_during_the_give_back_strands_nothing() -> None:
     if not HAVE_RING:
         pytest.skip("no io_uring here")
@@ -262,12 +237,6 @@ def test_ring_second_ctrl_c_during_the_give_back_strands_nothing() -> None:
 # -- 2: the unlocked ring claim ---------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Ctrl-C as _claimed.add() returns in _claim_unpublished: the request "
-    "is still QUEUED, so _submit's _unclaim() does nothing and it stays in "
-    "the queue's _claimed set for good (buffer kept alive; a leak)",
-)
 def test_ctrl_c_in_the_unlocked_claim_leaves_nothing_claimed(path: Path) -> None:
     if not HAVE_RING:
         pytest.skip("no io_uring here")
@@ -416,16 +385,6 @@ def test_drain_with_a_stray_write_sleeps(backend: str) -> None:
 def test_poll_after_a_stray_write_waits_its_timeout(
     backend: str, request: pytest.FixtureRequest
 ) -> None:
-    if backend == "threads":
-        # (With a ring, process_completions() clears the eventfd first.)
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="threads: poll(timeout) returns 0 at once after a stray write: "
-                "it wakes, on_readable finds nothing, and poll returns instead of "
-                "waiting on",
-            )
-        )
     ctx = AioContext(backend=backend, inline=False)
     try:
         _stray_write(ctx)
@@ -686,13 +645,6 @@ def _syscall_state(tid: int) -> str:
         return f.read().split()[0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a pool worker that once submitted to a ring gets that ring's task "
-    "work (a poll firing, the ring's teardown) as TIF_NOTIFY_SIGNAL: its /dev/zero "
-    "readv stops short (signal_pending) and, the device being a 'stream', the "
-    "short count is the answer",
-)
 def test_dev_zero_read_on_a_worker_that_submitted_to_a_ring(backend: str) -> None:
     if not HAVE_RING:
         pytest.skip("no io_uring here")
@@ -745,11 +697,6 @@ def test_dev_zero_read_on_a_worker_that_submitted_to_a_ring(backend: str) -> Non
 # -- 1 (continued): callbacks that close, submit, nest; two processing threads ------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="close() inside a callback cannot deliver the rest of the outer "
-    "batch (claimed by the outer process()): its drain spins to the timeout",
-)
 def test_close_inside_a_callback(backend: str, path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     ctx = AioContext(backend=backend, inline=False)
@@ -795,16 +742,6 @@ def test_ctrl_c_at_every_c_return_with_callbacks_that_submit_and_nest(
     """Callbacks submit more requests and call process_completions()
     themselves; Ctrl-C at the n-th C return, for every n: each callback
     runs once, the counters balance."""
-    if backend == "io_uring":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="io_uring: Ctrl-C at a C return inside _RingBackend._done "
-                "(the nested reap hands a callback's own submission to it): Ring.reap "
-                "counts the completion handed out, _done never finished the request, "
-                "it stays RUNNING for ever and drain/close hang",
-            )
-        )
     fd = os.open(path, os.O_RDONLY)
     try:
         n = 0

@@ -841,8 +841,13 @@ def test_character_devices(tmp_path: Path) -> None:
     null = os.open("/dev/null", os.O_RDWR)
     try:
         fz, fn = AioFile.from_fd(SC, zero), AioFile.from_fd(SC, null)
-        assert fz.stream
-        assert fn.stream
+        # Memory devices are read to the full count, as files are (a signal
+        # pending cuts a /dev/zero read short: see AioFile); neither goes to
+        # the ring.
+        assert not fz.stream
+        assert not fn.stream
+        assert fz.short_nowait
+        assert fn.short_nowait
         buf = bytearray(b"\xff" * 100)
         assert ops.read(SC, fz, [memoryview(buf)], 7, 100, False) == os.readv(zero, [buf]) == 100
         assert buf == bytes(100)

@@ -311,6 +311,7 @@ class AioRequest(Threadlet[int]):
         "_ctx",
         "_on_ring",
         "_processed",
+        "_resumed",
         "_ring_ident",
         "_taken",
         "_transfer",
@@ -343,14 +344,17 @@ class AioRequest(Threadlet[int]):
         self._transfer = transfer
         #: Set by process_completions once the callback ran (or would have).
         self._processed = False
-        #: Claimed by a process_completions() call that is delivering it.
-        self._taken = False
+        #: The claim cell of the process_completions() call delivering it
+        #: ([thread ident], 0 once given back), or None.
+        self._taken: list[int] | None = None
         #: In the kernel's hands (io_uring backend), until it completes there.
         self._on_ring = False
         #: The ring's id of its operation (0: none yet), and whether we asked
         #: the kernel to cancel it.
         self._ring_ident = 0
         self._cancel_asked = False
+        #: Handed from the ring to a worker, which finishes it.
+        self._resumed = False
         self._admitted = False  # counted by the completion queue
 
     def __repr__(self) -> str:
@@ -637,6 +641,12 @@ class _CompletionQueue:
             signalled = self.signalled
         if clear and signalled:
             self.notifier.clear()  # before the snapshot below
+        # This call's claim: a cell shared by every request it claims, so
+        # that giving them all back is one store (no loop for a second
+        # Ctrl-C to interrupt), and so that a nested call in this thread
+        # (a callback that waits, drains or closes) can take over the rest.
+        claim = [_get_ident()]
+        me = claim[0]
         batch: list[AioRequest] = []
         n = 0
         try:
@@ -646,13 +656,19 @@ class _CompletionQueue:
                     return 0
                 self.batches += 1
                 # Claim what is ready now (later ones have written the
-                # eventfd again), in the same hold of the lock: what a nested
-                # call (from a callback) or another thread claimed is theirs.
+                # eventfd again), in the same hold of the lock: unclaimed,
+                # given back, or claimed further up this thread's stack;
+                # not what another thread is delivering.
                 for req in ready:
-                    if not req._taken and not req._processed:
+                    if req._processed:
+                        continue
+                    held = req._taken
+                    if held is None or not held[0] or held[0] == me:
                         batch.append(req)  # (listed before it is claimed)
-                        req._taken = True
+                        req._taken = claim
             for req in batch:
+                if req._processed or req._taken is not claim:
+                    continue  # a nested call took it over
                 # Delivered from here on, even if its callback raises: it
                 # leaves the queue once at its head (see the finally).
                 req._processed = True
@@ -663,11 +679,8 @@ class _CompletionQueue:
                         cb(req)
                     except Exception:
                         log.exception("exception in completion callback of %r", req)
-            batch = []
         except BaseException:
-            for req in batch:
-                if not req._processed:
-                    req._taken = False  # claimed, never delivered: the next call's
+            claim[0] = 0  # the claimed, undelivered rest: the next call's
             raise
         finally:
             with lock:
@@ -917,14 +930,19 @@ class _RingBackend:
 
     def _op_done(self, req: AioRequest, op: _FileOp, res: int) -> None:
         req._on_ring = False
-        if res == -errno.ECANCELED and req._cancel_asked:
-            req._finish_cancelled()
-            return
-        outcome = op.outcome(res)
-        if outcome is None:
-            self.ctx._continue(req, op.run)
-            return
-        req._finish(*outcome)
+        try:
+            if res == -errno.ECANCELED and req._cancel_asked:
+                req._finish_cancelled()
+                return
+            outcome = op.outcome(res)
+            if outcome is None:
+                req._resumed = True  # from here on the worker finishes it
+                self.ctx._continue(req, op.run)
+                return
+            req._finish(*outcome)
+        except BaseException:
+            _finish_interrupted(req, 0)
+            raise
 
     def cancel(self, req: AioRequest) -> CancelResult | None:
         """Take a request back from the kernel if it has moved nothing:
@@ -967,21 +985,37 @@ class _RingBackend:
         EOF, EINTR, an alignment the probe did not foresee -- goes to a
         worker, which repeats the call from where the kernel stopped."""
         del pin  # the kernel is done with the memory
-        t = req._transfer
-        assert isinstance(t, _Transfer)
+        t: _Transfer = req._transfer  # type: ignore[assignment]
         req._on_ring = False
-        if res == -errno.ECANCELED and req._cancel_asked:
-            req._finish_cancelled()  # (see cancel: nothing moved)
-            return
-        if res == t.total - t.done and not t.zero_fill:
-            req._finish(t.total, None)
-            return
-        if res == t.total - t.done or (res >= 0 and t.file.stream):
-            req._finish(t.one_transfer(res), None)
-            return
-        if res > 0:
-            t.done += res
-        self.ctx._continue(req, t.run)
+        try:
+            if res == -errno.ECANCELED and req._cancel_asked:
+                req._finish_cancelled()  # (see cancel: nothing moved)
+                return
+            if res == t.total - t.done and not t.zero_fill:
+                req._finish(t.total, None)
+                return
+            if res == t.total - t.done or (res >= 0 and t.file.stream):
+                req._finish(t.one_transfer(res), None)
+                return
+            if res > 0:
+                t.done += res
+            req._resumed = True  # (no call between these three steps)
+            self.ctx._continue(req, t.run)
+        except BaseException:
+            # (The kernel moved `res` more into the buffers: counted.)
+            _finish_interrupted(req, t.done + max(res, 0))
+            raise
+
+
+def _finish_interrupted(req: AioRequest, moved: int) -> None:
+    """Ctrl-C (or another BaseException) landed inside a ring completion
+    handler before the request was finished or handed to a worker: finish
+    it now -- failed with EINTR, carrying what moved -- or it would stay
+    RUNNING for good and every wait, drain() and close() would hang."""
+    if req._resumed or req._state is not _RUNNING:
+        return  # finished, or a worker finishes it
+    exc = InterruptedError(errno.EINTR, "interrupted while its completion was handled")
+    req._finish(None, ops._moved(exc, moved) if moved else exc)
 
 
 class _Iovec(ctypes.Structure):  # struct iovec
@@ -1594,11 +1628,22 @@ class AioContext:
         n = self.process_completions()
         if n:
             return n
-        if self._ring is not None:
-            self._ring.flush()  # a callback's plugged submissions must start before we sleep
-        if not self._cq.notifier.wait(timeout):
-            return n
-        return self.on_readable()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._ring is not None:
+                self._ring.flush()  # a callback's plugged submissions must start before we sleep
+            if self._cq.notifier.closed:
+                return 0  # closed meanwhile (by a callback)
+            if not self._cq.notifier.wait(_time_left(deadline)):
+                return 0
+            n = self.on_readable()
+            if n:
+                return n
+            # Woken for nothing (a stray write, or a ring completion whose
+            # rest went to a worker): sleep again until the deadline.
+            remaining = _time_left(deadline)
+            if remaining is not None and remaining <= 0:
+                return 0
 
     def wait(self, request: AioRequest, timeout: float | None = None) -> bool:
         """Process completions until ``request`` has been processed (its
@@ -1739,7 +1784,8 @@ class _InlineDone(AioRequest):
     # the slots for reading, and nothing writes them on a finished request.
     _state = _DONE
     _processed = True
-    _taken = True
+    _taken = None
+    _resumed = False
     _on_ring = False
     _ring_ident = 0
     _cancel_asked = False
@@ -1809,6 +1855,7 @@ def _release(notifier: _Notifier, lock: threading.Lock, ring: Ring | None) -> No
 
 
 _new_object = object.__new__
+_get_ident = threading.get_ident
 
 
 def _count(counter: itertools.count[int]) -> int:

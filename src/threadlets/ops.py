@@ -99,6 +99,10 @@ _NOT_SUPPORTED = frozenset(
 _CHUNK = 1 << 20
 
 
+#: Linux's memory character devices (null, zero, full, random, urandom, ...).
+_MEMORY_MAJOR = 1
+
+
 def _not_supported(what: str) -> OSError:
     return OSError(errno.ENOTSUP, f"{os.strerror(errno.ENOTSUP)}: {what}")
 
@@ -132,13 +136,19 @@ class AioFile:
         "stream",
     )
 
-    def __init__(self, fd: int, flags: int, mode: int = stat.S_IFREG) -> None:
+    def __init__(self, fd: int, flags: int, mode: int = stat.S_IFREG, rdev: int = 0) -> None:
         self.fd = fd
         self.flags = flags
         self.direct = bool(O_DIRECT and flags & O_DIRECT)
         self.append = bool(flags & os.O_APPEND)
-        # Not a regular file or a block device: one transfer is the answer.
-        self.stream = not (stat.S_ISREG(mode) or stat.S_ISBLK(mode))
+        # Not a regular file, a block device or a memory device: one
+        # transfer is the answer.  (/dev/zero, /dev/urandom and the other
+        # memory devices, major 1, stop short when a signal or the kernel's
+        # task work is pending -- a thread that ever submitted to an
+        # io_uring gets that -- where reading on gives what one longer read
+        # would: they are read to the full count, as files are.)
+        memory = stat.S_ISCHR(mode) and os.major(rdev) == _MEMORY_MAJOR
+        self.stream = not (stat.S_ISREG(mode) or stat.S_ISBLK(mode) or memory)
         # Whether preadv/pwritev work (FIFOs and sockets never; a character
         # device may, a terminal answers ESPIPE): cleared on ESPIPE.
         self.positional = not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode))
@@ -168,7 +178,8 @@ class AioFile:
         """Look the fd up (F_GETFL, fstat); raises OSError(EBADF) if it is
         not open."""
         flags = sc.getfl(fd)
-        return cls(fd, flags, sc.fstat(fd).st_mode)
+        st = sc.fstat(fd)
+        return cls(fd, flags, st.st_mode, st.st_rdev)
 
     # -- per-file memory -----------------------------------------------------
 

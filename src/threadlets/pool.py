@@ -272,7 +272,9 @@ class Threadlet(Generic[T]):
         with queue._lock:
             if self._state is _RUNNING:
                 self._state = _QUEUED
-                queue._claimed.discard(self)
+            # (Whatever the state: a Ctrl-C inside _claim_unpublished can
+            # leave it remembered as claimed and still QUEUED.)
+            queue._claimed.discard(self)
 
     def _finish(self, result: T | None, exc: BaseException | None) -> bool:
         """RUNNING -> DONE for claimed work: the outcome before the state,

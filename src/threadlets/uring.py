@@ -537,31 +537,27 @@ class Ring:
         _batch.after = after
         handed = 0
         ready, lock = self._ready, self._lock
-        # Each completion is [on_done, res, state]: 0 waiting, 1 claimed by
-        # a reap, 2 handed out (its callback called).
+        # Each completion is [on_done, res, claim]: claim is None (waiting),
+        # a reap's claim cell ([thread ident], 0 once given back), or True
+        # (handed out: its callback was called).  One cell per call, so that
+        # giving the rest back is one store (no loop for a second Ctrl-C to
+        # interrupt), and a nested reap in this thread (a callback that
+        # waits) can take over the rest of an outer one.
+        claim = [me]
         batch: list[list[Any]] = []
         try:
-            while True:
-                # Claim what is waiting, in one hold of the lock (any thread
-                # may reap); hand it out in order without the lock; the ones
-                # handed out leave the queue once at its head.  Whatever an
-                # exception interrupts, the claimed rest is given back (see
-                # the except) and each completion is handed out once.
-                with lock:
-                    while ready and ready[0][2] == 2:
-                        del ready[0]
-                    batch = []
-                    for item in ready:
-                        if not item[2]:
-                            batch.append(item)  # (listed before it is claimed)
-                            item[2] = 1
-                if not batch:
-                    break
-                for item in batch:
-                    item[2] = 2  # before the call: one that raises was handed out
-                    handed += 1
-                    item[0](item[1])
-                batch = []
+            with lock:
+                for item in ready:
+                    held = item[2]
+                    if held is None or (held is not True and (not held[0] or held[0] == me)):
+                        batch.append(item)  # (listed before it is claimed)
+                        item[2] = claim
+            for item in batch:
+                if item[2] is not claim:
+                    continue  # a nested reap took it over
+                item[2] = True  # before the call: one that raises was handed out
+                handed += 1
+                item[0](item[1])
             if outer is None:
                 _batch.after = None
                 for fn in after:
@@ -570,13 +566,11 @@ class Ring:
                     except Exception:  # pragma: no cover
                         log.exception("exception in after-batch call %r", fn)
         except BaseException:
-            for item in batch:
-                if item[2] == 1:
-                    item[2] = 0  # claimed, never handed out: the next reap's
+            claim[0] = 0  # the claimed rest, never handed out: the next reap's
             raise
         finally:
             with lock:
-                while ready and ready[0][2] == 2:  # (a callback that raised was called)
+                while ready and ready[0][2] is True:  # (a callback that raised was called)
                     del ready[0]
             if outer is None:
                 _batch.after = None
@@ -617,7 +611,7 @@ class Ring:
                 del pending[ident]
                 self._inflight -= 1
                 self.reaped += 1
-                ready.append([on_done, res, 0])
+                ready.append([on_done, res, None])
         finally:
             self._cq_head.value = head  # the kernel may reuse those CQEs now
             if not pending:
