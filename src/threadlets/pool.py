@@ -978,20 +978,27 @@ def _worker_main(ref: weakref.ref[ThreadletQueue], me: _Worker, idle_timeout: fl
                 if not (queue._queued or queue._running or queue._delivering):
                     queue._quiet.notify_all()
                 if queue._closed or queue._threads > queue._max:
-                    queue._retire(me)
-                    return
-                items = queue._items
-                while items:
-                    item = items.popleft()
-                    if item._state is _QUEUED:
-                        item._state = _RUNNING
-                        queue._queued -= 1
-                        queue._running += 1
-                        me.current = item
-                        break
+                    if quiet is None:
+                        queue._retire(me)
+                        return
+                    # Deliver it first (once gone, nobody would), as one
+                    # with a waiter; retire on the next round.
+                    quiet = None
+                    queue._delivering += 1
+                    delivering = True
                 else:
-                    item = None
-                    queue._idle.append(me)
+                    items = queue._items
+                    while items:
+                        item = items.popleft()
+                        if item._state is _QUEUED:
+                            item._state = _RUNNING
+                            queue._queued -= 1
+                            queue._running += 1
+                            me.current = item
+                            break
+                    else:
+                        item = None
+                        queue._idle.append(me)
         result = error = None
         if quiet is not None:
             # A subclass's _finished that runs no user code (the engine's:
