@@ -416,6 +416,14 @@ class AioRequest(Threadlet[int]):
                 return answer
         return Threadlet.cancel(self)
 
+    def _run(self) -> int:
+        # A read, write, flush or space request runs its transfer (no bound
+        # method made per request); any other, fn(*args).
+        t = self._transfer
+        if t is None:
+            return Threadlet._run(self)
+        return t.run()
+
     #: Without waiters and done-callbacks, _finished only queues the request
     #: for its context (see the pool's worker loop).
     _quiet_finish = True
@@ -1369,7 +1377,7 @@ class AioContext:
         xfer.done = done
         xfer.write = False
         xfer.zero_fill = zero_fill
-        return self._start(AioRequest(self, "read", xfer.run, (), callback, xfer))
+        return self._start(AioRequest(self, "read", None, (), callback, xfer))
 
     def write(
         self,
@@ -1411,7 +1419,7 @@ class AioContext:
         xfer.done = done
         xfer.write = True
         xfer.zero_fill = False
-        return self._start(AioRequest(self, "write", xfer.run, (), callback, xfer))
+        return self._start(AioRequest(self, "write", None, (), callback, xfer))
 
     def _submit_op(
         self,
@@ -1441,7 +1449,7 @@ class AioContext:
         if isinstance(f, OSError):
             return self._fail_now(kind, f, callback)
         op = _FileOp(self._sc, f, kind, offset, length, datasync)
-        return self._start(AioRequest(self, kind, op.run, (), callback, op))
+        return self._start(AioRequest(self, kind, None, (), callback, op))
 
     def flush(
         self, fd: int, *, datasync: bool = True, callback: Callback | None = None
