@@ -539,3 +539,32 @@ def _blocked_signals(tid: int | None) -> int:
             if line.startswith("SigBlk:"):
                 return int(line.split()[1], 16)
     return 0
+
+
+def test_a_worker_retiring_after_a_quiet_threadlet_delivers_it() -> None:
+    # A threadlet whose _finished runs after the worker took the next (the
+    # engine's requests) was never delivered when the worker that ran it
+    # found itself above a lowered max_threads and retired: the engine's
+    # drain() then waited for ever.
+    delivered: list[Threadlet[int]] = []
+
+    class Quiet(Threadlet[int]):
+        __slots__ = ()
+        _quiet_finish = True
+
+        def _finished(self) -> None:
+            delivered.append(self)
+            Threadlet._finished(self)
+
+    q = ThreadletQueue(max_threads=2, idle_timeout=60)
+    gates = [Gate() for _ in range(2)]
+    items = [Quiet(q, g) for g in gates]
+    for t in items:
+        q._submit(t)
+    for g in gates:
+        assert g.started.wait(10)
+    q.set_limits(max_threads=1)  # one of the two retires once its work is done
+    for g in gates:
+        g.release.set()
+    assert q.close(timeout=10)  # every worker gone: what each ran was delivered
+    assert sorted(map(id, delivered)) == sorted(map(id, items))

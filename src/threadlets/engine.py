@@ -174,30 +174,20 @@ class _Transfer:
 
     ``done`` bytes were moved already (by the inline attempt or the ring);
     :meth:`run` moves the rest by ops' rules and returns the request's
-    result."""
+    result.  :meth:`AioContext.read` and :meth:`~AioContext.write` fill
+    it in field by field: one is made per request, and an ``__init__``
+    frame would cost as much again."""
 
     __slots__ = ("buffers", "done", "file", "offset", "sc", "total", "write", "zero_fill")
 
-    def __init__(
-        self,
-        sc: Syscalls,
-        file: AioFile,
-        buffers: list[memoryview],
-        offset: int,
-        total: int,
-        done: int,
-        write: bool,
-        zero_fill: bool,
-        /,
-    ) -> None:
-        self.sc = sc
-        self.file = file
-        self.buffers = buffers
-        self.offset = offset
-        self.total = total
-        self.done = done
-        self.write = write
-        self.zero_fill = zero_fill
+    sc: Syscalls
+    file: AioFile
+    buffers: list[memoryview]
+    offset: int
+    total: int
+    done: int
+    write: bool
+    zero_fill: bool
 
     def run(self) -> int:
         if self.write:
@@ -429,6 +419,14 @@ class AioRequest(Threadlet[int]):
             if answer is not None:
                 return answer
         return Threadlet.cancel(self)
+
+    def _run(self) -> int:
+        # A read, write, flush or space request runs its transfer (no bound
+        # method made per request); any other, fn(*args).
+        t = self._transfer
+        if t is None:
+            return Threadlet._run(self)
+        return t.run()
 
     #: Without waiters and done-callbacks, _finished only queues the request
     #: for its context (see the pool's worker loop).
@@ -1402,10 +1400,18 @@ class AioContext:
                     req = AioRequest(self, "read", None, (), callback)
                     req._born_finished(done, None)
                     return self._start(req)
-        if views and type(views[0]) is bytearray:  # the fast path's: ops slices views
-            views = [memoryview(views[0])]
-        xfer = _Transfer(self._sc, f, views, offset, total, done, False, zero_fill)
-        return self._start(AioRequest(self, "read", xfer.run, (), callback, xfer))
+        if t is bytearray:  # (ops slices the views)
+            views = [memoryview(buffers)]  # type: ignore[arg-type]
+        xfer = _new_object(_Transfer)
+        xfer.sc = self._sc
+        xfer.file = f
+        xfer.buffers = views
+        xfer.offset = offset
+        xfer.total = total
+        xfer.done = done
+        xfer.write = False
+        xfer.zero_fill = zero_fill
+        return self._start(AioRequest(self, "read", None, (), callback, xfer))
 
     def write(
         self,
@@ -1438,8 +1444,16 @@ class AioContext:
                     req = AioRequest(self, "write", None, (), callback)
                     req._born_finished(done, None)
                     return self._start(req)
-        xfer = _Transfer(self._sc, f, views, offset, total, done, True, False)
-        return self._start(AioRequest(self, "write", xfer.run, (), callback, xfer))
+        xfer = _new_object(_Transfer)
+        xfer.sc = self._sc
+        xfer.file = f
+        xfer.buffers = views
+        xfer.offset = offset
+        xfer.total = total
+        xfer.done = done
+        xfer.write = True
+        xfer.zero_fill = False
+        return self._start(AioRequest(self, "write", None, (), callback, xfer))
 
     def _submit_op(
         self,
@@ -1469,7 +1483,7 @@ class AioContext:
         if isinstance(f, OSError):
             return self._fail_now(kind, f, callback)
         op = _FileOp(self._sc, f, kind, offset, length, datasync)
-        return self._start(AioRequest(self, kind, op.run, (), callback, op))
+        return self._start(AioRequest(self, kind, None, (), callback, op))
 
     def flush(
         self, fd: int, *, datasync: bool = True, callback: Callback | None = None

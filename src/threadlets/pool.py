@@ -137,6 +137,9 @@ _RUNNING = ThreadletState.RUNNING
 _DONE = ThreadletState.DONE
 _CANCELLED = ThreadletState.CANCELLED
 
+# Threadlet._finish_kind: how a worker delivers a threadlet (see there).
+_PLAIN, _QUIET, _DELIVER = 0, 1, 2
+
 
 def _check_timeout(timeout: float | None) -> float | None:
     """Refuse a negative or NaN timeout; return what a lock wait takes:
@@ -327,6 +330,19 @@ class Threadlet(Generic[T]):
     #: takes the next threadlet in the same locked step that publishes this
     #: one, and runs ``_finished`` after.
     _quiet_finish = False
+    #: What a worker must do to deliver a threadlet of this class that has
+    #: no waiter and no callback, worked out once per class from the two
+    #: above (one look per threadlet on the hot path): nothing (_PLAIN),
+    #: ``_finished`` after taking the next (_QUIET), or ``_finished``
+    #: before taking more (_DELIVER).
+    _finish_kind = _PLAIN
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls._finished is Threadlet._finished:
+            cls._finish_kind = _PLAIN
+        else:
+            cls._finish_kind = _QUIET if cls._quiet_finish else _DELIVER
 
     def _forked(self) -> None:
         """Called in a forked child (no other thread runs there) for each of the
@@ -936,9 +952,11 @@ def _worker_main(ref: weakref.ref[ThreadletQueue], me: _Worker, idle_timeout: fl
     A threadlet with nothing to deliver (no waiter, no callback, the plain
     ``_finished``) is published in the same locked section that takes the
     next: one lock round trip per threadlet on the hot path, and nothing
-    runs in between.  The queue is reached through ``ref`` anew for each
-    threadlet, and held by nothing while idle; nothing of a threadlet (the
-    item, its outcome, a traceback) outlives its turn in this frame.
+    runs in between.  The queue is reached through ``ref`` anew after each
+    idle wait and held by nothing during it (while the worker is busy, the
+    threadlet it holds keeps the queue alive anyway); nothing of a
+    threadlet (the item, its outcome, a traceback) outlives its turn in
+    this frame.
     """
     _current.queue = ref
     block_async_signals()
@@ -947,11 +965,11 @@ def _worker_main(ref: weakref.ref[ThreadletQueue], me: _Worker, idle_timeout: fl
     result: Any = None
     error: BaseException | None = None
     delivering = False  # this worker counts in queue._delivering
+    item: Threadlet[Any] | None = None  # taken; not yet run
+    queue = ref()
     while True:
-        queue = ref()
         if queue is None:  # collected: nobody can submit to it any more
             return
-        item: Threadlet[Any] | None = None
         with queue._lock:
             if not me.live:  # a forked child, or start() failed: not ours
                 return
@@ -961,18 +979,14 @@ def _worker_main(ref: weakref.ref[ThreadletQueue], me: _Worker, idle_timeout: fl
                 done._state = _DONE
                 done._fn = done._kwargs = None
                 done._args = ()
-                me.current = None
                 queue._running -= 1
                 queue._completed += 1
-                if done._waiters or done._callbacks:
+                finish = done._finish_kind
+                if done._waiters or done._callbacks or finish == _DELIVER:
                     queue._delivering += 1
                     delivering = True
-                elif type(done)._finished is not _plain_finished:
-                    if done._quiet_finish:
-                        quiet = done  # run after taking the next: see below
-                    else:
-                        queue._delivering += 1
-                        delivering = True
+                elif finish == _QUIET:
+                    quiet = done  # run after taking the next: see below
             elif delivering:
                 queue._delivering -= 1
                 delivering = False
@@ -980,20 +994,27 @@ def _worker_main(ref: weakref.ref[ThreadletQueue], me: _Worker, idle_timeout: fl
                 if not (queue._queued or queue._running or queue._delivering):
                     queue._quiet.notify_all()
                 if queue._closed or queue._threads > queue._max:
-                    queue._retire(me)
-                    return
-                items = queue._items
-                while items:
-                    item = items.popleft()
-                    if item._state is _QUEUED:
-                        item._state = _RUNNING
-                        queue._queued -= 1
-                        queue._running += 1
-                        me.current = item
-                        break
+                    if quiet is None:
+                        queue._retire(me)
+                        return
+                    # Deliver it first (once gone, nobody would), as one
+                    # with a waiter; retire on the next round.
+                    quiet = None
+                    queue._delivering += 1
+                    delivering = True
                 else:
-                    item = None
-                    queue._idle.append(me)
+                    items = queue._items
+                    while items:
+                        item = items.popleft()
+                        if item._state is _QUEUED:
+                            item._state = _RUNNING
+                            queue._queued -= 1
+                            queue._running += 1
+                            me.current = item
+                            break
+                    else:
+                        item = me.current = None
+                        queue._idle.append(me)
         result = error = None
         if quiet is not None:
             # A subclass's _finished that runs no user code (the engine's:
@@ -1014,18 +1035,17 @@ def _worker_main(ref: weakref.ref[ThreadletQueue], me: _Worker, idle_timeout: fl
             continue
         done = None
         if item is None:
-            queue = None
-            if _idle_wait(ref, me, idle_timeout):
-                continue
-            return
+            queue = None  # (not held while idle)
+            if not _idle_wait(ref, me, idle_timeout):
+                return
+            queue = ref()
+            continue
         try:
             result = item._run()
         except BaseException as exc:
             error = exc
         done, item = item, None
 
-
-_plain_finished = Threadlet._finished
 
 #: Signals a process receives from outside (Ctrl-C, kill, timers, a child's
 #: exit): the kernel gives a process-directed one to any thread that does
