@@ -2,10 +2,12 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -209,3 +211,22 @@ def interrupt_cli_at(
         reader.join(timeout=60)
         stdout.seek(0)
         return status, stdout.read(), "".join(err)
+
+
+def interrupt_at_c_return(n: int) -> list[int]:
+    """Raise KeyboardInterrupt once, as the n-th C call returns from now on:
+    where CPython 3.11's eval loop raises a pending SIGINT (besides function
+    entry, the residual window the engine documents)."""
+    seen = [0]
+
+    def prof(frame: Any, event: str, arg: object) -> None:
+        # (Not in code the garbage collector happens to run meanwhile, a
+        # WeakSet's callback say: what it raises is only printed.)
+        if event == "c_return" and "threadlets" in frame.f_code.co_filename:
+            seen[0] += 1
+            if seen[0] == n:
+                sys.setprofile(None)
+                raise KeyboardInterrupt
+
+    sys.setprofile(prof)
+    return seen

@@ -21,7 +21,7 @@ from threadlets.engine import _CompletionQueue
 from threadlets.probe import pin_buffer, probe_io_uring
 from threadlets.uring import OP_READ, Ring
 
-from .conftest import wait_until
+from .conftest import interrupt_at_c_return, wait_until
 
 BACKENDS = ["threads", "io_uring"]
 HAVE_RING = probe_io_uring().supported and os.uname().machine == "x86_64"
@@ -720,22 +720,6 @@ def test_close_inside_a_callback(backend: str, path: Path) -> None:
         os.close(fd)
 
 
-def _interrupt_at_c_return(n: int) -> list[int]:
-    """As tests/test_lifecycle.py's: KeyboardInterrupt as the n-th C call
-    in threadlets returns."""
-    seen = [0]
-
-    def prof(frame: Any, event: str, arg: object) -> None:
-        if event == "c_return" and "threadlets" in frame.f_code.co_filename:
-            seen[0] += 1
-            if seen[0] == n:
-                sys.setprofile(None)
-                raise KeyboardInterrupt
-
-    sys.setprofile(prof)
-    return seen
-
-
 def test_ctrl_c_at_every_c_return_with_callbacks_that_submit_and_nest(
     backend: str, path: Path, request: pytest.FixtureRequest
 ) -> None:
@@ -765,7 +749,7 @@ def test_ctrl_c_at_every_c_return_with_callbacks_that_submit_and_nest(
 
             reqs = _ready_batch(ctx, fd, 3, cb)
             interrupted = False
-            seen = _interrupt_at_c_return(n)
+            seen = interrupt_at_c_return(n)
             try:
                 ctx.process_completions()
             except KeyboardInterrupt:

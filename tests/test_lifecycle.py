@@ -23,7 +23,6 @@ import traceback
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -31,7 +30,7 @@ from threadlets import AioContext, AioRequest, ThreadletQueue, ThreadletState
 from threadlets.probe import probe_io_uring
 from threadlets.uring import OP_READ, Ring
 
-from .conftest import Gate, wait_until
+from .conftest import Gate, interrupt_at_c_return, wait_until
 
 BACKENDS = ["threads", "io_uring"]
 HAVE_RING = probe_io_uring().supported and os.uname().machine == "x86_64"
@@ -475,7 +474,7 @@ def test_ring_reap_interrupted_at_every_c_boundary_hands_each_out_once() -> None
                 )
             wait_until(lambda ring=ring: ring._cq_tail.value - ring._cq_head.value == 4)
             interrupted = False
-            seen = _interrupt_at_c_return(n)
+            seen = interrupt_at_c_return(n)
             try:
                 ring.reap()
             except KeyboardInterrupt:
@@ -1064,25 +1063,6 @@ def test_the_matrix_under_dev_mode() -> None:
 # -- Ctrl-C at every point where CPython delivers it ---------------------------------------
 
 
-def _interrupt_at_c_return(n: int) -> list[int]:
-    """Raise KeyboardInterrupt once, as the n-th C call returns from now on:
-    where CPython 3.11's eval loop raises a pending SIGINT (besides function
-    entry, the residual window the engine documents)."""
-    seen = [0]
-
-    def prof(frame: Any, event: str, arg: object) -> None:
-        # (Not in code the garbage collector happens to run meanwhile, a
-        # WeakSet's callback say: what it raises is only printed.)
-        if event == "c_return" and "threadlets" in frame.f_code.co_filename:
-            seen[0] += 1
-            if seen[0] == n:
-                sys.setprofile(None)
-                raise KeyboardInterrupt
-
-    sys.setprofile(prof)
-    return seen
-
-
 @pytest.mark.parametrize("where", ["process", "submit"])
 def test_ctrl_c_at_every_c_boundary_loses_nothing(backend: str, path: Path, where: str) -> None:
     """Systematically: for n = 1, 2, ..., interrupt at the n-th C-call return
@@ -1102,7 +1082,7 @@ def test_ctrl_c_at_every_c_boundary_loses_nothing(backend: str, path: Path, wher
                 for r in reqs:
                     assert r.wait(timeout=10)
             interrupted = False
-            seen = _interrupt_at_c_return(n)
+            seen = interrupt_at_c_return(n)
             try:
                 if where == "process":
                     ctx.process_completions()
