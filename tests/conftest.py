@@ -230,3 +230,11 @@ def interrupt_at_c_return(n: int) -> list[int]:
 
     sys.setprofile(prof)
     return seen
+
+
+def stray_write(ctx: object) -> None:
+    """Write into a context's notifier as a stray writer would (code
+    writing to an fd number it had closed): an eventfd's write end is its
+    fileno(); a pipe's (portable mode) is the other end."""
+    notifier = ctx._cq.notifier  # type: ignore[attr-defined]
+    os.write(notifier._wfd, (1).to_bytes(8, sys.byteorder))
