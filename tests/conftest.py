@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from threadlets import ThreadletQueue
-from threadlets.probe import capability_note, portable
+from threadlets.probe import capability_note, portable, probe_io_uring
 
 # A suite started in the background of a shell script (`pytest &`, or under
 # a CI runner that does so) inherits SIGINT ignored: Python then installs no
@@ -52,6 +52,28 @@ class Gate:
         if not self.release.wait(timeout=30):
             raise AssertionError("gate was never released")
         return self.value
+
+
+#: Whether the io_uring backend runs here (its syscall numbers are x86-64's).
+HAVE_RING = probe_io_uring().supported and os.uname().machine == "x86_64"
+
+
+@pytest.fixture(params=["threads", "io_uring"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """The engine's backends, each test once per backend (io_uring skipped
+    where it does not run).  Modules with other backends override it."""
+    if request.param == "io_uring" and not HAVE_RING:
+        pytest.skip("no io_uring here")
+    return str(request.param)
+
+
+@pytest.fixture
+def switchy() -> Iterator[None]:
+    """Widen races: switch threads as often as the interpreter can."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(old)
 
 
 @pytest.fixture

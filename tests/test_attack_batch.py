@@ -11,7 +11,6 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,35 +18,10 @@ import pytest
 
 from threadlets import AioContext, AioRequest
 from threadlets.engine import _CompletionQueue
-from threadlets.probe import pin_buffer, probe_io_uring
+from threadlets.probe import pin_buffer
 from threadlets.uring import OP_READ, Ring
 
-from .conftest import interrupt_at_c_return, stray_write, wait_until
-
-BACKENDS = ["threads", "io_uring"]
-HAVE_RING = probe_io_uring().supported and os.uname().machine == "x86_64"
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> str:
-    if request.param == "io_uring" and not HAVE_RING:
-        pytest.skip("no io_uring here")
-    return str(request.param)
-
-
-@pytest.fixture
-def path(tmp_path: Path) -> Path:
-    p = tmp_path / "data"
-    p.write_bytes(bytes(range(256)) * 16)
-    return p
-
-
-@pytest.fixture
-def switchy() -> Iterator[None]:
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    yield
-    sys.setswitchinterval(old)
+from .conftest import HAVE_RING, interrupt_at_c_return, stray_write, wait_until
 
 
 def _ready_batch(ctx: AioContext, fd: int, n: int, cb: Any) -> list[AioRequest]:

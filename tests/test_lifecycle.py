@@ -27,13 +27,9 @@ from pathlib import Path
 import pytest
 
 from threadlets import AioContext, AioRequest, ThreadletQueue, ThreadletState
-from threadlets.probe import probe_io_uring
 from threadlets.uring import OP_READ, Ring
 
-from .conftest import Gate, interrupt_at_c_return, stray_write, wait_until
-
-BACKENDS = ["threads", "io_uring"]
-HAVE_RING = probe_io_uring().supported and os.uname().machine == "x86_64"
+from .conftest import HAVE_RING, Gate, interrupt_at_c_return, stray_write, wait_until
 
 
 def _need(backend: str) -> None:
@@ -41,26 +37,11 @@ def _need(backend: str) -> None:
         pytest.skip("no io_uring here")
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> str:
-    _need(request.param)
-    return str(request.param)
-
-
 @pytest.fixture
 def queue() -> Iterator[ThreadletQueue]:
     q = ThreadletQueue(max_threads=16)
     yield q
     assert q.close(timeout=10)
-
-
-@pytest.fixture
-def switchy() -> Iterator[None]:
-    """Widen races: switch threads as often as the interpreter can."""
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    yield
-    sys.setswitchinterval(old)
 
 
 def _pipes(n: int) -> list[tuple[int, int]]:

@@ -174,20 +174,30 @@ class _Transfer:
 
     ``done`` bytes were moved already (by the inline attempt or the ring);
     :meth:`run` moves the rest by ops' rules and returns the request's
-    result.  :meth:`AioContext.read` and :meth:`~AioContext.write` fill
-    it in field by field: one is made per request, and an ``__init__``
-    frame would cost as much again."""
+    result."""
 
     __slots__ = ("buffers", "done", "file", "offset", "sc", "total", "write", "zero_fill")
 
-    sc: Syscalls
-    file: AioFile
-    buffers: list[memoryview]
-    offset: int
-    total: int
-    done: int
-    write: bool
-    zero_fill: bool
+    def __init__(
+        self,
+        sc: Syscalls,
+        file: AioFile,
+        buffers: list[memoryview],
+        offset: int,
+        total: int,
+        done: int,
+        write: bool,
+        zero_fill: bool,
+        /,
+    ) -> None:
+        self.sc = sc
+        self.file = file
+        self.buffers = buffers
+        self.offset = offset
+        self.total = total
+        self.done = done
+        self.write = write
+        self.zero_fill = zero_fill
 
     def run(self) -> int:
         if self.write:
@@ -1402,15 +1412,7 @@ class AioContext:
                     return self._start(req)
         if t is bytearray:  # (ops slices the views)
             views = [memoryview(buffers)]  # type: ignore[arg-type]
-        xfer = _new_object(_Transfer)
-        xfer.sc = self._sc
-        xfer.file = f
-        xfer.buffers = views
-        xfer.offset = offset
-        xfer.total = total
-        xfer.done = done
-        xfer.write = False
-        xfer.zero_fill = zero_fill
+        xfer = _Transfer(self._sc, f, views, offset, total, done, False, zero_fill)
         return self._start(AioRequest(self, "read", None, (), callback, xfer))
 
     def write(
@@ -1444,15 +1446,7 @@ class AioContext:
                     req = AioRequest(self, "write", None, (), callback)
                     req._born_finished(done, None)
                     return self._start(req)
-        xfer = _new_object(_Transfer)
-        xfer.sc = self._sc
-        xfer.file = f
-        xfer.buffers = views
-        xfer.offset = offset
-        xfer.total = total
-        xfer.done = done
-        xfer.write = True
-        xfer.zero_fill = False
+        xfer = _Transfer(self._sc, f, views, offset, total, done, True, False)
         return self._start(AioRequest(self, "write", None, (), callback, xfer))
 
     def _submit_op(
