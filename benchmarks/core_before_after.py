@@ -2,10 +2,11 @@
 round in one run (so a noisy machine hits every tree alike).
 
 Each round runs, for every tree in turn, a child process with
-``PYTHONPATH=<tree>/src`` that measures four loops (4 KiB random reads,
+``PYTHONPATH=<tree>/src`` that measures five loops (4 KiB random reads,
 depth 32, on a 16 MiB scratch file in ``--directory``): engine O_DIRECT on
 io_uring and on the thread pool (each completion callback submits the
-next), and engine cached reads with the inline path off, on each backend.
+next), engine cached reads with the inline path off, on each backend, and
+threadlets.posix's aio_read loop of benchmarks/posix_vs_glibc.py (O_DIRECT).
 Prints, per tree and loop, the median ops/s and CPU microseconds per
 request, and the median of the per-round ratios to the first tree.
 
@@ -27,7 +28,13 @@ import tempfile
 import time
 
 BLOCK, DEPTH = 4096, 32
-LOOPS = ["io_uring O_DIRECT", "threads O_DIRECT", "io_uring cached", "threads cached"]
+LOOPS = [
+    "io_uring O_DIRECT",
+    "threads O_DIRECT",
+    "io_uring cached",
+    "threads cached",
+    "posix O_DIRECT",
+]
 
 
 def _direct(path: str, offs: list[int], sec: float, backend: str) -> tuple[float, float]:
@@ -88,6 +95,36 @@ def _cached(path: str, offs: list[int], sec: float, backend: str) -> tuple[float
     return n / el, cpu / n * 1e6
 
 
+def _posix(path: str, offs: list[int], sec: float) -> tuple[float, float]:
+    """benchmarks/posix_vs_glibc.py's loop: aio_suspend on 32 aiocbs, then
+    every finished one collected and resubmitted."""
+    import errno
+
+    import threadlets.posix as px
+    from threadlets.probe import aligned_buffer
+
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    cbs = [px.aiocb(fd, offs[i], aligned_buffer(BLOCK)) for i in range(DEPTH)]
+    for cb in cbs:
+        px.aio_read(cb)
+    n, k = 0, DEPTH
+    t0, c0 = time.perf_counter(), time.process_time()
+    while time.perf_counter() < t0 + sec:
+        px.aio_suspend(cbs, None)
+        for cb in cbs:
+            if px.aio_error(cb) != errno.EINPROGRESS:
+                px.aio_return(cb)
+                n += 1
+                cb.aio_offset = offs[k % len(offs)]
+                k += 1
+                px.aio_read(cb)
+    el, cpu = time.perf_counter() - t0, time.process_time() - c0
+    for cb in cbs:
+        px.aio_suspend([cb], None)
+    os.close(fd)
+    return n / el, cpu / n * 1e6
+
+
 def child(path: str, sec: float) -> None:
     offs = [random.Random(1).randrange((16 << 20) // BLOCK) * BLOCK for _ in range(10000)]
     out = [
@@ -95,6 +132,7 @@ def child(path: str, sec: float) -> None:
         _direct(path, offs, sec, "threads"),
         _cached(path, offs, sec, "io_uring"),
         _cached(path, offs, sec, "threads"),
+        _posix(path, offs, sec),
     ]
     print(" ".join(f"{a:.1f} {b:.2f}" for a, b in out))
 

@@ -48,7 +48,7 @@ def test_fifo_number_reused_for_a_regular_file_with_the_same_flags(
     file at an offset reads at the file position (offset 0) instead.
     Failed before: the read at 4112 returned the bytes at 0."""
     if not raw:
-        monkeypatch.setattr(px, "_raw_syscall", None)  # portable mode's path
+        monkeypatch.setattr(px, "_quick_syscall", None)  # portable mode's path
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     reg = tmp_path / "reg"

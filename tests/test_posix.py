@@ -1270,3 +1270,52 @@ def _syscall_of_thread(ring: Any) -> str:
             return f.read().split(" ", 1)[0]
     except OSError:
         return ""
+
+
+@pytest.mark.parametrize("backend", ["threads", "io_uring"])
+def test_a_request_that_waited_its_turn_runs_where_its_fd_was_checked(
+    tmp_path: Path, backend: str
+) -> None:
+    # An O_APPEND write waits for the one before it.  If set_context() comes
+    # meanwhile, it runs on the new context, which must first notice that
+    # the fd number now names another file (here: O_DIRECT, so an unaligned
+    # buffer must go through a bounce buffer, not fail with EINVAL).
+    (tmp_path / "old").write_bytes(b"x" * 8192)
+    fd = os.open(tmp_path / "old", os.O_RDONLY)
+    queue = ThreadletQueue(max_threads=1)
+    release = threading.Event()
+    try:
+        try:
+            first = AioContext(queue, deliver=False, backend="threads")
+            second = AioContext(deliver=False, backend=backend)
+        except RingUnavailable as e:
+            pytest.skip(f"no io_uring: {e}")
+        with first, second:
+            with px.use_context(second):  # second remembers fd: buffered
+                cb = px.aiocb(fd, 0, bytearray(100))
+                px.aio_read(cb)
+                assert outcome(px, cb) == (0, 100)
+            try:
+                direct = os.open(
+                    tmp_path / "new", os.O_WRONLY | os.O_CREAT | os.O_APPEND | O_DIRECT
+                )
+            except OSError as e:
+                pytest.skip(f"no O_DIRECT on this file system: {e}")
+            os.dup2(direct, fd)
+            os.close(direct)
+            blocker = queue.submit(release.wait, 30)
+            with px.use_context(first):
+                head = px.aiocb(fd, 0, b"a" * 4096)
+                px.aio_write(head)  # queued behind the blocker
+                tail = px.aiocb(fd, 0, b"b" * 4096)  # (bytes: not aligned for O_DIRECT)
+                px.aio_write(tail)  # waits for head (O_APPEND: in call order)
+            with px.use_context(second):
+                release.set()
+                blocker.wait(30)
+                assert outcome(px, head) == (0, 4096)
+                assert outcome(px, tail) == (0, 4096)
+        assert (tmp_path / "new").read_bytes() == b"a" * 4096 + b"b" * 4096
+    finally:
+        release.set()
+        queue.close()
+        os.close(fd)

@@ -89,6 +89,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import itertools
 import logging
 import os
@@ -861,7 +862,7 @@ class _RingBackend:
             length,
             0,
             # The callback holds `pin` until the kernel is done with the memory.
-            lambda res: self._done(req, res, pin),
+            functools.partial(self._done, req, pin),
         )
 
     def _start_vectored(
@@ -898,7 +899,7 @@ class _RingBackend:
             ctypes.addressof(iov),
             n,
             0,
-            lambda res: self._done(req, res, held),
+            functools.partial(self._done, req, held),
         )
 
     def _submit(
@@ -986,7 +987,7 @@ class _RingBackend:
         req.wait()  # its -ECANCELED completion is posted: let it finish
         return CancelResult.CANCELED if req._state is _CANCELLED else None
 
-    def _done(self, req: AioRequest, res: int, pin: object) -> None:
+    def _done(self, req: AioRequest, pin: object, res: int) -> None:
         """A ring completion, in the thread that reaped it.  A full transfer
         finishes the request, and so does any count on a stream (one
         transfer is the answer there); anything else -- short, an error,

@@ -94,7 +94,7 @@ from threadlets.engine import AioContext, AioRequest
 from threadlets.ops import MAX_OFFSET
 from threadlets.pool import CancelResult, Threadlet, default_queue
 from threadlets.syscalls import NR_FCNTL, NR_FSTAT
-from threadlets.syscalls import syscall_holding_the_gil as _raw_syscall
+from threadlets.syscalls import quick_syscall as _quick_syscall
 
 __all__ = [
     "AIO_ALLDONE",
@@ -179,24 +179,26 @@ def _identity(fd: int, full: bool) -> _Identity | None:
     noticed.  The fstat that gives the type gives st_dev and st_ino too, so
     every reuse by another file is noticed (``full`` is kept for callers;
     it no longer changes the answer).  Both calls keep the GIL where they can
-    (see syscalls.syscall_holding_the_gil): a submission then hands the
-    ring's reaper no chance to wake for each completion."""
+    (syscalls.quick_syscall; see syscall_holding_the_gil for why): a
+    submission then hands the ring's reaper no chance to wake for each
+    completion."""
     if not 0 <= fd <= _FD_MAX:
         return None
-    raw = _raw_syscall
-    if raw is None:
+    quick = _quick_syscall
+    if quick is None:
         return _identity_os(fd, full)
-    flags = raw(NR_FCNTL, fd, fcntl.F_GETFL, 0, 0, 0, 0)
+    flags = quick(NR_FCNTL, fd, _F_GETFL)
     if flags < 0:
         return None
     st = _Stat()  # (one per call: another thread may run right after the call)
-    if raw(NR_FSTAT, fd, ctypes.addressof(st), 0, 0, 0, 0) < 0:
+    if quick(NR_FSTAT, fd, st) < 0:
         return None
     # struct stat on x86-64: st_dev, st_ino, st_nlink, then st_mode (32 bits).
-    flags |= stat.S_IFMT(st[3] & 0xFFFFFFFF) << 32
-    return flags, st[0], st[1]
+    return flags | ((st[3] & _S_IFMT) << 32), st[0], st[1]
 
 
+_F_GETFL = fcntl.F_GETFL
+_S_IFMT = 0o170000
 _Stat = ctypes.c_uint64 * 18  # struct stat (144 bytes on x86-64)
 
 
@@ -291,6 +293,7 @@ class aiocb:
 
     __slots__ = (
         "__weakref__",
+        "_ctx",
         "_error",
         "_fd",
         "_group",
@@ -336,6 +339,9 @@ class aiocb:
         self._group: _Group | None = None
         # Fixed by each submission while the aiocb is in progress:
         self._req: AioRequest | None = None
+        #: The context it was accepted for (whose memory of the fd was
+        #: checked), which it is launched on.
+        self._ctx: AioContext | None = None
         self._op = ""
         self._fd = fildes
         self._offset = 0
@@ -393,10 +399,12 @@ _Entries = list[_Entry]  # (the methods' parameter `list` shadows the builtin)
 
 
 def _check_common(cb: object) -> aiocb:
-    if not isinstance(cb, aiocb):
+    # (`type(x) is int` first: the exact type is the common case, and bool's
+    # type is not int.)
+    if type(cb) is not aiocb and not isinstance(cb, aiocb):
         raise TypeError(f"expected an aiocb, not {type(cb).__name__}")
     prio = cb.aio_reqprio
-    if isinstance(prio, bool) or not isinstance(prio, int):
+    if type(prio) is not int and (isinstance(prio, bool) or not isinstance(prio, int)):
         raise TypeError(f"aio_reqprio must be an int, not {type(prio).__name__}")
     if not 0 <= prio <= AIO_PRIO_DELTA_MAX:
         raise _einval(f"aio_reqprio {prio} is outside 0..{AIO_PRIO_DELTA_MAX}")
@@ -407,10 +415,10 @@ def _check_common(cb: object) -> aiocb:
     if cb._status is _PENDING or cb._status is _INFLIGHT:  # (checked again under the lock)
         raise _einval("this aiocb is already in progress")
     fd = cb.aio_fildes
-    if isinstance(fd, bool) or not isinstance(fd, int):
+    if type(fd) is not int and (isinstance(fd, bool) or not isinstance(fd, int)):
         raise TypeError(f"aio_fildes must be an int, not {type(fd).__name__}")
     offset = cb.aio_offset
-    if isinstance(offset, bool) or not isinstance(offset, int):
+    if type(offset) is not int and (isinstance(offset, bool) or not isinstance(offset, int)):
         raise TypeError(f"aio_offset must be an int, not {type(offset).__name__}")
     return cb
 
@@ -657,28 +665,11 @@ class PosixAio:
         cb._group = group
         cb._sigev = None if cb.aio_sigevent is None else cb.aio_sigevent._copy()
         cb._req = None
+        cb._ctx = ctx
         cb._status = _PENDING
         cb._error = errno.EINPROGRESS
         cb._return = 0
-        if self._table_ctx is not ctx:
-            self._identities = self._tables.setdefault(ctx, {})
-            self._table_ctx = ctx
-        known = self._identities.get(fd)
-        if known != ident:
-            if ident is None:  # closed
-                if known is not None:
-                    ctx.forget(fd)
-                    del self._identities[fd]
-            elif known is None or (
-                known[0] == ident[0] and (known[1] == -1 or ident[1] == -1 or known == ident)
-            ):
-                if known is None or ident[1] != -1:  # (the same file, as far as we know)
-                    self._identities[fd] = ident
-            else:
-                # Reused for another file, or its flags changed: what the
-                # engine remembers about this fd number is stale.
-                ctx.forget(fd)
-                self._identities[fd] = ident
+        self._note_identity(ctx, fd, ident)
         if view is not None and (offset < 0 or offset + len(view) > MAX_OFFSET):
             # As glibc: the system call refuses it, so the status says so.
             self._finish(cb, errno.EINVAL, -1, after)
@@ -703,6 +694,31 @@ class PosixAio:
                     return
         cb._status = _INFLIGHT
         after.launch.append(cb)
+
+    def _note_identity(self, ctx: AioContext, fd: int, ident: _Identity | None) -> None:
+        """Remember what ``fd`` is for ``ctx``, and make ``ctx`` forget what
+        it knew of the number if another file (or other flags) took it.
+        With _lock held."""
+        if self._table_ctx is not ctx:
+            self._identities = self._tables.setdefault(ctx, {})
+            self._table_ctx = ctx
+        known = self._identities.get(fd)
+        if known == ident:
+            return
+        if ident is None:  # closed
+            if known is not None:
+                ctx.forget(fd)
+                del self._identities[fd]
+        elif known is None or (
+            known[0] == ident[0] and (known[1] == -1 or ident[1] == -1 or known == ident)
+        ):
+            if known is None or ident[1] != -1:  # (the same file, as far as we know)
+                self._identities[fd] = ident
+        else:
+            # Reused for another file, or its flags changed: what the
+            # engine remembers about this fd number is stale.
+            ctx.forget(fd)
+            self._identities[fd] = ident
 
     def _run(self, after: _After, raising: bool) -> None:
         """After the lock is dropped: submit every claimed aiocb (finishing
@@ -734,8 +750,19 @@ class PosixAio:
             raise first
 
     def _launch(self, cb: aiocb) -> None:
-        """Hand a claimed aiocb to the engine.  Without _lock."""
-        ctx = self.context
+        """Hand a claimed aiocb to the engine it was accepted for.  Without
+        _lock."""
+        ctx = cb._ctx
+        current = self._given or self._own
+        if ctx is not current and current is not None:
+            # set_context() since it was accepted (it waited behind an
+            # O_APPEND write or for an fsync's turn): it runs on the context
+            # in use now, once that one's memory of the fd is checked.
+            ident = _identity(cb._fd, True)
+            with self._lock:
+                self._note_identity(current, cb._fd, ident)
+            ctx = cb._ctx = current
+        assert ctx is not None
         if cb._op == "read":
             assert cb._view is not None
             req = ctx.read(cb._fd, cb._offset, cb._view)
@@ -799,6 +826,7 @@ class PosixAio:
         cb._return = ret
         cb._view = None
         cb._req = None
+        cb._ctx = None
         if cb._sigev is not None:
             after.notify.append(cb._sigev)
             cb._sigev = None
@@ -956,6 +984,7 @@ class PosixAio:
                 c._error = errno.ECANCELED
                 c._return = -1
                 c._req = None
+                c._ctx = None
                 c._view = None
                 c._group = None
                 c._sigev = None

@@ -67,6 +67,13 @@ class _SyscallHoldingTheGil(ctypes._CFuncPtr):  # type: ignore[misc,name-defined
     _argtypes_ = (ctypes.c_long,) * 7
 
 
+class _QuickSyscall(ctypes._CFuncPtr):  # type: ignore[misc,name-defined]
+    # As _SyscallHoldingTheGil, without prototype and without errno: each
+    # of those costs about a microsecond per call in ctypes.
+    _flags_ = ctypes._FUNCFLAG_CDECL | ctypes._FUNCFLAG_PYTHONAPI  # type: ignore[attr-defined]
+    _restype_ = ctypes.c_long
+
+
 def _load_syscall_holding_the_gil() -> _SyscallHoldingTheGil | None:
     if not sys.platform.startswith("linux") or platform.machine() != "x86_64":
         return None  # (the syscall numbers below are x86-64's)
@@ -74,6 +81,15 @@ def _load_syscall_holding_the_gil() -> _SyscallHoldingTheGil | None:
         return None  # as elsewhere: the os module's calls
     try:
         return _SyscallHoldingTheGil(("syscall", ctypes.CDLL(None, use_errno=True)))
+    except (OSError, AttributeError):  # pragma: no cover
+        return None
+
+
+def _load_quick_syscall() -> _QuickSyscall | None:
+    if _load_syscall_holding_the_gil() is None:
+        return None
+    try:
+        return _QuickSyscall(("syscall", ctypes.CDLL(None)))
     except (OSError, AttributeError):  # pragma: no cover
         return None
 
@@ -87,6 +103,11 @@ def _load_syscall_holding_the_gil() -> _SyscallHoldingTheGil | None:
 #: of in batches.  Returns -1 with ctypes' errno set on failure.  None where
 #: the numbers are not known (only x86-64 Linux).
 syscall_holding_the_gil = _load_syscall_holding_the_gil()
+#: ``quick_syscall(nr, a1, a2)``: syscall_holding_the_gil for a call that
+#: needs only C ints (fds, commands) and ctypes objects (passed by
+#: reference), and whose errno is not wanted: -1 on failure.  Unprototyped
+#: arguments are C ints, so nothing wider may be passed as a Python int.
+quick_syscall = _load_quick_syscall()
 NR_READ = 0
 NR_WRITE = 1
 NR_FSTAT = 5

@@ -592,27 +592,33 @@ class Ring:
             return
         mm, mask, base, pending = self._cq_mm, self._cq_mask, self._cqes, self._pending
         ready = self._ready
+        consumed = moved = 0  # (the counters' changes, stored once at the end)
         try:
             while head != tail:
                 # Ctrl-C can land as a C call returns: the two calls here
                 # change nothing (an interrupt leaves the CQE to the next
                 # collect), and everything from the head's step to the
                 # append's end is plain bytecodes: a CQE is either still
-                # unread or on the ready queue, never dropped or doubled.
+                # unread or on the ready queue (and counted so), never
+                # dropped or doubled.
                 ident, res, _ = _CQE.unpack_from(mm, base + (head & mask) * 16)
                 on_done = pending.get(ident)
                 head = (head + 1) & 0xFFFFFFFF
-                self._in_kernel -= 1
+                consumed += 1
                 if ident == _STOP:
                     self._stopped = True
                     continue
                 if on_done is None:  # pragma: no cover - a kick's NOP, already counted
                     continue
                 del pending[ident]
-                self._inflight -= 1
-                self.reaped += 1
+                moved += 1
                 ready.append([on_done, res, None])
         finally:
+            # (Plain bytecodes up to the head's store: the counts and the
+            # head change together.)
+            self._in_kernel -= consumed
+            self._inflight -= moved
+            self.reaped += moved
             self._cq_head.value = head  # the kernel may reuse those CQEs now
             if not pending:
                 _open_rings.discard(self)
