@@ -310,18 +310,19 @@ _RING_OPEN_FLAGS = (
 )
 
 
-def _path_bytes(path: object, fn: str, fd_ok: bool = False) -> bytes:
-    """What the kernel reads for ``path`` (its file-system encoding),
-    refused as the os function ``fn`` refuses it."""
+def _path_bytes(path: object, fn: str, fd_ok: bool = False) -> tuple[str | bytes, bytes]:
+    """``os.fspath(path)`` (what os names in its errors) and what the
+    kernel reads for it (the file-system encoding), refused as the os
+    function ``fn`` refuses it."""
     try:
-        p = os.fspath(path)  # type: ignore[call-overload]
+        p: str | bytes = os.fspath(path)  # type: ignore[call-overload]
     except TypeError:
         kinds = "string, bytes, os.PathLike or integer" if fd_ok else "string, bytes or os.PathLike"
         raise TypeError(f"{fn}: path should be {kinds}, not {type(path).__name__}") from None
     encoded = os.fsencode(p)
     if b"\0" in encoded:
         raise ValueError("embedded null byte")
-    return encoded
+    return p, encoded
 
 
 def _dir_fd(dir_fd: object) -> int:
@@ -357,18 +358,18 @@ class _PathOp(_FileOp):
 class _OpenOp(_PathOp):
     """``os.open(path, flags, mode, dir_fd=dir_fd)``; the result is the fd."""
 
-    __slots__ = ("cpath", "dir_fd", "flags", "mode", "path")
+    __slots__ = ("cpath", "dir_fd", "encoded", "flags", "mode", "path")
 
     def __init__(self, path: object, flags: int, mode: int, dir_fd: int) -> None:
-        self.path = path
-        self.cpath = ctypes.create_string_buffer(_path_bytes(path, "open"))
+        self.path, self.encoded = _path_bytes(path, "open")
+        self.cpath: Any = None  # what the kernel reads, made when the ring takes it
         self.flags = flags
         self.mode = mode
         self.dir_fd = dir_fd
 
     def run(self) -> int:
         dir_fd = None if self.dir_fd == uring.AT_FDCWD else self.dir_fd
-        return os.open(self.path, self.flags, self.mode, dir_fd=dir_fd)  # type: ignore[arg-type]
+        return os.open(self.path, self.flags, self.mode, dir_fd=dir_fd)
 
     def sqe(self, supported: frozenset[int]) -> tuple[int, int, int, int, int, int] | None:
         # os.open adds O_CLOEXEC (PEP 446); so does the ring's.
@@ -383,7 +384,8 @@ class _OpenOp(_PathOp):
             return None  # (the worker gives os.open's answer)
         # IORING_OP_OPENAT: the path in addr, the mode in len, the flags in
         # the op flags.
-        return (uring.OP_OPENAT, self.dir_fd, 0, ctypes.addressof(self.cpath), self.mode, flags)
+        self.cpath = cpath = ctypes.create_string_buffer(self.encoded)
+        return (uring.OP_OPENAT, self.dir_fd, 0, ctypes.addressof(cpath), self.mode, flags)
 
     def error(self, err: int) -> OSError:
         return OSError(err, os.strerror(err), self.path)
@@ -394,16 +396,18 @@ class _StatOp(_PathOp):
     target: fstat); the result is the os.stat_result.  On the ring: STATX,
     with AT_EMPTY_PATH for an fd."""
 
-    __slots__ = ("buf", "cpath", "dir_fd", "follow", "target")
+    __slots__ = ("buf", "dir_fd", "encoded", "follow", "target")
 
     def __init__(self, target: object, dir_fd: int, follow: bool) -> None:
         # (An fd target comes with dir_fd = that fd: statx(fd, "", AT_EMPTY_PATH).)
         self.target = target
-        fd = isinstance(target, int)
-        self.cpath = ctypes.create_string_buffer(b"" if fd else _path_bytes(target, "stat", True))
+        self.encoded = b""
+        if not isinstance(target, int):
+            self.target, self.encoded = _path_bytes(target, "stat", True)
         self.dir_fd = dir_fd
         self.follow = follow
-        self.buf: Any = None  # the struct statx, made when the ring takes it
+        #: The struct statx, then the path, made when the ring takes it.
+        self.buf: Any = None
 
     def run(self) -> Any:
         if isinstance(self.target, int):
@@ -417,14 +421,16 @@ class _StatOp(_PathOp):
         flags = 0 if self.follow else uring.AT_SYMLINK_NOFOLLOW
         if isinstance(self.target, int):
             flags = uring.AT_EMPTY_PATH
-        self.buf = buf = ctypes.create_string_buffer(uring.STATX_SIZE)
+        self.buf = buf = ctypes.create_string_buffer(uring.STATX_SIZE + len(self.encoded) + 1)
+        addr = ctypes.addressof(buf)
+        ctypes.memmove(addr + uring.STATX_SIZE, self.encoded, len(self.encoded))
         # IORING_OP_STATX: the path in addr, the struct statx in addr2 (the
         # offset field), the mask in len, the flags in the op flags.
         return (
             uring.OP_STATX,
             self.dir_fd,
-            ctypes.addressof(buf),
-            ctypes.addressof(self.cpath),
+            addr,
+            addr + uring.STATX_SIZE,
             uring.STATX_BASIC_STATS,
             flags,
         )
