@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 import threadlets
+from threadlets import awaitable as aw
 from threadlets import uring
 from threadlets.engine import AioContext, AioRequest
 from threadlets.pool import CancelResult
@@ -181,7 +182,8 @@ def test_openat_is_os_open(ctx: AioContext, tree: Path, name: str, flags: int) -
                 if isinstance(expected, OSError):
                     assert_same_error(got, expected)
                 else:
-                    assert got_fd is not None and want_fd is not None, got
+                    assert got_fd is not None, got
+                    assert want_fd is not None
                     if made is not None:  # two files made: not the same inode
                         got_fd, want_fd = got_fd[1:], want_fd[1:]
                     assert got_fd == want_fd
@@ -295,7 +297,12 @@ def test_stat_errors_are_os_stats(ctx: AioContext, tree: Path) -> None:
     for target, kw in cases:
         got = outcome(ctx, ctx.stat(target, **kw))
         assert_same_error(got, os_outcome(lambda: os.stat(target, **kw)))  # noqa: B023
-    for target, kw in [(1.5, {}), ("a\0b", {}), (3, {"dir_fd": 4}), (3, {"follow_symlinks": False})]:
+    for target, kw in [
+        (1.5, {}),
+        ("a\0b", {}),
+        (3, {"dir_fd": 4}),
+        (3, {"follow_symlinks": False}),
+    ]:
         with pytest.raises(Exception) as want:
             os.stat(target, **kw)  # type: ignore[arg-type]
         with pytest.raises(type(want.value), match=str(want.value)):
@@ -330,7 +337,8 @@ def test_close_fd_of_a_file_a_request_still_uses(ctx: AioContext, tree: Path) ->
         rr = os.dup(r)  # (the pipe stays open for the writer's sake)
         assert outcome(ctx, ctx.close_fd(r)) == 0
         os.write(w, b"ok")
-        assert outcome(ctx, req) == 2 and buf == b"ok"
+        assert outcome(ctx, req) == 2
+        assert buf == b"ok"
         os.close(rr)
     finally:
         os.close(w)
@@ -346,7 +354,8 @@ def test_a_missing_opcode_goes_to_the_pool(
 ) -> None:
     op = getattr(uring, opcode)
     with AioContext(backend="io_uring") as ctx:
-        assert ctx._ring is not None and op in ctx._ring.supported
+        assert ctx._ring is not None
+        assert op in ctx._ring.supported
         monkeypatch.setattr(ctx._ring, "supported", ctx._ring.supported - {op})
         fd = outcome(ctx, ctx.openat(tree / "file", os.O_RDONLY | NB))
         st = outcome(ctx, ctx.stat(fd))
@@ -392,7 +401,8 @@ def test_a_cancelled_open_in_flight_leaves_no_descriptor(ctx: AioContext, tree: 
         if isinstance(got, int):
             os.close(got)
         else:
-            assert answer is CancelResult.CANCELED and req.error == errno.ECANCELED
+            assert answer is CancelResult.CANCELED
+            assert req.error == errno.ECANCELED
         if writer >= 0:
             os.close(writer)
         assert fd_count() == start
@@ -405,8 +415,9 @@ def _writer_for(fifo: str, ctx: AioContext) -> int:
     while True:
         try:
             return os.open(fifo, os.O_WRONLY | NB)
-        except OSError as e:  # ENXIO: no reader yet
-            assert e.errno == errno.ENXIO
+        except OSError as e:
+            if e.errno != errno.ENXIO:  # (ENXIO: no reader yet)
+                raise
             wait_until(lambda: ctx.process_completions() >= 0 and waiting_for_a_partner())
 
 
@@ -491,7 +502,113 @@ ctx.close()
 
 
 @pytest.fixture
-def ring_loop(backend: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Front ends on the given backend (the loop's context is made with it)."""
-    monkeypatch.setenv("THREADLETS_BACKEND", backend)
-    return backend
+def front(backend: str) -> Iterator[str]:
+    """New event loops' engine backend (restored after)."""
+    aw.configure(backend=backend)
+    try:
+        yield backend
+    finally:
+        aw.configure()
+
+
+async def warm_up(where: Path) -> None:
+    """Make the loop's engine context (its eventfd, its ring): descriptors
+    that live as long as the loop."""
+    await threadlets.Path(where).stat()
+
+
+@pytest.mark.parametrize("inline", [True, False])
+@pytest.mark.parametrize("mode", ["rb", "r+b", "wb", "ab", "xb"])
+def test_open_stat_close_on_the_engine(front: str, tmp_path: Path, mode: str, inline: bool) -> None:
+    """threadlets.open, stat() and close() give what the built-ins give;
+    on the io_uring backend the open (unless it went inline), the stat and
+    the close are ring requests."""
+    aw.configure(backend=front, inline=inline)
+    p, q = tmp_path / "f", tmp_path / "reference"
+    if mode != "xb":
+        p.write_bytes(b"data")
+        q.write_bytes(b"data")
+
+    async def main() -> None:
+        await warm_up(tmp_path)
+        start = fd_count()
+        f = await threadlets.open(p, mode)
+        ctx = f._ctx
+        before = ctx.stats()
+        st = await f.stat()
+        assert_same_stat(st, os.fstat(f.fileno()))
+        with open(q, mode) as ref:
+            assert fcntl_flags(f.fileno()) == fcntl_flags(ref.fileno())
+            assert os.get_inheritable(f.fileno()) == os.get_inheritable(ref.fileno())
+        await f.close()
+        assert fd_count() == start
+        after = ctx.stats()
+        assert after.ring - before.ring == (2 if front == "io_uring" else 0)
+        assert after.threaded - before.threaded == (0 if front == "io_uring" else 1)
+
+    asyncio.run(main())
+
+
+def test_open_errors_are_opens(front: str, tree: Path) -> None:
+    """Through the engine (inline off): the errors of the built-in open."""
+    aw.configure(backend=front, inline=False)
+    cases = [
+        (tree / "missing", "rb"),
+        (tree / "dir", "rb"),
+        (tree / "dir", "wb"),
+        (tree / "loop", "rb"),
+        (tree / "file" / "x", "rb"),
+        (tree / "file", "xb"),
+    ]
+
+    async def main() -> None:
+        for path, mode in cases:
+            with pytest.raises(OSError) as got:
+                await threadlets.open(path, mode)
+            with pytest.raises(OSError) as want, open(path, mode):
+                pass
+            assert_same_error(got.value, want.value)
+
+    asyncio.run(main())
+
+
+def test_a_thousand_front_end_cycles_leave_no_descriptor(front: str, tmp_path: Path) -> None:
+    p = tmp_path / "f"
+    p.write_bytes(b"data")
+
+    async def main() -> None:
+        await warm_up(tmp_path)
+        start = fd_count()
+        for i in range(1000):
+            f = await threadlets.open(p, "r+b" if i % 2 else "wb")
+            await f.stat()
+            await f.close()
+        assert fd_count() == start
+
+    asyncio.run(main())
+
+
+def test_cancelled_opens_leave_no_descriptor(front: str, tmp_path: Path) -> None:
+    """Opens cancelled at every point of their life (before the request,
+    while it is in the kernel or on a worker, after it finished) close
+    whatever they opened."""
+    aw.configure(backend=front, inline=False)
+    p = tmp_path / "f"
+
+    async def main() -> None:
+        await warm_up(tmp_path)
+        start = fd_count()
+        for spins in range(12):
+            task = asyncio.ensure_future(threadlets.open(p, "wb"))
+            for _ in range(spins):
+                await asyncio.sleep(0)  # (loop iterations, not time)
+            task.cancel()
+            try:
+                f = await task
+            except asyncio.CancelledError:
+                pass
+            else:
+                await f.close()
+            assert fd_count() == start
+
+    asyncio.run(main())
