@@ -643,3 +643,27 @@ def test_cancelled_opens_leave_no_descriptor(front: str, tmp_path: Path) -> None
             assert fd_count() == start
 
     asyncio.run(main())
+
+
+def test_path_stat_and_lstat(front: str, tree: Path) -> None:
+    """threadlets.Path.stat/lstat: os.stat's answers, errors included; STATX
+    requests on the io_uring backend."""
+
+    async def main() -> None:
+        await warm_up(tree)
+        ctx = aw.current().ctx
+        before = ctx.stats().ring
+        for name in ("file", "link", "dirlink", "fifo"):
+            p = threadlets.Path(tree / name)
+            assert_same_stat(await p.stat(), os.stat(tree / name))
+            assert_same_stat(await p.lstat(), os.lstat(tree / name))
+            assert_same_stat(await p.stat(follow_symlinks=False), os.lstat(tree / name))
+        for name in ("missing", "loop"):
+            with pytest.raises(OSError) as got:
+                await threadlets.Path(tree / name).stat()
+            with pytest.raises(OSError) as want:
+                os.stat(tree / name)
+            assert_same_error(got.value, want.value)
+        assert ctx.stats().ring - before == (14 if front == "io_uring" else 0)
+
+    asyncio.run(main())
