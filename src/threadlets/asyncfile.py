@@ -1338,7 +1338,9 @@ def open(
     a bounce buffer); where there is no O_DIRECT (macOS, portable mode),
     ``fcntl(F_NOCACHE)`` on the descriptor opened; where there is neither,
     OSError(ENOTSUP) at once.  ``perms``: the mode bits of a created file.
-    The open runs on a worker; a cancelled open closes the descriptor it got.
+    The open runs on a worker (on the io_uring backend the kernel opens it:
+    IORING_OP_OPENAT), or inline where every path component is cached; a
+    cancelled open closes the descriptor it got.
     A binary file's reads are ``bytes`` (:class:`AsyncBinaryFile`), a text
     file's ``str`` (:class:`AsyncTextFile`).
     """
