@@ -667,3 +667,20 @@ def test_path_stat_and_lstat(front: str, tree: Path) -> None:
         assert ctx.stats().ring - before == (14 if front == "io_uring" else 0)
 
     asyncio.run(main())
+
+
+def test_a_context_that_delivers_nothing(backend: str, tree: Path) -> None:
+    """deliver=False (the ring's reaper thread finishes the requests): the
+    same answers, followed through the requests themselves."""
+    with AioContext(backend=backend, deliver=False) as ctx:
+        start = fd_count()
+        req = ctx.openat(tree / "file", os.O_RDONLY | NB)
+        fd = req.result(timeout=10)
+        req = ctx.stat(fd)
+        assert_same_stat(req.result(timeout=10), os.fstat(fd))
+        assert ctx.close_fd(fd).result(timeout=10) == 0
+        missing = ctx.openat(tree / "missing", os.O_RDONLY | NB)
+        with pytest.raises(FileNotFoundError):
+            missing.result(timeout=10)
+        assert fd_count() == start
+        assert ctx.stats().ring == (4 if on_ring(ctx) else 0)
