@@ -298,6 +298,8 @@ def test_stat_errors_are_os_stats(ctx: AioContext, tree: Path) -> None:
     for target, kw in cases:
         got = outcome(ctx, ctx.stat(target, **kw))
         assert_same_error(got, os_outcome(lambda: os.stat(target, **kw)))  # noqa: B023
+    with pytest.raises(TypeError):
+        ctx.stat(True)  # type: ignore[arg-type]
     for target, kw in [
         (1.5, {}),
         ("a\0b", {}),

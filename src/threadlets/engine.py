@@ -329,9 +329,9 @@ def _dir_fd(dir_fd: object) -> int:
     return uring.AT_FDCWD if dir_fd is None else _check_fd(dir_fd)
 
 
-class _PathOp(_FileOp):
-    """Base of the front ends' requests that may run on the ring: OPENAT,
-    STATX, CLOSE.  A :class:`_FileOp` for the engine (same ``_start_op``
+class _OsOp(_FileOp):
+    """An os call that may run on the ring: the base of the front ends'
+    requests, OPENAT, STATX, CLOSE.  A :class:`_FileOp` for the engine (same ``_start_op``
     path, same cancel), with no :class:`AioFile`: :meth:`run` is the os
     call, the reference; :meth:`sqe` what the ring does instead, and
     :meth:`outcome` reads its answer into what the os call returns or
@@ -355,7 +355,7 @@ class _PathOp(_FileOp):
         return OSError(err, os.strerror(err))
 
 
-class _OpenOp(_PathOp):
+class _OpenOp(_OsOp):
     """``os.open(path, flags, mode, dir_fd=dir_fd)``; the result is the fd."""
 
     __slots__ = ("cpath", "dir_fd", "encoded", "flags", "mode", "path")
@@ -391,7 +391,7 @@ class _OpenOp(_PathOp):
         return OSError(err, os.strerror(err), self.path)
 
 
-class _StatOp(_PathOp):
+class _StatOp(_OsOp):
     """``os.stat(target, dir_fd=dir_fd, follow_symlinks=follow)`` (an fd
     target: fstat); the result is the os.stat_result.  On the ring: STATX,
     with AT_EMPTY_PATH for an fd."""
@@ -442,7 +442,7 @@ class _StatOp(_PathOp):
         return OSError(err, os.strerror(err), self.target)
 
 
-class _CloseOp(_PathOp):
+class _CloseOp(_OsOp):
     """``os.close(fd)``.  Never repeated: whatever close answers, the
     number is free afterwards, and may already be another file's."""
 
@@ -1760,7 +1760,9 @@ class AioContext:
         error os.stat's.  On the io_uring backend: IORING_OP_STATX, read
         into the same os.stat_result."""
         _check_callback(callback)
-        if isinstance(path, int) and not isinstance(path, bool):
+        if isinstance(path, bool):
+            raise TypeError("stat: a bool is not a file descriptor")
+        if isinstance(path, int):
             if dir_fd is not None:
                 raise ValueError("stat: can't specify dir_fd without matching path")
             if not follow_symlinks:
