@@ -492,12 +492,12 @@ class AsyncFile:
         await self._op(lambda: self._ctx.allocate(self._fd, offset, length), True)
 
     async def stat(self) -> os.stat_result:
-        result: os.stat_result = await self._op(lambda: self._ctx.call(os.fstat, self._fd))
+        result: os.stat_result = await self._op(lambda: self._ctx.stat(self._fd))
         return result
 
     async def _size_now(self) -> int:
         self._still_open()
-        st: os.stat_result = await self._run(self._ctx.call(os.fstat, self._fd))
+        st: os.stat_result = await self._run(self._ctx.stat(self._fd))
         return st.st_size
 
     # -- the binary stream, without the lock (callers hold it) ----------------------------
@@ -1044,7 +1044,10 @@ class AsyncFile:
         if self._outstanding or self._wbuf or (self._wsize and self._lock.busy):
             await self._io.shielded(self._finish_close)
         else:
-            self._release()  # nothing to wait for
+            # Nothing to wait for: closed here, with no await (a close on the
+            # ring would be a point where a cancellation comes through, and
+            # costs a round trip that a local file's close(2) does not).
+            self._release()
 
     async def _finish_close(self) -> None:
         try:
@@ -1064,7 +1067,29 @@ class AsyncFile:
                 req = next(iter(self._outstanding))
                 await self._run(self._ctx.call(req.wait))
                 self._outstanding.discard(req)
-            self._release()
+            if self._closes_on_ring():
+                await self._close_on_ring()
+            else:
+                self._release()
+
+    def _closes_on_ring(self) -> bool:
+        """Whether the last step of a close that waited anyway is an
+        IORING_OP_CLOSE: on the io_uring backend, for a descriptor the file
+        owns (not a wrapped file object's; not a trio stream's, which trio
+        must be told of)."""
+        return (
+            self._ctx.backend == "io_uring"
+            and self._owner is None
+            and self._closefd
+            and not (self._stream and self._trio)
+        )
+
+    async def _close_on_ring(self) -> None:
+        """_release, with the close(2) in the kernel's hands (where a file
+        system's flush-on-close blocks, it blocks there).  Run shielded: a
+        close request is never cancelled."""
+        req = self._ctx.close_fd(self._fd)
+        await self._run(req)
 
     def _release(self) -> None:
         """Give the descriptor up (the last step of closing)."""
@@ -1313,7 +1338,9 @@ def open(
     a bounce buffer); where there is no O_DIRECT (macOS, portable mode),
     ``fcntl(F_NOCACHE)`` on the descriptor opened; where there is neither,
     OSError(ENOTSUP) at once.  ``perms``: the mode bits of a created file.
-    The open runs on a worker; a cancelled open closes the descriptor it got.
+    The open runs on a worker (on the io_uring backend the kernel opens it:
+    IORING_OP_OPENAT), or inline where every path component is cached; a
+    cancelled open closes the descriptor it got.
     A binary file's reads are ``bytes`` (:class:`AsyncBinaryFile`), a text
     file's ``str`` (:class:`AsyncTextFile`).
     """
@@ -1373,16 +1400,29 @@ async def _open(
         elif opener is not None:
             got = await _open_blocking(io_, path, flags, perms, opener)
         else:
-            req = io_.ctx.call(_open_nonblocking, path, flags, perms)
+            on_ring = io_.ctx.backend == "io_uring"
+            if on_ring:
+                # The kernel opens it (O_NONBLOCK: as _open_nonblocking does);
+                # the rest of _open_nonblocking then runs here, as after an
+                # inline open.
+                req = io_.ctx.openat(path, flags | os.O_NONBLOCK, perms)
+            else:
+                req = io_.ctx.call(_open_nonblocking, path, flags, perms)
             try:
                 await io_.wait(req)
             except BaseException:
                 # Cancelled: if the open ran anyway, its descriptor is ours to close.
                 opened: Any = req.result() if req.error == 0 else None
                 if opened is not None:
-                    os.close(opened[0])
+                    os.close(opened if on_ring else opened[0])
                 raise
-            got = req.result()
+            if on_ring:
+                if req.error in (errno.ENXIO, errno.EAGAIN):
+                    got = None
+                else:
+                    got = _clear_nonblocking(*_opened(req.result(), path), flags)
+            else:
+                got = req.result()
             if got is None:
                 got = await _open_blocking(io_, path, flags, perms)
         fd, st = got

@@ -92,6 +92,7 @@ import errno
 import functools
 import itertools
 import logging
+import operator
 import os
 import select
 import threading
@@ -118,7 +119,7 @@ from threadlets.syscalls import syscall_holding_the_gil as _raw_syscall
 from threadlets.uring import Ring, RingUnavailable
 
 if TYPE_CHECKING:
-    from _typeshed import ReadableBuffer, WriteableBuffer
+    from _typeshed import ReadableBuffer, StrOrBytesPath, WriteableBuffer
 
 __all__ = ["AioContext", "AioRequest", "ContextStats", "io_queue"]
 
@@ -294,6 +295,177 @@ class _FileOp:
         if self.kind == "write_zeroes" and exc.errno == errno.ENOTSUP:
             return None  # the worker tries the fallbacks (now remembered)
         return None, exc
+
+
+#: The kernel's "restart the call" errnos, which a ring operation
+#: interrupted by a signal may report where the system call says EINTR.
+_RESTART_ERRNOS = frozenset({errno.EINTR, 512, 513, 514, 516})
+#: Open flags with which the ring's OPENAT opens exactly as open(2) does.
+#: Without them its first, non-blocking attempt adds O_NONBLOCK, which
+#: changes what opening a FIFO (or a device) does: a FIFO's reader would
+#: not wait for a writer, a writer would get ENXIO.  With O_NONBLOCK the
+#: caller asked for that; O_CREAT, O_TRUNC and O_TMPFILE go straight to the
+#: kernel's blocking path.
+_RING_OPEN_FLAGS = (
+    os.O_NONBLOCK | os.O_CREAT | os.O_TRUNC | (getattr(os, "O_TMPFILE", 0) & ~os.O_DIRECTORY)
+)
+
+
+def _path_bytes(path: object, fn: str, fd_ok: bool = False) -> tuple[str | bytes, bytes]:
+    """``os.fspath(path)`` (what os names in its errors) and what the
+    kernel reads for it (the file-system encoding), refused as the os
+    function ``fn`` refuses it."""
+    try:
+        p: str | bytes = os.fspath(path)  # type: ignore[call-overload]
+    except TypeError:
+        kinds = "string, bytes, os.PathLike or integer" if fd_ok else "string, bytes or os.PathLike"
+        raise TypeError(f"{fn}: path should be {kinds}, not {type(path).__name__}") from None
+    encoded = os.fsencode(p)
+    if b"\0" in encoded:
+        raise ValueError("embedded null byte")
+    return p, encoded
+
+
+def _dir_fd(dir_fd: object) -> int:
+    return uring.AT_FDCWD if dir_fd is None else _check_fd(dir_fd)
+
+
+class _OsOp(_FileOp):
+    """An os call that may run on the ring: the base of the front ends'
+    requests, OPENAT, STATX, CLOSE.  A :class:`_FileOp` for the engine (same ``_start_op``
+    path, same cancel), with no :class:`AioFile`: :meth:`run` is the os
+    call, the reference; :meth:`sqe` what the ring does instead, and
+    :meth:`outcome` reads its answer into what the os call returns or
+    raises.  The op holds the memory the kernel reads and writes (the
+    NUL-terminated path, the statx buffer) until the completion: the ring's
+    callback holds the op."""
+
+    __slots__ = ()
+
+    def outcome(self, res: int) -> tuple[Any, BaseException | None] | None:
+        if res >= 0:
+            return self.result(res), None
+        if -res in _RESTART_ERRNOS:
+            return None  # the worker repeats the call, as os retries EINTR
+        return None, self.error(-res)
+
+    def result(self, res: int) -> Any:
+        return res
+
+    def error(self, err: int) -> OSError:
+        return OSError(err, os.strerror(err))
+
+
+class _OpenOp(_OsOp):
+    """``os.open(path, flags, mode, dir_fd=dir_fd)``; the result is the fd."""
+
+    __slots__ = ("cpath", "dir_fd", "encoded", "flags", "mode", "path")
+
+    def __init__(self, path: object, flags: int, mode: int, dir_fd: int) -> None:
+        self.path, self.encoded = _path_bytes(path, "open")
+        self.cpath: Any = None  # what the kernel reads, made when the ring takes it
+        self.flags = flags
+        self.mode = mode
+        self.dir_fd = dir_fd
+
+    def run(self) -> int:
+        dir_fd = None if self.dir_fd == uring.AT_FDCWD else self.dir_fd
+        return os.open(self.path, self.flags, self.mode, dir_fd=dir_fd)
+
+    def sqe(self, supported: frozenset[int]) -> tuple[int, int, int, int, int, int] | None:
+        # os.open adds O_CLOEXEC (PEP 446); so does the ring's.
+        flags = self.flags | os.O_CLOEXEC
+        if (
+            uring.OP_OPENAT not in supported
+            or not flags & _RING_OPEN_FLAGS
+            or not 0 <= flags <= 0xFFFFFFFF
+            or not 0 <= self.mode <= 0xFFFFFFFF
+            or self.dir_fd > _MAX_FD
+        ):
+            return None  # (the worker gives os.open's answer)
+        # IORING_OP_OPENAT: the path in addr, the mode in len, the flags in
+        # the op flags.
+        self.cpath = cpath = ctypes.create_string_buffer(self.encoded)
+        return (uring.OP_OPENAT, self.dir_fd, 0, ctypes.addressof(cpath), self.mode, flags)
+
+    def error(self, err: int) -> OSError:
+        return OSError(err, os.strerror(err), self.path)
+
+
+class _StatOp(_OsOp):
+    """``os.stat(target, dir_fd=dir_fd, follow_symlinks=follow)`` (an fd
+    target: fstat); the result is the os.stat_result.  On the ring: STATX,
+    with AT_EMPTY_PATH for an fd."""
+
+    __slots__ = ("buf", "dir_fd", "encoded", "follow", "target")
+
+    def __init__(self, target: object, dir_fd: int, follow: bool) -> None:
+        # (An fd target comes with dir_fd = that fd: statx(fd, "", AT_EMPTY_PATH).)
+        self.target = target
+        self.encoded = b""
+        if not isinstance(target, int):
+            self.target, self.encoded = _path_bytes(target, "stat", True)
+        self.dir_fd = dir_fd
+        self.follow = follow
+        #: The struct statx, then the path, made when the ring takes it.
+        self.buf: Any = None
+
+    def run(self) -> Any:
+        if isinstance(self.target, int):
+            return os.stat(self.target)
+        dir_fd = None if self.dir_fd == uring.AT_FDCWD else self.dir_fd
+        return os.stat(self.target, dir_fd=dir_fd, follow_symlinks=self.follow)  # type: ignore[arg-type]
+
+    def sqe(self, supported: frozenset[int]) -> tuple[int, int, int, int, int, int] | None:
+        if uring.OP_STATX not in supported or self.dir_fd > _MAX_FD:
+            return None
+        flags = 0 if self.follow else uring.AT_SYMLINK_NOFOLLOW
+        if isinstance(self.target, int):
+            flags = uring.AT_EMPTY_PATH
+        self.buf = buf = ctypes.create_string_buffer(uring.STATX_SIZE + len(self.encoded) + 1)
+        addr = ctypes.addressof(buf)
+        ctypes.memmove(addr + uring.STATX_SIZE, self.encoded, len(self.encoded))
+        # IORING_OP_STATX: the path in addr, the struct statx in addr2 (the
+        # offset field), the mask in len, the flags in the op flags.
+        return (
+            uring.OP_STATX,
+            self.dir_fd,
+            addr,
+            addr + uring.STATX_SIZE,
+            uring.STATX_BASIC_STATS,
+            flags,
+        )
+
+    def result(self, res: int) -> Any:
+        return uring.stat_result(self.buf)
+
+    def error(self, err: int) -> OSError:
+        return OSError(err, os.strerror(err), self.target)
+
+
+class _CloseOp(_OsOp):
+    """``os.close(fd)``.  Never repeated: whatever close answers, the
+    number is free afterwards, and may already be another file's."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def run(self) -> int:
+        os.close(self.fd)
+        return 0
+
+    def sqe(self, supported: frozenset[int]) -> tuple[int, int, int, int, int, int] | None:
+        if uring.OP_CLOSE not in supported or self.fd > _MAX_FD:
+            return None
+        return (uring.OP_CLOSE, self.fd, 0, 0, 0, 0)
+
+    def outcome(self, res: int) -> tuple[Any, BaseException | None] | None:
+        if res >= 0:
+            return 0, None
+        err = errno.EINTR if -res in _RESTART_ERRNOS else -res
+        return None, OSError(err, os.strerror(err))
 
 
 class AioRequest(Threadlet[int]):
@@ -1553,6 +1725,64 @@ class AioContext:
         return self._submit_op(
             "copy_range", dst_fd, _copy_range_args, (src, src_offset, dst_offset, length), callback
         )
+
+    def openat(
+        self,
+        path: StrOrBytesPath,
+        flags: int,
+        mode: int = 0o777,
+        *,
+        dir_fd: int | None = None,
+        callback: Callback | None = None,
+    ) -> AioRequest:
+        """``os.open(path, flags, mode, dir_fd=dir_fd)`` as a request: the
+        result is the new descriptor (close-on-exec, as os.open makes it),
+        the error os.open's, filename included.  On the io_uring backend the
+        kernel opens it (IORING_OP_OPENAT) where that opens exactly as
+        open(2) does: with O_NONBLOCK, O_CREAT, O_TRUNC or O_TMPFILE in
+        ``flags`` (otherwise the ring's first attempt would add O_NONBLOCK,
+        and a FIFO would open differently).  A request that finished has
+        its descriptor in its result: the caller closes it, even if it
+        asked to cancel and was told NOTCANCELED."""
+        _check_callback(callback)
+        op = _OpenOp(path, operator.index(flags), operator.index(mode), _dir_fd(dir_fd))
+        return self._start(AioRequest(self, "openat", None, (), callback, op))
+
+    def stat(
+        self,
+        path: StrOrBytesPath | int,
+        *,
+        dir_fd: int | None = None,
+        follow_symlinks: bool = True,
+        callback: Callback | None = None,
+    ) -> AioRequest:
+        """``os.stat(path, dir_fd=dir_fd, follow_symlinks=follow_symlinks)``
+        as a request (an fd: fstat): the result is the os.stat_result, the
+        error os.stat's.  On the io_uring backend: IORING_OP_STATX, read
+        into the same os.stat_result."""
+        _check_callback(callback)
+        if isinstance(path, bool):
+            raise TypeError("stat: a bool is not a file descriptor")
+        if isinstance(path, int):
+            if dir_fd is not None:
+                raise ValueError("stat: can't specify dir_fd without matching path")
+            if not follow_symlinks:
+                raise ValueError("stat: cannot use fd and follow_symlinks together")
+            fd = _check_fd(path)
+            op = _StatOp(fd, fd, True)
+        else:
+            op = _StatOp(path, _dir_fd(dir_fd), bool(follow_symlinks))
+        return self._start(AioRequest(self, "stat", None, (), callback, op))
+
+    def close_fd(self, fd: int, *, callback: Callback | None = None) -> AioRequest:
+        """``os.close(fd)`` as a request (IORING_OP_CLOSE on the io_uring
+        backend); the context forgets ``fd`` first (see :meth:`forget`).
+        Requests already running on ``fd`` finish as they would after
+        os.close: with the file they started on.  Never repeated: after
+        any answer the number is free."""
+        _check_callback(callback)
+        self.forget(_check_fd(fd))
+        return self._start(AioRequest(self, "close", None, (), callback, _CloseOp(fd)))
 
     def call(
         self, fn: Callable[..., Any], /, *args: Any, callback: Callback | None = None

@@ -5,7 +5,8 @@ Everything pathlib computes without touching the file system (``name``,
 ``parent``, ``/``, ``with_suffix``, ``relative_to``...) is a plain method or
 property, as on :class:`pathlib.Path`, and gives ``threadlets.Path``
 objects.  Everything that does I/O is awaited, and is one request on the
-running loop's engine (``ctx.call``), on asyncio, uvloop and trio alike:
+running loop's engine (``ctx.call``; ``stat`` and ``lstat``: ``ctx.stat``,
+STATX on the io_uring backend), on asyncio, uvloop and trio alike:
 ``exists``, ``stat``, ``mkdir``, ``unlink``, ``rename``... ``read_bytes``
 and the other whole-file calls are :mod:`threadlets.oneshot`'s (a cached
 file is read inline).  ``iterdir``, ``glob`` and ``rglob`` are async
@@ -45,6 +46,16 @@ async def _run(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     await io_.wait(req)
     result: Any = req.result()
     return result  # type: ignore[no-any-return]
+
+
+async def _stat(path: pathlib.Path, follow_symlinks: bool) -> os.stat_result:
+    """os.stat as the engine's stat request (STATX on the io_uring backend)."""
+    io_ = current()
+    await io_.checkpoint()
+    req = io_.ctx.stat(path, follow_symlinks=follow_symlinks)
+    await io_.wait(req)
+    result: os.stat_result = req.result()  # type: ignore[assignment]
+    return result
 
 
 def _batch(it: Iterator[pathlib.Path]) -> list[pathlib.Path]:
@@ -205,10 +216,10 @@ class Path:
         return self._wrap(await _run(self._path.readlink))
 
     async def stat(self, *, follow_symlinks: bool = True) -> os.stat_result:
-        return await _run(os.stat, self._path, follow_symlinks=follow_symlinks)
+        return await _stat(self._path, follow_symlinks)
 
     async def lstat(self) -> os.stat_result:
-        return await _run(self._path.lstat)
+        return await _stat(self._path, False)
 
     async def chmod(self, mode: int, *, follow_symlinks: bool = True) -> None:
         await _run(os.chmod, self._path, mode, follow_symlinks=follow_symlinks)

@@ -66,17 +66,26 @@ from typing import Any
 from threadlets.pool import block_async_signals
 
 __all__ = [
+    "AT_EMPTY_PATH",
+    "AT_FDCWD",
+    "AT_SYMLINK_NOFOLLOW",
     "DEFER_AT",
     "FSYNC_DATASYNC",
     "HOLD_MAX",
     "OP_ASYNC_CANCEL",
+    "OP_CLOSE",
     "OP_FALLOCATE",
     "OP_FSYNC",
     "OP_NOP",
+    "OP_OPENAT",
     "OP_READ",
     "OP_READV",
+    "OP_STATX",
     "OP_WRITE",
     "OP_WRITEV",
+    "STATX_BASIC_STATS",
+    "STATX_FIELDS",
+    "STATX_SIZE",
     "Ring",
     "RingUnavailable",
     "call_after_batch",
@@ -98,7 +107,20 @@ _OFF_SQ_RING, _OFF_CQ_RING, _OFF_SQES = 0, 0x8000000, 0x10000000
 
 OP_NOP, OP_READV, OP_WRITEV, OP_FSYNC = 0, 1, 2, 3
 OP_ASYNC_CANCEL, OP_FALLOCATE, OP_READ, OP_WRITE = 14, 17, 22, 23
+OP_OPENAT, OP_CLOSE, OP_STATX = 18, 19, 21
 FSYNC_DATASYNC = 1
+
+#: openat/statx: the directory fd that means "the current directory", and
+#: statx's flags and the fields to ask for (all that stat(2) gives).
+AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW, AT_EMPTY_PATH = 0x100, 0x1000
+STATX_BASIC_STATS = 0x7FF
+#: struct statx: the kernel writes STATX_SIZE bytes; STATX_FIELDS reads the
+#: ones stat(2) has -- mask, blksize, attributes, nlink, uid, gid, mode,
+#: (spare), ino, size, blocks, attributes_mask, the atime, btime, ctime and
+#: mtime as (sec, nsec, reserved), rdev major/minor, dev major/minor.
+STATX_SIZE = 256
+STATX_FIELDS = struct.Struct("=IIQIIIHHQQQQ" + "qIi" * 4 + "IIII")
 
 # struct io_uring_sqe: opcode, flags, ioprio, fd, off, addr, len, op flags,
 # user_data, buf_index, personality, splice_fd_in, addr3, pad.
@@ -106,6 +128,27 @@ _SQE = struct.Struct("<BBHiQQIIQHHiQQ")
 _CQE = struct.Struct("<QiI")  # user_data, res, flags
 assert _SQE.size == 64
 assert _CQE.size == 16
+
+
+def stat_result(buf: Any) -> os.stat_result:
+    """The os.stat_result that stat(2) would give, from a struct statx
+    filled for STATX_BASIC_STATS: the same fields, nanosecond times, float
+    times computed as CPython does, and st_dev/st_rdev encoded by makedev."""
+    (
+        _, blksize, _, nlink, uid, gid, mode, _, ino, size, blocks, _,
+        a_s, a_ns, _, _, _, _, c_s, c_ns, _, m_s, m_ns, _,
+        rdev_major, rdev_minor, dev_major, dev_minor,
+    ) = STATX_FIELDS.unpack_from(buf)  # fmt: skip
+    billion = 1_000_000_000
+    fields = (
+        mode, ino, os.makedev(dev_major, dev_minor), nlink, uid, gid, size,
+        a_s, m_s, c_s,
+        a_s + a_ns * 1e-9, m_s + m_ns * 1e-9, c_s + c_ns * 1e-9,
+        a_s * billion + a_ns, m_s * billion + m_ns, c_s * billion + c_ns,
+        blksize, blocks, os.makedev(rdev_major, rdev_minor),
+    )  # fmt: skip
+    return os.stat_result(fields)
+
 
 _STOP = 0  # user_data of the NOP that tells the reaper to finish
 _KICK = 1 << 63  # user_data of the NOPs that wake sleepers (see Ring.wait)
