@@ -157,6 +157,10 @@ def test_ctrl_c_leaves_nothing_behind(tmp_path: Path, marker: str) -> None:
         ["--plot", "{tmp}"],
         ["--markdown", "{tmp}/missing/bench.md"],
         ["--markdown", "{tmp}"],
+        # (os.access says yes to root in both, the file system says no)
+        ["--plot", "/proc/threadlets-bench.png"],
+        ["--markdown", "/sys/threadlets-bench.md"],
+        ["--markdown", "{tmp}/fifo"],  # a FIFO nobody reads
     ],
     ids=" ".join,
 )
@@ -167,6 +171,7 @@ def test_bad_arguments_are_usage_errors_before_measuring(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     (tmp_path / "file").write_bytes(b"")
+    os.mkfifo(tmp_path / "fifo")
 
     def measure(cfg: BenchConfig) -> None:
         raise AssertionError("measuring started")
@@ -178,6 +183,24 @@ def test_bad_arguments_are_usage_errors_before_measuring(
     err = capsys.readouterr().err
     assert err.startswith("usage:")
     assert "Traceback" not in err
+
+
+def test_the_writability_check_leaves_files_as_they_were(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The check opens the file for writing: an existing one keeps its bytes,
+    # a new one is not left behind when measuring fails.
+    old = tmp_path / "old.md"
+    old.write_bytes(b"kept")
+
+    def measure(cfg: BenchConfig) -> None:
+        raise RuntimeError("measuring failed")
+
+    monkeypatch.setattr(threadlets.bench, "run_bench", measure)
+    with pytest.raises(RuntimeError):
+        main(["bench", "--quick", "--markdown", str(old), "--plot", str(tmp_path / "new.png")])
+    assert old.read_bytes() == b"kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.md"]
 
 
 def test_bench_config_refuses_what_cannot_be_measured() -> None:

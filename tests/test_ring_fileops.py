@@ -686,3 +686,32 @@ def test_a_context_that_delivers_nothing(backend: str, tree: Path) -> None:
             missing.result(timeout=10)
         assert fd_count() == start
         assert ctx.stats().ring == (4 if on_ring(ctx) else 0)
+
+
+@pytest.mark.skipif(not HAVE_RING, reason="no io_uring here")
+def test_ctrl_c_in_an_open_completion_closes_the_fd_it_got(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The interrupt lands as the kernel's answer (a new fd) is read: the
+    # request fails with EINTR, and nobody will ever see that fd.
+    from threadlets import engine
+
+    real = engine._OpenOp.outcome
+    armed = [True]
+
+    def interrupted(self: Any, res: int) -> Any:
+        if armed and res >= 0:
+            armed.clear()
+            raise KeyboardInterrupt
+        return real(self, res)
+
+    monkeypatch.setattr(engine._OpenOp, "outcome", interrupted)
+    with AioContext(backend="io_uring") as ctx:
+        start = fd_count()
+        req = ctx.openat(str(tree / "file"), os.O_RDONLY | NB)
+        with pytest.raises(KeyboardInterrupt):
+            ctx.wait(req, timeout=10)
+        assert not armed  # it landed on the ring's completion
+        assert ctx.wait(req, timeout=10)
+        assert req.error == errno.EINTR
+        assert fd_count() == start

@@ -7,6 +7,7 @@ in its own module.  Output goes through rich (the ``tools`` extra).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
@@ -173,17 +174,26 @@ def _directory(text: str) -> str:
 
 
 def _output_file(text: str) -> str:
-    """A file path that can be written: its directory exists and is
-    writable, and it is not itself a directory (checked before measuring)."""
+    """A file path that can be written, checked before measuring: not a
+    directory, in a directory that exists, and one the file system takes.
+    The last is tried -- the file opened for writing, without truncating it,
+    and removed again if the check made it -- because os.access() answers
+    for permission bits only: root may "write" into /proc or /sys."""
     parent = os.path.dirname(os.path.abspath(text))
     if os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text!r} is a directory")
     if not os.path.isdir(parent):
         raise argparse.ArgumentTypeError(f"no such directory: {parent!r}")
-    if not os.access(parent, os.W_OK | os.X_OK) or (
-        os.path.exists(text) and not os.access(text, os.W_OK)
-    ):
-        raise argparse.ArgumentTypeError(f"cannot write {text!r}")
+    existed = os.path.lexists(text)
+    try:
+        # (O_NONBLOCK: a FIFO without a reader says ENXIO instead of hanging.)
+        fd = os.open(text, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {e.strerror}") from None
+    os.close(fd)
+    if not existed:
+        with contextlib.suppress(OSError):
+            os.unlink(text)
     return text
 
 

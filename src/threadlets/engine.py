@@ -6,7 +6,9 @@ I/O request).  What a request does to the file lives in :mod:`threadlets.ops`;
 a request's states and their transitions live in :mod:`threadlets.pool`
 (the threadlet protocol), which every path here calls; what runs a request
 is a *backend*: the thread pool, or the kernel's io_uring
-(:mod:`threadlets.uring`) for the reads and writes it can take.
+(:mod:`threadlets.uring`) for what it can take: reads and writes (single
+and vectored), fsync, fallocate, and the front ends' open, stat and close
+(OPENAT, STATX, CLOSE), each where the kernel has the opcode.
 
 A context is three parts along its seams:
 
@@ -15,7 +17,7 @@ A context is three parts along its seams:
   ``drain``, the counters, and admission (close excludes submission).
 * the pool backend -- ``ThreadletQueue._submit``: a worker runs the
   request's transfer or operation.
-* :class:`_RingBackend` -- single-buffer reads and writes on the ring.
+* :class:`_RingBackend` -- the requests the ring takes (see above).
 
 ``AioContext._start`` is the one door: a request finished inline is
 delivered, else the ring takes it, else the pool.
@@ -259,6 +261,10 @@ class _FileOp:
     def _name(self) -> str:
         return "zero_range" if self.kind == "write_zeroes" else self.kind
 
+    def abandon(self, res: int) -> None:
+        """The kernel's answer ``res`` reaches nobody (an interrupt cut its
+        completion short): release what it made.  Nothing here."""
+
     def sqe(self, supported: frozenset[int]) -> tuple[int, int, int, int, int, int] | None:
         """(opcode, fd, offset, addr, len, op flags) for the ring, or None."""
         f = self.file
@@ -390,6 +396,10 @@ class _OpenOp(_OsOp):
 
     def error(self, err: int) -> OSError:
         return OSError(err, os.strerror(err), self.path)
+
+    def abandon(self, res: int) -> None:
+        if res >= 0:
+            os.close(res)  # the fd the kernel opened
 
 
 class _StatOp(_OsOp):
@@ -969,7 +979,9 @@ def _views(buffers: object, writable: bool) -> tuple[list[memoryview], int]:
 
 
 class _RingBackend:
-    """Single-buffer reads and writes on a context's ring.
+    """The requests a context's ring takes: reads and writes (one buffer,
+    or READV/WRITEV), and the :class:`_FileOp` kinds (flush, space, and the
+    os calls of :class:`_OsOp`).
 
     :meth:`start` claims a request (QUEUED -> RUNNING) and hands it to the
     kernel, or returns False and leaves it QUEUED for the pool.  The
@@ -1122,7 +1134,8 @@ class _RingBackend:
                 return
             req._finish(*outcome)
         except BaseException:
-            _finish_interrupted(req, 0)
+            if _finish_interrupted(req, 0):
+                op.abandon(res)  # (what the kernel made, an fd, is nobody's now)
             raise
 
     def cancel(self, req: AioRequest) -> CancelResult | None:
@@ -1188,15 +1201,16 @@ class _RingBackend:
             raise
 
 
-def _finish_interrupted(req: AioRequest, moved: int) -> None:
+def _finish_interrupted(req: AioRequest, moved: int) -> bool:
     """Ctrl-C (or another BaseException) landed inside a ring completion
     handler before the request was finished or handed to a worker: finish
     it now -- failed with EINTR, carrying what moved -- or it would stay
-    RUNNING for good and every wait, drain() and close() would hang."""
+    RUNNING for good and every wait, drain() and close() would hang.  True
+    if it did (the kernel's answer then reaches nobody)."""
     if req._resumed or req._state is not _RUNNING:
-        return  # finished, or a worker finishes it
+        return False  # finished, or a worker finishes it
     exc = InterruptedError(errno.EINTR, "interrupted while its completion was handled")
-    req._finish(None, ops._moved(exc, moved) if moved else exc)
+    return req._finish(None, ops._moved(exc, moved) if moved else exc)
 
 
 class _Iovec(ctypes.Structure):  # struct iovec
