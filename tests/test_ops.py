@@ -1073,3 +1073,33 @@ def test_within_size(direct_dir: Path) -> None:
     finally:
         os.close(fd)
         os.close(plain)
+
+
+def test_flush_errors_stick_once_a_direct_file_went_through_the_page_cache(
+    direct_dir: Path,
+) -> None:
+    """An O_DIRECT file's failed flush is not sticky (no page cache), until
+    an unaligned write put bytes past the last block edge in the page
+    cache: from then on a lost write-back fails every later flush."""
+
+    class FailingSync(Syscalls):
+        def fdatasync(self, fd: int) -> None:
+            raise OSError(errno.EIO, "write-back lost")
+
+    p = direct_dir / "f"
+    p.write_bytes(DATA[:4096])
+    sc = FailingSync()
+    fd, f = _open(p, os.O_RDWR | os.O_DIRECT, sc)
+    try:
+        buf = aligned_buffer(4096)
+        assert ops.write(sc, f, [buf], 0, 4096) == 4096  # straight to the disk
+        with pytest.raises(OSError, match="write-back lost"):
+            ops.flush(sc, f, True)
+        assert ops.flush(SC, f, True) == 0  # not sticky
+        assert ops.write(sc, f, [memoryview(b"tail")], 4096, 4) == 4
+        with pytest.raises(OSError, match="write-back lost"):
+            ops.flush(sc, f, True)
+        with pytest.raises(OSError, match="an earlier flush"):
+            ops.flush(SC, f, True)  # sticky: the kernel is not even asked
+    finally:
+        os.close(fd)

@@ -20,7 +20,8 @@ Rules they implement (``../shared/reference/semantics.md`` section 3):
   the file cannot be probed it is the strictest (4096 for both).  Buffer
   lists may hold empty buffers anywhere.
 * Flush is fdatasync (fsync if asked).  After a failed flush on a buffered
-  file, later flushes fail with the same errno without calling the kernel.
+  file (or an O_DIRECT one that an RMW wrote through the page cache, see
+  below), later flushes fail with the same errno without calling the kernel.
 * "Not supported" is always ENOTSUP, and is remembered per file and kind.
 * A partial transfer followed by an error fails the request (QEMU's rule,
   which the engine keeps); the count that moved is on the exception as
@@ -125,6 +126,7 @@ class AioFile:
 
     __slots__ = (
         "_alignment",
+        "_cached_writes",
         "_flush_error",
         "_lock",
         "_rmw_lock",
@@ -173,6 +175,9 @@ class AioFile:
         self._rmw_lock = threading.Lock()
         self._alignment: tuple[int, int] | None = None
         self._flush_error = 0
+        # An O_DIRECT file written through the page cache (an RMW's bytes
+        # past the last block edge within the file): its flush errors stick.
+        self._cached_writes = False
         self._unsupported: set[str] = set()
 
     def __repr__(self) -> str:
@@ -630,6 +635,8 @@ def _rmw(
         tail = _reopen(f.fd, os.O_WRONLY | sync)
     except OSError as e:
         raise _moved(e, done) from None
+    with f._lock:
+        f._cached_writes = True
     try:
         if cut > offset:
             _patch_blocks(sc, f, buffers, offset, cut - offset, req, mem, done, writer)
@@ -758,13 +765,13 @@ def flush_failed(f: AioFile, e: OSError) -> OSError:
     """What a flush that failed with ``e`` reports; remembers it where a
     later flush must fail too.  (The io_uring backend calls this with the
     kernel's errno: one rule for both.)"""
-    if e.errno in (errno.EINVAL, errno.EROFS, errno.EBADF) or f.direct:
-        # Not a lost write-back: the fd cannot be flushed at all, or the
-        # page cache was not involved.
-        return e
-    # The kernel may have dropped the dirty pages: a later "success" would
-    # lie, so every later flush fails the same way.
+    if e.errno in (errno.EINVAL, errno.EROFS, errno.EBADF):
+        return e  # not a lost write-back: the fd cannot be flushed at all
     with f._lock:
+        if f.direct and not f._cached_writes:
+            return e  # the page cache was not involved
+        # The kernel may have dropped the dirty pages: a later "success"
+        # would lie, so every later flush fails the same way.
         f._flush_error = e.errno or errno.EIO
     return e
 
