@@ -525,7 +525,7 @@ def test_concurrent_direct_writes_match_a_shadow(
     assert _contents(p) == bytes(shadow)
 
 
-def test_rmw_restore_retries_eintr(direct_dir: Path) -> None:
+def test_truncate_retries_eintr(direct_dir: Path) -> None:
     class Interrupted(Syscalls):
         calls = 0
 
@@ -540,8 +540,12 @@ def test_rmw_restore_retries_eintr(direct_dir: Path) -> None:
     sc = Interrupted()
     fd, f = _open(p, os.O_RDWR | os.O_DIRECT, sc)
     try:
+        # (An RMW past the end never truncates: the retry is truncate's own.)
         assert ops.write(sc, f, [memoryview(b"xyz")], 4096, 3) == 3
-        assert _contents(p) == DATA[:4096] + b"xyz"
+        assert sc.calls == 0
+        assert ops.truncate(sc, f, 4098) == 0
+        assert sc.calls == 2
+        assert _contents(p) == DATA[:4096] + b"xy"
     finally:
         os.close(fd)
 
