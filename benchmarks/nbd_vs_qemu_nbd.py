@@ -19,7 +19,13 @@ Servers: ``threadlets nbd serve`` (threads and io_uring backends),
 same client and mode.
 
     python benchmarks/nbd_vs_qemu_nbd.py [--seconds 5] [--repeats 3] [--size BYTES]
-        [--modes cached,direct] [--clients fio,qemu-img]
+        [--modes cached,direct] [--clients fio,qemu-img] [--directory /var/tmp]
+        [--compare NAME=SRC ...] [--servers SUBSTRING,...]
+
+``--compare NAME=SRC`` adds the threadlets servers of another source tree
+(run with ``PYTHONPATH=SRC``), named ``... [NAME]``, measured in the same
+rounds: before/after figures from one run.  Each cell shows the median and,
+with several rounds, the range of the rounds.
 """
 
 from __future__ import annotations
@@ -65,7 +71,13 @@ MODES = ("cached", "direct")
 CLIENTS = ("fio", "qemu-img")
 
 
-def servers(image: str, direct: bool) -> dict[str, list[str] | None]:
+#: A server's command line, and the PYTHONPATH it runs with (None: inherited).
+Server = tuple[list[str], str | None]
+
+
+def servers(
+    image: str, direct: bool, compare: dict[str, str] | None = None
+) -> dict[str, Server | None]:
     py = [sys.executable, "-m", "threadlets.cli", "nbd", "serve", image]
     py += ["--direct"] if direct else []
     py += ["--bind"]
@@ -74,28 +86,33 @@ def servers(image: str, direct: bool) -> dict[str, list[str] | None]:
     cache = "none" if direct else "writeback"
     qemu_args = ["-f", "raw", f"--cache={cache}", "-t", "-b", "127.0.0.1", "-x", "", "-p"]
     kit_args = ["cache=none"] if direct else []
-    return {
-        "threadlets (threads)": [*py, "127.0.0.1:{port}", "--backend", "threads"],
-        "threadlets (io_uring)": [*py, "127.0.0.1:{port}", "--backend", "io_uring"],
-        "qemu-nbd --aio=threads": (
-            [qemu, "--aio=threads", *qemu_args, "{port}", image] if qemu else None
-        ),
-        "qemu-nbd --aio=io_uring": (
-            [qemu, "--aio=io_uring", *qemu_args, "{port}", image] if qemu else None
-        ),
-        "nbdkit file": (
-            [nbdkit, "-f", "-i", "127.0.0.1", "-p", "{port}", "file", image, *kit_args]
-            if nbdkit
-            else None
-        ),
-    }
+    table: dict[str, Server | None] = {}
+    for label, src in [("", None), *(compare or {}).items()]:
+        suffix = f" [{label}]" if label else ""
+        for backend in ("threads", "io_uring"):
+            cmd = [*py, "127.0.0.1:{port}", "--backend", backend]
+            table[f"threadlets ({backend}){suffix}"] = (cmd, src)
+    table["qemu-nbd --aio=threads"] = (
+        ([qemu, "--aio=threads", *qemu_args, "{port}", image], None) if qemu else None
+    )
+    table["qemu-nbd --aio=io_uring"] = (
+        ([qemu, "--aio=io_uring", *qemu_args, "{port}", image], None) if qemu else None
+    )
+    table["nbdkit file"] = (
+        ([nbdkit, "-f", "-i", "127.0.0.1", "-p", "{port}", "file", image, *kit_args], None)
+        if nbdkit
+        else None
+    )
+    return table
 
 
 @contextlib.contextmanager
-def running(cmd: list[str]) -> Iterator[int]:
+def running(server: Server) -> Iterator[int]:
+    cmd, src = server
     port = free_port()
     argv = [a.replace("{port}", str(port)) for a in cmd]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = None if src is None else {**os.environ, "PYTHONPATH": src}
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         wait_listening(port, proc)
         yield port
@@ -166,8 +183,24 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=256 * 1024 * 1024)
     ap.add_argument("--modes", default=",".join(MODES), help="cached,direct")
     ap.add_argument("--clients", default=",".join(CLIENTS), help="fio,qemu-img")
+    ap.add_argument("--directory", default="/var/tmp", help="where the image goes")
+    ap.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="NAME=SRC",
+        help="also the threadlets servers of the source tree SRC, named NAME",
+    )
+    ap.add_argument("--servers", default="", help="only servers whose name has one of these")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    compare: dict[str, str] = {}
+    for item in args.compare:
+        label, sep, src = item.partition("=")
+        if not sep or not label or not src:
+            ap.error(f"--compare wants NAME=SRC, not {item!r}")
+        compare[label] = os.path.abspath(src)
+    only = [x for x in args.servers.split(",") if x]
     modes = [m for m in args.modes.split(",") if m]
     wanted = [c for c in args.clients.split(",") if c]
     if set(modes) - set(MODES) or set(wanted) - set(CLIENTS) or not modes or not wanted:
@@ -181,7 +214,8 @@ def main() -> int:
         ap.error("none of the clients asked for is installed (fio with its nbd engine, qemu-img)")
     # (client, mode) -> server -> rw -> ops/s
     results: dict[str, dict[str, dict[str, float]]] = {}
-    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
+    spans: dict[str, dict[str, dict[str, tuple[float, float]]]] = {}
+    with tempfile.TemporaryDirectory(dir=args.directory) as tmp:
         image = os.path.join(tmp, "image.raw")
         with open(image, "wb") as f:
             for _ in range(max(1, args.size // (1 << 20))):
@@ -192,7 +226,12 @@ def main() -> int:
                 with open(image, "rb") as f:  # into the page cache
                     while f.read(1 << 20):
                         pass
-            table = servers(image, direct=mode == "direct")
+            table = servers(image, direct=mode == "direct", compare=compare)
+            table = {
+                name: cmd
+                for name, cmd in table.items()
+                if not only or any(x in name for x in only) or name == "qemu-nbd --aio=threads"
+            }
             for client_name, client in clients.items():
                 rounds: dict[str, dict[str, list[float]]] = {name: {} for name in table}
                 for _ in range(args.repeats):
@@ -203,26 +242,39 @@ def main() -> int:
                             with running(cmd) as port:
                                 iops = client(port, rw, args.seconds, size)
                             rounds[name].setdefault(rw, []).append(iops)
-                results[f"{client_name}, {mode}"] = {
+                key = f"{client_name}, {mode}"
+                results[key] = {
                     name: {rw: statistics.median(v) for rw, v in per.items()}
                     for name, per in rounds.items()
                     if per
                 }
+                spans[key] = {
+                    name: {rw: (min(v), max(v)) for rw, v in per.items()}
+                    for name, per in rounds.items()
+                    if per
+                }
     if args.json:
-        print(json.dumps({"block": BLOCK, "depth": DEPTH, "results": results}, indent=2))
+        out = {"block": BLOCK, "depth": DEPTH, "results": results, "ranges": spans}
+        print(json.dumps(out, indent=2))
         return 0
-    print(f"{BLOCK // 1024} KiB random, depth {DEPTH}; ratio to qemu-nbd --aio=threads")
+    print(
+        f"{BLOCK // 1024} KiB random, depth {DEPTH}; ops/s median [range of "
+        f"{args.repeats} rounds]; ratio of medians to qemu-nbd --aio=threads"
+    )
+    width = max(26, *(len(n) for t in results.values() for n in t))
     for key, table_results in results.items():
         print(f"\n{key}")
-        print(f"{'server':26} {'read ops/s':>11} {'ratio':>6} {'write ops/s':>12} {'ratio':>6}")
+        print(
+            f"{'server':{width}} {'read ops/s':>22} {'ratio':>6} {'write ops/s':>22} {'ratio':>6}"
+        )
         base = table_results.get("qemu-nbd --aio=threads")
         for name, r in table_results.items():
-            cells = []
+            line = f"{name:{width}}"
             for rw in ("randread", "randwrite"):
+                lo, hi = spans[key][name][rw]
                 ratio = f"{r[rw] / base[rw]:.2f}x" if base else "-"
-                cells.append((r[rw], ratio))
-            (rd, rr), (wr, wrr) = cells
-            print(f"{name:26} {rd:11.0f} {rr:>6} {wr:12.0f} {wrr:>6}")
+                line += f" {r[rw]:7.0f} [{lo:6.0f}-{hi:6.0f}] {ratio:>6}"
+            print(line)
     return 0
 
 

@@ -241,15 +241,15 @@ class _SpyLock:
 
 
 class _PauseWrite(Syscalls):
-    """pwritev at ``offset`` waits for ``go`` first."""
+    """pwritev at one of ``offsets`` waits for ``go`` first."""
 
-    def __init__(self, offset: int, go: threading.Event) -> None:
-        self.offset = offset
+    def __init__(self, offsets: set[int], go: threading.Event) -> None:
+        self.offsets = offsets
         self.go = go
         self.paused = threading.Event()
 
     def pwritev(self, fd: int, buffers: Sequence[Any], offset: int, flags: int = 0) -> int:
-        if offset == self.offset:
+        if offset in self.offsets:
             self.paused.set()
             assert self.go.wait(30), "never released"
         return super().pwritev(fd, buffers, offset, flags)
@@ -267,7 +267,8 @@ def test_rmw_size_restore_keeps_a_concurrent_extension(direct_dir: Path, extend:
     # Go on once the extension finished (old code) or waits for the file's
     # lock (it may extend the file, so it runs after the RMW).
     progressed = threading.Event()
-    sc = _PauseWrite(4096, progressed)
+    # (The RMW writes its block at 4096, or its bytes at 4100 unaligned.)
+    sc = _PauseWrite({4096, 4100}, progressed)
     fd, f = _open(p, os.O_RDWR | os.O_DIRECT, sc)
     s, src = _open(src_p, os.O_RDONLY)
     f._rmw_lock = _SpyLock(progressed, threading.current_thread())  # type: ignore[assignment]
@@ -308,6 +309,156 @@ def test_rmw_size_restore_keeps_a_concurrent_extension(direct_dir: Path, extend:
         t.join(10)
         os.close(fd)
         os.close(s)
+
+
+class _Counting(Syscalls):
+    """Counts fstat calls; refuses ftruncate (no write may shrink a file)."""
+
+    def __init__(self) -> None:
+        self.fstats = 0
+
+    def fstat(self, fd: int) -> os.stat_result:
+        self.fstats += 1
+        return super().fstat(fd)
+
+    def ftruncate(self, fd: int, length: int) -> None:
+        raise AssertionError(f"a write truncated the file to {length}")
+
+
+def test_aligned_direct_write_reads_no_size(direct_dir: Path) -> None:
+    """Whole-block O_DIRECT writes, within the file and past its end, are
+    one pwritev each: no fstat, no lock (the first version did both per
+    write, and its threads queued on the lock)."""
+    p = direct_dir / "f"
+    p.write_bytes(DATA[: 4 * MAX_ALIGNMENT])
+    sc = _Counting()
+    fd, f = _open(p, os.O_RDWR | os.O_DIRECT, sc)
+    f._rmw_lock = None  # type: ignore[assignment]  # taking it would raise
+    try:
+        req, _ = f.alignment(sc)
+        sc.fstats = 0
+        buf = aligned_buffer(2 * req)
+        buf[:] = b"x" * len(buf)
+        for offset in (0, 2 * MAX_ALIGNMENT, 4 * MAX_ALIGNMENT, 8 * MAX_ALIGNMENT):
+            assert ops.write(sc, f, [buf], offset, len(buf)) == len(buf)
+        assert sc.fstats == 0
+        assert os.path.getsize(p) == 8 * MAX_ALIGNMENT + 2 * req
+    finally:
+        os.close(fd)
+
+
+def test_aligned_extension_does_not_wait_for_an_rmw(direct_dir: Path) -> None:
+    """While an RMW past the end of the file is between reading the size
+    and writing, an aligned write that extends the file finishes: both
+    land, the file ends at the aligned write's end."""
+    p = direct_dir / "f"
+    p.write_bytes(DATA[:4096])
+    go = threading.Event()
+    sc = _PauseWrite({4096, 4100}, go)
+    fd, f = _open(p, os.O_RDWR | os.O_DIRECT, sc)
+    aligned = aligned_buffer(4096)
+    aligned[:] = b"A" * 4096
+    errors: list[BaseException] = []
+
+    def rmw() -> None:
+        try:
+            assert ops.write(sc, f, [memoryview(b"B" * 10)], 4100, 10) == 10
+        except BaseException as e:  # reported by the test
+            errors.append(e)
+
+    t = threading.Thread(target=rmw)
+    try:
+        t.start()
+        assert sc.paused.wait(10)
+        finished = threading.Event()
+        other = threading.Thread(
+            target=lambda: (ops.write(sc, f, [aligned], 8192, 4096), finished.set())
+        )
+        other.start()
+        assert finished.wait(10), "the aligned write waited for the RMW"
+        go.set()
+        t.join(10)
+        other.join(10)
+        assert not errors
+        assert _contents(p) == DATA[:4096] + bytes(4) + b"B" * 10 + bytes(4096 - 14) + b"A" * 4096
+    finally:
+        go.set()
+        t.join(10)
+        os.close(fd)
+
+
+@pytest.mark.parametrize(
+    ("initial", "offset", "length"),
+    [
+        (4096, 4100, 10),  # one block, all past the end
+        (4096, 4090, 20),  # a block within the file, then past it
+        (5000, 4100, 10),  # in the block the end of the file cuts
+        (5000, 4100, 9000),  # from there on, over several blocks
+        (12288, 100, 20000),  # the file's blocks, then past the end
+        (12288, 100, 200),  # within the file: no size change
+    ],
+)
+def test_rmw_past_the_end_extends_exactly(
+    direct_dir: Path, initial: int, offset: int, length: int
+) -> None:
+    """An unaligned O_DIRECT write past the end of the file leaves it
+    exactly ``offset + length`` long (zeros in any gap) without ever
+    truncating it."""
+    p = direct_dir / "f"
+    p.write_bytes(DATA[:initial])
+    sc = _Counting()
+    fd, f = _open(p, os.O_RDWR | os.O_DIRECT, sc)
+    try:
+        payload = bytes([7]) * length
+        assert ops.write(sc, f, [memoryview(payload)], offset, length) == length
+        want = bytearray(DATA[:initial])
+        want.extend(bytes(max(0, offset + length - initial)))
+        want[offset : offset + length] = payload
+        assert _contents(p) == bytes(want)
+        with open(p, "rb") as plain:  # the O_DIRECT view agrees with the buffered one
+            assert plain.read() == bytes(want)
+        back = aligned_buffer(len(want) + 4096)
+        assert ops.read(SC, f, [back], 0, len(back), False) == len(want)
+        assert bytes(back[: len(want)]) == bytes(want)
+    finally:
+        os.close(fd)
+
+
+def test_direct_writes_after_an_external_truncate_and_extend(direct_dir: Path) -> None:
+    """Another descriptor truncates, then extends the file behind the
+    AioFile's back: later writes, aligned or not, land where asked and the
+    size is what the sequence of calls gives (nothing cached)."""
+    p = direct_dir / "f"
+    p.write_bytes(DATA[: 4 * MAX_ALIGNMENT])
+    fd, f = _open(p, os.O_RDWR | os.O_DIRECT)
+    other = os.open(p, os.O_RDWR)
+    shadow = bytearray(DATA[: 4 * MAX_ALIGNMENT])
+
+    def write(offset: int, payload: bytes) -> None:
+        buf = aligned_buffer(len(payload))
+        buf[:] = payload
+        assert ops.write(SC, f, [buf], offset, len(payload)) == len(payload)
+        shadow.extend(bytes(max(0, offset + len(payload) - len(shadow))))
+        shadow[offset : offset + len(payload)] = payload
+
+    try:
+        req, _ = f.alignment(SC)
+        write(100, b"a" * 50)  # the size is looked at once (it was 16384)
+        os.ftruncate(other, 4096)
+        del shadow[4096:]
+        write(8200, b"b" * 10)  # past the new end: 8210, not 16384 or 12288
+        assert os.path.getsize(p) == 8210
+        write(4100, b"c" * 10)  # within it: the size stays
+        os.ftruncate(other, 20000)
+        shadow.extend(bytes(20000 - len(shadow)))
+        write(12288, b"d" * req)
+        write(19990, b"e" * 5)
+        assert os.path.getsize(p) == 20000
+        write(19998, b"f" * 5)
+        assert _contents(p) == bytes(shadow)
+    finally:
+        os.close(fd)
+        os.close(other)
 
 
 @settings(
@@ -374,7 +525,7 @@ def test_concurrent_direct_writes_match_a_shadow(
     assert _contents(p) == bytes(shadow)
 
 
-def test_rmw_restore_retries_eintr(direct_dir: Path) -> None:
+def test_truncate_retries_eintr(direct_dir: Path) -> None:
     class Interrupted(Syscalls):
         calls = 0
 
@@ -389,8 +540,12 @@ def test_rmw_restore_retries_eintr(direct_dir: Path) -> None:
     sc = Interrupted()
     fd, f = _open(p, os.O_RDWR | os.O_DIRECT, sc)
     try:
+        # (An RMW past the end never truncates: the retry is truncate's own.)
         assert ops.write(sc, f, [memoryview(b"xyz")], 4096, 3) == 3
-        assert _contents(p) == DATA[:4096] + b"xyz"
+        assert sc.calls == 0
+        assert ops.truncate(sc, f, 4098) == 0
+        assert sc.calls == 2
+        assert _contents(p) == DATA[:4096] + b"xy"
     finally:
         os.close(fd)
 
@@ -910,14 +1065,45 @@ def test_packet_mode_pipe_is_a_stream() -> None:
 
 
 def test_within_size(direct_dir: Path) -> None:
+    """No RMW shrinks a file, so every write may go beside them."""
     p = direct_dir / "f"
     p.write_bytes(DATA[:4096])
     fd, f = _open(p, os.O_RDWR | os.O_DIRECT)
     plain, g = _open(p, os.O_RDWR)
     try:
         assert f.within_size(SC, 4096)
-        assert not f.within_size(SC, 4097)
-        assert g.within_size(SC, 1 << 30)  # only O_DIRECT files restore sizes
+        assert f.within_size(SC, 4097)
+        assert g.within_size(SC, 1 << 30)
     finally:
         os.close(fd)
         os.close(plain)
+
+
+def test_flush_errors_stick_once_a_direct_file_went_through_the_page_cache(
+    direct_dir: Path,
+) -> None:
+    """An O_DIRECT file's failed flush is not sticky (no page cache), until
+    an unaligned write put bytes past the last block edge in the page
+    cache: from then on a lost write-back fails every later flush."""
+
+    class FailingSync(Syscalls):
+        def fdatasync(self, fd: int) -> None:
+            raise OSError(errno.EIO, "write-back lost")
+
+    p = direct_dir / "f"
+    p.write_bytes(DATA[:4096])
+    sc = FailingSync()
+    fd, f = _open(p, os.O_RDWR | os.O_DIRECT, sc)
+    try:
+        buf = aligned_buffer(4096)
+        assert ops.write(sc, f, [buf], 0, 4096) == 4096  # straight to the disk
+        with pytest.raises(OSError, match="write-back lost"):
+            ops.flush(sc, f, True)
+        assert ops.flush(SC, f, True) == 0  # not sticky
+        assert ops.write(sc, f, [memoryview(b"tail")], 4096, 4) == 4
+        with pytest.raises(OSError, match="write-back lost"):
+            ops.flush(sc, f, True)
+        with pytest.raises(OSError, match="an earlier flush"):
+            ops.flush(SC, f, True)  # sticky: the kernel is not even asked
+    finally:
+        os.close(fd)

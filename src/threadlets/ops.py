@@ -20,7 +20,8 @@ Rules they implement (``../shared/reference/semantics.md`` section 3):
   the file cannot be probed it is the strictest (4096 for both).  Buffer
   lists may hold empty buffers anywhere.
 * Flush is fdatasync (fsync if asked).  After a failed flush on a buffered
-  file, later flushes fail with the same errno without calling the kernel.
+  file (or an O_DIRECT one that an RMW wrote through the page cache, see
+  below), later flushes fail with the same errno without calling the kernel.
 * "Not supported" is always ENOTSUP, and is remembered per file and kind.
 * A partial transfer followed by an error fails the request (QEMU's rule,
   which the engine keeps); the count that moved is on the exception as
@@ -35,29 +36,34 @@ Rules they implement (``../shared/reference/semantics.md`` section 3):
 
 O_DIRECT writes and the size of the file.  A write whose edges are not
 aligned reads the edge blocks, patches them and writes whole blocks
-(read-modify-write, RMW); if those blocks reach past the end of the file it
-then truncates the file back to the size the request implies.  That restore
-must never undo another request's extension of the file, so on an O_DIRECT
-regular file:
+(read-modify-write, RMW).  A whole block written past the end of the file
+would take the file past the request's end, and cutting it back (the first
+version's way) could undo another request's extension of the file (issue
+11 item 13).  So on an O_DIRECT regular file:
 
-* every RMW runs under the file's ``_rmw_lock`` (which also keeps two RMWs
-  of one block from losing each other's bytes);
-* every other request that may change the size (a write whose end is past
-  the size read under that lock, truncate, allocate, write-zeroes, a copy
-  into the file) runs under the same lock, so the size an RMW reads at its
-  start is the largest end any acknowledged request reached, and it
-  truncates back to no less than that;
-* a write that ends within that size runs beside everything else: no RMW can
-  shrink the file below a size it saw.  The engine's io_uring path asks
-  :meth:`AioFile.within_size` before it hands such a write to the kernel;
+* every RMW runs under the file's ``_rmw_lock`` (which keeps two RMWs of one
+  block from losing each other's bytes) and reads the file's size there;
+  blocks that end within that size are patched and written O_DIRECT; the
+  caller's bytes from the last block edge within the size on (``cut``) go
+  through a second descriptor of the file without O_DIRECT (the kernel keeps
+  its page cache coherent with O_DIRECT), which extends the file exactly to
+  the request's end and never shrinks it;
+* so no request ever truncates a file it did not mean to, and a write of
+  whole blocks runs beside everything else, as the kernel's own pwritev:
+  it reads no size and takes no lock (the first version took the lock and
+  an fstat per write to learn whether the write extended the file);
+* truncate, allocate, write-zeroes and copies into the file run under the
+  lock too, so an RMW's edge blocks, read and written back, cannot bring
+  back bytes that a truncate of the same :class:`AioFile` removed;
 * an O_APPEND write always extends the file: it runs under the lock, at the
-  size read there (an RMW at the end goes through a descriptor without
+  size read there (an RMW at the end goes through descriptors without
   O_APPEND, since pwritev on an O_APPEND descriptor ignores its offset).
 
 Overlapping concurrent writes have no defined order, as with the kernel's own
 O_DIRECT (an aligned write to a block that an RMW also patches may lose its
 bytes there).  The lock is per :class:`AioFile`: two descriptors of one file
-do not exclude each other.
+do not exclude each other.  Nothing caches the size: a file truncated or
+extended behind the engine's back is seen as it is by the next RMW.
 """
 
 from __future__ import annotations
@@ -120,6 +126,7 @@ class AioFile:
 
     __slots__ = (
         "_alignment",
+        "_cached_writes",
         "_flush_error",
         "_lock",
         "_rmw_lock",
@@ -168,6 +175,9 @@ class AioFile:
         self._rmw_lock = threading.Lock()
         self._alignment: tuple[int, int] | None = None
         self._flush_error = 0
+        # An O_DIRECT file written through the page cache (an RMW's bytes
+        # past the last block edge within the file): its flush errors stick.
+        self._cached_writes = False
         self._unsupported: set[str] = set()
 
     def __repr__(self) -> str:
@@ -212,15 +222,11 @@ class AioFile:
         return found
 
     def within_size(self, sc: Syscalls, end: int) -> bool:
-        """Whether a write ending at ``end`` may run beside a read-modify-
-        write of this file: True unless the file is an O_DIRECT regular file
-        whose size (read under ``_rmw_lock``) is below ``end``.  A write for
-        which it is False must go through :func:`write`, which serialises
-        it."""
-        if not (self.direct and self._sized):
-            return True
-        with self._rmw_lock:
-            return end <= self._size(sc)
+        """Whether a write of whole blocks ending at ``end`` may go to the
+        kernel beside the RMWs of this file: always, since no RMW shrinks
+        the file (see the module docstring).  Kept for the engine's io_uring
+        path, which asks before it hands an O_DIRECT write to the ring."""
+        return True
 
     def _size(self, sc: Syscalls) -> int:
         return sc.fstat(self.fd).st_size
@@ -538,11 +544,6 @@ def _direct_write(
             return _direct_append(sc, f, buffers, total, req, mem, done)
     start, end = _span(offset, total, req)
     if start == offset and end == offset + total:
-        if not f._sized:
-            return _whole_blocks(sc, f, buffers, offset, total, req, mem, done)
-        with f._rmw_lock:
-            if end > f._size(sc):  # it may extend the file: serialised
-                return _whole_blocks(sc, f, buffers, offset, total, req, mem, done)
         return _whole_blocks(sc, f, buffers, offset, total, req, mem, done)
     with f._rmw_lock:
         return _rmw(sc, f, buffers, offset, total, req, mem, done)
@@ -617,14 +618,53 @@ def _rmw(
     done: int,
     writer: int = -1,
 ) -> int:
-    """A write with partial edge blocks, under ``f._rmw_lock``: a chunk at
-    a time, read the edge blocks, patch them, write whole blocks (to
-    ``writer`` if given); then give the file back the size the request
-    implies."""
+    """A write with partial edge blocks, under ``f._rmw_lock``: the blocks
+    within the file's size are patched (to ``writer`` if given), the
+    caller's bytes from ``cut`` on go through a buffered descriptor (see the
+    module docstring)."""
+    stop = offset + total
+    cut = stop
+    if f._sized:
+        size = f._size(sc)
+        cut = min(stop, max(offset, size - size % req))
+    if cut == stop:
+        return _patch_blocks(sc, f, buffers, offset, total, req, mem, done, writer)
+    # Opened first: a refusal leaves the file as it was.
+    sync = f.flags & (os.O_SYNC | os.O_DSYNC)
+    try:
+        tail = _reopen(f.fd, os.O_WRONLY | sync)
+    except OSError as e:
+        raise _moved(e, done) from None
+    with f._lock:
+        f._cached_writes = True
+    try:
+        if cut > offset:
+            _patch_blocks(sc, f, buffers, offset, cut - offset, req, mem, done, writer)
+        try:
+            return rw_loop(sc, tail, buffers, offset, total, True, cut - offset)
+        except OSError as e:
+            raise _moved(e, max(done, _transferred(e))) from None
+    finally:
+        os.close(tail)
+
+
+def _patch_blocks(
+    sc: Syscalls,
+    f: AioFile,
+    buffers: Sequence[memoryview],
+    offset: int,
+    total: int,
+    req: int,
+    mem: int,
+    done: int,
+    writer: int,
+) -> int:
+    """Write [offset, offset + total), whose blocks are all within the file,
+    a chunk at a time: read the edge blocks, patch them, write whole blocks
+    (to ``writer`` if given)."""
     start, end = _span(offset, total, req)
     bounce = aligned_buffer(min(end - start, _chunk(req)), max(mem, req))
     stop = offset + total
-    size = f._size(sc) if f._sized else -1
     out = f.fd if writer < 0 else writer
     reader = -1
     moved = 0  # bytes written from `start` on
@@ -656,11 +696,6 @@ def _rmw(
     finally:
         if reader >= 0 and reader != f.fd:
             os.close(reader)
-        # Never below `size`: every acknowledged extension is in it.
-        reached = start + moved
-        keep = max(size, min(reached, stop))
-        if size >= 0 and reached > keep:
-            truncate(sc, f, keep, locked=True)
     return total
 
 
@@ -730,13 +765,13 @@ def flush_failed(f: AioFile, e: OSError) -> OSError:
     """What a flush that failed with ``e`` reports; remembers it where a
     later flush must fail too.  (The io_uring backend calls this with the
     kernel's errno: one rule for both.)"""
-    if e.errno in (errno.EINVAL, errno.EROFS, errno.EBADF) or f.direct:
-        # Not a lost write-back: the fd cannot be flushed at all, or the
-        # page cache was not involved.
-        return e
-    # The kernel may have dropped the dirty pages: a later "success" would
-    # lie, so every later flush fails the same way.
+    if e.errno in (errno.EINVAL, errno.EROFS, errno.EBADF):
+        return e  # not a lost write-back: the fd cannot be flushed at all
     with f._lock:
+        if f.direct and not f._cached_writes:
+            return e  # the page cache was not involved
+        # The kernel may have dropped the dirty pages: a later "success"
+        # would lie, so every later flush fails the same way.
         f._flush_error = e.errno or errno.EIO
     return e
 
@@ -819,9 +854,8 @@ def write_zeroes(sc: Syscalls, f: AioFile, offset: int, length: int) -> int:
     return 0
 
 
-def truncate(sc: Syscalls, f: AioFile, length: int, locked: bool = False) -> int:
-    """ftruncate; ``locked``: the caller holds ``f._rmw_lock``."""
-    guard = f._rmw_lock if f.direct and f._sized and not locked else None
+def truncate(sc: Syscalls, f: AioFile, length: int) -> int:
+    guard = f._rmw_lock if f.direct and f._sized else None
     if guard is not None:
         guard.acquire()
     try:
