@@ -1064,21 +1064,6 @@ def test_packet_mode_pipe_is_a_stream() -> None:
         os.close(w)
 
 
-def test_within_size(direct_dir: Path) -> None:
-    """No RMW shrinks a file, so every write may go beside them."""
-    p = direct_dir / "f"
-    p.write_bytes(DATA[:4096])
-    fd, f = _open(p, os.O_RDWR | os.O_DIRECT)
-    plain, g = _open(p, os.O_RDWR)
-    try:
-        assert f.within_size(SC, 4096)
-        assert f.within_size(SC, 4097)
-        assert g.within_size(SC, 1 << 30)
-    finally:
-        os.close(fd)
-        os.close(plain)
-
-
 def test_flush_errors_stick_once_a_direct_file_went_through_the_page_cache(
     direct_dir: Path,
 ) -> None:

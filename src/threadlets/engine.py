@@ -1023,8 +1023,8 @@ class _RingBackend:
             request_align, buffer_align = f.alignment(t.sc)
             if pos % request_align or length % request_align:
                 return False  # the threads' bounce buffer handles it
-            if t.write and not f.within_size(t.sc, pos + length):
-                return False  # it extends the file: ops serialises it (see ops)
+            # (A write of whole blocks goes beside ops' RMWs even where it
+            # extends the file: no RMW shrinks a file; see ops.)
         else:
             request_align = buffer_align = 1
         offset = pos if f.positional else _CURRENT_POSITION  # a pipe has no offset

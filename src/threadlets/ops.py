@@ -221,13 +221,6 @@ class AioFile:
             self._alignment = found
         return found
 
-    def within_size(self, sc: Syscalls, end: int) -> bool:
-        """Whether a write of whole blocks ending at ``end`` may go to the
-        kernel beside the RMWs of this file: always, since no RMW shrinks
-        the file (see the module docstring).  Kept for the engine's io_uring
-        path, which asks before it hands an O_DIRECT write to the ring."""
-        return True
-
     def _size(self, sc: Syscalls) -> int:
         return sc.fstat(self.fd).st_size
 
