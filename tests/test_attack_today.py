@@ -1,0 +1,96 @@
+"""An outside attacker's regressions for the engine's openat/stat/close_fd
+requests and their front ends: each test is a break that was found (and
+failed on the code before its fix)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from threadlets.engine import AioContext
+
+
+@pytest.fixture
+def ctx(backend: str) -> Iterator[AioContext]:
+    c = AioContext(backend=backend)
+    yield c
+    assert c.close(timeout=10)
+
+
+def _os_error(fn: Callable[[], Any]) -> BaseException:
+    with pytest.raises(BaseException) as info:
+        fn()
+    return info.value
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        ("openat", ("f", os.O_RDONLY | os.O_CREAT, 2**40), {}),
+        ("openat", ("f", os.O_RDONLY, 2**31), {}),
+        ("openat", ("f", 2**40), {}),
+        ("openat", ("f", -(2**31) - 1), {}),
+        ("openat", ("f", os.O_RDONLY), {"dir_fd": 2**31}),
+        ("stat", (2**31,), {}),
+        ("stat", (2**40,), {}),
+        ("stat", ("f",), {"dir_fd": 2**31}),
+        ("close_fd", (2**31,), {}),
+        ("close_fd", (2**64,), {}),
+    ],
+)
+def test_numbers_past_a_c_int_raise_at_once_as_os_does(
+    ctx: AioContext, tmp_path: Path, call: tuple[str, tuple[Any, ...], dict[str, Any]]
+) -> None:
+    """os.open/os.stat/os.close raise OverflowError before doing anything;
+    the requests raised it only from the request (a started request, a
+    callback run, and a file perhaps made)."""
+    name, args, kwargs = call
+    if args and args[0] == "f":
+        args = (str(tmp_path / "f"), *args[1:])
+    reference = {"openat": os.open, "stat": os.stat, "close_fd": os.close}[name]
+    expected = _os_error(lambda: reference(*args, **kwargs))
+    assert type(expected) is OverflowError
+    calls: list[object] = []
+    with pytest.raises(OverflowError) as info:
+        getattr(ctx, name)(*args, **kwargs, callback=calls.append)
+    assert str(info.value) == str(expected)
+    assert not calls
+    assert not (tmp_path / "f").exists()
+
+
+def test_close_fd_closes_an_io_uring_descriptor_as_os_close_does(ctx: AioContext) -> None:
+    """IORING_OP_CLOSE refuses an io_uring descriptor with EBADF (and
+    closes nothing) where os.close closes it: the request said EBADF and
+    the descriptor stayed open."""
+    other = AioContext(backend="io_uring") if ctx.backend == "io_uring" else None
+    if other is None:
+        pytest.skip("the ring's close only")
+    try:
+        ring_fds = [
+            int(fd)
+            for fd in os.listdir("/proc/self/fd")
+            if _link(int(fd)) == "anon_inode:[io_uring]"
+        ]
+        assert ring_fds
+        fd = os.dup(ring_fds[0])
+        assert ctx.close_fd(fd).result(timeout=10) == 0
+        with pytest.raises(OSError) as info:
+            os.fstat(fd)
+        assert info.value.errno == 9
+        # Nothing open there: os.close's EBADF, as before.
+        with pytest.raises(OSError) as info:
+            ctx.close_fd(fd).result(timeout=10)
+        assert info.value.errno == 9
+    finally:
+        assert other.close(timeout=10)
+
+
+def _link(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return ""
