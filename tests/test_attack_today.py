@@ -4,7 +4,10 @@ failed on the code before its fix)."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -94,3 +97,55 @@ def _link(fd: int) -> str:
         return os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         return ""
+
+
+def test_an_aiocb_queued_across_a_return_to_the_runtimes_own_context_runs_there(
+    backend: str,
+) -> None:
+    """set_context(None) (a use_context block ends) hands later requests to
+    the runtime's own context, made on first use.  An O_APPEND write that
+    waited its turn across it stayed on the context given before when the
+    own one had not been made yet: closing that context (it is the
+    caller's again) refused the write, which failed with ECANCELED where
+    glibc (and threadlets with an own context already made) wrote it."""
+    from threadlets import posix
+
+    from .conftest import wait_until
+
+    given = AioContext(backend=backend, deliver=False)
+    rt = posix.PosixAio()
+    r, w = os.pipe()
+    try:
+        fcntl.fcntl(w, fcntl.F_SETFL, os.O_APPEND)
+        filled = 0
+        os.set_blocking(w, False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                filled += os.write(w, b"\0" * 65536)
+        os.set_blocking(w, True)
+        first = posix.aiocb(w, 0, b"1" * 10)
+        second = posix.aiocb(w, 0, b"2" * 10)
+        with rt.use_context(given):
+            rt.aio_write(first)  # blocks in write(2): the pipe is full
+            rt.aio_write(second)  # waits behind it (O_APPEND order)
+        closer = threading.Thread(target=given.close, kwargs={"timeout": 10})
+        closer.start()
+        wait_until(lambda: given._cq.closing)
+        got = b""
+        while len(got) < filled + 10:
+            got += os.read(r, 1 << 20)
+        rt.aio_suspend([second], 10)
+        os.set_blocking(r, False)
+        with contextlib.suppress(BlockingIOError):
+            got += os.read(r, 1 << 20)
+        assert (rt.aio_error(first), rt.aio_return(first)) == (0, 10)
+        assert (rt.aio_error(second), rt.aio_return(second)) == (0, 10)
+        assert got[filled:] == b"1" * 10 + b"2" * 10
+        closer.join(10)
+    finally:
+        os.close(r)
+        os.close(w)
+        given.close(timeout=10)
+        own = rt._own
+        if own is not None:
+            own.close(timeout=10)
