@@ -149,3 +149,17 @@ def test_an_aiocb_queued_across_a_return_to_the_runtimes_own_context_runs_there(
         own = rt._own
         if own is not None:
             own.close(timeout=10)
+
+
+def test_an_output_file_check_through_a_dangling_symlink_leaves_nothing(tmp_path: Path) -> None:
+    """bench --plot/--markdown try the path by opening it for writing, and
+    remove what the try made.  Through a dangling symlink the try made the
+    link's target, and left it (the link existed): an empty file stayed
+    behind wherever the link pointed, even if bench never got to write."""
+    from threadlets import cli
+
+    link = tmp_path / "plot.png"
+    link.symlink_to(tmp_path / "target.png")
+    assert cli._output_file(str(link)) == str(link)
+    assert not (tmp_path / "target.png").exists()
+    assert link.is_symlink()
