@@ -163,3 +163,35 @@ def test_an_output_file_check_through_a_dangling_symlink_leaves_nothing(tmp_path
     assert cli._output_file(str(link)) == str(link)
     assert not (tmp_path / "target.png").exists()
     assert link.is_symlink()
+
+
+def test_a_close_after_the_loops_context_closed_still_closes(tmp_path: Path) -> None:
+    """A close that waits (a write is buffered) ends with a close request
+    on the ring; with the loop's context closed that request is refused at
+    once, and the descriptor stayed open for good (before the ring took
+    closes, os.close closed it)."""
+    import asyncio
+
+    import threadlets
+    from threadlets import awaitable as aw
+
+    from .conftest import HAVE_RING
+
+    if not HAVE_RING:
+        pytest.skip("no io_uring here")
+
+    async def main() -> int:
+        f = await threadlets.open(tmp_path / "x", "wb")
+        await f.write(b"abc")
+        ctx = aw.current().ctx
+        if ctx.backend != "io_uring":
+            pytest.skip("the loop's context is not on the ring")
+        fd = f.fileno()
+        assert ctx.close(timeout=10)
+        with pytest.raises(RuntimeError):
+            await f.close()  # (the buffered write could not be sent)
+        return fd
+
+    fd = asyncio.run(main())
+    with pytest.raises(OSError):
+        os.fstat(fd)
