@@ -1088,7 +1088,13 @@ class AsyncFile:
         """_release, with the close(2) in the kernel's hands (where a file
         system's flush-on-close blocks, it blocks there).  Run shielded: a
         close request is never cancelled."""
-        req = self._ctx.close_fd(self._fd)
+        try:
+            req = self._ctx.close_fd(self._fd)
+        except Exception:
+            # Refused at once (the context is closed): closed here, as
+            # before the ring took closes -- never left open.
+            self._release()
+            return
         await self._run(req)
 
     def _release(self) -> None:

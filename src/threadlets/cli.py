@@ -184,7 +184,10 @@ def _output_file(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is a directory")
     if not os.path.isdir(parent):
         raise argparse.ArgumentTypeError(f"no such directory: {parent!r}")
-    existed = os.path.lexists(text)
+    # (Through a symlink the open makes the link's target: that is what
+    # to remove, the link itself stays.)
+    made = os.path.realpath(text)
+    existed = os.path.lexists(made)
     try:
         # (O_NONBLOCK: a FIFO without a reader says ENXIO instead of hanging.)
         fd = os.open(text, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
@@ -193,7 +196,7 @@ def _output_file(text: str) -> str:
     os.close(fd)
     if not existed:
         with contextlib.suppress(OSError):
-            os.unlink(text)
+            os.unlink(made)
     return text
 
 

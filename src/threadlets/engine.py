@@ -332,8 +332,24 @@ def _path_bytes(path: object, fn: str, fd_ok: bool = False) -> tuple[str | bytes
     return p, encoded
 
 
+def _c_int(value: object) -> int:
+    """An int that os takes as a C int, refused at once as os refuses it."""
+    n = operator.index(value)  # type: ignore[arg-type]
+    if not -(2**31) <= n <= _MAX_FD:
+        raise OverflowError("Python int too large to convert to C int")
+    return n
+
+
+def _os_fd(fd: object) -> int:
+    """A descriptor os would take (os says OverflowError past a C int)."""
+    n = _check_fd(fd)
+    if n > _MAX_FD:
+        raise OverflowError("fd is greater than maximum")
+    return n
+
+
 def _dir_fd(dir_fd: object) -> int:
-    return uring.AT_FDCWD if dir_fd is None else _check_fd(dir_fd)
+    return uring.AT_FDCWD if dir_fd is None else _os_fd(dir_fd)
 
 
 class _OsOp(_FileOp):
@@ -384,9 +400,8 @@ class _OpenOp(_OsOp):
         if (
             uring.OP_OPENAT not in supported
             or not flags & _RING_OPEN_FLAGS
-            or not 0 <= flags <= 0xFFFFFFFF
-            or not 0 <= self.mode <= 0xFFFFFFFF
-            or self.dir_fd > _MAX_FD
+            or flags < 0
+            or self.mode < 0
         ):
             return None  # (the worker gives os.open's answer)
         # IORING_OP_OPENAT: the path in addr, the mode in len, the flags in
@@ -427,7 +442,7 @@ class _StatOp(_OsOp):
         return os.stat(self.target, dir_fd=dir_fd, follow_symlinks=self.follow)  # type: ignore[arg-type]
 
     def sqe(self, supported: frozenset[int]) -> tuple[int, int, int, int, int, int] | None:
-        if uring.OP_STATX not in supported or self.dir_fd > _MAX_FD:
+        if uring.OP_STATX not in supported:
             return None
         flags = 0 if self.follow else uring.AT_SYMLINK_NOFOLLOW
         if isinstance(self.target, int):
@@ -454,8 +469,10 @@ class _StatOp(_OsOp):
 
 
 class _CloseOp(_OsOp):
-    """``os.close(fd)``.  Never repeated: whatever close answers, the
-    number is free afterwards, and may already be another file's."""
+    """``os.close(fd)``.  Never repeated once the kernel closed it:
+    whatever close answers then, the number is free afterwards, and may
+    already be another file's.  (The ring's EBADF closed nothing: the
+    worker's os.close answers instead.)"""
 
     __slots__ = ("fd",)
 
@@ -467,13 +484,18 @@ class _CloseOp(_OsOp):
         return 0
 
     def sqe(self, supported: frozenset[int]) -> tuple[int, int, int, int, int, int] | None:
-        if uring.OP_CLOSE not in supported or self.fd > _MAX_FD:
+        if uring.OP_CLOSE not in supported:
             return None
         return (uring.OP_CLOSE, self.fd, 0, 0, 0, 0)
 
     def outcome(self, res: int) -> tuple[Any, BaseException | None] | None:
         if res >= 0:
             return 0, None
+        if res == -errno.EBADF:
+            # The ring's close refuses an io_uring descriptor (os.close takes
+            # it); the kernel closed nothing, so the worker's os.close gives
+            # the answer (EBADF again where nothing is open).
+            return None
         err = errno.EINTR if -res in _RESTART_ERRNOS else -res
         return None, OSError(err, os.strerror(err))
 
@@ -1759,7 +1781,7 @@ class AioContext:
         its descriptor in its result: the caller closes it, even if it
         asked to cancel and was told NOTCANCELED."""
         _check_callback(callback)
-        op = _OpenOp(path, operator.index(flags), operator.index(mode), _dir_fd(dir_fd))
+        op = _OpenOp(path, _c_int(flags), _c_int(mode), _dir_fd(dir_fd))
         return self._start(AioRequest(self, "openat", None, (), callback, op))
 
     def stat(
@@ -1782,7 +1804,7 @@ class AioContext:
                 raise ValueError("stat: can't specify dir_fd without matching path")
             if not follow_symlinks:
                 raise ValueError("stat: cannot use fd and follow_symlinks together")
-            fd = _check_fd(path)
+            fd = _os_fd(path)
             op = _StatOp(fd, fd, True)
         else:
             op = _StatOp(path, _dir_fd(dir_fd), bool(follow_symlinks))
@@ -1795,7 +1817,9 @@ class AioContext:
         os.close: with the file they started on.  Never repeated: after
         any answer the number is free."""
         _check_callback(callback)
-        self.forget(_check_fd(fd))
+        if _check_fd(fd) > _MAX_FD:
+            raise OverflowError("Python int too large to convert to C int")
+        self.forget(fd)
         return self._start(AioRequest(self, "close", None, (), callback, _CloseOp(fd)))
 
     def call(

@@ -754,10 +754,13 @@ class PosixAio:
         _lock."""
         ctx = cb._ctx
         current = self._given or self._own
-        if ctx is not current and current is not None:
+        if ctx is not current:
             # set_context() since it was accepted (it waited behind an
             # O_APPEND write or for an fsync's turn): it runs on the context
-            # in use now, once that one's memory of the fd is checked.
+            # in use now -- after set_context(None) the runtime's own, made
+            # here if it was not yet -- once that one's memory of the fd is
+            # checked.
+            current = self.context
             ident = _identity(cb._fd, True)
             with self._lock:
                 self._note_identity(current, cb._fd, ident)
