@@ -125,6 +125,10 @@ def _posix(path: str, offs: list[int], sec: float) -> tuple[float, float]:
     return n / el, cpu / n * 1e6
 
 
+#: The loops' own functions (what bytecodes_per_request.py leaves out).
+LOOP_FUNCTIONS = ("_direct", "_cached", "_posix")
+
+
 def child(path: str, sec: float) -> None:
     offs = [random.Random(1).randrange((16 << 20) // BLOCK) * BLOCK for _ in range(10000)]
     out = [
