@@ -255,6 +255,20 @@ class _PauseWrite(Syscalls):
         return super().pwritev(fd, buffers, offset, flags)
 
 
+def _rmw_in_thread(sc: Syscalls, f: AioFile) -> tuple[threading.Thread, list[BaseException]]:
+    """A thread (not started) that writes 10 B at 4100 (an RMW of a file of
+    4096 B), and the list where it puts what it raised."""
+    errors: list[BaseException] = []
+
+    def rmw() -> None:
+        try:
+            assert ops.write(sc, f, [memoryview(b"B" * 10)], 4100, 10) == 10
+        except BaseException as e:  # reported by the test
+            errors.append(e)
+
+    return threading.Thread(target=rmw), errors
+
+
 @pytest.mark.parametrize("extend", ["write", "truncate", "allocate", "write_zeroes", "copy_range"])
 def test_rmw_size_restore_keeps_a_concurrent_extension(direct_dir: Path, extend: str) -> None:
     """File of 4096 B; an RMW of 10 B at 4100 and, while it is between
@@ -274,15 +288,7 @@ def test_rmw_size_restore_keeps_a_concurrent_extension(direct_dir: Path, extend:
     f._rmw_lock = _SpyLock(progressed, threading.current_thread())  # type: ignore[assignment]
     aligned = aligned_buffer(4096)
     aligned[:] = b"A" * 4096
-    errors: list[BaseException] = []
-
-    def rmw() -> None:
-        try:
-            assert ops.write(sc, f, [memoryview(b"B" * 10)], 4100, 10) == 10
-        except BaseException as e:  # reported by the test
-            errors.append(e)
-
-    t = threading.Thread(target=rmw)
+    t, errors = _rmw_in_thread(sc, f)
     try:
         t.start()
         assert sc.paused.wait(10)  # the RMW read the size and holds the lock
@@ -358,15 +364,7 @@ def test_aligned_extension_does_not_wait_for_an_rmw(direct_dir: Path) -> None:
     fd, f = _open(p, os.O_RDWR | os.O_DIRECT, sc)
     aligned = aligned_buffer(4096)
     aligned[:] = b"A" * 4096
-    errors: list[BaseException] = []
-
-    def rmw() -> None:
-        try:
-            assert ops.write(sc, f, [memoryview(b"B" * 10)], 4100, 10) == 10
-        except BaseException as e:  # reported by the test
-            errors.append(e)
-
-    t = threading.Thread(target=rmw)
+    t, errors = _rmw_in_thread(sc, f)
     try:
         t.start()
         assert sc.paused.wait(10)

@@ -1215,13 +1215,12 @@ def test_identity_matches_the_os_modules_answer(tmp_path: Path) -> None:
             fds.append(os.open(p, os.O_RDONLY | O_DIRECT))
     try:
         for fd in fds:
-            for full in (False, True):
-                assert px._identity(fd, full) == px._identity_os(fd, full)
+            assert px._identity(fd) == px._identity_os(fd)
         closed = os.open(p, os.O_RDONLY)
         os.close(closed)
         for bad in (closed, -1, 2**31, 2**40):
-            assert px._identity(bad, True) is None
-            assert px._identity_os(bad, True) is None
+            assert px._identity(bad) is None
+            assert px._identity_os(bad) is None
     finally:
         for fd in fds:
             os.close(fd)

@@ -220,17 +220,40 @@ class _Transfer:
         return n
 
 
-class _FileOp:
-    """A flush or a space request (discard, allocate, write_zeroes), named:
-    what ops, the ring and the worker share.  :meth:`run` is the worker
-    path, the reference; :meth:`sqe` says what the ring would do instead
-    (None: it cannot), and :meth:`outcome` reads the kernel's answer by
-    ops' rules (sticky flush errors, remembered ENOTSUP), or asks for the
-    worker (EINTR; write_zeroes' fallbacks)."""
+class _RingOp:
+    """A request that is one system call other than a transfer, named: what
+    the ring and the worker share.  :meth:`run` is the worker path, the
+    reference; :meth:`sqe` says what the ring would do instead (None: it
+    cannot); :meth:`outcome` reads the kernel's answer into (result,
+    exception), or None: the worker finishes it; :meth:`abandon` releases
+    what the kernel made when its answer reaches nobody."""
 
-    __slots__ = ("datasync", "file", "kind", "length", "offset", "sc")
+    __slots__ = ()
 
     done = 0  # (moves no data: a cancel that wins touched nothing)
+
+    def run(self) -> Any:
+        raise NotImplementedError
+
+    def sqe(self, supported: frozenset[int]) -> tuple[int, int, int, int, int, int] | None:
+        """(opcode, fd, offset, addr, len, op flags) for the ring, or None."""
+        raise NotImplementedError
+
+    def outcome(self, res: int) -> tuple[Any, BaseException | None] | None:
+        raise NotImplementedError
+
+    def abandon(self, res: int) -> None:
+        """The kernel's answer ``res`` reaches nobody (an interrupt cut its
+        completion short): release what it made.  Nothing here."""
+
+
+class _FileOp(_RingOp):
+    """A flush or a space request (discard, allocate, write_zeroes) on an
+    :class:`AioFile`: the ring's answer is read by ops' rules (sticky flush
+    errors, remembered ENOTSUP), and the worker finishes EINTR and
+    write_zeroes' fallbacks."""
+
+    __slots__ = ("datasync", "file", "kind", "length", "offset", "sc")
 
     def __init__(
         self,
@@ -261,12 +284,7 @@ class _FileOp:
     def _name(self) -> str:
         return "zero_range" if self.kind == "write_zeroes" else self.kind
 
-    def abandon(self, res: int) -> None:
-        """The kernel's answer ``res`` reaches nobody (an interrupt cut its
-        completion short): release what it made.  Nothing here."""
-
     def sqe(self, supported: frozenset[int]) -> tuple[int, int, int, int, int, int] | None:
-        """(opcode, fd, offset, addr, len, op flags) for the ring, or None."""
         f = self.file
         if self.kind == "flush":
             if uring.OP_FSYNC not in supported:
@@ -288,7 +306,6 @@ class _FileOp:
         return (uring.OP_FALLOCATE, f.fd, self.offset, self.length, mode, 0)
 
     def outcome(self, res: int) -> tuple[int | None, BaseException | None] | None:
-        """(result, exception) to finish with, or None: the worker finishes it."""
         if res >= 0:
             return 0, None
         err = -res
@@ -352,15 +369,18 @@ def _dir_fd(dir_fd: object) -> int:
     return uring.AT_FDCWD if dir_fd is None else _os_fd(dir_fd)
 
 
-class _OsOp(_FileOp):
-    """An os call that may run on the ring: the base of the front ends'
-    requests, OPENAT, STATX, CLOSE.  A :class:`_FileOp` for the engine (same ``_start_op``
-    path, same cancel), with no :class:`AioFile`: :meth:`run` is the os
-    call, the reference; :meth:`sqe` what the ring does instead, and
-    :meth:`outcome` reads its answer into what the os call returns or
-    raises.  The op holds the memory the kernel reads and writes (the
-    NUL-terminated path, the statx buffer) until the completion: the ring's
-    callback holds the op."""
+def _os_dir_fd(dir_fd: int) -> int | None:
+    """What os takes for the ring's dir_fd."""
+    return None if dir_fd == uring.AT_FDCWD else dir_fd
+
+
+class _OsOp(_RingOp):
+    """An os call that may run on the ring: the front ends' OPENAT, STATX,
+    CLOSE, with no :class:`AioFile`.  :meth:`run` is the os call, the
+    reference; :meth:`outcome` reads the kernel's answer into what the os
+    call returns or raises.  The op holds the memory the kernel reads and
+    writes (the NUL-terminated path, the statx buffer) until the
+    completion: the ring's callback holds the op."""
 
     __slots__ = ()
 
@@ -391,8 +411,7 @@ class _OpenOp(_OsOp):
         self.dir_fd = dir_fd
 
     def run(self) -> int:
-        dir_fd = None if self.dir_fd == uring.AT_FDCWD else self.dir_fd
-        return os.open(self.path, self.flags, self.mode, dir_fd=dir_fd)
+        return os.open(self.path, self.flags, self.mode, dir_fd=_os_dir_fd(self.dir_fd))
 
     def sqe(self, supported: frozenset[int]) -> tuple[int, int, int, int, int, int] | None:
         # os.open adds O_CLOEXEC (PEP 446); so does the ring's.
@@ -438,8 +457,11 @@ class _StatOp(_OsOp):
     def run(self) -> Any:
         if isinstance(self.target, int):
             return os.stat(self.target)
-        dir_fd = None if self.dir_fd == uring.AT_FDCWD else self.dir_fd
-        return os.stat(self.target, dir_fd=dir_fd, follow_symlinks=self.follow)  # type: ignore[arg-type]
+        return os.stat(
+            self.target,  # type: ignore[arg-type]
+            dir_fd=_os_dir_fd(self.dir_fd),
+            follow_symlinks=self.follow,
+        )
 
     def sqe(self, supported: frozenset[int]) -> tuple[int, int, int, int, int, int] | None:
         if uring.OP_STATX not in supported:
@@ -531,7 +553,7 @@ class AioRequest(Threadlet[int]):
         fn: Callable[..., Any] | None,
         args: tuple[Any, ...],
         callback: Callback | None,
-        transfer: _Transfer | _FileOp | None = None,
+        transfer: _Transfer | _RingOp | None = None,
     ) -> None:
         # Threadlet.__init__ spelled out: this runs once per request.
         self._queue = ctx._queue
@@ -1002,8 +1024,8 @@ def _views(buffers: object, writable: bool) -> tuple[list[memoryview], int]:
 
 class _RingBackend:
     """The requests a context's ring takes: reads and writes (one buffer,
-    or READV/WRITEV), and the :class:`_FileOp` kinds (flush, space, and the
-    os calls of :class:`_OsOp`).
+    or READV/WRITEV), and the :class:`_RingOp` kinds (flush and space
+    requests, and the os calls of :class:`_OsOp`).
 
     :meth:`start` claims a request (QUEUED -> RUNNING) and hands it to the
     kernel, or returns False and leaves it QUEUED for the pool.  The
@@ -1018,7 +1040,7 @@ class _RingBackend:
 
     def start(self, req: AioRequest) -> bool:
         t = req._transfer
-        if isinstance(t, _FileOp):
+        if isinstance(t, _RingOp):
             return self._start_op(req, t)
         if t is None or t.done == t.total:
             return False  # not a transfer, or nothing left
@@ -1137,13 +1159,13 @@ class _RingBackend:
         req._ring_ident = ident
         return True
 
-    def _start_op(self, req: AioRequest, op: _FileOp) -> bool:
+    def _start_op(self, req: AioRequest, op: _RingOp) -> bool:
         sqe = op.sqe(self.ring.supported)
         if sqe is None:
             return False
         return self._submit(req, *sqe, lambda res: self._op_done(req, op, res))
 
-    def _op_done(self, req: AioRequest, op: _FileOp, res: int) -> None:
+    def _op_done(self, req: AioRequest, op: _RingOp, res: int) -> None:
         req._on_ring = False
         try:
             if res == -errno.ECANCELED and req._cancel_asked:

@@ -170,15 +170,14 @@ def _is_open(fd: int) -> bool:
     return True
 
 
-def _identity(fd: int, full: bool) -> _Identity | None:
+def _identity(fd: int) -> _Identity | None:
     """(F_GETFL flags with the file type above them, st_dev, st_ino) of an
     open fd, or None if it is not one.  The type (S_IFMT, shifted left 32
     bits) always counts: the engine's memory of an fd says whether it is a
     stream and whether it takes positional calls, so a pipe reusing a
     regular file's number with the same flags (or the reverse) must be
     noticed.  The fstat that gives the type gives st_dev and st_ino too, so
-    every reuse by another file is noticed (``full`` is kept for callers;
-    it no longer changes the answer).  Both calls keep the GIL where they can
+    every reuse by another file is noticed.  Both calls keep the GIL where they can
     (syscalls.quick_syscall; see syscall_holding_the_gil for why): a
     submission then hands the ring's reaper no chance to wake for each
     completion."""
@@ -186,7 +185,7 @@ def _identity(fd: int, full: bool) -> _Identity | None:
         return None
     quick = _quick_syscall
     if quick is None:
-        return _identity_os(fd, full)
+        return _identity_os(fd)
     flags = quick(NR_FCNTL, fd, _F_GETFL)
     if flags < 0:
         return None
@@ -202,7 +201,7 @@ _S_IFMT = 0o170000
 _Stat = ctypes.c_uint64 * 18  # struct stat (144 bytes on x86-64)
 
 
-def _identity_os(fd: int, full: bool) -> _Identity | None:
+def _identity_os(fd: int) -> _Identity | None:
     """_identity through the os module (where raw system calls are not
     known)."""
     if not 0 <= fd <= _FD_MAX:
@@ -539,14 +538,14 @@ class PosixAio:
         """Queue a read of ``aio_nbytes`` at ``aio_offset`` into ``aio_buf``."""
         _check_common(cb)
         view = _buffer(cb, writable=True)
-        self._submit([(cb, "read", view, _identity(cb.aio_fildes, False))], None)
+        self._submit([(cb, "read", view, _identity(cb.aio_fildes))], None)
 
     def aio_write(self, cb: aiocb) -> None:
         """Queue a write of ``aio_buf[:aio_nbytes]`` at ``aio_offset`` (at the
         end of the file, in call order, for an O_APPEND fd)."""
         _check_common(cb)
         view = _buffer(cb, writable=False)
-        self._submit([(cb, "write", view, _identity(cb.aio_fildes, False))], None)
+        self._submit([(cb, "write", view, _identity(cb.aio_fildes))], None)
 
     def aio_fsync(self, op: int, cb: aiocb) -> None:
         """Queue an fsync (``op`` os.O_SYNC) or fdatasync (os.O_DSYNC) of
@@ -555,7 +554,7 @@ class PosixAio:
         if op not in (os.O_SYNC, dsync):
             raise _einval("op must be os.O_SYNC or os.O_DSYNC")
         _check_common(cb)
-        ident = _identity(cb.aio_fildes, True)
+        ident = _identity(cb.aio_fildes)
         if ident is None:
             raise _ebadf()
         self._submit([(cb, "fsync" if op == os.O_SYNC else "fdatasync", None, ident)], None)
@@ -590,7 +589,7 @@ class PosixAio:
             work.append((c, "read" if op == LIO_READ else "write", view, None))
         if len({id(c) for c, _, _, _ in work}) != len(work):
             raise _einval("the same aiocb appears twice in the list")
-        work = [(c, op, view, _identity(c.aio_fildes, False)) for c, op, view, _ in work]
+        work = [(c, op, view, _identity(c.aio_fildes)) for c, op, view, _ in work]
         group_sigev = None if mode == LIO_WAIT or sigevent is None else sigevent._copy()
         if not work:
             if group_sigev is not None:
@@ -705,19 +704,13 @@ class PosixAio:
         known = self._identities.get(fd)
         if known == ident:
             return
-        if ident is None:  # closed
-            if known is not None:
-                ctx.forget(fd)
-                del self._identities[fd]
-        elif known is None or (
-            known[0] == ident[0] and (known[1] == -1 or ident[1] == -1 or known == ident)
-        ):
-            if known is None or ident[1] != -1:  # (the same file, as far as we know)
-                self._identities[fd] = ident
-        else:
-            # Reused for another file, or its flags changed: what the
-            # engine remembers about this fd number is stale.
+        if known is not None:
+            # Closed, or reused for another file, or its flags changed: what
+            # the engine remembers about this fd number is stale.
             ctx.forget(fd)
+        if ident is None:
+            self._identities.pop(fd, None)
+        else:
             self._identities[fd] = ident
 
     def _run(self, after: _After, raising: bool) -> None:
@@ -761,7 +754,7 @@ class PosixAio:
             # here if it was not yet -- once that one's memory of the fd is
             # checked.
             current = self.context
-            ident = _identity(cb._fd, True)
+            ident = _identity(cb._fd)
             with self._lock:
                 self._note_identity(current, cb._fd, ident)
             ctx = cb._ctx = current
