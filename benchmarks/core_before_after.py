@@ -129,15 +129,16 @@ def _posix(path: str, offs: list[int], sec: float) -> tuple[float, float]:
 LOOP_FUNCTIONS = ("_direct", "_cached", "_posix")
 
 
-def child(path: str, sec: float) -> None:
+def child(path: str, sec: float, which: list[int]) -> None:
     offs = [random.Random(1).randrange((16 << 20) // BLOCK) * BLOCK for _ in range(10000)]
-    out = [
-        _direct(path, offs, sec, "io_uring"),
-        _direct(path, offs, sec, "threads"),
-        _cached(path, offs, sec, "io_uring"),
-        _cached(path, offs, sec, "threads"),
-        _posix(path, offs, sec),
+    run = [
+        lambda: _direct(path, offs, sec, "io_uring"),
+        lambda: _direct(path, offs, sec, "threads"),
+        lambda: _cached(path, offs, sec, "io_uring"),
+        lambda: _cached(path, offs, sec, "threads"),
+        lambda: _posix(path, offs, sec),
     ]
+    out = [run[k]() for k in which]
     print(" ".join(f"{a:.1f} {b:.2f}" for a, b in out))
 
 
@@ -147,10 +148,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=1.5)
     parser.add_argument("--directory", default=tempfile.gettempdir())
+    parser.add_argument(
+        "--loops",
+        default=",".join(str(k + 1) for k in range(len(LOOPS))),
+        help="which loops, by number: " + ", ".join(f"{k + 1} {n}" for k, n in enumerate(LOOPS)),
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    try:
+        which = [int(x) - 1 for x in args.loops.split(",")]
+    except ValueError:
+        parser.error("--loops takes numbers separated by commas")
+    if not which or not all(0 <= k < len(LOOPS) for k in which):
+        parser.error(f"--loops: numbers from 1 to {len(LOOPS)}")
     if args.child:
-        child(args.child, args.seconds)
+        child(args.child, args.seconds, which)
         return
     if not args.trees:
         parser.error("give at least one source tree")
@@ -166,14 +178,16 @@ def main() -> None:
             for tree in args.trees:
                 env = dict(os.environ, PYTHONPATH=os.path.join(os.path.abspath(tree), "src"))
                 cmd = [sys.executable, __file__, "--child", path, "--seconds", str(args.seconds)]
+                cmd += ["--loops", args.loops]
                 out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
                 res[tree].append([float(x) for x in out.stdout.split()])
         first = res[args.trees[0]]
-        print("| tree | " + " | ".join(f"{name}: ops/s, CPU us/req" for name in LOOPS) + " |")
-        print("|---" * (len(LOOPS) + 1) + "|")
+        names = [LOOPS[k] for k in which]
+        print("| tree | " + " | ".join(f"{name}: ops/s, CPU us/req" for name in names) + " |")
+        print("|---" * (len(names) + 1) + "|")
         for tree, rows in res.items():
             cells = []
-            for k in range(len(LOOPS)):
+            for k in range(len(names)):
                 ops = [r[2 * k] for r in rows]
                 cpu = [r[2 * k + 1] for r in rows]
                 rops = statistics.median(a / b[2 * k] for a, b in zip(ops, first, strict=True))
