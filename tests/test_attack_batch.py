@@ -782,3 +782,33 @@ def test_two_threads_processing_at_once_deliver_each_once(
         t.join(10)
         ctx.close(timeout=10)
         os.close(fd)
+
+
+def test_a_wait_inside_a_callback_runs_no_other_callback(backend: str, path: Path) -> None:
+    """A callback that waits for another request (AioRequest.wait, which
+    reaps the ring in owner mode) gets it finished, but that request's
+    callback runs after this one returns, not inside it: callbacks never
+    nest unless a callback asks for it (process_completions, ctx.wait)."""
+    fd = os.open(path, os.O_RDONLY)
+    r, w = os.pipe()
+    ctx = AioContext(backend=backend, inline=False)
+    log: list[str] = []
+    try:
+        # A pipe read: it finishes only once the first callback writes.
+        later = ctx.read(r, 0, bytearray(8), callback=lambda r: log.append("later"))
+
+        def first(_: AioRequest) -> None:
+            log.append("first")
+            os.write(w, b"x")
+            assert later.wait(10)
+            log.append("first done")
+
+        ctx.read(fd, 0, bytearray(8), callback=first)
+        assert ctx.drain(10)
+        assert log == ["first", "first done", "later"]
+        assert ctx.stats().outstanding == 0
+    finally:
+        ctx.close(timeout=10)
+        os.close(fd)
+        os.close(r)
+        os.close(w)

@@ -672,10 +672,13 @@ class AioRequest(Threadlet[int]):
     def _finished(self) -> None:
         self._transfer = None  # finished: the buffers are the caller's again
         if self._waiters or self._callbacks:
+            cq = self._ctx._cq
+            direct, cq.direct = cq.direct, 0  # (done-callbacks: as callbacks)
             try:
                 Threadlet._finished(self)
             finally:  # (a done-callback's KeyboardInterrupt outside a worker)
-                self._ctx._cq.complete(self)
+                cq.direct = direct
+                cq.complete(self)
         else:
             self._ctx._cq.complete(self)
 
@@ -813,6 +816,13 @@ class _CompletionQueue:
         self.delivered = 0
         self.wakeups = 0
         self.batches = 0
+        #: The thread reaping the ring for this queue inside
+        #: process_completions, which delivers what it finishes at once
+        #: (0: none, or it is running a callback).  A hint: where it is
+        #: not set, completions take the ready queue, always correct.
+        self.direct = 0
+        #: What it delivered so (process_completions' count).
+        self.delivered_directly = 0
 
     def unadmit(self, req: AioRequest) -> None:
         """Take back the admission of a request that reached no backend, and
@@ -843,7 +853,41 @@ class _CompletionQueue:
 
     def complete(self, req: AioRequest) -> None:
         """A request finished: queue it for delivery and wake the owner,
-        once per batch.  Any thread; never runs a callback, never raises."""
+        once per batch.  Any thread; never raises, and runs no callback --
+        except in the thread that reaps the ring for this queue inside
+        :meth:`AioContext.process_completions` (``direct``), which
+        delivers it at once, as process() would."""
+        direct = self.direct
+        if direct:
+            try:
+                me = _get_ident()
+            except BaseException:  # (Ctrl-C as the call returned)
+                self._enqueue(req)
+                raise
+            if direct == me:
+                # Plain bytecodes up to the callback's call (no lock: the
+                # GIL orders these stores, as admission's; see
+                # AioContext._start): delivered and counted from here on,
+                # even if the callback raises.  It never enters the queue.
+                req._processed = True
+                self.delivered += 1
+                self.delivered_directly += 1
+                cb = req.callback
+                if cb is not None:
+                    # While it runs, this thread is not reaping for the
+                    # queue: a wait inside it that reaps queues what it
+                    # finds, and runs no other callback inside this one.
+                    self.direct = 0
+                    try:
+                        cb(req)
+                    except Exception:
+                        log.exception("exception in completion callback of %r", req)
+                    finally:
+                        self.direct = me
+                return
+        self._enqueue(req)
+
+    def _enqueue(self, req: AioRequest) -> None:
         with self.lock:
             if not self.deliver:
                 self.delivered += 1
@@ -1040,57 +1084,78 @@ class _RingBackend:
 
     def start(self, req: AioRequest) -> bool:
         t = req._transfer
-        if isinstance(t, _RingOp):
-            return self._start_op(req, t)
-        if t is None or t.done == t.total:
-            return False  # not a transfer, or nothing left
-        f = t.file
-        if t.write and f.append:
-            return False  # the kernel picks the offset
+        if type(t) is not _Transfer:
+            return isinstance(t, _RingOp) and self._start_op(req, t)
         length = t.total - t.done
-        if length > _MAX_RING_LENGTH:
-            return False  # one SQE moves at most this much (and len is 32 bits)
+        if not length or length > _MAX_RING_LENGTH:
+            # Nothing left, or more than one SQE moves (its len is 32 bits).
+            return False
+        f = t.file
+        if f.stream or f.short_nowait or (t.write and f.append):
+            return self._start_other(req, t, length)
+        # A regular file or a block device (the common case, in few steps).
         pos = t.offset + t.done
-        stream = f.stream
-        if f.short_nowait:
-            return False  # a character device: see AioFile.short_nowait
-        if stream and t.write:
-            # A blocking writev waits for room for all of it; the kernel's
-            # ring write ends at the first partial transfer.
-            return False
-        if stream and t.sc.getfl(f.fd) & os.O_NONBLOCK:
-            # The kernel would wait for data where readv says EAGAIN at once:
-            # the pool's one readv/writev is the answer.  (Checked per
-            # request: a stream's O_NONBLOCK is often toggled.)
-            return False
-        if f.direct and not stream:
+        if f.direct:
             request_align, buffer_align = f.alignment(t.sc)
             if pos % request_align or length % request_align:
                 return False  # the threads' bounce buffer handles it
             # (A write of whole blocks goes beside ops' RMWs even where it
             # extends the file: no RMW shrinks a file; see ops.)
+            if len(t.buffers) != 1:
+                return self._start_vectored(req, t, pos, request_align, buffer_align)
+            pinned = pin_buffer(t.buffers[0])
+            if pinned is None or (pinned[0] + t.done) % buffer_align:
+                return False
         else:
-            request_align = buffer_align = 1
-        offset = pos if f.positional else _CURRENT_POSITION  # a pipe has no offset
-        if len(t.buffers) != 1:
-            return self._start_vectored(req, t, offset, request_align, buffer_align)
-        pinned = pin_buffer(t.buffers[0])
-        if pinned is None:
-            return False
-        addr, pin = pinned
-        addr += t.done
-        if addr % buffer_align:
-            return False
+            if len(t.buffers) != 1:
+                return self._start_vectored(req, t, pos, 1, 1)
+            pinned = pin_buffer(t.buffers[0])
+            if pinned is None:
+                return False
         return self._submit(
             req,
             uring.OP_WRITE if t.write else uring.OP_READ,
             f.fd,
-            offset,
-            addr,
+            pos,
+            pinned[0] + t.done,
             length,
             0,
-            # The callback holds `pin` until the kernel is done with the memory.
-            functools.partial(self._done, req, pin),
+            # The callback holds the pin until the kernel is done with the memory.
+            functools.partial(self._done, req, pinned[1]),
+        )
+
+    def _start_other(self, req: AioRequest, t: _Transfer, length: int) -> bool:
+        """start() for what is not a plain file or not a plain request: a
+        read of a pipe, socket or terminal goes to the ring; the rest to
+        the pool."""
+        f = t.file
+        if t.write or f.short_nowait:
+            # An O_APPEND write (the kernel picks the offset); a stream's
+            # write (a blocking writev waits for room for all of it, the
+            # kernel's ring write ends at the first partial transfer); a
+            # character device (see AioFile.short_nowait).
+            return False
+        if t.sc.getfl(f.fd) & os.O_NONBLOCK:
+            # The kernel would wait for data where readv says EAGAIN at once:
+            # the pool's one readv is the answer.  (Checked per request: a
+            # stream's O_NONBLOCK is often toggled.)
+            return False
+        # (O_DIRECT means nothing to a stream: no alignment.)
+        offset = t.offset + t.done if f.positional else _CURRENT_POSITION  # a pipe has none
+        if len(t.buffers) != 1:
+            return self._start_vectored(req, t, offset, 1, 1)
+        pinned = pin_buffer(t.buffers[0])
+        if pinned is None:
+            return False
+        return self._submit(
+            req,
+            uring.OP_READ,
+            f.fd,
+            offset,
+            pinned[0] + t.done,
+            length,
+            0,
+            functools.partial(self._done, req, pinned[1]),
         )
 
     def _start_vectored(
@@ -1877,23 +1942,33 @@ class AioContext:
             if ring.owner_mode and ring.usable:
                 # The kernel writes the eventfd too: clear it, then reap, so
                 # a completion posted after the reap leaves it readable.
+                # The kernel writes the eventfd too: clear it, then look at
+                # the ready queue and the ring, so a completion posted after
+                # that leaves it readable.  (No second clear in process(): it
+                # could swallow such a wakeup.)  What finished first (inline,
+                # on a worker) is delivered first.
                 cq = self._cq
                 cq.notifier.clear()
-                with cq.lock:
-                    # What the reap finishes is taken by process(): no
-                    # eventfd write for it (later completions write as usual).
-                    cq.signalled = True
+                n = cq.process(clear=False)
+                # What the reap finishes is delivered by it (see complete()),
+                # unless another thread does so now.
+                took = not cq.direct and cq.deliver
+                if took:
+                    cq.direct = _get_ident()
+                start = cq.delivered_directly
                 try:
                     ring.reap()
+                    n += cq.delivered_directly - start
                 except BaseException:
-                    # A callback raised: the rest (on the ring, or ready
-                    # here) is delivered by the next call; make sure there
-                    # is one.
+                    # A callback raised: the rest (on the ring, or queued by
+                    # an interrupted delivery) is delivered by the next call;
+                    # make sure there is one.
                     cq.resignal()
                     raise
-                # No second clear in process(): it could swallow the wakeup
-                # of a completion posted since the reap.
-                return cq.process(clear=False)
+                finally:
+                    if took:
+                        cq.direct = 0
+                return n
             return self._cq.process()
         finally:
             if plugged:

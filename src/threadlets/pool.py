@@ -296,8 +296,8 @@ class Threadlet(Generic[T]):
                 self._state = _DONE
                 self._fn = self._kwargs = None  # what it ran is not kept alive
                 self._args = ()
+                changed = True  # (before the C call: Ctrl-C can land as it returns)
                 queue._claimed.discard(self)
-                changed = True
         finally:
             if changed:  # (delivered even if Ctrl-C lands as the lock is let go)
                 self._finished()
@@ -317,8 +317,8 @@ class Threadlet(Generic[T]):
                 self._state = _CANCELLED
                 self._fn = self._kwargs = None
                 self._args = ()
-                queue._claimed.discard(self)
                 changed = True
+                queue._claimed.discard(self)
         finally:
             if changed:
                 self._finished()

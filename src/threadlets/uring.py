@@ -324,7 +324,7 @@ class Ring:
         self._reaper_holds = False  # reaper mode: busy, or in a short sleep (see submit)
         self._pending: dict[int, Callable[[int], None]] = {}
         #: Completions taken off the CQ and not yet handed out, oldest first,
-        #: as [callback, result, claimed].  They are handed out one at a
+        #: as [callback, result, handed].  They are handed out one at a
         #: time, so an exception of any kind in one callback (Ctrl-C
         #: included) leaves the rest for the next reap.
         self._ready: deque[list[Any]] = deque()
@@ -387,7 +387,16 @@ class Ring:
             if not self._pending:
                 _open_rings.add(self)  # alive while the kernel may use its buffers
             self._pending[ident] = on_done
-            self._push(opcode, fd, offset, addr, length, op_flags, ident)
+            # _push, spelled out (this runs once per request).
+            tail = self._tail
+            _SQE.pack_into(
+                self._sqes,
+                (tail & self._sq_mask) * 64,
+                opcode, 0, 0, fd, offset, addr, length, op_flags, ident, 0, 0, 0, 0, 0,
+            )  # fmt: skip
+            self._tail = tail = (tail + 1) & 0xFFFFFFFF
+            self._sq_tail.value = tail
+            self._unsubmitted += 1
             self._inflight += 1
             self.submitted += 1
             if self._plugged_by == _get_ident():
@@ -569,6 +578,7 @@ class Ring:
             self._collect()
             if not self._ready:
                 return 0
+            batch = list(self._ready)
             self.wakeups += 1
             holder = self._plugged_by
             me = _get_ident()
@@ -580,27 +590,19 @@ class Ring:
         _batch.after = after
         handed = 0
         ready, lock = self._ready, self._lock
-        # Each completion is [on_done, res, claim]: claim is None (waiting),
-        # a reap's claim cell ([thread ident], 0 once given back), or True
-        # (handed out: its callback was called).  One cell per call, so that
-        # giving the rest back is one store (no loop for a second Ctrl-C to
-        # interrupt), and a nested reap in this thread (a callback that
-        # waits) can take over the rest of an outer one.
-        claim = [me]
-        batch: list[list[Any]] = []
+        # Each completion is [on_done, res, handed]: `handed` turns True just
+        # before its callback is called, in a test-and-set of plain bytecodes
+        # (no other thread and no interrupt comes between the test and the
+        # store), so each is handed out once, by whichever reap gets to it
+        # first: this one, a nested one (a callback that waits), another
+        # thread's.  An exception leaves the rest to the next reap, with
+        # nothing to give back.
         try:
-            with lock:
-                for item in ready:
-                    held = item[2]
-                    if held is None or (held is not True and (not held[0] or held[0] == me)):
-                        batch.append(item)  # (listed before it is claimed)
-                        item[2] = claim
             for item in batch:
-                if item[2] is not claim:
-                    continue  # a nested reap took it over
-                item[2] = True  # before the call: one that raises was handed out
-                handed += 1
-                item[0](item[1])
+                if item[2] is None:
+                    item[2] = True
+                    handed += 1
+                    item[0](item[1])
             if outer is None:
                 _batch.after = None
                 for fn in after:
@@ -608,13 +610,10 @@ class Ring:
                         fn()
                     except Exception:  # pragma: no cover
                         log.exception("exception in after-batch call %r", fn)
-        except BaseException:
-            claim[0] = 0  # the claimed rest, never handed out: the next reap's
-            raise
         finally:
             with lock:
                 while ready and ready[0][2] is True:  # (a callback that raised was called)
-                    del ready[0]
+                    ready.popleft()
             if outer is None:
                 _batch.after = None
             # Whoever reaps submits what was held back (see submit), unless
@@ -635,31 +634,36 @@ class Ring:
             return
         mm, mask, base, pending = self._cq_mm, self._cq_mask, self._cqes, self._pending
         ready = self._ready
-        consumed = moved = 0  # (the counters' changes, stored once at the end)
+        start = head
+        # The posted CQEs: one run of the array, or two where it wraps.
+        first = head & mask
+        count = (tail - head) & 0xFFFFFFFF
+        runs = [(first, min(count, mask + 1 - first))]
+        if count > runs[0][1]:
+            runs.append((0, count - runs[0][1]))
+        moved = 0  # (the counters' changes, stored once at the end)
         try:
-            while head != tail:
-                # Ctrl-C can land as a C call returns: the two calls here
-                # change nothing (an interrupt leaves the CQE to the next
-                # collect), and everything from the head's step to the
-                # append's end is plain bytecodes: a CQE is either still
-                # unread or on the ready queue (and counted so), never
-                # dropped or doubled.
-                ident, res, _ = _CQE.unpack_from(mm, base + (head & mask) * 16)
-                on_done = pending.get(ident)
-                head = (head + 1) & 0xFFFFFFFF
-                consumed += 1
-                if ident == _STOP:
-                    self._stopped = True
-                    continue
-                if on_done is None:  # pragma: no cover - a kick's NOP, already counted
-                    continue
-                del pending[ident]
-                moved += 1
-                ready.append([on_done, res, None])
+            for at, n in runs:
+                for ident, res, _ in _CQE.iter_unpack(mm[base + at * 16 : base + (at + n) * 16]):
+                    # Ctrl-C can land as a C call returns (the pending
+                    # lookup, the append: before and after the step) or at
+                    # the loop's jump back: a CQE is either still unread or
+                    # on the ready queue (and counted so), never dropped or
+                    # doubled.
+                    on_done = pending.get(ident)
+                    head = (head + 1) & 0xFFFFFFFF
+                    if ident == _STOP:
+                        self._stopped = True
+                        continue
+                    if on_done is None:  # pragma: no cover - a kick's NOP, already counted
+                        continue
+                    del pending[ident]
+                    moved += 1
+                    ready.append([on_done, res, None])
         finally:
             # (Plain bytecodes up to the head's store: the counts and the
             # head change together.)
-            self._in_kernel -= consumed
+            self._in_kernel -= (head - start) & 0xFFFFFFFF
             self._inflight -= moved
             self.reaped += moved
             self._cq_head.value = head  # the kernel may reuse those CQEs now
