@@ -51,11 +51,11 @@ the pool's protocol under the queue's lock:
   eventfd once.  The owner calls :meth:`AioContext.process_completions`,
   which runs each request's callback exactly once, in that thread.
 
-Delivery survives interrupts: a call of process_completions() claims what
-is ready in one hold of the lock (``_taken``), then delivers it in order
-(``_processed``, then the callback); a request leaves the ready queue only
-once delivered and at its head, and what an exception interrupts gives its
-claimed, undelivered rest back.  So a callback raising anything
+Delivery survives interrupts: a call of process_completions() snapshots
+what is ready, then delivers it in order, each by a test-and-set of
+``_processed`` before its callback; a request leaves the ready queue only
+once delivered and at its head, and what an exception interrupts is left
+for the next call.  So a callback raising anything
 (``KeyboardInterrupt``, ``SystemExit``, ``CancelledError``), or Ctrl-C in a
 wait or between two steps, leaves the rest deliverable by the next call,
 each exactly once; the counters count what was delivered.  (The ring hands
@@ -83,8 +83,8 @@ touches the parent's ring.
 
 Who touches what: the completion queue's fields are under its ``lock``;
 ``_files`` is touched by submitting threads (single dict operations) and
-emptied by close; a request's ``callback``, ``_taken`` and ``_processed``
-belong to the thread that runs :meth:`AioContext.process_completions`.
+emptied by close; a request's ``callback`` and ``_processed`` belong to
+the threads that run :meth:`AioContext.process_completions`.
 """
 
 from __future__ import annotations
@@ -540,7 +540,6 @@ class AioRequest(Threadlet[int]):
         "_processed",
         "_resumed",
         "_ring_ident",
-        "_taken",
         "_transfer",
         "callback",
         "kind",
@@ -571,9 +570,6 @@ class AioRequest(Threadlet[int]):
         self._transfer = transfer
         #: Set by process_completions once the callback ran (or would have).
         self._processed = False
-        #: The claim cell of the process_completions() call delivering it
-        #: ([thread ident], 0 once given back), or None.
-        self._taken: list[int] | None = None
         #: In the kernel's hands (io_uring backend), until it completes there.
         self._on_ring = False
         #: The ring's id of its operation (0: none yet), and whether we asked
@@ -920,13 +916,6 @@ class _CompletionQueue:
             signalled = self.signalled
         if clear and signalled:
             self.notifier.clear()  # before the snapshot below
-        # This call's claim: a cell shared by every request it claims, so
-        # that giving them all back is one store (no loop for a second
-        # Ctrl-C to interrupt), and so that a nested call in this thread
-        # (a callback that waits, drains or closes) can take over the rest.
-        claim = [_get_ident()]
-        me = claim[0]
-        batch: list[AioRequest] = []
         n = 0
         try:
             with lock:
@@ -934,20 +923,18 @@ class _CompletionQueue:
                 if not ready:
                     return 0
                 self.batches += 1
-                # Claim what is ready now (later ones have written the
-                # eventfd again), in the same hold of the lock: unclaimed,
-                # given back, or claimed further up this thread's stack;
-                # not what another thread is delivering.
-                for req in ready:
-                    if req._processed:
-                        continue
-                    held = req._taken
-                    if held is None or not held[0] or held[0] == me:
-                        batch.append(req)  # (listed before it is claimed)
-                        req._taken = claim
+                # What is ready now (later ones have written the eventfd
+                # again).  Each is delivered by a test-and-set of plain
+                # bytecodes on ``_processed`` (no other thread and no
+                # interrupt comes between the test and the store): once, by
+                # whichever call gets to it first -- this one, a nested one
+                # (a callback that waits, drains or closes), another
+                # thread's.  An exception leaves the rest to the next call,
+                # with nothing to give back.
+                batch = list(ready)
             for req in batch:
-                if req._processed or req._taken is not claim:
-                    continue  # a nested call took it over
+                if req._processed:
+                    continue
                 # Delivered from here on, even if its callback raises: it
                 # leaves the queue once at its head (see the finally).
                 req._processed = True
@@ -958,14 +945,11 @@ class _CompletionQueue:
                         cb(req)
                     except Exception:
                         log.exception("exception in completion callback of %r", req)
-        except BaseException:
-            claim[0] = 0  # the claimed, undelivered rest: the next call's
-            raise
         finally:
             with lock:
                 while ready and ready[0]._processed:
-                    del ready[0]
-                    self.delivered += 1
+                    self.delivered += 1  # (before the call: Ctrl-C can land as it returns)
+                    ready.popleft()
                 if ready and not self.signalled and not self.notifier.closed:
                     # Left behind (an exception): come back.
                     self.signalled = True
@@ -1208,21 +1192,28 @@ class _RingBackend:
     ) -> bool:
         """Claim ``req`` and hand it to the kernel; False (and QUEUED) if
         the ring cannot take it, even when interrupted between the two."""
-        ident = 0
+        receipt = [0]  # the ring's id, once it queued the operation
         try:
             # (Called only by start(), from _start: the request is not
             # published yet, so it is QUEUED and nobody else holds it.)
             req._claim_unpublished()
             req._on_ring = True
-            ident = self.ring.submit(opcode, fd, offset, addr, length, op_flags, on_done)
+            self.ring.submit(opcode, fd, offset, addr, length, op_flags, on_done, receipt)
+        except BaseException:
+            if receipt[0]:
+                # Queued, but the interrupt may have cut its kick short:
+                # send what is published (nobody else may, for a while).
+                self.ring.flush()
+            raise
         finally:
-            if not ident:
+            # (Even if interrupted: once queued, the kernel finishes it.)
+            ident = receipt[0]
+            if ident:
+                req._ring_ident = ident
+            else:
                 req._on_ring = False
                 req._unclaim()  # (only if it is RUNNING: claimed just now)
-        if not ident:
-            return False  # the ring is full (or closing): the pool takes it
-        req._ring_ident = ident
-        return True
+        return bool(ident)  # (not queued: the ring is full or closing; the pool takes it)
 
     def _start_op(self, req: AioRequest, op: _RingOp) -> bool:
         sqe = op.sqe(self.ring.supported)
@@ -2158,7 +2149,6 @@ class _InlineDone(AioRequest):
     # the slots for reading, and nothing writes them on a finished request.
     _state = _DONE
     _processed = True
-    _taken = None
     _resumed = False
     _on_ring = False
     _ring_ident = 0

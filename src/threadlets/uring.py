@@ -373,10 +373,14 @@ class Ring:
         length: int,
         op_flags: int,
         on_done: Callable[[int], None],
+        receipt: list[int] | None = None,
     ) -> int:
         """Queue one operation and tell the kernel (at :meth:`unplug` if
         this thread plugged the ring).  Returns its id (for :meth:`cancel`),
-        or 0: not queued."""
+        or 0: not queued.  The id is also stored in ``receipt[0]`` the
+        moment the operation is queued: a caller interrupted (Ctrl-C)
+        before this returns learns from it whether ``on_done`` will run."""
+        me = _get_ident()
         with self._lock:
             if self._closing or self._generation != _generation:
                 return 0
@@ -386,20 +390,26 @@ class Ring:
             ident = next(self._ids)
             if not self._pending:
                 _open_rings.add(self)  # alive while the kernel may use its buffers
-            self._pending[ident] = on_done
-            # _push, spelled out (this runs once per request).
+            # _push, spelled out (this runs once per request).  The SQE goes
+            # past the tail first, where the kernel does not look; from the
+            # pending entry to the tail's store everything is plain
+            # bytecodes (Ctrl-C lands only as a C call returns): queued and
+            # published together, or neither.
             tail = self._tail
             _SQE.pack_into(
                 self._sqes,
                 (tail & self._sq_mask) * 64,
                 opcode, 0, 0, fd, offset, addr, length, op_flags, ident, 0, 0, 0, 0, 0,
             )  # fmt: skip
+            self._pending[ident] = on_done
+            if receipt is not None:
+                receipt[0] = ident
             self._tail = tail = (tail + 1) & 0xFFFFFFFF
             self._sq_tail.value = tail
             self._unsubmitted += 1
             self._inflight += 1
             self.submitted += 1
-            if self._plugged_by == _get_ident():
+            if self._plugged_by == me:
                 # Held back by this thread's plug.  A permanent one (hold())
                 # has a flush scheduled by the first submission it holds.
                 schedule = self._schedule
