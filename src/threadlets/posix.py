@@ -84,6 +84,7 @@ import errno
 import fcntl
 import functools
 import logging
+import operator
 import os
 import signal
 import stat
@@ -153,6 +154,9 @@ _IDLE = "idle"  # never submitted
 _PENDING = "pending"  # accepted, waiting for an ordering constraint
 _INFLIGHT = "inflight"  # claimed: being submitted (_req None) or run by _req
 _DONE = "done"
+
+_IN_PROGRESS = frozenset({_PENDING, _INFLIGHT})
+_status_of = operator.attrgetter("_status")
 
 _Identity = tuple[int, int, int]
 _partial = functools.partial
@@ -839,14 +843,21 @@ class PosixAio:
         first: BaseException | None = None
         launch = after.launch
         i = 0
-        while i < len(launch):  # (finishing one may claim more)
-            cb = launch[i]
-            i += 1
+        while True:
             try:
-                self._launch(cb)
+                while i < len(launch):  # (finishing one may claim more)
+                    cb = launch[i]
+                    i += 1
+                    try:
+                        self._launch(cb)
+                    except BaseException as e:
+                        first = first or e
+                        self._launch_failed(cb, e, after)
+                break
             except BaseException as e:
+                # Ctrl-C between two launches: what is claimed still goes
+                # (a claimed aiocb nobody launches stays in progress for good).
                 first = first or e
-                self._launch_failed(cb, e, after)
         launch.clear()
         for sev in after.notify:
             try:
@@ -914,16 +925,23 @@ class PosixAio:
             err = 0
         else:
             err, ret = _failed_outcome(req)
-        with self._lock:
-            if cb._req is not req or cb._status is not _INFLIGHT:
-                return
-            ctx = cb._ctx
-            after = self._finish(cb, err, ret, None)
-            # In the ring's reaper, waiters are woken once per batch of completions.
-            if self._waiting and not (ctx is not None and ctx.call_after_batch(self._wake_waiters)):
-                self._cond.notify_all()
-        if after is not None:
-            self._run(after, raising=False)
+        after = None
+        try:
+            with self._lock:
+                if cb._req is not req or cb._status is not _INFLIGHT:
+                    return
+                ctx = cb._ctx
+                after = self._finish(cb, err, ret, None)
+                # In the ring's reaper, waiters are woken once per batch of completions.
+                if self._waiting and not (
+                    ctx is not None and ctx.call_after_batch(self._wake_waiters)
+                ):
+                    self._cond.notify_all()
+        finally:
+            # (What finishing cb claimed is launched even if Ctrl-C lands as
+            # the lock is let go: cancel() runs this in the caller's thread.)
+            if after is not None:
+                self._run(after, raising=False)
 
     def _wake_waiters(self) -> None:
         with self._lock:
@@ -952,13 +970,11 @@ class PosixAio:
                 if g.remaining == 0 and g.sigevent is not None:
                     after.notify.append(g.sigevent)
         fd = cb._fd
-        fds = self._fds
-        if fd not in fds:
+        try:
+            state = self._fds[fd]
+            del state.active[cb]
+        except KeyError:
             return after  # (never queued on the fd: refused at acceptance)
-        state = fds[fd]
-        if cb not in state.active:
-            return after
-        del state.active[cb]
         if state.appends or state.barriers:
             if after is None:
                 after = _After()
@@ -986,7 +1002,7 @@ class PosixAio:
                         after.launch.append(fsync_cb)
                 state.barriers = still
         if not state.active:
-            del fds[fd]
+            del self._fds[fd]
         return after
 
     # -- status -------------------------------------------------------------------
@@ -1043,25 +1059,26 @@ class PosixAio:
                 raise _einval("the aiocb is for another file descriptor")
         after = _After()
         running: list[AioRequest] = []
+        targets: list[aiocb] = []
         cancelled = 0
         launching = False
-        with self._lock:
-            state = self._fds.get(fildes)
-            targets = [] if state is None else list(state.active)
-            if cb is not None:
-                targets = [cb] if cb in targets else []
-            for c in targets:
-                if c._status is _PENDING:
-                    self._finish(c, errno.ECANCELED, -1, after)
-                    cancelled += 1
-                elif c._status is _INFLIGHT:
-                    if c._req is None:
-                        launching = True  # being submitted: as good as running
-                    else:
-                        running.append(c._req)
-            if cancelled:
-                self._cond.notify_all()
         try:
+            with self._lock:
+                state = self._fds.get(fildes)
+                targets = [] if state is None else list(state.active)
+                if cb is not None:
+                    targets = [cb] if cb in targets else []
+                for c in targets:
+                    if c._status is _PENDING:
+                        self._finish(c, errno.ECANCELED, -1, after)
+                        cancelled += 1
+                    elif c._status is _INFLIGHT:
+                        if c._req is None:
+                            launching = True  # being submitted: as good as running
+                        else:
+                            running.append(c._req)
+                if cancelled:
+                    self._cond.notify_all()
             # Without _lock: a cancel finishes the request, whose callback takes it.
             outcomes = [r.cancel() for r in running]
         except BaseException:
@@ -1088,14 +1105,20 @@ class PosixAio:
                 raise TypeError(f"timeout must be a number or None, not {type(timeout).__name__}")
             if timeout < 0:
                 raise _einval("timeout must be >= 0")
-        deadline = None if timeout is None else time.monotonic() + timeout
         self._send_held()
         with self._lock:
-            while cbs and all(c._status is _PENDING or c._status is _INFLIGHT for c in cbs):
+            # (The statuses are gathered without bytecode per entry: the
+            # list is often long.)
+            if not cbs or not set(map(_status_of, cbs)) <= _IN_PROGRESS:
+                return
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise OSError(errno.EAGAIN, "aio_suspend timed out")
                 self._wait(remaining)
+                if not set(map(_status_of, cbs)) <= _IN_PROGRESS:
+                    return
 
     def _wait(self, timeout: float | None) -> None:
         """_cond.wait, counted in _waiting.  With _lock held."""
