@@ -20,7 +20,7 @@ import pytest
 import threadlets.posix as px
 from threadlets import AioContext, AioRequest, RingUnavailable, ThreadletQueue
 
-from .conftest import interrupt_at_c_return, wait_until
+from .conftest import wait_until
 
 DATA = bytes(range(256)) * 16  # 4 KiB
 BACKENDS = ["threads", "io_uring"]
@@ -72,7 +72,7 @@ def test_a_read_runs_few_bytecodes_of_posix(backend: str, fd: int) -> None:
     try:
         ctx = _context(backend, queue, inline=False)
     except BaseException:
-        threading.settrace(None)  # type: ignore[arg-type]
+        threading.settrace(None)
         queue.close(timeout=10)
         raise
     try:
@@ -96,7 +96,7 @@ def test_a_read_runs_few_bytecodes_of_posix(backend: str, fd: int) -> None:
         per_request = sum(counts.values()) / n
         assert per_request < 720, f"{per_request:.0f} bytecodes of posix.py per read"
     finally:
-        threading.settrace(None)  # type: ignore[arg-type]
+        threading.settrace(None)
         ctx.close()
         queue.close(timeout=10)
 
