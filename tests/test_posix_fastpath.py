@@ -10,7 +10,7 @@ import errno
 import os
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -19,6 +19,7 @@ import pytest
 
 import threadlets.posix as px
 from threadlets import AioContext, AioRequest, RingUnavailable, ThreadletQueue
+from threadlets.syscalls import Syscalls
 
 from .conftest import wait_until
 
@@ -305,3 +306,55 @@ def test_an_fd_number_reused_between_quick_submissions_is_noticed(
             os.close(fd)
     finally:
         ctx.close()
+
+
+class _GatedWrites(Syscalls):
+    """Writes wait for ``gate`` (set: they do not); the order of writes and
+    fsyncs is recorded."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.gate.set()
+        self.in_write = threading.Event()
+        self.order: list[str] = []
+
+    def pwritev(self, fd: int, buffers: Sequence[Any], offset: int, flags: int = 0) -> int:
+        if flags:
+            raise OSError(errno.EOPNOTSUPP, "no inline writes")
+        self.in_write.set()
+        assert self.gate.wait(10)
+        self.order.append("write")
+        return os.pwritev(fd, buffers, offset)
+
+    def fsync(self, fd: int) -> None:
+        self.order.append("fsync")
+        os.fsync(fd)
+
+
+def test_an_fsync_waits_for_a_quick_write_queued_before_it(fd: int) -> None:
+    sc = _GatedWrites()
+    queue = ThreadletQueue(max_threads=4)
+    ctx = AioContext(queue, deliver=False, syscalls=sc)
+    try:
+        rt = px.PosixAio(ctx)
+        w = px.aiocb(fd, 0, b"data")
+        rt.aio_write(w)  # (notes the fd: the next one is quick)
+        assert _done(rt, w) == (0, 4)
+        sc.gate.clear()
+        sc.in_write.clear()
+        sc.order.clear()
+        rt.aio_write(w)
+        assert sc.in_write.wait(10)
+        f = px.aiocb(fd)
+        rt.aio_fsync(os.O_SYNC, f)
+        assert rt.aio_error(f) == errno.EINPROGRESS
+        assert sc.order == []  # the fsync has not started
+        sc.gate.set()
+        assert _done(rt, f) == (0, 0)
+        assert _done(rt, w) == (0, 4)
+        assert sc.order == ["write", "fsync"]
+        assert not rt._fds
+    finally:
+        sc.gate.set()
+        ctx.close(timeout=10)
+        queue.close(timeout=10)

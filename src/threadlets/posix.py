@@ -1142,6 +1142,7 @@ class PosixAio:
         marked their threadlets CANCELLED; mark their aiocbs so too."""
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
+        self._waiting = 0  # (the parent's waiting threads are not here)
         for state in self._fds.values():
             for c in state.active:
                 c._outcome = (errno.ECANCELED, -1)
