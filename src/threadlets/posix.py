@@ -69,7 +69,10 @@ lock: an aiocb is *claimed* (INFLIGHT, ``_req`` None) under the lock, then
 submitted outside it; the submitting thread stores ``_req`` and registers
 the done-callback, which takes the lock to finish the aiocb.  Until ``_req``
 is stored, aio_cancel answers NOTCANCELED for it (it is as good as
-running), and nothing else but that submitting thread may finish it.
+running), and nothing else but that submitting thread may finish it.  A
+claimed aiocb is launched (or finished) even if Ctrl-C lands in between.
+aio_read/aio_write's common case (``_submit_one``) claims and launches in
+one lock hold; whatever it cannot vouch for goes the general way.
 ``_outcome`` is None while ``_status`` is not DONE, else the (error, return
 value) pair, one immutable tuple stored as the aiocb finishes: aio_error
 and aio_return read it with one load and no lock, and so never see an
