@@ -953,13 +953,20 @@ class PosixAio:
     def _finish(self, cb: aiocb, err: int, ret: int, after: _After | None) -> _After | None:
         """Finish an aiocb, claim what waited for it, queue its notifications
         in ``after`` (made if needed: returned).  With _lock held; the caller
-        wakes the waiters.  No call before the aiocb left its fd's tables,
-        unless it was ordered (an interrupt lands before or after that)."""
+        wakes the waiters.  No call until the aiocb is DONE and off its fd's
+        table (an interrupt lands before all of that or after)."""
         cb._outcome = (err, ret)
         cb._status = _DONE
         cb._view = None
         cb._req = None
         cb._ctx = None
+        fd = cb._fd
+        state: _Fd | None
+        try:
+            state = self._fds[fd]
+            del state.active[cb]
+        except KeyError:
+            state = None  # (never queued on the fd: refused at acceptance)
         if cb._sigev is not None or cb._group is not None:
             if after is None:
                 after = _After()
@@ -972,12 +979,8 @@ class PosixAio:
                 g.remaining -= 1
                 if g.remaining == 0 and g.sigevent is not None:
                     after.notify.append(g.sigevent)
-        fd = cb._fd
-        try:
-            state = self._fds[fd]
-            del state.active[cb]
-        except KeyError:
-            return after  # (never queued on the fd: refused at acceptance)
+        if state is None:
+            return after
         if state.appends or state.barriers:
             if after is None:
                 after = _After()
