@@ -358,3 +358,47 @@ def test_an_fsync_waits_for_a_quick_write_queued_before_it(fd: int) -> None:
         sc.gate.set()
         ctx.close(timeout=10)
         queue.close(timeout=10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_quick_submissions_racing_set_context_all_complete(backend: str, fd: int) -> None:
+    """One thread reads through the quick path while another switches the
+    runtime between two contexts (thread switches forced at every chance):
+    every read completes with the file's data, on one context or the other,
+    and each context then drains."""
+    first, second = _context(backend), _context(backend)
+    rt = px.PosixAio(first)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def reader() -> None:
+        try:
+            cb = px.aiocb(fd, 0, bytearray(64))
+            for k in range(200):
+                cb.aio_offset = 64 * (k % 16)
+                rt.aio_read(cb)
+                assert _done(rt, cb) == (0, 64)
+                assert bytes(cb.aio_buf) == DATA[cb.aio_offset : cb.aio_offset + 64]
+        except BaseException as e:
+            errors.append(e)
+        finally:
+            stop.set()
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    t = threading.Thread(target=reader)
+    try:
+        t.start()
+        while not stop.is_set():
+            rt.set_context(second)
+            rt.set_context(first)
+        t.join(10)
+    finally:
+        sys.setswitchinterval(interval)
+        stop.set()
+        t.join(10)
+        for ctx in (first, second):
+            wait_until(lambda ctx=ctx: ctx.stats().outstanding == 0)
+            ctx.close()
+    assert not errors, errors
+    assert not rt._fds
