@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import functools
 import os
 import sys
 import threading
@@ -41,6 +42,10 @@ def fd(tmp_path: Path) -> Iterator[int]:
     fd = os.open(p, os.O_RDWR)
     yield fd
     os.close(fd)
+
+
+def _quiet(ctx: AioContext) -> bool:
+    return ctx.stats().outstanding == 0
 
 
 def _done(rt: px.PosixAio, cb: px.aiocb) -> tuple[int, int]:
@@ -268,7 +273,7 @@ def test_an_aiocb_being_launched_is_in_progress_for_everyone_else(backend: str, 
             t.join(10)
         assert _done(rt, cb) == (0, 32)
         assert bytes(cb.aio_buf) == DATA[:32]
-        wait_until(lambda: ctx.stats().outstanding == 0)
+        wait_until(functools.partial(_quiet, ctx))
         assert not rt._fds
     finally:
         ctx.close()
@@ -398,7 +403,7 @@ def test_quick_submissions_racing_set_context_all_complete(backend: str, fd: int
         stop.set()
         t.join(10)
         for ctx in (first, second):
-            wait_until(lambda ctx=ctx: ctx.stats().outstanding == 0)
+            wait_until(functools.partial(_quiet, ctx))
             ctx.close()
     assert not errors, errors
     assert not rt._fds
