@@ -62,14 +62,21 @@ fstat per submission (see ``_identity``).  The same file opened again
 with the same flags on the same number is not told apart.
 
 Locking (per runtime): ``_lock`` protects every aiocb's ``_status``/
-``_error``/``_return``/``_group``, the per-fd tables and the identities.
+``_outcome``/``_group``, the per-fd tables and the identities.
 An aiocb leaves IDLE/DONE only under ``_lock``, all entries of a list at
 once, after every entry was checked.  Engine calls are made without the
 lock: an aiocb is *claimed* (INFLIGHT, ``_req`` None) under the lock, then
 submitted outside it; the submitting thread stores ``_req`` and registers
 the done-callback, which takes the lock to finish the aiocb.  Until ``_req``
 is stored, aio_cancel answers NOTCANCELED for it (it is as good as
-running), and nothing else but that submitting thread may finish it.
+running), and nothing else but that submitting thread may finish it.  A
+claimed aiocb is launched (or finished) even if Ctrl-C lands in between.
+aio_read/aio_write's common case (``_submit_one``) claims and launches in
+one lock hold; whatever it cannot vouch for goes the general way.
+``_outcome`` is None while ``_status`` is not DONE, else the (error, return
+value) pair, one immutable tuple stored as the aiocb finishes: aio_error
+and aio_return read it with one load and no lock, and so never see an
+error and a return value of different submissions.
 """
 
 from __future__ import annotations
@@ -80,6 +87,7 @@ import errno
 import fcntl
 import functools
 import logging
+import operator
 import os
 import signal
 import stat
@@ -140,6 +148,7 @@ SIGEV_NONE = 1
 SIGEV_THREAD = 2
 AIO_PRIO_DELTA_MAX = 20
 
+_PRIORITIES = frozenset(range(AIO_PRIO_DELTA_MAX + 1))
 #: aio_fildes is a C int: larger numbers cannot name an open file.
 _FD_MAX = 2**31 - 1
 
@@ -149,7 +158,11 @@ _PENDING = "pending"  # accepted, waiting for an ordering constraint
 _INFLIGHT = "inflight"  # claimed: being submitted (_req None) or run by _req
 _DONE = "done"
 
+_IN_PROGRESS = frozenset({_PENDING, _INFLIGHT})
+_status_of = operator.attrgetter("_status")
+
 _Identity = tuple[int, int, int]
+_partial = functools.partial
 
 
 def _einval(what: str) -> OSError:
@@ -213,6 +226,19 @@ def _identity_os(fd: int) -> _Identity | None:
         return None
     flags |= stat.S_IFMT(st.st_mode) << 32
     return flags, st.st_dev, st.st_ino
+
+
+def _failed_outcome(req: Threadlet[int]) -> tuple[int, int]:
+    """(error, return value) of a finished request that did not simply
+    succeed: as glibc, a transfer that moved bytes before its error reports
+    the bytes moved."""
+    assert isinstance(req, AioRequest)
+    err, ret = req.outcome()
+    if err and err != errno.ECANCELED:
+        moved = getattr(req.exception(), "transferred", 0)
+        if type(moved) is int and moved > 0:
+            return 0, moved
+    return err, ret
 
 
 def _submit_errno(exc: BaseException) -> int:
@@ -293,13 +319,12 @@ class aiocb:
     __slots__ = (
         "__weakref__",
         "_ctx",
-        "_error",
         "_fd",
         "_group",
         "_offset",
         "_op",
+        "_outcome",
         "_req",
-        "_return",
         "_sigev",
         "_status",
         "_view",
@@ -333,8 +358,8 @@ class aiocb:
         self.aio_lio_opcode = lio_opcode
         # Written under the runtime's lock (but _req: see the module docstring):
         self._status = _IDLE
-        self._error = 0
-        self._return = 0
+        #: (error, return value) once DONE, else None (see the module docstring).
+        self._outcome: tuple[int, int] | None = None
         self._group: _Group | None = None
         # Fixed by each submission while the aiocb is in progress:
         self._req: AioRequest | None = None
@@ -445,6 +470,10 @@ def _buffer(cb: aiocb, writable: bool) -> memoryview:
 
 
 def _check_list(items: Iterable[aiocb | None]) -> list[aiocb]:
+    # (No bytecode per entry where it can be helped: aio_suspend's list is
+    # often long, and an aiocb is true.)
+    if (type(items) is list or type(items) is tuple) and set(map(type, items)) <= _LIST_TYPES:
+        return list(filter(None, items))
     if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
         raise TypeError("expected a list of aiocb or None")
     out = []
@@ -455,6 +484,9 @@ def _check_list(items: Iterable[aiocb | None]) -> list[aiocb]:
             raise TypeError(f"expected an aiocb or None in the list, not {type(c).__name__}")
         out.append(c)
     return out
+
+
+_LIST_TYPES = frozenset({aiocb, type(None)})
 
 
 class PosixAio:
@@ -476,6 +508,8 @@ class PosixAio:
         self._cond = threading.Condition(self._lock)
         # Protected by _lock:
         self._fds: dict[int, _Fd] = {}
+        #: Threads in _cond.wait(): a finished aiocb wakes them only if any.
+        self._waiting = 0
         #: The fd identities last seen, per context (what each may remember);
         #: _identities is _tables[_table_ctx], the table of the context in use.
         self._tables: weakref.WeakKeyDictionary[AioContext, dict[int, _Identity]] = (
@@ -536,16 +570,106 @@ class PosixAio:
 
     def aio_read(self, cb: aiocb) -> None:
         """Queue a read of ``aio_nbytes`` at ``aio_offset`` into ``aio_buf``."""
-        _check_common(cb)
-        view = _buffer(cb, writable=True)
-        self._submit([(cb, "read", view, _identity(cb.aio_fildes))], None)
+        self._submit_one(cb, "read")
 
     def aio_write(self, cb: aiocb) -> None:
         """Queue a write of ``aio_buf[:aio_nbytes]`` at ``aio_offset`` (at the
         end of the file, in call order, for an O_APPEND fd)."""
+        self._submit_one(cb, "write")
+
+    def _submit_one(self, cb: aiocb, op: str) -> None:
+        """aio_read / aio_write.  The common case in the fewest steps: an
+        aiocb (not a subclass) without a sigevent, a flat buffer, sane
+        numbers, an fd that is not O_APPEND (nothing then orders a read or
+        a write: fsync barriers wait for them, not the reverse) and whose
+        identity this runtime already noted for the context in use.  It is
+        claimed in one lock hold and launched at once.  Anything else --
+        and whatever the quick look cannot vouch for -- takes the general
+        path, which checks everything again."""
+        if type(cb) is not aiocb or cb.aio_sigevent is not None:
+            self._submit_checked(cb, op)
+            return
+        prio, fd, offset = cb.aio_reqprio, cb.aio_fildes, cb.aio_offset
+        if not (
+            type(prio) is int and prio in _PRIORITIES and type(fd) is int and type(offset) is int
+        ):
+            self._submit_checked(cb, op)
+            return
+        try:
+            # (What _buffer checks, in one call: a C-contiguous buffer.)
+            view = memoryview(cb.aio_buf).cast("B")
+        except (TypeError, ValueError):
+            self._submit_checked(cb, op)  # (raises what fits)
+            return
+        n = cb.aio_nbytes
+        if (view.readonly and op == "read") or (
+            n is not None and (type(n) is not int or not 0 <= n <= len(view))
+        ):
+            self._submit_checked(cb, op)
+            return
+        if n is not None:
+            view = view[:n]
+        ident = _identity(fd)
+        if (
+            ident is None
+            or not 0 <= offset <= MAX_OFFSET - len(view)
+            or (op == "write" and ident[0] & os.O_APPEND)
+        ):
+            self._submit([(cb, op, view, ident)], None)
+            return
+        ctx = self._given or self._own or self.context
+        claimed = False
+        try:
+            with self._lock:
+                if (
+                    cb._status is not _PENDING
+                    and cb._status is not _INFLIGHT
+                    and self._table_ctx is ctx
+                    and self._identities.get(fd) == ident
+                ):
+                    state = self._fds.get(fd)
+                    if state is None:
+                        state = self._fds[fd] = _Fd()
+                    # (No call from here on: an interrupt lands before all
+                    # of it or after all of it.)
+                    cb._op = op
+                    cb._fd = fd
+                    cb._offset = offset
+                    cb._view = view
+                    cb._group = None
+                    cb._sigev = None
+                    cb._req = None
+                    cb._ctx = ctx
+                    cb._outcome = None
+                    state.active[cb] = None
+                    cb._status = _INFLIGHT
+                    claimed = True
+        finally:
+            if claimed:  # (launched even if Ctrl-C lands as the lock is let go)
+                try:
+                    if op == "read":
+                        req = ctx.read(fd, offset, view)
+                    else:
+                        req = ctx.write(fd, offset, view)
+                    cb._req = req  # (before the callback can run: it checks it)
+                    req.add_done_callback(_partial(self._request_finished, cb))
+                except BaseException as e:
+                    after = _After()
+                    try:
+                        self._launch_failed(cb, e, after)
+                    finally:
+                        self._run(after, raising=True)
+                    raise
+        if not claimed:
+            # In progress (the general path raises EINVAL), or an fd whose
+            # identity must be noted first.
+            self._submit([(cb, op, view, ident)], None)
+
+    def _submit_checked(self, cb: aiocb, op: str) -> None:
+        """aio_read / aio_write, every check spelled out."""
         _check_common(cb)
-        view = _buffer(cb, writable=False)
-        self._submit([(cb, "write", view, _identity(cb.aio_fildes))], None)
+        view = _buffer(cb, writable=op == "read")
+        self._submit([(cb, op, view, _identity(cb.aio_fildes))], None)
 
     def aio_fsync(self, op: int, cb: aiocb) -> None:
         """Queue an fsync (``op`` os.O_SYNC) or fdatasync (os.O_DSYNC) of
@@ -601,8 +725,8 @@ class PosixAio:
         self._send_held()
         with self._lock:
             while any(c._status is not _DONE for c, _, _, _ in work):
-                self._cond.wait()
-            failed = any(c._error for c, _, _, _ in work)
+                self._wait(None)
+            failed = any(c._outcome is None or c._outcome[0] for c, _, _, _ in work)
         if failed:
             raise OSError(errno.EIO, "at least one request of the list failed")
 
@@ -665,9 +789,8 @@ class PosixAio:
         cb._sigev = None if cb.aio_sigevent is None else cb.aio_sigevent._copy()
         cb._req = None
         cb._ctx = ctx
+        cb._outcome = None
         cb._status = _PENDING
-        cb._error = errno.EINPROGRESS
-        cb._return = 0
         self._note_identity(ctx, fd, ident)
         if view is not None and (offset < 0 or offset + len(view) > MAX_OFFSET):
             # As glibc: the system call refuses it, so the status says so.
@@ -723,14 +846,21 @@ class PosixAio:
         first: BaseException | None = None
         launch = after.launch
         i = 0
-        while i < len(launch):  # (finishing one may claim more)
-            cb = launch[i]
-            i += 1
+        while True:
             try:
-                self._launch(cb)
+                while i < len(launch):  # (finishing one may claim more)
+                    cb = launch[i]
+                    i += 1
+                    try:
+                        self._launch(cb)
+                    except BaseException as e:
+                        first = first or e
+                        self._launch_failed(cb, e, after)
+                break
             except BaseException as e:
+                # Ctrl-C between two launches: what is claimed still goes
+                # (a claimed aiocb nobody launches stays in progress for good).
                 first = first or e
-                self._launch_failed(cb, e, after)
         launch.clear()
         for sev in after.notify:
             try:
@@ -769,7 +899,7 @@ class PosixAio:
             req = ctx.flush(cb._fd, datasync=cb._op == "fdatasync")
         # Stored before the callback can run: it checks that it is cb's request.
         cb._req = req
-        req.add_done_callback(functools.partial(self._request_finished, cb))
+        req.add_done_callback(_partial(self._request_finished, cb))
 
     def _launch_failed(self, cb: aiocb, exc: BaseException, after: _After) -> None:
         if self._rewatch(cb):
@@ -786,106 +916,135 @@ class PosixAio:
         req = cb._req
         if req is None:
             return False
-        req.add_done_callback(functools.partial(self._request_finished, cb))
+        req.add_done_callback(_partial(self._request_finished, cb))
         return True
 
     # -- completion ----------------------------------------------------------------
 
     def _request_finished(self, cb: aiocb, req: Threadlet[int]) -> None:
-        assert isinstance(req, AioRequest)
-        err, ret = req.outcome()
-        if err and err != errno.ECANCELED:
-            moved = getattr(req.exception(), "transferred", 0)
-            if type(moved) is int and moved > 0:
-                err, ret = 0, moved  # as glibc: what moved before the error
-        after = _After()
-        # In the ring's reaper, waiters are woken once per batch of completions.
-        deferred = req._ctx.call_after_batch(self._wake_waiters)
-        with self._lock:
-            if cb._req is not req or cb._status is not _INFLIGHT:
-                return
-            self._finish(cb, err, ret, after)
-            if not deferred:
-                self._cond.notify_all()
-        if after.launch or after.notify:
-            self._run(after, raising=False)
+        # (A finished request's outcome is final: read without its lock.)
+        ret = req._result
+        if req._exception is None and type(ret) is int:
+            err = 0
+        else:
+            err, ret = _failed_outcome(req)
+        after = None
+        try:
+            with self._lock:
+                if cb._req is not req or cb._status is not _INFLIGHT:
+                    return
+                ctx = cb._ctx
+                after = self._finish(cb, err, ret, None)
+                # In the ring's reaper, waiters are woken once per batch of completions.
+                if self._waiting and not (
+                    ctx is not None and ctx.call_after_batch(self._wake_waiters)
+                ):
+                    self._cond.notify_all()
+        finally:
+            # (What finishing cb claimed is launched even if Ctrl-C lands as
+            # the lock is let go: cancel() runs this in the caller's thread.)
+            if after is not None:
+                self._run(after, raising=False)
 
     def _wake_waiters(self) -> None:
         with self._lock:
             self._cond.notify_all()
 
-    def _finish(self, cb: aiocb, err: int, ret: int, after: _After) -> None:
-        """Finish an aiocb, claim what waited for it, queue its notifications.
-        With _lock held; the caller wakes the waiters."""
+    def _finish(self, cb: aiocb, err: int, ret: int, after: _After | None) -> _After | None:
+        """Finish an aiocb, claim what waited for it, queue its notifications
+        in ``after`` (made if needed: returned).  With _lock held; the caller
+        wakes the waiters.  No call until the aiocb is DONE and off its fd's
+        table (an interrupt lands before all of that or after)."""
+        cb._outcome = (err, ret)
         cb._status = _DONE
-        cb._error = err
-        cb._return = ret
         cb._view = None
         cb._req = None
         cb._ctx = None
-        if cb._sigev is not None:
-            after.notify.append(cb._sigev)
-            cb._sigev = None
-        g = cb._group
-        if g is not None:
-            cb._group = None
-            g.remaining -= 1
-            if g.remaining == 0 and g.sigevent is not None:
-                after.notify.append(g.sigevent)
         fd = cb._fd
-        state = self._fds.get(fd)
-        if state is None or cb not in state.active:
-            return  # (never queued on the fd: refused at acceptance)
-        del state.active[cb]
-        if state.appends and state.appends[0] is cb:
-            state.appends.popleft()
-            while state.appends:
-                nxt = state.appends[0]
-                if nxt._status is _PENDING:
-                    nxt._status = _INFLIGHT
-                    after.launch.append(nxt)
-                    break
+        state: _Fd | None
+        try:
+            state = self._fds[fd]
+            del state.active[cb]
+        except KeyError:
+            state = None  # (never queued on the fd: refused at acceptance)
+        if cb._sigev is not None or cb._group is not None:
+            if after is None:
+                after = _After()
+            if cb._sigev is not None:
+                after.notify.append(cb._sigev)
+                cb._sigev = None
+            g = cb._group
+            if g is not None:
+                cb._group = None
+                g.remaining -= 1
+                if g.remaining == 0 and g.sigevent is not None:
+                    after.notify.append(g.sigevent)
+        if state is None:
+            return after
+        if state.appends or state.barriers:
+            if after is None:
+                after = _After()
+            if state.appends and state.appends[0] is cb:
                 state.appends.popleft()
-        elif cb in state.appends:
-            state.appends.remove(cb)
-        if state.barriers:
-            still: list[tuple[aiocb, set[aiocb]]] = []
-            for fsync_cb, waiting in state.barriers:
-                waiting.discard(cb)
-                if fsync_cb._status is not _PENDING:
-                    continue
-                if waiting:
-                    still.append((fsync_cb, waiting))
-                else:
-                    fsync_cb._status = _INFLIGHT
-                    after.launch.append(fsync_cb)
-            state.barriers = still
+                while state.appends:
+                    nxt = state.appends[0]
+                    if nxt._status is _PENDING:
+                        nxt._status = _INFLIGHT
+                        after.launch.append(nxt)
+                        break
+                    state.appends.popleft()
+            elif cb in state.appends:
+                state.appends.remove(cb)
+            if state.barriers:
+                still: list[tuple[aiocb, set[aiocb]]] = []
+                for fsync_cb, waiting in state.barriers:
+                    waiting.discard(cb)
+                    if fsync_cb._status is not _PENDING:
+                        continue
+                    if waiting:
+                        still.append((fsync_cb, waiting))
+                    else:
+                        fsync_cb._status = _INFLIGHT
+                        after.launch.append(fsync_cb)
+                state.barriers = still
         if not state.active:
             del self._fds[fd]
+        return after
 
     # -- status -------------------------------------------------------------------
 
-    def _status(self, cb: object) -> tuple[bool, int, int]:
-        """(finished, error, return value) of a submitted aiocb, read together."""
+    def _status(self, cb: object) -> tuple[int, int] | None:
+        """(error, return value) of a submitted aiocb, or None while it is
+        in progress."""
         if not isinstance(cb, aiocb):
             raise TypeError(f"expected an aiocb, not {type(cb).__name__}")
-        with self._lock:
-            if cb._status is _IDLE:
-                raise _einval("this aiocb was never submitted")
-            return cb._status is _DONE, cb._error, cb._return
+        outcome = cb._outcome
+        if outcome is None:
+            with self._lock:
+                if cb._status is _IDLE:
+                    raise _einval("this aiocb was never submitted")
+                outcome = cb._outcome
+        return outcome
 
     def aio_error(self, cb: aiocb) -> int:
         """EINPROGRESS while in progress; then 0 or the errno (ECANCELED if
         cancelled)."""
-        finished, error, _ = self._status(cb)
-        return error if finished else errno.EINPROGRESS
+        # One load of the (error, return value) pair: see the module docstring.
+        outcome = cb._outcome if type(cb) is aiocb else None
+        if outcome is None:
+            outcome = self._status(cb)
+            if outcome is None:
+                return errno.EINPROGRESS
+        return outcome[0]
 
     def aio_return(self, cb: aiocb) -> int:
         """The byte count of a finished request, or -1 if it failed."""
-        finished, _, value = self._status(cb)
-        if not finished:
-            raise OSError(errno.EINPROGRESS, "the request is still in progress")
-        return value
+        outcome = cb._outcome if type(cb) is aiocb else None
+        if outcome is None:
+            outcome = self._status(cb)
+            if outcome is None:
+                raise OSError(errno.EINPROGRESS, "the request is still in progress")
+        return outcome[1]
 
     def aio_cancel(self, fildes: int, cb: aiocb | None = None) -> int:
         """Cancel ``cb``, or every request on ``fildes``.
@@ -906,25 +1065,26 @@ class PosixAio:
                 raise _einval("the aiocb is for another file descriptor")
         after = _After()
         running: list[AioRequest] = []
+        targets: list[aiocb] = []
         cancelled = 0
         launching = False
-        with self._lock:
-            state = self._fds.get(fildes)
-            targets = [] if state is None else list(state.active)
-            if cb is not None:
-                targets = [cb] if cb in targets else []
-            for c in targets:
-                if c._status is _PENDING:
-                    self._finish(c, errno.ECANCELED, -1, after)
-                    cancelled += 1
-                elif c._status is _INFLIGHT:
-                    if c._req is None:
-                        launching = True  # being submitted: as good as running
-                    else:
-                        running.append(c._req)
-            if cancelled:
-                self._cond.notify_all()
         try:
+            with self._lock:
+                state = self._fds.get(fildes)
+                targets = [] if state is None else list(state.active)
+                if cb is not None:
+                    targets = [cb] if cb in targets else []
+                for c in targets:
+                    if c._status is _PENDING:
+                        self._finish(c, errno.ECANCELED, -1, after)
+                        cancelled += 1
+                    elif c._status is _INFLIGHT:
+                        if c._req is None:
+                            launching = True  # being submitted: as good as running
+                        else:
+                            running.append(c._req)
+                if cancelled:
+                    self._cond.notify_all()
             # Without _lock: a cancel finishes the request, whose callback takes it.
             outcomes = [r.cancel() for r in running]
         except BaseException:
@@ -951,14 +1111,28 @@ class PosixAio:
                 raise TypeError(f"timeout must be a number or None, not {type(timeout).__name__}")
             if timeout < 0:
                 raise _einval("timeout must be >= 0")
-        deadline = None if timeout is None else time.monotonic() + timeout
         self._send_held()
         with self._lock:
-            while cbs and all(c._status is _PENDING or c._status is _INFLIGHT for c in cbs):
+            # (The statuses are gathered without bytecode per entry: the
+            # list is often long.)
+            if not cbs or not set(map(_status_of, cbs)) <= _IN_PROGRESS:
+                return
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise OSError(errno.EAGAIN, "aio_suspend timed out")
-                self._cond.wait(remaining)
+                self._wait(remaining)
+                if not set(map(_status_of, cbs)) <= _IN_PROGRESS:
+                    return
+
+    def _wait(self, timeout: float | None) -> None:
+        """_cond.wait, counted in _waiting.  With _lock held."""
+        self._waiting += 1
+        try:
+            self._cond.wait(timeout)
+        finally:
+            self._waiting -= 1
 
     def _send_held(self) -> None:
         """Before this thread sleeps: what its burst of submissions left held
@@ -974,11 +1148,11 @@ class PosixAio:
         marked their threadlets CANCELLED; mark their aiocbs so too."""
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
+        self._waiting = 0  # (the parent's waiting threads are not here)
         for state in self._fds.values():
             for c in state.active:
+                c._outcome = (errno.ECANCELED, -1)
                 c._status = _DONE
-                c._error = errno.ECANCELED
-                c._return = -1
                 c._req = None
                 c._ctx = None
                 c._view = None
