@@ -647,12 +647,17 @@ class PosixAio:
         finally:
             if claimed:  # (launched even if Ctrl-C lands as the lock is let go)
                 try:
-                    if op == "read":
-                        req = ctx.read(fd, offset, view)
+                    if ctx is not (self._given or self._own):
+                        # set_context() since the look above: the general
+                        # launch moves it to the context in use now.
+                        self._launch(cb)
                     else:
-                        req = ctx.write(fd, offset, view)
-                    cb._req = req  # (before the callback can run: it checks it)
-                    req.add_done_callback(_partial(self._request_finished, cb))
+                        if op == "read":
+                            req = ctx.read(fd, offset, view)
+                        else:
+                            req = ctx.write(fd, offset, view)
+                        cb._req = req  # (before the callback can run: it checks it)
+                        req.add_done_callback(_partial(self._request_finished, cb))
                 except BaseException as e:
                     after = _After()
                     try:
