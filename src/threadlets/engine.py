@@ -910,16 +910,19 @@ class _CompletionQueue:
         running each callback in this thread.  See the module docstring for
         the ordering and for what an exception leaves behind."""
         lock, ready = self.lock, self.ready
-        with lock:
-            if self.notifier.closed:
-                return 0  # closed: the fd number may be another file's now
-            signalled = self.signalled
-        if clear and signalled:
-            self.notifier.clear()  # before the snapshot below
         n = 0
         try:
             with lock:
-                self.signalled = False
+                if self.notifier.closed:
+                    return 0  # closed: the fd number may be another file's now
+                # The eventfd is cleared before the snapshot below, in the
+                # same hold of the lock: a completion after it finds
+                # `signalled` false and writes the eventfd again.  (Reset
+                # first: if Ctrl-C lands as the clear returns, the finally
+                # below signals again for what is left.)
+                signalled, self.signalled = self.signalled, False
+                if clear and signalled:
+                    self.notifier.clear()
                 if not ready:
                     return 0
                 self.batches += 1
