@@ -673,11 +673,19 @@ class AioRequest(Threadlet[int]):
         self._transfer = None  # finished: the buffers are the caller's again
         if self._waiters or self._callbacks:
             cq = self._ctx._cq
-            direct, cq.direct = cq.direct, 0  # (done-callbacks: as callbacks)
+            direct = 0
             try:
+                # Done-callbacks run as callbacks do: not with `direct` set.
+                # Only its holder clears it (and so restores it): another
+                # thread would restore it after the holder let it go.
+                me = _get_ident()
+                if cq.direct == me:
+                    cq.direct = 0
+                    direct = me
                 Threadlet._finished(self)
             finally:  # (a done-callback's KeyboardInterrupt outside a worker)
-                cq.direct = direct
+                if direct:
+                    cq.direct = direct
                 cq.complete(self)
         else:
             self._ctx._cq.complete(self)
