@@ -18,7 +18,7 @@ from threadlets import AioContext, AioRequest
 from threadlets.engine import _RingBackend
 from threadlets.pool import Threadlet
 
-from .conftest import HAVE_RING
+from .conftest import HAVE_RING, interrupt_at_c_return, wait_until
 
 
 def _ring_context(**kwargs: Any) -> AioContext:
@@ -83,3 +83,145 @@ def test_a_workers_done_callback_leaves_no_direct_delivery_behind(path: Path) ->
 
 
 _ = Threadlet, AioRequest
+
+
+# -- Ctrl-C at every C return of a direct delivery ----------------------------------------
+
+
+def _finished_unseen(ctx: AioContext, reqs: list[AioRequest]) -> None:
+    """Wait until every request in ``reqs`` finished and nobody delivered
+    it yet: on the ring's CQ (io_uring: process_completions' reap delivers
+    them directly), or on the ready queue (threads)."""
+    ring = ctx._ring
+    if ring is not None:
+        wait_until(lambda: ring._cq_tail.value - ring._cq_head.value >= len(reqs))
+    else:
+        for r in reqs:
+            assert r.wait(timeout=10)
+        wait_until(lambda: len(ctx._cq.ready) == len(reqs))
+
+
+BEHAVIOURS = ["submit", "nest", "ctx_wait", "req_wait", "cancel", "close", "done_nest", "raise"]
+
+
+@pytest.mark.parametrize("behaviour", BEHAVIOURS)
+def test_ctrl_c_at_every_c_return_of_a_direct_delivery(
+    backend: str, path: Path, behaviour: str
+) -> None:
+    """Three finished reads (on the ring's CQ: delivered directly by the
+    reap) and one blocked pipe read; the first callback submits, nests,
+    waits (ctx.wait, req.wait), cancels the pipe read, closes the context,
+    or raises SystemExit; done-callbacks process completions.  Ctrl-C at
+    the n-th C return, for every n: each callback runs exactly once,
+    drain() returns, the counters balance."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        n = 0
+        while True:
+            n += 1
+            assert n < 3000, "never ran to its end"
+            ctx = AioContext(backend=backend, inline=False)
+            r, w = os.pipe()
+            ran: list[AioRequest] = []
+            extra: list[AioRequest] = []
+            reqs: list[AioRequest] = []
+
+            def cb(
+                req: AioRequest,
+                ctx: AioContext = ctx,
+                ran: list[AioRequest] = ran,
+                extra: list[AioRequest] = extra,
+                reqs: list[AioRequest] = reqs,
+                w: int = w,
+            ) -> None:
+                ran.append(req)
+                if len(ran) != 1:
+                    return
+                if behaviour == "submit":
+                    extra.append(ctx.read(fd, 0, bytearray(8), callback=ran.append))
+                    extra.append(ctx.read(fd, 8, bytearray(8), callback=ran.append))
+                elif behaviour == "nest":
+                    ctx.process_completions()
+                elif behaviour == "ctx_wait":
+                    ctx.wait(reqs[2], timeout=10)
+                elif behaviour == "req_wait":
+                    reqs[2].wait(timeout=10)
+                elif behaviour == "cancel":
+                    reqs[3].cancel()
+                elif behaviour == "close":
+                    if not reqs[3].done():
+                        os.write(w, b"abcd")
+                    ctx.close(timeout=10)
+                elif behaviour == "raise":
+                    raise SystemExit(3)
+
+            pipe_read = ctx.read(r, 0, bytearray(4), callback=cb)
+            reqs.extend(ctx.read(fd, 16 * i, bytearray(16), callback=cb) for i in range(3))
+            reqs.append(pipe_read)
+            if behaviour == "done_nest" and backend == "threads":
+                pytest.skip("done-callbacks run in the worker there")
+            if behaviour == "done_nest":
+                for q in reqs[:3]:
+                    q.add_done_callback(lambda _, ctx=ctx: ctx.process_completions())
+            _finished_unseen(ctx, reqs[:3])
+            interrupted = False
+            seen = interrupt_at_c_return(n)
+            try:
+                ctx.process_completions()
+            except KeyboardInterrupt:
+                interrupted = True
+            except SystemExit:
+                pass
+            finally:
+                sys.setprofile(None)
+            if not pipe_read.done():
+                os.write(w, b"abcd")
+            while True:
+                try:
+                    assert ctx.drain(timeout=5), f"C return {n}: {ctx.stats()}"
+                    break
+                except SystemExit:  # the first callback's, if it ran here
+                    continue
+            ids = [id(q) for q in ran]
+            assert len(ids) == len(set(ids)), f"C return {n}: delivered twice"
+            assert {id(q) for q in reqs + extra} <= set(ids), f"C return {n}: {ran}"
+            assert len(ids) <= len(reqs) + len(extra) + 2, f"C return {n}"
+            s = ctx.stats()
+            assert s.outstanding == 0, f"C return {n}: {s}"
+            assert s.processed == s.submitted, f"C return {n}: {s}"
+            assert ctx._cq.direct == 0, f"C return {n}"
+            assert ctx.close(timeout=10)
+            os.close(r)
+            os.close(w)
+            if not interrupted and seen[0] < n:
+                break
+    finally:
+        sys.setprofile(None)
+        os.close(fd)
+
+
+def test_a_nested_call_is_not_counted_twice(backend: str, path: Path) -> None:
+    """process_completions() returns how many requests it processed: a
+    callback's own process_completions() delivers the rest of the batch,
+    and the outer call does not count those again.  (On a7ec1ae the outer
+    call counted every direct delivery made while it reaped, nested ones
+    included: a loop summing poll()'s answers stopped early.)"""
+    fd = os.open(path, os.O_RDONLY)
+    ctx = AioContext(backend=backend, inline=False)
+    counts: list[int] = []
+    ran: list[AioRequest] = []
+    try:
+
+        def cb(req: AioRequest) -> None:
+            ran.append(req)
+            if len(ran) == 1:
+                counts.append(ctx.process_completions())
+
+        reqs = [ctx.read(fd, 16 * i, bytearray(16), callback=cb) for i in range(3)]
+        _finished_unseen(ctx, reqs)
+        counts.append(ctx.process_completions())
+        assert len(ran) == 3
+        assert counts == [2, 1]
+    finally:
+        ctx.close(timeout=10)
+        os.close(fd)

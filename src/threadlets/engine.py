@@ -1966,7 +1966,10 @@ class AioContext:
                 start = cq.delivered_directly
                 try:
                     ring.reap()
-                    n += cq.delivered_directly - start
+                    if took:
+                        n += cq.delivered_directly - start
+                        # Counted: an outer call (a callback's caller) counts its own only.
+                        cq.delivered_directly = start
                 except BaseException:
                     # A callback raised: the rest (on the ring, or queued by
                     # an interrupted delivery) is delivered by the next call;
