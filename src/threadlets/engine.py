@@ -673,15 +673,16 @@ class AioRequest(Threadlet[int]):
         self._transfer = None  # finished: the buffers are the caller's again
         if self._waiters or self._callbacks:
             cq = self._ctx._cq
-            direct = 0
+            direct = None
             try:
                 # Done-callbacks run as callbacks do: not with `direct` set.
                 # Only its holder clears it (and so restores it): another
                 # thread would restore it after the holder let it go.
                 me = _get_ident()
-                if cq.direct == me:
-                    cq.direct = 0
-                    direct = me
+                held = cq.direct
+                if held is not None and held[0] == me:
+                    cq.direct = None
+                    direct = held
                 Threadlet._finished(self)
             finally:  # (a done-callback's KeyboardInterrupt outside a worker)
                 if direct:
@@ -773,7 +774,14 @@ class _Notifier:
     def wait(self, timeout: float | None) -> bool:
         """Block until signalled or ``timeout`` seconds passed."""
         ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
-        events = self._poll.poll(ms)
+        try:
+            events = self._poll.poll(ms)
+        except RuntimeError:
+            # Another thread sleeps on it (a poll object takes one at a
+            # time): a drain or close in a second thread gets its own.
+            poll = select.poll()
+            poll.register(self._rfd, select.POLLIN)
+            events = poll.poll(ms)
         for _, revents in events:
             if revents & select.POLLNVAL:
                 # Closed behind our back (a double close elsewhere in the
@@ -824,13 +832,14 @@ class _CompletionQueue:
         self.delivered = 0
         self.wakeups = 0
         self.batches = 0
-        #: The thread reaping the ring for this queue inside
-        #: process_completions, which delivers what it finishes at once
-        #: (0: none, or it is running a callback).  A hint: where it is
-        #: not set, completions take the ready queue, always correct.
-        self.direct = 0
-        #: What it delivered so (process_completions' count).
-        self.delivered_directly = 0
+        #: [thread ident, count]: the thread reaping the ring for this
+        #: queue inside process_completions, which delivers what it
+        #: finishes at once, and how many it delivered so (that call's
+        #: own: a cell per call, so that a nested call's or another
+        #: thread's are not counted in it).  None: none, or it is running
+        #: a callback.  A hint: where it is not set, completions take the
+        #: ready queue, always correct.
+        self.direct: list[int] | None = None
 
     def unadmit(self, req: AioRequest) -> None:
         """Take back the admission of a request that reached no backend, and
@@ -872,26 +881,26 @@ class _CompletionQueue:
             except BaseException:  # (Ctrl-C as the call returned)
                 self._enqueue(req)
                 raise
-            if direct == me:
+            if direct[0] == me:
                 # Plain bytecodes up to the callback's call (no lock: the
                 # GIL orders these stores, as admission's; see
                 # AioContext._start): delivered and counted from here on,
                 # even if the callback raises.  It never enters the queue.
                 req._processed = True
                 self.delivered += 1
-                self.delivered_directly += 1
+                direct[1] += 1
                 cb = req.callback
                 if cb is not None:
                     # While it runs, this thread is not reaping for the
                     # queue: a wait inside it that reaps queues what it
                     # finds, and runs no other callback inside this one.
-                    self.direct = 0
+                    self.direct = None
                     try:
                         cb(req)
                     except Exception:
                         log.exception("exception in completion callback of %r", req)
                     finally:
-                        self.direct = me
+                        self.direct = direct
                 return
         self._enqueue(req)
 
@@ -1960,16 +1969,13 @@ class AioContext:
                 n = cq.process(clear=False)
                 # What the reap finishes is delivered by it (see complete()),
                 # unless another thread does so now.
-                took = not cq.direct and cq.deliver
+                took = cq.direct is None and cq.deliver
                 if took:
-                    cq.direct = _get_ident()
-                start = cq.delivered_directly
+                    direct = cq.direct = [_get_ident(), 0]
                 try:
                     ring.reap()
                     if took:
-                        n += cq.delivered_directly - start
-                        # Counted: an outer call (a callback's caller) counts its own only.
-                        cq.delivered_directly = start
+                        n += direct[1]
                 except BaseException:
                     # A callback raised: the rest (on the ring, or queued by
                     # an interrupted delivery) is delivered by the next call;
@@ -1978,7 +1984,7 @@ class AioContext:
                     raise
                 finally:
                     if took:
-                        cq.direct = 0
+                        cq.direct = None
                 return n
             return self._cq.process()
         finally:
