@@ -288,7 +288,8 @@ def test_two_threads_polling_one_context_while_callbacks_resubmit(
         assert s.processed == s.submitted == total
         assert ctx._cq.direct is None
         if ctx._ring is not None:
-            assert ctx._ring._inflight == 0 and ctx._ring._in_kernel == 0
+            assert ctx._ring._inflight == 0
+            assert ctx._ring._in_kernel == 0
     finally:
         done.set()
         t.join(10)
@@ -336,7 +337,9 @@ def test_drain_from_another_thread_while_the_owner_polls(backend: str, path: Pat
 
         d = threading.Thread(target=drainer)
         d.start()
-        wait_until(lambda: bool(drained) or (d.native_id is not None and _sleeps_in_poll(d.native_id)))
+        wait_until(
+            lambda: bool(drained) or (d.native_id is not None and _sleeps_in_poll(d.native_id))
+        )
         os.write(w, b"abcd")
         d.join(15)
         assert drained == [True]
