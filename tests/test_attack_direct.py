@@ -357,3 +357,164 @@ def test_drain_from_another_thread_while_the_owner_polls(backend: str, path: Pat
         os.close(fd)
         os.close(r)
         os.close(w)
+
+
+# -- the CQ ring wrapping -----------------------------------------------------------------
+
+
+def _advance_cq_head(ctx: AioContext, fd: int, to: int) -> None:
+    """Run reads through the ring until its CQ head sits at ``to`` (mod the
+    CQ's size)."""
+    ring = ctx._ring
+    assert ring is not None
+    size = ring._cq_mask + 1
+    while True:
+        k = (to - ring._cq_head.value) % size
+        if not k:
+            return
+        reqs = [ctx.read(fd, 0, bytearray(8)) for _ in range(min(k, 200))]
+        assert all(q._on_ring for q in reqs)
+        wait_until(lambda n=len(reqs): ring._cq_tail.value - ring._cq_head.value >= n)
+        ctx.process_completions()
+
+
+def test_ctrl_c_at_every_c_return_of_a_collect_that_wraps(path: Path) -> None:
+    """Five completions posted across the CQ array's end (two runs of
+    iter_unpack); Ctrl-C at each C return of the process_completions that
+    collects and delivers them: each delivered once with the file's bytes,
+    the ring's counts (in flight, in the kernel) back to zero."""
+    data = path.read_bytes()
+    fd = os.open(path, os.O_RDONLY)
+    ctx = _ring_context(inline=False)
+    ring = ctx._ring
+    assert ring is not None
+    try:
+        n = 0
+        while True:
+            n += 1
+            assert n < 500, "never ran to its end"
+            _advance_cq_head(ctx, fd, ring._cq_mask - 1)
+            ran: list[AioRequest] = []
+            bufs = [bytearray(32) for _ in range(5)]
+            reqs = [
+                ctx.read(fd, 100 * i, b, callback=ran.append) for i, b in enumerate(bufs)
+            ]
+            wait_until(lambda: ring._cq_tail.value - ring._cq_head.value >= 5)
+            interrupted = False
+            seen = interrupt_at_c_return(n)
+            try:
+                ctx.process_completions()
+            except KeyboardInterrupt:
+                interrupted = True
+            finally:
+                sys.setprofile(None)
+            assert ctx.drain(timeout=5), f"C return {n}: {ctx.stats()}"
+            assert sorted(map(id, ran)) == sorted(map(id, reqs)), f"C return {n}"
+            for i, b in enumerate(bufs):
+                assert b == data[100 * i : 100 * i + 32], f"C return {n}"
+            assert ring._inflight == 0, f"C return {n}"
+            assert ring._in_kernel == 0, f"C return {n}"
+            # (Handed out, left for the next reap to drop: Ctrl-C at its lock.)
+            assert all(item[2] is True for item in ring._ready), f"C return {n}"
+            s = ctx.stats()
+            assert s.outstanding == 0
+            assert s.processed == s.submitted
+            if not interrupted and seen[0] < n:
+                break
+    finally:
+        sys.setprofile(None)
+        ctx.close(timeout=10)
+        os.close(fd)
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_full_depth_rounds_across_the_cq_end_read_what_preadv_reads(
+    tmp_path: Path, direct: bool
+) -> None:
+    """Rounds of 255 reads, each round collected at once (one CQ read of
+    255 entries, straddling the array's end on most rounds), 4000 reads in
+    all, of a plain file and of an O_DIRECT one (the fast path): every
+    buffer equals os.preadv's, the counts balance."""
+    if direct and not hasattr(os, "O_DIRECT"):
+        pytest.skip("no O_DIRECT")
+    p = tmp_path / "data"
+    data = os.urandom(1 << 20)
+    p.write_bytes(data)
+    try:
+        fd = os.open(p, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+    except OSError:
+        pytest.skip("O_DIRECT refused here")
+    ctx = _ring_context(inline=False)
+    ring = ctx._ring
+    assert ring is not None
+    from threadlets import aligned_buffer
+
+    size = 4096
+    try:
+        done = 0
+        rnd = 0
+        while done < 4000:
+            rnd += 1
+            bufs = [aligned_buffer(size) for _ in range(255)]
+            offs = [((rnd * 7919 + i * 104729) % ((1 << 20) // size)) * size for i in range(255)]
+            reqs = [ctx.read(fd, o, b) for o, b in zip(offs, bufs, strict=True)]
+            on_ring = sum(q._on_ring for q in reqs)
+            wait_until(lambda k=on_ring: ring._cq_tail.value - ring._cq_head.value >= k)
+            assert ctx.drain(timeout=10)
+            for q, o, b in zip(reqs, offs, bufs, strict=True):
+                assert q.result() == size
+                want = bytearray(size)
+                assert os.preadv(fd, [want], o) == size if not direct else True
+                assert bytes(b) == data[o : o + size]
+            done += len(reqs)
+        assert ring._inflight == 0
+        assert ring._in_kernel == 0
+        s = ctx.stats()
+        assert s.outstanding == 0
+        assert s.processed == s.submitted
+        assert s.ring >= 3000
+    finally:
+        ctx.close(timeout=10)
+        os.close(fd)
+
+
+def test_ctrl_c_as_process_completions_plugs_the_ring_leaves_it_unplugged(path: Path) -> None:
+    """Ctrl-C as Ring.plug's lock is let go (a C return inside
+    process_completions, before its try): on a7ec1ae the ring stayed
+    plugged by this thread for good, so a later submission of this thread
+    sat in the SQ and never reached the kernel -- an event loop waiting on
+    fileno() for it slept for ever.  Fixed: _plug takes the plug back if it
+    is interrupted after taking it."""
+    import select
+
+    from threadlets.uring import Ring
+
+    fd = os.open(path, os.O_RDONLY)
+    ctx = _ring_context(inline=False)
+    try:
+        plug = Ring._plug.__code__
+        for hit in range(1, 4):  # each C return inside _plug
+
+            def prof(frame: Any, event: str, arg: object, left: list[int] = [hit]) -> None:
+                if event == "c_return" and frame.f_code is plug:
+                    left[0] -= 1
+                    if not left[0]:
+                        sys.setprofile(None)
+                        raise KeyboardInterrupt
+
+            sys.setprofile(prof)
+            try:
+                ctx.process_completions()
+            except KeyboardInterrupt:
+                pass
+            finally:
+                sys.setprofile(None)
+            req = ctx.read(fd, 0, bytearray(8))
+            assert req._on_ring
+            readable, _, _ = select.select([ctx.fileno()], [], [], 10)
+            assert readable, f"C return {hit} in _plug: the read never reached the kernel"
+            assert ctx.drain(timeout=10)
+    finally:
+        sys.setprofile(None)
+        ctx.close(timeout=10)
+        os.close(fd)

@@ -463,12 +463,21 @@ class Ring:
         return self._plug(schedule)
 
     def _plug(self, schedule: Callable[[], object] | None) -> bool:
-        with self._lock:
-            if self._plugged_by is not None:
-                return False
-            self._plugged_by = _get_ident()
-            self._schedule = schedule
-            return True
+        took = False
+        try:
+            with self._lock:
+                if self._plugged_by is not None:
+                    return False
+                self._plugged_by = _get_ident()
+                took = True
+                self._schedule = schedule
+                return True
+        except BaseException:
+            # Ctrl-C as the lock was let go: the caller never learns that it
+            # holds the plug, and would never release it.
+            if took:
+                self.unplug()
+            raise
 
     def unplug(self) -> None:
         """Release the plug and submit what is held back."""
