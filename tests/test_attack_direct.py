@@ -374,7 +374,8 @@ def _advance_cq_head(ctx: AioContext, fd: int, to: int) -> None:
             return
         reqs = [ctx.read(fd, 0, bytearray(8)) for _ in range(min(k, 200))]
         assert all(q._on_ring for q in reqs)
-        wait_until(lambda n=len(reqs): ring._cq_tail.value - ring._cq_head.value >= n)
+        count = len(reqs)
+        wait_until(lambda: ring._cq_tail.value - ring._cq_head.value >= count)
         ctx.process_completions()
 
 
@@ -494,8 +495,9 @@ def test_ctrl_c_as_process_completions_plugs_the_ring_leaves_it_unplugged(path: 
     try:
         plug = Ring._plug.__code__
         for hit in range(1, 4):  # each C return inside _plug
+            left = [hit]
 
-            def prof(frame: Any, event: str, arg: object, left: list[int] = [hit]) -> None:
+            def prof(frame: Any, event: str, arg: object, left: list[int] = left) -> None:
                 if event == "c_return" and frame.f_code is plug:
                     left[0] -= 1
                     if not left[0]:
