@@ -375,7 +375,7 @@ def _advance_cq_head(ctx: AioContext, fd: int, to: int) -> None:
         reqs = [ctx.read(fd, 0, bytearray(8)) for _ in range(min(k, 200))]
         assert all(q._on_ring for q in reqs)
         count = len(reqs)
-        wait_until(lambda: ring._cq_tail.value - ring._cq_head.value >= count)
+        wait_until(lambda n=count: ring._cq_tail.value - ring._cq_head.value >= n)
         ctx.process_completions()
 
 
@@ -397,9 +397,7 @@ def test_ctrl_c_at_every_c_return_of_a_collect_that_wraps(path: Path) -> None:
             _advance_cq_head(ctx, fd, ring._cq_mask - 1)
             ran: list[AioRequest] = []
             bufs = [bytearray(32) for _ in range(5)]
-            reqs = [
-                ctx.read(fd, 100 * i, b, callback=ran.append) for i, b in enumerate(bufs)
-            ]
+            reqs = [ctx.read(fd, 100 * i, b, callback=ran.append) for i, b in enumerate(bufs)]
             wait_until(lambda: ring._cq_tail.value - ring._cq_head.value >= 5)
             interrupted = False
             seen = interrupt_at_c_return(n)
