@@ -317,9 +317,10 @@ def test_drain_from_another_thread_while_the_owner_polls(backend: str, path: Pat
     ids: list[int] = []
 
     def owner() -> None:
+        # One poll: it returns once it delivered the pipe read or, if the
+        # drainer did, the read submitted after the drain.
         ids.append(threading.get_native_id())
-        while ctx.stats().outstanding or not got:
-            got.append(ctx.poll(timeout=10))
+        got.append(ctx.poll(timeout=10))
 
     t = threading.Thread(target=owner)
     try:
@@ -344,10 +345,9 @@ def test_drain_from_another_thread_while_the_owner_polls(backend: str, path: Pat
         d.join(15)
         assert drained == [True]
         assert ran == [req]
-        # Wake the owner if the drainer delivered it.
-        ctx.read(fd, 0, bytearray(4))
+        ctx.read(fd, 0, bytearray(4))  # (for the owner, if the drainer delivered the first)
         t.join(15)
-        assert not t.is_alive()
+        assert got == [1]
         assert ctx.drain(timeout=10)
         assert ctx.stats().outstanding == 0
     finally:
@@ -518,3 +518,53 @@ def test_ctrl_c_as_process_completions_plugs_the_ring_leaves_it_unplugged(path: 
         sys.setprofile(None)
         ctx.close(timeout=10)
         os.close(fd)
+
+
+def test_a_drain_going_to_sleep_as_another_thread_delivers_the_last_wakes(
+    backend: str,
+) -> None:
+    """A second thread's drain() has seen a request outstanding and is on
+    its way to sleep on the eventfd when the owner delivers that request
+    (clearing the eventfd).  On a7ec1ae the drain then slept for good
+    (its timeout; None: until some later completion) though nothing was
+    outstanding -- and with both asleep, the owner's clear could swallow
+    the wakeup the same way.  Fixed: the notifier counts its sleepers, a
+    sleeper checks its condition once counted, and a thread that delivers
+    wakes the sleepers."""
+    from threadlets.engine import _Notifier
+
+    r, w = os.pipe()
+    ctx = AioContext(backend=backend, inline=False)
+    at_wait, go = threading.Event(), threading.Event()
+    code = _Notifier.wait.__code__
+    drained: list[bool] = []
+
+    def trace(frame: Any, event: str, arg: object) -> None:
+        if event == "call" and frame.f_code is code:
+            sys.settrace(None)
+            at_wait.set()
+            assert go.wait(10)
+
+    def drainer() -> None:
+        sys.settrace(trace)
+        drained.append(ctx.drain())
+
+    d = threading.Thread(target=drainer)
+    try:
+        req = ctx.read(r, 0, bytearray(4))
+        d.start()
+        assert at_wait.wait(10)
+        os.write(w, b"abcd")
+        assert ctx.wait(req, timeout=10)  # the owner delivers it
+        go.set()
+        d.join(10)
+        assert drained == [True], "drain() slept with nothing outstanding"
+    finally:
+        go.set()
+        if d.is_alive():
+            os.write(w, b"abcd")
+            ctx.read(r, 0, bytearray(4))  # (wakes it)
+            d.join(10)
+        ctx.close(timeout=10)
+        os.close(r)
+        os.close(w)

@@ -733,6 +733,9 @@ class _Notifier:
         self._poll = select.poll()
         self._poll.register(self._rfd, select.POLLIN)
         self.closed = False
+        #: Threads asleep in wait(): one that delivers completions wakes
+        #: them (it may have cleared the signal they slept on).
+        self.sleepers = 0
 
     def fileno(self) -> int:
         return self._rfd
@@ -771,17 +774,24 @@ class _Notifier:
         except BlockingIOError:
             pass
 
-    def wait(self, timeout: float | None) -> bool:
-        """Block until signalled or ``timeout`` seconds passed."""
+    def wait(self, timeout: float | None, ready: Callable[[], bool] | None = None) -> bool:
+        """Block until signalled or ``timeout`` seconds passed (or, checked
+        once asleep -- counted in ``sleepers`` -- ``ready()``)."""
         ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
+        self.sleepers += 1
         try:
-            events = self._poll.poll(ms)
-        except RuntimeError:
-            # Another thread sleeps on it (a poll object takes one at a
-            # time): a drain or close in a second thread gets its own.
-            poll = select.poll()
-            poll.register(self._rfd, select.POLLIN)
-            events = poll.poll(ms)
+            if ready is not None and ready():
+                return True
+            try:
+                events = self._poll.poll(ms)
+            except RuntimeError:
+                # Another thread sleeps on it (a poll object takes one at a
+                # time): a drain or close in a second thread gets its own.
+                poll = select.poll()
+                poll.register(self._rfd, select.POLLIN)
+                events = poll.poll(ms)
+        finally:
+            self.sleepers -= 1
         for _, revents in events:
             if revents & select.POLLNVAL:
                 # Closed behind our back (a double close elsewhere in the
@@ -983,8 +993,13 @@ class _CompletionQueue:
                 while ready and ready[0]._processed:
                     del ready[0]
                     self.delivered += 1
-                if ready and not self.signalled and not self.notifier.closed:
-                    # Left behind (an exception): come back.
+                if (
+                    (ready or (n and self.notifier.sleepers))
+                    and not self.signalled
+                    and not self.notifier.closed
+                ):
+                    # Left behind (an exception): come back.  Or another
+                    # thread sleeps on the signal this call cleared: wake it.
                     self.signalled = True
                     self.wakeups += 1
                     self._signal()
@@ -1976,6 +1991,8 @@ class AioContext:
                     ring.reap()
                     if took:
                         n += direct[1]
+                        if direct[1] and cq.notifier.sleepers:
+                            cq.resignal()  # (see process)
                 except BaseException:
                     # A callback raised: the rest (on the ring, or queued by
                     # an interrupted delivery) is delivered by the next call;
@@ -2084,7 +2101,7 @@ class AioContext:
                 self._ring.flush()  # see poll()
             if self._cq.notifier.closed:
                 return done()  # closed meanwhile (by a callback): nothing to wait for
-            woken = self._cq.notifier.wait(remaining)
+            woken = self._cq.notifier.wait(remaining, done)
 
     def close(self, timeout: float | None = None) -> bool:
         """Refuse new requests (from any thread, at once), wait for the
