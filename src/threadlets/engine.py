@@ -733,8 +733,9 @@ class _Notifier:
         self._poll = select.poll()
         self._poll.register(self._rfd, select.POLLIN)
         self.closed = False
-        #: Threads asleep in wait(): one that delivers completions wakes
-        #: them (it may have cleared the signal they slept on).
+        #: Threads asleep in AioContext._wait_until: one that delivers
+        #: completions wakes them (it may have cleared the signal they
+        #: slept on).
         self.sleepers = 0
 
     def fileno(self) -> int:
@@ -774,24 +775,17 @@ class _Notifier:
         except BlockingIOError:
             pass
 
-    def wait(self, timeout: float | None, ready: Callable[[], bool] | None = None) -> bool:
-        """Block until signalled or ``timeout`` seconds passed (or, checked
-        once asleep -- counted in ``sleepers`` -- ``ready()``)."""
+    def wait(self, timeout: float | None) -> bool:
+        """Block until signalled or ``timeout`` seconds passed."""
         ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
-        self.sleepers += 1
         try:
-            if ready is not None and ready():
-                return True
-            try:
-                events = self._poll.poll(ms)
-            except RuntimeError:
-                # Another thread sleeps on it (a poll object takes one at a
-                # time): a drain or close in a second thread gets its own.
-                poll = select.poll()
-                poll.register(self._rfd, select.POLLIN)
-                events = poll.poll(ms)
-        finally:
-            self.sleepers -= 1
+            events = self._poll.poll(ms)
+        except RuntimeError:
+            # Another thread sleeps on it (a poll object takes one at a
+            # time): a drain or close in a second thread gets its own.
+            poll = select.poll()
+            poll.register(self._rfd, select.POLLIN)
+            events = poll.poll(ms)
         for _, revents in events:
             if revents & select.POLLNVAL:
                 # Closed behind our back (a double close elsewhere in the
@@ -2101,7 +2095,14 @@ class AioContext:
                 self._ring.flush()  # see poll()
             if self._cq.notifier.closed:
                 return done()  # closed meanwhile (by a callback): nothing to wait for
-            woken = self._cq.notifier.wait(remaining, done)
+            # Counted as a sleeper before the last look at done(): a thread
+            # delivering after that look wakes this one.
+            notifier = self._cq.notifier
+            notifier.sleepers += 1
+            try:
+                woken = done() or notifier.wait(remaining)
+            finally:
+                notifier.sleepers -= 1
 
     def close(self, timeout: float | None = None) -> bool:
         """Refuse new requests (from any thread, at once), wait for the
