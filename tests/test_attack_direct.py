@@ -568,3 +568,94 @@ def test_a_drain_going_to_sleep_as_another_thread_delivers_the_last_wakes(
         ctx.close(timeout=10)
         os.close(r)
         os.close(w)
+
+
+# -- what start()'s fast path and _start_other move ----------------------------------------
+
+
+def _engine(ctx: AioContext, req: AioRequest) -> int:
+    assert ctx.wait(req, timeout=10)
+    return req.result()
+
+
+@pytest.mark.parametrize("flags", ["plain", "direct", "append"])
+def test_regular_file_reads_and_writes_equal_preadv_pwritev(
+    backend: str, tmp_path: Path, flags: str
+) -> None:
+    """Reads (aligned or not, across EOF, vectored) equal os.preadv's; writes
+    leave what os.pwritev (or, O_APPEND, os.write) leaves."""
+    p, q = tmp_path / "a", tmp_path / "b"
+    data = os.urandom(3 * 4096 + 100)
+    p.write_bytes(data)
+    q.write_bytes(data)
+    extra = {"plain": 0, "direct": getattr(os, "O_DIRECT", 0), "append": os.O_APPEND}[flags]
+    if flags == "direct" and not extra:
+        pytest.skip("no O_DIRECT")
+    try:
+        fd = os.open(p, os.O_RDWR | extra)
+    except OSError:
+        pytest.skip("O_DIRECT refused here")
+    ref = os.open(q, os.O_RDWR | (os.O_APPEND if flags == "append" else 0))
+    ctx = AioContext(backend=backend, inline=False)
+    from threadlets import aligned_buffer
+
+    try:
+        shapes = [(0, [4096]), (4096, [8192]), (100, [33]), (3 * 4096, [4096]), (8, [7, 4096, 9])]
+        for off, sizes in shapes:
+            got = [aligned_buffer(n) for n in sizes]
+            want = [bytearray(n) for n in sizes]
+            n_got = _engine(ctx, ctx.read(fd, off, got if len(got) > 1 else got[0]))
+            n_want = os.preadv(ref, want, off)
+            assert n_got == n_want, (off, sizes)
+            assert b"".join(bytes(b) for b in got)[:n_got] == b"".join(want)[:n_want]
+        for off, size in [(0, 4096), (4096, 100), (3 * 4096 + 100, 4096), (50, 8192)]:
+            payload = os.urandom(size)
+            buf = aligned_buffer(size)
+            buf[:] = payload
+            n_got = _engine(ctx, ctx.write(fd, off, buf))
+            n_want = (
+                os.write(ref, payload) if flags == "append" else os.pwritev(ref, [payload], off)
+            )
+            assert n_got == n_want
+        assert ctx.drain(timeout=10)
+        assert p.read_bytes() == q.read_bytes()
+    finally:
+        ctx.close(timeout=10)
+        os.close(fd)
+        os.close(ref)
+
+
+@pytest.mark.parametrize("kind", ["pipe", "fifo"])
+def test_stream_reads_equal_readv(backend: str, tmp_path: Path, kind: str) -> None:
+    """A pipe's or FIFO's read is one transfer, as os.readv: with more data
+    waiting than asked, less, or none yet (the read waits, then takes what
+    the one write gave)."""
+    if kind == "pipe":
+        r, w = os.pipe()
+    else:
+        fifo = tmp_path / "fifo"
+        os.mkfifo(fifo)
+        r = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        w = os.open(fifo, os.O_WRONLY)
+        os.set_blocking(r, True)
+    ctx = AioContext(backend=backend)
+    try:
+        for sizes, chunk in [([10], b"x" * 25), ([100], b"abc"), ([3, 4], b"0123456789")]:
+            os.write(w, chunk)
+            want = [bytearray(n) for n in sizes]
+            n_want = os.readv(r, want)
+            os.read(r, 1 << 16) if n_want < len(chunk) else None  # (the rest)
+            os.write(w, chunk)
+            got = [bytearray(n) for n in sizes]
+            n_got = _engine(ctx, ctx.read(r, 0, got if len(got) > 1 else got[0]))
+            assert (n_got, got) == (n_want, want)
+            os.read(r, 1 << 16) if n_got < len(chunk) else None
+        got1 = bytearray(64)
+        req = ctx.read(r, 0, got1)  # nothing there yet: it waits
+        os.write(w, b"late")
+        assert _engine(ctx, req) == 4
+        assert got1[:4] == b"late"
+    finally:
+        ctx.close(timeout=10)
+        os.close(r)
+        os.close(w)
