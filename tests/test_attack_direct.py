@@ -659,3 +659,104 @@ def test_stream_reads_equal_readv(backend: str, tmp_path: Path, kind: str) -> No
         ctx.close(timeout=10)
         os.close(r)
         os.close(w)
+
+
+def test_fork_inside_a_directly_delivered_callback(path: Path) -> None:
+    """The first callback of a reap forks: the child returns through the
+    rest of the parent's reap (its requests read CANCELLED there: no
+    callback runs), then drains, closes and uses a fresh context; the
+    parent delivers everything once, counters balanced."""
+    if not HAVE_RING:
+        pytest.skip("no io_uring here")
+    import subprocess
+
+    code = f"""
+import os, threadlets
+from threadlets import ThreadletState
+ctx = threadlets.AioContext(backend="io_uring", inline=False)
+fd = os.open({str(path)!r}, os.O_RDONLY)
+r, w = os.pipe()
+ran, pid = [], []
+def cb(req):
+    ran.append(req)
+    if len(ran) == 1:
+        pid.append(os.fork())
+reqs = [ctx.read(fd, 16 * i, bytearray(16), callback=cb) for i in range(4)]
+blocked = ctx.read(r, 0, bytearray(2), callback=cb)
+ring = ctx._ring
+while ring._cq_tail.value - ring._cq_head.value < 4:
+    pass
+ctx.process_completions()
+if pid[0] == 0:
+    ok = len(ran) == 1
+    ok = ok and all(q.done() for q in reqs[1:] + [blocked])
+    ok = ok and ctx.drain(timeout=5) and ctx.stats().outstanding == 0
+    ok = ok and ctx.close(timeout=5)
+    with threadlets.AioContext(backend="io_uring", inline=False) as fresh:
+        buf = bytearray(16)
+        q = fresh.read(fd, 0, buf)
+        ok = ok and fresh.wait(q, 5) and q.result() == 16 and buf == os.pread(fd, 16, 0)
+    os._exit(0 if ok else 1)
+os.write(w, b"xy")
+assert ctx.drain(timeout=10)
+assert sorted(map(id, ran)) == sorted(map(id, reqs + [blocked])), ran
+s = ctx.stats()
+assert s.outstanding == 0 and s.processed == s.submitted, s
+_, status = os.waitpid(pid[0], 0)
+assert status == 0, status
+assert ctx.close(timeout=10)
+"""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent / "src"))
+    p = subprocess.run(
+        [sys.executable, "-c", code], check=False, env=env, timeout=60, capture_output=True
+    )
+    assert p.returncode == 0, p.stderr.decode()
+
+
+def test_cancel_from_another_thread_while_the_owner_delivers(switchy: None) -> None:
+    """A pipe read on the ring; a writer fills the pipe while another
+    thread cancels the read and the owner sits in ctx.wait() (reaping and
+    delivering directly): the cancel's answer matches the end state, the
+    callback runs once, in the owner."""
+    from threadlets import CancelResult, ThreadletState
+
+    ctx = _ring_context(inline=False)
+    owner = threading.get_ident()
+    try:
+        for _ in range(100):
+            r, w = os.pipe()
+            try:
+                ran: list[int] = []
+                req = ctx.read(
+                    r, 0, bytearray(4), callback=lambda _: ran.append(threading.get_ident())
+                )
+                go = threading.Barrier(3)
+                answers: list[CancelResult] = []
+                ts = [
+                    threading.Thread(target=lambda go=go, w=w: (go.wait(), os.write(w, b"abcd"))),
+                    threading.Thread(
+                        target=lambda go=go, req=req: (go.wait(), answers.append(req.cancel()))
+                    ),
+                ]
+                for t in ts:
+                    t.start()
+                go.wait()
+                assert ctx.wait(req, timeout=10)
+                for t in ts:
+                    t.join(10)
+                if answers == [CancelResult.CANCELED]:
+                    assert req.state is ThreadletState.CANCELLED
+                else:
+                    assert req.state is ThreadletState.DONE, answers
+                    assert req.result() == 4
+                assert ran == [owner]
+            finally:
+                os.close(r)
+                os.close(w)
+        assert ctx.drain(timeout=10)
+        s = ctx.stats()
+        assert s.outstanding == 0
+        assert s.processed == s.submitted
+        assert ctx._cq.direct is None
+    finally:
+        ctx.close(timeout=10)
