@@ -82,9 +82,6 @@ def test_a_workers_done_callback_leaves_no_direct_delivery_behind(path: Path) ->
         os.close(w)
 
 
-_ = Threadlet, AioRequest
-
-
 # -- Ctrl-C at every C return of a direct delivery ----------------------------------------
 
 
@@ -728,14 +725,20 @@ def test_cancel_from_another_thread_while_the_owner_delivers(switchy: None) -> N
             try:
                 ran: list[int] = []
                 req = ctx.read(
-                    r, 0, bytearray(4), callback=lambda _: ran.append(threading.get_ident())
+                    r,
+                    0,
+                    bytearray(4),
+                    callback=lambda _, ran=ran: ran.append(threading.get_ident()),
                 )
                 go = threading.Barrier(3)
                 answers: list[CancelResult] = []
                 ts = [
                     threading.Thread(target=lambda go=go, w=w: (go.wait(), os.write(w, b"abcd"))),
                     threading.Thread(
-                        target=lambda go=go, req=req: (go.wait(), answers.append(req.cancel()))
+                        target=lambda go=go, req=req, answers=answers: (
+                            go.wait(),
+                            answers.append(req.cancel()),
+                        )
                     ),
                 ]
                 for t in ts:
@@ -760,3 +763,63 @@ def test_cancel_from_another_thread_while_the_owner_delivers(switchy: None) -> N
         assert ctx._cq.direct is None
     finally:
         ctx.close(timeout=10)
+
+
+def test_ctrl_c_at_each_c_return_of_finished_still_runs_done_callbacks(
+    backend: str, path: Path
+) -> None:
+    """Ctrl-C at each C return inside AioRequest._finished (the one that
+    finishes a request with a done-callback and a waiter): the
+    done-callback still runs and the waiter is woken, the request is
+    delivered once.  (Guards this session's fix of _finished, whose first
+    version looked up the thread before running them.)"""
+    from threadlets.engine import AioRequest as Req
+
+    code = Req._finished.__code__
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for hit in range(1, 4):
+            ctx = AioContext(backend=backend, inline=False)
+            r, w = os.pipe()
+            try:
+                ran: list[AioRequest] = []
+                req = ctx.read(r, 0, bytearray(2), callback=ran.append)
+                dc: list[object] = []
+                req.add_done_callback(dc.append)
+                woke: list[bool] = []
+                # (The pool's wait: it sleeps on a waiter lock, never reaps.)
+                waiter = threading.Thread(
+                    target=lambda req=req, woke=woke: woke.append(Threadlet.wait(req, 10))
+                )
+                waiter.start()
+                wait_until(lambda req=req: bool(req._waiters))
+                left = [hit]
+
+                def prof(frame: Any, event: str, arg: object, left: list[int] = left) -> None:
+                    if event == "c_return" and frame.f_code is code:
+                        left[0] -= 1
+                        if not left[0]:
+                            sys.setprofile(None)
+                            raise KeyboardInterrupt
+
+                os.write(w, b"ab")
+                # (The ring's completion is finished in this thread's reap;
+                # the threads' by a worker, where the profile does not run.)
+                sys.setprofile(prof)
+                try:
+                    ctx.drain(timeout=10)
+                except KeyboardInterrupt:
+                    pass
+                finally:
+                    sys.setprofile(None)
+                assert ctx.drain(timeout=10)
+                waiter.join(10)
+                assert woke == [True], f"C return {hit}"
+                assert dc == [req], f"C return {hit}"
+                assert ran == [req], f"C return {hit}"
+            finally:
+                ctx.close(timeout=10)
+                os.close(r)
+                os.close(w)
+    finally:
+        os.close(fd)

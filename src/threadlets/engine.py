@@ -673,21 +673,22 @@ class AioRequest(Threadlet[int]):
         self._transfer = None  # finished: the buffers are the caller's again
         if self._waiters or self._callbacks:
             cq = self._ctx._cq
+            held = cq.direct
             direct = None
             try:
                 # Done-callbacks run as callbacks do: not with `direct` set.
                 # Only its holder clears it (and so restores it): another
                 # thread would restore it after the holder let it go.
-                me = _get_ident()
-                held = cq.direct
-                if held is not None and held[0] == me:
+                if held is not None and held[0] == _get_ident():
                     cq.direct = None
                     direct = held
-                Threadlet._finished(self)
-            finally:  # (a done-callback's KeyboardInterrupt outside a worker)
-                if direct:
-                    cq.direct = direct
-                cq.complete(self)
+            finally:  # (waiters and done-callbacks even if Ctrl-C lands above)
+                try:
+                    Threadlet._finished(self)
+                finally:  # (a done-callback's KeyboardInterrupt outside a worker)
+                    if direct is not None:
+                        cq.direct = direct
+                    cq.complete(self)
         else:
             self._ctx._cq.complete(self)
 
