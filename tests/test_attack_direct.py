@@ -186,7 +186,7 @@ def test_ctrl_c_at_every_c_return_of_a_direct_delivery(
             s = ctx.stats()
             assert s.outstanding == 0, f"C return {n}: {s}"
             assert s.processed == s.submitted, f"C return {n}: {s}"
-            assert ctx._cq.direct is None, f"C return {n}"
+            assert not ctx._cq.direct, f"C return {n}"
             assert ctx.close(timeout=10)
             os.close(r)
             os.close(w)
@@ -283,7 +283,7 @@ def test_two_threads_polling_one_context_while_callbacks_resubmit(
         s = ctx.stats()
         assert s.outstanding == 0
         assert s.processed == s.submitted == total
-        assert ctx._cq.direct is None
+        assert not ctx._cq.direct
         if ctx._ring is not None:
             assert ctx._ring._inflight == 0
             assert ctx._ring._in_kernel == 0
@@ -760,7 +760,7 @@ def test_cancel_from_another_thread_while_the_owner_delivers(switchy: None) -> N
         s = ctx.stats()
         assert s.outstanding == 0
         assert s.processed == s.submitted
-        assert ctx._cq.direct is None
+        assert not ctx._cq.direct
     finally:
         ctx.close(timeout=10)
 
