@@ -6,6 +6,7 @@ fixes landed with them (see each test's docstring)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 import threading
@@ -98,7 +99,17 @@ def _finished_unseen(ctx: AioContext, reqs: list[AioRequest]) -> None:
         wait_until(lambda: len(ctx._cq.ready) == len(reqs))
 
 
-BEHAVIOURS = ["submit", "nest", "ctx_wait", "req_wait", "cancel", "close", "done_nest", "raise"]
+BEHAVIOURS = [
+    "submit",
+    "nest",
+    "ctx_wait",
+    "req_wait",
+    "cancel",
+    "close",
+    "done_nest",
+    "raise",
+    "cancelled_error",
+]
 
 
 @pytest.mark.parametrize("behaviour", BEHAVIOURS)
@@ -108,7 +119,7 @@ def test_ctrl_c_at_every_c_return_of_a_direct_delivery(
     """Three finished reads (on the ring's CQ: delivered directly by the
     reap) and one blocked pipe read; the first callback submits, nests,
     waits (ctx.wait, req.wait), cancels the pipe read, closes the context,
-    or raises SystemExit; done-callbacks process completions.  Ctrl-C at
+    or raises SystemExit or CancelledError; done-callbacks process completions.  Ctrl-C at
     the n-th C return, for every n: each callback runs exactly once,
     drain() returns, the counters balance."""
     fd = os.open(path, os.O_RDONLY)
@@ -151,6 +162,8 @@ def test_ctrl_c_at_every_c_return_of_a_direct_delivery(
                     ctx.close(timeout=10)
                 elif behaviour == "raise":
                     raise SystemExit(3)
+                elif behaviour == "cancelled_error":
+                    raise asyncio.CancelledError
 
             pipe_read = ctx.read(r, 0, bytearray(4), callback=cb)
             reqs.extend(ctx.read(fd, 16 * i, bytearray(16), callback=cb) for i in range(3))
@@ -167,7 +180,7 @@ def test_ctrl_c_at_every_c_return_of_a_direct_delivery(
                 ctx.process_completions()
             except KeyboardInterrupt:
                 interrupted = True
-            except SystemExit:
+            except (SystemExit, asyncio.CancelledError):
                 pass
             finally:
                 sys.setprofile(None)
@@ -177,7 +190,7 @@ def test_ctrl_c_at_every_c_return_of_a_direct_delivery(
                 try:
                     assert ctx.drain(timeout=5), f"C return {n}: {ctx.stats()}"
                     break
-                except SystemExit:  # the first callback's, if it ran here
+                except (SystemExit, asyncio.CancelledError):  # the first callback's
                     continue
             ids = [id(q) for q in ran]
             assert len(ids) == len(set(ids)), f"C return {n}: delivered twice"
