@@ -31,7 +31,7 @@ def _ring_context(**kwargs: Any) -> AioContext:
 
 def test_a_workers_done_callback_leaves_no_direct_delivery_behind(path: Path) -> None:
     """A worker finishes a request that has a done-callback while the owner
-    reaps the ring (cq.direct is the owner's): the worker's _finished saved
+    reaps the ring (cq.direct is the owner's): on a7ec1ae the worker's _finished saved
     the owner's ident and stored it back after the owner had left
     process_completions, so from then on a request finished inline ran its
     callback inside ctx.read() itself, in the submitting call (and any
@@ -245,7 +245,9 @@ def test_two_threads_polling_one_context_while_callbacks_resubmit(
     """Two threads poll() one context while the callbacks (run by either)
     keep about 200 reads in flight, 3000 in all (the ring's 512-entry CQ
     wraps many times): each callback runs once, with the file's bytes;
-    the polls' answers add up to the requests; the counters balance."""
+    the polls' answers add up to the requests; the counters balance.  (On
+    a7ec1ae the answers added up to more: each call counted the direct
+    deliveries made while it reaped, another thread's included.)"""
     total, depth = 3000, 200
     data = path.read_bytes()
     fd = os.open(path, os.O_RDONLY)
@@ -395,7 +397,8 @@ def test_ctrl_c_at_every_c_return_of_a_collect_that_wraps(path: Path) -> None:
     """Five completions posted across the CQ array's end (two runs of
     iter_unpack); Ctrl-C at each C return of the process_completions that
     collects and delivers them: each delivered once with the file's bytes,
-    the ring's counts (in flight, in the kernel) back to zero."""
+    the ring's counts (in flight, in the kernel) back to zero.  (On a7ec1ae
+    it hung: a Ctrl-C inside Ring._plug left the ring plugged, see below.)"""
     data = path.read_bytes()
     fd = os.open(path, os.O_RDONLY)
     ctx = _ring_context(inline=False)
