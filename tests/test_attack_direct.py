@@ -841,3 +841,57 @@ def test_ctrl_c_at_each_c_return_of_finished_still_runs_done_callbacks(
                 os.close(w)
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("method", ["unplug", "flush"])
+def test_ctrl_c_as_the_plug_is_released_still_submits(path: Path, method: str) -> None:
+    """A callback submits a read (held back by process_completions' plug);
+    Ctrl-C as Ring.unplug (or a flush) lets the ring's lock go, before its
+    io_uring_enter: the read must still reach the kernel (an event loop
+    waits on fileno() for it).  On a7ec1ae it sat in the SQ until some
+    later submission or wait flushed."""
+    import select
+
+    from threadlets.uring import Ring
+
+    fd = os.open(path, os.O_RDONLY)
+    ctx = _ring_context(inline=False)
+    ring = ctx._ring
+    assert ring is not None
+    code = getattr(Ring, method).__code__
+    try:
+        later: list[AioRequest] = []
+
+        def cb(_: AioRequest) -> None:
+            later.append(ctx.read(fd, 0, bytearray(8)))
+
+        first = ctx.read(fd, 0, bytearray(8), callback=cb)
+        wait_until(lambda: ring._cq_tail.value - ring._cq_head.value >= 1)
+        fired = [False]
+
+        def prof(frame: Any, event: str, arg: object) -> None:
+            if event == "c_return" and frame.f_code is code:
+                sys.setprofile(None)
+                fired[0] = True
+                raise KeyboardInterrupt
+
+        if method == "flush":
+            ring.hold(lambda: None)  # (process_completions then flushes: plug() fails)
+        sys.setprofile(prof)
+        try:
+            ctx.process_completions()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.setprofile(None)
+        assert fired[0]
+        assert first._processed
+        assert later
+        assert later[0]._on_ring
+        readable, _, _ = select.select([ctx.fileno()], [], [], 10)
+        assert readable, "the callback's read never reached the kernel"
+        assert ctx.drain(timeout=10)
+    finally:
+        sys.setprofile(None)
+        ctx.close(timeout=10)
+        os.close(fd)

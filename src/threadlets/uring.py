@@ -481,17 +481,23 @@ class Ring:
 
     def unplug(self) -> None:
         """Release the plug and submit what is held back."""
-        with self._lock:
-            self._plugged_by = None
-            n = self._take()
-        self._kick(n)
+        n = 0
+        try:
+            with self._lock:
+                self._plugged_by = None
+                n = self._take()
+        finally:  # (even if Ctrl-C lands as the lock is let go: taken, so ours to send)
+            self._kick(n)
 
     def flush(self) -> None:
         """Submit what is held back now.  A thread about to block on a
         request calls this first: a held-back request would never start."""
-        with self._lock:
-            n = self._take()
-        self._kick(n)
+        n = 0
+        try:
+            with self._lock:
+                n = self._take()
+        finally:  # (as in unplug)
+            self._kick(n)
 
     def _push(
         self, opcode: int, fd: int, offset: int, addr: int, length: int, op_flags: int, ident: int
