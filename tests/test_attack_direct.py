@@ -895,3 +895,58 @@ def test_ctrl_c_as_the_plug_is_released_still_submits(path: Path, method: str) -
         sys.setprofile(None)
         ctx.close(timeout=10)
         os.close(fd)
+
+
+def test_ctrl_c_in_the_reaps_cleanup_leaves_no_batch_or_plug_behind(path: Path) -> None:
+    """Ctrl-C at each C return of Ring.reap (a reap outside
+    process_completions: a req.wait() in the owner, which takes the plug
+    itself): afterwards this thread is not "in a batch" (call_after_batch
+    answers False, so the caller runs its function) and the ring is not
+    plugged (a submission reaches the kernel).  On a7ec1ae a Ctrl-C as the
+    cleanup's lock was let go left both behind for good: after-batch
+    functions were dropped and submissions held."""
+    import select
+
+    from threadlets.uring import Ring, call_after_batch
+
+    fd = os.open(path, os.O_RDONLY)
+    ctx = _ring_context(inline=False)
+    ring = ctx._ring
+    assert ring is not None
+    code = Ring.reap.__code__
+    try:
+        hit = 0
+        while True:
+            hit += 1
+            assert hit < 100
+            req = ctx.read(fd, 0, bytearray(8))
+            wait_until(lambda: ring._cq_tail.value - ring._cq_head.value >= 1)
+            left = [hit]
+
+            def prof(frame: Any, event: str, arg: object, left: list[int] = left) -> None:
+                if event == "c_return" and frame.f_code is code:
+                    left[0] -= 1
+                    if not left[0]:
+                        sys.setprofile(None)
+                        raise KeyboardInterrupt
+
+            sys.setprofile(prof)
+            try:
+                req.wait(10)
+            except KeyboardInterrupt:
+                pass
+            finally:
+                sys.setprofile(None)
+            assert not call_after_batch(lambda: None), f"C return {hit}: still in a batch"
+            assert ring._plugged_by is None, f"C return {hit}: left plugged"
+            probe = ctx.read(fd, 0, bytearray(8))
+            readable, _, _ = select.select([ctx.fileno()], [], [], 10)
+            assert readable, f"C return {hit}"
+            assert ctx.drain(timeout=10)
+            assert probe.done()
+            if left[0] > 0:
+                break
+    finally:
+        sys.setprofile(None)
+        ctx.close(timeout=10)
+        os.close(fd)

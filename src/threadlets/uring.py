@@ -587,22 +587,26 @@ class Ring:
         callback raises (any exception, Ctrl-C included), the rest stay
         queued for the next reap.  May be called again from inside a
         callback."""
-        with self._lock:
-            if self._generation != _generation or self._released:
-                return 0  # a forked child (the completions are the parent's), or gone
-            self._collect()
-            if not self._ready:
-                return 0
-            batch = list(self._ready)
-            self.wakeups += 1
-            holder = self._plugged_by
-            me = _get_ident()
-            plugged = holder is None
+        plugged = False
+        try:
+            with self._lock:
+                if self._generation != _generation or self._released:
+                    return 0  # a forked child (the completions are the parent's), or gone
+                self._collect()
+                if not self._ready:
+                    return 0
+                batch = list(self._ready)
+                self.wakeups += 1
+                holder = self._plugged_by
+                me = _get_ident()
+                if holder is None:
+                    self._plugged_by = me  # callbacks that submit: one kick for all
+                    plugged = True
+        except BaseException:  # (Ctrl-C as the lock was let go: the plug is ours)
             if plugged:
-                self._plugged_by = me  # callbacks that submit: one kick for all
-        outer = getattr(_batch, "after", None)  # a reap inside a callback's wait
-        after: list[Callable[[], object]] = [] if outer is None else outer
-        _batch.after = after
+                self.unplug()
+            raise
+        outer: Any = False  # (not looked at yet: nothing to undo)
         handed = 0
         ready, lock = self._ready, self._lock
         # Each completion is [on_done, res, handed]: `handed` turns True just
@@ -613,6 +617,9 @@ class Ring:
         # thread's.  An exception leaves the rest to the next reap, with
         # nothing to give back.
         try:
+            outer = getattr(_batch, "after", None)  # a reap inside a callback's wait
+            after: list[Callable[[], object]] = [] if outer is None else outer
+            _batch.after = after
             for item in batch:
                 if item[2] is None:
                     item[2] = True
@@ -626,19 +633,22 @@ class Ring:
                     except Exception:  # pragma: no cover
                         log.exception("exception in after-batch call %r", fn)
         finally:
-            with lock:
-                while ready and ready[0][2] is True:  # (a callback that raised was called)
-                    ready.popleft()
+            # (Each step even if Ctrl-C lands in the one before.)
             if outer is None:
                 _batch.after = None
-            # Whoever reaps submits what was held back (see submit), unless
-            # this thread's own plug will do it when released.
-            if plugged:
-                self.unplug()
-            elif holder != me:
-                self.flush()
-            if handed:
-                self._wake_sleepers()
+            try:
+                with lock:
+                    while ready and ready[0][2] is True:  # (a callback that raised was called)
+                        ready.popleft()
+            finally:
+                # Whoever reaps submits what was held back (see submit), unless
+                # this thread's own plug will do it when released.
+                if plugged:
+                    self.unplug()
+                elif holder != me:
+                    self.flush()
+                if handed:
+                    self._wake_sleepers()
         return handed
 
     def _collect(self) -> None:
