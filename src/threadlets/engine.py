@@ -669,12 +669,22 @@ class AioRequest(Threadlet[int]):
         self._transfer = None  # finished: the buffers are the caller's again
         if self._waiters or self._callbacks:
             cq = self._ctx._cq
-            direct, cq.direct = cq.direct, 0  # (done-callbacks: as callbacks)
+            held = cq.direct
+            direct = None
             try:
-                Threadlet._finished(self)
-            finally:  # (a done-callback's KeyboardInterrupt outside a worker)
-                cq.direct = direct
-                cq.complete(self)
+                # Done-callbacks run as callbacks do: not with `direct` set.
+                # Only its holder clears it (and so restores it): another
+                # thread would restore it after the holder let it go.
+                if held is not None and held[0] == _get_ident():
+                    cq.direct = None
+                    direct = held
+            finally:  # (waiters and done-callbacks even if Ctrl-C lands above)
+                try:
+                    Threadlet._finished(self)
+                finally:  # (a done-callback's KeyboardInterrupt outside a worker)
+                    if direct is not None:
+                        cq.direct = direct
+                    cq.complete(self)
         else:
             self._ctx._cq.complete(self)
 
@@ -720,6 +730,10 @@ class _Notifier:
         self._poll = select.poll()
         self._poll.register(self._rfd, select.POLLIN)
         self.closed = False
+        #: Threads asleep in AioContext._wait_until: one that delivers
+        #: completions wakes them (it may have cleared the signal they
+        #: slept on).
+        self.sleepers = 0
 
     def fileno(self) -> int:
         return self._rfd
@@ -761,7 +775,14 @@ class _Notifier:
     def wait(self, timeout: float | None) -> bool:
         """Block until signalled or ``timeout`` seconds passed."""
         ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
-        events = self._poll.poll(ms)
+        try:
+            events = self._poll.poll(ms)
+        except RuntimeError:
+            # Another thread sleeps on it (a poll object takes one at a
+            # time): a drain or close in a second thread gets its own.
+            poll = select.poll()
+            poll.register(self._rfd, select.POLLIN)
+            events = poll.poll(ms)
         for _, revents in events:
             if revents & select.POLLNVAL:
                 # Closed behind our back (a double close elsewhere in the
@@ -812,13 +833,14 @@ class _CompletionQueue:
         self.delivered = 0
         self.wakeups = 0
         self.batches = 0
-        #: The thread reaping the ring for this queue inside
-        #: process_completions, which delivers what it finishes at once
-        #: (0: none, or it is running a callback).  A hint: where it is
-        #: not set, completions take the ready queue, always correct.
-        self.direct = 0
-        #: What it delivered so (process_completions' count).
-        self.delivered_directly = 0
+        #: [thread ident, count]: the thread reaping the ring for this
+        #: queue inside process_completions, which delivers what it
+        #: finishes at once, and how many it delivered so (that call's
+        #: own: a cell per call, so that a nested call's or another
+        #: thread's are not counted in it).  None: none, or it is running
+        #: a callback.  A hint: where it is not set, completions take the
+        #: ready queue, always correct.
+        self.direct: list[int] | None = None
 
     def unadmit(self, req: AioRequest) -> None:
         """Take back the admission of a request that reached no backend, and
@@ -860,26 +882,26 @@ class _CompletionQueue:
             except BaseException:  # (Ctrl-C as the call returned)
                 self._enqueue(req)
                 raise
-            if direct == me:
+            if direct[0] == me:
                 # Plain bytecodes up to the callback's call (no lock: the
                 # GIL orders these stores, as admission's; see
                 # AioContext._start): delivered and counted from here on,
                 # even if the callback raises.  It never enters the queue.
                 req._processed = True
                 self.delivered += 1
-                self.delivered_directly += 1
+                direct[1] += 1
                 cb = req.callback
                 if cb is not None:
                     # While it runs, this thread is not reaping for the
                     # queue: a wait inside it that reaps queues what it
                     # finds, and runs no other callback inside this one.
-                    self.direct = 0
+                    self.direct = None
                     try:
                         cb(req)
                     except Exception:
                         log.exception("exception in completion callback of %r", req)
                     finally:
-                        self.direct = me
+                        self.direct = direct
                 return
         self._enqueue(req)
 
@@ -953,8 +975,13 @@ class _CompletionQueue:
                 while ready and ready[0]._processed:
                     self.delivered += 1  # (before the call: Ctrl-C can land as it returns)
                     ready.popleft()
-                if ready and not self.signalled and not self.notifier.closed:
-                    # Left behind (an exception): come back.
+                if (
+                    (ready or (n and self.notifier.sleepers))
+                    and not self.signalled
+                    and not self.notifier.closed
+                ):
+                    # Left behind (an exception): come back.  Or another
+                    # thread sleeps on the signal this call cleared: wake it.
                     self.signalled = True
                     self.wakeups += 1
                     self._signal()
@@ -1946,13 +1973,15 @@ class AioContext:
                 n = cq.process(clear=False)
                 # What the reap finishes is delivered by it (see complete()),
                 # unless another thread does so now.
-                took = not cq.direct and cq.deliver
+                took = cq.direct is None and cq.deliver
                 if took:
-                    cq.direct = _get_ident()
-                start = cq.delivered_directly
+                    direct = cq.direct = [_get_ident(), 0]
                 try:
                     ring.reap()
-                    n += cq.delivered_directly - start
+                    if took:
+                        n += direct[1]
+                        if direct[1] and cq.notifier.sleepers:
+                            cq.resignal()  # (see process)
                 except BaseException:
                     # A callback raised: the rest (on the ring, or queued by
                     # an interrupted delivery) is delivered by the next call;
@@ -1961,7 +1990,7 @@ class AioContext:
                     raise
                 finally:
                     if took:
-                        cq.direct = 0
+                        cq.direct = None
                 return n
             return self._cq.process()
         finally:
@@ -2061,7 +2090,14 @@ class AioContext:
                 self._ring.flush()  # see poll()
             if self._cq.notifier.closed:
                 return done()  # closed meanwhile (by a callback): nothing to wait for
-            woken = self._cq.notifier.wait(remaining)
+            # Counted as a sleeper before the last look at done(): a thread
+            # delivering after that look wakes this one.
+            notifier = self._cq.notifier
+            notifier.sleepers += 1
+            try:
+                woken = done() or notifier.wait(remaining)
+            finally:
+                notifier.sleepers -= 1
 
     def close(self, timeout: float | None = None) -> bool:
         """Refuse new requests (from any thread, at once), wait for the

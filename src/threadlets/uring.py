@@ -473,26 +473,41 @@ class Ring:
         return self._plug(schedule)
 
     def _plug(self, schedule: Callable[[], object] | None) -> bool:
-        with self._lock:
-            if self._plugged_by is not None:
-                return False
-            self._plugged_by = _get_ident()
-            self._schedule = schedule
-            return True
+        took = False
+        try:
+            with self._lock:
+                if self._plugged_by is not None:
+                    return False
+                self._plugged_by = _get_ident()
+                took = True
+                self._schedule = schedule
+                return True
+        except BaseException:
+            # Ctrl-C as the lock was let go: the caller never learns that it
+            # holds the plug, and would never release it.
+            if took:
+                self.unplug()
+            raise
 
     def unplug(self) -> None:
         """Release the plug and submit what is held back."""
-        with self._lock:
-            self._plugged_by = None
-            n = self._take()
-        self._kick(n)
+        n = 0
+        try:
+            with self._lock:
+                self._plugged_by = None
+                n = self._take()
+        finally:  # (even if Ctrl-C lands as the lock is let go: taken, so ours to send)
+            self._kick(n)
 
     def flush(self) -> None:
         """Submit what is held back now.  A thread about to block on a
         request calls this first: a held-back request would never start."""
-        with self._lock:
-            n = self._take()
-        self._kick(n)
+        n = 0
+        try:
+            with self._lock:
+                n = self._take()
+        finally:  # (as in unplug)
+            self._kick(n)
 
     def _push(
         self, opcode: int, fd: int, offset: int, addr: int, length: int, op_flags: int, ident: int
@@ -582,22 +597,26 @@ class Ring:
         callback raises (any exception, Ctrl-C included), the rest stay
         queued for the next reap.  May be called again from inside a
         callback."""
-        with self._lock:
-            if self._generation != _generation or self._released:
-                return 0  # a forked child (the completions are the parent's), or gone
-            self._collect()
-            if not self._ready:
-                return 0
-            batch = list(self._ready)
-            self.wakeups += 1
-            holder = self._plugged_by
-            me = _get_ident()
-            plugged = holder is None
+        plugged = False
+        try:
+            with self._lock:
+                if self._generation != _generation or self._released:
+                    return 0  # a forked child (the completions are the parent's), or gone
+                self._collect()
+                if not self._ready:
+                    return 0
+                batch = list(self._ready)
+                self.wakeups += 1
+                holder = self._plugged_by
+                me = _get_ident()
+                if holder is None:
+                    self._plugged_by = me  # callbacks that submit: one kick for all
+                    plugged = True
+        except BaseException:  # (Ctrl-C as the lock was let go: the plug is ours)
             if plugged:
-                self._plugged_by = me  # callbacks that submit: one kick for all
-        outer = getattr(_batch, "after", None)  # a reap inside a callback's wait
-        after: list[Callable[[], object]] = [] if outer is None else outer
-        _batch.after = after
+                self.unplug()
+            raise
+        outer: Any = False  # (not looked at yet: nothing to undo)
         handed = 0
         ready, lock = self._ready, self._lock
         # Each completion is [on_done, res, handed]: `handed` turns True just
@@ -608,6 +627,9 @@ class Ring:
         # thread's.  An exception leaves the rest to the next reap, with
         # nothing to give back.
         try:
+            outer = getattr(_batch, "after", None)  # a reap inside a callback's wait
+            after: list[Callable[[], object]] = [] if outer is None else outer
+            _batch.after = after
             for item in batch:
                 if item[2] is None:
                     item[2] = True
@@ -621,19 +643,22 @@ class Ring:
                     except Exception:  # pragma: no cover
                         log.exception("exception in after-batch call %r", fn)
         finally:
-            with lock:
-                while ready and ready[0][2] is True:  # (a callback that raised was called)
-                    ready.popleft()
+            # (Each step even if Ctrl-C lands in the one before.)
             if outer is None:
                 _batch.after = None
-            # Whoever reaps submits what was held back (see submit), unless
-            # this thread's own plug will do it when released.
-            if plugged:
-                self.unplug()
-            elif holder != me:
-                self.flush()
-            if handed:
-                self._wake_sleepers()
+            try:
+                with lock:
+                    while ready and ready[0][2] is True:  # (a callback that raised was called)
+                        ready.popleft()
+            finally:
+                # Whoever reaps submits what was held back (see submit), unless
+                # this thread's own plug will do it when released.
+                if plugged:
+                    self.unplug()
+                elif holder != me:
+                    self.flush()
+                if handed:
+                    self._wake_sleepers()
         return handed
 
     def _collect(self) -> None:
