@@ -142,6 +142,8 @@ _LINUX_ONLY = {
         "test_posix.py::test_ctrl_c_in_the_submission_leaves_nothing_in_progress",
     ),
     "o_direct": (
+        "test_attack_direct.py::test_regular_file_reads_and_writes_equal_preadv_pwritev"
+        "[threads-direct]",
         "test_bench.py::test_quick_bench_harness",  # expects the O_DIRECT workload's rows
         "test_nbd_server.py::test_direct_export_advertises_its_alignment_and_serves_unaligned_io",
         "test_nbd_interop.py::test_direct_export_says_its_alignment",
