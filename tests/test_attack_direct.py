@@ -950,3 +950,50 @@ def test_ctrl_c_in_the_reaps_cleanup_leaves_no_batch_or_plug_behind(path: Path) 
         sys.setprofile(None)
         ctx.close(timeout=10)
         os.close(fd)
+
+
+def test_a_child_forked_in_a_callback_does_not_finish_its_parents_short_transfer(
+    tmp_path: Path,
+) -> None:
+    """The first callback of a reap forks; the next completion of that
+    batch is a short read (it ends at end of file), which the parent hands
+    to a worker to finish.  The child goes on through the rest of the reap,
+    but the request is the parent's (CANCELLED in the child): the child's
+    pool gets no job for it."""
+    if not HAVE_RING:
+        pytest.skip("no io_uring here")
+    import subprocess
+
+    p = tmp_path / "f"
+    p.write_bytes(os.urandom(4096 + 100))
+    code = f"""
+import os, threadlets
+ctx = threadlets.AioContext(backend="io_uring", inline=False)
+fd = os.open({str(p)!r}, os.O_RDONLY)
+pid, before = [], []
+def cb(req):
+    if not pid:
+        pid.append(os.fork())
+        if pid[0] == 0:
+            before.append(ctx.queue.stats().submitted)
+ring = ctx._ring
+first = ctx.read(fd, 0, bytearray(16), callback=cb)
+while ring._cq_tail.value - ring._cq_head.value < 1:
+    pass
+short = ctx.read(fd, 4096, bytearray(4096), callback=cb)
+while ring._cq_tail.value - ring._cq_head.value < 2:
+    pass
+ctx.process_completions()
+if pid[0] == 0:
+    os._exit(0 if ctx.queue.stats().submitted == before[0] else 1)
+assert ctx.drain(timeout=10)
+assert short.result() == 100
+_, status = os.waitpid(pid[0], 0)
+assert status == 0, status
+assert ctx.close(timeout=10)
+"""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent / "src"))
+    run = subprocess.run(
+        [sys.executable, "-c", code], check=False, env=env, timeout=60, capture_output=True
+    )
+    assert run.returncode == 0, run.stderr.decode()

@@ -631,6 +631,8 @@ class Ring:
             after: list[Callable[[], object]] = [] if outer is None else outer
             _batch.after = after
             for item in batch:
+                if self._generation != _generation:
+                    break  # a callback forked: in the child, the rest is the parent's
                 if item[2] is None:
                     item[2] = True
                     handed += 1
