@@ -846,3 +846,35 @@ def test_ctrl_c_at_every_c_return_of_a_ring_submission(path: Path, deliver: bool
                 break  # the submission made fewer C calls: every one was tried
     finally:
         os.close(fd)
+
+
+def test_ctrl_c_after_a_ring_submission_finished_counts_it_once(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C lands after the ring queued a read, and the reaper finished
+    that read before the submission's clean-up ran: it is counted once (it
+    was counted twice: close() then waited for ever, outstanding -1)."""
+    if not HAVE_RING:
+        pytest.skip("no io_uring here")
+    fd = os.open(path, os.O_RDONLY)
+    ctx = AioContext(backend="io_uring", inline=False, deliver=False)
+    try:
+        ring = ctx._ring
+        assert ring is not None
+        submit = Ring.submit
+
+        def finished_then_interrupted(self: Ring, *args: Any, **kwargs: Any) -> int:
+            ident = submit(self, *args, **kwargs)
+            wait_until(lambda: ident not in self._pending)  # the reaper handed it out
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(Ring, "submit", finished_then_interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            ctx.read(fd, 0, bytearray(16))
+        monkeypatch.undo()
+        s = ctx.stats()
+        assert s.outstanding == 0, s
+        assert s.processed == s.submitted == 1, s
+    finally:
+        assert ctx.close(timeout=5)
+        os.close(fd)

@@ -908,6 +908,9 @@ class _CompletionQueue:
     def _enqueue(self, req: AioRequest) -> None:
         with self.lock:
             if not self.deliver:
+                # Taken (with the count, in plain bytecodes): _start's
+                # clean-up after an interrupt must not count it twice.
+                req._processed = True
                 self.delivered += 1
                 if self.admitted == self.delivered:
                     self.quiet.notify_all()
