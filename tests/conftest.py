@@ -237,16 +237,18 @@ def interrupt_cli_at(
         return status, stdout.read(), "".join(err)
 
 
-def interrupt_at_c_return(n: int) -> list[int]:
+def interrupt_at_c_return(n: int, only: str | None = None) -> list[int]:
     """Raise KeyboardInterrupt once, as the n-th C call returns from now on:
     where CPython 3.11's eval loop raises a pending SIGINT (besides function
-    entry, the residual window the engine documents)."""
+    entry, the residual window the engine documents).  Counts the calls
+    made by threadlets' code, or with ``only`` by that one file's."""
     seen = [0]
 
     def prof(frame: Any, event: str, arg: object) -> None:
         # (Not in code the garbage collector happens to run meanwhile, a
         # WeakSet's callback say: what it raises is only printed.)
-        if event == "c_return" and "threadlets" in frame.f_code.co_filename:
+        name = frame.f_code.co_filename
+        if event == "c_return" and (name == only if only else "threadlets" in name):
             seen[0] += 1
             if seen[0] == n:
                 sys.setprofile(None)

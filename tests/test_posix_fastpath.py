@@ -22,7 +22,7 @@ import threadlets.posix as px
 from threadlets import AioContext, AioRequest, RingUnavailable, ThreadletQueue
 from threadlets.syscalls import Syscalls
 
-from .conftest import wait_until
+from .conftest import interrupt_at_c_return, wait_until
 
 DATA = bytes(range(256)) * 16  # 4 KiB
 BACKENDS = ["threads", "io_uring"]
@@ -110,24 +110,6 @@ def test_a_read_runs_few_bytecodes_of_posix(backend: str, fd: int) -> None:
 # -- Ctrl-C ----------------------------------------------------------------------------
 
 
-def _interrupt_in_posix_at_c_return(n: int) -> list[int]:
-    """Raise KeyboardInterrupt once, as the n-th C call made by posix.py
-    returns (conftest's interrupt_at_c_return counts the engine's too: its
-    own tests interrupt those)."""
-    seen = [0]
-    posix_file = px.__file__
-
-    def prof(frame: Any, event: str, arg: object) -> None:
-        if event == "c_return" and frame.f_code.co_filename == posix_file:
-            seen[0] += 1
-            if seen[0] == n:
-                sys.setprofile(None)
-                raise KeyboardInterrupt
-
-    sys.setprofile(prof)
-    return seen
-
-
 @pytest.mark.parametrize("path", ["quick", "general"])
 @pytest.mark.parametrize("op", ["read", "write"])
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -157,7 +139,7 @@ def test_ctrl_c_at_every_c_return_of_a_submission_loses_nothing(
             assert _done(warm, cb) == (0, 64)
             submit = rt.aio_read if op == "read" else rt.aio_write
             interrupted = False
-            seen = _interrupt_in_posix_at_c_return(n)
+            seen = interrupt_at_c_return(n, only=px.__file__)
             try:
                 submit(cb)
             except KeyboardInterrupt:
