@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -243,19 +244,40 @@ def interrupt_at_c_return(n: int, only: str | None = None) -> list[int]:
     entry, the residual window the engine documents).  Counts the calls
     made by threadlets' code, or with ``only`` by that one file's."""
     seen = [0]
+    # The garbage collector is off while armed: a finalizer it would run
+    # meanwhile (an abandoned AioContext's, a WeakSet's callback) is
+    # threadlets code too, and what the profiler raised there would only be
+    # printed -- the finalizer cut short, the interrupt never reaching the
+    # code under test.  On again when it fires, or after the test
+    # (_collector_back_on).
+    _collector_off[0] = True
+    gc.disable()
 
     def prof(frame: Any, event: str, arg: object) -> None:
-        # (Not in code the garbage collector happens to run meanwhile, a
-        # WeakSet's callback say: what it raises is only printed.)
         name = frame.f_code.co_filename
         if event == "c_return" and (name == only if only else "threadlets" in name):
             seen[0] += 1
             if seen[0] == n:
                 sys.setprofile(None)
+                _collector_off[0] = False
+                gc.enable()
                 raise KeyboardInterrupt
 
     sys.setprofile(prof)
     return seen
+
+
+_collector_off = [False]
+
+
+@pytest.fixture(autouse=True)
+def _collector_back_on() -> Iterator[None]:
+    """After a test that armed interrupt_at_c_return and never let it fire."""
+    yield
+    if _collector_off[0]:
+        sys.setprofile(None)
+        _collector_off[0] = False
+        gc.enable()
 
 
 def stray_write(ctx: object) -> None:
