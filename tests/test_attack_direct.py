@@ -997,3 +997,34 @@ assert ctx.close(timeout=10)
         [sys.executable, "-c", code], check=False, env=env, timeout=60, capture_output=True
     )
     assert run.returncode == 0, run.stderr.decode()
+
+
+def test_after_batch_calls_run_even_if_a_later_done_callback_raises(path: Path) -> None:
+    """A done-callback that asked for a call after the batch (what posix
+    does to wake its aio_suspend waiters once per batch), then another one
+    of the same batch raising KeyboardInterrupt: the call still runs (before
+    the fix it was dropped with the rest of the batch's bookkeeping, and a
+    waiter it would have woken slept on)."""
+    fd = os.open(path, os.O_RDONLY)
+    ctx = _ring_context(inline=False)
+    ring = ctx._ring
+    assert ring is not None
+    woken: list[int] = []
+    try:
+        a = ctx.read(fd, 0, bytearray(16))
+        b = ctx.read(fd, 16, bytearray(16))
+        wait_until(lambda: ring._cq_tail.value - ring._cq_head.value >= 2)
+        a.add_done_callback(lambda _: ctx.call_after_batch(lambda: woken.append(1)))
+
+        def interrupted(_: object) -> None:
+            raise KeyboardInterrupt
+
+        b.add_done_callback(interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            ctx.process_completions()
+        assert woken == [1]
+        assert ctx.drain(timeout=10)
+        assert woken == [1]
+    finally:
+        ctx.close()
+        os.close(fd)

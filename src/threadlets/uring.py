@@ -617,6 +617,7 @@ class Ring:
                 self.unplug()
             raise
         outer: Any = False  # (not looked at yet: nothing to undo)
+        after: list[Callable[[], object]] = []
         handed = 0
         ready, lock = self._ready, self._lock
         # Each completion is [on_done, res, handed]: `handed` turns True just
@@ -628,7 +629,8 @@ class Ring:
         # nothing to give back.
         try:
             outer = getattr(_batch, "after", None)  # a reap inside a callback's wait
-            after: list[Callable[[], object]] = [] if outer is None else outer
+            if outer is not None:
+                after = outer
             _batch.after = after
             for item in batch:
                 if self._generation != _generation:
@@ -637,30 +639,35 @@ class Ring:
                     item[2] = True
                     handed += 1
                     item[0](item[1])
-            if outer is None:
-                _batch.after = None
-                for fn in after:
-                    try:
-                        fn()
-                    except Exception:  # pragma: no cover
-                        log.exception("exception in after-batch call %r", fn)
         finally:
             # (Each step even if Ctrl-C lands in the one before.)
-            if outer is None:
-                _batch.after = None
             try:
-                with lock:
-                    while ready and ready[0][2] is True:  # (a callback that raised was called)
-                        ready.popleft()
+                if outer is None:
+                    _batch.after = None
+                    # Even if a callback raised: what the callbacks that ran
+                    # asked for (a front end's waiters woken, once per
+                    # batch) is owed all the same.  Each is taken before it
+                    # is called: called once.
+                    while after:
+                        fn = after.pop(0)
+                        try:
+                            fn()
+                        except Exception:
+                            log.exception("exception in after-batch call %r", fn)
             finally:
-                # Whoever reaps submits what was held back (see submit), unless
-                # this thread's own plug will do it when released.
-                if plugged:
-                    self.unplug()
-                elif holder != me:
-                    self.flush()
-                if handed:
-                    self._wake_sleepers()
+                try:
+                    with lock:
+                        while ready and ready[0][2] is True:  # (a callback that raised was called)
+                            ready.popleft()
+                finally:
+                    # Whoever reaps submits what was held back (see submit),
+                    # unless this thread's own plug will do it when released.
+                    if plugged:
+                        self.unplug()
+                    elif holder != me:
+                        self.flush()
+                    if handed:
+                        self._wake_sleepers()
         return handed
 
     def _collect(self) -> None:
