@@ -117,7 +117,7 @@ from threadlets.pool import (
 )
 from threadlets.probe import RWF_NOWAIT, capabilities, capability_note, pin_buffer
 from threadlets.syscalls import NR_READ, NR_WRITE, Syscalls
-from threadlets.syscalls import syscall_holding_the_gil as _raw_syscall
+from threadlets.syscalls import quick_syscall as _quick_syscall
 from threadlets.uring import Ring, RingUnavailable
 
 if TYPE_CHECKING:
@@ -708,10 +708,9 @@ class ContextStats:
     batches: int
 
 
-_ONE = ctypes.c_uint64(1)  # what an eventfd write adds (read-only: shared)
-_ONE_ADDRESS = ctypes.addressof(_ONE)
-_SCRATCH = ctypes.c_uint64(0)  # where an eventfd's count is read to (and dropped)
-_SCRATCH_ADDRESS = ctypes.addressof(_SCRATCH)
+# One-element arrays: ctypes passes an array by its address.
+_ONE = (ctypes.c_uint64 * 1)(1)  # what an eventfd write adds (read-only: shared)
+_SCRATCH = (ctypes.c_uint64 * 1)()  # where an eventfd's count is read to (and dropped)
 
 
 class _Notifier:
@@ -741,16 +740,12 @@ class _Notifier:
     def signal(self) -> None:
         try:
             if self._eventfd:
-                if _raw_syscall is not None:
-                    # Keeping the GIL (see syscalls): the caller holds the
-                    # completion queue's lock, which the owner and the other
-                    # workers then wait for no longer than the write takes.
-                    if _raw_syscall(NR_WRITE, self._wfd, _ONE_ADDRESS, 8, 0, 0, 0) < 0:
-                        err = ctypes.get_errno()
-                        if err != errno.EAGAIN:
-                            raise OSError(err, os.strerror(err))
-                    return
-                os.eventfd_write(self._wfd, 1)
+                # Keeping the GIL (see syscalls): the caller holds the
+                # completion queue's lock, which the owner and the other
+                # workers then wait for no longer than the write takes.
+                # (Failed: the os call, which lets the GIL go, says why.)
+                if _quick_syscall is None or _quick_syscall(NR_WRITE, self._wfd, _ONE, 8) < 0:
+                    os.eventfd_write(self._wfd, 1)
             else:
                 os.write(self._wfd, b"\0")
         except BlockingIOError:  # pragma: no cover - counter or pipe full: still readable
@@ -759,11 +754,11 @@ class _Notifier:
     def clear(self) -> None:
         try:
             if self._eventfd:
-                if _raw_syscall is not None:
+                if _quick_syscall is not None:
                     # Keeping the GIL: letting it go here costs the owner a
                     # wait behind every busy worker to get it back.  (The
                     # value read is not used: one scratch word for all.)
-                    _raw_syscall(NR_READ, self._rfd, _SCRATCH_ADDRESS, 8, 0, 0, 0)
+                    _quick_syscall(NR_READ, self._rfd, _SCRATCH, 8)
                     return
                 os.eventfd_read(self._rfd)
             else:
