@@ -456,6 +456,15 @@ class Threadlet(Generic[T]):
         Raises ``CancelledError`` if it was cancelled and ``TimeoutError`` if
         it did not finish within ``timeout`` seconds.
         """
+        if self._state is _DONE and timeout is None:
+            # DONE is final, and the outcome was stored before it (see
+            # _finish): read without the lock -- the hot path of a front
+            # end, which asks once the request finished.  (A timeout
+            # given is checked as ever: a bad one is refused even here.)
+            exc = self._exception
+            if exc is not None:
+                raise exc
+            return self._result  # type: ignore[return-value]
         result, exc = self._outcome(timeout)
         if exc is not None:
             raise exc
