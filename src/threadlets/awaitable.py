@@ -45,7 +45,7 @@ import contextlib
 import fcntl
 import sys
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from threadlets.engine import BACKENDS, AioContext, AioRequest
@@ -91,7 +91,15 @@ class LoopIO:
     It holds its asyncio loop only weakly: the loop's own structures hold
     the context, and nothing of ours may keep a finished loop alive."""
 
-    __slots__ = ("__weakref__", "_loop", "ctx", "inline_run", "kind")
+    __slots__ = ("__weakref__", "_loop", "ctx", "inline_run", "kind", "wait")
+
+    #: ``await io.wait(req, detach=False)``: suspend until ``req`` finished
+    #: (its completion processed), with the cancellation rules of the
+    #: module docstring.  ``detach=True`` lets a cancellation through at
+    #: once even while ``req`` runs (for a request that may never end, whose
+    #: caller cleans up after it).  The loop kind's own function, bound
+    #: once: every request comes through here.
+    wait: Callable[..., Coroutine[Any, Any, None]]
 
     def __init__(
         self, ctx: AioContext, kind: str, loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
@@ -99,6 +107,7 @@ class LoopIO:
         self.ctx = ctx
         self.kind = kind  # "asyncio" or "trio"
         self._loop = loop
+        self.wait = _asyncio_wait if kind == "asyncio" else _trio_wait
         #: Inline completions since this loop last yielded for fairness.
         self.inline_run = 0
 
@@ -119,16 +128,6 @@ class LoopIO:
             raise RuntimeError(
                 "this file belongs to another event loop (use it only in the one that opened it)"
             )
-
-    async def wait(self, req: AioRequest, *, detach: bool = False) -> None:
-        """Suspend until ``req`` finished (its completion processed), with
-        the cancellation rules of the module docstring.  ``detach=True``
-        lets a cancellation through at once even while ``req`` runs (for a
-        request that may never end, whose caller cleans up after it)."""
-        if self.kind == "asyncio":
-            await _asyncio_wait(req, detach)
-        else:
-            await _trio_wait(req, detach)
 
     async def wait_fd(self, fd: int, write: bool, waits: FdWaits | None = None) -> None:
         """Suspend until ``fd`` is readable (writable); cancellable at any
