@@ -407,6 +407,26 @@ def _stream(
     return _stream_rw(sc, f.fd, buffers, total, write, done)
 
 
+def _no_bytes(
+    sc: Syscalls, f: AioFile, buffers: Sequence[memoryview], offset: int, write: bool
+) -> int:
+    """A transfer of no bytes makes its one system call all the same, as
+    os.preadv/os.pwritev do: the kernel says whether the file takes it
+    (EBADF on a descriptor not open for it, EISDIR, ...), else 0."""
+    iov = list(buffers)[:IOV_MAX]
+    while True:
+        try:
+            if f.positional:
+                try:
+                    return sc.pwritev(f.fd, iov, offset) if write else sc.preadv(f.fd, iov, offset)
+                except OSError as e:
+                    if e.errno != errno.ESPIPE:
+                        raise
+            return sc.writev(f.fd, iov) if write else sc.readv(f.fd, iov)
+        except InterruptedError:
+            continue
+
+
 def read(
     sc: Syscalls,
     f: AioFile,
@@ -416,6 +436,8 @@ def read(
     zero_fill: bool,
     done: int = 0,
 ) -> int:
+    if not total:
+        return _no_bytes(sc, f, buffers, offset, False)
     if f.stream:
         n = _stream(sc, f, buffers, offset, total, False, done)
     elif f.direct:
@@ -436,6 +458,8 @@ def write(
     total: int,
     done: int = 0,
 ) -> int:
+    if not total:
+        return _no_bytes(sc, f, buffers, offset, True)
     if f.stream:
         return _stream(sc, f, buffers, offset, total, True, done)
     if f.direct:
