@@ -32,7 +32,9 @@ Differences from glibc, on purpose
   on a worker thread; what it raises is logged (logger ``threadlets``).
 * ``aio_suspend`` is not interrupted with EINTR: Python runs signal
   handlers and resumes the wait (PEP 475); a handler that raises ends it
-  with that exception.
+  with that exception.  A negative timeout raises EINVAL (glibc times
+  out: EAGAIN), a NaN one ValueError (as ``time.sleep``); one longer than
+  a lock can wait (inf) waits for ever, as glibc does.
 * ``aio_error``/``aio_return`` on an aiocb that was never submitted raise
   EINVAL (glibc reads whatever the struct holds); ``aio_return`` while the
   request is in progress raises EINPROGRESS (undefined in POSIX).
@@ -87,6 +89,7 @@ import errno
 import fcntl
 import functools
 import logging
+import math
 import operator
 import os
 import signal
@@ -226,6 +229,29 @@ def _identity_os(fd: int) -> _Identity | None:
         return None
     flags |= stat.S_IFMT(st.st_mode) << 32
     return flags, st.st_dev, st.st_ino
+
+
+def _zero_length_errno(op: str, ident: _Identity) -> int:
+    """What read(2) or write(2) of 0 bytes answers on the fd ``ident``
+    describes: EBADF if it is not open for that direction (or is an O_PATH
+    fd), EISDIR for a read of a directory, else 0."""
+    flags = ident[0]
+    if flags & _O_PATH:
+        return errno.EBADF
+    mode = flags & _O_ACCMODE
+    if op == "read":
+        if mode == os.O_WRONLY:
+            return errno.EBADF
+        if flags >> 32 == stat.S_IFDIR:
+            return errno.EISDIR
+    elif mode == os.O_RDONLY:
+        return errno.EBADF
+    return 0
+
+
+_O_PATH = getattr(os, "O_PATH", 0)
+_WAIT_MAX = threading.TIMEOUT_MAX
+_O_ACCMODE = os.O_RDONLY | os.O_WRONLY | os.O_RDWR
 
 
 def _failed_outcome(req: Threadlet[int]) -> tuple[int, int]:
@@ -612,7 +638,8 @@ class PosixAio:
         ident = _identity(fd)
         if (
             ident is None
-            or not 0 <= offset <= MAX_OFFSET - len(view)
+            or not 0 < len(view) <= MAX_OFFSET - offset
+            or offset < 0
             or (op == "write" and ident[0] & os.O_APPEND)
         ):
             self._submit([(cb, op, view, ident)], None)
@@ -804,6 +831,13 @@ class PosixAio:
         if ident is None:
             self._finish(cb, errno.EBADF, -1, after)
             return
+        if view is not None and not len(view):
+            # The engine moves nothing and makes no call; the kernel would
+            # still refuse the fd (as glibc reports).
+            err = _zero_length_errno(op, ident)
+            if err:
+                self._finish(cb, err, -1, after)
+                return
         state = self._fds.get(fd)
         if state is None:
             state = self._fds[fd] = _Fd()
@@ -1114,6 +1148,8 @@ class PosixAio:
         if timeout is not None:
             if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
                 raise TypeError(f"timeout must be a number or None, not {type(timeout).__name__}")
+            if isinstance(timeout, float) and math.isnan(timeout):
+                raise ValueError("Invalid value NaN (not a number)")
             if timeout < 0:
                 raise _einval("timeout must be >= 0")
         self._send_held()
@@ -1127,7 +1163,9 @@ class PosixAio:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise OSError(errno.EAGAIN, "aio_suspend timed out")
-                self._wait(remaining)
+                # (A timeout past what a lock can wait -- inf, 1e300 -- is
+                # waited in TIMEOUT_MAX steps.)
+                self._wait(None if remaining is None else min(remaining, _WAIT_MAX))
                 if not set(map(_status_of, cbs)) <= _IN_PROGRESS:
                     return
 
