@@ -86,7 +86,7 @@ class Files:
 
 
 Op = tuple[str, str, int, int]
-OFFSETS = [-1, 0, 1, 4095, 4096, len(DATA) - 1, len(DATA), 10**6]
+OFFSETS = [-1, 0, 1, 4095, 4096, len(DATA) - 1, len(DATA), 10**6, 2**63 - 1, 2**63 - 4, 2**63]
 SIZES = [0, 1, 7, 4096]
 
 ops = st.lists(
@@ -164,6 +164,41 @@ def test_random_sequences_match_glibc(
     finally:
         ours.close()
         theirs.close()
+
+
+EDGES = [
+    ("read", "wo", 2**63 - 1, 1),  # the kernel checks the fd before the range: EBADF
+    ("write", "ro", 2**63 - 4, 7),
+    ("read", "pipe", 2**63 - 1, 7),  # pread fails ESPIPE, glibc reads: no offset used
+    ("write", "pipe", 2**63 - 4, 7),  # (the write end is not ours: EBADF, after the range)
+    ("read", "null", 2**63 - 1, 1),  # a seekable character device: EINVAL
+    ("read", "wo", 2**63, 0),  # not an off_t: EINVAL first
+    ("read", "closed", -1, 1),
+    ("read", "dir", 0, 0),  # EISDIR
+    ("write", "dir", 0, 0),
+]
+
+
+@needs_glibc
+@pytest.mark.parametrize("step", EDGES, ids=repr)
+@pytest.mark.parametrize("how", ["quick", "lio"])
+def test_refusals_come_in_the_kernels_order(
+    rt: px.PosixAio, tmp_path: Path, step: Op, how: str
+) -> None:
+    """Where several things are wrong, the error is the one pread/pwrite
+    gives (glibc's); a pipe takes any offset.  (EINVAL came first for an
+    offset past MAX_OFFSET, and a pipe refused one.)"""
+    ours, theirs = Files(tmp_path / "ours"), Files(tmp_path / "glibc")
+    name, kind, offset, n = step
+    op = (name if how == "quick" else "lio", kind, offset, n)
+    k = int(name == "write")  # (run_one's lio writes on odd steps)
+    try:
+        got, want = run_one(_Runtime(rt), ours, op, k), run_one(glibc_aio, theirs, op, k)
+        assert got == want
+    finally:
+        ours.close()
+        theirs.close()
+    assert ours.path.read_bytes() == theirs.path.read_bytes() == DATA
 
 
 class _Runtime:

@@ -231,25 +231,31 @@ def _identity_os(fd: int) -> _Identity | None:
     return flags, st.st_dev, st.st_ino
 
 
-def _zero_length_errno(op: str, ident: _Identity) -> int:
-    """What read(2) or write(2) of 0 bytes answers on the fd ``ident``
-    describes: EBADF if it is not open for that direction (or is an O_PATH
-    fd), EISDIR for a read of a directory, else 0."""
+def _refusal(op: str, offset: int, length: int, ident: _Identity | None) -> int:
+    """The errno pread(2)/pwrite(2) of ``length`` bytes at ``offset``
+    answers before moving anything, checked in the kernel's order (glibc's
+    aio reports it), or 0.  The engine is not asked: it makes no call for 0
+    bytes and refuses an offset past MAX_OFFSET outright, where the kernel
+    first checks the fd (a stream, where pread fails ESPIPE and glibc
+    reads, ignores the offset)."""
+    if not 0 <= offset <= MAX_OFFSET:  # (not an off_t: in C, a negative one)
+        return errno.EINVAL
+    if ident is None or ident[0] & _O_PATH:
+        return errno.EBADF
     flags = ident[0]
-    if flags & _O_PATH:
+    if flags & _O_ACCMODE == (os.O_WRONLY if op == "read" else os.O_RDONLY):
         return errno.EBADF
-    mode = flags & _O_ACCMODE
-    if op == "read":
-        if mode == os.O_WRONLY:
-            return errno.EBADF
-        if flags >> 32 == stat.S_IFDIR:
-            return errno.EISDIR
-    elif mode == os.O_RDONLY:
-        return errno.EBADF
+    kind = flags >> 32
+    if offset > MAX_OFFSET - length and kind not in _STREAMS:
+        return errno.EINVAL
+    if not length and op == "read" and kind == stat.S_IFDIR:
+        return errno.EISDIR
     return 0
 
 
 _O_PATH = getattr(os, "O_PATH", 0)
+#: File types where pread fails ESPIPE (glibc then reads: the offset is not used).
+_STREAMS = frozenset({stat.S_IFIFO, stat.S_IFSOCK})
 _WAIT_MAX = threading.TIMEOUT_MAX
 _O_ACCMODE = os.O_RDONLY | os.O_WRONLY | os.O_RDWR
 
@@ -824,20 +830,15 @@ class PosixAio:
         cb._outcome = None
         cb._status = _PENDING
         self._note_identity(ctx, fd, ident)
-        if view is not None and (offset < 0 or offset + len(view) > MAX_OFFSET):
+        err = errno.EBADF if ident is None else 0
+        if view is not None:
+            err = _refusal(op, offset, len(view), ident)
+            if not err and offset > MAX_OFFSET - len(view):
+                cb._offset = 0  # a stream: the offset is not used
+        if err or ident is None:
             # As glibc: the system call refuses it, so the status says so.
-            self._finish(cb, errno.EINVAL, -1, after)
+            self._finish(cb, err, -1, after)
             return
-        if ident is None:
-            self._finish(cb, errno.EBADF, -1, after)
-            return
-        if view is not None and not len(view):
-            # The engine moves nothing and makes no call; the kernel would
-            # still refuse the fd (as glibc reports).
-            err = _zero_length_errno(op, ident)
-            if err:
-                self._finish(cb, err, -1, after)
-                return
         state = self._fds.get(fd)
         if state is None:
             state = self._fds[fd] = _Fd()
