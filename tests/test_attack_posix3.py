@@ -45,7 +45,7 @@ def rt(request: pytest.FixtureRequest) -> Iterator[px.PosixAio]:
 
 # -- the differential model ---------------------------------------------------------------
 
-KINDS = ["rw", "ro", "wo", "append", "dir", "null", "pipe", "closed", "slot"]
+KINDS = ["rw", "ro", "wo", "append", "nonblock", "dir", "null", "pipe", "closed", "slot"]
 
 
 class Files:
@@ -62,6 +62,7 @@ class Files:
             "ro": os.open(p, os.O_RDONLY),
             "wo": os.open(p, os.O_WRONLY),
             "append": os.open(p, os.O_RDWR | os.O_APPEND),
+            "nonblock": os.open(p, os.O_RDWR | os.O_NONBLOCK),
             "dir": os.open(root, os.O_RDONLY),
             "null": os.open(os.devnull, os.O_RDWR),
         }
@@ -358,3 +359,91 @@ def test_a_zero_timeout_polls(pending: tuple[px.PosixAio, px.aiocb, int]) -> Non
     rt.aio_suspend([], math.inf)
     os.write(w, b"data")
     rt.aio_suspend([cb, None, cb], 10)
+
+
+# -- use_context from several threads ----------------------------------------------------
+
+
+def test_use_context_blocks_of_two_threads_may_end_in_any_order(tmp_path: Path) -> None:
+    """Thread A opens a block with context a, thread B one with b, A's
+    ends first.  B's requests go on to b, and after both the runtime is
+    back on its own context.  (A's end restored what A saw before -- none
+    -- while B was inside; B's end then restored a, which A's owner may
+    have closed: every later request of the runtime failed.)"""
+    p = tmp_path / "f"
+    p.write_bytes(DATA)
+    fd = os.open(p, os.O_RDONLY)
+    rt = px.PosixAio()
+    a = AioContext(deliver=False, backend="threads")
+    b = AioContext(deliver=False, backend="threads")
+    steps = [threading.Event() for _ in range(4)]
+    seen: dict[str, Any] = {}
+
+    def thread_a() -> None:
+        with rt.use_context(a) as got:
+            seen["a"] = got
+            steps[0].set()
+            steps[1].wait(10)
+        steps[2].set()
+
+    def thread_b() -> None:
+        steps[0].wait(10)
+        with rt.use_context(b) as got:
+            seen["b"] = got
+            steps[1].set()
+            steps[2].wait(10)
+            seen["inside b after a"] = rt.context
+            cb = px.aiocb(fd, 0, bytearray(8))
+            rt.aio_read(cb)
+            rt.aio_suspend([cb], 10)
+            seen["read"] = (rt.aio_error(cb), rt.aio_return(cb))
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert seen["a"] is a
+        assert seen["b"] is b
+        assert seen["inside b after a"] is b
+        assert seen["read"] == (0, 8)
+        assert b.stats().submitted == 1
+        assert a.stats().submitted == 0
+        a.close()
+        assert rt.context is not a
+        assert rt.context is not b
+        cb = px.aiocb(fd, 0, bytearray(8))
+        rt.aio_read(cb)  # (on the runtime's own context)
+        rt.aio_suspend([cb], 10)
+        assert (rt.aio_error(cb), rt.aio_return(cb)) == (0, 8)
+    finally:
+        os.close(fd)
+        b.close()
+        rt.context.close()
+
+
+def test_set_context_inside_a_block_lasts_for_the_block(tmp_path: Path) -> None:
+    rt = px.PosixAio()
+    a = AioContext(deliver=False, backend="threads")
+    b = AioContext(deliver=False, backend="threads")
+    try:
+        assert rt.set_context(a) is None
+        with rt.use_context(None) as own:
+            assert rt.context is own
+            assert own is not a
+            assert rt.set_context(b) is None
+            assert rt.context is b
+        assert rt.context is a
+        delivering = AioContext(backend="threads")
+        try:
+            with pytest.raises(ValueError, match="deliver=False"), rt.use_context(delivering):
+                pass
+        finally:
+            delivering.close()
+        assert rt.context is a
+        assert rt.set_context(None) is a
+    finally:
+        a.close()
+        b.close()
+        rt.context.close()

@@ -521,6 +521,14 @@ def _check_list(items: Iterable[aiocb | None]) -> list[aiocb]:
 _LIST_TYPES = frozenset({aiocb, type(None)})
 
 
+def _check_context(context: object) -> None:
+    if context is not None:
+        if not isinstance(context, AioContext):
+            raise TypeError(f"expected an AioContext, not {type(context).__name__}")
+        if context.deliver:
+            raise ValueError("threadlets.posix needs an AioContext(deliver=False)")
+
+
 class PosixAio:
     """A POSIX AIO runtime: the lock, the per-fd ordering tables, the fd
     identities and the :class:`~threadlets.engine.AioContext` behind one set
@@ -552,6 +560,12 @@ class PosixAio:
         # Replaced under _lock; read by submitting threads without it:
         self._given: AioContext | None = None
         self._own: AioContext | None = None
+        # Under _lock: _given is the context of the innermost use_context
+        # block still open (one-item lists, in the order they opened: a
+        # thread's block may end before another's that opened later), else
+        # _base, what set_context gave outside any block.
+        self._scopes: list[list[AioContext | None]] = []
+        self._base: AioContext | None = None
         if context is not None:
             self.set_context(context)
         _runtimes.add(self)
@@ -569,34 +583,52 @@ class PosixAio:
             ctx = self._own
             if ctx is None:
                 with self._lock:
-                    if self._own is None:
-                        self._own = AioContext(deliver=False, backend="auto")
-                    ctx = self._given if self._given is not None else self._own
+                    ctx = self._given if self._given is not None else self._own_context()
         return ctx
+
+    def _own_context(self) -> AioContext:
+        """The runtime's own context, made if need be.  With _lock held."""
+        if self._own is None:
+            self._own = AioContext(deliver=False, backend="auto")
+        return self._own
 
     def set_context(self, context: AioContext | None) -> AioContext | None:
         """Submit later requests to ``context`` (an ``AioContext(deliver=False)``;
         None: the runtime's own).  Requests in progress finish where they
-        run.  Returns the context given before (None if none was)."""
-        if context is not None:
-            if not isinstance(context, AioContext):
-                raise TypeError(f"expected an AioContext, not {type(context).__name__}")
-            if context.deliver:
-                raise ValueError("threadlets.posix needs an AioContext(deliver=False)")
+        run.  Returns the context given before (None if none was).  Inside
+        a use_context block, it replaces that block's context."""
+        _check_context(context)
         with self._lock:
             previous = self._given
+            if self._scopes:
+                self._scopes[-1][0] = context
+            else:
+                self._base = context
             self._given = context
         return previous
 
     @contextlib.contextmanager
     def use_context(self, context: AioContext | None) -> Iterator[AioContext]:
-        """``with runtime.use_context(ctx):`` -- set_context(ctx) for the
-        block, then the one given before."""
-        previous = self.set_context(context)
+        """``with runtime.use_context(ctx):`` -- requests go to ``ctx`` in
+        the block (None: the runtime's own); after it, to the context of
+        the innermost block still open, else to what set_context gave.
+        Blocks of several threads may end in any order."""
+        _check_context(context)
+        scope = [context]
+        with self._lock:
+            self._scopes.append(scope)
+            self._given = context
         try:
-            yield self.context
+            if context is not None:
+                yield context
+            else:
+                with self._lock:
+                    own = self._own_context()
+                yield own
         finally:
-            self.set_context(previous)
+            with self._lock:
+                self._scopes = [s for s in self._scopes if s is not scope]
+                self._given = self._scopes[-1][0] if self._scopes else self._base
 
     # -- submission ---------------------------------------------------------------
 
