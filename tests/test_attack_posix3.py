@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,7 +26,7 @@ import threadlets.posix as px
 from threadlets import AioContext, RingUnavailable
 
 from . import glibc_aio
-from .conftest import wait_until
+from .conftest import interrupt_at_c_return, wait_until
 
 needs_glibc = pytest.mark.skipif(not glibc_aio.AVAILABLE, reason="needs glibc on x86_64/aarch64")
 DATA = bytes(range(256)) * 32  # 8 KiB
@@ -447,3 +448,130 @@ def test_set_context_inside_a_block_lasts_for_the_block(tmp_path: Path) -> None:
         a.close()
         b.close()
         rt.context.close()
+
+
+# -- what held ---------------------------------------------------------------------------
+
+
+def test_a_child_forked_with_requests_in_flight_on_a_given_context(
+    rt: px.PosixAio, tmp_path: Path
+) -> None:
+    """Requests the parent had in flight (a read of an empty pipe, an fsync
+    waiting for it, one with a SIGEV_THREAD notification) read ECANCELED /
+    -1 in the child at once; the child's runtime then reads, appends,
+    syncs and lists on its own; the parent's requests finish normally."""
+    p = tmp_path / "f"
+    p.write_bytes(DATA)
+    fd = os.open(p, os.O_RDWR)
+    afd = os.open(p, os.O_RDWR | os.O_APPEND)
+    r, w = os.pipe()
+    notified = threading.Event()
+    blocked = px.aiocb(r, 0, bytearray(3))
+    rt.aio_read(blocked)
+    barrier = px.aiocb(r)
+    rt.aio_fsync(os.O_SYNC, barrier)  # waits for the read
+    sigev = px.sigevent(px.SIGEV_THREAD, function=lambda _: notified.set())
+    noted = px.aiocb(r, 0, bytearray(1), sigevent=sigev)
+    rt.aio_read(noted)
+    parents = [blocked, barrier, noted]
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            rt.aio_suspend(parents, 0)  # (done: no EAGAIN)
+            if [(rt.aio_error(c), rt.aio_return(c)) for c in parents] == [
+                (errno.ECANCELED, -1)
+            ] * 3 and rt.aio_cancel(r) == px.AIO_ALLDONE:
+                code = 2
+                r2, w2 = os.pipe()
+                os.write(w2, b"zz")
+                steps = [
+                    px.aiocb(fd, 0, bytearray(4), lio_opcode=px.LIO_READ),
+                    px.aiocb(afd, 0, bytearray(b"child"), lio_opcode=px.LIO_WRITE),
+                    px.aiocb(r2, 0, bytearray(2), lio_opcode=px.LIO_READ),
+                ]
+                rt.lio_listio(px.LIO_WAIT, steps)
+                sync = px.aiocb(afd)
+                rt.aio_fsync(os.O_DSYNC, sync)
+                rt.aio_suspend([sync], 10)
+                if [rt.aio_return(c) for c in (*steps, sync)] == [4, 5, 2, 0]:
+                    code = 0
+        finally:
+            os._exit(code)
+    try:
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        os.write(w, b"abcd")
+        for c in parents:
+            rt.aio_suspend([c], 10)
+        # (An fsync of a pipe: EINVAL, as glibc.)
+        assert [(rt.aio_error(c), rt.aio_return(c)) for c in parents] == [
+            (0, 3),
+            (errno.EINVAL, -1),
+            (0, 1),
+        ]
+        assert notified.wait(10)
+        assert p.read_bytes() == DATA + b"child"
+    finally:
+        for f in (fd, afd, r, w):
+            os.close(f)
+
+
+def test_ctrl_c_at_every_c_return_of_a_waiting_list(rt: px.PosixAio, tmp_path: Path) -> None:
+    """For n = 1, 2, ...: Ctrl-C as the n-th C call of posix.py returns in
+    lio_listio(LIO_WAIT) of a file read, two O_APPEND writes and an entry
+    refused EINVAL, while a pipe read and an fsync behind it wait: every
+    aiocb ends finished, the appends land whole and in order (or not at
+    all), and nothing is left on the runtime's tables."""
+    p = tmp_path / "f"
+    p.write_bytes(DATA)
+    fd = os.open(p, os.O_RDWR)
+    afd = os.open(p, os.O_RDWR | os.O_APPEND)
+    ctx = rt.context
+    try:
+        n = 0
+        while True:
+            n += 1
+            assert n < 300, "the list never ran to its end"
+            run = px.PosixAio(ctx)
+            r, w = os.pipe()
+            pre = px.aiocb(r, 0, bytearray(2))
+            run.aio_read(pre)
+            fsync = px.aiocb(r)
+            run.aio_fsync(os.O_SYNC, fsync)
+            entries = [
+                px.aiocb(fd, 0, bytearray(8), lio_opcode=px.LIO_READ),
+                px.aiocb(afd, 0, bytearray(b"ab"), lio_opcode=px.LIO_WRITE),
+                px.aiocb(afd, 0, bytearray(b"cd"), lio_opcode=px.LIO_WRITE),
+                px.aiocb(fd, -1, bytearray(8), lio_opcode=px.LIO_READ),
+            ]
+            size = os.fstat(fd).st_size
+            interrupted = False
+            seen = interrupt_at_c_return(n, only=px.__file__)
+            failed = 0
+            try:
+                run.lio_listio(px.LIO_WAIT, [None, *entries])
+            except KeyboardInterrupt:
+                interrupted = True
+            except OSError as e:
+                failed = e.errno or -1
+            finally:
+                sys.setprofile(None)
+            assert failed in (0, errno.EIO), n
+            os.write(w, b"zz")
+            for c in [pre, fsync, *entries]:
+                if c._status != "idle":
+                    run.aio_suspend([c], 10)
+                    assert run.aio_error(c) != errno.EINPROGRESS, n
+            assert not run._fds, (n, run._fds)
+            with open(p, "rb") as f:
+                f.seek(size)
+                assert f.read() in (b"", b"ab", b"abcd"), n
+            os.close(r)
+            os.close(w)
+            if not interrupted and seen[0] < n:
+                break
+        assert n > 20  # (it ran through many C returns)
+    finally:
+        os.close(fd)
+        os.close(afd)
