@@ -99,6 +99,8 @@ _READ, _WRITE, _DISC, _FLUSH = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.DISC), int
 _FUA = int(CmdFlag.FUA)
 #: The commands that write, for which FUA means a flush before the reply.
 _FUA_COMMANDS = frozenset({_WRITE, int(Cmd.TRIM), int(Cmd.WRITE_ZEROES)})
+#: The commands that change the export (or flush it).
+_CHANGES = _FUA_COMMANDS | {_FLUSH}
 
 
 @dataclass(frozen=True)
@@ -311,7 +313,11 @@ class _Connection(asyncio.Protocol):
         self.out.clear()
         if self.timer is not None:
             self.timer.cancel()
-        self._settle()  # (a backlog held back for a full write buffer goes on)
+        if self.backlog:
+            # Nobody reads the answers now: only what changes the export
+            # still runs (a flood of READs would keep the slot for nothing).
+            self.backlog = deque(r for r in self.backlog if r.cmd in _CHANGES)
+        self._settle()  # (the rest, held back for a full write buffer, goes on)
 
     def pause_writing(self) -> None:
         self._pause("writing")
