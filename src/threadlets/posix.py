@@ -47,6 +47,11 @@ Differences from glibc, on purpose
   and before it returned it, finishes the aiocb while the request runs.)
 * Requests run with what the aiocb held when submitted: changing its
   fields while it is in progress changes nothing.
+* ``lio_listio`` checks every entry before any starts: an entry with a
+  bad ``aio_reqprio``, opcode or buffer raises (EINVAL, TypeError) and
+  none is submitted.  glibc starts the others and marks the bad entry
+  EINVAL (LIO_WAIT then fails EIO).  What the system call would refuse
+  (a bad fd or offset) is reported through the entry, as in glibc.
 
 What glibc does and we keep: a bad fd (negative, past INT_MAX, not open)
 or offset is reported through ``aio_error`` (EBADF, EINVAL), not raised;
