@@ -47,6 +47,9 @@ Differences from glibc, on purpose
   and before it returned it, finishes the aiocb while the request runs.)
 * Requests run with what the aiocb held when submitted: changing its
   fields while it is in progress changes nothing.
+* On an ``O_DIRECT`` fd, a buffer, offset or length that is not aligned
+  goes through the engine's aligned bounce buffer and succeeds, where
+  glibc's pread/pwrite fail EINVAL.
 * ``lio_listio`` checks every entry before any starts: an entry with a
   bad ``aio_reqprio``, opcode or buffer raises (EINVAL, TypeError) and
   none is submitted.  glibc starts the others and marks the bad entry
