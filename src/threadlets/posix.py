@@ -32,7 +32,9 @@ Differences from glibc, on purpose
   on a worker thread; what it raises is logged (logger ``threadlets``).
 * ``aio_suspend`` is not interrupted with EINTR: Python runs signal
   handlers and resumes the wait (PEP 475); a handler that raises ends it
-  with that exception.
+  with that exception.  A negative timeout raises EINVAL (glibc times
+  out: EAGAIN), a NaN one ValueError (as ``time.sleep``); one longer than
+  a lock can wait (inf) waits for ever, as glibc does.
 * ``aio_error``/``aio_return`` on an aiocb that was never submitted raise
   EINVAL (glibc reads whatever the struct holds); ``aio_return`` while the
   request is in progress raises EINPROGRESS (undefined in POSIX).
@@ -45,6 +47,14 @@ Differences from glibc, on purpose
   and before it returned it, finishes the aiocb while the request runs.)
 * Requests run with what the aiocb held when submitted: changing its
   fields while it is in progress changes nothing.
+* On an ``O_DIRECT`` fd, a buffer, offset or length that is not aligned
+  goes through the engine's aligned bounce buffer and succeeds, where
+  glibc's pread/pwrite fail EINVAL.
+* ``lio_listio`` checks every entry before any starts: an entry with a
+  bad ``aio_reqprio``, opcode or buffer raises (EINVAL, TypeError) and
+  none is submitted.  glibc starts the others and marks the bad entry
+  EINVAL (LIO_WAIT then fails EIO).  What the system call would refuse
+  (a bad fd or offset) is reported through the entry, as in glibc.
 
 What glibc does and we keep: a bad fd (negative, past INT_MAX, not open)
 or offset is reported through ``aio_error`` (EBADF, EINVAL), not raised;
@@ -87,6 +97,7 @@ import errno
 import fcntl
 import functools
 import logging
+import math
 import operator
 import os
 import signal
@@ -226,6 +237,35 @@ def _identity_os(fd: int) -> _Identity | None:
         return None
     flags |= stat.S_IFMT(st.st_mode) << 32
     return flags, st.st_dev, st.st_ino
+
+
+def _refusal(op: str, offset: int, length: int, ident: _Identity | None) -> int:
+    """The errno pread(2)/pwrite(2) of ``length`` bytes at ``offset``
+    answers before moving anything, checked in the kernel's order (glibc's
+    aio reports it), or 0.  The engine is not asked: it makes no call for 0
+    bytes and refuses an offset past MAX_OFFSET outright, where the kernel
+    first checks the fd (a stream, where pread fails ESPIPE and glibc
+    reads, ignores the offset)."""
+    if not 0 <= offset <= MAX_OFFSET:  # (not an off_t: in C, a negative one)
+        return errno.EINVAL
+    if ident is None or ident[0] & _O_PATH:
+        return errno.EBADF
+    flags = ident[0]
+    if flags & _O_ACCMODE == (os.O_WRONLY if op == "read" else os.O_RDONLY):
+        return errno.EBADF
+    kind = flags >> 32
+    if offset > MAX_OFFSET - length and kind not in _STREAMS:
+        return errno.EINVAL
+    if not length and op == "read" and kind == stat.S_IFDIR:
+        return errno.EISDIR
+    return 0
+
+
+_O_PATH = getattr(os, "O_PATH", 0)
+#: File types where pread fails ESPIPE (glibc then reads: the offset is not used).
+_STREAMS = frozenset({stat.S_IFIFO, stat.S_IFSOCK})
+_WAIT_MAX = threading.TIMEOUT_MAX
+_O_ACCMODE = os.O_RDONLY | os.O_WRONLY | os.O_RDWR
 
 
 def _failed_outcome(req: Threadlet[int]) -> tuple[int, int]:
@@ -489,6 +529,14 @@ def _check_list(items: Iterable[aiocb | None]) -> list[aiocb]:
 _LIST_TYPES = frozenset({aiocb, type(None)})
 
 
+def _check_context(context: object) -> None:
+    if context is not None:
+        if not isinstance(context, AioContext):
+            raise TypeError(f"expected an AioContext, not {type(context).__name__}")
+        if context.deliver:
+            raise ValueError("threadlets.posix needs an AioContext(deliver=False)")
+
+
 class PosixAio:
     """A POSIX AIO runtime: the lock, the per-fd ordering tables, the fd
     identities and the :class:`~threadlets.engine.AioContext` behind one set
@@ -520,6 +568,12 @@ class PosixAio:
         # Replaced under _lock; read by submitting threads without it:
         self._given: AioContext | None = None
         self._own: AioContext | None = None
+        # Under _lock: _given is the context of the innermost use_context
+        # block still open (one-item lists, in the order they opened: a
+        # thread's block may end before another's that opened later), else
+        # _base, what set_context gave outside any block.
+        self._scopes: list[list[AioContext | None]] = []
+        self._base: AioContext | None = None
         if context is not None:
             self.set_context(context)
         _runtimes.add(self)
@@ -537,34 +591,52 @@ class PosixAio:
             ctx = self._own
             if ctx is None:
                 with self._lock:
-                    if self._own is None:
-                        self._own = AioContext(deliver=False, backend="auto")
-                    ctx = self._given if self._given is not None else self._own
+                    ctx = self._given if self._given is not None else self._own_context()
         return ctx
+
+    def _own_context(self) -> AioContext:
+        """The runtime's own context, made if need be.  With _lock held."""
+        if self._own is None:
+            self._own = AioContext(deliver=False, backend="auto")
+        return self._own
 
     def set_context(self, context: AioContext | None) -> AioContext | None:
         """Submit later requests to ``context`` (an ``AioContext(deliver=False)``;
         None: the runtime's own).  Requests in progress finish where they
-        run.  Returns the context given before (None if none was)."""
-        if context is not None:
-            if not isinstance(context, AioContext):
-                raise TypeError(f"expected an AioContext, not {type(context).__name__}")
-            if context.deliver:
-                raise ValueError("threadlets.posix needs an AioContext(deliver=False)")
+        run.  Returns the context given before (None if none was).  Inside
+        a use_context block, it replaces that block's context."""
+        _check_context(context)
         with self._lock:
             previous = self._given
+            if self._scopes:
+                self._scopes[-1][0] = context
+            else:
+                self._base = context
             self._given = context
         return previous
 
     @contextlib.contextmanager
     def use_context(self, context: AioContext | None) -> Iterator[AioContext]:
-        """``with runtime.use_context(ctx):`` -- set_context(ctx) for the
-        block, then the one given before."""
-        previous = self.set_context(context)
+        """``with runtime.use_context(ctx):`` -- requests go to ``ctx`` in
+        the block (None: the runtime's own); after it, to the context of
+        the innermost block still open, else to what set_context gave.
+        Blocks of several threads may end in any order."""
+        _check_context(context)
+        scope = [context]
+        with self._lock:
+            self._scopes.append(scope)
+            self._given = context
         try:
-            yield self.context
+            if context is not None:
+                yield context
+            else:
+                with self._lock:
+                    own = self._own_context()
+                yield own
         finally:
-            self.set_context(previous)
+            with self._lock:
+                self._scopes = [s for s in self._scopes if s is not scope]
+                self._given = self._scopes[-1][0] if self._scopes else self._base
 
     # -- submission ---------------------------------------------------------------
 
@@ -612,7 +684,8 @@ class PosixAio:
         ident = _identity(fd)
         if (
             ident is None
-            or not 0 <= offset <= MAX_OFFSET - len(view)
+            or not 0 < len(view) <= MAX_OFFSET - offset
+            or offset < 0
             or (op == "write" and ident[0] & os.O_APPEND)
         ):
             self._submit([(cb, op, view, ident)], None)
@@ -797,12 +870,14 @@ class PosixAio:
         cb._outcome = None
         cb._status = _PENDING
         self._note_identity(ctx, fd, ident)
-        if view is not None and (offset < 0 or offset + len(view) > MAX_OFFSET):
+        err = errno.EBADF if ident is None else 0
+        if view is not None:
+            err = _refusal(op, offset, len(view), ident)
+            if not err and offset > MAX_OFFSET - len(view):
+                cb._offset = 0  # a stream: the offset is not used
+        if err or ident is None:
             # As glibc: the system call refuses it, so the status says so.
-            self._finish(cb, errno.EINVAL, -1, after)
-            return
-        if ident is None:
-            self._finish(cb, errno.EBADF, -1, after)
+            self._finish(cb, err, -1, after)
             return
         state = self._fds.get(fd)
         if state is None:
@@ -1114,6 +1189,8 @@ class PosixAio:
         if timeout is not None:
             if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
                 raise TypeError(f"timeout must be a number or None, not {type(timeout).__name__}")
+            if isinstance(timeout, float) and math.isnan(timeout):
+                raise ValueError("Invalid value NaN (not a number)")
             if timeout < 0:
                 raise _einval("timeout must be >= 0")
         self._send_held()
@@ -1127,7 +1204,9 @@ class PosixAio:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise OSError(errno.EAGAIN, "aio_suspend timed out")
-                self._wait(remaining)
+                # (A timeout past what a lock can wait -- inf, 1e300 -- is
+                # waited in TIMEOUT_MAX steps.)
+                self._wait(None if remaining is None else min(remaining, _WAIT_MAX))
                 if not set(map(_status_of, cbs)) <= _IN_PROGRESS:
                     return
 

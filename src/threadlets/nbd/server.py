@@ -25,7 +25,10 @@ callback ran.
 Flow control: a connection stops reading while it has
 :data:`MAX_IN_FLIGHT` requests (or :data:`MAX_IN_FLIGHT_BYTES` of buffers)
 in flight, or while the transport's write buffer is full, so a client that
-floods requests or never reads replies costs bounded memory.
+floods requests or never reads replies costs bounded memory.  The limits
+hold per request: what one read of the socket brought (thousands of
+28-byte READs, each asking for a buffer of up to max_block bytes) waits in
+the connection's backlog and starts as requests finish.
 
 Bad input: a request the spec lets us refuse gets its error reply; a
 violation that allows no reply (bad magic) drops the connection.  A client
@@ -47,6 +50,7 @@ import errno
 import logging
 import os
 import stat
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -95,6 +99,8 @@ _READ, _WRITE, _DISC, _FLUSH = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.DISC), int
 _FUA = int(CmdFlag.FUA)
 #: The commands that write, for which FUA means a flush before the reply.
 _FUA_COMMANDS = frozenset({_WRITE, int(Cmd.TRIM), int(Cmd.WRITE_ZEROES)})
+#: The commands that change the export (or flush it).
+_CHANGES = _FUA_COMMANDS | {_FLUSH}
 
 
 @dataclass(frozen=True)
@@ -281,6 +287,9 @@ class _Connection(asyncio.Protocol):
         self.paused: set[str] = set()
         self.reading = True
         self.timer: asyncio.TimerHandle | None = None
+        #: Requests parsed but not started: one chunk of bytes can hold
+        #: thousands, and a READ's buffer is made when it starts.
+        self.backlog: deque[Request] = deque()
 
     # -- asyncio callbacks ---------------------------------------------------------------
 
@@ -304,13 +313,18 @@ class _Connection(asyncio.Protocol):
         self.out.clear()
         if self.timer is not None:
             self.timer.cancel()
-        self._maybe_gone()
+        if self.backlog:
+            # Nobody reads the answers now: only what changes the export
+            # still runs (a flood of READs would keep the slot for nothing).
+            self.backlog = deque(r for r in self.backlog if r.cmd in _CHANGES)
+        self._settle()  # (the rest, held back for a full write buffer, goes on)
 
     def pause_writing(self) -> None:
         self._pause("writing")
 
     def resume_writing(self) -> None:
         self._resume("writing")
+        self._settle()
 
     def eof_received(self) -> bool | None:
         return None  # close our side too; requests in flight still finish
@@ -328,11 +342,10 @@ class _Connection(asyncio.Protocol):
         except proto.ProtocolError as e:
             self._drop(str(e))
             return
-        for req in requests:
-            self._dispatch(req)
+        self.backlog.extend(requests)
         if self.parser.disconnected:
             self._pause("disconnect")
-            self._close_when_idle()
+        self._settle()
 
     # -- handshake -----------------------------------------------------------------------
 
@@ -390,14 +403,25 @@ class _Connection(asyncio.Protocol):
             self.reading = True
             self.transport.resume_reading()
 
+    def _settle(self) -> None:
+        """Start what the backlog holds while the connection is under its
+        limits (the transport's write buffer counts only while the client
+        is there); once nothing is left: close after NBD_CMD_DISC, or let
+        the server forget a lost connection."""
+        backlog = self.backlog
+        paused = self.paused
+        while backlog and "in flight" not in paused and ("writing" not in paused or self.lost):
+            self._dispatch(backlog.popleft())
+        if self.in_flight == 0 and not backlog:
+            if self.parser is not None and self.parser.disconnected:
+                self._close_when_idle()
+            if self.lost:
+                self.server._gone(self)
+
     def _close_when_idle(self) -> None:
-        if self.in_flight == 0 and self.transport is not None and not self.lost:
+        if self.transport is not None and not self.lost:
             self._flush_out()
             self.transport.close()
-
-    def _maybe_gone(self) -> None:
-        if self.lost and self.in_flight == 0:
-            self.server._gone(self)
 
     # -- replies -------------------------------------------------------------------------
 
@@ -434,10 +458,10 @@ class _Connection(asyncio.Protocol):
             self.in_flight < MAX_IN_FLIGHT // 2 and self.in_flight_bytes < MAX_IN_FLIGHT_BYTES // 2
         ):
             self._resume("in flight")
+            self._settle()
+        elif self.in_flight == 0:
+            self._settle()
         if self.in_flight == 0:
-            if self.parser is not None and self.parser.disconnected:
-                self._close_when_idle()
-            self._maybe_gone()
             self.server._notify()
 
     def _dispatch(self, req: Request) -> None:
