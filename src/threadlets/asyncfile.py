@@ -161,6 +161,21 @@ def _size(size: object) -> int:
     return n
 
 
+def _nbytes(*buffers: object, into: bool = False) -> int | None:
+    """The bytes ``buffers`` hold; None if one is not a buffer, or ``into``
+    one is read-only (the engine says how it refuses it)."""
+    total = 0
+    for b in buffers:
+        try:
+            view = memoryview(b)  # type: ignore[arg-type]
+        except TypeError:
+            return None
+        if into and view.readonly:
+            return None
+        total += view.nbytes
+    return total
+
+
 def _espipe() -> OSError:
     return OSError(errno.ESPIPE, os.strerror(errno.ESPIPE))
 
@@ -358,6 +373,8 @@ class AsyncFile:
             await self._flush_locked()
         elif self._trio:
             await self._io.checkpoint()
+        if _nbytes(buf, into=True) == 0:
+            return self._transfer_nothing(False, offset)
         result: int = await self._run(self._ctx.read(self._fd, offset, buf))
         return result
 
@@ -388,8 +405,26 @@ class AsyncFile:
                     await io_.fair_yield()
                 return data
         buf = bytearray(_nonnegative(n, "count"))
+        if not n:
+            self._transfer_nothing(False, offset)
+            return b""
         got = await self._run(self._ctx.read(self._fd, offset, buf))
         return bytes(buf) if got == n else bytes(memoryview(buf)[:got])
+
+    def _transfer_nothing(self, write: bool, offset: object) -> int:
+        """A positional call that moves no bytes: a system call that moves
+        none, at once, for its errors (EBADF on a descriptor not open that
+        way, as os.pread/os.pwrite) -- the engine answers 0 without one.
+        Offsets are checked as the engine checks them; a pipe or terminal
+        (where the engine makes one read or write, no offset) gets a readv or
+        writev of no buffers, which the kernel answers without waiting."""
+        where = _nonnegative(offset, "offset")
+        if self._stream:
+            return os.writev(self._fd, []) if write else os.readv(self._fd, [])
+        if write:
+            return os.pwrite(self._fd, b"", where)
+        os.pread(self._fd, 0, where)
+        return 0
 
     async def _read_at(self, n: int, offset: int) -> bytes:
         """pread without its checks, for the stream (see pread)."""
@@ -417,7 +452,10 @@ class AsyncFile:
         await self._io.checkpoint()
         if self._wbuf:
             await self._flush_locked()
-        result: int = await self._run(self._ctx.read(self._fd, offset, list(buffers)))
+        bufs = list(buffers)
+        if _nbytes(*bufs, into=True) == 0:
+            return self._transfer_nothing(False, offset)
+        result: int = await self._run(self._ctx.read(self._fd, offset, bufs))
         return result
 
     async def pwrite(self, data: ReadableBuffer, offset: int) -> int:
@@ -426,6 +464,8 @@ class AsyncFile:
         await self._io.checkpoint()
         if self._wbuf:
             await self._flush_locked()
+        if _nbytes(data) == 0:
+            return self._transfer_nothing(True, offset)
         result: int = await self._changing(lambda: self._ctx.write(self._fd, offset, data))
         return result
 
@@ -436,6 +476,8 @@ class AsyncFile:
         if self._wbuf:
             await self._flush_locked()
         bufs = list(buffers)
+        if _nbytes(*bufs) == 0:
+            return self._transfer_nothing(True, offset)
         result: int = await self._changing(lambda: self._ctx.write(self._fd, offset, bufs))
         return result
 
@@ -616,6 +658,8 @@ class AsyncFile:
         return out
 
     async def _readline(self, limit: int) -> bytes:
+        if not limit:
+            return b""  # (io's readline(0) reads nothing: even a write-only file answers)
         self._check_readable()
         if self._wbuf:
             await self._flush_wbuf()
@@ -658,7 +702,9 @@ class AsyncFile:
             raise
 
     async def _write(self, data: Any) -> int:
-        if not self._writable:
+        # io: a buffered reader has no write at all; a raw file (buffering=0)
+        # checks the argument first.
+        if not self._writable and self._chunk:
             raise io.UnsupportedOperation("write")
         if isinstance(data, str):
             raise TypeError("a bytes-like object is required, not 'str'")
@@ -670,6 +716,8 @@ class AsyncFile:
             ) from None
         if not view.c_contiguous:
             raise BufferError("memoryview: underlying buffer is not C-contiguous")
+        if not self._writable:
+            raise io.UnsupportedOperation("File not open for writing")
         self._moved = 0
         n = view.nbytes
         if not n:
@@ -921,7 +969,8 @@ class AsyncFile:
     async def readinto(self, buf: WriteableBuffer) -> int:
         """Read into ``buf`` at the current position (binary mode)."""
         if self._text is not None:
-            raise io.UnsupportedOperation("readinto() needs binary mode")
+            # (as read1 and peek: io's text files have no readinto)
+            raise AttributeError("readinto needs binary mode")
         view = memoryview(buf)
         if view.readonly:
             raise TypeError(

@@ -1,0 +1,203 @@
+"""An outside attacker's regressions for the async file objects, with
+Python's own ``io.open`` (and ``os.pread``/``os.pwrite`` for the positional
+calls) as the oracle: the same calls on a file io opened give the same data,
+positions, return values and exception types.  Each test named for a
+defect failed on the code before its fix; the differential ones held."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+import threadlets
+import threadlets.awaitable as aw
+
+pytestmark = [
+    pytest.mark.filterwarnings("error::ResourceWarning"),
+    pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning"),
+]
+
+
+@pytest.fixture
+def engine(backend: str) -> Iterator[str]:
+    """New loops use ``backend`` (the conftest fixture: threads, io_uring)."""
+    aw.configure(backend=backend)
+    try:
+        yield backend
+    finally:
+        aw.configure()
+
+
+def run(fn: Callable[[], Awaitable[Any]], kind: str = "asyncio") -> Any:
+    """Run ``fn`` in a new event loop (a new loop takes the configured backend)."""
+    if kind == "trio":
+        return trio.run(fn)
+
+    async def main() -> Any:
+        return await fn()
+
+    return asyncio.run(main())
+
+
+def outcome(fn: Callable[[], Any]) -> tuple[str, Any]:
+    try:
+        return ("ok", fn())
+    except Exception as e:
+        return ("raised", type(e))
+
+
+async def aoutcome(fn: Callable[[], Awaitable[Any]]) -> tuple[str, Any]:
+    try:
+        return ("ok", await fn())
+    except Exception as e:
+        return ("raised", type(e))
+
+
+# -- readline(0) on a write-only file ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["asyncio", "trio"])
+@pytest.mark.parametrize("mode", ["ab", "wb", "xb"])
+@pytest.mark.parametrize("buffering", [0, -1])
+def test_readline_0_on_a_write_only_binary_file_reads_nothing(
+    tmp_path: Path, engine: str, kind: str, mode: str, buffering: int
+) -> None:
+    """io's readline(0) reads nothing, so even a write-only file answers
+    b"": threadlets raised io.UnsupportedOperation."""
+    ref, p = tmp_path / "ref", tmp_path / "f"
+    with open(ref, mode, buffering=buffering) as r:
+        assert r.readline(0) == b""
+        expect_more = outcome(lambda: r.readline(1))
+
+    async def main() -> None:
+        async with threadlets.open(p, mode, buffering=buffering) as f:
+            assert await f.readline(0) == b""
+            assert await aoutcome(lambda: f.readline(1)) == expect_more
+
+    run(main, kind)
+
+
+# -- positional calls that move nothing ---------------------------------------------------------
+
+_POSITIONAL: list[tuple[str, Callable[[int], Any], Callable[[Any], Awaitable[Any]]]] = [
+    ("pread", lambda fd: os.pread(fd, 0, 0), lambda f: f.pread(0, 0)),
+    (
+        "preadinto",
+        lambda fd: os.preadv(fd, [bytearray()], 0),
+        lambda f: f.preadinto(bytearray(), 0),
+    ),
+    ("preadv", lambda fd: os.preadv(fd, [bytearray()], 3), lambda f: f.preadv([bytearray()], 3)),
+    ("preadv[]", lambda fd: os.preadv(fd, [], 0), lambda f: f.preadv([], 0)),
+    ("pwrite", lambda fd: os.pwrite(fd, b"", 0), lambda f: f.pwrite(b"", 0)),
+    ("pwritev", lambda fd: os.pwritev(fd, [b""], 5), lambda f: f.pwritev([b""], 5)),
+    ("pwritev[]", lambda fd: os.pwritev(fd, [], 0), lambda f: f.pwritev([], 0)),
+]
+
+
+@pytest.mark.parametrize("kind", ["asyncio", "trio"])
+@pytest.mark.parametrize("mode", ["rb", "wb", "ab", "r+b", "r", "w"])
+@pytest.mark.parametrize("call", _POSITIONAL, ids=[c[0] for c in _POSITIONAL])
+def test_an_empty_positional_transfer_is_the_system_call(
+    tmp_path: Path, engine: str, kind: str, mode: str, call: Any
+) -> None:
+    """os.pread(fd, 0, 0) on a write-only descriptor raises EBADF (and
+    os.pwrite(fd, b"", 0) on a read-only one): the kernel checks the mode
+    before the count.  threadlets answered b"" / 0 without asking it."""
+    _, reference, ours = call
+    p = tmp_path / "f"
+    p.write_bytes(b"0123456789")
+    flags = {"r": os.O_RDONLY, "w": os.O_WRONLY, "a": os.O_WRONLY}[mode[0]]
+    if "+" in mode:
+        flags = os.O_RDWR
+    fd = os.open(p, flags)
+    try:
+        expect = outcome(lambda: reference(fd))
+    finally:
+        os.close(fd)
+    if expect[0] == "ok":
+        expect = ("ok", b"" if isinstance(expect[1], bytes) else 0)
+
+    async def main() -> None:
+        async with threadlets.open(p, mode) as f:
+            got: tuple[str, Any] = await aoutcome(lambda: ours(f))
+            assert got == expect
+            if got[0] == "raised":
+                with pytest.raises(OSError) as info:
+                    await ours(f)
+                assert info.value.errno == errno.EBADF
+
+    run(main, kind)
+    assert p.read_bytes() == (b"" if mode[0] == "w" else b"0123456789")
+
+
+@pytest.mark.parametrize("kind", ["asyncio", "trio"])
+def test_an_empty_positional_transfer_on_a_pipe_does_not_wait(engine: str, kind: str) -> None:
+    """On a pipe the engine's read is one read (no offset): one of nothing
+    answers at once, 0 on the reading end and EBADF on the writing end."""
+    r, w = os.pipe()
+
+    async def main() -> None:
+        async with threadlets.wrap(os.dup(r), "rb") as f:
+            assert await f.pread(0, 0) == b""
+            assert await f.preadv([], 0) == 0
+            with pytest.raises(OSError) as info:
+                await f.pwrite(b"", 0)
+            assert info.value.errno == errno.EBADF
+        async with threadlets.wrap(os.dup(w), "wb") as f:
+            assert await f.pwrite(b"", 0) == 0
+            with pytest.raises(OSError) as info:
+                await f.pread(0, 0)
+            assert info.value.errno == errno.EBADF
+
+    try:
+        run(main, kind)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+# -- a raw file checks the argument before the mode -------------------------------------------
+
+
+@pytest.mark.parametrize("buffering", [0, -1])
+def test_writing_a_str_to_a_read_only_binary_file_raises_as_io(
+    tmp_path: Path, engine: str, buffering: int
+) -> None:
+    """FileIO.write("") on a read-only file is a TypeError (the argument is
+    parsed first), BufferedReader's an UnsupportedOperation (it has no
+    write): threadlets raised UnsupportedOperation for both."""
+    p = tmp_path / "f"
+    p.write_bytes(b"abc")
+    with open(p, "rb", buffering=buffering) as r:
+        expect = [outcome(lambda d=d: r.write(d)) for d in ("", "x", b"", 1)]  # type: ignore[misc]
+
+    async def main() -> None:
+        async with threadlets.open(p, "rb", buffering=buffering) as f:
+            got = [await aoutcome(lambda d=d: f.write(d)) for d in ("", "x", b"", 1)]  # type: ignore[misc]
+            assert got == expect
+
+    run(main)
+
+
+def test_readinto_on_a_text_file_raises_attribute_error_as_io(tmp_path: Path) -> None:
+    """io's text files have no readinto (AttributeError), as threadlets'
+    have no read1 or peek; threadlets raised UnsupportedOperation."""
+    p = tmp_path / "f"
+    p.write_text("abc")
+    with open(p, encoding="utf-8") as r, pytest.raises(AttributeError):
+        r.readinto(bytearray(1))  # type: ignore[attr-defined]
+
+    async def main() -> None:
+        async with threadlets.open(p, encoding="utf-8") as f:
+            with pytest.raises(AttributeError):
+                await f.readinto(bytearray(1))
+            assert await f.read() == "abc"
+
+    run(main)
