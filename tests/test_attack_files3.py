@@ -201,3 +201,33 @@ def test_readinto_on_a_text_file_raises_attribute_error_as_io(tmp_path: Path) ->
             assert await f.read() == "abc"
 
     run(main)
+
+
+# -- readlines(hint) ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("buffering", [0, 2, -1])
+def test_binary_readlines_stops_once_the_lines_exceed_the_hint(
+    tmp_path: Path, engine: str, buffering: int
+) -> None:
+    """io's files read lines until their total *exceeds* hint (a hint equal
+    to the total takes one more line); threadlets' binary readlines
+    stopped once the total reached it (the text layer had it right)."""
+    p = tmp_path / "f"
+    p.write_bytes(b"a\nbc\n\nd\nlast")
+    hints = [-1, 0, 1, 2, 3, 4, 5, 6, 7, 8, 100]
+    with open(p, "rb", buffering=buffering) as r:
+        expect = []
+        for h in hints:
+            r.seek(0)
+            expect.append(r.readlines(h))
+
+    async def main() -> list[list[bytes]]:
+        got = []
+        async with threadlets.open(p, "rb", buffering=buffering) as f:
+            for h in hints:
+                await f.seek(0)
+                got.append(await f.readlines(h))
+        return got
+
+    assert run(main) == expect

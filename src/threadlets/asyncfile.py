@@ -694,7 +694,7 @@ class AsyncFile:
                     return lines
                 lines.append(line)
                 total += len(line)
-                if 0 < hint <= total:
+                if 0 < hint < total:  # (io: "exceeds hint")
                     return lines
         except BaseException as e:
             if not isinstance(e, Exception):  # cancelled: consume nothing
