@@ -231,3 +231,62 @@ def test_binary_readlines_stops_once_the_lines_exceed_the_hint(
         return got
 
     assert run(main) == expect
+
+
+# -- sizes and offsets past what io takes ---------------------------------------------------------
+
+_HUGE = [
+    "read(2**63)",
+    "read(-(2**63) - 1)",
+    "readline(2**63)",
+    "readline(-(2**63) - 1)",
+    "readlines(2**63)",
+    "read1(2**63)",
+    "seek(2**63)",
+    "seek(2**64)",
+    "seek(-(2**63) - 1)",
+    "seek(2**63, 1)",
+    "seek(2**63, 2)",
+    "truncate(2**63)",
+    "truncate(2**64)",
+    "truncate(-(2**63) - 1)",
+    "read(-2)",
+    "seek(-1)",
+    "seek(-10, 2)",
+    "truncate(-1)",
+]
+
+
+@pytest.mark.parametrize("mode", ["r+b", "rb"])
+@pytest.mark.parametrize("buffering", [0, -1])
+def test_huge_and_negative_sizes_and_offsets_answer_as_io(
+    tmp_path: Path, engine: str, mode: str, buffering: int
+) -> None:
+    """readline/readlines(2**63) read the whole file where io raises
+    OverflowError; seek(2**63) moved there where io raises (ValueError, or
+    OverflowError on a raw file); truncate(2**63) raised ValueError where io
+    raises OverflowError; read(-2) on a raw file (buffering=0) raised
+    ValueError where io's FileIO reads everything.  Nothing moves or
+    changes when they raise."""
+    p = tmp_path / "f"
+    p.write_bytes(b"abc\ndef\n")
+    with open(p, mode, buffering=buffering) as r:
+        expect = []
+        for call in _HUGE:
+            if call.startswith("read1") and buffering == 0:
+                continue
+            res = outcome(lambda c=call: eval("r." + c, {}, {"r": r}))  # type: ignore[misc]
+            expect.append((call, res, r.tell()))
+
+    async def main() -> list[Any]:
+        got = []
+        async with threadlets.open(p, mode, buffering=buffering) as f:
+            for call in _HUGE:
+                if call.startswith("read1") and buffering == 0:
+                    continue
+                res = await aoutcome(lambda c=call: eval("f." + c, {}, {"f": f}))  # type: ignore[misc]
+                got.append((call, res, await f.tell()))
+        return got
+
+    assert run(main) == expect
+    assert p.read_bytes() == b"abc\ndef\n"

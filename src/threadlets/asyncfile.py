@@ -65,6 +65,7 @@ import io
 import operator
 import os
 import stat
+import sys
 import threading
 import warnings
 from asyncio.events import _get_running_loop
@@ -158,6 +159,23 @@ def _size(size: object) -> int:
         raise TypeError(
             f"argument should be integer or None, not '{type(size).__name__}'"
         ) from None
+    return _ssize(n)
+
+
+def _ssize(n: int) -> int:
+    """A size io takes as a C ssize_t: OverflowError past one, as io."""
+    if not -sys.maxsize - 1 <= n <= sys.maxsize:
+        raise OverflowError("cannot fit 'int' into an index-sized integer")
+    return n
+
+
+def _off_t(n: int, raw: bool) -> int:
+    """An offset io takes as a C off_t: past one, a raw file (buffering=0)
+    raises OverflowError and a buffered one ValueError, as io does."""
+    if not -(2**63) <= n < 2**63:
+        if raw:
+            raise OverflowError("Python int too large to convert to C long")
+        raise ValueError("cannot fit 'int' into an offset-sized integer")
     return n
 
 
@@ -583,7 +601,9 @@ class AsyncFile:
     async def _read(self, n: int) -> bytes:
         self._check_readable()
         if n < -1:
-            raise ValueError("read length must be non-negative or -1")
+            if self._chunk:
+                raise ValueError("read length must be non-negative or -1")
+            n = -1  # (io's raw files read everything for any negative size)
         if self._wbuf:
             await self._flush_wbuf()
         if n == -1:
@@ -813,7 +833,7 @@ class AsyncFile:
             await self._to_end()
 
     async def _seek(self, offset: object, whence: object = os.SEEK_SET) -> int:
-        off = operator.index(offset)  # type: ignore[arg-type]
+        off = _off_t(operator.index(offset), not self._chunk)  # type: ignore[arg-type]
         how = operator.index(whence)  # type: ignore[arg-type]
         if how not in (os.SEEK_SET, os.SEEK_CUR, os.SEEK_END, os.SEEK_DATA, os.SEEK_HOLE):
             raise ValueError(f"whence value {how} unsupported")
@@ -846,6 +866,7 @@ class AsyncFile:
         if self._wbuf:
             await self._flush_wbuf()
         n = self._pos if size is None else operator.index(size)  # type: ignore[arg-type]
+        _off_t(n, True)  # (io's truncate takes a C long, raw or buffered)
         if n < 0:
             raise _einval()
         await self._changing(lambda: self._ctx.truncate(self._fd, n))
@@ -946,7 +967,8 @@ class AsyncFile:
         """At most ``size`` bytes with at most one read of the file (binary)."""
         if self._text is not None:
             raise AttributeError("read1 needs binary mode")
-        return await self._locked(self._read1, operator.index(size))  # type: ignore[no-any-return]
+        n = _ssize(operator.index(size))
+        return await self._locked(self._read1, n)  # type: ignore[no-any-return]
 
     async def peek(self, size: int = 0) -> bytes:
         """Bytes ahead of the position, without moving it: what the read-ahead
