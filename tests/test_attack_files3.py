@@ -542,3 +542,54 @@ def test_a_writer_cancelled_anywhere_loses_and_repeats_nothing(
 
     run(main)
     assert sum(hits) > 5  # (the cancellation did land at several points)
+
+
+# -- aiofiles: a cancelled open ---------------------------------------------------------------------
+
+_OPENAT = {"x86_64": 257, "aarch64": 56}.get(os.uname().machine)
+
+
+def _threads_in_open() -> int:
+    n = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/syscall") as f:
+                n += f.read().split(" ", 1)[0] == str(_OPENAT)
+        except OSError:
+            continue
+    return n
+
+
+@pytest.mark.skipif(_OPENAT is None, reason="openat's number unknown here")
+def test_an_aiofiles_open_cancelled_while_it_ran_closes_its_file(
+    tmp_path: Path, engine: str
+) -> None:
+    """aiofiles.open cancelled while its open() ran on a worker: the
+    cancellation is seen once the open finished, and the file it made was
+    dropped open (closed only by the collector, with a ResourceWarning).
+    Now it is closed at once, as a cancelled threadlets.open closes its fd."""
+    from threadlets import aiofiles
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+
+    async def main() -> None:
+        task = asyncio.ensure_future(aiofiles.open(fifo, "rb"))  # waits for a writer
+        for _ in range(100000):
+            if _threads_in_open():
+                break
+            await asyncio.sleep(0)
+        assert _threads_in_open()
+        task.cancel()
+        w = os.open(fifo, os.O_WRONLY)  # the worker's open finishes
+        try:
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            os.close(w)
+            w = -1
+            assert not _fds_on(fifo)
+        finally:
+            if w >= 0:
+                os.close(w)
+
+    run(main)
