@@ -593,3 +593,49 @@ def test_an_aiofiles_open_cancelled_while_it_ran_closes_its_file(
                 os.close(w)
 
     run(main)
+
+
+# -- pipes and FIFOs ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["asyncio", "trio"])
+@pytest.mark.parametrize("call", ["read", "readinto"])
+def test_an_unbuffered_pipe_read_is_one_read_as_fileio(
+    tmp_path: Path, engine: str, kind: str, call: str
+) -> None:
+    """FileIO.read(10) on a pipe that holds 5 bytes returns them (one
+    read(2)); threadlets' buffering=0 read waited for the other 5, for ever
+    while the writer stayed quiet."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    keep = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # so that the writer's open returns
+    w = os.open(fifo, os.O_WRONLY)
+    os.close(keep)
+
+    async def main() -> None:
+        async with threadlets.open(fifo, "rb", buffering=0) as f:
+            for data in (b"ab\ncd", b"x"):
+                os.write(w, data)
+                with trio.fail_after(10) if kind == "trio" else _asyncio_timeout(10):
+                    if call == "read":
+                        assert await f.read(10) == data
+                    else:
+                        buf = bytearray(10)
+                        assert await f.readinto(buf) == len(data)
+                        assert buf[: len(data)] == data
+            os.close(w)
+            assert await f.read(10) == b""
+
+    run(main, kind)
+
+
+@contextlib.contextmanager
+def _asyncio_timeout(seconds: float) -> Iterator[None]:
+    """A safety net: cancel the current asyncio task after ``seconds``."""
+    task = asyncio.current_task()
+    assert task is not None
+    handle = asyncio.get_running_loop().call_later(seconds, task.cancel)
+    try:
+        yield
+    finally:
+        handle.cancel()

@@ -606,6 +606,10 @@ class AsyncFile:
             n = -1  # (io's raw files read everything for any negative size)
         if self._wbuf:
             await self._flush_wbuf()
+        if n >= 0 and self._stream and not self._chunk:
+            # Unbuffered, as FileIO: one read of a pipe or terminal is the
+            # answer, short or not (waiting for the rest may wait for ever).
+            return await self._read1(n)
         if n == -1:
             start, gen = self._pos, self._wgen
             parts = [bytes(self._buffered())]
