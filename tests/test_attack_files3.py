@@ -258,6 +258,10 @@ _HUGE = [
     "seek(-1)",
     "seek(-10, 2)",
     "truncate(-1)",
+    "seek(0, 9)",
+    "seek(0, -1)",
+    "seek(0, 2**31)",
+    "seek(0, 2**64)",
 ]
 
 
@@ -271,7 +275,8 @@ def test_huge_and_negative_sizes_and_offsets_answer_as_io(
     OverflowError on a raw file); truncate(2**63) raised ValueError where io
     raises OverflowError; read(-2) on a raw file (buffering=0) raised
     ValueError where io's FileIO reads everything.  Nothing moves or
-    changes when they raise."""
+    changes when they raise.  A raw file leaves whence to lseek (EINVAL)
+    where threadlets raised ValueError; one past a C int is OverflowError."""
     p = tmp_path / "f"
     p.write_bytes(b"abc\ndef\n")
     with open(p, mode, buffering=buffering) as r:
@@ -648,3 +653,47 @@ def _asyncio_timeout(seconds: float) -> Iterator[None]:
         yield
     finally:
         handle.cancel()
+
+
+def _error_of(res: Any) -> Any:
+    return (type(res), getattr(res, "errno", None)) if isinstance(res, Exception) else res
+
+
+@pytest.mark.parametrize("mode", ["rb", "wb"])
+@pytest.mark.parametrize("buffering", [0, -1])
+def test_seek_tell_and_truncate_of_a_pipe_raise_as_io(
+    engine: str, mode: str, buffering: int
+) -> None:
+    """On a pipe io's buffered files refuse seek() with UnsupportedOperation
+    (they check seekable() first; raw files say ESPIPE), and truncate()
+    with no size is ESPIPE (it asks tell()): threadlets said ESPIPE for the
+    first and EINVAL (ftruncate's answer) for the second."""
+    calls = ["seek(0)", "seek(3, 1)", "seek(0, 2)", "seek(0, 9)", "tell()", "truncate()"]
+    calls += ["truncate(0)"]
+    r, w = os.pipe()
+    fd = r if mode == "rb" else w
+
+    def sync(call: str) -> Any:
+        with open(fd, mode, buffering=buffering, closefd=False) as f:
+            try:
+                return eval("f." + call, {}, {"f": f})
+            except Exception as e:
+                return e
+
+    expect = [_error_of(sync(c)) for c in calls]
+
+    async def main() -> list[Any]:
+        got = []
+        async with threadlets.open(f"/proc/self/fd/{fd}", mode, buffering=buffering) as f:
+            for c in calls:
+                try:
+                    got.append(await eval("f." + c, {}, {"f": f}))
+                except Exception as e:
+                    got.append(_error_of(e))
+        return got
+
+    try:
+        assert run(main) == expect
+    finally:
+        os.close(r)
+        os.close(w)

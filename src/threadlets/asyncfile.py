@@ -839,9 +839,15 @@ class AsyncFile:
     async def _seek(self, offset: object, whence: object = os.SEEK_SET) -> int:
         off = _off_t(operator.index(offset), not self._chunk)  # type: ignore[arg-type]
         how = operator.index(whence)  # type: ignore[arg-type]
+        if not -(2**31) <= how < 2**31:
+            raise OverflowError("Python int too large to convert to C int")
         if how not in (os.SEEK_SET, os.SEEK_CUR, os.SEEK_END, os.SEEK_DATA, os.SEEK_HOLE):
+            if not self._chunk:
+                raise _einval()  # (FileIO leaves whence to lseek)
             raise ValueError(f"whence value {how} unsupported")
         if not self._seekable:
+            if self._chunk:  # (io's buffered files check seekable() first)
+                raise io.UnsupportedOperation("File or stream is not seekable.")
             raise _espipe()
         if self._wbuf:
             await self._flush_wbuf()
@@ -869,6 +875,8 @@ class AsyncFile:
             raise io.UnsupportedOperation("truncate")
         if self._wbuf:
             await self._flush_wbuf()
+        if size is None and not self._seekable:
+            raise _espipe()  # (io asks tell() for the size)
         n = self._pos if size is None else operator.index(size)  # type: ignore[arg-type]
         _off_t(n, True)  # (io's truncate takes a C long, raw or buffered)
         if n < 0:
