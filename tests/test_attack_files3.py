@@ -697,3 +697,87 @@ def test_seek_tell_and_truncate_of_a_pipe_raise_as_io(
     finally:
         os.close(r)
         os.close(w)
+
+
+# -- a write that fails part-way -----------------------------------------------------------------
+
+_PART_WAY = r"""
+import asyncio, io, os, resource, signal, sys
+import threadlets, threadlets.awaitable as aw
+
+aw.configure(backend=sys.argv[2])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+p = sys.argv[1]
+CALLS = [
+    ["write(b'x' * 8)", "write(b'y' * 8)", "tell()", "flush()", "tell()", "write(b'z')",
+     "close()", "close()"],
+    ["write(b'x' * 100)", "tell()", "close()"],
+]
+
+
+def outcome(fn):
+    try:
+        return fn()
+    except OSError as e:
+        return (type(e).__name__, e.errno)
+
+
+def ref(mode, buffering, calls):
+    f = io.open(p, mode, buffering=buffering)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (10, hard))
+    try:
+        out = [outcome(lambda: eval("f." + c, {}, {"f": f})) for c in calls]
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    return out, open(p, "rb").read()
+
+
+async def ours(mode, buffering, calls):
+    f = await threadlets.open(p, mode, buffering=buffering)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (10, hard))
+    out = []
+    try:
+        for c in calls:
+            try:
+                out.append(await eval("f." + c, {}, {"f": f}))
+            except OSError as e:
+                out.append((type(e).__name__, e.errno))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert f.closed
+    return out, open(p, "rb").read()
+
+
+bad = []
+for mode in ("wb", "w+b"):
+    for buffering in (0, 4, -1):
+        for calls in CALLS:
+            expect = ref(mode, buffering, calls)
+            got = asyncio.run(ours(mode, buffering, calls))
+            if got != expect:
+                bad.append((mode, buffering, calls, expect, got))
+print(bad)
+sys.exit(1 if bad else 0)
+"""
+
+
+def test_a_write_that_fails_part_way_moves_the_position_as_io(tmp_path: Path, backend: str) -> None:
+    """A write the file size limit (RLIMIT_FSIZE: EFBIG) cut short after 2
+    of its 8 bytes: io's position follows the 2 (a raw file's write returns
+    the short count, as write(2); a buffered one raises); threadlets' stayed
+    where the write began, so the next write landed on the bytes written.
+    (In a child process: the limit is the whole process's.)"""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run(
+        [sys.executable, "-c", _PART_WAY, str(tmp_path / "f"), backend],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr

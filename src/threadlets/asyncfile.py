@@ -775,15 +775,18 @@ class AsyncFile:
         try:
             written: int = await self._changing(submit)
         except BaseException as e:
-            # Cancelled while it ran (or once it finished inline): the write
-            # happened, and the position must follow it.
-            moved = req.outcome()[1] if req is not None and not isinstance(e, Exception) else 0
+            # Cancelled while it ran (or once it finished inline), or failed
+            # part-way (EFBIG, ENOSPC): what was written happened, and the
+            # position must follow it.
+            moved = _moved_by(req, e)
             if moved > 0:
                 self._moved = moved
                 if self._append and not self._closed:
                     self._pos = os.fstat(self._fd).st_size
                 else:
                     self._pos = pos + moved
+                if not self._chunk and isinstance(e, OSError):
+                    return moved  # (FileIO: one write(2), a short count; the error comes next)
             raise
         self._moved = written
         if self._append:
