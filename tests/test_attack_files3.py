@@ -447,7 +447,7 @@ def _differential(
 
 
 _SETTINGS = settings(
-    max_examples=50,
+    max_examples=100,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
