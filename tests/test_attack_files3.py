@@ -781,3 +781,76 @@ def test_a_write_that_fails_part_way_moves_the_position_as_io(tmp_path: Path, ba
         check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# -- open()'s arguments ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("inline", [True, False])
+@pytest.mark.parametrize("as_bytes", [False, True])
+def test_a_path_with_a_nul_is_refused_not_cut_short(
+    tmp_path: Path, backend: str, inline: bool, as_bytes: bool
+) -> None:
+    """open("f\\0junk") is ValueError for io (and os.open); the inline open
+    (openat2 through ctypes: a C string ends at the NUL) opened "f"
+    instead -- another file than the one named.  Path.read_bytes too."""
+    aw.configure(backend=backend, inline=inline)
+    p = tmp_path / "f"
+    p.write_bytes(b"secret")
+    name: Any = str(p) + "\0junk"
+    if as_bytes:
+        name = name.encode()
+    with pytest.raises(ValueError, match="null"):
+        open(name, "rb")  # noqa: SIM115 -- the reference
+
+    async def main() -> None:
+        for _ in range(2):  # (the second time, every component is cached)
+            with pytest.raises(ValueError, match="null"):
+                await threadlets.open(name, "rb")
+        with pytest.raises(ValueError, match="null"):
+            await threadlets.Path(str(p) + "\0junk").read_bytes()
+        with pytest.raises(ValueError, match="null"):
+            await threadlets.Path(str(p) + "\0junk").read_text()
+
+    try:
+        run(main)
+    finally:
+        aw.configure()
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs"),
+    [
+        ((-1, "rb"), {}),
+        (("f", "r"), {"newline": 1}),
+        (("f", "r"), {"newline": b"\n"}),
+        (("f", "rb"), {"buffering": True}),
+        (("f", "r"), {"buffering": True}),
+        (("f", "rb"), {"buffering": False}),
+    ],
+)
+def test_open_takes_and_refuses_arguments_as_io(
+    tmp_path: Path, engine: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    """fd -1 was OSError(EBADF) where io says ValueError; newline=1 was
+    ValueError where io says TypeError; buffering=True (1, to io) was a
+    TypeError."""
+    (tmp_path / "f").write_bytes(b"ab\ncd")
+    if args[0] == "f":
+        args = (str(tmp_path / "f"), *args[1:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (line buffering in binary mode)
+        try:
+            with open(*args, **kwargs) as r:
+                expect: Any = r.read()
+        except Exception as e:
+            expect = type(e)
+
+        async def main() -> Any:
+            try:
+                async with threadlets.open(*args, **kwargs) as f:
+                    return await f.read()
+            except Exception as e:
+                return type(e)
+
+        assert run(main) == expect

@@ -129,13 +129,17 @@ def _check_text_args(
         return
     if encoding is not None:
         codecs.lookup(encoding)  # LookupError for an unknown codec
+    if newline is not None and not isinstance(newline, str):
+        raise TypeError(
+            f"open() argument 'newline' must be str or None, not {type(newline).__name__}"
+        )
     if newline not in (None, "", "\n", "\r", "\r\n"):
         raise ValueError(f"illegal newline value: {newline!r}")
 
 
 def _check_buffering(buffering: object, text: bool, warn: bool = True) -> bool:
     """Check ``buffering`` as open() does; True for line buffering (text)."""
-    if isinstance(buffering, bool) or not isinstance(buffering, int):
+    if not isinstance(buffering, int):  # (True is 1, as open() takes it)
         raise TypeError(f"'{type(buffering).__name__}' object cannot be interpreted as an integer")
     if buffering == 0 and text:
         raise ValueError("can't have unbuffered text I/O")
@@ -1441,8 +1445,10 @@ def open(
     _check_buffering(buffering, text)
     if isinstance(file, bool):
         raise TypeError("expected str, bytes, os.PathLike object or integer, not bool")
+    if isinstance(file, int) and file < 0:
+        raise ValueError("negative file descriptor")
     if not isinstance(file, int):
-        file = os.fspath(file)
+        file = _no_nul(os.fspath(file))
         if not closefd:
             raise ValueError("Cannot use closefd=False with file name")
     if opener is not None and not callable(opener):
@@ -1558,6 +1564,14 @@ def _opened(fd: int, path: Any) -> tuple[int, os.stat_result]:
         os.close(fd)
         raise
     return fd, st
+
+
+def _no_nul(path: T) -> T:
+    """``path``, refused as os.open refuses it if it holds a NUL (a C
+    string would end there: the inline open would open another file)."""
+    if (b"\0" if isinstance(path, bytes) else "\0") in path:  # type: ignore[operator]
+        raise ValueError("embedded null byte")
+    return path
 
 
 def _open_inline(path: Any, flags: int) -> tuple[int, os.stat_result] | None:
