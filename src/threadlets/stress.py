@@ -780,7 +780,12 @@ def _target(cfg: StressConfig) -> Iterator[_Target]:
         raise StressError("O_DIRECT is not supported on this platform")
     temp = None
     if cfg.path is None:
-        fd, temp = tempfile.mkstemp(prefix="threadlets-stress-", dir=".")
+        try:
+            fd, temp = tempfile.mkstemp(prefix="threadlets-stress-", dir=".")
+        except OSError as e:
+            raise StressError(
+                f"cannot make a temporary file in {os.getcwd()!r}: {e.strerror}"
+            ) from None
         os.close(fd)
     try:
         path = temp or str(cfg.path)
