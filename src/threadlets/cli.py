@@ -209,8 +209,11 @@ def _directory(text: str) -> str:
     """An existing directory this process can make files in."""
     if not os.path.isdir(_path(text)):
         raise argparse.ArgumentTypeError(f"no such directory: {text!r}")
-    if not os.access(text, os.W_OK | os.X_OK):
-        raise argparse.ArgumentTypeError(f"cannot write in {text!r}")
+    # Tried, not asked: os.access() says yes to root in /proc or /sys.
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=text, prefix="threadlets-check-"))
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot write in {text!r}: {e.strerror}") from None
     return text
 
 
