@@ -6,8 +6,10 @@ stress in an unwritable cwd, and SIGINT at random moments."""
 
 from __future__ import annotations
 
+import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
+import threadlets.bench
 from threadlets import cli
+from threadlets.bench import BenchConfig, run_bench
 from threadlets.cli import main
 
 SRC = str(Path(cli.__file__).resolve().parent.parent)
@@ -372,3 +376,39 @@ def test_sigint_at_random_moments_leaves_no_file_and_no_traceback(
     assert proc.stdout.strip() == "", proc.stdout
     assert os.listdir(tmp) == []
     assert os.listdir(cwd) == []
+
+
+# -- fio and a colon in a path ---------------------------------------------------------------
+
+need_fio = pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed")
+
+
+@need_fio
+def test_fio_pattern_on_a_path_with_a_colon(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # fio's --filename splits at ':': it checked (and made) "a" and "b"
+    # instead, and stress said the data was wrong (exit 1).
+    monkeypatch.chdir(tmp_path)
+    target = tmp_path / "a:b"
+    argv = ["stress", str(target), "--size", "64K", "--ops", "50", "--fio-pattern", "--json"]
+    assert main(argv) == 0, capsys.readouterr()
+    assert json.loads(capsys.readouterr().out)["fio_check"] == "passed"
+    assert sorted(os.listdir(tmp_path)) == ["a:b"]
+
+
+@need_fio
+def test_bench_runs_fio_in_a_temp_dir_with_a_colon(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (fio failed there, and bench left its contenders out without a word.)
+    directory = tmp_path / "c:d"
+    directory.mkdir()
+    monkeypatch.setattr(threadlets.bench, "ASYNC_CONTENDERS", {})
+    cfg = BenchConfig(workloads=["cached-read-qd1"], quick=True, directory=str(directory))
+    cfg.seconds = 0.1
+    report = run_bench(cfg)
+    assert {"fio psync", "fio io_uring"} <= set(
+        report["workloads"]["cached-read-qd1"]["contenders"]
+    )
+    assert os.listdir(directory) == []

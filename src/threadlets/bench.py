@@ -50,7 +50,7 @@ from typing import Any
 import threadlets
 import threadlets.awaitable as aw
 from threadlets.probe import probe_direct_io
-from threadlets.stress import sigint_calls
+from threadlets.stress import fio_filename, sigint_calls
 
 __all__ = ["WORKLOADS", "BenchConfig", "Step", "figure", "plot", "run_bench", "to_markdown"]
 
@@ -356,7 +356,8 @@ def _fio(
         cmd = [
             exe,
             "--name=bench",
-            f"--filename={path}",
+            f"--filename={fio_filename(path)}",
+            "--allow_file_create=0",
             f"--rw={rw}",
             f"--bs={BLOCK}",
             f"--size={size}",

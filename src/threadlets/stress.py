@@ -950,6 +950,13 @@ def run_stress(cfg: StressConfig) -> StressReport:
     return report
 
 
+def fio_filename(path: str) -> str:
+    """``path`` as fio's --filename takes it: a colon there separates file
+    names (fio read "a:b" as the files "a" and "b", and made them) unless
+    escaped."""
+    return path.replace(":", "\\:")
+
+
 def fio_verify(path: str, size: int, block_size: int) -> tuple[bool, str]:
     """Have fio check a file written with ``--fio-pattern``: every block
     must hold its own offset, as fio's ``--verify_pattern=%o`` writes it."""
@@ -959,7 +966,9 @@ def fio_verify(path: str, size: int, block_size: int) -> tuple[bool, str]:
     cmd = [
         exe,
         "--name=threadlets-verify",
-        f"--filename={path}",
+        f"--filename={fio_filename(path)}",
+        "--readonly",
+        "--allow_file_create=0",
         "--rw=read",
         f"--bs={block_size}",
         f"--size={size}",
