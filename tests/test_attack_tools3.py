@@ -412,3 +412,33 @@ def test_bench_runs_fio_in_a_temp_dir_with_a_colon(
         report["workloads"]["cached-read-qd1"]["contenders"]
     )
     assert os.listdir(directory) == []
+
+
+def test_sigterm_during_stress_reports_and_removes_the_temp_file(tmp_path: Path) -> None:
+    # (SIGTERM's default action killed it: no report, its temporary file
+    # left in the cwd.)
+    args = ["stress", "--size", "256K", "--duration", "10m", "--json"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "threadlets.cli", *args],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        assert "started" in line, line
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in err
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    report = json.loads(out)
+    assert report["interrupted"] is True
+    assert report["ok"] is True
+    assert os.listdir(tmp_path) == []

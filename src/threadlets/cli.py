@@ -344,7 +344,7 @@ def _stress(args: argparse.Namespace) -> int:
         _print_stress(console, report, Table)
     if not report.ok:
         return 1
-    return 130 if report.interrupted else 0
+    return 128 + report.stopped_by if report.interrupted else 0
 
 
 def _print_stress(console: Any, report: Any, table_cls: Any) -> None:

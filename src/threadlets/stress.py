@@ -51,6 +51,8 @@ In the main thread, SIGINT stops the run instead of raising: nothing new is
 issued, what is in flight finishes and is checked, and the report (with
 ``interrupted`` set) covers what ran.  A second SIGINT raises
 KeyboardInterrupt as usual.  Either way a temporary file is removed.
+SIGTERM, left at its default (which kills at once and leaves the temporary
+file), does the same as the first Ctrl-C; ``stopped_by`` says which.
 """
 
 from __future__ import annotations
@@ -258,8 +260,10 @@ class StressReport:
     backend: str = "threads"
     path: str = ""
     size: int = 0
-    #: Stopped early by SIGINT: the figures cover what ran.
+    #: Stopped early by SIGINT or SIGTERM: the figures cover what ran.
     interrupted: bool = False
+    #: The signal that stopped the run early, 0 if none.
+    stopped_by: int = 0
     ops: int = 0
     seconds: float = 0.0
     by_kind: dict[str, int] = field(default_factory=dict)
@@ -405,7 +409,9 @@ class _Stress:
         #: Fingerprint of the generated operation sequence (reproducibility).
         self.digest = hashlib.blake2b(digest_size=16)
 
-    def stop(self) -> None:
+    def stop(self, signum: int = signal.SIGINT) -> None:
+        if not self.stopping:
+            self.report.stopped_by = signum
         self.stopping = True
 
     # -- generating ---------------------------------------------------------------------
@@ -895,6 +901,26 @@ def sigint_calls(stop: Callable[[], None]) -> Iterator[None]:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+@contextlib.contextmanager
+def _sigterm_calls(stop: Callable[[int], None]) -> Iterator[None]:
+    """Within, in the main thread: the first SIGTERM calls ``stop(SIGTERM)``
+    instead of killing at once (a second kills as usual)."""
+    main = threading.current_thread() is threading.main_thread()
+    if not main or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def first(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        stop(signum)
+
+    signal.signal(signal.SIGTERM, first)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def run_stress(cfg: StressConfig) -> StressReport:
     """Run one stress test as configured; the report says what happened.
     Bad configuration or an unusable path: StressError, before any request."""
@@ -918,7 +944,7 @@ def run_stress(cfg: StressConfig) -> StressReport:
             report.backend = st.ctx.backend
             st.path_for_corruption = path
             st.device = target.device
-            with sigint_calls(st.stop):
+            with sigint_calls(st.stop), _sigterm_calls(st.stop):
                 if cfg.on_start is not None:
                     cfg.on_start(path, target.size, report.backend)
                 st.run()
