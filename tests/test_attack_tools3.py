@@ -442,3 +442,36 @@ def test_sigterm_during_stress_reports_and_removes_the_temp_file(tmp_path: Path)
     assert report["interrupted"] is True
     assert report["ok"] is True
     assert os.listdir(tmp_path) == []
+
+
+# -- a block device the system uses ----------------------------------------------------------
+
+
+def test_stress_refuses_a_mounted_block_device(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It opened the device without O_EXCL and wrote over the mounted file
+    # system.
+    from .test_stress import _loop_device
+
+    if shutil.which("mkfs.ext4") is None or shutil.which("mount") is None:
+        pytest.skip("needs mkfs.ext4 and mount")
+    backing = tmp_path / "disk"
+    backing.write_bytes(b"")
+    os.truncate(backing, 4 << 20)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with _loop_device(backing) as device:
+        subprocess.run(["mkfs.ext4", "-q", "-F", device], check=True, timeout=60)
+        if subprocess.run(["mount", device, str(mnt)], check=False, timeout=60).returncode:
+            pytest.skip("cannot mount here")
+        try:
+            before = backing.read_bytes()
+            assert main(["stress", device, "--ops", "20", "--seed", "3"]) == 2
+            assert backing.read_bytes() == before
+        finally:
+            subprocess.run(["umount", str(mnt)], check=False, timeout=60)
+    err = capsys.readouterr().err
+    assert err.startswith(f"threadlets stress: error: cannot open {device}: ")
+    assert "busy" in err
+    assert err.count("\n") == 1, err

@@ -37,7 +37,8 @@ The target
 
 A path that does not exist is created; an existing regular file is
 overwritten only with ``force`` (a temporary file made for the run is
-removed afterwards).  A block device is used in place: nothing truncates it,
+removed afterwards).  A block device is used in place, and only one the system does not use
+(one mounted is refused: O_EXCL, EBUSY): nothing truncates it,
 its size is the device's (``size`` may ask for less), the model starts from
 what the device holds, truncates are left out of the mix and discards and
 write-zeroes are aligned to its logical block size.  Anything else (a
@@ -831,10 +832,14 @@ def _open(path: str, direct: bool, force: bool) -> tuple[int, bool]:
         if stat.S_ISREG(mode) and not force:
             raise StressError(f"will not overwrite the existing file {path} (give --force)")
     create = os.O_CREAT | os.O_EXCL if mode is None else 0
+    # O_EXCL on a block device: EBUSY if the system uses it (mounted, swap,
+    # a device-mapper member) -- the run would write over a file system.
+    exclusive = os.O_EXCL if mode is not None and stat.S_ISBLK(mode) else 0
     try:
-        fd = os.open(path, os.O_RDWR | create, 0o644)
+        fd = os.open(path, os.O_RDWR | create | exclusive, 0o644)
     except OSError as e:
-        raise StressError(f"cannot open {path}: {e.strerror}") from None
+        why = " (mounted, or in use by the system)" if e.errno == errno.EBUSY else ""
+        raise StressError(f"cannot open {path}: {e.strerror}{why}") from None
     try:
         mode = os.fstat(fd).st_mode  # what was opened, whatever the path names now
         _check_kind(path, mode)
