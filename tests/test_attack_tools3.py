@@ -20,9 +20,11 @@ from pathlib import Path
 import pytest
 
 import threadlets.bench
+import threadlets.stress
 from threadlets import cli
 from threadlets.bench import BenchConfig, run_bench
 from threadlets.cli import main
+from threadlets.stress import StressConfig, run_stress
 
 SRC = str(Path(cli.__file__).resolve().parent.parent)
 
@@ -475,3 +477,34 @@ def test_stress_refuses_a_mounted_block_device(
     assert err.startswith(f"threadlets stress: error: cannot open {device}: ")
     assert "busy" in err
     assert err.count("\n") == 1, err
+
+
+# -- Ctrl-C while the fio pattern is written -------------------------------------------------
+
+
+def test_ctrl_c_while_the_fio_pattern_is_written_stops_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It wrote the rest of the file and ran fio over all of it first.
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("SIGINT is not Python's default handler here")
+    blocks: list[int] = []
+    real = threadlets.stress.aligned_buffer
+
+    def buffer(n: int) -> memoryview:
+        blocks.append(n)  # (only the pattern's writes take one without --direct)
+        if len(blocks) == 2:
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C: the handler runs here
+        return real(n)
+
+    def fio(*args: object) -> tuple[bool, str]:
+        raise AssertionError("fio ran after Ctrl-C")
+
+    monkeypatch.setattr(threadlets.stress, "aligned_buffer", buffer)
+    monkeypatch.setattr(threadlets.stress, "fio_verify", fio)
+    cfg = StressConfig(path=str(tmp_path / "f"), size=64 * 4096, ops=50, fio_pattern=True)
+    report = run_stress(cfg)
+    assert report.interrupted
+    assert report.fio_check == "interrupted"
+    assert len(blocks) == 2, len(blocks)  # not 64
+    assert os.listdir(tmp_path) == ["f"]

@@ -739,6 +739,8 @@ class _Stress:
     def write_fio_pattern(self) -> None:
         bs = self.cfg.block_size
         for off in range(0, self.size, bs):
+            if self.stopping:
+                return  # Ctrl-C: the report now, not after the whole file
             block = off.to_bytes(8, "little") * (bs // 8)
             buf = aligned_buffer(bs)
             buf[:] = block
@@ -965,7 +967,11 @@ def run_stress(cfg: StressConfig) -> StressReport:
                         st.ctx.close()
                         st.ctx = AioContext(st.queue, backend=cfg.backend)  # no faults now
                     st.write_fio_pattern()
-                    passed, output = fio_verify(path, target.size, cfg.block_size)
+                    passed, output = (
+                        (False, "")
+                        if st.stopping
+                        else fio_verify(path, target.size, cfg.block_size)
+                    )
                     if st.stopping:
                         report.fio_check = "interrupted"
                     elif passed:
