@@ -508,3 +508,34 @@ def test_ctrl_c_while_the_fio_pattern_is_written_stops_at_once(
     assert report.fio_check == "interrupted"
     assert len(blocks) == 2, len(blocks)  # not 64
     assert os.listdir(tmp_path) == ["f"]
+
+
+def test_a_workload_named_twice_runs_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # (The progress said "workload 1/2" and never came to 2.)
+    seen: list[list[str]] = []
+
+    def measure(cfg: BenchConfig) -> dict[str, object]:
+        seen.append(cfg.workloads)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(threadlets.bench, "run_bench", measure)
+    assert (
+        main(["bench", "--quick", "--workload", "small-files", "--workload", "small-files"]) == 130
+    )
+    assert seen == [["small-files"]]
+
+
+def test_truncate_alone_on_a_block_device_says_why(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from .test_stress import _loop_device
+
+    backing = tmp_path / "disk"
+    backing.write_bytes(bytes(64 << 10))
+    with _loop_device(backing) as device:
+        assert main(["stress", device, "--mix", "truncate=1", "--ops", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"threadlets stress: error: {device} is a block device: "
+        "--mix needs kinds besides truncate\n"
+    )

@@ -410,7 +410,10 @@ def _bench(args: argparse.Namespace) -> int:
 
     console = _console(stderr=True)
     cfg = BenchConfig(
-        workloads=args.workload or list(WORKLOADS), quick=args.quick, directory=args.directory
+        # (Named twice, a workload runs once: the progress counted it twice.)
+        workloads=list(dict.fromkeys(args.workload or WORKLOADS)),
+        quick=args.quick,
+        directory=args.directory,
     )
     if args.seconds is not None:
         cfg.seconds = args.seconds

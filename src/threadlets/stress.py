@@ -937,6 +937,10 @@ def run_stress(cfg: StressConfig) -> StressReport:
         mix = dict(cfg.mix)
         if target.device:
             mix.pop("truncate", None)  # a block device has a fixed size
+            if not any(mix.values()):
+                raise StressError(
+                    f"{target.path} is a block device: --mix needs kinds besides truncate"
+                )
         cfg = dataclasses.replace(cfg, size=target.size, mix=mix)
         cfg.check()
         path, fd = target.path, target.fd
