@@ -539,3 +539,26 @@ def test_truncate_alone_on_a_block_device_says_why(
         f"threadlets stress: error: {device} is a block device: "
         "--mix needs kinds besides truncate\n"
     )
+
+
+def test_ctrl_c_while_stress_cleans_up_keeps_the_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (The handler was gone while the context and queue closed: the
+    # finished run's report was lost to a KeyboardInterrupt.)
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("SIGINT is not Python's default handler here")
+    real = threadlets.stress._Stress.close
+
+    def close(self: threadlets.stress._Stress) -> None:
+        signal.raise_signal(signal.SIGINT)
+        real(self)
+
+    monkeypatch.setattr(threadlets.stress._Stress, "close", close)
+    try:
+        report = run_stress(StressConfig(path=str(tmp_path / "f"), size=64 << 10, ops=30))
+    except KeyboardInterrupt:
+        pytest.fail("the report was lost to Ctrl-C")
+    assert report.ok
+    assert report.ops == 30
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -928,6 +928,35 @@ def _sigterm_calls(stop: Callable[[int], None]) -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def _run(st: _Stress, cfg: StressConfig, report: StressReport, path: str, size: int) -> None:
+    """The run itself, the fio check after it, and the report's figures."""
+    if cfg.on_start is not None:
+        cfg.on_start(path, size, report.backend)
+    st.run()
+    report.latency_us = _summarise_latency(st.latencies)
+    if isinstance(st.sc, FaultInjector):
+        report.faults = {
+            "calls": st.sc.stats.calls,
+            "errors": dict(st.sc.stats.errors),
+            "short": st.sc.stats.short,
+        }
+    if cfg.fio_pattern and report.ok and not st.stopping:
+        if cfg.inject_faults:
+            st.ctx.close()
+            st.ctx = AioContext(st.queue, backend=cfg.backend)  # no faults now
+        st.write_fio_pattern()
+        passed, output = (False, "") if st.stopping else fio_verify(path, size, cfg.block_size)
+        if st.stopping:
+            report.fio_check = "interrupted"
+        elif passed:
+            report.fio_check = "passed"
+        elif shutil.which("fio") is None:
+            report.fio_check = "skipped: fio is not installed"
+        else:
+            report.fio_check = "failed: " + output.strip()[-500:]
+    report.interrupted = st.stopping
+
+
 def run_stress(cfg: StressConfig) -> StressReport:
     """Run one stress test as configured; the report says what happened.
     Bad configuration or an unusable path: StressError, before any request."""
@@ -952,42 +981,20 @@ def run_stress(cfg: StressConfig) -> StressReport:
         try:
             if target.device:
                 _load(path, st.model.data)
-            report.backend = st.ctx.backend
-            st.path_for_corruption = path
-            st.device = target.device
-            with sigint_calls(st.stop), _sigterm_calls(st.stop):
-                if cfg.on_start is not None:
-                    cfg.on_start(path, target.size, report.backend)
-                st.run()
-                report.latency_us = _summarise_latency(st.latencies)
-                if isinstance(st.sc, FaultInjector):
-                    report.faults = {
-                        "calls": st.sc.stats.calls,
-                        "errors": dict(st.sc.stats.errors),
-                        "short": st.sc.stats.short,
-                    }
-                if cfg.fio_pattern and report.ok and not st.stopping:
-                    if cfg.inject_faults:
-                        st.ctx.close()
-                        st.ctx = AioContext(st.queue, backend=cfg.backend)  # no faults now
-                    st.write_fio_pattern()
-                    passed, output = (
-                        (False, "")
-                        if st.stopping
-                        else fio_verify(path, target.size, cfg.block_size)
-                    )
-                    if st.stopping:
-                        report.fio_check = "interrupted"
-                    elif passed:
-                        report.fio_check = "passed"
-                    elif shutil.which("fio") is None:
-                        report.fio_check = "skipped: fio is not installed"
-                    else:
-                        report.fio_check = "failed: " + output.strip()[-500:]
-                report.interrupted = st.stopping
-        finally:
-            report.sequence_digest = st.digest.hexdigest()
+        except BaseException:
             st.close()
+            raise
+        report.backend = st.ctx.backend
+        st.path_for_corruption = path
+        st.device = target.device
+        # (The handlers cover the clean-up too: a Ctrl-C there lost the
+        # report of a finished run.)
+        with sigint_calls(st.stop), _sigterm_calls(st.stop):
+            try:
+                _run(st, cfg, report, path, target.size)
+            finally:
+                report.sequence_digest = st.digest.hexdigest()
+                st.close()
     return report
 
 
