@@ -6,6 +6,7 @@ stress in an unwritable cwd, and SIGINT at random moments."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import queue
@@ -562,3 +563,19 @@ def test_ctrl_c_while_stress_cleans_up_keeps_the_report(
     assert report.ok
     assert report.ops == 30
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_full_disk_during_bench_is_a_one_line_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # (A traceback, from making the test file on a full file system.)
+    def make_file(directory: str, size: int) -> str:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(threadlets.bench, "make_file", make_file)
+    argv = ["bench", "--quick", "--workload", "small-files", "--directory", str(tmp_path)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == "threadlets bench: error: [Errno 28] No space left on device"
+    assert "Traceback" not in err
+    assert os.listdir(tmp_path) == []

@@ -458,13 +458,22 @@ def _bench(args: argparse.Namespace) -> int:
 
         cfg.progress = show
         cfg.on_scratch = scratch
-        report = run_bench(cfg)
+        try:
+            report = run_bench(cfg)
+        except OSError as e:  # (the scratch files are gone already)
+            progress.stop()
+            print(f"threadlets bench: error: {e}", file=sys.stderr)
+            return 1
     report["command"] = "threadlets bench " + " ".join(args.argv)
-    if args.plot:
-        plot(report, args.plot)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(to_markdown(report, "threadlets bench " + " ".join(args.argv)))
+    try:
+        if args.plot:
+            plot(report, args.plot)
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(to_markdown(report, "threadlets bench " + " ".join(args.argv)))
+    except OSError as e:
+        print(f"threadlets bench: error: {e}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(report, indent=2))
     else:
