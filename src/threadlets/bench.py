@@ -18,7 +18,8 @@ Scratch files live in one directory made under ``BenchConfig.directory``
 default) and are removed however the run ends.  In the main thread the
 first Ctrl-C ends the running measurement early and raises
 KeyboardInterrupt between measurements, where nothing is half made (not
-inside an event loop's set-up); a second raises at once.  The whole
+inside an event loop's set-up); a second raises at once.  SIGTERM stops the
+run the same way and then exits (SystemExit, status 128 + SIGTERM).  The whole
 run is planned before the first measurement, so progress can say which
 measurement of how many is running and about how long is left.
 """
@@ -26,6 +27,7 @@ measurement of how many is running and about how long is left.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import importlib.util
 import json
@@ -35,25 +37,28 @@ import platform
 import random
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import threadlets
 import threadlets.awaitable as aw
 from threadlets.probe import probe_direct_io
-from threadlets.stress import sigint_calls
+from threadlets.stress import fio_filename, sigint_calls
 
 __all__ = ["WORKLOADS", "BenchConfig", "Step", "figure", "plot", "run_bench", "to_markdown"]
 
 BLOCK = 4096
 #: Set by the first Ctrl-C: measurements end early, the run stops at the next step.
 _stop = threading.Event()
+#: Set (with _stop) by SIGTERM: the run stops as for Ctrl-C, then exits 128 + SIGTERM.
+_terminated = threading.Event()
 
 
 @dataclass
@@ -351,7 +356,8 @@ def _fio(
         cmd = [
             exe,
             "--name=bench",
-            f"--filename={path}",
+            f"--filename={fio_filename(path)}",
+            "--allow_file_create=0",
             f"--rw={rw}",
             f"--bs={BLOCK}",
             f"--size={size}",
@@ -670,7 +676,37 @@ class _Progress:
 
 def _stopped() -> None:
     if _stop.is_set():
+        if _terminated.is_set():
+            raise SystemExit(128 + signal.SIGTERM)
         raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _sigterm_stops() -> Iterator[None]:
+    """Within, in the main thread: SIGTERM (left at its default, which
+    kills at once and leaves the scratch files) stops the run as the first
+    Ctrl-C does, and the run then exits with SystemExit(128 + SIGTERM),
+    its scratch files removed; a second SIGTERM exits at once."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield
+        return
+
+    def again(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    def first(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, again)
+        _terminated.set()
+        _stop.set()
+
+    signal.signal(signal.SIGTERM, first)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
@@ -678,7 +714,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     Whatever ends the run (Ctrl-C too), its scratch directory is removed."""
     cfg.check()
     _stop.clear()
-    with sigint_calls(_stop.set):
+    _terminated.clear()
+    with sigint_calls(_stop.set), _sigterm_stops():
         return _run(cfg)
 
 

@@ -22,6 +22,24 @@ from threadlets.engine import BACKENDS
 from threadlets.pool import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_THREADS
 from threadlets.probe import probe_direct_io, probe_io_uring, probe_nowait
 
+#: Exit status when stdout is a closed pipe: what a shell shows for SIGPIPE.
+EXIT_BROKEN_PIPE = 128 + 13
+#: Upper bounds beyond which a count is a typo, not a wish.
+MAX_OPS = 10**12
+MAX_CONCURRENCY = 1 << 16
+
+
+def _console(stderr: bool = False) -> Any:
+    """A rich Console whose broken pipe is a BrokenPipeError (rich's own
+    answer, SystemExit(1), would read as "mismatch" from stress)."""
+    from rich.console import Console
+
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    return _Console(stderr=stderr)
+
 
 def _auto_backend() -> tuple[str, str]:
     """What AioContext(backend="auto") gets here (the front ends' default),
@@ -42,8 +60,11 @@ def _auto_backend() -> tuple[str, str]:
 
 def _info(args: argparse.Namespace) -> int:
     directory = os.path.abspath(args.directory)
-    nowait_ok, nowait_note = probe_nowait(directory)
-    direct = probe_direct_io(directory)
+    try:
+        nowait_ok, nowait_note = probe_nowait(directory)
+        direct = probe_direct_io(directory)
+    except OSError as e:
+        args.parser.error(f"cannot probe in {directory!r}: {e.strerror}")  # exits 2
     uring = probe_io_uring()
     backend, backend_note = _auto_backend()
     facts: dict[str, object] = {
@@ -69,7 +90,6 @@ def _info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(facts, indent=2))
         return 0
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"threadlets {__version__}: what this machine supports")
@@ -96,7 +116,7 @@ def _info(args: argparse.Namespace) -> int:
         f"max {DEFAULT_MAX_THREADS}, min 0",
         f"idle workers retire after {DEFAULT_IDLE_TIMEOUT:g} s",
     )
-    Console().print(table)
+    _console().print(table)
     return 0
 
 
@@ -140,14 +160,14 @@ def parse_duration(text: str) -> float:
     return value
 
 
-def _count(least: int) -> Any:
+def _count(least: int, most: int = MAX_OPS) -> Any:
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-        if value < least:
-            raise argparse.ArgumentTypeError(f"must be >= {least}: {text!r}")
+        if not least <= value <= most:
+            raise argparse.ArgumentTypeError(f"must be {least}..{most}: {text!r}")
         return value
 
     parse.__name__ = "count"
@@ -159,17 +179,41 @@ def _seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"seconds must be a finite number > 0: {text!r}")
+    from threadlets.stress import MAX_DURATION
+
+    if not 0 < value <= MAX_DURATION:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(
+            f"seconds must be > 0 and at most {MAX_DURATION:.0f}: {text!r}"
+        )
     return value
+
+
+def _path(text: str) -> str:
+    """A path given on the command line: not empty, and on one line (a
+    line break in a path is a slip of the shell, and would split the one-line
+    messages that name it)."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path")
+    if any(c in text for c in "\n\r\0"):
+        raise argparse.ArgumentTypeError(f"a path with a line break or NUL: {text!r}")
+    return text
+
+
+def _existing_directory(text: str) -> str:
+    if not os.path.isdir(_path(text)):
+        raise argparse.ArgumentTypeError(f"no such directory: {text!r}")
+    return text
 
 
 def _directory(text: str) -> str:
     """An existing directory this process can make files in."""
-    if not os.path.isdir(text):
+    if not os.path.isdir(_path(text)):
         raise argparse.ArgumentTypeError(f"no such directory: {text!r}")
-    if not os.access(text, os.W_OK | os.X_OK):
-        raise argparse.ArgumentTypeError(f"cannot write in {text!r}")
+    # Tried, not asked: os.access() says yes to root in /proc or /sys.
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=text, prefix="threadlets-check-"))
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot write in {text!r}: {e.strerror}") from None
     return text
 
 
@@ -179,7 +223,7 @@ def _output_file(text: str) -> str:
     The last is tried -- the file opened for writing, without truncating it,
     and removed again if the check made it -- because os.access() answers
     for permission bits only: root may "write" into /proc or /sys."""
-    parent = os.path.dirname(os.path.abspath(text))
+    parent = os.path.dirname(os.path.abspath(_path(text)))
     if os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text!r} is a directory")
     if not os.path.isdir(parent):
@@ -232,13 +276,12 @@ def _rate(text: str) -> float:
 
 
 def _stress(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     from threadlets.stress import StressConfig, StressError, run_stress
 
-    console = Console(stderr=args.json)
+    console = _console(stderr=args.json)
     cfg = StressConfig(
         path=args.path,
         size=args.size,
@@ -301,7 +344,7 @@ def _stress(args: argparse.Namespace) -> int:
         _print_stress(console, report, Table)
     if not report.ok:
         return 1
-    return 130 if report.interrupted else 0
+    return 128 + report.stopped_by if report.interrupted else 0
 
 
 def _print_stress(console: Any, report: Any, table_cls: Any) -> None:
@@ -361,14 +404,16 @@ def _fmt_counts(counts: dict[str, int]) -> str:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from threadlets.bench import WORKLOADS, BenchConfig, Step, plot, run_bench, to_markdown
 
-    console = Console(stderr=True)
+    console = _console(stderr=True)
     cfg = BenchConfig(
-        workloads=args.workload or list(WORKLOADS), quick=args.quick, directory=args.directory
+        # (Named twice, a workload runs once: the progress counted it twice.)
+        workloads=list(dict.fromkeys(args.workload or WORKLOADS)),
+        quick=args.quick,
+        directory=args.directory,
     )
     if args.seconds is not None:
         cfg.seconds = args.seconds
@@ -413,19 +458,28 @@ def _bench(args: argparse.Namespace) -> int:
 
         cfg.progress = show
         cfg.on_scratch = scratch
-        report = run_bench(cfg)
+        try:
+            report = run_bench(cfg)
+        except OSError as e:  # (the scratch files are gone already)
+            progress.stop()
+            print(f"threadlets bench: error: {e}", file=sys.stderr)
+            return 1
     report["command"] = "threadlets bench " + " ".join(args.argv)
-    if args.plot:
-        plot(report, args.plot)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(to_markdown(report, "threadlets bench " + " ".join(args.argv)))
+    try:
+        if args.plot:
+            plot(report, args.plot)
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(to_markdown(report, "threadlets bench " + " ".join(args.argv)))
+    except OSError as e:
+        print(f"threadlets bench: error: {e}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         from rich.markdown import Markdown
 
-        Console().print(Markdown(to_markdown(report, "threadlets bench " + " ".join(args.argv))))
+        _console().print(Markdown(to_markdown(report, "threadlets bench " + " ".join(args.argv))))
     return 0
 
 
@@ -492,12 +546,56 @@ def _nbd(args: argparse.Namespace) -> int:
 
 
 def _bind_address(text: str) -> str:
+    """What parse_bind takes, and more strictly: a port of ASCII digits
+    only (int() also takes "+80", " 80", "1_000"), no empty address or
+    brackets, and a host this machine can resolve (else the server fails
+    only after opening the image)."""
+    import socket
+
     from threadlets.nbd import parse_bind
 
     try:
-        parse_bind(text)
+        host, port = parse_bind(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    bracketed = text.startswith("[")
+    tail = text[text.find("]") + 1 :] if bracketed else text
+    port_text = tail.partition(":")[2] if tail.count(":") == 1 else None
+    if (
+        not text
+        or text.startswith("[]")
+        or (port_text is not None and not (port_text.isascii() and port_text.isdigit()))
+    ):
+        raise argparse.ArgumentTypeError(f"bad address {text!r} (say HOST:PORT, [IPV6]:PORT)")
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as e:
+        raise argparse.ArgumentTypeError(f"cannot resolve {host!r}: {e}") from None
+    return text
+
+
+def _socket_path(text: str) -> str:
+    """A unix socket path the server can bind: new, in a directory that
+    exists, short enough for sockaddr_un."""
+    _path(text)
+    if len(os.fsencode(text)) > 107:
+        raise argparse.ArgumentTypeError(f"a unix socket path is at most 107 bytes: {text!r}")
+    if os.path.lexists(text):
+        raise argparse.ArgumentTypeError(f"{text!r} exists (remove it first)")
+    parent = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(parent):
+        raise argparse.ArgumentTypeError(f"no such directory: {parent!r}")
+    return text
+
+
+def _export_name(text: str) -> str:
+    """An NBD export name: UTF-8, at most 4096 bytes, no NUL."""
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeError:
+        raise argparse.ArgumentTypeError(f"an export name must be UTF-8: {text!r}") from None
+    if size > 4096 or "\0" in text:
+        raise argparse.ArgumentTypeError("an export name is at most 4096 bytes, without NUL")
     return text
 
 
@@ -510,10 +608,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="print what this machine supports")
     info.add_argument(
-        "--directory", default=".", help="where to probe O_DIRECT and RWF_NOWAIT (default: .)"
+        "--directory",
+        type=_existing_directory,
+        default=".",
+        help="where to probe O_DIRECT and RWF_NOWAIT (default: .)",
     )
     info.add_argument("--json", action="store_true", help="print one JSON object")
-    info.set_defaults(func=_info)
+    info.set_defaults(func=_info, parser=info)
 
     st = sub.add_parser(
         "stress",
@@ -522,7 +623,9 @@ def build_parser() -> argparse.ArgumentParser:
         "write-zeroes, truncates and cancels, each read checked against a model of "
         "what the file must hold.  Exit status 1 on any mismatch or unexpected error.",
     )
-    st.add_argument("path", nargs="?", help="file or block device (default: a temporary file)")
+    st.add_argument(
+        "path", nargs="?", type=_path, help="file or block device (default: a temporary file)"
+    )
     st.add_argument(
         "--size",
         type=_positive_size,
@@ -536,7 +639,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--ops", type=_count(1), help="run exactly this many operations (reproducible)"
     )
     st.add_argument(
-        "--concurrency", type=_count(1), default=32, help="requests in flight (default 32)"
+        "--concurrency",
+        type=_count(1, MAX_CONCURRENCY),
+        default=32,
+        help="requests in flight (default 32)",
     )
     st.add_argument("--block-size", type=_positive_size, default=4096, help="I/O unit (default 4K)")
     st.add_argument("--mix", type=parse_mix, help="weights, e.g. read=40,write=30,flush=5")
@@ -589,7 +695,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     be.add_argument("--quick", action="store_true", help="tiny and short: checks the harness")
     be.add_argument("--seconds", type=_seconds, help="length of one measurement (default 2)")
-    be.add_argument("--repeats", type=_count(1), help="rounds (the median is reported; default 3)")
+    be.add_argument(
+        "--repeats", type=_count(1, 1000), help="rounds (the median is reported; default 3)"
+    )
     be.add_argument(
         "--directory",
         type=_directory,
@@ -613,7 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the Linux nbd driver) through the engine.  SIGINT/SIGTERM stop it gracefully: "
         "requests in flight finish, the image is flushed.",
     )
-    ns.add_argument("image", help="regular file or block device to export")
+    ns.add_argument("image", type=_path, help="regular file or block device to export")
     where = ns.add_mutually_exclusive_group()
     where.add_argument(
         "--bind",
@@ -622,8 +730,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="TCP address to listen on (default 127.0.0.1:10809, this machine only)",
     )
-    where.add_argument("--socket", metavar="PATH", help="listen on a unix socket instead")
-    ns.add_argument("--export-name", default="", help="the export's name (default: empty)")
+    where.add_argument(
+        "--socket", type=_socket_path, metavar="PATH", help="listen on a unix socket instead"
+    )
+    ns.add_argument(
+        "--export-name", type=_export_name, default="", help="the export's name (default: empty)"
+    )
     ns.add_argument("--read-only", action="store_true", help="refuse writes")
     ns.add_argument("--direct", action="store_true", help="open the image with O_DIRECT")
     ns.add_argument(
@@ -633,20 +745,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="engine backend (default auto: io_uring where the kernel has it)",
     )
     ns.add_argument(
-        "--max-connections", type=_count(1), default=16, help="clients at once (default 16)"
+        "--max-connections",
+        type=_count(1, MAX_CONCURRENCY),
+        default=16,
+        help="clients at once (default 16)",
     )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    args.argv = argv[1:]
+    # (Parsing imports the tools' modules: Ctrl-C may land there too.)
+    command = "threadlets"
     try:
+        args = build_parser().parse_args(argv)
+        args.argv = argv[1:]
+        command = f"threadlets {args.command}"
         result: int = args.func(args)
     except KeyboardInterrupt:
-        print(f"threadlets {args.command}: interrupted", file=sys.stderr)
+        with contextlib.suppress(OSError):
+            print(f"{command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # Whoever read stdout stopped (| head): no traceback, and nothing
+        # more for the interpreter to fail to flush at exit.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     return result
 
 

@@ -37,7 +37,8 @@ The target
 
 A path that does not exist is created; an existing regular file is
 overwritten only with ``force`` (a temporary file made for the run is
-removed afterwards).  A block device is used in place: nothing truncates it,
+removed afterwards).  A block device is used in place, and only one the system does not use
+(one mounted is refused: O_EXCL, EBUSY): nothing truncates it,
 its size is the device's (``size`` may ask for less), the model starts from
 what the device holds, truncates are left out of the mix and discards and
 write-zeroes are aligned to its logical block size.  Anything else (a
@@ -51,6 +52,8 @@ In the main thread, SIGINT stops the run instead of raising: nothing new is
 issued, what is in flight finishes and is checked, and the report (with
 ``interrupted`` set) covers what ran.  A second SIGINT raises
 KeyboardInterrupt as usual.  Either way a temporary file is removed.
+SIGTERM, left at its default (which kills at once and leaves the temporary
+file), does the same as the first Ctrl-C; ``stopped_by`` says which.
 """
 
 from __future__ import annotations
@@ -258,8 +261,10 @@ class StressReport:
     backend: str = "threads"
     path: str = ""
     size: int = 0
-    #: Stopped early by SIGINT: the figures cover what ran.
+    #: Stopped early by SIGINT or SIGTERM: the figures cover what ran.
     interrupted: bool = False
+    #: The signal that stopped the run early, 0 if none.
+    stopped_by: int = 0
     ops: int = 0
     seconds: float = 0.0
     by_kind: dict[str, int] = field(default_factory=dict)
@@ -405,7 +410,9 @@ class _Stress:
         #: Fingerprint of the generated operation sequence (reproducibility).
         self.digest = hashlib.blake2b(digest_size=16)
 
-    def stop(self) -> None:
+    def stop(self, signum: int = signal.SIGINT) -> None:
+        if not self.stopping:
+            self.report.stopped_by = signum
         self.stopping = True
 
     # -- generating ---------------------------------------------------------------------
@@ -732,6 +739,8 @@ class _Stress:
     def write_fio_pattern(self) -> None:
         bs = self.cfg.block_size
         for off in range(0, self.size, bs):
+            if self.stopping:
+                return  # Ctrl-C: the report now, not after the whole file
             block = off.to_bytes(8, "little") * (bs // 8)
             buf = aligned_buffer(bs)
             buf[:] = block
@@ -780,7 +789,12 @@ def _target(cfg: StressConfig) -> Iterator[_Target]:
         raise StressError("O_DIRECT is not supported on this platform")
     temp = None
     if cfg.path is None:
-        fd, temp = tempfile.mkstemp(prefix="threadlets-stress-", dir=".")
+        try:
+            fd, temp = tempfile.mkstemp(prefix="threadlets-stress-", dir=".")
+        except OSError as e:
+            raise StressError(
+                f"cannot make a temporary file in {os.getcwd()!r}: {e.strerror}"
+            ) from None
         os.close(fd)
     try:
         path = temp or str(cfg.path)
@@ -820,10 +834,14 @@ def _open(path: str, direct: bool, force: bool) -> tuple[int, bool]:
         if stat.S_ISREG(mode) and not force:
             raise StressError(f"will not overwrite the existing file {path} (give --force)")
     create = os.O_CREAT | os.O_EXCL if mode is None else 0
+    # O_EXCL on a block device: EBUSY if the system uses it (mounted, swap,
+    # a device-mapper member) -- the run would write over a file system.
+    exclusive = os.O_EXCL if mode is not None and stat.S_ISBLK(mode) else 0
     try:
-        fd = os.open(path, os.O_RDWR | create, 0o644)
+        fd = os.open(path, os.O_RDWR | create | exclusive, 0o644)
     except OSError as e:
-        raise StressError(f"cannot open {path}: {e.strerror}") from None
+        why = " (mounted, or in use by the system)" if e.errno == errno.EBUSY else ""
+        raise StressError(f"cannot open {path}: {e.strerror}{why}") from None
     try:
         mode = os.fstat(fd).st_mode  # what was opened, whatever the path names now
         _check_kind(path, mode)
@@ -890,6 +908,55 @@ def sigint_calls(stop: Callable[[], None]) -> Iterator[None]:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+@contextlib.contextmanager
+def _sigterm_calls(stop: Callable[[int], None]) -> Iterator[None]:
+    """Within, in the main thread: the first SIGTERM calls ``stop(SIGTERM)``
+    instead of killing at once (a second kills as usual)."""
+    main = threading.current_thread() is threading.main_thread()
+    if not main or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def first(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        stop(signum)
+
+    signal.signal(signal.SIGTERM, first)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _run(st: _Stress, cfg: StressConfig, report: StressReport, path: str, size: int) -> None:
+    """The run itself, the fio check after it, and the report's figures."""
+    if cfg.on_start is not None:
+        cfg.on_start(path, size, report.backend)
+    st.run()
+    report.latency_us = _summarise_latency(st.latencies)
+    if isinstance(st.sc, FaultInjector):
+        report.faults = {
+            "calls": st.sc.stats.calls,
+            "errors": dict(st.sc.stats.errors),
+            "short": st.sc.stats.short,
+        }
+    if cfg.fio_pattern and report.ok and not st.stopping:
+        if cfg.inject_faults:
+            st.ctx.close()
+            st.ctx = AioContext(st.queue, backend=cfg.backend)  # no faults now
+        st.write_fio_pattern()
+        passed, output = (False, "") if st.stopping else fio_verify(path, size, cfg.block_size)
+        if st.stopping:
+            report.fio_check = "interrupted"
+        elif passed:
+            report.fio_check = "passed"
+        elif shutil.which("fio") is None:
+            report.fio_check = "skipped: fio is not installed"
+        else:
+            report.fio_check = "failed: " + output.strip()[-500:]
+    report.interrupted = st.stopping
+
+
 def run_stress(cfg: StressConfig) -> StressReport:
     """Run one stress test as configured; the report says what happened.
     Bad configuration or an unusable path: StressError, before any request."""
@@ -899,6 +966,10 @@ def run_stress(cfg: StressConfig) -> StressReport:
         mix = dict(cfg.mix)
         if target.device:
             mix.pop("truncate", None)  # a block device has a fixed size
+            if not any(mix.values()):
+                raise StressError(
+                    f"{target.path} is a block device: --mix needs kinds besides truncate"
+                )
         cfg = dataclasses.replace(cfg, size=target.size, mix=mix)
         cfg.check()
         path, fd = target.path, target.fd
@@ -910,39 +981,28 @@ def run_stress(cfg: StressConfig) -> StressReport:
         try:
             if target.device:
                 _load(path, st.model.data)
-            report.backend = st.ctx.backend
-            st.path_for_corruption = path
-            st.device = target.device
-            with sigint_calls(st.stop):
-                if cfg.on_start is not None:
-                    cfg.on_start(path, target.size, report.backend)
-                st.run()
-                report.latency_us = _summarise_latency(st.latencies)
-                if isinstance(st.sc, FaultInjector):
-                    report.faults = {
-                        "calls": st.sc.stats.calls,
-                        "errors": dict(st.sc.stats.errors),
-                        "short": st.sc.stats.short,
-                    }
-                if cfg.fio_pattern and report.ok and not st.stopping:
-                    if cfg.inject_faults:
-                        st.ctx.close()
-                        st.ctx = AioContext(st.queue, backend=cfg.backend)  # no faults now
-                    st.write_fio_pattern()
-                    passed, output = fio_verify(path, target.size, cfg.block_size)
-                    if st.stopping:
-                        report.fio_check = "interrupted"
-                    elif passed:
-                        report.fio_check = "passed"
-                    elif shutil.which("fio") is None:
-                        report.fio_check = "skipped: fio is not installed"
-                    else:
-                        report.fio_check = "failed: " + output.strip()[-500:]
-                report.interrupted = st.stopping
-        finally:
-            report.sequence_digest = st.digest.hexdigest()
+        except BaseException:
             st.close()
+            raise
+        report.backend = st.ctx.backend
+        st.path_for_corruption = path
+        st.device = target.device
+        # (The handlers cover the clean-up too: a Ctrl-C there lost the
+        # report of a finished run.)
+        with sigint_calls(st.stop), _sigterm_calls(st.stop):
+            try:
+                _run(st, cfg, report, path, target.size)
+            finally:
+                report.sequence_digest = st.digest.hexdigest()
+                st.close()
     return report
+
+
+def fio_filename(path: str) -> str:
+    """``path`` as fio's --filename takes it: a colon there separates file
+    names (fio read "a:b" as the files "a" and "b", and made them) unless
+    escaped."""
+    return path.replace(":", "\\:")
 
 
 def fio_verify(path: str, size: int, block_size: int) -> tuple[bool, str]:
@@ -954,7 +1014,9 @@ def fio_verify(path: str, size: int, block_size: int) -> tuple[bool, str]:
     cmd = [
         exe,
         "--name=threadlets-verify",
-        f"--filename={path}",
+        f"--filename={fio_filename(path)}",
+        "--readonly",
+        "--allow_file_create=0",
         "--rw=read",
         f"--bs={block_size}",
         f"--size={size}",
