@@ -65,6 +65,7 @@ import io
 import operator
 import os
 import stat
+import sys
 import threading
 import warnings
 from asyncio.events import _get_running_loop
@@ -128,13 +129,17 @@ def _check_text_args(
         return
     if encoding is not None:
         codecs.lookup(encoding)  # LookupError for an unknown codec
+    if newline is not None and not isinstance(newline, str):
+        raise TypeError(
+            f"open() argument 'newline' must be str or None, not {type(newline).__name__}"
+        )
     if newline not in (None, "", "\n", "\r", "\r\n"):
         raise ValueError(f"illegal newline value: {newline!r}")
 
 
 def _check_buffering(buffering: object, text: bool, warn: bool = True) -> bool:
     """Check ``buffering`` as open() does; True for line buffering (text)."""
-    if isinstance(buffering, bool) or not isinstance(buffering, int):
+    if not isinstance(buffering, int):  # (True is 1, as open() takes it)
         raise TypeError(f"'{type(buffering).__name__}' object cannot be interpreted as an integer")
     if buffering == 0 and text:
         raise ValueError("can't have unbuffered text I/O")
@@ -158,7 +163,39 @@ def _size(size: object) -> int:
         raise TypeError(
             f"argument should be integer or None, not '{type(size).__name__}'"
         ) from None
+    return _ssize(n)
+
+
+def _ssize(n: int) -> int:
+    """A size io takes as a C ssize_t: OverflowError past one, as io."""
+    if not -sys.maxsize - 1 <= n <= sys.maxsize:
+        raise OverflowError("cannot fit 'int' into an index-sized integer")
     return n
+
+
+def _off_t(n: int, raw: bool) -> int:
+    """An offset io takes as a C off_t: past one, a raw file (buffering=0)
+    raises OverflowError and a buffered one ValueError, as io does."""
+    if not -(2**63) <= n < 2**63:
+        if raw:
+            raise OverflowError("Python int too large to convert to C long")
+        raise ValueError("cannot fit 'int' into an offset-sized integer")
+    return n
+
+
+def _nbytes(*buffers: object, into: bool = False) -> int | None:
+    """The bytes ``buffers`` hold; None if one is not a buffer, or ``into``
+    one is read-only (the engine says how it refuses it)."""
+    total = 0
+    for b in buffers:
+        try:
+            view = memoryview(b)  # type: ignore[arg-type]
+        except TypeError:
+            return None
+        if into and view.readonly:
+            return None
+        total += view.nbytes
+    return total
 
 
 def _espipe() -> OSError:
@@ -358,6 +395,8 @@ class AsyncFile:
             await self._flush_locked()
         elif self._trio:
             await self._io.checkpoint()
+        if _nbytes(buf, into=True) == 0:
+            return self._transfer_nothing(False, offset)
         result: int = await self._run(self._ctx.read(self._fd, offset, buf))
         return result
 
@@ -388,8 +427,26 @@ class AsyncFile:
                     await io_.fair_yield()
                 return data
         buf = bytearray(_nonnegative(n, "count"))
+        if not n:
+            self._transfer_nothing(False, offset)
+            return b""
         got = await self._run(self._ctx.read(self._fd, offset, buf))
         return bytes(buf) if got == n else bytes(memoryview(buf)[:got])
+
+    def _transfer_nothing(self, write: bool, offset: object) -> int:
+        """A positional call that moves no bytes: a system call that moves
+        none, at once, for its errors (EBADF on a descriptor not open that
+        way, as os.pread/os.pwrite) -- the engine answers 0 without one.
+        Offsets are checked as the engine checks them; a pipe or terminal
+        (where the engine makes one read or write, no offset) gets a readv or
+        writev of no buffers, which the kernel answers without waiting."""
+        where = _nonnegative(offset, "offset")
+        if self._stream:
+            return os.writev(self._fd, []) if write else os.readv(self._fd, [])
+        if write:
+            return os.pwrite(self._fd, b"", where)
+        os.pread(self._fd, 0, where)
+        return 0
 
     async def _read_at(self, n: int, offset: int) -> bytes:
         """pread without its checks, for the stream (see pread)."""
@@ -417,7 +474,10 @@ class AsyncFile:
         await self._io.checkpoint()
         if self._wbuf:
             await self._flush_locked()
-        result: int = await self._run(self._ctx.read(self._fd, offset, list(buffers)))
+        bufs = list(buffers)
+        if _nbytes(*bufs, into=True) == 0:
+            return self._transfer_nothing(False, offset)
+        result: int = await self._run(self._ctx.read(self._fd, offset, bufs))
         return result
 
     async def pwrite(self, data: ReadableBuffer, offset: int) -> int:
@@ -426,6 +486,8 @@ class AsyncFile:
         await self._io.checkpoint()
         if self._wbuf:
             await self._flush_locked()
+        if _nbytes(data) == 0:
+            return self._transfer_nothing(True, offset)
         result: int = await self._changing(lambda: self._ctx.write(self._fd, offset, data))
         return result
 
@@ -436,6 +498,8 @@ class AsyncFile:
         if self._wbuf:
             await self._flush_locked()
         bufs = list(buffers)
+        if _nbytes(*bufs) == 0:
+            return self._transfer_nothing(True, offset)
         result: int = await self._changing(lambda: self._ctx.write(self._fd, offset, bufs))
         return result
 
@@ -541,9 +605,15 @@ class AsyncFile:
     async def _read(self, n: int) -> bytes:
         self._check_readable()
         if n < -1:
-            raise ValueError("read length must be non-negative or -1")
+            if self._chunk:
+                raise ValueError("read length must be non-negative or -1")
+            n = -1  # (io's raw files read everything for any negative size)
         if self._wbuf:
             await self._flush_wbuf()
+        if n >= 0 and self._stream and not self._chunk:
+            # Unbuffered, as FileIO: one read of a pipe or terminal is the
+            # answer, short or not (waiting for the rest may wait for ever).
+            return await self._read1(n)
         if n == -1:
             start, gen = self._pos, self._wgen
             parts = [bytes(self._buffered())]
@@ -616,6 +686,8 @@ class AsyncFile:
         return out
 
     async def _readline(self, limit: int) -> bytes:
+        if not limit:
+            return b""  # (io's readline(0) reads nothing: even a write-only file answers)
         self._check_readable()
         if self._wbuf:
             await self._flush_wbuf()
@@ -650,7 +722,7 @@ class AsyncFile:
                     return lines
                 lines.append(line)
                 total += len(line)
-                if 0 < hint <= total:
+                if 0 < hint < total:  # (io: "exceeds hint")
                     return lines
         except BaseException as e:
             if not isinstance(e, Exception):  # cancelled: consume nothing
@@ -658,7 +730,9 @@ class AsyncFile:
             raise
 
     async def _write(self, data: Any) -> int:
-        if not self._writable:
+        # io: a buffered reader has no write at all; a raw file (buffering=0)
+        # checks the argument first.
+        if not self._writable and self._chunk:
             raise io.UnsupportedOperation("write")
         if isinstance(data, str):
             raise TypeError("a bytes-like object is required, not 'str'")
@@ -670,6 +744,8 @@ class AsyncFile:
             ) from None
         if not view.c_contiguous:
             raise BufferError("memoryview: underlying buffer is not C-contiguous")
+        if not self._writable:
+            raise io.UnsupportedOperation("File not open for writing")
         self._moved = 0
         n = view.nbytes
         if not n:
@@ -703,15 +779,18 @@ class AsyncFile:
         try:
             written: int = await self._changing(submit)
         except BaseException as e:
-            # Cancelled while it ran (or once it finished inline): the write
-            # happened, and the position must follow it.
-            moved = req.outcome()[1] if req is not None and not isinstance(e, Exception) else 0
+            # Cancelled while it ran (or once it finished inline), or failed
+            # part-way (EFBIG, ENOSPC): what was written happened, and the
+            # position must follow it.
+            moved = _moved_by(req, e)
             if moved > 0:
                 self._moved = moved
                 if self._append and not self._closed:
                     self._pos = os.fstat(self._fd).st_size
                 else:
                     self._pos = pos + moved
+                if not self._chunk and isinstance(e, OSError):
+                    return moved  # (FileIO: one write(2), a short count; the error comes next)
             raise
         self._moved = written
         if self._append:
@@ -765,11 +844,17 @@ class AsyncFile:
             await self._to_end()
 
     async def _seek(self, offset: object, whence: object = os.SEEK_SET) -> int:
-        off = operator.index(offset)  # type: ignore[arg-type]
+        off = _off_t(operator.index(offset), not self._chunk)  # type: ignore[arg-type]
         how = operator.index(whence)  # type: ignore[arg-type]
+        if not -(2**31) <= how < 2**31:
+            raise OverflowError("Python int too large to convert to C int")
         if how not in (os.SEEK_SET, os.SEEK_CUR, os.SEEK_END, os.SEEK_DATA, os.SEEK_HOLE):
+            if not self._chunk:
+                raise _einval()  # (FileIO leaves whence to lseek)
             raise ValueError(f"whence value {how} unsupported")
         if not self._seekable:
+            if self._chunk:  # (io's buffered files check seekable() first)
+                raise io.UnsupportedOperation("File or stream is not seekable.")
             raise _espipe()
         if self._wbuf:
             await self._flush_wbuf()
@@ -797,7 +882,10 @@ class AsyncFile:
             raise io.UnsupportedOperation("truncate")
         if self._wbuf:
             await self._flush_wbuf()
+        if size is None and not self._seekable:
+            raise _espipe()  # (io asks tell() for the size)
         n = self._pos if size is None else operator.index(size)  # type: ignore[arg-type]
+        _off_t(n, True)  # (io's truncate takes a C long, raw or buffered)
         if n < 0:
             raise _einval()
         await self._changing(lambda: self._ctx.truncate(self._fd, n))
@@ -898,7 +986,8 @@ class AsyncFile:
         """At most ``size`` bytes with at most one read of the file (binary)."""
         if self._text is not None:
             raise AttributeError("read1 needs binary mode")
-        return await self._locked(self._read1, operator.index(size))  # type: ignore[no-any-return]
+        n = _ssize(operator.index(size))
+        return await self._locked(self._read1, n)  # type: ignore[no-any-return]
 
     async def peek(self, size: int = 0) -> bytes:
         """Bytes ahead of the position, without moving it: what the read-ahead
@@ -921,7 +1010,8 @@ class AsyncFile:
     async def readinto(self, buf: WriteableBuffer) -> int:
         """Read into ``buf`` at the current position (binary mode)."""
         if self._text is not None:
-            raise io.UnsupportedOperation("readinto() needs binary mode")
+            # (as read1 and peek: io's text files have no readinto)
+            raise AttributeError("readinto needs binary mode")
         view = memoryview(buf)
         if view.readonly:
             raise TypeError(
@@ -1355,8 +1445,10 @@ def open(
     _check_buffering(buffering, text)
     if isinstance(file, bool):
         raise TypeError("expected str, bytes, os.PathLike object or integer, not bool")
+    if isinstance(file, int) and file < 0:
+        raise ValueError("negative file descriptor")
     if not isinstance(file, int):
-        file = os.fspath(file)
+        file = _no_nul(os.fspath(file))
         if not closefd:
             raise ValueError("Cannot use closefd=False with file name")
     if opener is not None and not callable(opener):
@@ -1472,6 +1564,14 @@ def _opened(fd: int, path: Any) -> tuple[int, os.stat_result]:
         os.close(fd)
         raise
     return fd, st
+
+
+def _no_nul(path: T) -> T:
+    """``path``, refused as os.open refuses it if it holds a NUL (a C
+    string would end there: the inline open would open another file)."""
+    if (b"\0" if isinstance(path, bytes) else "\0") in path:  # type: ignore[operator]
+        raise ValueError("embedded null byte")
+    return path
 
 
 def _open_inline(path: Any, flags: int) -> tuple[int, os.stat_result] | None:

@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from threadlets import oneshot
-from threadlets.asyncfile import AsyncBinaryFile, AsyncFile, AsyncTextFile, _Opener
+from threadlets.asyncfile import AsyncBinaryFile, AsyncFile, AsyncTextFile, _no_nul, _Opener
 from threadlets.asyncfile import open as _open
 from threadlets.awaitable import current
 
@@ -290,10 +290,10 @@ class Path:
     # -- whole files: threadlets.oneshot --------------------------------------------------
 
     async def read_bytes(self) -> bytes:
-        return await oneshot.read_bytes(self._path)
+        return await oneshot.read_bytes(_no_nul(os.fspath(self._path)))
 
     async def read_text(self, encoding: str | None = None, errors: str | None = None) -> str:
-        return await oneshot.read_text(self._path, encoding, errors)
+        return await oneshot.read_text(_no_nul(os.fspath(self._path)), encoding, errors)
 
     async def write_bytes(self, data: ReadableBuffer) -> int:
         return await oneshot.write_bytes(self._path, data)

@@ -23,6 +23,7 @@ __all__ = [
     "AiofilesContextManager",
     "AsyncBase",
     "AsyncIndirectBase",
+    "close_it",
     "run_blocking",
     "wrap",
 ]
@@ -31,17 +32,32 @@ T = TypeVar("T")
 P = ParamSpec("P")
 
 
-async def run_blocking(fn: Callable[[], T], executor: Any = None) -> T:
+async def run_blocking(
+    fn: Callable[[], T], executor: Any = None, undo: Callable[[T], object] | None = None
+) -> T:
     """Run ``fn()`` on a worker as one engine request and return its result
-    (or raise what it raised)."""
+    (or raise what it raised).  ``undo``: what releases a result nobody will
+    get -- a call cancelled while it ran, that succeeded (an open's file is
+    closed, as a cancelled ``threadlets.open`` closes its descriptor)."""
     if executor is not None:
         return await asyncio.get_running_loop().run_in_executor(executor, fn)
     io_ = current()
     await io_.checkpoint()
     req = io_.ctx.call(fn)
-    await io_.wait(req)
+    try:
+        await io_.wait(req)
+    except BaseException:
+        if undo is not None and req.outcome()[0] == 0:
+            made: Any = req.result()
+            undo(made)
+        raise
     result: Any = req.result()
     return result  # type: ignore[no-any-return]
+
+
+def close_it(f: Any) -> None:
+    """``undo`` for an opener: close what it made."""
+    f.close()
 
 
 def wrap(func: Callable[P, T]) -> Callable[P, Coroutine[Any, Any, T]]:

@@ -9,7 +9,7 @@ import tempfile as _tempfile
 from io import BufferedRandom, BufferedReader, BufferedWriter, FileIO, TextIOBase
 from typing import Any
 
-from threadlets.aiofiles.base import AiofilesContextManager, run_blocking
+from threadlets.aiofiles.base import AiofilesContextManager, close_it, run_blocking
 from threadlets.aiofiles.tempfile.temptypes import (
     AsyncSpooledTemporaryFile,
     AsyncTemporaryDirectory,
@@ -128,7 +128,7 @@ async def _temporary_file(
         dir=dir,
         **kw,
     )
-    f = await run_blocking(cb, executor)
+    f = await run_blocking(cb, executor, close_it)
     if type(f) is _tempfile._TemporaryFileWrapper:
         # Named: the wrapper deletes the file on close.
         result = wrap(f.file, f, executor=executor)
@@ -162,7 +162,7 @@ async def _spooled_temporary_file(
         prefix=prefix,
         dir=dir,
     )
-    f = await run_blocking(cb, executor)
+    f = await run_blocking(cb, executor, close_it)
     return AsyncSpooledTemporaryFile(f, executor=executor)
 
 
@@ -170,7 +170,7 @@ async def _temporary_directory(
     suffix: str | None, prefix: str | None, dir: Any, executor: Any
 ) -> AsyncTemporaryDirectory:
     cb = functools.partial(_tempfile.TemporaryDirectory, suffix, prefix, dir)
-    f = await run_blocking(cb, executor)
+    f = await run_blocking(cb, executor, _tempfile.TemporaryDirectory.cleanup)
     return AsyncTemporaryDirectory(f, executor=executor)
 
 

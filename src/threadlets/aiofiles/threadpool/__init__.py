@@ -23,7 +23,7 @@ from io import (
 )
 from typing import TYPE_CHECKING, Any, Literal, overload
 
-from threadlets.aiofiles.base import AiofilesContextManager, run_blocking
+from threadlets.aiofiles.base import AiofilesContextManager, close_it, run_blocking
 from threadlets.aiofiles.threadpool.binary import (
     AsyncBufferedIOBase,
     AsyncBufferedReader,
@@ -200,7 +200,7 @@ async def _open(
         closefd=closefd,
         opener=opener,
     )
-    f = await run_blocking(cb, executor)
+    f = await run_blocking(cb, executor, close_it)
     return wrap(f, loop=loop, executor=executor)
 
 
