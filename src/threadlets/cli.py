@@ -61,6 +61,10 @@ def _auto_backend() -> tuple[str, str]:
 def _info(args: argparse.Namespace) -> int:
     directory = os.path.abspath(args.directory)
     try:
+        # The probes need a file there; in portable mode they make none,
+        # so the directory is tried first, the same way on every platform.
+        with tempfile.TemporaryFile(dir=directory):
+            pass
         nowait_ok, nowait_note = probe_nowait(directory)
         direct = probe_direct_io(directory)
     except OSError as e:
