@@ -190,12 +190,12 @@ def interrupt_cli_at(
     cwd: Path,
     env: dict[str, str] | None = None,
     timeout: float = 120,
+    sig: int = 2,  # SIGINT
 ) -> tuple[int, str, str]:
-    """Run ``python -m threadlets.cli ARGS``; send SIGINT once a line of its
-    stderr holds ``marker`` (waiting for that line, never for time).
-    Returns (exit status, stdout, stderr)."""
+    """Run ``python -m threadlets.cli ARGS``; send ``sig`` (SIGINT) once a
+    line of its stderr holds ``marker`` (waiting for that line, never for
+    time).  Returns (exit status, stdout, stderr)."""
     import queue
-    import signal
     import subprocess
     import sys
     import tempfile
@@ -227,7 +227,7 @@ def interrupt_cli_at(
                 assert line is not None, f"ended before {marker!r}:\n{''.join(err)}"
                 if marker in line:
                     break
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(sig)
             status = proc.wait(timeout=timeout)
         finally:
             if proc.poll() is None:

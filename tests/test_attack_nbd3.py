@@ -6,12 +6,10 @@ against a model of the file."""
 
 from __future__ import annotations
 
-import logging
 import os
 import random
 import socket
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,16 +19,15 @@ from threadlets.nbd.proto import Cmd, CmdFlag
 from threadlets.nbd.server import open_export
 from threadlets.probe import O_DIRECT
 
+from . import test_nbd_server
 from .conftest import wait_until
-from .test_nbd_server import BACKENDS, Client, NBDError, ServerThread
+from .test_nbd_server import Client, NBDError, ServerThread
 
 SIZE = 1 << 20
 
-
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> str:
-    value: str = request.param
-    return value
+# test_nbd_server's fixtures; served serves this module's image.
+backend = test_nbd_server.backend
+served = test_nbd_server.served
 
 
 @pytest.fixture
@@ -38,18 +35,6 @@ def image(tmp_path: Path) -> Path:
     p = tmp_path / "image.raw"
     p.write_bytes(bytes(range(256)) * (SIZE // 256))
     return p
-
-
-@pytest.fixture
-def served(image: Path, backend: str, caplog: pytest.LogCaptureFixture) -> Iterator[ServerThread]:
-    caplog.set_level(logging.WARNING, logger="threadlets")
-    st = ServerThread(open_export(image, max_block=1 << 20), backend=backend).start()
-    try:
-        yield st
-    finally:
-        st.stop()
-    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
-    assert not errors, [r.getMessage() for r in errors]
 
 
 @pytest.fixture

@@ -9,13 +9,11 @@ from __future__ import annotations
 import errno
 import json
 import os
-import queue
 import shutil
 import signal
 import subprocess
 import sys
 import textwrap
-import threading
 from pathlib import Path
 
 import pytest
@@ -26,6 +24,8 @@ from threadlets import cli
 from threadlets.bench import BenchConfig, run_bench
 from threadlets.cli import main
 from threadlets.stress import StressConfig, run_stress
+
+from .conftest import interrupt_cli_at
 
 SRC = str(Path(cli.__file__).resolve().parent.parent)
 
@@ -116,40 +116,8 @@ def _signal_at(
     args: list[str], marker: str, sig: int, env: dict[str, str], cwd: Path
 ) -> tuple[int, str]:
     """Run the CLI; send ``sig`` once a line of its stderr holds ``marker``."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "threadlets.cli", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    lines: queue.Queue[str | None] = queue.Queue()
-    err: list[str] = []
-
-    def read() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            err.append(line)
-            lines.put(line)
-        lines.put(None)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
-        while True:
-            line = lines.get(timeout=60)  # a safety net only
-            assert line is not None, f"ended before {marker!r}:\n{''.join(err)}"
-            if marker in line:
-                break
-        proc.send_signal(sig)
-        status = proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    reader.join(timeout=60)
-    return status, "".join(err)
+    status, _, err = interrupt_cli_at(args, marker, cwd, env, timeout=60, sig=sig)
+    return status, err
 
 
 @pytest.mark.parametrize("marker", ["scratch files in", "workload 1/1 small-files"])

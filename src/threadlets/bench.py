@@ -27,7 +27,6 @@ measurement of how many is running and about how long is left.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import importlib.util
 import json
@@ -43,14 +42,14 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import threadlets
 import threadlets.awaitable as aw
 from threadlets.probe import probe_direct_io
-from threadlets.stress import fio_filename, sigint_calls
+from threadlets.stress import fio_filename, first_signal_calls
 
 __all__ = ["WORKLOADS", "BenchConfig", "Step", "figure", "plot", "run_bench", "to_markdown"]
 
@@ -681,32 +680,18 @@ def _stopped() -> None:
         raise KeyboardInterrupt
 
 
-@contextlib.contextmanager
-def _sigterm_stops() -> Iterator[None]:
-    """Within, in the main thread: SIGTERM (left at its default, which
-    kills at once and leaves the scratch files) stops the run as the first
-    Ctrl-C does, and the run then exits with SystemExit(128 + SIGTERM),
-    its scratch files removed; a second SIGTERM exits at once."""
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
-    ):
-        yield
-        return
-
-    def again(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    def first(signum: int, frame: object) -> None:
-        signal.signal(signal.SIGTERM, again)
+def _stop_on(signum: int) -> None:
+    """The first Ctrl-C or SIGTERM: stop the run; it then ends with
+    KeyboardInterrupt, or SystemExit(128 + SIGTERM), its scratch files
+    removed."""
+    if signum == signal.SIGTERM:
         _terminated.set()
-        _stop.set()
+    _stop.set()
 
-    signal.signal(signal.SIGTERM, first)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+def _exit_now(signum: int, frame: object) -> None:
+    """A second SIGTERM: exit at once (the scratch files still removed)."""
+    raise SystemExit(128 + signum)
 
 
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
@@ -715,7 +700,10 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     cfg.check()
     _stop.clear()
     _terminated.clear()
-    with sigint_calls(_stop.set), _sigterm_stops():
+    with (
+        first_signal_calls(signal.SIGINT, _stop_on),
+        first_signal_calls(signal.SIGTERM, _stop_on, again=_exit_now),
+    ):
         return _run(cfg)
 
 

@@ -90,8 +90,8 @@ __all__ = [
     "StressConfig",
     "StressReport",
     "fio_verify",
+    "first_signal_calls",
     "run_stress",
-    "sigint_calls",
 ]
 
 KINDS = ("read", "write", "readv", "writev", "flush", "discard", "write_zeroes", "truncate")
@@ -888,44 +888,32 @@ def _load(path: str, into: bytearray) -> None:
 
 
 @contextlib.contextmanager
-def sigint_calls(stop: Callable[[], None]) -> Iterator[None]:
-    """Within: in the main thread, the first SIGINT calls ``stop()`` instead
-    of raising KeyboardInterrupt anywhere (a second raises as usual).  For
-    the tools, whose state must not be left half updated."""
+def first_signal_calls(
+    signum: int,
+    stop: Callable[[int], None],
+    again: Callable[[int, object], None] | None = None,
+) -> Iterator[None]:
+    """Within, in the main thread, while ``signum`` (SIGINT or SIGTERM) is
+    at its default: the first such signal calls ``stop(signum)`` instead of
+    raising KeyboardInterrupt or killing at once; a second one does what
+    the default does, or calls ``again``.  For the tools, whose state must
+    not be left half updated (a SIGTERM's death would also leave their
+    scratch files)."""
+    default = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
     main = threading.current_thread() is threading.main_thread()
-    if not main or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    if not main or signal.getsignal(signum) is not default:
         yield
         return
 
     def first(signum: int, frame: object) -> None:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        stop()
-
-    signal.signal(signal.SIGINT, first)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
-@contextlib.contextmanager
-def _sigterm_calls(stop: Callable[[int], None]) -> Iterator[None]:
-    """Within, in the main thread: the first SIGTERM calls ``stop(SIGTERM)``
-    instead of killing at once (a second kills as usual)."""
-    main = threading.current_thread() is threading.main_thread()
-    if not main or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        yield
-        return
-
-    def first(signum: int, frame: object) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signum, again or default)
         stop(signum)
 
-    signal.signal(signal.SIGTERM, first)
+    signal.signal(signum, first)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signum, default)
 
 
 def _run(st: _Stress, cfg: StressConfig, report: StressReport, path: str, size: int) -> None:
@@ -989,7 +977,10 @@ def run_stress(cfg: StressConfig) -> StressReport:
         st.device = target.device
         # (The handlers cover the clean-up too: a Ctrl-C there lost the
         # report of a finished run.)
-        with sigint_calls(st.stop), _sigterm_calls(st.stop):
+        with (
+            first_signal_calls(signal.SIGINT, st.stop),
+            first_signal_calls(signal.SIGTERM, st.stop),
+        ):
             try:
                 _run(st, cfg, report, path, target.size)
             finally:
