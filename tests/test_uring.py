@@ -23,6 +23,7 @@ from threadlets.probe import buffer_address, probe_direct_io, probe_io_uring
 from threadlets.syscalls import FaultInjector
 from threadlets.uring import (
     DEFER_AT,
+    KICK_AT,
     OP_FSYNC,
     OP_NOP,
     OP_READ,
@@ -99,6 +100,29 @@ def test_ring_plug_holds_submissions_until_unplug(fd: int) -> None:
     for _ in bufs:
         assert done.acquire(timeout=10)
     assert [bytes(b) for b in bufs] == [PATTERN[i * 512 : (i + 1) * 512] for i in range(4)]
+    ring.close()
+    assert ring.join(10)
+
+
+def test_a_long_plugged_burst_goes_to_the_kernel_in_parts(fd: int) -> None:
+    """Every KICK_AT-th submission under the plug sends what is held, so a
+    device that completes a doorbell's requests together is not left idle
+    while the rest of the burst is made (issue 13: lockstep batches)."""
+    ring = Ring(64)
+    done = threading.Semaphore(0)
+    count = KICK_AT + 3
+    bufs = [bytearray(64) for _ in range(count)]
+    assert ring.plug()
+    try:
+        for i, b in enumerate(bufs):
+            assert ring.submit(OP_READ, fd, 64 * i, buffer_address(memoryview(b)) or 0, 64, 0,
+                               lambda res: done.release())  # fmt: skip
+            assert ring._unsubmitted == (i + 1) % KICK_AT, i  # held back, or all sent
+    finally:
+        ring.unplug()
+    for _ in bufs:
+        assert done.acquire(timeout=10)
+    assert [bytes(b) for b in bufs] == [PATTERN[64 * i : 64 * (i + 1)] for i in range(count)]
     ring.close()
     assert ring.join(10)
 
