@@ -252,7 +252,7 @@ def test_readme_synopses_are_the_parsers(command: str) -> None:
                 default = DEFAULT_SIZE
             assert convert[flag](value) == default, (flag, value, default)
     # "[--workload NAME ...]" would say one option takes several values.
-    for flag in re.findall(r"\[(--[a-z-]+) [^\]|]*\.\.\.\]", synopsis):
+    for flag in re.findall(r"\[(--[a-z-]+) [^\]|]* \.\.\.\]", synopsis):
         assert _option(parser, flag).nargs in ("+", "*"), f"{flag} takes one value"
     # And the options a reader needs are all there (only the self-test's
     # --corrupt-after and the measuring knobs are left to docs/cli.md).
