@@ -848,3 +848,118 @@ def test_cached_files_open_and_read_with_no_thread_hop(
             await f.close()
 
     _run(loop, main)
+
+
+# docs/aiofiles-migration.md, What differs: "a call cancelled while queued |
+# never runs"; "a call cancelled while it runs | the task waits until the call
+# finished, then sees the cancellation"; README: "a cancelled call never
+# leaves work running behind the task's back" (on trio as well as asyncio).
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+def test_aiofiles_cancelled_calls_never_run_behind_the_task(
+    tmp_path: Path, backend: str, loop: str
+) -> None:
+    import anyio
+
+    from threadlets import aiofiles, awaitable
+
+    q = ThreadletQueue(max_threads=1)
+    gate = Gate()
+    q.submit(gate)
+    assert gate.started.wait(10)
+    awaitable.configure(queue=q, inline=False, backend=backend)
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    started, release, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def blocking() -> str:
+        started.set()
+        assert release.wait(10)
+        finished.set()
+        return "ran"
+
+    seen: list[tuple[str, bool]] = []
+
+    async def main() -> None:
+        scopes: list[anyio.CancelScope] = []
+
+        async def call(fn: Any, *args: Any) -> None:
+            with anyio.CancelScope() as scope:
+                scopes.append(scope)
+                try:
+                    await fn(*args)
+                except anyio.get_cancelled_exc_class():
+                    seen.append(("cancelled", finished.is_set()))
+                    raise
+                seen.append(("returned", finished.is_set()))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, aiofiles.os.remove, victim)
+            await anyio.wait_all_tasks_blocked()
+            assert q.stats().queued == 1  # behind the gate
+            scopes.pop().cancel()
+        assert seen == [("cancelled", False)]
+        gate.release.set()
+        assert q.drain(10)
+        assert victim.read_text() == "keep me"  # it never ran
+        seen.clear()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, aiofiles.os.wrap(blocking))
+            await anyio.to_thread.run_sync(started.wait, 10)
+            scopes.pop().cancel()
+            await anyio.wait_all_tasks_blocked()
+            assert seen == []  # still waiting for the call
+            release.set()
+        assert seen == [("cancelled", True)]
+
+    try:
+        anyio.run(main, backend=loop)
+    finally:
+        awaitable.configure()
+        gate.release.set()
+        release.set()
+        assert q.close(timeout=10)
+
+
+# docs/aiofiles-migration.md: "types | inline: `open()` is overloaded on the mode
+# (text: `str`, binary: `bytes`)"; "returns `AsyncTextFile` (reads give `str`) or
+# `AsyncBinaryFile` (`bytes`) by mode, which mypy checks".
+def test_open_is_typed_by_mode(tmp_path: Path) -> None:
+    snippet = tmp_path / "typed.py"
+    snippet.write_text(
+        "from typing import assert_type\n"
+        "import threadlets\n"
+        "from threadlets import aiofiles\n"
+        "async def f() -> None:\n"
+        "    async with threadlets.open('x', 'rb') as b:\n"
+        "        assert_type(b, threadlets.AsyncBinaryFile)\n"
+        "        assert_type(await b.read(), bytes)\n"
+        "    async with threadlets.open('x') as t:\n"
+        "        assert_type(t, threadlets.AsyncTextFile)\n"
+        "        assert_type(await t.read(), str)\n"
+        "    async with aiofiles.open('x') as a:\n"
+        "        assert_type(await a.read(), str)\n"
+        "    async with aiofiles.open('x', 'rb') as ab:\n"
+        "        assert_type(await ab.read(), bytes)\n"
+    )
+    src = str(Path(threadlets.__file__).resolve().parent.parent)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--cache-dir", os.devnull, str(snippet)],
+        cwd=tmp_path,
+        env=dict(_env(), MYPYPATH=src),
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# README: "Linux, Python 3.11 or newer; other POSIX systems through the
+# portable fallbacks"; "`.ci/run` installs [fio]"; "`.ci/run` runs the test
+# suite that way too (`THREADLETS_PORTABLE=1 .venv/bin/python -m pytest`...)".
+def test_ci_script_does_what_the_readme_says() -> None:
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "apt-get install" in ci
+    assert " fio " in ci
+    assert "THREADLETS_PORTABLE=1 .venv/bin/python -m pytest" in ci
+    assert _blocks(README, "sh")[0].splitlines()[1] in ci  # the README's test command
