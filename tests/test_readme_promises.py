@@ -963,3 +963,66 @@ def test_ci_script_does_what_the_readme_says() -> None:
     assert " fio " in ci
     assert "THREADLETS_PORTABLE=1 .venv/bin/python -m pytest" in ci
     assert _blocks(README, "sh")[0].splitlines()[1] in ci  # the README's test command
+
+
+# README: "after `os.fork()` the child's queues start afresh with none of the
+# parent's workers (only new `min_threads` ones). Work queued or running in
+# the parent at the fork belongs to the parent; in the child those threadlets
+# read as `CANCELLED` (their callbacks do not run there), so nothing runs
+# twice"; "`submitted == completed + cancelled + queued + running`".
+@pytest.mark.parametrize("min_threads", [0, 1])
+def test_fork_child_runs_no_parent_callback(min_threads: int) -> None:
+    q = ThreadletQueue(max_threads=1, min_threads=min_threads)
+    gate = Gate()
+    running = q.submit(gate)
+    assert gate.started.wait(10)
+    queued = q.submit(sum, [1])
+    calls: list[tuple[str, int]] = []
+    running.add_done_callback(lambda t: calls.append(("running", os.getpid())))
+    queued.add_done_callback(lambda t: calls.append(("queued", os.getpid())))
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report and leave without pytest's teardown
+        try:
+            s = q.stats()
+            fresh = s.threads == s.spawned == min_threads
+            states = (running.state.name, queued.state.name)
+            consistent = s.submitted == s.completed + s.cancelled + s.queued + s.running
+            q.close(10)
+            verdict = [fresh, states == ("CANCELLED", "CANCELLED"), consistent, calls == []]
+            os.write(w, ",".join(str(int(x)) for x in verdict).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    _, status = os.waitpid(pid, 0)
+    report = os.read(r, 100).decode()
+    os.close(r)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert report == "1,1,1,1"
+    gate.release.set()
+    assert q.drain(10)
+    assert sorted(calls) == [("queued", os.getpid()), ("running", os.getpid())]
+    assert q.close(10)
+
+
+# README: "Workers are daemon threads: a blocked one never hangs interpreter
+# exit".
+def test_blocked_workers_do_not_hold_the_interpreter() -> None:
+    script = (
+        "import threading, threadlets\n"
+        "q = threadlets.ThreadletQueue(min_threads=2)\n"
+        "started = threading.Event()\n"
+        "q.submit(lambda: (started.set(), threading.Event().wait()))\n"
+        "threadlets.submit(threading.Event().wait)\n"
+        "assert started.wait(10)\n"
+        "print('leaving')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,  # a safety net: the exit is at once
+        check=False,
+    )
+    assert (proc.returncode, proc.stdout) == (0, "leaving\n"), proc.stderr
