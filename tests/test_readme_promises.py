@@ -1026,3 +1026,41 @@ def test_blocked_workers_do_not_hold_the_interpreter() -> None:
         check=False,
     )
     assert (proc.returncode, proc.stdout) == (0, "leaving\n"), proc.stderr
+
+
+# README: "Each `write()` stays contiguous, so `"a"` files shared by several
+# writers get whole lines."  Several file objects (one per task) append to one
+# file, with writes that straddle the 64 KiB buffer and some larger than it.
+@pytest.mark.parametrize("loop", FRONT_LOOPS)
+@pytest.mark.parametrize("mode", ["a", "ab"])
+def test_append_writers_sharing_a_file_get_whole_lines(
+    tmp_path: Path, engine: str, loop: str, mode: str
+) -> None:
+    import anyio
+
+    p = tmp_path / "log"
+
+    def line(w: str, i: int) -> str:
+        return f"{w}:{i}:{'x' * (70_000 if i % 40 == 39 else (i * 7919) % 3000)}\n"
+
+    lines = {w: [line(w, i) for i in range(120)] for w in "ABCD"}
+
+    async def writer(name: str) -> None:
+        async with threadlets.open(p, mode) as f:
+            for line in lines[name]:
+                await f.write(line if mode == "a" else line.encode())
+                await anyio.sleep(0)
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            for name in lines:
+                tg.start_soon(writer, name)
+
+    if loop == "trio":
+        anyio.run(main, backend="trio")
+    else:
+        anyio.run(main, backend="asyncio", backend_options={"use_uvloop": loop == "uvloop"})
+    got = p.read_text().splitlines(keepends=True)
+    assert sorted(got) == sorted(x for ls in lines.values() for x in ls)
+    for name, mine in lines.items():  # each writer's lines in its own order
+        assert [x for x in got if x.startswith(f"{name}:")] == mine
