@@ -343,6 +343,11 @@ def test_layout_modules_and_named_api_exist() -> None:
     assert callable(probe.capabilities)
     assert callable(probe.portable)
     assert callable(awaitable.configure)
+    # README: "A residual window is documented in `threadlets.engine`."
+    from threadlets import engine
+
+    assert engine.__doc__
+    assert "One window is left" in engine.__doc__
     # README, POSIX AIO: the functions, the runtime object and the context switch.
     for name in [
         "aiocb",
