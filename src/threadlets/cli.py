@@ -18,9 +18,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from threadlets import __version__
-from threadlets.engine import BACKENDS
-from threadlets.pool import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_THREADS
-from threadlets.probe import probe_direct_io, probe_io_uring, probe_nowait
+
+# The engine and the tools are imported by the functions that use them,
+# inside main()'s handling of Ctrl-C: one during the imports exits 130
+# quietly, as one later does.  (``import threadlets`` itself imports
+# nothing: see threadlets/__init__.py.)
 
 #: Exit status when stdout is a closed pipe: what a shell shows for SIGPIPE.
 EXIT_BROKEN_PIPE = 128 + 13
@@ -59,6 +61,9 @@ def _auto_backend() -> tuple[str, str]:
 
 
 def _info(args: argparse.Namespace) -> int:
+    from threadlets.pool import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_THREADS
+    from threadlets.probe import probe_direct_io, probe_io_uring, probe_nowait
+
     directory = os.path.abspath(args.directory)
     try:
         # The probes need a file there; in portable mode they make none,
@@ -604,6 +609,8 @@ def _export_name(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from threadlets.engine import BACKENDS
+
     parser = argparse.ArgumentParser(
         prog="threadlets", description="Fast, correct asynchronous file and block I/O."
     )

@@ -29,7 +29,10 @@ Differences from glibc, on purpose
   parallel, not used to reorder them.
 * ``SIGEV_SIGNAL`` sends the signal to the process; a Python signal handler
   cannot see ``sigev_value``.  ``SIGEV_THREAD`` calls ``function(value)``
-  on a worker thread; what it raises is logged (logger ``threadlets``).
+  on a thread of a queue kept for notifications (glibc starts a thread
+  each; here idle ones are reused), never on the I/O pool, and without a
+  practical bound, so functions that wait cannot starve anything; what
+  it raises is logged (logger ``threadlets``).
 * ``aio_suspend`` is not interrupted with EINTR: Python runs signal
   handlers and resumes the wait (PEP 475); a handler that raises ends it
   with that exception.  A negative timeout raises EINVAL (glibc times
@@ -111,7 +114,7 @@ from typing import Any
 
 from threadlets.engine import AioContext, AioRequest
 from threadlets.ops import MAX_OFFSET
-from threadlets.pool import CancelResult, Threadlet, default_queue
+from threadlets.pool import CancelResult, Threadlet, ThreadletQueue
 from threadlets.syscalls import NR_FCNTL, NR_FSTAT
 from threadlets.syscalls import quick_syscall as _quick_syscall
 
@@ -242,10 +245,14 @@ def _identity_os(fd: int) -> _Identity | None:
 def _refusal(op: str, offset: int, length: int, ident: _Identity | None) -> int:
     """The errno pread(2)/pwrite(2) of ``length`` bytes at ``offset``
     answers before moving anything, checked in the kernel's order (glibc's
-    aio reports it), or 0.  The engine is not asked: it makes no call for 0
-    bytes and refuses an offset past MAX_OFFSET outright, where the kernel
-    first checks the fd (a stream, where pread fails ESPIPE and glibc
-    reads, ignores the offset)."""
+    aio reports it), or 0.  The engine is not asked: it refuses an offset
+    past MAX_OFFSET outright, where the kernel first checks the fd (a
+    stream, where pread fails ESPIPE and glibc reads, ignores the offset).
+    A transfer of 0 bytes: the engine makes its one call (preadv/pwritev,
+    as os does), which refuses a descriptor not open that way as pread
+    does, but a preadv of an empty iovec on a directory answers 0 where
+    glibc's pread(fd, buf, 0) says EISDIR -- so that case stays here, and
+    a zero-length transfer never takes the quick path (which skips this)."""
     if not 0 <= offset <= MAX_OFFSET:  # (not an off_t: in C, a negative one)
         return errno.EINVAL
     if ident is None or ident[0] & _O_PATH:
@@ -285,6 +292,26 @@ def _submit_errno(exc: BaseException) -> int:
     if isinstance(exc, OSError) and exc.errno:
         return exc.errno
     return errno.ECANCELED
+
+
+#: SIGEV_THREAD functions run on a queue of their own, with no practical
+#: bound on its threads: glibc starts a thread for each notification, so a
+#: function may wait (aio_suspend, a lock, another notification's effect)
+#: for as long as it likes.  On a bounded queue shared with other work
+#: (the default queue's 64 workers) enough such waiters would take every
+#: worker and starve what they wait for.  Idle threads retire as the
+#: pool's do.
+_SIGEV_THREAD_MAX = 2**31 - 1
+_notify_lock = threading.Lock()
+_notify: ThreadletQueue | None = None
+
+
+def _notify_queue() -> ThreadletQueue:
+    global _notify
+    with _notify_lock:
+        if _notify is None or _notify.closed:
+            _notify = ThreadletQueue(max_threads=_SIGEV_THREAD_MAX, name="threadlets-sigev")
+        return _notify
 
 
 def _call_notify(fn: Callable[[Any], object], value: object) -> None:
@@ -341,7 +368,7 @@ class sigevent:
         elif self.sigev_notify == SIGEV_THREAD:
             fn = self.function
             assert fn is not None
-            default_queue().submit(_call_notify, fn, self.sigev_value)
+            _notify_queue().submit(_call_notify, fn, self.sigev_value)
 
 
 _SigEvent = sigevent  # (aiocb.__init__ and lio_listio have a parameter `sigevent`)
@@ -684,6 +711,7 @@ class PosixAio:
         ident = _identity(fd)
         if (
             ident is None
+            # (0 bytes: _refusal's EISDIR for a directory; see there.)
             or not 0 < len(view) <= MAX_OFFSET - offset
             or offset < 0
             or (op == "write" and ident[0] & os.O_APPEND)
@@ -1253,6 +1281,8 @@ _runtimes: weakref.WeakSet[PosixAio] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
+    global _notify_lock
+    _notify_lock = threading.Lock()  # (the pool resets the queue itself)
     for rt in list(_runtimes):
         rt._after_fork_in_child()
 

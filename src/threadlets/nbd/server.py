@@ -36,6 +36,14 @@ that disconnects mid-request: its requests still finish (nothing is
 written outside the export), their replies are dropped.  A handshake that
 has not finished after ``handshake_timeout`` seconds is dropped.
 
+Idle clients: once the handshake is done there is no idle timeout, as in
+qemu-nbd and nbdkit (whose ``--timeout`` covers the handshake only): the
+kernel's nbd driver and qemu keep a connection open, silent, for as long
+as the device is attached, and dropping it would fail their next request.
+A client that goes silent keeps its connection slot (``max_connections``)
+until it disconnects or the server stops; it never delays shutdown, which
+closes silent connections at once (nothing in flight, nothing to send).
+
 Shutdown (:meth:`NBDServer.close`): stop accepting, drop connections still
 in the handshake, stop reading requests, let those in flight finish and
 send their replies, flush the file, close the connections, then the
@@ -50,6 +58,7 @@ import errno
 import logging
 import os
 import stat
+import sys
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -130,14 +139,36 @@ def open_export(
     """Open ``path`` (a regular file or a block device) for serving.  With
     ``direct`` it is opened O_DIRECT and its alignment is the export's
     minimum block size; ``max_block`` is the largest READ/WRITE accepted.
-    Raises OSError, or ValueError for other file types."""
+    A block device is opened O_EXCL: one the system uses (mounted, swap...)
+    is refused with EBUSY.  Raises OSError, or ValueError for other file
+    types."""
     path = os.fspath(path)
     flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+    # O_EXCL on a block device: EBUSY if the system uses it (mounted, swap,
+    # a device-mapper member, another exclusive opener), as ``stress`` and
+    # ``bench`` refuse one: clients would write under a mounted file system
+    # (or read it changing under them).  Linux ignores O_EXCL without
+    # O_CREAT for anything but a block device, so it is always given there
+    # (no window between a check and the open); elsewhere only for what
+    # names a block device now.
+    if sys.platform.startswith("linux"):
+        flags |= os.O_EXCL
+    else:
+        with contextlib.suppress(OSError):
+            if stat.S_ISBLK(os.stat(path).st_mode):
+                flags |= os.O_EXCL
     if direct:
         if not O_DIRECT:  # (portable mode, or a system without it)
             raise OSError(errno.ENOTSUP, f"--direct: {capability_note('o_direct')}")
         flags |= O_DIRECT
-    fd = os.open(path, flags)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            raise OSError(
+                e.errno, f"{e.strerror} (mounted, or in use by the system)", path
+            ) from None
+        raise
     try:
         st = os.fstat(fd)
         if stat.S_ISREG(st.st_mode):
@@ -257,12 +288,16 @@ def parse_bind(text: str) -> tuple[str, int]:
         if rest and not rest.startswith(":"):
             raise ValueError(f"bad address {text!r}")
         port = rest[1:]
+        if rest and not rest[1:]:
+            raise ValueError(f"bad port in {text!r}")
     elif text.count(":") == 1:
         host, port = text.split(":")
-    try:
-        number = int(port) if port else DEFAULT_PORT
-    except ValueError:
-        raise ValueError(f"bad port in {text!r}") from None
+        if not port:
+            raise ValueError(f"bad port in {text!r}")
+    # ASCII digits only: int() also takes "+80", " 80", "1_000" and "٨٠".
+    if port and not (port.isascii() and port.isdigit()):
+        raise ValueError(f"bad port in {text!r}")
+    number = int(port) if port else DEFAULT_PORT
     if not 0 <= number <= 65535:
         raise ValueError(f"port must be 0..65535, not {number}")
     return host or "127.0.0.1", number
