@@ -548,3 +548,51 @@ def test_import_threadlets_keeps_its_public_names() -> None:
     assert fresh.stdout.strip() == "threadlets.ops", fresh.stderr
     with pytest.raises(AttributeError):
         threadlets.no_such_name  # noqa: B018
+
+
+# -- 2b. the same family: every number on the command line -----------------------------------
+
+ODD_NUMBERS = ["+5", " 5", "5 ", "1_0", "\u0665", "\uff15"]
+BLANKS = {" 5", "5 "}
+
+
+@pytest.mark.parametrize("text", ODD_NUMBERS)
+@pytest.mark.parametrize(
+    ("argv", "blanks_ok"),
+    [
+        (["nbd", "serve", "img", "--max-connections", "{}"], False),
+        (["stress", "f", "--ops", "{}"], False),
+        (["stress", "f", "--size", "{}K"], True),  # (the whole is stripped)
+        (["stress", "f", "--duration", "{}s"], True),
+        (["stress", "f", "--mix", "read={}"], True),
+        (["stress", "f", "--cancel-rate", "{}"], False),
+        (["bench", "--seconds", "{}"], False),
+        (["bench", "--repeats", "{}"], False),
+    ],
+    ids=lambda a: a[-2] if isinstance(a, list) else "",
+)
+def test_numbers_on_the_command_line_are_plain_ascii(
+    argv: list[str], blanks_ok: bool, text: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Parsing only (nothing runs): int() and float() take "+5", " 5",
+    "1_0" and non-ASCII digits; the options take what a person types."""
+    from threadlets import cli
+
+    if blanks_ok and text in BLANKS:
+        return
+    with pytest.raises(SystemExit) as e:
+        cli.build_parser().parse_args([a.format(text) for a in argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: argument" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("text", ["0.5", "1", "0"])
+def test_rates_and_plain_numbers_still_parse(text: str) -> None:
+    from threadlets import cli
+
+    assert cli._rate(text) == float(text)
+    assert cli.parse_size(f"{text}K") == int(float(text) * 1024)
+    assert cli.parse_size(" 4K ") == 4096  # (blanks around the whole are fine)
+    assert cli.parse_mix("read= 4,write=5") == {"read": 4, "write": 5}
