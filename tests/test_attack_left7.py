@@ -596,3 +596,69 @@ def test_rates_and_plain_numbers_still_parse(text: str) -> None:
     assert cli.parse_size(f"{text}K") == int(float(text) * 1024)
     assert cli.parse_size(" 4K ") == 4096  # (blanks around the whole are fine)
     assert cli.parse_mix("read= 4,write=5") == {"read": 4, "write": 5}
+
+
+# -- NBD attack: option replies a client never reads -----------------------------------------
+
+
+def _info_option(name: bytes = b"") -> bytes:
+    data = struct.pack(">I", len(name)) + name + struct.pack(">HHH", 2, 1, 2)  # NAME, DESCRIPTION
+    return struct.pack(">QII", proto.IHAVEOPT, proto.Opt.INFO, len(data)) + data
+
+
+def test_handshake_receive_in_turns_answers_exactly_what_one_call_does() -> None:
+    info = proto.ExportInfo(name="n" * 4096, size=1 << 20, description="d" * 4096)
+    blob = struct.pack(">I", 3) + _info_option() * 50 + _info_option(b"nope") * 3
+    whole = proto.Handshake({info.name: info}).receive(blob)
+    hs = proto.Handshake({info.name: info})
+    parts = [hs.receive(blob, 10_000)]
+    while hs.more:
+        assert len(parts[-1]) < 10_000 + 9_000  # one option's answer past the budget at most
+        parts.append(hs.receive(b"", 10_000))
+    assert len(parts) > 10
+    assert b"".join(parts) == whole
+    assert not hs.done
+
+
+@pytest.mark.parametrize("backend", ["threads", "io_uring"])
+def test_a_client_that_sends_options_and_reads_nothing_costs_bounded_memory(
+    tmp_path: Path, backend: str
+) -> None:
+    """Each 26-byte NBD_OPT_INFO here is answered with 8 KiB: the server
+    answered every option of a read at once (256 KiB of them: 37 MB in its
+    write buffer).  Now it answers up to its write buffer's limit, waits
+    for the client to read, and goes on: nothing is lost."""
+    from .conftest import wait_until
+
+    p = tmp_path / "img"
+    p.write_bytes(bytes(1 << 20))
+    export = open_export(p, name="n" * 4096, description="d" * 4096)
+    try:
+        st = ServerThread(export, backend=backend).start()
+    except RingUnavailable as e:
+        export.close()
+        pytest.skip(f"io_uring: {e}")
+    n = 2000
+    c = Client.connect(st.address)
+    try:
+        c.greet()
+        c.sock.sendall(_info_option() * n)
+        wait_until(lambda: bool(st.server.connections))
+        conn = next(iter(st.server.connections))
+        assert conn.transport is not None
+        wait_until(lambda: not conn.reading)  # the write buffer is full
+        high = conn.transport.get_write_buffer_limits()[1]
+        assert conn.transport.get_write_buffer_size() <= high + 64 * 1024 + 9000
+        # The client reads: every option gets its full answer, in order.
+        acks = 0
+        while acks < n:
+            magic, opt, rep, length = struct.unpack(">QIII", c.recv(20))
+            assert (magic, opt) == (proto.OPT_REPLY_MAGIC, proto.Opt.INFO)
+            c.recv(length)
+            acks += rep == proto.Rep.ACK
+        got = c.option(proto.Opt.GO, struct.pack(">IH", 0, 0))
+        assert got[-1][0] == proto.Rep.ACK
+        assert c.read(0, 4) == bytes(4)
+    finally:
+        c.close()
+        st.stop()

@@ -28,7 +28,10 @@ in flight, or while the transport's write buffer is full, so a client that
 floods requests or never reads replies costs bounded memory.  The limits
 hold per request: what one read of the socket brought (thousands of
 28-byte READs, each asking for a buffer of up to max_block bytes) waits in
-the connection's backlog and starts as requests finish.
+the connection's backlog and starts as requests finish.  The handshake
+too: option replies are made :data:`HANDSHAKE_TURN` bytes at a time, and
+none while the write buffer is full (an option of 26 bytes may be
+answered with 8 KiB).
 
 Bad input: a request the spec lets us refuse gets its error reply; a
 violation that allows no reply (bad magic) drops the connection.  A client
@@ -96,6 +99,10 @@ MAX_IN_FLIGHT = 128
 MAX_IN_FLIGHT_BYTES = 256 * 1024 * 1024
 #: Seconds a client has to finish the handshake.
 HANDSHAKE_TIMEOUT = 10.0
+#: Bytes of option replies made per turn of the handshake: a client that
+#: sends options faster than it reads the replies (up to 320 times their
+#: size) fills the write buffer to its limit, then waits.
+HANDSHAKE_TURN = 64 * 1024
 #: At most this many block status descriptors in one reply.
 MAX_EXTENTS = 1024
 #: O_DIRECT buffers up to this size are kept for reuse, at most
@@ -359,6 +366,9 @@ class _Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._resume("writing")
+        if self.parser is None:
+            self._handshake_more()
+            return
         self._settle()
 
     def eof_received(self) -> bool | None:
@@ -391,17 +401,27 @@ class _Connection(asyncio.Protocol):
         assert hs is not None
         assert self.transport is not None
         try:
-            out = hs.receive(data)
+            out = hs.receive(data, HANDSHAKE_TURN)
         except proto.ProtocolError as e:
             self._drop(str(e))
             return b""
         if out:
-            self.transport.write(out)
+            self.transport.write(out)  # (may pause writing: see below)
         if hs.closed:
             self.transport.close()
             return b""
         if not hs.done:
+            # Options left unanswered: read no more until they are, and
+            # answer the next ones in a later turn -- after the client read
+            # enough, if the write buffer is full (resume_writing).
+            if hs.more:
+                self._pause("handshake")
+                if "writing" not in self.paused:
+                    self.loop.call_soon(self._handshake_more)
+            else:
+                self._resume("handshake")
             return b""
+        self._resume("handshake")
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -411,6 +431,13 @@ class _Connection(asyncio.Protocol):
         self.parser = RequestParser(hs.export.max_block)
         self.handshake = None
         return hs.leftover
+
+    def _handshake_more(self) -> None:
+        """Answer the options a turn left (see ``_handshake_data``)."""
+        hs = self.handshake
+        if hs is None or self.lost or not hs.more or hs.done or hs.closed:
+            return
+        self.data_received(b"")
 
     def _handshake_timeout(self) -> None:
         self.timer = None
