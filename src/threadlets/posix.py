@@ -248,11 +248,8 @@ def _refusal(op: str, offset: int, length: int, ident: _Identity | None) -> int:
     aio reports it), or 0.  The engine is not asked: it refuses an offset
     past MAX_OFFSET outright, where the kernel first checks the fd (a
     stream, where pread fails ESPIPE and glibc reads, ignores the offset).
-    A transfer of 0 bytes: the engine makes its one call (preadv/pwritev,
-    as os does), which refuses a descriptor not open that way as pread
-    does, but a preadv of an empty iovec on a directory answers 0 where
-    glibc's pread(fd, buf, 0) says EISDIR -- so that case stays here, and
-    a zero-length transfer never takes the quick path (which skips this)."""
+    A transfer of 0 bytes makes glibc's call on a worker (see
+    :func:`_no_bytes`), which says the rest."""
     if not 0 <= offset <= MAX_OFFSET:  # (not an off_t: in C, a negative one)
         return errno.EINVAL
     if ident is None or ident[0] & _O_PATH:
@@ -263,9 +260,22 @@ def _refusal(op: str, offset: int, length: int, ident: _Identity | None) -> int:
     kind = flags >> 32
     if offset > MAX_OFFSET - length and kind not in _STREAMS:
         return errno.EINVAL
-    if not length and op == "read" and kind == stat.S_IFDIR:
-        return errno.EISDIR
     return 0
+
+
+def _no_bytes(fd: int, offset: int, write: bool) -> int:
+    """A read or write of 0 bytes, as glibc's aio makes it: pread/pwrite,
+    then read/write if the fd takes no offset (ESPIPE).  The engine's own
+    zero-length transfer is a preadv/pwritev of an empty iovec, which the
+    kernel answers 0 without asking the file, where pread(fd, buf, 0)
+    reaches it: EISDIR for a directory, EINVAL for an eventfd (which moves
+    8 bytes or nothing), ..."""
+    try:
+        return os.pwrite(fd, b"", offset) if write else len(os.pread(fd, 0, offset))
+    except OSError as e:
+        if e.errno != errno.ESPIPE:
+            raise
+    return os.write(fd, b"") if write else len(os.read(fd, 0))
 
 
 _O_PATH = getattr(os, "O_PATH", 0)
@@ -711,7 +721,7 @@ class PosixAio:
         ident = _identity(fd)
         if (
             ident is None
-            # (0 bytes: _refusal's EISDIR for a directory; see there.)
+            # (0 bytes: glibc's own call, on a worker; see _no_bytes.)
             or not 0 < len(view) <= MAX_OFFSET - offset
             or offset < 0
             or (op == "write" and ident[0] & os.O_APPEND)
@@ -997,12 +1007,15 @@ class PosixAio:
                 self._note_identity(current, cb._fd, ident)
             ctx = cb._ctx = current
         assert ctx is not None
-        if cb._op == "read":
-            assert cb._view is not None
-            req = ctx.read(cb._fd, cb._offset, cb._view)
+        view = cb._view
+        if view is not None and not len(view):
+            req = ctx.call(_no_bytes, cb._fd, cb._offset, cb._op == "write")
+        elif cb._op == "read":
+            assert view is not None
+            req = ctx.read(cb._fd, cb._offset, view)
         elif cb._op == "write":
-            assert cb._view is not None
-            req = ctx.write(cb._fd, cb._offset, cb._view)
+            assert view is not None
+            req = ctx.write(cb._fd, cb._offset, view)
         else:
             req = ctx.flush(cb._fd, datasync=cb._op == "fdatasync")
         # Stored before the callback can run: it checks that it is cb's request.
