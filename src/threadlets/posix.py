@@ -1008,7 +1008,7 @@ class PosixAio:
             ctx = cb._ctx = current
         assert ctx is not None
         view = cb._view
-        if view is not None and not len(view):
+        if view is not None and not view.nbytes:  # (no call: an interrupt lands after one)
             req = ctx.call(_no_bytes, cb._fd, cb._offset, cb._op == "write")
         elif cb._op == "read":
             assert view is not None
