@@ -695,3 +695,61 @@ def test_a_client_that_sends_options_and_reads_nothing_costs_bounded_memory(
     finally:
         c.close()
         st.stop()
+
+
+# -- 4b. the same family: aiofiles.os.scandir cancelled while it ran ------------------------
+
+
+@pytest.mark.parametrize("on", ["engine", "executor"])
+def test_aiofiles_scandir_cancelled_while_running_closes_its_iterator(
+    tmp_path: Path, on: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scandir iterator holds the directory's fd: one nobody gets must be
+    closed, not left to the collector (ResourceWarning, an fd until then)."""
+    import importlib
+
+    import threadlets.aiofiles.os as aos
+
+    started, release = threading.Event(), threading.Event()
+    made: list[Any] = []
+    real = os.scandir
+
+    def slow(path: Any) -> Any:
+        started.set()
+        release.wait(TIMEOUT)
+        it = real(path)
+        made.append(it)
+        return it
+
+    monkeypatch.setattr(os, "scandir", slow)
+    importlib.reload(aos)  # (wrap() took os.scandir as the module loaded)
+    monkeypatch.undo()
+
+    async def main(ex: concurrent.futures.Executor | None) -> None:
+        task = asyncio.ensure_future(aos.scandir(tmp_path, executor=ex))
+        await asyncio.get_running_loop().run_in_executor(None, started.wait, TIMEOUT)
+        task.cancel()
+        if ex is None:
+            # The engine waits the running call out before the cancellation.
+            release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        release.set()
+
+    gc.collect()
+    before = open_fds()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            if on == "executor":
+                with concurrent.futures.ThreadPoolExecutor(1) as ex:
+                    asyncio.run(main(ex))
+            else:
+                asyncio.run(main(None))
+            del made[:]
+            gc.collect()
+    finally:
+        importlib.reload(aos)
+    assert open_fds() == before
+    leaks = [w for w in caught if issubclass(w.category, ResourceWarning)]
+    assert not leaks, [str(w.message) for w in leaks]

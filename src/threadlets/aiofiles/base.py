@@ -84,14 +84,17 @@ def close_it(f: Any) -> None:
     f.close()
 
 
-def wrap(func: Callable[P, T]) -> Callable[P, Coroutine[Any, Any, T]]:
+def wrap(
+    func: Callable[P, T], undo: Callable[[T], object] | None = None
+) -> Callable[P, Coroutine[Any, Any, T]]:
     """``func`` as a coroutine function that runs it on a worker; it also
     takes aiofiles' ``loop=`` (ignored) and ``executor=`` keywords (not in
-    its type: ``func``'s own parameters are)."""
+    its type: ``func``'s own parameters are).  ``undo``: see
+    :func:`run_blocking` (what releases a result a cancelled call made)."""
 
     @functools.wraps(func)
     async def run(*args: Any, loop: Any = None, executor: Any = None, **kwargs: Any) -> T:
-        return await run_blocking(functools.partial(func, *args, **kwargs), executor)
+        return await run_blocking(functools.partial(func, *args, **kwargs), executor, undo)
 
     return run
 
