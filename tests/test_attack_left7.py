@@ -1,10 +1,12 @@
 """Attack round 7 on the front ends and tools: the NBD server (a block
-device in use, --bind's port, silent clients at shutdown), oneshot's inline
-open (a NUL in the path), the aiofiles drop-in with ``executor=`` (an open
-cancelled while it ran), POSIX AIO (SIGEV_THREAD functions that wait, a
-zero-length read of a directory on the quick path) and Ctrl-C while the
-``threadlets`` command imports.  Each test failed on the code before its fix
-(except those marked non-regression)."""
+device in use, --bind's port, silent clients at shutdown, option replies a
+client never reads), every number on the command line, oneshot's inline
+open (a NUL in the path), the aiofiles drop-in (open/tempfile with
+``executor=`` and scandir cancelled while they ran), POSIX AIO
+(SIGEV_THREAD functions that wait, zero-length transfers on every kind of
+fd against glibc) and Ctrl-C while the ``threadlets`` command imports.
+Each test failed on the code before its fix, except those marked
+non-regression."""
 
 from __future__ import annotations
 
