@@ -18,9 +18,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from threadlets import __version__
-from threadlets.engine import BACKENDS
-from threadlets.pool import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_THREADS
-from threadlets.probe import probe_direct_io, probe_io_uring, probe_nowait
+
+# The engine and the tools are imported by the functions that use them,
+# inside main()'s handling of Ctrl-C: one during the imports exits 130
+# quietly, as one later does.  (``import threadlets`` itself imports
+# nothing: see threadlets/__init__.py.)
 
 #: Exit status when stdout is a closed pipe: what a shell shows for SIGPIPE.
 EXIT_BROKEN_PIPE = 128 + 13
@@ -59,6 +61,9 @@ def _auto_backend() -> tuple[str, str]:
 
 
 def _info(args: argparse.Namespace) -> int:
+    from threadlets.pool import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_THREADS
+    from threadlets.probe import probe_direct_io, probe_io_uring, probe_nowait
+
     directory = os.path.abspath(args.directory)
     try:
         # The probes need a file there; in portable mode they make none,
@@ -127,11 +132,20 @@ def _info(args: argparse.Namespace) -> int:
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
+def _plain_number(text: str) -> bool:
+    """Whether ``text`` is a number as a person types one: ASCII, no sign
+    but "-", no ``_``, no blanks (float() also takes "+4", " 4", "1_000"
+    and non-ASCII digits)."""
+    return text.isascii() and not any(c in text for c in "_+ \t\n\r\f\v")
+
+
 def parse_size(text: str) -> int:
     """'4K', '256M', '1G', '4096' -> bytes (binary units)."""
     t = text.strip().upper().removesuffix("IB").removesuffix("B")
     num, unit = (t[:-1], t[-1]) if t and t[-1] in _UNITS else (t, "")
     try:
+        if not _plain_number(num):
+            raise ValueError(num)
         value = float(num) * _UNITS[unit]
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (say 4K, 256M, 1G)") from None
@@ -152,6 +166,8 @@ def parse_duration(text: str) -> float:
     t = text.strip().lower()
     scale = {"s": 1, "m": 60, "h": 3600}.get(t[-1:])
     try:
+        if not _plain_number(t[:-1] if scale else t):
+            raise ValueError(t)
         value = float(t[:-1]) * scale if scale else float(t)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a duration: {text!r} (say 20s, 2m)") from None
@@ -166,10 +182,11 @@ def parse_duration(text: str) -> float:
 
 def _count(least: int, most: int = MAX_OPS) -> Any:
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        # ASCII digits only: int() also takes "+5", " 5", "1_000" and
+        # non-ASCII digits.
+        if not (text.isascii() and text.isdigit()):
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}")
+        value = int(text)
         if not least <= value <= most:
             raise argparse.ArgumentTypeError(f"must be {least}..{most}: {text!r}")
         return value
@@ -180,6 +197,8 @@ def _count(least: int, most: int = MAX_OPS) -> Any:
 
 def _seconds(text: str) -> float:
     try:
+        if not _plain_number(text):
+            raise ValueError(text)
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
@@ -261,6 +280,9 @@ def parse_mix(text: str) -> dict[str, int]:
                 f"bad --mix entry {part!r}: use KIND=WEIGHT with KIND in {', '.join(KINDS)}"
             )
         try:
+            weight = weight.strip()  # (as the name is)
+            if not (weight.isascii() and weight.isdigit()):
+                raise ValueError(weight)
             mix[name] = int(weight)
         except ValueError:
             raise argparse.ArgumentTypeError(f"bad weight in --mix entry {part!r}") from None
@@ -271,6 +293,8 @@ def parse_mix(text: str) -> dict[str, int]:
 
 def _rate(text: str) -> float:
     try:
+        if not _plain_number(text):
+            raise ValueError(text)
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a rate: {text!r}") from None
@@ -604,6 +628,8 @@ def _export_name(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from threadlets.engine import BACKENDS
+
     parser = argparse.ArgumentParser(
         prog="threadlets", description="Fast, correct asynchronous file and block I/O."
     )

@@ -96,10 +96,17 @@ def open_cached(path: str | bytes, flags: int) -> int:
     """Open without blocking, or -1: only if every path component is in the
     kernel's cache, and never O_CREAT or O_TRUNC (they write); with
     O_NONBLOCK added (the caller clears it if it must).  Call it only from
-    an event loop's thread."""
+    an event loop's thread.  A path holding a NUL is refused as os.open
+    refuses it (ValueError): a C string would end there, and another file
+    would be opened."""
+    name = os.fsencode(path)
+    if b"\0" in name:  # (os.open's words, which differ by type)
+        if isinstance(os.fspath(path), bytes):
+            raise ValueError("open: embedded null character in path")
+        raise ValueError("embedded null byte")
     if _openat2 is None or flags & (os.O_CREAT | os.O_TRUNC):
         return -1
-    return _openat2(os.fsencode(path), flags | os.O_NONBLOCK)
+    return _openat2(name, flags | os.O_NONBLOCK)
 
 
 _openat2 = _make_openat2()

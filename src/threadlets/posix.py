@@ -29,7 +29,10 @@ Differences from glibc, on purpose
   parallel, not used to reorder them.
 * ``SIGEV_SIGNAL`` sends the signal to the process; a Python signal handler
   cannot see ``sigev_value``.  ``SIGEV_THREAD`` calls ``function(value)``
-  on a worker thread; what it raises is logged (logger ``threadlets``).
+  on a thread of a queue kept for notifications (glibc starts a thread
+  each; here idle ones are reused), never on the I/O pool, and without a
+  practical bound, so functions that wait cannot starve anything; what
+  it raises is logged (logger ``threadlets``).
 * ``aio_suspend`` is not interrupted with EINTR: Python runs signal
   handlers and resumes the wait (PEP 475); a handler that raises ends it
   with that exception.  A negative timeout raises EINVAL (glibc times
@@ -111,7 +114,7 @@ from typing import Any
 
 from threadlets.engine import AioContext, AioRequest
 from threadlets.ops import MAX_OFFSET
-from threadlets.pool import CancelResult, Threadlet, default_queue
+from threadlets.pool import CancelResult, Threadlet, ThreadletQueue
 from threadlets.syscalls import NR_FCNTL, NR_FSTAT
 from threadlets.syscalls import quick_syscall as _quick_syscall
 
@@ -242,10 +245,11 @@ def _identity_os(fd: int) -> _Identity | None:
 def _refusal(op: str, offset: int, length: int, ident: _Identity | None) -> int:
     """The errno pread(2)/pwrite(2) of ``length`` bytes at ``offset``
     answers before moving anything, checked in the kernel's order (glibc's
-    aio reports it), or 0.  The engine is not asked: it makes no call for 0
-    bytes and refuses an offset past MAX_OFFSET outright, where the kernel
-    first checks the fd (a stream, where pread fails ESPIPE and glibc
-    reads, ignores the offset)."""
+    aio reports it), or 0.  The engine is not asked: it refuses an offset
+    past MAX_OFFSET outright, where the kernel first checks the fd (a
+    stream, where pread fails ESPIPE and glibc reads, ignores the offset).
+    A transfer of 0 bytes makes glibc's call on a worker (see
+    :func:`_no_bytes`), which says the rest."""
     if not 0 <= offset <= MAX_OFFSET:  # (not an off_t: in C, a negative one)
         return errno.EINVAL
     if ident is None or ident[0] & _O_PATH:
@@ -256,9 +260,22 @@ def _refusal(op: str, offset: int, length: int, ident: _Identity | None) -> int:
     kind = flags >> 32
     if offset > MAX_OFFSET - length and kind not in _STREAMS:
         return errno.EINVAL
-    if not length and op == "read" and kind == stat.S_IFDIR:
-        return errno.EISDIR
     return 0
+
+
+def _no_bytes(fd: int, offset: int, write: bool) -> int:
+    """A read or write of 0 bytes, as glibc's aio makes it: pread/pwrite,
+    then read/write if the fd takes no offset (ESPIPE).  The engine's own
+    zero-length transfer is a preadv/pwritev of an empty iovec, which the
+    kernel answers 0 without asking the file, where pread(fd, buf, 0)
+    reaches it: EISDIR for a directory, EINVAL for an eventfd (which moves
+    8 bytes or nothing), ..."""
+    try:
+        return os.pwrite(fd, b"", offset) if write else len(os.pread(fd, 0, offset))
+    except OSError as e:
+        if e.errno != errno.ESPIPE:
+            raise
+    return os.write(fd, b"") if write else len(os.read(fd, 0))
 
 
 _O_PATH = getattr(os, "O_PATH", 0)
@@ -285,6 +302,26 @@ def _submit_errno(exc: BaseException) -> int:
     if isinstance(exc, OSError) and exc.errno:
         return exc.errno
     return errno.ECANCELED
+
+
+#: SIGEV_THREAD functions run on a queue of their own, with no practical
+#: bound on its threads: glibc starts a thread for each notification, so a
+#: function may wait (aio_suspend, a lock, another notification's effect)
+#: for as long as it likes.  On a bounded queue shared with other work
+#: (the default queue's 64 workers) enough such waiters would take every
+#: worker and starve what they wait for.  Idle threads retire as the
+#: pool's do.
+_SIGEV_THREAD_MAX = 2**31 - 1
+_notify_lock = threading.Lock()
+_notify: ThreadletQueue | None = None
+
+
+def _notify_queue() -> ThreadletQueue:
+    global _notify
+    with _notify_lock:
+        if _notify is None or _notify.closed:
+            _notify = ThreadletQueue(max_threads=_SIGEV_THREAD_MAX, name="threadlets-sigev")
+        return _notify
 
 
 def _call_notify(fn: Callable[[Any], object], value: object) -> None:
@@ -341,7 +378,7 @@ class sigevent:
         elif self.sigev_notify == SIGEV_THREAD:
             fn = self.function
             assert fn is not None
-            default_queue().submit(_call_notify, fn, self.sigev_value)
+            _notify_queue().submit(_call_notify, fn, self.sigev_value)
 
 
 _SigEvent = sigevent  # (aiocb.__init__ and lio_listio have a parameter `sigevent`)
@@ -684,6 +721,7 @@ class PosixAio:
         ident = _identity(fd)
         if (
             ident is None
+            # (0 bytes: glibc's own call, on a worker; see _no_bytes.)
             or not 0 < len(view) <= MAX_OFFSET - offset
             or offset < 0
             or (op == "write" and ident[0] & os.O_APPEND)
@@ -969,12 +1007,15 @@ class PosixAio:
                 self._note_identity(current, cb._fd, ident)
             ctx = cb._ctx = current
         assert ctx is not None
-        if cb._op == "read":
-            assert cb._view is not None
-            req = ctx.read(cb._fd, cb._offset, cb._view)
+        view = cb._view
+        if view is not None and not view.nbytes:  # (no call: an interrupt lands after one)
+            req = ctx.call(_no_bytes, cb._fd, cb._offset, cb._op == "write")
+        elif cb._op == "read":
+            assert view is not None
+            req = ctx.read(cb._fd, cb._offset, view)
         elif cb._op == "write":
-            assert cb._view is not None
-            req = ctx.write(cb._fd, cb._offset, cb._view)
+            assert view is not None
+            req = ctx.write(cb._fd, cb._offset, view)
         else:
             req = ctx.flush(cb._fd, datasync=cb._op == "fdatasync")
         # Stored before the callback can run: it checks that it is cb's request.
@@ -1253,6 +1294,8 @@ _runtimes: weakref.WeakSet[PosixAio] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
+    global _notify_lock
+    _notify_lock = threading.Lock()  # (the pool resets the queue itself)
     for rt in list(_runtimes):
         rt._after_fork_in_child()
 

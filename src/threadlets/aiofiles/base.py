@@ -40,7 +40,7 @@ async def run_blocking(
     get -- a call cancelled while it ran, that succeeded (an open's file is
     closed, as a cancelled ``threadlets.open`` closes its descriptor)."""
     if executor is not None:
-        return await asyncio.get_running_loop().run_in_executor(executor, fn)
+        return await _run_in(executor, fn, undo)
     io_ = current()
     await io_.checkpoint()
     req = io_.ctx.call(fn)
@@ -55,19 +55,46 @@ async def run_blocking(
     return result  # type: ignore[no-any-return]
 
 
+async def _run_in(executor: Any, fn: Callable[[], T], undo: Callable[[T], object] | None) -> T:
+    """``loop.run_in_executor(executor, fn)`` (which is ``wrap_future(
+    executor.submit(fn))``), keeping hold of the executor's future: a call
+    cancelled before it started never runs; one cancelled while it ran (or
+    whose result had not reached the loop yet) gets ``undo`` on its result
+    when it finishes, in the executor's thread -- nobody else will ever see
+    that result (an opened file would otherwise be left to the garbage
+    collector: a ResourceWarning, and an fd open until then)."""
+    loop = asyncio.get_running_loop()
+    cf = executor.submit(fn)
+    try:
+        return await asyncio.wrap_future(cf, loop=loop)
+    except BaseException:
+        if undo is not None and not cf.cancel():
+            release = undo
+
+            def done(f: Any) -> None:
+                if not f.cancelled() and f.exception() is None:
+                    release(f.result())
+
+            cf.add_done_callback(done)
+        raise
+
+
 def close_it(f: Any) -> None:
     """``undo`` for an opener: close what it made."""
     f.close()
 
 
-def wrap(func: Callable[P, T]) -> Callable[P, Coroutine[Any, Any, T]]:
+def wrap(
+    func: Callable[P, T], undo: Callable[[T], object] | None = None
+) -> Callable[P, Coroutine[Any, Any, T]]:
     """``func`` as a coroutine function that runs it on a worker; it also
     takes aiofiles' ``loop=`` (ignored) and ``executor=`` keywords (not in
-    its type: ``func``'s own parameters are)."""
+    its type: ``func``'s own parameters are).  ``undo``: see
+    :func:`run_blocking` (what releases a result a cancelled call made)."""
 
     @functools.wraps(func)
     async def run(*args: Any, loop: Any = None, executor: Any = None, **kwargs: Any) -> T:
-        return await run_blocking(functools.partial(func, *args, **kwargs), executor)
+        return await run_blocking(functools.partial(func, *args, **kwargs), executor, undo)
 
     return run
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from threadlets.aiofiles import ospath as path
-from threadlets.aiofiles.base import wrap
+from threadlets.aiofiles.base import close_it, wrap
 
 __all__ = [
     "access",
@@ -44,7 +44,8 @@ rename = wrap(os.rename)
 renames = wrap(os.renames)
 replace = wrap(os.replace)
 rmdir = wrap(os.rmdir)
-scandir = wrap(os.scandir)
+# (A scandir iterator holds the directory open: a cancelled call closes it.)
+scandir = wrap(os.scandir, close_it)
 stat = wrap(os.stat)
 symlink = wrap(os.symlink)
 unlink = wrap(os.unlink)

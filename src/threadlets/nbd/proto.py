@@ -336,6 +336,8 @@ class Handshake:
         self.done = False
         self.closed = False
         self.leftover = b""
+        #: ``receive`` stopped at ``max_output`` with options left unanswered.
+        self.more = False
 
     @staticmethod
     def greeting() -> bytes:
@@ -346,15 +348,27 @@ class Handshake:
             return self.exports.get(self.default)
         return self.exports.get(name)
 
-    def receive(self, data: bytes) -> bytes:
+    def receive(self, data: bytes, max_output: int | None = None) -> bytes:
         """Consume client bytes; return the bytes to send.  Raises
-        ProtocolError for a violation that ends the connection."""
+        ProtocolError for a violation that ends the connection.
+
+        ``max_output``: stop answering options once this many bytes of
+        replies are made (at least one option is answered), keeping the
+        rest of the bytes; ``more`` then says so, and ``receive(b"")``
+        goes on.  (A 26-byte NBD_OPT_INFO can be answered with 8 KiB: a
+        client that sends thousands and reads nothing must not make the
+        server hold all the answers.)"""
         if self.done or self.closed:
             raise ProtocolError("the handshake is over")
         buf = self._buf
         buf += data
         out: list[bytes] = []
+        made = 0
+        self.more = False
         while not (self.done or self.closed):
+            if max_output is not None and made >= max_output:
+                self.more = True
+                break
             if self._skip:
                 n = min(self._skip, len(buf))
                 del buf[:n]
@@ -362,6 +376,7 @@ class Handshake:
                 if self._skip:
                     break
                 out.append(_opt_reply(self._skip_opt, Rep.ERR_TOO_BIG, b"option too large"))
+                made += len(out[-1])
                 continue
             if not self._have_flags:
                 if len(buf) < 4:
@@ -389,6 +404,7 @@ class Handshake:
             payload = bytes(buf[_OPT_HEADER.size : _OPT_HEADER.size + length])
             del buf[: _OPT_HEADER.size + length]
             out.append(self._option(opt, payload))
+            made += len(out[-1])
         if self.done:
             self.leftover = bytes(buf)
             buf.clear()

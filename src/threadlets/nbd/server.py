@@ -28,13 +28,24 @@ in flight, or while the transport's write buffer is full, so a client that
 floods requests or never reads replies costs bounded memory.  The limits
 hold per request: what one read of the socket brought (thousands of
 28-byte READs, each asking for a buffer of up to max_block bytes) waits in
-the connection's backlog and starts as requests finish.
+the connection's backlog and starts as requests finish.  The handshake
+too: option replies are made :data:`HANDSHAKE_TURN` bytes at a time, and
+none while the write buffer is full (an option of 26 bytes may be
+answered with 8 KiB).
 
 Bad input: a request the spec lets us refuse gets its error reply; a
 violation that allows no reply (bad magic) drops the connection.  A client
 that disconnects mid-request: its requests still finish (nothing is
 written outside the export), their replies are dropped.  A handshake that
 has not finished after ``handshake_timeout`` seconds is dropped.
+
+Idle clients: once the handshake is done there is no idle timeout, as in
+qemu-nbd and nbdkit (whose ``--timeout`` covers the handshake only): the
+kernel's nbd driver and qemu keep a connection open, silent, for as long
+as the device is attached, and dropping it would fail their next request.
+A client that goes silent keeps its connection slot (``max_connections``)
+until it disconnects or the server stops; it never delays shutdown, which
+closes silent connections at once (nothing in flight, nothing to send).
 
 Shutdown (:meth:`NBDServer.close`): stop accepting, drop connections still
 in the handshake, stop reading requests, let those in flight finish and
@@ -50,6 +61,7 @@ import errno
 import logging
 import os
 import stat
+import sys
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -87,6 +99,10 @@ MAX_IN_FLIGHT = 128
 MAX_IN_FLIGHT_BYTES = 256 * 1024 * 1024
 #: Seconds a client has to finish the handshake.
 HANDSHAKE_TIMEOUT = 10.0
+#: Bytes of option replies made per turn of the handshake: a client that
+#: sends options faster than it reads the replies (up to 320 times their
+#: size) fills the write buffer to its limit, then waits.
+HANDSHAKE_TURN = 64 * 1024
 #: At most this many block status descriptors in one reply.
 MAX_EXTENTS = 1024
 #: O_DIRECT buffers up to this size are kept for reuse, at most
@@ -130,14 +146,36 @@ def open_export(
     """Open ``path`` (a regular file or a block device) for serving.  With
     ``direct`` it is opened O_DIRECT and its alignment is the export's
     minimum block size; ``max_block`` is the largest READ/WRITE accepted.
-    Raises OSError, or ValueError for other file types."""
+    A block device is opened O_EXCL: one the system uses (mounted, swap...)
+    is refused with EBUSY.  Raises OSError, or ValueError for other file
+    types."""
     path = os.fspath(path)
     flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+    # O_EXCL on a block device: EBUSY if the system uses it (mounted, swap,
+    # a device-mapper member, another exclusive opener), as ``stress`` and
+    # ``bench`` refuse one: clients would write under a mounted file system
+    # (or read it changing under them).  Linux ignores O_EXCL without
+    # O_CREAT for anything but a block device, so it is always given there
+    # (no window between a check and the open); elsewhere only for what
+    # names a block device now.
+    if sys.platform.startswith("linux"):
+        flags |= os.O_EXCL
+    else:
+        with contextlib.suppress(OSError):
+            if stat.S_ISBLK(os.stat(path).st_mode):
+                flags |= os.O_EXCL
     if direct:
         if not O_DIRECT:  # (portable mode, or a system without it)
             raise OSError(errno.ENOTSUP, f"--direct: {capability_note('o_direct')}")
         flags |= O_DIRECT
-    fd = os.open(path, flags)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            raise OSError(
+                e.errno, f"{e.strerror} (mounted, or in use by the system)", path
+            ) from None
+        raise
     try:
         st = os.fstat(fd)
         if stat.S_ISREG(st.st_mode):
@@ -257,12 +295,16 @@ def parse_bind(text: str) -> tuple[str, int]:
         if rest and not rest.startswith(":"):
             raise ValueError(f"bad address {text!r}")
         port = rest[1:]
+        if rest and not rest[1:]:
+            raise ValueError(f"bad port in {text!r}")
     elif text.count(":") == 1:
         host, port = text.split(":")
-    try:
-        number = int(port) if port else DEFAULT_PORT
-    except ValueError:
-        raise ValueError(f"bad port in {text!r}") from None
+        if not port:
+            raise ValueError(f"bad port in {text!r}")
+    # ASCII digits only: int() also takes "+80", " 80", "1_000" and "٨٠".
+    if port and not (port.isascii() and port.isdigit()):
+        raise ValueError(f"bad port in {text!r}")
+    number = int(port) if port else DEFAULT_PORT
     if not 0 <= number <= 65535:
         raise ValueError(f"port must be 0..65535, not {number}")
     return host or "127.0.0.1", number
@@ -324,6 +366,9 @@ class _Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._resume("writing")
+        if self.parser is None:
+            self._handshake_more()
+            return
         self._settle()
 
     def eof_received(self) -> bool | None:
@@ -356,17 +401,27 @@ class _Connection(asyncio.Protocol):
         assert hs is not None
         assert self.transport is not None
         try:
-            out = hs.receive(data)
+            out = hs.receive(data, HANDSHAKE_TURN)
         except proto.ProtocolError as e:
             self._drop(str(e))
             return b""
         if out:
-            self.transport.write(out)
+            self.transport.write(out)  # (may pause writing: see below)
         if hs.closed:
             self.transport.close()
             return b""
         if not hs.done:
+            # Options left unanswered: read no more until they are, and
+            # answer the next ones in a later turn -- after the client read
+            # enough, if the write buffer is full (resume_writing).
+            if hs.more:
+                self._pause("handshake")
+                if "writing" not in self.paused:
+                    self.loop.call_soon(self._handshake_more)
+            else:
+                self._resume("handshake")
             return b""
+        self._resume("handshake")
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -376,6 +431,13 @@ class _Connection(asyncio.Protocol):
         self.parser = RequestParser(hs.export.max_block)
         self.handshake = None
         return hs.leftover
+
+    def _handshake_more(self) -> None:
+        """Answer the options a turn left (see ``_handshake_data``)."""
+        hs = self.handshake
+        if hs is None or self.lost or not hs.more or hs.done or hs.closed:
+            return
+        self.data_received(b"")
 
     def _handshake_timeout(self) -> None:
         self.timer = None
