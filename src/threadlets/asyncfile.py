@@ -1279,6 +1279,25 @@ class _BinaryStream:
         """Bytes the last write moved (set even when it raised)."""
         return self._f._moved
 
+    def mark(self) -> tuple[int, int] | None:
+        """Where the stream is, for :meth:`rewind`; None where it cannot go
+        back (a pipe's bytes are read once; an append-mode buffer still to
+        send leaves the position unknown)."""
+        f = self._f
+        if f._stream or f._wbuf:
+            return None
+        return f._pos, f._wgen
+
+    def rewind(self, mark: tuple[int, int]) -> bool:
+        """Back to ``mark`` (a cancelled text read gives back what it took):
+        the read-ahead stays, and serves the bytes again.  False if the
+        stream was written since (nothing is undone then)."""
+        f = self._f
+        if f._closed or f._wbuf:
+            return False
+        f._pos = mark[0]
+        return True
+
     async def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
         return await self._f._seek(pos, whence)
 

@@ -352,11 +352,17 @@ class AsyncTextWrapper:
         if self._stale:
             await self._resync()
         saved = self._decoded_chars, self._decoded_chars_used, self._snapshot, self._telling
+        # Where the buffer can go back (a file, not a pipe), the call is
+        # undone whole: the buffer's position, the decoder's state and the
+        # decoded text are as before it, as if it never ran -- so a write
+        # or truncate after it lands where io's would.  (Keeping what it
+        # decoded as read-ahead would leave the buffer past it.)
+        undo = self._save()
         fed = self._fed = []
         try:
             return await fn(*args)
         except BaseException as e:
-            if not isinstance(e, Exception):
+            if not isinstance(e, Exception) and not self._restore(undo):
                 self._give_back(saved, fed)
             raise
         finally:
@@ -567,16 +573,29 @@ class AsyncTextWrapper:
         except BaseException as e:
             # Cancelled before anything was written: the encoder's state (a
             # stateful codec's shift, a BOM still to write) goes back too.
-            if not isinstance(e, Exception) and getattr(self._buffer, "moved", None) == 0:
-                encoder.setstate(state)
+            if not isinstance(e, Exception):
+                if getattr(self._buffer, "moved", None) == 0:
+                    encoder.setstate(state)
+                else:
+                    # Cancelled once it ran: it happened, and what was
+                    # decoded ahead of it is dropped as after any write.
+                    self._after_write()
             raise
         if needflush:
-            await self._buffer.flush()
+            try:
+                await self._buffer.flush()
+            except BaseException as e:
+                if not isinstance(e, Exception):
+                    self._after_write()  # (the write happened; see above)
+                raise
+        self._after_write()
+        return len(s)
+
+    def _after_write(self) -> None:
         self._set_decoded_chars("")
         self._snapshot = None
         if self._decoder is not None:
             self._decoder.reset()
-        return len(s)
 
     async def flush(self) -> None:
         self._telling = self._seekable
@@ -664,7 +683,9 @@ class AsyncTextWrapper:
 
     async def seek(self, cookie: int, whence: int = 0) -> int:
         """Go to a cookie from :meth:`tell` (whence 0), or to the current
-        position or the end (whence 1 or 2, offset 0)."""
+        position or the end (whence 1 or 2, offset 0).  Cancelled part-way
+        (once the buffer moved), it goes back to where it was: a seek happens
+        whole or not at all."""
         whence = _c_int(whence)
         if not self._seekable:
             raise io.UnsupportedOperation("underlying stream is not seekable")
@@ -676,11 +697,17 @@ class AsyncTextWrapper:
             if cookie != 0:
                 raise io.UnsupportedOperation("can't do nonzero end-relative seeks")
             await self.flush()
-            self._set_decoded_chars("")
-            self._snapshot = None
-            if self._decoder is not None:
-                self._decoder.reset()
-            position = await self._buffer.seek(0, os.SEEK_END)
+            undo = self._save()
+            try:
+                self._set_decoded_chars("")
+                self._snapshot = None
+                if self._decoder is not None:
+                    self._decoder.reset()
+                position = await self._buffer.seek(0, os.SEEK_END)
+            except BaseException as e:
+                if not isinstance(e, Exception):
+                    self._restore(undo)
+                raise
             self._encoder_reset(position == 0)
             return position
         elif whence != os.SEEK_SET:
@@ -691,22 +718,53 @@ class AsyncTextWrapper:
 
         # Go back to the safe start point and replay read(chars_to_skip).
         start_pos, dec_flags, bytes_to_feed, chars_to_skip, need_eof = _parse_cookie(int(cookie))
-        await self._buffer.seek(start_pos)
-        self._set_decoded_chars("")
-        self._snapshot = None
-        decoder = self._decoder
-        if decoder is not None:
-            self._decoder_setstate(decoder, start_pos, dec_flags)
-        if chars_to_skip:
-            if decoder is None:
-                raise io.UnsupportedOperation("not readable")
-            chunk = await self._buffer.read(bytes_to_feed)
-            self._snapshot = (dec_flags, chunk)
-            self._set_decoded_chars(decoder.decode(chunk, need_eof))
-            if len(self._decoded_chars) < chars_to_skip:
-                raise OSError("can't restore logical file position")
-            self._decoded_chars_used = chars_to_skip
-        else:
-            self._snapshot = (dec_flags, b"")
+        undo = self._save()
+        try:
+            await self._buffer.seek(start_pos)
+            self._set_decoded_chars("")
+            self._snapshot = None
+            decoder = self._decoder
+            if decoder is not None:
+                self._decoder_setstate(decoder, start_pos, dec_flags)
+            if chars_to_skip:
+                if decoder is None:
+                    raise io.UnsupportedOperation("not readable")
+                chunk = await self._buffer.read(bytes_to_feed)
+                self._snapshot = (dec_flags, chunk)
+                self._set_decoded_chars(decoder.decode(chunk, need_eof))
+                if len(self._decoded_chars) < chars_to_skip:
+                    raise OSError("can't restore logical file position")
+                self._decoded_chars_used = chars_to_skip
+            else:
+                self._snapshot = (dec_flags, b"")
+        except BaseException as e:
+            if not isinstance(e, Exception):
+                self._restore(undo)
+            raise
         self._encoder_reset(start_pos == 0 and dec_flags == 0)
         return cookie
+
+    def _save(self) -> tuple[Any, ...] | None:
+        """The state a cancelled call goes back to (see :meth:`_restore`);
+        None where the buffer cannot go back (a pipe)."""
+        mark_fn: Callable[[], Any] | None = getattr(self._buffer, "mark", None)
+        mark = mark_fn() if mark_fn is not None else None
+        if mark is None:
+            return None
+        dec_state = self._decoder.getstate() if self._decoder is not None else None
+        chars = (self._decoded_chars, self._decoded_chars_used, self._snapshot, self._telling)
+        return mark, dec_state, chars
+
+    def _restore(self, undo: tuple[Any, ...] | None) -> bool:
+        """Undo a call cancelled part-way: the buffer's position, the
+        decoder's state and the decoded text as :meth:`_save` found them.
+        False (nothing done) if that cannot be."""
+        if undo is None:
+            return False
+        mark, dec_state, chars = undo
+        if not self._buffer.rewind(mark):  # type: ignore[attr-defined]
+            return False
+        if self._decoder is not None:
+            self._decoder.setstate(dec_state)
+        self._decoded_chars, self._decoded_chars_used, self._snapshot, self._telling = chars
+        return True

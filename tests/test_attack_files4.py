@@ -1,0 +1,218 @@
+"""An outside attacker's regressions for the async file objects (fourth
+round): cancellations landing at a chosen await of the text layer, with
+``io.open`` as the oracle -- a cancelled call happened whole or not at all,
+so what comes after it gives what io gives without it.  Each test named for
+a defect failed on the code before its fix."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+import threadlets
+import threadlets.awaitable as aw
+
+from .test_asyncfile import anyio_backend, backend
+
+__all__ = ["anyio_backend", "backend"]  # fixtures used by name
+
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.filterwarnings("error::ResourceWarning"),
+    pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning"),
+]
+
+
+@pytest.fixture
+def no_inline(backend: str) -> Iterator[str]:
+    """Every read is a request (none finishes inline): each is an await."""
+    aw.configure(inline=False, backend=backend)
+    try:
+        yield backend
+    finally:
+        aw.configure()
+
+
+class CancelAt:
+    """Cancel the calling task at the ``n``-th request awaited through ``f``
+    (1-based), right after that request finished: the cancellation the
+    engine delivers to a call cancelled while its request ran.  Use as
+    ``with CancelAt(f, n) as cut: await call()``; ``cut.hit`` says whether
+    it landed."""
+
+    def __init__(self, f: Any, n: int = 1) -> None:
+        self._f, self._n = f, n
+        self.hit = False
+        self._scope = anyio.CancelScope()
+
+    def __enter__(self) -> CancelAt:
+        io_ = self._f._io
+        orig = io_.wait
+        self._orig = orig
+        count = 0
+
+        async def wait(req: Any, detach: bool = False) -> None:
+            nonlocal count
+            await orig(req, detach)
+            count += 1
+            if count == self._n and not self.hit:
+                self.hit = True
+                self._scope.cancel()
+                await anyio.lowlevel.checkpoint()
+
+        io_.wait = wait
+        self._scope.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        self._f._io.wait = self._orig
+        return bool(self._scope.__exit__(*exc))
+
+
+LINES = "".join(f"line {i:05}\n" for i in range(2000))  # 22000 bytes
+
+
+# -- T1: a cancelled text read left the buffer past what it decoded ---------------------------
+
+
+@pytest.mark.parametrize("call", ["readline", "read", "next", "readlines"])
+async def test_a_write_after_a_cancelled_text_read_lands_where_ios_does(
+    tmp_path: Path, no_inline: str, call: str
+) -> None:
+    # A read that needs two requests (a line of 90 KB: more than the 64 KiB
+    # read-ahead), cancelled at the second: the text it decoded from the
+    # first went back as read-ahead, but the binary stream stayed past it,
+    # so a write (or truncate) then landed 64 KiB on, where io -- without
+    # the read -- writes at the start.
+    ref, p = tmp_path / "ref", tmp_path / "ours"
+    for q in (ref, p):
+        q.write_text("日" * 30000 + "\n" + LINES, encoding="utf-8")
+    with open(ref, "r+", encoding="utf-8") as r:
+        r.write("XYZ")
+        expect_tell = r.tell()
+        expect_line = r.readline()
+    async with threadlets.open(p, "r+", encoding="utf-8") as f:
+        with CancelAt(f, 2) as cut:
+            if call == "readline":
+                await f.readline()
+            elif call == "read":
+                await f.read(30000)
+            elif call == "readlines":
+                await f.readlines()
+            else:
+                await f.__anext__()
+        assert cut.hit
+        assert await f.write("XYZ") == 3
+        assert await f.tell() == expect_tell
+        assert await f.readline() == expect_line
+    assert p.read_bytes() == ref.read_bytes()
+
+
+@pytest.mark.parametrize("newline", [None, "", "\r\n"])
+async def test_a_cancelled_text_read_leaves_tell_and_the_next_write_as_io(
+    tmp_path: Path, no_inline: str, newline: str | None
+) -> None:
+    ref, p = tmp_path / "ref", tmp_path / "ours"
+    data = ("x" * 40000 + "\n" + LINES).replace("\n", "\r\n").encode("utf-16")
+    for q in (ref, p):
+        q.write_bytes(data)
+    with open(ref, "r+", encoding="utf-16", newline=newline) as r:
+        first = r.read(3)
+        expect_tell = r.tell()
+        r.write("Q")
+    async with threadlets.open(p, "r+", encoding="utf-16", newline=newline) as f:
+        assert await f.read(3) == first
+        with CancelAt(f) as cut:
+            await f.readline()  # (80 KB: it needs the next 64 KiB)
+        assert cut.hit
+        assert await f.tell() == expect_tell
+        await f.write("Q")
+    assert p.read_bytes() == ref.read_bytes()
+
+
+# -- T2: a cancelled text seek left the position at neither end -------------------------------
+
+
+async def test_a_cancelled_text_seek_to_a_cookie_stays_where_it_was(
+    tmp_path: Path, no_inline: str
+) -> None:
+    # utf-7 keeps bits in its decoder: the cookie replays bytes, a request.
+    # Cancelled there, the position was the replay's start (here 0): neither
+    # where the file was (its end) nor the cookie.
+    text = "日本語abc" * 2000
+    ref, p = tmp_path / "ref", tmp_path / "ours"
+    for q in (ref, p):
+        q.write_bytes(text.encode("utf-7"))
+    with open(ref, "r+", encoding="utf-7") as r:
+        r.read(2)
+        cookie = r.tell()
+        end = r.seek(0, os.SEEK_END)
+        r.write("Z")
+    async with threadlets.open(p, "r+", encoding="utf-7") as f:
+        assert await f.read(2) == "日本"
+        assert await f.tell() == cookie
+        assert await f.seek(0, os.SEEK_END) == end
+        await f.pwrite(b"+", 0)  # (drops the read-ahead; the same byte)
+        with CancelAt(f) as cut:
+            await f.seek(cookie)
+        assert cut.hit
+        assert await f.tell() == end
+        await f.write("Z")
+        # And done again, uncancelled, it goes there.
+        assert await f.seek(cookie) == cookie
+        assert await f.read(1) == "語"
+    assert p.read_bytes() == ref.read_bytes()
+
+
+async def test_a_cancelled_text_seek_to_the_end_stays_where_it_was(
+    tmp_path: Path, no_inline: str
+) -> None:
+    ref, p = tmp_path / "ref", tmp_path / "ours"
+    for q in (ref, p):
+        q.write_text(LINES, encoding="utf-8")
+    with open(ref, "r+", encoding="utf-8") as r:
+        first = r.readline()
+        expect_tell = r.tell()
+        expect_next = r.readline()
+    async with threadlets.open(p, "r+", encoding="utf-8") as f:
+        assert await f.readline() == first
+        with CancelAt(f) as cut:
+            await f.seek(0, os.SEEK_END)  # (its size is a request)
+        assert cut.hit
+        assert await f.tell() == expect_tell
+        assert await f.readline() == expect_next
+
+
+# -- T3: a text write cancelled once it ran kept the text decoded before it -------------------
+
+
+async def test_a_text_write_cancelled_once_it_ran_drops_the_decoded_text(
+    tmp_path: Path, no_inline: str
+) -> None:
+    # A write larger than the buffer is a request of its own.  Cancelled
+    # once it ran, it happened (the README): what follows must be what
+    # follows a write in io, which drops the text it had decoded ahead.
+    big = "W" * (80 * 1024)
+    ref, p = tmp_path / "ref", tmp_path / "ours"
+    for q in (ref, p):
+        q.write_text(LINES * 8, encoding="utf-8")
+    with open(ref, "r+", encoding="utf-8") as r:
+        first = r.read(3)
+        r.write(big)
+        r.seek(0, os.SEEK_CUR)  # (io's BufferedRandom quirk: see test_attack_files3)
+        expect_tell = r.tell()
+        expect_next = r.readline()
+    async with threadlets.open(p, "r+", encoding="utf-8") as f:
+        assert await f.read(3) == first
+        with CancelAt(f) as cut:
+            await f.write(big)
+        assert cut.hit
+        assert await f.tell() == expect_tell
+        assert await f.readline() == expect_next
+    assert p.read_bytes() == ref.read_bytes()
