@@ -216,3 +216,24 @@ async def test_a_text_write_cancelled_once_it_ran_drops_the_decoded_text(
         assert await f.tell() == expect_tell
         assert await f.readline() == expect_next
     assert p.read_bytes() == ref.read_bytes()
+
+
+# -- T4: encoding="locale" ----------------------------------------------------------------------
+
+
+async def test_encoding_locale_is_taken_as_io_takes_it(tmp_path: Path) -> None:
+    # io.open takes encoding="locale" (3.10+): the locale's encoding.  It
+    # was looked up as a codec's name: LookupError.
+    ref, p = tmp_path / "ref", tmp_path / "ours"
+    with open(ref, "w", encoding="locale") as r:
+        r.write("é\n")
+        expect = r.encoding
+    async with threadlets.open(p, "w", encoding="locale") as f:
+        assert f.encoding == expect
+        await f.write("é\n")
+    assert p.read_bytes() == ref.read_bytes()
+    f = threadlets.wrap(os.open(p, os.O_RDONLY), "r", encoding="locale")
+    try:
+        assert await f.read() == "é\n"
+    finally:
+        await f.close()

@@ -127,7 +127,7 @@ def _check_text_args(
         if encoding is not None or errors is not None or newline is not None:
             raise ValueError("binary mode doesn't take an encoding, errors or newline argument")
         return
-    if encoding is not None:
+    if encoding is not None and encoding != "locale":  # ("locale": io's name for it, 3.10+)
         codecs.lookup(encoding)  # LookupError for an unknown codec
     if newline is not None and not isinstance(newline, str):
         raise TypeError(
