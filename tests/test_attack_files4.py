@@ -237,3 +237,19 @@ async def test_encoding_locale_is_taken_as_io_takes_it(tmp_path: Path) -> None:
         assert await f.read() == "é\n"
     finally:
         await f.close()
+
+
+# -- T5: an opener that returns no integer ------------------------------------------------------
+
+
+@pytest.mark.parametrize("got", ["3", 3.0, None])
+async def test_an_opener_returning_no_integer_is_a_type_error_as_io(
+    tmp_path: Path, got: object
+) -> None:
+    p = tmp_path / "o"
+    p.write_bytes(b"")
+    with pytest.raises(TypeError) as expect:
+        open(p, "rb", opener=lambda path, flags: got)  # type: ignore[arg-type,return-value]  # noqa: SIM115
+    with pytest.raises(TypeError) as info:
+        await threadlets.open(p, "rb", opener=lambda path, flags: got)  # type: ignore[arg-type,return-value]
+    assert str(info.value) == str(expect.value)

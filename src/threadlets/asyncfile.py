@@ -1655,7 +1655,9 @@ class _DetachedOpen:
         abandoned = True
         try:
             got = os.open(path, flags, perms) if opener is None else opener(path, flags)
-            if not isinstance(got, int) or got < 0:
+            if not isinstance(got, int):
+                raise TypeError("expected integer from opener")  # (as io)
+            if got < 0:
                 raise ValueError(f"opener returned {got!r}")
             fd = got
         finally:
