@@ -253,3 +253,32 @@ async def test_an_opener_returning_no_integer_is_a_type_error_as_io(
     with pytest.raises(TypeError) as info:
         await threadlets.open(p, "rb", opener=lambda path, flags: got)  # type: ignore[arg-type,return-value]
     assert str(info.value) == str(expect.value)
+
+
+# -- T6: wrap() of a text file part-read ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("encoding", "first"), [("utf-16", 1), ("utf-32", 1), ("utf-7", 1), ("utf-8-sig", 1)]
+)
+async def test_wrap_of_a_part_read_text_file_goes_on_from_its_cookie(
+    tmp_path: Path, backend: str, encoding: str, first: int
+) -> None:
+    # A text file's tell() is a cookie: a fresh decoder at its byte
+    # position misread the rest (utf-16/32 past the BOM: UnicodeError), and
+    # a cookie with characters to skip was taken as a byte offset.
+    p = tmp_path / "t"
+    p.write_text("日本語 line one\nline two\n語 three\n", encoding=encoding)
+    with open(p, encoding=encoding) as r:
+        for _ in range(first):
+            r.read(2) if encoding == "utf-7" else r.readline()
+        expect = [r.tell(), r.readline(), r.read()]
+    g = open(p, encoding=encoding)  # noqa: SIM115 (the AsyncFile closes it)
+    for _ in range(first):
+        g.read(2) if encoding == "utf-7" else g.readline()
+    f = threadlets.wrap(g)
+    try:
+        assert [await f.tell(), await f.readline(), await f.read()] == expect
+    finally:
+        await f.close()
+    assert g.closed

@@ -1774,7 +1774,16 @@ def wrap(
         if fl & os.O_APPEND:
             mode = "ab" if access == os.O_WRONLY else "a+b"
     cls = AsyncBinaryFile if "b" in mode else AsyncTextFile
-    return cls(
+    cookie = None
+    if pos is not None and hasattr(file, "encoding"):
+        # A text file's tell() is a cookie (io's layout, as textio's): the
+        # byte position is its start, then the decoder's state and the
+        # characters to skip are set up as seek(cookie) would (a fresh
+        # decoder there misreads: utf-16 past its BOM raised UnicodeError).
+        from threadlets.textio import _parse_cookie
+
+        cookie, pos = pos, _parse_cookie(pos)[0]
+    f = cls(
         fd,
         name,
         mode,
@@ -1787,3 +1796,6 @@ def wrap(
         pos=pos,
         coalesce=False,
     )
+    if cookie is not None and f._text is not None:
+        f._pos += f._text.start_at(cookie, lambda n, at: os.pread(fd, n, at))
+    return f

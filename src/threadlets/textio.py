@@ -744,6 +744,30 @@ class AsyncTextWrapper:
         self._encoder_reset(start_pos == 0 and dec_flags == 0)
         return cookie
 
+    def start_at(self, cookie: int, pread: Callable[[int, int], bytes]) -> int:
+        """Set up as :meth:`seek` to ``cookie`` would, without awaiting, for
+        a wrapper just made over a buffer at the cookie's start position
+        (``threadlets.wrap`` of a text file, whose ``tell()`` was
+        ``cookie``).  ``pread(n, offset)`` reads the bytes to replay.
+        Returns how many bytes past that position the buffer must go."""
+        start_pos, dec_flags, bytes_to_feed, chars_to_skip, need_eof = _parse_cookie(int(cookie))
+        self._set_decoded_chars("")
+        self._snapshot = (dec_flags, b"")
+        decoder = self._decoder
+        chunk = b""
+        if decoder is not None:
+            self._decoder_setstate(decoder, start_pos, dec_flags)
+            if chars_to_skip:
+                chunk = pread(bytes_to_feed, start_pos)
+                self._snapshot = (dec_flags, chunk)
+                self._set_decoded_chars(decoder.decode(chunk, need_eof))
+                if len(self._decoded_chars) < chars_to_skip:
+                    raise OSError("can't restore logical file position")
+                self._decoded_chars_used = chars_to_skip
+        self._encoder_reset(start_pos == 0 and dec_flags == 0)
+        self._bom_check = False
+        return len(chunk)
+
     def _save(self) -> tuple[Any, ...] | None:
         """The state a cancelled call goes back to (see :meth:`_restore`);
         None where the buffer cannot go back (a pipe)."""
