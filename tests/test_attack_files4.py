@@ -282,3 +282,69 @@ async def test_wrap_of_a_part_read_text_file_goes_on_from_its_cookie(
     finally:
         await f.close()
     assert g.closed
+
+
+# -- T7: seek and tell of a character device ----------------------------------------------------
+
+
+_DEV_CALLS: list[tuple[Any, ...]] = [
+    ("read", 10),
+    ("tell",),
+    ("seek", 5),
+    ("tell",),
+    ("read", 3),
+    ("seek", 7, os.SEEK_CUR),
+    ("tell",),
+    ("seek", 0, os.SEEK_END),
+    ("tell",),
+    ("write", b"abc"),
+    ("tell",),
+]
+
+
+@pytest.mark.parametrize("dev", ["/dev/zero", "/dev/null"])
+async def test_seek_and_tell_of_a_character_device_are_the_devices_as_io(
+    backend: str, dev: str
+) -> None:
+    # A character device reads and writes at the descriptor's offset, and
+    # its lseek says where that is (/dev/zero's and /dev/null's: always 0).
+    # seek only moved a position of the file object's own (tell() said 5
+    # where io says 0): on a device whose offset matters, the next read
+    # was not where the seek said.  (io's buffered answers here are its
+    # own arithmetic -- a negative tell() -- so the oracle is FileIO, and
+    # a buffered file answers as lseek does.)
+    def answer(fn: Any) -> Any:
+        try:
+            got = fn()
+        except Exception as e:
+            return type(e)
+        return len(got) if isinstance(got, bytes) else got
+
+    async def aanswer(fn: Any) -> Any:
+        try:
+            got = await fn()
+        except Exception as e:
+            return type(e)
+        return len(got) if isinstance(got, bytes) else got
+
+    with open(dev, "r+b", buffering=0) as r:
+        expect = [answer(lambda c=c: getattr(r, c[0])(*c[1:])) for c in _DEV_CALLS]
+    for buffering in (0, -1):
+        got = []
+        async with threadlets.open(dev, "r+b", buffering=buffering) as f:
+            for c in _DEV_CALLS:
+                got.append(await aanswer(lambda c=c: getattr(f, c[0])(*c[1:])))
+        assert got == expect, buffering
+
+
+async def test_a_raw_seek_of_an_unseekable_device_is_lseeks_as_fileio(backend: str) -> None:
+    # FileIO's seek is lseek's, whatever seekable() says: /dev/kmsg takes
+    # SEEK_END (skip the log so far) though not SEEK_CUR.  It was ESPIPE.
+    try:
+        r = open("/dev/kmsg", "rb", buffering=0)  # noqa: SIM115
+    except OSError:
+        pytest.skip("no readable /dev/kmsg")
+    with r:
+        expect = [r.seekable(), r.seek(0, os.SEEK_END)]
+    async with threadlets.open("/dev/kmsg", "rb", buffering=0) as f:
+        assert [f.seekable(), await f.seek(0, os.SEEK_END)] == expect

@@ -852,10 +852,19 @@ class AsyncFile:
             if not self._chunk:
                 raise _einval()  # (FileIO leaves whence to lseek)
             raise ValueError(f"whence value {how} unsupported")
-        if not self._seekable:
-            if self._chunk:  # (io's buffered files check seekable() first)
-                raise io.UnsupportedOperation("File or stream is not seekable.")
-            raise _espipe()
+        if not self._seekable and self._chunk:  # (io's buffered files check seekable() first)
+            raise io.UnsupportedOperation("File or stream is not seekable.")
+        if self._stream:
+            # A character device reads and writes at the descriptor's own
+            # offset: the seek is lseek's (whose answer is the device's:
+            # /dev/zero's is always 0; a pipe's ESPIPE), as FileIO's; what
+            # was read ahead is dropped, as BufferedReader drops it.
+            if how == os.SEEK_CUR:
+                off -= len(self._buffered())
+            self._still_open()
+            new = os.lseek(self._fd, off, how)
+            self._rbuf, self._rbuf_off, self._pos = b"", new, new
+            return new
         if self._wbuf:
             await self._flush_wbuf()
         if how == os.SEEK_SET:
@@ -873,6 +882,11 @@ class AsyncFile:
         return new
 
     def _tell(self) -> int:
+        if self._stream:
+            # The descriptor's offset (see _seek), less what was read ahead
+            # (not below 0), as io's; a pipe's lseek raises ESPIPE.
+            self._still_open()
+            return max(os.lseek(self._fd, 0, os.SEEK_CUR) - len(self._buffered()), 0)
         if not self._seekable:
             raise _espipe()
         return self._pos
