@@ -348,3 +348,85 @@ async def test_a_raw_seek_of_an_unseekable_device_is_lseeks_as_fileio(backend: s
         expect = [r.seekable(), r.seek(0, os.SEEK_END)]
     async with threadlets.open("/dev/kmsg", "rb", buffering=0) as f:
         assert [f.seekable(), await f.seek(0, os.SEEK_END)] == expect
+
+
+# -- T8: reconfigure(), newlines, line_buffering, write_through ----------------------------------
+
+_RECONF: list[tuple[str, list[tuple[Any, ...]]]] = [
+    (
+        "w+",
+        [
+            ("write", "a\n"),
+            ("reconfigure", {"encoding": "utf-16"}),
+            ("write", "b\n"),
+            ("seek", 0),
+            ("reconfigure", {"encoding": "utf-8", "errors": "replace"}),
+            ("read",),
+            ("attrs",),
+        ],
+    ),
+    ("r", [("read", 1), ("reconfigure", {"encoding": "latin-1"}), ("attrs",)]),
+    ("r", [("read", 1), ("reconfigure", {"line_buffering": True}), ("attrs",)]),
+    ("r", [("reconfigure", {"newline": ""}), ("readline",), ("readline",), ("attrs",)]),
+    ("r", [("readline",), ("readline",), ("readline",), ("attrs",)]),
+    ("r", [("reconfigure", {"newline": 5})]),
+    ("r", [("reconfigure", {"newline": "x"})]),
+    ("r", [("reconfigure", {"encoding": "hex"})]),
+    ("r", [("reconfigure", {"encoding": "locale"}), ("read",), ("attrs",)]),
+    ("r+", [("reconfigure", {"newline": "\r\n"}), ("seek", 0, 2), ("write", "z\n"), ("attrs",)]),
+    ("w", [("reconfigure", {"line_buffering": True}), ("write", "x\n"), ("disk",), ("attrs",)]),
+    ("w", [("reconfigure", {"write_through": 1}), ("attrs",)]),
+    ("r+", [("reconfigure", {"encoding": "utf-16"}), ("write", "é"), ("attrs",)]),
+]
+
+
+@pytest.mark.parametrize(("mode", "calls"), _RECONF)
+async def test_reconfigure_and_the_text_attributes_answer_as_io(
+    tmp_path: Path, mode: str, calls: list[tuple[Any, ...]]
+) -> None:
+    # io's text files have reconfigure() and newlines, line_buffering,
+    # write_through: an AsyncFile had none (AttributeError).
+    ref, p = tmp_path / "ref", tmp_path / "ours"
+    for q in (ref, p):
+        q.write_bytes(b"one\r\ntwo\nthree\rfour")
+
+    def attrs(f: Any) -> Any:
+        return (f.encoding, f.errors, f.newlines, f.line_buffering, f.write_through)
+
+    expect: list[Any] = []
+    with open(ref, mode, encoding="utf-8") as r:
+        for name, *args in calls:
+            try:
+                if name == "attrs":
+                    expect.append(attrs(r))
+                elif name == "disk":
+                    expect.append(ref.read_bytes())
+                elif name == "reconfigure":
+                    expect.append(r.reconfigure(**args[0]))
+                else:
+                    expect.append(getattr(r, name)(*args))
+            except Exception as e:
+                expect.append(type(e))
+    got: list[Any] = []
+    async with threadlets.open(p, mode, encoding="utf-8") as f:
+        for name, *args in calls:
+            try:
+                if name == "attrs":
+                    got.append(attrs(f))
+                elif name == "disk":
+                    got.append(p.read_bytes())
+                elif name == "reconfigure":
+                    got.append(await f.reconfigure(**args[0]))
+                else:
+                    got.append(await getattr(f, name)(*args))
+            except Exception as e:
+                got.append(type(e))
+    assert got == expect
+    assert p.read_bytes() == ref.read_bytes()
+
+
+async def test_a_binary_file_has_no_text_attributes_as_io(tmp_path: Path) -> None:
+    p = tmp_path / "b"
+    async with threadlets.open(p, "wb") as f:
+        for name in ("reconfigure", "newlines", "line_buffering", "write_through"):
+            assert not hasattr(f, name)

@@ -78,6 +78,7 @@ from threadlets.engine import AioRequest, _InlineDone, _nonnegative
 from threadlets.oneshot import open_cached
 from threadlets.probe import F_NOCACHE, O_DIRECT, capability_note
 from threadlets.probe import RWF_NOWAIT as _RWF_NOWAIT
+from threadlets.textio import _UNSET
 
 if TYPE_CHECKING:
     from _typeshed import (
@@ -1110,6 +1111,62 @@ class AsyncFile:
             await self._locked(self._text.flush)
         else:
             await self._locked(self._flush_wbuf)
+
+    @property
+    def reconfigure(self) -> Callable[..., Awaitable[None]]:
+        """Text mode: ``await f.reconfigure(*, encoding, errors, newline,
+        line_buffering, write_through)``, as ``io.TextIOWrapper``'s (a
+        binary file has none, as io's)."""
+        if self._text is None:
+            raise AttributeError("reconfigure needs text mode")
+        return self._reconfigure
+
+    async def _reconfigure(
+        self,
+        *,
+        encoding: str | None = None,
+        errors: str | None = None,
+        newline: Any = _UNSET,
+        line_buffering: bool | None = None,
+        write_through: bool | None = None,
+    ) -> None:
+        text = self._text
+
+        async def run() -> None:
+            await text.reconfigure(
+                encoding=encoding,
+                errors=errors,
+                newline=newline,
+                line_buffering=line_buffering,
+                write_through=write_through,
+            )
+
+        try:
+            await self._locked(run)
+        finally:
+            self.encoding, self.errors = text.encoding, text.errors
+        if newline is not _UNSET:
+            self.newline = newline
+
+    @property
+    def newlines(self) -> str | tuple[str, ...] | None:
+        """Text mode: the newlines read so far, as io's."""
+        if self._text is None:
+            raise AttributeError("newlines needs text mode")
+        newlines: str | tuple[str, ...] | None = self._text.newlines
+        return newlines
+
+    @property
+    def line_buffering(self) -> bool:
+        if self._text is None:
+            raise AttributeError("line_buffering needs text mode")
+        return bool(self._text.line_buffering)
+
+    @property
+    def write_through(self) -> bool:
+        if self._text is None:
+            raise AttributeError("write_through needs text mode")
+        return bool(self._text.write_through)
 
     def readable(self) -> bool:
         self._check_open()

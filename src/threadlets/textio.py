@@ -63,6 +63,18 @@ _SSIZE_MAX = sys.maxsize
 _NEWLINES = (None, "", "\n", "\r", "\r\n")
 
 
+_UNSET: Any = object()  # reconfigure()'s newline not given (None is a value)
+
+
+def _text_codec(encoding: str) -> codecs.CodecInfo:
+    info = codecs.lookup(encoding)
+    if not getattr(info, "_is_text_encoding", True):
+        raise LookupError(
+            f"'{encoding}' is not a text encoding; use codecs.open() to handle arbitrary codecs"
+        )
+    return info
+
+
 class AsyncBinaryBuffer(Protocol):
     """What a binary stream must provide for :class:`AsyncTextWrapper`."""
 
@@ -200,36 +212,13 @@ class AsyncTextWrapper:
             encoding = "utf-8"
         elif encoding is None or encoding == "locale":
             encoding = locale.getencoding()
-        info = codecs.lookup(encoding)
-        if not getattr(info, "_is_text_encoding", True):
-            raise LookupError(
-                f"'{encoding}' is not a text encoding; use codecs.open() to handle arbitrary codecs"
-            )
+        info = _text_codec(encoding)
 
         self._buffer = buffer
-        self._encoding = encoding
-        self._errors = errors
         self._line_buffering = line_buffering
         self._write_through = write_through
-        self._readuniversal = not newline
-        self._readtranslate = newline is None
-        self._readnl = newline
-        self._writetranslate = newline != ""
-        writenl = newline or os.linesep
-        self._writenl = None if writenl == "\n" else writenl
-
-        self._decoder: _Decoder | None = None
-        if buffer.readable():
-            decoder: _Decoder = info.incrementaldecoder(errors)
-            if self._readuniversal:
-                decoder = io.IncrementalNewlineDecoder(decoder, self._readtranslate)  # type: ignore[arg-type]
-            self._decoder = decoder
-        self._encoder: codecs.IncrementalEncoder | None = None
-        if buffer.writable():
-            self._encoder = info.incrementalencoder(errors)
-        # io encodes UTF-16/32 itself and leaves the start of the stream (where
-        # a BOM is written) after any write, even one that failed to encode.
-        self._bom_once = info.name in ("utf-16", "utf-32")
+        self._set_newline(newline)
+        self._set_codec(encoding, errors, info)
 
         self._decoded_chars = ""
         self._decoded_chars_used = 0
@@ -242,6 +231,93 @@ class AsyncTextWrapper:
         self._fed: list[tuple[tuple[int, bytes], bytes, str]] | None = None
         #: The file changed under the decoded text (see invalidate).
         self._stale = False
+
+    def _set_newline(self, newline: str | None) -> None:
+        self._readuniversal = not newline
+        self._readtranslate = newline is None
+        self._readnl = newline
+        self._writetranslate = newline != ""
+        writenl = newline or os.linesep
+        self._writenl = None if writenl == "\n" else writenl
+
+    def _set_codec(self, encoding: str, errors: str, info: codecs.CodecInfo) -> None:
+        """A new decoder and encoder (the newline settings made already)."""
+        self._encoding = encoding
+        self._errors = errors
+        self._decoder: _Decoder | None = None
+        if self._buffer.readable():
+            decoder: _Decoder = info.incrementaldecoder(errors)
+            if self._readuniversal:
+                decoder = io.IncrementalNewlineDecoder(decoder, self._readtranslate)  # type: ignore[arg-type]
+            self._decoder = decoder
+        self._encoder: codecs.IncrementalEncoder | None = None
+        if self._buffer.writable():
+            self._encoder = info.incrementalencoder(errors)
+        # io encodes UTF-16/32 itself and leaves the start of the stream (where
+        # a BOM is written) after any write, even one that failed to encode.
+        self._bom_once = info.name in ("utf-16", "utf-32")
+
+    async def reconfigure(
+        self,
+        *,
+        encoding: str | None = None,
+        errors: str | None = None,
+        newline: Any = _UNSET,
+        line_buffering: bool | None = None,
+        write_through: bool | None = None,
+    ) -> None:
+        """Change the encoding, errors, newline, line_buffering or
+        write_through, as ``io.TextIOWrapper.reconfigure`` (what is not
+        given stays; a new ``encoding`` without ``errors`` is strict).  The
+        encoding and newline cannot change once text was read ahead."""
+        # The checks and their order are C's _io_TextIOWrapper_reconfigure_impl.
+        if self._decoded_chars and (
+            encoding is not None or errors is not None or newline is not _UNSET
+        ):
+            raise io.UnsupportedOperation(
+                "It is not possible to set the encoding or newline of stream after the first read"
+            )
+        if newline is not _UNSET and newline is not None:
+            if not isinstance(newline, str):
+                raise TypeError(
+                    f"reconfigure() argument 'newline' must be str or None, "
+                    f"not {type(newline).__name__}"
+                )
+            if newline not in _NEWLINES:
+                raise ValueError(f"illegal newline value: {newline}")
+        lb = self._line_buffering if line_buffering is None else bool(line_buffering)
+        wt = self._write_through if write_through is None else bool(write_through)
+        await self.flush()
+        self._b2cratio = 0.0
+        if newline is not _UNSET:
+            self._set_newline(newline)
+        if encoding is not None or errors is not None or newline is not _UNSET:
+            if encoding is None:
+                encoding = self._encoding
+                if errors is None:
+                    errors = self._errors
+            else:
+                if not isinstance(encoding, str):
+                    raise TypeError(
+                        f"reconfigure() argument 'encoding' must be str or None, "
+                        f"not {type(encoding).__name__}"
+                    )
+                if encoding == "locale":
+                    encoding = locale.getencoding()
+                if errors is None:
+                    errors = "strict"
+            if not isinstance(errors, str):
+                raise TypeError(
+                    f"reconfigure() argument 'errors' must be str or None, "
+                    f"not {type(errors).__name__}"
+                )
+            self._set_codec(encoding, errors, _text_codec(encoding))
+            # (io's _textiowrapper_fix_encoder_state: no BOM past the start.)
+            if self._seekable and self._encoder is not None:
+                self._bom_check = False
+                if await self._buffer.tell() != 0:
+                    self._encoder.setstate(0)
+        self._line_buffering, self._write_through = lb, wt
 
     # -- attributes -----------------------------------------------------------------------
 
