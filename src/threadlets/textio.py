@@ -288,10 +288,14 @@ class AsyncTextWrapper:
         lb = self._line_buffering if line_buffering is None else bool(line_buffering)
         wt = self._write_through if write_through is None else bool(write_through)
         await self.flush()
+        recode = encoding is not None or errors is not None or newline is not _UNSET
+        # (Asked before anything changes: a cancellation here changes nothing.)
+        fix_encoder = recode and self._seekable and self._buffer.writable()
+        at_start = fix_encoder and await self._buffer.tell() == 0
         self._b2cratio = 0.0
         if newline is not _UNSET:
             self._set_newline(newline)
-        if encoding is not None or errors is not None or newline is not _UNSET:
+        if recode:
             if encoding is None:
                 encoding = self._encoding
                 if errors is None:
@@ -313,9 +317,9 @@ class AsyncTextWrapper:
                 )
             self._set_codec(encoding, errors, _text_codec(encoding))
             # (io's _textiowrapper_fix_encoder_state: no BOM past the start.)
-            if self._seekable and self._encoder is not None:
+            if fix_encoder and self._encoder is not None:
                 self._bom_check = False
-                if await self._buffer.tell() != 0:
+                if not at_start:
                     self._encoder.setstate(0)
         self._line_buffering, self._write_through = lb, wt
 
