@@ -257,7 +257,7 @@ class AsyncTextWrapper:
         # a BOM is written) after any write, even one that failed to encode.
         self._bom_once = info.name in ("utf-16", "utf-32")
 
-    async def reconfigure(
+    async def _reconfigure(
         self,
         *,
         encoding: str | None = None,
@@ -677,12 +677,12 @@ class AsyncTextWrapper:
         if self._decoder is not None:
             self._decoder.reset()
 
-    async def flush(self) -> None:
+    async def _flush(self) -> None:
         self._telling = self._seekable
         await self._check_bom()
         await self._buffer.flush()
 
-    async def truncate(self, pos: int | None = None) -> int:
+    async def _truncate(self, pos: int | None = None) -> int:
         """Truncate the buffer at ``pos`` (default: the buffer's position,
         which is past any read-ahead, as with io)."""
         await self.flush()
@@ -761,7 +761,7 @@ class AsyncTextWrapper:
         finally:
             decoder.setstate(saved_state)
 
-    async def seek(self, cookie: int, whence: int = 0) -> int:
+    async def _seek(self, cookie: int, whence: int = 0) -> int:
         """Go to a cookie from :meth:`tell` (whence 0), or to the current
         position or the end (whence 1 or 2, offset 0).  Cancelled part-way
         (once the buffer moved), it goes back to where it was: a seek happens
@@ -847,6 +847,42 @@ class AsyncTextWrapper:
         self._encoder_reset(start_pos == 0 and dec_flags == 0)
         self._bom_check = False
         return len(chunk)
+
+    # A cancelled flush, truncate, seek or reconfigure leaves tell() as it
+    # was: each begins with a flush, which re-enables tell() (after an
+    # iteration) -- only a call that finished may have done that.
+
+    async def flush(self) -> None:
+        await self._untold(self._flush)
+
+    async def truncate(self, pos: int | None = None) -> int:
+        """Truncate the buffer at ``pos`` (default: the buffer's position,
+        which is past any read-ahead, as with io)."""
+        return await self._untold(self._truncate, pos)
+
+    async def seek(self, cookie: int, whence: int = 0) -> int:
+        """Go to a cookie from :meth:`tell` (whence 0), or to the current
+        position or the end (whence 1 or 2, offset 0).  Cancelled part-way
+        (once the buffer moved), it goes back to where it was: a seek happens
+        whole or not at all."""
+        return await self._untold(self._seek, cookie, whence)
+
+    async def reconfigure(self, **kwargs: Any) -> None:
+        """Change the encoding, errors, newline, line_buffering or
+        write_through, as ``io.TextIOWrapper.reconfigure`` (keywords only;
+        what is not given stays; a new ``encoding`` without ``errors`` is
+        strict).  The encoding and newline cannot change once text was read
+        ahead."""
+        await self._untold(lambda: self._reconfigure(**kwargs))
+
+    async def _untold(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        telling = self._telling
+        try:
+            return await fn(*args)
+        except BaseException as e:
+            if not isinstance(e, Exception):
+                self._telling = telling
+            raise
 
     def _save(self) -> tuple[Any, ...] | None:
         """The state a cancelled call goes back to (see :meth:`_restore`);
