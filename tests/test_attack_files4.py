@@ -546,12 +546,24 @@ def _cancel_differential(
         candidates = []
         for variant in (calls[:k] + calls[k + 1 :], calls):
             expect, data = _io_results(tmp_path / "ref", initial, mode, kwargs, variant, append)
+            if _unsteered(variant, expect):
+                return
             if variant is calls:
                 expect = [*expect[:k], ("cancelled",), *expect[k + 1 :]]
             else:
                 expect = [*expect[:k], ("cancelled",), *expect[k:]]
             candidates.append((expect, data))
         assert (got, p.read_bytes()) in candidates, (n, k, calls[k], got)
+
+
+def _unsteered(calls: Any, results: list[Any]) -> bool:
+    """Whether a seek that steers around io's read-after-write quirk failed
+    in io (tell() disabled by an iteration): io's answers after it are its
+    quirk's, not an oracle."""
+    return any(
+        name == "write" and nxt[0] == "seek" and res[0] == "raised"
+        for (name, *_), nxt, res in zip(calls, calls[1:], results[1:], strict=False)
+    )
 
 
 _CUT_PIECES = ["a", "\n", "\r\n", "é", "日本", "xyz"]
