@@ -595,3 +595,68 @@ def test_calls_cancelled_at_any_request_happen_whole_or_not_at_all(
         initial = data.draw(st.binary(max_size=20))
     calls = data.draw(_calls(text=text, append=mode.startswith("a")))
     _cancel_differential(tmp_path, mode, kwargs, initial, calls)
+
+
+# -- T9: open(fd) that fails closes fd where io's does --------------------------------------------
+
+_OPEN_FD_CASES: list[dict[str, Any]] = [
+    {"mode": "w", "encoding": "hex"},
+    {"mode": "w", "encoding": "no-such-codec"},
+    {"mode": "r", "newline": "x"},
+    {"mode": "r", "buffering": 0},
+    {"mode": "r", "newline": 5},
+    {"mode": "rb", "encoding": "utf-8"},
+    {"mode": "rb", "encoding": 5},
+    {"mode": "rz"},
+    {"mode": "r", "buffering": "x"},
+    {"mode": "r", "errors": 5},
+    {"mode": "r", "encoding": "utf-8\0"},
+    {"mode": "r", "opener": 5},
+    {"mode": "w", "encoding": "hex", "closefd": False},
+]
+
+
+@pytest.mark.parametrize("kwargs", _OPEN_FD_CASES)
+async def test_an_open_of_a_descriptor_that_fails_closes_it_where_io_does(
+    tmp_path: Path, kwargs: dict[str, Any]
+) -> None:
+    # io.open(fd) owns fd once its FileIO is made: what fails after that
+    # (the codec, the newline value, unbuffered text) closes it.  Ours left
+    # it open (a leak for a caller that trusts io's rule).
+    p = tmp_path / "f"
+    p.write_bytes(b"x")
+
+    def is_open(fd: int) -> bool:
+        try:
+            os.fstat(fd)
+        except OSError:
+            return False
+        return True
+
+    def answer(call: Any) -> tuple[Any, str, bool]:
+        fd = os.open(p, os.O_RDWR)
+        try:
+            f = call(fd)
+        except Exception as e:
+            got: tuple[Any, str] = (type(e), str(e))
+        else:
+            got = ("ok", "")
+            f.close()
+        alive = is_open(fd)
+        if alive:
+            os.close(fd)
+        return (*got, alive)
+
+    expect = answer(lambda fd: open(fd, **kwargs))  # noqa: SIM115
+    fd = os.open(p, os.O_RDWR)
+    try:
+        f = await threadlets.open(fd, **kwargs)
+    except Exception as e:
+        got: tuple[Any, str] = (type(e), str(e))
+    else:
+        got = ("ok", "")
+        await f.close()
+    alive = is_open(fd)
+    if alive:
+        os.close(fd)
+    assert (*got, alive) == expect

@@ -124,25 +124,47 @@ def _flags_for(mode: str) -> tuple[int, bool, bool, bool]:
 def _check_text_args(
     text: bool, encoding: str | None, errors: str | None, newline: str | None
 ) -> None:
+    """The checks io.open makes of its arguments before it opens anything
+    (see _check_text_values for the rest)."""
+    for name, value in (("encoding", encoding), ("errors", errors), ("newline", newline)):
+        if value is not None:
+            if not isinstance(value, str):
+                raise TypeError(
+                    f"open() argument '{name}' must be str or None, not {type(value).__name__}"
+                )
+            if "\0" in value:
+                raise ValueError("embedded null character")
     if not text:
-        if encoding is not None or errors is not None or newline is not None:
-            raise ValueError("binary mode doesn't take an encoding, errors or newline argument")
+        for what, value in (
+            ("an encoding", encoding),
+            ("an errors", errors),
+            ("a newline", newline),
+        ):
+            if value is not None:
+                raise ValueError(f"binary mode doesn't take {what} argument")
+
+
+def _check_text_values(text: bool, encoding: str | None, newline: str | None) -> None:
+    """The checks io.open makes once the descriptor is open (TextIOWrapper's):
+    an open(fd) that fails them closes ``fd``, as io's does."""
+    if not text:
         return
     if encoding is not None and encoding != "locale":  # ("locale": io's name for it, 3.10+)
-        codecs.lookup(encoding)  # LookupError for an unknown codec
-    if newline is not None and not isinstance(newline, str):
-        raise TypeError(
-            f"open() argument 'newline' must be str or None, not {type(newline).__name__}"
-        )
+        info = codecs.lookup(encoding)  # LookupError for an unknown codec
+        if not getattr(info, "_is_text_encoding", True):
+            raise LookupError(
+                f"'{encoding}' is not a text encoding; use codecs.open() to handle arbitrary codecs"
+            )
     if newline not in (None, "", "\n", "\r", "\r\n"):
-        raise ValueError(f"illegal newline value: {newline!r}")
+        raise ValueError(f"illegal newline value: {newline}")
 
 
-def _check_buffering(buffering: object, text: bool, warn: bool = True) -> bool:
-    """Check ``buffering`` as open() does; True for line buffering (text)."""
+def _check_buffering(buffering: object, text: bool, warn: bool = True, late: bool = True) -> bool:
+    """Check ``buffering`` as open() does; True for line buffering (text).
+    ``late=False``: only what io checks before it opens anything."""
     if not isinstance(buffering, int):  # (True is 1, as open() takes it)
         raise TypeError(f"'{type(buffering).__name__}' object cannot be interpreted as an integer")
-    if buffering == 0 and text:
+    if buffering == 0 and text and late:
         raise ValueError("can't have unbuffered text I/O")
     if buffering == 1 and not text and warn:
         warnings.warn(
@@ -239,6 +261,7 @@ class AsyncFile:
         self._closed = True  # until set up: nothing for __del__ to close
         _, text, readable, writable = _flags_for(mode)
         _check_text_args(text, encoding, errors, newline)
+        _check_text_values(text, encoding, newline)
         line_buffering = _check_buffering(buffering, text, warn=False)
         #: Read-ahead size (0: unbuffered, reads go straight to the file).
         self._chunk = CHUNK if buffering < 0 or buffering == 1 else max(buffering, 0)
@@ -1532,7 +1555,7 @@ def open(
     """
     flags, text, _, _ = _flags_for(mode)
     _check_text_args(text, encoding, errors, newline)
-    _check_buffering(buffering, text)
+    _check_buffering(buffering, text, late=False)
     if isinstance(file, bool):
         raise TypeError("expected str, bytes, os.PathLike object or integer, not bool")
     if isinstance(file, int) and file < 0:
@@ -1541,8 +1564,19 @@ def open(
         file = _no_nul(os.fspath(file))
         if not closefd:
             raise ValueError("Cannot use closefd=False with file name")
-    if opener is not None and not callable(opener):
-        raise TypeError(f"'{type(opener).__name__}' object is not callable")
+        if opener is not None and not callable(opener):
+            raise TypeError(f"'{type(opener).__name__}' object is not callable")
+    try:
+        # What io checks once it holds the descriptor: an open(fd) that
+        # fails here has the descriptor closed (unless closefd=False), as
+        # io.open's error path closes its FileIO.
+        _check_text_values(text, encoding, newline)
+        _check_buffering(buffering, text, warn=False)
+    except BaseException:
+        if isinstance(file, int) and closefd:
+            with contextlib.suppress(OSError):
+                os.close(file)
+        raise
     nocache = False
     if direct:
         if O_DIRECT:
