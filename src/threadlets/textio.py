@@ -52,6 +52,7 @@ import locale
 import operator
 import os
 import sys
+from _multibytecodec import MultibyteIncrementalDecoder as _MultibyteIncrementalDecoder
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
@@ -245,8 +246,11 @@ class AsyncTextWrapper:
         self._encoding = encoding
         self._errors = errors
         self._decoder: _Decoder | None = None
+        self._zero_state_ok = True
         if self._buffer.readable():
             decoder: _Decoder = info.incrementaldecoder(errors)
+            if isinstance(decoder, _MultibyteIncrementalDecoder):
+                self._zero_state_ok = decoder.getstate()[1] == 0
             if self._readuniversal:
                 decoder = io.IncrementalNewlineDecoder(decoder, self._readtranslate)  # type: ignore[arg-type]
             self._decoder = decoder
@@ -387,8 +391,12 @@ class AsyncTextWrapper:
 
     def _decoder_setstate(self, decoder: _Decoder, start_pos: int, dec_flags: int) -> None:
         # At the start of the stream reset() rather than setstate(): a few
-        # decoders (utf-16) do not start in state (b"", 0).
-        if start_pos == 0 and dec_flags == 0:
+        # decoders (utf-16) do not start in state (b"", 0).  Nor do the
+        # ISO-2022 ones, and set to state 0 (a plain position's cookie, as
+        # after a write) CPython's crash the interpreter at their next
+        # decode (a NULL call: io.open's own TextIOWrapper does so); they
+        # start afresh there (ASCII, where a write leaves them).
+        if dec_flags == 0 and (start_pos == 0 or not self._zero_state_ok):
             decoder.reset()
         else:
             decoder.setstate((b"", dec_flags))
