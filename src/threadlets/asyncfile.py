@@ -39,8 +39,10 @@ the descriptor, even if the closing task is cancelled meanwhile.  A stream
 call of another task that spans the close gets ValueError at its next
 request (none is ever submitted on a closed descriptor), and one waiting
 for readiness is woken with ValueError before the descriptor goes.  A
-cancelled read consumes nothing (what it read goes back to the read-ahead
-or the text layer); a cancelled write that ran moves the position.  A write
+cancelled read consumes nothing (a file's position, and in text mode the
+decoder, go back to where they were; what a pipe's read took goes back to
+the read-ahead or the text layer); a cancelled write that ran moves the
+position, and a cancelled text seek stays where it was.  A write
 that only fills the buffer awaits nothing after its checks, so it is never
 cancelled half-way.  Closing sends the buffer first (shielded, as the rest
 of close), closes even if that fails, then raises.  A file collected
@@ -48,6 +50,9 @@ unclosed writes what its buffer holds (blocking, errors ignored), closes its
 descriptor and warns (ResourceWarning), as io's finalizer does.  (So, as with
 io, a forked child that collects its copy of a file writes the buffer the
 parent held at the fork again: flush before forking.)
+
+A character device (``/dev/zero``, a terminal) is read and written at its
+descriptor's offset: ``seek`` and ``tell`` are its ``lseek``'s, as FileIO's.
 
 Where io differs: in append mode ``tell()`` sends the buffer and answers
 where the descriptor is (the end of the file), where io's buffered files

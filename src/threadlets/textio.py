@@ -432,9 +432,11 @@ class AsyncTextWrapper:
 
     async def _consuming(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         """Run a read call so that, if it is cancelled (a BaseException that
-        is not an Exception), it consumes nothing: the text it took and the
-        text it decoded since go back into ``_decoded_chars``, with a
-        snapshot that covers them, so ``tell()`` is where it was."""
+        is not an Exception), it consumes nothing: over a buffer that can go
+        back (``mark``/``rewind``: a file), everything is as before it;
+        else (a pipe) the text it took and the text it decoded since go back
+        into ``_decoded_chars``, with a snapshot that covers them, so
+        ``tell()`` is where it was."""
         if self._fed is not None:  # (nested: the outer call undoes)
             return await fn(*args)
         if self._stale:
