@@ -713,3 +713,31 @@ def test_a_seek_after_a_write_in_iso_2022_does_not_crash_the_interpreter(
     # Read on from byte 1 as from a fresh decoder: what the bytes say there.
     tail = p.read_bytes()[1:]
     assert ast.literal_eval(line) == codecs.getincrementaldecoder(encoding)().decode(tail, True)
+
+
+# -- T11: read1() with no size reads at most the buffer's size -----------------------------------
+
+
+@pytest.mark.parametrize("buffering", [3, 100, 5000])
+@pytest.mark.parametrize("kind", ["file", "pipe"])
+async def test_read1_of_no_size_is_at_most_the_buffer_as_io(
+    tmp_path: Path, backend: str, buffering: int, kind: str
+) -> None:
+    # io's read1(-1) is at most the buffer's size; it read 64 KiB whatever
+    # buffering said.
+    data = bytes(range(256)) * 40
+
+    def source() -> Any:
+        if kind == "file":
+            p = tmp_path / "f"
+            p.write_bytes(data)
+            return p
+        r, w = os.pipe()
+        os.write(w, data)
+        os.close(w)
+        return r
+
+    with open(source(), "rb", buffering=buffering) as r:
+        expect = [r.read1(), r.read1(-1), r.read()]
+    async with threadlets.open(source(), "rb", buffering=buffering) as f:
+        assert [await f.read1(), await f.read1(-1), await f.read()] == expect

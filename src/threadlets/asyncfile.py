@@ -705,7 +705,7 @@ class AsyncFile:
         if self._wbuf:
             await self._flush_wbuf()
         if n < 0:
-            n = CHUNK
+            n = self._chunk or CHUNK  # (io's: the buffer's size)
         have = self._buffered()
         if not have and n:
             await self._fill(n)
