@@ -39,8 +39,10 @@ the descriptor, even if the closing task is cancelled meanwhile.  A stream
 call of another task that spans the close gets ValueError at its next
 request (none is ever submitted on a closed descriptor), and one waiting
 for readiness is woken with ValueError before the descriptor goes.  A
-cancelled read consumes nothing (what it read goes back to the read-ahead
-or the text layer); a cancelled write that ran moves the position.  A write
+cancelled read consumes nothing (a file's position, and in text mode the
+decoder, go back to where they were; what a pipe's read took goes back to
+the read-ahead or the text layer); a cancelled write that ran moves the
+position, and a cancelled text seek stays where it was.  A write
 that only fills the buffer awaits nothing after its checks, so it is never
 cancelled half-way.  Closing sends the buffer first (shielded, as the rest
 of close), closes even if that fails, then raises.  A file collected
@@ -48,6 +50,9 @@ unclosed writes what its buffer holds (blocking, errors ignored), closes its
 descriptor and warns (ResourceWarning), as io's finalizer does.  (So, as with
 io, a forked child that collects its copy of a file writes the buffer the
 parent held at the fork again: flush before forking.)
+
+A character device (``/dev/zero``, a terminal) is read and written at its
+descriptor's offset: ``seek`` and ``tell`` are its ``lseek``'s, as FileIO's.
 
 Where io differs: in append mode ``tell()`` sends the buffer and answers
 where the descriptor is (the end of the file), where io's buffered files
@@ -78,6 +83,7 @@ from threadlets.engine import AioRequest, _InlineDone, _nonnegative
 from threadlets.oneshot import open_cached
 from threadlets.probe import F_NOCACHE, O_DIRECT, capability_note
 from threadlets.probe import RWF_NOWAIT as _RWF_NOWAIT
+from threadlets.textio import _UNSET
 
 if TYPE_CHECKING:
     from _typeshed import (
@@ -123,25 +129,47 @@ def _flags_for(mode: str) -> tuple[int, bool, bool, bool]:
 def _check_text_args(
     text: bool, encoding: str | None, errors: str | None, newline: str | None
 ) -> None:
+    """The checks io.open makes of its arguments before it opens anything
+    (see _check_text_values for the rest)."""
+    for name, value in (("encoding", encoding), ("errors", errors), ("newline", newline)):
+        if value is not None:
+            if not isinstance(value, str):
+                raise TypeError(
+                    f"open() argument '{name}' must be str or None, not {type(value).__name__}"
+                )
+            if "\0" in value:
+                raise ValueError("embedded null character")
     if not text:
-        if encoding is not None or errors is not None or newline is not None:
-            raise ValueError("binary mode doesn't take an encoding, errors or newline argument")
+        for what, value in (
+            ("an encoding", encoding),
+            ("an errors", errors),
+            ("a newline", newline),
+        ):
+            if value is not None:
+                raise ValueError(f"binary mode doesn't take {what} argument")
+
+
+def _check_text_values(text: bool, encoding: str | None, newline: str | None) -> None:
+    """The checks io.open makes once the descriptor is open (TextIOWrapper's):
+    an open(fd) that fails them closes ``fd``, as io's does."""
+    if not text:
         return
-    if encoding is not None:
-        codecs.lookup(encoding)  # LookupError for an unknown codec
-    if newline is not None and not isinstance(newline, str):
-        raise TypeError(
-            f"open() argument 'newline' must be str or None, not {type(newline).__name__}"
-        )
+    if encoding is not None and encoding != "locale":  # ("locale": io's name for it, 3.10+)
+        info = codecs.lookup(encoding)  # LookupError for an unknown codec
+        if not getattr(info, "_is_text_encoding", True):
+            raise LookupError(
+                f"'{encoding}' is not a text encoding; use codecs.open() to handle arbitrary codecs"
+            )
     if newline not in (None, "", "\n", "\r", "\r\n"):
-        raise ValueError(f"illegal newline value: {newline!r}")
+        raise ValueError(f"illegal newline value: {newline}")
 
 
-def _check_buffering(buffering: object, text: bool, warn: bool = True) -> bool:
-    """Check ``buffering`` as open() does; True for line buffering (text)."""
+def _check_buffering(buffering: object, text: bool, warn: bool = True, late: bool = True) -> bool:
+    """Check ``buffering`` as open() does; True for line buffering (text).
+    ``late=False``: only what io checks before it opens anything."""
     if not isinstance(buffering, int):  # (True is 1, as open() takes it)
         raise TypeError(f"'{type(buffering).__name__}' object cannot be interpreted as an integer")
-    if buffering == 0 and text:
+    if buffering == 0 and text and late:
         raise ValueError("can't have unbuffered text I/O")
     if buffering == 1 and not text and warn:
         warnings.warn(
@@ -238,6 +266,7 @@ class AsyncFile:
         self._closed = True  # until set up: nothing for __del__ to close
         _, text, readable, writable = _flags_for(mode)
         _check_text_args(text, encoding, errors, newline)
+        _check_text_values(text, encoding, newline)
         line_buffering = _check_buffering(buffering, text, warn=False)
         #: Read-ahead size (0: unbuffered, reads go straight to the file).
         self._chunk = CHUNK if buffering < 0 or buffering == 1 else max(buffering, 0)
@@ -676,7 +705,7 @@ class AsyncFile:
         if self._wbuf:
             await self._flush_wbuf()
         if n < 0:
-            n = CHUNK
+            n = self._chunk or CHUNK  # (io's: the buffer's size)
         have = self._buffered()
         if not have and n:
             await self._fill(n)
@@ -852,10 +881,19 @@ class AsyncFile:
             if not self._chunk:
                 raise _einval()  # (FileIO leaves whence to lseek)
             raise ValueError(f"whence value {how} unsupported")
-        if not self._seekable:
-            if self._chunk:  # (io's buffered files check seekable() first)
-                raise io.UnsupportedOperation("File or stream is not seekable.")
-            raise _espipe()
+        if not self._seekable and self._chunk:  # (io's buffered files check seekable() first)
+            raise io.UnsupportedOperation("File or stream is not seekable.")
+        if self._stream:
+            # A character device reads and writes at the descriptor's own
+            # offset: the seek is lseek's (whose answer is the device's:
+            # /dev/zero's is always 0; a pipe's ESPIPE), as FileIO's; what
+            # was read ahead is dropped, as BufferedReader drops it.
+            if how == os.SEEK_CUR:
+                off -= len(self._buffered())
+            self._still_open()
+            new = os.lseek(self._fd, off, how)
+            self._rbuf, self._rbuf_off, self._pos = b"", new, new
+            return new
         if self._wbuf:
             await self._flush_wbuf()
         if how == os.SEEK_SET:
@@ -873,6 +911,11 @@ class AsyncFile:
         return new
 
     def _tell(self) -> int:
+        if self._stream:
+            # The descriptor's offset (see _seek), less what was read ahead
+            # (not below 0), as io's; a pipe's lseek raises ESPIPE.
+            self._still_open()
+            return max(os.lseek(self._fd, 0, os.SEEK_CUR) - len(self._buffered()), 0)
         if not self._seekable:
             raise _espipe()
         return self._pos
@@ -1097,6 +1140,62 @@ class AsyncFile:
         else:
             await self._locked(self._flush_wbuf)
 
+    @property
+    def reconfigure(self) -> Callable[..., Awaitable[None]]:
+        """Text mode: ``await f.reconfigure(*, encoding, errors, newline,
+        line_buffering, write_through)``, as ``io.TextIOWrapper``'s (a
+        binary file has none, as io's)."""
+        if self._text is None:
+            raise AttributeError("reconfigure needs text mode")
+        return self._reconfigure
+
+    async def _reconfigure(
+        self,
+        *,
+        encoding: str | None = None,
+        errors: str | None = None,
+        newline: Any = _UNSET,
+        line_buffering: bool | None = None,
+        write_through: bool | None = None,
+    ) -> None:
+        text = self._text
+
+        async def run() -> None:
+            await text.reconfigure(
+                encoding=encoding,
+                errors=errors,
+                newline=newline,
+                line_buffering=line_buffering,
+                write_through=write_through,
+            )
+
+        try:
+            await self._locked(run)
+        finally:
+            self.encoding, self.errors = text.encoding, text.errors
+        if newline is not _UNSET:
+            self.newline = newline
+
+    @property
+    def newlines(self) -> str | tuple[str, ...] | None:
+        """Text mode: the newlines read so far, as io's."""
+        if self._text is None:
+            raise AttributeError("newlines needs text mode")
+        newlines: str | tuple[str, ...] | None = self._text.newlines
+        return newlines
+
+    @property
+    def line_buffering(self) -> bool:
+        if self._text is None:
+            raise AttributeError("line_buffering needs text mode")
+        return bool(self._text.line_buffering)
+
+    @property
+    def write_through(self) -> bool:
+        if self._text is None:
+            raise AttributeError("write_through needs text mode")
+        return bool(self._text.write_through)
+
     def readable(self) -> bool:
         self._check_open()
         return self._readable
@@ -1279,6 +1378,25 @@ class _BinaryStream:
         """Bytes the last write moved (set even when it raised)."""
         return self._f._moved
 
+    def mark(self) -> tuple[int, int] | None:
+        """Where the stream is, for :meth:`rewind`; None where it cannot go
+        back (a pipe's bytes are read once; an append-mode buffer still to
+        send leaves the position unknown)."""
+        f = self._f
+        if f._stream or f._wbuf:
+            return None
+        return f._pos, f._wgen
+
+    def rewind(self, mark: tuple[int, int]) -> bool:
+        """Back to ``mark`` (a cancelled text read gives back what it took):
+        the read-ahead stays, and serves the bytes again.  False if the
+        stream was written since (nothing is undone then)."""
+        f = self._f
+        if f._closed or f._wbuf:
+            return False
+        f._pos = mark[0]
+        return True
+
     async def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
         return await self._f._seek(pos, whence)
 
@@ -1442,7 +1560,7 @@ def open(
     """
     flags, text, _, _ = _flags_for(mode)
     _check_text_args(text, encoding, errors, newline)
-    _check_buffering(buffering, text)
+    _check_buffering(buffering, text, late=False)
     if isinstance(file, bool):
         raise TypeError("expected str, bytes, os.PathLike object or integer, not bool")
     if isinstance(file, int) and file < 0:
@@ -1451,8 +1569,19 @@ def open(
         file = _no_nul(os.fspath(file))
         if not closefd:
             raise ValueError("Cannot use closefd=False with file name")
-    if opener is not None and not callable(opener):
-        raise TypeError(f"'{type(opener).__name__}' object is not callable")
+        if opener is not None and not callable(opener):
+            raise TypeError(f"'{type(opener).__name__}' object is not callable")
+    try:
+        # What io checks once it holds the descriptor: an open(fd) that
+        # fails here has the descriptor closed (unless closefd=False), as
+        # io.open's error path closes its FileIO.
+        _check_text_values(text, encoding, newline)
+        _check_buffering(buffering, text, warn=False)
+    except BaseException:
+        if isinstance(file, int) and closefd:
+            with contextlib.suppress(OSError):
+                os.close(file)
+        raise
     nocache = False
     if direct:
         if O_DIRECT:
@@ -1636,7 +1765,9 @@ class _DetachedOpen:
         abandoned = True
         try:
             got = os.open(path, flags, perms) if opener is None else opener(path, flags)
-            if not isinstance(got, int) or got < 0:
+            if not isinstance(got, int):
+                raise TypeError("expected integer from opener")  # (as io)
+            if got < 0:
                 raise ValueError(f"opener returned {got!r}")
             fd = got
         finally:
@@ -1753,7 +1884,16 @@ def wrap(
         if fl & os.O_APPEND:
             mode = "ab" if access == os.O_WRONLY else "a+b"
     cls = AsyncBinaryFile if "b" in mode else AsyncTextFile
-    return cls(
+    cookie = None
+    if pos is not None and hasattr(file, "encoding"):
+        # A text file's tell() is a cookie (io's layout, as textio's): the
+        # byte position is its start, then the decoder's state and the
+        # characters to skip are set up as seek(cookie) would (a fresh
+        # decoder there misreads: utf-16 past its BOM raised UnicodeError).
+        from threadlets.textio import _parse_cookie
+
+        cookie, pos = pos, _parse_cookie(pos)[0]
+    f = cls(
         fd,
         name,
         mode,
@@ -1766,3 +1906,6 @@ def wrap(
         pos=pos,
         coalesce=False,
     )
+    if cookie is not None and f._text is not None:
+        f._pos += f._text.start_at(cookie, lambda n, at: os.pread(fd, n, at))
+    return f

@@ -52,6 +52,7 @@ import locale
 import operator
 import os
 import sys
+from _multibytecodec import MultibyteIncrementalDecoder as _MultibyteIncrementalDecoder
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
@@ -61,6 +62,18 @@ T = TypeVar("T")
 
 _SSIZE_MAX = sys.maxsize
 _NEWLINES = (None, "", "\n", "\r", "\r\n")
+
+
+_UNSET: Any = object()  # reconfigure()'s newline not given (None is a value)
+
+
+def _text_codec(encoding: str) -> codecs.CodecInfo:
+    info = codecs.lookup(encoding)
+    if not getattr(info, "_is_text_encoding", True):
+        raise LookupError(
+            f"'{encoding}' is not a text encoding; use codecs.open() to handle arbitrary codecs"
+        )
+    return info
 
 
 class AsyncBinaryBuffer(Protocol):
@@ -200,36 +213,13 @@ class AsyncTextWrapper:
             encoding = "utf-8"
         elif encoding is None or encoding == "locale":
             encoding = locale.getencoding()
-        info = codecs.lookup(encoding)
-        if not getattr(info, "_is_text_encoding", True):
-            raise LookupError(
-                f"'{encoding}' is not a text encoding; use codecs.open() to handle arbitrary codecs"
-            )
+        info = _text_codec(encoding)
 
         self._buffer = buffer
-        self._encoding = encoding
-        self._errors = errors
         self._line_buffering = line_buffering
         self._write_through = write_through
-        self._readuniversal = not newline
-        self._readtranslate = newline is None
-        self._readnl = newline
-        self._writetranslate = newline != ""
-        writenl = newline or os.linesep
-        self._writenl = None if writenl == "\n" else writenl
-
-        self._decoder: _Decoder | None = None
-        if buffer.readable():
-            decoder: _Decoder = info.incrementaldecoder(errors)
-            if self._readuniversal:
-                decoder = io.IncrementalNewlineDecoder(decoder, self._readtranslate)  # type: ignore[arg-type]
-            self._decoder = decoder
-        self._encoder: codecs.IncrementalEncoder | None = None
-        if buffer.writable():
-            self._encoder = info.incrementalencoder(errors)
-        # io encodes UTF-16/32 itself and leaves the start of the stream (where
-        # a BOM is written) after any write, even one that failed to encode.
-        self._bom_once = info.name in ("utf-16", "utf-32")
+        self._set_newline(newline)
+        self._set_codec(encoding, errors, info)
 
         self._decoded_chars = ""
         self._decoded_chars_used = 0
@@ -242,6 +232,100 @@ class AsyncTextWrapper:
         self._fed: list[tuple[tuple[int, bytes], bytes, str]] | None = None
         #: The file changed under the decoded text (see invalidate).
         self._stale = False
+
+    def _set_newline(self, newline: str | None) -> None:
+        self._readuniversal = not newline
+        self._readtranslate = newline is None
+        self._readnl = newline
+        self._writetranslate = newline != ""
+        writenl = newline or os.linesep
+        self._writenl = None if writenl == "\n" else writenl
+
+    def _set_codec(self, encoding: str, errors: str, info: codecs.CodecInfo) -> None:
+        """A new decoder and encoder (the newline settings made already)."""
+        self._encoding = encoding
+        self._errors = errors
+        self._decoder: _Decoder | None = None
+        self._zero_state_ok = True
+        if self._buffer.readable():
+            decoder: _Decoder = info.incrementaldecoder(errors)
+            if isinstance(decoder, _MultibyteIncrementalDecoder):
+                self._zero_state_ok = decoder.getstate()[1] == 0
+            if self._readuniversal:
+                decoder = io.IncrementalNewlineDecoder(decoder, self._readtranslate)  # type: ignore[arg-type]
+            self._decoder = decoder
+        self._encoder: codecs.IncrementalEncoder | None = None
+        if self._buffer.writable():
+            self._encoder = info.incrementalencoder(errors)
+        # io encodes UTF-16/32 itself and leaves the start of the stream (where
+        # a BOM is written) after any write, even one that failed to encode.
+        self._bom_once = info.name in ("utf-16", "utf-32")
+
+    async def _reconfigure(
+        self,
+        *,
+        encoding: str | None = None,
+        errors: str | None = None,
+        newline: Any = _UNSET,
+        line_buffering: bool | None = None,
+        write_through: bool | None = None,
+    ) -> None:
+        """Change the encoding, errors, newline, line_buffering or
+        write_through, as ``io.TextIOWrapper.reconfigure`` (what is not
+        given stays; a new ``encoding`` without ``errors`` is strict).  The
+        encoding and newline cannot change once text was read ahead."""
+        # The checks and their order are C's _io_TextIOWrapper_reconfigure_impl.
+        if self._decoded_chars and (
+            encoding is not None or errors is not None or newline is not _UNSET
+        ):
+            raise io.UnsupportedOperation(
+                "It is not possible to set the encoding or newline of stream after the first read"
+            )
+        if newline is not _UNSET and newline is not None:
+            if not isinstance(newline, str):
+                raise TypeError(
+                    f"reconfigure() argument 'newline' must be str or None, "
+                    f"not {type(newline).__name__}"
+                )
+            if newline not in _NEWLINES:
+                raise ValueError(f"illegal newline value: {newline}")
+        lb = self._line_buffering if line_buffering is None else bool(line_buffering)
+        wt = self._write_through if write_through is None else bool(write_through)
+        await self.flush()
+        recode = encoding is not None or errors is not None or newline is not _UNSET
+        # (Asked before anything changes: a cancellation here changes nothing.)
+        fix_encoder = recode and self._seekable and self._buffer.writable()
+        at_start = fix_encoder and await self._buffer.tell() == 0
+        self._b2cratio = 0.0
+        if newline is not _UNSET:
+            self._set_newline(newline)
+        if recode:
+            if encoding is None:
+                encoding = self._encoding
+                if errors is None:
+                    errors = self._errors
+            else:
+                if not isinstance(encoding, str):
+                    raise TypeError(
+                        f"reconfigure() argument 'encoding' must be str or None, "
+                        f"not {type(encoding).__name__}"
+                    )
+                if encoding == "locale":
+                    encoding = locale.getencoding()
+                if errors is None:
+                    errors = "strict"
+            if not isinstance(errors, str):
+                raise TypeError(
+                    f"reconfigure() argument 'errors' must be str or None, "
+                    f"not {type(errors).__name__}"
+                )
+            self._set_codec(encoding, errors, _text_codec(encoding))
+            # (io's _textiowrapper_fix_encoder_state: no BOM past the start.)
+            if fix_encoder and self._encoder is not None:
+                self._bom_check = False
+                if not at_start:
+                    self._encoder.setstate(0)
+        self._line_buffering, self._write_through = lb, wt
 
     # -- attributes -----------------------------------------------------------------------
 
@@ -307,8 +391,12 @@ class AsyncTextWrapper:
 
     def _decoder_setstate(self, decoder: _Decoder, start_pos: int, dec_flags: int) -> None:
         # At the start of the stream reset() rather than setstate(): a few
-        # decoders (utf-16) do not start in state (b"", 0).
-        if start_pos == 0 and dec_flags == 0:
+        # decoders (utf-16) do not start in state (b"", 0).  Nor do the
+        # ISO-2022 ones, and set to state 0 (a plain position's cookie, as
+        # after a write) CPython's crash the interpreter at their next
+        # decode (a NULL call: io.open's own TextIOWrapper does so); they
+        # start afresh there (ASCII, where a write leaves them).
+        if dec_flags == 0 and (start_pos == 0 or not self._zero_state_ok):
             decoder.reset()
         else:
             decoder.setstate((b"", dec_flags))
@@ -344,19 +432,27 @@ class AsyncTextWrapper:
 
     async def _consuming(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         """Run a read call so that, if it is cancelled (a BaseException that
-        is not an Exception), it consumes nothing: the text it took and the
-        text it decoded since go back into ``_decoded_chars``, with a
-        snapshot that covers them, so ``tell()`` is where it was."""
+        is not an Exception), it consumes nothing: over a buffer that can go
+        back (``mark``/``rewind``: a file), everything is as before it;
+        else (a pipe) the text it took and the text it decoded since go back
+        into ``_decoded_chars``, with a snapshot that covers them, so
+        ``tell()`` is where it was."""
         if self._fed is not None:  # (nested: the outer call undoes)
             return await fn(*args)
         if self._stale:
             await self._resync()
         saved = self._decoded_chars, self._decoded_chars_used, self._snapshot, self._telling
+        # Where the buffer can go back (a file, not a pipe), the call is
+        # undone whole: the buffer's position, the decoder's state and the
+        # decoded text are as before it, as if it never ran -- so a write
+        # or truncate after it lands where io's would.  (Keeping what it
+        # decoded as read-ahead would leave the buffer past it.)
+        undo = self._save()
         fed = self._fed = []
         try:
             return await fn(*args)
         except BaseException as e:
-            if not isinstance(e, Exception):
+            if not isinstance(e, Exception) and not self._restore(undo):
                 self._give_back(saved, fed)
             raise
         finally:
@@ -567,23 +663,36 @@ class AsyncTextWrapper:
         except BaseException as e:
             # Cancelled before anything was written: the encoder's state (a
             # stateful codec's shift, a BOM still to write) goes back too.
-            if not isinstance(e, Exception) and getattr(self._buffer, "moved", None) == 0:
-                encoder.setstate(state)
+            if not isinstance(e, Exception):
+                if getattr(self._buffer, "moved", None) == 0:
+                    encoder.setstate(state)
+                else:
+                    # Cancelled once it ran: it happened, and what was
+                    # decoded ahead of it is dropped as after any write.
+                    self._after_write()
             raise
         if needflush:
-            await self._buffer.flush()
+            try:
+                await self._buffer.flush()
+            except BaseException as e:
+                if not isinstance(e, Exception):
+                    self._after_write()  # (the write happened; see above)
+                raise
+        self._after_write()
+        return len(s)
+
+    def _after_write(self) -> None:
         self._set_decoded_chars("")
         self._snapshot = None
         if self._decoder is not None:
             self._decoder.reset()
-        return len(s)
 
-    async def flush(self) -> None:
+    async def _flush(self) -> None:
         self._telling = self._seekable
         await self._check_bom()
         await self._buffer.flush()
 
-    async def truncate(self, pos: int | None = None) -> int:
+    async def _truncate(self, pos: int | None = None) -> int:
         """Truncate the buffer at ``pos`` (default: the buffer's position,
         which is past any read-ahead, as with io)."""
         await self.flush()
@@ -662,9 +771,11 @@ class AsyncTextWrapper:
         finally:
             decoder.setstate(saved_state)
 
-    async def seek(self, cookie: int, whence: int = 0) -> int:
+    async def _seek(self, cookie: int, whence: int = 0) -> int:
         """Go to a cookie from :meth:`tell` (whence 0), or to the current
-        position or the end (whence 1 or 2, offset 0)."""
+        position or the end (whence 1 or 2, offset 0).  Cancelled part-way
+        (once the buffer moved), it goes back to where it was: a seek happens
+        whole or not at all."""
         whence = _c_int(whence)
         if not self._seekable:
             raise io.UnsupportedOperation("underlying stream is not seekable")
@@ -676,11 +787,17 @@ class AsyncTextWrapper:
             if cookie != 0:
                 raise io.UnsupportedOperation("can't do nonzero end-relative seeks")
             await self.flush()
-            self._set_decoded_chars("")
-            self._snapshot = None
-            if self._decoder is not None:
-                self._decoder.reset()
-            position = await self._buffer.seek(0, os.SEEK_END)
+            undo = self._save()
+            try:
+                self._set_decoded_chars("")
+                self._snapshot = None
+                if self._decoder is not None:
+                    self._decoder.reset()
+                position = await self._buffer.seek(0, os.SEEK_END)
+            except BaseException as e:
+                if not isinstance(e, Exception):
+                    self._restore(undo)
+                raise
             self._encoder_reset(position == 0)
             return position
         elif whence != os.SEEK_SET:
@@ -691,22 +808,113 @@ class AsyncTextWrapper:
 
         # Go back to the safe start point and replay read(chars_to_skip).
         start_pos, dec_flags, bytes_to_feed, chars_to_skip, need_eof = _parse_cookie(int(cookie))
-        await self._buffer.seek(start_pos)
-        self._set_decoded_chars("")
-        self._snapshot = None
-        decoder = self._decoder
-        if decoder is not None:
-            self._decoder_setstate(decoder, start_pos, dec_flags)
-        if chars_to_skip:
-            if decoder is None:
-                raise io.UnsupportedOperation("not readable")
-            chunk = await self._buffer.read(bytes_to_feed)
-            self._snapshot = (dec_flags, chunk)
-            self._set_decoded_chars(decoder.decode(chunk, need_eof))
-            if len(self._decoded_chars) < chars_to_skip:
-                raise OSError("can't restore logical file position")
-            self._decoded_chars_used = chars_to_skip
-        else:
-            self._snapshot = (dec_flags, b"")
+        undo = self._save()
+        try:
+            await self._buffer.seek(start_pos)
+            self._set_decoded_chars("")
+            self._snapshot = None
+            decoder = self._decoder
+            if decoder is not None:
+                self._decoder_setstate(decoder, start_pos, dec_flags)
+            if chars_to_skip:
+                if decoder is None:
+                    raise io.UnsupportedOperation("not readable")
+                chunk = await self._buffer.read(bytes_to_feed)
+                self._snapshot = (dec_flags, chunk)
+                self._set_decoded_chars(decoder.decode(chunk, need_eof))
+                if len(self._decoded_chars) < chars_to_skip:
+                    raise OSError("can't restore logical file position")
+                self._decoded_chars_used = chars_to_skip
+            else:
+                self._snapshot = (dec_flags, b"")
+        except BaseException as e:
+            if not isinstance(e, Exception):
+                self._restore(undo)
+            raise
         self._encoder_reset(start_pos == 0 and dec_flags == 0)
         return cookie
+
+    def start_at(self, cookie: int, pread: Callable[[int, int], bytes]) -> int:
+        """Set up as :meth:`seek` to ``cookie`` would, without awaiting, for
+        a wrapper just made over a buffer at the cookie's start position
+        (``threadlets.wrap`` of a text file, whose ``tell()`` was
+        ``cookie``).  ``pread(n, offset)`` reads the bytes to replay.
+        Returns how many bytes past that position the buffer must go."""
+        start_pos, dec_flags, bytes_to_feed, chars_to_skip, need_eof = _parse_cookie(int(cookie))
+        self._set_decoded_chars("")
+        self._snapshot = (dec_flags, b"")
+        decoder = self._decoder
+        chunk = b""
+        if decoder is not None:
+            self._decoder_setstate(decoder, start_pos, dec_flags)
+            if chars_to_skip:
+                chunk = pread(bytes_to_feed, start_pos)
+                self._snapshot = (dec_flags, chunk)
+                self._set_decoded_chars(decoder.decode(chunk, need_eof))
+                if len(self._decoded_chars) < chars_to_skip:
+                    raise OSError("can't restore logical file position")
+                self._decoded_chars_used = chars_to_skip
+        self._encoder_reset(start_pos == 0 and dec_flags == 0)
+        self._bom_check = False
+        return len(chunk)
+
+    # A cancelled flush, truncate, seek or reconfigure leaves tell() as it
+    # was: each begins with a flush, which re-enables tell() (after an
+    # iteration) -- only a call that finished may have done that.
+
+    async def flush(self) -> None:
+        await self._untold(self._flush)
+
+    async def truncate(self, pos: int | None = None) -> int:
+        """Truncate the buffer at ``pos`` (default: the buffer's position,
+        which is past any read-ahead, as with io)."""
+        return await self._untold(self._truncate, pos)
+
+    async def seek(self, cookie: int, whence: int = 0) -> int:
+        """Go to a cookie from :meth:`tell` (whence 0), or to the current
+        position or the end (whence 1 or 2, offset 0).  Cancelled part-way
+        (once the buffer moved), it goes back to where it was: a seek happens
+        whole or not at all."""
+        return await self._untold(self._seek, cookie, whence)
+
+    async def reconfigure(self, **kwargs: Any) -> None:
+        """Change the encoding, errors, newline, line_buffering or
+        write_through, as ``io.TextIOWrapper.reconfigure`` (keywords only;
+        what is not given stays; a new ``encoding`` without ``errors`` is
+        strict).  The encoding and newline cannot change once text was read
+        ahead."""
+        await self._untold(lambda: self._reconfigure(**kwargs))
+
+    async def _untold(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        telling = self._telling
+        try:
+            return await fn(*args)
+        except BaseException as e:
+            if not isinstance(e, Exception):
+                self._telling = telling
+            raise
+
+    def _save(self) -> tuple[Any, ...] | None:
+        """The state a cancelled call goes back to (see :meth:`_restore`);
+        None where the buffer cannot go back (a pipe)."""
+        mark_fn: Callable[[], Any] | None = getattr(self._buffer, "mark", None)
+        mark = mark_fn() if mark_fn is not None else None
+        if mark is None:
+            return None
+        dec_state = self._decoder.getstate() if self._decoder is not None else None
+        chars = (self._decoded_chars, self._decoded_chars_used, self._snapshot, self._telling)
+        return mark, dec_state, chars
+
+    def _restore(self, undo: tuple[Any, ...] | None) -> bool:
+        """Undo a call cancelled part-way: the buffer's position, the
+        decoder's state and the decoded text as :meth:`_save` found them.
+        False (nothing done) if that cannot be."""
+        if undo is None:
+            return False
+        mark, dec_state, chars = undo
+        if not self._buffer.rewind(mark):  # type: ignore[attr-defined]
+            return False
+        if self._decoder is not None:
+            self._decoder.setstate(dec_state)
+        self._decoded_chars, self._decoded_chars_used, self._snapshot, self._telling = chars
+        return True
