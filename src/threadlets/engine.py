@@ -1257,8 +1257,7 @@ class _RingBackend:
                 return
             outcome = op.outcome(res)
             if outcome is None:
-                req._resumed = True  # from here on the worker finishes it
-                self.ctx._continue(req, op.run)
+                self.ctx._continue(req, op.run)  # (sets _resumed once handed over)
                 return
             req._finish(*outcome)
         except BaseException:
@@ -1321,8 +1320,8 @@ class _RingBackend:
                 return
             if res > 0:
                 t.done += res
-            req._resumed = True  # (no call between these three steps)
-            self.ctx._continue(req, t.run)
+            res = 0  # (counted in t.done: no call between the two steps)
+            self.ctx._continue(req, t.run)  # (sets _resumed once handed over)
         except BaseException:
             # (The kernel moved `res` more into the buffers: counted.)
             _finish_interrupted(req, t.done + max(res, 0))
@@ -1597,14 +1596,32 @@ class AioContext:
         return req
 
     def _continue(self, req: AioRequest, run: Callable[[], int]) -> None:
-        """Finish a claimed request on a worker: ``run()`` gives its result."""
+        """Finish a claimed request on a worker: ``run()`` gives its result.
+
+        Sets ``req._resumed`` once the request is sure to be finished by
+        someone else: a worker, or -- the queue closing under it -- the
+        thread that cancels the continuation.  An interrupt (Ctrl-C) before
+        the hand-over leaves it unset and raises, and the caller finishes
+        the request (``_finish_interrupted``); one after it just raises."""
         job = _Continuation(req, run)
+        queue = self._queue
+        t: Threadlet[None] = Threadlet(queue, job)
+        # Before it is published (no lock: nobody else sees it yet), so that
+        # no interrupt can come between queueing it and being told if the
+        # queue's close() cancels it instead of running it.
+        t._callbacks = [job.if_cancelled]
         try:
-            t = self._queue.submit(job)
-        except RuntimeError:  # the queue is closed: finish it here
+            queue._submit(t)
+        except RuntimeError:  # the queue is closed (nothing queued): finish it here
+            req._resumed = True
             job()
             return
-        t.add_done_callback(job.if_cancelled)
+        except BaseException:
+            # Queued after all if a worker took it or it waits in the queue.
+            if t._state is not _QUEUED or queue._holds(t):
+                req._resumed = True
+            raise
+        req._resumed = True
 
     def _prepare(
         self, fd: object, offset: object, buffers: object, writable: bool, callback: object
