@@ -8,13 +8,14 @@ import gc
 import os
 import select
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from threadlets import AioContext, AioRequest
 
-from .conftest import interrupt_at_c_return
+from .conftest import interrupt_at_c_return, wait_until
 
 
 def _outcome(req: AioRequest) -> object:
@@ -69,3 +70,95 @@ def test_ctrl_c_at_every_c_return_of_a_hand_over_to_a_worker(
                 break  # the whole delivery ran without reaching the n-th return
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("deliver", [False, True])
+def test_close_from_a_done_callback_of_its_own_request(
+    backend: str, tmp_path: Path, deliver: bool
+) -> None:
+    """A done-callback (add_done_callback) that closes its request's own
+    context: close() waited for that request, which is delivered only once
+    its done-callbacks returned -- for ever without a timeout (with one, it
+    gave up and left the context open).  The request whose callbacks run in
+    the closing thread counts as done, as a pool worker closing its own
+    queue does not wait for itself."""
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 100)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        ctx = AioContext(backend=backend, inline=False, deliver=deliver)
+        closed: list[bool] = []
+        done = threading.Event()
+
+        def close_it(r: object) -> None:
+            try:
+                closed.append(ctx.close(timeout=2))
+                closed.append(ctx.drain(timeout=2) if deliver else True)
+            finally:
+                done.set()
+
+        delivered: list[AioRequest] = []
+        req = ctx.read(fd, 0, bytearray(10))
+        req.add_done_callback(close_it)
+        if deliver:
+            other = ctx.read(fd, 0, bytearray(10), callback=delivered.append)
+            assert ctx.wait(other, timeout=10) or ctx.closed
+        assert done.wait(timeout=10)
+        assert closed == [True, True]
+        assert ctx.closed
+        assert req.result() == 10
+        if deliver:
+            assert delivered == [other]
+        assert ctx.close(timeout=10)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("how", ["poll", "drain", "wait"])
+def test_close_from_another_thread_wakes_the_owner_asleep_on_the_eventfd(
+    backend: str, how: str
+) -> None:
+    """The owner asleep in poll() (nothing outstanding), drain() or wait()
+    while another thread closes the context: poll() slept until its timeout
+    -- for ever without one: closing an fd does not wake a poll on it --
+    and then raised EBADF ("closed by someone else"), having polled a
+    number the context no longer owned.  Now the close wakes the sleepers
+    and the eventfd is closed by the last one out."""
+    ctx = AioContext(backend=backend)
+    gate = threading.Event()
+    asleep = threading.Event()
+    outcome: list[object] = []
+    req = None if how == "poll" else ctx.call(gate.wait, 30)
+
+    def owner() -> None:
+        try:
+            asleep.set()
+            if how == "poll":
+                outcome.append(ctx.poll(timeout=30))
+            elif how == "drain":
+                outcome.append(ctx.drain(timeout=30))
+            else:
+                assert req is not None
+                outcome.append(ctx.wait(req, timeout=30))
+        except BaseException as e:
+            outcome.append(e)
+
+    t = threading.Thread(target=owner)
+    t.start()
+    assert asleep.wait(timeout=10)
+    wait_until(lambda: ctx._cq.notifier.sleepers == 1)
+    fd = ctx._cq.notifier.fileno()
+    if how == "poll":
+        assert ctx.close(timeout=10)
+    else:
+        closer = threading.Thread(target=ctx.close, args=(10,))
+        closer.start()
+        wait_until(lambda: ctx._cq.closing)
+        gate.set()
+        closer.join(timeout=10)
+    t.join(timeout=10)
+    assert not t.is_alive(), "the owner still sleeps on a closed context"
+    assert outcome in ([0], [True])
+    assert ctx.closed
+    with pytest.raises(OSError):
+        os.fstat(fd)  # and the eventfd was closed after all

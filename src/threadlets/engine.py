@@ -671,7 +671,13 @@ class AioRequest(Threadlet[int]):
             cq = self._ctx._cq
             held = cq.direct
             direct = None
+            mine: list[AioRequest] = _finishing.__dict__.setdefault("requests", [])
             try:
+                # While its done-callbacks run in this thread, a drain() or
+                # close() of its context from inside one does not wait for
+                # it (it would wait for itself): see _own_finishing.
+                if self._callbacks:
+                    mine.append(self)
                 # Done-callbacks run as callbacks do: not with `direct` set.
                 # Only its holder clears it (and so restores it): another
                 # thread would restore it after the holder let it go.
@@ -682,6 +688,8 @@ class AioRequest(Threadlet[int]):
                 try:
                     Threadlet._finished(self)
                 finally:  # (a done-callback's KeyboardInterrupt outside a worker)
+                    if mine and mine[-1] is self:
+                        del mine[-1]
                     if direct is not None:
                         cq.direct = direct
                     cq.complete(self)
@@ -729,10 +737,12 @@ class _Notifier:
         self._poll = select.poll()
         self._poll.register(self._rfd, select.POLLIN)
         self.closed = False
-        #: Threads asleep in AioContext._wait_until: one that delivers
-        #: completions wakes them (it may have cleared the signal they
-        #: slept on).
+        #: Threads asleep in :meth:`sleep`: one that delivers completions
+        #: wakes them (it may have cleared the signal they slept on), and a
+        #: close while they sleep leaves the descriptor to the last of them.
         self.sleepers = 0
+        #: Closed while threads slept on it: the last one out closes the fds.
+        self._deferred = False
 
     def fileno(self) -> int:
         return self._rfd
@@ -780,6 +790,8 @@ class _Notifier:
             events = poll.poll(ms)
         for _, revents in events:
             if revents & select.POLLNVAL:
+                if self.closed:
+                    return True  # (closed by its owner: the caller looks again)
                 # Closed behind our back (a double close elsewhere in the
                 # process): waiting again would return at once, for ever.
                 raise OSError(
@@ -788,10 +800,37 @@ class _Notifier:
                 )
         return bool(events)
 
+    def sleep(self, timeout: float | None, done: Callable[[], bool] | None = None) -> bool:
+        """:meth:`wait`, counted as a sleeper from before the last look at
+        ``done()`` (a thread delivering after that look wakes this one):
+        True at once if ``done()`` or closed.  A close meanwhile wakes the
+        sleepers and leaves the descriptor open until the last one is out:
+        none ever polls a number that may be another file's by then."""
+        self.sleepers += 1
+        try:
+            return (done is not None and done()) or self.closed or self.wait(timeout)
+        finally:
+            # (Plain bytecodes from the count to the test-and-set: see close.)
+            self.sleepers -= 1
+            if self._deferred and not self.sleepers:
+                self._deferred = False
+                self._close_fds()
+
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
+        if self.sleepers:
+            # Asleep in another thread (a poll() or drain() racing a close):
+            # wake them; the last one out closes the fds.  (No call between
+            # the look at the count and the store: a sleeper leaving meets
+            # either a count of zero here or the flag set.)
+            self._deferred = True
+            self.signal()
+            return
+        self._close_fds()
+
+    def _close_fds(self) -> None:
         self._poll.unregister(self._rfd)
         os.close(self._rfd)
         if self._wfd != self._rfd:
@@ -1002,9 +1041,10 @@ class _CompletionQueue:
             self.wakeups += 1
             self._signal()
 
-    def wait_quiet(self, timeout: float | None) -> bool:
+    def wait_quiet(self, timeout: float | None, own: int = 0) -> bool:
+        """Wait until at most ``own`` requests are outstanding."""
         with self.lock:
-            return self.quiet.wait_for(lambda: self.admitted == self.delivered, timeout)
+            return self.quiet.wait_for(lambda: self.admitted - self.delivered <= own, timeout)
 
     def after_fork(self) -> None:
         """In a forked child: the parent's requests count as finished, and
@@ -1018,6 +1058,10 @@ class _CompletionQueue:
         self.delivered = self.admitted
         self.signalled = False
         old = self.notifier
+        old.sleepers = 0  # (the parent's threads: none here)
+        if old._deferred:
+            old._deferred = False
+            old._close_fds()  # the child's copy only
         if not old.closed:
             old.close()  # the child's copy only
             self.notifier = _Notifier()
@@ -1368,6 +1412,9 @@ class _Continuation:
 
 
 _live_contexts: weakref.WeakSet[AioContext] = weakref.WeakSet()
+#: ``.requests``: the requests whose done-callbacks this thread runs (nested
+#: ones last).
+_finishing = threading.local()
 
 
 class AioContext:
@@ -2044,10 +2091,10 @@ class AioContext:
         while True:
             if self._ring is not None:
                 self._ring.flush()  # a callback's plugged submissions must start before we sleep
-            if self._cq.notifier.closed:
-                return 0  # closed meanwhile (by a callback)
-            if not self._cq.notifier.wait(_time_left(deadline)):
+            if not self._cq.notifier.sleep(_time_left(deadline)):
                 return 0
+            if self._cq.notifier.closed:
+                return 0  # closed meanwhile (by a callback, or another thread)
             n = self.on_readable()
             if n:
                 return n
@@ -2076,7 +2123,16 @@ class AioContext:
     def drain(self, timeout: float | None = None) -> bool:
         """Process completions until no request is outstanding (QEMU's
         qemu_aio_flush).  Returns False if ``timeout`` seconds passed first."""
-        return self._wait_until(lambda: self._cq.outstanding() <= 0, timeout)
+        own = self._own_finishing()
+        return self._wait_until(lambda: self._cq.outstanding() <= own, timeout)
+
+    def _own_finishing(self) -> int:
+        """How many of this context's requests this thread is finishing:
+        a drain() or close() from one of their done-callbacks would wait
+        for them, that is for itself, so it counts them as done (each is
+        delivered as soon as its done-callbacks returned)."""
+        mine: list[AioRequest] = getattr(_finishing, "requests", [])
+        return sum(1 for r in mine if r._ctx is self)
 
     def _check_open(self) -> None:
         if self._cq.notifier.closed:
@@ -2105,14 +2161,7 @@ class AioContext:
                 self._ring.flush()  # see poll()
             if self._cq.notifier.closed:
                 return done()  # closed meanwhile (by a callback): nothing to wait for
-            # Counted as a sleeper before the last look at done(): a thread
-            # delivering after that look wakes this one.
-            notifier = self._cq.notifier
-            notifier.sleepers += 1
-            try:
-                woken = done() or notifier.wait(remaining)
-            finally:
-                notifier.sleepers -= 1
+            woken = self._cq.notifier.sleep(remaining, done)
 
     def close(self, timeout: float | None = None) -> bool:
         """Refuse new requests (from any thread, at once), wait for the
@@ -2125,7 +2174,10 @@ class AioContext:
                 return True
             cq.closing = True
         try:
-            quiet = self.drain(timeout) if self._deliver else cq.wait_quiet(timeout)
+            if self._deliver:
+                quiet = self.drain(timeout)
+            else:
+                quiet = cq.wait_quiet(timeout, self._own_finishing())
         except BaseException:
             self._reopen()
             raise
