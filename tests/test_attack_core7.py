@@ -4,6 +4,7 @@ shutdown, fork and abandoned contexts."""
 from __future__ import annotations
 
 import errno
+import functools
 import gc
 import os
 import select
@@ -162,3 +163,70 @@ def test_close_from_another_thread_wakes_the_owner_asleep_on_the_eventfd(
     assert ctx.closed
     with pytest.raises(OSError):
         os.fstat(fd)  # and the eventfd was closed after all
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), 1e300, 1e7])
+@pytest.mark.parametrize("call", ["drain", "ctx.wait", "poll", "req.wait", "close"])
+def test_a_timeout_beyond_what_poll_takes_waits_as_long_as_asked(
+    backend: str, timeout: float, call: str
+) -> None:
+    """drain(), wait(), poll() and close() with a timeout past what poll(2)
+    takes in milliseconds (about 24.8 days) -- infinity included, "no
+    limit" as the pool's waits take it -- raised OverflowError (close() then
+    left the context open); on the ring req.wait(inf) did too."""
+    r, w = os.pipe()
+    with AioContext(backend=backend) as ctx:
+        req = ctx.read(r, 0, bytearray(1))  # (on the ring, where there is one)
+        outcome: list[object] = []
+
+        def waiter() -> None:
+            try:
+                if call == "drain":
+                    outcome.append(ctx.drain(timeout))
+                elif call == "ctx.wait":
+                    outcome.append(ctx.wait(req, timeout))
+                elif call == "poll":
+                    outcome.append(ctx.poll(timeout))
+                elif call == "req.wait":
+                    outcome.append(req.wait(timeout))
+                else:
+                    outcome.append(ctx.close(timeout))
+            except BaseException as e:
+                outcome.append(e)
+
+        t = threading.Thread(target=waiter)
+        t.start()
+        ring = ctx._ring
+
+        def asleep() -> bool:
+            if call == "close":
+                return ctx._cq.closing
+            if call == "req.wait":
+                return bool(req._waiters) or (ring is not None and ring._sleepers > 0)
+            return ctx._cq.notifier.sleepers > 0
+
+        wait_until(lambda: asleep() or bool(outcome))
+        os.write(w, b"x")
+        t.join(timeout=10)
+        assert outcome in ([True], [1])
+        assert ctx.drain(timeout=10)
+    os.close(r)
+    os.close(w)
+
+
+def test_a_nan_timeout_is_refused_before_anything_happens(backend: str) -> None:
+    """NaN is refused by every engine wait as the pool refuses it (before,
+    some answered with int()'s ValueError from half-way: close(nan) had
+    begun closing and then reopened)."""
+    nan = float("nan")
+    for deliver in (True, False):
+        with AioContext(backend=backend, deliver=deliver) as ctx:
+            req = ctx.call(int)
+            calls = [req.wait, req.result, ctx.close]
+            if deliver:
+                calls += [ctx.drain, ctx.poll, functools.partial(ctx.wait, req)]
+            for c in calls:
+                with pytest.raises(ValueError, match="timeout must be None or >= 0"):
+                    c(nan)
+            assert req.wait(10)
+            assert not ctx.closed

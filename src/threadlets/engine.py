@@ -619,7 +619,7 @@ class AioRequest(Threadlet[int]):
             return Threadlet.wait(self, timeout)
         # Owner mode, or the reaper itself waiting inside a callback: reap
         # while waiting (see Ring.wait for why no wakeup is lost).
-        _check_timeout(timeout)
+        timeout = _check_timeout(timeout)  # (inf, or past TIMEOUT_MAX: None)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             ring.reap()
@@ -721,6 +721,10 @@ _ONE = (ctypes.c_uint64 * 1)(1)  # what an eventfd write adds (read-only: shared
 _SCRATCH = (ctypes.c_uint64 * 1)()  # where an eventfd's count is read to (and dropped)
 
 
+#: The longest poll() takes, in milliseconds (a C int).
+_MAX_POLL_MS = 2**31 - 1
+
+
 class _Notifier:
     """An eventfd (a pipe where there is none, or in portable mode):
     readable while signalled."""
@@ -779,7 +783,16 @@ class _Notifier:
 
     def wait(self, timeout: float | None) -> bool:
         """Block until signalled or ``timeout`` seconds passed."""
-        ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
+        if timeout is not None and timeout * 1000 > _MAX_POLL_MS:
+            # Longer than poll() takes (about 24.8 days): in steps.
+            deadline = time.monotonic() + timeout
+            while (deadline - time.monotonic()) * 1000 > _MAX_POLL_MS:
+                if self._wait_ms(_MAX_POLL_MS):
+                    return True
+            timeout = max(0.0, deadline - time.monotonic())
+        return self._wait_ms(None if timeout is None else max(0, int(timeout * 1000 + 0.999)))
+
+    def _wait_ms(self, ms: int | None) -> bool:
         try:
             events = self._poll.poll(ms)
         except RuntimeError:
@@ -2081,8 +2094,7 @@ class AioContext:
         Returns how many requests were processed."""
         if not self._deliver:
             raise RuntimeError("this AioContext does not deliver completions: wait on requests")
-        if timeout is not None and timeout < 0:
-            raise ValueError(f"timeout must be None or >= 0, not {timeout!r}")
+        timeout = _check_timeout(timeout)  # (NaN refused; inf, or past TIMEOUT_MAX: None)
         self._check_open()
         n = self.process_completions()
         if n:
@@ -2141,8 +2153,7 @@ class AioContext:
     def _wait_until(self, done: Callable[[], bool], timeout: float | None) -> bool:
         if not self._deliver:
             raise RuntimeError("this AioContext does not deliver completions: wait on requests")
-        if timeout is not None and timeout < 0:
-            raise ValueError(f"timeout must be None or >= 0, not {timeout!r}")
+        timeout = _check_timeout(timeout)  # (NaN refused; inf, or past TIMEOUT_MAX: None)
         deadline = None if timeout is None else time.monotonic() + timeout
         woken = False
         while True:
@@ -2168,6 +2179,7 @@ class AioContext:
         outstanding ones (running their callbacks), then release the eventfd
         and the ring.  Returns False, leaving the context open, if
         ``timeout`` seconds passed first.  Closing twice is harmless."""
+        timeout = _check_timeout(timeout)  # (before it begins: NaN refused)
         cq = self._cq
         with cq.lock:
             if cq.notifier.closed:
@@ -2292,8 +2304,8 @@ class _InlineDone(AioRequest):
         return CancelResult.ALLDONE
 
     def wait(self, timeout: float | None = None) -> bool:
-        if timeout is not None and timeout < 0:
-            raise ValueError(f"timeout must be None or >= 0, not {timeout!r}")
+        if timeout is not None:
+            _check_timeout(timeout)  # (refused as anywhere else: NaN too)
         return True
 
     def result(self, timeout: float | None = None) -> int:
