@@ -16,7 +16,7 @@ import pytest
 
 from threadlets import AioContext, AioRequest
 
-from .conftest import interrupt_at_c_return, wait_until
+from .conftest import HAVE_RING, interrupt_at_c_return, wait_until
 
 
 def _outcome(req: AioRequest) -> object:
@@ -230,3 +230,41 @@ def test_a_nan_timeout_is_refused_before_anything_happens(backend: str) -> None:
                     c(nan)
             assert req.wait(10)
             assert not ctx.closed
+
+
+def test_close_with_a_reaper_busy_after_the_batch_keeps_to_its_timeout(tmp_path: Path) -> None:
+    """A reaper-mode context (deliver=False, io_uring) whose reaper is still
+    busy once every request was delivered (an after-batch call of a front
+    end that blocks): close(timeout) joined the reaper with no timeout, so
+    it hung for as long as that took.  Now it returns False in time."""
+    if not HAVE_RING:
+        pytest.skip("no io_uring here")
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 100)
+    fd = os.open(path, os.O_RDONLY)
+    release = threading.Event()
+    busy = threading.Event()
+    ctx = AioContext(backend="io_uring", inline=False, deliver=False)
+
+    def blocker() -> None:
+        busy.set()
+        release.wait(30)
+
+    try:
+        req = ctx.read(fd, 0, bytearray(10))
+        req.add_done_callback(lambda r: ctx.call_after_batch(blocker))
+        assert busy.wait(10)
+        answer: list[bool] = []
+        closer = threading.Thread(target=lambda: answer.append(ctx.close(timeout=0.2)))
+        closer.start()
+        closer.join(timeout=10)
+        hung = closer.is_alive()
+        release.set()
+        closer.join(timeout=10)
+        assert not hung, "close(timeout=0.2) waited for the reaper beyond its timeout"
+        assert answer == [False]
+        assert ctx.closed
+        assert ctx.close(timeout=10)  # (and once the reaper ended: True)
+    finally:
+        release.set()
+        os.close(fd)

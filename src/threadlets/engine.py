@@ -2178,13 +2178,18 @@ class AioContext:
         """Refuse new requests (from any thread, at once), wait for the
         outstanding ones (running their callbacks), then release the eventfd
         and the ring.  Returns False, leaving the context open, if
-        ``timeout`` seconds passed first.  Closing twice is harmless."""
+        ``timeout`` seconds passed first; also False, the context closed,
+        if a reaper thread still busy in a callback did not end within the
+        rest of ``timeout`` (it releases the ring as it ends).  Closing twice
+        is harmless."""
         timeout = _check_timeout(timeout)  # (before it begins: NaN refused)
+        deadline = None if timeout is None else time.monotonic() + timeout
         cq = self._cq
         with cq.lock:
-            if cq.notifier.closed:
-                return True
+            closed = cq.notifier.closed
             cq.closing = True
+        if closed:
+            return self._join_reaper(deadline)
         try:
             if self._deliver:
                 quiet = self.drain(timeout)
@@ -2200,13 +2205,18 @@ class AioContext:
             f.nowait_reads = False  # inline readers handed out answer -1 now
         self._files.clear()
         self._finalizer()
+        return self._join_reaper(deadline)
+
+    def _join_reaper(self, deadline: float | None) -> bool:
         ring = self._ring
-        if ring is not None and not ring.owner_mode:
-            # Its reaper releases the ring (its fd, its mappings) as it ends,
-            # which it does at once now: close() returns after that.  (Not
-            # from a callback in the reaper itself: join() sees that.)
-            ring.join()
-        return True
+        if ring is None or ring.owner_mode:
+            return True
+        # Its reaper releases the ring (its fd, its mappings) as it ends,
+        # which it does at once now: close() returns after that.  (Not from
+        # a callback in the reaper itself: join() sees that.)  Bounded by
+        # what is left of the timeout, as everything close waits for.
+        left = _time_left(deadline)
+        return ring.join(None if left is None else max(0.0, left))
 
     def _reopen(self) -> None:
         with self._cq.lock:
