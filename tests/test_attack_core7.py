@@ -239,9 +239,7 @@ def test_close_with_a_reaper_busy_after_the_batch_keeps_to_its_timeout(tmp_path:
     it hung for as long as that took.  Now it returns False in time."""
     if not HAVE_RING:
         pytest.skip("no io_uring here")
-    path = tmp_path / "f"
-    path.write_bytes(b"x" * 100)
-    fd = os.open(path, os.O_RDONLY)
+    fd, w = os.pipe()
     release = threading.Event()
     busy = threading.Event()
     ctx = AioContext(backend="io_uring", inline=False, deliver=False)
@@ -253,6 +251,7 @@ def test_close_with_a_reaper_busy_after_the_batch_keeps_to_its_timeout(tmp_path:
     try:
         req = ctx.read(fd, 0, bytearray(10))
         req.add_done_callback(lambda r: ctx.call_after_batch(blocker))
+        os.write(w, b"x")  # (it completes in the reaper, after the callback is in place)
         assert busy.wait(10)
         answer: list[bool] = []
         closer = threading.Thread(target=lambda: answer.append(ctx.close(timeout=0.2)))
@@ -268,3 +267,4 @@ def test_close_with_a_reaper_busy_after_the_batch_keeps_to_its_timeout(tmp_path:
     finally:
         release.set()
         os.close(fd)
+        os.close(w)

@@ -783,35 +783,34 @@ class _Notifier:
 
     def wait(self, timeout: float | None) -> bool:
         """Block until signalled or ``timeout`` seconds passed."""
+        deadline = None
         if timeout is not None and timeout * 1000 > _MAX_POLL_MS:
             # Longer than poll() takes (about 24.8 days): in steps.
             deadline = time.monotonic() + timeout
-            while (deadline - time.monotonic()) * 1000 > _MAX_POLL_MS:
-                if self._wait_ms(_MAX_POLL_MS):
-                    return True
-            timeout = max(0.0, deadline - time.monotonic())
-        return self._wait_ms(None if timeout is None else max(0, int(timeout * 1000 + 0.999)))
-
-    def _wait_ms(self, ms: int | None) -> bool:
-        try:
-            events = self._poll.poll(ms)
-        except RuntimeError:
-            # Another thread sleeps on it (a poll object takes one at a
-            # time): a drain or close in a second thread gets its own.
-            poll = select.poll()
-            poll.register(self._rfd, select.POLLIN)
-            events = poll.poll(ms)
-        for _, revents in events:
-            if revents & select.POLLNVAL:
-                if self.closed:
-                    return True  # (closed by its owner: the caller looks again)
-                # Closed behind our back (a double close elsewhere in the
-                # process): waiting again would return at once, for ever.
-                raise OSError(
-                    errno.EBADF,
-                    f"the completion eventfd (fd {self._rfd}) was closed by someone else",
-                )
-        return bool(events)
+        while True:
+            if deadline is not None:
+                timeout = min(_MAX_POLL_MS / 1000, max(0.0, deadline - time.monotonic()))
+            ms = None if timeout is None else min(_MAX_POLL_MS, int(timeout * 1000 + 0.999))
+            try:
+                events = self._poll.poll(ms)
+            except RuntimeError:
+                # Another thread sleeps on it (a poll object takes one at a
+                # time): a drain or close in a second thread gets its own.
+                poll = select.poll()
+                poll.register(self._rfd, select.POLLIN)
+                events = poll.poll(ms)
+            for _, revents in events:
+                if revents & select.POLLNVAL:
+                    if self.closed:
+                        return True  # (closed by its owner: the caller looks again)
+                    # Closed behind our back (a double close elsewhere in the
+                    # process): waiting again would return at once, for ever.
+                    raise OSError(
+                        errno.EBADF,
+                        f"the completion eventfd (fd {self._rfd}) was closed by someone else",
+                    )
+            if events or deadline is None or ms is None or ms < _MAX_POLL_MS:
+                return bool(events)
 
     def sleep(self, timeout: float | None, done: Callable[[], bool] | None = None) -> bool:
         """:meth:`wait`, counted as a sleeper from before the last look at
