@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from threadlets import AioContext, AioRequest
+from threadlets import AioContext, AioRequest, ThreadletQueue
 
-from .conftest import HAVE_RING, interrupt_at_c_return, wait_until
+from .conftest import HAVE_RING, Gate, interrupt_at_c_return, wait_until
 
 
 def _outcome(req: AioRequest) -> object:
@@ -268,3 +268,82 @@ def test_close_with_a_reaper_busy_after_the_batch_keeps_to_its_timeout(tmp_path:
         release.set()
         os.close(fd)
         os.close(w)
+
+
+@pytest.mark.parametrize("deliver", [True, False])
+def test_ctrl_c_at_every_c_return_of_a_cancel_delivers_it_once(backend: str, deliver: bool) -> None:
+    """cancel() of a queued request: Ctrl-C landing as the queue's lock was
+    let go -- the request already CANCELLED -- skipped its delivery: no
+    done-callback, no completion, and drain() and close() waited for it for
+    ever.  Now it is delivered (once) before the interrupt propagates."""
+    n = 0
+    while True:
+        n += 1
+        queue = ThreadletQueue(max_threads=1)
+        gate = Gate()
+        ctx = AioContext(queue, backend=backend, inline=False, deliver=deliver)
+        try:
+            blocker = ctx.call(gate)
+            assert gate.started.wait(10)
+            calls: list[AioRequest] = []
+            done: list[object] = []
+            req = ctx.call(int, callback=calls.append if deliver else None)
+            req.add_done_callback(done.append)
+            seen = interrupt_at_c_return(n)
+            try:
+                req.cancel()
+            except KeyboardInterrupt:
+                pass
+            finally:
+                sys.setprofile(None)
+                gc.enable()
+            gate.release.set()
+            assert blocker.wait(10)
+            if deliver:
+                assert ctx.drain(timeout=10), f"interrupt at C return {n}: never delivered"
+            assert ctx.close(timeout=10), f"interrupt at C return {n}: never delivered"
+            assert done == [req], n
+            assert calls == ([req] if deliver else []), n
+        finally:
+            gate.release.set()
+            ctx.close(timeout=1)
+            queue.close(timeout=10)
+        if seen[0] < n:
+            break
+
+
+def test_ctrl_c_at_every_c_return_of_a_queue_close_strands_nothing() -> None:
+    """ThreadletQueue.close(): Ctrl-C landing as it took a queued threadlet
+    off the queue (popleft) stranded it -- QUEUED, in no queue, never run
+    nor cancelled: drain() and close() waited for it for ever -- and one
+    landing after a threadlet was cancelled, before its delivery, lost its
+    callbacks.  Now every queued threadlet is either cancelled and
+    delivered, once, or still queued for the next close()."""
+    for idle_timeout in (10.0, float("inf")):
+        n = 0
+        while True:
+            n += 1
+            q = ThreadletQueue(max_threads=2, min_threads=1, idle_timeout=idle_timeout)
+            gate = Gate(1)
+            q.submit(gate)
+            assert gate.started.wait(10)
+            calls: list[object] = []
+            queued = [q.submit(int) for _ in range(3)]
+            for t in queued:
+                t.add_done_callback(calls.append)
+            seen = interrupt_at_c_return(n)
+            try:
+                q.close(timeout=0)
+            except KeyboardInterrupt:
+                pass
+            finally:
+                sys.setprofile(None)
+                gc.enable()
+            gate.release.set()
+            assert q.close(timeout=10), n
+            assert sorted(map(id, calls)) == sorted(map(id, queued)), n
+            s = q.stats()
+            assert s.threads == 0
+            assert s.submitted == s.completed + s.cancelled, s
+            if seen[0] < n:
+                break

@@ -671,12 +671,13 @@ class AioRequest(Threadlet[int]):
             cq = self._ctx._cq
             held = cq.direct
             direct = None
-            mine: list[AioRequest] = _finishing.__dict__.setdefault("requests", [])
+            mine: list[AioRequest] | None = None
             try:
                 # While its done-callbacks run in this thread, a drain() or
                 # close() of its context from inside one does not wait for
                 # it (it would wait for itself): see _own_finishing.
                 if self._callbacks:
+                    mine = _finishing.__dict__.setdefault("requests", [])
                     mine.append(self)
                 # Done-callbacks run as callbacks do: not with `direct` set.
                 # Only its holder clears it (and so restores it): another
