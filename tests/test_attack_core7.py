@@ -3,6 +3,7 @@ shutdown, fork and abandoned contexts."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import gc
@@ -347,3 +348,55 @@ def test_ctrl_c_at_every_c_return_of_a_queue_close_strands_nothing() -> None:
             assert s.submitted == s.completed + s.cancelled, s
             if seen[0] < n:
                 break
+
+
+def _fds() -> dict[str, str]:
+    """The open descriptors and what they are (the listing's own is closed
+    by the time it is looked at)."""
+    out = {}
+    for f in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            out[f] = os.readlink(f"/proc/self/fd/{f}")
+    return out
+
+
+@pytest.mark.parametrize("deliver", [True, False])
+def test_ctrl_c_at_every_c_return_of_a_close_then_close_again_releases_all(
+    backend: str, deliver: bool
+) -> None:
+    """Ctrl-C inside close() once everything was delivered -- inside the
+    context's one-shot finalizer, as the ring pushed its STOP -- left the
+    ring closing with no STOP sent and the finalizer spent: the reaper
+    thread never ended, the eventfd stayed open, and every later close()
+    returned False.  Now the next close() finishes the job."""
+    n = 0
+    while True:
+        n += 1
+        r, w = os.pipe()
+        before = _fds()
+        ctx = AioContext(backend=backend, inline=False, deliver=deliver)
+        done: list[object] = []
+        reqs = [ctx.read(r, 0, bytearray(4)) for _ in range(2)]
+        for req in reqs:
+            req.add_done_callback(done.append)
+        os.write(w, b"abcdefgh")
+        seen = interrupt_at_c_return(n)
+        try:
+            ctx.close(timeout=10)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.setprofile(None)
+            gc.enable()
+        try:
+            assert ctx.close(timeout=10), f"interrupt at C return {n}"
+            assert ctx.closed
+            assert sorted(map(id, done)) == sorted(map(id, reqs))
+            left = {f: what for f, what in _fds().items() if before.get(f) != what}
+            nt = ctx._cq.notifier
+            assert not left, (n, left, nt._rfd, nt.closed, nt._deferred, nt.sleepers)
+        finally:
+            os.close(r)
+            os.close(w)
+        if seen[0] < n:
+            break

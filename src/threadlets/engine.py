@@ -741,6 +741,11 @@ class _Notifier:
             self._eventfd = False
         self._poll = select.poll()
         self._poll.register(self._rfd, select.POLLIN)
+        self._registered = True
+        #: What _close_fds has still to close.
+        self._open_fds: tuple[int, ...] = (
+            (self._rfd,) if self._wfd == self._rfd else (self._rfd, self._wfd)
+        )
         self.closed = False
         #: Threads asleep in :meth:`sleep`: one that delivers completions
         #: wakes them (it may have cleared the signal they slept on), and a
@@ -830,7 +835,11 @@ class _Notifier:
                 self._close_fds()
 
     def close(self) -> None:
+        """Close for good; a second call finishes what an interrupt (Ctrl-C
+        as a call returned) cut short."""
         if self.closed:
+            if not self._deferred:
+                self._close_fds()  # (nothing left to do, or what was cut short)
             return
         self.closed = True
         if self.sleepers:
@@ -844,10 +853,16 @@ class _Notifier:
         self._close_fds()
 
     def _close_fds(self) -> None:
-        self._poll.unregister(self._rfd)
-        os.close(self._rfd)
-        if self._wfd != self._rfd:
-            os.close(self._wfd)
+        # Each step marked done before its call: a Ctrl-C as one returns
+        # leaves the rest to the next close, never a number closed twice
+        # (it may be another file's by then).
+        if self._registered:
+            self._registered = False
+            self._poll.unregister(self._rfd)
+        while self._open_fds:
+            fd = self._open_fds[0]
+            self._open_fds = self._open_fds[1:]
+            os.close(fd)
 
 
 class _CompletionQueue:
@@ -2189,6 +2204,7 @@ class AioContext:
             closed = cq.notifier.closed
             cq.closing = True
         if closed:
+            self._release_now()  # (what a Ctrl-C cut short, if anything)
             return self._join_reaper(deadline)
         try:
             if self._deliver:
@@ -2204,8 +2220,17 @@ class AioContext:
         for f in list(self._files.values()):
             f.nowait_reads = False  # inline readers handed out answer -1 now
         self._files.clear()
-        self._finalizer()
+        self._release_now()
         return self._join_reaper(deadline)
+
+    def _release_now(self) -> None:
+        """The finalizer's work (release the ring, then the eventfd), done
+        here and only then let go of: a Ctrl-C inside it (a finalizer is
+        called once) leaves it for the next close() or the collector."""
+        release = self._finalizer.peek()
+        if release is not None:
+            release[1](*release[2])
+            self._finalizer.detach()
 
     def _join_reaper(self, deadline: float | None) -> bool:
         ring = self._ring

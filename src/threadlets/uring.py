@@ -277,6 +277,7 @@ class Ring:
             )
         self._fd = int(fd)
         self._released = False
+        self._fd_closed = False
         # Offsets into the ring mappings (the masks are read from there).
         sq_head, sq_tail, sq_mask_at, _, _, _, sq_array = p[10:17]
         cq_head, cq_tail, cq_mask_at, _, _, cqes = p[20:26]
@@ -800,18 +801,26 @@ class Ring:
     def close(self) -> None:
         """Stop taking submissions.  The reaper finishes what is in flight,
         then releases the ring; :meth:`join` waits for that."""
-        with self._lock:
-            if self._closing:
-                return
-            self._closing = True
-            if self._reaper is None or self._generation != _generation:
-                # Owner mode (its owner drained it), or a forked child (no
-                # reaper here): nothing will use the ring again.
-                self._release()
-                return
-            self._push(OP_NOP, -1, 0, 0, 0, 0, _STOP)
-            n = self._take()
-        self._kick(n)
+        n = 0
+        try:
+            with self._lock:
+                if self._closing:
+                    if self._reaper is None or self._generation != _generation:
+                        self._release()  # (finishes what a Ctrl-C cut short)
+                    return
+                if self._reaper is None or self._generation != _generation:
+                    # Owner mode (its owner drained it), or a forked child (no
+                    # reaper here): nothing will use the ring again.
+                    self._closing = True
+                    self._release()
+                    return
+                self._push(OP_NOP, -1, 0, 0, 0, 0, _STOP)
+                # Closing only once the STOP is published (a Ctrl-C before
+                # leaves it open, for the next close to finish), ...
+                self._closing = True
+                n = self._take()
+        finally:
+            self._kick(n)  # ... and sent even if Ctrl-C lands as the lock is let go
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait until the reaper released the ring; False on timeout."""
@@ -822,14 +831,19 @@ class Ring:
         return not reaper.is_alive()
 
     def _release(self) -> None:
+        # Every step may be repeated but the fd's close, which is marked
+        # done before it is called: a second call finishes what a Ctrl-C
+        # (as a call returned) cut short, and never closes a number twice.
         _open_rings.discard(self)
-        if self._released:
+        if self._fd_closed:
             return
         self._released = True
         # ctypes views into the mappings must go before the mappings can close.
-        del self._sq_head, self._sq_tail, self._cq_head, self._cq_tail
+        for name in ("_sq_head", "_sq_tail", "_cq_head", "_cq_tail"):
+            self.__dict__.pop(name, None)
         self._sqes.close()
         if self._cq_mm is not self._sq_mm:  # pragma: no cover
             self._cq_mm.close()
         self._sq_mm.close()
+        self._fd_closed = True
         os.close(self._fd)
