@@ -400,3 +400,36 @@ def test_ctrl_c_at_every_c_return_of_a_close_then_close_again_releases_all(
             os.close(w)
         if seen[0] < n:
             break
+
+
+@pytest.mark.parametrize("idle_timeout", [10.0, float("inf")])
+def test_ctrl_c_at_every_c_return_of_set_limits_strands_no_worker(idle_timeout: float) -> None:
+    """set_limits() lowering max_threads took each surplus idle worker off
+    the idle stack and woke it in two steps: Ctrl-C between them left a
+    worker that nobody would ever wake (one that timed out found itself
+    popped and waited for its wakeup), so close() waited for it for ever."""
+    n = 0
+    while True:
+        n += 1
+        q = ThreadletQueue(max_threads=4, idle_timeout=idle_timeout)
+        gates = [Gate() for _ in range(4)]
+        for g in gates:
+            q.submit(g)
+        for g in gates:
+            assert g.started.wait(10)
+        for g in gates:
+            g.release.set()
+        assert q.drain(timeout=10)
+        wait_until(lambda q=q: q.stats().idle == 4)
+        seen = interrupt_at_c_return(n)
+        try:
+            q.set_limits(max_threads=1)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.setprofile(None)
+            gc.enable()
+        assert q.close(timeout=10), f"interrupt at C return {n}: a worker was never woken"
+        assert q.stats().threads == 0
+        if seen[0] < n:
+            break

@@ -828,17 +828,26 @@ class ThreadletQueue:
         higher one spawns workers for work already queued; a higher
         ``min_threads`` spawns at once.
         """
-        with self._lock:
-            new_min = self._min if min_threads is None else min_threads
-            new_max = self._max if max_threads is None else max_threads
-            _check_limits(new_min, new_max)
-            self._min, self._max = new_min, new_max
-            # Wake as many idle workers as there are surplus threads: each
-            # finds itself above max_threads, and retires.
-            for _ in range(min(len(self._idle), self._threads - new_max)):
-                self._idle.pop().mailbox.release()
-            if not self._closed:
-                self._spawn_warm()
+        idle: list[_Worker] = []
+        try:
+            with self._lock:
+                new_min = self._min if min_threads is None else min_threads
+                new_max = self._max if max_threads is None else max_threads
+                _check_limits(new_min, new_max)
+                self._min, self._max = new_min, new_max
+                # Wake as many idle workers as there are surplus threads:
+                # each finds itself above max_threads, and retires.  Taken
+                # off the idle stack in one step (no call: see close), woken
+                # below even if Ctrl-C lands on the way -- one taken off and
+                # not woken would sleep for good, and close() wait for it.
+                surplus = min(len(self._idle), self._threads - new_max)
+                if surplus > 0:
+                    idle += self._idle[-surplus:]
+                    del self._idle[-surplus:]
+                if not self._closed:
+                    self._spawn_warm()
+        finally:
+            _release_all(idle)
 
     @property
     def max_threads(self) -> int:
