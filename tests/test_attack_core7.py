@@ -433,3 +433,39 @@ def test_ctrl_c_at_every_c_return_of_set_limits_strands_no_worker(idle_timeout: 
         assert q.stats().threads == 0
         if seen[0] < n:
             break
+
+
+def test_ctrl_c_at_every_c_return_of_a_wait_that_reaps_leaves_no_sleeper_counted(
+    backend: str,
+) -> None:
+    """req.wait() of a request on an owner-mode ring reaps and sleeps in
+    Ring.wait: Ctrl-C as the ring's lock was let go left the thread counted
+    as a sleeper for good, and every later reap posted a NOP for nobody --
+    one more system call and eventfd wakeup per batch, for the ring's life."""
+    n = 0
+    while True:
+        n += 1
+        r, w = os.pipe()
+        ctx = AioContext(backend=backend, inline=False)
+        try:
+            req = ctx.read(r, 0, bytearray(4))
+            seen = interrupt_at_c_return(n)
+            try:
+                assert not req.wait(0.02)  # (nothing to read: it sleeps in the ring's wait)
+            except KeyboardInterrupt:
+                pass
+            finally:
+                sys.setprofile(None)
+                gc.enable()
+            os.write(w, b"abcd")
+            assert req.wait(10)
+            ring = ctx._ring
+            if ring is not None:
+                assert ring._sleepers == 0, f"interrupt at C return {n}"
+            assert ctx.close(timeout=10)
+        finally:
+            ctx.close(timeout=1)
+            os.close(r)
+            os.close(w)
+        if seen[0] < n:
+            break

@@ -741,17 +741,22 @@ class Ring:
         if self._generation != _generation or self._released:
             return
         me_reaper = self._reaper is not None and self._reaper.ident == _get_ident()
-        with self._lock:
-            self._sleepers += 1
-            if me_reaper:
-                # Asleep inside a callback: submissions must not wait for
-                # the end of this pass, which waits for them.
-                held, self._reaper_holds = self._reaper_holds, False
-                n = self._take()
-            else:
-                n = 0
-        self._kick(n)
+        counted = False
+        held = False
+        n = 0
         try:
+            # (Counted and uncounted in one try: a Ctrl-C as the lock is let
+            # go left a sleeper counted for good, and every later reap
+            # posted a NOP -- a system call and a wakeup -- for nobody.)
+            with self._lock:
+                self._sleepers += 1
+                counted = True
+                if me_reaper:
+                    # Asleep inside a callback: submissions must not wait for
+                    # the end of this pass, which waits for them.
+                    held, self._reaper_holds = self._reaper_holds, False
+                    n = self._take()
+            self._kick(n)
             with self._lock:
                 if self._released:
                     return
@@ -760,10 +765,11 @@ class Ring:
                 return
             self._wait(timeout)
         finally:
-            with self._lock:
-                self._sleepers -= 1
-                if me_reaper:
-                    self._reaper_holds = held
+            if counted:
+                with self._lock:
+                    self._sleepers -= 1
+                    if me_reaper:
+                        self._reaper_holds = held
 
     def abandon_in_child(self) -> None:
         """In a forked child: let go of this process's copies of the ring
