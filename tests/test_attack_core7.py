@@ -469,3 +469,61 @@ def test_ctrl_c_at_every_c_return_of_a_wait_that_reaps_leaves_no_sleeper_counted
             os.close(w)
         if seen[0] < n:
             break
+
+
+#: Where a descriptor is made and not yet stored: Ctrl-C as that call
+#: returns loses it in any Python code (the residual window).
+_MAKING_AN_FD = ("os.eventfd(", "os.pipe()", "setup(_NR_SETUP")
+
+
+@pytest.mark.parametrize("deliver", [True, False])
+def test_ctrl_c_at_every_c_return_of_a_context_construction_leaks_nothing(
+    backend: str, deliver: bool
+) -> None:
+    """Ctrl-C while an AioContext was being made left what was made so far
+    open for good: the eventfd (no finalizer yet), the ring's fd, and in
+    reaper mode the reaper thread.  Now whatever was made is released --
+    but for the one instant a descriptor is made and not yet stored."""
+    AioContext(backend=backend, deliver=deliver).close()  # (imports, probes)
+    n = 0
+    while True:
+        n += 1
+        gc.collect()
+        before = _fds()
+        threads = threading.active_count()
+        seen = interrupt_at_c_return(n)
+        where = ""
+        try:
+            AioContext(backend=backend, deliver=deliver).close()
+        except KeyboardInterrupt as e:
+            tb = e.__traceback__
+            while (
+                tb is not None
+                and tb.tb_next is not None
+                and "conftest" not in str(tb.tb_next.tb_frame.f_code.co_filename)
+            ):
+                tb = tb.tb_next
+            if tb is not None:
+                import linecache
+
+                where = linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno)
+            tb = None  # (the frames hold what was made half-way)
+        finally:
+            sys.setprofile(None)
+            gc.enable()
+        if not any(m in where for m in _MAKING_AN_FD):
+
+            def released(before: dict[str, str] = before, threads: int = threads) -> bool:
+                gc.collect()
+                now = _fds()
+                return threading.active_count() <= threads and all(
+                    before.get(f) == what for f, what in now.items()
+                )
+
+            try:
+                wait_until(released, timeout=5)
+            except AssertionError:
+                left = {f: w for f, w in _fds().items() if before.get(f) != w}
+                raise AssertionError((n, where, left, threading.active_count() - threads)) from None
+        if seen[0] < n:
+            break

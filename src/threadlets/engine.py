@@ -89,6 +89,7 @@ the threads that run :meth:`AioContext.process_completions`.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import functools
@@ -731,22 +732,25 @@ class _Notifier:
     readable while signalled."""
 
     def __init__(self) -> None:
+        self._registered = False
+        #: What _close_fds has still to close (stored with the fds, in
+        #: plain bytecodes: from there on __del__ closes them if an
+        #: interrupt cuts the construction short).
+        self._open_fds: tuple[int, ...] = ()
+        self.closed = False
         if capabilities().eventfd:
             self._rfd = self._wfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self._open_fds = (self._rfd,)
             self._eventfd = True
         else:
             self._rfd, self._wfd = os.pipe()
+            self._open_fds = (self._rfd, self._wfd)
             os.set_blocking(self._rfd, False)
             os.set_blocking(self._wfd, False)
             self._eventfd = False
         self._poll = select.poll()
+        self._registered = True  # (before the call: unregistering one never made is harmless)
         self._poll.register(self._rfd, select.POLLIN)
-        self._registered = True
-        #: What _close_fds has still to close.
-        self._open_fds: tuple[int, ...] = (
-            (self._rfd,) if self._wfd == self._rfd else (self._rfd, self._wfd)
-        )
-        self.closed = False
         #: Threads asleep in :meth:`sleep`: one that delivers completions
         #: wakes them (it may have cleared the signal they slept on), and a
         #: close while they sleep leaves the descriptor to the last of them.
@@ -852,13 +856,21 @@ class _Notifier:
             return
         self._close_fds()
 
+    def __del__(self) -> None:
+        # A notifier nobody closed: its context's construction was cut
+        # short by an interrupt (a finalizer closes every other one first).
+        if self._open_fds:
+            self.closed = True
+            self._close_fds()
+
     def _close_fds(self) -> None:
         # Each step marked done before its call: a Ctrl-C as one returns
         # leaves the rest to the next close, never a number closed twice
         # (it may be another file's by then).
         if self._registered:
             self._registered = False
-            self._poll.unregister(self._rfd)
+            with contextlib.suppress(KeyError):  # (never registered after all)
+                self._poll.unregister(self._rfd)
         while self._open_fds:
             fd = self._open_fds[0]
             self._open_fds = self._open_fds[1:]
@@ -1501,27 +1513,36 @@ class AioContext:
         self._cq = _CompletionQueue(self._deliver)
         self._ring: Ring | None = None
         self._ring_backend: _RingBackend | None = None
-        if backend != "threads" and type(self._sc) is Syscalls:
-            try:
-                # A delivering context reaps in its owner's thread, woken by
-                # the kernel through the eventfd; otherwise a reaper thread
-                # finishes requests (see threadlets.uring).
-                efd = self._cq.notifier.fileno() if self._deliver else None
-                if not capabilities().io_uring:
-                    raise RingUnavailable(errno.ENOSYS, capability_note("io_uring"))
-                self._ring = Ring(RING_ENTRIES, eventfd=efd)
-                self._ring_backend = _RingBackend(self, self._ring)
-            except RingUnavailable:
-                if backend == "io_uring":
-                    self._cq.notifier.close()
-                    raise
-        #: "io_uring" or "threads": what runs requests that do not finish inline.
-        self.backend = "threads" if self._ring is None else "io_uring"
-        # The ring and the eventfd close with the context, or when it is
-        # collected (the ring first: the kernel writes the eventfd).
-        self._finalizer = weakref.finalize(
-            self, _release, self._cq.notifier, self._cq.lock, self._ring
-        )
+        made: list[Ring] = []  # (the ring made, even if Ctrl-C lands as Ring() returns)
+        try:
+            if backend != "threads" and type(self._sc) is Syscalls:
+                try:
+                    # A delivering context reaps in its owner's thread, woken
+                    # by the kernel through the eventfd; otherwise a reaper
+                    # thread finishes requests (see threadlets.uring).
+                    efd = self._cq.notifier.fileno() if self._deliver else None
+                    if not capabilities().io_uring:
+                        raise RingUnavailable(errno.ENOSYS, capability_note("io_uring"))
+                    self._ring = Ring(RING_ENTRIES, eventfd=efd, made=made)
+                    self._ring_backend = _RingBackend(self, self._ring)
+                except RingUnavailable:
+                    if backend == "io_uring":
+                        raise
+            #: "io_uring" or "threads": what runs requests that do not finish inline.
+            self.backend = "threads" if self._ring is None else "io_uring"
+            # The ring and the eventfd close with the context, or when it is
+            # collected (the ring first: the kernel writes the eventfd).
+            self._finalizer = weakref.finalize(
+                self, _release, self._cq.notifier, self._cq.lock, self._ring
+            )
+        except BaseException:
+            # Refused, or interrupted (Ctrl-C) half-way: release what was made
+            # (a reaper thread would run for good).  Repeatable, should the
+            # finalizer have been registered and run again.
+            for ring in made:
+                ring.close()
+            self._cq.notifier.close()
+            raise
         self._files: dict[int, AioFile] = {}
         self._preadv = os.preadv if type(self._sc) is Syscalls else self._sc.preadv
         # Statistics only (itertools.count: one atomic C call each, no lock).

@@ -255,7 +255,9 @@ class Ring:
     unmoved until then.
     """
 
-    def __init__(self, entries: int = 256, eventfd: int | None = None) -> None:
+    def __init__(
+        self, entries: int = 256, eventfd: int | None = None, made: list[Ring] | None = None
+    ) -> None:
         if not sys.platform.startswith("linux"):
             raise RingUnavailable(errno.ENOSYS, "io_uring is Linux-only")
         if os.uname().machine != "x86_64":
@@ -295,6 +297,7 @@ class Ring:
                 self._cq_mm = mmap.mmap(fd, cq_size, flags, prot, offset=_OFF_CQ_RING)
             self._sqes = mmap.mmap(fd, _SQE.size * sq_entries, flags, prot, offset=_OFF_SQES)
         except OSError:
+            self._fd_closed = True  # (not again in __del__)
             os.close(fd)
             raise
         u32 = ctypes.c_uint32
@@ -341,6 +344,10 @@ class Ring:
         #: The opcodes this kernel takes (IORING_REGISTER_PROBE): the engine
         #: sends the others to its threads.
         self.supported = _probe_opcodes(register, self._fd)
+        if made is not None:
+            # (The caller can close it even if Ctrl-C lands from here on,
+            # as Ring() returns included; before, __del__ releases it.)
+            made.append(self)
         if eventfd is not None:
             # Owner mode: the kernel signals the owner's eventfd for every
             # completion, and the owner reaps.  No thread of ours.
@@ -835,6 +842,19 @@ class Ring:
             return True
         reaper.join(timeout)
         return not reaper.is_alive()
+
+    def __del__(self) -> None:
+        # Collected unreleased: its construction was cut short (by an
+        # interrupt), or its owner was collected without closing it.  (One
+        # with operations in flight is kept alive by _open_rings; a reaper
+        # thread keeps its own.)
+        if getattr(self, "_fd_closed", True):
+            return
+        try:
+            self._release()
+        except AttributeError:  # (cut short before its mappings were made)
+            self._fd_closed = True
+            os.close(self._fd)
 
     def _release(self) -> None:
         # Every step may be repeated but the fd's close, which is marked
