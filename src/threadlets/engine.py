@@ -989,12 +989,26 @@ class _CompletionQueue:
                 if self.admitted == self.delivered:
                     self.quiet.notify_all()
                 return
-            self.ready.append(req)
-            if self.signalled:
+            if not self.notifier.closed:
+                self.ready.append(req)
+                if self.signalled:
+                    return
+                self.signalled = True
+                self.wakeups += 1
+                self._signal()
                 return
-            self.signalled = True
-            self.wakeups += 1
-            self._signal()
+            # Closed from inside this request's own done-callbacks (see
+            # AioContext._own_finishing), in this thread: nothing will
+            # process it now, so it is delivered here, by the thread that
+            # closed the context (whose close delivered the others).
+            req._processed = True
+            self.delivered += 1
+            cb = req.callback
+        if cb is not None:
+            try:
+                cb(req)
+            except Exception:
+                log.exception("exception in completion callback of %r", req)
 
     def _signal(self) -> None:
         # Under the lock, so that close() cannot close the fd under us.
