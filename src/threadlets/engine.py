@@ -89,6 +89,7 @@ the threads that run :meth:`AioContext.process_completions`.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import functools
@@ -619,7 +620,7 @@ class AioRequest(Threadlet[int]):
             return Threadlet.wait(self, timeout)
         # Owner mode, or the reaper itself waiting inside a callback: reap
         # while waiting (see Ring.wait for why no wakeup is lost).
-        _check_timeout(timeout)
+        timeout = _check_timeout(timeout)  # (inf, or past TIMEOUT_MAX: None)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             ring.reap()
@@ -671,7 +672,14 @@ class AioRequest(Threadlet[int]):
             cq = self._ctx._cq
             held = cq.direct
             direct = None
+            mine: list[AioRequest] | None = None
             try:
+                # While its done-callbacks run in this thread, a drain() or
+                # close() of its context from inside one does not wait for
+                # it (it would wait for itself): see _own_finishing.
+                if self._callbacks:
+                    mine = _finishing.__dict__.setdefault("requests", [])
+                    mine.append(self)
                 # Done-callbacks run as callbacks do: not with `direct` set.
                 # Only its holder clears it (and so restores it): another
                 # thread would restore it after the holder let it go.
@@ -682,6 +690,8 @@ class AioRequest(Threadlet[int]):
                 try:
                     Threadlet._finished(self)
                 finally:  # (a done-callback's KeyboardInterrupt outside a worker)
+                    if mine and mine[-1] is self:
+                        del mine[-1]
                     if direct is not None:
                         cq.direct = direct
                     cq.complete(self)
@@ -713,26 +723,40 @@ _ONE = (ctypes.c_uint64 * 1)(1)  # what an eventfd write adds (read-only: shared
 _SCRATCH = (ctypes.c_uint64 * 1)()  # where an eventfd's count is read to (and dropped)
 
 
+#: The longest poll() takes, in milliseconds (a C int).
+_MAX_POLL_MS = 2**31 - 1
+
+
 class _Notifier:
     """An eventfd (a pipe where there is none, or in portable mode):
     readable while signalled."""
 
     def __init__(self) -> None:
+        self._registered = False
+        #: What _close_fds has still to close (stored with the fds, in
+        #: plain bytecodes: from there on __del__ closes them if an
+        #: interrupt cuts the construction short).
+        self._open_fds: tuple[int, ...] = ()
+        self.closed = False
         if capabilities().eventfd:
             self._rfd = self._wfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self._open_fds = (self._rfd,)
             self._eventfd = True
         else:
             self._rfd, self._wfd = os.pipe()
+            self._open_fds = (self._rfd, self._wfd)
             os.set_blocking(self._rfd, False)
             os.set_blocking(self._wfd, False)
             self._eventfd = False
         self._poll = select.poll()
+        self._registered = True  # (before the call: unregistering one never made is harmless)
         self._poll.register(self._rfd, select.POLLIN)
-        self.closed = False
-        #: Threads asleep in AioContext._wait_until: one that delivers
-        #: completions wakes them (it may have cleared the signal they
-        #: slept on).
+        #: Threads asleep in :meth:`sleep`: one that delivers completions
+        #: wakes them (it may have cleared the signal they slept on), and a
+        #: close while they sleep leaves the descriptor to the last of them.
         self.sleepers = 0
+        #: Closed while threads slept on it: the last one out closes the fds.
+        self._deferred = False
 
     def fileno(self) -> int:
         return self._rfd
@@ -769,33 +793,88 @@ class _Notifier:
 
     def wait(self, timeout: float | None) -> bool:
         """Block until signalled or ``timeout`` seconds passed."""
-        ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
+        deadline = None
+        if timeout is not None and timeout * 1000 > _MAX_POLL_MS:
+            # Longer than poll() takes (about 24.8 days): in steps.
+            deadline = time.monotonic() + timeout
+        while True:
+            if deadline is not None:
+                timeout = min(_MAX_POLL_MS / 1000, max(0.0, deadline - time.monotonic()))
+            ms = None if timeout is None else min(_MAX_POLL_MS, int(timeout * 1000 + 0.999))
+            try:
+                events = self._poll.poll(ms)
+            except RuntimeError:
+                # Another thread sleeps on it (a poll object takes one at a
+                # time): a drain or close in a second thread gets its own.
+                poll = select.poll()
+                poll.register(self._rfd, select.POLLIN)
+                events = poll.poll(ms)
+            for _, revents in events:
+                if revents & select.POLLNVAL:
+                    if self.closed:
+                        return True  # (closed by its owner: the caller looks again)
+                    # Closed behind our back (a double close elsewhere in the
+                    # process): waiting again would return at once, for ever.
+                    raise OSError(
+                        errno.EBADF,
+                        f"the completion eventfd (fd {self._rfd}) was closed by someone else",
+                    )
+            if events or deadline is None or ms is None or ms < _MAX_POLL_MS:
+                return bool(events)
+
+    def sleep(self, timeout: float | None, done: Callable[[], bool] | None = None) -> bool:
+        """:meth:`wait`, counted as a sleeper from before the last look at
+        ``done()`` (a thread delivering after that look wakes this one):
+        True at once if ``done()`` or closed.  A close meanwhile wakes the
+        sleepers and leaves the descriptor open until the last one is out:
+        none ever polls a number that may be another file's by then."""
+        self.sleepers += 1
         try:
-            events = self._poll.poll(ms)
-        except RuntimeError:
-            # Another thread sleeps on it (a poll object takes one at a
-            # time): a drain or close in a second thread gets its own.
-            poll = select.poll()
-            poll.register(self._rfd, select.POLLIN)
-            events = poll.poll(ms)
-        for _, revents in events:
-            if revents & select.POLLNVAL:
-                # Closed behind our back (a double close elsewhere in the
-                # process): waiting again would return at once, for ever.
-                raise OSError(
-                    errno.EBADF,
-                    f"the completion eventfd (fd {self._rfd}) was closed by someone else",
-                )
-        return bool(events)
+            return (done is not None and done()) or self.closed or self.wait(timeout)
+        finally:
+            # (Plain bytecodes from the count to the test-and-set: see close.)
+            self.sleepers -= 1
+            if self._deferred and not self.sleepers:
+                self._deferred = False
+                self._close_fds()
 
     def close(self) -> None:
+        """Close for good; a second call finishes what an interrupt (Ctrl-C
+        as a call returned) cut short."""
         if self.closed:
+            if not self._deferred:
+                self._close_fds()  # (nothing left to do, or what was cut short)
             return
         self.closed = True
-        self._poll.unregister(self._rfd)
-        os.close(self._rfd)
-        if self._wfd != self._rfd:
-            os.close(self._wfd)
+        if self.sleepers:
+            # Asleep in another thread (a poll() or drain() racing a close):
+            # wake them; the last one out closes the fds.  (No call between
+            # the look at the count and the store: a sleeper leaving meets
+            # either a count of zero here or the flag set.)
+            self._deferred = True
+            self.signal()
+            return
+        self._close_fds()
+
+    def __del__(self) -> None:
+        # A notifier nobody closed: its context's construction was cut
+        # short by an interrupt (a finalizer closes every other one first).
+        if self._open_fds:
+            self.closed = True
+            self._close_fds()
+
+    def _close_fds(self) -> None:
+        # Each step marked done before its call: a Ctrl-C as one returns
+        # leaves the rest to the next close, never a number closed twice
+        # (it may be another file's by then).
+        if self._registered:
+            self._registered = False
+            with contextlib.suppress(KeyError):  # (never registered after all)
+                self._poll.unregister(self._rfd)
+        while self._open_fds:
+            fd = self._open_fds[0]
+            self._open_fds = self._open_fds[1:]
+            os.close(fd)
 
 
 class _CompletionQueue:
@@ -910,12 +989,26 @@ class _CompletionQueue:
                 if self.admitted == self.delivered:
                     self.quiet.notify_all()
                 return
-            self.ready.append(req)
-            if self.signalled:
+            if not self.notifier.closed:
+                self.ready.append(req)
+                if self.signalled:
+                    return
+                self.signalled = True
+                self.wakeups += 1
+                self._signal()
                 return
-            self.signalled = True
-            self.wakeups += 1
-            self._signal()
+            # Closed from inside this request's own done-callbacks (see
+            # AioContext._own_finishing), in this thread: nothing will
+            # process it now, so it is delivered here, by the thread that
+            # closed the context (whose close delivered the others).
+            req._processed = True
+            self.delivered += 1
+            cb = req.callback
+        if cb is not None:
+            try:
+                cb(req)
+            except Exception:
+                log.exception("exception in completion callback of %r", req)
 
     def _signal(self) -> None:
         # Under the lock, so that close() cannot close the fd under us.
@@ -1002,9 +1095,10 @@ class _CompletionQueue:
             self.wakeups += 1
             self._signal()
 
-    def wait_quiet(self, timeout: float | None) -> bool:
+    def wait_quiet(self, timeout: float | None, own: int = 0) -> bool:
+        """Wait until at most ``own`` requests are outstanding."""
         with self.lock:
-            return self.quiet.wait_for(lambda: self.admitted == self.delivered, timeout)
+            return self.quiet.wait_for(lambda: self.admitted - self.delivered <= own, timeout)
 
     def after_fork(self) -> None:
         """In a forked child: the parent's requests count as finished, and
@@ -1018,6 +1112,10 @@ class _CompletionQueue:
         self.delivered = self.admitted
         self.signalled = False
         old = self.notifier
+        old.sleepers = 0  # (the parent's threads: none here)
+        if old._deferred:
+            old._deferred = False
+            old._close_fds()  # the child's copy only
         if not old.closed:
             old.close()  # the child's copy only
             self.notifier = _Notifier()
@@ -1257,8 +1355,7 @@ class _RingBackend:
                 return
             outcome = op.outcome(res)
             if outcome is None:
-                req._resumed = True  # from here on the worker finishes it
-                self.ctx._continue(req, op.run)
+                self.ctx._continue(req, op.run)  # (sets _resumed once handed over)
                 return
             req._finish(*outcome)
         except BaseException:
@@ -1321,8 +1418,8 @@ class _RingBackend:
                 return
             if res > 0:
                 t.done += res
-            req._resumed = True  # (no call between these three steps)
-            self.ctx._continue(req, t.run)
+            res = 0  # (counted in t.done: no call between the two steps)
+            self.ctx._continue(req, t.run)  # (sets _resumed once handed over)
         except BaseException:
             # (The kernel moved `res` more into the buffers: counted.)
             _finish_interrupted(req, t.done + max(res, 0))
@@ -1369,6 +1466,9 @@ class _Continuation:
 
 
 _live_contexts: weakref.WeakSet[AioContext] = weakref.WeakSet()
+#: ``.requests``: the requests whose done-callbacks this thread runs (nested
+#: ones last).
+_finishing = threading.local()
 
 
 class AioContext:
@@ -1427,27 +1527,36 @@ class AioContext:
         self._cq = _CompletionQueue(self._deliver)
         self._ring: Ring | None = None
         self._ring_backend: _RingBackend | None = None
-        if backend != "threads" and type(self._sc) is Syscalls:
-            try:
-                # A delivering context reaps in its owner's thread, woken by
-                # the kernel through the eventfd; otherwise a reaper thread
-                # finishes requests (see threadlets.uring).
-                efd = self._cq.notifier.fileno() if self._deliver else None
-                if not capabilities().io_uring:
-                    raise RingUnavailable(errno.ENOSYS, capability_note("io_uring"))
-                self._ring = Ring(RING_ENTRIES, eventfd=efd)
-                self._ring_backend = _RingBackend(self, self._ring)
-            except RingUnavailable:
-                if backend == "io_uring":
-                    self._cq.notifier.close()
-                    raise
-        #: "io_uring" or "threads": what runs requests that do not finish inline.
-        self.backend = "threads" if self._ring is None else "io_uring"
-        # The ring and the eventfd close with the context, or when it is
-        # collected (the ring first: the kernel writes the eventfd).
-        self._finalizer = weakref.finalize(
-            self, _release, self._cq.notifier, self._cq.lock, self._ring
-        )
+        made: list[Ring] = []  # (the ring made, even if Ctrl-C lands as Ring() returns)
+        try:
+            if backend != "threads" and type(self._sc) is Syscalls:
+                try:
+                    # A delivering context reaps in its owner's thread, woken
+                    # by the kernel through the eventfd; otherwise a reaper
+                    # thread finishes requests (see threadlets.uring).
+                    efd = self._cq.notifier.fileno() if self._deliver else None
+                    if not capabilities().io_uring:
+                        raise RingUnavailable(errno.ENOSYS, capability_note("io_uring"))
+                    self._ring = Ring(RING_ENTRIES, eventfd=efd, made=made)
+                    self._ring_backend = _RingBackend(self, self._ring)
+                except RingUnavailable:
+                    if backend == "io_uring":
+                        raise
+            #: "io_uring" or "threads": what runs requests that do not finish inline.
+            self.backend = "threads" if self._ring is None else "io_uring"
+            # The ring and the eventfd close with the context, or when it is
+            # collected (the ring first: the kernel writes the eventfd).
+            self._finalizer = weakref.finalize(
+                self, _release, self._cq.notifier, self._cq.lock, self._ring
+            )
+        except BaseException:
+            # Refused, or interrupted (Ctrl-C) half-way: release what was made
+            # (a reaper thread would run for good).  Repeatable, should the
+            # finalizer have been registered and run again.
+            for ring in made:
+                ring.close()
+            self._cq.notifier.close()
+            raise
         self._files: dict[int, AioFile] = {}
         self._preadv = os.preadv if type(self._sc) is Syscalls else self._sc.preadv
         # Statistics only (itertools.count: one atomic C call each, no lock).
@@ -1597,14 +1706,32 @@ class AioContext:
         return req
 
     def _continue(self, req: AioRequest, run: Callable[[], int]) -> None:
-        """Finish a claimed request on a worker: ``run()`` gives its result."""
+        """Finish a claimed request on a worker: ``run()`` gives its result.
+
+        Sets ``req._resumed`` once the request is sure to be finished by
+        someone else: a worker, or -- the queue closing under it -- the
+        thread that cancels the continuation.  An interrupt (Ctrl-C) before
+        the hand-over leaves it unset and raises, and the caller finishes
+        the request (``_finish_interrupted``); one after it just raises."""
         job = _Continuation(req, run)
+        queue = self._queue
+        t: Threadlet[None] = Threadlet(queue, job)
+        # Before it is published (no lock: nobody else sees it yet), so that
+        # no interrupt can come between queueing it and being told if the
+        # queue's close() cancels it instead of running it.
+        t._callbacks = [job.if_cancelled]
         try:
-            t = self._queue.submit(job)
-        except RuntimeError:  # the queue is closed: finish it here
+            queue._submit(t)
+        except RuntimeError:  # the queue is closed (nothing queued): finish it here
+            req._resumed = True
             job()
             return
-        t.add_done_callback(job.if_cancelled)
+        except BaseException:
+            # Queued after all if a worker took it or it waits in the queue.
+            if t._state is not _QUEUED or queue._holds(t):
+                req._resumed = True
+            raise
+        req._resumed = True
 
     def _prepare(
         self, fd: object, offset: object, buffers: object, writable: bool, callback: object
@@ -2017,8 +2144,7 @@ class AioContext:
         Returns how many requests were processed."""
         if not self._deliver:
             raise RuntimeError("this AioContext does not deliver completions: wait on requests")
-        if timeout is not None and timeout < 0:
-            raise ValueError(f"timeout must be None or >= 0, not {timeout!r}")
+        timeout = _check_timeout(timeout)  # (NaN refused; inf, or past TIMEOUT_MAX: None)
         self._check_open()
         n = self.process_completions()
         if n:
@@ -2027,10 +2153,10 @@ class AioContext:
         while True:
             if self._ring is not None:
                 self._ring.flush()  # a callback's plugged submissions must start before we sleep
-            if self._cq.notifier.closed:
-                return 0  # closed meanwhile (by a callback)
-            if not self._cq.notifier.wait(_time_left(deadline)):
+            if not self._cq.notifier.sleep(_time_left(deadline)):
                 return 0
+            if self._cq.notifier.closed:
+                return 0  # closed meanwhile (by a callback, or another thread)
             n = self.on_readable()
             if n:
                 return n
@@ -2059,7 +2185,16 @@ class AioContext:
     def drain(self, timeout: float | None = None) -> bool:
         """Process completions until no request is outstanding (QEMU's
         qemu_aio_flush).  Returns False if ``timeout`` seconds passed first."""
-        return self._wait_until(lambda: self._cq.outstanding() <= 0, timeout)
+        own = self._own_finishing()
+        return self._wait_until(lambda: self._cq.outstanding() <= own, timeout)
+
+    def _own_finishing(self) -> int:
+        """How many of this context's requests this thread is finishing:
+        a drain() or close() from one of their done-callbacks would wait
+        for them, that is for itself, so it counts them as done (each is
+        delivered as soon as its done-callbacks returned)."""
+        mine: list[AioRequest] = getattr(_finishing, "requests", [])
+        return sum(1 for r in mine if r._ctx is self)
 
     def _check_open(self) -> None:
         if self._cq.notifier.closed:
@@ -2068,8 +2203,7 @@ class AioContext:
     def _wait_until(self, done: Callable[[], bool], timeout: float | None) -> bool:
         if not self._deliver:
             raise RuntimeError("this AioContext does not deliver completions: wait on requests")
-        if timeout is not None and timeout < 0:
-            raise ValueError(f"timeout must be None or >= 0, not {timeout!r}")
+        timeout = _check_timeout(timeout)  # (NaN refused; inf, or past TIMEOUT_MAX: None)
         deadline = None if timeout is None else time.monotonic() + timeout
         woken = False
         while True:
@@ -2088,27 +2222,30 @@ class AioContext:
                 self._ring.flush()  # see poll()
             if self._cq.notifier.closed:
                 return done()  # closed meanwhile (by a callback): nothing to wait for
-            # Counted as a sleeper before the last look at done(): a thread
-            # delivering after that look wakes this one.
-            notifier = self._cq.notifier
-            notifier.sleepers += 1
-            try:
-                woken = done() or notifier.wait(remaining)
-            finally:
-                notifier.sleepers -= 1
+            woken = self._cq.notifier.sleep(remaining, done)
 
     def close(self, timeout: float | None = None) -> bool:
         """Refuse new requests (from any thread, at once), wait for the
         outstanding ones (running their callbacks), then release the eventfd
         and the ring.  Returns False, leaving the context open, if
-        ``timeout`` seconds passed first.  Closing twice is harmless."""
+        ``timeout`` seconds passed first; also False, the context closed,
+        if a reaper thread still busy in a callback did not end within the
+        rest of ``timeout`` (it releases the ring as it ends).  Closing twice
+        is harmless."""
+        timeout = _check_timeout(timeout)  # (before it begins: NaN refused)
+        deadline = None if timeout is None else time.monotonic() + timeout
         cq = self._cq
         with cq.lock:
-            if cq.notifier.closed:
-                return True
+            closed = cq.notifier.closed
             cq.closing = True
+        if closed:
+            self._release_now()  # (what a Ctrl-C cut short, if anything)
+            return self._join_reaper(deadline)
         try:
-            quiet = self.drain(timeout) if self._deliver else cq.wait_quiet(timeout)
+            if self._deliver:
+                quiet = self.drain(timeout)
+            else:
+                quiet = cq.wait_quiet(timeout, self._own_finishing())
         except BaseException:
             self._reopen()
             raise
@@ -2118,14 +2255,28 @@ class AioContext:
         for f in list(self._files.values()):
             f.nowait_reads = False  # inline readers handed out answer -1 now
         self._files.clear()
-        self._finalizer()
+        self._release_now()
+        return self._join_reaper(deadline)
+
+    def _release_now(self) -> None:
+        """The finalizer's work (release the ring, then the eventfd), done
+        here and only then let go of: a Ctrl-C inside it (a finalizer is
+        called once) leaves it for the next close() or the collector."""
+        release = self._finalizer.peek()
+        if release is not None:
+            release[1](*release[2])
+            self._finalizer.detach()
+
+    def _join_reaper(self, deadline: float | None) -> bool:
         ring = self._ring
-        if ring is not None and not ring.owner_mode:
-            # Its reaper releases the ring (its fd, its mappings) as it ends,
-            # which it does at once now: close() returns after that.  (Not
-            # from a callback in the reaper itself: join() sees that.)
-            ring.join()
-        return True
+        if ring is None or ring.owner_mode:
+            return True
+        # Its reaper releases the ring (its fd, its mappings) as it ends,
+        # which it does at once now: close() returns after that.  (Not from
+        # a callback in the reaper itself: join() sees that.)  Bounded by
+        # what is left of the timeout, as everything close waits for.
+        left = _time_left(deadline)
+        return ring.join(None if left is None else max(0.0, left))
 
     def _reopen(self) -> None:
         with self._cq.lock:
@@ -2223,8 +2374,8 @@ class _InlineDone(AioRequest):
         return CancelResult.ALLDONE
 
     def wait(self, timeout: float | None = None) -> bool:
-        if timeout is not None and timeout < 0:
-            raise ValueError(f"timeout must be None or >= 0, not {timeout!r}")
+        if timeout is not None:
+            _check_timeout(timeout)  # (refused as anywhere else: NaN too)
         return True
 
     def result(self, timeout: float | None = None) -> int:

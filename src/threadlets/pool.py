@@ -376,22 +376,27 @@ class Threadlet(Generic[T]):
         the threadlet is cancelled all the same (in a worker it is logged).
         """
         queue = self._queue
-        with queue._lock:
-            state = self._state
-            if state is _QUEUED:
-                self._state = _CANCELLED
-                # The item stays in the deque (workers skip cancelled items),
-                # but what it would have run is dropped now.
-                self._fn = self._kwargs = None
-                self._args = ()
-                queue._queued -= 1
-                queue._cancelled += 1
-                queue._notify_if_quiet()
-            elif state is _RUNNING:
-                return CancelResult.NOTCANCELED
-            else:
-                return CancelResult.ALLDONE
-        self._finished()
+        changed = False
+        try:
+            with queue._lock:
+                state = self._state
+                if state is _QUEUED:
+                    self._state = _CANCELLED
+                    # The item stays in the deque (workers skip cancelled
+                    # items), but what it would have run is dropped now.
+                    self._fn = self._kwargs = None
+                    self._args = ()
+                    queue._queued -= 1
+                    queue._cancelled += 1
+                    changed = True  # (before any call: Ctrl-C can land as one returns)
+                    queue._notify_if_quiet()
+                elif state is _RUNNING:
+                    return CancelResult.NOTCANCELED
+                else:
+                    return CancelResult.ALLDONE
+        finally:
+            if changed:  # (delivered even if Ctrl-C lands as the lock is let go)
+                self._finished()
         return CancelResult.CANCELED
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -522,6 +527,23 @@ def _run_callbacks(callbacks: Iterable[Callable[[Any], object]], item: object) -
 
 def _invoke_callback(cb: Callable[[Any], object], item: Any) -> None:
     _run_callbacks((cb,), item)
+
+
+def _release_all(workers: list[_Worker]) -> None:
+    """Wake each of ``workers`` (taken off an idle stack) although Ctrl-C
+    lands as one release returns (it was released); then re-raise it."""
+    first: BaseException | None = None
+    for w in workers:
+        try:
+            w.mailbox.release()
+        except BaseException as exc:
+            if first is None:
+                first = exc
+    if first is not None:
+        try:
+            raise first
+        finally:
+            first = None
 
 
 def _finish_all(items: Iterable[Threadlet[Any]]) -> None:
@@ -806,17 +828,26 @@ class ThreadletQueue:
         higher one spawns workers for work already queued; a higher
         ``min_threads`` spawns at once.
         """
-        with self._lock:
-            new_min = self._min if min_threads is None else min_threads
-            new_max = self._max if max_threads is None else max_threads
-            _check_limits(new_min, new_max)
-            self._min, self._max = new_min, new_max
-            # Wake as many idle workers as there are surplus threads: each
-            # finds itself above max_threads, and retires.
-            for _ in range(min(len(self._idle), self._threads - new_max)):
-                self._idle.pop().mailbox.release()
-            if not self._closed:
-                self._spawn_warm()
+        idle: list[_Worker] = []
+        try:
+            with self._lock:
+                new_min = self._min if min_threads is None else min_threads
+                new_max = self._max if max_threads is None else max_threads
+                _check_limits(new_min, new_max)
+                self._min, self._max = new_min, new_max
+                # Wake as many idle workers as there are surplus threads:
+                # each finds itself above max_threads, and retires.  Taken
+                # off the idle stack in one step (no call: see close), woken
+                # below even if Ctrl-C lands on the way -- one taken off and
+                # not woken would sleep for good, and close() wait for it.
+                surplus = min(len(self._idle), self._threads - new_max)
+                if surplus > 0:
+                    idle += self._idle[-surplus:]
+                    del self._idle[-surplus:]
+                if not self._closed:
+                    self._spawn_warm()
+        finally:
+            _release_all(idle)
 
     @property
     def max_threads(self) -> int:
@@ -863,24 +894,37 @@ class ThreadletQueue:
         deadline = None if timeout is None else time.monotonic() + timeout
         own = _is_own_worker(self)
         cancelled: list[Threadlet[Any]] = []
-        with self._lock:
-            self._closed = True
-            while self._items:
-                item = self._items.popleft()
-                if item._state is _QUEUED:
-                    item._state = _CANCELLED
-                    item._fn = item._kwargs = None
-                    item._args = ()
-                    self._queued -= 1
-                    self._cancelled += 1
-                    cancelled.append(item)
-            while self._idle:
-                self._idle.pop().mailbox.release()
-            # A worker cannot join itself, nor another closing worker.
-            threads = [] if own else [w.thread for w in self._workers if w.thread]
-            self._notify_if_quiet()
-        _finish_all(cancelled)
-        del cancelled
+        idle: list[_Worker] = []
+        try:
+            with self._lock:
+                self._closed = True
+                # Plain bytecodes from each item's change to its listing (the
+                # list grows by `+=`, not a call): a Ctrl-C landing as a call
+                # returns finds every cancelled item listed for delivery, and
+                # the rest still queued, for the next close().  The queue is
+                # emptied only once all are cancelled.
+                for item in self._items:
+                    if item._state is _QUEUED:
+                        item._state = _CANCELLED
+                        item._fn = item._kwargs = None
+                        item._args = ()
+                        self._queued -= 1
+                        self._cancelled += 1
+                        cancelled += (item,)
+                # Taken off the idle stack in one step, woken below: each
+                # is woken even if Ctrl-C lands on the way.
+                idle += self._idle
+                del self._idle[:]
+                self._items.clear()
+                # A worker cannot join itself, nor another closing worker.
+                threads = [] if own else [w.thread for w in self._workers if w.thread]
+                self._notify_if_quiet()
+        finally:
+            try:
+                _release_all(idle)
+            finally:
+                _finish_all(cancelled)
+                del cancelled
         with self._lock:
             if own:
                 self._closers += 1

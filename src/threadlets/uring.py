@@ -270,7 +270,9 @@ class Ring:
     unmoved until then.
     """
 
-    def __init__(self, entries: int = 256, eventfd: int | None = None) -> None:
+    def __init__(
+        self, entries: int = 256, eventfd: int | None = None, made: list[Ring] | None = None
+    ) -> None:
         if not sys.platform.startswith("linux"):
             raise RingUnavailable(errno.ENOSYS, "io_uring is Linux-only")
         if os.uname().machine != "x86_64":
@@ -292,6 +294,7 @@ class Ring:
             )
         self._fd = int(fd)
         self._released = False
+        self._fd_closed = False
         # Offsets into the ring mappings (the masks are read from there).
         sq_head, sq_tail, sq_mask_at, _, _, _, sq_array = p[10:17]
         cq_head, cq_tail, cq_mask_at, _, _, cqes = p[20:26]
@@ -309,6 +312,7 @@ class Ring:
                 self._cq_mm = mmap.mmap(fd, cq_size, flags, prot, offset=_OFF_CQ_RING)
             self._sqes = mmap.mmap(fd, _SQE.size * sq_entries, flags, prot, offset=_OFF_SQES)
         except OSError:
+            self._fd_closed = True  # (not again in __del__)
             os.close(fd)
             raise
         u32 = ctypes.c_uint32
@@ -355,6 +359,10 @@ class Ring:
         #: The opcodes this kernel takes (IORING_REGISTER_PROBE): the engine
         #: sends the others to its threads.
         self.supported = _probe_opcodes(register, self._fd)
+        if made is not None:
+            # (The caller can close it even if Ctrl-C lands from here on,
+            # as Ring() returns included; before, __del__ releases it.)
+            made.append(self)
         if eventfd is not None:
             # Owner mode: the kernel signals the owner's eventfd for every
             # completion, and the owner reaps.  No thread of ours.
@@ -755,17 +763,22 @@ class Ring:
         if self._generation != _generation or self._released:
             return
         me_reaper = self._reaper is not None and self._reaper.ident == _get_ident()
-        with self._lock:
-            self._sleepers += 1
-            if me_reaper:
-                # Asleep inside a callback: submissions must not wait for
-                # the end of this pass, which waits for them.
-                held, self._reaper_holds = self._reaper_holds, False
-                n = self._take()
-            else:
-                n = 0
-        self._kick(n)
+        counted = False
+        held = False
+        n = 0
         try:
+            # (Counted and uncounted in one try: a Ctrl-C as the lock is let
+            # go left a sleeper counted for good, and every later reap
+            # posted a NOP -- a system call and a wakeup -- for nobody.)
+            with self._lock:
+                self._sleepers += 1
+                counted = True
+                if me_reaper:
+                    # Asleep inside a callback: submissions must not wait for
+                    # the end of this pass, which waits for them.
+                    held, self._reaper_holds = self._reaper_holds, False
+                    n = self._take()
+            self._kick(n)
             with self._lock:
                 if self._released:
                     return
@@ -774,10 +787,11 @@ class Ring:
                 return
             self._wait(timeout)
         finally:
-            with self._lock:
-                self._sleepers -= 1
-                if me_reaper:
-                    self._reaper_holds = held
+            if counted:
+                with self._lock:
+                    self._sleepers -= 1
+                    if me_reaper:
+                        self._reaper_holds = held
 
     def abandon_in_child(self) -> None:
         """In a forked child: let go of this process's copies of the ring
@@ -815,18 +829,26 @@ class Ring:
     def close(self) -> None:
         """Stop taking submissions.  The reaper finishes what is in flight,
         then releases the ring; :meth:`join` waits for that."""
-        with self._lock:
-            if self._closing:
-                return
-            self._closing = True
-            if self._reaper is None or self._generation != _generation:
-                # Owner mode (its owner drained it), or a forked child (no
-                # reaper here): nothing will use the ring again.
-                self._release()
-                return
-            self._push(OP_NOP, -1, 0, 0, 0, 0, _STOP)
-            n = self._take()
-        self._kick(n)
+        n = 0
+        try:
+            with self._lock:
+                if self._closing:
+                    if self._reaper is None or self._generation != _generation:
+                        self._release()  # (finishes what a Ctrl-C cut short)
+                    return
+                if self._reaper is None or self._generation != _generation:
+                    # Owner mode (its owner drained it), or a forked child (no
+                    # reaper here): nothing will use the ring again.
+                    self._closing = True
+                    self._release()
+                    return
+                self._push(OP_NOP, -1, 0, 0, 0, 0, _STOP)
+                # Closing only once the STOP is published (a Ctrl-C before
+                # leaves it open, for the next close to finish), ...
+                self._closing = True
+                n = self._take()
+        finally:
+            self._kick(n)  # ... and sent even if Ctrl-C lands as the lock is let go
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait until the reaper released the ring; False on timeout."""
@@ -836,15 +858,33 @@ class Ring:
         reaper.join(timeout)
         return not reaper.is_alive()
 
+    def __del__(self) -> None:
+        # Collected unreleased: its construction was cut short (by an
+        # interrupt), or its owner was collected without closing it.  (One
+        # with operations in flight is kept alive by _open_rings; a reaper
+        # thread keeps its own.)
+        if getattr(self, "_fd_closed", True):
+            return
+        try:
+            self._release()
+        except AttributeError:  # (cut short before its mappings were made)
+            self._fd_closed = True
+            os.close(self._fd)
+
     def _release(self) -> None:
+        # Every step may be repeated but the fd's close, which is marked
+        # done before it is called: a second call finishes what a Ctrl-C
+        # (as a call returned) cut short, and never closes a number twice.
         _open_rings.discard(self)
-        if self._released:
+        if self._fd_closed:
             return
         self._released = True
         # ctypes views into the mappings must go before the mappings can close.
-        del self._sq_head, self._sq_tail, self._cq_head, self._cq_tail
+        for name in ("_sq_head", "_sq_tail", "_cq_head", "_cq_tail"):
+            self.__dict__.pop(name, None)
         self._sqes.close()
         if self._cq_mm is not self._sq_mm:  # pragma: no cover
             self._cq_mm.close()
         self._sq_mm.close()
+        self._fd_closed = True
         os.close(self._fd)
