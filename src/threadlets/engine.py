@@ -1239,7 +1239,7 @@ class _RingBackend:
         read of a pipe, socket or terminal goes to the ring; the rest to
         the pool."""
         f = t.file
-        if t.write or f.short_nowait:
+        if t.write or f.short_nowait or not f.ring_readable:
             # An O_APPEND write (the kernel picks the offset); a stream's
             # write (a blocking writev waits for room for all of it, the
             # kernel's ring write ends at the first partial transfer); a

@@ -139,6 +139,7 @@ class AioFile:
         "nowait_reads",
         "nowait_writes",
         "positional",
+        "ring_readable",
         "short_nowait",
         "stream",
     )
@@ -164,6 +165,12 @@ class AioFile:
         # may move less than one readv would (/dev/zero stops at a page when
         # the CPU is wanted elsewhere), so only a worker's readv answers.
         self.short_nowait = stat.S_ISCHR(mode) and not os.isatty(fd)
+        # A pipe, socket or terminal: io_uring's read waits for it through
+        # poll as a worker's readv would block.  Not so the rest of the
+        # streams (an epoll, eventfd, signalfd, timerfd or inotify
+        # descriptor, a directory): the ring can wait for good where readv
+        # answers at once (an epoll fd: EINVAL), so only a worker reads them.
+        self.ring_readable = stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode)
         # Only a regular file's size changes with writes (a block device's
         # st_size is 0 and cannot be truncated).
         self._sized = stat.S_ISREG(mode)
