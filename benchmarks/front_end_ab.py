@@ -1,0 +1,147 @@
+"""The async front end on several source trees, alternated round by round
+in one run (a noisy machine hits every tree alike): 32 asyncio tasks at
+depth 32 on one file, each awaiting
+
+* ``direct-read``: ``f.preadinto`` of 4 KiB at random offsets, O_DIRECT;
+* ``cached-write``: ``f.pwrite`` of 4 KiB at random offsets, page cache,
+  ``buffering=0``;
+
+and ``posix``: benchmarks/posix_vs_glibc.py's loop (aio_suspend on 32
+aiocbs, every finished one collected and resubmitted), O_DIRECT.  Each tree
+runs in a child with ``PYTHONPATH=TREE/src`` and the default backend.
+
+    python benchmarks/front_end_ab.py TREE [TREE ...] [--rounds 3]
+        [--seconds 1.5] [--directory /var/tmp] [--loops direct-read,cached-write,posix]
+
+Prints ops/s per loop and tree: the median of the rounds, the ratio to the
+first tree, and every round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+BLOCK, DEPTH, SIZE = 4096, 32, 128 << 20
+LOOPS = ("direct-read", "cached-write", "posix")
+
+
+def _offsets() -> list[int]:
+    rnd = random.Random(1)
+    return [rnd.randrange(SIZE // BLOCK) * BLOCK for _ in range(100_000)]
+
+
+def _front_end(loop: str, path: str, sec: float) -> float:
+    import threadlets
+    from threadlets.probe import aligned_buffer
+
+    offs = _offsets()
+
+    async def main() -> float:
+        n = 0
+        direct = loop == "direct-read"
+        mode = "rb" if direct else "r+b"
+        async with threadlets.open(path, mode, direct=direct, buffering=0) as f:
+            stop = time.perf_counter() + sec
+
+            async def task(i: int) -> None:
+                nonlocal n
+                buf = aligned_buffer(BLOCK) if direct else os.urandom(BLOCK)
+                k = i
+                while time.perf_counter() < stop:
+                    if direct:
+                        await f.preadinto(buf, offs[k % len(offs)])
+                    else:
+                        await f.pwrite(buf, offs[k % len(offs)])
+                    k += DEPTH
+                    n += 1
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(task(i) for i in range(DEPTH)))
+            return n / (time.perf_counter() - t0)
+
+    return asyncio.run(main())
+
+
+def _posix(path: str, sec: float) -> float:
+    import threadlets.posix as px
+    from threadlets.probe import aligned_buffer
+
+    offs = _offsets()
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        cbs = [px.aiocb(fd, offs[i], aligned_buffer(BLOCK)) for i in range(DEPTH)]
+        for cb in cbs:
+            px.aio_read(cb)
+        n, k = 0, DEPTH
+        t0 = time.perf_counter()
+        while time.perf_counter() < t0 + sec:
+            px.aio_suspend(cbs, None)
+            for cb in cbs:
+                if px.aio_error(cb) != errno.EINPROGRESS:
+                    px.aio_return(cb)
+                    n += 1
+                    cb.aio_offset = offs[k % len(offs)]
+                    k += 1
+                    px.aio_read(cb)
+        rate = n / (time.perf_counter() - t0)
+        for cb in cbs:
+            px.aio_suspend([cb], None)
+        return rate
+    finally:
+        os.close(fd)
+
+
+def child(loop: str, path: str, sec: float) -> None:
+    rate = _posix(path, sec) if loop == "posix" else _front_end(loop, path, sec)
+    print(f"{rate:.0f}")
+
+
+def main() -> None:
+    if len(sys.argv) == 5 and sys.argv[1] == "--child":
+        child(sys.argv[2], sys.argv[3], float(sys.argv[4]))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("trees", nargs="+", help="source trees (each has src/threadlets)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=1.5)
+    parser.add_argument("--directory", default="/var/tmp", help="where the scratch file goes")
+    parser.add_argument("--loops", default=",".join(LOOPS))
+    args = parser.parse_args()
+    loops = args.loops.split(",")
+    if not set(loops) <= set(LOOPS) or args.rounds < 1 or not args.seconds > 0:
+        parser.error(f"--loops from {','.join(LOOPS)}; --rounds >= 1; --seconds > 0")
+    fd, path = tempfile.mkstemp(prefix="threadlets-feab-", dir=args.directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for _ in range(SIZE // (1 << 20)):
+                f.write(os.urandom(1 << 20))
+        rates: dict[tuple[str, str], list[float]] = {}
+        for _ in range(args.rounds):
+            for loop in loops:
+                for tree in args.trees:
+                    env = dict(os.environ, PYTHONPATH=os.path.join(os.path.abspath(tree), "src"))
+                    cmd = [sys.executable, __file__, "--child", loop, path, str(args.seconds)]
+                    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+                    rates.setdefault((loop, tree), []).append(float(out.stdout.split()[-1]))
+        for loop in loops:
+            first = statistics.median(rates[(loop, args.trees[0])])
+            for tree in args.trees:
+                got = rates[(loop, tree)]
+                med = statistics.median(got)
+                rounds = ", ".join(f"{r:,.0f}" for r in got)
+                print(f"{loop:13} {tree}: {med:,.0f} ops/s ({med / first:.2f}x) [{rounds}]")
+    finally:
+        os.unlink(path)
+
+
+if __name__ == "__main__":
+    main()
