@@ -136,4 +136,6 @@ if not TYPE_CHECKING:
         raise AttributeError(f"module 'threadlets' has no attribute {name!r}")
 
     def __dir__() -> list[str]:
-        return sorted(set(globals()) | set(__all__))
+        # (The submodules too: an eager import listed them, and a REPL
+        # completes ``threadlets.eng`` from here.)
+        return sorted(set(globals()) | set(__all__) | _SUBMODULES)
