@@ -2,7 +2,9 @@
 no pipe, socket or terminal (an epoll or eventfd descriptor, a
 directory), on both backends, against ``os.read``: the io_uring backend
 handed them to the ring, which waits through poll, and a read of an epoll
-descriptor stayed RUNNING for good where os.read says EINVAL."""
+descriptor stayed RUNNING for good where os.read says EINVAL.  Only epoll
+descriptors go to a worker: a read of an empty eventfd waiting on the
+ring is taken back by cancel() (on a worker it could not be: h-att)."""
 
 from __future__ import annotations
 
@@ -70,3 +72,21 @@ def test_a_read_of_a_stream_that_is_no_pipe_answers_as_os_read(
     finally:
         assert ctx.close(10)
     assert got == expected
+
+
+def test_a_read_waiting_on_an_empty_eventfd_is_cancelled_on_the_ring(backend: str) -> None:
+    if backend != "io_uring":
+        pytest.skip("a worker blocked in read(2) cannot be taken back")
+    efd = os.eventfd(0, os.EFD_CLOEXEC)
+    ctx = AioContext(backend=backend, deliver=False)
+    try:
+        req = ctx.read(efd, 0, bytearray(8))
+        assert not req.wait(0.05)  # (nothing to read: it waits)
+        answer = req.cancel()
+        if answer.name != "CANCELED":
+            os.eventfd_write(efd, 1)  # release the worker that has it
+        assert answer.name == "CANCELED"
+        assert req.wait(10)
+    finally:
+        assert ctx.close(10)
+        os.close(efd)

@@ -113,6 +113,15 @@ def _not_supported(what: str) -> OSError:
     return OSError(errno.ENOTSUP, f"{os.strerror(errno.ENOTSUP)}: {what}")
 
 
+def _is_epoll(fd: int) -> bool:
+    """Whether ``fd`` (an anonymous inode) is an epoll descriptor; if that
+    cannot be told (no /proc), it is taken to be one."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventpoll]"
+    except OSError:
+        return True
+
+
 class AioFile:
     """What the engine knows about one open file descriptor.
 
@@ -165,12 +174,13 @@ class AioFile:
         # may move less than one readv would (/dev/zero stops at a page when
         # the CPU is wanted elsewhere), so only a worker's readv answers.
         self.short_nowait = stat.S_ISCHR(mode) and not os.isatty(fd)
-        # A pipe, socket or terminal: io_uring's read waits for it through
-        # poll as a worker's readv would block.  Not so the rest of the
-        # streams (an epoll, eventfd, signalfd, timerfd or inotify
-        # descriptor, a directory): the ring can wait for good where readv
-        # answers at once (an epoll fd: EINVAL), so only a worker reads them.
-        self.ring_readable = stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode)
+        # Whether io_uring may read it: all but an epoll descriptor, which
+        # the ring waits on through poll for good where read(2) answers
+        # EINVAL at once.  (The other anonymous inodes -- eventfd, timerfd,
+        # signalfd, inotify -- wait on the ring as on a worker, and a read
+        # still waiting there can be taken back by cancel(); a worker's
+        # cannot.)
+        self.ring_readable = stat.S_IFMT(mode) != 0 or not _is_epoll(fd)
         # Only a regular file's size changes with writes (a block device's
         # st_size is 0 and cannot be truncated).
         self._sized = stat.S_ISREG(mode)
