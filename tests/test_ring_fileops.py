@@ -11,9 +11,11 @@ import asyncio
 import contextlib
 import errno
 import os
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -460,14 +462,16 @@ sys.exit(os.waitstatus_to_exitcode(status))
 
 
 def test_eacces_as_os_gives_it(backend: str) -> None:
-    """EACCES needs an unprivileged user: a child drops to nobody."""
+    """EACCES needs an unprivileged user: a child drops to nobody.  (Its
+    files go in a directory it can reach, which root removes after.)"""
     if os.geteuid() != 0:
         pytest.skip("needs root to drop to another user")
+    d = tempfile.mkdtemp()
+    os.chown(d, 65534, 65534)
     code = f"""
-import os, sys, tempfile, threadlets
+import os, sys, threadlets
 ctx = threadlets.AioContext(backend={backend!r})
-d = tempfile.mkdtemp()
-os.chown(d, 65534, 65534)
+d = {d!r}
 os.setgid(65534); os.setuid(65534)
 secret = os.path.join(d, "secret")
 os.close(os.open(secret, os.O_CREAT | os.O_WRONLY, 0))
@@ -490,14 +494,17 @@ assert type(got) is type(want) is PermissionError and got.filename == want.filen
 assert ctx.stats().ring == (4 if ctx.backend == "io_uring" else 0), ctx.stats()
 ctx.close()
 """
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        check=False,
-        timeout=60,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": SRC},
-    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", code],
+            check=False,
+            timeout=60,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": SRC},
+        )
+    finally:
+        shutil.rmtree(d)
     assert proc.returncode == 0, proc.stderr
 
 
