@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
 import os
 import random
 import statistics
@@ -29,6 +28,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import core_before_after as loops
 
 BLOCK, DEPTH, SIZE = 4096, 32, 128 << 20
 LOOPS = ("direct-read", "cached-write", "posix")
@@ -71,37 +75,11 @@ def _front_end(loop: str, path: str, sec: float) -> float:
     return asyncio.run(main())
 
 
-def _posix(path: str, sec: float) -> float:
-    import threadlets.posix as px
-    from threadlets.probe import aligned_buffer
-
-    offs = _offsets()
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        cbs = [px.aiocb(fd, offs[i], aligned_buffer(BLOCK)) for i in range(DEPTH)]
-        for cb in cbs:
-            px.aio_read(cb)
-        n, k = 0, DEPTH
-        t0 = time.perf_counter()
-        while time.perf_counter() < t0 + sec:
-            px.aio_suspend(cbs, None)
-            for cb in cbs:
-                if px.aio_error(cb) != errno.EINPROGRESS:
-                    px.aio_return(cb)
-                    n += 1
-                    cb.aio_offset = offs[k % len(offs)]
-                    k += 1
-                    px.aio_read(cb)
-        rate = n / (time.perf_counter() - t0)
-        for cb in cbs:
-            px.aio_suspend([cb], None)
-        return rate
-    finally:
-        os.close(fd)
-
-
 def child(loop: str, path: str, sec: float) -> None:
-    rate = _posix(path, sec) if loop == "posix" else _front_end(loop, path, sec)
+    if loop == "posix":
+        rate = loops._posix(path, _offsets(), sec)[0]  # core_before_after's loop
+    else:
+        rate = _front_end(loop, path, sec)
     print(f"{rate:.0f}")
 
 

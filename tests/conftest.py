@@ -270,6 +270,22 @@ def interrupt_at_c_return(n: int, only: str | None = None) -> list[int]:
 _collector_off = [False]
 
 
+def call_interrupted_at(n: int, fn: Callable[..., object], *args: Any, **kwargs: Any) -> list[int]:
+    """``fn(*args, **kwargs)`` with a KeyboardInterrupt armed at the n-th C
+    return (see interrupt_at_c_return), swallowed if it lands; the profiler
+    and the collector are back on after.  Returns interrupt_at_c_return's
+    count of C returns seen."""
+    seen = interrupt_at_c_return(n)
+    try:
+        fn(*args, **kwargs)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sys.setprofile(None)
+        gc.enable()
+    return seen
+
+
 @pytest.fixture(autouse=True)
 def _collector_back_on() -> Iterator[None]:
     """After a test that armed interrupt_at_c_return and never let it fire."""

@@ -17,7 +17,7 @@ import pytest
 
 from threadlets import AioContext, AioRequest, ThreadletQueue
 
-from .conftest import HAVE_RING, Gate, interrupt_at_c_return, wait_until
+from .conftest import HAVE_RING, Gate, call_interrupted_at, interrupt_at_c_return, wait_until
 
 
 def _outcome(req: AioRequest) -> object:
@@ -56,14 +56,7 @@ def test_ctrl_c_at_every_c_return_of_a_hand_over_to_a_worker(
                 req = ctx.close_fd(spare, callback=calls.append)
                 good = (errno.EBADF, errno.EINTR)
             select.select([ctx.fileno()], [], [], 10)  # finished, or on the ring
-            seen = interrupt_at_c_return(n)
-            try:
-                ctx.process_completions()
-            except KeyboardInterrupt:
-                pass
-            finally:
-                sys.setprofile(None)
-                gc.enable()
+            seen = call_interrupted_at(n, ctx.process_completions)
             assert ctx.drain(timeout=10), f"interrupt at C return {n}: {req!r} never finished"
             assert calls == [req], (n, calls)
             assert _outcome(req) in good, (n, _outcome(req))
@@ -293,14 +286,7 @@ def test_ctrl_c_at_every_c_return_of_a_cancel_delivers_it_once(backend: str, del
             done: list[object] = []
             req = ctx.call(int, callback=calls.append if deliver else None)
             req.add_done_callback(done.append)
-            seen = interrupt_at_c_return(n)
-            try:
-                req.cancel()
-            except KeyboardInterrupt:
-                pass
-            finally:
-                sys.setprofile(None)
-                gc.enable()
+            seen = call_interrupted_at(n, req.cancel)
             gate.release.set()
             assert blocker.wait(10)
             if deliver:
@@ -335,14 +321,7 @@ def test_ctrl_c_at_every_c_return_of_a_queue_close_strands_nothing() -> None:
             queued = [q.submit(int) for _ in range(3)]
             for t in queued:
                 t.add_done_callback(calls.append)
-            seen = interrupt_at_c_return(n)
-            try:
-                q.close(timeout=0)
-            except KeyboardInterrupt:
-                pass
-            finally:
-                sys.setprofile(None)
-                gc.enable()
+            seen = call_interrupted_at(n, q.close, timeout=0)
             gate.release.set()
             assert q.close(timeout=10), n
             assert sorted(map(id, calls)) == sorted(map(id, queued)), n
@@ -383,14 +362,7 @@ def test_ctrl_c_at_every_c_return_of_a_close_then_close_again_releases_all(
         for req in reqs:
             req.add_done_callback(done.append)
         os.write(w, b"abcdefgh")
-        seen = interrupt_at_c_return(n)
-        try:
-            ctx.close(timeout=10)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            sys.setprofile(None)
-            gc.enable()
+        seen = call_interrupted_at(n, ctx.close, timeout=10)
         try:
             assert ctx.close(timeout=10), f"interrupt at C return {n}"
             assert ctx.closed
@@ -424,14 +396,7 @@ def test_ctrl_c_at_every_c_return_of_set_limits_strands_no_worker(idle_timeout: 
             g.release.set()
         assert q.drain(timeout=10)
         wait_until(lambda q=q: q.stats().idle == 4)
-        seen = interrupt_at_c_return(n)
-        try:
-            q.set_limits(max_threads=1)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            sys.setprofile(None)
-            gc.enable()
+        seen = call_interrupted_at(n, q.set_limits, max_threads=1)
         assert q.close(timeout=10), f"interrupt at C return {n}: a worker was never woken"
         assert q.stats().threads == 0
         if seen[0] < n:

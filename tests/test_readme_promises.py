@@ -109,56 +109,18 @@ def test_default_stress_does_every_operation_on_a_temporary_file(
 # operations on that range and the seed, and exits 1."  (The JSON form is
 # checked in test_stress.py; this is the text a person reads.)
 def test_a_mismatch_prints_offset_bytes_operations_and_seed(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "threadlets.cli",
-            "stress",
-            str(tmp_path / "f"),
-            "--size",
-            "1M",
-            "--ops",
-            "1200",
-            "--seed",
-            "5",
-            "--corrupt-after",
-            "800",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env=_env(),
-    )
+    args = [sys.executable, "-m", "threadlets.cli", "stress", str(tmp_path / "f")]
+    args += ["--size", "1M", "--ops", "1200", "--seed", "5", "--corrupt-after", "800"]
+
+    def stress(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*args, *extra], capture_output=True, text=True, timeout=120, check=False, env=_env()
+        )
+
+    proc = stress()
     assert proc.returncode == 1, proc.stdout + proc.stderr
     out = proc.stdout + proc.stderr
-    report = json.loads(
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "threadlets.cli",
-                "stress",
-                str(tmp_path / "f"),
-                "--force",
-                "--size",
-                "1M",
-                "--ops",
-                "1200",
-                "--seed",
-                "5",
-                "--corrupt-after",
-                "800",
-                "--json",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-            env=_env(),
-        ).stdout
-    )
+    report = json.loads(stress("--force", "--json").stdout)
     (m,) = report["mismatches"]
     assert f"at offset {m['offset']} (seed 5)" in out
     assert bytes.fromhex(m["expected"]).hex(" ")[:23] in out
