@@ -2,9 +2,11 @@
 no pipe, socket or terminal (an epoll or eventfd descriptor, a
 directory), on both backends, against ``os.read``: the io_uring backend
 handed them to the ring, which waits through poll, and a read of an epoll
-descriptor stayed RUNNING for good where os.read says EINVAL.  Only epoll
-descriptors go to a worker: a read of an empty eventfd waiting on the
-ring is taken back by cancel() (on a worker it could not be: h-att)."""
+descriptor stayed RUNNING for good where os.read says EINVAL; so did one of
+a pidfd (session 8), after epoll alone was sent to a worker.  Only the
+anonymous inodes known to read stay on the ring: a read of an empty
+eventfd waiting there is taken back by cancel() (on a worker it could not
+be: h-att)."""
 
 from __future__ import annotations
 
@@ -39,11 +41,16 @@ def _eventfd() -> int:
     return fd
 
 
-@pytest.fixture(params=["epoll", "eventfd", "directory"])
+def _pidfd() -> int:
+    return os.pidfd_open(os.getpid())
+
+
+@pytest.fixture(params=["epoll", "pidfd", "eventfd", "directory"])
 def stream_fd(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[int, int]]:
     """Two descriptors of the kind: one for os.read, one for the engine."""
     make: Callable[[], int] = {
         "epoll": _epoll,
+        "pidfd": _pidfd,
         "eventfd": _eventfd,
         "directory": lambda: os.open(tmp_path, os.O_RDONLY),
     }[request.param]

@@ -113,13 +113,26 @@ def _not_supported(what: str) -> OSError:
     return OSError(errno.ENOTSUP, f"{os.strerror(errno.ENOTSUP)}: {what}")
 
 
-def _is_epoll(fd: int) -> bool:
-    """Whether ``fd`` (an anonymous inode) is an epoll descriptor; if that
-    cannot be told (no /proc), it is taken to be one."""
+#: The anonymous files whose read(2) answers or waits as a pipe's would, by
+#: their /proc/self/fd link.  The others -- epoll, pidfd, io_uring, bpf
+#: objects ... -- have no read: the kernel says EINVAL at once, but the ring
+#: waits on them through poll, for good.
+_RING_READABLE_ANON = frozenset(
+    "anon_inode:" + name
+    for name in (
+        "[eventfd]", "[timerfd]", "[signalfd]", "inotify", "[fanotify]", "[userfaultfd]",
+    )
+)  # fmt: skip
+
+
+def _anon_ring_readable(fd: int) -> bool:
+    """Whether reads of ``fd``, an anonymous inode, may wait on the ring:
+    one of the kinds known to read; if that cannot be told (no /proc),
+    no."""
     try:
-        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventpoll]"
+        return os.readlink(f"/proc/self/fd/{fd}") in _RING_READABLE_ANON
     except OSError:
-        return True
+        return False
 
 
 class AioFile:
@@ -174,13 +187,13 @@ class AioFile:
         # may move less than one readv would (/dev/zero stops at a page when
         # the CPU is wanted elsewhere), so only a worker's readv answers.
         self.short_nowait = stat.S_ISCHR(mode) and not os.isatty(fd)
-        # Whether io_uring may read it: all but an epoll descriptor, which
-        # the ring waits on through poll for good where read(2) answers
-        # EINVAL at once.  (The other anonymous inodes -- eventfd, timerfd,
-        # signalfd, inotify -- wait on the ring as on a worker, and a read
-        # still waiting there can be taken back by cancel(); a worker's
-        # cannot.)
-        self.ring_readable = stat.S_IFMT(mode) != 0 or not _is_epoll(fd)
+        # Whether io_uring may read it: all but the anonymous inodes without
+        # a read (epoll, pidfd, ...), which the ring waits on through poll
+        # for good where read(2) answers EINVAL at once.  (Those that read --
+        # eventfd, timerfd, signalfd, inotify -- wait on the ring as on a
+        # worker, and a read still waiting there can be taken back by
+        # cancel(); a worker's cannot.)
+        self.ring_readable = stat.S_IFMT(mode) != 0 or _anon_ring_readable(fd)
         # Only a regular file's size changes with writes (a block device's
         # st_size is 0 and cannot be truncated).
         self._sized = stat.S_ISREG(mode)
