@@ -4,6 +4,7 @@ named for a defect failed on the code before its fix."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 from typing import Any
@@ -122,3 +123,61 @@ async def test_a_write_cancelled_once_its_request_ran_tells_the_count_written(
         assert cut.cancelled
     assert told == [100000]
     assert p.read_bytes() == b"z" * 100000
+
+
+# -- d: one read of a pipe is up to what was asked, not 64 KiB -----------------------------------
+
+
+F_SETPIPE_SZ = 1031
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("buffering", "call"),
+    [(100, "read1"), (-1, "read1"), (0, "read"), (0, "readinto"), (4096, "peek")],
+)
+async def test_one_read_of_a_big_pipe_is_as_big_as_ios(
+    backend: str, buffering: int, call: str
+) -> None:
+    # A pipe enlarged to 1 MiB holding 300000 bytes: io's read1(n) (and a
+    # raw file's read(n)) is one read(2) of n bytes, which takes them all;
+    # ours was one read of at most 64 KiB.
+    data = bytes(range(256)) * 1200  # 307200
+
+    def source() -> int:
+        r, w = os.pipe()
+        try:
+            fcntl.fcntl(w, F_SETPIPE_SZ, 1 << 20)
+        except OSError:
+            os.close(r)
+            os.close(w)
+            pytest.skip("cannot enlarge a pipe here")
+        os.write(w, data)
+        os.close(w)
+        return r
+
+    def io_call(f: Any) -> Any:
+        if call == "readinto":
+            buf = bytearray(1 << 20)
+            return bytes(buf[: f.readinto(buf)])
+        if call == "peek":
+            return f.peek(1 << 20)
+        return getattr(f, call)(1 << 20)
+
+    with open(source(), "rb", buffering=buffering) as r:
+        expect = [io_call(r), r.read()]
+    async with threadlets.open(source(), "rb", buffering=buffering) as f:
+        if call == "readinto":
+            buf = bytearray(1 << 20)
+            first: Any = bytes(buf[: await f.readinto(buf)])
+        elif call == "peek":
+            first = await f.peek(1 << 20)
+        else:
+            first = await getattr(f, call)(1 << 20)
+        got = [first, await f.read()]
+    if call == "peek":  # (peek's count is the buffer's: only its start is io's)
+        assert got[0][: len(expect[0])] == expect[0]
+        assert got[1] == expect[1] == data
+    else:
+        assert [len(x) for x in got] == [len(x) for x in expect]
+        assert got == expect

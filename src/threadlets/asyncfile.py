@@ -71,6 +71,7 @@ import operator
 import os
 import stat
 import sys
+import termios
 import threading
 import warnings
 from asyncio.events import _get_running_loop
@@ -978,11 +979,14 @@ class AsyncFile:
                 return None
 
     async def _stream_read(self, n: int) -> bytes:
-        n = min(n, CHUNK)  # what one read of a pipe or terminal can give
+        """One read of up to ``n`` bytes, as io's raw read: past 64 KiB, up
+        to what the descriptor holds (FIONREAD: a pipe enlarged with
+        F_SETPIPE_SZ, a socket), so a large ``n`` allocates no more than
+        one read can give."""
         waited = False
         while True:
             self._still_open()
-            data = self._try_read(n)
+            data = self._try_read(n if n <= CHUNK else min(n, max(CHUNK, _unread(self._fd))))
             # A FIFO that no writer has opened yet reads as end of file but
             # is not readable: end of file only once the loop says readable.
             if data is None or (not data and self._pipe and not waited):
@@ -1341,6 +1345,16 @@ def _moved_by(req: AioRequest | None, e: BaseException) -> int:
     if err in (errno.EINPROGRESS, errno.ECANCELED):
         return 0
     return int(getattr(req.exception(), "transferred", 0))
+
+
+def _unread(fd: int) -> int:
+    """Bytes waiting to be read from a pipe, socket or terminal (FIONREAD);
+    0 if it cannot tell."""
+    try:
+        got = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return int.from_bytes(got, sys.byteorder, signed=True)
 
 
 class _NonBlocking:
