@@ -181,3 +181,67 @@ async def test_one_read_of_a_big_pipe_is_as_big_as_ios(
     else:
         assert [len(x) for x in got] == [len(x) for x in expect]
         assert got == expect
+
+
+# -- a file opened by descriptor leaves the descriptor's offset where the stream is ---------------
+
+_FD_CASES = [
+    ("wb", -1, [("write", b"abc")]),
+    ("wb", 0, [("write", b"abc")]),
+    ("wb", 7, [("write", b"abc"), ("write", b"defghijk")]),
+    ("r+b", -1, [("read", 5)]),
+    ("r+b", 0, [("read", 5)]),
+    ("r+b", -1, [("read", 5), ("write", b"XY")]),
+    ("rb", 0, [("seek", 7)]),
+    ("rb", -1, [("seek", 7)]),
+    ("r+b", -1, [("seek", 7), ("write", b"Q")]),
+    ("r+b", 3, [("read", 40)]),
+    ("ab", -1, [("write", b"tail")]),
+    ("a+b", 0, [("seek", 0), ("read", 2), ("write", b"tail")]),
+    ("w", -1, [("write", "hé")]),
+    ("r+", -1, [("write", "hé\n"), ("seek", 0), ("readline",)]),
+]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("closing", ["close", "flush"])
+@pytest.mark.parametrize(("mode", "buffering", "calls"), _FD_CASES)
+async def test_a_file_opened_by_descriptor_leaves_its_offset_where_io_does(
+    tmp_path: Path, backend: str, closing: str, mode: str, buffering: int, calls: list[Any]
+) -> None:
+    # open(fd, closefd=False), some calls, close() (or flush()), then the
+    # descriptor's owner goes on writing with os.write: io's raw file moved
+    # the descriptor's offset, so the owner's bytes land after the stream's;
+    # ours used pread/pwrite and left it at 0 (the owner overwrote the start).
+    kwargs: dict[str, Any] = {"buffering": buffering, "closefd": False}
+    if "b" not in mode:
+        kwargs["encoding"] = "utf-8"
+
+    def descriptor(name: str) -> int:
+        p = tmp_path / name
+        p.write_bytes(b"0123456789" * 3)
+        return os.open(p, os.O_RDWR | (os.O_APPEND if "a" in mode else 0))
+
+    ref, ours = descriptor("ref"), descriptor("ours")
+    try:
+        with open(ref, mode, **kwargs) as r:
+            for name, *args in calls:
+                getattr(r, name)(*args)
+            if closing == "flush":
+                r.flush()
+                os.write(ref, b"!")
+        if closing == "close":
+            os.write(ref, b"!")
+        async with threadlets.open(ours, mode, **kwargs) as f:
+            for name, *args in calls:
+                await getattr(f, name)(*args)
+            if closing == "flush":
+                await f.flush()
+                os.write(ours, b"!")
+        if closing == "close":
+            os.write(ours, b"!")
+        assert os.lseek(ours, 0, os.SEEK_CUR) == os.lseek(ref, 0, os.SEEK_CUR)
+        assert (tmp_path / "ours").read_bytes() == (tmp_path / "ref").read_bytes()
+    finally:
+        os.close(ref)
+        os.close(ours)

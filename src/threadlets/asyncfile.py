@@ -51,6 +51,12 @@ descriptor and warns (ResourceWarning), as io's finalizer does.  (So, as with
 io, a forked child that collects its copy of a file writes the buffer the
 parent held at the fork again: flush before forking.)
 
+The stream's reads and writes are positional: they move no descriptor
+offset.  A file opened from a descriptor (``open(fd)``, ``wrap(fd)``),
+whose owner may go on using it, has the descriptor's offset moved to where
+the stream stands at ``flush()`` and ``close()`` (append mode: the end), as
+io's raw file would have left it.
+
 A character device (``/dev/zero``, a terminal) is read and written at its
 descriptor's offset: ``seek`` and ``tell`` are its ``lseek``'s, as FileIO's.
 
@@ -310,6 +316,11 @@ class AsyncFile:
         except OSError:
             here, self._seekable = 0, False
         self._pos = here if pos is None else pos
+        #: Opened from a descriptor (its owner may go on using it): the
+        #: descriptor's offset follows the stream at flush and close, as
+        #: io's raw file (whose reads and writes move it) leaves it.
+        self._shares_offset = pos is None and self._seekable and not self._stream
+        self._synced = self._pos  # (where the descriptor's offset was left)
         #: The engine's inline read of this fd (None: reads always queue).
         self._read_inline = None if self._stream else io_.ctx.inline_reader(fd)
         self._scratch = bytearray()  # pread's buffer on the inline path
@@ -1160,6 +1171,8 @@ class AsyncFile:
             await self._locked(self._text.flush)
         else:
             await self._locked(self._flush_wbuf)
+        if self._shares_offset and not self._wbuf and not self._closed:
+            self._sync_offset(self._pos)
 
     @property
     def reconfigure(self) -> Callable[..., Awaitable[None]]:
@@ -1257,6 +1270,7 @@ class AsyncFile:
             # Nothing to wait for: closed here, with no await (a close on the
             # ring would be a point where a cancellation comes through, and
             # costs a round trip that a local file's close(2) does not).
+            self._sync_offset(self._pos)
             self._release()
 
     async def _finish_close(self) -> None:
@@ -1271,16 +1285,33 @@ class AsyncFile:
                 finally:
                     lock.release()
         finally:
+            # (What a failed flush did not send is lost: the stream ends
+            # where the sent bytes end.)
+            end = self._wbuf_pos if self._wbuf else self._pos
             self._wbuf = bytearray()
             while self._outstanding:
                 # Another task awaits it; wait for it on a worker, not the loop.
                 req = next(iter(self._outstanding))
                 await self._run(self._ctx.call(req.wait))
                 self._outstanding.discard(req)
+            self._sync_offset(end)
             if self._closes_on_ring():
                 await self._close_on_ring()
             else:
                 self._release()
+
+    def _sync_offset(self, pos: int) -> None:
+        """A file opened from a descriptor: move the descriptor's offset to
+        ``pos`` (append mode: the end), where io's raw file would have left
+        it -- the stream's own I/O is positional and moves it nowhere.  Not
+        if the stream has not moved since it last did (the owner may have
+        used the descriptor meanwhile, as io leaves it then)."""
+        if self._shares_offset and pos != self._synced:
+            self._synced = pos
+            with contextlib.suppress(OSError):
+                os.lseek(self._fd, 0, os.SEEK_END) if self._append else os.lseek(
+                    self._fd, pos, os.SEEK_SET
+                )
 
     def _closes_on_ring(self) -> bool:
         """Whether the last step of a close that waited anyway is an
