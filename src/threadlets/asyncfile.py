@@ -287,7 +287,11 @@ class AsyncFile:
         self._loop = asyncio.get_running_loop() if io_.kind == "asyncio" else None
         self._readable = readable
         self._writable = writable
-        self._append = "a" in mode
+        #: Writes land at the end: append mode, or a descriptor opened with
+        #: O_APPEND (the kernel appends whatever offset a write names).
+        self._append = "a" in mode or (
+            pos is None and bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND)
+        )
         self._closefd = closefd
         self._owner = owner  # a wrapped Python file object, kept alive
         self._trio = io_.kind == "trio"
