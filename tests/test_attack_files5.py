@@ -295,3 +295,55 @@ async def test_a_descriptor_with_o_append_is_written_at_the_end_and_tells_so(
                 got.append(type(e))
     assert got == expect
     assert (tmp_path / "ours").read_bytes() == (tmp_path / "ref").read_bytes()
+
+
+# -- reconfigure() after a read that decoded nothing (at the end) is refused as io's --------------
+
+_RECONFIGURE_CASES: list[list[tuple[Any, ...]]] = [
+    [("read", 2), ("reconfigure", {"encoding": "latin-1"}), ("read", -1)],
+    [("read", 1), ("reconfigure", {"errors": "ignore"}), ("tell",), ("read", -1)],
+    [("read", 3), ("reconfigure", {"encoding": "ascii", "errors": "replace"}), ("read", -1)],
+    [("read", 3), ("reconfigure", {"newline": ""}), ("read", -1)],
+    [("read", -1), ("reconfigure", {"encoding": "latin-1"}), ("read", 2)],
+    [("readline",), ("reconfigure", {"encoding": "latin-1"}), ("read", 2)],
+    [("read", 2), ("seek", 0), ("reconfigure", {"encoding": "latin-1"}), ("read", -1)],
+    [("read", 2), ("write", "é"), ("reconfigure", {"encoding": "utf-16"}), ("write", "é")],
+    [("reconfigure", {"encoding": "latin-1"}), ("read", -1)],
+    [("readline",), ("reconfigure", {"newline": ""}), ("readline",), ("readline",)],
+]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("body", [b"", "h\xe9llo\r\nw\xf6rld\rx\ny".encode()])
+@pytest.mark.parametrize("calls", _RECONFIGURE_CASES)
+async def test_reconfigure_after_reads_answers_as_io(
+    tmp_path: Path, backend: str, body: bytes, calls: list[tuple[Any, ...]]
+) -> None:
+    # At the end of the file read(n) leaves C's decoded text "" (not NULL):
+    # io then refuses a new encoding, errors or newline; ours took it (it
+    # looked for decoded text, not for a read).
+    ref, p = tmp_path / "ref", tmp_path / "ours"
+    for q in (ref, p):
+        q.write_bytes(body)
+
+    def call(f: Any, name: str, args: tuple[Any, ...]) -> Any:
+        return f.reconfigure(**args[0]) if name == "reconfigure" else getattr(f, name)(*args)
+
+    expect: list[Any] = []
+    with open(ref, "r+", encoding="utf-8") as r:
+        for name, *args in calls:
+            try:
+                expect.append(call(r, name, tuple(args)))
+            except Exception as e:
+                expect.append(type(e))
+        expect.append((r.encoding, r.errors, r.newlines))
+    got: list[Any] = []
+    async with threadlets.open(p, "r+", encoding="utf-8") as f:
+        for name, *args in calls:
+            try:
+                got.append(await call(f, name, tuple(args)))
+            except Exception as e:
+                got.append(type(e))
+        got.append((f.encoding, f.errors, f.newlines))
+    assert got == expect
+    assert p.read_bytes() == ref.read_bytes()
