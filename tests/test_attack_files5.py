@@ -347,3 +347,55 @@ async def test_reconfigure_after_reads_answers_as_io(
         got.append((f.encoding, f.errors, f.newlines))
     assert got == expect
     assert p.read_bytes() == ref.read_bytes()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("end", ["close", "reader-gone"])
+async def test_a_pipe_write_ended_part_way_by_an_error_tells_the_count_written(
+    backend: str, end: str
+) -> None:
+    # As above, but the write that took part of its data ends with an error:
+    # another task closed the file (ValueError), or the reader went
+    # (BrokenPipeError).  The count was lost with it.
+    r, w, filled = _full_pipe()
+    f = await threadlets.open(w, "wb", closefd=False)
+    told: list[Any] = []
+    got = b""
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def writer() -> None:
+                try:
+                    await f.write(b"y" * 300000)
+                except (ValueError, BrokenPipeError) as e:
+                    told.append((type(e), getattr(e, "characters_written", 0)))
+
+            tg.start_soon(writer)
+            await until(lambda: f._lock.busy)
+            assert _drain(r, filled) == b"x" * filled
+            await until(lambda: f._moved > 0)
+            for _ in range(5):
+                await anyio.lowlevel.checkpoint()
+            os.set_blocking(r, False)
+            try:
+                while True:
+                    got += os.read(r, 1 << 20)
+            except BlockingIOError:
+                pass
+            if end == "close":
+                await f.close()
+            else:
+                os.close(r)
+                r = -1
+        assert len(told) == 1
+        kind, moved = told[0]
+        assert kind is (ValueError if end == "close" else BrokenPipeError)
+        if end == "close":
+            assert moved == len(got)
+        else:
+            assert moved >= len(got) > 0  # (it may have filled the pipe again first)
+    finally:
+        await f.close()
+        if r >= 0:
+            os.close(r)
+        os.close(w)

@@ -1115,22 +1115,24 @@ class AsyncFile:
         """Write at the current position (at the end in append mode);
         returns the count of bytes (text mode: characters) written.
 
-        A write cancelled once some of it moved (a pipe took part of it
-        before the reader stopped; a request that ran) raises the
-        cancellation with ``characters_written`` set to the count of bytes
-        moved, as io's ``BlockingIOError`` carries it: read it as
-        ``getattr(e, "characters_written", 0)`` (absent: nothing moved)."""
+        A write that raises once some of it moved -- cancelled (a pipe took
+        part of it before the reader stopped; a request that ran), a pipe
+        whose reader went (BrokenPipeError), a file closed meanwhile by
+        another task (ValueError) -- raises with ``characters_written`` set
+        to the count of bytes moved, as io's ``BlockingIOError`` carries it:
+        read it as ``getattr(e, "characters_written", 0)`` (absent: nothing
+        moved)."""
         if self._text is not None:
             return await self._locked(self._counted, self._text.write, data)  # type: ignore[no-any-return]
         return await self._locked(self._counted, self._write, data)  # type: ignore[no-any-return]
 
     async def _counted(self, write: Callable[[Any], Awaitable[int]], data: Any) -> int:
-        """``write(data)``, telling a cancellation what it moved."""
+        """``write(data)``, telling an exception what it moved."""
         self._moved = 0
         try:
             return await write(data)
         except BaseException as e:
-            if not isinstance(e, Exception) and self._moved:
+            if self._moved:
                 with contextlib.suppress(AttributeError, TypeError):
                     e.characters_written = self._moved  # type: ignore[attr-defined]
             raise
