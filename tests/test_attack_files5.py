@@ -399,3 +399,38 @@ async def test_a_pipe_write_ended_part_way_by_an_error_tells_the_count_written(
         if r >= 0:
             os.close(r)
         os.close(w)
+
+
+# -- readinto1, as io's buffered binary files have it ---------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("mode", ["rb", "r+b", "wb", "ab"])
+async def test_readinto1_answers_as_ios(tmp_path: Path, backend: str, mode: str) -> None:
+    # AttributeError: the binary file had read1 and readinto but not
+    # readinto1, which io's buffered files (and aiofiles' users) have.
+    import array
+
+    def buffers() -> list[Any]:
+        return [bytearray(50), array.array("i", [0] * 30), bytearray(0), b"ro", "str"]
+
+    ref, p = tmp_path / "ref", tmp_path / "ours"
+    for q in (ref, p):
+        q.write_bytes(bytes(range(256)))
+    expect: list[Any] = []
+    with open(ref, mode, buffering=100) as r:
+        for b in buffers():
+            try:
+                expect.append((r.readinto1(b), bytes(b)))
+            except Exception as e:
+                expect.append(type(e))
+        expect.append(r.tell())
+    got: list[Any] = []
+    async with threadlets.open(p, mode, buffering=100) as f:
+        for b in buffers():
+            try:
+                got.append((await f.readinto1(b), bytes(b)))
+            except Exception as e:
+                got.append(type(e))
+        got.append(await f.tell())
+    assert got == expect

@@ -7,7 +7,7 @@ This module owns :class:`AsyncFile`, the file object most users touch, and
   ``pwrite``, ``preadv``, ``pwritev`` -- each one engine request, safe to
   run from many tasks at once.
 * The stream of a Python file object -- ``read``, ``read1``, ``readinto``,
-  ``readline``, ``readlines``, async iteration over lines, ``write``,
+  ``readinto1``, ``readline``, ``readlines``, async iteration over lines, ``write``,
   ``writelines``, ``seek``, ``tell``, ``truncate``, ``flush`` -- with a read
   buffer, so lines are cut from 64 KiB chunks instead of costing a request
   each, and (regular files and block devices) a write buffer of the same
@@ -1071,20 +1071,28 @@ class AsyncFile:
 
     async def readinto(self, buf: WriteableBuffer) -> int:
         """Read into ``buf`` at the current position (binary mode)."""
+        return await self._readinto(buf, "readinto")
+
+    async def readinto1(self, buf: WriteableBuffer) -> int:
+        """Read into ``buf`` with at most one read of the file, as
+        :meth:`read1` (binary mode; io's buffered files have it)."""
+        return await self._readinto(buf, "readinto1")
+
+    async def _readinto(self, buf: WriteableBuffer, what: str) -> int:
         if self._text is not None:
             # (as read1 and peek: io's text files have no readinto)
-            raise AttributeError("readinto needs binary mode")
+            raise AttributeError(f"{what} needs binary mode")
         view = memoryview(buf)
         if view.readonly:
             raise TypeError(
-                f"readinto() argument must be read-write bytes-like object, "
-                f"not {type(buf).__name__}"
+                f"{what}() argument must be read-write bytes-like object, not {type(buf).__name__}"
             )
         view = view.cast("B")
         if not self._readable:
             self._enter()
-            raise io.UnsupportedOperation("read")
-        data: bytes = await self._locked(self._read, len(view))
+            raise io.UnsupportedOperation("read" if what == "readinto" else "read1")
+        read = self._read if what == "readinto" else self._read1
+        data: bytes = await self._locked(read, len(view))
         view[: len(data)] = data
         return len(data)
 
