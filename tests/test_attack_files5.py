@@ -434,3 +434,30 @@ async def test_readinto1_answers_as_ios(tmp_path: Path, backend: str, mode: str)
                 got.append(type(e))
         got.append(await f.tell())
     assert got == expect
+
+
+# -- a closed file is no context manager or iterator, as io's --------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("mode", ["rb", "r"])
+async def test_entering_or_iterating_a_closed_file_raises_as_io(
+    tmp_path: Path, backend: str, mode: str
+) -> None:
+    # io: ValueError from `with f` and iter(f) once f is closed; ours entered
+    # (and iterated) the closed file without a word.
+    p = tmp_path / "f"
+    p.write_bytes(b"a\nb\n")
+    with open(p, mode) as r:
+        pass
+    with pytest.raises(ValueError):
+        r.__enter__()
+    with pytest.raises(ValueError):
+        iter(r)
+    f = await threadlets.open(p, mode)
+    await f.close()
+    with pytest.raises(ValueError):
+        async with f:
+            pass
+    with pytest.raises(ValueError):
+        aiter(f)

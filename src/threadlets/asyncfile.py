@@ -1109,6 +1109,7 @@ class AsyncFile:
         return await self._locked(self._readlines, _size(hint))  # type: ignore[no-any-return]
 
     def __aiter__(self) -> AsyncIterator[Any]:
+        self._check_open()  # (as io's iter() of a closed file)
         return self
 
     async def __anext__(self) -> Any:
@@ -1365,6 +1366,7 @@ class AsyncFile:
             os.close(self._fd)
 
     async def __aenter__(self) -> AsyncFile:
+        self._check_open()  # (as io's __enter__ of a closed file)
         return self
 
     async def __aexit__(
