@@ -461,3 +461,49 @@ async def test_entering_or_iterating_a_closed_file_raises_as_io(
             pass
     with pytest.raises(ValueError):
         aiter(f)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("mode", ["wb", "w"])
+async def test_a_cancelled_writelines_tells_the_count_written(backend: str, mode: str) -> None:
+    # writelines: the first line went whole, the second in part, then the
+    # cancellation: the count is of both (it was unknown).
+    r, w, filled = _full_pipe()
+    kwargs: dict[str, Any] = {} if "b" in mode else {"encoding": "ascii"}
+    f = await threadlets.open(w, mode, closefd=False, **kwargs)
+    lines: list[Any] = [b"y" * 1000, b"z" * 300000]
+    if "b" not in mode:
+        lines = [x.decode() for x in lines]
+    scope = anyio.CancelScope()
+    told: list[int] = []
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def writer() -> None:
+                with scope:
+                    try:
+                        await f.writelines(lines)
+                    except anyio.get_cancelled_exc_class() as e:
+                        told.append(getattr(e, "characters_written", 0))
+                        raise
+
+            tg.start_soon(writer)
+            await until(lambda: f._lock.busy)
+            assert _drain(r, filled) == b"x" * filled
+            await until(lambda: f._moved > 0 and f._wbuf == b"")
+            for _ in range(5):
+                await anyio.lowlevel.checkpoint()
+            scope.cancel()
+        os.set_blocking(r, False)
+        got = b""
+        try:
+            while True:
+                got += os.read(r, 1 << 20)
+        except BlockingIOError:
+            pass
+        assert got.startswith(b"y" * 1000 + b"z")
+        assert told == [len(got)]
+    finally:
+        await f.close()
+        os.close(r)
+        os.close(w)

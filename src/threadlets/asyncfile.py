@@ -1151,9 +1151,20 @@ class AsyncFile:
         await self._locked(self._writelines, lines)
 
     async def _writelines(self, lines: Iterable[Any]) -> None:
+        """Each line in turn; an exception tells the bytes moved by the
+        lines before it and by its own, as write()'s does."""
         write = self._text.write if self._text is not None else self._write
-        for line in lines:
-            await write(line)
+        moved = 0
+        try:
+            for line in lines:
+                self._moved = 0
+                await write(line)
+                moved += self._moved
+        except BaseException as e:
+            if moved + self._moved:
+                with contextlib.suppress(AttributeError, TypeError):
+                    e.characters_written = moved + self._moved  # type: ignore[attr-defined]
+            raise
 
     async def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         """Move the position; returns the new one."""
