@@ -42,7 +42,10 @@ for readiness is woken with ValueError before the descriptor goes.  A
 cancelled read consumes nothing (a file's position, and in text mode the
 decoder, go back to where they were; what a pipe's read took goes back to
 the read-ahead or the text layer); a cancelled write that ran moves the
-position, and a cancelled text seek stays where it was.  A write
+position, and a cancelled text seek stays where it was.  A write (or
+``writelines``) that raises -- cancelled or not -- once bytes moved says how
+many in the exception's ``characters_written``, as io's ``BlockingIOError``
+does (a pipe may have taken part of it).  A write
 that only fills the buffer awaits nothing after its checks, so it is never
 cancelled half-way.  Closing sends the buffer first (shielded, as the rest
 of close), closes even if that fails, then raises.  A file collected
