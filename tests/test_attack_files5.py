@@ -507,3 +507,24 @@ async def test_a_cancelled_writelines_tells_the_count_written(backend: str, mode
         await f.close()
         os.close(r)
         os.close(w)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("buffering", "call"), [(0, "read"), (100, "read1"), (0, "readinto")])
+async def test_one_read_of_dev_zero_is_as_big_as_ios(
+    backend: str, buffering: int, call: str
+) -> None:
+    # A character device with no count of bytes waiting (FIONREAD): io's
+    # one read is of the size asked; ours stopped at 64 KiB.
+    def one(f: Any) -> Any:
+        if call == "readinto":
+            buf = bytearray(1 << 20)
+            return f.readinto(buf), bytes(buf)
+        return getattr(f, call)(1 << 20)
+
+    with open("/dev/zero", "rb", buffering=buffering) as r:
+        expect = one(r)
+    async with threadlets.open("/dev/zero", "rb", buffering=buffering) as f:
+        got = one(f)
+        got = (await got[0], got[1]) if call == "readinto" else await got
+    assert got == expect

@@ -998,13 +998,18 @@ class AsyncFile:
 
     async def _stream_read(self, n: int) -> bytes:
         """One read of up to ``n`` bytes, as io's raw read: past 64 KiB, up
-        to what the descriptor holds (FIONREAD: a pipe enlarged with
-        F_SETPIPE_SZ, a socket), so a large ``n`` allocates no more than
-        one read can give."""
+        to what the descriptor holds where it tells (FIONREAD: a pipe
+        enlarged with F_SETPIPE_SZ, a socket, a terminal), so a large ``n``
+        allocates no more than one read can give; else (``/dev/zero``) ``n``."""
         waited = False
         while True:
             self._still_open()
-            data = self._try_read(n if n <= CHUNK else min(n, max(CHUNK, _unread(self._fd))))
+            if n > CHUNK:
+                held = _unread(self._fd)
+                want = n if held < 0 else min(n, max(CHUNK, held))
+            else:
+                want = n
+            data = self._try_read(want)
             # A FIFO that no writer has opened yet reads as end of file but
             # is not readable: end of file only once the loop says readable.
             if data is None or (not data and self._pipe and not waited):
@@ -1410,11 +1415,11 @@ def _moved_by(req: AioRequest | None, e: BaseException) -> int:
 
 def _unread(fd: int) -> int:
     """Bytes waiting to be read from a pipe, socket or terminal (FIONREAD);
-    0 if it cannot tell."""
+    -1 if it cannot tell (a character device that has no such count)."""
     try:
         got = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
     except OSError:
-        return 0
+        return -1
     return int.from_bytes(got, sys.byteorder, signed=True)
 
 
