@@ -528,3 +528,30 @@ async def test_one_read_of_dev_zero_is_as_big_as_ios(
         got = one(f)
         got = (await got[0], got[1]) if call == "readinto" else await got
     assert got == expect
+
+
+# -- a terminal's text is line-buffered by default, as io's ---------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("buffering", [-1, 1, 5])
+async def test_a_terminals_text_is_line_buffered_by_default_as_ios(
+    backend: str, buffering: int
+) -> None:
+    # io.open of a terminal in text mode with the default buffering is
+    # line-buffered (line_buffering True); ours said False.
+    import pty
+
+    master, slave = pty.openpty()
+    try:
+        name = os.ttyname(slave)
+        with open(name, "w", buffering=buffering) as r:
+            expect = (r.line_buffering, r.write_through)
+        async with threadlets.open(name, "w", buffering=buffering) as f:
+            got = (f.line_buffering, f.write_through)
+            assert await f.write("hi\n") == 3
+        assert got == expect
+        assert os.read(master, 100) == b"hi\r\n"
+    finally:
+        os.close(master)
+        os.close(slave)

@@ -339,6 +339,8 @@ class AsyncFile:
         self._moved = 0
         self._lock = StreamLock(io_.kind)
         self._text: Any = None
+        if text and buffering < 0 and stat.S_ISCHR(st.st_mode) and os.isatty(fd):
+            line_buffering = True  # (io's rule: a terminal's text is line-buffered)
         if text:
             from threadlets.textio import AsyncTextWrapper
 
