@@ -555,3 +555,27 @@ async def test_a_terminals_text_is_line_buffered_by_default_as_ios(
     finally:
         os.close(master)
         os.close(slave)
+
+
+# -- a binary file's mode is its FileIO's, as io's ------------------------------------------------
+
+_MODES = ["rb", "r+b", "w+b", "wb", "ab", "a+b", "xb", "x+b", "br", "+rb", "b+a", "r", "w+", "rt"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("buffering", [0, -1])
+async def test_the_mode_attribute_is_ios(tmp_path: Path, backend: str, buffering: int) -> None:
+    # io: a binary file's mode is its FileIO's ("r+b" reads "rb+"); ours
+    # echoed the argument.
+    for mode in _MODES:
+        if buffering == 0 and "b" not in mode:
+            continue  # (no unbuffered text)
+        ref, p = tmp_path / "ref", tmp_path / "ours"
+        for q in (ref, p):
+            q.unlink(missing_ok=True)
+            if "x" not in mode:
+                q.write_bytes(b"abc")
+        with open(ref, mode, buffering=buffering) as r:
+            expect = r.mode
+        async with threadlets.open(p, mode, buffering=buffering) as f:
+            assert (mode, f.mode) == (mode, expect)

@@ -136,6 +136,16 @@ def _flags_for(mode: str) -> tuple[int, bool, bool, bool]:
     return flags | os.O_CLOEXEC, "b" not in chars, readable, writable
 
 
+def _raw_mode(mode: str, readable: bool, writable: bool) -> str:
+    """FileIO's ``mode`` for a binary ``mode`` (Modules/_io/fileio.c)."""
+    plus = "+" if readable and writable else ""
+    if "x" in mode:
+        return "xb" + plus
+    if "a" in mode:
+        return "ab" + plus
+    return ("rb" + plus) if readable else "wb"
+
+
 def _check_text_args(
     text: bool, encoding: str | None, errors: str | None, newline: str | None
 ) -> None:
@@ -282,7 +292,9 @@ class AsyncFile:
         self._chunk = CHUNK if buffering < 0 or buffering == 1 else max(buffering, 0)
         self._fd = fd
         self.name = name
-        self.mode = mode
+        #: As io's: a text file's is the mode given, a binary file's its
+        #: FileIO's ("r+b" is "rb+", "w+b" "rb+", "br" "rb").
+        self.mode = mode if text else _raw_mode(mode, readable, writable)
         self._io = io_
         self._ctx = io_.ctx
         # asyncio: the loop, to tell a foreign loop at a glance (trio checks
