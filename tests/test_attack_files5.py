@@ -630,3 +630,34 @@ async def test_an_aiofiles_file_left_in_a_cancelled_scope_is_closed(
     assert held[0].closed
     if how != "tempfile":
         assert p.read_text() == "hello"
+
+
+# -- open(fd, "a") starts at the end, as FileIO seeks it there -------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("mode", "encoding"), [("a", "utf-16"), ("a", "utf-8-sig"), ("a+", "utf-32"), ("ab", None)]
+)
+async def test_a_descriptor_opened_for_appending_starts_at_the_end_as_io(
+    tmp_path: Path, backend: str, mode: str, encoding: str | None
+) -> None:
+    # open(fd, "a") of a descriptor at offset 0 of a file that has text:
+    # FileIO seeks to the end, so the text layer knows it is not at the
+    # start and writes no BOM; ours started at 0 and wrote a BOM mid-file
+    # (and tell() counted it).
+    body = "hello\n".encode(encoding or "ascii")
+
+    def descriptor(name: str) -> int:
+        p = tmp_path / name
+        p.write_bytes(body)
+        return os.open(p, os.O_RDWR | os.O_APPEND)
+
+    data: Any = b"Z" if encoding is None else "Z"
+    ref, ours = descriptor("ref"), descriptor("ours")
+    with open(ref, mode, encoding=encoding) as r:
+        expect = [r.tell(), r.write(data), r.tell()]
+    async with threadlets.open(ours, mode, encoding=encoding) as f:
+        got = [await f.tell(), await f.write(data), await f.tell()]
+    assert got == expect
+    assert (tmp_path / "ours").read_bytes() == (tmp_path / "ref").read_bytes()

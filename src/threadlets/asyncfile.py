@@ -330,7 +330,10 @@ class AsyncFile:
         self._waits = FdWaits()
         self._nowait_read = self._nowait_write = bool(_RWF_NOWAIT)
         try:
-            here = os.lseek(fd, 0, os.SEEK_CUR)
+            # (A descriptor opened in append mode is at its end, as FileIO
+            # seeks it there: a text file then writes no BOM mid-file.)
+            whence = os.SEEK_END if pos is None and "a" in mode and not self._stream else 0
+            here = os.lseek(fd, 0, whence or os.SEEK_CUR)
             self._seekable = True
         except OSError:
             here, self._seekable = 0, False
