@@ -7,7 +7,7 @@ This module owns :class:`AsyncFile`, the file object most users touch, and
   ``pwrite``, ``preadv``, ``pwritev`` -- each one engine request, safe to
   run from many tasks at once.
 * The stream of a Python file object -- ``read``, ``read1``, ``readinto``,
-  ``readline``, ``readlines``, async iteration over lines, ``write``,
+  ``readinto1``, ``readline``, ``readlines``, async iteration over lines, ``write``,
   ``writelines``, ``seek``, ``tell``, ``truncate``, ``flush`` -- with a read
   buffer, so lines are cut from 64 KiB chunks instead of costing a request
   each, and (regular files and block devices) a write buffer of the same
@@ -42,7 +42,10 @@ for readiness is woken with ValueError before the descriptor goes.  A
 cancelled read consumes nothing (a file's position, and in text mode the
 decoder, go back to where they were; what a pipe's read took goes back to
 the read-ahead or the text layer); a cancelled write that ran moves the
-position, and a cancelled text seek stays where it was.  A write
+position, and a cancelled text seek stays where it was.  A write (or
+``writelines``) that raises -- cancelled or not -- once bytes moved says how
+many in the exception's ``characters_written``, as io's ``BlockingIOError``
+does (a pipe may have taken part of it).  A write
 that only fills the buffer awaits nothing after its checks, so it is never
 cancelled half-way.  Closing sends the buffer first (shielded, as the rest
 of close), closes even if that fails, then raises.  A file collected
@@ -50,6 +53,12 @@ unclosed writes what its buffer holds (blocking, errors ignored), closes its
 descriptor and warns (ResourceWarning), as io's finalizer does.  (So, as with
 io, a forked child that collects its copy of a file writes the buffer the
 parent held at the fork again: flush before forking.)
+
+The stream's reads and writes are positional: they move no descriptor
+offset.  A file opened from a descriptor (``open(fd)``, ``wrap(fd)``),
+whose owner may go on using it, has the descriptor's offset moved to where
+the stream stands at ``flush()`` and ``close()`` (append mode: the end), as
+io's raw file would have left it.
 
 A character device (``/dev/zero``, a terminal) is read and written at its
 descriptor's offset: ``seek`` and ``tell`` are its ``lseek``'s, as FileIO's.
@@ -71,6 +80,7 @@ import operator
 import os
 import stat
 import sys
+import termios
 import threading
 import warnings
 from asyncio.events import _get_running_loop
@@ -124,6 +134,16 @@ def _flags_for(mode: str) -> tuple[int, bool, bool, bool]:
         else:
             flags |= os.O_EXCL
     return flags | os.O_CLOEXEC, "b" not in chars, readable, writable
+
+
+def _raw_mode(mode: str, readable: bool, writable: bool) -> str:
+    """FileIO's ``mode`` for a binary ``mode`` (Modules/_io/fileio.c)."""
+    plus = "+" if readable and writable else ""
+    if "x" in mode:
+        return "xb" + plus
+    if "a" in mode:
+        return "ab" + plus
+    return ("rb" + plus) if readable else "wb"
 
 
 def _check_text_args(
@@ -272,7 +292,9 @@ class AsyncFile:
         self._chunk = CHUNK if buffering < 0 or buffering == 1 else max(buffering, 0)
         self._fd = fd
         self.name = name
-        self.mode = mode
+        #: As io's: a text file's is the mode given, a binary file's its
+        #: FileIO's ("r+b" is "rb+", "w+b" "rb+", "br" "rb").
+        self.mode = mode if text else _raw_mode(mode, readable, writable)
         self._io = io_
         self._ctx = io_.ctx
         # asyncio: the loop, to tell a foreign loop at a glance (trio checks
@@ -280,7 +302,11 @@ class AsyncFile:
         self._loop = asyncio.get_running_loop() if io_.kind == "asyncio" else None
         self._readable = readable
         self._writable = writable
-        self._append = "a" in mode
+        #: Writes land at the end: append mode, or a descriptor opened with
+        #: O_APPEND (the kernel appends whatever offset a write names).
+        self._append = "a" in mode or (
+            pos is None and bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND)
+        )
         self._closefd = closefd
         self._owner = owner  # a wrapped Python file object, kept alive
         self._trio = io_.kind == "trio"
@@ -304,11 +330,19 @@ class AsyncFile:
         self._waits = FdWaits()
         self._nowait_read = self._nowait_write = bool(_RWF_NOWAIT)
         try:
-            here = os.lseek(fd, 0, os.SEEK_CUR)
+            # (A descriptor opened in append mode is at its end, as FileIO
+            # seeks it there: a text file then writes no BOM mid-file.)
+            whence = os.SEEK_END if pos is None and "a" in mode and not self._stream else 0
+            here = os.lseek(fd, 0, whence or os.SEEK_CUR)
             self._seekable = True
         except OSError:
             here, self._seekable = 0, False
         self._pos = here if pos is None else pos
+        #: Opened from a descriptor (its owner may go on using it): the
+        #: descriptor's offset follows the stream at flush and close, as
+        #: io's raw file (whose reads and writes move it) leaves it.
+        self._shares_offset = pos is None and self._seekable and not self._stream
+        self._synced = self._pos  # (where the descriptor's offset was left)
         #: The engine's inline read of this fd (None: reads always queue).
         self._read_inline = None if self._stream else io_.ctx.inline_reader(fd)
         self._scratch = bytearray()  # pread's buffer on the inline path
@@ -320,6 +354,8 @@ class AsyncFile:
         self._moved = 0
         self._lock = StreamLock(io_.kind)
         self._text: Any = None
+        if text and buffering < 0 and stat.S_ISCHR(st.st_mode) and os.isatty(fd):
+            line_buffering = True  # (io's rule: a terminal's text is line-buffered)
         if text:
             from threadlets.textio import AsyncTextWrapper
 
@@ -978,11 +1014,19 @@ class AsyncFile:
                 return None
 
     async def _stream_read(self, n: int) -> bytes:
-        n = min(n, CHUNK)  # what one read of a pipe or terminal can give
+        """One read of up to ``n`` bytes, as io's raw read: past 64 KiB, up
+        to what the descriptor holds where it tells (FIONREAD: a pipe
+        enlarged with F_SETPIPE_SZ, a socket, a terminal), so a large ``n``
+        allocates no more than one read can give; else (``/dev/zero``) ``n``."""
         waited = False
         while True:
             self._still_open()
-            data = self._try_read(n)
+            if n > CHUNK:
+                held = _unread(self._fd)
+                want = n if held < 0 else min(n, max(CHUNK, held))
+            else:
+                want = n
+            data = self._try_read(want)
             # A FIFO that no writer has opened yet reads as end of file but
             # is not readable: end of file only once the loop says readable.
             if data is None or (not data and self._pipe and not waited):
@@ -1052,20 +1096,28 @@ class AsyncFile:
 
     async def readinto(self, buf: WriteableBuffer) -> int:
         """Read into ``buf`` at the current position (binary mode)."""
+        return await self._readinto(buf, "readinto")
+
+    async def readinto1(self, buf: WriteableBuffer) -> int:
+        """Read into ``buf`` with at most one read of the file, as
+        :meth:`read1` (binary mode; io's buffered files have it)."""
+        return await self._readinto(buf, "readinto1")
+
+    async def _readinto(self, buf: WriteableBuffer, what: str) -> int:
         if self._text is not None:
             # (as read1 and peek: io's text files have no readinto)
-            raise AttributeError("readinto needs binary mode")
+            raise AttributeError(f"{what} needs binary mode")
         view = memoryview(buf)
         if view.readonly:
             raise TypeError(
-                f"readinto() argument must be read-write bytes-like object, "
-                f"not {type(buf).__name__}"
+                f"{what}() argument must be read-write bytes-like object, not {type(buf).__name__}"
             )
         view = view.cast("B")
         if not self._readable:
             self._enter()
-            raise io.UnsupportedOperation("read")
-        data: bytes = await self._locked(self._read, len(view))
+            raise io.UnsupportedOperation("read" if what == "readinto" else "read1")
+        read = self._read if what == "readinto" else self._read1
+        data: bytes = await self._locked(read, len(view))
         view[: len(data)] = data
         return len(data)
 
@@ -1082,6 +1134,7 @@ class AsyncFile:
         return await self._locked(self._readlines, _size(hint))  # type: ignore[no-any-return]
 
     def __aiter__(self) -> AsyncIterator[Any]:
+        self._check_open()  # (as io's iter() of a closed file)
         return self
 
     async def __anext__(self) -> Any:
@@ -1094,19 +1147,49 @@ class AsyncFile:
 
     async def write(self, data: Any) -> int:
         """Write at the current position (at the end in append mode);
-        returns the count of bytes (text mode: characters) written."""
+        returns the count of bytes (text mode: characters) written.
+
+        A write that raises once some of it moved -- cancelled (a pipe took
+        part of it before the reader stopped; a request that ran), a pipe
+        whose reader went (BrokenPipeError), a file closed meanwhile by
+        another task (ValueError) -- raises with ``characters_written`` set
+        to the count of bytes moved, as io's ``BlockingIOError`` carries it:
+        read it as ``getattr(e, "characters_written", 0)`` (absent: nothing
+        moved)."""
         if self._text is not None:
-            return await self._locked(self._text.write, data)  # type: ignore[no-any-return]
-        return await self._locked(self._write, data)  # type: ignore[no-any-return]
+            return await self._locked(self._counted, self._text.write, data)  # type: ignore[no-any-return]
+        return await self._locked(self._counted, self._write, data)  # type: ignore[no-any-return]
+
+    async def _counted(self, write: Callable[[Any], Awaitable[int]], data: Any) -> int:
+        """``write(data)``, telling an exception what it moved."""
+        self._moved = 0
+        try:
+            return await write(data)
+        except BaseException as e:
+            if self._moved:
+                with contextlib.suppress(AttributeError, TypeError):
+                    e.characters_written = self._moved  # type: ignore[attr-defined]
+            raise
 
     async def writelines(self, lines: Iterable[Any]) -> None:
         """Write each of ``lines``, as one call."""
         await self._locked(self._writelines, lines)
 
     async def _writelines(self, lines: Iterable[Any]) -> None:
+        """Each line in turn; an exception tells the bytes moved by the
+        lines before it and by its own, as write()'s does."""
         write = self._text.write if self._text is not None else self._write
-        for line in lines:
-            await write(line)
+        moved = 0
+        try:
+            for line in lines:
+                self._moved = 0
+                await write(line)
+                moved += self._moved
+        except BaseException as e:
+            if moved + self._moved:
+                with contextlib.suppress(AttributeError, TypeError):
+                    e.characters_written = moved + self._moved  # type: ignore[attr-defined]
+            raise
 
     async def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         """Move the position; returns the new one."""
@@ -1139,6 +1222,8 @@ class AsyncFile:
             await self._locked(self._text.flush)
         else:
             await self._locked(self._flush_wbuf)
+        if self._shares_offset and not self._wbuf and not self._closed:
+            self._sync_offset(self._pos)
 
     @property
     def reconfigure(self) -> Callable[..., Awaitable[None]]:
@@ -1236,6 +1321,7 @@ class AsyncFile:
             # Nothing to wait for: closed here, with no await (a close on the
             # ring would be a point where a cancellation comes through, and
             # costs a round trip that a local file's close(2) does not).
+            self._sync_offset(self._pos)
             self._release()
 
     async def _finish_close(self) -> None:
@@ -1250,16 +1336,33 @@ class AsyncFile:
                 finally:
                     lock.release()
         finally:
+            # (What a failed flush did not send is lost: the stream ends
+            # where the sent bytes end.)
+            end = self._wbuf_pos if self._wbuf else self._pos
             self._wbuf = bytearray()
             while self._outstanding:
                 # Another task awaits it; wait for it on a worker, not the loop.
                 req = next(iter(self._outstanding))
                 await self._run(self._ctx.call(req.wait))
                 self._outstanding.discard(req)
+            self._sync_offset(end)
             if self._closes_on_ring():
                 await self._close_on_ring()
             else:
                 self._release()
+
+    def _sync_offset(self, pos: int) -> None:
+        """A file opened from a descriptor: move the descriptor's offset to
+        ``pos`` (append mode: the end), where io's raw file would have left
+        it -- the stream's own I/O is positional and moves it nowhere.  Not
+        if the stream has not moved since it last did (the owner may have
+        used the descriptor meanwhile, as io leaves it then)."""
+        if self._shares_offset and pos != self._synced:
+            self._synced = pos
+            with contextlib.suppress(OSError):
+                os.lseek(self._fd, 0, os.SEEK_END) if self._append else os.lseek(
+                    self._fd, pos, os.SEEK_SET
+                )
 
     def _closes_on_ring(self) -> bool:
         """Whether the last step of a close that waited anyway is an
@@ -1299,6 +1402,7 @@ class AsyncFile:
             os.close(self._fd)
 
     async def __aenter__(self) -> AsyncFile:
+        self._check_open()  # (as io's __enter__ of a closed file)
         return self
 
     async def __aexit__(
@@ -1324,6 +1428,16 @@ def _moved_by(req: AioRequest | None, e: BaseException) -> int:
     if err in (errno.EINPROGRESS, errno.ECANCELED):
         return 0
     return int(getattr(req.exception(), "transferred", 0))
+
+
+def _unread(fd: int) -> int:
+    """Bytes waiting to be read from a pipe, socket or terminal (FIONREAD);
+    -1 if it cannot tell (a character device that has no such count)."""
+    try:
+        got = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return -1
+    return int.from_bytes(got, sys.byteorder, signed=True)
 
 
 class _NonBlocking:

@@ -222,6 +222,7 @@ class AsyncTextWrapper:
         self._set_codec(encoding, errors, info)
 
         self._decoded_chars = ""
+        self._has_decoded = False
         self._decoded_chars_used = 0
         self._snapshot: tuple[int, bytes] | None = None
         self._b2cratio = 0.0
@@ -275,7 +276,7 @@ class AsyncTextWrapper:
         given stays; a new ``encoding`` without ``errors`` is strict).  The
         encoding and newline cannot change once text was read ahead."""
         # The checks and their order are C's _io_TextIOWrapper_reconfigure_impl.
-        if self._decoded_chars and (
+        if self._has_decoded and (
             encoding is not None or errors is not None or newline is not _UNSET
         ):
             raise io.UnsupportedOperation(
@@ -377,8 +378,11 @@ class AsyncTextWrapper:
             if not at_start and self._encoder is not None:
                 self._encoder.setstate(0)
 
-    def _set_decoded_chars(self, chars: str) -> None:
-        self._decoded_chars = chars
+    def _set_decoded_chars(self, chars: str | None) -> None:
+        """None: C's NULL (nothing decoded ahead: reconfigure() may change
+        the encoding); "" is decoded text, if empty (it may not)."""
+        self._decoded_chars = chars or ""
+        self._has_decoded = chars is not None
         self._decoded_chars_used = 0
 
     def _get_decoded_chars(self, n: int = -1) -> str:
@@ -506,7 +510,7 @@ class AsyncTextWrapper:
         if n < 0:
             decoded = decoder.decode(await self._buffer.read(), True)
             result = self._get_decoded_chars() + decoded
-            self._set_decoded_chars("")
+            self._set_decoded_chars(None)
             self._snapshot = None
             return result
         chunks = [self._get_decoded_chars(n)]
@@ -595,7 +599,7 @@ class AsyncTextWrapper:
                 if not more:
                     break
             if not more:
-                self._set_decoded_chars("")
+                self._set_decoded_chars(None)
                 self._snapshot = None
                 start = endpos = offset_to_buffer = 0
                 break
@@ -624,7 +628,7 @@ class AsyncTextWrapper:
             if endpos < len(line):
                 remaining = line[endpos:]
             line = None
-            self._set_decoded_chars("")
+            self._set_decoded_chars(None)
         if line is not None:
             self._decoded_chars_used = endpos - offset_to_buffer
             line = line[start:endpos]
@@ -682,7 +686,7 @@ class AsyncTextWrapper:
         return len(s)
 
     def _after_write(self) -> None:
-        self._set_decoded_chars("")
+        self._set_decoded_chars(None)
         self._snapshot = None
         if self._decoder is not None:
             self._decoder.reset()
@@ -789,7 +793,7 @@ class AsyncTextWrapper:
             await self.flush()
             undo = self._save()
             try:
-                self._set_decoded_chars("")
+                self._set_decoded_chars(None)
                 self._snapshot = None
                 if self._decoder is not None:
                     self._decoder.reset()
@@ -811,7 +815,7 @@ class AsyncTextWrapper:
         undo = self._save()
         try:
             await self._buffer.seek(start_pos)
-            self._set_decoded_chars("")
+            self._set_decoded_chars(None)
             self._snapshot = None
             decoder = self._decoder
             if decoder is not None:
@@ -841,7 +845,7 @@ class AsyncTextWrapper:
         ``cookie``).  ``pread(n, offset)`` reads the bytes to replay.
         Returns how many bytes past that position the buffer must go."""
         start_pos, dec_flags, bytes_to_feed, chars_to_skip, need_eof = _parse_cookie(int(cookie))
-        self._set_decoded_chars("")
+        self._set_decoded_chars(None)
         self._snapshot = (dec_flags, b"")
         decoder = self._decoder
         chunk = b""
@@ -902,7 +906,13 @@ class AsyncTextWrapper:
         if mark is None:
             return None
         dec_state = self._decoder.getstate() if self._decoder is not None else None
-        chars = (self._decoded_chars, self._decoded_chars_used, self._snapshot, self._telling)
+        chars = (
+            self._decoded_chars,
+            self._has_decoded,
+            self._decoded_chars_used,
+            self._snapshot,
+            self._telling,
+        )
         return mark, dec_state, chars
 
     def _restore(self, undo: tuple[Any, ...] | None) -> bool:
@@ -916,5 +926,11 @@ class AsyncTextWrapper:
             return False
         if self._decoder is not None:
             self._decoder.setstate(dec_state)
-        self._decoded_chars, self._decoded_chars_used, self._snapshot, self._telling = chars
+        (
+            self._decoded_chars,
+            self._has_decoded,
+            self._decoded_chars_used,
+            self._snapshot,
+            self._telling,
+        ) = chars
         return True

@@ -33,12 +33,22 @@ P = ParamSpec("P")
 
 
 async def run_blocking(
-    fn: Callable[[], T], executor: Any = None, undo: Callable[[T], object] | None = None
+    fn: Callable[[], T],
+    executor: Any = None,
+    undo: Callable[[T], object] | None = None,
+    *,
+    shield: bool = False,
 ) -> T:
     """Run ``fn()`` on a worker as one engine request and return its result
     (or raise what it raised).  ``undo``: what releases a result nobody will
     get -- a call cancelled while it ran, that succeeded (an open's file is
-    closed, as a cancelled ``threadlets.open`` closes its descriptor)."""
+    closed, as a cancelled ``threadlets.open`` closes its descriptor).
+    ``shield``: ``fn`` runs to its end even if the caller is cancelled
+    (before or meanwhile), then the cancellation comes through -- a close,
+    as ``threadlets.open``'s files close: a file left open by a cancelled
+    close would be closed (its buffer written) only when collected."""
+    if shield:
+        return await current().shielded(lambda: run_blocking(fn, executor, undo))
     if executor is not None:
         return await _run_in(executor, fn, undo)
     io_ = current()
@@ -116,6 +126,11 @@ class AsyncBase:
         method = getattr(self._file, name)
         return await run_blocking(functools.partial(method, *args, **kwargs), self._executor)
 
+    async def _close(self, name: str = "close") -> None:
+        """The file object's ``close`` (or ``name``), run to its end even if
+        the caller is cancelled (see :func:`run_blocking`)."""
+        await run_blocking(getattr(self._file, name), self._executor, shield=True)
+
     def __aiter__(self) -> Any:
         """We are our own iterator."""
         return self
@@ -178,8 +193,11 @@ class AiofilesContextManager(Awaitable[_T_co], Generic[_T_co]):
         exc_tb: TracebackType | None,
     ) -> None:
         obj = self._obj
+        # (Shielded: leaving a cancelled scope still closes the file, as
+        # ``threadlets.open``'s do; on trio the call was refused at once.)
         await run_blocking(
             functools.partial(obj._file.__exit__, exc_type, exc_val, exc_tb),
             getattr(obj, "_executor", None),
+            shield=True,
         )
         self._obj = None

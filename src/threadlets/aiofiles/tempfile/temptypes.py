@@ -35,7 +35,10 @@ class AsyncSpooledTemporaryFile(AsyncBase):
         await self._call("rollover")
 
     async def close(self) -> None:
-        await self._cond("close")
+        if self._file._rolled:
+            await self._close()
+        else:
+            self._file.close()
 
     async def flush(self) -> None:
         await self._cond("flush")
@@ -110,7 +113,7 @@ class AsyncTemporaryDirectory:
         return self._file.name  # type: ignore[no-any-return]
 
     async def cleanup(self) -> None:
-        await run_blocking(functools.partial(self._file.cleanup), self._executor)
+        await run_blocking(functools.partial(self._file.cleanup), self._executor, shield=True)
 
     async def close(self) -> None:
         await self.cleanup()

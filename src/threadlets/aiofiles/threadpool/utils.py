@@ -26,7 +26,7 @@ class FileMethods(AsyncBase):
     directly, as aiofiles does."""
 
     async def close(self) -> None:
-        await self._call("close")
+        await self._close()
 
     async def flush(self) -> None:
         await self._call("flush")
