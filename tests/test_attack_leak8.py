@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dis
+import errno
 import gc
 import os
 import sys
@@ -19,10 +20,14 @@ from types import CodeType, FrameType
 import pytest
 
 import threadlets
-from threadlets import AioContext, ThreadletQueue, uring
+import threadlets.awaitable as aw
+from threadlets import AioContext, ThreadletQueue, oneshot, uring
 from threadlets.probe import pin_buffer
 
 from .conftest import HAVE_RING, call_interrupted_at, wait_until
+from .test_asyncfile import anyio_backend
+
+__all__ = ["anyio_backend"]  # a fixture used by name
 
 needs_ring = pytest.mark.skipif(not HAVE_RING, reason="no io_uring here")
 
@@ -358,8 +363,6 @@ def test_close_cycles_leak_nothing(backend: str, how: str, path: Path) -> None:
 
 
 def test_asyncio_run_and_open_cycles_leak_nothing(backend: str, path: Path) -> None:
-    import threadlets.awaitable as aw
-
     async def main() -> None:
         async with threadlets.open(path, "rb") as f:
             assert await f.read(100) == path.read_bytes()[:100]
@@ -385,3 +388,49 @@ def test_abandoned_queues_with_min_threads_and_rings_leak_nothing() -> None:
             _no_growth(lambda i: uring.Ring(8).close(), 100)
         finally:
             os.close(efd)
+
+
+# -- oneshot: read_bytes of a FIFO whose hand-over is refused --------------------------
+
+
+@pytest.fixture
+def fifo(tmp_path: Path) -> Path:
+    if oneshot._openat2 is None:
+        pytest.skip("no openat2(RESOLVE_CACHED) here: nothing is opened inline")
+    p = tmp_path / "fifo"
+    os.mkfifo(p)
+    return p
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("refusal", ["queue-closed", "emfile"])
+async def test_read_bytes_refused_after_the_inline_open_closes_what_it_opened(
+    anyio_backend: object, fifo: Path, refusal: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """read_bytes() of a FIFO opens it on the loop, then hands the
+    descriptor (and a wake-up pipe) to a worker.  If the hand-over was
+    refused -- the queue closed (RuntimeError), the wake-up pipe refused
+    (EMFILE) -- the descriptor, and the pipe, leaked."""
+    queue = ThreadletQueue(max_threads=1)
+    if refusal == "queue-closed":
+        queue.close()
+        expected: type[BaseException] = RuntimeError
+    else:
+
+        def pipe2(flags: int) -> tuple[int, int]:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+        monkeypatch.setattr(os, "pipe2", pipe2)
+        expected = OSError
+    aw.configure(queue=queue, backend="threads")
+    try:
+        aw.current()  # (the loop's own context and eventfd, made now)
+        gc.collect()
+        before = set(os.listdir("/proc/self/fd"))
+        with pytest.raises(expected):
+            await oneshot.read_bytes(fifo)
+        gc.collect()
+        assert set(os.listdir("/proc/self/fd")) <= before
+    finally:
+        aw.configure()
+        queue.close(timeout=10)
