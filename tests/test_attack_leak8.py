@@ -119,6 +119,35 @@ def test_a_context_dropped_with_requests_in_flight_is_released(
         assert all(buf == b"12345678" for buf in bufs)
 
 
+def test_a_dropped_context_that_delivers_nothing_finishes_its_requests(
+    backend: str, pipes: Callable[[], tuple[int, int]]
+) -> None:
+    """deliver=False (threadlets.posix's kind): the done-callbacks are the
+    delivery, so a dropped context's requests are finished -- on the
+    workers, or by the ring's reaper thread, which now holds the ring only
+    weakly: the collector hands the ring back to it -- and then it is
+    released."""
+    gc.collect()
+    fds, threads = _fds(), threading.active_count()
+    done: list[int] = []
+    ends, bufs = [], []
+    for _ in range(20):
+        r, w = pipes()
+        ends.append((r, w))
+        ctx = AioContext(backend=backend, deliver=False)
+        buf = bytearray(8)
+        bufs.append(buf)
+        ctx.read(r, 0, buf).add_done_callback(lambda q: done.append(q.result()))
+    del ctx
+    gc.collect()
+    for _r, w in ends:
+        os.write(w, b"12345678")
+    # (The reapers end; the default queue keeps the workers it grew.)
+    _until_back(fds + 2 * len(ends), threads if backend == "io_uring" else None)
+    assert done == [8] * len(ends)
+    assert all(buf == b"12345678" for buf in bufs)
+
+
 @needs_ring
 def test_a_dropped_owner_ring_gives_up_on_its_operations(
     pipes: Callable[[], tuple[int, int]],

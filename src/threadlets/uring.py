@@ -289,7 +289,9 @@ def _wait_for_one(enter: Any, fd: int, timeout: float | None) -> int:
     )  # fmt: skip
 
 
-def _reap_loop(ref: weakref.ref[Ring], box: list[Ring], enter: Any, fd: int) -> None:
+def _reap_loop(
+    ref: weakref.ref[Ring], box: list[Ring], boxed: threading.Event, enter: Any, fd: int
+) -> None:
     """A ring's reaper thread (reaper mode): sleep until completions arrive,
     hand them out, repeat until close()'s NOP came back with nothing else
     in flight; then release the ring.
@@ -297,14 +299,14 @@ def _reap_loop(ref: weakref.ref[Ring], box: list[Ring], enter: Any, fd: int) -> 
     It holds the ring only while it works, weakly while it sleeps: a ring
     dropped without close() is collected then, and its finalizer puts it
     in ``box`` -- held again, until this thread releases it -- and closes
-    it, which wakes this thread."""
+    it, which wakes this thread.  (The collector clears the weak reference
+    before it runs the finalizer, and may let other threads run in
+    between: this thread then waits for ``boxed``.)"""
     block_async_signals()  # (see there: Ctrl-C belongs to the main thread)
     quiet = False  # the last short sleep saw nothing: sleep long now
     handed = 0  # completions the last pass handed out
     while True:
-        ring = box[0] if box else ref()
-        if ring is None:  # pragma: no cover - its finalizer fills the box first
-            return
+        ring = _reaper_ring(ref, box, boxed)
         with ring._lock:
             # Ordering: what was held back is taken in the same critical
             # section that decides whether submitters may hold back
@@ -323,9 +325,7 @@ def _reap_loop(ref: weakref.ref[Ring], box: list[Ring], enter: Any, fd: int) -> 
         del ring  # (asleep, the thread holds the ring weakly)
         got = _wait_for_one(enter, fd, HOLD_MAX if short else None)
         err = ctypes.get_errno() if got < 0 else 0
-        ring = box[0] if box else ref()
-        if ring is None:  # pragma: no cover - as above
-            return
+        ring = _reaper_ring(ref, box, boxed)
         if got < 0:
             if err == errno.ETIME:  # the short sleep ran out
                 quiet = not ring._unsubmitted
@@ -348,6 +348,14 @@ def _reap_loop(ref: weakref.ref[Ring], box: list[Ring], enter: Any, fd: int) -> 
     with ring._lock:
         ring._release()  # (under the lock: _take reads the SQ head)
     box.clear()
+
+
+def _reaper_ring(ref: weakref.ref[Ring], box: list[Ring], boxed: threading.Event) -> Ring:
+    ring = ref()
+    if ring is not None:
+        return ring
+    boxed.wait()  # being collected: its finalizer puts it in the box
+    return box[0]
 
 
 def _probe_opcodes(register: Any, fd: int) -> frozenset[int]:
@@ -475,6 +483,7 @@ class Ring:
         #: Reaper mode: where the ring's finalizer puts the ring for its
         #: reaper thread to finish and release (the thread holds it weakly).
         self._reaper_box: list[Ring] = []
+        self._boxed = threading.Event()  # set once it is there
         #: The opcodes this kernel takes (IORING_REGISTER_PROBE): the engine
         #: sends the others to its threads.
         self.supported = _probe_opcodes(register, self._fd)
@@ -497,7 +506,7 @@ class Ring:
             # __del__).
             self._reaper = threading.Thread(
                 target=_reap_loop,
-                args=(weakref.ref(self), self._reaper_box, self._enter, self._fd),
+                args=(weakref.ref(self), self._reaper_box, self._boxed, self._enter, self._fd),
                 name=f"threadlets-uring-{self._fd}",
                 daemon=True,
             )
@@ -953,6 +962,7 @@ class Ring:
         reaper = self.__dict__.get("_reaper")
         if reaper is not None and reaper.is_alive() and self._generation == _generation:
             self._reaper_box.append(self)  # (kept: the thread releases it as it ends)
+            self._boxed.set()
             self.close()
             return
         if self.__dict__.get("_pending") and self._generation == _generation:
