@@ -5,6 +5,7 @@ threads, and objects must all come back."""
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import dis
 import errno
 import gc
@@ -242,6 +243,43 @@ def test_reaper_rings_dropped_without_close_end_their_threads() -> None:
         del ring
     _until_back(fds, threads)
     assert called == [0] * 50
+
+
+@needs_ring
+def test_an_open_that_comes_back_to_an_abandoned_ring_is_closed(tmp_path: Path) -> None:
+    """An OPENAT that completed (or could not be cancelled: one under way)
+    when its ring was given up on: the fd it opened is nobody's, and is
+    closed, not leaked with the callback that is not called."""
+    target = tmp_path / "file"
+    target.write_bytes(b"x")
+    efd = os.eventfd(0, os.EFD_CLOEXEC)
+    try:
+        for _ in range(20):
+            ring = uring.Ring(8, eventfd=efd)
+            if uring.OP_OPENAT not in ring.supported:
+                pytest.skip("no IORING_OP_OPENAT here")
+            path = ctypes.create_string_buffer(bytes(target))
+            opened: list[int] = []
+            assert ring.submit(
+                uring.OP_OPENAT, uring.AT_FDCWD, 0, ctypes.addressof(path), 0,
+                os.O_RDONLY | os.O_CLOEXEC, lambda res, p=path, o=opened: o.append(res),
+            )  # fmt: skip
+            del path
+            kept = weakref.ref(ring)
+            del ring
+            gc.collect()
+            wait_until(lambda: (uring.Ring(8, eventfd=efd).close(), kept() is None)[1])  # noqa: B023
+            assert opened == []
+            assert not [fd for fd in os.listdir("/proc/self/fd") if _names(fd, target)]
+    finally:
+        os.close(efd)
+
+
+def _names(fd: str, path: Path) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == str(path)
+    except OSError:
+        return False
 
 
 # -- 3. Ctrl-C as a call returns, inside the constructors ----------------------------------

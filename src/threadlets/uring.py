@@ -350,6 +350,13 @@ def _reap_loop(
     box.clear()
 
 
+def _close_opened(keep: object, res: int) -> None:
+    """What an abandoned ring's OPENAT came back with: the fd, closed (nobody
+    takes it).  ``keep``, its callback, was held until now."""
+    if res >= 0:
+        os.close(res)
+
+
 def _reaper_ring(ref: weakref.ref[Ring], box: list[Ring], boxed: threading.Event) -> Ring:
     ring = ref()
     if ring is not None:
@@ -466,6 +473,9 @@ class Ring:
         self._stopped = False  # reaper mode: close()'s NOP came back
         self._reaper_holds = False  # reaper mode: busy, or in a short sleep (see submit)
         self._pending: dict[int, Callable[[int], None]] = {}
+        #: The ids of the OPENATs in flight: given up on, the fd one of them
+        #: comes back with is closed (see _abandon).
+        self._opens: set[int] = set()
         #: Completions taken off the CQ and not yet handed out, oldest first,
         #: as [callback, result, handed].  They are handed out one at a
         #: time, so an exception of any kind in one callback (Ctrl-C
@@ -557,6 +567,8 @@ class Ring:
                 (tail & self._sq_mask) * 64,
                 opcode, 0, 0, fd, offset, addr, length, op_flags, ident, 0, 0, 0, 0, 0,
             )  # fmt: skip
+            if opcode == OP_OPENAT:
+                self._opens.add(ident)  # (see _abandon; before it is published)
             self._pending[ident] = on_done
             if receipt is not None:
                 receipt[0] = ident
@@ -787,7 +799,7 @@ class Ring:
         if head == tail:
             return
         mm, mask, base, pending = self._cq_mm, self._cq_mask, self._cqes, self._pending
-        ready = self._ready
+        ready, opens = self._ready, self._opens
         start = head
         # The posted CQEs: one run of the array, or two where it wraps.
         first = head & mask
@@ -814,6 +826,8 @@ class Ring:
                     del pending[ident]
                     moved += 1
                     ready.append([on_done, res, None])
+                    if opens:
+                        opens.discard(ident)
         finally:
             # (Plain bytecodes up to the head's store: the counts and the
             # head change together.)
@@ -994,6 +1008,12 @@ class Ring:
                 self._closing = True  # (nothing is submitted from now on)
                 self._given_up = True
                 self._ready.clear()  # (completed: the kernel is done with their memory)
+                for ident in self._opens:
+                    # An fd the kernel opens for nobody from now on is closed.
+                    # (The callback kept: it pins what the kernel may read.)
+                    on_done = self._pending.get(ident)
+                    if on_done is not None:
+                        self._pending[ident] = functools.partial(_close_opened, on_done)
                 room = self.entries - ((self._tail - self._sq_head.value) & 0xFFFFFFFF)
                 for ident in list(self._pending)[: max(room, 0)]:
                     self._push(OP_ASYNC_CANCEL, -1, 0, ident, 0, 0, _KICK)
@@ -1011,7 +1031,11 @@ class Ring:
                 if self._released:
                     return
                 self._collect()
-                self._ready.clear()  # (never called: see _abandon)
+                ready = self._ready
+                while ready:
+                    on_done, res, _ = ready.popleft()
+                    if type(on_done) is functools.partial and on_done.func is _close_opened:
+                        on_done(res)  # (the rest are never called: see _abandon)
                 if not self._pending:
                     self._release()
                     return
