@@ -937,6 +937,10 @@ class Ring:
                         return
                     # (else given up on, below: outside the lock)
                 elif self._closing:
+                    # A close cut short (Ctrl-C as _take was entered, say)
+                    # left its STOP published but not sent, and the reaper
+                    # asleep for good: send what is published.
+                    n = self._take()
                     return
                 else:
                     self._push(OP_NOP, -1, 0, 0, 0, 0, _STOP)
