@@ -246,6 +246,38 @@ def test_reaper_rings_dropped_without_close_end_their_threads() -> None:
 
 
 @needs_ring
+def test_a_kick_under_way_keeps_the_ring_fd_until_it_is_done(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """close() publishes its STOP, then kicks it outside the lock; another
+    thread's flush (its take counts every published SQE) sent the STOP
+    first, the reaper reaped it and released the ring -- closing the fd --
+    and close()'s kick then entered a closed fd number (EBADF, or another
+    file's by then).  The fd now stays open until the last kick is done."""
+    ring = uring.Ring(8)
+    real = ring._enter
+    armed = [True]
+
+    def enter(*args: object) -> int:
+        if armed[0] and threading.current_thread() is threading.main_thread():
+            armed[0] = False  # close()'s kick, taken, not sent yet: another thread sends it
+            other = threading.Thread(target=ring.flush)
+            other.start()
+            other.join()
+            assert ring.join(10)  # the reaper reaped the STOP and released the ring
+        result: int = real(*args)
+        return result
+
+    ring._enter = enter  # type: ignore[method-assign]
+    fds = _fds()
+    with caplog.at_level("ERROR", logger="threadlets.uring"):
+        ring.close()
+    assert not armed[0]
+    assert not [r for r in caplog.records if "io_uring_enter" in r.getMessage()]
+    assert _fds() < fds  # (closed after the kick)
+
+
+@needs_ring
 def test_an_open_that_comes_back_to_an_abandoned_ring_is_closed(tmp_path: Path) -> None:
     """An OPENAT that completed (or could not be cancelled: one under way)
     when its ring was given up on: the fd it opened is nobody's, and is

@@ -426,6 +426,8 @@ class Ring:
         self._released = False
         self._fd_closed = False
         self._given_up = False  # abandoned (see _abandon): its callbacks are never called
+        self._kicking = 0  # kicks under way (see _kick)
+        self._close_after_kick = False  # released under them: the last one closes the fd
         # Offsets into the ring mappings (the masks are read from there).
         sq_head, sq_tail, sq_mask_at, _, _, _, sq_array = p[10:17]
         cq_head, cq_tail, cq_mask_at, _, _, cqes = p[20:26]
@@ -695,19 +697,36 @@ class Ring:
     def _kick(self, n: int) -> None:
         """Submit ``n`` published SQEs.  Outside the lock: the syscall
         starts the I/O and can take a while.  Concurrent kicks are fine:
-        each submits what is there, and together they cover every SQE."""
-        while n > 0:
-            got = self._enter(_NR_ENTER, self._fd, n, 0, 0, None, 0)
-            if got >= 0:
-                n -= got
-                if got == 0:  # pragma: no cover - a concurrent kick took them
+        each submits what is there, and together they cover every SQE.
+
+        So one kick can send what another thread took (``_take`` counts
+        every published SQE): close()'s STOP, say, which the reaper then
+        reaps, releasing the ring, while close() is on its way to kick it.
+        The fd is therefore closed by the last kick under way, not under
+        it (it was: EBADF, or another file's number by then).  The test
+        and the count are plain bytecodes (no other thread comes between),
+        as are _release's."""
+        if n <= 0 or self._released:
+            return
+        self._kicking += 1
+        try:
+            while n > 0:
+                got = self._enter(_NR_ENTER, self._fd, n, 0, 0, None, 0)
+                if got >= 0:
+                    n -= got
+                    if got == 0:  # pragma: no cover - a concurrent kick took them
+                        return
+                    continue
+                err = ctypes.get_errno()
+                if err not in (errno.EINTR, errno.EAGAIN, errno.EBUSY):  # pragma: no cover
+                    # The SQEs stay in the ring: the next kick submits them.
+                    log.error("io_uring_enter(submit): %s", os.strerror(err))
                     return
-                continue
-            err = ctypes.get_errno()
-            if err not in (errno.EINTR, errno.EAGAIN, errno.EBUSY):  # pragma: no cover
-                # The SQEs stay in the ring: the next kick submits them.
-                log.error("io_uring_enter(submit): %s", os.strerror(err))
-                return
+        finally:
+            self._kicking -= 1
+            if self._close_after_kick and not self._kicking:
+                self._close_after_kick = False
+                os.close(self._fd)
 
     # -- the reaper ----------------------------------------------------------------------
 
@@ -1067,4 +1086,7 @@ class Ring:
             with contextlib.suppress(BufferError):
                 mm.close()
         self._fd_closed = True
+        if self._kicking:
+            self._close_after_kick = True  # (see _kick)
+            return
         os.close(self._fd)
