@@ -278,6 +278,37 @@ def test_a_kick_under_way_keeps_the_ring_fd_until_it_is_done(
 
 
 @needs_ring
+def test_a_wait_never_enters_the_fd_of_a_ring_released_under_it() -> None:
+    """Ring.wait() looked at the ring, then called ready(), then slept in
+    io_uring_enter on the ring's fd: a release in between (here by ready()
+    itself; or the owner's close in another thread) had it enter a closed
+    fd number -- by then maybe another ring's, whose completions it would
+    wait for."""
+    efd = os.eventfd(0, os.EFD_CLOEXEC)
+    try:
+        ring = uring.Ring(8, eventfd=efd)
+        real = ring._enter
+        entered: list[bool] = []
+
+        def enter(*args: object) -> int:
+            entered.append(ring._released)
+            result: int = real(*args)
+            return result
+
+        ring._enter = enter  # type: ignore[method-assign]
+
+        def ready() -> bool:
+            ring.close()  # (owner mode, nothing in flight: released at once)
+            return False
+
+        ring.wait(0.01, ready)
+        assert ring._released
+        assert True not in entered
+    finally:
+        os.close(efd)
+
+
+@needs_ring
 def test_an_open_that_comes_back_to_an_abandoned_ring_is_closed(tmp_path: Path) -> None:
     """An OPENAT that completed (or could not be cancelled: one under way)
     when its ring was given up on: the fd it opened is nobody's, and is

@@ -426,7 +426,7 @@ class Ring:
         self._released = False
         self._fd_closed = False
         self._given_up = False  # abandoned (see _abandon): its callbacks are never called
-        self._kicking = 0  # kicks under way (see _kick)
+        self._kicking = 0  # kicks (and waits) under way (see _kick)
         self._close_after_kick = False  # released under them: the last one closes the fd
         # Offsets into the ring mappings (the masks are read from there).
         sq_head, sq_tail, sq_mask_at, _, _, _, sq_array = p[10:17]
@@ -901,9 +901,18 @@ class Ring:
                 if self._released:
                     return
                 posted = self._cq_head.value != self._cq_tail.value
-            if (ready is not None and ready()) or posted:
+            if (ready is not None and ready()) or posted or self._released:
                 return
-            self._wait(timeout)
+            # Counted as a user of the fd, as a kick is (see _kick): a
+            # release meanwhile leaves its close to us.
+            self._kicking += 1
+            try:
+                self._wait(timeout)
+            finally:
+                self._kicking -= 1
+                if self._close_after_kick and not self._kicking:
+                    self._close_after_kick = False
+                    os.close(self._fd)
         finally:
             if counted:
                 with self._lock:
