@@ -47,6 +47,17 @@ lock held, and so is the CQ head.  After ``fork()`` a ring is dead in the
 child -- its memory is shared with the parent, whose operations are in it --
 so the child neither submits nor reaps: :attr:`Ring.usable` turns false and
 the engine uses its threads.
+
+Dropped without close().  No module-level structure holds a ring: one
+with operations in flight is garbage only together with everything its
+callbacks hold (the engine's requests and their context).  Its finalizer
+then gives up on them -- cancels them in the kernel, keeps the ring and
+what the callbacks pin until the kernel has given every one back, calls
+none of the callbacks, closes the fd an OPENAT came back with -- and
+releases it (see ``Ring._abandon``).  A reaper thread holds its ring only
+weakly while it sleeps; a reaper-mode ring's finalizer hands the ring back
+to it, to finish as after close().  The fd is closed by the last kick or
+wait under way, never under one.
 """
 
 from __future__ import annotations
