@@ -733,18 +733,22 @@ class _Notifier:
 
     def __init__(self) -> None:
         self._registered = False
-        #: What _close_fds has still to close (stored with the fds, in
-        #: plain bytecodes: from there on __del__ closes them if an
-        #: interrupt cuts the construction short).
-        self._open_fds: tuple[int, ...] = ()
+        #: What _close_fds has still to close: from there on __del__ closes
+        #: them if an interrupt cuts the construction short.
+        self._open_fds: list[int] = []
         self.closed = False
+        # Each descriptor is made by a call from C (map, inside the list's
+        # extend): CPython raises a pending Ctrl-C only as a call made by
+        # Python code returns, so it lands before the call or after the
+        # extend, never between the fd's creation and its store (where it
+        # used to leak the fd).
         if capabilities().eventfd:
-            self._rfd = self._wfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            self._open_fds = (self._rfd,)
+            self._open_fds.extend(map(os.eventfd, (0,), (os.EFD_NONBLOCK | os.EFD_CLOEXEC,)))
+            self._rfd = self._wfd = self._open_fds[0]
             self._eventfd = True
         else:
-            self._rfd, self._wfd = os.pipe()
-            self._open_fds = (self._rfd, self._wfd)
+            self._open_fds.extend(itertools.chain.from_iterable(itertools.starmap(os.pipe, [()])))
+            self._rfd, self._wfd = self._open_fds
             os.set_blocking(self._rfd, False)
             os.set_blocking(self._wfd, False)
             self._eventfd = False
@@ -1500,6 +1504,17 @@ class AioContext:
     releases the eventfd and the ring.  A submission racing it either
     completes before close returns or raises RuntimeError.
 
+    Dropped without closing, a context is released when it is collected:
+    once nothing holds it or any of its requests.  Its requests still on
+    the pool's workers finish there first (as CPython's executor's work
+    does); those in the kernel's hands on the io_uring backend are
+    cancelled there (ones under way come back when done), and the ring and
+    the eventfd are released once the kernel has given them all back.
+    None of their callbacks runs -- nobody could process them -- and no
+    completion callback ever runs in the collector's thread.  A context
+    that delivers nothing has a reaper thread, which finishes its ring's
+    requests (their done-callbacks are their delivery) before it goes.
+
     File state (O_DIRECT alignment, sticky flush errors, what the file does
     not support) is kept per fd.  If you close an fd and open another file
     on the same number, call :meth:`forget` first.
@@ -1545,9 +1560,12 @@ class AioContext:
             #: "io_uring" or "threads": what runs requests that do not finish inline.
             self.backend = "threads" if self._ring is None else "io_uring"
             # The ring and the eventfd close with the context, or when it is
-            # collected (the ring first: the kernel writes the eventfd).
+            # collected (the ring first: the kernel writes the eventfd).  The
+            # ring held weakly: with requests in it, it holds the context
+            # (through their callbacks), and a strong hold here would keep
+            # both for ever -- see _release.
             self._finalizer = weakref.finalize(
-                self, _release, self._cq.notifier, self._cq.lock, self._ring
+                self, _release, self._cq.notifier, self._cq.lock, _weak(self._ring)
             )
         except BaseException:
             # Refused, or interrupted (Ctrl-C) half-way: release what was made
@@ -2318,7 +2336,9 @@ class AioContext:
         self._ring_backend = None
         self.backend = "threads"
         self._finalizer.detach()
-        self._finalizer = weakref.finalize(self, _release, self._cq.notifier, self._cq.lock, None)
+        self._finalizer = weakref.finalize(
+            self, _release, self._cq.notifier, self._cq.lock, _weak(None)
+        )
 
 
 class _InlineDone(AioRequest):
@@ -2397,9 +2417,28 @@ def _time_left(deadline: float | None) -> float | None:
     return None if deadline is None else deadline - time.monotonic()
 
 
-def _release(notifier: _Notifier, lock: threading.Lock, ring: Ring | None) -> None:
-    # (Not given the completion queue: its ready requests refer back to the
-    # context, which the finalizer registry would then keep alive for ever.)
+def _weak(ring: Ring | None) -> Callable[[], Ring | None]:
+    return (lambda: None) if ring is None else weakref.ref(ring)
+
+
+def _release(
+    notifier: _Notifier, lock: threading.Lock, ring_ref: Callable[[], Ring | None]
+) -> None:
+    # (Not given the completion queue, nor the ring but weakly: its ready
+    # requests, and the ring's callbacks, refer back to the context, which
+    # the finalizer registry would then keep alive for ever.)
+    #
+    # A context dropped without close() while requests were in its ring's
+    # kernel (a read of an empty pipe, say) is garbage together with its
+    # ring, its requests and their buffers (a request holds its context:
+    # nobody holds any of them).  The collector clears the weak reference
+    # first and runs this; then the ring's own finalizer gives up on what
+    # is in flight: cancelled, reaped without running any callback, and
+    # released once the kernel is done with the buffers (see
+    # Ring._abandon).  No request of it is delivered -- nobody could
+    # process it, as with the threads, whose workers finish such requests
+    # into a ready queue nobody reads.
+    ring = ring_ref()
     if ring is not None:
         ring.close()  # first: the kernel writes the eventfd
     with lock:

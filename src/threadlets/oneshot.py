@@ -139,7 +139,11 @@ def _read_inline(path: str | bytes) -> bytes | _Handoff | None:
         raise
     # Not cached, large, or not a regular file: opened already (a FIFO's
     # writer may have seen us open it), so the worker reads this descriptor.
-    return _Handoff(fd, path, not stat.S_ISREG(st.st_mode))
+    try:
+        return _Handoff(fd, path, not stat.S_ISREG(st.st_mode))
+    except BaseException:  # (its wake-up pipe refused: EMFILE; or Ctrl-C)
+        os.close(fd)
+        raise
 
 
 class _Handoff:
@@ -267,8 +271,10 @@ async def _read(io_: LoopIO, where: Any) -> bytes:
             await _inline_done(io_)
             return got
         if got is not None:
-            req = io_.ctx.call(got.read)
             try:
+                # (Refused too -- the queue closed, Ctrl-C --, the
+                # descriptor and the wake-up pipe are closed here.)
+                req = io_.ctx.call(got.read)
                 await io_.wait(req, detach=got.stream)
             except BaseException:
                 got.abandon()

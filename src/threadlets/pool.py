@@ -671,7 +671,12 @@ class ThreadletQueue:
         self._idle: list[_Worker] = []  # LIFO: the most recently idle wakes first
         self._workers: set[_Worker] = set()
         #: Claimed threadlets (RUNNING outside the workers; see _claim).
-        self._claimed: set[Threadlet[Any]] = set()
+        #: Held weakly: one is claimed to be cancelled in a forked child,
+        #: which nobody can do to one that nobody holds any more -- and a
+        #: strong hold kept an I/O request (with its context, its io_uring
+        #: ring and their descriptors) alive for good when its context was
+        #: dropped while the kernel had it (see threadlets.uring._abandoned).
+        self._claimed: weakref.WeakSet[Threadlet[Any]] = weakref.WeakSet()
         self._min = min_threads
         self._max = max_threads
         self._closed = False

@@ -47,12 +47,25 @@ lock held, and so is the CQ head.  After ``fork()`` a ring is dead in the
 child -- its memory is shared with the parent, whose operations are in it --
 so the child neither submits nor reaps: :attr:`Ring.usable` turns false and
 the engine uses its threads.
+
+Dropped without close().  No module-level structure holds a ring: one
+with operations in flight is garbage only together with everything its
+callbacks hold (the engine's requests and their context).  Its finalizer
+then gives up on them -- cancels them in the kernel, keeps the ring and
+what the callbacks pin until the kernel has given every one back, calls
+none of the callbacks, closes the fd an OPENAT came back with -- and
+releases it (see ``Ring._abandon``).  A reaper thread holds its ring only
+weakly while it sleeps; a reaper-mode ring's finalizer hands the ring back
+to it, to finish as after close().  The fd is closed by the last kick or
+wait under way, never under one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import functools
 import itertools
 import logging
 import mmap
@@ -60,6 +73,8 @@ import os
 import struct
 import sys
 import threading
+import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from threading import get_ident as _get_ident
@@ -68,6 +83,7 @@ from typing import Any
 from threadlets.pool import block_async_signals
 
 __all__ = [
+    "ABANDON_WAIT",
     "AT_EMPTY_PATH",
     "AT_FDCWD",
     "AT_SYMLINK_NOFOLLOW",
@@ -179,10 +195,21 @@ KICK_AT = 16
 
 _generation = 0  # bumped in a forked child: rings made before are dead there
 
-#: Rings with operations in flight: such a ring must not be collected (the
-#: kernel still writes into their buffers, which the ring's callbacks pin).
-#: An idle ring is not here, so it goes with its owner.
-_open_rings: set[Ring] = set()
+#: Rings whose owner let go of them with operations in flight (collected,
+#: or closed without reaping them): kept here -- the kernel may still write
+#: into the buffers their callbacks pin -- until every one of those came
+#: back, cancelled or done; then released.  None of their callbacks is
+#: called: nobody can see those operations any more.  (A ring in use is
+#: not here: what holds a request holds its context, which holds the ring,
+#: so a ring becomes garbage only with every request in it.)
+_abandoned: set[Ring] = set()
+
+#: How long a ring being abandoned waits for what the kernel could not
+#: cancel at once (a transfer a device is doing); what is still out after
+#: that is reaped without waiting by the next ring made, or the next ring
+#: abandoned.  Cancelled reads of pipes and sockets, and what the kernel
+#: had not started, come back at once.
+ABANDON_WAIT = 0.01
 
 
 class _Timespec(ctypes.Structure):
@@ -201,6 +228,16 @@ class _GeteventsArg(ctypes.Structure):  # struct io_uring_getevents_arg
 def _after_fork_in_child() -> None:
     global _generation
     _generation += 1
+    for ring in list(_abandoned):  # the parent's operations: only our copies go
+        ring.abandon_in_child()
+    _abandoned.clear()
+
+
+def _sweep_abandoned() -> None:
+    """Release the abandoned rings whose operations all came back (not
+    waiting for the others)."""
+    for ring in list(_abandoned):
+        ring._reap_abandoned(0)
 
 
 if hasattr(os, "register_at_fork"):
@@ -227,11 +264,14 @@ class RingUnavailable(OSError):
     the kernel, a seccomp filter or ``kernel.io_uring_disabled``)."""
 
 
+@functools.cache
 def _syscalls() -> tuple[Any, Any, Any]:
     """io_uring_setup, io_uring_enter and io_uring_register through libc's
     syscall(), each with its full prototype: unprototyped ctypes arguments
     are C ints, and the upper half of a 64-bit argument (a size_t, a
-    pointer) would then be whatever the register held."""
+    pointer) would then be whatever the register held.  Made once: made
+    per ring, each ring left a CDLL and a class of its own to the cyclic
+    collector."""
     libc = ctypes.CDLL(None, use_errno=True)
     c_long, c_uint, c_void_p = ctypes.c_long, ctypes.c_uint, ctypes.c_void_p
     setup = ctypes.CFUNCTYPE(c_long, c_long, c_uint, c_void_p, use_errno=True)
@@ -244,6 +284,96 @@ def _syscalls() -> tuple[Any, Any, Any]:
         enter(("syscall", libc)),
         register(("syscall", libc)),
     )
+
+
+def _wait_for_one(enter: Any, fd: int, timeout: float | None) -> int:
+    """io_uring_enter(GETEVENTS) for one completion, with a timeout."""
+    if timeout is None:
+        return int(enter(_NR_ENTER, fd, 0, 1, _ENTER_GETEVENTS, None, 0))
+    ts = _Timespec(int(timeout), int((timeout % 1) * 1e9))
+    arg = _GeteventsArg(0, 0, 0, ctypes.addressof(ts))
+    return int(
+        enter(
+            _NR_ENTER, fd, 0, 1, _ENTER_GETEVENTS | _ENTER_EXT_ARG,
+            ctypes.addressof(arg), ctypes.sizeof(arg),
+        )
+    )  # fmt: skip
+
+
+def _reap_loop(
+    ref: weakref.ref[Ring], box: list[Ring], boxed: threading.Event, enter: Any, fd: int
+) -> None:
+    """A ring's reaper thread (reaper mode): sleep until completions arrive,
+    hand them out, repeat until close()'s NOP came back with nothing else
+    in flight; then release the ring.
+
+    It holds the ring only while it works, weakly while it sleeps: a ring
+    dropped without close() is collected then, and its finalizer puts it
+    in ``box`` -- held again, until this thread releases it -- and closes
+    it, which wakes this thread.  (The collector clears the weak reference
+    before it runs the finalizer, and may let other threads run in
+    between: this thread then waits for ``boxed``.)"""
+    block_async_signals()  # (see there: Ctrl-C belongs to the main thread)
+    quiet = False  # the last short sleep saw nothing: sleep long now
+    handed = 0  # completions the last pass handed out
+    while True:
+        ring = _reaper_ring(ref, box, boxed)
+        with ring._lock:
+            # Ordering: what was held back is taken in the same critical
+            # section that decides whether submitters may hold back
+            # during the sleep, so nothing waits on a long sleep.
+            n = ring._take()
+            # The completions just handed out count as soon back in the
+            # kernel: a front end that keeps a depth resubmits them
+            # right after the pass (if it does not, the short sleep
+            # runs out once and the next is long).
+            short = ring._in_kernel + handed >= DEFER_AT and not quiet
+            ring._reaper_holds = short
+            finished = ring._stopped and not ring._pending
+        ring._kick(n)
+        if finished:
+            break
+        del ring  # (asleep, the thread holds the ring weakly)
+        got = _wait_for_one(enter, fd, HOLD_MAX if short else None)
+        err = ctypes.get_errno() if got < 0 else 0
+        ring = _reaper_ring(ref, box, boxed)
+        if got < 0:
+            if err == errno.ETIME:  # the short sleep ran out
+                quiet = not ring._unsubmitted
+                continue
+            if err in (errno.EINTR, errno.EAGAIN):
+                continue
+            log.error("io_uring_enter(wait): %s", os.strerror(err))  # pragma: no cover
+            break  # pragma: no cover
+        quiet = False
+        with ring._lock:
+            ring._reaper_holds = True  # busy: submissions wait for this pass
+        handed = 0
+        try:
+            handed = ring.reap()
+        except BaseException:
+            # A callback's KeyboardInterrupt or SystemExit must not end
+            # the thread that finishes every request of this ring: the
+            # rest of the batch stays queued for the next pass.
+            log.exception("exception in an io_uring completion callback")
+    with ring._lock:
+        ring._release()  # (under the lock: _take reads the SQ head)
+    box.clear()
+
+
+def _close_opened(keep: object, res: int) -> None:
+    """What an abandoned ring's OPENAT came back with: the fd, closed (nobody
+    takes it).  ``keep``, its callback, was held until now."""
+    if res >= 0:
+        os.close(res)
+
+
+def _reaper_ring(ref: weakref.ref[Ring], box: list[Ring], boxed: threading.Event) -> Ring:
+    ring = ref()
+    if ring is not None:
+        return ring
+    boxed.wait()  # being collected: its finalizer puts it in the box
+    return box[0]
 
 
 def _probe_opcodes(register: Any, fd: int) -> frozenset[int]:
@@ -279,22 +409,36 @@ class Ring:
             raise RingUnavailable(
                 errno.ENOSYS, f"the io_uring backend needs x86-64, not {os.uname().machine}"
             )
+        if _abandoned:
+            _sweep_abandoned()
         setup, enter, register = _syscalls()
         params = (ctypes.c_uint32 * 30)()  # struct io_uring_params, 120 bytes
-        fd = setup(_NR_SETUP, entries, ctypes.addressof(params))
+        # The ring's fd, made by a call from C (map, inside the list's
+        # extend): CPython raises a pending Ctrl-C only as a call made by
+        # Python code returns, so it lands before io_uring_setup or after
+        # the fd is in the list, which __del__ looks at until the fd is
+        # stored (it used to leak the fd).
+        self._made_fd: list[int] = []
+        self._made_fd.extend(map(setup, (_NR_SETUP,), (entries,), (ctypes.addressof(params),)))
+        fd = self._made_fd[0]
         if fd < 0:
             err = ctypes.get_errno()
             raise RingUnavailable(err, f"io_uring_setup: {os.strerror(err)}")
         p = list(params)
         sq_entries, cq_entries, features = p[0], p[1], p[5]
         if features & _FEAT_NEEDED != _FEAT_NEEDED:
+            del self._made_fd[0]  # (closed here, not again in __del__)
             os.close(fd)
             raise RingUnavailable(
                 errno.ENOSYS, "io_uring here lacks NODROP or EXT_ARG (Linux 5.11 or newer needed)"
             )
-        self._fd = int(fd)
+        # (Plain stores from the list to _fd_closed: no interrupt between.)
+        self._fd = fd
         self._released = False
         self._fd_closed = False
+        self._given_up = False  # abandoned (see _abandon): its callbacks are never called
+        self._kicking = 0  # kicks (and waits) under way (see _kick)
+        self._close_after_kick = False  # released under them: the last one closes the fd
         # Offsets into the ring mappings (the masks are read from there).
         sq_head, sq_tail, sq_mask_at, _, _, _, sq_array = p[10:17]
         cq_head, cq_tail, cq_mask_at, _, _, cqes = p[20:26]
@@ -342,6 +486,9 @@ class Ring:
         self._stopped = False  # reaper mode: close()'s NOP came back
         self._reaper_holds = False  # reaper mode: busy, or in a short sleep (see submit)
         self._pending: dict[int, Callable[[int], None]] = {}
+        #: The ids of the OPENATs in flight: given up on, the fd one of them
+        #: comes back with is closed (see _abandon).
+        self._opens: set[int] = set()
         #: Completions taken off the CQ and not yet handed out, oldest first,
         #: as [callback, result, handed].  They are handed out one at a
         #: time, so an exception of any kind in one callback (Ctrl-C
@@ -356,6 +503,10 @@ class Ring:
         self.reaped = 0
         self.wakeups = 0
         self._reaper: threading.Thread | None = None
+        #: Reaper mode: where the ring's finalizer puts the ring for its
+        #: reaper thread to finish and release (the thread holds it weakly).
+        self._reaper_box: list[Ring] = []
+        self._boxed = threading.Event()  # set once it is there
         #: The opcodes this kernel takes (IORING_REGISTER_PROBE): the engine
         #: sends the others to its threads.
         self.supported = _probe_opcodes(register, self._fd)
@@ -372,8 +523,15 @@ class Ring:
                 self._release()
                 raise RingUnavailable(err, f"IORING_REGISTER_EVENTFD: {os.strerror(err)}")
         else:
+            # The thread holds the ring weakly (but while it hands out
+            # completions): a ring dropped without close() is collected,
+            # and its finalizer hands it to the thread to finish (see
+            # __del__).
             self._reaper = threading.Thread(
-                target=self._reap_loop, name=f"threadlets-uring-{self._fd}", daemon=True
+                target=_reap_loop,
+                args=(weakref.ref(self), self._reaper_box, self._boxed, self._enter, self._fd),
+                name=f"threadlets-uring-{self._fd}",
+                daemon=True,
             )
             self._reaper.start()
 
@@ -411,8 +569,6 @@ class Ring:
             if self._inflight >= self.entries:
                 return 0
             ident = next(self._ids)
-            if not self._pending:
-                _open_rings.add(self)  # alive while the kernel may use its buffers
             # _push, spelled out (this runs once per request).  The SQE goes
             # past the tail first, where the kernel does not look; from the
             # pending entry to the tail's store everything is plain
@@ -424,6 +580,8 @@ class Ring:
                 (tail & self._sq_mask) * 64,
                 opcode, 0, 0, fd, offset, addr, length, op_flags, ident, 0, 0, 0, 0, 0,
             )  # fmt: skip
+            if opcode == OP_OPENAT:
+                self._opens.add(ident)  # (see _abandon; before it is published)
             self._pending[ident] = on_done
             if receipt is not None:
                 receipt[0] = ident
@@ -550,67 +708,38 @@ class Ring:
     def _kick(self, n: int) -> None:
         """Submit ``n`` published SQEs.  Outside the lock: the syscall
         starts the I/O and can take a while.  Concurrent kicks are fine:
-        each submits what is there, and together they cover every SQE."""
-        while n > 0:
-            got = self._enter(_NR_ENTER, self._fd, n, 0, 0, None, 0)
-            if got >= 0:
-                n -= got
-                if got == 0:  # pragma: no cover - a concurrent kick took them
+        each submits what is there, and together they cover every SQE.
+
+        So one kick can send what another thread took (``_take`` counts
+        every published SQE): close()'s STOP, say, which the reaper then
+        reaps, releasing the ring, while close() is on its way to kick it.
+        The fd is therefore closed by the last kick under way, not under
+        it (it was: EBADF, or another file's number by then).  The test
+        and the count are plain bytecodes (no other thread comes between),
+        as are _release's."""
+        if n <= 0 or self._released:
+            return
+        self._kicking += 1
+        try:
+            while n > 0:
+                got = self._enter(_NR_ENTER, self._fd, n, 0, 0, None, 0)
+                if got >= 0:
+                    n -= got
+                    if got == 0:  # pragma: no cover - a concurrent kick took them
+                        return
+                    continue
+                err = ctypes.get_errno()
+                if err not in (errno.EINTR, errno.EAGAIN, errno.EBUSY):  # pragma: no cover
+                    # The SQEs stay in the ring: the next kick submits them.
+                    log.error("io_uring_enter(submit): %s", os.strerror(err))
                     return
-                continue
-            err = ctypes.get_errno()
-            if err not in (errno.EINTR, errno.EAGAIN, errno.EBUSY):  # pragma: no cover
-                # The SQEs stay in the ring: the next kick submits them.
-                log.error("io_uring_enter(submit): %s", os.strerror(err))
-                return
+        finally:
+            self._kicking -= 1
+            if self._close_after_kick and not self._kicking:
+                self._close_after_kick = False
+                os.close(self._fd)
 
     # -- the reaper ----------------------------------------------------------------------
-
-    def _reap_loop(self) -> None:
-        # Reaper mode: sleep until completions arrive, hand them out, repeat
-        # until close()'s NOP came back with nothing else in flight.
-        block_async_signals()  # (see there: Ctrl-C belongs to the main thread)
-        quiet = False  # the last short sleep saw nothing: sleep long now
-        handed = 0  # completions the last pass handed out
-        while True:
-            with self._lock:
-                # Ordering: what was held back is taken in the same critical
-                # section that decides whether submitters may hold back
-                # during the sleep, so nothing waits on a long sleep.
-                n = self._take()
-                # The completions just handed out count as soon back in the
-                # kernel: a front end that keeps a depth resubmits them
-                # right after the pass (if it does not, the short sleep
-                # runs out once and the next is long).
-                short = self._in_kernel + handed >= DEFER_AT and not quiet
-                self._reaper_holds = short
-                finished = self._stopped and not self._pending
-            self._kick(n)
-            if finished:
-                break
-            got = self._wait(HOLD_MAX if short else None)
-            if got < 0:
-                err = ctypes.get_errno()
-                if err == errno.ETIME:  # the short sleep ran out
-                    quiet = not self._unsubmitted
-                    continue
-                if err in (errno.EINTR, errno.EAGAIN):
-                    continue
-                log.error("io_uring_enter(wait): %s", os.strerror(err))  # pragma: no cover
-                break  # pragma: no cover
-            quiet = False
-            with self._lock:
-                self._reaper_holds = True  # busy: submissions wait for this pass
-            handed = 0
-            try:
-                handed = self.reap()
-            except BaseException:
-                # A callback's KeyboardInterrupt or SystemExit must not end
-                # the thread that finishes every request of this ring: the
-                # rest of the batch stays queued for the next pass.
-                log.exception("exception in an io_uring completion callback")
-        with self._lock:
-            self._release()  # (under the lock: _take reads the SQ head)
 
     def reap(self) -> int:
         """Hand every completion the kernel has posted to its callback, in
@@ -623,7 +752,7 @@ class Ring:
         plugged = False
         try:
             with self._lock:
-                if self._generation != _generation or self._released:
+                if self._generation != _generation or self._released or self._given_up:
                     return 0  # a forked child (the completions are the parent's), or gone
                 self._collect()
                 if not self._ready:
@@ -700,7 +829,7 @@ class Ring:
         if head == tail:
             return
         mm, mask, base, pending = self._cq_mm, self._cq_mask, self._cqes, self._pending
-        ready = self._ready
+        ready, opens = self._ready, self._opens
         start = head
         # The posted CQEs: one run of the array, or two where it wraps.
         first = head & mask
@@ -727,6 +856,8 @@ class Ring:
                     del pending[ident]
                     moved += 1
                     ready.append([on_done, res, None])
+                    if opens:
+                        opens.discard(ident)
         finally:
             # (Plain bytecodes up to the head's store: the counts and the
             # head change together.)
@@ -734,8 +865,6 @@ class Ring:
             self._inflight -= moved
             self.reaped += moved
             self._cq_head.value = head  # the kernel may reuse those CQEs now
-            if not pending:
-                _open_rings.discard(self)
 
     def _wake_sleepers(self) -> None:
         """After handing out completions: threads asleep in wait() may have
@@ -783,9 +912,18 @@ class Ring:
                 if self._released:
                     return
                 posted = self._cq_head.value != self._cq_tail.value
-            if (ready is not None and ready()) or posted:
+            if (ready is not None and ready()) or posted or self._released:
                 return
-            self._wait(timeout)
+            # Counted as a user of the fd, as a kick is (see _kick): a
+            # release meanwhile leaves its close to us.
+            self._kicking += 1
+            try:
+                self._wait(timeout)
+            finally:
+                self._kicking -= 1
+                if self._close_after_kick and not self._kicking:
+                    self._close_after_kick = False
+                    os.close(self._fd)
         finally:
             if counted:
                 with self._lock:
@@ -808,16 +946,7 @@ class Ring:
 
     def _wait(self, timeout: float | None) -> int:
         """io_uring_enter(GETEVENTS) for one completion, with a timeout."""
-        if timeout is None:
-            return int(self._enter(_NR_ENTER, self._fd, 0, 1, _ENTER_GETEVENTS, None, 0))
-        ts = _Timespec(int(timeout), int((timeout % 1) * 1e9))
-        arg = _GeteventsArg(0, 0, 0, ctypes.addressof(ts))
-        return int(
-            self._enter(
-                _NR_ENTER, self._fd, 0, 1, _ENTER_GETEVENTS | _ENTER_EXT_ARG,
-                ctypes.addressof(arg), ctypes.sizeof(arg),
-            )
-        )  # fmt: skip
+        return _wait_for_one(self._enter, self._fd, timeout)
 
     @property
     def owner_mode(self) -> bool:
@@ -828,27 +957,40 @@ class Ring:
 
     def close(self) -> None:
         """Stop taking submissions.  The reaper finishes what is in flight,
-        then releases the ring; :meth:`join` waits for that."""
+        then releases the ring; :meth:`join` waits for that.  In owner mode
+        the ring is released at once -- unless operations are still in
+        flight (the owner did not reap them): those are given up on (see
+        :meth:`_abandon`), and it is released once they came back."""
         n = 0
         try:
             with self._lock:
-                if self._closing:
-                    if self._reaper is None or self._generation != _generation:
-                        self._release()  # (finishes what a Ctrl-C cut short)
-                    return
+                if self._given_up:
+                    return  # (released once what it gave up on came back)
                 if self._reaper is None or self._generation != _generation:
-                    # Owner mode (its owner drained it), or a forked child (no
-                    # reaper here): nothing will use the ring again.
+                    # Owner mode, or a forked child (no reaper here): nothing
+                    # will use the ring again.  (Also what finishes a close
+                    # that a Ctrl-C cut short.)
                     self._closing = True
-                    self._release()
+                    if not self._pending or self._generation != _generation:
+                        self._release()
+                        return
+                    # (else given up on, below: outside the lock)
+                elif self._closing:
+                    # A close cut short (Ctrl-C as _take was entered, say)
+                    # left its STOP published but not sent, and the reaper
+                    # asleep for good: send what is published.
+                    n = self._take()
                     return
-                self._push(OP_NOP, -1, 0, 0, 0, 0, _STOP)
-                # Closing only once the STOP is published (a Ctrl-C before
-                # leaves it open, for the next close to finish), ...
-                self._closing = True
-                n = self._take()
+                else:
+                    self._push(OP_NOP, -1, 0, 0, 0, 0, _STOP)
+                    # Closing only once the STOP is published (a Ctrl-C before
+                    # leaves it open, for the next close to finish), ...
+                    self._closing = True
+                    n = self._take()
+                    return
         finally:
             self._kick(n)  # ... and sent even if Ctrl-C lands as the lock is let go
+        self._abandon()
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait until the reaper released the ring; False on timeout."""
@@ -860,10 +1002,28 @@ class Ring:
 
     def __del__(self) -> None:
         # Collected unreleased: its construction was cut short (by an
-        # interrupt), or its owner was collected without closing it.  (One
-        # with operations in flight is kept alive by _open_rings; a reaper
-        # thread keeps its own.)
-        if getattr(self, "_fd_closed", True):
+        # interrupt), or its owner was collected without closing it.  In
+        # owner mode with operations in flight only together with every
+        # request in it, as a request holds its context, which holds the
+        # ring: nobody can see them, so they are given up on.  In reaper
+        # mode the thread gets it back, to finish as after close().
+        if "_fd_closed" not in self.__dict__:
+            # Cut short between io_uring_setup and the store of its fd.
+            made = self.__dict__.get("_made_fd")
+            if made and made[0] >= 0:
+                fd = made.pop()
+                os.close(fd)
+            return
+        if self._fd_closed:
+            return
+        reaper = self.__dict__.get("_reaper")
+        if reaper is not None and reaper.is_alive() and self._generation == _generation:
+            self._reaper_box.append(self)  # (kept: the thread releases it as it ends)
+            self._boxed.set()
+            self.close()
+            return
+        if self.__dict__.get("_pending") and self._generation == _generation:
+            self._abandon()  # (keeps it, and what its callbacks pin, for now)
             return
         try:
             self._release()
@@ -871,20 +1031,82 @@ class Ring:
             self._fd_closed = True
             os.close(self._fd)
 
+    def _abandon(self) -> None:
+        """Give up on the operations in flight, whose owner let go of them
+        (collected, or closed the ring without reaping them): ask the kernel
+        to cancel each, keep the ring -- and the buffers its callbacks pin --
+        in :data:`_abandoned`, and release it once they all came back: at
+        once for what the kernel cancels at once (a read waiting on a pipe
+        or socket, an operation not started), after at most
+        :data:`ABANDON_WAIT` for a transfer under way, or else at a later
+        sweep.  Their callbacks are never called: a finalizer runs in
+        whatever thread the collector happens to run in, and nobody can see
+        those requests any more.  Any thread, once."""
+        _abandoned.add(self)  # (first: from here on the ring and its pins stay)
+        n = 0
+        try:
+            with self._lock:
+                if self._given_up or self._released:
+                    return
+                self._closing = True  # (nothing is submitted from now on)
+                self._given_up = True
+                self._ready.clear()  # (completed: the kernel is done with their memory)
+                for ident in self._opens:
+                    # An fd the kernel opens for nobody from now on is closed.
+                    # (The callback kept: it pins what the kernel may read.)
+                    on_done = self._pending.get(ident)
+                    if on_done is not None:
+                        self._pending[ident] = functools.partial(_close_opened, on_done)
+                room = self.entries - ((self._tail - self._sq_head.value) & 0xFFFFFFFF)
+                for ident in list(self._pending)[: max(room, 0)]:
+                    self._push(OP_ASYNC_CANCEL, -1, 0, ident, 0, 0, _KICK)
+                n = self._take()
+        finally:
+            self._kick(n)
+        self._reap_abandoned(ABANDON_WAIT)
+
+    def _reap_abandoned(self, timeout: float) -> None:
+        """An abandoned ring: drop what came back, and release the ring once
+        nothing is out; wait at most ``timeout`` seconds for that."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if self._released:
+                    return
+                self._collect()
+                ready = self._ready
+                while ready:
+                    on_done, res, _ = ready.popleft()
+                    if type(on_done) is functools.partial and on_done.func is _close_opened:
+                        on_done(res)  # (the rest are never called: see _abandon)
+                if not self._pending:
+                    self._release()
+                    return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._wait(left)
+
     def _release(self) -> None:
         # Every step may be repeated but the fd's close, which is marked
         # done before it is called: a second call finishes what a Ctrl-C
         # (as a call returned) cut short, and never closes a number twice.
-        _open_rings.discard(self)
+        _abandoned.discard(self)
         if self._fd_closed:
             return
         self._released = True
         # ctypes views into the mappings must go before the mappings can close.
         for name in ("_sq_head", "_sq_tail", "_cq_head", "_cq_tail"):
             self.__dict__.pop(name, None)
-        self._sqes.close()
-        if self._cq_mm is not self._sq_mm:  # pragma: no cover
-            self._cq_mm.close()
-        self._sq_mm.close()
+        for mm in (self._sqes, self._cq_mm, self._sq_mm):  # (the CQ's may be the SQ's)
+            # BufferError: a view of it is still alive -- one in the frame of
+            # a construction cut short by Ctrl-C, freed after the ring (its
+            # `self`).  The mapping goes with that view; the fd below must
+            # not stay open for it (it did).
+            with contextlib.suppress(BufferError):
+                mm.close()
         self._fd_closed = True
+        if self._kicking:
+            self._close_after_kick = True  # (see _kick)
+            return
         os.close(self._fd)
