@@ -23,6 +23,7 @@ Linux as they would on macOS or a BSD.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -197,31 +198,76 @@ def probe_alignment(fd: int) -> tuple[int, int]:
     A file that takes unaligned reads (not opened with O_DIRECT, or a file
     system that ignores it) answers (1, 1).  Raises the OSError of a read
     that fails otherwise (a write-only fd: EBADF).
+
+    The reads go where the file has data: a read of a hole (or of an
+    unwritten extent) is answered with zeros whatever its alignment (ext4,
+    XFS), so probing there answers (1, 1) for a file whose every unaligned
+    write fails EINVAL -- a sparse image's first blocks.  Where no data can
+    be found (a file of holes), an O_DIRECT fd whose 1-byte read passes
+    gets the strictest answer, as QEMU's "undetectable alignment" rule.
     """
+    offset, known = _data_offset(fd)
     buf = aligned_buffer(3 * MAX_ALIGNMENT)
     request = MAX_ALIGNMENT
     for size in (1, 512, 1024, 2048, 4096):
-        if _reads(fd, buf[:size]):
+        if _reads(fd, buf[:size], offset):
             request = size
             break
+    if request == 1 and not known and _is_direct(fd):
+        return MAX_ALIGNMENT, MAX_ALIGNMENT
     # The memory probe reads across a page boundary: the kernel splits a
     # buffer into per-page segments, and a misaligned buffer inside one page
     # can pass where the same misalignment across pages fails.
     memory = MAX_ALIGNMENT
     span = 2 * MAX_ALIGNMENT
     for align in (1, 512, 1024, 2048, 4096):
-        if _reads(fd, buf[align : align + span]):
+        if _reads(fd, buf[align : align + span], offset):
             memory = align
             break
     return request, memory
 
 
-def _reads(fd: int, view: memoryview) -> bool:
-    """Whether a read into ``view`` at offset 0 is accepted (False for
+def _is_direct(fd: int) -> bool:
+    try:
+        return bool(O_DIRECT and fcntl.fcntl(fd, fcntl.F_GETFL) & O_DIRECT)
+    except OSError:
+        return False
+
+
+def _data_offset(fd: int) -> tuple[int, bool]:
+    """(an offset aligned to MAX_ALIGNMENT where the file has data, True),
+    or (0, False) where none is found.  SEEK_DATA moves the fd's position:
+    it is put back."""
+    seek_data = getattr(os, "SEEK_DATA", None)
+    if seek_data is None:
+        return 0, False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return 0, True  # a block device: all data
+        here = os.lseek(fd, 0, os.SEEK_CUR)
+    except OSError:
+        return 0, False
+    try:
+        pos = 0
+        for _ in range(16):
+            found = os.lseek(fd, pos, seek_data)
+            if found == pos and pos % MAX_ALIGNMENT == 0:
+                return pos, True
+            pos = -(-found // MAX_ALIGNMENT) * MAX_ALIGNMENT
+    except OSError:  # ENXIO: no data past pos
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            os.lseek(fd, here, os.SEEK_SET)
+    return 0, False
+
+
+def _reads(fd: int, view: memoryview, offset: int = 0) -> bool:
+    """Whether a read into ``view`` at ``offset`` is accepted (False for
     EINVAL; any other error is raised; EINTR is retried)."""
     while True:
         try:
-            os.preadv(fd, [view], 0)
+            os.preadv(fd, [view], offset)
             return True
         except InterruptedError:
             continue
