@@ -636,9 +636,9 @@ def check_request(
     if allowed is None:
         return errno.EINVAL, f"unknown command {cmd}"
     if export.read_only:
-        # (Before the flags: a write to a read-only export is EPERM whatever
-        # it carries -- FUA, not advertised here, too -- as qemu-nbd and
-        # nbdkit answer it.)
+        # (Before the flags: a write or trim to a read-only export is EPERM
+        # whatever it carries -- FUA, not advertised here, too -- as the
+        # protocol says (SHOULD) and nbdkit answers it.)
         if cmd in _WRITES:
             return errno.EPERM, "the export is read-only"
         allowed &= ~_FUA
