@@ -23,7 +23,6 @@ Linux as they would on macOS or a BSD.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import fcntl
@@ -236,29 +235,29 @@ def _is_direct(fd: int) -> bool:
 
 def _data_offset(fd: int) -> tuple[int, bool]:
     """(an offset aligned to MAX_ALIGNMENT where the file has data, True),
-    or (0, False) where none is found.  SEEK_DATA moves the fd's position:
-    it is put back."""
+    or (0, False) where none is found.  SEEK_DATA runs on a new open file
+    description of the file (``/proc/self/fd/N``): ``fd``'s position, which
+    another thread may be reading at, is never moved."""
     seek_data = getattr(os, "SEEK_DATA", None)
     if seek_data is None:
         return 0, False
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return 0, True  # a block device: all data
-        here = os.lseek(fd, 0, os.SEEK_CUR)
+        other = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return 0, False
     try:
         pos = 0
         for _ in range(16):
-            found = os.lseek(fd, pos, seek_data)
+            found = os.lseek(other, pos, seek_data)
             if found == pos and pos % MAX_ALIGNMENT == 0:
                 return pos, True
             pos = -(-found // MAX_ALIGNMENT) * MAX_ALIGNMENT
     except OSError:  # ENXIO: no data past pos
         pass
     finally:
-        with contextlib.suppress(OSError):
-            os.lseek(fd, here, os.SEEK_SET)
+        os.close(other)
     return 0, False
 
 
