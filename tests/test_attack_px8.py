@@ -478,6 +478,34 @@ def test_a_direct_export_of_a_sparse_image_advertises_a_real_block_size(disk_dir
         os.close(buffered)
 
 
+@needs_direct
+def test_a_probe_read_the_kernel_does_not_check_is_not_believed(
+    disk_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the file has data, the kernel may still answer an O_DIRECT read
+    without checking its alignment: an unwritten extent (ZERO_RANGE's, or
+    a block just written back whose conversion has not run yet) reads as
+    zeros, like a hole.  The differential run met it (a write-zeroes, then
+    every unaligned write to the export failed EINVAL); here every read is
+    accepted, as such a file answers them.  As QEMU, a passing 1-byte read
+    on an O_DIRECT fd gets the strictest alignment."""
+    from threadlets import probe
+
+    p = Path(disk_dir) / "img"
+    p.write_bytes(os.urandom(64 * 1024))
+    monkeypatch.setattr(probe, "_reads", lambda fd, view, offset=0: True)
+    fd = os.open(p, os.O_RDWR | O_DIRECT)
+    try:
+        assert probe.probe_alignment(fd) == (probe.MAX_ALIGNMENT, probe.MAX_ALIGNMENT)
+    finally:
+        os.close(fd)
+    fd = os.open(p, os.O_RDWR)  # (without O_DIRECT any alignment is right)
+    try:
+        assert probe.probe_alignment(fd) == (1, 1)
+    finally:
+        os.close(fd)
+
+
 def test_posix_docstring_states_the_differences_the_machine_allows() -> None:
     """The two differences from glibc seen above that the module docstring
     did not state: an io_uring cancel of a waiting read, and lio_listio's
