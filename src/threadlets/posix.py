@@ -33,9 +33,11 @@ Differences from glibc, on purpose
   each; here idle ones are reused), never on the I/O pool, and without a
   practical bound, so functions that wait cannot starve anything; what
   it raises is logged (logger ``threadlets``).
-* ``aio_suspend`` is not interrupted with EINTR: Python runs signal
-  handlers and resumes the wait (PEP 475); a handler that raises ends it
-  with that exception.  A negative timeout raises EINVAL (glibc times
+* ``aio_suspend`` and ``lio_listio(LIO_WAIT)`` are not interrupted with
+  EINTR (glibc's are, by any handled signal -- the list's own SIGEV_SIGNAL
+  notifications too): Python runs signal handlers and resumes the wait
+  (PEP 475); a handler that raises ends it with that exception (the
+  requests run on).  A negative timeout raises EINVAL (glibc times
   out: EAGAIN), a NaN one ValueError (as ``time.sleep``); one longer than
   a lock can wait (inf) waits for ever, as glibc does.
 * ``aio_error``/``aio_return`` on an aiocb that was never submitted raise
@@ -51,8 +53,14 @@ Differences from glibc, on purpose
 * Requests run with what the aiocb held when submitted: changing its
   fields while it is in progress changes nothing.
 * On an ``O_DIRECT`` fd, a buffer, offset or length that is not aligned
-  goes through the engine's aligned bounce buffer and succeeds, where
-  glibc's pread/pwrite fail EINVAL.
+  (for an ``O_APPEND`` write: the end of the file) goes through the
+  engine's aligned bounce buffer and succeeds, where glibc's pread/pwrite
+  fail EINVAL.
+* On the io_uring backend a read or write that waits in the ring having
+  moved nothing (an empty pipe or socket) is taken back by ``aio_cancel``
+  (IORING_OP_ASYNC_CANCEL): AIO_CANCELED, and it finishes ECANCELED
+  having consumed nothing.  glibc answers AIO_NOTCANCELED for it (it is
+  running) and it completes once data comes, as on the threads backend.
 * ``lio_listio`` checks every entry before any starts: an entry with a
   bad ``aio_reqprio``, opcode or buffer raises (EINVAL, TypeError) and
   none is submitted.  glibc starts the others and marks the bad entry

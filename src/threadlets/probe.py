@@ -194,34 +194,83 @@ def probe_alignment(fd: int) -> tuple[int, int]:
     needs, found as QEMU's raw_probe_alignment does: the smallest length and
     buffer offset for which a read is not refused with EINVAL.
 
-    A file that takes unaligned reads (not opened with O_DIRECT, or a file
-    system that ignores it) answers (1, 1).  Raises the OSError of a read
+    A file not opened with O_DIRECT answers (1, 1).  Raises the OSError of a read
     that fails otherwise (a write-only fd: EBADF).
+
+    The reads go where the file has data: a read of a hole or of an
+    unwritten extent (ext4, XFS: also a block written a moment ago whose
+    conversion has not finished) is answered with zeros whatever its
+    alignment.  So, as QEMU's raw_probe_alignment, an O_DIRECT fd whose
+    1-byte read (or read into 1-aligned memory) passes is not believed:
+    it gets the strictest answer, correct everywhere, only slower where
+    the file system really takes any alignment.  (It answered (1, 1) for a
+    sparse image's first blocks, and every unaligned write failed EINVAL.)
     """
+    offset = _data_offset(fd)
+    direct = _is_direct(fd)
     buf = aligned_buffer(3 * MAX_ALIGNMENT)
     request = MAX_ALIGNMENT
     for size in (1, 512, 1024, 2048, 4096):
-        if _reads(fd, buf[:size]):
+        if _reads(fd, buf[:size], offset):
             request = size
             break
+    if request == 1 and direct:
+        return MAX_ALIGNMENT, MAX_ALIGNMENT
     # The memory probe reads across a page boundary: the kernel splits a
     # buffer into per-page segments, and a misaligned buffer inside one page
     # can pass where the same misalignment across pages fails.
     memory = MAX_ALIGNMENT
     span = 2 * MAX_ALIGNMENT
     for align in (1, 512, 1024, 2048, 4096):
-        if _reads(fd, buf[align : align + span]):
+        if _reads(fd, buf[align : align + span], offset):
             memory = align
             break
+    if memory == 1 and direct:
+        memory = MAX_ALIGNMENT
     return request, memory
 
 
-def _reads(fd: int, view: memoryview) -> bool:
-    """Whether a read into ``view`` at offset 0 is accepted (False for
+def _is_direct(fd: int) -> bool:
+    try:
+        return bool(O_DIRECT and fcntl.fcntl(fd, fcntl.F_GETFL) & O_DIRECT)
+    except OSError:
+        return False
+
+
+def _data_offset(fd: int) -> int:
+    """An offset aligned to MAX_ALIGNMENT where the file has data (0 if
+    none is found).  SEEK_DATA runs on a new open file description of the
+    file (``/proc/self/fd/N``): ``fd``'s position, which another thread may
+    be reading at, is never moved."""
+    seek_data = getattr(os, "SEEK_DATA", None)
+    if seek_data is None:
+        return 0
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return 0  # a block device: all data
+        other = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return 0
+    try:
+        pos = 0
+        for _ in range(16):
+            found = os.lseek(other, pos, seek_data)
+            if found == pos and pos % MAX_ALIGNMENT == 0:
+                return pos
+            pos = -(-found // MAX_ALIGNMENT) * MAX_ALIGNMENT
+    except OSError:  # ENXIO: no data past pos
+        pass
+    finally:
+        os.close(other)
+    return 0
+
+
+def _reads(fd: int, view: memoryview, offset: int = 0) -> bool:
+    """Whether a read into ``view`` at ``offset`` is accepted (False for
     EINVAL; any other error is raised; EINTR is retried)."""
     while True:
         try:
-            os.preadv(fd, [view], 0)
+            os.preadv(fd, [view], offset)
             return True
         except InterruptedError:
             continue

@@ -636,13 +636,16 @@ def check_request(
     if allowed is None:
         return errno.EINVAL, f"unknown command {cmd}"
     if export.read_only:
+        # (Before the flags: a write or trim to a read-only export is EPERM
+        # whatever it carries -- FUA, not advertised here, too -- as the
+        # protocol says (SHOULD) and nbdkit answers it.)
+        if cmd in _WRITES:
+            return errno.EPERM, "the export is read-only"
         allowed &= ~_FUA
     if not structured:
         allowed &= ~_DF
     if req.flags & ~allowed:
         return errno.EINVAL, f"flags {req.flags:#x} not valid for {Cmd(cmd).name}"
-    if cmd in _WRITES and export.read_only:
-        return errno.EPERM, "the export is read-only"
     if cmd == _FLUSH:
         if req.offset or req.length:
             return errno.EINVAL, "NBD_CMD_FLUSH needs offset and length 0"
