@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,41 @@ def _drain(r: int, n: int) -> bytes:
 # -- a: a cancelled partial write to a pipe tells how much it wrote ---------------------------
 
 
+async def _cancelled_part_way(
+    f: Any, r: int, filled: int, write: Callable[[], Awaitable[object]], settled: Callable[[], bool]
+) -> tuple[list[int], bytes]:
+    """Run ``write()`` on ``f``, the writer of a full pipe: make room once,
+    wait until ``settled()``, cancel.  Returns the counts the cancellation
+    told and what the pipe holds of the write."""
+    scope = anyio.CancelScope()
+    told: list[int] = []
+    async with anyio.create_task_group() as tg:
+
+        async def writer() -> None:
+            with scope:
+                try:
+                    await write()
+                except anyio.get_cancelled_exc_class() as e:
+                    told.append(getattr(e, "characters_written", 0))
+                    raise
+
+        tg.start_soon(writer)
+        await until(lambda: f._lock.busy)
+        assert _drain(r, filled) == b"x" * filled  # room for part of the write
+        await until(settled)
+        for _ in range(5):
+            await anyio.lowlevel.checkpoint()
+        scope.cancel()
+    os.set_blocking(r, False)
+    got = b""
+    try:
+        while True:
+            got += os.read(r, 1 << 20)
+    except BlockingIOError:
+        pass
+    return told, got
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("mode", ["wb", "w"])
 async def test_a_cancelled_partial_pipe_write_tells_the_count_written(
@@ -63,36 +99,13 @@ async def test_a_cancelled_partial_pipe_write_tells_the_count_written(
     kwargs: dict[str, Any] = {} if "b" in mode else {"encoding": "ascii"}
     f = await threadlets.open(w, mode, closefd=False, **kwargs)
     data: Any = b"y" * 300000 if "b" in mode else "y" * 300000
-    scope = anyio.CancelScope()
-    told: list[int] = []
     try:
-        async with anyio.create_task_group() as tg:
-
-            async def writer() -> None:
-                with scope:
-                    try:
-                        await f.write(data)
-                    except anyio.get_cancelled_exc_class() as e:
-                        told.append(getattr(e, "characters_written", 0))
-                        raise
-
-            tg.start_soon(writer)
-            await until(lambda: f._lock.busy)
-            assert _drain(r, filled) == b"x" * filled  # room for part of the write
-            await until(lambda: f._moved > 0)
-            for _ in range(5):
-                await anyio.lowlevel.checkpoint()
-            scope.cancel()
+        told, got = await _cancelled_part_way(
+            f, r, filled, lambda: f.write(data), lambda: f._moved > 0
+        )
         assert len(told) == 1
         moved = told[0]
         assert 0 < moved < 300000
-        os.set_blocking(r, False)
-        got = b""
-        try:
-            while True:
-                got += os.read(r, 1 << 20)
-        except BlockingIOError:
-            pass
         assert got == b"y" * moved  # what it said it wrote is what the pipe holds
     finally:
         await f.close()
@@ -474,33 +487,10 @@ async def test_a_cancelled_writelines_tells_the_count_written(backend: str, mode
     lines: list[Any] = [b"y" * 1000, b"z" * 300000]
     if "b" not in mode:
         lines = [x.decode() for x in lines]
-    scope = anyio.CancelScope()
-    told: list[int] = []
     try:
-        async with anyio.create_task_group() as tg:
-
-            async def writer() -> None:
-                with scope:
-                    try:
-                        await f.writelines(lines)
-                    except anyio.get_cancelled_exc_class() as e:
-                        told.append(getattr(e, "characters_written", 0))
-                        raise
-
-            tg.start_soon(writer)
-            await until(lambda: f._lock.busy)
-            assert _drain(r, filled) == b"x" * filled
-            await until(lambda: f._moved > 0 and f._wbuf == b"")
-            for _ in range(5):
-                await anyio.lowlevel.checkpoint()
-            scope.cancel()
-        os.set_blocking(r, False)
-        got = b""
-        try:
-            while True:
-                got += os.read(r, 1 << 20)
-        except BlockingIOError:
-            pass
+        told, got = await _cancelled_part_way(
+            f, r, filled, lambda: f.writelines(lines), lambda: f._moved > 0 and f._wbuf == b""
+        )
         assert got.startswith(b"y" * 1000 + b"z")
         assert told == [len(got)]
     finally:
