@@ -699,7 +699,8 @@ class AioRequest(Threadlet[int]):
             self._ctx._cq.complete(self)
 
     def _forked(self) -> None:
-        # The parent's request, cancelled in this child: nothing to deliver.
+        # The parent's request, cancelled in this child or being delivered at
+        # the fork: nothing to deliver here (complete() then skips it).
         self._processed = True
 
 
@@ -948,7 +949,12 @@ class _CompletionQueue:
         once per batch.  Any thread; never raises, and runs no callback --
         except in the thread that reaps the ring for this queue inside
         :meth:`AioContext.process_completions` (``direct``), which
-        delivers it at once, as process() would."""
+        delivers it at once, as process() would.  A request already marked
+        processed is the parent's, handed over in a forked child by the
+        thread that forked while delivering it: it counts as delivered
+        there (see AioRequest._forked), and its callback is the parent's."""
+        if req._processed:
+            return
         direct = self.direct
         if direct:
             try:

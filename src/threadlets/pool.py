@@ -296,11 +296,15 @@ class Threadlet(Generic[T]):
                 self._state = _DONE
                 self._fn = self._kwargs = None  # what it ran is not kept alive
                 self._args = ()
-                changed = True  # (before the C call: Ctrl-C can land as it returns)
-                queue._claimed.discard(self)
+                changed = True
         finally:
             if changed:  # (delivered even if Ctrl-C lands as the lock is let go)
-                self._finished()
+                try:
+                    self._finished()
+                finally:
+                    # Remembered until delivered: a fork meanwhile finds it
+                    # (see _reset_after_fork).  (One set operation: atomic.)
+                    queue._claimed.discard(self)
         return True
 
     def _finish_cancelled(self) -> bool:
@@ -318,10 +322,12 @@ class Threadlet(Generic[T]):
                 self._fn = self._kwargs = None
                 self._args = ()
                 changed = True
-                queue._claimed.discard(self)
         finally:
             if changed:
-                self._finished()
+                try:
+                    self._finished()
+                finally:
+                    queue._claimed.discard(self)  # (as in _finish)
         return True
 
     #: True for a subclass whose ``_finished``, when the threadlet has no
@@ -346,8 +352,10 @@ class Threadlet(Generic[T]):
 
     def _forked(self) -> None:
         """Called in a forked child (no other thread runs there) for each of the
-        parent's threadlets that just became CANCELLED there.  Subclasses
-        mark their own bookkeeping finished (no callback runs)."""
+        parent's threadlets that just became CANCELLED there, and for each
+        that had finished but was being delivered at the fork (its waiters
+        and callbacks not all run yet).  Subclasses mark their own
+        bookkeeping finished (no callback runs)."""
 
     # -- public API ---------------------------------------------------------
 
@@ -389,6 +397,7 @@ class Threadlet(Generic[T]):
                     queue._queued -= 1
                     queue._cancelled += 1
                     changed = True  # (before any call: Ctrl-C can land as one returns)
+                    queue._finishing.add(self)  # (see _reset_after_fork)
                     queue._notify_if_quiet()
                 elif state is _RUNNING:
                     return CancelResult.NOTCANCELED
@@ -396,7 +405,10 @@ class Threadlet(Generic[T]):
                     return CancelResult.ALLDONE
         finally:
             if changed:  # (delivered even if Ctrl-C lands as the lock is let go)
-                self._finished()
+                try:
+                    self._finished()
+                finally:
+                    queue._finishing.discard(self)
         return CancelResult.CANCELED
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -594,14 +606,19 @@ class _Worker:
     worker off the idle stack releases it, which wakes exactly this worker.
     """
 
-    __slots__ = ("current", "live", "mailbox", "thread")
+    __slots__ = ("current", "finishing", "live", "mailbox", "thread")
 
     def __init__(self) -> None:
         self.mailbox = threading.Lock()
         self.mailbox.acquire()
         # Protected by the queue's lock:
-        #: The threadlet this worker runs.
+        #: The threadlet this worker runs, or delivers (its waiters and
+        #: callbacks).
         self.current: Threadlet[Any] | None = None
+        #: A quiet threadlet (see Threadlet._quiet_finish) whose _finished
+        #: this worker runs after taking the next: set under the lock,
+        #: cleared by this worker alone once it ran.
+        self.finishing: Threadlet[Any] | None = None
         #: False once the worker does not belong to the queue: its start()
         #: failed, or this is a forked child.  It then exits at its next
         #: look at the queue, touching nothing.
@@ -670,8 +687,14 @@ class ThreadletQueue:
         self._items: deque[Threadlet[Any]] = deque()  # may hold cancelled items
         self._idle: list[_Worker] = []  # LIFO: the most recently idle wakes first
         self._workers: set[_Worker] = set()
-        #: Claimed threadlets (RUNNING outside the workers; see _claim).
+        #: Claimed threadlets (RUNNING outside the workers; see _claim),
+        #: until their waiters and callbacks ran.
         self._claimed: set[Threadlet[Any]] = set()
+        #: Threadlets that cancel() or close() cancelled, until their
+        #: waiters and callbacks ran.  With ``_claimed`` and the workers'
+        #: ``current`` and ``finishing``, what a fork can find whose delivery
+        #: is under way (see _reset_after_fork).
+        self._finishing: set[Threadlet[Any]] = set()
         self._min = min_threads
         self._max = max_threads
         self._closed = False
@@ -915,6 +938,7 @@ class ThreadletQueue:
                 # is woken even if Ctrl-C lands on the way.
                 idle += self._idle
                 del self._idle[:]
+                self._finishing.update(cancelled)  # (see _reset_after_fork)
                 self._items.clear()
                 # A worker cannot join itself, nor another closing worker.
                 threads = [] if own else [w.thread for w in self._workers if w.thread]
@@ -923,8 +947,11 @@ class ThreadletQueue:
             try:
                 _release_all(idle)
             finally:
-                _finish_all(cancelled)
-                del cancelled
+                try:
+                    _finish_all(cancelled)
+                finally:
+                    self._finishing.difference_update(cancelled)
+                    del cancelled
         with self._lock:
             if own:
                 self._closers += 1
@@ -976,7 +1003,9 @@ class ThreadletQueue:
         old_items = (
             list(self._items)
             + [w.current for w in self._workers if w.current]
+            + [w.finishing for w in self._workers if w.finishing]
             + list(self._claimed)
+            + list(self._finishing)
         )
         for w in self._workers:
             w.live = False
@@ -986,12 +1015,18 @@ class ThreadletQueue:
         self._closed = closed
         self._submitted, self._completed = submitted, completed
         self._cancelled = cancelled
-        for item in old_items:
+        for item in dict.fromkeys(old_items):  # (once each: a cancelled one can be listed twice)
             if item._state is _QUEUED or item._state is _RUNNING:
                 item._state = _CANCELLED
                 item._waiters = None
                 item._callbacks = None
                 self._cancelled += 1
+                item._forked()
+            else:
+                # Finished, its delivery (waiters, callbacks, the engine's
+                # hand-over to its context) under way at the fork: by a
+                # thread that does not exist here, or by this one, which
+                # goes on with it.  It counts as delivered here all the same.
                 item._forked()
         self._submitted = self._completed + self._cancelled
         if not closed:
@@ -1039,7 +1074,7 @@ def _worker_main(ref: weakref.ref[ThreadletQueue], me: _Worker, idle_timeout: fl
                     queue._delivering += 1
                     delivering = True
                 elif finish == _QUIET:
-                    quiet = done  # run after taking the next: see below
+                    quiet = me.finishing = done  # run after taking the next: see below
             elif delivering:
                 queue._delivering -= 1
                 delivering = False
@@ -1051,8 +1086,9 @@ def _worker_main(ref: weakref.ref[ThreadletQueue], me: _Worker, idle_timeout: fl
                         queue._retire(me)
                         return
                     # Deliver it first (once gone, nobody would), as one
-                    # with a waiter; retire on the next round.
-                    quiet = None
+                    # with a waiter (``current`` lists it); retire on the
+                    # next round.
+                    quiet = me.finishing = None
                     queue._delivering += 1
                     delivering = True
                 else:
@@ -1077,7 +1113,7 @@ def _worker_main(ref: weakref.ref[ThreadletQueue], me: _Worker, idle_timeout: fl
                 quiet._finished()
             except BaseException:
                 log.exception("delivering %r failed", quiet)
-            quiet = None
+            quiet = me.finishing = None
         if delivering:
             assert done is not None
             try:

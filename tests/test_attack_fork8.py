@@ -1,0 +1,282 @@
+"""Fork safety and foreign threads, eighth session: a fork while a request
+is being delivered (waiters, done-callbacks, the hand-over to its context),
+from the thread delivering it or from another one, on both backends.
+
+Every child runs under a watchdog (:func:`_in_child`): it reports what it
+saw through a pipe and exits; a child that does not report in time is
+killed and the test fails, so a hang is a failure, not a stuck run."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from threadlets import AioContext, AioRequest, ThreadletQueue
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+
+#: Seconds a child may take before the watchdog kills it.
+CHILD_TIMEOUT = 20.0
+
+
+def _collect(pid: int, r: int, timeout: float = CHILD_TIMEOUT) -> Any:
+    """What the child ``pid`` reported on ``r``; kill it if it hangs."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([r], [], [], left)[0]:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                pytest.fail(f"the child hung; it said {data!r}")
+            chunk = os.read(r, 65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(r)
+    _, status = os.waitpid(pid, 0)
+    assert data.startswith(b"{"), data.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0
+    return json.loads(data)["out"]
+
+
+def _report(w: int, fn: Callable[[], object]) -> None:
+    """In the child: run ``fn``, write its answer (or the traceback), exit."""
+    try:
+        try:
+            msg = json.dumps({"out": fn()}).encode()
+            code = 0
+        except BaseException:
+            msg = traceback.format_exc().encode()
+            code = 1
+        while msg:
+            msg = msg[os.write(w, msg) :]
+    finally:
+        os._exit(code)
+
+
+def _fork(fn: Callable[[], object]) -> tuple[int, int]:
+    """Fork here; the child runs ``fn`` and exits.  The parent gets
+    (pid, read end) for :func:`_collect`."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        _report(w, fn)
+    os.close(w)
+    return pid, r
+
+
+def _in_child(fn: Callable[[], object]) -> Any:
+    return _collect(*_fork(fn))
+
+
+def _settled(ctx: AioContext, req: AioRequest) -> dict[str, object]:
+    """What a child sees of the parent's request and context."""
+    out: dict[str, object] = {
+        "done": req.done(),
+        "req.wait": req.wait(5),
+        "ctx.wait": ctx.wait(req, 5),
+        "drain": ctx.drain(5),
+    }
+    s = ctx.stats()
+    out["outstanding"] = s.outstanding
+    out["balanced"] = s.processed == s.submitted
+    out["close"] = ctx.close(5)
+    return out
+
+
+SETTLED = {
+    "done": True,
+    "req.wait": True,
+    "ctx.wait": True,
+    "drain": True,
+    "outstanding": 0,
+    "balanced": True,
+    "close": True,
+}
+
+
+# -- 1. a done-callback runs in another thread at the fork ---------------------------------
+
+
+def test_a_request_whose_done_callback_runs_at_the_fork_is_settled_in_the_child(
+    backend: str, tmp_path: Path
+) -> None:
+    """A request of the parent finished, and its done-callback was running
+    in another thread (a worker; on io_uring, the thread reaping the ring)
+    when the main thread forked.  The child's ctx.wait(req) waited for a
+    delivery that no thread there would make: it timed out (hung, without
+    a timeout).  Now it counts as delivered there."""
+    path = tmp_path / "f"
+    path.write_bytes(b"data")
+    fd = os.open(path, os.O_RDONLY)
+    ctx = AioContext(backend=backend, inline=False)
+    inside, release = threading.Event(), threading.Event()
+    waited: list[bool] = []
+    try:
+        req = ctx.read(fd, 0, bytearray(4))
+
+        def blocking(_: object) -> None:
+            inside.set()
+            release.wait()
+
+        req.add_done_callback(blocking)
+        # The thread that processes the context's completions (and, on the
+        # ring, reaps it: the done-callback then runs in it).
+        t = threading.Thread(target=lambda: waited.append(ctx.wait(req, 30)))
+        t.start()
+        try:
+            assert inside.wait(10)
+            assert _in_child(lambda: _settled(ctx, req)) == SETTLED
+        finally:
+            release.set()
+            t.join(30)
+        assert waited == [True]
+        assert req.result() == 4
+        assert ctx.stats().outstanding == 0
+    finally:
+        release.set()
+        assert ctx.close(10)
+        os.close(fd)
+
+
+# -- 2. a fork in the quiet hand-over of a worker ------------------------------------------
+
+
+def test_a_request_handed_to_its_context_at_the_fork_is_settled_in_the_child(
+    tmp_path: Path,
+) -> None:
+    """A request without waiter or done-callback is handed to its context
+    by the worker after that worker took its next work (the pool's quiet
+    delivery).  A fork in between left the child's copy DONE and never
+    delivered: ctx.wait(req) timed out there."""
+    path = tmp_path / "f"
+    path.write_bytes(b"data")
+    fd = os.open(path, os.O_RDONLY)
+    ctx = AioContext(backend="threads", inline=False)
+    cq = ctx._cq
+    inside, release = threading.Event(), threading.Event()
+    complete = cq.complete
+    try:
+
+        def held(req: AioRequest) -> None:
+            if threading.current_thread() is not threading.main_thread():
+                inside.set()
+                release.wait()
+            complete(req)
+
+        cq.complete = held  # type: ignore[method-assign]
+        req = ctx.read(fd, 0, bytearray(4))
+        assert inside.wait(10)
+        assert _in_child(lambda: _settled(ctx, req)) == SETTLED
+        release.set()
+        assert ctx.wait(req, 10)
+        assert req.result() == 4
+    finally:
+        release.set()
+        del cq.complete
+        assert ctx.close(10)
+        os.close(fd)
+
+
+# -- 3. cancelled by cancel() or close(), delivered at the fork ------------------------------
+
+
+@pytest.mark.parametrize("how", ["cancel", "queue close"])
+def test_a_request_cancelled_and_being_delivered_at_the_fork_is_settled_in_the_child(
+    backend: str, how: str
+) -> None:
+    """A queued request is cancelled (by cancel(), or by its queue's
+    close()) in another thread, whose delivery of it (a done-callback) is
+    under way when the main thread forks: the child waited for it."""
+    q = ThreadletQueue(max_threads=1)
+    gate = threading.Event()
+    blocker = q.submit(gate.wait)
+    ctx = AioContext(q, backend=backend, inline=False)
+    inside, release = threading.Event(), threading.Event()
+    try:
+        req = ctx.call(os.getpid)
+
+        def blocking(_: object) -> None:
+            inside.set()
+            release.wait()
+
+        req.add_done_callback(blocking)
+        t = threading.Thread(target=req.cancel if how == "cancel" else q.close)
+        t.start()
+        try:
+            assert inside.wait(10)
+            assert _in_child(lambda: _settled(ctx, req)) == SETTLED
+        finally:
+            release.set()
+            gate.set()
+            t.join(30)
+        assert ctx.wait(req, 10)
+        assert req.cancelled()
+        assert blocker.wait(10)
+    finally:
+        release.set()
+        gate.set()
+        assert ctx.close(10)
+        assert q.close(10)
+
+
+# -- 4. the thread delivering the request forks ----------------------------------------------
+
+
+def test_a_done_callback_that_forks_leaves_the_child_no_parent_delivery(backend: str) -> None:
+    """The main thread cancels a queued request; its done-callback forks.
+    The child goes on with the delivery, which handed the parent's request
+    to the child's context: its callback= ran in the child, and the child's
+    counters read one more processed than submitted (outstanding -1)."""
+    q = ThreadletQueue(max_threads=1)
+    gate = threading.Event()
+    blocker = q.submit(gate.wait)
+    ctx = AioContext(q, backend=backend, inline=False)
+    ran: list[int] = []
+    forked: list[tuple[int, int]] = []
+    try:
+        req = ctx.call(os.getpid, callback=lambda _: ran.append(os.getpid()))
+        r, w = os.pipe()
+
+        def fork(_: object) -> None:
+            pid = os.fork()
+            if pid:
+                forked.append((pid, r))
+            else:
+                forked.append((0, w))
+
+        req.add_done_callback(fork)
+        req.cancel()
+        pid, end = forked[0]
+        if pid == 0:  # the child, back from cancel()
+
+            def child() -> object:
+                n = ctx.process_completions()
+                s = ctx.stats()
+                return [n, ran, s.outstanding, s.processed == s.submitted, ctx.close(5)]
+
+            os.close(r)
+            _report(end, child)
+        os.close(w)
+        assert _collect(pid, end) == [0, [], 0, True, True]
+        assert ctx.wait(req, 10)
+        assert ran == [os.getpid()]
+    finally:
+        gate.set()
+        assert blocker.wait(10)
+        assert ctx.close(10)
+        assert q.close(10)
