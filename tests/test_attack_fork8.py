@@ -12,6 +12,8 @@ import json
 import os
 import select
 import signal
+import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -22,6 +24,8 @@ from typing import Any
 import pytest
 
 from threadlets import AioContext, AioRequest, ThreadletQueue
+
+from .conftest import wait_until
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
 
@@ -280,3 +284,100 @@ def test_a_done_callback_that_forks_leaves_the_child_no_parent_delivery(backend:
         assert blocker.wait(10)
         assert ctx.close(10)
         assert q.close(10)
+
+
+# -- 5. a signal handler forks inside a wait ------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["threadlet wait", "queue drain", "queue close"])
+def test_a_wait_that_a_forking_signal_handler_interrupted_returns_in_the_child(
+    how: str,
+) -> None:
+    """The main thread waits (on a threadlet, in drain(), in close()); a
+    signal handler runs inside the wait and forks; the child goes on with
+    the wait.  It never returned: the reset dropped the threadlet's waiters
+    (and made a new condition) without waking the one left, and the old
+    lock, held for the fork, was never let go.  Now the wait returns at once
+    (the parent's work reads CANCELLED there), and the queue works."""
+    q = ThreadletQueue(max_threads=1)
+    gate = threading.Event()
+    work = q.submit(gate.wait)
+    forked: list[tuple[int, int]] = []
+
+    def handler(signum: int, frame: object) -> None:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            forked.append((0, w))
+        else:
+            os.close(w)
+            forked.append((pid, r))
+            gate.set()  # the parent's wait returns
+
+    def waiting() -> bool:
+        if how == "threadlet wait":
+            return bool(work._waiters)
+        return bool(q._quiet._waiters)  # type: ignore[attr-defined]
+
+    def interrupt() -> None:
+        wait_until(waiting)
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR1)
+
+    old = signal.signal(signal.SIGUSR1, handler)
+    t = threading.Thread(target=interrupt)
+    try:
+        t.start()
+        if how == "threadlet wait":
+            waited = work.wait()
+        elif how == "queue drain":
+            waited = q.drain()
+        else:
+            waited = q.close()
+        pid, end = forked[0]
+        if pid == 0:
+
+            def child() -> object:
+                out: list[object] = [waited, work.cancelled()]
+                if how != "queue close":
+                    out.append(q.submit(os.getpid).result(timeout=5) == os.getpid())
+                return out
+
+            _report(end, child)
+        t.join(30)
+        assert _collect(pid, end) == [True, True] + ([True] if how != "queue close" else [])
+        assert waited
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+        gate.set()
+        t.join(30)
+        assert q.close(10)
+
+
+# -- 6. the forking thread holds a queue's lock ------------------------------------------------
+
+
+def test_a_fork_by_the_thread_holding_a_queues_lock_does_not_deadlock() -> None:
+    """A signal handler or a finalizer forks inside a locked step of the
+    pool (a submit, a cancel): the fork handler waited for the lock its own
+    thread held, for ever.  Now it waits a bounded time, and the child's
+    queue works all the same.  (Run in a subprocess: before, it hung.)"""
+    code = """
+import os, threadlets
+q = threadlets.ThreadletQueue()
+with q._lock:  # what a handler run inside a locked step finds
+    pid = os.fork()
+if pid == 0:
+    ok = q.submit(os.getpid).result(timeout=5) == os.getpid()
+    ok = ok and threadlets.submit(os.getpid).result(timeout=5) == os.getpid()
+    os._exit(0 if ok and q.close(5) else 1)
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, status
+assert q.submit(os.getpid).result(timeout=5) == os.getpid()
+assert q.close(5)
+"""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent / "src"))
+    proc = subprocess.run(
+        [sys.executable, "-c", code], check=False, env=env, timeout=60, capture_output=True
+    )
+    assert proc.returncode == 0, proc.stderr.decode()

@@ -74,6 +74,7 @@ exit.  After ``fork()`` the child's queues start empty with no workers (see
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import itertools
@@ -558,6 +559,19 @@ def _release_all(workers: list[_Worker]) -> None:
             first = None
 
 
+def _wake_waiters(waiters: list[threading.Lock] | None) -> None:
+    """In a forked child: wake whoever waits on a threadlet of the parent.
+    Its threads are gone, but the thread that forked may be one of them (a
+    signal handler, run inside its wait, forked): it goes on waiting in the
+    child, where nobody else would ever wake it.  The list is emptied, so
+    that a delivery that thread goes on with releases none twice."""
+    if waiters:
+        for w in waiters:
+            with contextlib.suppress(RuntimeError):  # (released already)
+                w.release()
+        waiters.clear()
+
+
 def _finish_all(items: Iterable[Threadlet[Any]]) -> None:
     """Deliver each of ``items`` although one raises; then re-raise the
     first exception (the others are logged)."""
@@ -1016,6 +1030,7 @@ class ThreadletQueue:
         self._submitted, self._completed = submitted, completed
         self._cancelled = cancelled
         for item in dict.fromkeys(old_items):  # (once each: a cancelled one can be listed twice)
+            _wake_waiters(item._waiters)
             if item._state is _QUEUED or item._state is _RUNNING:
                 item._state = _CANCELLED
                 item._waiters = None
@@ -1234,32 +1249,59 @@ def submit(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Threadle
 # child copies each queue in a consistent state; the parent releases them
 # after.  The child replaces the locks (their owners do not exist there) and
 # resets each queue.
+#
+# The thread that forks may hold one of those locks itself, or wait on a
+# queue: a signal handler (or a finalizer) that forks runs inside whatever
+# that thread was doing, a locked step of submit() or a wait() included.  A
+# lock it holds is never let go while it waits for it: so each is waited for
+# at most _FORK_LOCK_WAIT seconds (no locked step here lasts anywhere near
+# that), and a queue whose lock did not come is reset in the child all the
+# same (under the GIL no container is ever half-changed; only the counters
+# may be a step apart, and the reset recounts them).  In the child, a wait
+# the forking thread goes on with returns: its threadlet's waiters are
+# woken, the old ``_quiet`` condition is notified, and the old lock (held
+# for the fork) is let go, so that the waiting code, which still holds
+# references to them, finds the reset queue.
 
+#: Seconds _before_fork waits for each lock (see above).
+_FORK_LOCK_WAIT = 1.0
 
-_forking: list[ThreadletQueue] = []
+#: The queues being forked, each with its lock if _before_fork got it.
+_forking: list[tuple[ThreadletQueue, threading.Lock | None]] = []
+_default_held = False
 
 
 def _before_fork() -> None:
-    _default_lock.acquire()
-    _forking[:] = list(_live_queues)
-    for q in _forking:
-        q._lock.acquire()
+    global _default_held
+    _default_held = _default_lock.acquire(timeout=_FORK_LOCK_WAIT)
+    for q in list(_live_queues):
+        lock = q._lock
+        _forking.append((q, lock if lock.acquire(timeout=_FORK_LOCK_WAIT) else None))
 
 
 def _after_fork_in_parent() -> None:
-    for q in _forking:
-        q._lock.release()
+    global _default_held
+    for _, lock in _forking:
+        if lock is not None:
+            lock.release()
     _forking.clear()
-    _default_lock.release()
+    if _default_held:
+        _default_held = False
+        _default_lock.release()
 
 
 def _after_fork_in_child() -> None:
-    global _default_lock
+    global _default_lock, _default_held
     _default_lock = threading.Lock()
+    _default_held = False
     # If a worker forked, its thread is no worker in the child.
     _current.queue = None
-    for q in _forking:
+    for q, held in _forking:
+        quiet = q._quiet
         q._reset_after_fork()
+        if held is not None:
+            quiet.notify_all()  # (a drain() or close() this thread goes on with)
+            held.release()
     _forking.clear()
 
 
