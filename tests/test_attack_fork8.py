@@ -8,6 +8,7 @@ killed and the test fails, so a hang is a failure, not a stuck run."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import select
@@ -381,3 +382,78 @@ assert q.close(5)
         [sys.executable, "-c", code], check=False, env=env, timeout=60, capture_output=True
     )
     assert proc.returncode == 0, proc.stderr.decode()
+
+
+@pytest.mark.parametrize("how", ["ctx.wait", "ctx.drain", "ctx.close (deliver=False)"])
+def test_a_context_wait_that_a_forking_signal_handler_interrupted_returns_in_the_child(
+    backend: str, how: str
+) -> None:
+    """As above, for a context: the main thread waits for a pipe read (in
+    wait(), drain(), or close() of a context that does not deliver); a
+    signal handler forks inside that wait.  The child's wait never
+    returned: its poll, resumed after the handler, polled nothing for ever
+    (the reset had closed and unregistered the eventfd), or its condition
+    was a replaced one nobody notified.  Now it returns, and the child's
+    copy of the eventfd is closed once the wait is out."""
+    deliver = how != "ctx.close (deliver=False)"
+    ctx = AioContext(backend=backend, inline=False, deliver=deliver)
+    notifier = ctx._cq.notifier
+    old_fd = notifier.fileno()
+    r, w = os.pipe()
+    forked: list[tuple[int, int]] = []
+    try:
+        req = ctx.read(r, 0, bytearray(1))
+
+        def handler(signum: int, frame: object) -> None:
+            rr, ww = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                os.close(rr)
+                forked.append((0, ww))
+            else:
+                os.close(ww)
+                forked.append((pid, rr))
+                os.write(w, b"x")  # the parent's wait returns
+
+        def waiting() -> bool:
+            if deliver:
+                return notifier.sleepers > 0
+            return bool(ctx._cq.quiet._waiters)  # type: ignore[attr-defined]
+
+        def interrupt() -> None:
+            wait_until(waiting)
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR1)
+
+        old = signal.signal(signal.SIGUSR1, handler)
+        t = threading.Thread(target=interrupt)
+        try:
+            t.start()
+            if how == "ctx.wait":
+                waited = ctx.wait(req)
+            elif how == "ctx.drain":
+                waited = ctx.drain()
+            else:
+                waited = ctx.close()
+            pid, end = forked[0]
+            if pid == 0:
+
+                def child() -> object:
+                    out: list[object] = [waited, req.cancelled(), ctx.close(5)]
+                    try:
+                        os.fstat(old_fd)
+                    except OSError as e:
+                        out.append(e.errno)
+                    return out
+
+                _report(end, child)
+            t.join(30)
+        finally:
+            signal.signal(signal.SIGUSR1, old)
+        assert _collect(pid, end) == [True, True, True, errno.EBADF]
+        assert waited
+        assert req.wait(10)
+        assert req.result() == 1
+    finally:
+        assert ctx.close(10)
+        os.close(r)
+        os.close(w)

@@ -98,8 +98,10 @@ import logging
 import operator
 import os
 import select
+import sys
 import threading
 import time
+import types
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -1113,18 +1115,49 @@ class _CompletionQueue:
         for req in self.ready:
             req._processed = True
         self.ready.clear()
+        old_lock, old_quiet = self.lock, self.quiet
         self.lock = threading.Lock()
         self.quiet = threading.Condition(self.lock)
         self.delivered = self.admitted
         self.signalled = False
+        # The thread that forked may be inside a wait here: a signal handler
+        # (which forked) runs inside it, and the child goes on with it.
+        if old_lock.acquire(False):  # (else held by a thread not here, or this one)
+            old_quiet.notify_all()  # (wait_quiet: it finds nothing outstanding)
+            old_lock.release()
         old = self.notifier
-        old.sleepers = 0  # (the parent's threads: none here)
+        old.sleepers = _sleeps_here(old)  # (the parent's other threads: none here)
+        if old.sleepers and not old.closed:
+            # Its poll, resumed after the handler, must return: the child's
+            # copy of the descriptor becomes one always readable, which the
+            # last sleep out closes (the parent's eventfd is not touched).
+            nul = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.dup2(nul, old._rfd)
+            finally:
+                os.close(nul)
+            old.closed = old._deferred = True  # (as close() with sleepers: no signal)
+            self.notifier = _Notifier()
+            return
         if old._deferred:
             old._deferred = False
             old._close_fds()  # the child's copy only
         if not old.closed:
             old.close()  # the child's copy only
             self.notifier = _Notifier()
+
+
+def _sleeps_here(notifier: _Notifier) -> int:
+    """How many sleeps on ``notifier`` the calling thread is inside (in a
+    forked child: a signal handler that forked ran inside one)."""
+    n = 0
+    code = _Notifier.sleep.__code__
+    f: types.FrameType | None = sys._getframe(1)
+    while f is not None:
+        if f.f_code is code and f.f_locals.get("self") is notifier:
+            n += 1
+        f = f.f_back
+    return n
 
 
 def _nonnegative(value: object, name: str) -> int:
