@@ -457,3 +457,66 @@ def test_a_context_wait_that_a_forking_signal_handler_interrupted_returns_in_the
         assert ctx.close(10)
         os.close(r)
         os.close(w)
+
+
+@pytest.mark.parametrize("how", ["aio_suspend", "lio_listio"])
+def test_a_posix_wait_that_a_forking_signal_handler_interrupted_returns_in_the_child(
+    backend: str, how: str
+) -> None:
+    """As above, for threadlets.posix: aio_suspend() or lio_listio(LIO_WAIT)
+    on a pipe read; a signal handler forks inside the wait.  The child's
+    wait slept on the runtime's old condition, which the reset replaced
+    without waking it: it never returned.  Now it returns (the aiocb reads
+    ECANCELED there, so lio_listio fails with EIO, as glibc's does)."""
+    import threadlets.posix as px
+
+    ctx = AioContext(backend=backend, deliver=False, inline=False)
+    rt = px.PosixAio(ctx)
+    r, w = os.pipe()
+    forked: list[tuple[int, int]] = []
+    try:
+        cb = px.aiocb(r, 0, bytearray(1), lio_opcode=px.LIO_READ)
+
+        def handler(signum: int, frame: object) -> None:
+            rr, ww = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                os.close(rr)
+                forked.append((0, ww))
+            else:
+                os.close(ww)
+                forked.append((pid, rr))
+                os.write(w, b"x")  # the parent's wait returns
+
+        def interrupt() -> None:
+            wait_until(lambda: rt._waiting > 0)
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR1)
+
+        old = signal.signal(signal.SIGUSR1, handler)
+        t = threading.Thread(target=interrupt)
+        try:
+            t.start()
+            try:
+                if how == "aio_suspend":
+                    rt.aio_read(cb)
+                    rt.aio_suspend([cb])
+                else:
+                    rt.lio_listio(px.LIO_WAIT, [cb])
+                answer: object = "returned"
+            except OSError as e:
+                answer = e.errno
+            pid, end = forked[0]
+            if pid == 0:
+                _report(end, lambda: [answer, rt.aio_error(cb)])
+            t.join(30)
+        finally:
+            signal.signal(signal.SIGUSR1, old)
+        expect = "returned" if how == "aio_suspend" else errno.EIO
+        assert _collect(pid, end) == [expect, errno.ECANCELED]
+        assert answer == "returned"
+        assert rt.aio_error(cb) == 0
+        assert rt.aio_return(cb) == 1
+    finally:
+        assert ctx.close(10)
+        os.close(r)
+        os.close(w)
