@@ -26,7 +26,7 @@ import pytest
 
 from threadlets import AioContext, AioRequest, ThreadletQueue
 
-from .conftest import wait_until
+from .conftest import HAVE_RING, wait_until
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
 
@@ -520,3 +520,39 @@ def test_a_posix_wait_that_a_forking_signal_handler_interrupted_returns_in_the_c
         assert ctx.close(10)
         os.close(r)
         os.close(w)
+
+
+# -- 7. the ring's reaper thread forks --------------------------------------------------------
+
+
+def test_a_child_forked_in_the_reapers_callback_leaves_the_parents_ring_alone() -> None:
+    """deliver=False on io_uring: done-callbacks run in the ring's reaper
+    thread; one forks, and the child returns from it.  The child's reaper
+    (the forking thread) went on waiting in io_uring_enter on the ring's fd,
+    which the child had closed (or which was another file's by then):
+    "io_uring_enter(wait): Bad file descriptor" logged in every such child.
+    Now it stops at once there."""
+    if not HAVE_RING:
+        pytest.skip("no io_uring here")
+    code = """
+import os, threadlets
+ctx = threadlets.AioContext(backend="io_uring", deliver=False, inline=False)
+fd = os.open(__import__("sys").executable, os.O_RDONLY)  # (a regular file: on the ring)
+r, w = os.pipe()
+def cb(_):
+    if os.fork() == 0:
+        os.write(w, b"c")  # then back to the reaper loop, the only thread here
+req = ctx.read(fd, 0, bytearray(1))
+req.add_done_callback(cb)
+assert req.wait(10)
+os.close(w)
+assert os.read(r, 1) == b"c"
+assert os.read(r, 1) == b""  # the child has exited (the write end is closed)
+assert ctx.close(10)
+"""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent / "src"))
+    proc = subprocess.run(
+        [sys.executable, "-c", code], check=False, env=env, timeout=60, capture_output=True
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stderr == b"", proc.stderr.decode()

@@ -585,8 +585,12 @@ class Ring:
                 short = self._in_kernel + handed >= DEFER_AT and not quiet
                 self._reaper_holds = short
                 finished = self._stopped and not self._pending
+                # A forked child, this thread the one that forked (in a
+                # callback): the ring is the parent's, its fd is closed here
+                # (or another file's by now).  It waits no more.
+                forked = self._generation != _generation
             self._kick(n)
-            if finished:
+            if finished or forked:
                 break
             got = self._wait(HOLD_MAX if short else None)
             if got < 0:
