@@ -118,27 +118,26 @@ SETTLED = {
 
 
 def test_a_request_whose_done_callback_runs_at_the_fork_is_settled_in_the_child(
-    backend: str, tmp_path: Path
+    backend: str,
 ) -> None:
     """A request of the parent finished, and its done-callback was running
     in another thread (a worker; on io_uring, the thread reaping the ring)
     when the main thread forked.  The child's ctx.wait(req) waited for a
     delivery that no thread there would make: it timed out (hung, without
     a timeout).  Now it counts as delivered there."""
-    path = tmp_path / "f"
-    path.write_bytes(b"data")
-    fd = os.open(path, os.O_RDONLY)
+    fd, w = os.pipe()
     ctx = AioContext(backend=backend, inline=False)
     inside, release = threading.Event(), threading.Event()
     waited: list[bool] = []
     try:
-        req = ctx.read(fd, 0, bytearray(4))
+        req = ctx.read(fd, 0, bytearray(4))  # (on a worker, or on the ring)
 
         def blocking(_: object) -> None:
             inside.set()
             release.wait()
 
         req.add_done_callback(blocking)
+        os.write(w, b"data")  # (only now: the callback runs in another thread)
         # The thread that processes the context's completions (and, on the
         # ring, reaps it: the done-callback then runs in it).
         t = threading.Thread(target=lambda: waited.append(ctx.wait(req, 30)))
@@ -156,6 +155,7 @@ def test_a_request_whose_done_callback_runs_at_the_fork_is_settled_in_the_child(
         release.set()
         assert ctx.close(10)
         os.close(fd)
+        os.close(w)
 
 
 # -- 2. a fork in the quiet hand-over of a worker ------------------------------------------
@@ -467,7 +467,10 @@ def test_a_posix_wait_that_a_forking_signal_handler_interrupted_returns_in_the_c
     on a pipe read; a signal handler forks inside the wait.  The child's
     wait slept on the runtime's old condition, which the reset replaced
     without waking it: it never returned.  Now it returns (the aiocb reads
-    ECANCELED there, so lio_listio fails with EIO, as glibc's does)."""
+    ECANCELED there, so lio_listio fails with EIO, as glibc's does).  (The
+    aio_suspend form is given a timeout, which before ran out and then saw
+    the aiocb finished: it checks the outcome; lio_listio is the one that
+    hung.)"""
     import threadlets.posix as px
 
     ctx = AioContext(backend=backend, deliver=False, inline=False)
@@ -499,7 +502,7 @@ def test_a_posix_wait_that_a_forking_signal_handler_interrupted_returns_in_the_c
             try:
                 if how == "aio_suspend":
                     rt.aio_read(cb)
-                    rt.aio_suspend([cb])
+                    rt.aio_suspend([cb], 15)
                 else:
                     rt.lio_listio(px.LIO_WAIT, [cb])
                 answer: object = "returned"
@@ -537,13 +540,14 @@ def test_a_child_forked_in_the_reapers_callback_leaves_the_parents_ring_alone() 
     code = """
 import os, threadlets
 ctx = threadlets.AioContext(backend="io_uring", deliver=False, inline=False)
-fd = os.open(__import__("sys").executable, os.O_RDONLY)  # (a regular file: on the ring)
+fd, feed = os.pipe()  # (a pipe read: on the ring, pending until fed)
 r, w = os.pipe()
 def cb(_):
     if os.fork() == 0:
         os.write(w, b"c")  # then back to the reaper loop, the only thread here
 req = ctx.read(fd, 0, bytearray(1))
 req.add_done_callback(cb)
+os.write(feed, b"x")  # (only now: the callback runs in the reaper)
 assert req.wait(10)
 os.close(w)
 assert os.read(r, 1) == b"c"
