@@ -98,8 +98,10 @@ import logging
 import operator
 import os
 import select
+import sys
 import threading
 import time
+import types
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -699,7 +701,8 @@ class AioRequest(Threadlet[int]):
             self._ctx._cq.complete(self)
 
     def _forked(self) -> None:
-        # The parent's request, cancelled in this child: nothing to deliver.
+        # The parent's request, cancelled in this child or being delivered at
+        # the fork: nothing to deliver here (complete() then skips it).
         self._processed = True
 
 
@@ -952,7 +955,12 @@ class _CompletionQueue:
         once per batch.  Any thread; never raises, and runs no callback --
         except in the thread that reaps the ring for this queue inside
         :meth:`AioContext.process_completions` (``direct``), which
-        delivers it at once, as process() would."""
+        delivers it at once, as process() would.  A request already marked
+        processed is the parent's, handed over in a forked child by the
+        thread that forked while delivering it: it counts as delivered
+        there (see AioRequest._forked), and its callback is the parent's."""
+        if req._processed:
+            return
         direct = self.direct
         if direct:
             try:
@@ -1111,18 +1119,49 @@ class _CompletionQueue:
         for req in self.ready:
             req._processed = True
         self.ready.clear()
+        old_lock, old_quiet = self.lock, self.quiet
         self.lock = threading.Lock()
         self.quiet = threading.Condition(self.lock)
         self.delivered = self.admitted
         self.signalled = False
+        # The thread that forked may be inside a wait here: a signal handler
+        # (which forked) runs inside it, and the child goes on with it.
+        if old_lock.acquire(False):  # (else held by a thread not here, or this one)
+            old_quiet.notify_all()  # (wait_quiet: it finds nothing outstanding)
+            old_lock.release()
         old = self.notifier
-        old.sleepers = 0  # (the parent's threads: none here)
+        old.sleepers = _sleeps_here(old)  # (the parent's other threads: none here)
+        if old.sleepers and not old.closed:
+            # Its poll, resumed after the handler, must return: the child's
+            # copy of the descriptor becomes one always readable, which the
+            # last sleep out closes (the parent's eventfd is not touched).
+            nul = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.dup2(nul, old._rfd)
+            finally:
+                os.close(nul)
+            old.closed = old._deferred = True  # (as close() with sleepers: no signal)
+            self.notifier = _Notifier()
+            return
         if old._deferred:
             old._deferred = False
             old._close_fds()  # the child's copy only
         if not old.closed:
             old.close()  # the child's copy only
             self.notifier = _Notifier()
+
+
+def _sleeps_here(notifier: _Notifier) -> int:
+    """How many sleeps on ``notifier`` the calling thread is inside (in a
+    forked child: a signal handler that forked ran inside one)."""
+    n = 0
+    code = _Notifier.sleep.__code__
+    f: types.FrameType | None = sys._getframe(1)
+    while f is not None:
+        if f.f_code is code and f.f_locals.get("self") is notifier:
+            n += 1
+        f = f.f_back
+    return n
 
 
 def _nonnegative(value: object, name: str) -> int:

@@ -74,6 +74,7 @@ exit.  After ``fork()`` the child's queues start empty with no workers (see
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import itertools
@@ -296,11 +297,15 @@ class Threadlet(Generic[T]):
                 self._state = _DONE
                 self._fn = self._kwargs = None  # what it ran is not kept alive
                 self._args = ()
-                changed = True  # (before the C call: Ctrl-C can land as it returns)
-                queue._claimed.discard(self)
+                changed = True
         finally:
             if changed:  # (delivered even if Ctrl-C lands as the lock is let go)
-                self._finished()
+                try:
+                    self._finished()
+                finally:
+                    # Remembered until delivered: a fork meanwhile finds it
+                    # (see _reset_after_fork).  (One set operation: atomic.)
+                    queue._claimed.discard(self)
         return True
 
     def _finish_cancelled(self) -> bool:
@@ -318,10 +323,12 @@ class Threadlet(Generic[T]):
                 self._fn = self._kwargs = None
                 self._args = ()
                 changed = True
-                queue._claimed.discard(self)
         finally:
             if changed:
-                self._finished()
+                try:
+                    self._finished()
+                finally:
+                    queue._claimed.discard(self)  # (as in _finish)
         return True
 
     #: True for a subclass whose ``_finished``, when the threadlet has no
@@ -346,8 +353,10 @@ class Threadlet(Generic[T]):
 
     def _forked(self) -> None:
         """Called in a forked child (no other thread runs there) for each of the
-        parent's threadlets that just became CANCELLED there.  Subclasses
-        mark their own bookkeeping finished (no callback runs)."""
+        parent's threadlets that just became CANCELLED there, and for each
+        that had finished but was being delivered at the fork (its waiters
+        and callbacks not all run yet).  Subclasses mark their own
+        bookkeeping finished (no callback runs)."""
 
     # -- public API ---------------------------------------------------------
 
@@ -389,6 +398,7 @@ class Threadlet(Generic[T]):
                     queue._queued -= 1
                     queue._cancelled += 1
                     changed = True  # (before any call: Ctrl-C can land as one returns)
+                    queue._finishing.add(self)  # (see _reset_after_fork)
                     queue._notify_if_quiet()
                 elif state is _RUNNING:
                     return CancelResult.NOTCANCELED
@@ -396,7 +406,10 @@ class Threadlet(Generic[T]):
                     return CancelResult.ALLDONE
         finally:
             if changed:  # (delivered even if Ctrl-C lands as the lock is let go)
-                self._finished()
+                try:
+                    self._finished()
+                finally:
+                    queue._finishing.discard(self)
         return CancelResult.CANCELED
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -546,6 +559,19 @@ def _release_all(workers: list[_Worker]) -> None:
             first = None
 
 
+def _wake_waiters(waiters: list[threading.Lock] | None) -> None:
+    """In a forked child: wake whoever waits on a threadlet of the parent.
+    Its threads are gone, but the thread that forked may be one of them (a
+    signal handler, run inside its wait, forked): it goes on waiting in the
+    child, where nobody else would ever wake it.  The list is emptied, so
+    that a delivery that thread goes on with releases none twice."""
+    if waiters:
+        for w in waiters:
+            with contextlib.suppress(RuntimeError):  # (released already)
+                w.release()
+        waiters.clear()
+
+
 def _finish_all(items: Iterable[Threadlet[Any]]) -> None:
     """Deliver each of ``items`` although one raises; then re-raise the
     first exception (the others are logged)."""
@@ -594,14 +620,19 @@ class _Worker:
     worker off the idle stack releases it, which wakes exactly this worker.
     """
 
-    __slots__ = ("current", "live", "mailbox", "thread")
+    __slots__ = ("current", "finishing", "live", "mailbox", "thread")
 
     def __init__(self) -> None:
         self.mailbox = threading.Lock()
         self.mailbox.acquire()
         # Protected by the queue's lock:
-        #: The threadlet this worker runs.
+        #: The threadlet this worker runs, or delivers (its waiters and
+        #: callbacks).
         self.current: Threadlet[Any] | None = None
+        #: A quiet threadlet (see Threadlet._quiet_finish) whose _finished
+        #: this worker runs after taking the next: set under the lock,
+        #: cleared by this worker alone once it ran.
+        self.finishing: Threadlet[Any] | None = None
         #: False once the worker does not belong to the queue: its start()
         #: failed, or this is a forked child.  It then exits at its next
         #: look at the queue, touching nothing.
@@ -670,13 +701,19 @@ class ThreadletQueue:
         self._items: deque[Threadlet[Any]] = deque()  # may hold cancelled items
         self._idle: list[_Worker] = []  # LIFO: the most recently idle wakes first
         self._workers: set[_Worker] = set()
-        #: Claimed threadlets (RUNNING outside the workers; see _claim).
-        #: Held weakly: one is claimed to be cancelled in a forked child,
-        #: which nobody can do to one that nobody holds any more -- and a
-        #: strong hold kept an I/O request (with its context, its io_uring
-        #: ring and their descriptors) alive for good when its context was
-        #: dropped while the kernel had it (see threadlets.uring._abandoned).
+        #: Claimed threadlets (RUNNING outside the workers; see _claim),
+        #: until their waiters and callbacks ran.  Held weakly: one is
+        #: claimed to be cancelled in a forked child, which nobody can do to
+        #: one that nobody holds any more -- and a strong hold kept an I/O
+        #: request (with its context, its io_uring ring and their
+        #: descriptors) alive for good when its context was dropped while
+        #: the kernel had it (see threadlets.uring._abandoned).
         self._claimed: weakref.WeakSet[Threadlet[Any]] = weakref.WeakSet()
+        #: Threadlets that cancel() or close() cancelled, until their
+        #: waiters and callbacks ran.  With ``_claimed`` and the workers'
+        #: ``current`` and ``finishing``, what a fork can find whose delivery
+        #: is under way (see _reset_after_fork).
+        self._finishing: set[Threadlet[Any]] = set()
         self._min = min_threads
         self._max = max_threads
         self._closed = False
@@ -920,6 +957,7 @@ class ThreadletQueue:
                 # is woken even if Ctrl-C lands on the way.
                 idle += self._idle
                 del self._idle[:]
+                self._finishing.update(cancelled)  # (see _reset_after_fork)
                 self._items.clear()
                 # A worker cannot join itself, nor another closing worker.
                 threads = [] if own else [w.thread for w in self._workers if w.thread]
@@ -928,8 +966,11 @@ class ThreadletQueue:
             try:
                 _release_all(idle)
             finally:
-                _finish_all(cancelled)
-                del cancelled
+                try:
+                    _finish_all(cancelled)
+                finally:
+                    self._finishing.difference_update(cancelled)
+                    del cancelled
         with self._lock:
             if own:
                 self._closers += 1
@@ -981,7 +1022,9 @@ class ThreadletQueue:
         old_items = (
             list(self._items)
             + [w.current for w in self._workers if w.current]
+            + [w.finishing for w in self._workers if w.finishing]
             + list(self._claimed)
+            + list(self._finishing)
         )
         for w in self._workers:
             w.live = False
@@ -991,12 +1034,19 @@ class ThreadletQueue:
         self._closed = closed
         self._submitted, self._completed = submitted, completed
         self._cancelled = cancelled
-        for item in old_items:
+        for item in dict.fromkeys(old_items):  # (once each: a cancelled one can be listed twice)
+            _wake_waiters(item._waiters)
             if item._state is _QUEUED or item._state is _RUNNING:
                 item._state = _CANCELLED
                 item._waiters = None
                 item._callbacks = None
                 self._cancelled += 1
+                item._forked()
+            else:
+                # Finished, its delivery (waiters, callbacks, the engine's
+                # hand-over to its context) under way at the fork: by a
+                # thread that does not exist here, or by this one, which
+                # goes on with it.  It counts as delivered here all the same.
                 item._forked()
         self._submitted = self._completed + self._cancelled
         if not closed:
@@ -1044,7 +1094,7 @@ def _worker_main(ref: weakref.ref[ThreadletQueue], me: _Worker, idle_timeout: fl
                     queue._delivering += 1
                     delivering = True
                 elif finish == _QUIET:
-                    quiet = done  # run after taking the next: see below
+                    quiet = me.finishing = done  # run after taking the next: see below
             elif delivering:
                 queue._delivering -= 1
                 delivering = False
@@ -1056,8 +1106,9 @@ def _worker_main(ref: weakref.ref[ThreadletQueue], me: _Worker, idle_timeout: fl
                         queue._retire(me)
                         return
                     # Deliver it first (once gone, nobody would), as one
-                    # with a waiter; retire on the next round.
-                    quiet = None
+                    # with a waiter (``current`` lists it); retire on the
+                    # next round.
+                    quiet = me.finishing = None
                     queue._delivering += 1
                     delivering = True
                 else:
@@ -1082,7 +1133,7 @@ def _worker_main(ref: weakref.ref[ThreadletQueue], me: _Worker, idle_timeout: fl
                 quiet._finished()
             except BaseException:
                 log.exception("delivering %r failed", quiet)
-            quiet = None
+            quiet = me.finishing = None
         if delivering:
             assert done is not None
             try:
@@ -1203,32 +1254,59 @@ def submit(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Threadle
 # child copies each queue in a consistent state; the parent releases them
 # after.  The child replaces the locks (their owners do not exist there) and
 # resets each queue.
+#
+# The thread that forks may hold one of those locks itself, or wait on a
+# queue: a signal handler (or a finalizer) that forks runs inside whatever
+# that thread was doing, a locked step of submit() or a wait() included.  A
+# lock it holds is never let go while it waits for it: so each is waited for
+# at most _FORK_LOCK_WAIT seconds (no locked step here lasts anywhere near
+# that), and a queue whose lock did not come is reset in the child all the
+# same (under the GIL no container is ever half-changed; only the counters
+# may be a step apart, and the reset recounts them).  In the child, a wait
+# the forking thread goes on with returns: its threadlet's waiters are
+# woken, the old ``_quiet`` condition is notified, and the old lock (held
+# for the fork) is let go, so that the waiting code, which still holds
+# references to them, finds the reset queue.
 
+#: Seconds _before_fork waits for each lock (see above).
+_FORK_LOCK_WAIT = 1.0
 
-_forking: list[ThreadletQueue] = []
+#: The queues being forked, each with its lock if _before_fork got it.
+_forking: list[tuple[ThreadletQueue, threading.Lock | None]] = []
+_default_held = False
 
 
 def _before_fork() -> None:
-    _default_lock.acquire()
-    _forking[:] = list(_live_queues)
-    for q in _forking:
-        q._lock.acquire()
+    global _default_held
+    _default_held = _default_lock.acquire(timeout=_FORK_LOCK_WAIT)
+    for q in list(_live_queues):
+        lock = q._lock
+        _forking.append((q, lock if lock.acquire(timeout=_FORK_LOCK_WAIT) else None))
 
 
 def _after_fork_in_parent() -> None:
-    for q in _forking:
-        q._lock.release()
+    global _default_held
+    for _, lock in _forking:
+        if lock is not None:
+            lock.release()
     _forking.clear()
-    _default_lock.release()
+    if _default_held:
+        _default_held = False
+        _default_lock.release()
 
 
 def _after_fork_in_child() -> None:
-    global _default_lock
+    global _default_lock, _default_held
     _default_lock = threading.Lock()
+    _default_held = False
     # If a worker forked, its thread is no worker in the child.
     _current.queue = None
-    for q in _forking:
+    for q, held in _forking:
+        quiet = q._quiet
         q._reset_after_fork()
+        if held is not None:
+            quiet.notify_all()  # (a drain() or close() this thread goes on with)
+            held.release()
     _forking.clear()
 
 

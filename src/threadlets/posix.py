@@ -1279,9 +1279,17 @@ class PosixAio:
     def _after_fork_in_child(self) -> None:
         """In the child the parent's requests are not ours to finish: the pool
         marked their threadlets CANCELLED; mark their aiocbs so too."""
+        old_lock, old_cond = self._lock, self._cond
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._waiting = 0  # (the parent's waiting threads are not here)
+        # A wait the forking thread goes on with (a signal handler forked
+        # inside aio_suspend or lio_listio) sleeps on the old condition:
+        # woken, it finds its aiocbs finished.  (Not if the old lock is held:
+        # by a thread not here, or by this one, which is not waiting then.)
+        if old_lock.acquire(False):
+            old_cond.notify_all()
+            old_lock.release()
         for state in self._fds.values():
             for c in state.active:
                 c._outcome = (errno.ECANCELED, -1)

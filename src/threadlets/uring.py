@@ -330,8 +330,12 @@ def _reap_loop(
             short = ring._in_kernel + handed >= DEFER_AT and not quiet
             ring._reaper_holds = short
             finished = ring._stopped and not ring._pending
+            # A forked child, this thread the one that forked (in a
+            # callback): the ring is the parent's, its fd is closed here
+            # (or another file's by now).  It waits no more.
+            forked = ring._generation != _generation
         ring._kick(n)
-        if finished:
+        if finished or forked:
             break
         del ring  # (asleep, the thread holds the ring weakly)
         got = _wait_for_one(enter, fd, HOLD_MAX if short else None)
