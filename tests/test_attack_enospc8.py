@@ -502,3 +502,30 @@ def test_stress_on_a_nearly_full_file_system_is_a_clean_error(
     # What fits runs clean: its space is its own from the start.
     args[args.index("300000")] = "65536"
     assert main([*args, "--json"]) == 0, capsys.readouterr()
+
+
+@pytest.mark.parametrize("pre", [0, 5000])
+def test_a_direct_copy_past_the_free_space_says_what_landed(
+    filesystems: FileSystems, backend: str, pre: int
+) -> None:
+    # copy_file_range refuses O_DIRECT files (EINVAL); the engine copies
+    # through memory, and a write that ran out of space there said nothing
+    # of the bytes it had copied (no ``transferred``: 130,295 had landed).
+    where = filesystems.ext4(4 << 20)
+    _direct_or_skip(where)
+    (where / "src").write_bytes(DATA[:600_000])
+    (where / "dst").write_bytes(b"\x01" * pre)
+    fill(where, 200_704)
+    src = os.open(where / "src", os.O_RDONLY | O_DIRECT)
+    dst = os.open(where / "dst", os.O_RDWR | O_DIRECT)
+    try:
+        with context(backend) as ctx:
+            moved, err = engine_outcome(ctx.copy_range(src, 0, dst, 777, 600_000))
+    finally:
+        os.close(src)
+        os.close(dst)
+    assert err == errno.ENOSPC
+    data = (where / "dst").read_bytes()
+    landed = max(0, len(data) - 777)
+    assert moved == landed
+    assert data[777:] == DATA[:landed]
