@@ -529,3 +529,40 @@ def test_a_direct_copy_past_the_free_space_says_what_landed(
     landed = max(0, len(data) - 777)
     assert moved == landed
     assert data[777:] == DATA[:landed]
+
+
+# -- O_DIRECT on a sparse file --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("hole", ["sparse", "fallocated"])
+def test_direct_unaligned_requests_on_a_file_that_starts_with_a_hole(
+    filesystems: FileSystems, backend: str, hole: str
+) -> None:
+    # The alignment probe read at offset 0: in a hole (or an unwritten
+    # extent) ext4 answers any read without a look at its alignment, so the
+    # probe said (1, 1) and every unaligned request failed with EINVAL --
+    # on a sparse image, on stress's own file, with space to spare.
+    where = filesystems.ext4(4 << 20)
+    _direct_or_skip(where)
+    p = where / "f"
+    with open(p, "wb") as f:
+        f.truncate(1 << 20)
+        f.seek(65536)
+        f.write(DATA[:8192])
+        if hole == "fallocated":
+            os.posix_fallocate(f.fileno(), 0, 65536)
+    fd = os.open(p, os.O_RDWR | O_DIRECT)
+    try:
+        with context(backend) as ctx:
+            buf = bytearray(5000)
+            assert engine_outcome(ctx.read(fd, 65536 + 100, buf)) == (5000, 0)
+            assert buf == DATA[100:5100]
+            assert engine_outcome(ctx.write(fd, 100, DATA[:100_000])) == (100_000, 0)
+            assert engine_outcome(ctx.write(fd, (1 << 20) - 50, b"tail!" * 20)) == (100, 0)
+    finally:
+        os.close(fd)
+    data = p.read_bytes()
+    assert len(data) == (1 << 20) + 50
+    assert data[100:100_100] == DATA[:100_000]
+    assert data[:100] == bytes(100)
+    assert data[-100:] == b"tail!" * 20

@@ -197,11 +197,20 @@ def probe_alignment(fd: int) -> tuple[int, int]:
     A file that takes unaligned reads (not opened with O_DIRECT, or a file
     system that ignores it) answers (1, 1).  Raises the OSError of a read
     that fails otherwise (a write-only fd: EBADF).
+
+    A regular file is probed where its first data is: a read of a hole or
+    an unwritten (fallocated) extent is answered with zeros without a look
+    at its alignment (ext4, xfs: a sparse file probed at offset 0 answered
+    (1, 1), and every unaligned request then failed with EINVAL).  A file
+    without data cannot be probed: the strictest alignment.
     """
+    at = _first_data(fd)
+    if at is None:
+        return MAX_ALIGNMENT, MAX_ALIGNMENT
     buf = aligned_buffer(3 * MAX_ALIGNMENT)
     request = MAX_ALIGNMENT
     for size in (1, 512, 1024, 2048, 4096):
-        if _reads(fd, buf[:size]):
+        if _reads(fd, buf[:size], at):
             request = size
             break
     # The memory probe reads across a page boundary: the kernel splits a
@@ -210,18 +219,37 @@ def probe_alignment(fd: int) -> tuple[int, int]:
     memory = MAX_ALIGNMENT
     span = 2 * MAX_ALIGNMENT
     for align in (1, 512, 1024, 2048, 4096):
-        if _reads(fd, buf[align : align + span]):
+        if _reads(fd, buf[align : align + span], at):
             memory = align
             break
     return request, memory
 
 
-def _reads(fd: int, view: memoryview) -> bool:
-    """Whether a read into ``view`` at offset 0 is accepted (False for
+def _first_data(fd: int) -> int | None:
+    """Where a regular file's first data is (0 for anything else, or where
+    the file system cannot say); None if the file has none.  Asked of a new
+    open file description: ``fd``'s own position is the caller's."""
+    seek_data = getattr(os, "SEEK_DATA", None)
+    if seek_data is None or not stat.S_ISREG(os.fstat(fd).st_mode):
+        return 0
+    try:
+        other = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return 0
+    try:
+        return os.lseek(other, 0, seek_data)
+    except OSError as e:
+        return None if e.errno == errno.ENXIO else 0  # ENXIO: all hole, or empty
+    finally:
+        os.close(other)
+
+
+def _reads(fd: int, view: memoryview, at: int = 0) -> bool:
+    """Whether a read into ``view`` at offset ``at`` is accepted (False for
     EINVAL; any other error is raised; EINTR is retried)."""
     while True:
         try:
-            os.preadv(fd, [view], 0)
+            os.preadv(fd, [view], at)
             return True
         except InterruptedError:
             continue
