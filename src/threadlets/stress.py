@@ -838,16 +838,22 @@ _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 def _reserve(fd: int, path: str, size: int) -> None:
     """Allocate the file's ``size`` bytes (zeros) before the run.  Where they do not
     fit, a StressError now -- not a run whose writes fail with ENOSPC,
-    reported as unexpected errors.  A file system without fallocate is
-    left to the run."""
-    try:
-        os.posix_fallocate(fd, 0, size)
-    except OSError as e:
-        if e.errno in _NO_SPACE:
-            raise StressError(
-                f"not enough space for --size {size:,} on {path}: {e.strerror}"
-            ) from None
-        if e.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENODEV):
+    reported as unexpected errors.  A file system without fallocate(2) is
+    left to the run (not posix_fallocate: its emulation there writes every
+    block, for minutes on a large --size)."""
+    while True:
+        try:
+            Syscalls().fallocate(fd, 0, 0, size)
+            return
+        except InterruptedError:
+            continue
+        except OSError as e:
+            if e.errno in _NO_SPACE:
+                raise StressError(
+                    f"not enough space for --size {size:,} on {path}: {e.strerror}"
+                ) from None
+            if e.errno in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENODEV):
+                return
             raise StressError(f"cannot allocate {size:,} bytes for {path}: {e.strerror}") from None
 
 
