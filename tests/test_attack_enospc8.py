@@ -94,7 +94,9 @@ class FileSystems:
         for dev in self.loops:
             subprocess.run(["losetup", "-d", dev], check=False, capture_output=True, timeout=60)
         for m in reversed(self.mounts):
-            subprocess.run(["umount", m], check=False, capture_output=True, timeout=60)
+            done = subprocess.run(["umount", m], check=False, capture_output=True, timeout=60)
+            if done.returncode:  # busy (a file left open): detach it all the same
+                subprocess.run(["umount", "-l", m], check=False, capture_output=True, timeout=60)
         for d in self.dirs:
             shutil.rmtree(d, ignore_errors=True)
 
