@@ -968,10 +968,13 @@ def _copy_through_memory(
         want = min(len(buf), length - done)
         try:
             got = read(sc, src, [buf[:want]], src_offset + done, want, False)
-            if got:
-                write(sc, dst, [buf[:got]], dst_offset + done, got)
         except OSError as e:
             raise _moved(e, done) from None
+        if got:
+            try:
+                write(sc, dst, [buf[:got]], dst_offset + done, got)
+            except OSError as e:  # what of this chunk landed was copied too
+                raise _moved(e, done + _transferred(e)) from None
         done += got
         if got < want:
             break  # end of the source

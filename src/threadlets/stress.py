@@ -796,9 +796,10 @@ def _target(cfg: StressConfig) -> Iterator[_Target]:
                 f"cannot make a temporary file in {os.getcwd()!r}: {e.strerror}"
             ) from None
         os.close(fd)
+    path = temp or str(cfg.path)
+    created = False
     try:
-        path = temp or str(cfg.path)
-        fd, device = _open(path, cfg.direct, cfg.force or temp is not None)
+        fd, device, created = _open(path, cfg.direct, cfg.force or temp is not None)
         try:
             if device:
                 end = os.lseek(fd, 0, os.SEEK_END)
@@ -813,6 +814,15 @@ def _target(cfg: StressConfig) -> Iterator[_Target]:
             else:
                 size = DEFAULT_SIZE if cfg.size is None else cfg.size
                 align = 1
+                os.ftruncate(fd, 0)
+                os.ftruncate(fd, size)  # the model starts as zeros
+                _reserve(fd, path, size)
+        except BaseException:
+            os.close(fd)
+            if created:
+                os.unlink(path)  # refused before the run: leave nothing behind
+            raise
+        try:
             yield _Target(fd, path, size, device, align)
         finally:
             os.close(fd)
@@ -821,8 +831,35 @@ def _target(cfg: StressConfig) -> Iterator[_Target]:
             os.unlink(temp)
 
 
-def _open(path: str, direct: bool, force: bool) -> tuple[int, bool]:
-    """(fd, is a block device); a StressError for anything else."""
+#: What fallocate says when the space is not there.
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def _reserve(fd: int, path: str, size: int) -> None:
+    """Allocate the file's ``size`` bytes (zeros) before the run.  Where they do not
+    fit, a StressError now -- not a run whose writes fail with ENOSPC,
+    reported as unexpected errors.  A file system without fallocate(2) is
+    left to the run (not posix_fallocate: its emulation there writes every
+    block, for minutes on a large --size)."""
+    while True:
+        try:
+            Syscalls().fallocate(fd, 0, 0, size)
+            return
+        except InterruptedError:
+            continue
+        except OSError as e:
+            if e.errno in _NO_SPACE:
+                raise StressError(
+                    f"not enough space for --size {size:,} on {path}: {e.strerror}"
+                ) from None
+            if e.errno in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENODEV):
+                return
+            raise StressError(f"cannot allocate {size:,} bytes for {path}: {e.strerror}") from None
+
+
+def _open(path: str, direct: bool, force: bool) -> tuple[int, bool, bool]:
+    """(fd, is a block device, made by this call); a StressError for
+    anything else."""
     try:
         mode: int | None = os.stat(path).st_mode
     except FileNotFoundError:
@@ -855,7 +892,7 @@ def _open(path: str, direct: bool, force: bool) -> tuple[int, bool]:
         if create:
             os.unlink(path)
         raise
-    return fd, stat.S_ISBLK(mode)
+    return fd, stat.S_ISBLK(mode), bool(create)
 
 
 def _check_kind(path: str, mode: int) -> None:
@@ -962,9 +999,6 @@ def run_stress(cfg: StressConfig) -> StressReport:
         cfg.check()
         path, fd = target.path, target.fd
         report.path, report.size = path, target.size
-        if not target.device:
-            os.ftruncate(fd, 0)
-            os.ftruncate(fd, target.size)  # the model starts as zeros
         st = _Stress(cfg, fd, report, target.space_align)
         try:
             if target.device:
