@@ -783,8 +783,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _open_standard_fds() -> None:
+    """A closed stdin, stdout or stderr (``2>&-``) becomes /dev/null.  Else
+    the next file opened (stress's target, its scratch file) takes that
+    number, and with sys.stderr None, print(file=sys.stderr) writes to
+    stdout: the progress lines landed in the --json output."""
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDONLY if fd == 0 else os.O_WRONLY)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            if getattr(sys, name) is None:
+                setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _open_standard_fds()
     # (Parsing imports the tools' modules: Ctrl-C may land there too.)
     command = "threadlets"
     try:
