@@ -88,3 +88,27 @@ def test_closed_standard_fds_are_no_traceback(tmp_path: Path, fds: tuple[int, ..
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in (proc.stderr or "")
     assert os.listdir(tmp_path) == []
+
+
+# -- SIGHUP: the terminal running the tool closed ---------------------------------------------
+
+needs_sighup = pytest.mark.skipif(
+    signal.getsignal(signal.SIGHUP) is signal.SIG_IGN, reason="SIGHUP ignored here (nohup)"
+)
+
+
+@needs_sighup
+@pytest.mark.parametrize("marker", ["scratch files in", "workload 1/1 small-files"])
+def test_sighup_during_bench_removes_the_scratch_files(tmp_path: Path, marker: str) -> None:
+    # SIGHUP's default action killed bench at once: its scratch directory stayed.
+    tmp, cwd = tmp_path / "tmp", tmp_path / "cwd"
+    tmp.mkdir()
+    cwd.mkdir()
+    args = ["bench", "--quick", "--workload", "small-files"]
+    status, _, err = interrupt_cli_at(
+        args, marker, cwd, _env(TMPDIR=str(tmp)), timeout=60, sig=signal.SIGHUP
+    )
+    assert "Traceback" not in err
+    assert os.listdir(tmp) == []
+    assert os.listdir(cwd) == []
+    assert status == 128 + signal.SIGHUP, err
