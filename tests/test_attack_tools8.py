@@ -112,3 +112,23 @@ def test_sighup_during_bench_removes_the_scratch_files(tmp_path: Path, marker: s
     assert os.listdir(tmp) == []
     assert os.listdir(cwd) == []
     assert status == 128 + signal.SIGHUP, err
+
+
+@needs_sighup
+def test_sighup_stops_nbd_serve_and_removes_its_socket(tmp_path: Path) -> None:
+    # SIGHUP's default action killed the server: the unix socket stayed (the
+    # next serve on it refused: "exists"), the image unflushed.
+    image = tmp_path / "img"
+    image.write_bytes(bytes(65536))
+    sock = tmp_path / "s"
+    status, _, err = interrupt_cli_at(
+        ["nbd", "serve", str(image), "--socket", str(sock)],
+        "Ctrl-C stops",
+        tmp_path,
+        _env(),
+        timeout=60,
+        sig=signal.SIGHUP,
+    )
+    assert "Traceback" not in err
+    assert status == 0, err
+    assert not sock.exists()
