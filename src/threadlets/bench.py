@@ -19,7 +19,8 @@ default) and are removed however the run ends.  In the main thread the
 first Ctrl-C ends the running measurement early and raises
 KeyboardInterrupt between measurements, where nothing is half made (not
 inside an event loop's set-up); a second raises at once.  SIGTERM stops the
-run the same way and then exits (SystemExit, status 128 + SIGTERM).  The whole
+run the same way and then exits (SystemExit, status 128 + SIGTERM); so does
+SIGHUP (the terminal closed), with 128 + SIGHUP.  The whole
 run is planned before the first measurement, so progress can say which
 measurement of how many is running and about how long is left.
 """
@@ -56,8 +57,10 @@ __all__ = ["WORKLOADS", "BenchConfig", "Step", "figure", "plot", "run_bench", "t
 BLOCK = 4096
 #: Set by the first Ctrl-C: measurements end early, the run stops at the next step.
 _stop = threading.Event()
-#: Set (with _stop) by SIGTERM: the run stops as for Ctrl-C, then exits 128 + SIGTERM.
+#: Set (with _stop) by SIGTERM or SIGHUP: the run stops as for Ctrl-C, then
+#: exits 128 + the signal's number (_terminated_by).
 _terminated = threading.Event()
+_terminated_by = [int(signal.SIGTERM)]
 
 
 @dataclass
@@ -676,21 +679,22 @@ class _Progress:
 def _stopped() -> None:
     if _stop.is_set():
         if _terminated.is_set():
-            raise SystemExit(128 + signal.SIGTERM)
+            raise SystemExit(128 + _terminated_by[0])
         raise KeyboardInterrupt
 
 
 def _stop_on(signum: int) -> None:
-    """The first Ctrl-C or SIGTERM: stop the run; it then ends with
-    KeyboardInterrupt, or SystemExit(128 + SIGTERM), its scratch files
+    """The first Ctrl-C, SIGTERM or SIGHUP: stop the run; it then ends with
+    KeyboardInterrupt, or SystemExit(128 + the signal), its scratch files
     removed."""
-    if signum == signal.SIGTERM:
+    if signum != signal.SIGINT:
+        _terminated_by[0] = signum
         _terminated.set()
     _stop.set()
 
 
 def _exit_now(signum: int, frame: object) -> None:
-    """A second SIGTERM: exit at once (the scratch files still removed)."""
+    """A second SIGTERM or SIGHUP: exit at once (the scratch files still removed)."""
     raise SystemExit(128 + signum)
 
 
@@ -703,6 +707,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     with (
         first_signal_calls(signal.SIGINT, _stop_on),
         first_signal_calls(signal.SIGTERM, _stop_on, again=_exit_now),
+        first_signal_calls(signal.SIGHUP, _stop_on, again=_exit_now),
     ):
         return _run(cfg)
 

@@ -553,18 +553,37 @@ def _nbd(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    try:
-        asyncio.run(
-            serve(
+    async def run() -> None:
+        # SIGINT and SIGTERM stop the server gracefully, as serve() itself
+        # has them; so does SIGHUP (the terminal closed), whose default
+        # action left the unix socket behind and the image unflushed.  A
+        # SIGHUP ignored at start (nohup) stays ignored.
+        import signal
+
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        handled = []
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            if sig != signal.SIGHUP or signal.getsignal(sig) is not signal.SIG_IGN:
+                loop.add_signal_handler(sig, stop.set)
+                handled.append(sig)
+        try:
+            await serve(
                 export,
                 host=host,
                 port=port,
                 socket_path=args.socket,
                 backend=args.backend,
                 max_connections=args.max_connections,
+                stop=stop,
                 ready=ready,
             )
-        )
+        finally:
+            for sig in handled:
+                loop.remove_signal_handler(sig)
+
+    try:
+        asyncio.run(run())
     except OSError as e:
         print(f"threadlets nbd serve: {e}", file=sys.stderr)
         return 1
@@ -783,8 +802,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _open_standard_fds() -> None:
+    """A closed stdin, stdout or stderr (``2>&-``) becomes /dev/null.  Else
+    the next file opened (stress's target, its scratch file) takes that
+    number, and with sys.stderr None, print(file=sys.stderr) writes to
+    stdout: the progress lines landed in the --json output."""
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDONLY if fd == 0 else os.O_WRONLY)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            if getattr(sys, name) is None:
+                # (Kept open for the process: it is sys.stdin/stdout/stderr now.)
+                setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False))  # noqa: SIM115
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _open_standard_fds()
     # (Parsing imports the tools' modules: Ctrl-C may land there too.)
     command = "threadlets"
     try:
