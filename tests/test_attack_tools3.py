@@ -385,9 +385,14 @@ def test_bench_runs_fio_in_a_temp_dir_with_a_colon(
     assert os.listdir(directory) == []
 
 
-def test_sigterm_during_stress_reports_and_removes_the_temp_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_during_stress_reports_and_removes_the_temp_file(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
     # (SIGTERM's default action killed it: no report, its temporary file
-    # left in the cwd.)
+    # left in the cwd.  SIGHUP's -- the terminal closed -- too: session 8.)
+    if signal.getsignal(sig) is signal.SIG_IGN:
+        pytest.skip("ignored here (nohup)")
     args = ["stress", "--size", "256K", "--duration", "10m", "--json"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "threadlets.cli", *args],
@@ -401,14 +406,14 @@ def test_sigterm_during_stress_reports_and_removes_the_temp_file(tmp_path: Path)
         assert proc.stderr is not None
         line = proc.stderr.readline()
         assert "started" in line, line
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     assert "Traceback" not in err
-    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert proc.returncode == 128 + sig, err
     report = json.loads(out)
     assert report["interrupted"] is True
     assert report["ok"] is True

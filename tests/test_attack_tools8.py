@@ -132,3 +132,18 @@ def test_sighup_stops_nbd_serve_and_removes_its_socket(tmp_path: Path) -> None:
     assert "Traceback" not in err
     assert status == 0, err
     assert not sock.exists()
+
+
+def test_python_dash_m_threadlets_is_the_command_line(tmp_path: Path) -> None:
+    # (There was no threadlets/__main__.py: "No module named threadlets.__main__".)
+    proc = subprocess.run(
+        [sys.executable, "-m", "threadlets", "--version"],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("threadlets ")

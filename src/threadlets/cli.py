@@ -765,9 +765,10 @@ def build_parser() -> argparse.ArgumentParser:
     nbd_sub = nbd.add_subparsers(dest="nbd_command", metavar="NBD_COMMAND")
     ns = nbd_sub.add_parser(
         "serve",
-        help="serve IMAGE over NBD until Ctrl-C or SIGTERM",
+        help="serve IMAGE over NBD until Ctrl-C, SIGTERM or SIGHUP",
         description="Serve a file or block device to NBD clients (qemu, nbdinfo, nbdcopy, "
-        "the Linux nbd driver) through the engine.  SIGINT/SIGTERM stop it gracefully: "
+        "the Linux nbd driver) through the engine.  SIGINT, SIGTERM and SIGHUP stop it "
+        "gracefully: "
         "requests in flight finish, the image is flushed.",
     )
     ns.add_argument("image", type=_path, help="regular file or block device to export")

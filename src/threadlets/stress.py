@@ -930,8 +930,8 @@ def first_signal_calls(
     stop: Callable[[int], None],
     again: Callable[[int, object], None] | None = None,
 ) -> Iterator[None]:
-    """Within, in the main thread, while ``signum`` (SIGINT or SIGTERM) is
-    at its default: the first such signal calls ``stop(signum)`` instead of
+    """Within, in the main thread, while ``signum`` (SIGINT, SIGTERM or
+    SIGHUP) is at its default (an ignored one -- nohup -- stays ignored): the first such signal calls ``stop(signum)`` instead of
     raising KeyboardInterrupt or killing at once; a second one does what
     the default does, or calls ``again``.  For the tools, whose state must
     not be left half updated (a SIGTERM's death would also leave their
@@ -1014,6 +1014,7 @@ def run_stress(cfg: StressConfig) -> StressReport:
         with (
             first_signal_calls(signal.SIGINT, st.stop),
             first_signal_calls(signal.SIGTERM, st.stop),
+            first_signal_calls(signal.SIGHUP, st.stop),  # (the terminal closed)
         ):
             try:
                 _run(st, cfg, report, path, target.size)
