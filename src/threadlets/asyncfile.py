@@ -455,8 +455,8 @@ class AsyncFile:
                 await io_.fair_yield()
             return req._result
         outstanding = self._outstanding
-        outstanding.add(req)
         try:
+            outstanding.add(req)
             await self._io.wait(req)
         except BaseException:
             # Interrupted (Ctrl-C) before its wait could hold the caller
@@ -917,6 +917,11 @@ class AsyncFile:
                 moved = await self._changing(submit, closing)
             except BaseException as e:
                 moved = _moved_by(req, e)
+                if not isinstance(e, Exception) and req in self._outstanding:
+                    # Interrupted (Ctrl-C) while it runs on: it writes what
+                    # it was given -- not to be sent again (append mode
+                    # would write it twice).
+                    moved = len(data)
                 if moved and self._append and not self._closed:
                     self._pos = os.fstat(self._fd).st_size
                 raise
