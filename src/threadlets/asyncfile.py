@@ -91,6 +91,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, Union, overload
 from threadlets.awaitable import YIELD_EVERY, FdWaits, LoopIO, StreamLock, current
 from threadlets.engine import AioRequest, _InlineDone, _nonnegative
 from threadlets.oneshot import open_cached
+from threadlets.pool import CancelResult
 from threadlets.probe import F_NOCACHE, O_DIRECT, capability_note
 from threadlets.probe import RWF_NOWAIT as _RWF_NOWAIT
 from threadlets.textio import _UNSET
@@ -284,6 +285,10 @@ class AsyncFile:
         coalesce: bool = True,
     ) -> None:
         self._closed = True  # until set up: nothing for __del__ to close
+        #: The descriptor was given up (closed, or handed to the ring's
+        #: close): set by _release.  A close() cut short by an interrupt
+        #: before that leaves it for its except clause or __del__.
+        self._released = True
         _, text, readable, writable = _flags_for(mode)
         _check_text_args(text, encoding, errors, newline)
         _check_text_values(text, encoding, newline)
@@ -371,6 +376,7 @@ class AsyncFile:
             self.errors = getattr(self._text, "errors", errors or "strict")
             self.newline = newline
         self._closed = False
+        self._released = False
         #: True once closed, and always on trio: the fast paths check only this.
         self._slow_path = self._trio
 
@@ -380,8 +386,10 @@ class AsyncFile:
 
     def __del__(self) -> None:
         # Like the built-in files: a file collected open is closed, with a
-        # warning.  No loop access here (any thread, any time).
-        if getattr(self, "_closed", True):
+        # warning.  No loop access here (any thread, any time).  Also one
+        # whose close() an interrupt (Ctrl-C) cut short before the
+        # descriptor went: it is closed, and what its buffer held written.
+        if getattr(self, "_released", True):
             return
         # As io's finalizer does: what the buffer holds is written first
         # (blocking, best effort: a failure is lost with the file).
@@ -394,13 +402,16 @@ class AsyncFile:
                     os.pwrite(self._fd, data, self._wbuf_pos)
         if self._owner is None and self._closefd:
             try:
-                warnings.warn(f"unclosed file {self!r}", ResourceWarning, stacklevel=2, source=self)
+                if not self._closed:
+                    warnings.warn(
+                        f"unclosed file {self!r}", ResourceWarning, stacklevel=2, source=self
+                    )
             finally:
-                self._closed = True
+                self._closed = self._released = True
                 self._ctx.forget(self._fd)
                 with contextlib.suppress(OSError):
                     os.close(self._fd)
-        self._closed = True
+        self._closed = self._released = True
 
     # -- plumbing -----------------------------------------------------------------------
 
@@ -444,11 +455,19 @@ class AsyncFile:
                 await io_.fair_yield()
             return req._result
         outstanding = self._outstanding
-        outstanding.add(req)
         try:
+            outstanding.add(req)
             await self._io.wait(req)
-        finally:
+        except BaseException:
+            # Interrupted (Ctrl-C) before its wait could hold the caller
+            # (a cancellation waits a running request out): a request not
+            # started is cancelled; one running stays outstanding, for
+            # close() to wait for before the descriptor goes.
+            if not req._processed and req.cancel() is CancelResult.NOTCANCELED:
+                raise
             outstanding.discard(req)
+            raise
+        outstanding.discard(req)
         return req.result()
 
     # -- positional I/O ---------------------------------------------------------------------
@@ -898,6 +917,11 @@ class AsyncFile:
                 moved = await self._changing(submit, closing)
             except BaseException as e:
                 moved = _moved_by(req, e)
+                if not isinstance(e, Exception) and req in self._outstanding:
+                    # Interrupted (Ctrl-C) while it runs on: it writes what
+                    # it was given -- not to be sent again (append mode
+                    # would write it twice).
+                    moved = len(data)
                 if moved and self._append and not self._closed:
                     self._pos = os.fstat(self._fd).st_size
                 raise
@@ -1311,17 +1335,42 @@ class AsyncFile:
         self._check_loop()
         self._closed = True
         self._slow_path = True
-        # Stream calls in other tasks see _closed before their next request
-        # or system call; those waiting for readiness are woken (with
-        # ValueError) and the loop stops watching the descriptor.
-        self._waits.close()
-        if self._outstanding or self._wbuf or (self._wsize and self._lock.busy):
-            await self._io.shielded(self._finish_close)
-        else:
-            # Nothing to wait for: closed here, with no await (a close on the
-            # ring would be a point where a cancellation comes through, and
-            # costs a round trip that a local file's close(2) does not).
+        try:
+            # Stream calls in other tasks see _closed before their next
+            # request or system call; those waiting for readiness are woken
+            # (with ValueError) and the loop stops watching the descriptor.
+            self._waits.close()
+            if self._outstanding or self._wbuf or (self._wsize and self._lock.busy):
+                await self._io.shielded(self._finish_close)
+            else:
+                # Nothing to wait for: closed here, with no await (a close on
+                # the ring would be a point where a cancellation comes
+                # through, and costs a round trip that a local file's
+                # close(2) does not).
+                self._sync_offset(self._pos)
+                self._release()
+        except BaseException:
+            # Cut short (Ctrl-C, SystemExit) before the descriptor went: it
+            # goes now, unless a request still runs on it (then __del__
+            # closes it, once nothing refers to the file).
+            if not self._released and not self._outstanding:
+                self._abandon()
+            raise
+
+    def _abandon(self) -> None:
+        """A close cut short: write what the buffer holds (blocking, as
+        io's finalizer does) and give the descriptor up, now."""
+        try:
+            if self._wbuf:
+                data, self._wbuf = self._wbuf, bytearray()
+                with contextlib.suppress(OSError):
+                    if self._append:
+                        os.write(self._fd, data)
+                    else:
+                        os.pwrite(self._fd, data, self._wbuf_pos)
+                        self._pos = max(self._pos, self._wbuf_pos + len(data))
             self._sync_offset(self._pos)
+        finally:
             self._release()
 
     async def _finish_close(self) -> None:
@@ -1387,19 +1436,28 @@ class AsyncFile:
             # before the ring took closes -- never left open.
             self._release()
             return
+        self._released = True  # (the ring closes it: never repeated)
         await self._run(req)
 
     def _release(self) -> None:
-        """Give the descriptor up (the last step of closing)."""
-        self._ctx.forget(self._fd)
-        if self._owner is not None:
-            self._owner.close()
-        elif self._closefd:
-            if self._stream and self._trio:
-                import trio
+        """Give the descriptor up (the last step of closing), once: an
+        interrupt in any step still closes it."""
+        if self._released:
+            return
+        self._released = True
+        try:
+            self._ctx.forget(self._fd)
+        finally:
+            if self._owner is not None:
+                self._owner.close()
+            elif self._closefd:
+                try:
+                    if self._stream and self._trio:
+                        import trio
 
-                trio.lowlevel.notify_closing(self._fd)
-            os.close(self._fd)
+                        trio.lowlevel.notify_closing(self._fd)
+                finally:
+                    os.close(self._fd)
 
     async def __aenter__(self) -> AsyncFile:
         self._check_open()  # (as io's __enter__ of a closed file)
@@ -1742,28 +1800,36 @@ async def _open(
             got = await _open_blocking(io_, path, flags, perms, opener)
         else:
             on_ring = io_.ctx.backend == "io_uring"
+            # Until the wait below takes the request over, its callback
+            # closes what it opens: a Ctrl-C as the submission returns
+            # leaves a request that runs, but no caller to close its result.
+            orphan = _opened_closer(on_ring)
             if on_ring:
                 # The kernel opens it (O_NONBLOCK: as _open_nonblocking does);
                 # the rest of _open_nonblocking then runs here, as after an
                 # inline open.
-                req = io_.ctx.openat(path, flags | os.O_NONBLOCK, perms)
+                req = io_.ctx.openat(path, flags | os.O_NONBLOCK, perms, callback=orphan)
             else:
-                req = io_.ctx.call(_open_nonblocking, path, flags, perms)
+                req = io_.ctx.call(_open_nonblocking, path, flags, perms, callback=orphan)
+            handed = False  # (set once _opened owns the descriptor: it closes it on error)
             try:
                 await io_.wait(req)
-            except BaseException:
-                # Cancelled: if the open ran anyway, its descriptor is ours to close.
-                opened: Any = req.result() if req.error == 0 else None
-                if opened is not None:
-                    os.close(opened if on_ring else opened[0])
-                raise
-            if on_ring:
-                if req.error in (errno.ENXIO, errno.EAGAIN):
-                    got = None
+                if on_ring:
+                    if req.error in (errno.ENXIO, errno.EAGAIN):
+                        got = None
+                    else:
+                        opened_fd = req.result()
+                        handed = True
+                        got = _clear_nonblocking(*_opened(opened_fd, path), flags)
                 else:
-                    got = _clear_nonblocking(*_opened(req.result(), path), flags)
-            else:
-                got = req.result()
+                    got = req.result()
+            except BaseException:
+                # Cancelled, or interrupted (Ctrl-C) before the wait began or
+                # as it ended: if the open ran anyway, or runs still, its
+                # descriptor is ours to close.
+                if not handed:
+                    _close_opened(req, on_ring)
+                raise
             if got is None:
                 got = await _open_blocking(io_, path, flags, perms)
         fd, st = got
@@ -1788,6 +1854,28 @@ async def _open(
         if not isinstance(path, int):  # (a caller's descriptor stays theirs, as open() does)
             os.close(fd)
         raise
+
+
+def _opened_closer(on_ring: bool) -> Callable[[AioRequest], None]:
+    """The callback of an open request nobody awaits: closes what it opened."""
+
+    def close(r: AioRequest) -> None:
+        opened: Any = r.result() if r.error == 0 else None
+        if opened is not None:
+            os.close(opened if on_ring else opened[0])
+
+    return close
+
+
+def _close_opened(req: AioRequest, on_ring: bool) -> None:
+    """An open request its task gave up on: close what it opened, now if
+    it finished, else when its completion is processed (a request that
+    has not started is cancelled)."""
+    close = _opened_closer(on_ring)
+    if req.error == errno.EINPROGRESS and req.cancel() is CancelResult.NOTCANCELED:
+        req.callback = close  # (delivered by this thread: not yet processed)
+    else:
+        close(req)
 
 
 async def _call(io_: LoopIO, fn: Callable[..., T], *args: Any) -> T:
@@ -1932,7 +2020,11 @@ async def _open_blocking(
     opener: Callable[[str, int], int] | None = None,
 ) -> tuple[int, os.stat_result]:
     detached = _DetachedOpen()
-    req = io_.ctx.call(detached.run, path, flags, perms, opener)
+    # (Abandoned by its callback, unless the wait takes it over: a Ctrl-C
+    # as the submission returns leaves it running with no caller.)
+    req = io_.ctx.call(
+        detached.run, path, flags, perms, opener, callback=lambda r: detached.abandon()
+    )
     try:
         await io_.wait(req, detach=True)
     except BaseException:
