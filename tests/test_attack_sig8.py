@@ -359,12 +359,16 @@ def test_ctrl_c_as_the_open_begins_its_wait_closes_what_it_opens(
     assert not _fds() - before
 
 
+@pytest.mark.parametrize("kind", ["asyncio", "trio"])
 def test_ctrl_c_as_the_open_is_submitted_closes_what_it_opens(
-    engine: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    engine: str, kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Ctrl-C as the submission of the open returned (the request already
     in the pool or the ring, the caller never getting it): the request ran
-    and its descriptor was never closed."""
+    and its descriptor was never closed.  (trio, session 8: the run's
+    context was never processed again once the run ended, so the open's
+    callback that closes it never ran: it is now kept, as a closed asyncio
+    loop's, for the next run's sweep.)"""
     p = tmp_path / "f"
     before = _fds()
 
@@ -375,7 +379,7 @@ def test_ctrl_c_as_the_open_is_submitted_closes_what_it_opens(
         await threadlets.open(p, "wb")
 
     with pytest.raises(KeyboardInterrupt):
-        asyncio.run(main())
+        _run(kind, main)
     monkeypatch.undo()
     _settle()
 
@@ -383,7 +387,7 @@ def test_ctrl_c_as_the_open_is_submitted_closes_what_it_opens(
         async with threadlets.open(p, "wb"):
             pass
 
-    asyncio.run(again())
+    _run(kind, again)
     gc.collect()
     assert not _fds() - before
 

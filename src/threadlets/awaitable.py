@@ -493,6 +493,8 @@ def _trio_current() -> LoopIO:
         return io
     except LookupError:
         pass
+    if _orphans:
+        _sweep_orphans()
     ctx = _new_context()
     io = LoopIO(ctx, "trio")
     _trio_runvar.set(io)
@@ -508,9 +510,16 @@ async def _trio_pump(ctx: AioContext) -> None:
             await trio.lowlevel.wait_readable(ctx.fileno())
             ctx.on_readable()
     finally:
-        # The run is ending.  Requests still running finish in their
-        # workers; the eventfd goes when the context is collected.
-        ctx.process_completions()
+        # The run is ending (its tasks are done: this system task is
+        # cancelled last).  What finished is delivered; then the context
+        # is released as a closed asyncio loop's is: closed now if nothing
+        # is outstanding, else kept for a later run's sweep -- a request
+        # a Ctrl-C cut off from its caller as it was submitted (an open,
+        # whose callback closes what it opened) still finishes.
+        try:
+            ctx.process_completions()
+        finally:
+            _release(ctx)
 
 
 async def _trio_wait(req: AioRequest, detach: bool = False) -> None:

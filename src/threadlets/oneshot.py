@@ -118,10 +118,12 @@ def _read_inline(path: str | bytes) -> bytes | _Handoff | None:
     fd = open_cached(path, _RDONLY)
     if fd < 0:
         return None
+    closed = False  # (set before the close: a Ctrl-C lands as a call returns)
     try:
         st = os.fstat(fd)
         size = st.st_size
         if stat.S_ISDIR(st.st_mode):
+            closed = True
             os.close(fd)
             return None  # the worker's open says IsADirectoryError
         if stat.S_ISREG(st.st_mode) and size <= INLINE_MAX:
@@ -131,11 +133,14 @@ def _read_inline(path: str | bytes) -> bytes | _Handoff | None:
             except OSError:
                 got = -1
             if got == size:
+                closed = True
                 os.close(fd)
                 del buf[size:]
                 return bytes(buf)
     except BaseException:
-        os.close(fd)
+        # Not twice: by then the number may be another thread's new file.
+        if not closed:
+            os.close(fd)
         raise
     # Not cached, large, or not a regular file: opened already (a FIFO's
     # writer may have seen us open it), so the worker reads this descriptor.
