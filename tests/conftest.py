@@ -296,6 +296,24 @@ def _collector_back_on() -> Iterator[None]:
         gc.enable()
 
 
+def renew_notifier(ctx: object) -> None:
+    """Put a working notifier back under a context whose descriptor was
+    closed behind its back (the tests of a double close elsewhere): a new
+    eventfd on its number, or in portable mode a new pipe on both of its
+    numbers -- the context then signals, waits and closes as before."""
+    n = ctx._cq.notifier  # type: ignore[attr-defined]
+    if n._rfd == n._wfd:
+        fresh = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)]
+        targets = [n._rfd]
+    else:
+        fresh = list(os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC))
+        targets = [n._rfd, n._wfd]
+    for new, number in zip(fresh, targets, strict=True):
+        if new != number:  # (the closed number is the first free one: it may be new's)
+            os.dup2(new, number, inheritable=False)
+            os.close(new)
+
+
 def stray_write(ctx: object) -> None:
     """Write into a context's notifier as a stray writer would (code
     writing to an fd number it had closed): an eventfd's write end is its

@@ -22,7 +22,7 @@ from threadlets.engine import _CompletionQueue
 from threadlets.probe import pin_buffer
 from threadlets.uring import OP_READ, Ring
 
-from .conftest import HAVE_RING, interrupt_at_c_return, stray_write, wait_until
+from .conftest import HAVE_RING, interrupt_at_c_return, renew_notifier, stray_write, wait_until
 
 
 def _ready_batch(ctx: AioContext, fd: int, n: int, cb: Any) -> list[AioRequest]:
@@ -508,7 +508,6 @@ def test_eventfd_closed_behind_the_contexts_back_raises_ebadf(backend: str) -> N
     ctx = AioContext(backend=backend, inline=False)
     r, w = os.pipe()
     number = ctx.fileno()
-    spare = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     try:
         ctx.read(r, 0, bytearray(1))
         os.close(number)
@@ -519,11 +518,10 @@ def test_eventfd_closed_behind_the_contexts_back_raises_ebadf(backend: str) -> N
             assert exc.value.errno == errno.EBADF
             assert time.process_time() - cpu < AWAKE
         finally:
-            os.dup2(spare, number)  # (the context closes that number later)
+            renew_notifier(ctx)  # (the context closes that number later)
     finally:
         os.write(w, b"x")
-        ctx.close(timeout=10)
-        os.close(spare)
+        assert ctx.close(timeout=10)
         os.close(r)
         os.close(w)
 

@@ -29,7 +29,14 @@ import pytest
 from threadlets import AioContext, AioRequest, ThreadletQueue, ThreadletState
 from threadlets.uring import OP_READ, Ring
 
-from .conftest import HAVE_RING, Gate, interrupt_at_c_return, stray_write, wait_until
+from .conftest import (
+    HAVE_RING,
+    Gate,
+    interrupt_at_c_return,
+    renew_notifier,
+    stray_write,
+    wait_until,
+)
 
 
 def _need(backend: str) -> None:
@@ -334,15 +341,13 @@ def test_an_eventfd_closed_behind_the_contexts_back_is_an_error_not_a_spin(
         ctx = AioContext(queue, backend=backend, inline=False)
         _read_all_pending(ctx, pipes, calls)
         fd = ctx.fileno()
-        spare = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         try:
             os.close(fd)  # the "double close" of someone else
             with pytest.raises(OSError) as err:
                 ctx.drain(timeout=30)
             assert err.value.errno == errno.EBADF
         finally:
-            os.dup2(spare, fd)  # the number back, for the context to close
-            os.close(spare)
+            renew_notifier(ctx)  # the number back, for the context to close
             os.write(pipes[0][1], b"ok")
         assert ctx.close(timeout=10)
         assert calls == [0]
