@@ -393,13 +393,7 @@ class AsyncFile:
             return
         # As io's finalizer does: what the buffer holds is written first
         # (blocking, best effort: a failure is lost with the file).
-        if self._wbuf:
-            data, self._wbuf = self._wbuf, bytearray()
-            with contextlib.suppress(OSError):
-                if self._append:
-                    os.write(self._fd, data)
-                else:
-                    os.pwrite(self._fd, data, self._wbuf_pos)
+        self._write_buffer_now()
         if self._owner is None and self._closefd:
             try:
                 if not self._closed:
@@ -1357,18 +1351,23 @@ class AsyncFile:
                 self._abandon()
             raise
 
+    def _write_buffer_now(self) -> None:
+        """Write what the buffer holds, blocking and best effort (a failure
+        is lost with the file), as io's finalizer does."""
+        if self._wbuf:
+            data, self._wbuf = self._wbuf, bytearray()
+            with contextlib.suppress(OSError):
+                if self._append:
+                    os.write(self._fd, data)
+                else:
+                    os.pwrite(self._fd, data, self._wbuf_pos)
+                    self._pos = max(self._pos, self._wbuf_pos + len(data))
+
     def _abandon(self) -> None:
         """A close cut short: write what the buffer holds (blocking, as
         io's finalizer does) and give the descriptor up, now."""
         try:
-            if self._wbuf:
-                data, self._wbuf = self._wbuf, bytearray()
-                with contextlib.suppress(OSError):
-                    if self._append:
-                        os.write(self._fd, data)
-                    else:
-                        os.pwrite(self._fd, data, self._wbuf_pos)
-                        self._pos = max(self._pos, self._wbuf_pos + len(data))
+            self._write_buffer_now()
             self._sync_offset(self._pos)
         finally:
             self._release()
