@@ -444,6 +444,7 @@ def test_ctrl_c_at_every_c_return_of_a_wait_that_reaps_leaves_no_sleeper_counted
 _MAKING_AN_FD = ("os.eventfd(", "os.pipe()", "setup(_NR_SETUP")
 
 
+@pytest.mark.usefixtures("young_gc")
 @pytest.mark.parametrize("deliver", [True, False])
 def test_ctrl_c_at_every_c_return_of_a_context_construction_leaks_nothing(
     backend: str, deliver: bool

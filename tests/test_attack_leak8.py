@@ -308,6 +308,7 @@ def test_a_wait_never_enters_the_fd_of_a_ring_released_under_it() -> None:
         os.close(efd)
 
 
+@pytest.mark.usefixtures("young_gc")
 @needs_ring
 def test_an_open_that_comes_back_to_an_abandoned_ring_is_closed(tmp_path: Path) -> None:
     """An OPENAT that completed (or could not be cancelled: one under way)
@@ -389,6 +390,7 @@ def _interrupt_after_call(n: int, codes: set[CodeType], fn: Callable[[], object]
     return seen[0]
 
 
+@pytest.mark.usefixtures("young_gc")
 @pytest.mark.parametrize("deliver", [True, False])
 def test_ctrl_c_as_any_call_returns_in_a_context_construction_leaks_nothing(
     backend: str, deliver: bool
@@ -420,6 +422,7 @@ def test_ctrl_c_as_any_call_returns_in_a_context_construction_leaks_nothing(
     assert n > 5
 
 
+@pytest.mark.usefixtures("young_gc")
 @pytest.mark.parametrize("deliver", [True, False])
 def test_ctrl_c_as_any_call_returns_in_close_leaks_nothing(
     backend: str, deliver: bool, path: Path
@@ -503,12 +506,16 @@ def _no_growth(cycle: Callable[[int], object], n: int) -> None:
         _until_back(fds, threads)
     finally:
         tracemalloc.stop()
-    assert _ours() == objects
+    # No more of each than after the warm-up (which may have caught one of
+    # its own on its way out: a ring whose reaper is still letting go).
+    now = _ours()
+    assert all(now[k] <= objects[k] for k in now), (now, objects)
     # (Above the noise; a leak of one object with a dict a cycle is 100
     # bytes or more.)
     assert min(grown) < max(64 * quarter, 8192), grown
 
 
+@pytest.mark.usefixtures("young_gc")
 @pytest.mark.parametrize("how", ["in-flight", "timeout-0", "ctrl-c"])
 def test_close_cycles_leak_nothing(backend: str, how: str, path: Path) -> None:
     """Contexts closed with a request in flight (a pipe's read, its data
@@ -541,6 +548,7 @@ def test_close_cycles_leak_nothing(backend: str, how: str, path: Path) -> None:
         os.close(fd)
 
 
+@pytest.mark.usefixtures("young_gc")
 def test_asyncio_run_and_open_cycles_leak_nothing(backend: str, path: Path) -> None:
     async def main() -> None:
         async with threadlets.open(path, "rb") as f:
@@ -553,6 +561,7 @@ def test_asyncio_run_and_open_cycles_leak_nothing(backend: str, path: Path) -> N
         aw.configure()
 
 
+@pytest.mark.usefixtures("young_gc")
 def test_abandoned_queues_with_min_threads_and_rings_leak_nothing() -> None:
     def queue(i: int) -> None:
         q = ThreadletQueue(min_threads=2, max_threads=4)

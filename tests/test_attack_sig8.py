@@ -507,6 +507,7 @@ def test_ctrl_c_in_the_loops_completion_callback_then_the_next_run_works(
     assert not _fds() - before
 
 
+@pytest.mark.usefixtures("young_gc")
 def test_a_thousand_interrupted_runs_leak_nothing(engine: str, tmp_path: Path) -> None:
     """1000 asyncio.run()s, each cut by SIGINT (a callback raising it) with a
     file open: no descriptor, context or thread accumulates."""
