@@ -37,7 +37,10 @@ Differences from glibc, on purpose
   EINTR (glibc's are, by any handled signal -- the list's own SIGEV_SIGNAL
   notifications too): Python runs signal handlers and resumes the wait
   (PEP 475); a handler that raises ends it with that exception (the
-  requests run on).  A negative timeout raises EINVAL (glibc times
+  requests run on).  In the main thread the wait wakes every 50 ms to
+  look again, so the handler of a signal that landed as it went to sleep
+  (which CPython would run only once the wait ended) runs then.  A
+  negative timeout raises EINVAL (glibc times
   out: EAGAIN), a NaN one ValueError (as ``time.sleep``); one longer than
   a lock can wait (inf) waits for ever, as glibc does.
 * ``aio_error``/``aio_return`` on an aiocb that was never submitted raise
@@ -290,6 +293,9 @@ _O_PATH = getattr(os, "O_PATH", 0)
 #: File types where pread fails ESPIPE (glibc then reads: the offset is not used).
 _STREAMS = frozenset({stat.S_IFIFO, stat.S_IFSOCK})
 _WAIT_MAX = threading.TIMEOUT_MAX
+#: Longest sleep of a wait in the main thread (see PosixAio._wait).
+_SIGNAL_SLICE = 0.05
+_get_ident = threading.get_ident
 _O_ACCMODE = os.O_RDONLY | os.O_WRONLY | os.O_RDWR
 
 
@@ -597,7 +603,9 @@ class PosixAio:
     """
 
     def __init__(self, context: AioContext | None = None) -> None:
-        self._lock = threading.Lock()
+        # (An RLock for its owner: see _after_fork_in_child.  Never taken
+        # twice by one thread.)
+        self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         # Protected by _lock:
         self._fds: dict[int, _Fd] = {}
@@ -1260,7 +1268,22 @@ class PosixAio:
                     return
 
     def _wait(self, timeout: float | None) -> None:
-        """_cond.wait, counted in _waiting.  With _lock held."""
+        """_cond.wait, counted in _waiting.  With _lock held.  The caller
+        checks again after it, whatever woke it.
+
+        In the main thread the wait lasts at most _SIGNAL_SLICE: CPython
+        runs a signal handler only between bytecodes, and a lock wait runs
+        the handlers of the signals that interrupt it -- but a signal that
+        lands as the thread goes to sleep (after the last check, before the
+        futex wait: the GIL handed to the sending thread there makes that
+        likely) interrupts nothing, and its handler waited for the wait to
+        end: for ever if the handler is what would finish a request of the
+        list (aio_suspend without a timeout, lio_listio(LIO_WAIT)), and in
+        a child forked by a handler that ran as this thread was about to
+        sleep, for ever whatever happens (nothing wakes the parent's
+        condition there)."""
+        if _get_ident() == threading.main_thread().ident:
+            timeout = _SIGNAL_SLICE if timeout is None else min(timeout, _SIGNAL_SLICE)
         self._waiting += 1
         try:
             self._cond.wait(timeout)
@@ -1278,18 +1301,26 @@ class PosixAio:
 
     def _after_fork_in_child(self) -> None:
         """In the child the parent's requests are not ours to finish: the pool
-        marked their threadlets CANCELLED; mark their aiocbs so too."""
-        old_lock, old_cond = self._lock, self._cond
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
-        self._waiting = 0  # (the parent's waiting threads are not here)
-        # A wait the forking thread goes on with (a signal handler forked
-        # inside aio_suspend or lio_listio) sleeps on the old condition:
-        # woken, it finds its aiocbs finished.  (Not if the old lock is held:
-        # by a thread not here, or by this one, which is not waiting then.)
-        if old_lock.acquire(False):
-            old_cond.notify_all()
-            old_lock.release()
+        marked their threadlets CANCELLED; mark their aiocbs so too.
+
+        The lock and the condition stay the same objects: the forking thread
+        may be inside a posix call (a signal handler forked there) and goes
+        on with them.  A lock held by a thread that is not here is let go
+        for it (_lock is an RLock, so the child can tell: one this thread
+        holds it lets go itself); a wait the forking thread goes on with is
+        woken, and finds its aiocbs finished."""
+        lock = self._lock
+        if not lock._is_owned():  # type: ignore[attr-defined]
+            if lock.acquire(False):
+                lock.release()
+            else:
+                # (What Condition.wait lets go with; it does not ask whose it is.)
+                lock._release_save()  # type: ignore[attr-defined]
+        # (_waiting keeps counting the parent's waiting threads: the forking
+        # thread's own wait counts itself out as it ends, and a count too
+        # high only wakes nobody.)
+        with lock:
+            self._cond.notify_all()  # (the parent's waiters are let go too)
         for state in self._fds.values():
             for c in state.active:
                 c._outcome = (errno.ECANCELED, -1)
