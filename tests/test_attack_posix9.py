@@ -201,3 +201,40 @@ def test_a_child_forked_while_another_thread_held_the_lock_goes_on(backend: str)
         assert ctx.close(10)
         os.close(r)
         os.close(w)
+
+
+def test_lio_listio_reads_each_fds_identity_once(
+    backend: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A list's entries are accepted at once: one identity (F_GETFL +
+    fstat) per fd of the list, not per entry; every entry still runs on
+    the file its fd names."""
+    seen: list[int] = []
+    real = px._identity
+
+    def counting(fd: int) -> Any:
+        seen.append(fd)
+        return real(fd)
+
+    monkeypatch.setattr(px, "_identity", counting)
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_bytes(b"a" * 64)
+    b.write_bytes(b"b" * 64)
+    ctx = AioContext(backend=backend, deliver=False)
+    rt = px.PosixAio(ctx)
+    fa, fb = os.open(a, os.O_RDONLY), os.open(b, os.O_RDONLY)
+    try:
+        cbs = [
+            px.aiocb(fd, 8 * i, bytearray(8), lio_opcode=px.LIO_READ)
+            for i in range(4)
+            for fd in (fa, fb)
+        ]
+        rt.lio_listio(px.LIO_WAIT, cbs)
+        assert sorted(seen) == sorted([fa, fb])
+        for cb in cbs:
+            assert rt.aio_return(cb) == 8
+            assert bytes(cb.aio_buf) == (b"a" if cb.aio_fildes == fa else b"b") * 8
+    finally:
+        os.close(fa)
+        os.close(fb)
+        assert ctx.close(10)

@@ -82,7 +82,8 @@ flags, st_dev, st_ino); when it changed since the runtime last saw that fd
 number -- the fd was closed and the number reused, or its flags changed --
 the runtime makes the context forget the fd before submitting.  Identities
 are kept per context (each remembers its own fds).  Cost: an F_GETFL and an
-fstat per submission (see ``_identity``).  The same file opened again
+fstat per submission, per fd of a lio_listio list (see ``_identity``).
+The same file opened again
 with the same flags on the same number is not told apart.
 
 Locking (per runtime): ``_lock`` protects every aiocb's ``_status``/
@@ -184,6 +185,10 @@ _INFLIGHT = "inflight"  # claimed: being submitted (_req None) or run by _req
 _DONE = "done"
 
 _IN_PROGRESS = frozenset({_PENDING, _INFLIGHT})
+_quick_fields = operator.attrgetter(
+    "aio_reqprio", "aio_fildes", "aio_offset", "aio_buf", "aio_nbytes", "aio_sigevent"
+)
+_O_APPEND = os.O_APPEND
 _status_of = operator.attrgetter("_status")
 
 _Identity = tuple[int, int, int]
@@ -711,22 +716,26 @@ class PosixAio:
         claimed in one lock hold and launched at once.  Anything else --
         and whatever the quick look cannot vouch for -- takes the general
         path, which checks everything again."""
-        if type(cb) is not aiocb or cb.aio_sigevent is not None:
+        if type(cb) is not aiocb:
             self._submit_checked(cb, op)
             return
-        prio, fd, offset = cb.aio_reqprio, cb.aio_fildes, cb.aio_offset
+        # (The fields in one call: no bytecode each.)
+        prio, fd, offset, buf, n, sev = _quick_fields(cb)
         if not (
-            type(prio) is int and prio in _PRIORITIES and type(fd) is int and type(offset) is int
+            sev is None
+            and type(prio) is int
+            and prio in _PRIORITIES
+            and type(fd) is int
+            and type(offset) is int
         ):
             self._submit_checked(cb, op)
             return
         try:
             # (What _buffer checks, in one call: a C-contiguous buffer.)
-            view = memoryview(cb.aio_buf).cast("B")
+            view = memoryview(buf).cast("B")
         except (TypeError, ValueError):
             self._submit_checked(cb, op)  # (raises what fits)
             return
-        n = cb.aio_nbytes
         if (view.readonly and op == "read") or (
             n is not None and (type(n) is not int or not 0 <= n <= len(view))
         ):
@@ -734,13 +743,23 @@ class PosixAio:
             return
         if n is not None:
             view = view[:n]
-        ident = _identity(fd)
+        # The fd's identity: _identity, written out (one call fewer).
+        quick = _quick_syscall
+        if quick is None or not 0 <= fd <= _FD_MAX:
+            ident = _identity(fd)
+        else:
+            flags = quick(NR_FCNTL, fd, _F_GETFL)
+            st = _Stat()  # (one per call: another thread may run right after the call)
+            if flags < 0 or quick(NR_FSTAT, fd, st) < 0:
+                ident = None
+            else:
+                ident = flags | ((st[3] & _S_IFMT) << 32), st[0], st[1]
         if (
             ident is None
             # (0 bytes: glibc's own call, on a worker; see _no_bytes.)
             or not 0 < len(view) <= MAX_OFFSET - offset
             or offset < 0
-            or (op == "write" and ident[0] & os.O_APPEND)
+            or (op == "write" and ident[0] & _O_APPEND)
         ):
             self._submit([(cb, op, view, ident)], None)
             return
@@ -749,8 +768,7 @@ class PosixAio:
         try:
             with self._lock:
                 if (
-                    cb._status is not _PENDING
-                    and cb._status is not _INFLIGHT
+                    cb._status not in _IN_PROGRESS
                     and self._table_ctx is ctx
                     and self._identities.get(fd) == ident
                 ):
@@ -758,13 +776,12 @@ class PosixAio:
                     if state is None:
                         state = self._fds[fd] = _Fd()
                     # (No call from here on: an interrupt lands before all
-                    # of it or after all of it.)
+                    # of it or after all of it.  An aiocb not in progress
+                    # has no _group, _sigev, _req or _view: _finish and the
+                    # fork reset clear them.  _offset and _view are for
+                    # _launch, stored only if it is called below.)
                     cb._op = op
                     cb._fd = fd
-                    cb._offset = offset
-                    cb._view = view
-                    cb._group = None
-                    cb._sigev = None
                     cb._req = None
                     cb._ctx = ctx
                     cb._outcome = None
@@ -777,6 +794,8 @@ class PosixAio:
                     if ctx is not (self._given or self._own):
                         # set_context() since the look above: the general
                         # launch moves it to the context in use now.
+                        cb._offset = offset
+                        cb._view = view
                         self._launch(cb)
                     else:
                         if op == "read":
@@ -845,7 +864,14 @@ class PosixAio:
             work.append((c, "read" if op == LIO_READ else "write", view, None))
         if len({id(c) for c, _, _, _ in work}) != len(work):
             raise _einval("the same aiocb appears twice in the list")
-        work = [(c, op, view, _identity(c.aio_fildes)) for c, op, view, _ in work]
+        # One identity per fd of the list: its entries are accepted at once
+        # (a close racing with this call may precede or follow all of them).
+        idents: dict[int, _Identity | None] = {}
+        for i, entry in enumerate(work):
+            fd = entry[0].aio_fildes
+            if fd not in idents:
+                idents[fd] = _identity(fd)
+            work[i] = (entry[0], entry[1], entry[2], idents[fd])
         group_sigev = None if mode == LIO_WAIT or sigevent is None else sigevent._copy()
         if not work:
             if group_sigev is not None:
