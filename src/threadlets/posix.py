@@ -1097,7 +1097,32 @@ class PosixAio:
                 if cb._req is not req or cb._status is not _INFLIGHT:
                     return
                 ctx = cb._ctx
-                after = self._finish(cb, err, ret, None)
+                fd = cb._fd
+                state: _Fd | None
+                try:
+                    state = self._fds[fd]
+                except KeyError:
+                    state = None
+                if (
+                    state is not None
+                    and cb._sigev is None
+                    and cb._group is None
+                    and not state.appends
+                    and not state.barriers
+                ):
+                    # _finish's common case, written out: nothing to notify,
+                    # nothing ordered behind it.  (No call: an interrupt
+                    # lands before all of it or after all of it.)
+                    cb._outcome = (err, ret)
+                    cb._status = _DONE
+                    cb._view = None
+                    cb._req = None
+                    cb._ctx = None
+                    del state.active[cb]
+                    if not state.active:
+                        del self._fds[fd]
+                else:
+                    after = self._finish(cb, err, ret, None)
                 # In the ring's reaper, waiters are woken once per batch of completions.
                 if self._waiting and not (
                     ctx is not None and ctx.call_after_batch(self._wake_waiters)
