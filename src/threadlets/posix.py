@@ -37,7 +37,10 @@ Differences from glibc, on purpose
   EINTR (glibc's are, by any handled signal -- the list's own SIGEV_SIGNAL
   notifications too): Python runs signal handlers and resumes the wait
   (PEP 475); a handler that raises ends it with that exception (the
-  requests run on).  A negative timeout raises EINVAL (glibc times
+  requests run on).  In the main thread the wait wakes every 50 ms to
+  look again, so the handler of a signal that landed as it went to sleep
+  (which CPython would run only once the wait ended) runs then.  A
+  negative timeout raises EINVAL (glibc times
   out: EAGAIN), a NaN one ValueError (as ``time.sleep``); one longer than
   a lock can wait (inf) waits for ever, as glibc does.
 * ``aio_error``/``aio_return`` on an aiocb that was never submitted raise
@@ -79,7 +82,8 @@ flags, st_dev, st_ino); when it changed since the runtime last saw that fd
 number -- the fd was closed and the number reused, or its flags changed --
 the runtime makes the context forget the fd before submitting.  Identities
 are kept per context (each remembers its own fds).  Cost: an F_GETFL and an
-fstat per submission (see ``_identity``).  The same file opened again
+fstat per submission, per fd of a lio_listio list (see ``_identity``).
+The same file opened again
 with the same flags on the same number is not told apart.
 
 Locking (per runtime): ``_lock`` protects every aiocb's ``_status``/
@@ -181,6 +185,10 @@ _INFLIGHT = "inflight"  # claimed: being submitted (_req None) or run by _req
 _DONE = "done"
 
 _IN_PROGRESS = frozenset({_PENDING, _INFLIGHT})
+_quick_fields = operator.attrgetter(
+    "aio_reqprio", "aio_fildes", "aio_offset", "aio_buf", "aio_nbytes", "aio_sigevent"
+)
+_O_APPEND = os.O_APPEND
 _status_of = operator.attrgetter("_status")
 
 _Identity = tuple[int, int, int]
@@ -290,6 +298,9 @@ _O_PATH = getattr(os, "O_PATH", 0)
 #: File types where pread fails ESPIPE (glibc then reads: the offset is not used).
 _STREAMS = frozenset({stat.S_IFIFO, stat.S_IFSOCK})
 _WAIT_MAX = threading.TIMEOUT_MAX
+#: Longest sleep of a wait in the main thread (see PosixAio._wait).
+_SIGNAL_SLICE = 0.05
+_get_ident = threading.get_ident
 _O_ACCMODE = os.O_RDONLY | os.O_WRONLY | os.O_RDWR
 
 
@@ -597,7 +608,9 @@ class PosixAio:
     """
 
     def __init__(self, context: AioContext | None = None) -> None:
-        self._lock = threading.Lock()
+        # (An RLock for its owner: see _after_fork_in_child.  Never taken
+        # twice by one thread.)
+        self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         # Protected by _lock:
         self._fds: dict[int, _Fd] = {}
@@ -703,22 +716,26 @@ class PosixAio:
         claimed in one lock hold and launched at once.  Anything else --
         and whatever the quick look cannot vouch for -- takes the general
         path, which checks everything again."""
-        if type(cb) is not aiocb or cb.aio_sigevent is not None:
+        if type(cb) is not aiocb:
             self._submit_checked(cb, op)
             return
-        prio, fd, offset = cb.aio_reqprio, cb.aio_fildes, cb.aio_offset
+        # (The fields in one call: no bytecode each.)
+        prio, fd, offset, buf, n, sev = _quick_fields(cb)
         if not (
-            type(prio) is int and prio in _PRIORITIES and type(fd) is int and type(offset) is int
+            sev is None
+            and type(prio) is int
+            and prio in _PRIORITIES
+            and type(fd) is int
+            and type(offset) is int
         ):
             self._submit_checked(cb, op)
             return
         try:
             # (What _buffer checks, in one call: a C-contiguous buffer.)
-            view = memoryview(cb.aio_buf).cast("B")
+            view = memoryview(buf).cast("B")
         except (TypeError, ValueError):
             self._submit_checked(cb, op)  # (raises what fits)
             return
-        n = cb.aio_nbytes
         if (view.readonly and op == "read") or (
             n is not None and (type(n) is not int or not 0 <= n <= len(view))
         ):
@@ -726,13 +743,23 @@ class PosixAio:
             return
         if n is not None:
             view = view[:n]
-        ident = _identity(fd)
+        # The fd's identity: _identity, written out (one call fewer).
+        quick = _quick_syscall
+        if quick is None or not 0 <= fd <= _FD_MAX:
+            ident = _identity(fd)
+        else:
+            flags = quick(NR_FCNTL, fd, _F_GETFL)
+            st = _Stat()  # (one per call: another thread may run right after the call)
+            if flags < 0 or quick(NR_FSTAT, fd, st) < 0:
+                ident = None
+            else:
+                ident = flags | ((st[3] & _S_IFMT) << 32), st[0], st[1]
         if (
             ident is None
             # (0 bytes: glibc's own call, on a worker; see _no_bytes.)
             or not 0 < len(view) <= MAX_OFFSET - offset
             or offset < 0
-            or (op == "write" and ident[0] & os.O_APPEND)
+            or (op == "write" and ident[0] & _O_APPEND)
         ):
             self._submit([(cb, op, view, ident)], None)
             return
@@ -741,8 +768,7 @@ class PosixAio:
         try:
             with self._lock:
                 if (
-                    cb._status is not _PENDING
-                    and cb._status is not _INFLIGHT
+                    cb._status not in _IN_PROGRESS
                     and self._table_ctx is ctx
                     and self._identities.get(fd) == ident
                 ):
@@ -750,13 +776,12 @@ class PosixAio:
                     if state is None:
                         state = self._fds[fd] = _Fd()
                     # (No call from here on: an interrupt lands before all
-                    # of it or after all of it.)
+                    # of it or after all of it.  An aiocb not in progress
+                    # has no _group, _sigev, _req or _view: _finish and the
+                    # fork reset clear them.  _offset and _view are for
+                    # _launch, stored only if it is called below.)
                     cb._op = op
                     cb._fd = fd
-                    cb._offset = offset
-                    cb._view = view
-                    cb._group = None
-                    cb._sigev = None
                     cb._req = None
                     cb._ctx = ctx
                     cb._outcome = None
@@ -769,6 +794,8 @@ class PosixAio:
                     if ctx is not (self._given or self._own):
                         # set_context() since the look above: the general
                         # launch moves it to the context in use now.
+                        cb._offset = offset
+                        cb._view = view
                         self._launch(cb)
                     else:
                         if op == "read":
@@ -837,7 +864,14 @@ class PosixAio:
             work.append((c, "read" if op == LIO_READ else "write", view, None))
         if len({id(c) for c, _, _, _ in work}) != len(work):
             raise _einval("the same aiocb appears twice in the list")
-        work = [(c, op, view, _identity(c.aio_fildes)) for c, op, view, _ in work]
+        # One identity per fd of the list: its entries are accepted at once
+        # (a close racing with this call may precede or follow all of them).
+        idents: dict[int, _Identity | None] = {}
+        for i, entry in enumerate(work):
+            fd = entry[0].aio_fildes
+            if fd not in idents:
+                idents[fd] = _identity(fd)
+            work[i] = (entry[0], entry[1], entry[2], idents[fd])
         group_sigev = None if mode == LIO_WAIT or sigevent is None else sigevent._copy()
         if not work:
             if group_sigev is not None:
@@ -1063,7 +1097,32 @@ class PosixAio:
                 if cb._req is not req or cb._status is not _INFLIGHT:
                     return
                 ctx = cb._ctx
-                after = self._finish(cb, err, ret, None)
+                fd = cb._fd
+                state: _Fd | None
+                try:
+                    state = self._fds[fd]
+                except KeyError:
+                    state = None
+                if (
+                    state is not None
+                    and cb._sigev is None
+                    and cb._group is None
+                    and not state.appends
+                    and not state.barriers
+                ):
+                    # _finish's common case, written out: nothing to notify,
+                    # nothing ordered behind it.  (No call: an interrupt
+                    # lands before all of it or after all of it.)
+                    cb._outcome = (err, ret)
+                    cb._status = _DONE
+                    cb._view = None
+                    cb._req = None
+                    cb._ctx = None
+                    del state.active[cb]
+                    if not state.active:
+                        del self._fds[fd]
+                else:
+                    after = self._finish(cb, err, ret, None)
                 # In the ring's reaper, waiters are woken once per batch of completions.
                 if self._waiting and not (
                     ctx is not None and ctx.call_after_batch(self._wake_waiters)
@@ -1260,7 +1319,22 @@ class PosixAio:
                     return
 
     def _wait(self, timeout: float | None) -> None:
-        """_cond.wait, counted in _waiting.  With _lock held."""
+        """_cond.wait, counted in _waiting.  With _lock held.  The caller
+        checks again after it, whatever woke it.
+
+        In the main thread the wait lasts at most _SIGNAL_SLICE: CPython
+        runs a signal handler only between bytecodes, and a lock wait runs
+        the handlers of the signals that interrupt it -- but a signal that
+        lands as the thread goes to sleep (after the last check, before the
+        futex wait: the GIL handed to the sending thread there makes that
+        likely) interrupts nothing, and its handler waited for the wait to
+        end: for ever if the handler is what would finish a request of the
+        list (aio_suspend without a timeout, lio_listio(LIO_WAIT)), and in
+        a child forked by a handler that ran as this thread was about to
+        sleep, for ever whatever happens (nothing wakes the parent's
+        condition there)."""
+        if _get_ident() == threading.main_thread().ident:
+            timeout = _SIGNAL_SLICE if timeout is None else min(timeout, _SIGNAL_SLICE)
         self._waiting += 1
         try:
             self._cond.wait(timeout)
@@ -1278,18 +1352,26 @@ class PosixAio:
 
     def _after_fork_in_child(self) -> None:
         """In the child the parent's requests are not ours to finish: the pool
-        marked their threadlets CANCELLED; mark their aiocbs so too."""
-        old_lock, old_cond = self._lock, self._cond
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
-        self._waiting = 0  # (the parent's waiting threads are not here)
-        # A wait the forking thread goes on with (a signal handler forked
-        # inside aio_suspend or lio_listio) sleeps on the old condition:
-        # woken, it finds its aiocbs finished.  (Not if the old lock is held:
-        # by a thread not here, or by this one, which is not waiting then.)
-        if old_lock.acquire(False):
-            old_cond.notify_all()
-            old_lock.release()
+        marked their threadlets CANCELLED; mark their aiocbs so too.
+
+        The lock and the condition stay the same objects: the forking thread
+        may be inside a posix call (a signal handler forked there) and goes
+        on with them.  A lock held by a thread that is not here is let go
+        for it (_lock is an RLock, so the child can tell: one this thread
+        holds it lets go itself); a wait the forking thread goes on with is
+        woken, and finds its aiocbs finished."""
+        lock = self._lock
+        if not lock._is_owned():  # type: ignore[attr-defined]
+            if lock.acquire(False):
+                lock.release()
+            else:
+                # (What Condition.wait lets go with; it does not ask whose it is.)
+                lock._release_save()  # type: ignore[attr-defined]
+        # (_waiting keeps counting the parent's waiting threads: the forking
+        # thread's own wait counts itself out as it ends, and a count too
+        # high only wakes nobody.)
+        with lock:
+            self._cond.notify_all()  # (the parent's waiters are let go too)
         for state in self._fds.values():
             for c in state.active:
                 c._outcome = (errno.ECANCELED, -1)
