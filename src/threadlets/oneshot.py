@@ -24,6 +24,7 @@ import codecs
 import ctypes
 import errno
 import io
+import itertools
 import locale
 import os
 import select
@@ -39,7 +40,14 @@ from threadlets.probe import capabilities
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, StrOrBytesPath
 
-__all__ = ["open_cached", "read_bytes", "read_text", "write_bytes", "write_text"]
+__all__ = [
+    "open_cached",
+    "open_cached_into",
+    "read_bytes",
+    "read_text",
+    "write_bytes",
+    "write_text",
+]
 
 _RDONLY = os.O_RDONLY | os.O_CLOEXEC
 _WRONLY = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
@@ -49,11 +57,18 @@ _NEWLINES = (None, "", "\n", "\r", "\r\n")
 INLINE_MAX = 256 * 1024
 
 
-def _make_openat2() -> Callable[[bytes, int], int] | None:
-    """``openat2(AT_FDCWD, path, flags, RESOLVE_CACHED)`` -> fd, or -1
-    (the caller adds O_NONBLOCK: a FIFO must not wait for its other end);
-    None where the kernel or platform has no openat2 (Linux < 5.12 has no
-    RESOLVE_CACHED: EINVAL, also None)."""
+def _make_openat2() -> Callable[[bytes, int, list[int]], None] | None:
+    """``openat2(AT_FDCWD, path, flags, RESOLVE_CACHED)``, its result -- a
+    descriptor, or -1 -- appended to the list given (the caller adds
+    O_NONBLOCK: a FIFO must not wait for its other end); None where the
+    kernel or platform has no openat2 (Linux < 5.12 has no RESOLVE_CACHED:
+    EINVAL, also None).
+
+    The descriptor is stored by the call that makes it: the system call
+    runs from C (map, inside the list's extend), and CPython raises a
+    pending Ctrl-C only as a call made by Python code returns -- before
+    the extend or after it, never between the open and the store, where it
+    left the descriptor open for good."""
     if not capabilities().openat2 or not _RWF_NOWAIT:
         return None
     try:
@@ -77,19 +92,40 @@ def _make_openat2() -> Callable[[bytes, int], int] | None:
         ctypes.c_void_p,
         ctypes.c_size_t,
     ]
-    how_n = ctypes.sizeof(OpenHow)
-    at_fdcwd = -100
-    sys_openat2 = 437  # the same number on every Linux architecture
+    how_n = (ctypes.sizeof(OpenHow),)
+    at_fdcwd = (-100,)
+    sys_openat2 = (437,)  # the same number on every Linux architecture
 
-    def openat2(path: bytes, flags: int) -> int:
+    def openat2(path: bytes, flags: int, into: list[int]) -> None:
         how = OpenHow(flags, 0, 0x20)  # RESOLVE_CACHED; one per call: any thread
-        return int(syscall(sys_openat2, at_fdcwd, path, ctypes.addressof(how), how_n))
+        into.extend(map(syscall, sys_openat2, at_fdcwd, (path,), (ctypes.addressof(how),), how_n))
 
-    probe = openat2(b"/", _RDONLY)
-    if probe < 0:
-        return None  # ENOSYS, or EINVAL for RESOLVE_CACHED (older kernels)
-    os.close(probe)
-    return openat2
+    probe: list[int] = []
+    try:
+        openat2(b"/", _RDONLY, probe)
+        # ENOSYS, or EINVAL for RESOLVE_CACHED (older kernels): None.
+        return openat2 if probe[0] >= 0 else None
+    finally:
+        if probe and probe[0] >= 0:
+            os.close(probe[0])
+
+
+def open_cached_into(path: str | bytes, flags: int, into: list[int]) -> bool:
+    """:func:`open_cached`, the descriptor appended to ``into`` by the call
+    that makes it (a Ctrl-C lands before or after, never between the open
+    and the store); False, and ``into`` as it was, if nothing was opened."""
+    name = os.fsencode(path)
+    if b"\0" in name:  # (os.open's words, which differ by type)
+        if isinstance(os.fspath(path), bytes):
+            raise ValueError("open: embedded null character in path")
+        raise ValueError("embedded null byte")
+    if _openat2 is None or flags & (os.O_CREAT | os.O_TRUNC):
+        return False
+    _openat2(name, flags | os.O_NONBLOCK, into)
+    if into[-1] < 0:
+        del into[-1]  # (no call: nothing to interrupt)
+        return False
+    return True
 
 
 def open_cached(path: str | bytes, flags: int) -> int:
@@ -98,15 +134,10 @@ def open_cached(path: str | bytes, flags: int) -> int:
     O_NONBLOCK added (the caller clears it if it must).  Call it only from
     an event loop's thread.  A path holding a NUL is refused as os.open
     refuses it (ValueError): a C string would end there, and another file
-    would be opened."""
-    name = os.fsencode(path)
-    if b"\0" in name:  # (os.open's words, which differ by type)
-        if isinstance(os.fspath(path), bytes):
-            raise ValueError("open: embedded null character in path")
-        raise ValueError("embedded null byte")
-    if _openat2 is None or flags & (os.O_CREAT | os.O_TRUNC):
-        return -1
-    return _openat2(name, flags | os.O_NONBLOCK)
+    would be opened.  (A caller that must not leak the descriptor to a
+    Ctrl-C landing as this returns uses :func:`open_cached_into`.)"""
+    into: list[int] = []
+    return into[0] if open_cached_into(path, flags, into) else -1
 
 
 _openat2 = _make_openat2()
@@ -114,16 +145,22 @@ _openat2 = _make_openat2()
 
 def _read_inline(path: str | bytes) -> bytes | _Handoff | None:
     """The whole of a cached regular file, read without blocking; or the
-    descriptor opened, for a worker to go on with; or None (nothing open)."""
-    fd = open_cached(path, _RDONLY)
-    if fd < 0:
-        return None
-    closed = False  # (set before the close: a Ctrl-C lands as a call returns)
+    descriptor opened, for a worker to go on with; or None (nothing open).
+
+    Whatever a Ctrl-C cuts short -- here, or in the caller as this returns
+    a hand-over -- nothing stays open: the descriptor lives in ``fds`` from
+    the call that made it on, each close marks it closed first (a number
+    is never closed twice: by then it may be another thread's new file),
+    and a hand-over dropped unused closes what it holds."""
+    fds: list[int] = []
     try:
+        if not open_cached_into(path, _RDONLY, fds):
+            return None
+        fd = fds[0]
         st = os.fstat(fd)
         size = st.st_size
         if stat.S_ISDIR(st.st_mode):
-            closed = True
+            fds[0] = -1
             os.close(fd)
             return None  # the worker's open says IsADirectoryError
         if stat.S_ISREG(st.st_mode) and size <= INLINE_MAX:
@@ -133,21 +170,20 @@ def _read_inline(path: str | bytes) -> bytes | _Handoff | None:
             except OSError:
                 got = -1
             if got == size:
-                closed = True
+                fds[0] = -1
                 os.close(fd)
                 del buf[size:]
                 return bytes(buf)
+        # Not cached, large, or not a regular file: opened already (a FIFO's
+        # writer may have seen us open it), so the worker reads this
+        # descriptor.  (Its wake-up pipe refused -- EMFILE -- or a Ctrl-C:
+        # the descriptor is closed below.)
+        return _Handoff(fds, path, not stat.S_ISREG(st.st_mode))
     except BaseException:
-        # Not twice: by then the number may be another thread's new file.
-        if not closed:
+        if fds and fds[0] >= 0:
+            fd = fds[0]
+            fds[0] = -1
             os.close(fd)
-        raise
-    # Not cached, large, or not a regular file: opened already (a FIFO's
-    # writer may have seen us open it), so the worker reads this descriptor.
-    try:
-        return _Handoff(fd, path, not stat.S_ISREG(st.st_mode))
-    except BaseException:  # (its wake-up pipe refused: EMFILE; or Ctrl-C)
-        os.close(fd)
         raise
 
 
@@ -155,54 +191,76 @@ class _Handoff:
     """A descriptor opened on the loop for a worker to read and close.  If
     the task gives up before the worker took it, the task closes it; if
     after, and the file is a stream (a FIFO that may never be written),
-    the task wakes the worker through a pipe and the worker gives up."""
+    the task wakes the worker through a pipe and the worker gives up.  One
+    dropped unused (a Ctrl-C as it was handed over) closes what it holds
+    when it is collected."""
 
-    __slots__ = ("_done", "_lock", "_wake", "fd", "path", "stream")
+    __slots__ = ("_done", "_fds", "_lock", "_wake", "path", "stream")
 
-    def __init__(self, fd: int, path: Any, stream: bool) -> None:
-        self._lock = threading.Lock()
-        self.fd: int | None = fd
+    def __init__(self, fds: list[int], path: Any, stream: bool) -> None:
+        #: [the descriptor], -1 once taken or closed (marked before the
+        #: close, in plain bytecode: shared with _read_inline's clean-up).
+        self._fds = fds
+        #: A stream's wake-up pipe, stored by the call that makes it.
+        self._wake: list[int] = []
+        self._done = False  # the wake-up pipe closed
         self.path = path
         self.stream = stream  # not a regular file: may block for ever
-        self._wake = os.pipe2(os.O_CLOEXEC) if stream else None
-        self._done = False
+        self._lock = threading.Lock()
+        if stream:
+            self._wake.extend(itertools.chain.from_iterable(map(os.pipe2, (os.O_CLOEXEC,))))
 
-    def _take(self) -> int | None:
+    def __del__(self) -> None:
+        try:
+            fd = self._fds[0]
+            if fd >= 0:
+                self._fds[0] = -1
+                os.close(fd)
+            if self._wake and not self._done:
+                self._finish()
+        except AttributeError:  # (a construction cut short: nothing of it)
+            pass
+
+    def _take(self) -> int:
         with self._lock:
-            fd, self.fd = self.fd, None
+            fd = self._fds[0]
+            self._fds[0] = -1
         return fd
 
     def abandon(self) -> None:
-        fd = self._take()
         with self._lock:
-            if fd is not None:
-                os.close(fd)
-            if self._wake is not None and not self._done:
-                if fd is not None:  # the worker never started: nobody else uses the pipe
+            fd = self._fds[0]
+            if fd >= 0:
+                self._fds[0] = -1
+                os.close(fd)  # (cut short after this: the pipe is __del__'s)
+            if self._wake and not self._done:
+                if fd >= 0:  # the worker never started: nobody else uses the pipe
                     self._finish()
                 else:
                     os.write(self._wake[1], b"x")
 
     def _finish(self) -> None:
-        """Close the pipe (the lock held)."""
+        """Close the pipe (the lock held, or the last reference gone)."""
         self._done = True
-        if self._wake is not None:
-            os.close(self._wake[0])
-            os.close(self._wake[1])
+        r, w = self._wake
+        try:
+            os.close(r)
+        finally:
+            os.close(w)
 
     def read(self) -> bytes:
         """On the worker: the rest of the file, then close it."""
         fd = self._take()
-        if fd is None:
+        if fd < 0:
             raise OSError(errno.ECANCELED, os.strerror(errno.ECANCELED))
         try:
-            if self._wake is None:
+            if not self._wake:
                 return _read_fd(fd, self.path)
             return self._read_stream(fd, self._wake[0])
         finally:
             os.close(fd)
             with self._lock:
-                if not self._done:
+                if self._wake and not self._done:
                     self._finish()
 
     def _read_stream(self, fd: int, wake: int) -> bytes:
