@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dis
-import errno
 import gc
 import io
 import json
@@ -449,4 +448,77 @@ def test_every_parser_refuses_abbreviations() -> None:
     assert all(not p.allow_abbrev for p in parsers)
 
 
-_ = errno  # (kept for the attack section's tests)
+# -- 5. attacked as an outside user ---------------------------------------------------------
+
+
+def test_mix_naming_a_kind_twice_is_refused() -> None:
+    # "read=10,read=90" ran with read=90: the first (a typo for another kind?) was dropped.
+    import argparse
+
+    with pytest.raises(argparse.ArgumentTypeError, match="names read twice"):
+        cli.parse_mix("read=10,write=5,read=90")
+    assert cli.parse_mix("read=10,write=5") == {"read": 10, "write": 5}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="/proc/self/status opens for writing as root only")
+def test_stress_refuses_a_proc_file(capsys: pytest.CaptureFixture[str]) -> None:
+    # A /proc file is a "regular file" of size 0 that keeps nothing written:
+    # the run reported a MISMATCH (exit 1), as if the engine were wrong.
+    status = main(["stress", "/proc/self/status", "--force", "--ops", "10", "--size", "64K"])
+    assert status == 2
+    assert "does not keep what is written" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+def test_bench_a_file_not_written_still_prints_the_figures(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # --markdown on a full disk: exit 1 with "[Errno 28] No space left on
+    # device" (no file named), and the whole run's figures thrown away.
+    monkeypatch.setattr(bench, "_runners", _fake_runners(""))
+    args = ["bench", "--quick", "--json", "--directory", str(tmp_path)]
+    status = main([*args, "--workload", "small-files", "--markdown", "/dev/full"])
+    out, err = capsys.readouterr()
+    assert status == 1
+    assert "threadlets bench: cannot write /dev/full: No space left on device" in err
+    assert sorted(json.loads(out)["workloads"]["small-files"]["contenders"]) == ["a", "b"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_a_signal_while_stress_sets_up_removes_its_file(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    """SIGTERM (or SIGHUP) while stress made and allocated its temporary
+    file, before the run's handlers were in place: its default action
+    killed the process and left the file (--size bytes) in the cwd."""
+    script = (
+        "import os, signal, sys\n"
+        "from threadlets import cli, stress\n"
+        "real = stress._reserve\n"
+        "def reserve(fd, path, size):\n"
+        f"    os.kill(os.getpid(), {int(sig)})\n"
+        "    real(fd, path, size)\n"
+        "stress._reserve = reserve\n"
+        "sys.exit(cli.main(['stress', '--ops', '10', '--size', '64K']))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=tmp_path,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 128 + sig, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_nbd_serve_names_a_directory_as_the_other_refusals(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "dir").mkdir()
+    sock = str(tmp_path / "s")
+    assert main(["nbd", "serve", str(tmp_path / "dir"), "--socket", sock]) == 1
+    assert capsys.readouterr().err == f"threadlets nbd serve: {tmp_path / 'dir'}: Is a directory\n"

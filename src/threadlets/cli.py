@@ -15,7 +15,7 @@ import math
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from threadlets import __version__
@@ -280,6 +280,8 @@ def parse_mix(text: str) -> dict[str, int]:
             raise argparse.ArgumentTypeError(
                 f"bad --mix entry {part!r}: use KIND=WEIGHT with KIND in {', '.join(KINDS)}"
             )
+        if name in mix:  # (the last one silently won: a typo for another kind)
+            raise argparse.ArgumentTypeError(f"--mix names {name} twice")
         try:
             weight = weight.strip()  # (as the name is)
             if not (weight.isascii() and weight.isdigit()):
@@ -511,17 +513,28 @@ def _bench(args: argparse.Namespace) -> int:
                 return status
             raise
     report["command"] = "threadlets bench " + " ".join(args.argv)
-    try:
-        if args.plot:
-            plot(report, args.plot)
-        if args.markdown:
-            with open(args.markdown, "w") as f:
-                f.write(to_markdown(report, "threadlets bench " + " ".join(args.argv)))
-    except OSError as e:
-        print(f"threadlets bench: error: {e}", file=sys.stderr)
-        return 1
+    # A file that cannot be written (a full disk) fails the command, but the
+    # run's figures are still printed: not a whole run lost for one file.
+    status = 0
+    outputs: list[tuple[str, Callable[[], None]]] = []
+    if args.plot:
+        outputs.append((args.plot, lambda: plot(report, args.plot)))
+    if args.markdown:
+        text = to_markdown(report, report["command"])
+        outputs.append((args.markdown, lambda: _write_text(args.markdown, text)))
+    for name, write in outputs:
+        try:
+            write()
+        except OSError as e:
+            print(f"threadlets bench: cannot write {name}: {e.strerror or e}", file=sys.stderr)
+            status = 1
     _print_bench(args, report)
-    return 0
+    return status
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def _print_bench(args: argparse.Namespace, report: dict[str, Any]) -> None:
@@ -562,7 +575,12 @@ def _nbd(args: argparse.Namespace) -> int:
         export = open_export(
             args.image, name=args.export_name, read_only=args.read_only, direct=args.direct
         )
-    except (OSError, ValueError) as e:
+    except OSError as e:
+        # ("dir: Is a directory", as the other refusals name the image;
+        # not "[Errno 21] Is a directory: 'dir'".)
+        print(f"threadlets nbd serve: {args.image}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
         print(f"threadlets nbd serve: {e}", file=sys.stderr)
         return 1
 
