@@ -25,6 +25,9 @@ from threadlets import bench, cli, oneshot, probe
 from threadlets.cli import build_parser, main
 
 from .conftest import interrupt_cli_at
+from .test_asyncfile import anyio_backend
+
+__all__ = ["anyio_backend"]  # a fixture used by name
 
 SRC = str(Path(cli.__file__).resolve().parent.parent)
 
@@ -522,3 +525,91 @@ def test_nbd_serve_names_a_directory_as_the_other_refusals(
     sock = str(tmp_path / "s")
     assert main(["nbd", "serve", str(tmp_path / "dir"), "--socket", sock]) == 1
     assert capsys.readouterr().err == f"threadlets nbd serve: {tmp_path / 'dir'}: Is a directory\n"
+
+
+@pytest.mark.parametrize("other", ["b", 1, None, b"b"], ids=repr)
+def test_path_ordering_with_a_non_path_is_a_type_error(other: object) -> None:
+    # Path("a") < "b" raised AttributeError ('str' object has no attribute
+    # '_path'); pathlib says TypeError, and so does sorted() of a mixed list.
+    import operator
+    import pathlib
+
+    from threadlets import Path as AsyncPath
+
+    for op in (operator.lt, operator.le, operator.gt, operator.ge):
+        with pytest.raises(TypeError):
+            op(pathlib.PurePosixPath("a"), other)  # the oracle
+        with pytest.raises(TypeError):
+            op(AsyncPath("a"), other)
+        with pytest.raises(TypeError):
+            op(other, AsyncPath("a"))
+    assert sorted([AsyncPath("b"), AsyncPath("a")]) == [AsyncPath("a"), AsyncPath("b")]
+
+
+_CODECS = ["utf-8", "utf-16", "utf-16-be", "utf-32", "utf-7", "utf-8-sig", "latin-1", "cp037"]
+
+
+def _text_layer(data: bytes, encoding: str, errors: str, newline: str | None) -> object:
+    try:
+        with io.TextIOWrapper(io.BytesIO(data), encoding, errors, newline) as f:
+            return f.read()
+    except (UnicodeError, LookupError) as e:
+        return type(e)
+
+
+def _ours(data: bytes, encoding: str, errors: str, newline: str | None) -> object:
+    try:
+        return oneshot._decode(data, oneshot._encoding(encoding), errors, newline)
+    except (UnicodeError, LookupError) as e:
+        return type(e)
+
+
+@pytest.mark.parametrize("encoding", _CODECS)
+def test_read_text_decodes_as_the_text_layer(encoding: str) -> None:
+    """read_text's decoding against io.TextIOWrapper's (pathlib's
+    read_text): utf-16/utf-32 without a byte order mark is an error there
+    (bytes.decode guessed the machine's order); a carriage return a codec
+    spells without a 0x0D byte (utf-7 "+AA0-") was not translated."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as hs
+
+    texts = hs.text(alphabet=hs.sampled_from("ab\r\n\u00e9\u20ac\U0001f600 "), max_size=20)
+
+    @settings(max_examples=150, deadline=None, derandomize=True)
+    @given(
+        hs.one_of(hs.binary(max_size=24), texts.map(lambda t: t.encode(encoding, "replace"))),
+        hs.sampled_from(["strict", "replace", "surrogateescape"]),
+        hs.sampled_from([None, "", "\n", "\r", "\r\n"]),
+    )
+    def check(data: bytes, errors: str, newline: str | None) -> None:
+        assert _ours(data, encoding, errors, newline) == _text_layer(
+            data, encoding, errors, newline
+        )
+
+    check()
+
+
+def test_read_text_decodes_the_two_cases_found() -> None:
+    assert _ours(b"a+AA0-b", "utf-7", "strict", None) == "a\nb"
+    assert _ours(b"a\x00b\x00", "utf-16", "strict", None) is UnicodeError
+
+
+@pytest.mark.anyio
+async def test_read_text_refuses_a_codec_that_is_not_text_before_reading(
+    anyio_backend: object, tmp_path: Path
+) -> None:
+    # The same error as pathlib's (LookupError either way; the words were
+    # bytes.decode's "use codecs.decode()", after the file was read).
+    import anyio
+
+    import threadlets
+
+    p = tmp_path / "f"
+    p.write_bytes(b"abc")
+    for codec in ("rot13", "base64"):
+        with pytest.raises(LookupError) as ours:
+            await threadlets.read_text(p, encoding=codec)
+        with pytest.raises(LookupError) as oracle:
+            p.read_text(encoding=codec)
+        assert str(ours.value) == str(oracle.value)
+    await anyio.lowlevel.checkpoint()

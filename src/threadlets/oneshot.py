@@ -362,8 +362,14 @@ def _encoding(encoding: str | None) -> str:
     name = io.text_encoding(encoding)
     if name == "locale":
         name = locale.getencoding()
-    codecs.lookup(name)  # LookupError for an unknown codec, before any I/O
-    return name
+    # LookupError for an unknown codec, or one that is not a text encoding
+    # (rot13, base64: io.open's words), before any I/O.
+    info = codecs.lookup(name)
+    if not getattr(info, "_is_text_encoding", True):
+        raise LookupError(
+            f"'{name}' is not a text encoding; use codecs.open() to handle arbitrary codecs"
+        )
+    return info.name
 
 
 def _check_newline(newline: object) -> None:
@@ -373,12 +379,25 @@ def _check_newline(newline: object) -> None:
         raise ValueError(f"illegal newline value: {newline!r}")
 
 
+#: Codecs whose bytes.decode is what the text layer's decoder gives: no
+#: state, no byte order mark to require (utf-16 without one is an error
+#: there, and bytes.decode guessed the machine's order).
+_STATELESS = frozenset({"utf-8", "ascii", "latin-1", "iso8859-1"})
+
+
 def _decode(data: bytes, encoding: str, errors: str | None, newline: str | None) -> str:
-    if newline == "" or (newline is None and b"\r" not in data):
-        return data.decode(encoding, errors or "strict")
-    # The text layer's exact rules (universal newlines, a split "\r\n").
-    with io.TextIOWrapper(io.BytesIO(data), encoding, errors, newline) as f:
-        return f.read()
+    """``data`` as the text layer reads it (pathlib's read_text): its
+    incremental decoder, then universal newlines unless ``newline`` says
+    otherwise -- a carriage return is looked for in the text, not the
+    bytes (utf-7 may spell one "+AA0-")."""
+    if encoding in _STATELESS:
+        text = data.decode(encoding, errors or "strict")
+    else:
+        decoder = codecs.getincrementaldecoder(encoding)(errors or "strict")
+        text = decoder.decode(data, final=True)
+    if newline is None and "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text
 
 
 def _read_text(path: Any, encoding: str, errors: str | None, newline: str | None) -> str:
