@@ -337,7 +337,7 @@ def test_stdout_to_dev_null_is_still_success(tmp_path: Path) -> None:
 # -- 3. bench --json on Ctrl-C --------------------------------------------------------------
 
 
-def _fake_runners(stop_in: str) -> Callable[..., dict[str, bench.Runner]]:
+def _fake_runners(stop_in: str, sig: int = signal.SIGINT) -> Callable[..., dict[str, bench.Runner]]:
     """Instant runners; the one named ``stop_in`` (workload:contender)
     stops the run as a Ctrl-C during its measurement does."""
 
@@ -345,7 +345,7 @@ def _fake_runners(stop_in: str) -> Callable[..., dict[str, bench.Runner]]:
         def run(cname: str) -> bench.Runner:
             def measure() -> bench.Result:
                 if f"{name}:{cname}" == stop_in:
-                    bench._stop_on(signal.SIGINT)  # what the first Ctrl-C does
+                    bench._stop_on(sig)  # what the first Ctrl-C (SIGTERM...) does
                 return bench.Result(ops=1000, seconds=0.5, latencies=[1e-5])
 
             return measure
@@ -381,6 +381,20 @@ def test_bench_interrupted_prints_what_was_measured(
     else:
         assert "small-files" in out
         assert "Interrupted" in out
+
+
+def test_bench_stopped_by_sigterm_prints_what_was_measured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(bench, "_runners", _fake_runners("small-files:b", signal.SIGTERM))
+    args = ["bench", "--quick", "--json", "--directory", str(tmp_path)]
+    assert main([*args, "--workload", "small-files"]) == 128 + signal.SIGTERM
+    out, err = capsys.readouterr()
+    assert "threadlets bench: stopped by SIGTERM" in err
+    report = json.loads(out)
+    assert report["interrupted"] is True
+    assert sorted(report["workloads"]["small-files"]["contenders"]) == ["a"]
+    assert os.listdir(tmp_path) == []
 
 
 def test_bench_finished_says_not_interrupted(

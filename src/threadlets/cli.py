@@ -13,6 +13,7 @@ import importlib.util
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -507,7 +508,7 @@ def _bench(args: argparse.Namespace) -> int:
                 raise
             partial["command"] = "threadlets bench " + " ".join(args.argv)
             with contextlib.suppress(KeyboardInterrupt):  # (a third Ctrl-C)
-                print("threadlets bench: interrupted", file=sys.stderr, flush=True)
+                print(f"threadlets bench: {_stopped_by(status)}", file=sys.stderr, flush=True)
                 _print_bench(args, partial)
             if isinstance(status, int):
                 return status
@@ -530,6 +531,16 @@ def _bench(args: argparse.Namespace) -> int:
             status = 1
     _print_bench(args, report)
     return status
+
+
+def _stopped_by(status: object) -> str:
+    """What stopped a run that exits ``status`` (130: Ctrl-C)."""
+    if not isinstance(status, int) or status == 130:
+        return "interrupted"
+    try:
+        return f"stopped by {signal.Signals(status - 128).name}"
+    except ValueError:
+        return "interrupted"
 
 
 def _write_text(path: str, text: str) -> None:
