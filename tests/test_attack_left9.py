@@ -627,3 +627,21 @@ async def test_read_text_refuses_a_codec_that_is_not_text_before_reading(
             p.read_text(encoding=codec)
         assert str(ours.value) == str(oracle.value)
     await anyio.lowlevel.checkpoint()
+
+
+def test_nbd_serve_says_where_it_cannot_listen(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # "threadlets nbd serve: [Errno 13] Permission denied" named neither the
+    # socket nor the address.
+    import socket
+
+    img = tmp_path / "img"
+    img.write_bytes(b"\0" * 4096)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["nbd", "serve", str(img), "--bind", f"127.0.0.1:{port}"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"threadlets nbd serve: cannot listen on 127.0.0.1:{port}: "), err

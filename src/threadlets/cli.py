@@ -595,7 +595,10 @@ def _nbd(args: argparse.Namespace) -> int:
         print(f"threadlets nbd serve: {e}", file=sys.stderr)
         return 1
 
+    listening = []
+
     def ready(server: Any) -> None:
+        listening.append(True)
         if args.socket:
             where = f"nbd+unix:///{args.export_name}?socket={args.socket}"
         else:
@@ -641,7 +644,11 @@ def _nbd(args: argparse.Namespace) -> int:
     try:
         asyncio.run(run())
     except OSError as e:
-        print(f"threadlets nbd serve: {e}", file=sys.stderr)
+        if listening or e.filename:
+            print(f"threadlets nbd serve: {e}", file=sys.stderr)
+        else:  # ("[Errno 13] Permission denied", of which socket?)
+            where = args.socket or args.bind
+            print(f"threadlets nbd serve: cannot listen on {where}: {e.strerror}", file=sys.stderr)
         return 1
     finally:
         export.close()
