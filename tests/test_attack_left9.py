@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dis
+import errno
 import gc
 import io
 import json
@@ -645,3 +646,108 @@ def test_nbd_serve_says_where_it_cannot_listen(
         assert main(["nbd", "serve", str(img), "--bind", f"127.0.0.1:{port}"]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"threadlets nbd serve: cannot listen on 127.0.0.1:{port}: "), err
+
+
+_FIFO_WRITES = """
+import array, asyncio, fcntl, os, sys, termios, threadlets, trio
+import threadlets.awaitable
+
+def outstanding():
+    return threadlets.awaitable.current().ctx.stats().outstanding
+
+def full(r):
+    # The pipe holds all it can: its writer is blocked.
+    n = array.array("i", [0])
+    fcntl.ioctl(r, termios.FIONREAD, n)
+    return n[0] >= fcntl.fcntl(r, 1032)  # F_GETPIPE_SZ
+
+async def give_up(call, kind, blocked):
+    # Cancel once the call waits: on a worker's request, or a full pipe.
+    if kind == "asyncio":
+        task = asyncio.ensure_future(call)
+        while not task.done() and not blocked():
+            await asyncio.sleep(0)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            return "cancelled"
+        return "finished"
+    with trio.CancelScope() as scope:
+        async def cancel_once_blocked():
+            while not blocked():
+                await trio.lowlevel.checkpoint()
+            scope.cancel()
+        async with trio.open_nursery() as n:
+            n.start_soon(cancel_once_blocked)
+            await call
+    return "cancelled" if scope.cancelled_caught else "finished"
+
+async def main(kind):
+    fifo = sys.argv[1]
+    # No reader: waits in its open; a reader that never reads: waits in write.
+    print(kind, await give_up(threadlets.write_bytes(fifo, b"x"), kind, lambda: outstanding() > 0))
+    r = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    big = threadlets.write_text(fifo, "y" * (1 << 20))
+    print(kind, await give_up(big, kind, lambda: outstanding() > 0 or full(r)))
+    os.close(r)
+
+asyncio.run(main("asyncio"))
+trio.run(main, "trio")
+"""
+
+
+def test_write_bytes_to_a_fifo_can_be_cancelled(tmp_path: Path) -> None:
+    """write_bytes() of a FIFO with no reader (or a reader that does not
+    read) blocked its worker for good, and a cancelled task waited for it:
+    the program never ended.  (In a child, so that a hang is a failure.)"""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    script = tmp_path / "s.py"
+    script.write_text(_FIFO_WRITES)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(fifo)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.split("\n")
+    assert lines[:4] == ["asyncio cancelled"] * 2 + ["trio cancelled"] * 2, proc.stdout
+
+
+@pytest.mark.anyio
+async def test_write_bytes_to_streams_as_pathlib(anyio_backend: object, tmp_path: Path) -> None:
+    import threading
+
+    import threadlets
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+
+    def reader() -> None:
+        with open(fifo, "rb") as f:
+            got.append(f.read())
+
+    await threadlets.write_bytes(tmp_path / "warm", b"")  # (the loop's context made)
+    before = _open_fds()
+    t = threading.Thread(target=reader)
+    t.start()
+    data = os.urandom(300_000)  # more than a pipe holds
+    assert await threadlets.write_bytes(fifo, data) == len(data)
+    t.join()
+    assert got == [data]
+    assert await threadlets.write_text("/dev/null", "abc") == 3
+    if os.path.exists("/dev/full"):
+        with pytest.raises(OSError) as ours:
+            await threadlets.write_bytes("/dev/full", b"abc")
+        with pytest.raises(OSError) as oracle:
+            Path("/dev/full").write_bytes(b"abc")
+        assert ours.value.errno == oracle.value.errno == errno.ENOSPC
+    p = tmp_path / "f"
+    assert await threadlets.write_text(p, "a\nb", newline="\r\n") == 3
+    assert p.read_bytes() == b"a\r\nb"
+    assert _open_fds() == before

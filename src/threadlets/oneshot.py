@@ -15,7 +15,11 @@ context's inline path turned off -- closes what was opened and does the
 whole call as one request.  Cancellation is the engine's
 (:mod:`threadlets.awaitable`): cancelled while queued, nothing happened;
 cancelled while running, the call is waited out -- a write has then been
-done -- before the cancellation is seen.
+done -- before the cancellation is seen.  A write to a stream (a FIFO, a
+device) is the exception, as a read of one is: the worker opens it without
+waiting for a reader and the task writes it as :func:`threadlets.open`'s
+files are written, so a cancellation gets through even if nobody ever reads
+(what was written before stays written).
 """
 
 from __future__ import annotations
@@ -314,12 +318,6 @@ async def _inline_done(io_: LoopIO) -> None:
         await io_.fair_yield()
 
 
-async def _one_call(fn: Any, *args: Any) -> Any:
-    io_ = current()
-    await io_.checkpoint()
-    return await _submit(io_, fn, *args)
-
-
 async def _submit(io_: LoopIO, fn: Any, *args: Any) -> Any:
     req = io_.ctx.call(fn, *args)
     await io_.wait(req)
@@ -348,14 +346,80 @@ async def _read(io_: LoopIO, where: Any) -> bytes:
     return data
 
 
-def _write_all(path: Any, view: memoryview) -> None:
-    fd = os.open(path, _WRONLY, 0o666)
+#: What a worker's write hands back to the task: None (written whole),
+#: or (a descriptor, what to write) for a stream -- a FIFO, a device -- the
+#: task writes as threadlets.open's files are written (a cancellation
+#: gets through: a FIFO whose reader does not read blocked the worker for
+#: good, and the task waited for it); -1 for a FIFO with no reader yet,
+#: which the task opens as threadlets.open does (cancellable too).
+_Rest = tuple[int, memoryview] | None
+
+
+def _write_all(path: Any, view: memoryview) -> _Rest:
     try:
+        # Without waiting for a FIFO's reader: ENXIO if it has none.
+        fd = os.open(path, _WRONLY | os.O_NONBLOCK, 0o666)
+    except OSError as e:
+        if e.errno == errno.ENXIO and _is_fifo(path):
+            return -1, view
+        raise
+    try:
+        os.set_blocking(fd, True)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            handed, fd = fd, -1
+            return handed, view
         done = 0
         while done < len(view):
             done += os.write(fd, view[done:])
+        return None
     finally:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
+
+
+def _is_fifo(path: Any) -> bool:
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+async def _write(path: Any, fn: Callable[..., _Rest], *args: Any) -> None:
+    """write_bytes/write_text after their checks: one request, and for a
+    stream the rest on the loop (see _Rest)."""
+    io_ = current()
+    await io_.checkpoint()
+    req = io_.ctx.call(fn, path, *args)
+    try:
+        await io_.wait(req)
+    except BaseException:
+        # Cut short once the worker had opened a stream: close it.
+        if req.done() and not req.cancelled() and req.exception(0) is None:
+            handed: Any = req.result(0)
+            if handed is not None and handed[0] >= 0:
+                os.close(handed[0])
+        raise
+    rest: _Rest = req.result()  # type: ignore[assignment]
+    if rest is not None:
+        await _write_stream(path, rest[0], rest[1])
+
+
+async def _write_stream(path: Any, fd: int, view: memoryview) -> None:
+    from threadlets import asyncfile  # (it imports this module)
+
+    f: asyncfile.AsyncFile
+    if fd < 0:
+        f = await asyncfile.open(path, "wb", buffering=0)
+    else:
+        try:
+            f = asyncfile.wrap(fd, "wb")
+        except BaseException:
+            os.close(fd)
+            raise
+    async with f:
+        done = 0
+        while done < len(view):
+            done += await f.write(view[done:])
 
 
 def _encoding(encoding: str | None) -> str:
@@ -406,7 +470,7 @@ def _read_text(path: Any, encoding: str, errors: str | None, newline: str | None
 
 def _write_text(
     path: Any, text: str, encoding: str, errors: str | None, newline: str | None
-) -> None:
+) -> _Rest:
     if newline in (None, "", "\n") or "\n" not in text:
         data = text.encode(encoding, errors or "strict")
     else:
@@ -415,7 +479,7 @@ def _write_text(
         f.write(text)
         f.flush()
         data = buf.getvalue()
-    _write_all(path, memoryview(data))
+    return _write_all(path, memoryview(data))
 
 
 async def read_bytes(path: StrOrBytesPath) -> bytes:
@@ -452,7 +516,7 @@ async def write_bytes(path: StrOrBytesPath, data: ReadableBuffer) -> int:
     """Create or truncate the file and write ``data`` (pathlib's
     ``write_bytes``), in one request; returns the count written."""
     view = memoryview(data).cast("B")  # TypeError for a str, before any I/O
-    await _one_call(_write_all, os.fspath(path), view)
+    await _write(os.fspath(path), _write_all, view)
     return len(view)
 
 
@@ -468,5 +532,5 @@ async def write_text(
     if not isinstance(data, str):
         raise TypeError(f"data must be str, not {type(data).__name__}")
     _check_newline(newline)
-    await _one_call(_write_text, os.fspath(path), data, _encoding(encoding), errors, newline)
+    await _write(os.fspath(path), _write_text, data, _encoding(encoding), errors, newline)
     return len(data)
