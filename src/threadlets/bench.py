@@ -89,6 +89,11 @@ class BenchConfig:
     progress: Callable[[Step], None] | None = None
     #: Called with the scratch directory once it exists, before the test file is made.
     on_scratch: Callable[[str], None] | None = None
+    #: The report, filled as the run goes (run_bench returns it): a run
+    #: stopped (KeyboardInterrupt; SystemExit for SIGTERM, SIGHUP) leaves
+    #: here what was measured until then -- each measurement complete, one
+    #: cut short left out -- with ``interrupted`` True.
+    report: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.quick:
@@ -599,17 +604,19 @@ def _depths(cfg: BenchConfig) -> list[int]:
 
 
 def _queue_depth_sweep(
-    cfg: BenchConfig, path: str, before: Callable[[int], None]
-) -> dict[str, Any]:
+    cfg: BenchConfig, path: str, before: Callable[[int], None], into: dict[str, Any]
+) -> None:
     """threadlets (threads only, so the pool matters) against queue depth,
-    and the pool's thread count sampled over the sweep."""
+    and the pool's thread count sampled over the sweep, into ``into``
+    (``points``, ``threads_over_time``) as it goes: a sweep stopped
+    half-way reports the depths measured."""
     offsets = _offsets(cfg.size)
     q = threadlets.ThreadletQueue(name="bench-sweep")
     aw.configure(queue=q, inline=False, backend="threads")
     samples: list[tuple[float, int]] = []
     t_start = time.perf_counter()
     try:
-        out = []
+        out: list[dict[str, Any]] = into["points"]
         for d in _depths(cfg):
 
             async def main(d: int = d) -> Result:
@@ -624,14 +631,12 @@ def _queue_depth_sweep(
 
             before(d)
             r = asyncio.run(main())
+            _stopped()  # (one cut short is not a figure)
             out.append({"depth": d, "ops_per_s": round(r.rate, 1)})
     finally:
+        into["threads_over_time"] = [{"t": round(t, 3), "threads": n} for t, n in samples]
         aw.configure()
         q.close(timeout=10)
-    return {
-        "points": out,
-        "threads_over_time": [{"t": round(t, 3), "threads": n} for t, n in samples],
-    }
 
 
 async def _sample_threads(
@@ -699,8 +704,9 @@ def _exit_now(signum: int, frame: object) -> None:
 
 
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
-    """Run the chosen workloads; the result has the documented JSON shape.
-    Whatever ends the run (Ctrl-C too), its scratch directory is removed."""
+    """Run the chosen workloads; the result (``cfg.report``) has the
+    documented JSON shape.  Whatever ends the run (Ctrl-C too), its scratch
+    directory is removed; stopped, ``cfg.report`` has what was measured."""
     cfg.check()
     _stop.clear()
     _terminated.clear()
@@ -709,27 +715,39 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         first_signal_calls(signal.SIGTERM, _stop_on, again=_exit_now),
         first_signal_calls(signal.SIGHUP, _stop_on, again=_exit_now),
     ):
-        return _run(cfg)
+        return _run(cfg, cfg.report)
 
 
-def _run(cfg: BenchConfig) -> dict[str, Any]:
-    report: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "machine": {
-            "platform": platform.platform(),
-            "kernel": f"{platform.system()} {platform.release()}",
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(),
-        },
-        "config": {
-            "seconds": cfg.seconds,
-            "repeats": cfg.repeats,
-            "quick": cfg.quick,
-            "file_mib": cfg.size >> 20,
-        },
-        "workloads": {},
-    }
+def _run(cfg: BenchConfig, report: dict[str, Any]) -> dict[str, Any]:
+    report.clear()
+    report.update(
+        {
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "machine": {
+                "platform": platform.platform(),
+                "kernel": f"{platform.system()} {platform.release()}",
+                "python": platform.python_version(),
+                "cpus": os.cpu_count(),
+                "processor": platform.processor() or platform.machine(),
+            },
+            "config": {
+                "seconds": cfg.seconds,
+                "repeats": cfg.repeats,
+                "quick": cfg.quick,
+                "file_mib": cfg.size >> 20,
+            },
+            "workloads": {},
+            "interrupted": False,
+        }
+    )
+    try:
+        return _measure(cfg, report)
+    except (KeyboardInterrupt, SystemExit):
+        report["interrupted"] = True
+        raise
+
+
+def _measure(cfg: BenchConfig, report: dict[str, Any]) -> dict[str, Any]:
     directory = tempfile.gettempdir() if cfg.directory is None else cfg.directory
     scratch = tempfile.mkdtemp(dir=directory, prefix="threadlets-bench-")
     try:
@@ -751,22 +769,31 @@ def _run(cfg: BenchConfig) -> dict[str, Any]:
         for index, (name, runners) in enumerate(plan.items(), 1):
             if name == "queue-depth":
                 _cache(path)
-                report["queue_depth"] = _queue_depth_sweep(
+                report["queue_depth"] = {"points": [], "threads_over_time": []}
+                _queue_depth_sweep(
                     cfg,
                     path,
                     lambda d, i=index: progress.step("queue-depth", i, f"depth {d}", 1, 1),  # type: ignore[misc]
+                    report["queue_depth"],
                 )
                 continue
             rounds: dict[str, list[Result]] = {}
-            for r in range(cfg.repeats):
-                for cname, run in runners.items():
-                    if name.startswith(("cached", "random-write")):
-                        _cache(path)
-                    progress.step(name, index, cname, r + 1, cfg.repeats)
-                    res = run()
-                    if res is not None:
-                        rounds.setdefault(cname, []).append(res)
-            report["workloads"][name] = _summarise(WORKLOADS[name], rounds)
+            done = False
+            try:
+                for r in range(cfg.repeats):
+                    for cname, run in runners.items():
+                        if name.startswith(("cached", "random-write")):
+                            _cache(path)
+                        progress.step(name, index, cname, r + 1, cfg.repeats)
+                        res = run()
+                        _stopped()  # (one cut short is not a figure)
+                        if res is not None:
+                            rounds.setdefault(cname, []).append(res)
+                done = True
+            finally:
+                # Stopped half-way, the rounds measured so far are reported.
+                if done or rounds:
+                    report["workloads"][name] = _summarise(WORKLOADS[name], rounds)
         _stopped()  # the last measurement may have been cut short
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

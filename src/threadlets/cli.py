@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib.util
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from threadlets import __version__
@@ -279,6 +281,8 @@ def parse_mix(text: str) -> dict[str, int]:
             raise argparse.ArgumentTypeError(
                 f"bad --mix entry {part!r}: use KIND=WEIGHT with KIND in {', '.join(KINDS)}"
             )
+        if name in mix:  # (the last one silently won: a typo for another kind)
+            raise argparse.ArgumentTypeError(f"--mix names {name} twice")
         try:
             weight = weight.strip()  # (as the name is)
             if not (weight.isascii() and weight.isdigit()):
@@ -486,29 +490,76 @@ def _bench(args: argparse.Namespace) -> int:
 
         cfg.progress = show
         cfg.on_scratch = scratch
+        partial = cfg.report
         try:
             report = run_bench(cfg)
         except OSError as e:  # (the scratch files are gone already)
             progress.stop()
             print(f"threadlets bench: error: {e}", file=sys.stderr)
             return 1
+        except (KeyboardInterrupt, SystemExit) as e:
+            # Stopped (Ctrl-C: 130; SIGTERM, SIGHUP: 128 + the signal), the
+            # scratch files removed: what was measured so far is printed,
+            # as stress prints the report of what ran ("interrupted": true).
+            # No --plot or --markdown file is written from a partial run.
+            progress.stop()
+            status = 130 if isinstance(e, KeyboardInterrupt) else e.code
+            if not partial.get("interrupted"):  # (stopped before it began)
+                raise
+            partial["command"] = "threadlets bench " + " ".join(args.argv)
+            with contextlib.suppress(KeyboardInterrupt):  # (a third Ctrl-C)
+                print(f"threadlets bench: {_stopped_by(status)}", file=sys.stderr, flush=True)
+                _print_bench(args, partial)
+            if isinstance(status, int):
+                return status
+            raise
     report["command"] = "threadlets bench " + " ".join(args.argv)
+    # A file that cannot be written (a full disk) fails the command, but the
+    # run's figures are still printed: not a whole run lost for one file.
+    status = 0
+    outputs: list[tuple[str, Callable[[], None]]] = []
+    if args.plot:
+        outputs.append((args.plot, lambda: plot(report, args.plot)))
+    if args.markdown:
+        text = to_markdown(report, report["command"])
+        outputs.append((args.markdown, lambda: _write_text(args.markdown, text)))
+    for name, write in outputs:
+        try:
+            write()
+        except OSError as e:
+            print(f"threadlets bench: cannot write {name}: {e.strerror or e}", file=sys.stderr)
+            status = 1
+    _print_bench(args, report)
+    return status
+
+
+def _stopped_by(status: object) -> str:
+    """What stopped a run that exits ``status`` (130: Ctrl-C)."""
+    if not isinstance(status, int) or status == 130:
+        return "interrupted"
     try:
-        if args.plot:
-            plot(report, args.plot)
-        if args.markdown:
-            with open(args.markdown, "w") as f:
-                f.write(to_markdown(report, "threadlets bench " + " ".join(args.argv)))
-    except OSError as e:
-        print(f"threadlets bench: error: {e}", file=sys.stderr)
-        return 1
+        return f"stopped by {signal.Signals(status - 128).name}"
+    except ValueError:
+        return "interrupted"
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _print_bench(args: argparse.Namespace, report: dict[str, Any]) -> None:
+    from threadlets.bench import to_markdown
+
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(report, indent=2), flush=True)
     else:
         from rich.markdown import Markdown
 
-        _console().print(Markdown(to_markdown(report, "threadlets bench " + " ".join(args.argv))))
-    return 0
+        text = to_markdown(report, report["command"])
+        if report.get("interrupted"):
+            text += "\n**Interrupted**: the figures above are what was measured before.\n"
+        _console().print(Markdown(text))
 
 
 def _fmt_seconds(seconds: float) -> str:
@@ -535,11 +586,19 @@ def _nbd(args: argparse.Namespace) -> int:
         export = open_export(
             args.image, name=args.export_name, read_only=args.read_only, direct=args.direct
         )
-    except (OSError, ValueError) as e:
+    except OSError as e:
+        # ("dir: Is a directory", as the other refusals name the image;
+        # not "[Errno 21] Is a directory: 'dir'".)
+        print(f"threadlets nbd serve: {args.image}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
         print(f"threadlets nbd serve: {e}", file=sys.stderr)
         return 1
 
+    listening = []
+
     def ready(server: Any) -> None:
+        listening.append(True)
         if args.socket:
             where = f"nbd+unix:///{args.export_name}?socket={args.socket}"
         else:
@@ -585,7 +644,11 @@ def _nbd(args: argparse.Namespace) -> int:
     try:
         asyncio.run(run())
     except OSError as e:
-        print(f"threadlets nbd serve: {e}", file=sys.stderr)
+        if listening or e.filename:
+            print(f"threadlets nbd serve: {e}", file=sys.stderr)
+        else:  # ("[Errno 13] Permission denied", of which socket?)
+            where = args.socket or args.bind
+            print(f"threadlets nbd serve: cannot listen on {where}: {e.strerror}", file=sys.stderr)
         return 1
     finally:
         export.close()
@@ -649,13 +712,18 @@ def _export_name(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     from threadlets.engine import BACKENDS
 
+    # No abbreviated options (allow_abbrev=False, on every parser): with
+    # them, "--dur 5" meant --duration, and an option added later that
+    # shares the prefix would silently change an old command's meaning.
     parser = argparse.ArgumentParser(
-        prog="threadlets", description="Fast, correct asynchronous file and block I/O."
+        prog="threadlets",
+        description="Fast, correct asynchronous file and block I/O.",
+        allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"threadlets {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    info = sub.add_parser("info", help="print what this machine supports")
+    info = sub.add_parser("info", allow_abbrev=False, help="print what this machine supports")
     info.add_argument(
         "--directory",
         type=_existing_directory,
@@ -667,6 +735,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser(
         "stress",
+        allow_abbrev=False,
         help="hammer a file through the engine and verify every byte",
         description="Random concurrent reads, writes, vectored I/O, flushes, discards, "
         "write-zeroes, truncates and cancels, each read checked against a model of "
@@ -733,6 +802,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     be = sub.add_parser(
         "bench",
+        allow_abbrev=False,
         help="measure threadlets beside the peers, side by side",
         description="Workloads: " + "; ".join(f"{k} ({v})" for k, v in WORKLOADS.items()),
     )
@@ -760,11 +830,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     be.set_defaults(func=_bench)
 
-    nbd = sub.add_parser("nbd", help="serve a file or block device to NBD clients")
+    nbd = sub.add_parser(
+        "nbd", allow_abbrev=False, help="serve a file or block device to NBD clients"
+    )
     nbd.set_defaults(func=_nbd, parser=nbd, nbd_command=None)
     nbd_sub = nbd.add_subparsers(dest="nbd_command", metavar="NBD_COMMAND")
     ns = nbd_sub.add_parser(
         "serve",
+        allow_abbrev=False,
         help="serve IMAGE over NBD until Ctrl-C, SIGTERM or SIGHUP",
         description="Serve a file or block device to NBD clients (qemu, nbdinfo, nbdcopy, "
         "the Linux nbd driver) through the engine.  SIGINT, SIGTERM and SIGHUP stop it "
@@ -803,15 +876,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _open_standard_fds() -> None:
+def _open_standard_fds() -> set[int]:
     """A closed stdin, stdout or stderr (``2>&-``) becomes /dev/null.  Else
     the next file opened (stress's target, its scratch file) takes that
     number, and with sys.stderr None, print(file=sys.stderr) writes to
-    stdout: the progress lines landed in the --json output."""
+    stdout: the progress lines landed in the --json output.  Returns the
+    numbers that were closed."""
+    closed = set()
     for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
         try:
             os.fstat(fd)
         except OSError:
+            closed.add(fd)
             null = os.open(os.devnull, os.O_RDONLY if fd == 0 else os.O_WRONLY)
             if null != fd:
                 os.dup2(null, fd)
@@ -819,29 +895,101 @@ def _open_standard_fds() -> None:
             if getattr(sys, name) is None:
                 # (Kept open for the process: it is sys.stdin/stdout/stderr now.)
                 setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False))  # noqa: SIM115
+    return closed
+
+
+class _Stdout:
+    """sys.stdout while a command runs: the first write or flush that
+    stdout refuses (a reader gone: EPIPE; a full disk; stdout closed at
+    start: EBADF, as the write to a closed descriptor would be) is recorded
+    in ``error`` and what follows is dropped, so that the command finishes
+    (its scratch files removed) and main() can say the report was lost
+    instead of exiting 0 as if it had been written."""
+
+    def __init__(self, inner: Any, closed: bool) -> None:
+        self.inner = inner
+        self.error = errno.EBADF if closed else 0
+
+    def write(self, text: str) -> int:
+        if text and not self.error:
+            try:
+                self.inner.write(text)
+            except OSError as e:
+                self.error = e.errno or errno.EIO
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.error:
+            try:
+                self.inner.flush()
+            except OSError as e:
+                self.error = e.errno or errno.EIO
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def _report_lost(out: _Stdout, command: str, status: int) -> int:
+    """The exit status of a command whose stdout refused what it wrote:
+    141 for a reader gone (what a shell shows for a death by SIGPIPE, as
+    ``cmd | head`` usually ends), else the command's own status if it
+    failed, or 1 -- never 0, which would claim the report was written."""
+    out.flush()
+    if not out.error:
+        return status
+    # Nothing more for the interpreter to fail to flush at exit.
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        if out.inner.fileno() == 1:
+            _to_devnull(1)
+    if out.error == errno.EPIPE:
+        return EXIT_BROKEN_PIPE
+    with contextlib.suppress(OSError):
+        print(f"{command}: write error: {os.strerror(out.error)}", file=sys.stderr)
+    return status or 1
+
+
+def _to_devnull(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, fd)
+        os.close(null)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    _open_standard_fds()
+    closed = _open_standard_fds()
+    real = sys.stdout
+    out = _Stdout(real, 1 in closed)
+    sys.stdout = out
     # (Parsing imports the tools' modules: Ctrl-C may land there too.)
     command = "threadlets"
     try:
-        args = build_parser().parse_args(argv)
-        args.argv = argv[1:]
-        command = f"threadlets {args.command}"
-        result: int = args.func(args)
+        try:
+            args = build_parser().parse_args(argv)
+            args.argv = argv[1:]
+            command = f"threadlets {args.command}"
+            result: int = args.func(args)
+        except SystemExit as e:
+            # --help and --version (0), a usage error (2), SIGTERM (143):
+            # raised on, with the status a lost report makes it.
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            lost = _report_lost(out, command, code)
+            if lost != code:
+                raise SystemExit(lost) from None
+            raise
+        return _report_lost(out, command, result)
     except KeyboardInterrupt:
         with contextlib.suppress(OSError):
             print(f"{command}: interrupted", file=sys.stderr)
-        return 130
+        return _report_lost(out, command, 130)
     except BrokenPipeError:
-        # Whoever read stdout stopped (| head): no traceback, and nothing
-        # more for the interpreter to fail to flush at exit.
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        # Whoever read stderr stopped (2>&1 | head): no traceback, and
+        # nothing more for the interpreter to fail to flush at exit.
+        _to_devnull(2)
         return EXIT_BROKEN_PIPE
-    return result
+    finally:
+        if sys.stdout is out:  # (a test's capture may have been swapped in meanwhile)
+            sys.stdout = real
 
 
 if __name__ == "__main__":

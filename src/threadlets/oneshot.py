@@ -15,7 +15,11 @@ context's inline path turned off -- closes what was opened and does the
 whole call as one request.  Cancellation is the engine's
 (:mod:`threadlets.awaitable`): cancelled while queued, nothing happened;
 cancelled while running, the call is waited out -- a write has then been
-done -- before the cancellation is seen.
+done -- before the cancellation is seen.  A write to a stream (a FIFO, a
+device) is the exception, as a read of one is: the worker opens it without
+waiting for a reader and the task writes it as :func:`threadlets.open`'s
+files are written, so a cancellation gets through even if nobody ever reads
+(what was written before stays written).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import codecs
 import ctypes
 import errno
 import io
+import itertools
 import locale
 import os
 import select
@@ -39,7 +44,14 @@ from threadlets.probe import capabilities
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, StrOrBytesPath
 
-__all__ = ["open_cached", "read_bytes", "read_text", "write_bytes", "write_text"]
+__all__ = [
+    "open_cached",
+    "open_cached_into",
+    "read_bytes",
+    "read_text",
+    "write_bytes",
+    "write_text",
+]
 
 _RDONLY = os.O_RDONLY | os.O_CLOEXEC
 _WRONLY = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
@@ -49,11 +61,18 @@ _NEWLINES = (None, "", "\n", "\r", "\r\n")
 INLINE_MAX = 256 * 1024
 
 
-def _make_openat2() -> Callable[[bytes, int], int] | None:
-    """``openat2(AT_FDCWD, path, flags, RESOLVE_CACHED)`` -> fd, or -1
-    (the caller adds O_NONBLOCK: a FIFO must not wait for its other end);
-    None where the kernel or platform has no openat2 (Linux < 5.12 has no
-    RESOLVE_CACHED: EINVAL, also None)."""
+def _make_openat2() -> Callable[[bytes, int, list[int]], None] | None:
+    """``openat2(AT_FDCWD, path, flags, RESOLVE_CACHED)``, its result -- a
+    descriptor, or -1 -- appended to the list given (the caller adds
+    O_NONBLOCK: a FIFO must not wait for its other end); None where the
+    kernel or platform has no openat2 (Linux < 5.12 has no RESOLVE_CACHED:
+    EINVAL, also None).
+
+    The descriptor is stored by the call that makes it: the system call
+    runs from C (map, inside the list's extend), and CPython raises a
+    pending Ctrl-C only as a call made by Python code returns -- before
+    the extend or after it, never between the open and the store, where it
+    left the descriptor open for good."""
     if not capabilities().openat2 or not _RWF_NOWAIT:
         return None
     try:
@@ -77,19 +96,40 @@ def _make_openat2() -> Callable[[bytes, int], int] | None:
         ctypes.c_void_p,
         ctypes.c_size_t,
     ]
-    how_n = ctypes.sizeof(OpenHow)
-    at_fdcwd = -100
-    sys_openat2 = 437  # the same number on every Linux architecture
+    how_n = (ctypes.sizeof(OpenHow),)
+    at_fdcwd = (-100,)
+    sys_openat2 = (437,)  # the same number on every Linux architecture
 
-    def openat2(path: bytes, flags: int) -> int:
+    def openat2(path: bytes, flags: int, into: list[int]) -> None:
         how = OpenHow(flags, 0, 0x20)  # RESOLVE_CACHED; one per call: any thread
-        return int(syscall(sys_openat2, at_fdcwd, path, ctypes.addressof(how), how_n))
+        into.extend(map(syscall, sys_openat2, at_fdcwd, (path,), (ctypes.addressof(how),), how_n))
 
-    probe = openat2(b"/", _RDONLY)
-    if probe < 0:
-        return None  # ENOSYS, or EINVAL for RESOLVE_CACHED (older kernels)
-    os.close(probe)
-    return openat2
+    probe: list[int] = []
+    try:
+        openat2(b"/", _RDONLY, probe)
+        # ENOSYS, or EINVAL for RESOLVE_CACHED (older kernels): None.
+        return openat2 if probe[0] >= 0 else None
+    finally:
+        if probe and probe[0] >= 0:
+            os.close(probe[0])
+
+
+def open_cached_into(path: str | bytes, flags: int, into: list[int]) -> bool:
+    """:func:`open_cached`, the descriptor appended to ``into`` by the call
+    that makes it (a Ctrl-C lands before or after, never between the open
+    and the store); False, and ``into`` as it was, if nothing was opened."""
+    name = os.fsencode(path)
+    if b"\0" in name:  # (os.open's words, which differ by type)
+        if isinstance(os.fspath(path), bytes):
+            raise ValueError("open: embedded null character in path")
+        raise ValueError("embedded null byte")
+    if _openat2 is None or flags & (os.O_CREAT | os.O_TRUNC):
+        return False
+    _openat2(name, flags | os.O_NONBLOCK, into)
+    if into[-1] < 0:
+        del into[-1]  # (no call: nothing to interrupt)
+        return False
+    return True
 
 
 def open_cached(path: str | bytes, flags: int) -> int:
@@ -98,15 +138,10 @@ def open_cached(path: str | bytes, flags: int) -> int:
     O_NONBLOCK added (the caller clears it if it must).  Call it only from
     an event loop's thread.  A path holding a NUL is refused as os.open
     refuses it (ValueError): a C string would end there, and another file
-    would be opened."""
-    name = os.fsencode(path)
-    if b"\0" in name:  # (os.open's words, which differ by type)
-        if isinstance(os.fspath(path), bytes):
-            raise ValueError("open: embedded null character in path")
-        raise ValueError("embedded null byte")
-    if _openat2 is None or flags & (os.O_CREAT | os.O_TRUNC):
-        return -1
-    return _openat2(name, flags | os.O_NONBLOCK)
+    would be opened.  (A caller that must not leak the descriptor to a
+    Ctrl-C landing as this returns uses :func:`open_cached_into`.)"""
+    into: list[int] = []
+    return into[0] if open_cached_into(path, flags, into) else -1
 
 
 _openat2 = _make_openat2()
@@ -114,16 +149,22 @@ _openat2 = _make_openat2()
 
 def _read_inline(path: str | bytes) -> bytes | _Handoff | None:
     """The whole of a cached regular file, read without blocking; or the
-    descriptor opened, for a worker to go on with; or None (nothing open)."""
-    fd = open_cached(path, _RDONLY)
-    if fd < 0:
-        return None
-    closed = False  # (set before the close: a Ctrl-C lands as a call returns)
+    descriptor opened, for a worker to go on with; or None (nothing open).
+
+    Whatever a Ctrl-C cuts short -- here, or in the caller as this returns
+    a hand-over -- nothing stays open: the descriptor lives in ``fds`` from
+    the call that made it on, each close marks it closed first (a number
+    is never closed twice: by then it may be another thread's new file),
+    and a hand-over dropped unused closes what it holds."""
+    fds: list[int] = []
     try:
+        if not open_cached_into(path, _RDONLY, fds):
+            return None
+        fd = fds[0]
         st = os.fstat(fd)
         size = st.st_size
         if stat.S_ISDIR(st.st_mode):
-            closed = True
+            fds[0] = -1
             os.close(fd)
             return None  # the worker's open says IsADirectoryError
         if stat.S_ISREG(st.st_mode) and size <= INLINE_MAX:
@@ -133,21 +174,20 @@ def _read_inline(path: str | bytes) -> bytes | _Handoff | None:
             except OSError:
                 got = -1
             if got == size:
-                closed = True
+                fds[0] = -1
                 os.close(fd)
                 del buf[size:]
                 return bytes(buf)
+        # Not cached, large, or not a regular file: opened already (a FIFO's
+        # writer may have seen us open it), so the worker reads this
+        # descriptor.  (Its wake-up pipe refused -- EMFILE -- or a Ctrl-C:
+        # the descriptor is closed below.)
+        return _Handoff(fds, path, not stat.S_ISREG(st.st_mode))
     except BaseException:
-        # Not twice: by then the number may be another thread's new file.
-        if not closed:
+        if fds and fds[0] >= 0:
+            fd = fds[0]
+            fds[0] = -1
             os.close(fd)
-        raise
-    # Not cached, large, or not a regular file: opened already (a FIFO's
-    # writer may have seen us open it), so the worker reads this descriptor.
-    try:
-        return _Handoff(fd, path, not stat.S_ISREG(st.st_mode))
-    except BaseException:  # (its wake-up pipe refused: EMFILE; or Ctrl-C)
-        os.close(fd)
         raise
 
 
@@ -155,54 +195,76 @@ class _Handoff:
     """A descriptor opened on the loop for a worker to read and close.  If
     the task gives up before the worker took it, the task closes it; if
     after, and the file is a stream (a FIFO that may never be written),
-    the task wakes the worker through a pipe and the worker gives up."""
+    the task wakes the worker through a pipe and the worker gives up.  One
+    dropped unused (a Ctrl-C as it was handed over) closes what it holds
+    when it is collected."""
 
-    __slots__ = ("_done", "_lock", "_wake", "fd", "path", "stream")
+    __slots__ = ("_done", "_fds", "_lock", "_wake", "path", "stream")
 
-    def __init__(self, fd: int, path: Any, stream: bool) -> None:
-        self._lock = threading.Lock()
-        self.fd: int | None = fd
+    def __init__(self, fds: list[int], path: Any, stream: bool) -> None:
+        #: [the descriptor], -1 once taken or closed (marked before the
+        #: close, in plain bytecode: shared with _read_inline's clean-up).
+        self._fds = fds
+        #: A stream's wake-up pipe, stored by the call that makes it.
+        self._wake: list[int] = []
+        self._done = False  # the wake-up pipe closed
         self.path = path
         self.stream = stream  # not a regular file: may block for ever
-        self._wake = os.pipe2(os.O_CLOEXEC) if stream else None
-        self._done = False
+        self._lock = threading.Lock()
+        if stream:
+            self._wake.extend(itertools.chain.from_iterable(map(os.pipe2, (os.O_CLOEXEC,))))
 
-    def _take(self) -> int | None:
+    def __del__(self) -> None:
+        try:
+            fd = self._fds[0]
+            if fd >= 0:
+                self._fds[0] = -1
+                os.close(fd)
+            if self._wake and not self._done:
+                self._finish()
+        except AttributeError:  # (a construction cut short: nothing of it)
+            pass
+
+    def _take(self) -> int:
         with self._lock:
-            fd, self.fd = self.fd, None
+            fd = self._fds[0]
+            self._fds[0] = -1
         return fd
 
     def abandon(self) -> None:
-        fd = self._take()
         with self._lock:
-            if fd is not None:
-                os.close(fd)
-            if self._wake is not None and not self._done:
-                if fd is not None:  # the worker never started: nobody else uses the pipe
+            fd = self._fds[0]
+            if fd >= 0:
+                self._fds[0] = -1
+                os.close(fd)  # (cut short after this: the pipe is __del__'s)
+            if self._wake and not self._done:
+                if fd >= 0:  # the worker never started: nobody else uses the pipe
                     self._finish()
                 else:
                     os.write(self._wake[1], b"x")
 
     def _finish(self) -> None:
-        """Close the pipe (the lock held)."""
+        """Close the pipe (the lock held, or the last reference gone)."""
         self._done = True
-        if self._wake is not None:
-            os.close(self._wake[0])
-            os.close(self._wake[1])
+        r, w = self._wake
+        try:
+            os.close(r)
+        finally:
+            os.close(w)
 
     def read(self) -> bytes:
         """On the worker: the rest of the file, then close it."""
         fd = self._take()
-        if fd is None:
+        if fd < 0:
             raise OSError(errno.ECANCELED, os.strerror(errno.ECANCELED))
         try:
-            if self._wake is None:
+            if not self._wake:
                 return _read_fd(fd, self.path)
             return self._read_stream(fd, self._wake[0])
         finally:
             os.close(fd)
             with self._lock:
-                if not self._done:
+                if self._wake and not self._done:
                     self._finish()
 
     def _read_stream(self, fd: int, wake: int) -> bytes:
@@ -256,12 +318,6 @@ async def _inline_done(io_: LoopIO) -> None:
         await io_.fair_yield()
 
 
-async def _one_call(fn: Any, *args: Any) -> Any:
-    io_ = current()
-    await io_.checkpoint()
-    return await _submit(io_, fn, *args)
-
-
 async def _submit(io_: LoopIO, fn: Any, *args: Any) -> Any:
     req = io_.ctx.call(fn, *args)
     await io_.wait(req)
@@ -290,22 +346,94 @@ async def _read(io_: LoopIO, where: Any) -> bytes:
     return data
 
 
-def _write_all(path: Any, view: memoryview) -> None:
-    fd = os.open(path, _WRONLY, 0o666)
+#: What a worker's write hands back to the task: None (written whole),
+#: or (a descriptor, what to write) for a stream -- a FIFO, a device -- the
+#: task writes as threadlets.open's files are written (a cancellation
+#: gets through: a FIFO whose reader does not read blocked the worker for
+#: good, and the task waited for it); -1 for a FIFO with no reader yet,
+#: which the task opens as threadlets.open does (cancellable too).
+_Rest = tuple[int, memoryview] | None
+
+
+def _write_all(path: Any, view: memoryview) -> _Rest:
     try:
+        # Without waiting for a FIFO's reader: ENXIO if it has none.
+        fd = os.open(path, _WRONLY | os.O_NONBLOCK, 0o666)
+    except OSError as e:
+        if e.errno == errno.ENXIO and _is_fifo(path):
+            return -1, view
+        raise
+    try:
+        os.set_blocking(fd, True)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            handed, fd = fd, -1
+            return handed, view
         done = 0
         while done < len(view):
             done += os.write(fd, view[done:])
+        return None
     finally:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
+
+
+def _is_fifo(path: Any) -> bool:
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+async def _write(path: Any, fn: Callable[..., _Rest], *args: Any) -> None:
+    """write_bytes/write_text after their checks: one request, and for a
+    stream the rest on the loop (see _Rest)."""
+    io_ = current()
+    await io_.checkpoint()
+    req = io_.ctx.call(fn, path, *args)
+    try:
+        await io_.wait(req)
+    except BaseException:
+        # Cut short once the worker had opened a stream: close it.
+        if req.done() and not req.cancelled() and req.exception(0) is None:
+            handed: Any = req.result(0)
+            if handed is not None and handed[0] >= 0:
+                os.close(handed[0])
+        raise
+    rest: _Rest = req.result()  # type: ignore[assignment]
+    if rest is not None:
+        await _write_stream(path, rest[0], rest[1])
+
+
+async def _write_stream(path: Any, fd: int, view: memoryview) -> None:
+    from threadlets import asyncfile  # (it imports this module)
+
+    f: asyncfile.AsyncFile
+    if fd < 0:
+        f = await asyncfile.open(path, "wb", buffering=0)
+    else:
+        try:
+            f = asyncfile.wrap(fd, "wb")
+        except BaseException:
+            os.close(fd)
+            raise
+    async with f:
+        done = 0
+        while done < len(view):
+            done += await f.write(view[done:])
 
 
 def _encoding(encoding: str | None) -> str:
     name = io.text_encoding(encoding)
     if name == "locale":
         name = locale.getencoding()
-    codecs.lookup(name)  # LookupError for an unknown codec, before any I/O
-    return name
+    # LookupError for an unknown codec, or one that is not a text encoding
+    # (rot13, base64: io.open's words), before any I/O.
+    info = codecs.lookup(name)
+    if not getattr(info, "_is_text_encoding", True):
+        raise LookupError(
+            f"'{name}' is not a text encoding; use codecs.open() to handle arbitrary codecs"
+        )
+    return info.name
 
 
 def _check_newline(newline: object) -> None:
@@ -315,12 +443,25 @@ def _check_newline(newline: object) -> None:
         raise ValueError(f"illegal newline value: {newline!r}")
 
 
+#: Codecs whose bytes.decode is what the text layer's decoder gives: no
+#: state, no byte order mark to require (utf-16 without one is an error
+#: there, and bytes.decode guessed the machine's order).
+_STATELESS = frozenset({"utf-8", "ascii", "latin-1", "iso8859-1"})
+
+
 def _decode(data: bytes, encoding: str, errors: str | None, newline: str | None) -> str:
-    if newline == "" or (newline is None and b"\r" not in data):
-        return data.decode(encoding, errors or "strict")
-    # The text layer's exact rules (universal newlines, a split "\r\n").
-    with io.TextIOWrapper(io.BytesIO(data), encoding, errors, newline) as f:
-        return f.read()
+    """``data`` as the text layer reads it (pathlib's read_text): its
+    incremental decoder, then universal newlines unless ``newline`` says
+    otherwise -- a carriage return is looked for in the text, not the
+    bytes (utf-7 may spell one "+AA0-")."""
+    if encoding in _STATELESS:
+        text = data.decode(encoding, errors or "strict")
+    else:
+        decoder = codecs.getincrementaldecoder(encoding)(errors or "strict")
+        text = decoder.decode(data, final=True)
+    if newline is None and "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text
 
 
 def _read_text(path: Any, encoding: str, errors: str | None, newline: str | None) -> str:
@@ -329,7 +470,7 @@ def _read_text(path: Any, encoding: str, errors: str | None, newline: str | None
 
 def _write_text(
     path: Any, text: str, encoding: str, errors: str | None, newline: str | None
-) -> None:
+) -> _Rest:
     if newline in (None, "", "\n") or "\n" not in text:
         data = text.encode(encoding, errors or "strict")
     else:
@@ -338,7 +479,7 @@ def _write_text(
         f.write(text)
         f.flush()
         data = buf.getvalue()
-    _write_all(path, memoryview(data))
+    return _write_all(path, memoryview(data))
 
 
 async def read_bytes(path: StrOrBytesPath) -> bytes:
@@ -375,7 +516,7 @@ async def write_bytes(path: StrOrBytesPath, data: ReadableBuffer) -> int:
     """Create or truncate the file and write ``data`` (pathlib's
     ``write_bytes``), in one request; returns the count written."""
     view = memoryview(data).cast("B")  # TypeError for a str, before any I/O
-    await _one_call(_write_all, os.fspath(path), view)
+    await _write(os.fspath(path), _write_all, view)
     return len(view)
 
 
@@ -391,5 +532,5 @@ async def write_text(
     if not isinstance(data, str):
         raise TypeError(f"data must be str, not {type(data).__name__}")
     _check_newline(newline)
-    await _one_call(_write_text, os.fspath(path), data, _encoding(encoding), errors, newline)
+    await _write(os.fspath(path), _write_text, data, _encoding(encoding), errors, newline)
     return len(data)

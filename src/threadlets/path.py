@@ -99,15 +99,23 @@ class Path:
         return NotImplemented
 
     def __lt__(self, other: Path) -> bool:
+        if not isinstance(other, Path):
+            return NotImplemented  # TypeError, as pathlib's (not AttributeError)
         return self._path < other._path
 
     def __le__(self, other: Path) -> bool:
+        if not isinstance(other, Path):
+            return NotImplemented  # TypeError, as pathlib's (not AttributeError)
         return self._path <= other._path
 
     def __gt__(self, other: Path) -> bool:
+        if not isinstance(other, Path):
+            return NotImplemented  # TypeError, as pathlib's (not AttributeError)
         return self._path > other._path
 
     def __ge__(self, other: Path) -> bool:
+        if not isinstance(other, Path):
+            return NotImplemented  # TypeError, as pathlib's (not AttributeError)
         return self._path >= other._path
 
     def __truediv__(self, other: StrPath) -> Path:

@@ -245,24 +245,33 @@ def _data_offset(fd: int) -> int:
     seek_data = getattr(os, "SEEK_DATA", None)
     if seek_data is None:
         return 0
+    opened: list[int] = []
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return 0  # a block device: all data
-        other = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return 0
-    try:
+        _open_into(opened, f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
         pos = 0
         for _ in range(16):
-            found = os.lseek(other, pos, seek_data)
+            found = os.lseek(opened[0], pos, seek_data)
             if found == pos and pos % MAX_ALIGNMENT == 0:
                 return pos
             pos = -(-found // MAX_ALIGNMENT) * MAX_ALIGNMENT
-    except OSError:  # ENXIO: no data past pos
+    except OSError:  # the reopening refused; ENXIO: no data past pos
         pass
     finally:
-        os.close(other)
+        if opened:
+            os.close(opened[0])
     return 0
+
+
+def _open_into(opened: list[int], path: str, flags: int) -> None:
+    """os.open, the descriptor appended to ``opened`` by the call that
+    makes it: the open runs from C (map, inside the list's extend), and
+    CPython raises a pending Ctrl-C only as a call made by Python code
+    returns -- before the extend or after it, never between the open and
+    the store, where the descriptor leaked.  (The caller closes what is in
+    the list, in a finally.)"""
+    opened.extend(map(os.open, (path,), (flags,)))
 
 
 def _reads(fd: int, view: memoryview, offset: int = 0) -> bool:
@@ -293,19 +302,18 @@ def direct_alignment(fd: int) -> tuple[int, int]:
         return probe_alignment(fd)
     except OSError:
         pass
+    opened: list[int] = []
     try:
         mode = os.fstat(fd).st_mode
         if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
             return MAX_ALIGNMENT, MAX_ALIGNMENT  # reopening a pipe would read its data
-        other = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | O_DIRECT | os.O_CLOEXEC)
-    except OSError:
-        return MAX_ALIGNMENT, MAX_ALIGNMENT
-    try:
-        return probe_alignment(other)
+        _open_into(opened, f"/proc/self/fd/{fd}", os.O_RDONLY | O_DIRECT | os.O_CLOEXEC)
+        return probe_alignment(opened[0])
     except OSError:
         return MAX_ALIGNMENT, MAX_ALIGNMENT
     finally:
-        os.close(other)
+        if opened:
+            os.close(opened[0])
 
 
 @dataclass(frozen=True)
@@ -326,16 +334,19 @@ def probe_direct_io(directory: str = ".") -> DirectIOSupport:
         f.write(b"\0" * 4 * MAX_ALIGNMENT)
         f.flush()
         os.fsync(f.fileno())
+        opened: list[int] = []
         try:
-            fd = os.open(f.name, os.O_RDONLY | O_DIRECT)
-        except OSError as e:
-            return DirectIOSupport(False, reason=f"open(O_DIRECT): {e.strerror}")
-        try:
-            request, memory = probe_alignment(fd)
-        except OSError as e:
-            return DirectIOSupport(False, reason=f"read: {e.strerror}")
+            try:
+                _open_into(opened, f.name, os.O_RDONLY | O_DIRECT | os.O_CLOEXEC)
+            except OSError as e:
+                return DirectIOSupport(False, reason=f"open(O_DIRECT): {e.strerror}")
+            try:
+                request, memory = probe_alignment(opened[0])
+            except OSError as e:
+                return DirectIOSupport(False, reason=f"read: {e.strerror}")
         finally:
-            os.close(fd)
+            if opened:
+                os.close(opened[0])
     return DirectIOSupport(True, request, memory)
 
 
@@ -384,10 +395,17 @@ def probe_io_uring() -> IoUringSupport:
     libc = ctypes.CDLL(None, use_errno=True)
     params = ctypes.create_string_buffer(120)  # struct io_uring_params, zeroed
     libc.syscall.restype = ctypes.c_long
-    fd = libc.syscall(ctypes.c_long(nr), ctypes.c_uint(1), params)  # typed: see uring._syscalls
-    if fd < 0:
-        err = ctypes.get_errno()
-        note = f" (kernel.io_uring_disabled={disabled})" if disabled != "0" else ""
-        return IoUringSupport(False, f"io_uring_setup: {os.strerror(err)}{note}")
-    os.close(fd)
-    return IoUringSupport(True, "supported")
+    # The ring's descriptor stored by the call that makes it (see _open_into).
+    made: list[int] = []
+    try:
+        made.extend(
+            map(libc.syscall, (ctypes.c_long(nr),), (ctypes.c_uint(1),), (params,))
+        )  # typed: see uring._syscalls
+        if made[0] < 0:
+            err = ctypes.get_errno()
+            note = f" (kernel.io_uring_disabled={disabled})" if disabled != "0" else ""
+            return IoUringSupport(False, f"io_uring_setup: {os.strerror(err)}{note}")
+        return IoUringSupport(True, "supported")
+    finally:
+        if made and made[0] >= 0:
+            os.close(made[0])

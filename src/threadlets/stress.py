@@ -816,6 +816,12 @@ def _target(cfg: StressConfig) -> Iterator[_Target]:
                 align = 1
                 os.ftruncate(fd, 0)
                 os.ftruncate(fd, size)  # the model starts as zeros
+                kept = os.fstat(fd).st_size
+                if kept != size:  # (a /proc or /sys file: a "mismatch" it is not)
+                    raise StressError(
+                        f"{path} does not keep what is written (its size is {kept:,} after "
+                        f"truncating it to {size:,}): not a file on a disk file system"
+                    )
                 _reserve(fd, path, size)
         except BaseException:
             os.close(fd)
@@ -987,7 +993,30 @@ def run_stress(cfg: StressConfig) -> StressReport:
     Bad configuration or an unusable path: StressError, before any request."""
     cfg.check()
     report = StressReport(seed=cfg.seed)
-    with _target(cfg) as target:
+    stopper: list[Callable[[int], None]] = []
+
+    def stop(signum: int) -> None:
+        # During the run, the run stops and reports.  Before it -- the file
+        # being made, allocated, its model built -- the set-up stops at
+        # once and cleans up: KeyboardInterrupt for Ctrl-C, as before;
+        # SystemExit(128 + the signal) for SIGTERM and SIGHUP, whose default
+        # action killed the process and left the temporary file (--size
+        # bytes, in the current directory) behind.
+        if stopper:
+            stopper[0](signum)
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        else:
+            raise SystemExit(128 + signum)
+
+    # (The handlers cover the clean-up too: a Ctrl-C there lost the report
+    # of a finished run.)
+    with (
+        first_signal_calls(signal.SIGINT, stop),
+        first_signal_calls(signal.SIGTERM, stop),
+        first_signal_calls(signal.SIGHUP, stop),  # (the terminal closed)
+        _target(cfg) as target,
+    ):
         mix = dict(cfg.mix)
         if target.device:
             mix.pop("truncate", None)  # a block device has a fixed size
@@ -1003,24 +1032,14 @@ def run_stress(cfg: StressConfig) -> StressReport:
         try:
             if target.device:
                 _load(path, st.model.data)
-        except BaseException:
+            report.backend = st.ctx.backend
+            st.path_for_corruption = path
+            st.device = target.device
+            stopper.append(st.stop)
+            _run(st, cfg, report, path, target.size)
+        finally:
+            report.sequence_digest = st.digest.hexdigest()
             st.close()
-            raise
-        report.backend = st.ctx.backend
-        st.path_for_corruption = path
-        st.device = target.device
-        # (The handlers cover the clean-up too: a Ctrl-C there lost the
-        # report of a finished run.)
-        with (
-            first_signal_calls(signal.SIGINT, st.stop),
-            first_signal_calls(signal.SIGTERM, st.stop),
-            first_signal_calls(signal.SIGHUP, st.stop),  # (the terminal closed)
-        ):
-            try:
-                _run(st, cfg, report, path, target.size)
-            finally:
-                report.sequence_digest = st.digest.hexdigest()
-                st.close()
     return report
 
 
