@@ -91,7 +91,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, Union, overload
 from threadlets.awaitable import YIELD_EVERY, FdWaits, LoopIO, StreamLock, current
 from threadlets.engine import AioRequest, _InlineDone, _nonnegative
 from threadlets.oneshot import open_cached
-from threadlets.pool import CancelResult
+from threadlets.pool import _DONE, CancelResult
 from threadlets.probe import F_NOCACHE, O_DIRECT, capability_note
 from threadlets.probe import RWF_NOWAIT as _RWF_NOWAIT
 from threadlets.textio import _UNSET
@@ -462,18 +462,32 @@ class AsyncFile:
             outstanding.discard(req)
             raise
         outstanding.discard(req)
+        if req._state is _DONE and req._exception is None:
+            return req._result  # (result()'s own fast path, without its call)
         return req.result()
 
     # -- positional I/O ---------------------------------------------------------------------
 
     async def preadinto(self, buf: WriteableBuffer, offset: int) -> int:
         """Read into ``buf`` from ``offset``; returns the count (short at EOF)."""
-        self._enter()
+        if self._slow_path:  # closed, or trio: _enter()'s checks
+            self._enter()
+        elif _get_running_loop() is not self._loop:
+            self._io.check_current()  # raises
         if self._wbuf:
             await self._flush_locked()
         elif self._trio:
             await self._io.checkpoint()
-        if _nbytes(buf, into=True) == 0:
+        # _nbytes(buf, into=True) == 0, spelled out for the common types (a
+        # read-only view is not empty here: the engine refuses it).
+        t = type(buf)
+        if t is bytearray:
+            empty = not buf
+        elif t is memoryview:
+            empty = not buf.nbytes and not buf.readonly  # type: ignore[union-attr]
+        else:
+            empty = _nbytes(buf, into=True) == 0
+        if empty:
             return self._transfer_nothing(False, offset)
         result: int = await self._run(self._ctx.read(self._fd, offset, buf))
         return result
@@ -560,13 +574,37 @@ class AsyncFile:
 
     async def pwrite(self, data: ReadableBuffer, offset: int) -> int:
         """Write ``data`` at ``offset``; returns the count written."""
-        self._enter()
-        await self._io.checkpoint()
+        if self._slow_path:  # closed, or trio (which wants a checkpoint)
+            self._enter()
+            await self._io.checkpoint()
+        elif _get_running_loop() is not self._loop:
+            self._io.check_current()  # raises
         if self._wbuf:
             await self._flush_locked()
-        if _nbytes(data) == 0:
+        # _nbytes(data) == 0, spelled out for the common types.
+        t = type(data)
+        if t is bytes or t is bytearray:
+            empty = not data
+        elif t is memoryview:
+            empty = not data.nbytes  # type: ignore[union-attr]
+        else:
+            empty = _nbytes(data) == 0
+        if empty:
             return self._transfer_nothing(True, offset)
-        result: int = await self._changing(lambda: self._ctx.write(self._fd, offset, data))
+        if self._stream or self._text is not None:
+            result: int = await self._changing(lambda: self._ctx.write(self._fd, offset, data))
+            return result
+        # _changing's body for a plain binary file, spelled out (no closure
+        # per write): the read-ahead dropped before and after.
+        if self._closed:
+            raise ValueError("I/O operation on closed file.")
+        self._rbuf = b""
+        self._wgen += 1
+        try:
+            result = await self._run(self._ctx.write(self._fd, offset, data))
+        finally:
+            self._rbuf = b""
+            self._wgen += 1
         return result
 
     async def pwritev(self, buffers: Sequence[ReadableBuffer], offset: int) -> int:

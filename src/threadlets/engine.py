@@ -92,7 +92,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import functools
 import itertools
 import logging
 import operator
@@ -174,6 +173,9 @@ def io_queue() -> ThreadletQueue:
             cap = min(64, 4 * (os.cpu_count() or 1))
             _io_queue = ThreadletQueue(max_threads=cap, name="threadlets-io")
         return _io_queue
+
+
+_OP_READ, _OP_WRITE = uring.OP_READ, uring.OP_WRITE
 
 
 class _Transfer:
@@ -540,6 +542,7 @@ class AioRequest(Threadlet[int]):
         "_cancel_asked",
         "_ctx",
         "_on_ring",
+        "_pin",
         "_processed",
         "_resumed",
         "_ring_ident",
@@ -582,6 +585,10 @@ class AioRequest(Threadlet[int]):
         #: Handed from the ring to a worker, which finishes it.
         self._resumed = False
         self._admitted = False  # counted by the completion queue
+        self._claim_ref = None  # (Threadlet's: see _claim_unpublished)
+        #: On the ring: what keeps its memory in place (see pin_buffer)
+        #: until the kernel is done with it.
+        self._pin: object = None
 
     def __repr__(self) -> str:
         return f"<AioRequest {self.kind} {self._state.value}>"
@@ -699,6 +706,36 @@ class AioRequest(Threadlet[int]):
                     cq.complete(self)
         else:
             self._ctx._cq.complete(self)
+
+    def _ring_done(self, res: int) -> None:
+        """The ring's completion of a read or write (_RingBackend.start), in
+        the thread that reaped it.  A full transfer finishes the request,
+        and so does any count on a stream (one transfer is the answer
+        there); anything else -- short, an error, EOF, EINTR, an alignment
+        the probe did not foresee -- goes to a worker, which repeats the
+        call from where the kernel stopped.  (A method of the request: the
+        ring's callback is the bound method, one object per request.)"""
+        self._pin = None  # the kernel is done with the memory
+        t: _Transfer = self._transfer  # type: ignore[assignment]
+        self._on_ring = False
+        try:
+            if res == -errno.ECANCELED and self._cancel_asked:
+                self._finish_cancelled()  # (see _RingBackend.cancel: nothing moved)
+                return
+            if res == t.total - t.done and not t.zero_fill:
+                self._finish(t.total, None)
+                return
+            if res == t.total - t.done or (res >= 0 and t.file.stream):
+                self._finish(t.one_transfer(res), None)
+                return
+            if res > 0:
+                t.done += res
+            res = 0  # (counted in t.done: no call between the two steps)
+            self._ctx._continue(self, t.run)  # (sets _resumed once handed over)
+        except BaseException:
+            # (The kernel moved `res` more into the buffers: counted.)
+            _finish_interrupted(self, t.done + max(res, 0))
+            raise
 
     def _forked(self) -> None:
         # The parent's request, cancelled in this child or being delivered at
@@ -1247,7 +1284,8 @@ class _RingBackend:
         if f.stream or f.short_nowait or (t.write and f.append):
             return self._start_other(req, t, length)
         # A regular file or a block device (the common case, in few steps).
-        pos = t.offset + t.done
+        done = t.done
+        pos = t.offset + done
         if f.direct:
             request_align, buffer_align = f.alignment(t.sc)
             if pos % request_align or length % request_align:
@@ -1257,7 +1295,10 @@ class _RingBackend:
             if len(t.buffers) != 1:
                 return self._start_vectored(req, t, pos, request_align, buffer_align)
             pinned = pin_buffer(t.buffers[0])
-            if pinned is None or (pinned[0] + t.done) % buffer_align:
+            if pinned is None:
+                return False
+            addr = pinned[0] + done
+            if addr % buffer_align:
                 return False
         else:
             if len(t.buffers) != 1:
@@ -1265,16 +1306,10 @@ class _RingBackend:
             pinned = pin_buffer(t.buffers[0])
             if pinned is None:
                 return False
+            addr = pinned[0] + done
+        # (The request holds the pin until the kernel is done with the memory.)
         return self._submit(
-            req,
-            uring.OP_WRITE if t.write else uring.OP_READ,
-            f.fd,
-            pos,
-            pinned[0] + t.done,
-            length,
-            0,
-            # The callback holds the pin until the kernel is done with the memory.
-            functools.partial(self._done, req, pinned[1]),
+            req, _OP_WRITE if t.write else _OP_READ, f.fd, pos, addr, length, pinned[1]
         )
 
     def _start_other(self, req: AioRequest, t: _Transfer, length: int) -> bool:
@@ -1300,16 +1335,7 @@ class _RingBackend:
         pinned = pin_buffer(t.buffers[0])
         if pinned is None:
             return False
-        return self._submit(
-            req,
-            uring.OP_READ,
-            f.fd,
-            offset,
-            pinned[0] + t.done,
-            length,
-            0,
-            functools.partial(self._done, req, pinned[1]),
-        )
+        return self._submit(req, _OP_READ, f.fd, offset, pinned[0] + t.done, length, pinned[1])
 
     def _start_vectored(
         self, req: AioRequest, t: _Transfer, offset: int, request_align: int, buffer_align: int
@@ -1337,16 +1363,7 @@ class _RingBackend:
             pins.append(pin)
             n += 1
         held = (iov, pins)  # alive until the kernel is done with both
-        return self._submit(
-            req,
-            opcode,
-            t.file.fd,
-            offset,
-            ctypes.addressof(iov),
-            n,
-            0,
-            functools.partial(self._done, req, held),
-        )
+        return self._submit(req, opcode, t.file.fd, offset, ctypes.addressof(iov), n, held)
 
     def _submit(
         self,
@@ -1356,18 +1373,32 @@ class _RingBackend:
         offset: int,
         addr: int,
         length: int,
-        op_flags: int,
-        on_done: Callable[[int], None],
+        pin: object,
+        op_flags: int = 0,
+        on_done: Callable[[int], None] | None = None,
     ) -> bool:
         """Claim ``req`` and hand it to the kernel; False (and QUEUED) if
-        the ring cannot take it, even when interrupted between the two."""
+        the ring cannot take it, even when interrupted between the two.
+        ``on_done`` (default: the request's transfer completion,
+        :meth:`AioRequest._ring_done`) gets the kernel's result; ``pin`` is
+        held by the request until then."""
         receipt = [0]  # the ring's id, once it queued the operation
         try:
             # (Called only by start(), from _start: the request is not
             # published yet, so it is QUEUED and nobody else holds it.)
+            req._pin = pin
             req._claim_unpublished()
             req._on_ring = True
-            self.ring.submit(opcode, fd, offset, addr, length, op_flags, on_done, receipt)
+            self.ring.submit(
+                opcode,
+                fd,
+                offset,
+                addr,
+                length,
+                op_flags,
+                req._ring_done if on_done is None else on_done,
+                receipt,
+            )
         except BaseException:
             if receipt[0]:
                 # Queued, but the interrupt may have cut its kick short:
@@ -1381,6 +1412,7 @@ class _RingBackend:
                 req._ring_ident = ident
             else:
                 req._on_ring = False
+                req._pin = None
                 req._unclaim()  # (only if it is RUNNING: claimed just now)
         return bool(ident)  # (not queued: the ring is full or closing; the pool takes it)
 
@@ -1388,7 +1420,11 @@ class _RingBackend:
         sqe = op.sqe(self.ring.supported)
         if sqe is None:
             return False
-        return self._submit(req, *sqe, lambda res: self._op_done(req, op, res))
+        opcode, fd, offset, addr, length, op_flags = sqe
+        return self._submit(
+            req, opcode, fd, offset, addr, length, None, op_flags,
+            lambda res: self._op_done(req, op, res),
+        )  # fmt: skip
 
     def _op_done(self, req: AioRequest, op: _RingOp, res: int) -> None:
         req._on_ring = False
@@ -1439,34 +1475,6 @@ class _RingBackend:
             return None  # running (-EALREADY) or completed (-ENOENT)
         req.wait()  # its -ECANCELED completion is posted: let it finish
         return CancelResult.CANCELED if req._state is _CANCELLED else None
-
-    def _done(self, req: AioRequest, pin: object, res: int) -> None:
-        """A ring completion, in the thread that reaped it.  A full transfer
-        finishes the request, and so does any count on a stream (one
-        transfer is the answer there); anything else -- short, an error,
-        EOF, EINTR, an alignment the probe did not foresee -- goes to a
-        worker, which repeats the call from where the kernel stopped."""
-        del pin  # the kernel is done with the memory
-        t: _Transfer = req._transfer  # type: ignore[assignment]
-        req._on_ring = False
-        try:
-            if res == -errno.ECANCELED and req._cancel_asked:
-                req._finish_cancelled()  # (see cancel: nothing moved)
-                return
-            if res == t.total - t.done and not t.zero_fill:
-                req._finish(t.total, None)
-                return
-            if res == t.total - t.done or (res >= 0 and t.file.stream):
-                req._finish(t.one_transfer(res), None)
-                return
-            if res > 0:
-                t.done += res
-            res = 0  # (counted in t.done: no call between the two steps)
-            self.ctx._continue(req, t.run)  # (sets _resumed once handed over)
-        except BaseException:
-            # (The kernel moved `res` more into the buffers: counted.)
-            _finish_interrupted(req, t.done + max(res, 0))
-            raise
 
 
 def _finish_interrupted(req: AioRequest, moved: int) -> bool:
@@ -1928,9 +1936,36 @@ class AioContext:
         pipe, socket or terminal, one transfer is the answer: the count of
         one ``writev``.
         """
-        f, views, total = self._prepare(fd, offset, buffers, False, callback)
-        if isinstance(f, OSError):
-            return self._fail_now("write", f, callback)
+        # The common case first, as in read(): an fd this context knows, a
+        # sane offset, one flat buffer.
+        f = self._files.get(fd)
+        t = type(buffers)
+        views: list[Any]
+        if (
+            f is not None
+            and type(offset) is int
+            and 0 <= offset <= _MAX_IO_OFFSET
+            and type(fd) is int
+            and (callback is None or callable(callback))
+            and (  # (a closed context has no files, so no fast path)
+                t is bytes
+                or t is bytearray
+                or (
+                    t is memoryview
+                    and buffers.ndim == 1  # type: ignore[union-attr]
+                    and buffers.format == "B"  # type: ignore[union-attr]
+                    and buffers.c_contiguous  # type: ignore[union-attr]
+                )
+            )
+        ):
+            views = [buffers]
+            total = len(buffers)  # type: ignore[arg-type]
+        else:
+            ff, views, total = self._prepare(fd, offset, buffers, False, callback)
+            if isinstance(ff, OSError):
+                return self._fail_now("write", ff, callback)
+            f = ff
+            t = memoryview
         done = 0
         if f.nowait_writes and total:
             try:
@@ -1945,6 +1980,8 @@ class AioContext:
                     req = AioRequest(self, "write", None, (), callback)
                     req._born_finished(done, None)
                     return self._start(req)
+        if t is not memoryview:  # (ops slices the views)
+            views = [memoryview(buffers)]  # type: ignore[arg-type]
         xfer = _Transfer(self._sc, f, views, offset, total, done, True, False)
         return self._start(AioRequest(self, "write", None, (), callback, xfer))
 
@@ -2408,6 +2445,8 @@ class _InlineDone(AioRequest):
     _args = ()
     _kwargs = None
     _transfer = None
+    _pin = None
+    _claim_ref = None
     callback = None
     kind = "read"  # the only kind that finishes inline without a callback
 
