@@ -484,7 +484,7 @@ class AsyncFile:
         if t is bytearray:
             empty = not buf
         elif t is memoryview:
-            empty = not buf.nbytes and not buf.readonly  # type: ignore[union-attr]
+            empty = not buf.nbytes and not buf.readonly  # type: ignore[attr-defined]
         else:
             empty = _nbytes(buf, into=True) == 0
         if empty:
@@ -586,7 +586,7 @@ class AsyncFile:
         if t is bytes or t is bytearray:
             empty = not data
         elif t is memoryview:
-            empty = not data.nbytes  # type: ignore[union-attr]
+            empty = not data.nbytes  # type: ignore[attr-defined]
         else:
             empty = _nbytes(data) == 0
         if empty:

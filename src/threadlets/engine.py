@@ -176,6 +176,7 @@ def io_queue() -> ThreadletQueue:
 
 
 _OP_READ, _OP_WRITE = uring.OP_READ, uring.OP_WRITE
+_NEG_ECANCELED = -errno.ECANCELED
 
 
 class _Transfer:
@@ -551,6 +552,8 @@ class AioRequest(Threadlet[int]):
         "kind",
     )
 
+    _pin: object  # (see __init__)
+
     def __init__(
         self,
         ctx: AioContext,
@@ -586,9 +589,9 @@ class AioRequest(Threadlet[int]):
         self._resumed = False
         self._admitted = False  # counted by the completion queue
         self._claim_ref = None  # (Threadlet's: see _claim_unpublished)
-        #: On the ring: what keeps its memory in place (see pin_buffer)
-        #: until the kernel is done with it.
-        self._pin: object = None
+        # (_pin, what keeps a ring request's memory in place until the
+        # kernel is done with it, is set by _RingBackend._submit: never
+        # read, it needs no value before.)
 
     def __repr__(self) -> str:
         return f"<AioRequest {self.kind} {self._state.value}>"
@@ -719,7 +722,7 @@ class AioRequest(Threadlet[int]):
         t: _Transfer = self._transfer  # type: ignore[assignment]
         self._on_ring = False
         try:
-            if res == -errno.ECANCELED and self._cancel_asked:
+            if res == _NEG_ECANCELED and self._cancel_asked:
                 self._finish_cancelled()  # (see _RingBackend.cancel: nothing moved)
                 return
             if res == t.total - t.done and not t.zero_fill:

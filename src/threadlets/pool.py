@@ -304,8 +304,9 @@ class Threadlet(Generic[T]):
                 self._result = result  # the outcome before the state
                 self._exception = exc
                 self._state = _DONE
-                self._fn = self._kwargs = None  # what it ran is not kept alive
-                self._args = ()
+                if self._fn is not None:  # what it ran is not kept alive
+                    self._fn = self._kwargs = None
+                    self._args = ()
                 changed = True
         finally:
             if changed:  # (delivered even if Ctrl-C lands as the lock is let go)

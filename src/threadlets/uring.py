@@ -503,7 +503,6 @@ class Ring:
         self._sleepers = 0
         self._ids = itertools.count(1)  # (never reaches _KICK)
         self._generation = _generation
-        self.submitted = 0
         self.reaped = 0
         self.wakeups = 0
         self._reaper: threading.Thread | None = None
@@ -541,6 +540,11 @@ class Ring:
 
     def __repr__(self) -> str:
         return f"<Ring fd={self._fd} entries={self.entries} inflight={self._inflight}>"
+
+    @property
+    def submitted(self) -> int:
+        """Operations queued so far (those reaped, and those in flight)."""
+        return self.reaped + self._inflight
 
     @property
     def usable(self) -> bool:
@@ -593,7 +597,6 @@ class Ring:
             self._sq_tail.value = tail
             self._unsubmitted += 1
             self._inflight += 1
-            self.submitted += 1
             if self._plugged_by == me and (self._unsubmitted < KICK_AT or self._in_kernel):
                 # Held back by this thread's plug.  A permanent one (hold())
                 # has a flush scheduled by the first submission it holds.
