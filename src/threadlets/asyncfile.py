@@ -470,14 +470,14 @@ class AsyncFile:
 
     async def preadinto(self, buf: WriteableBuffer, offset: int) -> int:
         """Read into ``buf`` from ``offset``; returns the count (short at EOF)."""
-        if self._slow_path:  # closed, or trio: _enter()'s checks
+        if self._slow_path or self._wbuf:  # (closed, or trio, or a buffer to send)
             self._enter()
+            if self._wbuf:
+                await self._flush_locked()
+            elif self._trio:
+                await self._io.checkpoint()
         elif _get_running_loop() is not self._loop:
             self._io.check_current()  # raises
-        if self._wbuf:
-            await self._flush_locked()
-        elif self._trio:
-            await self._io.checkpoint()
         # _nbytes(buf, into=True) == 0, spelled out for the common types (a
         # read-only view is not empty here: the engine refuses it).
         t = type(buf)

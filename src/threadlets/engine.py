@@ -588,10 +588,10 @@ class AioRequest(Threadlet[int]):
         #: Handed from the ring to a worker, which finishes it.
         self._resumed = False
         self._admitted = False  # counted by the completion queue
-        self._claim_ref = None  # (Threadlet's: see _claim_unpublished)
-        # (_pin, what keeps a ring request's memory in place until the
-        # kernel is done with it, is set by _RingBackend._submit: never
-        # read, it needs no value before.)
+        # (Two slots left unset: Threadlet's _claim_ref, set by a claim and
+        # read only by what follows one (see Threadlet._finish), and _pin,
+        # what keeps a ring request's memory in place until the kernel is
+        # done with it, set by _RingBackend._submit and never read.)
 
     def __repr__(self) -> str:
         return f"<AioRequest {self.kind} {self._state.value}>"

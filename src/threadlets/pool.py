@@ -260,9 +260,9 @@ class Threadlet(Generic[T]):
         with queue._lock:
             if self._state is not _QUEUED:
                 return False
-            self._state = _RUNNING
             self._claim_ref = ref = _weakref(self, queue._unclaimed)
             queue._claimed.add(ref)
+            self._state = _RUNNING  # (after its reference: see _finish)
             return True
 
     def _claim_unpublished(self) -> None:
@@ -286,12 +286,17 @@ class Threadlet(Generic[T]):
             if self._state is _RUNNING:
                 self._state = _QUEUED
             # (Whatever the state: a Ctrl-C inside _claim_unpublished can
-            # leave it remembered as claimed and still QUEUED.)
-            queue._claimed.discard(self._claim_ref)
+            # leave it remembered as claimed and still QUEUED -- or not
+            # even its reference stored, in a threadlet whose __init__
+            # leaves the slot unset: see _finish.)
+            queue._claimed.discard(getattr(self, "_claim_ref", None))
 
     def _finish(self, result: T | None, exc: BaseException | None) -> bool:
         """RUNNING -> DONE for claimed work: the outcome before the state,
-        under the lock; then waiters and callbacks, without it.  False, and
+        under the lock; then waiters and callbacks, without it.  (Claimed:
+        its ``_claim_ref`` is set, before the state turned RUNNING -- a
+        subclass's own __init__ may leave the slot unset, as the engine's
+        requests do, most of which are never claimed.)  False, and
         nothing changes, if it is not RUNNING (cancelled in a forked child).
         Outside a worker, a KeyboardInterrupt (or other non-Exception) from
         a callback is re-raised here after all ran (see :meth:`_finished`)."""

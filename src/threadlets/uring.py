@@ -146,6 +146,11 @@ STATX_FIELDS = struct.Struct("=IIQIIIHHQQQQ" + "qIi" * 4 + "IIII")
 _SQE = struct.Struct("<BBHiQQIIQHHiQQ")
 _CQE = struct.Struct("<QiI")  # user_data, res, flags
 assert _SQE.size == 64
+#: The same SQE with every field the ring sets to zero as padding (flags,
+#: ioprio, buf_index, personality, splice_fd_in, addr3, pad; struct packs
+#: pad bytes as zeros): opcode, fd, off, addr, len, op flags, user_data.
+_pack_sqe = struct.Struct("<B3xiQQIIQ24x").pack_into
+assert struct.calcsize("<B3xiQQIIQ24x") == 64
 assert _CQE.size == 16
 
 
@@ -583,10 +588,8 @@ class Ring:
             # bytecodes (Ctrl-C lands only as a C call returns): queued and
             # published together, or neither.
             tail = self._tail
-            _SQE.pack_into(
-                self._sqes,
-                (tail & self._sq_mask) * 64,
-                opcode, 0, 0, fd, offset, addr, length, op_flags, ident, 0, 0, 0, 0, 0,
+            _pack_sqe(
+                self._sqes, (tail & self._sq_mask) * 64, opcode, fd, offset, addr, length, op_flags, ident
             )  # fmt: skip
             if opcode == OP_OPENAT:
                 self._opens.add(ident)  # (see _abandon; before it is published)
