@@ -1279,15 +1279,16 @@ class _RingBackend:
         t = req._transfer
         if type(t) is not _Transfer:
             return isinstance(t, _RingOp) and self._start_op(req, t)
-        length = t.total - t.done
+        done = t.done
+        length = t.total - done
         if not length or length > _MAX_RING_LENGTH:
             # Nothing left, or more than one SQE moves (its len is 32 bits).
             return False
         f = t.file
-        if f.stream or f.short_nowait or (t.write and f.append):
+        write = t.write
+        if f.stream or f.short_nowait or (write and f.append):
             return self._start_other(req, t, length)
         # A regular file or a block device (the common case, in few steps).
-        done = t.done
         pos = t.offset + done
         if f.direct:
             request_align, buffer_align = f.alignment(t.sc)
@@ -1310,10 +1311,30 @@ class _RingBackend:
             if pinned is None:
                 return False
             addr = pinned[0] + done
-        # (The request holds the pin until the kernel is done with the memory.)
-        return self._submit(
-            req, _OP_WRITE if t.write else _OP_READ, f.fd, pos, addr, length, pinned[1]
-        )
+        opcode = _OP_WRITE if write else _OP_READ
+        # _submit(req, opcode, f.fd, pos, addr, length, 0, req._ring_done,
+        # pinned[1]) spelled out, step for step (this runs once per
+        # request): keep the two in step.  The request holds the pin until
+        # the kernel is done with the memory.
+        receipt = [0]
+        try:
+            req._pin = pinned[1]
+            req._claim_unpublished()
+            req._on_ring = True
+            self.ring.submit(opcode, f.fd, pos, addr, length, 0, req._ring_done, receipt)
+        except BaseException:
+            if receipt[0]:
+                self.ring.flush()
+            raise
+        finally:
+            ident = receipt[0]
+            if ident:
+                req._ring_ident = ident
+            else:
+                req._on_ring = False
+                req._pin = None
+                req._unclaim()
+        return ident != 0
 
     def _start_other(self, req: AioRequest, t: _Transfer, length: int) -> bool:
         """start() for what is not a plain file or not a plain request: a
@@ -1338,7 +1359,9 @@ class _RingBackend:
         pinned = pin_buffer(t.buffers[0])
         if pinned is None:
             return False
-        return self._submit(req, _OP_READ, f.fd, offset, pinned[0] + t.done, length, pinned[1])
+        return self._submit(
+            req, _OP_READ, f.fd, offset, pinned[0] + t.done, length, 0, req._ring_done, pinned[1]
+        )
 
     def _start_vectored(
         self, req: AioRequest, t: _Transfer, offset: int, request_align: int, buffer_align: int
@@ -1366,7 +1389,9 @@ class _RingBackend:
             pins.append(pin)
             n += 1
         held = (iov, pins)  # alive until the kernel is done with both
-        return self._submit(req, opcode, t.file.fd, offset, ctypes.addressof(iov), n, held)
+        return self._submit(
+            req, opcode, t.file.fd, offset, ctypes.addressof(iov), n, 0, req._ring_done, held
+        )
 
     def _submit(
         self,
@@ -1376,15 +1401,15 @@ class _RingBackend:
         offset: int,
         addr: int,
         length: int,
+        op_flags: int,
+        on_done: Callable[[int], None],
         pin: object,
-        op_flags: int = 0,
-        on_done: Callable[[int], None] | None = None,
     ) -> bool:
         """Claim ``req`` and hand it to the kernel; False (and QUEUED) if
         the ring cannot take it, even when interrupted between the two.
-        ``on_done`` (default: the request's transfer completion,
-        :meth:`AioRequest._ring_done`) gets the kernel's result; ``pin`` is
-        held by the request until then."""
+        ``on_done`` gets the kernel's result (a transfer's:
+        :meth:`AioRequest._ring_done`); ``pin`` is held by the request
+        until then."""
         receipt = [0]  # the ring's id, once it queued the operation
         try:
             # (Called only by start(), from _start: the request is not
@@ -1392,16 +1417,7 @@ class _RingBackend:
             req._pin = pin
             req._claim_unpublished()
             req._on_ring = True
-            self.ring.submit(
-                opcode,
-                fd,
-                offset,
-                addr,
-                length,
-                op_flags,
-                req._ring_done if on_done is None else on_done,
-                receipt,
-            )
+            self.ring.submit(opcode, fd, offset, addr, length, op_flags, on_done, receipt)
         except BaseException:
             if receipt[0]:
                 # Queued, but the interrupt may have cut its kick short:
@@ -1417,17 +1433,13 @@ class _RingBackend:
                 req._on_ring = False
                 req._pin = None
                 req._unclaim()  # (only if it is RUNNING: claimed just now)
-        return bool(ident)  # (not queued: the ring is full or closing; the pool takes it)
+        return ident != 0  # (not queued: the ring is full or closing; the pool takes it)
 
     def _start_op(self, req: AioRequest, op: _RingOp) -> bool:
         sqe = op.sqe(self.ring.supported)
         if sqe is None:
             return False
-        opcode, fd, offset, addr, length, op_flags = sqe
-        return self._submit(
-            req, opcode, fd, offset, addr, length, None, op_flags,
-            lambda res: self._op_done(req, op, res),
-        )  # fmt: skip
+        return self._submit(req, *sqe, lambda res: self._op_done(req, op, res), None)
 
     def _op_done(self, req: AioRequest, op: _RingOp, res: int) -> None:
         req._on_ring = False
