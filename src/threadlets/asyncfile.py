@@ -379,6 +379,9 @@ class AsyncFile:
         self._released = False
         #: True once closed, and always on trio: the fast paths check only this.
         self._slow_path = self._trio
+        #: A binary file with offsets (no stream, no text layer): pwrite's
+        #: fast path.  (Both are fixed when the file is made.)
+        self._plain = not self._stream and self._text is None
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"fd={self._fd}"
@@ -485,12 +488,12 @@ class AsyncFile:
         # read-only view is not empty here: the engine refuses it).
         t = type(buf)
         if t is bytearray:
-            empty = not buf
+            if not buf:
+                return self._transfer_nothing(False, offset)
         elif t is memoryview:
-            empty = not buf.nbytes and not buf.readonly  # type: ignore[attr-defined]
-        else:
-            empty = _nbytes(buf, into=True) == 0
-        if empty:
+            if not buf.nbytes and not buf.readonly:  # type: ignore[attr-defined]
+                return self._transfer_nothing(False, offset)
+        elif _nbytes(buf, into=True) == 0:
             return self._transfer_nothing(False, offset)
         req = self._ctx.read(self._fd, offset, buf)
         # await self._run(req), spelled out (a coroutine less per read):
@@ -595,24 +598,24 @@ class AsyncFile:
 
     async def pwrite(self, data: ReadableBuffer, offset: int) -> int:
         """Write ``data`` at ``offset``; returns the count written."""
-        if self._slow_path:  # closed, or trio (which wants a checkpoint)
+        if self._slow_path or self._wbuf:  # (closed, or trio, or a buffer to send)
             self._enter()
-            await self._io.checkpoint()
+            await self._io.checkpoint()  # (trio's: nothing on asyncio)
+            if self._wbuf:
+                await self._flush_locked()
         elif _get_running_loop() is not self._loop:
             self._io.check_current()  # raises
-        if self._wbuf:
-            await self._flush_locked()
         # _nbytes(data) == 0, spelled out for the common types.
         t = type(data)
         if t is bytes or t is bytearray:
-            empty = not data
+            if not data:
+                return self._transfer_nothing(True, offset)
         elif t is memoryview:
-            empty = not data.nbytes  # type: ignore[attr-defined]
-        else:
-            empty = _nbytes(data) == 0
-        if empty:
+            if not data.nbytes:  # type: ignore[attr-defined]
+                return self._transfer_nothing(True, offset)
+        elif _nbytes(data) == 0:
             return self._transfer_nothing(True, offset)
-        if self._stream or self._text is not None:
+        if not self._plain:
             result: int = await self._changing(lambda: self._ctx.write(self._fd, offset, data))
             return result
         # _changing's body for a plain binary file, spelled out (no closure

@@ -695,7 +695,7 @@ class AioRequest(Threadlet[int]):
                 # Done-callbacks run as callbacks do: not with `direct` set.
                 # Only its holder clears it (and so restores it): another
                 # thread would restore it after the holder let it go.
-                if held is not None and held[0] == _get_ident():
+                if held is not None and held.ident == _get_ident():
                     cq.direct = None
                     direct = held
             finally:  # (waiters and done-callbacks even if Ctrl-C lands above)
@@ -924,6 +924,17 @@ class _Notifier:
             os.close(fd)
 
 
+class _Direct:
+    """The cell of one direct delivery (see _CompletionQueue.direct): the
+    thread that delivers, and how many it delivered."""
+
+    __slots__ = ("count", "ident")
+
+    def __init__(self, ident: int) -> None:
+        self.ident = ident
+        self.count = 0
+
+
 class _CompletionQueue:
     """The completion side of a context: admission, the ready queue, the
     notifier and the counters.
@@ -954,14 +965,14 @@ class _CompletionQueue:
         self.delivered = 0
         self.wakeups = 0
         self.batches = 0
-        #: [thread ident, count]: the thread reaping the ring for this
+        #: A _Direct (thread ident, count): the thread reaping the ring for this
         #: queue inside process_completions, which delivers what it
         #: finishes at once, and how many it delivered so (that call's
         #: own: a cell per call, so that a nested call's or another
         #: thread's are not counted in it).  None: none, or it is running
         #: a callback.  A hint: where it is not set, completions take the
         #: ready queue, always correct.
-        self.direct: list[int] | None = None
+        self.direct: _Direct | None = None
 
     def unadmit(self, req: AioRequest) -> None:
         """Take back the admission of a request that reached no backend, and
@@ -1008,14 +1019,14 @@ class _CompletionQueue:
             except BaseException:  # (Ctrl-C as the call returned)
                 self._enqueue(req)
                 raise
-            if direct[0] == me:
+            if direct.ident == me:
                 # Plain bytecodes up to the callback's call (no lock: the
                 # GIL orders these stores, as admission's; see
                 # AioContext._start): delivered and counted from here on,
                 # even if the callback raises.  It never enters the queue.
                 req._processed = True
                 self.delivered += 1
-                direct[1] += 1
+                direct.count += 1
                 cb = req.callback
                 if cb is not None:
                     # While it runs, this thread is not reaping for the
@@ -1973,14 +1984,14 @@ class AioContext:
                 )
             )
         ):
-            views = [buffers]
+            # (A memoryview each: ops slices the views.)
+            views = [buffers if t is memoryview else memoryview(buffers)]  # type: ignore[arg-type]
             total = len(buffers)  # type: ignore[arg-type]
         else:
             ff, views, total = self._prepare(fd, offset, buffers, False, callback)
             if isinstance(ff, OSError):
                 return self._fail_now("write", ff, callback)
             f = ff
-            t = memoryview
         done = 0
         if f.nowait_writes and total:
             try:
@@ -1995,8 +2006,6 @@ class AioContext:
                     req = AioRequest(self, "write", None, (), callback)
                     req._born_finished(done, None)
                     return self._start(req)
-        if t is not memoryview:  # (ops slices the views)
-            views = [memoryview(buffers)]  # type: ignore[arg-type]
         xfer = _Transfer(self._sc, f, views, offset, total, done, True, False)
         return self._start(AioRequest(self, "write", None, (), callback, xfer))
 
@@ -2209,12 +2218,12 @@ class AioContext:
                 # unless another thread does so now.
                 took = cq.direct is None and cq.deliver
                 if took:
-                    direct = cq.direct = [_get_ident(), 0]
+                    direct = cq.direct = _Direct(_get_ident())
                 try:
                     ring.reap()
                     if took:
-                        n += direct[1]
-                        if direct[1] and cq.notifier.sleepers:
+                        n += direct.count
+                        if direct.count and cq.notifier.sleepers:
                             cq.resignal()  # (see process)
                 except BaseException:
                     # A callback raised: the rest (on the ring, or queued by

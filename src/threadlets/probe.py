@@ -199,7 +199,7 @@ def pin_buffer(view: object) -> tuple[int, object] | None:
     if type(view) is memoryview and view.readonly:
         obj = view.obj
         if type(obj) is bytes and len(view) == len(obj):
-            if _BYTES_DATA is not None:
+            if _BYTES_DATA:  # (never 0: the header comes first)
                 return id(obj) + _BYTES_DATA, obj
             return ctypes.cast(ctypes.c_char_p(obj), ctypes.c_void_p).value or 0, obj
         return None
