@@ -117,7 +117,7 @@ from threadlets.pool import (
     _check_timeout,
     _invoke_callback,
 )
-from threadlets.probe import RWF_NOWAIT, capabilities, capability_note, pin_buffer
+from threadlets.probe import _BYTES_DATA, RWF_NOWAIT, capabilities, capability_note, pin_buffer
 from threadlets.syscalls import NR_READ, NR_WRITE, Syscalls
 from threadlets.syscalls import quick_syscall as _quick_syscall
 from threadlets.uring import Ring, RingUnavailable
@@ -176,6 +176,8 @@ def io_queue() -> ThreadletQueue:
 
 
 _OP_READ, _OP_WRITE = uring.OP_READ, uring.OP_WRITE
+_c_char_from_buffer = ctypes.c_char.from_buffer
+_addressof = ctypes.addressof
 _NEG_ECANCELED = -errno.ECANCELED
 
 
@@ -1309,27 +1311,42 @@ class _RingBackend:
             # extends the file: no RMW shrinks a file; see ops.)
             if len(t.buffers) != 1:
                 return self._start_vectored(req, t, pos, request_align, buffer_align)
-            pinned = pin_buffer(t.buffers[0])
-            if pinned is None:
-                return False
-            addr = pinned[0] + done
-            if addr % buffer_align:
-                return False
         else:
             if len(t.buffers) != 1:
                 return self._start_vectored(req, t, pos, 1, 1)
-            pinned = pin_buffer(t.buffers[0])
-            if pinned is None:
+            buffer_align = 1
+        view = t.buffers[0]  # (a memoryview: see read() and write())
+        pin: object
+        if view.readonly:
+            # pin_buffer(view)'s read-only case, spelled out for whole bytes
+            # (held themselves; their data's address from the object's).
+            pin = view.obj
+            if type(pin) is bytes and len(view) == len(pin) and _BYTES_DATA:
+                addr = id(pin) + _BYTES_DATA
+            else:
+                pinned = pin_buffer(view)
+                if pinned is None:
+                    return False
+                addr, pin = pinned
+        else:
+            # pin_buffer(view)'s writable case, spelled out: an export of
+            # the buffer keeps its memory in place.
+            try:
+                pin = _c_char_from_buffer(view)
+            except (TypeError, ValueError):
                 return False
-            addr = pinned[0] + done
+            addr = _addressof(pin)
+        addr += done
+        if addr % buffer_align:
+            return False
         opcode = _OP_WRITE if write else _OP_READ
         # _submit(req, opcode, f.fd, pos, addr, length, 0, req._ring_done,
-        # pinned[1]) spelled out, step for step (this runs once per
-        # request): keep the two in step.  The request holds the pin until
-        # the kernel is done with the memory.
+        # pin) spelled out, step for step (this runs once per request):
+        # keep the two in step.  The request holds the pin until the kernel
+        # is done with the memory.
         receipt = [0]
         try:
-            req._pin = pinned[1]
+            req._pin = pin
             req._claim_unpublished()
             req._on_ring = True
             self.ring.submit(opcode, f.fd, pos, addr, length, 0, req._ring_done, receipt)
