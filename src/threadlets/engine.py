@@ -1304,7 +1304,9 @@ class _RingBackend:
         # A regular file or a block device (the common case, in few steps).
         pos = t.offset + done
         if f.direct:
-            request_align, buffer_align = f.alignment(t.sc)
+            # (The probe's answer once made -- written once, a whole tuple --
+            # without a call: AioFile.alignment's own first step.)
+            request_align, buffer_align = f._alignment or f.alignment(t.sc)
             if pos % request_align or length % request_align:
                 return False  # the threads' bounce buffer handles it
             # (A write of whole blocks goes beside ops' RMWs even where it
