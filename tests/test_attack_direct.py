@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 
 from threadlets import AioContext, AioRequest
-from threadlets.engine import _RingBackend
 from threadlets.pool import Threadlet
 
 from .conftest import HAVE_RING, interrupt_at_c_return, wait_until
@@ -42,7 +41,7 @@ def test_a_workers_done_callback_leaves_no_direct_delivery_behind(path: Path) ->
     fd = os.open(path, os.O_RDONLY)
     r, w = os.pipe()
     go, in_dc, release = threading.Event(), threading.Event(), threading.Event()
-    code = _RingBackend._done.__code__
+    code = AioRequest._ring_done.__code__
 
     def trace(frame: Any, event: str, arg: object) -> None:
         # In the owner, reaping with cq.direct set: let the worker finish now.

@@ -91,7 +91,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, Union, overload
 from threadlets.awaitable import YIELD_EVERY, FdWaits, LoopIO, StreamLock, current
 from threadlets.engine import AioRequest, _InlineDone, _nonnegative
 from threadlets.oneshot import open_cached
-from threadlets.pool import CancelResult
+from threadlets.pool import _DONE, CancelResult
 from threadlets.probe import F_NOCACHE, O_DIRECT, capability_note
 from threadlets.probe import RWF_NOWAIT as _RWF_NOWAIT
 from threadlets.textio import _UNSET
@@ -379,6 +379,9 @@ class AsyncFile:
         self._released = False
         #: True once closed, and always on trio: the fast paths check only this.
         self._slow_path = self._trio
+        #: A binary file with offsets (no stream, no text layer): pwrite's
+        #: fast path.  (Both are fixed when the file is made.)
+        self._plain = not self._stream and self._text is None
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"fd={self._fd}"
@@ -453,30 +456,65 @@ class AsyncFile:
             outstanding.add(req)
             await self._io.wait(req)
         except BaseException:
-            # Interrupted (Ctrl-C) before its wait could hold the caller
-            # (a cancellation waits a running request out): a request not
-            # started is cancelled; one running stays outstanding, for
-            # close() to wait for before the descriptor goes.
-            if not req._processed and req.cancel() is CancelResult.NOTCANCELED:
-                raise
-            outstanding.discard(req)
+            self._wait_cut_short(req)
             raise
         outstanding.discard(req)
+        if req._state is _DONE and req._exception is None:
+            return req._result  # (result()'s own fast path, without its call)
         return req.result()
+
+    def _wait_cut_short(self, req: AioRequest) -> None:
+        """The wait for ``req`` raised: interrupted (Ctrl-C) before it could
+        hold the caller (a cancellation waits a running request out).  A
+        request not started is cancelled; one running stays outstanding,
+        for close() to wait for before the descriptor goes."""
+        if not req._processed and req.cancel() is CancelResult.NOTCANCELED:
+            return
+        self._outstanding.discard(req)
 
     # -- positional I/O ---------------------------------------------------------------------
 
     async def preadinto(self, buf: WriteableBuffer, offset: int) -> int:
         """Read into ``buf`` from ``offset``; returns the count (short at EOF)."""
-        self._enter()
-        if self._wbuf:
-            await self._flush_locked()
-        elif self._trio:
-            await self._io.checkpoint()
-        if _nbytes(buf, into=True) == 0:
+        if self._slow_path or self._wbuf:  # (closed, or trio, or a buffer to send)
+            self._enter()
+            if self._wbuf:
+                await self._flush_locked()
+            elif self._trio:
+                await self._io.checkpoint()
+        elif _get_running_loop() is not self._loop:
+            self._io.check_current()  # raises
+        # _nbytes(buf, into=True) == 0, spelled out for the common types (a
+        # read-only view is not empty here: the engine refuses it).
+        t = type(buf)
+        if t is bytearray:
+            if not buf:
+                return self._transfer_nothing(False, offset)
+        elif t is memoryview:
+            if not buf.nbytes and not buf.readonly:  # type: ignore[attr-defined]
+                return self._transfer_nothing(False, offset)
+        elif _nbytes(buf, into=True) == 0:
             return self._transfer_nothing(False, offset)
-        result: int = await self._run(self._ctx.read(self._fd, offset, buf))
-        return result
+        req = self._ctx.read(self._fd, offset, buf)
+        # await self._run(req), spelled out (a coroutine less per read):
+        # keep the two in step.
+        if type(req) is _InlineDone:
+            io_ = self._io
+            io_.inline_run += 1
+            if io_.inline_run >= YIELD_EVERY:
+                await io_.fair_yield()
+            return req._result  # type: ignore[return-value]
+        outstanding = self._outstanding
+        try:
+            outstanding.add(req)
+            await self._io.wait(req)
+        except BaseException:
+            self._wait_cut_short(req)
+            raise
+        outstanding.discard(req)
+        if req._state is _DONE and req._exception is None:
+            return req._result  # type: ignore[return-value]
+        return req.result()
 
     async def pread(self, n: int, offset: int) -> bytes:
         """Read up to ``n`` bytes at ``offset``."""
@@ -560,14 +598,52 @@ class AsyncFile:
 
     async def pwrite(self, data: ReadableBuffer, offset: int) -> int:
         """Write ``data`` at ``offset``; returns the count written."""
-        self._enter()
-        await self._io.checkpoint()
-        if self._wbuf:
-            await self._flush_locked()
-        if _nbytes(data) == 0:
+        if self._slow_path or self._wbuf:  # (closed, or trio, or a buffer to send)
+            self._enter()
+            await self._io.checkpoint()  # (trio's: nothing on asyncio)
+            if self._wbuf:
+                await self._flush_locked()
+        elif _get_running_loop() is not self._loop:
+            self._io.check_current()  # raises
+        # _nbytes(data) == 0, spelled out for the common types.
+        t = type(data)
+        if t is bytes or t is bytearray:
+            if not data:
+                return self._transfer_nothing(True, offset)
+        elif t is memoryview:
+            if not data.nbytes:  # type: ignore[attr-defined]
+                return self._transfer_nothing(True, offset)
+        elif _nbytes(data) == 0:
             return self._transfer_nothing(True, offset)
-        result: int = await self._changing(lambda: self._ctx.write(self._fd, offset, data))
-        return result
+        if not self._plain:
+            result: int = await self._changing(lambda: self._ctx.write(self._fd, offset, data))
+            return result
+        # _changing's body for a plain binary file, spelled out (no closure
+        # per write): the read-ahead dropped before and after.
+        if self._closed:
+            raise ValueError("I/O operation on closed file.")
+        self._rbuf = b""
+        self._wgen += 1
+        try:
+            req = self._ctx.write(self._fd, offset, data)
+            # await self._run(req), spelled out as in preadinto (a write
+            # never finishes inline without a request: no _InlineDone).
+            if type(req) is _InlineDone:  # pragma: no cover - see above
+                return await self._run(req)  # type: ignore[no-any-return]
+            outstanding = self._outstanding
+            try:
+                outstanding.add(req)
+                await self._io.wait(req)
+            except BaseException:
+                self._wait_cut_short(req)
+                raise
+            outstanding.discard(req)
+            if req._state is _DONE and req._exception is None:
+                return req._result  # type: ignore[return-value]
+            return req.result()
+        finally:
+            self._rbuf = b""
+            self._wgen += 1
 
     async def pwritev(self, buffers: Sequence[ReadableBuffer], offset: int) -> int:
         """Write several buffers, in order, at ``offset``."""

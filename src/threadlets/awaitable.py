@@ -46,6 +46,7 @@ import fcntl
 import sys
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
+from functools import partial as _partial
 from typing import Any, TypeVar
 
 from threadlets.engine import BACKENDS, AioContext, AioRequest
@@ -433,18 +434,20 @@ def _watch_close(loop: asyncio.AbstractEventLoop, ctx: AioContext) -> None:
         loop.close = close_and_release  # type: ignore[method-assign]
 
 
-def _waker(fut: asyncio.Future[None]) -> Callable[[AioRequest], None]:
-    def wake(req: AioRequest) -> None:
-        if not fut.done() and not fut.get_loop().is_closed():
-            fut.set_result(None)
+def _wake(fut: asyncio.Future[None], loop: asyncio.AbstractEventLoop, req: AioRequest) -> None:
+    if not fut.done() and not loop.is_closed():  # (``loop``: the future's)
+        fut.set_result(None)
 
-    return wake
+
+def _waker(fut: asyncio.Future[None]) -> Callable[[AioRequest], None]:
+    """A request's callback that wakes ``fut`` (a partial: no frame made)."""
+    return _partial(_wake, fut, fut.get_loop())
 
 
 async def _asyncio_wait(req: AioRequest, detach: bool = False) -> None:
     loop = asyncio.get_running_loop()
     fut = loop.create_future()
-    req.callback = _waker(fut)
+    req.callback = _partial(_wake, fut, loop)  # (_waker, without its frame)
     try:
         await fut
     except asyncio.CancelledError:

@@ -92,7 +92,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import functools
 import itertools
 import logging
 import operator
@@ -118,7 +117,7 @@ from threadlets.pool import (
     _check_timeout,
     _invoke_callback,
 )
-from threadlets.probe import RWF_NOWAIT, capabilities, capability_note, pin_buffer
+from threadlets.probe import _BYTES_DATA, RWF_NOWAIT, capabilities, capability_note, pin_buffer
 from threadlets.syscalls import NR_READ, NR_WRITE, Syscalls
 from threadlets.syscalls import quick_syscall as _quick_syscall
 from threadlets.uring import Ring, RingUnavailable
@@ -174,6 +173,12 @@ def io_queue() -> ThreadletQueue:
             cap = min(64, 4 * (os.cpu_count() or 1))
             _io_queue = ThreadletQueue(max_threads=cap, name="threadlets-io")
         return _io_queue
+
+
+_OP_READ, _OP_WRITE = uring.OP_READ, uring.OP_WRITE
+_c_char_from_buffer = ctypes.c_char.from_buffer
+_addressof = ctypes.addressof
+_NEG_ECANCELED = -errno.ECANCELED
 
 
 class _Transfer:
@@ -540,6 +545,7 @@ class AioRequest(Threadlet[int]):
         "_cancel_asked",
         "_ctx",
         "_on_ring",
+        "_pin",
         "_processed",
         "_resumed",
         "_ring_ident",
@@ -547,6 +553,8 @@ class AioRequest(Threadlet[int]):
         "callback",
         "kind",
     )
+
+    _pin: object  # (see __init__)
 
     def __init__(
         self,
@@ -582,6 +590,10 @@ class AioRequest(Threadlet[int]):
         #: Handed from the ring to a worker, which finishes it.
         self._resumed = False
         self._admitted = False  # counted by the completion queue
+        # (Two slots left unset: Threadlet's _claim_ref, set by a claim and
+        # read only by what follows one (see Threadlet._finish), and _pin,
+        # what keeps a ring request's memory in place until the kernel is
+        # done with it, set by _RingBackend._submit and never read.)
 
     def __repr__(self) -> str:
         return f"<AioRequest {self.kind} {self._state.value}>"
@@ -685,7 +697,7 @@ class AioRequest(Threadlet[int]):
                 # Done-callbacks run as callbacks do: not with `direct` set.
                 # Only its holder clears it (and so restores it): another
                 # thread would restore it after the holder let it go.
-                if held is not None and held[0] == _get_ident():
+                if held is not None and held.ident == _get_ident():
                     cq.direct = None
                     direct = held
             finally:  # (waiters and done-callbacks even if Ctrl-C lands above)
@@ -699,6 +711,36 @@ class AioRequest(Threadlet[int]):
                     cq.complete(self)
         else:
             self._ctx._cq.complete(self)
+
+    def _ring_done(self, res: int) -> None:
+        """The ring's completion of a read or write (_RingBackend.start), in
+        the thread that reaped it.  A full transfer finishes the request,
+        and so does any count on a stream (one transfer is the answer
+        there); anything else -- short, an error, EOF, EINTR, an alignment
+        the probe did not foresee -- goes to a worker, which repeats the
+        call from where the kernel stopped.  (A method of the request: the
+        ring's callback is the bound method, one object per request.)"""
+        self._pin = None  # the kernel is done with the memory
+        t: _Transfer = self._transfer  # type: ignore[assignment]
+        self._on_ring = False
+        try:
+            if res == _NEG_ECANCELED and self._cancel_asked:
+                self._finish_cancelled()  # (see _RingBackend.cancel: nothing moved)
+                return
+            if res == t.total - t.done and not t.zero_fill:
+                self._finish(t.total, None)
+                return
+            if res == t.total - t.done or (res >= 0 and t.file.stream):
+                self._finish(t.one_transfer(res), None)
+                return
+            if res > 0:
+                t.done += res
+            res = 0  # (counted in t.done: no call between the two steps)
+            self._ctx._continue(self, t.run)  # (sets _resumed once handed over)
+        except BaseException:
+            # (The kernel moved `res` more into the buffers: counted.)
+            _finish_interrupted(self, t.done + max(res, 0))
+            raise
 
     def _forked(self) -> None:
         # The parent's request, cancelled in this child or being delivered at
@@ -884,6 +926,17 @@ class _Notifier:
             os.close(fd)
 
 
+class _Direct:
+    """The cell of one direct delivery (see _CompletionQueue.direct): the
+    thread that delivers, and how many it delivered."""
+
+    __slots__ = ("count", "ident")
+
+    def __init__(self, ident: int) -> None:
+        self.ident = ident
+        self.count = 0
+
+
 class _CompletionQueue:
     """The completion side of a context: admission, the ready queue, the
     notifier and the counters.
@@ -914,14 +967,14 @@ class _CompletionQueue:
         self.delivered = 0
         self.wakeups = 0
         self.batches = 0
-        #: [thread ident, count]: the thread reaping the ring for this
+        #: A _Direct (thread ident, count): the thread reaping the ring for this
         #: queue inside process_completions, which delivers what it
         #: finishes at once, and how many it delivered so (that call's
         #: own: a cell per call, so that a nested call's or another
         #: thread's are not counted in it).  None: none, or it is running
         #: a callback.  A hint: where it is not set, completions take the
         #: ready queue, always correct.
-        self.direct: list[int] | None = None
+        self.direct: _Direct | None = None
 
     def unadmit(self, req: AioRequest) -> None:
         """Take back the admission of a request that reached no backend, and
@@ -968,14 +1021,14 @@ class _CompletionQueue:
             except BaseException:  # (Ctrl-C as the call returned)
                 self._enqueue(req)
                 raise
-            if direct[0] == me:
+            if direct.ident == me:
                 # Plain bytecodes up to the callback's call (no lock: the
                 # GIL orders these stores, as admission's; see
                 # AioContext._start): delivered and counted from here on,
                 # even if the callback raises.  It never enters the queue.
                 req._processed = True
                 self.delivered += 1
-                direct[1] += 1
+                direct.count += 1
                 cb = req.callback
                 if cb is not None:
                     # While it runs, this thread is not reaping for the
@@ -1239,43 +1292,79 @@ class _RingBackend:
         t = req._transfer
         if type(t) is not _Transfer:
             return isinstance(t, _RingOp) and self._start_op(req, t)
-        length = t.total - t.done
+        done = t.done
+        length = t.total - done
         if not length or length > _MAX_RING_LENGTH:
             # Nothing left, or more than one SQE moves (its len is 32 bits).
             return False
         f = t.file
-        if f.stream or f.short_nowait or (t.write and f.append):
+        write = t.write
+        if f.stream or f.short_nowait or (write and f.append):
             return self._start_other(req, t, length)
         # A regular file or a block device (the common case, in few steps).
-        pos = t.offset + t.done
+        pos = t.offset + done
         if f.direct:
-            request_align, buffer_align = f.alignment(t.sc)
+            # (The probe's answer once made -- written once, a whole tuple --
+            # without a call: AioFile.alignment's own first step.)
+            request_align, buffer_align = f._alignment or f.alignment(t.sc)
             if pos % request_align or length % request_align:
                 return False  # the threads' bounce buffer handles it
             # (A write of whole blocks goes beside ops' RMWs even where it
             # extends the file: no RMW shrinks a file; see ops.)
             if len(t.buffers) != 1:
                 return self._start_vectored(req, t, pos, request_align, buffer_align)
-            pinned = pin_buffer(t.buffers[0])
-            if pinned is None or (pinned[0] + t.done) % buffer_align:
-                return False
         else:
             if len(t.buffers) != 1:
                 return self._start_vectored(req, t, pos, 1, 1)
-            pinned = pin_buffer(t.buffers[0])
-            if pinned is None:
+            buffer_align = 1
+        view = t.buffers[0]  # (a memoryview: see read() and write())
+        pin: object
+        if view.readonly:
+            # pin_buffer(view)'s read-only case, spelled out for whole bytes
+            # (held themselves; their data's address from the object's).
+            pin = view.obj
+            if type(pin) is bytes and len(view) == len(pin) and _BYTES_DATA:
+                addr = id(pin) + _BYTES_DATA
+            else:
+                pinned = pin_buffer(view)
+                if pinned is None:
+                    return False
+                addr, pin = pinned
+        else:
+            # pin_buffer(view)'s writable case, spelled out: an export of
+            # the buffer keeps its memory in place.
+            try:
+                pin = _c_char_from_buffer(view)
+            except (TypeError, ValueError):
                 return False
-        return self._submit(
-            req,
-            uring.OP_WRITE if t.write else uring.OP_READ,
-            f.fd,
-            pos,
-            pinned[0] + t.done,
-            length,
-            0,
-            # The callback holds the pin until the kernel is done with the memory.
-            functools.partial(self._done, req, pinned[1]),
-        )
+            addr = _addressof(pin)
+        addr += done
+        if addr % buffer_align:
+            return False
+        opcode = _OP_WRITE if write else _OP_READ
+        # _submit(req, opcode, f.fd, pos, addr, length, 0, req._ring_done,
+        # pin) spelled out, step for step (this runs once per request):
+        # keep the two in step.  The request holds the pin until the kernel
+        # is done with the memory.
+        receipt = [0]
+        try:
+            req._pin = pin
+            req._claim_unpublished()
+            req._on_ring = True
+            self.ring.submit(opcode, f.fd, pos, addr, length, 0, req._ring_done, receipt)
+        except BaseException:
+            if receipt[0]:
+                self.ring.flush()
+            raise
+        finally:
+            ident = receipt[0]
+            if ident:
+                req._ring_ident = ident
+            else:
+                req._on_ring = False
+                req._pin = None
+                req._unclaim()
+        return ident != 0
 
     def _start_other(self, req: AioRequest, t: _Transfer, length: int) -> bool:
         """start() for what is not a plain file or not a plain request: a
@@ -1301,14 +1390,7 @@ class _RingBackend:
         if pinned is None:
             return False
         return self._submit(
-            req,
-            uring.OP_READ,
-            f.fd,
-            offset,
-            pinned[0] + t.done,
-            length,
-            0,
-            functools.partial(self._done, req, pinned[1]),
+            req, _OP_READ, f.fd, offset, pinned[0] + t.done, length, 0, req._ring_done, pinned[1]
         )
 
     def _start_vectored(
@@ -1338,14 +1420,7 @@ class _RingBackend:
             n += 1
         held = (iov, pins)  # alive until the kernel is done with both
         return self._submit(
-            req,
-            opcode,
-            t.file.fd,
-            offset,
-            ctypes.addressof(iov),
-            n,
-            0,
-            functools.partial(self._done, req, held),
+            req, opcode, t.file.fd, offset, ctypes.addressof(iov), n, 0, req._ring_done, held
         )
 
     def _submit(
@@ -1358,13 +1433,18 @@ class _RingBackend:
         length: int,
         op_flags: int,
         on_done: Callable[[int], None],
+        pin: object,
     ) -> bool:
         """Claim ``req`` and hand it to the kernel; False (and QUEUED) if
-        the ring cannot take it, even when interrupted between the two."""
+        the ring cannot take it, even when interrupted between the two.
+        ``on_done`` gets the kernel's result (a transfer's:
+        :meth:`AioRequest._ring_done`); ``pin`` is held by the request
+        until then."""
         receipt = [0]  # the ring's id, once it queued the operation
         try:
             # (Called only by start(), from _start: the request is not
             # published yet, so it is QUEUED and nobody else holds it.)
+            req._pin = pin
             req._claim_unpublished()
             req._on_ring = True
             self.ring.submit(opcode, fd, offset, addr, length, op_flags, on_done, receipt)
@@ -1381,14 +1461,15 @@ class _RingBackend:
                 req._ring_ident = ident
             else:
                 req._on_ring = False
+                req._pin = None
                 req._unclaim()  # (only if it is RUNNING: claimed just now)
-        return bool(ident)  # (not queued: the ring is full or closing; the pool takes it)
+        return ident != 0  # (not queued: the ring is full or closing; the pool takes it)
 
     def _start_op(self, req: AioRequest, op: _RingOp) -> bool:
         sqe = op.sqe(self.ring.supported)
         if sqe is None:
             return False
-        return self._submit(req, *sqe, lambda res: self._op_done(req, op, res))
+        return self._submit(req, *sqe, lambda res: self._op_done(req, op, res), None)
 
     def _op_done(self, req: AioRequest, op: _RingOp, res: int) -> None:
         req._on_ring = False
@@ -1439,34 +1520,6 @@ class _RingBackend:
             return None  # running (-EALREADY) or completed (-ENOENT)
         req.wait()  # its -ECANCELED completion is posted: let it finish
         return CancelResult.CANCELED if req._state is _CANCELLED else None
-
-    def _done(self, req: AioRequest, pin: object, res: int) -> None:
-        """A ring completion, in the thread that reaped it.  A full transfer
-        finishes the request, and so does any count on a stream (one
-        transfer is the answer there); anything else -- short, an error,
-        EOF, EINTR, an alignment the probe did not foresee -- goes to a
-        worker, which repeats the call from where the kernel stopped."""
-        del pin  # the kernel is done with the memory
-        t: _Transfer = req._transfer  # type: ignore[assignment]
-        req._on_ring = False
-        try:
-            if res == -errno.ECANCELED and req._cancel_asked:
-                req._finish_cancelled()  # (see cancel: nothing moved)
-                return
-            if res == t.total - t.done and not t.zero_fill:
-                req._finish(t.total, None)
-                return
-            if res == t.total - t.done or (res >= 0 and t.file.stream):
-                req._finish(t.one_transfer(res), None)
-                return
-            if res > 0:
-                t.done += res
-            res = 0  # (counted in t.done: no call between the two steps)
-            self.ctx._continue(req, t.run)  # (sets _resumed once handed over)
-        except BaseException:
-            # (The kernel moved `res` more into the buffers: counted.)
-            _finish_interrupted(req, t.done + max(res, 0))
-            raise
 
 
 def _finish_interrupted(req: AioRequest, moved: int) -> bool:
@@ -1928,9 +1981,36 @@ class AioContext:
         pipe, socket or terminal, one transfer is the answer: the count of
         one ``writev``.
         """
-        f, views, total = self._prepare(fd, offset, buffers, False, callback)
-        if isinstance(f, OSError):
-            return self._fail_now("write", f, callback)
+        # The common case first, as in read(): an fd this context knows, a
+        # sane offset, one flat buffer.
+        f = self._files.get(fd)
+        t = type(buffers)
+        views: list[Any]
+        if (
+            f is not None
+            and type(offset) is int
+            and 0 <= offset <= _MAX_IO_OFFSET
+            and type(fd) is int
+            and (callback is None or callable(callback))
+            and (  # (a closed context has no files, so no fast path)
+                t is bytes
+                or t is bytearray
+                or (
+                    t is memoryview
+                    and buffers.ndim == 1  # type: ignore[union-attr]
+                    and buffers.format == "B"  # type: ignore[union-attr]
+                    and buffers.c_contiguous  # type: ignore[union-attr]
+                )
+            )
+        ):
+            # (A memoryview each: ops slices the views.)
+            views = [buffers if t is memoryview else memoryview(buffers)]  # type: ignore[arg-type]
+            total = len(buffers)  # type: ignore[arg-type]
+        else:
+            ff, views, total = self._prepare(fd, offset, buffers, False, callback)
+            if isinstance(ff, OSError):
+                return self._fail_now("write", ff, callback)
+            f = ff
         done = 0
         if f.nowait_writes and total:
             try:
@@ -2157,12 +2237,12 @@ class AioContext:
                 # unless another thread does so now.
                 took = cq.direct is None and cq.deliver
                 if took:
-                    direct = cq.direct = [_get_ident(), 0]
+                    direct = cq.direct = _Direct(_get_ident())
                 try:
                     ring.reap()
                     if took:
-                        n += direct[1]
-                        if direct[1] and cq.notifier.sleepers:
+                        n += direct.count
+                        if direct.count and cq.notifier.sleepers:
                             cq.resignal()  # (see process)
                 except BaseException:
                     # A callback raised: the rest (on the ring, or queued by
@@ -2408,6 +2488,8 @@ class _InlineDone(AioRequest):
     _args = ()
     _kwargs = None
     _transfer = None
+    _pin = None
+    _claim_ref = None
     callback = None
     kind = "read"  # the only kind that finishes inline without a callback
 

@@ -89,6 +89,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from typing import Any, Generic, ParamSpec, TypeVar
+from weakref import ref as _weakref
 
 __all__ = [
     "CancelResult",
@@ -168,6 +169,7 @@ class Threadlet(Generic[T]):
         "__weakref__",
         "_args",
         "_callbacks",
+        "_claim_ref",
         "_exception",
         "_fn",
         "_kwargs",
@@ -195,6 +197,8 @@ class Threadlet(Generic[T]):
         # waiter or a callback, and the hot path should not pay for them.
         self._waiters: list[threading.Lock] | None = None
         self._callbacks: list[Callable[[Threadlet[T]], object]] | None = None
+        #: While claimed (see _claim): its entry in the queue's ``_claimed``.
+        self._claim_ref: weakref.ref[Threadlet[T]] | None = None
 
     def __repr__(self) -> str:
         fn = "" if self._fn is None else f" {self._fn!r}"
@@ -256,8 +260,9 @@ class Threadlet(Generic[T]):
         with queue._lock:
             if self._state is not _QUEUED:
                 return False
-            self._state = _RUNNING
-            queue._claimed.add(self)
+            self._claim_ref = ref = _weakref(self, queue._unclaimed)
+            queue._claimed.add(ref)
+            self._state = _RUNNING  # (after its reference: see _finish)
             return True
 
     def _claim_unpublished(self) -> None:
@@ -265,8 +270,12 @@ class Threadlet(Generic[T]):
         can see yet (an I/O request on its way to the kernel's ring, before
         its submitter returned it): no other thread can race the change, so
         no lock.  Remembered as claimed first, so that a fork between the
-        two steps cancels it in the child all the same."""
-        self._queue._claimed.add(self)
+        two steps cancels it in the child all the same.  (Its entry is a
+        weak reference made once, kept on the threadlet: taken out by
+        identity, no second one made to look it up.)"""
+        queue = self._queue
+        self._claim_ref = ref = _weakref(self, queue._unclaimed)
+        queue._claimed.add(ref)
         self._state = _RUNNING
 
     def _unclaim(self) -> None:
@@ -277,12 +286,17 @@ class Threadlet(Generic[T]):
             if self._state is _RUNNING:
                 self._state = _QUEUED
             # (Whatever the state: a Ctrl-C inside _claim_unpublished can
-            # leave it remembered as claimed and still QUEUED.)
-            queue._claimed.discard(self)
+            # leave it remembered as claimed and still QUEUED -- or not
+            # even its reference stored, in a threadlet whose __init__
+            # leaves the slot unset: see _finish.)
+            queue._claimed.discard(getattr(self, "_claim_ref", None))
 
     def _finish(self, result: T | None, exc: BaseException | None) -> bool:
         """RUNNING -> DONE for claimed work: the outcome before the state,
-        under the lock; then waiters and callbacks, without it.  False, and
+        under the lock; then waiters and callbacks, without it.  (Claimed:
+        its ``_claim_ref`` is set, before the state turned RUNNING -- a
+        subclass's own __init__ may leave the slot unset, as the engine's
+        requests do, most of which are never claimed.)  False, and
         nothing changes, if it is not RUNNING (cancelled in a forked child).
         Outside a worker, a KeyboardInterrupt (or other non-Exception) from
         a callback is re-raised here after all ran (see :meth:`_finished`)."""
@@ -295,8 +309,9 @@ class Threadlet(Generic[T]):
                 self._result = result  # the outcome before the state
                 self._exception = exc
                 self._state = _DONE
-                self._fn = self._kwargs = None  # what it ran is not kept alive
-                self._args = ()
+                if self._fn is not None:  # what it ran is not kept alive
+                    self._fn = self._kwargs = None
+                    self._args = ()
                 changed = True
         finally:
             if changed:  # (delivered even if Ctrl-C lands as the lock is let go)
@@ -305,7 +320,7 @@ class Threadlet(Generic[T]):
                 finally:
                     # Remembered until delivered: a fork meanwhile finds it
                     # (see _reset_after_fork).  (One set operation: atomic.)
-                    queue._claimed.discard(self)
+                    queue._claimed.discard(self._claim_ref)
         return True
 
     def _finish_cancelled(self) -> bool:
@@ -328,7 +343,7 @@ class Threadlet(Generic[T]):
                 try:
                     self._finished()
                 finally:
-                    queue._claimed.discard(self)  # (as in _finish)
+                    queue._claimed.discard(self._claim_ref)  # (as in _finish)
         return True
 
     #: True for a subclass whose ``_finished``, when the threadlet has no
@@ -708,7 +723,11 @@ class ThreadletQueue:
         #: request (with its context, its io_uring ring and their
         #: descriptors) alive for good when its context was dropped while
         #: the kernel had it (see threadlets.uring._abandoned).
-        self._claimed: weakref.WeakSet[Threadlet[Any]] = weakref.WeakSet()
+        #: (A set of weak references, each kept on its threadlet as
+        #: ``_claim_ref``: a WeakSet made two per request, one to look the
+        #: other up.  One that dies claimed takes itself out.)
+        self._claimed: set[weakref.ref[Threadlet[Any]]] = set()
+        self._unclaimed = self._claimed.discard  # the references' callback
         #: Threadlets that cancel() or close() cancelled, until their
         #: waiters and callbacks ran.  With ``_claimed`` and the workers'
         #: ``current`` and ``finishing``, what a fork can find whose delivery
@@ -1023,7 +1042,7 @@ class ThreadletQueue:
             list(self._items)
             + [w.current for w in self._workers if w.current]
             + [w.finishing for w in self._workers if w.finishing]
-            + list(self._claimed)
+            + [t for t in [r() for r in list(self._claimed)] if t is not None]
             + list(self._finishing)
         )
         for w in self._workers:

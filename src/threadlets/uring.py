@@ -146,6 +146,11 @@ STATX_FIELDS = struct.Struct("=IIQIIIHHQQQQ" + "qIi" * 4 + "IIII")
 _SQE = struct.Struct("<BBHiQQIIQHHiQQ")
 _CQE = struct.Struct("<QiI")  # user_data, res, flags
 assert _SQE.size == 64
+#: The same SQE with every field the ring sets to zero as padding (flags,
+#: ioprio, buf_index, personality, splice_fd_in, addr3, pad; struct packs
+#: pad bytes as zeros): opcode, fd, off, addr, len, op flags, user_data.
+_pack_sqe = struct.Struct("<B3xiQQIIQ24x").pack_into
+assert struct.calcsize("<B3xiQQIIQ24x") == 64
 assert _CQE.size == 16
 
 
@@ -503,7 +508,6 @@ class Ring:
         self._sleepers = 0
         self._ids = itertools.count(1)  # (never reaches _KICK)
         self._generation = _generation
-        self.submitted = 0
         self.reaped = 0
         self.wakeups = 0
         self._reaper: threading.Thread | None = None
@@ -543,6 +547,11 @@ class Ring:
         return f"<Ring fd={self._fd} entries={self.entries} inflight={self._inflight}>"
 
     @property
+    def submitted(self) -> int:
+        """Operations queued so far (those reaped, and those in flight)."""
+        return self.reaped + self._inflight
+
+    @property
     def usable(self) -> bool:
         """False once closing, and in a child process after fork."""
         return not self._closing and self._generation == _generation
@@ -579,10 +588,8 @@ class Ring:
             # bytecodes (Ctrl-C lands only as a C call returns): queued and
             # published together, or neither.
             tail = self._tail
-            _SQE.pack_into(
-                self._sqes,
-                (tail & self._sq_mask) * 64,
-                opcode, 0, 0, fd, offset, addr, length, op_flags, ident, 0, 0, 0, 0, 0,
+            _pack_sqe(
+                self._sqes, (tail & self._sq_mask) * 64, opcode, fd, offset, addr, length, op_flags, ident
             )  # fmt: skip
             if opcode == OP_OPENAT:
                 self._opens.add(ident)  # (see _abandon; before it is published)
@@ -593,7 +600,6 @@ class Ring:
             self._sq_tail.value = tail
             self._unsubmitted += 1
             self._inflight += 1
-            self.submitted += 1
             if self._plugged_by == me and (self._unsubmitted < KICK_AT or self._in_kernel):
                 # Held back by this thread's plug.  A permanent one (hold())
                 # has a flush scheduled by the first submission it holds.
@@ -788,8 +794,9 @@ class Ring:
             if outer is not None:
                 after = outer
             _batch.after = after
+            generation = self._generation
             for item in batch:
-                if self._generation != _generation:
+                if _generation != generation:
                     break  # a callback forked: in the child, the rest is the parent's
                 if item[2] is None:
                     item[2] = True
@@ -813,8 +820,16 @@ class Ring:
             finally:
                 try:
                     with lock:
-                        while ready and ready[0][2] is True:  # (a callback that raised was called)
-                            ready.popleft()
+                        # The handed-out completions are always a prefix of
+                        # the queue (each reap hands out in order, one only
+                        # once all before it were), so where the last is
+                        # handed out, all are.  (A callback that raised was
+                        # called: handed out.)
+                        if ready and ready[-1][2] is True:
+                            ready.clear()
+                        else:
+                            while ready and ready[0][2] is True:
+                                ready.popleft()
                 finally:
                     # Whoever reaps submits what was held back (see submit),
                     # unless this thread's own plug will do it when released.
@@ -841,7 +856,9 @@ class Ring:
         runs = [(first, min(count, mask + 1 - first))]
         if count > runs[0][1]:
             runs.append((0, count - runs[0][1]))
-        moved = 0  # (the counters' changes, stored once at the end)
+        # (The counters' changes, stored once at the end: `head` counts the
+        # CQEs consumed, unmasked; `skipped` those with no callback.)
+        skipped = 0
         try:
             for at, n in runs:
                 for ident, res, _ in _CQE.iter_unpack(mm[base + at * 16 : base + (at + n) * 16]):
@@ -851,24 +868,25 @@ class Ring:
                     # on the ready queue (and counted so), never dropped or
                     # doubled.
                     on_done = pending.get(ident)
-                    head = (head + 1) & 0xFFFFFFFF
-                    if ident == _STOP:
-                        self._stopped = True
-                        continue
-                    if on_done is None:  # pragma: no cover - a kick's NOP, already counted
+                    head += 1
+                    if on_done is None:
+                        # The STOP, or a kick's NOP (already counted).
+                        skipped += 1
+                        if ident == _STOP:
+                            self._stopped = True
                         continue
                     del pending[ident]
-                    moved += 1
                     ready.append([on_done, res, None])
                     if opens:
                         opens.discard(ident)
         finally:
             # (Plain bytecodes up to the head's store: the counts and the
             # head change together.)
-            self._in_kernel -= (head - start) & 0xFFFFFFFF
-            self._inflight -= moved
-            self.reaped += moved
-            self._cq_head.value = head  # the kernel may reuse those CQEs now
+            consumed = head - start
+            self._in_kernel -= consumed
+            self._inflight -= consumed - skipped
+            self.reaped += consumed - skipped
+            self._cq_head.value = head & 0xFFFFFFFF  # the kernel may reuse those CQEs now
 
     def _wake_sleepers(self) -> None:
         """After handing out completions: threads asleep in wait() may have
