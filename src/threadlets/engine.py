@@ -2028,6 +2028,52 @@ class AioContext:
         xfer = _Transfer(self._sc, f, views, offset, total, done, True, False)
         return self._start(AioRequest(self, "write", None, (), callback, xfer))
 
+    # -- for the package's front ends only ----------------------------------
+
+    def _read_checked(
+        self, fd: int, offset: int, view: memoryview, on_done: Callable[[Any], object]
+    ) -> AioRequest:
+        """read(fd, offset, view) for a caller that checked its arguments
+        (internal: threadlets.posix), with a done-callback taken at
+        submission.  The caller vouches for: ``fd`` an int, ``offset`` an
+        int >= 0, ``view`` a writable, flat (1-D, format 'B', C-contiguous)
+        memoryview of at least one byte.  The rest is checked here, as
+        read() checks it: anything else -- a closed context, an fd this
+        context has not looked up, an offset past the range, a file read
+        inline first -- is read() itself, which answers as always.
+
+        ``on_done`` is *taken* only where the returned request's
+        ``_callbacks`` is not None: stored before the request is published
+        (no lock, no window), it then runs exactly once when the request
+        finishes -- possibly before this returns -- in the thread that
+        finishes it, or never if this raises before the request reached a
+        backend.  Where it was not taken (read() answered), the caller adds
+        it (``add_done_callback``) as for any request."""
+        f = self._files.get(fd)  # (a closed context has no files)
+        if f is None or f.nowait_reads or offset > _MAX_IO_OFFSET:
+            return self.read(fd, offset, view)
+        req = AioRequest(
+            self, "read", None, (), None,
+            _Transfer(self._sc, f, [view], offset, len(view), 0, False, False),
+        )  # fmt: skip
+        req._callbacks = [on_done]  # (not published yet: no lock)
+        return self._start(req)
+
+    def _write_checked(
+        self, fd: int, offset: int, view: memoryview, on_done: Callable[[Any], object]
+    ) -> AioRequest:
+        """write(fd, offset, view) as :meth:`_read_checked` is read() (the
+        view may be read-only)."""
+        f = self._files.get(fd)
+        if f is None or f.nowait_writes or offset > _MAX_IO_OFFSET:
+            return self.write(fd, offset, view)
+        req = AioRequest(
+            self, "write", None, (), None,
+            _Transfer(self._sc, f, [view], offset, len(view), 0, True, False),
+        )  # fmt: skip
+        req._callbacks = [on_done]
+        return self._start(req)
+
     def _submit_op(
         self,
         kind: str,

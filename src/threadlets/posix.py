@@ -778,12 +778,15 @@ class PosixAio:
                     # (No call from here on: an interrupt lands before all
                     # of it or after all of it.  An aiocb not in progress
                     # has no _group, _sigev, _req or _view: _finish and the
-                    # fork reset clear them.  _offset and _view are for
-                    # _launch, stored only if it is called below.)
+                    # fork reset clear them.  _offset is for _launch, stored
+                    # only if it is called below.  _view, a new object per
+                    # submission, also tells this submission's request
+                    # apart: see below.)
                     cb._op = op
                     cb._fd = fd
                     cb._req = None
                     cb._ctx = ctx
+                    cb._view = view
                     cb._outcome = None
                     state.active[cb] = None
                     cb._status = _INFLIGHT
@@ -795,15 +798,28 @@ class PosixAio:
                         # set_context() since the look above: the general
                         # launch moves it to the context in use now.
                         cb._offset = offset
-                        cb._view = view
                         self._launch(cb)
                     else:
+                        # The callback goes with the request (stored before
+                        # it is published): it may run before the call
+                        # returns, so it knows cb's request by the view,
+                        # not by _req (None until stored below).
+                        fin = _partial(self._request_finished, cb, view=view)
                         if op == "read":
-                            req = ctx.read(fd, offset, view)
+                            req = ctx._read_checked(fd, offset, view, fin)
                         else:
-                            req = ctx.write(fd, offset, view)
-                        cb._req = req  # (before the callback can run: it checks it)
-                        req.add_done_callback(_partial(self._request_finished, cb))
+                            req = ctx._write_checked(fd, offset, view, fin)
+                        if req._callbacks is None:
+                            # Not taken (read()/write() answered: see
+                            # _read_checked): as _launch does.
+                            cb._req = req  # (before the callback can run: it checks it)
+                            req.add_done_callback(_partial(self._request_finished, cb))
+                        elif cb._status is _INFLIGHT and cb._view is view:
+                            # Not finished yet by its callback (plain
+                            # bytecodes: no other thread comes between the
+                            # test and the store): for aio_cancel and
+                            # _rewatch, as _launch leaves it.
+                            cb._req = req
                 except BaseException as e:
                     after = _After()
                     try:
@@ -1084,7 +1100,12 @@ class PosixAio:
 
     # -- completion ----------------------------------------------------------------
 
-    def _request_finished(self, cb: aiocb, req: Threadlet[int]) -> None:
+    def _request_finished(
+        self, cb: aiocb, req: Threadlet[int], view: memoryview | None = None
+    ) -> None:
+        # cb's request is ``req`` if cb._req says so, or -- given ``view``,
+        # where the callback went with the request (_submit_one), before
+        # cb._req could be stored -- if cb._view is that submission's view.
         # (A finished request's outcome is final: read without its lock.)
         ret = req._result
         if req._exception is None and type(ret) is int:
@@ -1094,7 +1115,9 @@ class PosixAio:
         after = None
         try:
             with self._lock:
-                if cb._req is not req or cb._status is not _INFLIGHT:
+                if cb._status is not _INFLIGHT or (
+                    cb._req is not req if view is None else cb._view is not view
+                ):
                     return
                 ctx = cb._ctx
                 fd = cb._fd
