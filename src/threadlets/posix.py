@@ -97,7 +97,12 @@ is stored, aio_cancel answers NOTCANCELED for it (it is as good as
 running), and nothing else but that submitting thread may finish it.  A
 claimed aiocb is launched (or finished) even if Ctrl-C lands in between.
 aio_read/aio_write's common case (``_submit_one``) claims and launches in
-one lock hold; whatever it cannot vouch for goes the general way.
+one lock hold; whatever it cannot vouch for goes the general way.  It
+hands the done-callback to the engine with the request
+(AioContext._read_checked), so that callback may finish the aiocb before
+``_req`` is stored: it knows its submission by ``_view`` (a new object per
+submission, stored in the claim), and ``_req`` is stored only while the
+aiocb is still INFLIGHT with that view.
 ``_outcome`` is None while ``_status`` is not DONE, else the (error, return
 value) pair, one immutable tuple stored as the aiocb finishes: aio_error
 and aio_return read it with one load and no lock, and so never see an
