@@ -2031,7 +2031,12 @@ class AioContext:
     # -- for the package's front ends only ----------------------------------
 
     def _read_checked(
-        self, fd: int, offset: int, view: memoryview, on_done: Callable[[Any], object]
+        self,
+        fd: int,
+        offset: int,
+        view: memoryview,
+        on_done: Callable[[Any], object],
+        taken: list[AioRequest],
     ) -> AioRequest:
         """read(fd, offset, view) for a caller that checked its arguments
         (internal: threadlets.posix), with a done-callback taken at
@@ -2048,7 +2053,13 @@ class AioContext:
         finishes -- possibly before this returns -- in the thread that
         finishes it, or never if this raises before the request reached a
         backend.  Where it was not taken (read() answered), the caller adds
-        it (``add_done_callback``) as for any request."""
+        it (``add_done_callback``) as for any request.
+
+        ``taken`` gets the request the moment it is sure to run ``on_done``
+        (it reached a backend), even if an interrupt (Ctrl-C) then cuts this
+        call short: a caller that sees it there knows the request finishes
+        as usual, and must not report it finished by the interrupt (its
+        buffer may still be filled)."""
         f = self._files.get(fd)  # (a closed context has no files)
         if f is None or f.nowait_reads or offset > _MAX_IO_OFFSET:
             return self.read(fd, offset, view)
@@ -2057,10 +2068,25 @@ class AioContext:
             _Transfer(self._sc, f, [view], offset, len(view), 0, False, False),
         )  # fmt: skip
         req._callbacks = [on_done]  # (not published yet: no lock)
-        return self._start(req)
+        return self._start_taken(req, taken)
+
+    def _start_taken(self, req: AioRequest, taken: list[AioRequest]) -> AioRequest:
+        """_start for _read_checked/_write_checked: ``req`` goes into
+        ``taken`` once a backend has it (admitted and not taken back: see
+        _start), whatever interrupts the return."""
+        try:
+            return self._start(req)
+        finally:
+            if req._admitted:
+                taken.append(req)
 
     def _write_checked(
-        self, fd: int, offset: int, view: memoryview, on_done: Callable[[Any], object]
+        self,
+        fd: int,
+        offset: int,
+        view: memoryview,
+        on_done: Callable[[Any], object],
+        taken: list[AioRequest],
     ) -> AioRequest:
         """write(fd, offset, view) as :meth:`_read_checked` is read() (the
         view may be read-only)."""
@@ -2072,7 +2098,7 @@ class AioContext:
             _Transfer(self._sc, f, [view], offset, len(view), 0, True, False),
         )  # fmt: skip
         req._callbacks = [on_done]
-        return self._start(req)
+        return self._start_taken(req, taken)
 
     def _submit_op(
         self,

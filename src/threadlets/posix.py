@@ -50,9 +50,13 @@ Differences from glibc, on purpose
   the exception propagates from the call that submitted it, and the aiocb
   is finished -- with the OSError's errno, else ECANCELED -- so nothing
   waits on it for ever.  What lio_listio accepted is launched or finished
-  that way too before the exception propagates.  (One window is left: an
-  interrupt inside the engine's submit, after the engine took the request
-  and before it returned it, finishes the aiocb while the request runs.)
+  that way too before the exception propagates.  An aiocb whose request
+  the engine already took is not: that request finishes it, as usual
+  (finished by the interrupt, its buffer could still be filled).  (One
+  window is left, off aio_read/aio_write's common case -- O_APPEND, fsync,
+  lio_listio, a context changed meanwhile: an interrupt inside the
+  engine's submit, after the engine took the request and before it
+  returned it, finishes the aiocb while the request runs.)
 * Requests run with what the aiocb held when submitted: changing its
   fields while it is in progress changes nothing.
 * On an ``O_DIRECT`` fd, a buffer, offset or length that is not aligned
@@ -102,7 +106,9 @@ hands the done-callback to the engine with the request
 (AioContext._read_checked), so that callback may finish the aiocb before
 ``_req`` is stored: it knows its submission by ``_view`` (a new object per
 submission, stored in the claim), and ``_req`` is stored only while the
-aiocb is still INFLIGHT with that view.
+aiocb is still INFLIGHT with that view.  If an interrupt cuts the hand-over
+short, the engine's ``taken`` list says whether the request (and so the
+callback) reached a backend: then the aiocb stays in progress for it.
 ``_outcome`` is None while ``_status`` is not DONE, else the (error, return
 value) pair, one immutable tuple stored as the aiocb finishes: aio_error
 and aio_return read it with one load and no lock, and so never see an
@@ -798,6 +804,7 @@ class PosixAio:
                     claimed = True
         finally:
             if claimed:  # (launched even if Ctrl-C lands as the lock is let go)
+                taken: list[AioRequest] = []  # (see _read_checked)
                 try:
                     if ctx is not (self._given or self._own):
                         # set_context() since the look above: the general
@@ -811,9 +818,9 @@ class PosixAio:
                         # not by _req (None until stored below).
                         fin = _partial(self._request_finished, cb, view=view)
                         if op == "read":
-                            req = ctx._read_checked(fd, offset, view, fin)
+                            req = ctx._read_checked(fd, offset, view, fin, taken)
                         else:
-                            req = ctx._write_checked(fd, offset, view, fin)
+                            req = ctx._write_checked(fd, offset, view, fin, taken)
                         if req._callbacks is None:
                             # Not taken (read()/write() answered: see
                             # _read_checked): as _launch does.
@@ -826,6 +833,14 @@ class PosixAio:
                             # _rewatch, as _launch leaves it.
                             cb._req = req
                 except BaseException as e:
+                    if taken:
+                        # Interrupted, but the engine has the request, and
+                        # its callback (fin) finishes cb: reported finished
+                        # now, cb's buffer could be filled after the caller
+                        # got it back.  (_req for aio_cancel, as above.)
+                        if cb._status is _INFLIGHT and cb._view is view:
+                            cb._req = taken[0]
+                        raise
                     after = _After()
                     try:
                         self._launch_failed(cb, e, after)
