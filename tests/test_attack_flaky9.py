@@ -39,7 +39,9 @@ from typing import Any
 
 import pytest
 
-from threadlets import AioContext, AioRequest, ThreadletQueue
+from threadlets import AioContext, AioRequest, ThreadletQueue, asyncfile, oneshot
+
+from .test_attack_left9 import _sweep
 
 SUBMIT = ThreadletQueue._submit.__code__
 HOLDS = ThreadletQueue._holds.__code__
@@ -264,3 +266,63 @@ def test_ctrl_c_as_a_completion_is_queued_still_signals(backend: str, path: Path
     finally:
         ctx.close(timeout=10)
         os.close(fd)
+
+
+# -- the inline open (asyncfile._open_inline) -----------------------------------------------
+
+
+needs_openat2 = pytest.mark.skipif(
+    oneshot._openat2 is None, reason="no inline open here (openat2 RESOLVE_CACHED)"
+)
+
+
+@needs_openat2
+@pytest.mark.parametrize("kind", ["cached", "nonblocking", "directory", "missing"])
+def test_ctrl_c_anywhere_in_the_inline_open_leaks_nothing(tmp_path: Path, kind: str) -> None:
+    """threadlets.open's inline open, a KeyboardInterrupt after each call
+    inside it in turn (and inside oneshot's open): no descriptor is left
+    open.  Before, it called open_cached, and a Ctrl-C as that returned
+    the descriptor (a Python call's return) left it open for good."""
+    p = tmp_path / "f"
+    if kind == "directory":
+        p.mkdir()
+    elif kind != "missing":
+        p.write_bytes(b"x" * 100)
+    flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_NONBLOCK if kind == "nonblocking" else 0)
+
+    def caller() -> None:
+        try:
+            got = asyncfile._open_inline(str(p), flags)
+        except IsADirectoryError:
+            assert kind == "directory"
+            return
+        if got is not None:  # (what the caller is given is its own to close)
+            os.close(got[0])
+        assert (got is None) == (kind == "missing")
+
+    codes = {
+        asyncfile._open_inline.__code__,
+        oneshot.open_cached_into.__code__,
+        oneshot.open_cached.__code__,
+        oneshot._openat2.__code__,  # type: ignore[union-attr]
+    }
+    _sweep(codes, caller)
+
+
+@needs_openat2
+def test_the_inline_open_gives_what_io_open_gives(tmp_path: Path) -> None:
+    """(Its answers: the blocking mode as asked, the size, EISDIR.)"""
+    p = tmp_path / "f"
+    p.write_bytes(b"y" * 123)
+    got = asyncfile._open_inline(str(p), os.O_RDONLY | os.O_CLOEXEC)
+    assert got is not None
+    fd, st = got
+    try:
+        assert os.get_blocking(fd)
+        assert st.st_size == 123
+        assert os.pread(fd, 200, 0) == p.read_bytes()
+    finally:
+        os.close(fd)
+    with pytest.raises(IsADirectoryError):
+        asyncfile._open_inline(str(tmp_path), os.O_RDONLY)
+    assert asyncfile._open_inline(str(tmp_path / "missing"), os.O_RDONLY) is None
