@@ -90,7 +90,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, Union, overload
 
 from threadlets.awaitable import YIELD_EVERY, FdWaits, LoopIO, StreamLock, current
 from threadlets.engine import AioRequest, _InlineDone, _nonnegative
-from threadlets.oneshot import open_cached
+from threadlets.oneshot import open_cached_into
 from threadlets.pool import _DONE, CancelResult
 from threadlets.probe import F_NOCACHE, O_DIRECT, capability_note
 from threadlets.probe import RWF_NOWAIT as _RWF_NOWAIT
@@ -1982,11 +1982,29 @@ def _no_nul(path: T) -> T:
 
 def _open_inline(path: Any, flags: int) -> tuple[int, os.stat_result] | None:
     """Open on the loop's thread if that cannot block (see
-    :func:`threadlets.oneshot.open_cached`); else None."""
-    fd = open_cached(path, flags)
-    if fd < 0:
-        return None
-    return _clear_nonblocking(*_opened(fd, path), flags)
+    :func:`threadlets.oneshot.open_cached`); else None.
+
+    The descriptor lives in ``fds`` from the call that makes it on (see
+    :func:`threadlets.oneshot.open_cached_into`) until it is returned, so
+    that a Ctrl-C anywhere in between closes it (once: the slot is marked
+    closed first)."""
+    fds: list[int] = []
+    try:
+        if not open_cached_into(path, flags, fds):
+            return None
+        fd = fds[0]
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        if not flags & os.O_NONBLOCK:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags & _SETFL_FLAGS)
+        fds[0] = -1  # the caller's from here (no call up to the return)
+        return fd, st
+    except BaseException:
+        if fds and fds[0] >= 0:
+            fd, fds[0] = fds[0], -1
+            os.close(fd)
+        raise
 
 
 #: The status flags that F_SETFL sets (the rest it leaves alone).

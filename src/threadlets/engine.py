@@ -1055,12 +1055,17 @@ class _CompletionQueue:
                     self.quiet.notify_all()
                 return
             if not self.notifier.closed:
-                self.ready.append(req)
-                if self.signalled:
-                    return
-                self.signalled = True
-                self.wakeups += 1
-                self._signal()
+                try:
+                    self.ready.append(req)
+                finally:
+                    # (Signalled even if Ctrl-C lands as the append returns:
+                    # the request is queued then, and complete_once will not
+                    # queue it again -- an event loop waiting on fileno()
+                    # for it slept on.)
+                    if not self.signalled:
+                        self.signalled = True
+                        self.wakeups += 1
+                        self._signal()
                 return
             # Closed from inside this request's own done-callbacks (see
             # AioContext._own_finishing), in this thread: nothing will
@@ -1782,6 +1787,10 @@ class AioContext:
         if req.callback is not None and not self._deliver:
             raise ValueError("this AioContext does not deliver completions: no callback=")
         cq = self._cq
+        # Finished before it was submitted (inline, or failed at once): its
+        # completion is this call's to make, and only then -- anything else
+        # is finished by the backend that took it (a worker, the ring).
+        born = req._state is _DONE
         try:
             # Admission without the lock (the hot path): count, then look at
             # `closing`; close() sets `closing`, then waits for what is
@@ -1794,7 +1803,7 @@ class AioContext:
             if cq.closing:
                 cq.unadmit(req)
                 raise RuntimeError("the AioContext is closed")
-            if req._state is _DONE:
+            if born:
                 next(self._n_inline)
                 cq.complete(req)
                 return req
@@ -1807,11 +1816,17 @@ class AioContext:
         except BaseException:
             # (Ctrl-C, or the pool refusing it.)  A request no backend took
             # is not outstanding; one that reached the ring, the pool or the
-            # ready queue is, and finishes as usual.
-            if req._state is _QUEUED and not self._queue._holds(req):
+            # ready queue is, and finishes as usual.  One the pool or the
+            # ring took may already be DONE here, finished by a worker (or
+            # a reaper) that completes it itself: completing it here too
+            # queued it twice (counted delivered twice).  And the pool's
+            # answer is one look under its lock (see _holds): a worker may
+            # take the request just after the QUEUED read here.
+            if born:
+                if req._admitted and not req._processed:  # (not refused: closing)
+                    cq.complete_once(req)
+            elif req._state is _QUEUED and not self._queue._holds(req):
                 cq.unadmit(req)
-            elif req._state is _DONE and not req._processed:
-                cq.complete_once(req)
             raise
         return req
 

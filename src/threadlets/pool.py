@@ -822,10 +822,15 @@ class ThreadletQueue:
         self._submitted -= 1
 
     def _holds(self, item: Threadlet[Any]) -> bool:
-        """Whether ``item`` waits in this queue (for a submitter that was
-        interrupted and must know whether its submission happened)."""
+        """Whether this queue took ``item``: it waits in the queue, or it left
+        it -- a worker took it, or it was cancelled.  For a submitter that
+        was interrupted and must know whether its submission happened.  One
+        look under the lock, as a worker takes an item (off the queue and
+        QUEUED -> RUNNING in one hold): a caller that read QUEUED, then
+        asked whether the queue still held it, missed one taken between the
+        two looks, and took back the admission of a request that ran."""
         with self._lock:
-            return item in self._items
+            return item._state is not _QUEUED or item in self._items
 
     # -- workers --------------------------------------------------------------
 
