@@ -389,19 +389,59 @@ async def _write(path: Any, fn: Callable[..., _Rest], *args: Any) -> None:
     stream the rest on the loop (see _Rest)."""
     io_ = current()
     await io_.checkpoint()
-    req = io_.ctx.call(fn, path, *args)
+    handed = _Handed(fn)
+    # (Abandoned by its callback, unless the wait takes it over: a Ctrl-C
+    # as the submission returns leaves it running with no caller.)
+    req = io_.ctx.call(handed.run, path, *args, callback=lambda r: handed.abandon())
     try:
         await io_.wait(req)
+        rest: _Rest = req.result()  # type: ignore[assignment]
+        if rest is not None and rest[0] >= 0:
+            rest = handed.fd, rest[1]  # (taken: plain bytecodes, no call)
+            handed.fd = -1
     except BaseException:
-        # Cut short once the worker had opened a stream: close it.
-        if req.done() and not req.cancelled() and req.exception(0) is None:
-            handed: Any = req.result(0)
-            if handed is not None and handed[0] >= 0:
-                os.close(handed[0])
+        # Cut short: a stream the worker opened -- or opens after this (a
+        # Ctrl-C does not wait a running request out) -- is closed.
+        handed.abandon()
         raise
-    rest: _Rest = req.result()  # type: ignore[assignment]
     if rest is not None:
         await _write_stream(path, rest[0], rest[1])
+
+
+class _Handed:
+    """A write's worker call (_write_all, _write_text) whose stream -- the
+    descriptor it hands back -- is the task's only while the task is there
+    to take it: abandoned (the task cut short, before or after the worker
+    ran), that descriptor is closed, whenever the worker opens it."""
+
+    __slots__ = ("_abandoned", "_fn", "_lock", "fd")
+
+    def __init__(self, fn: Callable[..., _Rest]) -> None:
+        self._fn = fn
+        self._lock = threading.Lock()
+        self._abandoned = False
+        #: The stream the worker opened, until the task takes it.
+        self.fd = -1
+
+    def run(self, *args: Any) -> _Rest:
+        """On the worker."""
+        rest = self._fn(*args)
+        if rest is not None and rest[0] >= 0:
+            with self._lock:
+                if not self._abandoned:
+                    self.fd = rest[0]
+                    return rest
+            os.close(rest[0])
+            return None
+        return rest
+
+    def abandon(self) -> None:
+        with self._lock:
+            self._abandoned = True
+            fd = self.fd
+            self.fd = -1
+        if fd >= 0:
+            os.close(fd)
 
 
 async def _write_stream(path: Any, fd: int, view: memoryview) -> None:
