@@ -95,3 +95,46 @@ def test_ctrl_c_as_write_bytes_submits_to_a_stream_leaks_nothing(
             os.close(reader)
     assert n > 5
     assert not leaks, f"(C return, descriptors left open): {leaks}"
+
+
+_TEXT_ARGS = [
+    (5, None, "x"),
+    (None, 5, "x"),
+    ("bogus", 5, None),
+    ("rot13", 5, None),
+    (5, "bogus", None),
+    (b"utf-8", None, None),
+    ("utf-8", None, 5),
+    ("bogus", None, "x"),
+]
+
+
+@pytest.mark.parametrize(("encoding", "errors", "newline"), _TEXT_ARGS)
+def test_read_text_and_write_text_refuse_bad_arguments_as_io_open(
+    tmp_path: Path, encoding: object, errors: object, newline: object
+) -> None:
+    """The text arguments are checked as io.open checks them: a wrong type
+    (TypeError) before a wrong newline value or an unknown codec; and a
+    refused write_text leaves the file as it was.  (Before: ValueError or
+    LookupError where io.open says TypeError.)"""
+    p = tmp_path / "f"
+    p.write_bytes(b"kept\r\n")
+
+    def expected() -> type[BaseException]:
+        try:
+            with open(p, encoding=encoding, errors=errors, newline=newline) as f:  # type: ignore[call-overload]
+                f.read()
+        except Exception as e:
+            return type(e)
+        raise AssertionError("io.open accepted it")
+
+    want = expected()
+
+    async def main() -> None:
+        with pytest.raises(want):
+            await threadlets.read_text(p, encoding, errors, newline)  # type: ignore[arg-type]
+        with pytest.raises(want):
+            await threadlets.write_text(p, "new", encoding, errors, newline)  # type: ignore[arg-type]
+
+    asyncio.run(main())
+    assert p.read_bytes() == b"kept\r\n"

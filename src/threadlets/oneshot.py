@@ -476,9 +476,14 @@ def _encoding(encoding: str | None) -> str:
     return info.name
 
 
-def _check_newline(newline: object) -> None:
-    if newline is not None and not isinstance(newline, str):
-        raise TypeError(f"newline must be str or None, not {type(newline).__name__}")
+def _check_text_args(encoding: object, errors: object, newline: object) -> None:
+    """io.open's checks of the text arguments, in its order: the three
+    types first (as its arguments are parsed), then the newline's value."""
+    for name, value in (("encoding", encoding), ("errors", errors), ("newline", newline)):
+        if value is not None and not isinstance(value, str):
+            raise TypeError(
+                f"open() argument '{name}' must be str or None, not {type(value).__name__}"
+            )
     if newline not in _NEWLINES:
         raise ValueError(f"illegal newline value: {newline!r}")
 
@@ -538,7 +543,7 @@ async def read_text(
 ) -> str:
     """The whole file decoded (pathlib's ``read_text``; universal newlines
     unless ``newline`` says otherwise), in one request."""
-    _check_newline(newline)
+    _check_text_args(encoding, errors, newline)
     where, codec = os.fspath(path), _encoding(encoding)
     io_ = current()
     await io_.checkpoint()
@@ -571,6 +576,6 @@ async def write_text(
     ``write_text``), in one request; returns the count of characters."""
     if not isinstance(data, str):
         raise TypeError(f"data must be str, not {type(data).__name__}")
-    _check_newline(newline)
+    _check_text_args(encoding, errors, newline)
     await _write(os.fspath(path), _write_text, data, _encoding(encoding), errors, newline)
     return len(data)
