@@ -7,6 +7,7 @@ import asyncio
 import gc
 import logging
 import os
+import subprocess
 import sys
 import threading
 from collections.abc import Callable
@@ -304,3 +305,51 @@ def test_a_signal_handlers_aio_read_inside_a_submission_stays_in_its_fd_table(
         sc.open_all()
         ctx.close(timeout=10)
         os.close(fd)
+
+
+_LEASE_HOLDER = """
+import fcntl, os, signal, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+signal.signal(signal.SIGIO, lambda *a: fcntl.fcntl(fd, 1024, fcntl.F_UNLCK))
+try:
+    fcntl.fcntl(fd, 1024, fcntl.F_RDLCK)  # F_SETLEASE
+except OSError as e:
+    print("no lease:", e.strerror, flush=True)
+    sys.exit(0)
+print("leased", flush=True)
+sys.stdin.read()  # until the test is done
+"""
+
+
+@pytest.mark.parametrize("text", [False, True])
+def test_write_bytes_to_a_leased_file_waits_for_the_lease_as_pathlib(
+    tmp_path: Path, text: bool
+) -> None:
+    """A regular file another process holds a read lease on (as Samba and
+    NFS servers do): the open for writing breaks the lease and waits for
+    its holder to let go, as pathlib's write_bytes does.  (Before: the
+    worker's O_NONBLOCK open -- there for FIFOs -- failed at once with
+    BlockingIOError, and nothing was written.)"""
+    p = tmp_path / "f"
+    p.write_bytes(b"old contents")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _LEASE_HOLDER, str(p)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        said = holder.stdout.readline()
+        if not said.startswith("leased"):
+            pytest.skip(f"no file lease here ({said.strip()})")
+
+        async def main() -> int:
+            if text:
+                return await threadlets.write_text(p, "new")
+            return await threadlets.write_bytes(p, b"new")
+
+        assert asyncio.run(main()) == 3
+        assert p.read_bytes() == b"new"
+    finally:
+        holder.communicate(timeout=10)

@@ -359,6 +359,10 @@ def _write_all(path: Any, view: memoryview) -> _Rest:
     try:
         # Without waiting for a FIFO's reader: ENXIO if it has none.
         fd = os.open(path, _WRONLY | os.O_NONBLOCK, 0o666)
+    except BlockingIOError:
+        # A file another process holds a lease on (Samba, NFS): a blocking
+        # open waits for the lease to be broken, as pathlib's does.
+        fd = os.open(path, _WRONLY, 0o666)
     except OSError as e:
         if e.errno == errno.ENXIO and _is_fifo(path):
             return -1, view
