@@ -359,6 +359,10 @@ def _write_all(path: Any, view: memoryview) -> _Rest:
     try:
         # Without waiting for a FIFO's reader: ENXIO if it has none.
         fd = os.open(path, _WRONLY | os.O_NONBLOCK, 0o666)
+    except BlockingIOError:
+        # A file another process holds a lease on (Samba, NFS): a blocking
+        # open waits for the lease to be broken, as pathlib's does.
+        fd = os.open(path, _WRONLY, 0o666)
     except OSError as e:
         if e.errno == errno.ENXIO and _is_fifo(path):
             return -1, view
@@ -389,19 +393,59 @@ async def _write(path: Any, fn: Callable[..., _Rest], *args: Any) -> None:
     stream the rest on the loop (see _Rest)."""
     io_ = current()
     await io_.checkpoint()
-    req = io_.ctx.call(fn, path, *args)
+    handed = _Handed(fn)
+    # (Abandoned by its callback, unless the wait takes it over: a Ctrl-C
+    # as the submission returns leaves it running with no caller.)
+    req = io_.ctx.call(handed.run, path, *args, callback=lambda r: handed.abandon())
     try:
         await io_.wait(req)
+        rest: _Rest = req.result()  # type: ignore[assignment]
+        if rest is not None and rest[0] >= 0:
+            rest = handed.fd, rest[1]  # (taken: plain bytecodes, no call)
+            handed.fd = -1
     except BaseException:
-        # Cut short once the worker had opened a stream: close it.
-        if req.done() and not req.cancelled() and req.exception(0) is None:
-            handed: Any = req.result(0)
-            if handed is not None and handed[0] >= 0:
-                os.close(handed[0])
+        # Cut short: a stream the worker opened -- or opens after this (a
+        # Ctrl-C does not wait a running request out) -- is closed.
+        handed.abandon()
         raise
-    rest: _Rest = req.result()  # type: ignore[assignment]
     if rest is not None:
         await _write_stream(path, rest[0], rest[1])
+
+
+class _Handed:
+    """A write's worker call (_write_all, _write_text) whose stream -- the
+    descriptor it hands back -- is the task's only while the task is there
+    to take it: abandoned (the task cut short, before or after the worker
+    ran), that descriptor is closed, whenever the worker opens it."""
+
+    __slots__ = ("_abandoned", "_fn", "_lock", "fd")
+
+    def __init__(self, fn: Callable[..., _Rest]) -> None:
+        self._fn = fn
+        self._lock = threading.Lock()
+        self._abandoned = False
+        #: The stream the worker opened, until the task takes it.
+        self.fd = -1
+
+    def run(self, *args: Any) -> _Rest:
+        """On the worker."""
+        rest = self._fn(*args)
+        if rest is not None and rest[0] >= 0:
+            with self._lock:
+                if not self._abandoned:
+                    self.fd = rest[0]
+                    return rest
+            os.close(rest[0])
+            return None
+        return rest
+
+    def abandon(self) -> None:
+        with self._lock:
+            self._abandoned = True
+            fd = self.fd
+            self.fd = -1
+        if fd >= 0:
+            os.close(fd)
 
 
 async def _write_stream(path: Any, fd: int, view: memoryview) -> None:
@@ -436,9 +480,14 @@ def _encoding(encoding: str | None) -> str:
     return info.name
 
 
-def _check_newline(newline: object) -> None:
-    if newline is not None and not isinstance(newline, str):
-        raise TypeError(f"newline must be str or None, not {type(newline).__name__}")
+def _check_text_args(encoding: object, errors: object, newline: object) -> None:
+    """io.open's checks of the text arguments, in its order: the three
+    types first (as its arguments are parsed), then the newline's value."""
+    for name, value in (("encoding", encoding), ("errors", errors), ("newline", newline)):
+        if value is not None and not isinstance(value, str):
+            raise TypeError(
+                f"open() argument '{name}' must be str or None, not {type(value).__name__}"
+            )
     if newline not in _NEWLINES:
         raise ValueError(f"illegal newline value: {newline!r}")
 
@@ -498,7 +547,7 @@ async def read_text(
 ) -> str:
     """The whole file decoded (pathlib's ``read_text``; universal newlines
     unless ``newline`` says otherwise), in one request."""
-    _check_newline(newline)
+    _check_text_args(encoding, errors, newline)
     where, codec = os.fspath(path), _encoding(encoding)
     io_ = current()
     await io_.checkpoint()
@@ -531,6 +580,6 @@ async def write_text(
     ``write_text``), in one request; returns the count of characters."""
     if not isinstance(data, str):
         raise TypeError(f"data must be str, not {type(data).__name__}")
-    _check_newline(newline)
+    _check_text_args(encoding, errors, newline)
     await _write(os.fspath(path), _write_text, data, _encoding(encoding), errors, newline)
     return len(data)

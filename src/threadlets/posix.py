@@ -1148,6 +1148,7 @@ class PosixAio:
                     state = None
                 if (
                     state is not None
+                    and cb in state.active  # (else _finish: see _accept's re-entry)
                     and cb._sigev is None
                     and cb._group is None
                     and not state.appends
