@@ -260,13 +260,6 @@ def test_a_completion_of_an_aiocb_missing_from_its_fd_table_still_wakes_its_wait
         os.close(fd)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="posix submission path (h-perf2): _accept and _submit_one store a new "
-    "_Fd for an fd after a call (dict.get) where a signal handler's own aio_read "
-    "re-enters the RLock and stores its own: the handler's aiocb drops out of the "
-    "fd table (its O_APPEND order and fsync barriers with it)",
-)
 @pytest.mark.parametrize("where", ["_accept", "_submit_one"])
 def test_a_signal_handlers_aio_read_inside_a_submission_stays_in_its_fd_table(
     tmp_path: Path, where: str

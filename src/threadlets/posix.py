@@ -785,7 +785,10 @@ class PosixAio:
                 ):
                     state = self._fds.get(fd)
                     if state is None:
-                        state = self._fds[fd] = _Fd()
+                        # (setdefault: a signal handler submitting on this
+                        # fd may run at _Fd()'s entry, inside this lock --
+                        # an RLock -- and its table is kept, not replaced.)
+                        state = self._fds.setdefault(fd, _Fd())
                     # (No call from here on: an interrupt lands before all
                     # of it or after all of it.  An aiocb not in progress
                     # has no _group, _sigev, _req or _view: _finish and the
@@ -997,7 +1000,7 @@ class PosixAio:
             return
         state = self._fds.get(fd)
         if state is None:
-            state = self._fds[fd] = _Fd()
+            state = self._fds.setdefault(fd, _Fd())  # (see _submit_one)
         if view is None:  # fsync / fdatasync
             before = {c for c in state.active if c._op in {"read", "write"}}
             state.active[cb] = None
