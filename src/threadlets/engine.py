@@ -116,6 +116,7 @@ from threadlets.pool import (
     ThreadletState,
     _check_timeout,
     _invoke_callback,
+    _run_callbacks,
 )
 from threadlets.probe import _BYTES_DATA, RWF_NOWAIT, capabilities, capability_note, pin_buffer
 from threadlets.syscalls import NR_READ, NR_WRITE, Syscalls
@@ -682,8 +683,35 @@ class AioRequest(Threadlet[int]):
 
     def _finished(self) -> None:
         self._transfer = None  # finished: the buffers are the caller's again
-        if self._waiters or self._callbacks:
-            cq = self._ctx._cq
+        callbacks = self._callbacks
+        cq = self._ctx._cq
+        if callbacks and self._waiters is None and not cq.deliver:
+            # The common case of a context that delivers nothing (posix):
+            # done-callbacks (the one given at submission), no waiter, and
+            # no `direct` (set only by a delivering context): the long way
+            # below, spelled out.  Each step runs even if Ctrl-C lands in
+            # the one before.
+            own = _finishing.requests
+            try:
+                own.append(self)  # (see _own_finishing)
+            finally:
+                try:
+                    _run_callbacks(callbacks, self)
+                finally:
+                    try:
+                        if own and own[-1] is self:
+                            del own[-1]
+                    finally:
+                        # complete() of a context that delivers nothing,
+                        # spelled out (see _enqueue).
+                        if not self._processed:
+                            with cq.lock:
+                                self._processed = True
+                                cq.delivered += 1
+                                if cq.admitted == cq.delivered:
+                                    cq.quiet.notify_all()
+            return
+        if self._waiters or callbacks:
             held = cq.direct
             direct = None
             mine: list[AioRequest] | None = None
@@ -691,8 +719,8 @@ class AioRequest(Threadlet[int]):
                 # While its done-callbacks run in this thread, a drain() or
                 # close() of its context from inside one does not wait for
                 # it (it would wait for itself): see _own_finishing.
-                if self._callbacks:
-                    mine = _finishing.__dict__.setdefault("requests", [])
+                if callbacks:
+                    mine = _finishing.requests
                     mine.append(self)
                 # Done-callbacks run as callbacks do: not with `direct` set.
                 # Only its holder clears it (and so restores it): another
@@ -1567,9 +1595,17 @@ class _Continuation:
 
 
 _live_contexts: weakref.WeakSet[AioContext] = weakref.WeakSet()
-#: ``.requests``: the requests whose done-callbacks this thread runs (nested
-#: ones last).
-_finishing = threading.local()
+
+
+class _Finishing(threading.local):
+    """``requests``: the requests whose done-callbacks this thread runs
+    (nested ones last)."""
+
+    def __init__(self) -> None:
+        self.requests: list[AioRequest] = []
+
+
+_finishing = _Finishing()
 
 
 class AioContext:
@@ -2417,7 +2453,7 @@ class AioContext:
         a drain() or close() from one of their done-callbacks would wait
         for them, that is for itself, so it counts them as done (each is
         delivered as soon as its done-callbacks returned)."""
-        mine: list[AioRequest] = getattr(_finishing, "requests", [])
+        mine = _finishing.requests
         return sum(1 for r in mine if r._ctx is self)
 
     def _check_open(self) -> None:
