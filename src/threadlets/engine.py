@@ -685,6 +685,9 @@ class AioRequest(Threadlet[int]):
         self._transfer = None  # finished: the buffers are the caller's again
         callbacks = self._callbacks
         cq = self._ctx._cq
+        if not (self._waiters or callbacks):
+            cq.complete(self)  # (the front ends' common case)
+            return
         if callbacks and self._waiters is None and not cq.deliver:
             # The common case of a context that delivers nothing (posix):
             # done-callbacks (the one given at submission), no waiter, and
@@ -711,34 +714,31 @@ class AioRequest(Threadlet[int]):
                                 if cq.admitted == cq.delivered:
                                     cq.quiet.notify_all()
             return
-        if self._waiters or callbacks:
-            held = cq.direct
-            direct = None
-            mine: list[AioRequest] | None = None
+        held = cq.direct
+        direct = None
+        mine: list[AioRequest] | None = None
+        try:
+            # While its done-callbacks run in this thread, a drain() or
+            # close() of its context from inside one does not wait for
+            # it (it would wait for itself): see _own_finishing.
+            if callbacks:
+                mine = _finishing.requests
+                mine.append(self)
+            # Done-callbacks run as callbacks do: not with `direct` set.
+            # Only its holder clears it (and so restores it): another
+            # thread would restore it after the holder let it go.
+            if held is not None and held.ident == _get_ident():
+                cq.direct = None
+                direct = held
+        finally:  # (waiters and done-callbacks even if Ctrl-C lands above)
             try:
-                # While its done-callbacks run in this thread, a drain() or
-                # close() of its context from inside one does not wait for
-                # it (it would wait for itself): see _own_finishing.
-                if callbacks:
-                    mine = _finishing.requests
-                    mine.append(self)
-                # Done-callbacks run as callbacks do: not with `direct` set.
-                # Only its holder clears it (and so restores it): another
-                # thread would restore it after the holder let it go.
-                if held is not None and held.ident == _get_ident():
-                    cq.direct = None
-                    direct = held
-            finally:  # (waiters and done-callbacks even if Ctrl-C lands above)
-                try:
-                    Threadlet._finished(self)
-                finally:  # (a done-callback's KeyboardInterrupt outside a worker)
-                    if mine and mine[-1] is self:
-                        del mine[-1]
-                    if direct is not None:
-                        cq.direct = direct
-                    cq.complete(self)
-        else:
-            self._ctx._cq.complete(self)
+                Threadlet._finished(self)
+            finally:  # (a done-callback's KeyboardInterrupt outside a worker)
+                if mine and mine[-1] is self:
+                    del mine[-1]
+                if direct is not None:
+                    cq.direct = direct
+                cq.complete(self)
 
     def _ring_done(self, res: int) -> None:
         """The ring's completion of a read or write (_RingBackend.start), in
@@ -752,11 +752,12 @@ class AioRequest(Threadlet[int]):
         t: _Transfer = self._transfer  # type: ignore[assignment]
         self._on_ring = False
         try:
-            if res == _NEG_ECANCELED and self._cancel_asked:
-                self._finish_cancelled()  # (see _RingBackend.cancel: nothing moved)
-                return
+            # (The common case first: a full count is never negative.)
             if res == t.total - t.done and not t.zero_fill:
                 self._finish(t.total, None)
+                return
+            if res == _NEG_ECANCELED and self._cancel_asked:
+                self._finish_cancelled()  # (see _RingBackend.cancel: nothing moved)
                 return
             if res == t.total - t.done or (res >= 0 and t.file.stream):
                 self._finish(t.one_transfer(res), None)
