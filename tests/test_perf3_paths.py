@@ -7,8 +7,10 @@ Ctrl-C lands on."""
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +19,7 @@ from threadlets import AioContext
 from threadlets.engine import AioRequest, _finishing
 from threadlets.pool import ThreadletState
 
-from .conftest import interrupt_at_c_return, wait_until
+from .conftest import HAVE_RING, interrupt_at_c_return, wait_until
 
 
 def _claimed_request(ctx: AioContext, callbacks: list[Any]) -> AioRequest:
@@ -121,3 +123,77 @@ def test_a_finished_request_with_a_waiter_takes_the_long_way() -> None:
         assert ctx.stats().outstanding == 0
     finally:
         assert ctx.close(timeout=10)
+
+
+@pytest.mark.parametrize("sleeper", [False, True], ids=["alone", "sleeper"])
+def test_ctrl_c_at_every_c_return_of_a_reap_leaves_nothing_held_back(
+    tmp_path: Path, sleeper: bool
+) -> None:
+    """The end of a reap holds the ring's lock once for the queue's
+    clean-up, the plug's release, what was held back and the NOP for
+    sleepers, then kicks once.  Ctrl-C at every C return of a reap (a
+    req.wait() in the owner) whose done-callback submits another read
+    (held back by the reap's plug), with a thread counted asleep in wait()
+    or not: after it the ring is not plugged and nothing is left held back
+    -- the second read reaches the kernel without anyone kicking again --
+    and the done-callback ran once."""
+    if not HAVE_RING:
+        pytest.skip("no io_uring here")
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 4096)
+    fd = os.open(path, os.O_RDONLY)
+    n = 0
+    try:
+        while True:
+            n += 1
+            assert n < 500, "never ran to its end"
+            if _reap_interrupted_at(n, fd, sleeper) < n:
+                break  # the interrupt no longer lands: every point was tried
+        assert n > 5, f"only {n} C returns"
+    finally:
+        os.close(fd)
+
+
+def _reap_interrupted_at(n: int, fd: int, sleeper: bool) -> int:
+    ctx = AioContext(backend="io_uring", inline=False)
+    ring = ctx._ring
+    assert ring is not None
+    assert ring.owner_mode
+    try:
+        second: list[Any] = []
+        ran: list[Any] = []
+
+        def resubmit(r: Any) -> None:
+            ran.append(r)
+            second.append(ctx.read(fd, 0, bytearray(8)))
+
+        req = ctx.read(fd, 0, bytearray(8))
+        req.add_done_callback(resubmit)
+        wait_until(lambda: ring._cq_tail.value - ring._cq_head.value >= 1)
+        if sleeper:
+            with ring._lock:
+                ring._sleepers += 1  # (as Ring.wait counts a sleeper)
+        seen = interrupt_at_c_return(n)
+        try:
+            req.wait(10)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.setprofile(None)
+        if sleeper:
+            with ring._lock:
+                ring._sleepers -= 1
+        assert ring._plugged_by is None, f"C return {n}: left plugged"
+        if second:
+            # Sent by the reap that ran the callback: it completes with no
+            # other kick (nothing of ours is held back).
+            assert ring._unsubmitted == 0, f"C return {n}: held back"
+            wait_until(lambda: ring._cq_tail.value != ring._cq_head.value)
+        assert req.wait(10)
+        assert ran == [req], f"C return {n}"
+        assert ctx.drain(timeout=10), f"C return {n}"
+        if second:
+            assert second[0].result() == 8
+        return seen[0]
+    finally:
+        ctx.close(timeout=10)
