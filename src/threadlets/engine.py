@@ -685,35 +685,36 @@ class AioRequest(Threadlet[int]):
         self._transfer = None  # finished: the buffers are the caller's again
         callbacks = self._callbacks
         cq = self._ctx._cq
-        if not (self._waiters or callbacks):
-            cq.complete(self)  # (the front ends' common case)
-            return
-        if callbacks and self._waiters is None and not cq.deliver:
-            # The common case of a context that delivers nothing (posix):
-            # done-callbacks (the one given at submission), no waiter, and
-            # no `direct` (set only by a delivering context): the long way
-            # below, spelled out.  Each step runs even if Ctrl-C lands in
-            # the one before.
-            own = _finishing.requests
-            try:
-                own.append(self)  # (see _own_finishing)
-            finally:
+        if not self._waiters:
+            if not callbacks:
+                cq.complete(self)  # (the front ends' common case)
+                return
+            if not cq.deliver:
+                # The common case of a context that delivers nothing
+                # (posix): done-callbacks (the one given at submission), no
+                # waiter, and no `direct` (set only by a delivering
+                # context): the long way below, spelled out.  Each step
+                # runs even if Ctrl-C lands in the one before.
+                own = _finishing.requests
                 try:
-                    _run_callbacks(callbacks, self)
+                    own.append(self)  # (see _own_finishing)
                 finally:
                     try:
-                        if own and own[-1] is self:
-                            del own[-1]
+                        _run_callbacks(callbacks, self)
                     finally:
-                        # complete() of a context that delivers nothing,
-                        # spelled out (see _enqueue).
-                        if not self._processed:
-                            with cq.lock:
-                                self._processed = True
-                                cq.delivered += 1
-                                if cq.admitted == cq.delivered:
-                                    cq.quiet.notify_all()
-            return
+                        try:
+                            if own and own[-1] is self:
+                                del own[-1]
+                        finally:
+                            # complete() of a context that delivers nothing,
+                            # spelled out (see _enqueue).
+                            if not self._processed:
+                                with cq.lock:
+                                    self._processed = True
+                                    cq.delivered += 1
+                                    if cq.admitted == cq.delivered:
+                                        cq.quiet.notify_all()
+                return
         held = cq.direct
         direct = None
         mine: list[AioRequest] | None = None
