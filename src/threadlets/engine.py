@@ -116,6 +116,7 @@ from threadlets.pool import (
     ThreadletState,
     _check_timeout,
     _invoke_callback,
+    _run_callbacks,
 )
 from threadlets.probe import _BYTES_DATA, RWF_NOWAIT, capabilities, capability_note, pin_buffer
 from threadlets.syscalls import NR_READ, NR_WRITE, Syscalls
@@ -682,35 +683,63 @@ class AioRequest(Threadlet[int]):
 
     def _finished(self) -> None:
         self._transfer = None  # finished: the buffers are the caller's again
-        if self._waiters or self._callbacks:
-            cq = self._ctx._cq
-            held = cq.direct
-            direct = None
-            mine: list[AioRequest] | None = None
-            try:
-                # While its done-callbacks run in this thread, a drain() or
-                # close() of its context from inside one does not wait for
-                # it (it would wait for itself): see _own_finishing.
-                if self._callbacks:
-                    mine = _finishing.__dict__.setdefault("requests", [])
-                    mine.append(self)
-                # Done-callbacks run as callbacks do: not with `direct` set.
-                # Only its holder clears it (and so restores it): another
-                # thread would restore it after the holder let it go.
-                if held is not None and held.ident == _get_ident():
-                    cq.direct = None
-                    direct = held
-            finally:  # (waiters and done-callbacks even if Ctrl-C lands above)
+        callbacks = self._callbacks
+        cq = self._ctx._cq
+        if not self._waiters:
+            if not callbacks:
+                cq.complete(self)  # (the front ends' common case)
+                return
+            if not cq.deliver:
+                # The common case of a context that delivers nothing
+                # (posix): done-callbacks (the one given at submission), no
+                # waiter, and no `direct` (set only by a delivering
+                # context): the long way below, spelled out.  Each step
+                # runs even if Ctrl-C lands in the one before.
+                own = _finishing.requests
                 try:
-                    Threadlet._finished(self)
-                finally:  # (a done-callback's KeyboardInterrupt outside a worker)
-                    if mine and mine[-1] is self:
-                        del mine[-1]
-                    if direct is not None:
-                        cq.direct = direct
-                    cq.complete(self)
-        else:
-            self._ctx._cq.complete(self)
+                    own.append(self)  # (see _own_finishing)
+                finally:
+                    try:
+                        _run_callbacks(callbacks, self)
+                    finally:
+                        try:
+                            if own and own[-1] is self:
+                                del own[-1]
+                        finally:
+                            # complete() of a context that delivers nothing,
+                            # spelled out (see _enqueue).
+                            if not self._processed:
+                                with cq.lock:
+                                    self._processed = True
+                                    cq.delivered += 1
+                                    if cq.admitted == cq.delivered:
+                                        cq.quiet.notify_all()
+                return
+        held = cq.direct
+        direct = None
+        mine: list[AioRequest] | None = None
+        try:
+            # While its done-callbacks run in this thread, a drain() or
+            # close() of its context from inside one does not wait for
+            # it (it would wait for itself): see _own_finishing.
+            if callbacks:
+                mine = _finishing.requests
+                mine.append(self)
+            # Done-callbacks run as callbacks do: not with `direct` set.
+            # Only its holder clears it (and so restores it): another
+            # thread would restore it after the holder let it go.
+            if held is not None and held.ident == _get_ident():
+                cq.direct = None
+                direct = held
+        finally:  # (waiters and done-callbacks even if Ctrl-C lands above)
+            try:
+                Threadlet._finished(self)
+            finally:  # (a done-callback's KeyboardInterrupt outside a worker)
+                if mine and mine[-1] is self:
+                    del mine[-1]
+                if direct is not None:
+                    cq.direct = direct
+                cq.complete(self)
 
     def _ring_done(self, res: int) -> None:
         """The ring's completion of a read or write (_RingBackend.start), in
@@ -724,11 +753,12 @@ class AioRequest(Threadlet[int]):
         t: _Transfer = self._transfer  # type: ignore[assignment]
         self._on_ring = False
         try:
-            if res == _NEG_ECANCELED and self._cancel_asked:
-                self._finish_cancelled()  # (see _RingBackend.cancel: nothing moved)
-                return
+            # (The common case first: a full count is never negative.)
             if res == t.total - t.done and not t.zero_fill:
                 self._finish(t.total, None)
+                return
+            if res == _NEG_ECANCELED and self._cancel_asked:
+                self._finish_cancelled()  # (see _RingBackend.cancel: nothing moved)
                 return
             if res == t.total - t.done or (res >= 0 and t.file.stream):
                 self._finish(t.one_transfer(res), None)
@@ -1567,9 +1597,17 @@ class _Continuation:
 
 
 _live_contexts: weakref.WeakSet[AioContext] = weakref.WeakSet()
-#: ``.requests``: the requests whose done-callbacks this thread runs (nested
-#: ones last).
-_finishing = threading.local()
+
+
+class _Finishing(threading.local):
+    """``requests``: the requests whose done-callbacks this thread runs
+    (nested ones last)."""
+
+    def __init__(self) -> None:
+        self.requests: list[AioRequest] = []
+
+
+_finishing = _Finishing()
 
 
 class AioContext:
@@ -2417,7 +2455,7 @@ class AioContext:
         a drain() or close() from one of their done-callbacks would wait
         for them, that is for itself, so it counts them as done (each is
         delivered as soon as its done-callbacks returned)."""
-        mine: list[AioRequest] = getattr(_finishing, "requests", [])
+        mine = _finishing.requests
         return sum(1 for r in mine if r._ctx is self)
 
     def _check_open(self) -> None:

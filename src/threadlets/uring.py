@@ -818,27 +818,38 @@ class Ring:
                         except Exception:
                             log.exception("exception in after-batch call %r", fn)
             finally:
+                # One hold of the lock for the queue's clean-up, the plug's
+                # release (unplug), what was held back (flush) and the NOP
+                # for sleepers (_nop_for_sleepers), then one kick for all.
+                n = 0
                 try:
                     with lock:
-                        # The handed-out completions are always a prefix of
-                        # the queue (each reap hands out in order, one only
-                        # once all before it were), so where the last is
-                        # handed out, all are.  (A callback that raised was
-                        # called: handed out.)
-                        if ready and ready[-1][2] is True:
-                            ready.clear()
-                        else:
-                            while ready and ready[0][2] is True:
-                                ready.popleft()
-                finally:
-                    # Whoever reaps submits what was held back (see submit),
-                    # unless this thread's own plug will do it when released.
-                    if plugged:
-                        self.unplug()
-                    elif holder != me:
-                        self.flush()
-                    if handed:
-                        self._wake_sleepers()
+                        try:
+                            # The handed-out completions are always a prefix
+                            # of the queue (each reap hands out in order, one
+                            # only once all before it were), so where the
+                            # last is handed out, all are.  (A callback that
+                            # raised was called: handed out.)
+                            if ready and ready[-1][2] is True:
+                                ready.clear()
+                            else:
+                                while ready and ready[0][2] is True:
+                                    ready.popleft()
+                        finally:
+                            # Whoever reaps submits what was held back (see
+                            # submit), unless this thread's own plug will do
+                            # it when released.
+                            take = plugged or holder != me
+                            if plugged:
+                                self._plugged_by = None
+                            try:
+                                if handed and self._sleepers and self._nop_for_sleepers():
+                                    take = True
+                            finally:  # (what is held back, even if Ctrl-C lands in the NOP)
+                                if take:
+                                    n = self._take()
+                finally:  # (even if Ctrl-C lands as the lock is let go: ours to send)
+                    self._kick(n)
         return handed
 
     def _collect(self) -> None:
@@ -888,17 +899,17 @@ class Ring:
             self.reaped += consumed - skipped
             self._cq_head.value = head & 0xFFFFFFFF  # the kernel may reuse those CQEs now
 
-    def _wake_sleepers(self) -> None:
-        """After handing out completions: threads asleep in wait() may have
-        been waiting for one of them, and the CQE that would have woken them
-        is gone.  A NOP posts another."""
-        with self._lock:
-            if not self._sleepers or self._closing or self._generation != _generation:
-                return
-            if self._unsubmitted < self.entries:  # (else what is held wakes them)
-                self._push(OP_NOP, -1, 0, 0, 0, 0, _KICK)
-            n = self._take()
-        self._kick(n)
+    def _nop_for_sleepers(self) -> bool:
+        """Under _lock, after handing out completions: threads asleep in
+        wait() may have been waiting for one of them, and the CQE that
+        would have woken them is gone.  A NOP posts another (unless what is
+        held back wakes them).  True if there are sleepers: the caller then
+        takes and kicks."""
+        if not self._sleepers or self._closing or self._generation != _generation:
+            return False
+        if self._unsubmitted < self.entries:  # (else what is held wakes them)
+            self._push(OP_NOP, -1, 0, 0, 0, 0, _KICK)
+        return True
 
     def wait(self, timeout: float | None = None, ready: Callable[[], bool] | None = None) -> None:
         """Block until ``ready()`` may have become true: a completion was
