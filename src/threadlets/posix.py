@@ -843,6 +843,9 @@ class PosixAio:
                         # got it back.  (_req for aio_cancel, as above.)
                         if cb._status is _INFLIGHT and cb._view is view:
                             cb._req = taken[0]
+                            # (A write finished inline went without fin: see
+                            # _write_checked.  Twice is harmless.)
+                            self._rewatch(cb)
                         raise
                     after = _After()
                     try:

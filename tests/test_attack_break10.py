@@ -1,0 +1,172 @@
+"""Attacks on the day's core changes (posix's quick path handing its
+callback to the engine, _start's clean-up after an interrupt): Ctrl-C at
+every C return, the answers checked against what moved.  Both backends."""
+
+from __future__ import annotations
+
+import errno
+import gc
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import threadlets.posix as px
+from threadlets import AioContext
+
+from .conftest import interrupt_at_c_return
+
+SIZE = 16384
+PATTERN = bytes((i * 7 + 3) % 251 + 1 for i in range(SIZE))
+
+
+@pytest.fixture
+def data_file(tmp_path: Path) -> Path:
+    p = tmp_path / "f"
+    p.write_bytes(PATTERN)
+    return p
+
+
+def _cold(ctx: AioContext) -> None:
+    """The inline attempt (RWF_NOWAIT) finds nothing cached, as for a file
+    not in the page cache: the read goes to a backend."""
+
+    def preadv(fd: int, views: Any, offset: int, flags: int = 0) -> int:
+        if flags:
+            raise BlockingIOError(errno.EAGAIN, "cold")
+        return os.preadv(fd, views, offset)
+
+    ctx._preadv = preadv  # type: ignore[method-assign]
+
+
+def test_ctrl_c_in_a_quick_aio_read_of_a_cold_file_never_reports_ecanceled_while_it_reads(
+    backend: str, data_file: Path
+) -> None:
+    """A context that tries reads inline (the default): the quick path's
+    _read_checked handed a file with nowait reads to read(), which has no
+    `taken` list -- Ctrl-C after a backend took the request finished the
+    aiocb ECANCELED, and the request then filled the buffer the caller got
+    back (and finished nothing: the aiocb was DONE)."""
+    fd = os.open(data_file, os.O_RDONLY)
+    try:
+        n = 0
+        while True:
+            n += 1
+            assert n < 3000, "never ran to its end"
+            ctx = AioContext(backend=backend, deliver=False)
+            rt = px.PosixAio(ctx)
+            try:
+                warm = px.aiocb(fd, 0, bytearray(4096))
+                rt.aio_read(warm)  # notes the fd: the next takes the quick path
+                rt.aio_suspend([warm], 10.0)
+                assert rt.aio_return(warm) == 4096
+                _cold(ctx)
+                buf = bytearray(4096)
+                cb = px.aiocb(fd, 4096, buf)
+                seen = interrupt_at_c_return(n)
+                try:
+                    rt.aio_read(cb)
+                except KeyboardInterrupt:
+                    pass
+                finally:
+                    sys.setprofile(None)
+                    gc.enable()
+                if cb._status is px._IDLE:
+                    continue
+                # close() waits for every request: whatever was to move has.
+                assert ctx.close(timeout=10), f"C return {n}"
+                assert ctx.stats().outstanding == 0
+                got = (rt.aio_error(cb), rt.aio_return(cb))
+                if got == (errno.ECANCELED, -1):
+                    assert bytes(buf) == bytes(4096), f"C return {n}: filled after ECANCELED"
+                else:
+                    assert got == (0, 4096), f"C return {n}: {got}"
+                    assert bytes(buf) == PATTERN[4096:8192], f"C return {n}"
+                assert not rt._fds, f"C return {n}"
+            finally:
+                ctx.close(timeout=10)
+            if seen[0] < n:
+                break
+        assert n > 5, f"only {n} C returns"
+    finally:
+        os.close(fd)
+
+
+def _cold_writes(ctx: AioContext) -> None:
+    """The inline write attempt (RWF_NOWAIT) would block: the write goes to
+    a backend."""
+    sc = ctx._sc
+
+    def pwritev(fd: int, views: Any, offset: int, flags: int = 0) -> int:
+        if flags:
+            raise BlockingIOError(errno.EAGAIN, "would block")
+        return os.pwritev(fd, views, offset)
+
+    sc.pwritev = pwritev  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("cold", [False, True], ids=["inline", "cold"])
+def test_ctrl_c_in_a_quick_aio_write_reports_what_was_written(
+    backend: str, data_file: Path, cold: bool
+) -> None:
+    """aio_write's quick path on a context that tries writes inline: Ctrl-C
+    at each C return.  Once a backend took the request (cold) it finished
+    the aiocb ECANCELED and wrote afterwards; a write finished inline and
+    interrupted in _start was ECANCELED too, its bytes in the file.  Now
+    ECANCELED only where the file did not change after the call, and a
+    write reported done is in the file; ECANCELED with the bytes written
+    only where Ctrl-C lands as the inline pwritev itself returns (the count
+    lost with its return value: one C return)."""
+    fd = os.open(data_file, os.O_RDWR)
+    new = bytes(255 - b for b in PATTERN[4096:8192])
+    lies = []
+    try:
+        n = 0
+        while True:
+            n += 1
+            assert n < 3000, "never ran to its end"
+            os.pwrite(fd, PATTERN[4096:8192], 4096)
+            ctx = AioContext(backend=backend, deliver=False)
+            rt = px.PosixAio(ctx)
+            try:
+                warm = px.aiocb(fd, 0, bytearray(16))
+                rt.aio_read(warm)  # notes the fd: the next takes the quick path
+                rt.aio_suspend([warm], 10.0)
+                if cold:
+                    _cold_writes(ctx)
+                cb = px.aiocb(fd, 4096, new)
+                seen = interrupt_at_c_return(n)
+                try:
+                    rt.aio_write(cb)
+                except KeyboardInterrupt:
+                    pass
+                finally:
+                    sys.setprofile(None)
+                    gc.enable()
+                if cb._status is px._IDLE:
+                    continue
+                at_return = os.pread(fd, 4096, 4096)
+                assert ctx.close(timeout=10), f"C return {n}"
+                assert ctx.stats().outstanding == 0
+                got = (rt.aio_error(cb), rt.aio_return(cb))
+                now = os.pread(fd, 4096, 4096)
+                if got == (errno.ECANCELED, -1):
+                    assert now == at_return, f"C return {n}: written after ECANCELED"
+                    if cold:
+                        assert now == PATTERN[4096:8192], f"C return {n}"
+                    elif now == new:
+                        lies.append(n)
+                else:
+                    assert got == (0, 4096), f"C return {n}: {got}"
+                    assert now == new, f"C return {n}"
+                assert not rt._fds, f"C return {n}"
+            finally:
+                ctx.close(timeout=10)
+            if seen[0] < n:
+                break
+        assert n > 5, f"only {n} C returns"
+        assert len(lies) <= 1, f"ECANCELED, yet written, at C returns {lies}"
+    finally:
+        os.close(fd)
