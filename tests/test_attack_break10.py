@@ -170,3 +170,50 @@ def test_ctrl_c_in_a_quick_aio_write_reports_what_was_written(
         assert len(lies) <= 1, f"ECANCELED, yet written, at C returns {lies}"
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("call", ["aio_read", "aio_write", "aio_fsync", "lio_listio"])
+def test_ctrl_c_at_every_c_return_of_a_first_submission_leaves_no_table(
+    backend: str, data_file: Path, call: str
+) -> None:
+    """The first submission on an fd makes its ordering table: Ctrl-C at
+    each C return of it, then everything waited for -- no table is left
+    behind (an interrupt as setdefault returned left an empty one, for
+    good), every aiocb finished, nothing outstanding."""
+    fd = os.open(data_file, os.O_RDWR)
+    try:
+        n = 0
+        while True:
+            n += 1
+            assert n < 3000, "never ran to its end"
+            ctx = AioContext(backend=backend, deliver=False)
+            rt = px.PosixAio(ctx)
+            try:
+                cb = px.aiocb(fd, 0, bytearray(PATTERN[:512]), lio_opcode=px.LIO_WRITE)
+                args: tuple[Any, ...] = {
+                    "aio_read": (cb,),
+                    "aio_write": (cb,),
+                    "aio_fsync": (os.O_SYNC, cb),
+                    "lio_listio": (px.LIO_NOWAIT, [cb]),
+                }[call]
+                seen = interrupt_at_c_return(n)
+                try:
+                    getattr(rt, call)(*args)
+                except KeyboardInterrupt:
+                    pass
+                finally:
+                    sys.setprofile(None)
+                    gc.enable()
+                if cb._status is not px._IDLE:
+                    rt.aio_suspend([cb], 10.0)
+                    assert rt.aio_error(cb) in (0, errno.ECANCELED), f"C return {n}"
+                assert ctx.close(timeout=10), f"C return {n}"
+                assert ctx.stats().outstanding == 0, f"C return {n}"
+                assert not rt._fds, f"C return {n}: {rt._fds}"
+            finally:
+                ctx.close(timeout=10)
+            if seen[0] < n:
+                break
+        assert n > 5, f"only {n} C returns"
+    finally:
+        os.close(fd)

@@ -785,10 +785,7 @@ class PosixAio:
                 ):
                     state = self._fds.get(fd)
                     if state is None:
-                        # (setdefault: a signal handler submitting on this
-                        # fd may run at _Fd()'s entry, inside this lock --
-                        # an RLock -- and its table is kept, not replaced.)
-                        state = self._fds.setdefault(fd, _Fd())
+                        state = self._new_fd(fd)
                     # (No call from here on: an interrupt lands before all
                     # of it or after all of it.  An aiocb not in progress
                     # has no _group, _sigev, _req or _view: _finish and the
@@ -1003,7 +1000,7 @@ class PosixAio:
             return
         state = self._fds.get(fd)
         if state is None:
-            state = self._fds.setdefault(fd, _Fd())  # (see _submit_one)
+            state = self._new_fd(fd)
         if view is None:  # fsync / fdatasync
             before = {c for c in state.active if c._op in {"read", "write"}}
             state.active[cb] = None
@@ -1018,6 +1015,19 @@ class PosixAio:
                     return
         cb._status = _INFLIGHT
         after.launch.append(cb)
+
+    def _new_fd(self, fd: int) -> _Fd:
+        """The table of an fd that had none: stored, and returned.  With
+        _lock held.  A signal handler submitting on this fd may run at
+        _Fd()'s entry, inside this lock (an RLock): its table is kept, not
+        replaced.  And the store is the last step, with no call after it
+        (an interrupt at setdefault's return left an empty table behind,
+        for good: no aiocb of it ever finished to remove it)."""
+        new = _Fd()
+        state = self._fds.get(fd)
+        if state is None:
+            self._fds[fd] = state = new
+        return state
 
     def _note_identity(self, ctx: AioContext, fd: int, ident: _Identity | None) -> None:
         """Remember what ``fd`` is for ``ctx``, and make ``ctx`` forget what
@@ -1205,6 +1215,12 @@ class PosixAio:
             del state.active[cb]
         except KeyError:
             state = None  # (never queued on the fd: refused at acceptance)
+            left = self._fds.get(fd)
+            if left is not None and not left.active:
+                # Made for cb, which an interrupt cut short before it went in
+                # (a Ctrl-C at a function entry of _accept): nobody else
+                # would remove it.
+                del self._fds[fd]
         if cb._sigev is not None or cb._group is not None:
             if after is None:
                 after = _After()
