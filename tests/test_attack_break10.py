@@ -8,6 +8,7 @@ import errno
 import gc
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -172,7 +173,10 @@ def test_ctrl_c_in_a_quick_aio_write_reports_what_was_written(
         os.close(fd)
 
 
-@pytest.mark.parametrize("call", ["aio_read", "aio_write", "aio_fsync", "lio_listio"])
+@pytest.mark.parametrize(
+    "call",
+    ["aio_read", "aio_write", "aio_fsync", "lio_listio", "quick aio_read", "quick aio_write"],
+)
 def test_ctrl_c_at_every_c_return_of_a_first_submission_leaves_no_table(
     backend: str, data_file: Path, call: str
 ) -> None:
@@ -189,16 +193,23 @@ def test_ctrl_c_at_every_c_return_of_a_first_submission_leaves_no_table(
             ctx = AioContext(backend=backend, deliver=False)
             rt = px.PosixAio(ctx)
             try:
+                if call.startswith("quick"):
+                    # The fd's identity noted (its table gone with the
+                    # request): the next goes the quick path.
+                    warm = px.aiocb(fd, 0, bytearray(16))
+                    rt.aio_read(warm)
+                    rt.aio_suspend([warm], 10.0)
+                    assert not rt._fds
                 cb = px.aiocb(fd, 0, bytearray(PATTERN[:512]), lio_opcode=px.LIO_WRITE)
                 args: tuple[Any, ...] = {
                     "aio_read": (cb,),
                     "aio_write": (cb,),
                     "aio_fsync": (os.O_SYNC, cb),
                     "lio_listio": (px.LIO_NOWAIT, [cb]),
-                }[call]
+                }[call.rsplit(maxsplit=1)[-1]]
                 seen = interrupt_at_c_return(n)
                 try:
-                    getattr(rt, call)(*args)
+                    getattr(rt, call.rsplit(maxsplit=1)[-1])(*args)
                 except KeyboardInterrupt:
                     pass
                 finally:
@@ -217,3 +228,64 @@ def test_ctrl_c_at_every_c_return_of_a_first_submission_leaves_no_table(
         assert n > 5, f"only {n} C returns"
     finally:
         os.close(fd)
+
+
+def test_aio_cancel_racing_a_quick_aio_read_answers_what_happened(backend: str) -> None:
+    """aio_cancel in a loop while another thread's aio_read of an empty pipe
+    goes through the quick path (its callback with the request, _req not
+    yet stored): AIO_CANCELED only where the aiocb ends ECANCELED having
+    consumed nothing (the pipe's bytes still there, the buffer untouched);
+    otherwise the read gets the bytes.  stats() exact after each."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    ctx = AioContext(backend=backend, deliver=False)
+    rt = px.PosixAio(ctx)
+    try:
+        for i in range(150):
+            r, w = os.pipe()
+            try:
+                os.write(w, b"x")
+                warm = px.aiocb(r, 0, bytearray(1))
+                rt.aio_read(warm)  # notes the fd: the next takes the quick path
+                rt.aio_suspend([warm], 10.0)
+                assert rt.aio_return(warm) == 1
+                buf = bytearray(4)
+                cb = px.aiocb(r, 0, buf)
+                go = threading.Barrier(2)
+
+                def submit(go: threading.Barrier, cb: px.aiocb) -> None:
+                    go.wait()
+                    rt.aio_read(cb)
+
+                t = threading.Thread(target=submit, args=(go, cb))
+                t.start()
+                go.wait()
+                answers = []
+                while True:
+                    idle = cb._status is px._IDLE
+                    answers.append(rt.aio_cancel(r, cb))
+                    if not idle:
+                        break
+                t.join()
+                os.write(w, b"abcd")
+                rt.aio_suspend([cb], 10.0)
+                err, ret = rt.aio_error(cb), rt.aio_return(cb)
+                if px.AIO_CANCELED in answers:
+                    assert (err, ret) == (errno.ECANCELED, -1), (i, answers, err)
+                if err == errno.ECANCELED:
+                    assert px.AIO_CANCELED in answers, (i, answers)
+                    assert bytes(buf) == bytes(4), i
+                    assert os.read(r, 16) == b"abcd", i
+                else:
+                    assert (err, ret) == (0, 4), (i, answers, err, ret)
+                    assert bytes(buf) == b"abcd", i
+                assert not rt._fds, i
+            finally:
+                os.close(r)
+                os.close(w)
+        assert ctx.close(timeout=10)
+        st = ctx.stats()
+        assert st.outstanding == 0, st
+    finally:
+        sys.setswitchinterval(old)
+        ctx.close(timeout=10)

@@ -1018,16 +1018,19 @@ class PosixAio:
 
     def _new_fd(self, fd: int) -> _Fd:
         """The table of an fd that had none: stored, and returned.  With
-        _lock held.  A signal handler submitting on this fd may run at
-        _Fd()'s entry, inside this lock (an RLock): its table is kept, not
-        replaced.  And the store is the last step, with no call after it
-        (an interrupt at setdefault's return left an empty table behind,
-        for good: no aiocb of it ever finished to remove it)."""
-        new = _Fd()
-        state = self._fds.get(fd)
-        if state is None:
-            self._fds[fd] = state = new
-        return state
+        _lock held.  setdefault: a signal handler submitting on this fd may
+        run at _Fd()'s entry, inside this lock (an RLock), and its table is
+        kept, not replaced (a look, then a store, would let one run between
+        the two).  A Ctrl-C as setdefault returns stored a table nobody
+        holds: it is taken out again if still empty, or it stayed for good
+        (no aiocb of it would ever finish to remove it)."""
+        try:
+            return self._fds.setdefault(fd, _Fd())
+        except BaseException:
+            left = self._fds.get(fd)
+            if left is not None and not left.active:
+                del self._fds[fd]
+            raise
 
     def _note_identity(self, ctx: AioContext, fd: int, ident: _Identity | None) -> None:
         """Remember what ``fd`` is for ``ctx``, and make ``ctx`` forget what
