@@ -289,3 +289,129 @@ def test_aio_cancel_racing_a_quick_aio_read_answers_what_happened(backend: str) 
     finally:
         sys.setswitchinterval(old)
         ctx.close(timeout=10)
+
+
+# -- trio/anyio: cancellation at every checkpoint of preadinto/pwrite --------------------
+
+
+@pytest.fixture(params=["threads", "io_uring"])
+def loop_backend(request: pytest.FixtureRequest) -> Any:
+    import threadlets.awaitable as aw
+
+    aw.configure(backend=request.param)
+    try:
+        yield request.param
+    finally:
+        aw.configure()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+@pytest.mark.parametrize("call", ["preadinto", "pwrite"])
+def test_cancel_at_every_checkpoint_of_preadinto_and_pwrite(
+    tmp_path: Path, loop_backend: str, anyio_backend: str, call: str
+) -> None:
+    """The task is cancelled after k checkpoints of another task, for each
+    k: a cancelled preadinto's buffer is not written after the task saw the
+    cancellation; a cancelled pwrite does not land after it; an uncancelled
+    one has its whole effect.  (File closed after each: nothing left.)"""
+    import anyio
+    import anyio.lowlevel
+
+    import threadlets
+
+    p = tmp_path / "f"
+
+    async def attempt(k: int) -> bool:
+        p.write_bytes(PATTERN)
+        f = await threadlets.open(p, "r+b")
+        buf = bytearray(SIZE)
+        new = bytes(255 - b for b in PATTERN)
+        out: list[object] = []
+        snap: list[bytes] = []
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def victim() -> None:
+                    try:
+                        if call == "preadinto":
+                            out.append(await f.preadinto(buf, 0))
+                        else:
+                            out.append(await f.pwrite(new, 0))
+                    except anyio.get_cancelled_exc_class():
+                        snap.append(bytes(buf) if call == "preadinto" else p.read_bytes())
+                        out.append("cancelled")
+                        raise
+
+                async def killer() -> None:
+                    for _ in range(k):
+                        await anyio.lowlevel.checkpoint()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(victim)
+                tg.start_soon(killer)
+        finally:
+            await f.close()
+        after = bytes(buf) if call == "preadinto" else p.read_bytes()
+        if out == ["cancelled"]:
+            assert after == snap[0], f"k={k}: changed after the task saw the cancellation"
+            return False
+        assert out == [SIZE], (k, out)
+        assert after == (PATTERN if call == "preadinto" else new), k
+        return True
+
+    async def main() -> None:
+        done = 0
+        for k in range(60):
+            if await attempt(k):
+                done += 1
+                if done >= 3:
+                    return
+        raise AssertionError("never ran to its end")
+
+    anyio.run(main, backend=anyio_backend)
+
+
+def test_fork_with_a_quick_path_read_in_flight(backend: str) -> None:
+    """A quick-path aio_read waits on an empty pipe (on the ring, or on a
+    worker); fork.  The child sees it ECANCELED, its tables empty, and reads
+    with a context of its own; the parent's completes with the bytes."""
+    from .test_attack_fork8 import _in_child
+
+    ctx = AioContext(backend=backend, deliver=False)
+    rt = px.PosixAio(ctx)
+    r, w = os.pipe()
+    try:
+        os.write(w, b"x")
+        warm = px.aiocb(r, 0, bytearray(1))
+        rt.aio_read(warm)
+        rt.aio_suspend([warm], 10.0)
+        buf = bytearray(4)
+        cb = px.aiocb(r, 0, buf)
+        rt.aio_read(cb)
+        assert cb._req is not None  # (the quick path stored it)
+
+        def child() -> object:
+            out: list[object] = [rt.aio_error(cb), rt.aio_return(cb), bool(rt._fds)]
+            rt.aio_suspend([cb], 5.0)
+            own = AioContext(backend=backend, deliver=False)
+            rt.set_context(own)
+            r2, w2 = os.pipe()  # (the parent's read waits on the first one)
+            os.write(w2, b"yz")
+            again = px.aiocb(r2, 0, bytearray(2))
+            rt.aio_read(again)
+            rt.aio_suspend([again], 5.0)
+            out += [rt.aio_error(again), bytes(again.aio_buf).decode(), own.close(5)]
+            return out
+
+        got = _in_child(child)
+        assert got == [errno.ECANCELED, -1, False, 0, "yz", True]
+        os.write(w, b"abcd")
+        rt.aio_suspend([cb], 10.0)
+        assert (rt.aio_error(cb), rt.aio_return(cb)) == (0, 4)
+        assert bytes(buf) == b"abcd"
+        assert ctx.close(timeout=10)
+        assert ctx.stats().outstanding == 0
+    finally:
+        os.close(r)
+        os.close(w)
+        ctx.close(timeout=10)
