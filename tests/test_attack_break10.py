@@ -415,3 +415,88 @@ def test_fork_with_a_quick_path_read_in_flight(backend: str) -> None:
         os.close(r)
         os.close(w)
         ctx.close(timeout=10)
+
+
+def _handler_at_c_return(n: int, handler: Any) -> list[int]:
+    """Run ``handler()`` once, as the n-th C call of threadlets returns (where
+    CPython runs a signal handler), as a signal handler would run there."""
+    seen = [0]
+
+    def prof(frame: Any, event: str, arg: object) -> None:
+        if event == "c_return" and "threadlets" in frame.f_code.co_filename:
+            seen[0] += 1
+            if seen[0] == n:
+                sys.setprofile(None)
+                handler()
+
+    sys.setprofile(prof)
+    return seen
+
+
+@pytest.mark.parametrize("call", ["aio_read", "aio_write", "aio_suspend", "lio_listio"])
+def test_a_handler_submitting_at_every_c_return_of_a_posix_call(
+    backend: str, data_file: Path, call: str
+) -> None:
+    """A signal handler's aio_read on the same fd, and aio_error/aio_return
+    of the aiocb the interrupted call works on, run at the n-th C return of
+    aio_read/aio_write (the quick path: the fd noted), aio_suspend or
+    lio_listio, for each n: both aiocbs finish with their own data, nothing
+    is left in the tables, nothing outstanding."""
+    fd = os.open(data_file, os.O_RDWR)
+    try:
+        n = 0
+        while True:
+            n += 1
+            assert n < 3000, "never ran to its end"
+            ctx = AioContext(backend=backend, deliver=False)
+            rt = px.PosixAio(ctx)
+            try:
+                warm = px.aiocb(fd, 0, bytearray(16))
+                rt.aio_read(warm)
+                rt.aio_suspend([warm], 10.0)
+                mine = px.aiocb(fd, 4096, bytearray(512), lio_opcode=px.LIO_READ)
+                if call == "aio_write":
+                    mine.aio_buf = bytearray(PATTERN[4096 : 4096 + 512])
+                theirs = px.aiocb(fd, 8192, bytearray(256))
+                peeks: list[object] = []
+
+                def handler(mine: px.aiocb = mine, theirs: px.aiocb = theirs) -> None:
+                    for f in (rt.aio_error, rt.aio_return):
+                        try:
+                            peeks.append(f(mine))
+                        except OSError as e:
+                            peeks.append(e.errno)
+                    rt.aio_read(theirs)
+
+                if call == "aio_suspend":
+                    rt.aio_read(mine)
+                seen = _handler_at_c_return(n, handler)
+                try:
+                    if call == "aio_read":
+                        rt.aio_read(mine)
+                    elif call == "aio_write":
+                        rt.aio_write(mine)
+                    elif call == "aio_suspend":
+                        rt.aio_suspend([mine], 10.0)
+                    else:
+                        rt.lio_listio(px.LIO_WAIT, [mine])
+                finally:
+                    sys.setprofile(None)
+                rt.aio_suspend([mine], 10.0)
+                assert (rt.aio_error(mine), rt.aio_return(mine)) == (0, 512), f"C return {n}"
+                assert bytes(mine.aio_buf) == PATTERN[4096 : 4096 + 512], f"C return {n}"
+                if theirs._status is not px._IDLE:
+                    rt.aio_suspend([theirs], 10.0)
+                    got = (rt.aio_error(theirs), rt.aio_return(theirs))
+                    assert got == (0, 256), f"C return {n}: {got}"
+                    assert bytes(theirs.aio_buf) == PATTERN[8192 : 8192 + 256]
+                assert ctx.close(timeout=10), f"C return {n}"
+                assert ctx.stats().outstanding == 0
+                assert not rt._fds, f"C return {n}: {rt._fds}"
+            finally:
+                ctx.close(timeout=10)
+            if seen[0] < n:
+                break
+        assert n > 5, f"only {n} C returns"
+    finally:
+        os.close(fd)
