@@ -500,3 +500,43 @@ def test_a_handler_submitting_at_every_c_return_of_a_posix_call(
         assert n > 5, f"only {n} C returns"
     finally:
         os.close(fd)
+
+
+def test_a_quick_aio_write_written_inline_as_close_begins_is_not_ecanceled(
+    backend: str, data_file: Path
+) -> None:
+    """close() of the context runs (another thread) between the inline
+    write's pwritev and the engine's admission: the bytes are in the file,
+    so the aiocb reports them -- it reported ECANCELED (a refused
+    submission) for a write that landed."""
+    fd = os.open(data_file, os.O_RDWR)
+    ctx = AioContext(backend=backend, deliver=False)
+    rt = px.PosixAio(ctx)
+    try:
+        warm = px.aiocb(fd, 0, bytearray(16))
+        rt.aio_read(warm)
+        rt.aio_suspend([warm], 10.0)
+        sc = ctx._sc
+        real = sc.pwritev
+
+        def pwritev(fd: int, views: Any, offset: int, flags: int = 0) -> int:
+            n = real(fd, views, offset)  # (the inline attempt succeeds)
+            if flags:
+                closer = threading.Thread(target=ctx.close, args=(10,))
+                closer.start()
+                closer.join()
+            return n
+
+        sc.pwritev = pwritev  # type: ignore[method-assign]
+        new = bytes(255 - b for b in PATTERN[:512])
+        cb = px.aiocb(fd, 0, new)
+        try:
+            rt.aio_write(cb)
+        except RuntimeError:
+            pass
+        assert os.pread(fd, 512, 0) == new
+        assert (rt.aio_error(cb), rt.aio_return(cb)) == (0, 512)
+        assert not rt._fds
+    finally:
+        ctx.close(timeout=10)
+        os.close(fd)

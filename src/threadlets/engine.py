@@ -2146,7 +2146,15 @@ class AioContext:
                     # in `taken` all the same once admitted: the bytes moved.
                     born = AioRequest(self, "write", None, (), None)
                     born._born_finished(done, None)
-                    return self._start_taken(born, taken)
+                    try:
+                        return self._start_taken(born, taken)
+                    except RuntimeError:
+                        if born._admitted:
+                            raise
+                        # Refused: close() began after the bytes moved.  They
+                        # did move: finished, not refused (as an inline read
+                        # with nothing to deliver, it is not counted).
+                        return born
         req = AioRequest(
             self, "write", None, (), None,
             _Transfer(self._sc, f, [view], offset, len(view), done, True, False),
