@@ -544,3 +544,69 @@ def test_a_quick_aio_write_written_inline_as_close_begins_is_not_ecanceled(
     finally:
         ctx.close(timeout=10)
         os.close(fd)
+
+
+def test_one_aiocb_submitted_by_two_threads_and_resubmitted_at_once(backend: str) -> None:
+    """Two threads aio_read the same aiocb of an empty pipe at once (the
+    quick path): one wins, the other gets EINVAL (in progress).  A third
+    thread resubmits it the moment it is done, into another buffer: each
+    submission gets its own bytes -- the first request's completion never
+    finishes the second."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    ctx = AioContext(backend=backend, deliver=False)
+    rt = px.PosixAio(ctx)
+    try:
+        for i in range(60):
+            r, w = os.pipe()
+            try:
+                os.write(w, b"x")
+                warm = px.aiocb(r, 0, bytearray(1))
+                rt.aio_read(warm)
+                rt.aio_suspend([warm], 10.0)
+                cb = px.aiocb(r, 0, bytearray(4))
+                go = threading.Barrier(2)
+                answers: list[object] = []
+
+                def submit(
+                    cb: px.aiocb = cb, go: threading.Barrier = go, out: list[object] = answers
+                ) -> None:
+                    go.wait()
+                    try:
+                        rt.aio_read(cb)
+                        out.append("ok")
+                    except OSError as e:
+                        out.append(e.errno)
+
+                ts = [threading.Thread(target=submit) for _ in range(2)]
+                for t in ts:
+                    t.start()
+                for t in ts:
+                    t.join(10)
+                assert sorted(map(str, answers)) == sorted(["ok", str(errno.EINVAL)]), i
+                firsts: list[object] = []
+
+                def resubmit(cb: px.aiocb = cb, firsts: list[object] = firsts) -> None:
+                    rt.aio_suspend([cb], 10.0)
+                    firsts.append((rt.aio_error(cb), rt.aio_return(cb), bytes(cb.aio_buf)))
+                    cb.aio_buf = bytearray(2)
+                    rt.aio_read(cb)
+
+                t = threading.Thread(target=resubmit)
+                t.start()
+                os.write(w, b"abcd")
+                t.join(10)
+                assert firsts == [(0, 4, b"abcd")], i
+                os.write(w, b"ef")
+                rt.aio_suspend([cb], 10.0)
+                assert (rt.aio_error(cb), rt.aio_return(cb)) == (0, 2), i
+                assert bytes(cb.aio_buf) == b"ef", i
+                assert not rt._fds, i
+            finally:
+                os.close(r)
+                os.close(w)
+        assert ctx.close(timeout=10)
+        assert ctx.stats().outstanding == 0
+    finally:
+        sys.setswitchinterval(old)
+        ctx.close(timeout=10)
