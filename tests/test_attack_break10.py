@@ -610,3 +610,78 @@ def test_one_aiocb_submitted_by_two_threads_and_resubmitted_at_once(backend: str
     finally:
         sys.setswitchinterval(old)
         ctx.close(timeout=10)
+
+
+def test_ctrl_c_at_every_c_return_of_aio_cancel_of_a_held_quick_read(
+    backend: str, data_file: Path
+) -> None:
+    """A quick-path aio_read held back -- QUEUED behind the one busy worker
+    (threads), or waiting in the ring for an empty pipe (io_uring) -- and
+    Ctrl-C at the n-th C return of aio_cancel, for each n.  Then it is let
+    go: an answer AIO_CANCELED means ECANCELED, and ECANCELED means nothing
+    moved (the buffer untouched, the pipe's bytes unread); otherwise the
+    read has its data.  Nothing outstanding, no table left."""
+    from threadlets import ThreadletQueue
+
+    n = 0
+    while True:
+        n += 1
+        assert n < 3000, "never ran to its end"
+        queue = ThreadletQueue(max_threads=1)
+        ctx = AioContext(queue, backend=backend, deliver=False, inline=False)
+        rt = px.PosixAio(ctx)
+        go = threading.Event()
+        r, w = os.pipe()
+        fd = os.open(data_file, os.O_RDONLY)
+        try:
+            target = fd if backend == "threads" else r
+            if backend == "io_uring":
+                os.write(w, b"x")
+            warm = px.aiocb(target, 0, bytearray(1))
+            rt.aio_read(warm)
+            rt.aio_suspend([warm], 10.0)
+            busy = threading.Event()
+            blocker = ctx.call(lambda busy=busy, go=go: (busy.set(), go.wait(10)))
+            assert busy.wait(10)
+            buf = bytearray(4)
+            cb = px.aiocb(target, 0, buf)
+            rt.aio_read(cb)
+            answer = None
+            seen = interrupt_at_c_return(n)
+            try:
+                answer = rt.aio_cancel(target, cb)
+            except KeyboardInterrupt:
+                pass
+            finally:
+                sys.setprofile(None)
+                gc.enable()
+            go.set()
+            os.write(w, b"abcd")
+            rt.aio_suspend([cb], 10.0)
+            got = (rt.aio_error(cb), rt.aio_return(cb))
+            if answer == px.AIO_CANCELED:
+                assert got == (errno.ECANCELED, -1), f"C return {n}"
+            if got[0] == errno.ECANCELED:
+                assert answer in (None, px.AIO_CANCELED), f"C return {n}: {answer}"
+                assert bytes(buf) == bytes(4), f"C return {n}"
+                if backend == "io_uring":
+                    assert os.read(r, 8) == b"abcd", f"C return {n}"
+            else:
+                assert answer in (None, px.AIO_NOTCANCELED), f"C return {n}: {answer}"
+                assert got == (0, 4), f"C return {n}: {got}"
+                want = b"abcd" if backend == "io_uring" else PATTERN[:4]
+                assert bytes(buf) == want, f"C return {n}"
+            assert blocker.wait(10)
+            assert ctx.close(timeout=10), f"C return {n}"
+            assert ctx.stats().outstanding == 0, f"C return {n}"
+            assert not rt._fds, f"C return {n}"
+        finally:
+            go.set()
+            ctx.close(timeout=10)
+            queue.close(timeout=10)
+            os.close(fd)
+            os.close(r)
+            os.close(w)
+        if seen[0] < n:
+            break
+    assert n > 3, f"only {n} C returns"

@@ -2059,8 +2059,11 @@ class AioContext:
         int >= 0, ``view`` a writable, flat (1-D, format 'B', C-contiguous)
         memoryview of at least one byte.  The rest is checked here, as
         read() checks it: anything else -- a closed context, an fd this
-        context has not looked up, an offset past the range, a file read
-        inline first -- is read() itself, which answers as always.
+        context has not looked up, an offset past the range -- is read()
+        itself, which answers as always.  A file read inline first gets
+        read()'s inline attempt, here: finished by it, the answer is
+        read()'s (on_done not taken); what it leaves goes to a backend with
+        on_done and ``taken``, as below.
 
         ``on_done`` is *taken* only where the returned request's
         ``_callbacks`` is not None: stored before the request is published
