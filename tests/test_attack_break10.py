@@ -4,6 +4,7 @@ every C return, the answers checked against what moved.  Both backends."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import os
@@ -685,3 +686,59 @@ def test_ctrl_c_at_every_c_return_of_aio_cancel_of_a_held_quick_read(
         if seen[0] < n:
             break
     assert n > 3, f"only {n} C returns"
+
+
+@pytest.mark.parametrize("cold", [False, True], ids=["inline", "cold"])
+def test_close_while_quick_submissions_race_in(backend: str, data_file: Path, cold: bool) -> None:
+    """Threads aio_read through the quick path while the context is closed
+    under them: every aiocb finishes (none in progress for ever), an
+    ECANCELED one's buffer is untouched after close() returned, a done one
+    has its data; nothing outstanding, no table left."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    fd = os.open(data_file, os.O_RDONLY)
+    try:
+        for round_ in range(8):
+            ctx = AioContext(backend=backend, deliver=False)
+            rt = px.PosixAio(ctx)
+            warm = px.aiocb(fd, 0, bytearray(16))
+            rt.aio_read(warm)
+            rt.aio_suspend([warm], 10.0)
+            if cold:
+                _cold(ctx)
+            start = threading.Barrier(4)
+            cbs: list[list[px.aiocb]] = [[], [], []]
+
+            def run(mine: list[px.aiocb], start: threading.Barrier = start, rt: Any = rt) -> None:
+                start.wait()
+                for i in range(40):
+                    cb = px.aiocb(fd, (i % 16) * 512, bytearray(512))
+                    with contextlib.suppress(RuntimeError):  # (refused: ECANCELED)
+                        rt.aio_read(cb)
+                    mine.append(cb)
+
+            ts = [threading.Thread(target=run, args=(m,)) for m in cbs]
+            for t in ts:
+                t.start()
+            start.wait()
+            assert ctx.close(timeout=10)
+            for t in ts:
+                t.join(10)
+            assert ctx.close(timeout=10)
+            every = [cb for m in cbs for cb in m]
+            assert len(every) == 120
+            snapshot = [bytes(cb.aio_buf) for cb in every]
+            for cb, seen in zip(every, snapshot, strict=True):
+                rt.aio_suspend([cb], 10.0)
+                got = (rt.aio_error(cb), rt.aio_return(cb))
+                if got[0] == errno.ECANCELED:
+                    assert bytes(cb.aio_buf) == seen, round_
+                else:
+                    assert got == (0, 512), (round_, got)
+                    off = cb.aio_offset
+                    assert bytes(cb.aio_buf) == PATTERN[off : off + 512], round_
+            assert ctx.stats().outstanding == 0
+            assert not rt._fds, round_
+    finally:
+        sys.setswitchinterval(old)
+        os.close(fd)
