@@ -2097,8 +2097,11 @@ class AioContext:
         int >= 0, ``view`` a writable, flat (1-D, format 'B', C-contiguous)
         memoryview of at least one byte.  The rest is checked here, as
         read() checks it: anything else -- a closed context, an fd this
-        context has not looked up, an offset past the range, a file read
-        inline first -- is read() itself, which answers as always.
+        context has not looked up, an offset past the range -- is read()
+        itself, which answers as always.  A file read inline first gets
+        read()'s inline attempt, here: finished by it, the answer is
+        read()'s (on_done not taken); what it leaves goes to a backend with
+        on_done and ``taken``, as below.
 
         ``on_done`` is *taken* only where the returned request's
         ``_callbacks`` is not None: stored before the request is published
@@ -2112,13 +2115,36 @@ class AioContext:
         (it reached a backend), even if an interrupt (Ctrl-C) then cuts this
         call short: a caller that sees it there knows the request finishes
         as usual, and must not report it finished by the interrupt (its
-        buffer may still be filled)."""
+        buffer may still be filled).  (A write finished inline is put there
+        too, its on_done not taken: the caller adds it then, as for any
+        request -- a second registration must be harmless.)"""
         f = self._files.get(fd)  # (a closed context has no files)
-        if f is None or f.nowait_reads or offset > _MAX_IO_OFFSET:
+        if f is None or offset > _MAX_IO_OFFSET:
             return self.read(fd, offset, view)
+        done = 0
+        if f.nowait_reads:
+            # read()'s inline attempt, written out: what it leaves goes to a
+            # backend *here*, with on_done and `taken` (through read() an
+            # interrupt after a backend took it left the caller no way to
+            # know, and it reported finished a request that filled its
+            # buffer later).
+            try:
+                done = self._preadv(fd, (view,), offset, RWF_NOWAIT)
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                if e.errno in (errno.EOPNOTSUPP, errno.ESPIPE):
+                    f.nowait_reads = False
+            else:
+                if done == len(view) or not done:
+                    next(self._n_unseen)
+                    d = _new_object(_InlineDone)  # (not taken: as read())
+                    d._ctx = self
+                    d._result = done
+                    return d
         req = AioRequest(
             self, "read", None, (), None,
-            _Transfer(self._sc, f, [view], offset, len(view), 0, False, False),
+            _Transfer(self._sc, f, [view], offset, len(view), done, False, False),
         )  # fmt: skip
         req._callbacks = [on_done]  # (not published yet: no lock)
         return self._start_taken(req, taken)
@@ -2144,11 +2170,35 @@ class AioContext:
         """write(fd, offset, view) as :meth:`_read_checked` is read() (the
         view may be read-only)."""
         f = self._files.get(fd)
-        if f is None or f.nowait_writes or offset > _MAX_IO_OFFSET:
+        if f is None or offset > _MAX_IO_OFFSET:
             return self.write(fd, offset, view)
+        done = 0
+        if f.nowait_writes:  # (write()'s inline attempt: see _read_checked)
+            try:
+                done = self._sc.pwritev(fd, [view], offset, RWF_NOWAIT)
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                if e.errno in (errno.EOPNOTSUPP, errno.ESPIPE):
+                    f.nowait_writes = False
+            else:
+                if done == len(view):
+                    # Born finished, on_done not taken (the caller adds it);
+                    # in `taken` all the same once admitted: the bytes moved.
+                    born = AioRequest(self, "write", None, (), None)
+                    born._born_finished(done, None)
+                    try:
+                        return self._start_taken(born, taken)
+                    except RuntimeError:
+                        if born._admitted:
+                            raise
+                        # Refused: close() began after the bytes moved.  They
+                        # did move: finished, not refused (as an inline read
+                        # with nothing to deliver, it is not counted).
+                        return born
         req = AioRequest(
             self, "write", None, (), None,
-            _Transfer(self._sc, f, [view], offset, len(view), 0, True, False),
+            _Transfer(self._sc, f, [view], offset, len(view), done, True, False),
         )  # fmt: skip
         req._callbacks = [on_done]
         return self._start_taken(req, taken)

@@ -785,10 +785,7 @@ class PosixAio:
                 ):
                     state = self._fds.get(fd)
                     if state is None:
-                        # (setdefault: a signal handler submitting on this
-                        # fd may run at _Fd()'s entry, inside this lock --
-                        # an RLock -- and its table is kept, not replaced.)
-                        state = self._fds.setdefault(fd, _Fd())
+                        state = self._new_fd(fd)
                     # (No call from here on: an interrupt lands before all
                     # of it or after all of it.  An aiocb not in progress
                     # has no _group, _sigev, _req or _view: _finish and the
@@ -848,6 +845,9 @@ class PosixAio:
                         # got it back.  (_req for aio_cancel, as above.)
                         if cb._status is _INFLIGHT and cb._view is view:
                             cb._req = taken[0]
+                            # (A write finished inline went without fin: see
+                            # _write_checked.  Twice is harmless.)
+                            self._rewatch(cb)
                         raise
                     after = _After()
                     try:
@@ -1013,7 +1013,7 @@ class PosixAio:
             return
         state = self._fds.get(fd)
         if state is None:
-            state = self._fds.setdefault(fd, _Fd())  # (see _submit_one)
+            state = self._new_fd(fd)
         if view is None:  # fsync / fdatasync
             before = {c for c in state.active if c._op in {"read", "write"}}
             state.active[cb] = None
@@ -1028,6 +1028,22 @@ class PosixAio:
                     return
         cb._status = _INFLIGHT
         after.launch.append(cb)
+
+    def _new_fd(self, fd: int) -> _Fd:
+        """The table of an fd that had none: stored, and returned.  With
+        _lock held.  setdefault: a signal handler submitting on this fd may
+        run at _Fd()'s entry, inside this lock (an RLock), and its table is
+        kept, not replaced (a look, then a store, would let one run between
+        the two).  A Ctrl-C as setdefault returns stored a table nobody
+        holds: it is taken out again if still empty, or it stayed for good
+        (no aiocb of it would ever finish to remove it)."""
+        try:
+            return self._fds.setdefault(fd, _Fd())
+        except BaseException:
+            left = self._fds.get(fd)
+            if left is not None and not left.active:
+                del self._fds[fd]
+            raise
 
     def _note_identity(self, ctx: AioContext, fd: int, ident: _Identity | None) -> None:
         """Remember what ``fd`` is for ``ctx``, and make ``ctx`` forget what
@@ -1215,6 +1231,12 @@ class PosixAio:
             del state.active[cb]
         except KeyError:
             state = None  # (never queued on the fd: refused at acceptance)
+            left = self._fds.get(fd)
+            if left is not None and not left.active:
+                # Made for cb, which an interrupt cut short before it went in
+                # (a Ctrl-C at a function entry of _accept): nobody else
+                # would remove it.
+                del self._fds[fd]
         if cb._sigev is not None or cb._group is not None:
             if after is None:
                 after = _After()
