@@ -802,11 +802,6 @@ class PosixAio:
                     state.active[cb] = None
                     cb._status = _INFLIGHT
                     claimed = True
-        except BaseException:
-            if not claimed:  # (Ctrl-C as the table was made: see _drop_if_empty)
-                with self._lock:
-                    self._drop_if_empty(fd)
-            raise
         finally:
             if claimed:  # (launched even if Ctrl-C lands as the lock is let go)
                 taken: list[AioRequest] = []  # (see _read_checked)
@@ -964,18 +959,10 @@ class PosixAio:
             self._finish(cb, errno.ECANCELED, -1, after)
         elif cb._status is not _INFLIGHT and cb._group is group:
             cb._group = None  # it never got in progress
-        self._drop_if_empty(cb.aio_fildes)
         if group is not None and group.remaining > 0:
             group.remaining = sum(1 for c, _, _, _ in entries if c._group is group)
             if group.remaining == 0 and group.sigevent is not None:
                 after.notify.append(group.sigevent)
-
-    def _drop_if_empty(self, fd: int) -> None:
-        """Forget fd's table if nothing is in it: one made (setdefault) just
-        before an interrupt cut the claim short.  With _lock held."""
-        state = self._fds.get(fd)
-        if state is not None and not state.active:
-            del self._fds[fd]
 
     def _accept(
         self,
