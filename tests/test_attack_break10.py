@@ -523,6 +523,7 @@ def test_a_handler_submitting_at_every_c_return_of_a_posix_call(
         os.close(fd)
 
 
+@pytest.mark.linux_only("rwf_nowait")  # (no inline attempt without it)
 def test_a_quick_aio_write_written_inline_as_close_begins_is_not_ecanceled(
     backend: str, data_file: Path
 ) -> None:
