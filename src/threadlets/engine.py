@@ -2557,7 +2557,7 @@ class AioContext:
             if self._deliver:
                 quiet = self.drain(timeout)
             else:
-                quiet = cq.wait_quiet(timeout, self._own_finishing())
+                quiet = self._wait_quiet(timeout, self._own_finishing())
         except BaseException:
             self._reopen()
             raise
@@ -2569,6 +2569,32 @@ class AioContext:
         self._files.clear()
         self._release_now()
         return self._join_reaper(deadline)
+
+    def _wait_quiet(self, timeout: float | None, own: int) -> bool:
+        """close()'s wait of a context that delivers nothing.  In its reaper
+        thread (a done-callback closing it), the requests left are finished
+        by this thread's reaps -- the rest of the batch it is handing out,
+        later completions -- so it reaps while it waits; elsewhere the
+        reaper finishes them."""
+        cq, ring = self._cq, self._ring
+        if ring is None or not ring.usable or not ring.is_reaper():
+            return cq.wait_quiet(timeout, own)
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def quiet() -> bool:
+            return cq.outstanding() <= own
+
+        while True:
+            ring.reap()
+            if quiet():
+                return True
+            remaining = _time_left(deadline)
+            if remaining is not None and remaining <= 0:
+                return False
+            if not ring.usable:
+                return cq.wait_quiet(remaining, own)
+            # Bounded: a request finishing on a worker posts no completion.
+            ring.wait(0.01 if remaining is None else min(remaining, 0.01), quiet)
 
     def _release_now(self) -> None:
         """The finalizer's work (release the ring, then the eventfd), done
