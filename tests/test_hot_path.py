@@ -239,3 +239,33 @@ def test_preadinto_and_pwrite_answer_odd_buffers_as_the_generic_checks(
         assert write[0] == "raised", what
     else:
         assert write == ("ok", plain), what
+
+
+@pytest.mark.parametrize("offset", [-1, 2**63, 2**64], ids=["negative", "2**63", "2**64"])
+def test_an_empty_transfer_refuses_an_offset_as_a_full_one(tmp_path: Path, offset: int) -> None:
+    """An offset out of range gets the same error whether the call moves
+    bytes or none: a zero-byte pwrite or preadinto at 2**63 raised
+    OverflowError (os.pwrite's), where one byte raised ValueError."""
+    p = tmp_path / "f"
+    p.write_bytes(b"0123456789")
+
+    async def main() -> list[tuple[str, object]]:
+        async with await threadlets.open(p, "r+b", buffering=0) as f:
+            out = []
+            for call in (
+                lambda: f.pwrite(b"", offset),
+                lambda: f.pwrite(b"x", offset),
+                lambda: f.preadinto(bytearray(0), offset),
+                lambda: f.preadinto(bytearray(1), offset),
+                lambda: f.pread(0, offset),
+                lambda: f.pread(1, offset),
+            ):
+                try:
+                    out.append(("ok", await call()))
+                except Exception as e:
+                    out.append(("raised", type(e)))
+            return out
+
+    answers = asyncio.run(main())
+    assert answers == [("raised", ValueError)] * 6
+    assert p.read_bytes() == b"0123456789"

@@ -89,7 +89,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, Union, overload
 
 from threadlets.awaitable import YIELD_EVERY, FdWaits, LoopIO, StreamLock, current
-from threadlets.engine import AioRequest, _InlineDone, _nonnegative
+from threadlets.engine import AioRequest, _check_range, _InlineDone, _nonnegative
 from threadlets.oneshot import open_cached_into
 from threadlets.pool import _DONE, CancelResult
 from threadlets.probe import F_NOCACHE, O_DIRECT, capability_note
@@ -556,7 +556,7 @@ class AsyncFile:
         Offsets are checked as the engine checks them; a pipe or terminal
         (where the engine makes one read or write, no offset) gets a readv or
         writev of no buffers, which the kernel answers without waiting."""
-        where = _nonnegative(offset, "offset")
+        where, _ = _check_range(offset, 0)  # (past the largest offset: ValueError, as with bytes)
         if self._stream:
             return os.writev(self._fd, []) if write else os.readv(self._fd, [])
         if write:
