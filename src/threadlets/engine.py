@@ -1557,6 +1557,27 @@ class _RingBackend:
         return CancelResult.CANCELED if req._state is _CANCELLED else None
 
 
+def _nowait(
+    f: AioFile, write: bool, call: Callable[..., int], fd: int, views: Any, offset: int
+) -> int:
+    """The inline attempt: one RWF_NOWAIT preadv/pwritev (``call``) in the
+    calling thread.  The count it moved, or -1: it would block, or it failed
+    (the backend repeats the call and reports the error).  A file system
+    that refuses the flag (EOPNOTSUPP), or a stream (ESPIPE), is not asked
+    again."""
+    try:
+        return call(fd, views, offset, RWF_NOWAIT)
+    except BlockingIOError:
+        return -1
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.ESPIPE):
+            if write:
+                f.nowait_writes = False
+            else:
+                f.nowait_reads = False
+        return -1
+
+
 def _finish_interrupted(req: AioRequest, moved: int) -> bool:
     """Ctrl-C (or another BaseException) landed inside a ring completion
     handler before the request was finished or handed to a worker: finish
@@ -1992,29 +2013,23 @@ class AioContext:
             f = ff
         done = 0
         if f.nowait_reads and total:
-            try:
-                done = self._preadv(fd, views, offset, RWF_NOWAIT)
-            except BlockingIOError:
-                pass
-            except OSError as e:
-                if e.errno in (errno.EOPNOTSUPP, errno.ESPIPE):
-                    f.nowait_reads = False
-                # Anything else: the backend repeats the call and reports it.
-            else:
-                if done == total or not done:
-                    if zero_fill and done < total:
-                        ops._zero([memoryview(v) for v in views], done)
-                        done = total
-                    if callback is None:
-                        # Nothing to deliver: finished before anyone saw it.
-                        next(self._n_unseen)
-                        d = _new_object(_InlineDone)  # no __init__ frame: see the class
-                        d._ctx = self
-                        d._result = done
-                        return d
-                    req = AioRequest(self, "read", None, (), callback)
-                    req._born_finished(done, None)
-                    return self._start(req)
+            done = _nowait(f, False, self._preadv, fd, views, offset)
+            if done < 0:
+                done = 0  # (would block, or failed: the backend's to answer)
+            elif done == total or not done:
+                if zero_fill and done < total:
+                    ops._zero([memoryview(v) for v in views], done)
+                    done = total
+                if callback is None:
+                    # Nothing to deliver: finished before anyone saw it.
+                    next(self._n_unseen)
+                    d = _new_object(_InlineDone)  # no __init__ frame: see the class
+                    d._ctx = self
+                    d._result = done
+                    return d
+                req = AioRequest(self, "read", None, (), callback)
+                req._born_finished(done, None)
+                return self._start(req)
         if t is bytearray:  # (ops slices the views)
             views = [memoryview(buffers)]  # type: ignore[arg-type]
         xfer = _Transfer(self._sc, f, views, offset, total, done, False, zero_fill)
@@ -2066,18 +2081,13 @@ class AioContext:
             f = ff
         done = 0
         if f.nowait_writes and total:
-            try:
-                done = self._sc.pwritev(fd, views, offset, RWF_NOWAIT)
-            except BlockingIOError:
-                pass
-            except OSError as e:
-                if e.errno in (errno.EOPNOTSUPP, errno.ESPIPE):
-                    f.nowait_writes = False
-            else:
-                if done == total:
-                    req = AioRequest(self, "write", None, (), callback)
-                    req._born_finished(done, None)
-                    return self._start(req)
+            done = _nowait(f, True, self._sc.pwritev, fd, views, offset)
+            if done < 0:
+                done = 0  # (no call here, max() is one: see _write_checked)
+            elif done == total:
+                req = AioRequest(self, "write", None, (), callback)
+                req._born_finished(done, None)
+                return self._start(req)
         xfer = _Transfer(self._sc, f, views, offset, total, done, True, False)
         return self._start(AioRequest(self, "write", None, (), callback, xfer))
 
@@ -2128,20 +2138,15 @@ class AioContext:
             # interrupt after a backend took it left the caller no way to
             # know, and it reported finished a request that filled its
             # buffer later).
-            try:
-                done = self._preadv(fd, (view,), offset, RWF_NOWAIT)
-            except BlockingIOError:
-                pass
-            except OSError as e:
-                if e.errno in (errno.EOPNOTSUPP, errno.ESPIPE):
-                    f.nowait_reads = False
-            else:
-                if done == len(view) or not done:
-                    next(self._n_unseen)
-                    d = _new_object(_InlineDone)  # (not taken: as read())
-                    d._ctx = self
-                    d._result = done
-                    return d
+            done = _nowait(f, False, self._preadv, fd, (view,), offset)
+            if done < 0:
+                done = 0
+            elif done == len(view) or not done:
+                next(self._n_unseen)
+                d = _new_object(_InlineDone)  # (not taken: as read())
+                d._ctx = self
+                d._result = done
+                return d
         req = AioRequest(
             self, "read", None, (), None,
             _Transfer(self._sc, f, [view], offset, len(view), done, False, False),
@@ -2174,28 +2179,25 @@ class AioContext:
             return self.write(fd, offset, view)
         done = 0
         if f.nowait_writes:  # (write()'s inline attempt: see _read_checked)
-            try:
-                done = self._sc.pwritev(fd, [view], offset, RWF_NOWAIT)
-            except BlockingIOError:
-                pass
-            except OSError as e:
-                if e.errno in (errno.EOPNOTSUPP, errno.ESPIPE):
-                    f.nowait_writes = False
-            else:
-                if done == len(view):
-                    # Born finished, on_done not taken (the caller adds it);
-                    # in `taken` all the same once admitted: the bytes moved.
-                    born = AioRequest(self, "write", None, (), None)
-                    born._born_finished(done, None)
-                    try:
-                        return self._start_taken(born, taken)
-                    except RuntimeError:
-                        if born._admitted:
-                            raise
-                        # Refused: close() began after the bytes moved.  They
-                        # did move: finished, not refused (as an inline read
-                        # with nothing to deliver, it is not counted).
-                        return born
+            # (No call between the write and the request made of it: a
+            # Ctrl-C as one returned would lose what was written.)
+            done = _nowait(f, True, self._sc.pwritev, fd, [view], offset)
+            if done < 0:
+                done = 0
+            elif done == len(view):
+                # Born finished, on_done not taken (the caller adds it); in
+                # `taken` all the same once admitted: the bytes moved.
+                born = AioRequest(self, "write", None, (), None)
+                born._born_finished(done, None)
+                try:
+                    return self._start_taken(born, taken)
+                except RuntimeError:
+                    if born._admitted:
+                        raise
+                    # Refused: close() began after the bytes moved.  They did
+                    # move: finished, not refused (as an inline read with
+                    # nothing to deliver, it is not counted).
+                    return born
         req = AioRequest(
             self, "write", None, (), None,
             _Transfer(self._sc, f, [view], offset, len(view), done, True, False),
