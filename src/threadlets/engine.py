@@ -758,12 +758,12 @@ class AioRequest(Threadlet[int]):
                 # before; a _Transfer only if this is not the whole answer.
                 args = self._args
                 self._args = ()  # (the buffer is the caller's again)
-                if res == args[3] and not args[5]:
+                if res == args[3]:
                     self._finish(res, None)
                     return
-                f, buf, offset, total, write, zero_fill = args
+                f, buf, offset, total, write = args
                 view = buf if type(buf) is memoryview else memoryview(buf)
-                t = _Transfer(self._ctx._sc, f, [view], offset, total, 0, write, zero_fill)
+                t = _Transfer(self._ctx._sc, f, [view], offset, total, 0, write, False)
                 self._transfer = t
             # (The common case first: a full count is never negative.)
             if res == t.total - t.done and not t.zero_fill:
@@ -1927,13 +1927,12 @@ class AioContext:
         offset: int,
         total: int,
         write: bool,
-        zero_fill: bool,
         callback: Callback | None,
     ) -> AioRequest:
-        """_start(AioRequest(..., _Transfer(...))) for a read or write of
-        one flat buffer (a bytes, bytearray or memoryview: read() and
-        write() checked it) that nothing moved yet, on the io_uring
-        backend.  A file _ring_plain knows -- a regular file or a block
+        """_start(AioRequest(..., _Transfer(...))) for a read (not
+        zero-filled) or write of one flat buffer (a bytes, bytearray or
+        memoryview: read() and write() checked it) that nothing moved yet,
+        on the io_uring backend.  A file _ring_plain knows -- a regular file or a block
         device; O_DIRECT with the alignment met -- goes to the ring here
         (_start's admission and clean-up, and _RingBackend.start's and
         _submit's steps, spelled out: this runs once per request; keep the
@@ -1941,9 +1940,9 @@ class AioContext:
         particulars in ``_args`` until its completion needs one (see
         _ring_done).  Anything else goes through _start."""
         mask = self._ring_plain.get(f, -1)
-        if mask < 0 or not 0 < total <= _MAX_RING_LENGTH or (write and f.append):
+        if mask < 0 or not total or total > _MAX_RING_LENGTH or (write and f.append):
             view = buf if type(buf) is memoryview else memoryview(buf)
-            xfer = _Transfer(self._sc, f, [view], offset, total, 0, write, zero_fill)
+            xfer = _Transfer(self._sc, f, [view], offset, total, 0, write, False)
             return self._start(
                 AioRequest(self, "write" if write else "read", None, (), callback, xfer)
             )
@@ -1969,15 +1968,14 @@ class AioContext:
             # (Not where O_DIRECT's alignment wants it: the threads' bounce
             # buffer, through _start.)
             view = buf if type(buf) is memoryview else memoryview(buf)
-            xfer = _Transfer(self._sc, f, [view], offset, total, 0, write, zero_fill)
+            xfer = _Transfer(self._sc, f, [view], offset, total, 0, write, False)
             return self._start(
                 AioRequest(self, "write" if write else "read", None, (), callback, xfer)
             )
         if callback is not None and not self._deliver:
             raise ValueError("this AioContext does not deliver completions: no callback=")
         req = AioRequest(
-            self, "write" if write else "read", None, (f, buf, offset, total, write, zero_fill),
-            callback,
+            self, "write" if write else "read", None, (f, buf, offset, total, write), callback,
         )  # fmt: skip
         cq = self._cq
         try:
@@ -1987,9 +1985,8 @@ class AioContext:
             if cq.closing:
                 cq.unadmit(req)
                 raise RuntimeError("the AioContext is closed")
-            rb = self._ring_backend
-            if rb is not None:
-                ring = rb.ring
+            ring = self._ring
+            if ring is not None:
                 receipt = [0]
                 try:
                     req._pin = pin
@@ -2016,7 +2013,7 @@ class AioContext:
                     return req
             # The ring refused it (full, closing): the pool's, with a _Transfer.
             view = buf if type(buf) is memoryview else memoryview(buf)
-            req._transfer = _Transfer(self._sc, f, [view], offset, total, 0, write, zero_fill)
+            req._transfer = _Transfer(self._sc, f, [view], offset, total, 0, write, False)
             self._queue._submit(req)
         except BaseException:
             # (As in _start, for a request not born finished.)
@@ -2168,8 +2165,8 @@ class AioContext:
                 req = AioRequest(self, "read", None, (), callback)
                 req._born_finished(done, None)
                 return self._start(req)
-        if not done and one is not None and self._ring_backend is not None:
-            return self._start_rw(f, one, offset, total, False, zero_fill, callback)
+        if not done and one is not None and not zero_fill and self._ring_backend is not None:
+            return self._start_rw(f, one, offset, total, False, callback)
         if t is bytearray:  # (ops slices the views)
             views = [memoryview(buffers)]  # type: ignore[arg-type]
         xfer = _Transfer(self._sc, f, views, offset, total, done, False, zero_fill)
@@ -2231,7 +2228,7 @@ class AioContext:
                 return self._start(req)
         if one is not None:
             if not done and self._ring_backend is not None:
-                return self._start_rw(f, one, offset, total, True, False, callback)
+                return self._start_rw(f, one, offset, total, True, callback)
             if t is not memoryview:  # (a memoryview each: ops slices the views)
                 views = [memoryview(one)]
         xfer = _Transfer(self._sc, f, views, offset, total, done, True, False)

@@ -492,6 +492,9 @@ class Ring:
         self._schedule: Callable[[], object] | None = None  # hold()'s, for good
         self._flush_scheduled = False  # hold(): schedule() called since the last take
         self._closing = False
+        #: How many may be in flight: ``entries``, 0 once closing (submit
+        #: looks at the two at once).
+        self._room = sq_entries
         self._stopped = False  # reaper mode: close()'s NOP came back
         self._reaper_holds = False  # reaper mode: busy, or in a short sleep (see submit)
         self._pending: dict[int, Callable[[int], None]] = {}
@@ -576,10 +579,10 @@ class Ring:
         before this returns learns from it whether ``on_done`` will run."""
         me = _get_ident()
         with self._lock:
-            if self._closing or self._generation != _generation:
-                return 0
-            # At most `entries` in flight: the CQ (twice as large) never overflows.
-            if self._inflight >= self.entries:
+            # At most `entries` in flight (the CQ, twice as large, never
+            # overflows), none once closing (_room is 0), none in a forked
+            # child.
+            if self._inflight >= self._room or self._generation != _generation:
                 return 0
             ident = next(self._ids)
             # _push, spelled out (this runs once per request).  The SQE goes
@@ -596,7 +599,9 @@ class Ring:
             self._pending[ident] = on_done
             if receipt is not None:
                 receipt[0] = ident
-            self._tail = tail = (tail + 1) & 0xFFFFFFFF
+            # (_tail is not wrapped at 32 bits: its c_uint32 keeps the low
+            # bits, the slot's mask and _take's difference look at no more.)
+            self._tail = tail = tail + 1
             self._sq_tail.value = tail
             self._unsubmitted += 1
             self._inflight += 1
@@ -971,6 +976,7 @@ class Ring:
         exist here: it is replaced first."""
         self._lock = threading.Lock()
         self._closing = True
+        self._room = 0  # (submit's one test: see __init__)
         self._release()
 
     def is_reaper(self) -> bool:
@@ -1004,6 +1010,7 @@ class Ring:
                     # will use the ring again.  (Also what finishes a close
                     # that a Ctrl-C cut short.)
                     self._closing = True
+                    self._room = 0  # (submit's one test: see __init__)
                     if not self._pending or self._generation != _generation:
                         self._release()
                         return
@@ -1019,6 +1026,7 @@ class Ring:
                     # Closing only once the STOP is published (a Ctrl-C before
                     # leaves it open, for the next close to finish), ...
                     self._closing = True
+                    self._room = 0  # (submit's one test: see __init__)
                     n = self._take()
                     return
         finally:
@@ -1082,6 +1090,7 @@ class Ring:
                 if self._given_up or self._released:
                     return
                 self._closing = True  # (nothing is submitted from now on)
+                self._room = 0  # (submit's one test: see __init__)
                 self._given_up = True
                 self._ready.clear()  # (completed: the kernel is done with their memory)
                 for ident in self._opens:
