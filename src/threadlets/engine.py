@@ -2120,6 +2120,7 @@ class AioContext:
         f = self._files.get(fd)
         t = type(buffers)
         views: list[Any]
+        one: Any
         if (
             f is not None
             and type(offset) is int
@@ -2191,6 +2192,7 @@ class AioContext:
         f = self._files.get(fd)
         t = type(buffers)
         views: list[Any]
+        one: Any
         if (
             f is not None
             and type(offset) is int
