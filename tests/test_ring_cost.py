@@ -81,7 +81,8 @@ def test_the_fast_path_is_taken_and_answers_as_preadv(tmp_path: Path) -> None:
         dbuf = aligned_buffer(4096)
         assert ctx.read(dfd, 8192, dbuf).result(timeout=10) == 4096
         df = ctx._files[dfd]
-        assert df in ctx._ring_plain and ctx._ring_plain[df] > 0
+        assert df in ctx._ring_plain
+        assert ctx._ring_plain[df] > 0
         for off in (0, 4096 * 3):
             assert ctx.read(dfd, off, dbuf).result(timeout=10) == 4096
             assert bytes(dbuf) == os.pread(fd, 4096, off)
@@ -186,10 +187,8 @@ def test_ctrl_c_at_every_c_return_of_the_fast_path(tmp_path: Path, kind: str) ->
                 req = None
                 seen = interrupt_at_c_return(n)
                 try:
-                    if kind == "write":
-                        req = ctx.write(fd, off, payload)
-                    else:
-                        req = ctx.read(fd, off, buf)
+                    write = kind == "write"
+                    req = ctx.write(fd, off, payload) if write else ctx.read(fd, off, buf)
                     ctx.wait(req, timeout=10)
                 except KeyboardInterrupt:
                     pass

@@ -584,17 +584,17 @@ class AioRequest(Threadlet[int]):
         self._processed = False
         #: In the kernel's hands (io_uring backend), until it completes there.
         self._on_ring = False
-        #: The ring's id of its operation (0: none yet), and whether we asked
-        #: the kernel to cancel it.
-        self._ring_ident = 0
-        self._cancel_asked = False
-        #: Handed from the ring to a worker, which finishes it.
-        self._resumed = False
         self._admitted = False  # counted by the completion queue
-        # (Two slots left unset: Threadlet's _claim_ref, set by a claim and
-        # read only by what follows one (see Threadlet._finish), and _pin,
-        # what keeps a ring request's memory in place until the kernel is
-        # done with it, set by _RingBackend._submit and never read.)
+        # (Slots left unset, as most requests never need them: Threadlet's
+        # _claim_ref, set by a claim and read only by what follows one (see
+        # Threadlet._finish); _pin, what keeps a ring request's memory in
+        # place until the kernel is done with it, set by the ring's
+        # submissions and never read; and three read with getattr, where
+        # an unset one means its default: _ring_ident, the ring's id of its
+        # operation (0: none), set as the ring took it; _cancel_asked,
+        # whether we asked the kernel to cancel it (False), set by
+        # _RingBackend.cancel; _resumed, handed from the ring to a worker,
+        # which finishes it (False), set by _continue.)
 
     def __repr__(self) -> str:
         return f"<AioRequest {self.kind} {self._state.value}>"
@@ -769,7 +769,7 @@ class AioRequest(Threadlet[int]):
             if res == t.total - t.done and not t.zero_fill:
                 self._finish(t.total, None)
                 return
-            if res == _NEG_ECANCELED and self._cancel_asked:
+            if res == _NEG_ECANCELED and getattr(self, "_cancel_asked", False):
                 self._finish_cancelled()  # (see _RingBackend.cancel: nothing moved)
                 return
             if res == t.total - t.done or (res >= 0 and t.file.stream):
@@ -1527,7 +1527,7 @@ class _RingBackend:
     def _op_done(self, req: AioRequest, op: _RingOp, res: int) -> None:
         req._on_ring = False
         try:
-            if res == -errno.ECANCELED and req._cancel_asked:
+            if res == -errno.ECANCELED and getattr(req, "_cancel_asked", False):
                 req._finish_cancelled()
                 return
             outcome = op.outcome(res)
@@ -1547,7 +1547,7 @@ class _RingBackend:
         answer, which it gives while the cancel is submitted."""
         t = req._transfer
         ring = self.ring
-        ident = req._ring_ident
+        ident = getattr(req, "_ring_ident", 0)  # (see AioRequest.__init__)
         if not ident or not req._on_ring or (t is not None and t.done) or not ring.usable:
             # Nothing to cancel, or bytes already moved.  (No _Transfer yet:
             # nothing moved; see _start_rw.)
@@ -1604,7 +1604,7 @@ def _finish_interrupted(req: AioRequest, moved: int) -> bool:
     it now -- failed with EINTR, carrying what moved -- or it would stay
     RUNNING for good and every wait, drain() and close() would hang.  True
     if it did (the kernel's answer then reaches nobody)."""
-    if req._resumed or req._state is not _RUNNING:
+    if getattr(req, "_resumed", False) or req._state is not _RUNNING:
         return False  # finished, or a worker finishes it
     exc = InterruptedError(errno.EINTR, "interrupted while its completion was handled")
     return req._finish(None, ops._moved(exc, moved) if moved else exc)
