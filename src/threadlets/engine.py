@@ -556,6 +556,9 @@ class AioRequest(Threadlet[int]):
     )
 
     _pin: object  # (see __init__)
+    _ring_ident: int  # (these three too)
+    _cancel_asked: bool
+    _resumed: bool
 
     def __init__(
         self,
