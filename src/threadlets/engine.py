@@ -569,7 +569,8 @@ class AioRequest(Threadlet[int]):
         callback: Callback | None,
         transfer: _Transfer | _RingOp | None = None,
     ) -> None:
-        # Threadlet.__init__ spelled out: this runs once per request.
+        # Threadlet.__init__ spelled out: this runs once per request.  (And
+        # this, spelled out in AioContext._start_rw: keep the two in step.)
         self._queue = ctx._queue
         self._fn = fn
         self._args = args
@@ -1977,9 +1978,25 @@ class AioContext:
             )
         if callback is not None and not self._deliver:
             raise ValueError("this AioContext does not deliver completions: no callback=")
-        req = AioRequest(
-            self, "write" if write else "read", None, (f, buf, offset, total, write), callback,
-        )  # fmt: skip
+        # AioRequest(self, kind, None, (f, buf, offset, total, write),
+        # callback), its __init__ spelled out (no frame): keep the two in step.
+        req = _new_object(AioRequest)
+        req._queue = self._queue
+        req._fn = None
+        req._args = (f, buf, offset, total, write)
+        req._kwargs = None
+        req._state = _QUEUED
+        req._result = None
+        req._exception = None
+        req._waiters = None
+        req._callbacks = None
+        req._ctx = self
+        req.kind = "write" if write else "read"
+        req.callback = callback
+        req._transfer = None
+        req._processed = False
+        req._on_ring = False
+        req._admitted = False
         cq = self._cq
         try:
             # Admission without the lock: see _start.
