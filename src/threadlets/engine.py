@@ -2186,7 +2186,7 @@ class AioContext:
                 req = AioRequest(self, "read", None, (), callback)
                 req._born_finished(done, None)
                 return self._start(req)
-        if not done and one is not None and not zero_fill and self._ring_backend is not None:
+        if self._ring_backend is not None and not done and one is not None and not zero_fill:
             return self._start_rw(f, one, offset, total, False, callback)
         if t is bytearray:  # (ops slices the views)
             views = [memoryview(buffers)]  # type: ignore[arg-type]
@@ -2249,7 +2249,7 @@ class AioContext:
                 req._born_finished(done, None)
                 return self._start(req)
         if one is not None:
-            if not done and self._ring_backend is not None:
+            if self._ring_backend is not None and not done:
                 return self._start_rw(f, one, offset, total, True, callback)
             if t is not memoryview:  # (a memoryview each: ops slices the views)
                 views = [memoryview(one)]
