@@ -145,6 +145,7 @@ STATX_FIELDS = struct.Struct("=IIQIIIHHQQQQ" + "qIi" * 4 + "IIII")
 # user_data, buf_index, personality, splice_fd_in, addr3, pad.
 _SQE = struct.Struct("<BBHiQQIIQHHiQQ")
 _CQE = struct.Struct("<QiI")  # user_data, res, flags
+_CQE_IDENT_RES = struct.Struct("<Qi4x")  # (the flags left out: _collect)
 assert _SQE.size == 64
 #: The same SQE with every field the ring sets to zero as padding (flags,
 #: ioprio, buf_index, personality, splice_fd_in, addr3, pad; struct packs
@@ -803,10 +804,11 @@ class Ring:
             for item in batch:
                 if _generation != generation:
                     break  # a callback forked: in the child, the rest is the parent's
-                if item[2] is None:
+                on_done, res, was_handed = item
+                if was_handed is None:  # (read just now: no call since)
                     item[2] = True
                     handed += 1
-                    item[0](item[1])
+                    on_done(res)
         finally:
             # (Each step even if Ctrl-C lands in the one before.)
             try:
@@ -877,15 +879,17 @@ class Ring:
         skipped = 0
         try:
             for at, n in runs:
-                for ident, res, _ in _CQE.iter_unpack(mm[base + at * 16 : base + (at + n) * 16]):
-                    # Ctrl-C can land as a C call returns (the pending
-                    # lookup, the append: before and after the step) or at
-                    # the loop's jump back: a CQE is either still unread or
-                    # on the ready queue (and counted so), never dropped or
-                    # doubled.
-                    on_done = pending.get(ident)
+                cqes = mm[base + at * 16 : base + (at + n) * 16]
+                for ident, res in _CQE_IDENT_RES.iter_unpack(cqes):
+                    # Ctrl-C can land as a C call returns (the append, the
+                    # discard: after the step) or at the loop's jump back:
+                    # a CQE is either still unread or on the ready queue
+                    # (and counted so), never dropped or doubled.  (The
+                    # lookup is a subscript, no call: nothing lands there.)
                     head += 1
-                    if on_done is None:
+                    try:
+                        on_done = pending[ident]
+                    except KeyError:
                         # The STOP, or a kick's NOP (already counted).
                         skipped += 1
                         if ident == _STOP:
