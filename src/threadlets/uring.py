@@ -804,11 +804,10 @@ class Ring:
             for item in batch:
                 if _generation != generation:
                     break  # a callback forked: in the child, the rest is the parent's
-                on_done, res, was_handed = item
-                if was_handed is None:  # (read just now: no call since)
+                if item[2] is None:
                     item[2] = True
                     handed += 1
-                    on_done(res)
+                    item[0](item[1])
         finally:
             # (Each step even if Ctrl-C lands in the one before.)
             try:
