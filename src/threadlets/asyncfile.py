@@ -628,8 +628,6 @@ class AsyncFile:
             req = self._ctx.write(self._fd, offset, data)
             # await self._run(req), spelled out as in preadinto (a write
             # never finishes inline without a request: no _InlineDone).
-            if type(req) is _InlineDone:  # pragma: no cover - see above
-                return await self._run(req)  # type: ignore[no-any-return]
             outstanding = self._outstanding
             try:
                 outstanding.add(req)

@@ -435,8 +435,17 @@ def _watch_close(loop: asyncio.AbstractEventLoop, ctx: AioContext) -> None:
 
 
 def _wake(fut: asyncio.Future[None], loop: asyncio.AbstractEventLoop, req: AioRequest) -> None:
-    if not fut.done() and not loop.is_closed():  # (``loop``: the future's)
+    # (Not `if not fut.done() and not loop.is_closed()`: two calls, where
+    # set_result's own refusals say the same -- a future already done or
+    # cancelled (InvalidStateError), or a closed loop (``loop``: the
+    # future's), which refuses to schedule its callbacks (RuntimeError).)
+    try:
         fut.set_result(None)
+    except asyncio.InvalidStateError:
+        pass
+    except RuntimeError:
+        if not loop.is_closed():
+            raise
 
 
 def _waker(fut: asyncio.Future[None]) -> Callable[[AioRequest], None]:

@@ -556,6 +556,9 @@ class AioRequest(Threadlet[int]):
     )
 
     _pin: object  # (see __init__)
+    _ring_ident: int  # (these three too)
+    _cancel_asked: bool
+    _resumed: bool
 
     def __init__(
         self,
@@ -566,7 +569,8 @@ class AioRequest(Threadlet[int]):
         callback: Callback | None,
         transfer: _Transfer | _RingOp | None = None,
     ) -> None:
-        # Threadlet.__init__ spelled out: this runs once per request.
+        # Threadlet.__init__ spelled out: this runs once per request.  (And
+        # this, spelled out in AioContext._start_rw: keep the two in step.)
         self._queue = ctx._queue
         self._fn = fn
         self._args = args
@@ -584,17 +588,17 @@ class AioRequest(Threadlet[int]):
         self._processed = False
         #: In the kernel's hands (io_uring backend), until it completes there.
         self._on_ring = False
-        #: The ring's id of its operation (0: none yet), and whether we asked
-        #: the kernel to cancel it.
-        self._ring_ident = 0
-        self._cancel_asked = False
-        #: Handed from the ring to a worker, which finishes it.
-        self._resumed = False
         self._admitted = False  # counted by the completion queue
-        # (Two slots left unset: Threadlet's _claim_ref, set by a claim and
-        # read only by what follows one (see Threadlet._finish), and _pin,
-        # what keeps a ring request's memory in place until the kernel is
-        # done with it, set by _RingBackend._submit and never read.)
+        # (Slots left unset, as most requests never need them: Threadlet's
+        # _claim_ref, set by a claim and read only by what follows one (see
+        # Threadlet._finish); _pin, what keeps a ring request's memory in
+        # place until the kernel is done with it, set by the ring's
+        # submissions and never read; and three read with getattr, where
+        # an unset one means its default: _ring_ident, the ring's id of its
+        # operation (0: none), set as the ring took it; _cancel_asked,
+        # whether we asked the kernel to cancel it (False), set by
+        # _RingBackend.cancel; _resumed, handed from the ring to a worker,
+        # which finishes it (False), set by _continue.)
 
     def __repr__(self) -> str:
         return f"<AioRequest {self.kind} {self._state.value}>"
@@ -750,14 +754,26 @@ class AioRequest(Threadlet[int]):
         call from where the kernel stopped.  (A method of the request: the
         ring's callback is the bound method, one object per request.)"""
         self._pin = None  # the kernel is done with the memory
-        t: _Transfer = self._transfer  # type: ignore[assignment]
+        t: _Transfer | None = self._transfer  # type: ignore[assignment]
         self._on_ring = False
         try:
+            if t is None:
+                # From _start_rw: the transfer's particulars, nothing moved
+                # before; a _Transfer only if this is not the whole answer.
+                args = self._args
+                self._args = ()  # (the buffer is the caller's again)
+                if res == args[3]:
+                    self._finish(res, None)
+                    return
+                f, buf, offset, total, write = args
+                view = buf if type(buf) is memoryview else memoryview(buf)
+                t = _Transfer(self._ctx._sc, f, [view], offset, total, 0, write, False)
+                self._transfer = t
             # (The common case first: a full count is never negative.)
             if res == t.total - t.done and not t.zero_fill:
                 self._finish(t.total, None)
                 return
-            if res == _NEG_ECANCELED and self._cancel_asked:
+            if res == _NEG_ECANCELED and getattr(self, "_cancel_asked", False):
                 self._finish_cancelled()  # (see _RingBackend.cancel: nothing moved)
                 return
             if res == t.total - t.done or (res >= 0 and t.file.stream):
@@ -769,7 +785,7 @@ class AioRequest(Threadlet[int]):
             self._ctx._continue(self, t.run)  # (sets _resumed once handed over)
         except BaseException:
             # (The kernel moved `res` more into the buffers: counted.)
-            _finish_interrupted(self, t.done + max(res, 0))
+            _finish_interrupted(self, (0 if t is None else t.done) + max(res, 0))
             raise
 
     def _forked(self) -> None:
@@ -1342,6 +1358,12 @@ class _RingBackend:
             # (The probe's answer once made -- written once, a whole tuple --
             # without a call: AioFile.alignment's own first step.)
             request_align, buffer_align = f._alignment or f.alignment(t.sc)
+            if f not in self.ctx._ring_plain and not f.short_nowait:
+                # _start_rw's fast path from now on, where the two are powers
+                # of two (one mask for both: the larger).
+                align = max(request_align, buffer_align)
+                if not align & (align - 1):
+                    self.ctx._ring_plain[f] = align - 1
             if pos % request_align or length % request_align:
                 return False  # the threads' bounce buffer handles it
             # (A write of whole blocks goes beside ops' RMWs even where it
@@ -1509,7 +1531,7 @@ class _RingBackend:
     def _op_done(self, req: AioRequest, op: _RingOp, res: int) -> None:
         req._on_ring = False
         try:
-            if res == -errno.ECANCELED and req._cancel_asked:
+            if res == -errno.ECANCELED and getattr(req, "_cancel_asked", False):
                 req._finish_cancelled()
                 return
             outcome = op.outcome(res)
@@ -1529,9 +1551,11 @@ class _RingBackend:
         answer, which it gives while the cancel is submitted."""
         t = req._transfer
         ring = self.ring
-        ident = req._ring_ident
-        if not ident or t is None or t.done or not ring.usable:
-            return None  # nothing to cancel, or bytes already moved
+        ident = getattr(req, "_ring_ident", 0)  # (see AioRequest.__init__)
+        if not ident or not req._on_ring or (t is not None and t.done) or not ring.usable:
+            # Nothing to cancel, or bytes already moved.  (No _Transfer yet:
+            # nothing moved; see _start_rw.)
+            return None
         answer: list[int] = []
         got = threading.Event()
 
@@ -1584,7 +1608,7 @@ def _finish_interrupted(req: AioRequest, moved: int) -> bool:
     it now -- failed with EINTR, carrying what moved -- or it would stay
     RUNNING for good and every wait, drain() and close() would hang.  True
     if it did (the kernel's answer then reaches nobody)."""
-    if req._resumed or req._state is not _RUNNING:
+    if getattr(req, "_resumed", False) or req._state is not _RUNNING:
         return False  # finished, or a worker finishes it
     exc = InterruptedError(errno.EINTR, "interrupted while its completion was handled")
     return req._finish(None, ops._moved(exc, moved) if moved else exc)
@@ -1732,6 +1756,13 @@ class AioContext:
             self._cq.notifier.close()
             raise
         self._files: dict[int, AioFile] = {}
+        #: The files whose one-buffer reads and writes _start_rw sends to the
+        #: ring itself: a regular file or a block device (not a stream, not
+        #: a character device), with the mask O_DIRECT's alignment asks the
+        #: offset, the length and the address to clear (0: buffered).  Set
+        #: once per file (_file, and _RingBackend.start for O_DIRECT, once
+        #: its alignment is known); what it says of a file never changes.
+        self._ring_plain: dict[AioFile, int] = {}
         self._preadv = os.preadv if type(self._sc) is Syscalls else self._sc.preadv
         # Statistics only (itertools.count: one atomic C call each, no lock).
         self._n_unseen = itertools.count()  # finished inline, no callback
@@ -1812,7 +1843,9 @@ class AioContext:
     def forget(self, fd: int) -> None:
         """Drop what the context remembers about ``fd`` (call before the
         number is reused for another file)."""
-        self._files.pop(fd, None)
+        f = self._files.pop(fd, None)
+        if f is not None:
+            self._ring_plain.pop(f, None)
 
     # -- submission ---------------------------------------------------------------
 
@@ -1838,6 +1871,8 @@ class AioContext:
             if self._cq.closing:  # closed meanwhile: close() cleared _files before us
                 self._files.pop(fd, None)
                 raise RuntimeError("the AioContext is closed")
+            if not (f.stream or f.short_nowait or f.direct):
+                self._ring_plain[f] = 0  # (O_DIRECT: see _RingBackend.start)
         return f
 
     def _start(self, req: AioRequest) -> AioRequest:
@@ -1885,6 +1920,124 @@ class AioContext:
                 if req._admitted and not req._processed:  # (not refused: closing)
                     cq.complete_once(req)
             elif req._state is _QUEUED and not self._queue._holds(req):
+                cq.unadmit(req)
+            raise
+        return req
+
+    def _start_rw(
+        self,
+        f: AioFile,
+        buf: Any,
+        offset: int,
+        total: int,
+        write: bool,
+        callback: Callback | None,
+    ) -> AioRequest:
+        """_start(AioRequest(..., _Transfer(...))) for a read (not
+        zero-filled) or write of one flat buffer (a bytes, bytearray or
+        memoryview: read() and write() checked it) that nothing moved yet,
+        on the io_uring backend.  A file _ring_plain knows -- a regular file or a block
+        device; O_DIRECT with the alignment met -- goes to the ring here
+        (_start's admission and clean-up, and _RingBackend.start's and
+        _submit's steps, spelled out: this runs once per request; keep the
+        four in step), with no _Transfer: the request keeps the transfer's
+        particulars in ``_args`` until its completion needs one (see
+        _ring_done).  Anything else goes through _start."""
+        mask = self._ring_plain.get(f, -1)
+        if mask < 0 or not total or total > _MAX_RING_LENGTH or (write and f.append):
+            view = buf if type(buf) is memoryview else memoryview(buf)
+            xfer = _Transfer(self._sc, f, [view], offset, total, 0, write, False)
+            return self._start(
+                AioRequest(self, "write" if write else "read", None, (), callback, xfer)
+            )
+        # pin_buffer's steps (the request holds the pin until the kernel is
+        # done with the memory).
+        pin: object
+        if type(buf) is bytes and _BYTES_DATA:
+            pin = buf
+            addr = id(buf) + _BYTES_DATA
+        else:
+            try:
+                pin = _c_char_from_buffer(buf)  # (an export: the memory stays put)
+            except (TypeError, ValueError):
+                # Read-only memory (a write's): whole bytes, or nothing.
+                pinned = pin_buffer(buf if type(buf) is memoryview else memoryview(buf))
+                if pinned is None:
+                    pin = addr = None
+                else:
+                    addr, pin = pinned
+            else:
+                addr = _addressof(pin)
+        if addr is None or (mask and (offset | total | addr) & mask):
+            # (Not where O_DIRECT's alignment wants it: the threads' bounce
+            # buffer, through _start.)
+            view = buf if type(buf) is memoryview else memoryview(buf)
+            xfer = _Transfer(self._sc, f, [view], offset, total, 0, write, False)
+            return self._start(
+                AioRequest(self, "write" if write else "read", None, (), callback, xfer)
+            )
+        if callback is not None and not self._deliver:
+            raise ValueError("this AioContext does not deliver completions: no callback=")
+        # AioRequest(self, kind, None, (f, buf, offset, total, write),
+        # callback), its __init__ spelled out (no frame): keep the two in step.
+        req = _new_object(AioRequest)
+        req._queue = self._queue
+        req._fn = None
+        req._args = (f, buf, offset, total, write)
+        req._kwargs = None
+        req._state = _QUEUED
+        req._result = None
+        req._exception = None
+        req._waiters = None
+        req._callbacks = None
+        req._ctx = self
+        req.kind = "write" if write else "read"
+        req.callback = callback
+        req._transfer = None
+        req._processed = False
+        req._on_ring = False
+        req._admitted = False
+        cq = self._cq
+        try:
+            # Admission without the lock: see _start.
+            cq.admitted += 1
+            req._admitted = True
+            if cq.closing:
+                cq.unadmit(req)
+                raise RuntimeError("the AioContext is closed")
+            ring = self._ring
+            if ring is not None:
+                receipt = [0]
+                try:
+                    req._pin = pin
+                    req._claim_unpublished()
+                    req._on_ring = True
+                    ring.submit(
+                        _OP_WRITE if write else _OP_READ, f.fd, offset, addr, total, 0,
+                        req._ring_done, receipt,
+                    )  # fmt: skip
+                except BaseException:
+                    if receipt[0]:
+                        ring.flush()
+                    raise
+                finally:
+                    ident = receipt[0]
+                    if ident:
+                        req._ring_ident = ident
+                    else:
+                        req._on_ring = False
+                        req._pin = None
+                        req._unclaim()
+                if ident:
+                    next(self._n_ring)
+                    return req
+            # The ring refused it (full, closing): the pool's, with a _Transfer.
+            view = buf if type(buf) is memoryview else memoryview(buf)
+            req._transfer = _Transfer(self._sc, f, [view], offset, total, 0, write, False)
+            self._queue._submit(req)
+        except BaseException:
+            # (As in _start, for a request not born finished.)
+            if req._state is _QUEUED and not self._queue._holds(req):
                 cq.unadmit(req)
             raise
         return req
@@ -1987,6 +2140,7 @@ class AioContext:
         f = self._files.get(fd)
         t = type(buffers)
         views: list[Any]
+        one: Any
         if (
             f is not None
             and type(offset) is int
@@ -2006,11 +2160,13 @@ class AioContext:
         ):
             views = [buffers]
             total = len(buffers)  # type: ignore[arg-type]
+            one = buffers  # (the ring's fast path: see _start_rw)
         else:
             ff, views, total = self._prepare(fd, offset, buffers, True, callback)
             if isinstance(ff, OSError):
                 return self._fail_now("read", ff, callback)
             f = ff
+            one = None
         done = 0
         if f.nowait_reads and total:
             done = _nowait(f, False, self._preadv, fd, views, offset)
@@ -2030,6 +2186,8 @@ class AioContext:
                 req = AioRequest(self, "read", None, (), callback)
                 req._born_finished(done, None)
                 return self._start(req)
+        if self._ring_backend is not None and not done and one is not None and not zero_fill:
+            return self._start_rw(f, one, offset, total, False, callback)
         if t is bytearray:  # (ops slices the views)
             views = [memoryview(buffers)]  # type: ignore[arg-type]
         xfer = _Transfer(self._sc, f, views, offset, total, done, False, zero_fill)
@@ -2054,6 +2212,7 @@ class AioContext:
         f = self._files.get(fd)
         t = type(buffers)
         views: list[Any]
+        one: Any
         if (
             f is not None
             and type(offset) is int
@@ -2071,14 +2230,15 @@ class AioContext:
                 )
             )
         ):
-            # (A memoryview each: ops slices the views.)
-            views = [buffers if t is memoryview else memoryview(buffers)]  # type: ignore[arg-type]
+            views = [buffers]
             total = len(buffers)  # type: ignore[arg-type]
+            one = buffers  # (the ring's fast path: see _start_rw)
         else:
             ff, views, total = self._prepare(fd, offset, buffers, False, callback)
             if isinstance(ff, OSError):
                 return self._fail_now("write", ff, callback)
             f = ff
+            one = None
         done = 0
         if f.nowait_writes and total:
             done = _nowait(f, True, self._sc.pwritev, fd, views, offset)
@@ -2088,6 +2248,11 @@ class AioContext:
                 req = AioRequest(self, "write", None, (), callback)
                 req._born_finished(done, None)
                 return self._start(req)
+        if one is not None:
+            if self._ring_backend is not None and not done:
+                return self._start_rw(f, one, offset, total, True, callback)
+            if t is not memoryview:  # (a memoryview each: ops slices the views)
+                views = [memoryview(one)]
         xfer = _Transfer(self._sc, f, views, offset, total, done, True, False)
         return self._start(AioRequest(self, "write", None, (), callback, xfer))
 
@@ -2569,6 +2734,7 @@ class AioContext:
         for f in list(self._files.values()):
             f.nowait_reads = False  # inline readers handed out answer -1 now
         self._files.clear()
+        self._ring_plain.clear()
         self._release_now()
         return self._join_reaper(deadline)
 
@@ -2652,6 +2818,7 @@ class AioContext:
         # parent's: this context uses the threads from now on.
         self._cq.after_fork()
         self._files.clear()  # their locks may have been held at the fork
+        self._ring_plain.clear()
         if self._ring is not None:
             self._ring.abandon_in_child()
         self._ring = None

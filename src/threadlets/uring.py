@@ -145,6 +145,7 @@ STATX_FIELDS = struct.Struct("=IIQIIIHHQQQQ" + "qIi" * 4 + "IIII")
 # user_data, buf_index, personality, splice_fd_in, addr3, pad.
 _SQE = struct.Struct("<BBHiQQIIQHHiQQ")
 _CQE = struct.Struct("<QiI")  # user_data, res, flags
+_CQE_IDENT_RES = struct.Struct("<Qi4x")  # (the flags left out: _collect)
 assert _SQE.size == 64
 #: The same SQE with every field the ring sets to zero as padding (flags,
 #: ioprio, buf_index, personality, splice_fd_in, addr3, pad; struct packs
@@ -492,6 +493,9 @@ class Ring:
         self._schedule: Callable[[], object] | None = None  # hold()'s, for good
         self._flush_scheduled = False  # hold(): schedule() called since the last take
         self._closing = False
+        #: How many may be in flight: ``entries``, 0 once closing (submit
+        #: looks at the two at once).
+        self._room = sq_entries
         self._stopped = False  # reaper mode: close()'s NOP came back
         self._reaper_holds = False  # reaper mode: busy, or in a short sleep (see submit)
         self._pending: dict[int, Callable[[int], None]] = {}
@@ -576,10 +580,10 @@ class Ring:
         before this returns learns from it whether ``on_done`` will run."""
         me = _get_ident()
         with self._lock:
-            if self._closing or self._generation != _generation:
-                return 0
-            # At most `entries` in flight: the CQ (twice as large) never overflows.
-            if self._inflight >= self.entries:
+            # At most `entries` in flight (the CQ, twice as large, never
+            # overflows), none once closing (_room is 0), none in a forked
+            # child.
+            if self._inflight >= self._room or self._generation != _generation:
                 return 0
             ident = next(self._ids)
             # _push, spelled out (this runs once per request).  The SQE goes
@@ -596,7 +600,9 @@ class Ring:
             self._pending[ident] = on_done
             if receipt is not None:
                 receipt[0] = ident
-            self._tail = tail = (tail + 1) & 0xFFFFFFFF
+            # (_tail is not wrapped at 32 bits: its c_uint32 keeps the low
+            # bits, the slot's mask and _take's difference look at no more.)
+            self._tail = tail = tail + 1
             self._sq_tail.value = tail
             self._unsubmitted += 1
             self._inflight += 1
@@ -872,15 +878,17 @@ class Ring:
         skipped = 0
         try:
             for at, n in runs:
-                for ident, res, _ in _CQE.iter_unpack(mm[base + at * 16 : base + (at + n) * 16]):
-                    # Ctrl-C can land as a C call returns (the pending
-                    # lookup, the append: before and after the step) or at
-                    # the loop's jump back: a CQE is either still unread or
-                    # on the ready queue (and counted so), never dropped or
-                    # doubled.
-                    on_done = pending.get(ident)
+                cqes = mm[base + at * 16 : base + (at + n) * 16]
+                for ident, res in _CQE_IDENT_RES.iter_unpack(cqes):
+                    # Ctrl-C can land as a C call returns (the append, the
+                    # discard: after the step) or at the loop's jump back:
+                    # a CQE is either still unread or on the ready queue
+                    # (and counted so), never dropped or doubled.  (The
+                    # lookup is a subscript, no call: nothing lands there.)
                     head += 1
-                    if on_done is None:
+                    try:
+                        on_done = pending[ident]
+                    except KeyError:
                         # The STOP, or a kick's NOP (already counted).
                         skipped += 1
                         if ident == _STOP:
@@ -971,6 +979,7 @@ class Ring:
         exist here: it is replaced first."""
         self._lock = threading.Lock()
         self._closing = True
+        self._room = 0  # (submit's one test: see __init__)
         self._release()
 
     def is_reaper(self) -> bool:
@@ -1004,6 +1013,7 @@ class Ring:
                     # will use the ring again.  (Also what finishes a close
                     # that a Ctrl-C cut short.)
                     self._closing = True
+                    self._room = 0  # (submit's one test: see __init__)
                     if not self._pending or self._generation != _generation:
                         self._release()
                         return
@@ -1019,6 +1029,7 @@ class Ring:
                     # Closing only once the STOP is published (a Ctrl-C before
                     # leaves it open, for the next close to finish), ...
                     self._closing = True
+                    self._room = 0  # (submit's one test: see __init__)
                     n = self._take()
                     return
         finally:
@@ -1082,6 +1093,7 @@ class Ring:
                 if self._given_up or self._released:
                     return
                 self._closing = True  # (nothing is submitted from now on)
+                self._room = 0  # (submit's one test: see __init__)
                 self._given_up = True
                 self._ready.clear()  # (completed: the kernel is done with their memory)
                 for ident in self._opens:
