@@ -959,6 +959,11 @@ def first_signal_calls(
         signal.signal(signum, default)
 
 
+def _exit_now(signum: int, frame: object) -> None:
+    """A second SIGTERM or SIGHUP: exit at once (the temporary file still removed)."""
+    raise SystemExit(128 + signum)
+
+
 def _run(st: _Stress, cfg: StressConfig, report: StressReport, path: str, size: int) -> None:
     """The run itself, the fio check after it, and the report's figures."""
     if cfg.on_start is not None:
@@ -1010,11 +1015,13 @@ def run_stress(cfg: StressConfig) -> StressReport:
             raise SystemExit(128 + signum)
 
     # (The handlers cover the clean-up too: a Ctrl-C there lost the report
-    # of a finished run.)
+    # of a finished run.)  A second SIGTERM or SIGHUP exits at once, as a
+    # second Ctrl-C does, the temporary file still removed: their default
+    # action left it behind.
     with (
         first_signal_calls(signal.SIGINT, stop),
-        first_signal_calls(signal.SIGTERM, stop),
-        first_signal_calls(signal.SIGHUP, stop),  # (the terminal closed)
+        first_signal_calls(signal.SIGTERM, stop, again=_exit_now),
+        first_signal_calls(signal.SIGHUP, stop, again=_exit_now),  # (the terminal closed)
         _target(cfg) as target,
     ):
         mix = dict(cfg.mix)
