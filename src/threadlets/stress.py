@@ -52,8 +52,10 @@ In the main thread, SIGINT stops the run instead of raising: nothing new is
 issued, what is in flight finishes and is checked, and the report (with
 ``interrupted`` set) covers what ran.  A second SIGINT raises
 KeyboardInterrupt as usual.  Either way a temporary file is removed.
-SIGTERM, left at its default (which kills at once and leaves the temporary
-file), does the same as the first Ctrl-C; ``stopped_by`` says which.
+SIGTERM and SIGHUP, left at their default (which kills at once and leaves
+the temporary file), do the same as the first Ctrl-C; ``stopped_by`` says
+which.  A second one raises SystemExit(128 + the signal), the temporary
+file still removed.
 """
 
 from __future__ import annotations
