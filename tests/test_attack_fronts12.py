@@ -369,3 +369,49 @@ def test_nbd_serve_exits_1_when_the_image_cannot_be_flushed(tmp_path: Path) -> N
     assert "Input/output error" in err, err
     assert "Traceback" not in err
     assert not sock.exists()
+
+
+# -- a second signal while the tools remove their scratch files ---------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_second_signal_as_bench_removes_its_scratch_files_leaves_nothing(
+    tmp_path: Path, sig: int
+) -> None:
+    # As bench removes its scratch directory (the signal sent as the
+    # first file goes): rmtree was cut short, the directory left.
+    script = textwrap.dedent(
+        f"""
+        import os, shutil, sys, types
+        from threadlets import bench
+        armed = []
+        def make_file(directory, size):
+            for i in range(50):
+                open(os.path.join(directory, f"f{{i}}"), "wb").close()
+            armed.append(1)
+            os.kill(os.getpid(), {int(sig)})  # the first: the run stops
+            return os.path.join(directory, "f0")
+        bench.make_file = make_file
+        real_unlink = os.unlink
+        def unlink(path, *args, **kwargs):
+            real_unlink(path, *args, **kwargs)
+            if armed:
+                armed.clear()
+                os.kill(os.getpid(), {int(sig)})  # the second, half-way
+        os.unlink = unlink
+        from threadlets.cli import main
+        sys.exit(main(["bench", "--quick", "--workload", "small-files"]))
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=_env(TMPDIR=str(tmp_path)),
+        cwd=tmp_path,
+        timeout=60,
+        check=False,
+    )
+    assert os.listdir(tmp_path) == [], proc.stderr
+    assert proc.returncode == (130 if sig == signal.SIGINT else 128 + sig), proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -94,6 +94,7 @@ __all__ = [
     "fio_verify",
     "first_signal_calls",
     "run_stress",
+    "signals_deferred",
 ]
 
 KINDS = ("read", "write", "readv", "writev", "flush", "discard", "write_zeroes", "truncate")
@@ -932,6 +933,33 @@ def _load(path: str, into: bytearray) -> None:
             pos += n
 
 
+#: While the tools remove their scratch files (see :func:`signals_deferred`):
+#: how deep, and the signals that arrived meanwhile, handled after.
+_deferring = [0]
+_deferred: list[int] = []
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Within (the main thread), a signal that :func:`first_signal_calls`
+    handles is only noted; it is handled on the way out.  For the removal
+    of scratch files: a second Ctrl-C, SIGTERM or SIGHUP raised half-way
+    through bench's scratch directory left it behind."""
+    _deferring[0] += 1
+    try:
+        yield
+    finally:
+        _deferring[0] -= 1
+        if not _deferring[0] and _deferred:
+            signum = _deferred[0]
+            _deferred.clear()
+            handler = signal.getsignal(signum)
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)
+
+
 @contextlib.contextmanager
 def first_signal_calls(
     signum: int,
@@ -939,11 +967,12 @@ def first_signal_calls(
     again: Callable[[int, object], None] | None = None,
 ) -> Iterator[None]:
     """Within, in the main thread, while ``signum`` (SIGINT, SIGTERM or
-    SIGHUP) is at its default (an ignored one -- nohup -- stays ignored): the first such signal calls ``stop(signum)`` instead of
-    raising KeyboardInterrupt or killing at once; a second one does what
-    the default does, or calls ``again``.  For the tools, whose state must
-    not be left half updated (a SIGTERM's death would also leave their
-    scratch files)."""
+    SIGHUP) is at its default (an ignored one -- nohup -- stays ignored):
+    the first such signal calls ``stop(signum)`` instead of raising
+    KeyboardInterrupt or killing at once; a second one does what the
+    default does, or calls ``again``.  For the tools, whose state must not
+    be left half updated (a SIGTERM's death would also leave their scratch
+    files).  Either waits for the end of a :func:`signals_deferred`."""
     default = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
     main = threading.current_thread() is threading.main_thread()
     if not main or signal.getsignal(signum) is not default:
@@ -951,8 +980,22 @@ def first_signal_calls(
         return
 
     def first(signum: int, frame: object) -> None:
-        signal.signal(signum, again or default)
+        if _deferring[0]:
+            _deferred.append(signum)
+            return
+        signal.signal(signum, second)
         stop(signum)
+
+    def second(signum: int, frame: object) -> None:
+        if _deferring[0]:
+            _deferred.append(signum)
+        elif again is not None:
+            again(signum, frame)
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        else:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)  # (the default action)
 
     signal.signal(signum, first)
     try:
