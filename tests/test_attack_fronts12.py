@@ -415,3 +415,73 @@ def test_a_second_signal_as_bench_removes_its_scratch_files_leaves_nothing(
     assert os.listdir(tmp_path) == [], proc.stderr
     assert proc.returncode == (130 if sig == signal.SIGINT else 128 + sig), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# -- Ctrl-C in the loop's completion reader (engine.py: h-ring's) -----------------------------
+
+
+def _ring_strands() -> Any:
+    from .conftest import HAVE_RING
+
+    return pytest.param(
+        "io_uring",
+        marks=[
+            pytest.mark.skipif(not HAVE_RING, reason="no io_uring here"),
+            pytest.mark.xfail(
+                strict=True,
+                reason="engine.process_completions clears the eventfd, then reaps the "
+                "ring in a try whose except re-signals: an interrupt between the two "
+                "(the C returns of cq.process's lock and of _get_ident) leaves the "
+                "ring's completions unreaped and the eventfd clear: never delivered",
+            ),
+        ],
+    )
+
+
+@pytest.mark.parametrize("backend_name", ["threads", _ring_strands()])
+def test_ctrl_c_in_on_readable_strands_no_completion(backend_name: str, tmp_path: Path) -> None:
+    # What bench's second Ctrl-C hit: asyncio.run then cancelled its tasks
+    # and waited for ever for reads that had finished (one thread left, in
+    # epoll_wait).  A loop calls on_readable() only when the eventfd polls
+    # readable: after an interrupt there, what is left must keep it so.
+    import gc
+    import select
+
+    from threadlets import AioContext
+
+    from .conftest import interrupt_at_c_return
+
+    data = tmp_path / "data"
+    data.write_bytes(bytes(range(256)) * 16)
+    fd = os.open(data, os.O_RDONLY)
+    try:
+        n = 0
+        while True:
+            n += 1
+            assert n < 500, "never ran to its end"
+            ctx = AioContext(backend=backend_name, inline=False)
+            try:
+                got: list[object] = []
+                req = ctx.read(fd, 0, bytearray(4096), callback=got.append)
+                # Finished (a worker's or the kernel's completion signals the eventfd).
+                assert select.select([ctx.fileno()], [], [], 10)[0]
+                if backend_name == "threads":
+                    req.wait(10)
+                seen = interrupt_at_c_return(n)
+                try:
+                    ctx.on_readable()
+                except KeyboardInterrupt:
+                    pass
+                finally:
+                    sys.setprofile(None)
+                    gc.enable()
+                # The loop from here on: on_readable() whenever it polls readable.
+                while not got and select.select([ctx.fileno()], [], [], 1.0)[0]:
+                    ctx.on_readable()
+                assert got == [req], f"C return {n}: the completion was stranded"
+            finally:
+                ctx.close(timeout=10)
+            if seen[0] < n:
+                break
+    finally:
+        os.close(fd)
