@@ -50,7 +50,7 @@ from typing import Any
 import threadlets
 import threadlets.awaitable as aw
 from threadlets.probe import probe_direct_io
-from threadlets.stress import fio_filename, first_signal_calls
+from threadlets.stress import fio_filename, first_signal_calls, signals_deferred
 
 __all__ = ["WORKLOADS", "BenchConfig", "Step", "figure", "plot", "run_bench", "to_markdown"]
 
@@ -796,7 +796,8 @@ def _measure(cfg: BenchConfig, report: dict[str, Any]) -> dict[str, Any]:
                     report["workloads"][name] = _summarise(WORKLOADS[name], rounds)
         _stopped()  # the last measurement may have been cut short
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        with signals_deferred():  # (a second Ctrl-C half-way left files behind)
+            shutil.rmtree(scratch, ignore_errors=True)
     return report
 
 

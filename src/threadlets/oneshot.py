@@ -480,16 +480,22 @@ def _encoding(encoding: str | None) -> str:
     return info.name
 
 
-def _check_text_args(encoding: object, errors: object, newline: object) -> None:
-    """io.open's checks of the text arguments, in its order: the three
-    types first (as its arguments are parsed), then the newline's value."""
+def _check_text_args(path: Any, encoding: object, errors: object, newline: object) -> Any:
+    """io.open's checks of its arguments, in its order: the three text
+    arguments' types first (as its arguments are parsed), then the path's
+    (a TypeError, a NUL), then the newline's value.  Returns the path as
+    os.fspath gives it."""
     for name, value in (("encoding", encoding), ("errors", errors), ("newline", newline)):
         if value is not None and not isinstance(value, str):
             raise TypeError(
                 f"open() argument '{name}' must be str or None, not {type(value).__name__}"
             )
+    where = os.fspath(path)
+    if (b"\0" if isinstance(where, bytes) else "\0") in where:
+        raise ValueError("embedded null byte")
     if newline not in _NEWLINES:
         raise ValueError(f"illegal newline value: {newline!r}")
+    return where
 
 
 #: Codecs whose bytes.decode is what the text layer's decoder gives: no
@@ -547,8 +553,8 @@ async def read_text(
 ) -> str:
     """The whole file decoded (pathlib's ``read_text``; universal newlines
     unless ``newline`` says otherwise), in one request."""
-    _check_text_args(encoding, errors, newline)
-    where, codec = os.fspath(path), _encoding(encoding)
+    where = _check_text_args(path, encoding, errors, newline)
+    codec = _encoding(encoding)
     io_ = current()
     await io_.checkpoint()
     if io_.ctx.inline:
@@ -564,7 +570,10 @@ async def read_text(
 async def write_bytes(path: StrOrBytesPath, data: ReadableBuffer) -> int:
     """Create or truncate the file and write ``data`` (pathlib's
     ``write_bytes``), in one request; returns the count written."""
-    view = memoryview(data).cast("B")  # TypeError for a str, before any I/O
+    view = memoryview(data)  # TypeError for a str, before any I/O
+    if not view.c_contiguous:  # (BufferError, as a file's write() raises it)
+        raise BufferError("memoryview: underlying buffer is not C-contiguous")
+    view = view.cast("B")
     await _write(os.fspath(path), _write_all, view)
     return len(view)
 
@@ -580,6 +589,6 @@ async def write_text(
     ``write_text``), in one request; returns the count of characters."""
     if not isinstance(data, str):
         raise TypeError(f"data must be str, not {type(data).__name__}")
-    _check_text_args(encoding, errors, newline)
-    await _write(os.fspath(path), _write_text, data, _encoding(encoding), errors, newline)
+    where = _check_text_args(path, encoding, errors, newline)
+    await _write(where, _write_text, data, _encoding(encoding), errors, newline)
     return len(data)

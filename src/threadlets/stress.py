@@ -52,8 +52,10 @@ In the main thread, SIGINT stops the run instead of raising: nothing new is
 issued, what is in flight finishes and is checked, and the report (with
 ``interrupted`` set) covers what ran.  A second SIGINT raises
 KeyboardInterrupt as usual.  Either way a temporary file is removed.
-SIGTERM, left at its default (which kills at once and leaves the temporary
-file), does the same as the first Ctrl-C; ``stopped_by`` says which.
+SIGTERM and SIGHUP, left at their default (which kills at once and leaves
+the temporary file), do the same as the first Ctrl-C; ``stopped_by`` says
+which.  A second one raises SystemExit(128 + the signal), the temporary
+file still removed.
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ __all__ = [
     "fio_verify",
     "first_signal_calls",
     "run_stress",
+    "signals_deferred",
 ]
 
 KINDS = ("read", "write", "readv", "writev", "flush", "discard", "write_zeroes", "truncate")
@@ -930,6 +933,33 @@ def _load(path: str, into: bytearray) -> None:
             pos += n
 
 
+#: While the tools remove their scratch files (see :func:`signals_deferred`):
+#: how deep, and the signals that arrived meanwhile, handled after.
+_deferring = [0]
+_deferred: list[int] = []
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Within (the main thread), a signal that :func:`first_signal_calls`
+    handles is only noted; it is handled on the way out.  For the removal
+    of scratch files: a second Ctrl-C, SIGTERM or SIGHUP raised half-way
+    through bench's scratch directory left it behind."""
+    _deferring[0] += 1
+    try:
+        yield
+    finally:
+        _deferring[0] -= 1
+        if not _deferring[0] and _deferred:
+            signum = _deferred[0]
+            _deferred.clear()
+            handler = signal.getsignal(signum)
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)
+
+
 @contextlib.contextmanager
 def first_signal_calls(
     signum: int,
@@ -937,11 +967,12 @@ def first_signal_calls(
     again: Callable[[int, object], None] | None = None,
 ) -> Iterator[None]:
     """Within, in the main thread, while ``signum`` (SIGINT, SIGTERM or
-    SIGHUP) is at its default (an ignored one -- nohup -- stays ignored): the first such signal calls ``stop(signum)`` instead of
-    raising KeyboardInterrupt or killing at once; a second one does what
-    the default does, or calls ``again``.  For the tools, whose state must
-    not be left half updated (a SIGTERM's death would also leave their
-    scratch files)."""
+    SIGHUP) is at its default (an ignored one -- nohup -- stays ignored):
+    the first such signal calls ``stop(signum)`` instead of raising
+    KeyboardInterrupt or killing at once; a second one does what the
+    default does, or calls ``again``.  For the tools, whose state must not
+    be left half updated (a SIGTERM's death would also leave their scratch
+    files).  Either waits for the end of a :func:`signals_deferred`."""
     default = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
     main = threading.current_thread() is threading.main_thread()
     if not main or signal.getsignal(signum) is not default:
@@ -949,14 +980,33 @@ def first_signal_calls(
         return
 
     def first(signum: int, frame: object) -> None:
-        signal.signal(signum, again or default)
+        if _deferring[0]:
+            _deferred.append(signum)
+            return
+        signal.signal(signum, second)
         stop(signum)
+
+    def second(signum: int, frame: object) -> None:
+        if _deferring[0]:
+            _deferred.append(signum)
+        elif again is not None:
+            again(signum, frame)
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        else:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)  # (the default action)
 
     signal.signal(signum, first)
     try:
         yield
     finally:
         signal.signal(signum, default)
+
+
+def _exit_now(signum: int, frame: object) -> None:
+    """A second SIGTERM or SIGHUP: exit at once (the temporary file still removed)."""
+    raise SystemExit(128 + signum)
 
 
 def _run(st: _Stress, cfg: StressConfig, report: StressReport, path: str, size: int) -> None:
@@ -1010,11 +1060,13 @@ def run_stress(cfg: StressConfig) -> StressReport:
             raise SystemExit(128 + signum)
 
     # (The handlers cover the clean-up too: a Ctrl-C there lost the report
-    # of a finished run.)
+    # of a finished run.)  A second SIGTERM or SIGHUP exits at once, as a
+    # second Ctrl-C does, the temporary file still removed: their default
+    # action left it behind.
     with (
         first_signal_calls(signal.SIGINT, stop),
-        first_signal_calls(signal.SIGTERM, stop),
-        first_signal_calls(signal.SIGHUP, stop),  # (the terminal closed)
+        first_signal_calls(signal.SIGTERM, stop, again=_exit_now),
+        first_signal_calls(signal.SIGHUP, stop, again=_exit_now),  # (the terminal closed)
         _target(cfg) as target,
     ):
         mix = dict(cfg.mix)

@@ -50,7 +50,8 @@ closes silent connections at once (nothing in flight, nothing to send).
 Shutdown (:meth:`NBDServer.close`): stop accepting, drop connections still
 in the handshake, stop reading requests, let those in flight finish and
 send their replies, flush the file, close the connections, then the
-engine context and the file.
+engine context and the file; if the flush failed, OSError once all that is
+done (``nbd serve`` exits 1: what clients wrote may not be on the disk).
 """
 
 from __future__ import annotations
@@ -815,7 +816,9 @@ class NBDServer:
     async def close(self, timeout: float = 30.0) -> None:
         """Graceful shutdown: see the module docstring.  After ``timeout``
         seconds, connections with requests in flight, or whose clients do not
-        read their last replies, are dropped."""
+        read their last replies, are dropped.  If the image could not be
+        flushed, OSError once everything is closed (as a file's close()
+        raises when its flush failed): what clients wrote may be lost."""
         if self.closing:
             return
         self.closing = True
@@ -823,6 +826,7 @@ class NBDServer:
             self.closed = True
             return
         deadline = self.loop.time() + timeout
+        err = 0
         if self._server is not None:
             self._server.close()
         try:
@@ -844,8 +848,6 @@ class NBDServer:
 
                 self.ctx.flush(self.export.fd, callback=flushed)
                 err = await fut
-                if err:
-                    log.error("nbd: flush at shutdown failed: %s", os.strerror(err))
             for conn in list(self.connections):
                 conn._flush_out()
                 if conn.transport is not None and not conn.lost:
@@ -861,6 +863,10 @@ class NBDServer:
                 self.ctx.drain(timeout)
             self._release()
             self.closed = True
+        if err:
+            # (Raised, not logged: ``nbd serve`` exits 1, not 0, when what
+            # the clients wrote may not be on the disk.)
+            raise OSError(err, f"{os.strerror(err)} (flushing at shutdown)", self.export.path)
 
 
 async def serve(
@@ -875,7 +881,7 @@ async def serve(
     ready: Callable[[NBDServer], object] | None = None,
 ) -> None:
     """Serve ``export`` until ``stop`` is set (default: SIGINT or SIGTERM),
-    then shut down gracefully."""
+    then shut down gracefully (OSError if the image could not be flushed)."""
     import signal
 
     server = NBDServer(export, backend=backend, max_connections=max_connections)
@@ -897,7 +903,9 @@ async def serve(
     finally:
         for handled_sig in handled:
             loop.remove_signal_handler(handled_sig)
-        await server.close()
-        if socket_path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(socket_path)
+        try:
+            await server.close()
+        finally:
+            if socket_path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(socket_path)
