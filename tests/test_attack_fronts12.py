@@ -417,28 +417,18 @@ def test_a_second_signal_as_bench_removes_its_scratch_files_leaves_nothing(
     assert "Traceback" not in proc.stderr
 
 
-# -- Ctrl-C in the loop's completion reader (engine.py: h-ring's) -----------------------------
+# -- Ctrl-C in the loop's completion reader (engine.process_completions) -----------
 
 
-def _ring_strands() -> Any:
+def _ring() -> Any:
     from .conftest import HAVE_RING
 
     return pytest.param(
-        "io_uring",
-        marks=[
-            pytest.mark.skipif(not HAVE_RING, reason="no io_uring here"),
-            pytest.mark.xfail(
-                strict=True,
-                reason="engine.process_completions clears the eventfd, then reaps the "
-                "ring in a try whose except re-signals: an interrupt between the two "
-                "(the C returns of cq.process's lock and of _get_ident) leaves the "
-                "ring's completions unreaped and the eventfd clear: never delivered",
-            ),
-        ],
+        "io_uring", marks=pytest.mark.skipif(not HAVE_RING, reason="no io_uring here")
     )
 
 
-@pytest.mark.parametrize("backend_name", ["threads", _ring_strands()])
+@pytest.mark.parametrize("backend_name", ["threads", _ring()])
 def test_ctrl_c_in_on_readable_strands_no_completion(backend_name: str, tmp_path: Path) -> None:
     # What bench's second Ctrl-C hit: asyncio.run then cancelled its tasks
     # and waited for ever for reads that had finished (one thread left, in

@@ -2565,35 +2565,36 @@ class AioContext:
         plugged = ring.plug()
         try:
             if ring.owner_mode and ring.usable:
-                # The kernel writes the eventfd too: clear it, then reap, so
-                # a completion posted after the reap leaves it readable.
                 # The kernel writes the eventfd too: clear it, then look at
                 # the ready queue and the ring, so a completion posted after
                 # that leaves it readable.  (No second clear in process(): it
                 # could swallow such a wakeup.)  What finished first (inline,
                 # on a worker) is delivered first.
                 cq = self._cq
-                cq.notifier.clear()
-                n = cq.process(clear=False)
-                # What the reap finishes is delivered by it (see complete()),
-                # unless another thread does so now.
-                took = cq.direct is None and cq.deliver
-                if took:
-                    direct = cq.direct = _Direct(_get_ident())
+                direct: _Direct | None = None
                 try:
+                    # From the clear on, an exception of any kind (a callback
+                    # raising, Ctrl-C at any C return, the clear's included)
+                    # may leave completions on the ring or in the ready queue
+                    # with the eventfd cleared: the loop would never call
+                    # again.  The rest is delivered by the next call; make
+                    # sure there is one.
+                    cq.notifier.clear()
+                    n = cq.process(clear=False)
+                    # What the reap finishes is delivered by it (see
+                    # complete()), unless another thread does so now.
+                    if cq.direct is None and cq.deliver:
+                        direct = cq.direct = _Direct(_get_ident())
                     ring.reap()
-                    if took:
+                    if direct is not None:
                         n += direct.count
                         if direct.count and cq.notifier.sleepers:
                             cq.resignal()  # (see process)
                 except BaseException:
-                    # A callback raised: the rest (on the ring, or queued by
-                    # an interrupted delivery) is delivered by the next call;
-                    # make sure there is one.
                     cq.resignal()
                     raise
                 finally:
-                    if took:
+                    if direct is not None and cq.direct is direct:
                         cq.direct = None
                 return n
             return self._cq.process()
