@@ -512,7 +512,7 @@ def transfer(
             except OSError as e:
                 n = _first_failed(e, sc, fd, buffers, offset, total)
             else:
-                if n and n < total:
+                if n != total and n:  # (short: the rest in turns; 0: end of file)
                     n = rw_loop(sc, fd, buffers, offset, total, False, n)
     elif done or sc.__class__ is not Syscalls:
         n = _direct_read(sc, f, buffers, offset, total, done)
@@ -536,7 +536,7 @@ def transfer(
                         raise
                     n = _bounce_read(sc, f, buffers, offset, total, 0, req, mem)
             else:
-                if n and n < total:
+                if n != total and n:
                     try:
                         n = rw_loop(sc, fd, buffers, offset, total, False, n)
                     except OSError as e:

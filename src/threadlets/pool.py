@@ -776,8 +776,11 @@ class ThreadletQueue:
         #: belong to the queue any more (a forked child's reset, a failed
         #: start): the workers look at ``_cap`` and their ``live`` only
         #: then -- one look per hold on the hot path.  Turned off (under
-        #: the lock) by a worker that finds nobody above ``_cap``; never in
-        #: a forked child (the reset makes a new one).
+        #: the lock) by a live worker that finds nobody above ``_cap``
+        #: (never once closed: the cap is -1); the old one stays on in a
+        #: forked child (the reset makes a new one).  A worker whose start
+        #: failed looks at ``live`` once before its loop, as another may
+        #: have turned the alert off first.
         self._alert = _Alert()
         self._threads = 0
         #: Cancelled threadlets left in ``_items`` (cancel() does not take
@@ -1176,8 +1179,11 @@ def _worker_main(ref: weakref.ref[ThreadletQueue], me: _Worker, idle_timeout: fl
             return
     while True:
         with queue._lock:
-            if alert.on and not me.live:  # a forked child, or start() failed: not ours
-                return
+            if alert.on:
+                if not me.live:  # a forked child, or start() failed: not ours
+                    return
+                if queue._threads <= queue._cap:
+                    alert.on = False  # nobody above the cap (see _alert)
             if done is not None:
                 done._state = _DONE  # (its outcome stored before: see the run)
                 if done._fn is not None:  # what it ran is not kept alive
@@ -1195,7 +1201,7 @@ def _worker_main(ref: weakref.ref[ThreadletQueue], me: _Worker, idle_timeout: fl
                 delivering = False
             if not delivering:
                 # (Still counted in ``_running`` if ``done`` is set.)
-                if alert.on and queue._threads > queue._cap:  # closed, or above max
+                if alert.on and queue._threads > queue._cap:  # (closed, or above max)
                     if done is not None:
                         queue._running -= 1
                     if quiet is None:
@@ -1208,8 +1214,6 @@ def _worker_main(ref: weakref.ref[ThreadletQueue], me: _Worker, idle_timeout: fl
                     queue._delivering += 1
                     delivering = True
                 else:
-                    if alert.on:
-                        alert.on = False  # (nobody above the cap: see _alert)
                     while items:
                         item = items.popleft()
                         if item._state is _QUEUED:
