@@ -1141,7 +1141,7 @@ class _CompletionQueue:
         running each callback in this thread.  See the module docstring for
         the ordering and for what an exception leaves behind."""
         lock, ready = self.lock, self.ready
-        n = 0  # (what an early return delivered)
+        n = size = 0  # (what an early return delivered, of a batch of none)
         try:
             with lock:
                 if self.notifier.closed:
@@ -1169,6 +1169,7 @@ class _CompletionQueue:
             # How many this call delivers: counted as those it skipped (the
             # rare case), the rest worked out once at the end.  Cut short by
             # an exception, the count stays -1: "maybe some" (see below).
+            size = len(batch)
             n = -1
             skipped = 0
             for req in batch:
@@ -1184,26 +1185,30 @@ class _CompletionQueue:
                         cb(req)
                     except Exception:
                         log.exception("exception in completion callback of %r", req)
-            n = len(batch) - skipped
+            n = size - skipped
         finally:
             with lock:
-                # The delivered ones leave the queue from its head.
-                k = 0
                 try:
-                    if n > 0 and ready and ready[0] is batch[0]:
-                        # Ran to its end, and nobody took any off (only a
-                        # call's clean-up does, from the head, and this one's
-                        # first is still there; the rest came after it): the
-                        # head is the batch, every one of it delivered.
-                        k = n + skipped
-                    size = len(ready)
-                    while k < size and ready[k]._processed:
-                        k += 1
-                    # Two operators, no call: nothing lands between the
-                    # removal and its count.  (An interrupt before leaves
-                    # both to the next call.)
-                    del ready[:k]
-                    self.delivered += k
+                    # The delivered ones leave the queue from its head (an
+                    # early return, with nothing ready, has nothing to take).
+                    if size or ready:
+                        if n > 0 and ready and ready[0] is batch[0]:
+                            # Ran to its end, and nobody took any off (only
+                            # a call's clean-up does, from the head, and this
+                            # one's first is still there; the rest came after
+                            # it): the head is the batch, all of it delivered.
+                            k = size
+                        else:
+                            k = 0
+                            for req in ready:
+                                if not req._processed:
+                                    break
+                                k += 1
+                        # Two operators, no call: nothing lands between the
+                        # removal and its count.  (An interrupt before leaves
+                        # both to the next call.)
+                        del ready[:k]
+                        self.delivered += k
                 finally:
                     if (
                         (ready or (n and self.notifier.sleepers))
