@@ -52,10 +52,11 @@ after ``idle_timeout`` seconds without work, and any worker above
 ``max_threads`` (lowered by :meth:`~ThreadletQueue.set_limits`) retires before
 it takes more work.
 
-The worker loop is QEMU's: take the head (under the lock), run it, publish
-the outcome (under the lock), deliver it (waiters, callbacks), and only then
-take the next.  A callback may so wait for work queued behind it: that work
-is still QUEUED, and any other worker may take it.
+The worker loop is QEMU's: take the head (under the lock), run it (its
+outcome stored on it as it returns), publish it DONE (under the lock),
+deliver it (waiters, callbacks), and only then take the next.  A callback
+may so wait for work queued behind it: that work is still QUEUED, and any
+other worker may take it.
 
 Each worker waits on its own ``threading.Lock`` used as a mailbox: held means
 "no news"; whoever pops the worker off the idle stack releases it to wake
