@@ -102,7 +102,6 @@ import threading
 import time
 import types
 import weakref
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -187,7 +186,8 @@ class _Transfer:
 
     ``done`` bytes were moved already (by the inline attempt or the ring);
     :meth:`run` moves the rest by ops' rules and returns the request's
-    result."""
+    result.  (Fields in slots, stored by a frame: the ring reads most of
+    them on each request, and a slot is the cheapest read.)"""
 
     __slots__ = ("buffers", "done", "file", "offset", "sc", "total", "write", "zero_fill")
 
@@ -213,10 +213,15 @@ class _Transfer:
         self.zero_fill = zero_fill
 
     def run(self) -> int:
-        if self.write:
-            return ops.write(self.sc, self.file, self.buffers, self.offset, self.total, self.done)
-        return ops.read(
-            self.sc, self.file, self.buffers, self.offset, self.total, self.zero_fill, self.done
+        return ops.transfer(
+            self.sc,
+            self.file,
+            self.buffers,
+            self.offset,
+            self.total,
+            self.done,
+            self.write,
+            self.zero_fill,
         )
 
     def one_transfer(self, moved: int) -> int:
@@ -674,16 +679,28 @@ class AioRequest(Threadlet[int]):
         return Threadlet.cancel(self)
 
     def _run(self) -> int:
-        # A read, write, flush or space request runs its transfer (no bound
-        # method made per request); any other, fn(*args).
-        t = self._transfer
+        # A read or write runs ops' transfer here (_Transfer.run, one frame
+        # less); a flush or space request its operation; any other,
+        # fn(*args).
+        t: Any = self._transfer
+        if t.__class__ is _Transfer:
+            return ops.transfer(
+                t.sc, t.file, t.buffers, t.offset, t.total, t.done, t.write, t.zero_fill
+            )
         if t is None:
             return Threadlet._run(self)
-        return t.run()
+        return t.run()  # type: ignore[no-any-return]
 
     #: Without waiters and done-callbacks, _finished only queues the request
     #: for its context (see the pool's worker loop).
     _quiet_finish = True
+
+    def _finish_quiet(self) -> None:
+        """A worker's delivery of a request it published with no waiter and
+        no done-callback (see Threadlet._finish_quiet): _finished's first
+        branch, without its looks at the two lists."""
+        self._transfer = None  # finished: the buffers are the caller's again
+        self._ctx._cq.complete(self)
 
     def _finished(self) -> None:
         self._transfer = None  # finished: the buffers are the caller's again
@@ -1006,7 +1023,8 @@ class _CompletionQueue:
         #: Notified when nothing is outstanding (close() of a context that
         #: delivers nothing waits on it).
         self.quiet = threading.Condition(self.lock)
-        self.ready: deque[AioRequest] = deque()
+        #: (A list: process() takes its head off with one operator, no call.)
+        self.ready: list[AioRequest] = []
         self.signalled = False
         self.closing = False
         self.admitted = 0
@@ -1139,7 +1157,7 @@ class _CompletionQueue:
         running each callback in this thread.  See the module docstring for
         the ordering and for what an exception leaves behind."""
         lock, ready = self.lock, self.ready
-        n = 0
+        n = size = 0  # (what an early return delivered, of a batch of none)
         try:
             with lock:
                 if self.notifier.closed:
@@ -1163,35 +1181,62 @@ class _CompletionQueue:
                 # (a callback that waits, drains or closes), another
                 # thread's.  An exception leaves the rest to the next call,
                 # with nothing to give back.
-                batch = list(ready)
+                batch = ready[:]
+            # How many this call delivers: counted as those it skipped (the
+            # rare case), the rest worked out once at the end.  Cut short by
+            # an exception, the count stays -1: "maybe some" (see below).
+            size = len(batch)
+            n = -1
+            skipped = 0
             for req in batch:
                 if req._processed:
+                    skipped += 1
                     continue
                 # Delivered from here on, even if its callback raises: it
                 # leaves the queue once at its head (see the finally).
                 req._processed = True
-                n += 1
                 cb = req.callback
                 if cb is not None:
                     try:
                         cb(req)
                     except Exception:
                         log.exception("exception in completion callback of %r", req)
+            n = size - skipped
         finally:
             with lock:
-                while ready and ready[0]._processed:
-                    self.delivered += 1  # (before the call: Ctrl-C can land as it returns)
-                    ready.popleft()
-                if (
-                    (ready or (n and self.notifier.sleepers))
-                    and not self.signalled
-                    and not self.notifier.closed
-                ):
-                    # Left behind (an exception): come back.  Or another
-                    # thread sleeps on the signal this call cleared: wake it.
-                    self.signalled = True
-                    self.wakeups += 1
-                    self._signal()
+                try:
+                    # The delivered ones leave the queue from its head (an
+                    # early return, with nothing ready, has nothing to take).
+                    if size or ready:
+                        if n > 0 and ready and ready[0] is batch[0]:
+                            # Ran to its end, and nobody took any off (only
+                            # a call's clean-up does, from the head, and this
+                            # one's first is still there; the rest came after
+                            # it): the head is the batch, all of it delivered.
+                            k = size
+                        else:
+                            k = 0
+                            for req in ready:
+                                if not req._processed:
+                                    break
+                                k += 1
+                        # Two operators, no call: nothing lands between the
+                        # removal and its count.  (An interrupt before leaves
+                        # both to the next call.)
+                        del ready[:k]
+                        self.delivered += k
+                finally:
+                    if (
+                        (ready or (n and self.notifier.sleepers))
+                        and not self.signalled
+                        and not self.notifier.closed
+                    ):
+                        # Left behind (an exception): come back.  Or another
+                        # thread sleeps on the signal this call cleared (or
+                        # may have, cut short): wake it.
+                        self.signalled = True
+                        self.wakeups += 1
+                        self._signal()
         return n
 
     def clear_unsignalled(self) -> None:

@@ -371,7 +371,7 @@ def rw_loop(
     offsets (ESPIPE) gets one transfer (see :func:`_stream_rw`).
     """
     call: Callable[..., int]
-    if type(sc) is Syscalls:  # skip a Python frame per call on the usual path
+    if sc.__class__ is Syscalls:  # skip a Python frame per call on the usual path
         call = os.pwritev if write else os.preadv
     else:
         call = sc.pwritev if write else sc.preadv
@@ -480,6 +480,92 @@ def read(
     return n
 
 
+def transfer(
+    sc: Syscalls,
+    f: AioFile,
+    buffers: Sequence[memoryview],
+    offset: int,
+    total: int,
+    done: int,
+    write_: bool,
+    zero_fill: bool,
+) -> int:
+    """:func:`read` or :func:`write`, in the order of the engine's transfer
+    (see engine._Transfer); a read spelled out, its common case (the
+    system's own calls, nothing moved yet) with rw_loop's first call made
+    here: rw_loop's frame only for the rest of a short transfer, and its
+    rules, to the letter, for a first call that fails (see
+    :func:`_first_failed`)."""
+    if write_:
+        return write(sc, f, buffers, offset, total, done)
+    if not total:
+        return _no_bytes(sc, f, buffers, offset, False)
+    if f.stream:
+        n = _stream(sc, f, buffers, offset, total, False, done)
+    elif not f.direct:
+        if done or sc.__class__ is not Syscalls:
+            n = rw_loop(sc, f.fd, buffers, offset, total, False, done)
+        else:
+            fd = f.fd
+            try:
+                n = _preadv(fd, buffers, offset)
+            except OSError as e:
+                n = _first_failed(e, sc, fd, buffers, offset, total)
+            else:
+                if n != total and n:  # (short: the rest in turns; 0: end of file)
+                    n = rw_loop(sc, fd, buffers, offset, total, False, n)
+    elif done or sc.__class__ is not Syscalls:
+        n = _direct_read(sc, f, buffers, offset, total, done)
+    else:
+        # _direct_read, spelled out, nothing moved yet.  The lengths of a
+        # vectored read's buffers are not looked at one by one: a length
+        # the kernel refuses (EINVAL, as for the memory's alignment, which
+        # is left to it too) goes through the bounce buffer all the same.
+        req, mem = f._alignment or f.alignment(sc)
+        if offset % req or total % req:
+            n = _bounce_read(sc, f, buffers, offset, total, 0, req, mem)
+        else:
+            fd = f.fd
+            try:
+                n = _preadv(fd, buffers, offset)
+            except OSError as e:
+                try:
+                    n = _first_failed(e, sc, fd, buffers, offset, total)
+                except OSError as e2:
+                    if e2.errno != errno.EINVAL:
+                        raise
+                    n = _bounce_read(sc, f, buffers, offset, total, 0, req, mem)
+            else:
+                if n != total and n:
+                    try:
+                        n = rw_loop(sc, fd, buffers, offset, total, False, n)
+                    except OSError as e:
+                        if e.errno != errno.EINVAL:
+                            raise
+                        n = _bounce_read(sc, f, buffers, offset, total, 0, req, mem)
+    if zero_fill and n < total:
+        _zero(buffers, n)
+        return total
+    return n
+
+
+_preadv = os.preadv
+
+
+def _first_failed(
+    e: OSError, sc: Syscalls, fd: int, buffers: Sequence[memoryview], offset: int, total: int
+) -> int:
+    """What rw_loop answers when its first read (nothing moved) raised
+    ``e``: EINTR is tried again, and more buffers than one call takes
+    (EINVAL) go in turns -- both by rw_loop itself; ESPIPE gets a stream's
+    one transfer; any other error is raised, nothing moved."""
+    if isinstance(e, InterruptedError) or len(buffers) > IOV_MAX:
+        return rw_loop(sc, fd, buffers, offset, total, False, 0)
+    if e.errno == errno.ESPIPE:
+        return _stream_rw(sc, fd, buffers, total, False, 0)
+    raise _moved(e, 0) from None
+
+
 def write(
     sc: Syscalls,
     f: AioFile,
@@ -529,14 +615,31 @@ def _direct_read(
 ) -> int:
     if done >= total:
         return done
-    req, mem = f.alignment(sc)
-    if _aligned(buffers, offset, total, req):
+    # (Probed once: read without alignment()'s frame after that.)
+    req, mem = f._alignment or f.alignment(sc)
+    # _aligned, spelled out: this runs once per O_DIRECT read.
+    if not (offset % req or total % req) and (
+        len(buffers) == 1 or not any(len(b) % req for b in buffers)
+    ):
         try:
             return rw_loop(sc, f.fd, buffers, offset, total, False, done)
         except OSError as e:
             if e.errno != errno.EINVAL:
                 raise
-    # Through an aligned buffer, a chunk at a time.
+    return _bounce_read(sc, f, buffers, offset, total, done, req, mem)
+
+
+def _bounce_read(
+    sc: Syscalls,
+    f: AioFile,
+    buffers: Sequence[memoryview],
+    offset: int,
+    total: int,
+    done: int,
+    req: int,
+    mem: int,
+) -> int:
+    """An O_DIRECT read through an aligned buffer, a chunk at a time."""
     start, end = _span(offset, total, req)
     bounce = aligned_buffer(min(end - start, _chunk(req)), max(mem, req))
     stop = offset + total
@@ -585,7 +688,7 @@ def _direct_write(
 ) -> int:
     if done >= total:
         return done
-    req, mem = f.alignment(sc)
+    req, mem = f._alignment or f.alignment(sc)  # (probed once: see _direct_read)
     if f.append and f._sized:
         with f._rmw_lock:
             return _direct_append(sc, f, buffers, total, req, mem, done)

@@ -20,8 +20,10 @@ A threadlet has one explicit state::
   knows which: the seed patch read a flag written outside the lock and was
   rejected for it.
 * A threadlet is RUNNING only while its function runs.  Only the worker that
-  runs it writes it then.  It stores the result *before* it sets DONE, both
-  under the lock; readers take the lock too, so nobody relies on the GIL
+  runs it writes it then.  It stores the result *before* it sets DONE, the
+  state under the lock; readers look at the state first, under the lock
+  too (or, once DONE, which is final, without it), so the outcome is
+  published by the lock with the state, and nobody relies on the GIL
   making a store "atomic".
 * After a threadlet reaches DONE or CANCELLED, and with the lock released,
   its waiters are woken and its done-callbacks run, each exactly once, in the
@@ -50,10 +52,11 @@ after ``idle_timeout`` seconds without work, and any worker above
 ``max_threads`` (lowered by :meth:`~ThreadletQueue.set_limits`) retires before
 it takes more work.
 
-The worker loop is QEMU's: take the head (under the lock), run it, publish
-the outcome (under the lock), deliver it (waiters, callbacks), and only then
-take the next.  A callback may so wait for work queued behind it: that work
-is still QUEUED, and any other worker may take it.
+The worker loop is QEMU's: take the head (under the lock), run it (its
+outcome stored on it as it returns), publish it DONE (under the lock),
+deliver it (waiters, callbacks), and only then take the next.  A callback
+may so wait for work queued behind it: that work is still QUEUED, and any
+other worker may take it.
 
 Each worker waits on its own ``threading.Lock`` used as a mailbox: held means
 "no news"; whoever pops the worker off the idle stack releases it to wake
@@ -350,14 +353,27 @@ class Threadlet(Generic[T]):
     #: waiter and no callback, runs no user code and waits for nothing (the
     #: engine's requests: it queues them for their context).  A worker then
     #: takes the next threadlet in the same locked step that publishes this
-    #: one, and runs ``_finished`` after.
+    #: one, and runs ``_finish_quiet`` after.
     _quiet_finish = False
     #: What a worker must do to deliver a threadlet of this class that has
     #: no waiter and no callback, worked out once per class from the two
     #: above (one look per threadlet on the hot path): nothing (_PLAIN),
-    #: ``_finished`` after taking the next (_QUIET), or ``_finished``
+    #: ``_finish_quiet`` after taking the next (_QUIET), or ``_finished``
     #: before taking more (_DELIVER).
     _finish_kind = _PLAIN
+    #: The two kinds the worker loop looks at, as flags (one look each):
+    #: _DELIVER and _QUIET.
+    _deliver_first = False
+    _quiet_after = False
+
+    def _finish_quiet(self) -> None:
+        """What a worker runs, after taking the next threadlet, to deliver a
+        quiet one (see ``_quiet_finish``) that had no waiter and no callback
+        when it was published DONE (none can be added after: both look at
+        the state under the lock first).  ``_finished`` unless a subclass
+        gives a shorter way that does the same for that case (the
+        engine's requests do)."""
+        self._finished()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -365,6 +381,12 @@ class Threadlet(Generic[T]):
             cls._finish_kind = _PLAIN
         else:
             cls._finish_kind = _QUIET if cls._quiet_finish else _DELIVER
+        cls._deliver_first = cls._finish_kind == _DELIVER
+        cls._quiet_after = cls._finish_kind == _QUIET
+        if "_finished" in cls.__dict__ and "_finish_quiet" not in cls.__dict__:
+            # Its own _finished, and no shorter way of its own: a shorter
+            # way inherited would skip what this _finished adds.
+            cls._finish_quiet = cls._finished  # type: ignore[method-assign]
 
     def _forked(self) -> None:
         """Called in a forked child (no other thread runs there) for each of the
@@ -382,8 +404,11 @@ class Threadlet(Generic[T]):
 
     def done(self) -> bool:
         """True once the threadlet finished or was cancelled."""
-        with self._queue._lock:
-            return self._state is _DONE or self._state is _CANCELLED
+        # One look at the state, without the lock: both answers that say
+        # yes are final, and one that says no was true as it was read (the
+        # lock would order it with nothing else read here).
+        state = self._state
+        return state is _DONE or state is _CANCELLED
 
     def cancelled(self) -> bool:
         with self._queue._lock:
@@ -410,7 +435,7 @@ class Threadlet(Generic[T]):
                     # items), but what it would have run is dropped now.
                     self._fn = self._kwargs = None
                     self._args = ()
-                    queue._queued -= 1
+                    queue._stale += 1
                     queue._cancelled += 1
                     changed = True  # (before any call: Ctrl-C can land as one returns)
                     queue._finishing.add(self)  # (see _reset_after_fork)
@@ -627,6 +652,15 @@ class QueueStats:
     max_threads: int
 
 
+class _Alert:
+    """A queue's ``_alert`` (see ThreadletQueue._init_state)."""
+
+    __slots__ = ("on",)
+
+    def __init__(self) -> None:
+        self.on = False
+
+
 class _Worker:
     """One worker thread's mailbox and membership.
 
@@ -736,15 +770,33 @@ class ThreadletQueue:
         self._min = min_threads
         self._max = max_threads
         self._closed = False
+        #: ``max_threads``, or -1 once closed: a worker above it retires
+        #: before it takes more work.
+        self._cap = max_threads
+        #: On while a worker may have to retire (set_limits, close) or not
+        #: belong to the queue any more (a forked child's reset, a failed
+        #: start): the workers look at ``_cap`` and their ``live`` only
+        #: then -- one look per hold on the hot path.  Turned off (under
+        #: the lock) by a live worker that finds nobody above ``_cap``
+        #: (never once closed: the cap is -1); the old one stays on in a
+        #: forked child (the reset makes a new one).  A worker whose start
+        #: failed looks at ``live`` once before its loop, as another may
+        #: have turned the alert off first.
+        self._alert = _Alert()
         self._threads = 0
-        self._queued = 0
+        #: Cancelled threadlets left in ``_items`` (cancel() does not take
+        #: one out; a worker drops it as it meets it): the queued are
+        #: ``len(_items) - _stale`` (see _queued), none counted one by one
+        #: on the hot path.
+        self._stale = 0
         self._running = 0
         #: Published by a worker, whose waiters/callbacks have not all run.
         self._delivering = 0
         #: Workers of this queue inside close() (from a callback).
         self._closers = 0
+        #: (No count of the completed: ``submitted - cancelled - queued -
+        #: running``, as stats() gives it, one step less per threadlet.)
         self._submitted = 0
-        self._completed = 0
         self._cancelled = 0
         self._spawned = 0
         self._retired = 0
@@ -788,7 +840,6 @@ class ThreadletQueue:
                 # after C *calls*, never after an operator, so nothing can
                 # interrupt between queueing the item and counting it.
                 self._items += (item,)
-                self._queued += 1
                 self._submitted += 1
                 idles = self._idle
                 if idles:
@@ -818,7 +869,6 @@ class ThreadletQueue:
     def _unsubmit(self) -> None:
         # Called with the lock held, in the same hold as the append.
         self._items.pop()
-        self._queued -= 1
         self._submitted -= 1
 
     def _holds(self, item: Threadlet[Any]) -> bool:
@@ -857,6 +907,7 @@ class ThreadletQueue:
             # start: it finds itself not live (we hold the lock until then)
             # and exits without touching the queue.
             worker.live = False
+            self._alert.on = True
             self._workers.discard(worker)
             self._threads -= 1
             self._spawned -= 1
@@ -869,6 +920,11 @@ class ThreadletQueue:
         want = max(self._min, min(self._max, self._threads + self._queued - len(self._idle)))
         while self._threads < want:
             self._spawn()
+
+    @property
+    def _queued(self) -> int:
+        """How many threadlets are QUEUED (under the lock)."""
+        return len(self._items) - self._stale
 
     def _is_quiet(self) -> bool:
         return not (self._queued or self._running or self._delivering)
@@ -901,6 +957,9 @@ class ThreadletQueue:
                 new_max = self._max if max_threads is None else max_threads
                 _check_limits(new_min, new_max)
                 self._min, self._max = new_min, new_max
+                if not self._closed:
+                    self._cap = new_max
+                    self._alert.on = True
                 # Wake as many idle workers as there are surplus threads:
                 # each finds itself above max_threads, and retires.  Taken
                 # off the idle stack in one step (no call: see close), woken
@@ -964,6 +1023,8 @@ class ThreadletQueue:
         try:
             with self._lock:
                 self._closed = True
+                self._cap = -1
+                self._alert.on = True
                 # Plain bytecodes from each item's change to its listing (the
                 # list grows by `+=`, not a call): a Ctrl-C landing as a call
                 # returns finds every cancelled item listed for delivery, and
@@ -974,7 +1035,7 @@ class ThreadletQueue:
                         item._state = _CANCELLED
                         item._fn = item._kwargs = None
                         item._args = ()
-                        self._queued -= 1
+                        self._stale += 1
                         self._cancelled += 1
                         cancelled += (item,)
                 # Taken off the idle stack in one step, woken below: each
@@ -982,6 +1043,7 @@ class ThreadletQueue:
                 idle += self._idle
                 del self._idle[:]
                 self._finishing.update(cancelled)  # (see _reset_after_fork)
+                self._stale = 0  # (no call before the clear: see _stale)
                 self._items.clear()
                 # A worker cannot join itself, nor another closing worker.
                 threads = [] if own else [w.thread for w in self._workers if w.thread]
@@ -1022,7 +1084,7 @@ class ThreadletQueue:
                 queued=self._queued,
                 running=self._running,
                 submitted=self._submitted,
-                completed=self._completed,
+                completed=self._submitted - self._cancelled - self._queued - self._running,
                 cancelled=self._cancelled,
                 spawned=self._spawned,
                 retired=self._retired,
@@ -1052,11 +1114,14 @@ class ThreadletQueue:
         )
         for w in self._workers:
             w.live = False
+        self._alert.on = True  # (the old one: what a worker that forked holds)
         min_threads, max_threads, closed = self._min, self._max, self._closed
-        submitted, completed, cancelled = self._submitted, self._completed, self._cancelled
+        completed = self._submitted - self._cancelled - self._queued - self._running
+        cancelled = self._cancelled
         self._init_state(min_threads, max_threads)
         self._closed = closed
-        self._submitted, self._completed = submitted, completed
+        if closed:
+            self._cap = -1
         self._cancelled = cancelled
         for item in dict.fromkeys(old_items):  # (once each: a cancelled one can be listed twice)
             _wake_waiters(item._waiters)
@@ -1072,7 +1137,7 @@ class ThreadletQueue:
                 # thread that does not exist here, or by this one, which
                 # goes on with it.  It counts as delivered here all the same.
                 item._forked()
-        self._submitted = self._completed + self._cancelled
+        self._submitted = completed + self._cancelled
         if not closed:
             self._spawn_warm()
 
@@ -1084,48 +1149,62 @@ def _worker_main(ref: weakref.ref[ThreadletQueue], me: _Worker, idle_timeout: fl
     A threadlet with nothing to deliver (no waiter, no callback, the plain
     ``_finished``) is published in the same locked section that takes the
     next: one lock round trip per threadlet on the hot path, and nothing
-    runs in between.  The queue is reached through ``ref`` anew after each
-    idle wait and held by nothing during it (while the worker is busy, the
-    threadlet it holds keeps the queue alive anyway); nothing of a
-    threadlet (the item, its outcome, a traceback) outlives its turn in
-    this frame.
+    runs in between.  So is a quiet one (see Threadlet._quiet_finish), whose
+    ``_finish_quiet`` runs after that section.  From the publication of a
+    threadlet to the taking of the next, the worker goes on counting in the
+    queue's ``_running`` (no decrement and increment in the same hold);
+    every hold ends with the count exact.  The queue is reached through
+    ``ref`` anew after each idle wait and held by nothing during it (while
+    the worker is busy, the threadlet it holds keeps the queue alive
+    anyway); nothing of a threadlet (the item, its outcome, a traceback)
+    outlives its turn in this frame.
     """
     _current.queue = ref
     block_async_signals()
-    done: Threadlet[Any] | None = None  # ran; its outcome not yet published
-    quiet: Threadlet[Any] | None = None  # published; its quiet _finished still to run
-    result: Any = None
-    error: BaseException | None = None
+    mailbox = me.mailbox
+    wait = -1 if idle_timeout is None else idle_timeout
+    done: Threadlet[Any] | None = None  # ran (its outcome stored); not yet DONE
+    quiet: Threadlet[Any] | None = None  # published; its _finish_quiet still to run
     delivering = False  # this worker counts in queue._delivering
     item: Threadlet[Any] | None = None  # taken; not yet run
     queue = ref()
-    while True:
-        if queue is None:  # collected: nobody can submit to it any more
+    if queue is None:
+        return
+    # The deque and the alert are replaced only by a forked child's reset,
+    # which makes this worker not live (and turns the old alert on): they
+    # are used only after that look.
+    items = queue._items
+    alert = queue._alert
+    with queue._lock:
+        if not me.live:  # start() failed (before any alert could be turned off)
             return
+    while True:
         with queue._lock:
-            if not me.live:  # a forked child, or start() failed: not ours
-                return
+            if alert.on:
+                if not me.live:  # a forked child, or start() failed: not ours
+                    return
+                if queue._threads <= queue._cap:
+                    alert.on = False  # nobody above the cap (see _alert)
             if done is not None:
-                done._result = result  # the outcome before the state
-                done._exception = error
-                done._state = _DONE
-                done._fn = done._kwargs = None
-                done._args = ()
-                queue._running -= 1
-                queue._completed += 1
-                finish = done._finish_kind
-                if done._waiters or done._callbacks or finish == _DELIVER:
+                done._state = _DONE  # (its outcome stored before: see the run)
+                if done._fn is not None:  # what it ran is not kept alive
+                    done._fn = done._kwargs = None
+                    done._args = ()
+                # (``_completed`` is not counted: stats() derives it.)
+                if done._waiters or done._callbacks or done._deliver_first:
+                    queue._running -= 1
                     queue._delivering += 1
                     delivering = True
-                elif finish == _QUIET:
-                    quiet = me.finishing = done  # run after taking the next: see below
+                elif done._quiet_after:  # run after taking the next (see below)
+                    quiet = me.finishing = done
             elif delivering:
                 queue._delivering -= 1
                 delivering = False
             if not delivering:
-                if not (queue._queued or queue._running or queue._delivering):
-                    queue._quiet.notify_all()
-                if queue._closed or queue._threads > queue._max:
+                # (Still counted in ``_running`` if ``done`` is set.)
+                if alert.on and queue._threads > queue._cap:  # (closed, or above max)
+                    if done is not None:
+                        queue._running -= 1
                     if quiet is None:
                         queue._retire(me)
                         return
@@ -1136,25 +1215,29 @@ def _worker_main(ref: weakref.ref[ThreadletQueue], me: _Worker, idle_timeout: fl
                     queue._delivering += 1
                     delivering = True
                 else:
-                    items = queue._items
                     while items:
                         item = items.popleft()
                         if item._state is _QUEUED:
                             item._state = _RUNNING
-                            queue._queued -= 1
-                            queue._running += 1
+                            if done is None:
+                                queue._running += 1
                             me.current = item
                             break
+                        queue._stale -= 1  # cancelled, left in the deque
                     else:
                         item = me.current = None
+                        if done is not None:
+                            queue._running -= 1
+                        # (Nothing queued: the deque is empty.)
+                        if not (queue._running or queue._delivering):
+                            queue._quiet.notify_all()
                         queue._idle.append(me)
-        result = error = None
         if quiet is not None:
-            # A subclass's _finished that runs no user code (the engine's:
-            # it hands the request to its context): nothing can wait on the
+            # A subclass's delivery that runs no user code (the engine's: it
+            # hands the request to its context): nothing can wait on the
             # next threadlet meanwhile, so it runs after that one was taken.
             try:
-                quiet._finished()
+                quiet._finish_quiet()
             except BaseException:
                 log.exception("delivering %r failed", quiet)
             quiet = me.finishing = None
@@ -1169,15 +1252,25 @@ def _worker_main(ref: weakref.ref[ThreadletQueue], me: _Worker, idle_timeout: fl
         done = None
         if item is None:
             queue = None  # (not held while idle)
-            if not _idle_wait(ref, me, idle_timeout):
+            # The first wait spelled out (_idle_wait's frame only once it
+            # timed out): -1, no limit.
+            if not mailbox.acquire(True, wait) and not _idle_wait(ref, me, idle_timeout):
                 return
             queue = ref()
+            if queue is None:  # collected: nobody can submit to it any more
+                return
             continue
+        # The outcome is stored on the threadlet as it runs, by this worker
+        # alone, and read by nobody before the state is DONE (readers look
+        # at the state first, under the lock); DONE is set under the lock
+        # in the next hold, which so publishes the outcome with it.
         try:
-            result = item._run()
+            item._result = item._run()
         except BaseException as exc:
-            error = exc
-        done, item = item, None
+            item._exception = exc
+        # (``item`` is taken anew, or the worker delivers ``done`` and
+        # retires, before the next run: it holds nothing longer.)
+        done = item
 
 
 #: Signals a process receives from outside (Ctrl-C, kill, timers, a child's
@@ -1205,11 +1298,13 @@ def _idle_wait(ref: weakref.ref[ThreadletQueue], me: _Worker, idle_timeout: floa
     """Wait, holding no reference to the queue, until popped off the idle
     stack and woken (by a submitter, set_limits, close or the queue's
     finalizer): True.  False if the worker retired instead: ``idle_timeout``
-    passed with more than ``min_threads`` alive, or the queue is gone."""
-    if idle_timeout is None:
+    passed with more than ``min_threads`` alive, or the queue is gone.
+    (The worker loop makes the first wait itself, and calls this only once
+    that one timed out: the loop below starts with the look it calls for.)"""
+    if idle_timeout is None:  # (the worker's wait has no limit: not reached)
         me.mailbox.acquire()
         return True
-    while not me.mailbox.acquire(timeout=idle_timeout):
+    while True:
         queue = ref()
         if queue is None:
             return False
@@ -1224,7 +1319,8 @@ def _idle_wait(ref: weakref.ref[ThreadletQueue], me: _Worker, idle_timeout: floa
                 return False
         # A warm worker (at or below min_threads): keep waiting.
         del queue
-    return True
+        if me.mailbox.acquire(timeout=idle_timeout):
+            return True
 
 
 def _wake_idle(lock: threading.Lock, idle: list[_Worker], _ref: object) -> None:
