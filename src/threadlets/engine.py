@@ -2076,9 +2076,12 @@ class AioContext:
                 if ident:
                     next(self._n_ring)
                     return req
-            # The ring refused it (full, closing): the pool's, with a _Transfer.
+            # The ring refused it (full, closing): the pool's, with a _Transfer
+            # (which alone holds the buffer from here on: a finished request
+            # keeps no export of it).
             view = buf if type(buf) is memoryview else memoryview(buf)
             req._transfer = _Transfer(self._sc, f, [view], offset, total, 0, write, False)
+            req._args = ()
             self._queue._submit(req)
         except BaseException:
             # (As in _start, for a request not born finished.)
