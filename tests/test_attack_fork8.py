@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from threadlets import AioContext, AioRequest, ThreadletQueue
+from threadlets import AioContext, AioRequest, ThreadletQueue, ThreadletState
 
 from .conftest import HAVE_RING, wait_until
 
@@ -210,6 +210,9 @@ def test_a_request_cancelled_and_being_delivered_at_the_fork_is_settled_in_the_c
     q = ThreadletQueue(max_threads=1)
     gate = threading.Event()
     blocker = q.submit(gate.wait)
+    # Running, so that close() cancels only the request (a blocker still
+    # queued would be cancelled with it).
+    wait_until(lambda: blocker.state is ThreadletState.RUNNING)
     ctx = AioContext(q, backend=backend, inline=False)
     inside, release = threading.Event(), threading.Event()
     try:
@@ -303,6 +306,9 @@ def test_a_wait_that_a_forking_signal_handler_interrupted_returns_in_the_child(
     q = ThreadletQueue(max_threads=1)
     gate = threading.Event()
     work = q.submit(gate.wait)
+    # Running, so that close() waits for it (one still queued is cancelled,
+    # and close() returns with no wait for the signal to interrupt).
+    wait_until(lambda: work.state is ThreadletState.RUNNING)
     forked: list[tuple[int, int]] = []
 
     def handler(signum: int, frame: object) -> None:
