@@ -52,11 +52,12 @@ Differences from glibc, on purpose
   waits on it for ever.  What lio_listio accepted is launched or finished
   that way too before the exception propagates.  An aiocb whose request
   the engine already took is not: that request finishes it, as usual
-  (finished by the interrupt, its buffer could still be filled).  (One
-  window is left, off aio_read/aio_write's common case -- O_APPEND, fsync,
-  lio_listio, a context changed meanwhile: an interrupt inside the
-  engine's submit, after the engine took the request and before it
-  returned it, finishes the aiocb while the request runs.)
+  (finished by the interrupt, its buffer could still be filled): reads
+  and writes are handed over with their done-callback and the engine's
+  ``taken`` list, on every path.  (One window is left, for aio_fsync and
+  transfers of 0 bytes: an interrupt inside the engine's submit, after
+  the engine took the request and before it returned it, finishes the
+  aiocb while the request runs.)
 * Requests run with what the aiocb held when submitted: changing its
   fields while it is in progress changes nothing.
 * On an ``O_DIRECT`` fd, a buffer, offset or length that is not aligned
@@ -82,7 +83,7 @@ QEMU's rule (the error) and says how much moved in ``exc.transferred``.
 
 File identity: the engine keeps per-fd state (O_DIRECT alignment, flags,
 sticky flush errors).  Each submission reads the fd's identity (F_GETFL
-flags, st_dev, st_ino); when it changed since the runtime last saw that fd
+flags, file type, st_dev, st_ino); when it changed since the runtime last saw that fd
 number -- the fd was closed and the number reused, or its flags changed --
 the runtime makes the context forget the fd before submitting.  Identities
 are kept per context (each remembers its own fds).  Cost: an F_GETFL and an
@@ -105,14 +106,18 @@ one lock hold; whatever it cannot vouch for goes the general way.  It
 hands the done-callback to the engine with the request
 (AioContext._read_checked), so that callback may finish the aiocb before
 ``_req`` is stored: it knows its submission by ``_view`` (a new object per
-submission, stored in the claim), and ``_req`` is stored only while the
-aiocb is still INFLIGHT with that view.  If an interrupt cuts the hand-over
-short, the engine's ``taken`` list says whether the request (and so the
-callback) reached a backend: then the aiocb stays in progress for it.
-``_outcome`` is None while ``_status`` is not DONE, else the (error, return
-value) pair, one immutable tuple stored as the aiocb finishes: aio_error
-and aio_return read it with one load and no lock, and so never see an
-error and a return value of different submissions.
+submission, stored in the claim, None once the aiocb is not in progress),
+and ``_req`` is stored only while the aiocb still has that view.  If an
+interrupt cuts the hand-over short, the engine's ``taken`` list says
+whether the request (and so the callback) reached a backend: then the
+aiocb stays in progress for it.  An aiocb not in progress has no
+``_view``, ``_group`` or ``_sigev`` (each way out of progress clears
+them), so the quick claim does not store them again.
+``_outcome`` is None until the first submission, ``_RUNNING`` (a
+one-item tuple: EINPROGRESS) while the aiocb is in progress, else the
+(error, return value) pair, one immutable tuple stored as the aiocb
+finishes: aio_error and aio_return read it with one load and no lock, and
+so never see an error and a return value of different submissions.
 """
 
 from __future__ import annotations
@@ -202,8 +207,12 @@ _RUNNING = (errno.EINPROGRESS,)
 _quick_fields = operator.attrgetter(
     "aio_reqprio", "aio_fildes", "aio_offset", "aio_buf", "aio_nbytes", "aio_sigevent"
 )
+_quick_shape = operator.attrgetter(
+    "aio_reqprio.__class__", "aio_fildes.__class__", "aio_offset.__class__"
+)
+#: _quick_shape of an aiocb the quick path takes.
+_QUICK_SHAPE = (int, int, int)
 _O_APPEND = os.O_APPEND
-_PRIO_0 = 0
 _status_of = operator.attrgetter("_status")
 
 #: (F_GETFL flags, st_mode & S_IFMT, st_dev, st_ino): see _identity.
@@ -735,19 +744,14 @@ class PosixAio:
         if cb.__class__ is not aiocb:  # (no call: see below)
             self._submit_checked(cb, op)
             return
-        # (The fields in one call: no bytecode each.  `x.__class__ is int`
-        # is type(x) is int without the call: a bool's or a float's class
-        # cannot pretend, and an int subclass that does is an int, which
-        # the general path takes too.  A priority other than 0 -- the small
-        # int, one object in CPython -- takes the general path.)
+        # (The types of the numbers in one call, the fields in another: no
+        # bytecode each.  Classes, not isinstance: a bool is not an int
+        # here, and an int subclass goes the general way.)
+        if _quick_shape(cb) != _QUICK_SHAPE:
+            self._submit_checked(cb, op)
+            return
         prio, fd, offset, buf, n, sev = _quick_fields(cb)
-        if not (
-            prio is _PRIO_0
-            and sev is None
-            and fd.__class__ is int
-            and offset.__class__ is int
-            and fd in _QUICK_FDS
-        ):
+        if sev is not None or prio not in _PRIORITIES or fd not in _QUICK_FDS:
             self._submit_checked(cb, op)
             return
         try:
@@ -798,12 +802,16 @@ class PosixAio:
                         state = self._new_fd(fd)
                     # (No call from here on: an interrupt lands before all
                     # of it or after all of it.  An aiocb not in progress
-                    # has no _group, _sigev, _req or _view: _finish, the
-                    # completion and the fork reset clear them.  _view, a
+                    # has no _group, _sigev or _view: _finish, the
+                    # completion and the fork reset clear them.  _req too,
+                    # but for one case: a child forked by a signal handler
+                    # inside _launch's engine call, whose thread goes on to
+                    # store the request there after the reset.  _view, a
                     # new object per submission, also tells this
                     # submission's request apart: see below.)
                     cb._op = op
                     cb._fd = fd
+                    cb._req = None  # (see below: a fork's reset may leave one)
                     cb._ctx = ctx
                     cb._view = view
                     cb._outcome = _RUNNING
@@ -1106,16 +1114,33 @@ class PosixAio:
             ctx = cb._ctx = current
         assert ctx is not None
         view = cb._view
-        if view is not None and not view.nbytes:  # (no call: an interrupt lands after one)
-            req = ctx.call(_no_bytes, cb._fd, cb._offset, cb._op == "write")
-        elif cb._op == "read":
-            assert view is not None
-            req = ctx.read(cb._fd, cb._offset, view)
-        elif cb._op == "write":
-            assert view is not None
-            req = ctx.write(cb._fd, cb._offset, view)
-        else:
+        if view is None:
             req = ctx.flush(cb._fd, datasync=cb._op == "fdatasync")
+        elif not view.nbytes:  # (no call: an interrupt lands after one)
+            req = ctx.call(_no_bytes, cb._fd, cb._offset, cb._op == "write")
+        else:
+            # A read or write, handed over as the quick path does: its
+            # callback goes with the request, knowing it by the view (a new
+            # object per submission), and `taken` says whether a backend
+            # has it if an interrupt cuts the hand-over short -- then cb
+            # stays in progress for it (_launch_failed: _rewatch), not
+            # finished ECANCELED while the request runs.
+            taken: list[AioRequest] = []
+            fin = _partial(self._request_finished, cb, launched=view)
+            try:
+                if cb._op == "read":
+                    req = ctx._read_checked(cb._fd, cb._offset, view, fin, taken)
+                else:
+                    req = ctx._write_checked(cb._fd, cb._offset, view, fin, taken)
+            except BaseException:
+                if taken and cb._view is view:
+                    cb._req = taken[0]
+                raise
+            if cb._view is view:  # (not finished yet by its callback)
+                cb._req = req
+                if req._callbacks is None:  # (not taken: read()/write() answered)
+                    req.add_done_callback(_partial(self._request_finished, cb))
+            return
         # Stored before the callback can run: it checks that it is cb's request.
         cb._req = req
         req.add_done_callback(_partial(self._request_finished, cb))
@@ -1141,12 +1166,18 @@ class PosixAio:
     # -- completion ----------------------------------------------------------------
 
     def _request_finished(
-        self, cb: aiocb, req: Threadlet[int], view: memoryview | None = None
+        self,
+        cb: aiocb,
+        req: Threadlet[int],
+        view: memoryview | None = None,
+        launched: memoryview | None = None,
     ) -> None:
-        # cb's request is ``req`` if cb._req says so, or -- given ``view``,
-        # where the callback went with the request (_submit_one), before
-        # cb._req could be stored -- if cb._view is that submission's view
-        # (a new object per submission, None once cb is not in progress).
+        # cb's request is ``req`` if cb._req says so, or -- where the
+        # callback went with the request, before cb._req could be stored --
+        # if cb._view is that submission's view (a new object per
+        # submission, None once cb is not in progress): ``view`` from the
+        # quick path (_submit_one: no sigevent, no group, not O_APPEND),
+        # ``launched`` from the general one (_launch).
         # (A finished request's outcome is final: read without its lock.)
         ret = req._result
         if req._exception is None and ret.__class__ is int:
@@ -1157,7 +1188,10 @@ class PosixAio:
         try:
             with self._lock:
                 if view is None:
-                    if cb._status is not _INFLIGHT or cb._req is not req:
+                    if launched is None:
+                        if cb._status is not _INFLIGHT or cb._req is not req:
+                            return
+                    elif cb._view is not launched:
                         return
                 elif cb._view is not view:
                     return
@@ -1188,17 +1222,27 @@ class PosixAio:
                     del active[cb]
                     if not active:
                         del self._fds[fd]
+                    if self._waiting:
+                        # In the ring's reaper, waiters are woken once per
+                        # batch of completions.  (The context in use, not
+                        # cb's, which is cleared: the answer says only
+                        # whether this thread is handing out a batch --
+                        # another context's reaper has its waiters woken
+                        # at once.)
+                        ctx = self._given or self._own
+                        batched = False
+                        try:
+                            batched = ctx is not None and ctx.call_after_batch(self._wake_waiters)
+                        finally:  # (woken now if Ctrl-C lands in the call)
+                            if not batched:
+                                self._cond.notify_all()
                 else:
-                    after = self._finish(cb, outcome[0], outcome[1], None)
-                if self._waiting:
-                    # In the ring's reaper, waiters are woken once per batch
-                    # of completions.  (The context in use, not cb's, which
-                    # is cleared: the answer says only whether this thread
-                    # is handing out a batch -- another context's reaper
-                    # would have its waiters woken at once.)
-                    ctx = self._given or self._own
-                    if ctx is None or not ctx.call_after_batch(self._wake_waiters):
-                        self._cond.notify_all()
+                    after = _After()
+                    try:
+                        self._finish(cb, outcome[0], outcome[1], after)
+                    finally:  # (the waiters see cb finished even if Ctrl-C lands)
+                        if self._waiting:
+                            self._cond.notify_all()
         finally:
             # (What finishing cb claimed is launched even if Ctrl-C lands as
             # the lock is let go: cancel() runs this in the caller's thread.)
@@ -1209,16 +1253,29 @@ class PosixAio:
         with self._lock:
             self._cond.notify_all()
 
-    def _finish(self, cb: aiocb, err: int, ret: int, after: _After | None) -> _After | None:
-        """Finish an aiocb, claim what waited for it, queue its notifications
-        in ``after`` (made if needed: returned).  With _lock held; the caller
-        wakes the waiters.  No call until the aiocb is DONE and off its fd's
-        table (an interrupt lands before all of that or after)."""
+    def _finish(self, cb: aiocb, err: int, ret: int, after: _After) -> None:
+        """Finish an aiocb, claim what waited for it (in ``after.launch``),
+        queue its notifications (in ``after.notify``).  With _lock held;
+        the caller wakes the waiters and runs ``after`` -- in a finally:
+        what this claimed is there even if an interrupt cut it short.  No
+        call until the aiocb is DONE, off its fd's table and counted in its
+        group (an interrupt lands before all of that or after), none until
+        its notifications are queued; then the claims, which an interrupt
+        does not cut short (see _release_ordered)."""
         cb._outcome = (err, ret)
         cb._status = _DONE
         cb._view = None
         cb._req = None
         cb._ctx = None
+        sev = cb._sigev
+        group = cb._group
+        cb._sigev = None
+        cb._group = None
+        group_sev = None
+        if group is not None:
+            group.remaining -= 1
+            if group.remaining == 0:
+                group_sev = group.sigevent
         fd = cb._fd
         state: _Fd | None
         try:
@@ -1226,55 +1283,60 @@ class PosixAio:
             del state.active[cb]
         except KeyError:
             state = None  # (never queued on the fd: refused at acceptance)
+        # (A list extended by `+=`, not a call: no interrupt between the two.)
+        if group_sev is not None:
+            after.notify += (group_sev,) if sev is None else (sev, group_sev)
+        elif sev is not None:
+            after.notify += (sev,)
+        if state is None:
             left = self._fds.get(fd)
             if left is not None and not left.active:
                 # Made for cb, which an interrupt cut short before it went in
                 # (a Ctrl-C at a function entry of _accept): nobody else
                 # would remove it.
                 del self._fds[fd]
-        if cb._sigev is not None or cb._group is not None:
-            if after is None:
-                after = _After()
-            if cb._sigev is not None:
-                after.notify.append(cb._sigev)
-                cb._sigev = None
-            g = cb._group
-            if g is not None:
-                cb._group = None
-                g.remaining -= 1
-                if g.remaining == 0 and g.sigevent is not None:
-                    after.notify.append(g.sigevent)
-        if state is None:
-            return after
-        if state.appends or state.barriers:
-            if after is None:
-                after = _After()
-            if state.appends and state.appends[0] is cb:
-                state.appends.popleft()
-                while state.appends:
-                    nxt = state.appends[0]
-                    if nxt._status is _PENDING:
-                        nxt._status = _INFLIGHT
-                        after.launch.append(nxt)
-                        break
-                    state.appends.popleft()
-            elif cb in state.appends:
-                state.appends.remove(cb)
-            if state.barriers:
-                still: list[tuple[aiocb, set[aiocb]]] = []
-                for fsync_cb, waiting in state.barriers:
-                    waiting.discard(cb)
-                    if fsync_cb._status is not _PENDING:
-                        continue
-                    if waiting:
-                        still.append((fsync_cb, waiting))
-                    else:
-                        fsync_cb._status = _INFLIGHT
-                        after.launch.append(fsync_cb)
-                state.barriers = still
+            return
         if not state.active:
-            del self._fds[fd]
-        return after
+            del self._fds[fd]  # (nothing waits on a table with nothing in it)
+            return
+        if state.appends or state.barriers:
+            try:
+                self._release_ordered(cb, state, after)
+            except BaseException:
+                # An interrupt (Ctrl-C) between two steps: what it did not
+                # claim yet would wait for good -- cb, which it waited for,
+                # is finished and will not finish again.
+                self._release_ordered(cb, state, after)
+                raise
+
+    def _release_ordered(self, cb: aiocb, state: _Fd, after: _After) -> None:
+        """Claim for launch what waited on the fd for ``cb``, finished: the
+        next O_APPEND write, an aio_fsync whose I/O all finished.  With
+        _lock held.  Idempotent: run again after an interrupt, it finishes
+        the job (each finished head is popped, each claim made once, cb
+        taken out of every barrier)."""
+        appends = state.appends
+        if appends:
+            if appends[0] is not cb and cb in appends:
+                appends.remove(cb)  # (finished while it waited its turn: cancelled)
+            while appends and appends[0]._status is _DONE:
+                appends.popleft()
+            if appends and appends[0]._status is _PENDING:
+                nxt = appends[0]
+                nxt._status = _INFLIGHT
+                after.launch.append(nxt)
+        if state.barriers:
+            still: list[tuple[aiocb, set[aiocb]]] = []
+            for fsync_cb, waiting in state.barriers:
+                waiting.discard(cb)
+                if fsync_cb._status is not _PENDING:
+                    continue
+                if waiting:
+                    still.append((fsync_cb, waiting))
+                else:
+                    fsync_cb._status = _INFLIGHT
+                    after.launch.append(fsync_cb)
+            state.barriers = still
 
     # -- status -------------------------------------------------------------------
 
