@@ -103,7 +103,8 @@ running), and nothing else but that submitting thread may finish it.  A
 claimed aiocb is launched (or finished) even if Ctrl-C lands in between.
 aio_read/aio_write's common case (``_submit_one``) claims and launches in
 one lock hold; whatever it cannot vouch for goes the general way.  It
-hands the done-callback to the engine with the request
+-- and the general launch of a read or write (_launch) -- hands the
+done-callback to the engine with the request
 (AioContext._read_checked), so that callback may finish the aiocb before
 ``_req`` is stored: it knows its submission by ``_view`` (a new object per
 submission, stored in the claim, None once the aiocb is not in progress),
@@ -249,11 +250,11 @@ def _identity(fd: int) -> _Identity | None:
     (syscalls.quick_syscall; see syscall_holding_the_gil for why): a
     submission then hands the ring's reaper no chance to wake for each
     completion."""
-    if fd not in _QUICK_FDS:
+    if fd not in _QUICK_FDS or _quick_syscall is None:
         return _identity_os(fd)
-    flags = _quick_syscall(NR_FCNTL, fd, _F_GETFL)  # type: ignore[misc]
+    flags = _quick_syscall(NR_FCNTL, fd, _F_GETFL)
     st = _Stat()  # (one per call: another thread may run right after the call)
-    if flags < 0 or _quick_syscall(NR_FSTAT, fd, st) < 0:  # type: ignore[misc]
+    if flags < 0 or _quick_syscall(NR_FSTAT, fd, st) < 0:
         return None
     # struct stat on x86-64: st_dev, st_ino, st_nlink, then st_mode (32 bits).
     return flags, st[3] & 0o170000, st[0], st[1]
@@ -264,6 +265,7 @@ _Stat = ctypes.c_uint64 * 18  # struct stat (144 bytes on x86-64)
 #: The fds _identity asks through raw system calls: none where those are
 #: not known (then the os module's calls), and only C ints (an unprototyped
 #: ctypes argument is one: a wider number would be cut to its low bits).
+#: (_quick_syscall is looked at too: a test sets it None, as portable mode.)
 _QUICK_FDS = range(0) if _quick_syscall is None else range(_FD_MAX + 1)
 
 
@@ -739,8 +741,9 @@ class PosixAio:
         identity this runtime already noted for the context in use.  It is
         claimed in one lock hold and launched at once.  Anything else --
         and whatever the quick look cannot vouch for -- takes the general
-        path, which checks everything again.  (Each step here is counted:
-        benchmarks/bytecodes_per_request.py.)"""
+        path, which checks everything again -- as does every submission
+        where raw system calls are not known (see _QUICK_FDS).  (Each step
+        here is counted: benchmarks/bytecodes_per_request.py.)"""
         if cb.__class__ is not aiocb:  # (no call: see below)
             self._submit_checked(cb, op)
             return
@@ -751,7 +754,12 @@ class PosixAio:
             self._submit_checked(cb, op)
             return
         prio, fd, offset, buf, n, sev = _quick_fields(cb)
-        if sev is not None or prio not in _PRIORITIES or fd not in _QUICK_FDS:
+        if (
+            sev is not None
+            or prio not in _PRIORITIES
+            or fd not in _QUICK_FDS
+            or _quick_syscall is None  # (as in portable mode: see _identity)
+        ):
             self._submit_checked(cb, op)
             return
         try:
@@ -778,9 +786,9 @@ class PosixAio:
         # The fd's identity: _identity, written out (one call fewer).  A
         # failed F_GETFL makes flags -1, which no noted identity has (and
         # which has O_APPEND): the general path then looks again.
-        flags = _quick_syscall(NR_FCNTL, fd, _F_GETFL)  # type: ignore[misc]
+        flags = _quick_syscall(NR_FCNTL, fd, _F_GETFL)
         st = _Stat()  # (one per call: another thread may run right after the call)
-        if _quick_syscall(NR_FSTAT, fd, st) < 0 or (op == "write" and flags & _O_APPEND):  # type: ignore[misc]
+        if _quick_syscall(NR_FSTAT, fd, st) < 0 or (op == "write" and flags & _O_APPEND):
             self._submit_checked(cb, op)
             return
         ident = flags, st[3] & 0o170000, st[0], st[1]
