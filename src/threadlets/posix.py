@@ -208,11 +208,6 @@ _RUNNING = (errno.EINPROGRESS,)
 _quick_fields = operator.attrgetter(
     "aio_reqprio", "aio_fildes", "aio_offset", "aio_buf", "aio_nbytes", "aio_sigevent"
 )
-_quick_shape = operator.attrgetter(
-    "aio_reqprio.__class__", "aio_fildes.__class__", "aio_offset.__class__"
-)
-#: _quick_shape of an aiocb the quick path takes.
-_QUICK_SHAPE = (int, int, int)
 _O_APPEND = os.O_APPEND
 _status_of = operator.attrgetter("_status")
 
@@ -250,7 +245,10 @@ def _identity(fd: int) -> _Identity | None:
     (syscalls.quick_syscall; see syscall_holding_the_gil for why): a
     submission then hands the ring's reaper no chance to wake for each
     completion."""
-    if fd not in _QUICK_FDS or _quick_syscall is None:
+    # (Raw system calls take only C ints -- an unprototyped ctypes argument
+    # is one: a wider number would be cut to its low bits -- and are not
+    # known everywhere; a test sets _quick_syscall None, as portable mode.)
+    if not 0 <= fd <= _FD_MAX or _quick_syscall is None:
         return _identity_os(fd)
     flags = _quick_syscall(NR_FCNTL, fd, _F_GETFL)
     st = _Stat()  # (one per call: another thread may run right after the call)
@@ -262,11 +260,6 @@ def _identity(fd: int) -> _Identity | None:
 
 _F_GETFL = fcntl.F_GETFL
 _Stat = ctypes.c_uint64 * 18  # struct stat (144 bytes on x86-64)
-#: The fds _identity asks through raw system calls: none where those are
-#: not known (then the os module's calls), and only C ints (an unprototyped
-#: ctypes argument is one: a wider number would be cut to its low bits).
-#: (_quick_syscall is looked at too: a test sets it None, as portable mode.)
-_QUICK_FDS = range(0) if _quick_syscall is None else range(_FD_MAX + 1)
 
 
 def _identity_os(fd: int) -> _Identity | None:
@@ -742,23 +735,26 @@ class PosixAio:
         claimed in one lock hold and launched at once.  Anything else --
         and whatever the quick look cannot vouch for -- takes the general
         path, which checks everything again -- as does every submission
-        where raw system calls are not known (see _QUICK_FDS).  (Each step
+        where raw system calls are not known (see _identity).  (Each step
         here is counted: benchmarks/bytecodes_per_request.py.)"""
         if cb.__class__ is not aiocb:  # (no call: see below)
             self._submit_checked(cb, op)
             return
-        # (The types of the numbers in one call, the fields in another: no
-        # bytecode each.  Classes, not isinstance: a bool is not an int
-        # here, and an int subclass goes the general way.)
-        if _quick_shape(cb) != _QUICK_SHAPE:
-            self._submit_checked(cb, op)
-            return
+        # (The fields in one call: no bytecode each.  `x.__class__ is int`:
+        # type(x) is int without the call -- a bool's or a float's class
+        # cannot pretend, and an int subclass that does is an int, which the
+        # general path takes too.  No C call here that costs more than the
+        # bytecodes it saves: a dotted attrgetter of the classes, or `fd in
+        # range(...)`, cost more time than these tests.)
         prio, fd, offset, buf, n, sev = _quick_fields(cb)
-        if (
-            sev is not None
-            or prio not in _PRIORITIES
-            or fd not in _QUICK_FDS
-            or _quick_syscall is None  # (as in portable mode: see _identity)
+        if not (
+            sev is None
+            and prio.__class__ is int
+            and prio in _PRIORITIES
+            and fd.__class__ is int
+            and offset.__class__ is int
+            and 0 <= fd <= _FD_MAX  # (a C int: see _identity)
+            and _quick_syscall is not None  # (as in portable mode: see _identity)
         ):
             self._submit_checked(cb, op)
             return
