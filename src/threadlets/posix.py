@@ -52,11 +52,12 @@ Differences from glibc, on purpose
   waits on it for ever.  What lio_listio accepted is launched or finished
   that way too before the exception propagates.  An aiocb whose request
   the engine already took is not: that request finishes it, as usual
-  (finished by the interrupt, its buffer could still be filled).  (One
-  window is left, off aio_read/aio_write's common case -- O_APPEND, fsync,
-  lio_listio, a context changed meanwhile: an interrupt inside the
-  engine's submit, after the engine took the request and before it
-  returned it, finishes the aiocb while the request runs.)
+  (finished by the interrupt, its buffer could still be filled): reads
+  and writes are handed over with their done-callback and the engine's
+  ``taken`` list, on every path.  (One window is left, for aio_fsync and
+  transfers of 0 bytes: an interrupt inside the engine's submit, after
+  the engine took the request and before it returned it, finishes the
+  aiocb while the request runs.)
 * Requests run with what the aiocb held when submitted: changing its
   fields while it is in progress changes nothing.
 * On an ``O_DIRECT`` fd, a buffer, offset or length that is not aligned
@@ -82,7 +83,7 @@ QEMU's rule (the error) and says how much moved in ``exc.transferred``.
 
 File identity: the engine keeps per-fd state (O_DIRECT alignment, flags,
 sticky flush errors).  Each submission reads the fd's identity (F_GETFL
-flags, st_dev, st_ino); when it changed since the runtime last saw that fd
+flags, file type, st_dev, st_ino); when it changed since the runtime last saw that fd
 number -- the fd was closed and the number reused, or its flags changed --
 the runtime makes the context forget the fd before submitting.  Identities
 are kept per context (each remembers its own fds).  Cost: an F_GETFL and an
@@ -102,17 +103,22 @@ running), and nothing else but that submitting thread may finish it.  A
 claimed aiocb is launched (or finished) even if Ctrl-C lands in between.
 aio_read/aio_write's common case (``_submit_one``) claims and launches in
 one lock hold; whatever it cannot vouch for goes the general way.  It
-hands the done-callback to the engine with the request
+-- and the general launch of a read or write (_launch) -- hands the
+done-callback to the engine with the request
 (AioContext._read_checked), so that callback may finish the aiocb before
 ``_req`` is stored: it knows its submission by ``_view`` (a new object per
-submission, stored in the claim), and ``_req`` is stored only while the
-aiocb is still INFLIGHT with that view.  If an interrupt cuts the hand-over
-short, the engine's ``taken`` list says whether the request (and so the
-callback) reached a backend: then the aiocb stays in progress for it.
-``_outcome`` is None while ``_status`` is not DONE, else the (error, return
-value) pair, one immutable tuple stored as the aiocb finishes: aio_error
-and aio_return read it with one load and no lock, and so never see an
-error and a return value of different submissions.
+submission, stored in the claim, None once the aiocb is not in progress),
+and ``_req`` is stored only while the aiocb still has that view.  If an
+interrupt cuts the hand-over short, the engine's ``taken`` list says
+whether the request (and so the callback) reached a backend: then the
+aiocb stays in progress for it.  An aiocb not in progress has no
+``_view``, ``_group`` or ``_sigev`` (each way out of progress clears
+them), so the quick claim does not store them again.
+``_outcome`` is None until the first submission, ``_RUNNING`` (a
+one-item tuple: EINPROGRESS) while the aiocb is in progress, else the
+(error, return value) pair, one immutable tuple stored as the aiocb
+finishes: aio_error and aio_return read it with one load and no lock, and
+so never see an error and a return value of different submissions.
 """
 
 from __future__ import annotations
@@ -196,13 +202,17 @@ _INFLIGHT = "inflight"  # claimed: being submitted (_req None) or run by _req
 _DONE = "done"
 
 _IN_PROGRESS = frozenset({_PENDING, _INFLIGHT})
+#: aiocb._outcome while in progress (None: never submitted).  One item:
+#: aio_error reads EINPROGRESS from it, aio_return finds no value.
+_RUNNING = (errno.EINPROGRESS,)
 _quick_fields = operator.attrgetter(
     "aio_reqprio", "aio_fildes", "aio_offset", "aio_buf", "aio_nbytes", "aio_sigevent"
 )
 _O_APPEND = os.O_APPEND
 _status_of = operator.attrgetter("_status")
 
-_Identity = tuple[int, int, int]
+#: (F_GETFL flags, st_mode & S_IFMT, st_dev, st_ino): see _identity.
+_Identity = tuple[int, int, int, int]
 _partial = functools.partial
 
 
@@ -225,33 +235,30 @@ def _is_open(fd: int) -> bool:
 
 
 def _identity(fd: int) -> _Identity | None:
-    """(F_GETFL flags with the file type above them, st_dev, st_ino) of an
-    open fd, or None if it is not one.  The type (S_IFMT, shifted left 32
-    bits) always counts: the engine's memory of an fd says whether it is a
-    stream and whether it takes positional calls, so a pipe reusing a
-    regular file's number with the same flags (or the reverse) must be
-    noticed.  The fstat that gives the type gives st_dev and st_ino too, so
-    every reuse by another file is noticed.  Both calls keep the GIL where they can
+    """(F_GETFL flags, file type (st_mode & S_IFMT), st_dev, st_ino) of an
+    open fd, or None if it is not one.  The type always counts: the
+    engine's memory of an fd says whether it is a stream and whether it
+    takes positional calls, so a pipe reusing a regular file's number with
+    the same flags (or the reverse) must be noticed.  The fstat that gives
+    the type gives st_dev and st_ino too, so every reuse by another file is
+    noticed.  Both calls keep the GIL where they can
     (syscalls.quick_syscall; see syscall_holding_the_gil for why): a
     submission then hands the ring's reaper no chance to wake for each
     completion."""
-    if not 0 <= fd <= _FD_MAX:
-        return None
-    quick = _quick_syscall
-    if quick is None:
+    # (Raw system calls take only C ints -- an unprototyped ctypes argument
+    # is one: a wider number would be cut to its low bits -- and are not
+    # known everywhere; a test sets _quick_syscall None, as portable mode.)
+    if not 0 <= fd <= _FD_MAX or _quick_syscall is None:
         return _identity_os(fd)
-    flags = quick(NR_FCNTL, fd, _F_GETFL)
-    if flags < 0:
-        return None
+    flags = _quick_syscall(NR_FCNTL, fd, _F_GETFL)
     st = _Stat()  # (one per call: another thread may run right after the call)
-    if quick(NR_FSTAT, fd, st) < 0:
+    if flags < 0 or _quick_syscall(NR_FSTAT, fd, st) < 0:
         return None
     # struct stat on x86-64: st_dev, st_ino, st_nlink, then st_mode (32 bits).
-    return flags | ((st[3] & _S_IFMT) << 32), st[0], st[1]
+    return flags, st[3] & 0o170000, st[0], st[1]
 
 
 _F_GETFL = fcntl.F_GETFL
-_S_IFMT = 0o170000
 _Stat = ctypes.c_uint64 * 18  # struct stat (144 bytes on x86-64)
 
 
@@ -265,8 +272,7 @@ def _identity_os(fd: int) -> _Identity | None:
         st = os.fstat(fd)
     except OSError:
         return None
-    flags |= stat.S_IFMT(st.st_mode) << 32
-    return flags, st.st_dev, st.st_ino
+    return flags, stat.S_IFMT(st.st_mode), st.st_dev, st.st_ino
 
 
 def _refusal(op: str, offset: int, length: int, ident: _Identity | None) -> int:
@@ -281,11 +287,9 @@ def _refusal(op: str, offset: int, length: int, ident: _Identity | None) -> int:
         return errno.EINVAL
     if ident is None or ident[0] & _O_PATH:
         return errno.EBADF
-    flags = ident[0]
-    if flags & _O_ACCMODE == (os.O_WRONLY if op == "read" else os.O_RDONLY):
+    if ident[0] & _O_ACCMODE == (os.O_WRONLY if op == "read" else os.O_RDONLY):
         return errno.EBADF
-    kind = flags >> 32
-    if offset > MAX_OFFSET - length and kind not in _STREAMS:
+    if offset > MAX_OFFSET - length and ident[1] not in _STREAMS:
         return errno.EINVAL
     return 0
 
@@ -466,7 +470,7 @@ class aiocb:
         # Written under the runtime's lock (but _req: see the module docstring):
         self._status = _IDLE
         #: (error, return value) once DONE, else None (see the module docstring).
-        self._outcome: tuple[int, int] | None = None
+        self._outcome: tuple[int, ...] | None = None
         self._group: _Group | None = None
         # Fixed by each submission while the aiocb is in progress:
         self._req: AioRequest | None = None
@@ -508,6 +512,10 @@ class _Fd:
         self.appends: deque[aiocb] = deque()
         #: aio_fsync blocks waiting for the I/O queued before them.
         self.barriers: list[tuple[aiocb, set[aiocb]]] = []
+
+
+#: The table of an fd that has none (it holds no aiocb).
+_NO_TABLE = _Fd()
 
 
 class _After:
@@ -726,18 +734,27 @@ class PosixAio:
         identity this runtime already noted for the context in use.  It is
         claimed in one lock hold and launched at once.  Anything else --
         and whatever the quick look cannot vouch for -- takes the general
-        path, which checks everything again."""
-        if type(cb) is not aiocb:
+        path, which checks everything again -- as does every submission
+        where raw system calls are not known (see _identity).  (Each step
+        here is counted: benchmarks/bytecodes_per_request.py.)"""
+        if cb.__class__ is not aiocb:  # (no call: see below)
             self._submit_checked(cb, op)
             return
-        # (The fields in one call: no bytecode each.)
+        # (The fields in one call: no bytecode each.  `x.__class__ is int`:
+        # type(x) is int without the call -- a bool's or a float's class
+        # cannot pretend, and an int subclass that does is an int, which the
+        # general path takes too.  No C call here that costs more than the
+        # bytecodes it saves: a dotted attrgetter of the classes, or `fd in
+        # range(...)`, cost more time than these tests.)
         prio, fd, offset, buf, n, sev = _quick_fields(cb)
         if not (
             sev is None
-            and type(prio) is int
+            and prio.__class__ is int
             and prio in _PRIORITIES
-            and type(fd) is int
-            and type(offset) is int
+            and fd.__class__ is int
+            and offset.__class__ is int
+            and 0 <= fd <= _FD_MAX  # (a C int: see _identity)
+            and _quick_syscall is not None  # (as in portable mode: see _identity)
         ):
             self._submit_checked(cb, op)
             return
@@ -747,40 +764,41 @@ class PosixAio:
         except (TypeError, ValueError):
             self._submit_checked(cb, op)  # (raises what fits)
             return
-        if (view.readonly and op == "read") or (
-            n is not None and (type(n) is not int or not 0 <= n <= len(view))
+        if n is not None:
+            if n.__class__ is not int or not 0 <= n <= len(view):
+                self._submit_checked(cb, op)
+                return
+            view = view[:n]
+        # (0 bytes: glibc's own call, on a worker; see _no_bytes.  An
+        # offset the kernel refuses: _refusal.)
+        if (
+            not view
+            or (view.readonly and op == "read")
+            or offset < 0
+            or offset > MAX_OFFSET - view.nbytes
         ):
             self._submit_checked(cb, op)
             return
-        if n is not None:
-            view = view[:n]
-        # The fd's identity: _identity, written out (one call fewer).
-        quick = _quick_syscall
-        if quick is None or not 0 <= fd <= _FD_MAX:
-            ident = _identity(fd)
-        else:
-            flags = quick(NR_FCNTL, fd, _F_GETFL)
-            st = _Stat()  # (one per call: another thread may run right after the call)
-            if flags < 0 or quick(NR_FSTAT, fd, st) < 0:
-                ident = None
-            else:
-                ident = flags | ((st[3] & _S_IFMT) << 32), st[0], st[1]
-        if (
-            ident is None
-            # (0 bytes: glibc's own call, on a worker; see _no_bytes.)
-            or not 0 < len(view) <= MAX_OFFSET - offset
-            or offset < 0
-            or (op == "write" and ident[0] & _O_APPEND)
-        ):
-            self._submit([(cb, op, view, ident)], None)
+        # The fd's identity: _identity, written out (one call fewer).  A
+        # failed F_GETFL makes flags -1, which no noted identity has (and
+        # which has O_APPEND): the general path then looks again.
+        flags = _quick_syscall(NR_FCNTL, fd, _F_GETFL)
+        st = _Stat()  # (one per call: another thread may run right after the call)
+        if _quick_syscall(NR_FSTAT, fd, st) < 0 or (op == "write" and flags & _O_APPEND):
+            self._submit_checked(cb, op)
             return
-        ctx = self._given or self._own or self.context
+        ident = flags, st[3] & 0o170000, st[0], st[1]
         claimed = False
         try:
             with self._lock:
+                # (The context read under the lock: set_context() comes
+                # before this claim or after it, as after the general
+                # path's own look in _launch.  None, none made yet, has no
+                # table: _table_ctx is None only with _identities empty.)
+                ctx = self._given or self._own
                 if (
-                    cb._status not in _IN_PROGRESS
-                    and self._table_ctx is ctx
+                    ctx is self._table_ctx
+                    and cb._status not in _IN_PROGRESS
                     and self._identities.get(fd) == ident
                 ):
                     state = self._fds.get(fd)
@@ -788,17 +806,19 @@ class PosixAio:
                         state = self._new_fd(fd)
                     # (No call from here on: an interrupt lands before all
                     # of it or after all of it.  An aiocb not in progress
-                    # has no _group, _sigev, _req or _view: _finish and the
-                    # fork reset clear them.  _offset is for _launch, stored
-                    # only if it is called below.  _view, a new object per
-                    # submission, also tells this submission's request
-                    # apart: see below.)
+                    # has no _group, _sigev or _view: _finish, the
+                    # completion and the fork reset clear them.  _req too,
+                    # but for one case: a child forked by a signal handler
+                    # inside _launch's engine call, whose thread goes on to
+                    # store the request there after the reset.  _view, a
+                    # new object per submission, also tells this
+                    # submission's request apart: see below.)
                     cb._op = op
                     cb._fd = fd
-                    cb._req = None
+                    cb._req = None  # (see below: a fork's reset may leave one)
                     cb._ctx = ctx
                     cb._view = view
-                    cb._outcome = None
+                    cb._outcome = _RUNNING
                     state.active[cb] = None
                     cb._status = _INFLIGHT
                     claimed = True
@@ -806,39 +826,32 @@ class PosixAio:
             if claimed:  # (launched even if Ctrl-C lands as the lock is let go)
                 taken: list[AioRequest] = []  # (see _read_checked)
                 try:
-                    if ctx is not (self._given or self._own):
-                        # set_context() since the look above: the general
-                        # launch moves it to the context in use now.
-                        cb._offset = offset
-                        self._launch(cb)
+                    # The callback goes with the request (stored before it
+                    # is published): it may run before the call returns,
+                    # so it knows cb's request by the view, not by _req
+                    # (None until stored below).
+                    fin = _partial(self._request_finished, cb, view=view)
+                    if op == "read":
+                        req = ctx._read_checked(fd, offset, view, fin, taken)  # type: ignore[union-attr]
                     else:
-                        # The callback goes with the request (stored before
-                        # it is published): it may run before the call
-                        # returns, so it knows cb's request by the view,
-                        # not by _req (None until stored below).
-                        fin = _partial(self._request_finished, cb, view=view)
-                        if op == "read":
-                            req = ctx._read_checked(fd, offset, view, fin, taken)
-                        else:
-                            req = ctx._write_checked(fd, offset, view, fin, taken)
+                        req = ctx._write_checked(fd, offset, view, fin, taken)  # type: ignore[union-attr]
+                    if cb._view is view:
+                        # Not finished yet by its callback (plain bytecodes:
+                        # no other thread comes between the test and the
+                        # store; _view is None once cb is not in progress):
+                        # for aio_cancel and _rewatch, as _launch leaves it.
+                        cb._req = req
                         if req._callbacks is None:
                             # Not taken (read()/write() answered: see
-                            # _read_checked): as _launch does.
-                            cb._req = req  # (before the callback can run: it checks it)
+                            # _read_checked): as _launch does, _req first.
                             req.add_done_callback(_partial(self._request_finished, cb))
-                        elif cb._status is _INFLIGHT and cb._view is view:
-                            # Not finished yet by its callback (plain
-                            # bytecodes: no other thread comes between the
-                            # test and the store): for aio_cancel and
-                            # _rewatch, as _launch leaves it.
-                            cb._req = req
                 except BaseException as e:
                     if taken:
                         # Interrupted, but the engine has the request, and
                         # its callback (fin) finishes cb: reported finished
                         # now, cb's buffer could be filled after the caller
                         # got it back.  (_req for aio_cancel, as above.)
-                        if cb._status is _INFLIGHT and cb._view is view:
+                        if cb._view is view:
                             cb._req = taken[0]
                             # (A write finished inline went without fin: see
                             # _write_checked.  Twice is harmless.)
@@ -851,9 +864,9 @@ class PosixAio:
                         self._run(after, raising=True)
                     raise
         if not claimed:
-            # In progress (the general path raises EINVAL), or an fd whose
-            # identity must be noted first.
-            self._submit([(cb, op, view, ident)], None)
+            # In progress (the general path raises EINVAL), an fd whose
+            # identity must be noted first, or another context in use.
+            self._submit_checked(cb, op)
 
     def _submit_checked(self, cb: aiocb, op: str) -> None:
         """aio_read / aio_write, every check spelled out."""
@@ -986,7 +999,7 @@ class PosixAio:
         cb._sigev = None if cb.aio_sigevent is None else cb.aio_sigevent._copy()
         cb._req = None
         cb._ctx = ctx
-        cb._outcome = None
+        cb._outcome = _RUNNING
         cb._status = _PENDING
         self._note_identity(ctx, fd, ident)
         err = errno.EBADF if ident is None else 0
@@ -1105,16 +1118,33 @@ class PosixAio:
             ctx = cb._ctx = current
         assert ctx is not None
         view = cb._view
-        if view is not None and not view.nbytes:  # (no call: an interrupt lands after one)
-            req = ctx.call(_no_bytes, cb._fd, cb._offset, cb._op == "write")
-        elif cb._op == "read":
-            assert view is not None
-            req = ctx.read(cb._fd, cb._offset, view)
-        elif cb._op == "write":
-            assert view is not None
-            req = ctx.write(cb._fd, cb._offset, view)
-        else:
+        if view is None:
             req = ctx.flush(cb._fd, datasync=cb._op == "fdatasync")
+        elif not view.nbytes:  # (no call: an interrupt lands after one)
+            req = ctx.call(_no_bytes, cb._fd, cb._offset, cb._op == "write")
+        else:
+            # A read or write, handed over as the quick path does: its
+            # callback goes with the request, knowing it by the view (a new
+            # object per submission), and `taken` says whether a backend
+            # has it if an interrupt cuts the hand-over short -- then cb
+            # stays in progress for it (_launch_failed: _rewatch), not
+            # finished ECANCELED while the request runs.
+            taken: list[AioRequest] = []
+            fin = _partial(self._request_finished, cb, launched=view)
+            try:
+                if cb._op == "read":
+                    req = ctx._read_checked(cb._fd, cb._offset, view, fin, taken)
+                else:
+                    req = ctx._write_checked(cb._fd, cb._offset, view, fin, taken)
+            except BaseException:
+                if taken and cb._view is view:
+                    cb._req = taken[0]
+                raise
+            if cb._view is view:  # (not finished yet by its callback)
+                cb._req = req
+                if req._callbacks is None:  # (not taken: read()/write() answered)
+                    req.add_done_callback(_partial(self._request_finished, cb))
+            return
         # Stored before the callback can run: it checks that it is cb's request.
         cb._req = req
         req.add_done_callback(_partial(self._request_finished, cb))
@@ -1140,57 +1170,83 @@ class PosixAio:
     # -- completion ----------------------------------------------------------------
 
     def _request_finished(
-        self, cb: aiocb, req: Threadlet[int], view: memoryview | None = None
+        self,
+        cb: aiocb,
+        req: Threadlet[int],
+        view: memoryview | None = None,
+        launched: memoryview | None = None,
     ) -> None:
-        # cb's request is ``req`` if cb._req says so, or -- given ``view``,
-        # where the callback went with the request (_submit_one), before
-        # cb._req could be stored -- if cb._view is that submission's view.
+        # cb's request is ``req`` if cb._req says so, or -- where the
+        # callback went with the request, before cb._req could be stored --
+        # if cb._view is that submission's view (a new object per
+        # submission, None once cb is not in progress): ``view`` from the
+        # quick path (_submit_one: no sigevent, no group, not O_APPEND),
+        # ``launched`` from the general one (_launch).
         # (A finished request's outcome is final: read without its lock.)
         ret = req._result
-        if req._exception is None and type(ret) is int:
-            err = 0
+        if req._exception is None and ret.__class__ is int:
+            outcome = (0, ret)
         else:
-            err, ret = _failed_outcome(req)
+            outcome = _failed_outcome(req)
         after = None
         try:
             with self._lock:
-                if cb._status is not _INFLIGHT or (
-                    cb._req is not req if view is None else cb._view is not view
-                ):
+                if view is None:
+                    if launched is None:
+                        if cb._status is not _INFLIGHT or cb._req is not req:
+                            return
+                    elif cb._view is not launched:
+                        return
+                elif cb._view is not view:
                     return
-                ctx = cb._ctx
                 fd = cb._fd
-                state: _Fd | None
                 try:
                     state = self._fds[fd]
                 except KeyError:
-                    state = None
+                    state = _NO_TABLE  # (cb is not in it: _finish)
                 if (
-                    state is not None
-                    and cb in state.active  # (else _finish: see _accept's re-entry)
-                    and cb._sigev is None
-                    and cb._group is None
-                    and not state.appends
+                    cb in state.active  # (else _finish: see _accept's re-entry)
                     and not state.barriers
+                    # (A quick submission has no sigevent, no group, and is
+                    # not an O_APPEND write.)
+                    and (
+                        view is not None
+                        or (cb._sigev is None and cb._group is None and not state.appends)
+                    )
                 ):
                     # _finish's common case, written out: nothing to notify,
                     # nothing ordered behind it.  (No call: an interrupt
                     # lands before all of it or after all of it.)
-                    cb._outcome = (err, ret)
+                    cb._outcome = outcome
                     cb._status = _DONE
                     cb._view = None
                     cb._req = None
                     cb._ctx = None
-                    del state.active[cb]
-                    if not state.active:
+                    active = state.active
+                    del active[cb]
+                    if not active:
                         del self._fds[fd]
+                    if self._waiting:
+                        # In the ring's reaper, waiters are woken once per
+                        # batch of completions.  (The context in use, not
+                        # cb's, which is cleared: the answer says only
+                        # whether this thread is handing out a batch --
+                        # another context's reaper has its waiters woken
+                        # at once.)
+                        ctx = self._given or self._own
+                        batched = False
+                        try:
+                            batched = ctx is not None and ctx.call_after_batch(self._wake_waiters)
+                        finally:  # (woken now if Ctrl-C lands in the call)
+                            if not batched:
+                                self._cond.notify_all()
                 else:
-                    after = self._finish(cb, err, ret, None)
-                # In the ring's reaper, waiters are woken once per batch of completions.
-                if self._waiting and not (
-                    ctx is not None and ctx.call_after_batch(self._wake_waiters)
-                ):
-                    self._cond.notify_all()
+                    after = _After()
+                    try:
+                        self._finish(cb, outcome[0], outcome[1], after)
+                    finally:  # (the waiters see cb finished even if Ctrl-C lands)
+                        if self._waiting:
+                            self._cond.notify_all()
         finally:
             # (What finishing cb claimed is launched even if Ctrl-C lands as
             # the lock is let go: cancel() runs this in the caller's thread.)
@@ -1201,16 +1257,29 @@ class PosixAio:
         with self._lock:
             self._cond.notify_all()
 
-    def _finish(self, cb: aiocb, err: int, ret: int, after: _After | None) -> _After | None:
-        """Finish an aiocb, claim what waited for it, queue its notifications
-        in ``after`` (made if needed: returned).  With _lock held; the caller
-        wakes the waiters.  No call until the aiocb is DONE and off its fd's
-        table (an interrupt lands before all of that or after)."""
+    def _finish(self, cb: aiocb, err: int, ret: int, after: _After) -> None:
+        """Finish an aiocb, claim what waited for it (in ``after.launch``),
+        queue its notifications (in ``after.notify``).  With _lock held;
+        the caller wakes the waiters and runs ``after`` -- in a finally:
+        what this claimed is there even if an interrupt cut it short.  No
+        call until the aiocb is DONE, off its fd's table and counted in its
+        group (an interrupt lands before all of that or after), none until
+        its notifications are queued; then the claims, which an interrupt
+        does not cut short (see _release_ordered)."""
         cb._outcome = (err, ret)
         cb._status = _DONE
         cb._view = None
         cb._req = None
         cb._ctx = None
+        sev = cb._sigev
+        group = cb._group
+        cb._sigev = None
+        cb._group = None
+        group_sev = None
+        if group is not None:
+            group.remaining -= 1
+            if group.remaining == 0:
+                group_sev = group.sigevent
         fd = cb._fd
         state: _Fd | None
         try:
@@ -1218,61 +1287,66 @@ class PosixAio:
             del state.active[cb]
         except KeyError:
             state = None  # (never queued on the fd: refused at acceptance)
+        # (A list extended by `+=`, not a call: no interrupt between the two.)
+        if group_sev is not None:
+            after.notify += (group_sev,) if sev is None else (sev, group_sev)
+        elif sev is not None:
+            after.notify += (sev,)
+        if state is None:
             left = self._fds.get(fd)
             if left is not None and not left.active:
                 # Made for cb, which an interrupt cut short before it went in
                 # (a Ctrl-C at a function entry of _accept): nobody else
                 # would remove it.
                 del self._fds[fd]
-        if cb._sigev is not None or cb._group is not None:
-            if after is None:
-                after = _After()
-            if cb._sigev is not None:
-                after.notify.append(cb._sigev)
-                cb._sigev = None
-            g = cb._group
-            if g is not None:
-                cb._group = None
-                g.remaining -= 1
-                if g.remaining == 0 and g.sigevent is not None:
-                    after.notify.append(g.sigevent)
-        if state is None:
-            return after
-        if state.appends or state.barriers:
-            if after is None:
-                after = _After()
-            if state.appends and state.appends[0] is cb:
-                state.appends.popleft()
-                while state.appends:
-                    nxt = state.appends[0]
-                    if nxt._status is _PENDING:
-                        nxt._status = _INFLIGHT
-                        after.launch.append(nxt)
-                        break
-                    state.appends.popleft()
-            elif cb in state.appends:
-                state.appends.remove(cb)
-            if state.barriers:
-                still: list[tuple[aiocb, set[aiocb]]] = []
-                for fsync_cb, waiting in state.barriers:
-                    waiting.discard(cb)
-                    if fsync_cb._status is not _PENDING:
-                        continue
-                    if waiting:
-                        still.append((fsync_cb, waiting))
-                    else:
-                        fsync_cb._status = _INFLIGHT
-                        after.launch.append(fsync_cb)
-                state.barriers = still
+            return
         if not state.active:
-            del self._fds[fd]
-        return after
+            del self._fds[fd]  # (nothing waits on a table with nothing in it)
+            return
+        if state.appends or state.barriers:
+            try:
+                self._release_ordered(cb, state, after)
+            except BaseException:
+                # An interrupt (Ctrl-C) between two steps: what it did not
+                # claim yet would wait for good -- cb, which it waited for,
+                # is finished and will not finish again.
+                self._release_ordered(cb, state, after)
+                raise
+
+    def _release_ordered(self, cb: aiocb, state: _Fd, after: _After) -> None:
+        """Claim for launch what waited on the fd for ``cb``, finished: the
+        next O_APPEND write, an aio_fsync whose I/O all finished.  With
+        _lock held.  Idempotent: run again after an interrupt, it finishes
+        the job (each finished head is popped, each claim made once, cb
+        taken out of every barrier)."""
+        appends = state.appends
+        if appends:
+            if appends[0] is not cb and cb in appends:
+                appends.remove(cb)  # (finished while it waited its turn: cancelled)
+            while appends and appends[0]._status is _DONE:
+                appends.popleft()
+            if appends and appends[0]._status is _PENDING:
+                nxt = appends[0]
+                nxt._status = _INFLIGHT
+                after.launch.append(nxt)
+        if state.barriers:
+            still: list[tuple[aiocb, set[aiocb]]] = []
+            for fsync_cb, waiting in state.barriers:
+                waiting.discard(cb)
+                if fsync_cb._status is not _PENDING:
+                    continue
+                if waiting:
+                    still.append((fsync_cb, waiting))
+                else:
+                    fsync_cb._status = _INFLIGHT
+                    after.launch.append(fsync_cb)
+            state.barriers = still
 
     # -- status -------------------------------------------------------------------
 
-    def _status(self, cb: object) -> tuple[int, int] | None:
-        """(error, return value) of a submitted aiocb, or None while it is
-        in progress."""
+    def _status(self, cb: object) -> tuple[int, ...]:
+        """aio_error/aio_return's long way: the (error, return value) pair
+        of a submitted aiocb, or _RUNNING while it is in progress."""
         if not isinstance(cb, aiocb):
             raise TypeError(f"expected an aiocb, not {type(cb).__name__}")
         outcome = cb._outcome
@@ -1281,26 +1355,31 @@ class PosixAio:
                 if cb._status is _IDLE:
                     raise _einval("this aiocb was never submitted")
                 outcome = cb._outcome
+        assert outcome is not None
         return outcome
 
     def aio_error(self, cb: aiocb) -> int:
         """EINPROGRESS while in progress; then 0 or the errno (ECANCELED if
         cancelled)."""
-        # One load of the (error, return value) pair: see the module docstring.
-        outcome = cb._outcome if type(cb) is aiocb else None
-        if outcome is None:
-            outcome = self._status(cb)
-            if outcome is None:
-                return errno.EINPROGRESS
-        return outcome[0]
+        # One load of the (error, return value) pair, or of _RUNNING: see
+        # the module docstring.  (None, never submitted: the long way.)
+        if cb.__class__ is aiocb:  # (isinstance's answer, without the call)
+            try:
+                return cb._outcome[0]  # type: ignore[index]
+            except TypeError:
+                pass
+        return self._status(cb)[0]
 
     def aio_return(self, cb: aiocb) -> int:
         """The byte count of a finished request, or -1 if it failed."""
-        outcome = cb._outcome if type(cb) is aiocb else None
-        if outcome is None:
-            outcome = self._status(cb)
-            if outcome is None:
-                raise OSError(errno.EINPROGRESS, "the request is still in progress")
+        if cb.__class__ is aiocb:  # (isinstance's answer, without the call)
+            try:
+                return cb._outcome[1]  # type: ignore[index]
+            except (TypeError, IndexError):  # (never submitted; _RUNNING)
+                pass
+        outcome = self._status(cb)
+        if outcome is _RUNNING:
+            raise OSError(errno.EINPROGRESS, "the request is still in progress")
         return outcome[1]
 
     def aio_cancel(self, fildes: int, cb: aiocb | None = None) -> int:
