@@ -268,3 +268,49 @@ def test_close_and_fork_forget_what_the_fast_path_knew(tmp_path: Path) -> None:
     assert ring.submit(0, -1, 0, 0, 0, 0, lambda res: None) == 0
     with pytest.raises(RuntimeError):
         ctx.write(fd, 0, b"x")
+
+
+def test_start_rw_sets_what_aiorequest_init_sets(tmp_path: Path) -> None:
+    """_start_rw builds its request without AioRequest.__init__ (one frame
+    less per request), spelling out the same stores: a slot one of them
+    sets and the other does not is an AttributeError (or a stale value)
+    later, on some rare path.  Compared at the moment the ring is asked."""
+    from threadlets.engine import AioRequest
+
+    p = tmp_path / "f"
+    p.write_bytes(b"x" * 4096)
+    fd = os.open(p, os.O_RDWR)
+    ctx = AioContext(backend="io_uring", inline=False)
+    ring = ctx._ring
+    assert ring is not None
+
+    def slots_set(req: object) -> set[str]:
+        names: set[str] = set()
+        for cls in type(req).__mro__:
+            for name in getattr(cls, "__slots__", ()):
+                if name != "__weakref__" and hasattr(req, name):
+                    names.add(name)
+        return names
+
+    seen: list[set[str]] = []
+
+    def refuse(*args: Any, **kwargs: Any) -> int:
+        seen.append(slots_set(args[6].__self__))  # (the request's _ring_done)
+        return 0  # refused: the request goes to the pool
+
+    try:
+        assert ctx.read(fd, 0, bytearray(1)).result(timeout=10) == 1  # learns the file
+        ring.submit = refuse  # type: ignore[method-assign]
+        for write in (False, True):
+            buf = bytearray(b"w" * 512)
+            req = (ctx.write if write else ctx.read)(fd, 0, buf)
+            assert req.result(timeout=10) == 512
+        assert len(seen) == 2
+        made = slots_set(AioRequest(ctx, "read", None, (), None))
+        for names in seen:
+            # What the ring's submission sets on top: the pin (and a claim).
+            assert names - {"_pin", "_claim_ref"} == made
+    finally:
+        del ring.submit
+        ctx.close(timeout=10)
+        os.close(fd)
