@@ -498,3 +498,25 @@ def test_ctrl_c_at_the_entry_of_start_after_the_inline_attempt(
             assert ctx._cq.admitted == ctx._cq.delivered
     finally:
         assert ctx.close(timeout=10)
+
+
+@pytest.mark.parametrize("op", ["read", "write"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_callback_refused_before_the_inline_attempt(backend: str, fd: int, op: str) -> None:
+    """callback= on a context that delivers nothing is a ValueError -- which
+    came after the inline write had written its bytes (a short read's
+    too): refused, yet the file changed."""
+    ctx = _context(backend, deliver=False)
+    try:
+        ctx.read(fd, 0, bytearray(1)).wait(10)
+        _inline_syscalls(ctx, short=op == "read")
+        buf = bytearray(len(DATA)) if op == "read" else bytearray(reversed(DATA))
+        submit = functools.partial(ctx.read if op == "read" else ctx.write, fd, 0, buf)
+        with pytest.raises(ValueError, match="deliver"):
+            submit(callback=lambda r: None)
+        assert os.pread(fd, len(DATA), 0) == DATA
+        if op == "read":
+            assert buf == bytearray(len(DATA))
+        assert ctx._cq.admitted == ctx._cq.delivered
+    finally:
+        assert ctx.close(timeout=10)
