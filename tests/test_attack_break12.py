@@ -520,3 +520,279 @@ def test_callback_refused_before_the_inline_attempt(backend: str, fd: int, op: s
         assert ctx._cq.admitted == ctx._cq.delivered
     finally:
         assert ctx.close(timeout=10)
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_task_cancelled_at_every_step_of_a_fast_path_request(
+    loop_kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pread/preadinto/pwrite on the ring's fast path, the task cancelled
+    after k passes of the loop for every k until it finishes first: each
+    answers its result or CancelledError, a cancelled write's bytes are
+    its own or the old ones (never torn by another), nothing is logged
+    (awaitable._wake's refusals), and the loop's context ends quiet."""
+    import asyncio
+    import logging
+
+    import threadlets
+    import threadlets.awaitable as aw
+
+    if loop_kind == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        new_loop: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    else:
+        new_loop = asyncio.new_event_loop
+    ctx = _ring_context()
+    ctx.close()
+    name = tempfile.mktemp(prefix="threadlets-break12-", dir="/var/tmp")
+    with open(name, "wb") as w:
+        w.write(DATA)
+    aw.configure(backend="io_uring", inline=False)
+    caplog.set_level(logging.ERROR)
+
+    async def main() -> None:
+        async with threadlets.open(name, "r+b", buffering=0) as f:
+            for op in ("pread", "preadinto", "pwrite"):
+                for k in range(50):
+                    buf = bytearray(1000)
+                    new = bytes([k]) * 1000
+                    if op == "pread":
+                        coro: Any = f.pread(1000, 100)
+                    elif op == "preadinto":
+                        coro = f.preadinto(buf, 100)
+                    else:
+                        coro = f.pwrite(new, 100)
+                    task = asyncio.ensure_future(coro)
+                    for _ in range(k):
+                        await asyncio.sleep(0)
+                    finished = task.done()
+                    task.cancel()
+                    try:
+                        got = await task
+                    except asyncio.CancelledError:
+                        assert not finished
+                        got = None
+                    if got is not None:
+                        assert (len(got) if op == "pread" else got) == 1000
+                    with open(name, "rb") as r:
+                        r.seek(100)
+                        now = r.read(1000)
+                    # (Whole writes, each of one byte value: never torn.)
+                    assert now == DATA[100:1100] or now == bytes([now[0]]) * 1000
+                    if finished:
+                        break
+                io = aw.current()
+                assert io.ctx.drain(10)
+                assert io.ctx.stats().outstanding == 0
+
+    loop = new_loop()
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+        aw.configure()
+        os.unlink(name)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def _streams() -> Iterator[tuple[str, int, int, Callable[[], None]]]:
+    """(kind, read end, write end, close) of each stream kind."""
+    import pty
+    import socket
+
+    r, w = os.pipe()
+    yield "pipe", r, w, lambda: (os.close(r), os.close(w)) and None
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    yield "pipe-nonblock", r, w, lambda: (os.close(r), os.close(w)) and None
+    a, b = socket.socketpair()
+    yield "socket", a.fileno(), b.fileno(), lambda: (a.close(), b.close()) and None
+    m, s = pty.openpty()
+    import termios
+    import tty
+
+    tty.setraw(s)
+    termios.tcflush(s, termios.TCIOFLUSH)
+    yield "pty", s, m, lambda: (os.close(m), os.close(s)) and None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_streams_and_char_devices_answer_as_readv_writev(backend: str) -> None:
+    """Streams and character devices never reach the ring's positional fast
+    path: one transfer is the answer (as os.readv/os.writev), whatever the
+    offset; EAGAIN only when nothing moved."""
+    ctx = _context(backend, inline=True)
+    try:
+        for kind, r, w, close in _streams():
+            try:
+                data = bytes(range(200))
+                req = ctx.write(w, 12345, data)
+                assert req.wait(10)
+                assert req.result() == len(data), kind
+                buf = bytearray(1000)
+                req = ctx.read(r, 777, buf)
+                assert req.wait(10)
+                assert req.result() == len(data), kind
+                assert bytes(buf[: len(data)]) == data, kind
+                if kind == "pipe-nonblock":
+                    req = ctx.read(r, 0, bytearray(10))
+                    assert req.wait(10)
+                    assert req.error == errno.EAGAIN
+            finally:
+                ctx.forget(r)
+                ctx.forget(w)
+                close()
+        for dev, write, want in [("/dev/zero", False, 5000), ("/dev/null", False, 0),
+                                 ("/dev/null", True, 5000), ("/dev/zero", True, 5000)]:  # fmt: skip
+            fd = os.open(dev, os.O_RDWR)
+            try:
+                buf = bytearray(b"\x01" * 5000)
+                req = ctx.write(fd, 4096, buf) if write else ctx.read(fd, 4096, buf)
+                assert req.wait(10)
+                assert req.result() == want, dev
+                if not write and want:
+                    assert buf == bytes(5000)
+            finally:
+                ctx.forget(fd)
+                os.close(fd)
+    finally:
+        ctx.close()
+
+
+@pytest.mark.parametrize("how", ["forget", "close_fd"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_fd_number_reused_for_another_kind_after_forget(
+    backend: str, fd: int, how: str
+) -> None:
+    """A regular file's number, forgotten (or closed by close_fd), reused
+    for a pipe: the pipe is read as a pipe (one transfer), not sent to the
+    ring at an offset; and back: a pipe's number reused for a regular file
+    reads it at its offset."""
+    ctx = _context(backend)
+    try:
+        n = os.dup(fd)
+        assert ctx.read(n, 0, bytearray(10)).wait(10)
+        assert ctx._files[n] in ctx._ring_plain
+        if how == "forget":
+            ctx.forget(n)
+            os.close(n)
+        else:
+            assert ctx.close_fd(n).wait(10)
+        assert not ctx._ring_plain or all(f.fd != n for f in ctx._ring_plain)
+        r, w = os.pipe()
+        try:
+            if r != n:
+                os.dup2(r, n)
+                os.close(r)
+            os.write(w, b"abc")
+            buf = bytearray(10)
+            req = ctx.read(n, 4096, buf)
+            assert req.wait(10)
+            assert (req.result(), bytes(buf[:3])) == (3, b"abc")
+            ctx.forget(n)
+            os.dup2(fd, n)
+            buf = bytearray(10)
+            req = ctx.read(n, 256, buf)
+            assert req.wait(10)
+            assert (req.result(), bytes(buf)) == (10, DATA[256:266])
+        finally:
+            ctx.forget(n)
+            os.close(n)
+            os.close(w)
+    finally:
+        ctx.close()
+
+
+@pytest.mark.parametrize("inline", [False, True], ids=["ring", "inline"])
+def test_close_racing_fast_path_submitters(inline: bool) -> None:
+    """Threads submitting one-buffer reads and writes (the ring's fast path)
+    while another closes the context, thread switches forced: each
+    submission is refused (RuntimeError) or finishes with preadv's answer,
+    exactly once, and close() returns."""
+    import sys
+
+    ctx = _ring_context(inline=inline)
+    fd, name = tempfile.mkstemp(prefix="threadlets-break12-", dir="/var/tmp")
+    os.unlink(name)
+    os.write(fd, DATA)
+    ctx.read(fd, 0, bytearray(1)).wait(10)
+    start = threading.Barrier(3)
+    going = threading.Event()
+    errors: list[BaseException] = []
+    seen: list[Any] = []
+    lock = threading.Lock()
+
+    def on_done(req: Any) -> None:
+        with lock:
+            seen.append(req)
+
+    def submitter(write: bool) -> None:
+        mine: list[Any] = []
+        try:
+            start.wait()
+            for k in range(400):
+                buf = bytearray(DATA[:512]) if write else bytearray(512)
+                try:
+                    req = (ctx.write if write else ctx.read)(fd, 512 * (k % 8), buf, callback=on_done)
+                except RuntimeError:
+                    break
+                mine.append((req, buf, k))
+                if k == 50:
+                    going.set()
+            for req, buf, k in mine:
+                assert req.wait(10)
+                assert req.result() == 512
+                if not write:
+                    assert bytes(buf) == DATA[512 * (k % 8) : 512 * (k % 8) + 512]
+        except BaseException as e:
+            errors.append(e)
+        finally:
+            going.set()
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    threads = [threading.Thread(target=submitter, args=(w,)) for w in (False, True)]
+    try:
+        for t in threads:
+            t.start()
+        start.wait()
+        going.wait(30)  # (closed while both go on)
+        assert ctx.close(timeout=30)
+    finally:
+        sys.setswitchinterval(interval)
+        for t in threads:
+            t.join(30)
+        os.close(fd)
+    assert not errors, errors
+    assert len(set(map(id, seen))) == len(seen)
+    assert seen
+    assert ctx._cq.admitted == ctx._cq.delivered
+
+
+def test_sq_tail_past_32_bits() -> None:
+    """The ring's Python-side SQ tail is not wrapped at 32 bits (its
+    c_uint32 keeps the low ones): with 2**32 added, as after 4 Gi
+    submissions, submissions, kicks and the count of what the kernel has
+    not consumed still agree."""
+    ctx = _ring_context(inline=False)
+    fd, name = tempfile.mkstemp(prefix="threadlets-break12-", dir="/var/tmp")
+    try:
+        os.unlink(name)
+        os.write(fd, DATA)
+        ring = ctx._ring
+        assert ring is not None
+        with ring._lock:
+            ring._tail += 3 << 32
+            assert ring._take() == 0
+        bufs = [bytearray(512) for _ in range(300)]  # (more than a kick's batch)
+        reqs = [ctx.read(fd, 512 * (k % 8), b) for k, b in enumerate(bufs)]
+        for k, (req, b) in enumerate(zip(reqs, bufs, strict=True)):
+            assert req.wait(10)
+            assert req.result() == 512
+            assert bytes(b) == DATA[512 * (k % 8) : 512 * (k % 8) + 512]
+        assert ring._sq_tail.value == ring._tail & 0xFFFFFFFF
+        with ring._lock:
+            assert ring._take() == 0
+    finally:
+        os.close(fd)
+        assert ctx.close(timeout=10)
