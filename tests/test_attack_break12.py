@@ -238,6 +238,8 @@ def _buffer(kind: str, n: int, fill: bytes) -> Any:
     if kind == "slice":  # a memoryview of a bytearray, not at its start
         b = bytearray(b"\xee" * 7 + data + b"\xee" * 5)
         return memoryview(b)[7 : 7 + n]
+    if kind == "roslice":  # read-only, not at the start of its bytes
+        return memoryview(b"\xee" * 7 + data + b"\xee" * 5)[7 : 7 + n]
     if kind == "mmap":
         mm = mmap.mmap(-1, max(n, 1))
         mm[:n] = data
@@ -250,7 +252,7 @@ def _buffer(kind: str, n: int, fill: bytes) -> Any:
     return memoryview(b)[::2]
 
 
-KINDS = ["bytes", "bytearray", "slice", "mmap", "array", "strided"]
+KINDS = ["bytes", "roslice", "bytearray", "slice", "mmap", "array", "strided"]
 
 
 def _try(fn: Callable[[], Any]) -> tuple[str, Any]:
@@ -305,7 +307,7 @@ def test_ring_fast_path_answers_as_preadv_pwritev(inline: bool) -> None:
                     assert r[1].wait(10)
                     assert ("ok", r[1].result()) == want
                     assert bytes(mine) == bytes(theirs)
-                elif kind == "bytes":
+                elif kind in ("bytes", "roslice"):
                     # (The engine's choice, older than the fast path: a
                     # read-only buffer to read into is a TypeError, where
                     # os.preadv raises BufferError -- see _views.)
@@ -595,25 +597,30 @@ def test_task_cancelled_at_every_step_of_a_fast_path_request(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+def _close_all(close: Callable[[Any], object], *ends: Any) -> None:
+    for end in ends:
+        close(end)
+
+
 def _streams() -> Iterator[tuple[str, int, int, Callable[[], None]]]:
     """(kind, read end, write end, close) of each stream kind."""
     import pty
     import socket
 
     r, w = os.pipe()
-    yield "pipe", r, w, lambda: (os.close(r), os.close(w)) and None
+    yield "pipe", r, w, functools.partial(_close_all, os.close, r, w)
     r, w = os.pipe()
     os.set_blocking(r, False)
-    yield "pipe-nonblock", r, w, lambda: (os.close(r), os.close(w)) and None
+    yield "pipe-nonblock", r, w, functools.partial(_close_all, os.close, r, w)
     a, b = socket.socketpair()
-    yield "socket", a.fileno(), b.fileno(), lambda: (a.close(), b.close()) and None
+    yield "socket", a.fileno(), b.fileno(), functools.partial(_close_all, socket.socket.close, a, b)
     m, s = pty.openpty()
     import termios
     import tty
 
     tty.setraw(s)
     termios.tcflush(s, termios.TCIOFLUSH)
-    yield "pty", s, m, lambda: (os.close(m), os.close(s)) and None
+    yield "pty", s, m, functools.partial(_close_all, os.close, m, s)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -661,9 +668,7 @@ def test_streams_and_char_devices_answer_as_readv_writev(backend: str) -> None:
 
 @pytest.mark.parametrize("how", ["forget", "close_fd"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_an_fd_number_reused_for_another_kind_after_forget(
-    backend: str, fd: int, how: str
-) -> None:
+def test_an_fd_number_reused_for_another_kind_after_forget(backend: str, fd: int, how: str) -> None:
     """A regular file's number, forgotten (or closed by close_fd), reused
     for a pipe: the pipe is read as a pipe (one transfer), not sent to the
     ring at an offset; and back: a pipe's number reused for a regular file
@@ -733,7 +738,9 @@ def test_close_racing_fast_path_submitters(inline: bool) -> None:
             for k in range(400):
                 buf = bytearray(DATA[:512]) if write else bytearray(512)
                 try:
-                    req = (ctx.write if write else ctx.read)(fd, 512 * (k % 8), buf, callback=on_done)
+                    req = (ctx.write if write else ctx.read)(
+                        fd, 512 * (k % 8), buf, callback=on_done
+                    )
                 except RuntimeError:
                     break
                 mine.append((req, buf, k))
@@ -796,3 +803,87 @@ def test_sq_tail_past_32_bits() -> None:
     finally:
         os.close(fd)
         assert ctx.close(timeout=10)
+
+
+def test_fork_with_fast_path_requests_held_on_the_ring(fd: int) -> None:
+    """Fast-path reads published on the ring but not yet submitted (the
+    thread's plug) when the process forks: in the child they read
+    CANCELLED, drain returns at once and a new read works (on the
+    threads); in the parent they complete with their data, once each."""
+    ctx = _ring_context(inline=False)
+    try:
+        ctx.read(fd, 0, bytearray(1)).wait(10)
+        ring = ctx._ring
+        assert ring is not None
+        seen: list[Any] = []
+        bufs = [bytearray(512) for _ in range(4)]
+        assert ring.plug()
+        try:
+            reqs = [ctx.read(fd, 512 * k, b, callback=seen.append) for k, b in enumerate(bufs)]
+            assert all(r._on_ring for r in reqs)
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child
+                code = 1
+                try:
+                    ok = all(r.state.name == "CANCELLED" for r in reqs)
+                    ok = ok and ctx.drain(5)
+                    b = bytearray(512)
+                    r = ctx.read(fd, 1024, b)
+                    ok = ok and r.wait(5) and r.result() == 512 and b == DATA[1024:1536]
+                    code = 0 if ok else 2
+                finally:
+                    os._exit(code)
+        finally:
+            ring.unplug()
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert ctx.drain(10)
+        assert [r.result() for r in reqs] == [512] * 4
+        assert [bytes(b) for b in bufs] == [DATA[512 * k : 512 * k + 512] for k in range(4)]
+        assert sorted(map(id, seen)) == sorted(map(id, reqs))
+    finally:
+        assert ctx.close(timeout=10)
+
+
+def test_rlimit_fsize_answers_alike_on_both_backends() -> None:
+    """A write across RLIMIT_FSIZE (SIGXFSZ ignored): the part below the
+    limit lands, the request fails with EFBIG carrying the count moved, the
+    same on both backends with and without the inline path."""
+    import subprocess
+    import sys
+
+    script = r"""
+import os, resource, signal, tempfile
+from threadlets import AioContext
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))
+for backend in ("threads", "io_uring"):
+    for inline in (False, True):
+        fd, name = tempfile.mkstemp(dir="/var/tmp")
+        os.unlink(name)
+        ctx = AioContext(backend=backend, inline=inline)
+        res = []
+        for off, n in ((6144, 4096), (8192, 10), (0, 8192)):
+            req = ctx.write(fd, off, b"z" * n)
+            req.wait(10)
+            try:
+                res.append(req.result())
+            except OSError as ex:
+                res.append((ex.errno, getattr(ex, "transferred", 0)))
+        res.append(os.fstat(fd).st_size)
+        ctx.close()
+        os.close(fd)
+        print(res)
+"""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    want = str([(errno.EFBIG, 2048), (errno.EFBIG, 0), 8192, 8192])
+    assert out.stdout.split("\n")[:4] == [want] * 4
