@@ -1647,6 +1647,17 @@ def _nowait(
         return -1
 
 
+def _give_back(cq: _CompletionQueue) -> None:
+    """Take back an admission no request took (read()'s or write()'s, made
+    before the inline attempt) from a context whose close() began: as
+    unadmit() takes back a request's (and wakes the close), through a
+    stand-in.  (Not closing, a plain ``cq.admitted -= 1`` does: see
+    AioContext._start.)"""
+    stand_in = _new_object(AioRequest)
+    stand_in._admitted = True
+    cq.unadmit(stand_in)
+
+
 def _finish_interrupted(req: AioRequest, moved: int) -> bool:
     """Ctrl-C (or another BaseException) landed inside a ring completion
     handler before the request was finished or handed to a worker: finish
@@ -1936,12 +1947,16 @@ class AioContext:
             # counted, so one of the two sees the other (the GIL orders
             # them).  The two stores are plain bytecodes: no interrupt and
             # no other thread comes between them (CPython switches threads
-            # only where it checks for signals, at calls and loops).
-            cq.admitted += 1
-            req._admitted = True
-            if cq.closing:
-                cq.unadmit(req)
-                raise RuntimeError("the AioContext is closed")
+            # only where it checks for signals, at calls and loops).  A
+            # request read() or write() made of what their inline attempt
+            # left comes admitted: the admission was taken before anything
+            # moved, and what moved is reported, closing or not.
+            if not req._admitted:
+                cq.admitted += 1
+                req._admitted = True
+                if cq.closing:
+                    cq.unadmit(req)
+                    raise RuntimeError("the AioContext is closed")
             if born:
                 next(self._n_inline)
                 cq.complete(req)
@@ -1961,13 +1976,20 @@ class AioContext:
             # queued it twice (counted delivered twice).  And the pool's
             # answer is one look under its lock (see _holds): a worker may
             # take the request just after the QUEUED read here.
-            if born:
-                if req._admitted and not req._processed:  # (not refused: closing)
-                    cq.complete_once(req)
-            elif req._state is _QUEUED and not self._queue._holds(req):
-                cq.unadmit(req)
+            self._unstart(req, born)
             raise
         return req
+
+    def _unstart(self, req: AioRequest, born: bool) -> None:
+        """_start's clean-up after an exception, for a request ``born``
+        finished or not.  Idempotent: read() and write() (and the checked
+        ones) call it again for a request that came admitted (see _start),
+        as an interrupt at _start's entry left it admitted and nowhere."""
+        if born:
+            if req._admitted and not req._processed:  # (not refused: closing)
+                self._cq.complete_once(req)
+        elif req._state is _QUEUED and not self._queue._holds(req):
+            self._cq.unadmit(req)
 
     def _start_rw(
         self,
@@ -2215,30 +2237,67 @@ class AioContext:
                 return self._fail_now("read", ff, callback)
             f = ff
             one = None
-        done = 0
         if f.nowait_reads and total:
-            done = _nowait(f, False, self._preadv, fd, views, offset)
-            if done < 0:
-                done = 0  # (would block, or failed: the backend's to answer)
-            elif done == total or not done:
-                if zero_fill and done < total:
-                    ops._zero([memoryview(v) for v in views], done)
-                    done = total
-                if callback is None:
-                    # Nothing to deliver: finished before anyone saw it.
-                    next(self._n_unseen)
-                    d = _new_object(_InlineDone)  # no __init__ frame: see the class
-                    d._ctx = self
-                    d._result = done
-                    return d
-                req = AioRequest(self, "read", None, (), callback)
-                req._born_finished(done, None)
-                return self._start(req)
-        if self._ring_backend is not None and not done and one is not None and not zero_fill:
+            # The inline attempt, admitted first (_start's admission, spelled
+            # out): a context whose close() began refuses before anything
+            # moves, and one whose close() begins later waits for what moved
+            # to be reported.  A request made of what moved takes the
+            # admission (stores with no call between: see _start); else it
+            # is given back, and the request below (nothing moved) is
+            # admitted as any other.
+            cq = self._cq
+            cq.admitted += 1
+            held = True
+            try:
+                if cq.closing:
+                    raise RuntimeError("the AioContext is closed")
+                if callback is not None and not self._deliver:
+                    raise ValueError("this AioContext does not deliver completions: no callback=")
+                done = _nowait(f, False, self._preadv, fd, views, offset)
+                if done == total or not done:
+                    if zero_fill and done < total:
+                        ops._zero([memoryview(v) for v in views], done)
+                        done = total
+                    if callback is None:
+                        # Nothing to deliver: finished before anyone saw it.
+                        next(self._n_unseen)
+                        d = _new_object(_InlineDone)  # no __init__ frame: see the class
+                        d._ctx = self
+                        d._result = done
+                        return d  # (the admission given back below)
+                    born = True
+                    req = AioRequest(self, "read", None, (), callback)
+                    req._born_finished(done, None)
+                    req._admitted = True
+                    held = False
+                    return self._start(req)
+                if done > 0:  # (short: the rest on a backend)
+                    if t is bytearray:  # (ops slices the views)
+                        views = [memoryview(buffers)]  # type: ignore[arg-type]
+                    born = False
+                    req = AioRequest(
+                        self, "read", None, (), callback,
+                        _Transfer(self._sc, f, views, offset, total, done, False, zero_fill),
+                    )  # fmt: skip
+                    req._admitted = True
+                    held = False
+                    return self._start(req)
+                # (Would block, or failed: the backend's to answer.)
+            except BaseException:
+                if not held:  # (an interrupt at _start's entry: see _unstart)
+                    self._unstart(req, born)
+                raise
+            finally:
+                if held:
+                    if cq.closing:
+                        _give_back(cq)
+                    else:
+                        cq.admitted -= 1  # (plain bytecodes: see _start)
+        if self._ring_backend is not None and one is not None and not zero_fill:
             return self._start_rw(f, one, offset, total, False, callback)
         if t is bytearray:  # (ops slices the views)
             views = [memoryview(buffers)]  # type: ignore[arg-type]
-        xfer = _Transfer(self._sc, f, views, offset, total, done, False, zero_fill)
+        xfer = _Transfer(self._sc, f, views, offset, total, 0, False, zero_fill)
         return self._start(AioRequest(self, "read", None, (), callback, xfer))
 
     def write(
@@ -2287,21 +2346,51 @@ class AioContext:
                 return self._fail_now("write", ff, callback)
             f = ff
             one = None
-        done = 0
         if f.nowait_writes and total:
-            done = _nowait(f, True, self._sc.pwritev, fd, views, offset)
-            if done < 0:
-                done = 0  # (no call here, max() is one: see _write_checked)
-            elif done == total:
-                req = AioRequest(self, "write", None, (), callback)
-                req._born_finished(done, None)
-                return self._start(req)
+            # The inline attempt, admitted first: see read().
+            cq = self._cq
+            cq.admitted += 1
+            held = True
+            try:
+                if cq.closing:
+                    raise RuntimeError("the AioContext is closed")
+                if callback is not None and not self._deliver:
+                    raise ValueError("this AioContext does not deliver completions: no callback=")
+                # (No call between the write and the request made of it but
+                # the request's own: see _unstart.)
+                done = _nowait(f, True, self._sc.pwritev, fd, views, offset)
+                if done > 0:
+                    if done == total:
+                        born = True
+                        req = AioRequest(self, "write", None, (), callback)
+                        req._born_finished(done, None)
+                    else:
+                        if one is not None and t is not memoryview:
+                            views = [memoryview(one)]  # (ops slices the views)
+                        born = False
+                        req = AioRequest(
+                            self, "write", None, (), callback,
+                            _Transfer(self._sc, f, views, offset, total, done, True, False),
+                        )  # fmt: skip
+                    req._admitted = True
+                    held = False
+                    return self._start(req)
+            except BaseException:
+                if not held:  # (an interrupt at _start's entry: see _unstart)
+                    self._unstart(req, born)
+                raise
+            finally:
+                if held:
+                    if cq.closing:
+                        _give_back(cq)
+                    else:
+                        cq.admitted -= 1  # (plain bytecodes: see _start)
         if one is not None:
-            if self._ring_backend is not None and not done:
+            if self._ring_backend is not None:
                 return self._start_rw(f, one, offset, total, True, callback)
             if t is not memoryview:  # (a memoryview each: ops slices the views)
                 views = [memoryview(one)]
-        xfer = _Transfer(self._sc, f, views, offset, total, done, True, False)
+        xfer = _Transfer(self._sc, f, views, offset, total, 0, True, False)
         return self._start(AioRequest(self, "write", None, (), callback, xfer))
 
     # -- for the package's front ends only ----------------------------------
@@ -2344,38 +2433,71 @@ class AioContext:
         f = self._files.get(fd)  # (a closed context has no files)
         if f is None or offset > _MAX_IO_OFFSET:
             return self.read(fd, offset, view)
-        done = 0
         if f.nowait_reads:
-            # read()'s inline attempt, written out: what it leaves goes to a
-            # backend *here*, with on_done and `taken` (through read() an
-            # interrupt after a backend took it left the caller no way to
-            # know, and it reported finished a request that filled its
-            # buffer later).
-            done = _nowait(f, False, self._preadv, fd, (view,), offset)
-            if done < 0:
-                done = 0
-            elif done == len(view) or not done:
-                next(self._n_unseen)
-                d = _new_object(_InlineDone)  # (not taken: as read())
-                d._ctx = self
-                d._result = done
-                return d
+            # read()'s inline attempt, written out (admitted first, as
+            # there): what it leaves goes to a backend *here*, with on_done
+            # and `taken` (through read() an interrupt after a backend took
+            # it left the caller no way to know, and it reported finished a
+            # request that filled its buffer later).
+            cq = self._cq
+            cq.admitted += 1
+            held = True
+            try:
+                if cq.closing:
+                    raise RuntimeError("the AioContext is closed")
+                done = _nowait(f, False, self._preadv, fd, (view,), offset)
+                if done == len(view) or not done:
+                    next(self._n_unseen)
+                    d = _new_object(_InlineDone)  # (not taken: as read())
+                    d._ctx = self
+                    d._result = done
+                    return d  # (the admission given back below)
+                if done > 0:
+                    req = AioRequest(
+                        self, "read", None, (), None,
+                        _Transfer(self._sc, f, [view], offset, len(view), done, False, False),
+                    )  # fmt: skip
+                    req._callbacks = [on_done]  # (not published yet: no lock)
+                    req._admitted = True
+                    held = False
+                    return self._start_taken(req, taken, False)
+            except BaseException:
+                if not held:
+                    self._untaken(req, taken, False)
+                raise
+            finally:
+                if held:
+                    if cq.closing:
+                        _give_back(cq)
+                    else:
+                        cq.admitted -= 1  # (plain bytecodes: see _start)
         req = AioRequest(
             self, "read", None, (), None,
-            _Transfer(self._sc, f, [view], offset, len(view), done, False, False),
+            _Transfer(self._sc, f, [view], offset, len(view), 0, False, False),
         )  # fmt: skip
         req._callbacks = [on_done]  # (not published yet: no lock)
-        return self._start_taken(req, taken)
+        return self._start_taken(req, taken, False)
 
-    def _start_taken(self, req: AioRequest, taken: list[AioRequest]) -> AioRequest:
+    def _start_taken(self, req: AioRequest, taken: list[AioRequest], born: bool) -> AioRequest:
         """_start for _read_checked/_write_checked: ``req`` goes into
         ``taken`` once a backend has it (admitted and not taken back: see
-        _start), whatever interrupts the return."""
+        _start), whatever interrupts the return.  (A request that came
+        admitted, and met an interrupt at _start's entry: see _unstart.)"""
         try:
             return self._start(req)
+        except BaseException:
+            self._unstart(req, born)
+            raise
         finally:
             if req._admitted:
                 taken.append(req)
+
+    def _untaken(self, req: AioRequest, taken: list[AioRequest], born: bool) -> None:
+        """_start_taken's clean-up, for an interrupt at its entry (with a
+        request that came admitted: see _unstart)."""
+        self._unstart(req, born)
+        if req._admitted and not taken:
+            taken.append(req)
 
     def _write_checked(
         self,
@@ -2390,33 +2512,50 @@ class AioContext:
         f = self._files.get(fd)
         if f is None or offset > _MAX_IO_OFFSET:
             return self.write(fd, offset, view)
-        done = 0
         if f.nowait_writes:  # (write()'s inline attempt: see _read_checked)
-            # (No call between the write and the request made of it: a
-            # Ctrl-C as one returned would lose what was written.)
-            done = _nowait(f, True, self._sc.pwritev, fd, [view], offset)
-            if done < 0:
-                done = 0
-            elif done == len(view):
-                # Born finished, on_done not taken (the caller adds it); in
-                # `taken` all the same once admitted: the bytes moved.
-                born = AioRequest(self, "write", None, (), None)
-                born._born_finished(done, None)
-                try:
-                    return self._start_taken(born, taken)
-                except RuntimeError:
-                    if born._admitted:
-                        raise
-                    # Refused: close() began after the bytes moved.  They did
-                    # move: finished, not refused (as an inline read with
-                    # nothing to deliver, it is not counted).
-                    return born
+            cq = self._cq
+            cq.admitted += 1
+            held = True
+            try:
+                if cq.closing:
+                    raise RuntimeError("the AioContext is closed")
+                # (No call between the write and the request made of it but
+                # the request's own: a Ctrl-C as one returned would lose
+                # what was written.)
+                done = _nowait(f, True, self._sc.pwritev, fd, [view], offset)
+                if done > 0:
+                    if done == len(view):
+                        # Born finished, on_done not taken (the caller adds
+                        # it); in `taken` all the same: the bytes moved.
+                        born = True
+                        req = AioRequest(self, "write", None, (), None)
+                        req._born_finished(done, None)
+                    else:
+                        born = False
+                        req = AioRequest(
+                            self, "write", None, (), None,
+                            _Transfer(self._sc, f, [view], offset, len(view), done, True, False),
+                        )  # fmt: skip
+                        req._callbacks = [on_done]
+                    req._admitted = True
+                    held = False
+                    return self._start_taken(req, taken, born)
+            except BaseException:
+                if not held:
+                    self._untaken(req, taken, born)
+                raise
+            finally:
+                if held:
+                    if cq.closing:
+                        _give_back(cq)
+                    else:
+                        cq.admitted -= 1  # (plain bytecodes: see _start)
         req = AioRequest(
             self, "write", None, (), None,
-            _Transfer(self._sc, f, [view], offset, len(view), done, True, False),
+            _Transfer(self._sc, f, [view], offset, len(view), 0, True, False),
         )  # fmt: skip
         req._callbacks = [on_done]
-        return self._start_taken(req, taken)
+        return self._start_taken(req, taken, False)
 
     def _submit_op(
         self,
