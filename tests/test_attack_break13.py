@@ -8,6 +8,7 @@ waited for good, and close() waited for it."""
 
 from __future__ import annotations
 
+import errno
 import gc
 import mmap
 import os
@@ -598,3 +599,77 @@ class PoolMachine(RuleBasedStateMachine):
 
 TestPoolMachine = PoolMachine.TestCase
 TestPoolMachine.settings = settings(max_examples=40, stateful_step_count=25, deadline=None)
+
+
+# -- posix: an interrupted first submission on an fd --------------------------------------
+
+from threadlets import posix as px  # noqa: E402
+
+
+def _px_done(rt: px.PosixAio, cb: px.aiocb) -> tuple[int, int] | str:
+    if cb._status == "idle":  # (aio_error: EINVAL)
+        return "never submitted"
+    while rt.aio_error(cb) == errno.EINPROGRESS:
+        rt.aio_suspend([cb], 10)
+    return rt.aio_error(cb), rt.aio_return(cb)
+
+
+def _quiet_ctx(ctx: AioContext) -> bool:
+    cq = ctx._cq
+    return bool(cq.admitted == cq.delivered)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="engine.py: _read_checked/_write_checked hand an fd the context has not "
+    "looked up to read()/write() without on_done and `taken`: an interrupt after a "
+    "backend took the request makes posix finish the aiocb ECANCELED while it runs",
+)
+@pytest.mark.parametrize("backend_", ["threads", "io_uring"])
+@pytest.mark.parametrize("flags", ["plain", "append"])
+def test_ctrl_c_in_the_first_write_on_an_fd_never_reports_ecanceled_for_bytes_written(
+    tmp_path: Path, backend_: str, flags: str
+) -> None:
+    """An aio_write on an fd the context has not looked up yet (its first
+    request, or the first after the fd was reused), Ctrl-C at each C
+    return: an aiocb reported ECANCELED (or never submitted) wrote
+    nothing, even once every request of the context finished."""
+    from .conftest import wait_until
+
+    px._notify_queue()  # (made once, not inside the sweep)
+    p = tmp_path / "f"
+    n = 0
+    bad = []
+    while True:
+        n += 1
+        assert n < 300, "never ran to its end"
+        p.write_bytes(b"")
+        fd = os.open(p, os.O_RDWR | (os.O_APPEND if flags == "append" else 0))
+        ctx = AioContext(deliver=False, backend=backend_, inline=False)
+        try:
+            rt = px.PosixAio(ctx)
+            cb = px.aiocb(fd, 0, b"aaaa")
+            interrupted = False
+            seen = interrupt_at_c_return(n)
+            try:
+                rt.aio_write(cb)
+            except KeyboardInterrupt:
+                interrupted = True
+            finally:
+                sys.setprofile(None)
+                gc.enable()
+            outcome = _px_done(rt, cb)
+            wait_until(lambda ctx=ctx: _quiet_ctx(ctx))  # type: ignore[misc]
+            written = os.pread(fd, 8, 0)
+            if outcome in ((errno.ECANCELED, -1), "never submitted"):
+                if written:
+                    bad.append((n, outcome, written))
+            else:
+                assert outcome == (0, 4), (n, outcome)
+                assert written == b"aaaa", n
+        finally:
+            ctx.close(timeout=10)
+            os.close(fd)
+        if not interrupted and seen[0] < n:
+            break
+    assert bad == [], "reported cancelled, and wrote"
