@@ -673,3 +673,81 @@ def test_ctrl_c_in_the_first_write_on_an_fd_never_reports_ecanceled_for_bytes_wr
         if not interrupted and seen[0] < n:
             break
     assert bad == [], "reported cancelled, and wrote"
+
+
+@pytest.mark.parametrize("backend_", ["threads", "io_uring"])
+def test_aio_error_and_aio_return_read_by_another_thread_as_completion_runs(
+    tmp_path: Path, backend_: str, switchy_: None
+) -> None:
+    """A thread spinning on aio_error sees EINPROGRESS, then the final
+    pair: aio_return (twice) gives that submission's count, never a
+    stale or placeholder one; the aiocb is resubmitted after each."""
+    p = tmp_path / "f"
+    p.write_bytes(os.urandom(4096))
+    fd = os.open(p, os.O_RDWR)
+    ctx = AioContext(deliver=False, backend=backend_, inline=False)
+    rt = px.PosixAio(ctx)
+    cb = px.aiocb(fd, 0, bytearray(4096))
+    want: list[int] = [-1]
+    go, seen = threading.Semaphore(0), threading.Semaphore(0)
+    bad: list[object] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        while True:
+            go.acquire()
+            if stop.is_set():
+                return
+            while (err := rt.aio_error(cb)) == errno.EINPROGRESS:
+                pass
+            got = (err, rt.aio_return(cb), rt.aio_return(cb))
+            if got != (0, want[0], want[0]):
+                bad.append((want[0], got))
+            seen.release()
+
+    r = threading.Thread(target=reader)
+    r.start()
+    try:
+        for i in range(200):
+            n = 1 + (i * 37) % 4096
+            want[0] = min(n, 4096 - (i % 3))
+            cb.aio_nbytes = n
+            cb.aio_offset = i % 3
+            rt.aio_read(cb)
+            go.release()
+            assert seen.acquire(timeout=10)
+        assert bad == []
+    finally:
+        stop.set()
+        go.release()
+        r.join(10)
+        ctx.close(timeout=10)
+        os.close(fd)
+
+
+def test_close_with_a_timeout_is_bounded_and_warm_workers_stay() -> None:
+    import time
+
+    q = ThreadletQueue(max_threads=3, min_threads=2, idle_timeout=0.001)
+    gate = Gate()
+    try:
+        with q._lock:
+            assert q._threads == 2  # warm from the start
+        assert q.submit(int, 1).result(timeout=10) == 1
+        threading.Event().wait(0.01)  # (idle past the timeout: warm ones stay)
+        with q._lock:
+            assert q._threads >= 2
+        t = q.submit(gate)
+        assert gate.started.wait(10)
+        queued = q.submit(int, 2)
+        start = time.monotonic()
+        assert not q.close(timeout=0.05)
+        assert time.monotonic() - start < 5
+        assert queued.cancelled() or queued.result(timeout=10) == 2
+        gate.release.set()
+        assert t.result(timeout=10) is None
+        assert q.close(timeout=10)
+        _consistent(q)
+    finally:
+        gate.release.set()
+        q.close(timeout=10)
