@@ -895,12 +895,18 @@ class ThreadletQueue:
             name=f"{self.name}-worker-{self._thread_seq}",
             daemon=True,
         )
+        # Counted with operators only (a pending Ctrl-C lands as a C call
+        # returns, never after an operator): from the first call on -- the
+        # listing, the start -- an interrupt is undone below.  (A max()
+        # or add() before the try left a worker counted that never ran:
+        # submit() then spawned no other, and close() waited for it.)
         peak = self._peak
         self._threads += 1
         self._spawned += 1
-        self._peak = max(peak, self._threads)
-        self._workers.add(worker)
+        if self._threads > peak:
+            self._peak = self._threads
         try:
+            self._workers.add(worker)
             t.start()
         except BaseException:
             # A Ctrl-C can arrive while start() waits for a thread that did
@@ -908,10 +914,10 @@ class ThreadletQueue:
             # and exits without touching the queue.
             worker.live = False
             self._alert.on = True
-            self._workers.discard(worker)
             self._threads -= 1
             self._spawned -= 1
             self._peak = peak
+            self._workers.discard(worker)
             raise
 
     def _spawn_warm(self) -> None:
