@@ -619,12 +619,6 @@ def _quiet_ctx(ctx: AioContext) -> bool:
     return bool(cq.admitted == cq.delivered)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine.py: _read_checked/_write_checked hand an fd the context has not "
-    "looked up to read()/write() without on_done and `taken`: an interrupt after a "
-    "backend took the request makes posix finish the aiocb ECANCELED while it runs",
-)
 @pytest.mark.parametrize("backend_", ["threads", "io_uring"])
 @pytest.mark.parametrize("flags", ["plain", "append"])
 def test_ctrl_c_in_the_first_write_on_an_fd_never_reports_ecanceled_for_bytes_written(

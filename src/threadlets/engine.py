@@ -2432,7 +2432,17 @@ class AioContext:
         request -- a second registration must be harmless.)"""
         f = self._files.get(fd)  # (a closed context has no files)
         if f is None or offset > _MAX_IO_OFFSET:
-            return self.read(fd, offset, view)
+            if offset > _MAX_IO_OFFSET or self._cq.closing:
+                return self.read(fd, offset, view)
+            # An fd this context has not looked up yet (its first request,
+            # or the first since forget()): looked up here, so that the
+            # request still goes down this path, with on_done and `taken`
+            # (through read() an interrupt after a backend took it left the
+            # caller no way to know).
+            ff = self._file(fd)
+            if isinstance(ff, OSError):
+                return self._fail_now("read", ff, None)
+            f = ff
         if f.nowait_reads:
             # read()'s inline attempt, written out (admitted first, as
             # there): what it leaves goes to a backend *here*, with on_done
@@ -2511,7 +2521,12 @@ class AioContext:
         view may be read-only)."""
         f = self._files.get(fd)
         if f is None or offset > _MAX_IO_OFFSET:
-            return self.write(fd, offset, view)
+            if offset > _MAX_IO_OFFSET or self._cq.closing:
+                return self.write(fd, offset, view)
+            ff = self._file(fd)  # (looked up here: see _read_checked)
+            if isinstance(ff, OSError):
+                return self._fail_now("write", ff, None)
+            f = ff
         if f.nowait_writes:  # (write()'s inline attempt: see _read_checked)
             cq = self._cq
             cq.admitted += 1
