@@ -89,6 +89,7 @@ def _finish_close(ctx: AioContext, closer: list[threading.Thread]) -> None:
 
 @pytest.mark.parametrize("short", [False, True], ids=["whole", "short"])
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.linux_only("rwf_nowait")
 def test_write_inline_then_close_reports_the_bytes(backend: str, fd: int, short: bool) -> None:
     """The inline write moved its bytes, then close() began before write()
     admitted the request: write() raised RuntimeError (nothing written,
@@ -108,6 +109,7 @@ def test_write_inline_then_close_reports_the_bytes(backend: str, fd: int, short:
 @pytest.mark.parametrize("short", [False, True], ids=["whole", "short"])
 @pytest.mark.parametrize("callback", [False, True], ids=["plain", "callback"])
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.linux_only("rwf_nowait")
 def test_read_inline_then_close_reports_the_bytes(
     backend: str, fd: int, short: bool, callback: bool
 ) -> None:
@@ -159,6 +161,7 @@ def test_closing_refuses_before_the_inline_attempt(backend: str, fd: int, write:
 @pytest.mark.parametrize("short", [False, True], ids=["whole", "short"])
 @pytest.mark.parametrize("op", ["read", "write"])
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.linux_only("rwf_nowait")
 def test_posix_inline_then_close_reports_the_bytes(
     backend: str, fd: int, op: str, short: bool
 ) -> None:
@@ -845,6 +848,7 @@ def test_fork_with_fast_path_requests_held_on_the_ring(fd: int) -> None:
         assert ctx.close(timeout=10)
 
 
+@pytest.mark.linux_only("io_uring")
 def test_rlimit_fsize_answers_alike_on_both_backends() -> None:
     """A write across RLIMIT_FSIZE (SIGXFSZ ignored): the part below the
     limit lands, the request fails with EFBIG carrying the count moved, the

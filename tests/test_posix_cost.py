@@ -455,6 +455,7 @@ def test_ctrl_c_at_every_c_return_of_aio_error_and_aio_return_changes_nothing(fd
 # -- cost --------------------------------------------------------------------------------
 
 
+@pytest.mark.linux_only("rwf_nowait")  # (portable mode: the general path, see _identity)
 def test_a_quick_read_costs_few_bytecodes_of_posix_on_each_side(backend: str, fd: int) -> None:
     """Issue 13: bytecodes of posix.py per aio_read + aio_error +
     aio_return in the submitting thread, and per completion in the thread

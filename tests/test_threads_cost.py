@@ -372,6 +372,7 @@ def direct_file() -> Any:
 @pytest.mark.parametrize(
     "shape", ["aligned", "misaligned memory", "vectored odd lengths", "odd offset", "at eof"]
 )
+@pytest.mark.linux_only("o_direct")
 def test_an_o_direct_read_on_the_threads_backend(direct_file: Path, shape: str) -> None:
     want = direct_file.read_bytes()
     fd = _direct_fd(direct_file)
