@@ -260,7 +260,19 @@ def test_a_completion_of_an_aiocb_missing_from_its_fd_table_still_wakes_its_wait
         os.close(fd)
 
 
-@pytest.mark.parametrize("where", ["_accept", "_submit_one"])
+@pytest.mark.parametrize(
+    "where",
+    [
+        "_accept",
+        pytest.param(
+            "_submit_one",
+            marks=pytest.mark.skipif(
+                posix._quick_syscall is None,
+                reason="posix's quick path (raw system calls) is off here: portable mode",
+            ),
+        ),
+    ],
+)
 def test_a_signal_handlers_aio_read_inside_a_submission_stays_in_its_fd_table(
     tmp_path: Path, where: str
 ) -> None:

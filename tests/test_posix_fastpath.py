@@ -57,6 +57,7 @@ def _done(rt: px.PosixAio, cb: px.aiocb) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.linux_only("rwf_nowait")  # (portable mode: the general path, see posix._identity)
 def test_a_read_runs_few_bytecodes_of_posix(backend: str, fd: int) -> None:
     """Issue 11 ("no speed regression"): the bytecodes posix.py runs per
     aio_read + aio_suspend + aio_error + aio_return, in every thread (the
