@@ -230,3 +230,69 @@ def test_a_quick_completion_costs_few_bytecodes_under_posix(backend: str, fd: in
     total = sum(per.values())
     bound = 180 if backend == "threads" else 235
     assert total < bound, f"{total:.0f} bytecodes per completion: {per}"
+
+
+class _Int(int):
+    """An int subclass: the general path takes it."""
+
+
+class _Sub(px.aiocb):
+    """An aiocb that always takes the general path (not the exact class)."""
+
+    __slots__ = ()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("aio_reqprio", 0),
+        ("aio_reqprio", False),
+        ("aio_reqprio", 0.0),
+        ("aio_reqprio", _Int(0)),
+        ("aio_reqprio", 20),
+        ("aio_reqprio", 21),
+        ("aio_reqprio", -(2**70)),
+        ("aio_fildes", -1),
+        ("aio_fildes", -(2**31)),
+        ("aio_fildes", -(2**70)),
+        ("aio_fildes", 2**31 - 1),
+        ("aio_fildes", 2**31),
+        ("aio_fildes", 2**70),
+        ("aio_fildes", _Int(3)),
+    ],
+)
+def test_the_quick_tests_of_reqprio_and_fildes_answer_as_the_general_path(
+    field: str, value: object, tmp_path: Path
+) -> None:
+    """The quick path's `prio is _PRIO_0` and `not fd >> 31`: a plain
+    aiocb (the quick path, its fd known) and a subclass (the general one)
+    get the same answer for each value.  (An fd past a C int would name
+    another file if it were truncated: 2**32 + fd is test_posix_cost's.)"""
+    ctx = AioContext(deliver=False)
+    try:
+        rt = px.PosixAio(ctx)
+        answers = []
+        for cls in (px.aiocb, _Sub):
+            p = tmp_path / cls.__name__
+            p.write_bytes(DATA)
+            fd = os.open(p, os.O_RDWR)
+            try:
+                warm = px.aiocb(fd, 0, bytearray(8))
+                rt.aio_read(warm)
+                assert _done(rt, warm) == (0, 8)
+                buf = bytearray(16)
+                cb = cls(fd, 32, buf)
+                setattr(cb, field, value)
+                try:
+                    rt.aio_read(cb)
+                except Exception as e:
+                    answers.append((type(e).__name__, getattr(e, "errno", None)))
+                    continue
+                answers.append((_done(rt, cb), bytes(buf)))
+            finally:
+                os.close(fd)
+        assert answers[0] == answers[1]
+        wait_until(lambda: _quiet(ctx))
+        assert not rt._fds
+    finally:
+        ctx.close()

@@ -278,7 +278,7 @@ class Threadlet(Generic[T]):
         identity, no second one made to look it up.)"""
         queue = self._queue
         self._claim_ref = ref = _weakref(self, queue._unclaimed)
-        queue._claimed.add(ref)
+        queue._claimed_add(ref)
         self._state = _RUNNING
 
     def _unclaim(self) -> None:
@@ -775,6 +775,7 @@ class ThreadletQueue:
         #: other up.  One that dies claimed takes itself out.)
         self._claimed: set[weakref.ref[Threadlet[Any]]] = set()
         self._unclaimed = self._claimed.discard  # the references' callback
+        self._claimed_add = self._claimed.add  # (one lookup fewer per claim)
         #: Threadlets that cancel() or close() cancelled, until their
         #: waiters and callbacks ran.  With ``_claimed`` and the workers'
         #: ``current`` and ``finishing``, what a fork can find whose delivery

@@ -192,6 +192,7 @@ SIGEV_THREAD = 2
 AIO_PRIO_DELTA_MAX = 20
 
 _PRIORITIES = frozenset(range(AIO_PRIO_DELTA_MAX + 1))
+_PRIO_0 = 0
 #: aio_fildes is a C int: larger numbers cannot name an open file.
 _FD_MAX = 2**31 - 1
 
@@ -746,14 +747,17 @@ class PosixAio:
         # general path takes too.  No C call here that costs more than the
         # bytecodes it saves: a dotted attrgetter of the classes, or `fd in
         # range(...)`, cost more time than these tests.)
+        # (`prio is _PRIO_0`: the int 0 itself, CPython's one object for it
+        # -- what aiocb() gives -- in one test; any other goes the long way
+        # round.  `not fd >> 31`: 0 <= fd <= _FD_MAX for an int, in fewer
+        # steps.)
         prio, fd, offset, buf, n, sev = _quick_fields(cb)
         if not (
             sev is None
-            and prio.__class__ is int
-            and prio in _PRIORITIES
+            and (prio is _PRIO_0 or (prio.__class__ is int and prio in _PRIORITIES))
             and fd.__class__ is int
             and offset.__class__ is int
-            and 0 <= fd <= _FD_MAX  # (a C int: see _identity)
+            and not fd >> 31  # (a C int: see _identity)
             and _quick_syscall is not None  # (as in portable mode: see _identity)
         ):
             self._submit_checked(cb, op)
