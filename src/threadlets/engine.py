@@ -114,6 +114,8 @@ from threadlets.pool import (
     ThreadletQueue,
     ThreadletState,
     _check_timeout,
+    _ContainedCallback,
+    _in_worker,
     _invoke_callback,
     _run_callbacks,
 )
@@ -716,6 +718,31 @@ class AioRequest(Threadlet[int]):
                 # waiter, and no `direct` (set only by a delivering
                 # context): the long way below, spelled out.  Each step
                 # runs even if Ctrl-C lands in the one before.
+                fn = callbacks[0]
+                if fn.__class__ is _ContainedCallback and callbacks[-1] is fn:
+                    # posix's quick path: its only callback (one is added
+                    # to one request once), which cannot drain or close a
+                    # context (see _ContainedCallback), so the request need
+                    # not be counted as this thread's (_own_finishing);
+                    # _run_callbacks for one callback.  (No C call before
+                    # the try: Ctrl-C cannot land before the callback.)
+                    try:
+                        fn(self)
+                    except Exception:
+                        log.exception("exception in done-callback %r of %r", fn, self)
+                    except BaseException as exc:  # KeyboardInterrupt, SystemExit, ...
+                        if not _in_worker():
+                            raise
+                        log.exception("%s in done-callback %r of %r", type(exc).__name__, fn, self)
+                    finally:
+                        # (As below.)
+                        if not self._processed:
+                            self._processed = True
+                            cq.delivered += 1
+                            if cq.admitted == cq.delivered:
+                                with cq.lock:
+                                    cq.quiet.notify_all()
+                    return
                 own = _finishing.requests
                 try:
                     own.append(self)  # (see _own_finishing)
@@ -728,12 +755,20 @@ class AioRequest(Threadlet[int]):
                                 del own[-1]
                         finally:
                             # complete() of a context that delivers nothing,
-                            # spelled out (see _enqueue).
+                            # spelled out (see _enqueue), but for the lock:
+                            # the test-and-set and the count are plain
+                            # bytecodes, which no other thread comes
+                            # between (as admission's count: see _start),
+                            # and no interrupt either.  The lock only to
+                            # wake a close() waiting for quiet: one that
+                            # looked before the count holds the lock from
+                            # its look to its wait, so it is asleep on
+                            # `quiet` when this takes the lock.
                             if not self._processed:
-                                with cq.lock:
-                                    self._processed = True
-                                    cq.delivered += 1
-                                    if cq.admitted == cq.delivered:
+                                self._processed = True
+                                cq.delivered += 1
+                                if cq.admitted == cq.delivered:
+                                    with cq.lock:
                                         cq.quiet.notify_all()
                 return
         held = cq.direct

@@ -278,7 +278,7 @@ class Threadlet(Generic[T]):
         identity, no second one made to look it up.)"""
         queue = self._queue
         self._claim_ref = ref = _weakref(self, queue._unclaimed)
-        queue._claimed.add(ref)
+        queue._claimed_add(ref)
         self._state = _RUNNING
 
     def _unclaim(self) -> None:
@@ -323,7 +323,7 @@ class Threadlet(Generic[T]):
                 finally:
                     # Remembered until delivered: a fork meanwhile finds it
                     # (see _reset_after_fork).  (One set operation: atomic.)
-                    queue._claimed.discard(self._claim_ref)
+                    queue._unclaimed(self._claim_ref)  # (_claimed.discard, bound)
         return True
 
     def _finish_cancelled(self) -> bool:
@@ -557,6 +557,19 @@ class Threadlet(Generic[T]):
 _plain_wait = Threadlet.wait
 
 
+class _ContainedCallback(functools.partial[None]):
+    """A done-callback (a partial, its arguments positional) that its maker
+    vouches for: it runs no code of the user's in the thread that finishes
+    the request, never waits, and never drains or closes a context -- so
+    whoever runs it needs none of the bookkeeping that guards against such
+    re-entry (see the engine's AioRequest._finished).  It may still raise
+    (Ctrl-C landing in it), as any callback: handled as _run_callbacks
+    does.  Add one to one request only, once, when it is made: the engine
+    tells that it is the only callback by looking at the list's ends."""
+
+    __slots__ = ()
+
+
 def _run_callbacks(callbacks: Iterable[Callable[[Any], object]], item: object) -> None:
     """Run each callback once, whatever the others raise: see
     :meth:`Threadlet._finished` for what is logged and what re-raised."""
@@ -762,6 +775,7 @@ class ThreadletQueue:
         #: other up.  One that dies claimed takes itself out.)
         self._claimed: set[weakref.ref[Threadlet[Any]]] = set()
         self._unclaimed = self._claimed.discard  # the references' callback
+        self._claimed_add = self._claimed.add  # (one lookup fewer per claim)
         #: Threadlets that cancel() or close() cancelled, until their
         #: waiters and callbacks ran.  With ``_claimed`` and the workers'
         #: ``current`` and ``finishing``, what a fork can find whose delivery

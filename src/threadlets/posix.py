@@ -141,9 +141,9 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from threadlets.engine import AioContext, AioRequest
+from threadlets.engine import AioContext, AioRequest, _finishing
 from threadlets.ops import MAX_OFFSET
-from threadlets.pool import CancelResult, Threadlet, ThreadletQueue
+from threadlets.pool import CancelResult, Threadlet, ThreadletQueue, _ContainedCallback
 from threadlets.syscalls import NR_FCNTL, NR_FSTAT
 from threadlets.syscalls import quick_syscall as _quick_syscall
 
@@ -192,6 +192,7 @@ SIGEV_THREAD = 2
 AIO_PRIO_DELTA_MAX = 20
 
 _PRIORITIES = frozenset(range(AIO_PRIO_DELTA_MAX + 1))
+_PRIO_0 = 0
 #: aio_fildes is a C int: larger numbers cannot name an open file.
 _FD_MAX = 2**31 - 1
 
@@ -746,14 +747,17 @@ class PosixAio:
         # general path takes too.  No C call here that costs more than the
         # bytecodes it saves: a dotted attrgetter of the classes, or `fd in
         # range(...)`, cost more time than these tests.)
+        # (`prio is _PRIO_0`: the int 0 itself, CPython's one object for it
+        # -- what aiocb() gives -- in one test; any other goes the long way
+        # round.  `not fd >> 31`: 0 <= fd <= _FD_MAX for an int, in fewer
+        # steps.)
         prio, fd, offset, buf, n, sev = _quick_fields(cb)
         if not (
             sev is None
-            and prio.__class__ is int
-            and prio in _PRIORITIES
+            and (prio is _PRIO_0 or (prio.__class__ is int and prio in _PRIORITIES))
             and fd.__class__ is int
             and offset.__class__ is int
-            and 0 <= fd <= _FD_MAX  # (a C int: see _identity)
+            and not fd >> 31  # (a C int: see _identity)
             and _quick_syscall is not None  # (as in portable mode: see _identity)
         ):
             self._submit_checked(cb, op)
@@ -830,7 +834,7 @@ class PosixAio:
                     # is published): it may run before the call returns,
                     # so it knows cb's request by the view, not by _req
                     # (None until stored below).
-                    fin = _partial(self._request_finished, cb, view=view)
+                    fin = _ContainedCallback(self._quick_finished, cb, view)
                     if op == "read":
                         req = ctx._read_checked(fd, offset, view, fin, taken)  # type: ignore[union-attr]
                     else:
@@ -1173,15 +1177,13 @@ class PosixAio:
         self,
         cb: aiocb,
         req: Threadlet[int],
-        view: memoryview | None = None,
         launched: memoryview | None = None,
     ) -> None:
         # cb's request is ``req`` if cb._req says so, or -- where the
         # callback went with the request, before cb._req could be stored --
         # if cb._view is that submission's view (a new object per
-        # submission, None once cb is not in progress): ``view`` from the
-        # quick path (_submit_one: no sigevent, no group, not O_APPEND),
-        # ``launched`` from the general one (_launch).
+        # submission, None once cb is not in progress): ``launched``, from
+        # the general path (_launch).  (The quick path's: _quick_finished.)
         # (A finished request's outcome is final: read without its lock.)
         ret = req._result
         if req._exception is None and ret.__class__ is int:
@@ -1191,13 +1193,10 @@ class PosixAio:
         after = None
         try:
             with self._lock:
-                if view is None:
-                    if launched is None:
-                        if cb._status is not _INFLIGHT or cb._req is not req:
-                            return
-                    elif cb._view is not launched:
+                if launched is None:
+                    if cb._status is not _INFLIGHT or cb._req is not req:
                         return
-                elif cb._view is not view:
+                elif cb._view is not launched:
                     return
                 fd = cb._fd
                 try:
@@ -1207,12 +1206,9 @@ class PosixAio:
                 if (
                     cb in state.active  # (else _finish: see _accept's re-entry)
                     and not state.barriers
-                    # (A quick submission has no sigevent, no group, and is
-                    # not an O_APPEND write.)
-                    and (
-                        view is not None
-                        or (cb._sigev is None and cb._group is None and not state.appends)
-                    )
+                    and cb._sigev is None
+                    and cb._group is None
+                    and not state.appends
                 ):
                     # _finish's common case, written out: nothing to notify,
                     # nothing ordered behind it.  (No call: an interrupt
@@ -1252,6 +1248,73 @@ class PosixAio:
             # the lock is let go: cancel() runs this in the caller's thread.)
             if after is not None:
                 self._run(after, raising=False)
+
+    def _quick_finished(self, cb: aiocb, view: memoryview, req: Threadlet[int]) -> None:
+        """_request_finished for a quick submission (_submit_one: no
+        sigevent, no group, not an O_APPEND write), whose callback goes
+        with the request: cb's request if cb._view is still ``view``.  A
+        _ContainedCallback: no code of the user's runs here but where
+        finishing cb releases others (an fsync barrier's turn, with its
+        notifications), and there the request counts as this thread's, as
+        the engine's long way counts it (see AioRequest._finished)."""
+        # (A finished request's outcome is final: read without its lock.)
+        ret = req._result
+        if req._exception is None and ret.__class__ is int:
+            outcome = (0, ret)
+        else:
+            outcome = _failed_outcome(req)
+        after = None
+        try:
+            with self._lock:
+                if cb._view is not view:
+                    return
+                fd = cb._fd
+                try:  # (no call: see below)
+                    state = self._fds[fd]
+                except KeyError:
+                    state = _NO_TABLE  # (cb is not in it: _finish)
+                if cb in state.active and not state.barriers:
+                    # As in _request_finished.  (No call: an interrupt
+                    # lands before all of it or after all of it.)
+                    cb._outcome = outcome
+                    cb._status = _DONE
+                    cb._view = None
+                    cb._req = None
+                    cb._ctx = None
+                    active = state.active
+                    del active[cb]
+                    if not active:
+                        del self._fds[fd]
+                    if self._waiting:
+                        ctx = self._given or self._own
+                        batched = False
+                        try:
+                            batched = ctx is not None and ctx.call_after_batch(self._wake_waiters)
+                        finally:  # (woken now if Ctrl-C lands in the call)
+                            if not batched:
+                                self._cond.notify_all()
+                    return
+                after = _After()
+                try:
+                    self._finish(cb, outcome[0], outcome[1], after)
+                finally:  # (the waiters see cb finished even if Ctrl-C lands)
+                    if self._waiting:
+                        self._cond.notify_all()
+        finally:
+            if after is not None:
+                # (As in _request_finished.  What runs here may be a
+                # signal's handler, the user's: the request counts as this
+                # thread's while it runs, so that a close() of its context
+                # there does not wait for it.)
+                own = _finishing.requests
+                try:
+                    own.append(req)  # type: ignore[arg-type]
+                finally:
+                    try:
+                        self._run(after, raising=False)
+                    finally:
+                        if own and own[-1] is req:
+                            del own[-1]
 
     def _wake_waiters(self) -> None:
         with self._lock:
