@@ -129,6 +129,7 @@ def test_ctrl_c_at_every_c_return_of_a_contained_completion_delivers_once(fd: in
             break
 
 
+@pytest.mark.linux_only("rwf_nowait")  # (portable mode: posix's general path)
 def test_a_quick_completion_that_releases_an_fsync_counts_as_the_threads_own(
     fd: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -173,6 +174,7 @@ def test_a_quick_completion_that_releases_an_fsync_counts_as_the_threads_own(
 
 
 @pytest.mark.parametrize("backend", ["threads", "io_uring"])
+@pytest.mark.linux_only("rwf_nowait")  # (portable mode: posix's general path)
 def test_a_quick_completion_costs_few_bytecodes_under_posix(backend: str, fd: int) -> None:
     """Bytecodes per quick read's completion, in the thread that completes
     it (a worker, the ring's reaper), of posix.py's functions and of the
