@@ -55,7 +55,12 @@ _OPS = st.lists(
 def _defined(ops: Sequence[Op]) -> list[Op]:
     """ops without what io leaves undefined: a tell() after an iteration
     left early (see test_textio._defined), and a read after a truncate
-    (io keeps decoding text the truncate removed; a seek ends that)."""
+    (io keeps decoding text the truncate removed; a seek ends that).  So is
+    a tell() after an iteration and a write (which the sides follow with a
+    flush): io's flush turns telling back on mid-iteration, and its tell()
+    then gives the raw position without the decoder's state (a pending
+    '\r' of newline=None: 2 where threadlets' cookie carries the state;
+    both seek back to the same place)."""
     kept: list[Op] = []
     iterating = stale = False
     for name, arg in ops:
@@ -65,6 +70,8 @@ def _defined(ops: Sequence[Op]) -> list[Op]:
             stale, iterating = stale or iterating, False
         elif name in ("seek", "seek_end", "seek0"):
             stale = iterating = False
+        elif name == "write" and iterating:
+            stale = True
         elif stale and name in ("tell", "seek_cur"):
             continue
         kept.append((name, arg))
