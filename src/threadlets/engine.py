@@ -1648,14 +1648,18 @@ def _nowait(
 
 
 def _give_back(cq: _CompletionQueue) -> None:
-    """Take back an admission no request took (read()'s or write()'s, made
-    before the inline attempt) from a context whose close() began: as
-    unadmit() takes back a request's (and wakes the close), through a
-    stand-in.  (Not closing, a plain ``cq.admitted -= 1`` does: see
-    AioContext._start.)"""
-    stand_in = _new_object(AioRequest)
-    stand_in._admitted = True
-    cq.unadmit(stand_in)
+    """An admission no request took (read()'s or write()'s, made before the
+    inline attempt) was just given back (``cq.admitted -= 1``, plain
+    bytecodes) to a context whose close() began: wake the close, as
+    unadmit() does.  (The count first, the wake after: a Ctrl-C as a call
+    here returns leaves the count right.)"""
+    with cq.lock:
+        cq.quiet.notify_all()
+        if cq.deliver and not cq.signalled:
+            # (See unadmit.)
+            cq.signalled = True
+            cq.wakeups += 1
+            cq._signal()
 
 
 def _finish_interrupted(req: AioRequest, moved: int) -> bool:
@@ -2289,10 +2293,12 @@ class AioContext:
                 raise
             finally:
                 if held:
+                    # Given back in plain bytecodes before any call (a Ctrl-C
+                    # at a call's return left it counted, and close() waited
+                    # for it for good); a close() waiting is woken after.
+                    cq.admitted -= 1
                     if cq.closing:
                         _give_back(cq)
-                    else:
-                        cq.admitted -= 1  # (plain bytecodes: see _start)
         if self._ring_backend is not None and one is not None and not zero_fill:
             return self._start_rw(f, one, offset, total, False, callback)
         if t is bytearray:  # (ops slices the views)
@@ -2381,10 +2387,12 @@ class AioContext:
                 raise
             finally:
                 if held:
+                    # Given back in plain bytecodes before any call (a Ctrl-C
+                    # at a call's return left it counted, and close() waited
+                    # for it for good); a close() waiting is woken after.
+                    cq.admitted -= 1
                     if cq.closing:
                         _give_back(cq)
-                    else:
-                        cq.admitted -= 1  # (plain bytecodes: see _start)
         if one is not None:
             if self._ring_backend is not None:
                 return self._start_rw(f, one, offset, total, True, callback)
@@ -2477,10 +2485,12 @@ class AioContext:
                 raise
             finally:
                 if held:
+                    # Given back in plain bytecodes before any call (a Ctrl-C
+                    # at a call's return left it counted, and close() waited
+                    # for it for good); a close() waiting is woken after.
+                    cq.admitted -= 1
                     if cq.closing:
                         _give_back(cq)
-                    else:
-                        cq.admitted -= 1  # (plain bytecodes: see _start)
         req = AioRequest(
             self, "read", None, (), None,
             _Transfer(self._sc, f, [view], offset, len(view), 0, False, False),
@@ -2561,10 +2571,12 @@ class AioContext:
                 raise
             finally:
                 if held:
+                    # Given back in plain bytecodes before any call (a Ctrl-C
+                    # at a call's return left it counted, and close() waited
+                    # for it for good); a close() waiting is woken after.
+                    cq.admitted -= 1
                     if cq.closing:
                         _give_back(cq)
-                    else:
-                        cq.admitted -= 1  # (plain bytecodes: see _start)
         req = AioRequest(
             self, "write", None, (), None,
             _Transfer(self._sc, f, [view], offset, len(view), 0, True, False),
