@@ -46,10 +46,13 @@ def fd() -> Iterator[int]:
         os.close(fd)
 
 
-def _inline_syscalls(ctx: AioContext, short: bool) -> None:
+def _inline_syscalls(ctx: AioContext, short: bool) -> list[int]:
     """Inline attempts that move bytes (writes too, as a file system that
-    takes RWF_NOWAIT for them would), half of them if ``short``."""
+    takes RWF_NOWAIT for them would), half of them if ``short``.  Returns
+    [calls begun, calls returned] (an interrupt at the syscall's own return
+    is os.pwritev's: nobody can know what moved)."""
     real_w, real_r = ctx._sc.pwritev, ctx._preadv
+    counts = [0, 0]
 
     def wrap(real: Callable[..., int]) -> Callable[..., int]:
         def call(fd: int, views: Any, offset: int, flags: int = 0) -> int:
@@ -57,13 +60,17 @@ def _inline_syscalls(ctx: AioContext, short: bool) -> None:
                 if short:
                     v = memoryview(views[0])
                     views = [v[: len(v) // 2]]
-                return real(fd, views, offset, flags & ~RWF_NOWAIT)
+                counts[0] += 1
+                n = real(fd, views, offset, flags & ~RWF_NOWAIT)
+                counts[1] += 1
+                return n
             return real(fd, views, offset, flags)
 
         return call
 
     ctx._sc.pwritev = wrap(real_w)  # type: ignore[method-assign]
     ctx._preadv = wrap(real_r)
+    return counts
 
 
 # -- the admission given back while close() waits -------------------------------------
@@ -128,3 +135,69 @@ def test_ctrl_c_as_the_admission_is_given_back_to_a_closing_context(
     finally:
         release.set()
         ctx.close(timeout=10)
+
+
+# -- a short inline transfer, then Ctrl-C before a backend took the rest ------------
+
+
+@pytest.mark.parametrize("op", ["read", "write"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_posix_ctrl_c_after_a_short_inline_transfer_never_reports_ecanceled(
+    backend: str, fd: int, op: str
+) -> None:
+    """aio_read/aio_write whose inline attempt moved half the bytes, Ctrl-C
+    at every C return after: the aiocb is never ECANCELED once bytes moved
+    (glibc: aio_error 0, aio_return the count), and what it reports is what
+    the file (or the buffer) holds."""
+    ctx = _context(backend, deliver=False)
+    rt = px.PosixAio(ctx)
+    new = bytes(reversed(DATA))
+    try:
+        warm = px.aiocb(fd, 0, bytearray(1))
+        rt.aio_read(warm)
+        rt.aio_suspend([warm], 10)
+        calls = _inline_syscalls(ctx, short=True)
+        for n in range(1, 300):
+            os.pwrite(fd, DATA, 0)
+            buf = bytearray(len(DATA)) if op == "read" else bytearray(new)
+            cb = px.aiocb(fd, 0, buf)
+            count = interrupt_at_c_return(n)
+            try:
+                (rt.aio_read if op == "read" else rt.aio_write)(cb)
+            except KeyboardInterrupt:
+                pass
+            finally:
+                sys.setprofile(None)
+                gc.enable()
+            if cb._outcome is None:  # (interrupted before it was submitted)
+                continue
+            if calls[0] != calls[1]:  # (at the syscall's own return: see above)
+                calls[1] = calls[0]
+                rt.aio_suspend([cb], 10)
+                continue
+            rt.aio_suspend([cb], 10)
+            err = rt.aio_error(cb)
+            now = os.pread(fd, len(DATA), 0)
+            if op == "write":
+                landed = now != DATA
+                if err == errno.ECANCELED:
+                    assert not landed, n
+                else:
+                    assert err in (0, errno.EINTR), (n, err)
+                    got = rt.aio_return(cb)
+                    if err == 0:
+                        assert now[:got] == new[:got] and now[got:] == DATA[got:], n
+            else:
+                landed = any(buf)
+                if err == errno.ECANCELED:
+                    assert not landed, n
+                elif err == 0:
+                    got = rt.aio_return(cb)
+                    assert bytes(buf[:got]) == DATA[:got], n
+            wait_until(lambda: ctx.stats().outstanding == 0)
+            if count[0] < n:
+                break
+        else:  # pragma: no cover
+            raise AssertionError("the interrupt never ran out of C returns")
+    finally:
+        assert ctx.close(timeout=10)

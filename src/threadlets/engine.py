@@ -1986,14 +1986,26 @@ class AioContext:
 
     def _unstart(self, req: AioRequest, born: bool) -> None:
         """_start's clean-up after an exception, for a request ``born``
-        finished or not.  Idempotent: read() and write() (and the checked
-        ones) call it again for a request that came admitted (see _start),
-        as an interrupt at _start's entry left it admitted and nowhere."""
+        finished or not: one no backend took is taken back -- or, if its
+        inline attempt moved bytes, finished with what moved.  Idempotent:
+        read() and write() (and the checked ones) call it again for a
+        request that came admitted (see _start), as an interrupt at _start's
+        entry left it admitted and nowhere."""
         if born:
             if req._admitted and not req._processed:  # (not refused: closing)
                 self._cq.complete_once(req)
         elif req._state is _QUEUED and not self._queue._holds(req):
-            self._cq.unadmit(req)
+            t = req._transfer
+            if req._admitted and t.__class__ is _Transfer and t.done:  # type: ignore[union-attr]
+                # The inline attempt moved bytes (short), and no backend took
+                # the rest: finished here, carrying what moved, as a ring
+                # completion cut short is (_finish_interrupted) -- taken
+                # back, the caller (posix's aiocb) was told nothing moved.
+                req._claim_unpublished()
+                exc = InterruptedError(errno.EINTR, "interrupted before the rest was submitted")
+                req._finish(None, ops._moved(exc, t.done))  # type: ignore[union-attr]
+            else:
+                self._cq.unadmit(req)
 
     def _start_rw(
         self,
@@ -2464,7 +2476,7 @@ class AioContext:
                 if cq.closing:
                     raise RuntimeError("the AioContext is closed")
                 done = _nowait(f, False, self._preadv, fd, (view,), offset)
-                if done == len(view) or not done:
+                if done == view.nbytes or not done:
                     next(self._n_unseen)
                     d = _new_object(_InlineDone)  # (not taken: as read())
                     d._ctx = self
@@ -2473,7 +2485,7 @@ class AioContext:
                 if done > 0:
                     req = AioRequest(
                         self, "read", None, (), None,
-                        _Transfer(self._sc, f, [view], offset, len(view), done, False, False),
+                        _Transfer(self._sc, f, [view], offset, view.nbytes, done, False, False),
                     )  # fmt: skip
                     req._callbacks = [on_done]  # (not published yet: no lock)
                     req._admitted = True
@@ -2493,7 +2505,7 @@ class AioContext:
                         _give_back(cq)
         req = AioRequest(
             self, "read", None, (), None,
-            _Transfer(self._sc, f, [view], offset, len(view), 0, False, False),
+            _Transfer(self._sc, f, [view], offset, view.nbytes, 0, False, False),
         )  # fmt: skip
         req._callbacks = [on_done]  # (not published yet: no lock)
         return self._start_taken(req, taken, False)
@@ -2549,7 +2561,7 @@ class AioContext:
                 # what was written.)
                 done = _nowait(f, True, self._sc.pwritev, fd, [view], offset)
                 if done > 0:
-                    if done == len(view):
+                    if done == view.nbytes:
                         # Born finished, on_done not taken (the caller adds
                         # it); in `taken` all the same: the bytes moved.
                         born = True
@@ -2559,7 +2571,7 @@ class AioContext:
                         born = False
                         req = AioRequest(
                             self, "write", None, (), None,
-                            _Transfer(self._sc, f, [view], offset, len(view), done, True, False),
+                            _Transfer(self._sc, f, [view], offset, view.nbytes, done, True, False),
                         )  # fmt: skip
                         req._callbacks = [on_done]
                     req._admitted = True
@@ -2579,7 +2591,7 @@ class AioContext:
                         _give_back(cq)
         req = AioRequest(
             self, "write", None, (), None,
-            _Transfer(self._sc, f, [view], offset, len(view), 0, True, False),
+            _Transfer(self._sc, f, [view], offset, view.nbytes, 0, True, False),
         )  # fmt: skip
         req._callbacks = [on_done]
         return self._start_taken(req, taken, False)
