@@ -186,7 +186,8 @@ def test_posix_ctrl_c_after_a_short_inline_transfer_never_reports_ecanceled(
                     assert err in (0, errno.EINTR), (n, err)
                     got = rt.aio_return(cb)
                     if err == 0:
-                        assert now[:got] == new[:got] and now[got:] == DATA[got:], n
+                        assert now[:got] == new[:got], n
+                        assert now[got:] == DATA[got:], n
             else:
                 landed = any(buf)
                 if err == errno.ECANCELED:

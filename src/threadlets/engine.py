@@ -1996,14 +1996,14 @@ class AioContext:
                 self._cq.complete_once(req)
         elif req._state is _QUEUED and not self._queue._holds(req):
             t = req._transfer
-            if req._admitted and t.__class__ is _Transfer and t.done:  # type: ignore[union-attr]
+            if req._admitted and t.__class__ is _Transfer and t.done:
                 # The inline attempt moved bytes (short), and no backend took
                 # the rest: finished here, carrying what moved, as a ring
                 # completion cut short is (_finish_interrupted) -- taken
                 # back, the caller (posix's aiocb) was told nothing moved.
                 req._claim_unpublished()
                 exc = InterruptedError(errno.EINTR, "interrupted before the rest was submitted")
-                req._finish(None, ops._moved(exc, t.done))  # type: ignore[union-attr]
+                req._finish(None, ops._moved(exc, t.done))
             else:
                 self._cq.unadmit(req)
 
