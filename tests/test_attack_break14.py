@@ -202,3 +202,59 @@ def test_posix_ctrl_c_after_a_short_inline_transfer_never_reports_ecanceled(
             raise AssertionError("the interrupt never ran out of C returns")
     finally:
         assert ctx.close(timeout=10)
+
+
+@pytest.mark.parametrize("short", [False, True], ids=["whole", "short"])
+@pytest.mark.parametrize("op", ["read", "write"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ctrl_c_sweep_of_an_inline_transfer_the_callback_tells_what_moved(
+    backend: str, fd: int, op: str, short: bool
+) -> None:
+    """read()/write() with callback=, the inline attempt moving bytes (half
+    if ``short``), Ctrl-C at every C return after the syscall returned: a
+    request delivered tells what moved -- its count, or its error's
+    ``transferred`` -- as the file (or the buffer) shows it (differential
+    against the file's bytes); nothing counted stays outstanding."""
+    ctx = _context(backend)
+    new = bytes(reversed(DATA))
+    try:
+        ctx.read(fd, 0, bytearray(1)).wait(10)
+        calls = _inline_syscalls(ctx, short)
+        for n in range(1, 300):
+            os.pwrite(fd, DATA, 0)
+            buf = bytearray(new)  # (a read overwrites it with DATA)
+            seen: list[Any] = []
+            fn = ctx.read if op == "read" else ctx.write
+            count = interrupt_at_c_return(n)
+            try:
+                fn(fd, 0, buf, callback=seen.append)
+            except KeyboardInterrupt:
+                pass
+            finally:
+                sys.setprofile(None)
+                gc.enable()
+            assert ctx.drain(10), n
+            assert ctx._cq.admitted == ctx._cq.delivered, n
+            assert len(seen) <= 1, n
+            synced = calls[0] == calls[1]
+            calls[1] = calls[0]
+            now = os.pread(fd, len(DATA), 0)
+            moved = (
+                next((i for i in range(len(DATA)) if now[i] == DATA[i]), len(DATA))
+                if op == "write"
+                else next((i for i in range(len(DATA)) if buf[i] == new[i]), len(DATA))
+            )
+            if seen:
+                req = seen[0]
+                exc = req.exception()
+                told = req.result() if exc is None else getattr(exc, "transferred", 0)
+                assert told == moved, (n, told, moved, exc)
+            elif synced and calls[0]:
+                # The syscall returned, and nobody was told: nothing moved.
+                assert moved == 0, (n, moved)
+            if count[0] < n:
+                break
+        else:  # pragma: no cover
+            raise AssertionError("the interrupt never ran out of C returns")
+    finally:
+        assert ctx.close(timeout=10)
