@@ -258,3 +258,58 @@ def test_ctrl_c_sweep_of_an_inline_transfer_the_callback_tells_what_moved(
             raise AssertionError("the interrupt never ran out of C returns")
     finally:
         assert ctx.close(timeout=10)
+
+
+# -- close() from a signal handler that runs inside the inline attempt --------------
+
+
+@pytest.mark.parametrize("short", [False, True], ids=["whole", "short"])
+@pytest.mark.parametrize("op", ["read", "write"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_close_from_a_signal_handler_inside_the_inline_attempt(
+    backend: str, fd: int, op: str, short: bool
+) -> None:
+    """A signal handler runs in the submitting thread, on top of the frame
+    making the inline attempt (here: the patched syscall calls close() as
+    a handler run at its C return would).  close() waited for what is
+    outstanding -- including the admission read()/write() took before the
+    attempt, which the frame below holds until the handler returns: it
+    returned False at its timeout (with none, never).  Now it closes, and
+    the attempt, resumed, reports what moved (differential: the file, the
+    buffer)."""
+    ctx = _context(backend)
+    new = bytes(reversed(DATA))
+    try:
+        ctx.read(fd, 0, bytearray(1)).wait(10)
+        result: list[bool] = []
+        real = ctx._sc.pwritev if op == "write" else ctx._preadv
+
+        def handler_closes(fd: int, views: Any, offset: int, flags: int = 0) -> int:
+            if flags & RWF_NOWAIT and short:
+                v = memoryview(views[0])
+                views = [v[: len(v) // 2]]
+            n = real(fd, views, offset, flags & ~RWF_NOWAIT)
+            if flags & RWF_NOWAIT and not result:
+                result.append(ctx.close(timeout=5))
+            return n
+
+        if op == "write":
+            ctx._sc.pwritev = handler_closes  # type: ignore[method-assign]
+        else:
+            ctx._preadv = handler_closes
+        seen: list[Any] = []
+        buf = bytearray(new)
+        req = (ctx.read if op == "read" else ctx.write)(fd, 0, buf, callback=seen.append)
+        assert result == [True]
+        assert ctx._cq.admitted == ctx._cq.delivered
+        assert seen == [req]
+        half = len(DATA) // 2 if short else len(DATA)
+        exc = req.exception()
+        told = req.result() if exc is None else getattr(exc, "transferred", 0)
+        assert told == half
+        if op == "write":
+            assert os.pread(fd, len(DATA), 0) == new[:half] + DATA[half:]
+        else:
+            assert bytes(buf) == DATA[:half] + new[half:]
+    finally:
+        ctx.close(timeout=10)

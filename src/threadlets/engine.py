@@ -1961,6 +1961,13 @@ class AioContext:
                 if cq.closing:
                     cq.unadmit(req)
                     raise RuntimeError("the AioContext is closed")
+            elif not born and cq.notifier.closed:
+                # Closed on top of the inline attempt that moved what this
+                # request reports (a signal handler's close(), which counted
+                # its admission as its own: see _own_inline): no backend
+                # runs the rest now; finished with what moved, here.
+                self._unstart(req, False)
+                return req
             if born:
                 next(self._n_inline)
                 cq.complete(req)
@@ -2309,6 +2316,7 @@ class AioContext:
                     # at a call's return left it counted, and close() waited
                     # for it for good); a close() waiting is woken after.
                     cq.admitted -= 1
+                    held = False  # (for _own_inline: given back)
                     if cq.closing:
                         _give_back(cq)
         if self._ring_backend is not None and one is not None and not zero_fill:
@@ -2403,6 +2411,7 @@ class AioContext:
                     # at a call's return left it counted, and close() waited
                     # for it for good); a close() waiting is woken after.
                     cq.admitted -= 1
+                    held = False  # (for _own_inline: given back)
                     if cq.closing:
                         _give_back(cq)
         if one is not None:
@@ -2501,6 +2510,7 @@ class AioContext:
                     # at a call's return left it counted, and close() waited
                     # for it for good); a close() waiting is woken after.
                     cq.admitted -= 1
+                    held = False  # (for _own_inline: given back)
                     if cq.closing:
                         _give_back(cq)
         req = AioRequest(
@@ -2587,6 +2597,7 @@ class AioContext:
                     # at a call's return left it counted, and close() waited
                     # for it for good); a close() waiting is woken after.
                     cq.admitted -= 1
+                    held = False  # (for _own_inline: given back)
                     if cq.closing:
                         _give_back(cq)
         req = AioRequest(
@@ -2891,7 +2902,7 @@ class AioContext:
     def drain(self, timeout: float | None = None) -> bool:
         """Process completions until no request is outstanding (QEMU's
         qemu_aio_flush).  Returns False if ``timeout`` seconds passed first."""
-        own = self._own_finishing()
+        own = self._own_finishing() + self._own_inline()
         return self._wait_until(lambda: self._cq.outstanding() <= own, timeout)
 
     def _own_finishing(self) -> int:
@@ -2901,6 +2912,24 @@ class AioContext:
         delivered as soon as its done-callbacks returned)."""
         mine = _finishing.requests
         return sum(1 for r in mine if r._ctx is self)
+
+    def _own_inline(self) -> int:
+        """How many admissions taken before an inline attempt (see read())
+        this thread's frames below hold on this context: a drain() or
+        close() in a signal handler that runs on top of the attempt would
+        wait for them, that is for itself -- for good.  Counted as done: the
+        attempt, resumed once the handler returned, reports what moved
+        (see _start: a request made of it on a closed context is finished
+        there) or is refused."""
+        n = 0
+        f: types.FrameType | None = sys._getframe(2)
+        while f is not None:
+            if f.f_code in _INLINE_CODES:
+                local = f.f_locals
+                if local.get("self") is self and local.get("held") is True:
+                    n += 1
+            f = f.f_back
+        return n
 
     def _check_open(self) -> None:
         if self._cq.notifier.closed:
@@ -2951,7 +2980,7 @@ class AioContext:
             if self._deliver:
                 quiet = self.drain(timeout)
             else:
-                quiet = self._wait_quiet(timeout, self._own_finishing())
+                quiet = self._wait_quiet(timeout, self._own_finishing() + self._own_inline())
         except BaseException:
             self._reopen()
             raise
@@ -3055,6 +3084,18 @@ class AioContext:
         self._finalizer = weakref.finalize(
             self, _release, self._cq.notifier, self._cq.lock, _weak(None)
         )
+
+
+#: The frames that hold an admission across an inline attempt (see
+#: AioContext._own_inline).
+_INLINE_CODES = frozenset(
+    (
+        AioContext.read.__code__,
+        AioContext.write.__code__,
+        AioContext._read_checked.__code__,
+        AioContext._write_checked.__code__,
+    )
+)
 
 
 class _InlineDone(AioRequest):
