@@ -1683,14 +1683,18 @@ def _nowait(
 
 
 def _give_back(cq: _CompletionQueue) -> None:
-    """Take back an admission no request took (read()'s or write()'s, made
-    before the inline attempt) from a context whose close() began: as
-    unadmit() takes back a request's (and wakes the close), through a
-    stand-in.  (Not closing, a plain ``cq.admitted -= 1`` does: see
-    AioContext._start.)"""
-    stand_in = _new_object(AioRequest)
-    stand_in._admitted = True
-    cq.unadmit(stand_in)
+    """An admission no request took (read()'s or write()'s, made before the
+    inline attempt) was just given back (``cq.admitted -= 1``, plain
+    bytecodes) to a context whose close() began: wake the close, as
+    unadmit() does.  (The count first, the wake after: a Ctrl-C as a call
+    here returns leaves the count right.)"""
+    with cq.lock:
+        cq.quiet.notify_all()
+        if cq.deliver and not cq.signalled:
+            # (See unadmit.)
+            cq.signalled = True
+            cq.wakeups += 1
+            cq._signal()
 
 
 def _finish_interrupted(req: AioRequest, moved: int) -> bool:
@@ -1992,6 +1996,13 @@ class AioContext:
                 if cq.closing:
                     cq.unadmit(req)
                     raise RuntimeError("the AioContext is closed")
+            elif not born and cq.notifier.closed:
+                # Closed on top of the inline attempt that moved what this
+                # request reports (a signal handler's close(), which counted
+                # its admission as its own: see _own_inline): no backend
+                # runs the rest now; finished with what moved, here.
+                self._unstart(req, False)
+                return req
             if born:
                 next(self._n_inline)
                 cq.complete(req)
@@ -2017,14 +2028,26 @@ class AioContext:
 
     def _unstart(self, req: AioRequest, born: bool) -> None:
         """_start's clean-up after an exception, for a request ``born``
-        finished or not.  Idempotent: read() and write() (and the checked
-        ones) call it again for a request that came admitted (see _start),
-        as an interrupt at _start's entry left it admitted and nowhere."""
+        finished or not: one no backend took is taken back -- or, if its
+        inline attempt moved bytes, finished with what moved.  Idempotent:
+        read() and write() (and the checked ones) call it again for a
+        request that came admitted (see _start), as an interrupt at _start's
+        entry left it admitted and nowhere."""
         if born:
             if req._admitted and not req._processed:  # (not refused: closing)
                 self._cq.complete_once(req)
         elif req._state is _QUEUED and not self._queue._holds(req):
-            self._cq.unadmit(req)
+            t = req._transfer
+            if req._admitted and t.__class__ is _Transfer and t.done:
+                # The inline attempt moved bytes (short), and no backend took
+                # the rest: finished here, carrying what moved, as a ring
+                # completion cut short is (_finish_interrupted) -- taken
+                # back, the caller (posix's aiocb) was told nothing moved.
+                req._claim_unpublished()
+                exc = InterruptedError(errno.EINTR, "interrupted before the rest was submitted")
+                req._finish(None, ops._moved(exc, t.done))
+            else:
+                self._cq.unadmit(req)
 
     def _start_rw(
         self,
@@ -2324,10 +2347,13 @@ class AioContext:
                 raise
             finally:
                 if held:
+                    # Given back in plain bytecodes before any call (a Ctrl-C
+                    # at a call's return left it counted, and close() waited
+                    # for it for good); a close() waiting is woken after.
+                    cq.admitted -= 1
+                    held = False  # (for _own_inline: given back)
                     if cq.closing:
                         _give_back(cq)
-                    else:
-                        cq.admitted -= 1  # (plain bytecodes: see _start)
         if self._ring_backend is not None and one is not None and not zero_fill:
             return self._start_rw(f, one, offset, total, False, callback)
         if t is bytearray:  # (ops slices the views)
@@ -2416,10 +2442,13 @@ class AioContext:
                 raise
             finally:
                 if held:
+                    # Given back in plain bytecodes before any call (a Ctrl-C
+                    # at a call's return left it counted, and close() waited
+                    # for it for good); a close() waiting is woken after.
+                    cq.admitted -= 1
+                    held = False  # (for _own_inline: given back)
                     if cq.closing:
                         _give_back(cq)
-                    else:
-                        cq.admitted -= 1  # (plain bytecodes: see _start)
         if one is not None:
             if self._ring_backend is not None:
                 return self._start_rw(f, one, offset, total, True, callback)
@@ -2491,7 +2520,7 @@ class AioContext:
                 if cq.closing:
                     raise RuntimeError("the AioContext is closed")
                 done = _nowait(f, False, self._preadv, fd, (view,), offset)
-                if done == len(view) or not done:
+                if done == view.nbytes or not done:
                     next(self._n_unseen)
                     d = _new_object(_InlineDone)  # (not taken: as read())
                     d._ctx = self
@@ -2500,7 +2529,7 @@ class AioContext:
                 if done > 0:
                     req = AioRequest(
                         self, "read", None, (), None,
-                        _Transfer(self._sc, f, [view], offset, len(view), done, False, False),
+                        _Transfer(self._sc, f, [view], offset, view.nbytes, done, False, False),
                     )  # fmt: skip
                     req._callbacks = [on_done]  # (not published yet: no lock)
                     req._admitted = True
@@ -2512,13 +2541,16 @@ class AioContext:
                 raise
             finally:
                 if held:
+                    # Given back in plain bytecodes before any call (a Ctrl-C
+                    # at a call's return left it counted, and close() waited
+                    # for it for good); a close() waiting is woken after.
+                    cq.admitted -= 1
+                    held = False  # (for _own_inline: given back)
                     if cq.closing:
                         _give_back(cq)
-                    else:
-                        cq.admitted -= 1  # (plain bytecodes: see _start)
         req = AioRequest(
             self, "read", None, (), None,
-            _Transfer(self._sc, f, [view], offset, len(view), 0, False, False),
+            _Transfer(self._sc, f, [view], offset, view.nbytes, 0, False, False),
         )  # fmt: skip
         req._callbacks = [on_done]  # (not published yet: no lock)
         return self._start_taken(req, taken, False)
@@ -2574,7 +2606,7 @@ class AioContext:
                 # what was written.)
                 done = _nowait(f, True, self._sc.pwritev, fd, [view], offset)
                 if done > 0:
-                    if done == len(view):
+                    if done == view.nbytes:
                         # Born finished, on_done not taken (the caller adds
                         # it); in `taken` all the same: the bytes moved.
                         born = True
@@ -2584,7 +2616,7 @@ class AioContext:
                         born = False
                         req = AioRequest(
                             self, "write", None, (), None,
-                            _Transfer(self._sc, f, [view], offset, len(view), done, True, False),
+                            _Transfer(self._sc, f, [view], offset, view.nbytes, done, True, False),
                         )  # fmt: skip
                         req._callbacks = [on_done]
                     req._admitted = True
@@ -2596,13 +2628,16 @@ class AioContext:
                 raise
             finally:
                 if held:
+                    # Given back in plain bytecodes before any call (a Ctrl-C
+                    # at a call's return left it counted, and close() waited
+                    # for it for good); a close() waiting is woken after.
+                    cq.admitted -= 1
+                    held = False  # (for _own_inline: given back)
                     if cq.closing:
                         _give_back(cq)
-                    else:
-                        cq.admitted -= 1  # (plain bytecodes: see _start)
         req = AioRequest(
             self, "write", None, (), None,
-            _Transfer(self._sc, f, [view], offset, len(view), 0, True, False),
+            _Transfer(self._sc, f, [view], offset, view.nbytes, 0, True, False),
         )  # fmt: skip
         req._callbacks = [on_done]
         return self._start_taken(req, taken, False)
@@ -2902,7 +2937,7 @@ class AioContext:
     def drain(self, timeout: float | None = None) -> bool:
         """Process completions until no request is outstanding (QEMU's
         qemu_aio_flush).  Returns False if ``timeout`` seconds passed first."""
-        own = self._own_finishing()
+        own = self._own_finishing() + self._own_inline()
         return self._wait_until(lambda: self._cq.outstanding() <= own, timeout)
 
     def _own_finishing(self) -> int:
@@ -2912,6 +2947,24 @@ class AioContext:
         delivered as soon as its done-callbacks returned)."""
         mine = _finishing.requests
         return sum(1 for r in mine if r._ctx is self)
+
+    def _own_inline(self) -> int:
+        """How many admissions taken before an inline attempt (see read())
+        this thread's frames below hold on this context: a drain() or
+        close() in a signal handler that runs on top of the attempt would
+        wait for them, that is for itself -- for good.  Counted as done: the
+        attempt, resumed once the handler returned, reports what moved
+        (see _start: a request made of it on a closed context is finished
+        there) or is refused."""
+        n = 0
+        f: types.FrameType | None = sys._getframe(2)
+        while f is not None:
+            if f.f_code in _INLINE_CODES:
+                local = f.f_locals
+                if local.get("self") is self and local.get("held") is True:
+                    n += 1
+            f = f.f_back
+        return n
 
     def _check_open(self) -> None:
         if self._cq.notifier.closed:
@@ -2962,7 +3015,7 @@ class AioContext:
             if self._deliver:
                 quiet = self.drain(timeout)
             else:
-                quiet = self._wait_quiet(timeout, self._own_finishing())
+                quiet = self._wait_quiet(timeout, self._own_finishing() + self._own_inline())
         except BaseException:
             self._reopen()
             raise
@@ -3066,6 +3119,18 @@ class AioContext:
         self._finalizer = weakref.finalize(
             self, _release, self._cq.notifier, self._cq.lock, _weak(None)
         )
+
+
+#: The frames that hold an admission across an inline attempt (see
+#: AioContext._own_inline).
+_INLINE_CODES = frozenset(
+    (
+        AioContext.read.__code__,
+        AioContext.write.__code__,
+        AioContext._read_checked.__code__,
+        AioContext._write_checked.__code__,
+    )
+)
 
 
 class _InlineDone(AioRequest):
