@@ -27,7 +27,8 @@ is also held back while the reaper is busy handing out completions or, with
 :data:`DEFER_AT` or more operations in the kernel (counting those whose
 completions its last pass handed out: a front end that keeps a depth sends
 them straight back), in a sleep of at most :data:`HOLD_MAX`; the reaper
-submits everything held back at the end of either.  Every wait is bounded by Python work under way or by HOLD_MAX,
+submits everything held back at the end of either (there too a burst of
+KICK_AT with nothing in the kernel goes at once).  Every wait is bounded by Python work under way or by HOLD_MAX,
 never by how long the kernel takes.  On O_DIRECT each ``io_uring_enter`` is
 also a doorbell to the device -- on a VM an exit to the hypervisor -- so
 this matters more than the Python it saves.  A thread about to block on an
@@ -187,8 +188,8 @@ _KICK = 1 << 63  # user_data of the NOPs that wake sleepers (see Ring.wait)
 DEFER_AT = 8
 HOLD_MAX = 0.001
 
-#: A plugged thread's burst is sent at this many held back if the kernel has
-#: nothing of the ring's in hand.  All of a batch held for one
+#: A plugged thread's burst (or one held for the reaper) is sent at this
+#: many held back if the kernel has nothing of the ring's in hand.  All of a batch held for one
 #: ``io_uring_enter`` would move in lockstep: a device that completes a
 #: doorbell's requests together (a virtio disk finishes them as one) sits
 #: idle while Python handles the whole batch and makes the next.  Sent in
@@ -613,9 +614,14 @@ class Ring:
                 if schedule is None or self._flush_scheduled:
                     return ident
                 self._flush_scheduled = True
-            elif self._reaper_holds:
+            elif self._reaper_holds and (self._unsubmitted < KICK_AT or self._in_kernel):
                 # Held back for the reaper, which sends everything held back
-                # at the end of its current pass or short sleep.
+                # at the end of its current pass or short sleep.  Not past
+                # KICK_AT with nothing in the kernel (as under a plug): the
+                # reaper, having handed out the whole depth, would sleep out
+                # its HOLD_MAX with nothing to wake it, and the device would
+                # sit idle until the submitter blocks (aio_suspend's flush):
+                # lockstep batches of the whole depth.
                 return ident
             else:
                 schedule = None
