@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest
 
+import threadlets
 from threadlets import AioContext
 from threadlets.uring import RingUnavailable
 
@@ -155,3 +157,39 @@ def test_close_from_a_signal_handler_between_admission_and_backend(
             assert ctx._cq.admitted == ctx._cq.delivered
         finally:
             ctx.close(timeout=10)
+
+
+@pytest.mark.parametrize("deliver", [True, False], ids=["deliver", "quiet"])
+@pytest.mark.parametrize("how", ["close", "drain"])
+def test_close_or_drain_called_from_c_with_no_python_caller(
+    backend: str, deliver: bool, how: str
+) -> None:
+    """atexit (or _thread.start_new_thread) calls a bound close()/drain()
+    from C: no Python frame below it.  _own_inline looked two frames up
+    with sys._getframe(2) and raised ValueError ("call stack is not deep
+    enough"): the context was left open at exit."""
+    if how == "drain" and not deliver:
+        pytest.skip("drain() is a delivering context's")
+    src = os.path.dirname(os.path.dirname(threadlets.__file__))
+    code = (
+        "import atexit\n"
+        "from threadlets import AioContext\n"
+        f"ctx = AioContext(backend={backend!r}, deliver={deliver!r})\n"
+        "def check():\n"
+        "    assert ctx.closed, 'not closed'\n"
+        "    print('closed')\n"
+        "atexit.register(check)\n"
+        f"atexit.register(ctx.{how})\n" + ("atexit.register(ctx.close)\n" if how == "drain" else "")
+    )
+    env = dict(os.environ, PYTHONPATH=src)
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "closed\n"
+    assert "Traceback" not in done.stderr, done.stderr

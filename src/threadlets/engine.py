@@ -2961,7 +2961,9 @@ class AioContext:
         (see _start: a request made of it on a closed context is finished
         there) or is refused."""
         n = 0
-        f: types.FrameType | None = sys._getframe(2)
+        # (drain()'s or close()'s caller: none when C called it -- atexit,
+        # _thread.start_new_thread -- where sys._getframe(2) raised.)
+        f: types.FrameType | None = sys._getframe(1).f_back
         while f is not None:
             code = f.f_code
             if code in _INLINE_CODES:
