@@ -193,3 +193,48 @@ def test_close_or_drain_called_from_c_with_no_python_caller(
     assert done.returncode == 0, done.stderr
     assert done.stdout == "closed\n"
     assert "Traceback" not in done.stderr, done.stderr
+
+
+_HANDLER_UNDER_THE_LOCK = """
+import sys, threading
+from threadlets import AioContext
+ctx = AioContext(backend=sys.argv[1], deliver=False)
+cq = ctx._cq
+gate = threading.Event()
+req = ctx.call(lambda: gate.wait(10) and 5)
+inner = []
+def tracer(frame, event, arg):
+    # A signal handler runs at a Python function's entry: here Condition's
+    # (wait_for's predicate, wait, notify_all), which run under cq.lock.
+    if event == "call" and not inner and cq.lock.locked():
+        inner.append(None)
+        gate.set()
+        inner[0] = ctx.close(timeout=2)
+    return None
+sys.settrace(tracer)
+outer = ctx.close(timeout=5)
+sys.settrace(None)
+print(outer, inner)
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a signal handler that closes the context, run at the entry of Python code "
+    "called under the completion lock (threading.Condition's methods), deadlocks on it",
+)
+def test_close_from_a_signal_handler_while_close_holds_the_lock(backend: str) -> None:
+    """close() of a context that delivers nothing waits with
+    threading.Condition.wait_for, whose Python methods run under cq.lock:
+    a signal handler landing at their entry (a tracer here, at the 'call'
+    event) whose close() takes cq.lock waits for itself, for good."""
+    src = os.path.dirname(os.path.dirname(threadlets.__file__))
+    env = dict(os.environ, PYTHONPATH=src)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _HANDLER_UNDER_THE_LOCK, backend],
+            check=False, env=env, capture_output=True, text=True, timeout=3,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        raise AssertionError("deadlocked") from None
+    assert done.stdout == "True [True]\n", done.stderr
