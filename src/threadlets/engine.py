@@ -739,7 +739,7 @@ class AioRequest(Threadlet[int]):
                         if not self._processed:
                             self._processed = True
                             cq.delivered += 1
-                            if cq.admitted == cq.delivered:
+                            if cq.admitted == cq.delivered or cq.closing:
                                 with cq.lock:
                                     cq.quiet.notify_all()
                     return
@@ -767,7 +767,7 @@ class AioRequest(Threadlet[int]):
                             if not self._processed:
                                 self._processed = True
                                 cq.delivered += 1
-                                if cq.admitted == cq.delivered:
+                                if cq.admitted == cq.delivered or cq.closing:
                                     with cq.lock:
                                         cq.quiet.notify_all()
                 return
@@ -1150,7 +1150,11 @@ class _CompletionQueue:
                 # clean-up after an interrupt must not count it twice.
                 req._processed = True
                 self.delivered += 1
-                if self.admitted == self.delivered:
+                if self.admitted == self.delivered or self.closing:
+                    # (Closing: a close() that counts requests of its own
+                    # -- a done-callback's, see _own_finishing; an inline
+                    # attempt's, see _own_inline -- waits for fewer than
+                    # all, and is woken at each delivery to look.)
                     self.quiet.notify_all()
                 return
             if not self.notifier.closed:
@@ -2957,11 +2961,26 @@ class AioContext:
         (see _start: a request made of it on a closed context is finished
         there) or is refused."""
         n = 0
-        f: types.FrameType | None = sys._getframe(2)
+        # (drain()'s or close()'s caller: none when C called it -- atexit,
+        # _thread.start_new_thread -- where sys._getframe(2) raised.)
+        f: types.FrameType | None = sys._getframe(1).f_back
         while f is not None:
-            if f.f_code in _INLINE_CODES:
+            code = f.f_code
+            if code in _INLINE_CODES:
                 local = f.f_locals
                 if local.get("self") is self and local.get("held") is True:
+                    n += 1
+            elif code in _ADMITTING_CODES:
+                # _start (or _start_rw) between the admission and a backend
+                # taking the request: the handler's close() would wait for
+                # it, and the frame below hands it over only once the
+                # handler returned.  Counted as done: resumed, it finishes
+                # as any request (the ring, closed, refuses it; the pool
+                # runs it, or refuses it and _start takes it back).
+                local = f.f_locals
+                if local.get("self") is self and _unsubmitted(
+                    local.get("req"), local.get("born") is True, self
+                ):
                     n += 1
             f = f.f_back
         return n
@@ -3131,6 +3150,25 @@ _INLINE_CODES = frozenset(
         AioContext._write_checked.__code__,
     )
 )
+
+#: The frames that admit a request and then hand it to a backend (see
+#: AioContext._own_inline).
+_ADMITTING_CODES = frozenset((AioContext._start.__code__, AioContext._start_rw.__code__))
+
+
+def _unsubmitted(req: object, born: bool, ctx: AioContext) -> bool:
+    """Whether ``req``, a local of an admitting frame of ``ctx`` (see
+    _own_inline), is admitted and undelivered, and no backend has it yet:
+    ``born`` finished and not completed, or queued nowhere (not on the
+    ring, not in the pool's queue: a look without the pool's lock, which
+    the frame below may hold; one C call, no other thread comes between).
+    (One a backend finished is DONE, not born: its completion is on its
+    way.)"""
+    if not isinstance(req, AioRequest) or not req._admitted or req._processed:
+        return False
+    if born:
+        return req not in ctx._cq.ready
+    return req._state is _QUEUED and not req._on_ring and req not in ctx._queue._items
 
 
 class _InlineDone(AioRequest):
