@@ -815,7 +815,67 @@ class AioRequest(Threadlet[int]):
                 args = self._args
                 self._args = ()  # (the buffer is the caller's again)
                 if res == args[3]:
-                    self._finish(res, None)
+                    # The common case (a full count), fused: _finish's
+                    # steps and, with no waiter and no done-callback,
+                    # _finish_quiet's, without their frames.  (From
+                    # _start_rw: no _fn, no _exception, no _transfer to
+                    # let go.)  The outcome before the state, under the
+                    # lock; delivered even if Ctrl-C lands as the lock is
+                    # let go; remembered as claimed until delivered (see
+                    # Threadlet._finish).  A Ctrl-C below, once the state
+                    # changed, reaches _finish_interrupted, which finds it
+                    # not RUNNING and changes nothing.
+                    queue = self._queue
+                    changed = False
+                    try:
+                        with queue._lock:
+                            if self._state is not _RUNNING:
+                                return  # (cancelled in a forked child)
+                            self._result = res
+                            self._state = _DONE
+                            changed = True  # (no call since the state)
+                    finally:
+                        if changed:
+                            try:
+                                if self._waiters or self._callbacks:
+                                    # (Final once DONE, read as _finished
+                                    # reads them: none is added after.)
+                                    self._finished()
+                                elif not self._processed:
+                                    # _CompletionQueue.complete, spelled
+                                    # out (keep the two in step): delivered
+                                    # at once in the thread reaping for
+                                    # the queue, else queued.
+                                    cq = self._ctx._cq
+                                    direct = cq.direct
+                                    if direct:
+                                        try:
+                                            me = _get_ident()
+                                        except BaseException:  # (Ctrl-C as it returned)
+                                            cq._enqueue(self)
+                                            raise
+                                        if direct.ident == me:
+                                            self._processed = True
+                                            cq.delivered += 1
+                                            direct.count += 1
+                                            cb = self.callback
+                                            if cb is not None:
+                                                cq.direct = None
+                                                try:
+                                                    cb(self)
+                                                except Exception:
+                                                    log.exception(
+                                                        "exception in completion callback of %r",
+                                                        self,
+                                                    )
+                                                finally:
+                                                    cq.direct = direct
+                                        else:
+                                            cq._enqueue(self)
+                                    else:
+                                        cq._enqueue(self)
+                            finally:
+                                queue._unclaimed(self._claim_ref)
                     return
                 f, buf, offset, total, write = args
                 view = buf if type(buf) is memoryview else memoryview(buf)
@@ -1110,7 +1170,9 @@ class _CompletionQueue:
         delivers it at once, as process() would.  A request already marked
         processed is the parent's, handed over in a forked child by the
         thread that forked while delivering it: it counts as delivered
-        there (see AioRequest._forked), and its callback is the parent's."""
+        there (see AioRequest._forked), and its callback is the parent's.
+        (Spelled out in AioRequest._ring_done's fused path: keep the two in
+        step.)"""
         if req._processed:
             return
         direct = self.direct
