@@ -3021,7 +3021,15 @@ class AioContext:
         wait for them, that is for itself -- for good.  Counted as done: the
         attempt, resumed once the handler returned, reports what moved
         (see _start: a request made of it on a closed context is finished
-        there) or is refused."""
+        there) or is refused.
+
+        Only the inline attempt's admission is counted.  A request the
+        frame below admitted and has not yet handed to a backend (a handler
+        landing inside _start) is not: telling it apart from one a worker
+        is taking at that moment needs the pool's lock, which the frame
+        below may hold -- so such a close() waits for it, to its timeout.
+        (A signal handler that closes the context its own thread is
+        submitting to is documented as unsupported: docs/engine.md.)"""
         n = 0
         # (drain()'s or close()'s caller: none when C called it -- atexit,
         # _thread.start_new_thread -- where sys._getframe(2) raised.)
@@ -3031,18 +3039,6 @@ class AioContext:
             if code in _INLINE_CODES:
                 local = f.f_locals
                 if local.get("self") is self and local.get("held") is True:
-                    n += 1
-            elif code in _ADMITTING_CODES:
-                # _start (or _start_rw) between the admission and a backend
-                # taking the request: the handler's close() would wait for
-                # it, and the frame below hands it over only once the
-                # handler returned.  Counted as done: resumed, it finishes
-                # as any request (the ring, closed, refuses it; the pool
-                # runs it, or refuses it and _start takes it back).
-                local = f.f_locals
-                if local.get("self") is self and _unsubmitted(
-                    local.get("req"), local.get("born") is True, self
-                ):
                     n += 1
             f = f.f_back
         return n
@@ -3212,25 +3208,6 @@ _INLINE_CODES = frozenset(
         AioContext._write_checked.__code__,
     )
 )
-
-#: The frames that admit a request and then hand it to a backend (see
-#: AioContext._own_inline).
-_ADMITTING_CODES = frozenset((AioContext._start.__code__, AioContext._start_rw.__code__))
-
-
-def _unsubmitted(req: object, born: bool, ctx: AioContext) -> bool:
-    """Whether ``req``, a local of an admitting frame of ``ctx`` (see
-    _own_inline), is admitted and undelivered, and no backend has it yet:
-    ``born`` finished and not completed, or queued nowhere (not on the
-    ring, not in the pool's queue: a look without the pool's lock, which
-    the frame below may hold; one C call, no other thread comes between).
-    (One a backend finished is DONE, not born: its completion is on its
-    way.)"""
-    if not isinstance(req, AioRequest) or not req._admitted or req._processed:
-        return False
-    if born:
-        return req not in ctx._cq.ready
-    return req._state is _QUEUED and not req._on_ring and req not in ctx._queue._items
 
 
 class _InlineDone(AioRequest):

@@ -583,8 +583,14 @@ class Ring:
         with self._lock:
             # At most `entries` in flight (the CQ, twice as large, never
             # overflows), none once closing (_room is 0), none in a forked
-            # child.
-            if self._inflight >= self._room or self._generation != _generation:
+            # child.  Nor into a full SQ: a sleepers' NOP (not in flight)
+            # can fill its last slot while a kick is under way, and an SQE
+            # written there went over the oldest one not consumed yet.
+            if (
+                self._inflight >= self._room
+                or (self._tail - self._sq_head.value) & 0xFFFFFFFF >= self.entries
+                or self._generation != _generation
+            ):
                 return 0
             ident = next(self._ids)
             # _push, spelled out (this runs once per request).  The SQE goes
@@ -921,7 +927,12 @@ class Ring:
         takes and kicks."""
         if not self._sleepers or self._closing or self._generation != _generation:
             return False
-        if self._unsubmitted < self.entries:  # (else what is held wakes them)
+        # Only into room in the SQ: its fill, not the count nobody took --
+        # a submitter between its take and its kick (a burst held for the
+        # reaper goes at KICK_AT) leaves the SQ full with nothing untaken,
+        # and the NOP went over the oldest SQE (that request never ran).
+        # Full, what is in it wakes them once sent, as does what is held.
+        if (self._tail - self._sq_head.value) & 0xFFFFFFFF < self.entries:
             self._push(OP_NOP, -1, 0, 0, 0, 0, _KICK)
         return True
 
