@@ -2361,7 +2361,35 @@ class AioContext:
                 return self._fail_now("read", ff, callback)
             f = ff
             one = None
-        if f.nowait_reads and total:
+        if f.nowait_reads and total and callback is None:
+            # The inline attempt of a read nobody is called back for (the
+            # hot path of cached reads): no admission unless a request is
+            # made of it.  A whole answer (or end of file) is returned as
+            # is -- a read that finished before a close() that begins
+            # meanwhile.  A short one is a request for the rest, admitted
+            # by _start: if close() began meanwhile, that refuses it
+            # (RuntimeError) -- the bytes moved are in the caller's buffer
+            # only, nothing in the file is lost (unlike a write's: see
+            # write()).
+            if self._cq.closing:
+                raise RuntimeError("the AioContext is closed")
+            done = _nowait(f, False, self._preadv, fd, views, offset)
+            if done == total or not done:
+                if zero_fill and done < total:
+                    ops._zero([memoryview(v) for v in views], done)
+                    done = total
+                next(self._n_unseen)
+                d = _new_object(_InlineDone)  # no __init__ frame: see the class
+                d._ctx = self
+                d._result = done
+                return d
+            if done > 0:  # (short: the rest on a backend)
+                if t is bytearray:  # (ops slices the views)
+                    views = [memoryview(buffers)]  # type: ignore[arg-type]
+                xfer = _Transfer(self._sc, f, views, offset, total, done, False, zero_fill)
+                return self._start(AioRequest(self, "read", None, (), None, xfer))
+            # (Would block, or failed: the backend's to answer.)
+        elif f.nowait_reads and total:
             # The inline attempt, admitted first (_start's admission, spelled
             # out): a context whose close() began refuses before anything
             # moves, and one whose close() begins later waits for what moved
