@@ -1740,12 +1740,18 @@ def _nowait(
     except BlockingIOError:
         return -1
     except OSError as e:
-        if e.errno in (errno.EOPNOTSUPP, errno.ESPIPE):
-            if write:
-                f.nowait_writes = False
-            else:
-                f.nowait_reads = False
-        return -1
+        return _nowait_failed(f, write, e)
+
+
+def _nowait_failed(f: AioFile, write: bool, e: OSError) -> int:
+    """_nowait's answer to an OSError: -1, and a file system that refuses
+    the flag, or a stream, is not asked again."""
+    if e.errno in (errno.EOPNOTSUPP, errno.ESPIPE):
+        if write:
+            f.nowait_writes = False
+        else:
+            f.nowait_reads = False
+    return -1
 
 
 def _give_back(cq: _CompletionQueue) -> None:
@@ -2373,7 +2379,13 @@ class AioContext:
             # write()).
             if self._cq.closing:
                 raise RuntimeError("the AioContext is closed")
-            done = _nowait(f, False, self._preadv, fd, views, offset)
+            # (_nowait's call, spelled out: one frame less per cached read.)
+            try:
+                done = self._preadv(fd, views, offset, RWF_NOWAIT)
+            except BlockingIOError:
+                done = -1
+            except OSError as e:
+                done = _nowait_failed(f, False, e)
             if done == total or not done:
                 if zero_fill and done < total:
                     ops._zero([memoryview(v) for v in views], done)
