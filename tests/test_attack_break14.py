@@ -79,6 +79,7 @@ def _inline_syscalls(ctx: AioContext, short: bool) -> list[int]:
 @pytest.mark.parametrize("checked", [False, True], ids=["public", "checked"])
 @pytest.mark.parametrize("op", ["read", "write"])
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.linux_only("rwf_nowait")  # (the inline attempt's admission)
 def test_ctrl_c_as_the_admission_is_given_back_to_a_closing_context(
     backend: str, fd: int, op: str, checked: bool
 ) -> None:
@@ -266,6 +267,7 @@ def test_ctrl_c_sweep_of_an_inline_transfer_the_callback_tells_what_moved(
 @pytest.mark.parametrize("short", [False, True], ids=["whole", "short"])
 @pytest.mark.parametrize("op", ["read", "write"])
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.linux_only("rwf_nowait")  # (the inline attempt's admission)
 def test_close_from_a_signal_handler_inside_the_inline_attempt(
     backend: str, fd: int, op: str, short: bool
 ) -> None:
