@@ -47,11 +47,12 @@ def test_signal_handler_close_waits_for_a_request_a_worker_is_taking(
     """close() in a signal handler on top of _start, after the pool queued
     the request: a worker has taken it off the queue but not yet marked it
     RUNNING (one hold of the pool's lock, but the GIL can pass between the
-    two).  _unsubmitted's look without the lock saw it QUEUED and on no
-    queue, counted it as the handler's own, and close() returned True with
-    the request still to run and be delivered (drain()'s promise broken).
-    Now the look waits for the worker's hold: close() waits for the
-    request, which is delivered before it returns."""
+    two).  A look without the lock (h-break15's, since taken out: see
+    AioContext._own_inline) saw it QUEUED and on no queue, counted it as
+    the handler's own, and close() returned True with the request still to
+    run and be delivered (drain()'s promise broken).  close() counts no
+    such request: it waits for it, and it is delivered before close()
+    returns."""
     pool = ThreadletQueue(max_threads=1, name="threadlets-break16")
     ctx = _context(backend, deliver=deliver, queue=pool)
     popped = threading.Event()
