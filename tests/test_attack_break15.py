@@ -118,8 +118,9 @@ def test_close_from_a_signal_handler_between_admission_and_backend(
     the admission and before a backend took the request (here: a tracer
     standing in for it, at that line) calls close(): it waited for that
     request, which the frame below hands over only once the handler
-    returned -- to its timeout (without one, for good).  Now it closes;
-    the request, resumed, finishes as any (differential: the file)."""
+    returned -- to its timeout (without one, for good).  What it should
+    do: close, and the request, resumed, finishes as any (differential:
+    the file).  A documented limit for now (docs/engine.md): see xfail."""
     op, name, marker = where
     if name == "_start_rw" and backend != "io_uring":
         pytest.skip("the ring's own path")
