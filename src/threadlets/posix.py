@@ -476,7 +476,9 @@ class aiocb:
         # Fixed by each submission while the aiocb is in progress:
         self._req: AioRequest | None = None
         #: The context it was accepted for (whose memory of the fd was
-        #: checked), which it is launched on.
+        #: checked), which it is launched on: the general path's (_accept,
+        #: read by _launch alone).  A quick submission (_submit_one), which
+        #: launches at once, stores none.
         self._ctx: AioContext | None = None
         self._op = ""
         self._fd = fildes
@@ -820,7 +822,6 @@ class PosixAio:
                     cb._op = op
                     cb._fd = fd
                     cb._req = None  # (see below: a fork's reset may leave one)
-                    cb._ctx = ctx
                     cb._view = view
                     cb._outcome = _RUNNING
                     state.active[cb] = None
@@ -1273,15 +1274,16 @@ class PosixAio:
                     state = self._fds[fd]
                 except KeyError:
                     state = _NO_TABLE  # (cb is not in it: _finish)
-                if cb in state.active and not state.barriers:
-                    # As in _request_finished.  (No call: an interrupt
-                    # lands before all of it or after all of it.)
+                active = state.active
+                if cb in active and not state.barriers:
+                    # As in _request_finished, but for _ctx: a quick
+                    # submission stores none (only _launch reads it).  (No
+                    # call: an interrupt lands before all of it or after
+                    # all of it.)
                     cb._outcome = outcome
                     cb._status = _DONE
                     cb._view = None
                     cb._req = None
-                    cb._ctx = None
-                    active = state.active
                     del active[cb]
                     if not active:
                         del self._fds[fd]
