@@ -162,37 +162,39 @@ def test_a_request_whose_done_callback_runs_at_the_fork_is_settled_in_the_child(
 
 
 def test_a_request_handed_to_its_context_at_the_fork_is_settled_in_the_child(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A request without waiter or done-callback is handed to its context
     by the worker after that worker took its next work (the pool's quiet
     delivery).  A fork in between left the child's copy DONE and never
-    delivered: ctx.wait(req) timed out there."""
+    delivered: ctx.wait(req) timed out there.  (The worker is held at the
+    start of that hand-over, AioRequest._finish_quiet: DONE, listed as its
+    ``finishing``, not yet in the context's ready queue.)"""
     path = tmp_path / "f"
     path.write_bytes(b"data")
     fd = os.open(path, os.O_RDONLY)
     ctx = AioContext(backend="threads", inline=False)
-    cq = ctx._cq
     inside, release = threading.Event(), threading.Event()
-    complete = cq.complete
+    finish_quiet = AioRequest._finish_quiet
     try:
 
         def held(req: AioRequest) -> None:
-            if threading.current_thread() is not threading.main_thread():
+            if req._ctx is ctx and threading.current_thread() is not threading.main_thread():
                 inside.set()
                 release.wait()
-            complete(req)
+            finish_quiet(req)
 
-        cq.complete = held  # type: ignore[method-assign]
+        monkeypatch.setattr(AioRequest, "_finish_quiet", held)
         req = ctx.read(fd, 0, bytearray(4))
         assert inside.wait(10)
+        assert not ctx._cq.ready  # (held where it should be)
+        assert req.done()
         assert _in_child(lambda: _settled(ctx, req)) == SETTLED
         release.set()
         assert ctx.wait(req, 10)
         assert req.result() == 4
     finally:
         release.set()
-        del cq.complete
         assert ctx.close(10)
         os.close(fd)
 

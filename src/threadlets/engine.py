@@ -205,6 +205,7 @@ class _Transfer:
         zero_fill: bool,
         /,
     ) -> None:
+        # (Spelled out in AioContext.read's threads path: keep the two in step.)
         self.sc = sc
         self.file = file
         self.buffers = buffers
@@ -577,7 +578,8 @@ class AioRequest(Threadlet[int]):
         transfer: _Transfer | _RingOp | None = None,
     ) -> None:
         # Threadlet.__init__ spelled out: this runs once per request.  (And
-        # this, spelled out in AioContext._start_rw: keep the two in step.)
+        # this, spelled out in AioContext._start_rw, _start_new and read():
+        # keep them in step.)
         self._queue = ctx._queue
         self._fn = fn
         self._args = args
@@ -700,9 +702,46 @@ class AioRequest(Threadlet[int]):
     def _finish_quiet(self) -> None:
         """A worker's delivery of a request it published with no waiter and
         no done-callback (see Threadlet._finish_quiet): _finished's first
-        branch, without its looks at the two lists."""
+        branch, without its looks at the two lists.
+
+        For a delivering context whose eventfd is open, this is
+        _CompletionQueue.complete() and the ready-queue branch of its
+        _enqueue, spelled out (one frame and two calls less per request):
+        keep the three in step (tests/test_threads_path_cost.py compares
+        them).  Two of complete()'s looks are left out, as they cannot
+        apply in a pool worker, the only caller: ``direct`` (the thread that
+        delivers at once is inside process_completions, which a worker's
+        loop never is while it runs this: the answer is always the queue),
+        and ``_processed`` (set ahead of delivery only in a forked child,
+        where the worker that would run this does not exist; the thread
+        that forked, if a worker, exits at its next look at its queue).
+
+        The append takes no lock: one list operation, atomic under the GIL,
+        at the tail, where process() neither reads nor takes (it copies the
+        list and deletes from its head, each one operation).  The lock is
+        taken only to signal, as _enqueue does, when ``signalled`` is
+        false after the append: read after it, a true ``signalled`` was
+        set before process() reset it, and that process() resets it and
+        copies the list in one hold of the lock, so its copy holds this
+        request.  The eventfd cannot close meanwhile: it is closed only
+        once nothing is outstanding, and this request is until delivered.
+        """
         self._transfer = None  # finished: the buffers are the caller's again
-        self._ctx._cq.complete(self)
+        cq = self._ctx._cq
+        if cq.deliver and not cq.notifier.closed:
+            try:
+                cq.ready.append(self)
+            finally:
+                # (Signalled even if Ctrl-C lands as the append returns: the
+                # request is queued then; see _enqueue.)
+                if not cq.signalled:
+                    with cq.lock:
+                        if not cq.signalled:
+                            cq.signalled = True
+                            cq.wakeups += 1
+                            cq._signal()  # (not if closed: see _signal)
+            return
+        cq.complete(self)
 
     def _finished(self) -> None:
         self._transfer = None  # finished: the buffers are the caller's again
@@ -1106,7 +1145,9 @@ class _CompletionQueue:
       :meth:`process` (a delivering context) or at completion (one that
       delivers nothing).  ``admitted - delivered`` is what is outstanding.
     * ``ready`` holds finished requests not yet delivered; while it is not
-      empty, ``signalled`` is true or the eventfd is readable.
+      empty, ``signalled`` is true or the eventfd is readable.  (A pool
+      worker appends without the lock, and takes it only to signal: see
+      AioRequest._finish_quiet for why that keeps this.)
     * The notifier is written only under the lock and only while open; it
       is closed under the lock, after nothing is outstanding or admissible.
     """
@@ -1171,7 +1212,8 @@ class _CompletionQueue:
         processed is the parent's, handed over in a forked child by the
         thread that forked while delivering it: it counts as delivered
         there (see AioRequest._forked), and its callback is the parent's.
-        (Spelled out in AioRequest._ring_done's fused path: keep the two in
+        (Spelled out in AioRequest._ring_done's fused path, and for a
+        worker's hand-over in AioRequest._finish_quiet: keep them in
         step.)"""
         if req._processed:
             return
@@ -2044,7 +2086,9 @@ class AioContext:
 
     def _start(self, req: AioRequest) -> AioRequest:
         """The one door: deliver a request finished inline, or hand it to
-        the ring, or to the pool."""
+        the ring, or to the pool.  (Spelled out, for a read or write that
+        nothing moved yet, in _start_rw (the ring) and in _start_new and
+        read() (the threads backend): keep them in step.)"""
         if req.callback is not None and not self._deliver:
             raise ValueError("this AioContext does not deliver completions: no callback=")
         cq = self._cq
@@ -2095,6 +2139,54 @@ class AioContext:
             # answer is one look under its lock (see _holds): a worker may
             # take the request just after the QUEUED read here.
             self._unstart(req, born)
+            raise
+        return req
+
+    def _start_new(self, kind: str, xfer: _Transfer, callback: Callback | None) -> AioRequest:
+        """_start(AioRequest(self, kind, None, (), callback, xfer)) for a read
+        or write that nothing moved yet (``xfer.done`` is 0), on a context
+        without a ring (the threads backend): AioRequest.__init__, and
+        _start's admission, pool branch and clean-up, spelled out (no frame
+        for either, and none of _start's looks that cannot apply to such a
+        request: born finished, admitted already, the ring).  This runs once
+        per request: keep the three in step (tests/test_threads_path_cost.py
+        compares what they set)."""
+        if callback is not None and not self._deliver:
+            raise ValueError("this AioContext does not deliver completions: no callback=")
+        # AioRequest.__init__, spelled out (as in _start_rw), but for
+        # ``_admitted``, stored by the admission below.  (No call between
+        # the object's making and the admission: an interrupt at the making
+        # leaves nothing admitted, and none can land after it.)
+        queue = self._queue
+        req = _new_object(AioRequest)
+        req._queue = queue
+        req._fn = None
+        req._args = ()
+        req._kwargs = None
+        req._state = _QUEUED
+        req._result = None
+        req._exception = None
+        req._waiters = None
+        req._callbacks = None
+        req._ctx = self
+        req.kind = kind
+        req.callback = callback
+        req._transfer = xfer
+        req._processed = False
+        req._on_ring = False
+        cq = self._cq
+        # Admission without the lock, as in _start: the count and the flag
+        # are plain bytecodes, nothing comes between them.
+        cq.admitted += 1
+        req._admitted = True
+        try:
+            if cq.closing:
+                cq.unadmit(req)
+                raise RuntimeError("the AioContext is closed")
+            queue._submit(req)
+        except BaseException:
+            # (Ctrl-C, or the pool refusing it: as in _start.)
+            self._unstart(req, False)
             raise
         return req
 
@@ -2344,7 +2436,8 @@ class AioContext:
         if (
             f is not None
             and type(offset) is int
-            and 0 <= offset <= _MAX_IO_OFFSET
+            and offset >= 0  # (two comparisons, not a chained one: two steps fewer)
+            and offset <= _MAX_IO_OFFSET
             and type(fd) is int
             and (callback is None or callable(callback))
             and (  # (a closed context has no files, so no fast path)
@@ -2460,7 +2553,55 @@ class AioContext:
                     held = False  # (for _own_inline: given back)
                     if cq.closing:
                         _give_back(cq)
-        if self._ring_backend is not None and one is not None and not zero_fill:
+        if self._ring_backend is None:
+            # self._start_new("read", _Transfer(self._sc, f, views, offset,
+            # total, 0, False, zero_fill), callback), both frames spelled out
+            # (this runs once per request): keep the four -- this, _start_new,
+            # AioRequest.__init__ and _Transfer.__init__ -- in step
+            # (tests/test_threads_path_cost.py compares what they set).
+            if callback is not None and not self._deliver:
+                raise ValueError("this AioContext does not deliver completions: no callback=")
+            if t is bytearray:  # (ops slices the views)
+                views = [memoryview(buffers)]  # type: ignore[arg-type]
+            xfer = _new_object(_Transfer)
+            xfer.sc = self._sc
+            xfer.file = f
+            xfer.buffers = views
+            xfer.offset = offset
+            xfer.total = total
+            xfer.done = 0
+            xfer.write = False
+            xfer.zero_fill = zero_fill
+            queue = self._queue
+            req = _new_object(AioRequest)
+            req._queue = queue
+            req._fn = None
+            req._args = ()
+            req._kwargs = None
+            req._state = _QUEUED
+            req._result = None
+            req._exception = None
+            req._waiters = None
+            req._callbacks = None
+            req._ctx = self
+            req.kind = "read"
+            req.callback = callback
+            req._transfer = xfer
+            req._processed = False
+            req._on_ring = False
+            cq = self._cq
+            cq.admitted += 1  # (the count and the flag: no call between them)
+            req._admitted = True
+            try:
+                if cq.closing:
+                    cq.unadmit(req)
+                    raise RuntimeError("the AioContext is closed")
+                queue._submit(req)
+            except BaseException:
+                self._unstart(req, False)
+                raise
+            return req
+        if one is not None and not zero_fill:
             return self._start_rw(f, one, offset, total, False, callback)
         if t is bytearray:  # (ops slices the views)
             views = [memoryview(buffers)]  # type: ignore[arg-type]
@@ -2561,6 +2702,8 @@ class AioContext:
             if t is not memoryview:  # (a memoryview each: ops slices the views)
                 views = [memoryview(one)]
         xfer = _Transfer(self._sc, f, views, offset, total, 0, True, False)
+        if self._ring_backend is None:
+            return self._start_new("write", xfer, callback)
         return self._start(AioRequest(self, "write", None, (), callback, xfer))
 
     # -- for the package's front ends only ----------------------------------

@@ -1210,13 +1210,19 @@ def _worker_main(ref: weakref.ref[ThreadletQueue], me: _Worker, idle_timeout: fl
                 if done._fn is not None:  # what it ran is not kept alive
                     done._fn = done._kwargs = None
                     done._args = ()
-                # (``_completed`` is not counted: stats() derives it.)
-                if done._waiters or done._callbacks or done._deliver_first:
+                # (``_completed`` is not counted: stats() derives it.)  A
+                # quiet one is told before a _DELIVER one (one look less for
+                # the engine's requests, one more for the rarer kind).
+                if done._waiters or done._callbacks:
                     queue._running -= 1
                     queue._delivering += 1
                     delivering = True
                 elif done._quiet_after:  # run after taking the next (see below)
                     quiet = me.finishing = done
+                elif done._deliver_first:  # (as with a waiter or a callback)
+                    queue._running -= 1
+                    queue._delivering += 1
+                    delivering = True
             elif delivering:
                 queue._delivering -= 1
                 delivering = False
