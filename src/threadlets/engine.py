@@ -205,7 +205,6 @@ class _Transfer:
         zero_fill: bool,
         /,
     ) -> None:
-        # (Spelled out in AioContext.read's threads path: keep the two in step.)
         self.sc = sc
         self.file = file
         self.buffers = buffers
@@ -578,8 +577,8 @@ class AioRequest(Threadlet[int]):
         transfer: _Transfer | _RingOp | None = None,
     ) -> None:
         # Threadlet.__init__ spelled out: this runs once per request.  (And
-        # this, spelled out in AioContext._start_rw, _start_new and read():
-        # keep them in step.)
+        # this, spelled out in AioContext._start_rw and _start_new: keep the
+        # three in step.)
         self._queue = ctx._queue
         self._fn = fn
         self._args = args
@@ -2087,8 +2086,8 @@ class AioContext:
     def _start(self, req: AioRequest) -> AioRequest:
         """The one door: deliver a request finished inline, or hand it to
         the ring, or to the pool.  (Spelled out, for a read or write that
-        nothing moved yet, in _start_rw (the ring) and in _start_new and
-        read() (the threads backend): keep them in step.)"""
+        nothing moved yet, in _start_rw (the ring) and _start_new (the
+        threads backend): keep them in step.)"""
         if req.callback is not None and not self._deliver:
             raise ValueError("this AioContext does not deliver completions: no callback=")
         cq = self._cq
@@ -2554,53 +2553,10 @@ class AioContext:
                     if cq.closing:
                         _give_back(cq)
         if self._ring_backend is None:
-            # self._start_new("read", _Transfer(self._sc, f, views, offset,
-            # total, 0, False, zero_fill), callback), both frames spelled out
-            # (this runs once per request): keep the four -- this, _start_new,
-            # AioRequest.__init__ and _Transfer.__init__ -- in step
-            # (tests/test_threads_path_cost.py compares what they set).
-            if callback is not None and not self._deliver:
-                raise ValueError("this AioContext does not deliver completions: no callback=")
             if t is bytearray:  # (ops slices the views)
                 views = [memoryview(buffers)]  # type: ignore[arg-type]
-            xfer = _new_object(_Transfer)
-            xfer.sc = self._sc
-            xfer.file = f
-            xfer.buffers = views
-            xfer.offset = offset
-            xfer.total = total
-            xfer.done = 0
-            xfer.write = False
-            xfer.zero_fill = zero_fill
-            queue = self._queue
-            req = _new_object(AioRequest)
-            req._queue = queue
-            req._fn = None
-            req._args = ()
-            req._kwargs = None
-            req._state = _QUEUED
-            req._result = None
-            req._exception = None
-            req._waiters = None
-            req._callbacks = None
-            req._ctx = self
-            req.kind = "read"
-            req.callback = callback
-            req._transfer = xfer
-            req._processed = False
-            req._on_ring = False
-            cq = self._cq
-            cq.admitted += 1  # (the count and the flag: no call between them)
-            req._admitted = True
-            try:
-                if cq.closing:
-                    cq.unadmit(req)
-                    raise RuntimeError("the AioContext is closed")
-                queue._submit(req)
-            except BaseException:
-                self._unstart(req, False)
-                raise
-            return req
+            xfer = _Transfer(self._sc, f, views, offset, total, 0, False, zero_fill)
+            return self._start_new("read", xfer, callback)
         if one is not None and not zero_fill:
             return self._start_rw(f, one, offset, total, False, callback)
         if t is bytearray:  # (ops slices the views)
