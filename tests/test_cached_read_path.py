@@ -119,6 +119,36 @@ def _answers(path: Path, backend: str, inline: bool, loop_factory: Any) -> list[
         aw.configure(backend=backend)
 
 
+def test_a_files_first_pread_is_answered_as_with_inline_off(tmp_path: Path, backend: str) -> None:
+    """Each count as the first pread of a file (the reader has no scratch
+    buffer yet): the answer a request gives.  (The reader's "no buffer"
+    length was once -1, so pread(-1, 0) first returned b"" instead of
+    raising ValueError.)"""
+    path = tmp_path / "f"
+    path.write_bytes(bytes(range(256)) * 64)
+
+    def first(inline: bool) -> list[tuple[str, object]]:
+        aw.configure(inline=inline, backend=backend)
+        out: list[tuple[str, object]] = []
+
+        async def main() -> None:
+            for n in COUNTS:
+                f = await threadlets.open(path, "rb")
+                try:
+                    out.append(("ok", await f.pread(n, 0)))  # type: ignore[arg-type]
+                except Exception as e:
+                    out.append(("raised", type(e)))
+                await f.close()
+
+        try:
+            asyncio.run(main())
+        finally:
+            aw.configure()
+        return out
+
+    assert first(True) == first(False)
+
+
 @pytest.mark.parametrize("loop_factory", _loops())
 def test_pread_answers_as_the_request_path_and_os_pread(
     backend: str, data_path: Path, loop_factory: Any

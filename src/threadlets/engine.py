@@ -2341,7 +2341,9 @@ class AioContext:
         if isinstance(f, OSError) or not f.nowait_reads:
             return None
         preadv, unseen, flags = self._preadv, self._n_unseen, RWF_NOWAIT
-        size = -1  # the scratch buffer's length (-1: none, or being replaced)
+        # The scratch buffer's length (None: none, or being replaced -- no
+        # count equals it, not even a bad one: read()'s to refuse).
+        size: int | None = None
         buf = bytearray()
         bufs = [buf]  # (made once: no sequence built per read)
         view = memoryview(buf)  # (view.tobytes() copies faster than bytes(buf))
@@ -2375,7 +2377,7 @@ class AioContext:
             if n != size and type(n) is int and 0 < n <= limit:
                 # A buffer of the new length.  The length last: a Ctrl-C
                 # among these stores leaves no mismatched buffer in use.
-                size = -1
+                size = None
                 buf = bytearray(n)
                 bufs = [buf]
                 view = memoryview(buf)
