@@ -247,6 +247,35 @@ def _nbytes(*buffers: object, into: bool = False) -> int | None:
     return total
 
 
+class _NoHome:
+    """The _home of a file whose loop has no ``_thread_id`` to test."""
+
+    _thread_id = None
+
+
+_NO_HOME = _NoHome()
+#: What AsyncFile._home's ``_thread_id`` is compared with: the thread's id;
+#: in a forked child, a new object each time (equal to nothing), for ever
+#: -- a loop copied from the parent has the same thread id there but is
+#: not running (asyncio's own test sees the pid change), so every child's
+#: test is the exact one.
+_thread_key: Callable[[], object] = threading.get_ident
+
+
+def _after_fork_in_child() -> None:
+    global _thread_key
+    _thread_key = object
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _no_inline_read(n: int, offset: int) -> bytes | None:
+    """The inline reader of a file whose reads always queue."""
+    return None
+
+
 def _espipe() -> OSError:
     return OSError(errno.ESPIPE, os.strerror(errno.ESPIPE))
 
@@ -305,6 +334,14 @@ class AsyncFile:
         # asyncio: the loop, to tell a foreign loop at a glance (trio checks
         # through the slow path).
         self._loop = asyncio.get_running_loop() if io_.kind == "asyncio" else None
+        #: pread's cheap test of the loop: ``self._home._thread_id ==
+        #: _thread_key()`` says that ``_loop`` runs in this thread, so is
+        #: the running loop (asyncio runs no loop inside another), without
+        #: asyncio's _get_running_loop(), which makes a getpid() system
+        #: call each time.  For a loop that keeps no ``_thread_id`` (not an
+        #: asyncio.BaseEventLoop: uvloop), and trio, it never matches: the
+        #: exact test then.
+        self._home: Any = self._loop if isinstance(self._loop, asyncio.BaseEventLoop) else _NO_HOME
         self._readable = readable
         self._writable = writable
         #: Writes land at the end: append mode, or a descriptor opened with
@@ -348,9 +385,11 @@ class AsyncFile:
         #: io's raw file (whose reads and writes move it) leaves it.
         self._shares_offset = pos is None and self._seekable and not self._stream
         self._synced = self._pos  # (where the descriptor's offset was left)
-        #: The engine's inline read of this fd (None: reads always queue).
-        self._read_inline = None if self._stream else io_.ctx.inline_reader(fd)
-        self._scratch = bytearray()  # pread's buffer on the inline path
+        #: The engine's inline read of this fd, for pread (see there):
+        #: _no_inline_read if reads of it always queue.
+        self._read_inline: Callable[[int, int], bytes | None] = (
+            None if self._stream else io_.ctx.inline_bytes_reader(fd, CHUNK)
+        ) or _no_inline_read
         self._outstanding: set[AioRequest] = set()
         self._rbuf = b""  # read-ahead: bytes of the file from _rbuf_off
         self._rbuf_off = 0
@@ -521,27 +560,29 @@ class AsyncFile:
         if self._slow_path:  # closed, or trio (which wants a checkpoint)
             self._enter()
             await self._io.checkpoint()
-        elif _get_running_loop() is not self._loop:
-            self._io.check_current()
+        # (The cheap test first -- see _home -- then, if it cannot tell, the
+        # exact one.)
+        elif self._home._thread_id != _thread_key() and _get_running_loop() is not self._loop:
+            self._io.check_current()  # raises
         if self._wbuf:
             await self._flush_locked()
-        # The cached-data fast path, spelled out: no request object at all.
-        # The read goes into the file's scratch buffer and is copied out
-        # before anything else can run, so concurrent preads may share it.
-        # (_read_at's body, repeated: a coroutine call costs here.)
-        read_inline = self._read_inline
-        if read_inline is not None and type(n) is int and 0 < n <= CHUNK:
-            buf = self._scratch
-            if len(buf) != n:
-                buf = self._scratch = bytearray(n)
-            got = read_inline(buf, offset)
-            if got >= 0:
-                data = bytes(buf) if got == n else bytes(buf[:got])  # before any await
-                io_ = self._io
-                io_.inline_run += 1
-                if io_.inline_run >= YIELD_EVERY:
-                    await io_.fair_yield()
-                return data
+        # The cached-data fast path: no request object at all.  The engine's
+        # reader checks the arguments (plain ints, 0 < n <= CHUNK; anything
+        # else is the request's to refuse), reads into its scratch buffer
+        # and copies the bytes out before it returns, so concurrent preads
+        # (all in this thread) share that buffer.  (_read_at's body,
+        # repeated: a coroutine call costs here.)
+        read_inline = self._read_inline  # (a local: self._read_inline(...) is not specialised)
+        data = read_inline(n, offset)
+        if data is not None:
+            io_ = self._io
+            io_.inline_run += 1
+            if io_.inline_run >= YIELD_EVERY:
+                await io_.fair_yield()
+            return data
+        # A request: its completion goes to the loop, which the exact test
+        # (the running loop's, not the thread's) makes sure of first.
+        self._check_loop()
         buf = bytearray(_nonnegative(n, "count"))
         if not n:
             self._transfer_nothing(False, offset)
@@ -568,18 +609,13 @@ class AsyncFile:
         """pread without its checks, for the stream (see pread)."""
         self._still_open()
         read_inline = self._read_inline
-        if read_inline is not None and type(n) is int and 0 < n <= CHUNK:
-            buf = self._scratch
-            if len(buf) != n:
-                buf = self._scratch = bytearray(n)
-            got = read_inline(buf, offset)
-            if got >= 0:
-                data = bytes(buf) if got == n else bytes(buf[:got])  # before any await
-                io_ = self._io
-                io_.inline_run += 1
-                if io_.inline_run >= YIELD_EVERY:
-                    await io_.fair_yield()
-                return data
+        data = read_inline(n, offset)
+        if data is not None:
+            io_ = self._io
+            io_.inline_run += 1
+            if io_.inline_run >= YIELD_EVERY:
+                await io_.fair_yield()
+            return data
         buf = bytearray(_nonnegative(n, "count"))
         got = await self._run(self._ctx.read(self._fd, offset, buf))
         return bytes(buf) if got == n else bytes(memoryview(buf)[:got])
