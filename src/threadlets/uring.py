@@ -103,6 +103,7 @@ __all__ = [
     "OP_STATX",
     "OP_WRITE",
     "OP_WRITEV",
+    "REAPED",
     "STATX_BASIC_STATS",
     "STATX_FIELDS",
     "STATX_SIZE",
@@ -178,6 +179,9 @@ def stat_result(buf: Any) -> os.stat_result:
 
 _STOP = 0  # user_data of the NOP that tells the reaper to finish
 _KICK = 1 << 63  # user_data of the NOPs that wake sleepers (see Ring.wait)
+#: What Ring.ident_of answers for an operation whose completion was reaped:
+#: an id no operation has (ids count up from 1), which cancels nothing.
+REAPED = _KICK - 1
 
 #: Reaper mode: with this many operations in the kernel, the reaper sleeps at
 #: most HOLD_MAX seconds at a time (one of them will complete soon anyway),
@@ -572,13 +576,11 @@ class Ring:
         length: int,
         op_flags: int,
         on_done: Callable[[int], None],
-        receipt: list[int] | None = None,
     ) -> int:
         """Queue one operation and tell the kernel (at :meth:`unplug` if
         this thread plugged the ring).  Returns its id (for :meth:`cancel`),
-        or 0: not queued.  The id is also stored in ``receipt[0]`` the
-        moment the operation is queued: a caller interrupted (Ctrl-C)
-        before this returns learns from it whether ``on_done`` will run."""
+        or 0: not queued.  A caller interrupted (Ctrl-C) before this
+        returns learns from :meth:`ident_of` whether ``on_done`` will run."""
         me = _get_ident()
         with self._lock:
             # At most `entries` in flight (the CQ, twice as large, never
@@ -605,8 +607,6 @@ class Ring:
             if opcode == OP_OPENAT:
                 self._opens.add(ident)  # (see _abandon; before it is published)
             self._pending[ident] = on_done
-            if receipt is not None:
-                receipt[0] = ident
             # (_tail is not wrapped at 32 bits: its c_uint32 keeps the low
             # bits, the slot's mask and _take's difference look at no more.)
             self._tail = tail = tail + 1
@@ -637,6 +637,28 @@ class Ring:
             return ident
         self._kick(n)
         return ident
+
+    def ident_of(self, on_done: Callable[[int], None]) -> int:
+        """For a caller whose :meth:`submit` was interrupted (Ctrl-C): the
+        id of the operation queued with ``on_done`` (a callback equal to
+        it) that is still in the kernel, :data:`REAPED` if its completion
+        was taken off the ring but not all handed out yet, or 0: not queued
+        -- or queued, and its callback already called and its batch over
+        (the caller tells that apart by what the callback did)."""
+        with self._lock:
+            for ident, cb in self._pending.items():
+                if cb == on_done:
+                    return ident
+            for item in self._ready:
+                if item[0] == on_done:
+                    return REAPED
+            return 0
+
+    def callbacks(self) -> list[Callable[[int], None]]:
+        """The callbacks of the operations queued and not yet handed out in
+        full (in the kernel, or reaped in a batch not over): in a forked
+        child, where nothing else runs, what its owner held there."""
+        return list(self._pending.values()) + [item[0] for item in self._ready]
 
     def cancel(self, ident: int, on_done: Callable[[int], None]) -> bool:
         """Ask the kernel to cancel the operation ``ident`` (IORING_OP_ASYNC_CANCEL),
