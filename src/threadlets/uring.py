@@ -67,7 +67,6 @@ import contextlib
 import ctypes
 import errno
 import functools
-import itertools
 import logging
 import mmap
 import os
@@ -215,6 +214,9 @@ _generation = 0  # bumped in a forked child: rings made before are dead there
 #: so a ring becomes garbage only with every request in it.)
 _abandoned: set[Ring] = set()
 
+#: Every ring made in this process, held weakly (see _after_fork_in_child).
+_rings: weakref.WeakSet[Ring] = weakref.WeakSet()
+
 #: How long a ring being abandoned waits for what the kernel could not
 #: cancel at once (a transfer a device is doing); what is still out after
 #: that is reaped without waiting by the next ring made, or the next ring
@@ -239,6 +241,8 @@ class _GeteventsArg(ctypes.Structure):  # struct io_uring_getevents_arg
 def _after_fork_in_child() -> None:
     global _generation
     _generation += 1
+    for ring in list(_rings):
+        ring._room = 0  # (the parent's: nothing is submitted to it here)
     for ring in list(_abandoned):  # the parent's operations: only our copies go
         ring.abandon_in_child()
     _abandoned.clear()
@@ -490,17 +494,29 @@ class Ring:
         self._enter = enter
         self._lock = threading.Lock()
         # Under _lock:
+        #: The SQ tail, unwrapped (its c_uint32 keeps the low bits): also
+        #: where submit's ids come from (one more than the tail at its SQE:
+        #: never 0, never repeated, never near _KICK).
         self._tail = self._sq_tail.value
-        self._inflight = 0
         self._unsubmitted = 0  # published SQEs no io_uring_enter took yet
         self._in_kernel = 0  # SQEs given to the kernel whose CQEs were not reaped
         self._plugged_by: int | None = None  # the thread holding the plug
         self._schedule: Callable[[], object] | None = None  # hold()'s, for good
         self._flush_scheduled = False  # hold(): schedule() called since the last take
         self._closing = False
-        #: How many may be in flight: ``entries``, 0 once closing (submit
-        #: looks at the two at once).
-        self._room = sq_entries
+        #: How many operations may be in flight: ``entries``, 0 once
+        #: closing or in a forked child (see _room).
+        self._cap = sq_entries
+        #: Submit's one test: ``_cap`` less the SQEs published whose CQEs
+        #: were not taken off the CQ yet -- operations in flight, and the
+        #: NOPs and cancels _push adds.  Above 0, the SQ has a free slot
+        #: (what the kernel has not consumed is among those: a sleepers'
+        #: NOP could fill the last one while a kick was under way, and an
+        #: SQE written there went over the oldest one not consumed yet),
+        #: fewer than ``entries`` operations are in flight (the CQ, twice
+        #: as large, never overflows), the ring is not closing and this is
+        #: not a forked child.
+        self._free = sq_entries
         self._stopped = False  # reaper mode: close()'s NOP came back
         self._reaper_holds = False  # reaper mode: busy, or in a short sleep (see submit)
         self._pending: dict[int, Callable[[int], None]] = {}
@@ -515,8 +531,8 @@ class Ring:
         #: Threads asleep in wait(): a reap that hands out completions wakes
         #: them with a NOP, since one of those may be what they wait for.
         self._sleepers = 0
-        self._ids = itertools.count(1)  # (never reaches _KICK)
         self._generation = _generation
+        _rings.add(self)  # (a forked child closes it to submissions: _after_fork_in_child)
         self.reaped = 0
         self.wakeups = 0
         self._reaper: threading.Thread | None = None
@@ -556,6 +572,22 @@ class Ring:
         return f"<Ring fd={self._fd} entries={self.entries} inflight={self._inflight}>"
 
     @property
+    def _inflight(self) -> int:
+        """Operations queued and not reaped yet (under _lock)."""
+        return len(self._pending)
+
+    @property
+    def _room(self) -> int:
+        """How many may be in flight: ``entries``, 0 once closing."""
+        return self._cap
+
+    @_room.setter
+    def _room(self, room: int) -> None:
+        # (Plain bytecodes: the two change together.)
+        self._free += room - self._cap
+        self._cap = room
+
+    @property
     def submitted(self) -> int:
         """Operations queued so far (those reaped, and those in flight)."""
         return self.reaped + self._inflight
@@ -583,24 +615,17 @@ class Ring:
         returns learns from :meth:`ident_of` whether ``on_done`` will run."""
         me = _get_ident()
         with self._lock:
-            # At most `entries` in flight (the CQ, twice as large, never
-            # overflows), none once closing (_room is 0), none in a forked
-            # child.  Nor into a full SQ: a sleepers' NOP (not in flight)
-            # can fill its last slot while a kick is under way, and an SQE
-            # written there went over the oldest one not consumed yet.
-            if (
-                self._inflight >= self._room
-                or (self._tail - self._sq_head.value) & 0xFFFFFFFF >= self.entries
-                or self._generation != _generation
-            ):
+            # At most `entries` in flight, none once closing, none in a
+            # forked child, none into a full SQ: see _free.
+            if self._free <= 0:
                 return 0
-            ident = next(self._ids)
             # _push, spelled out (this runs once per request).  The SQE goes
             # past the tail first, where the kernel does not look; from the
             # pending entry to the tail's store everything is plain
             # bytecodes (Ctrl-C lands only as a C call returns): queued and
             # published together, or neither.
             tail = self._tail
+            ident = tail + 1
             _pack_sqe(
                 self._sqes, (tail & self._sq_mask) * 64, opcode, fd, offset, addr, length, op_flags, ident
             )  # fmt: skip
@@ -609,10 +634,10 @@ class Ring:
             self._pending[ident] = on_done
             # (_tail is not wrapped at 32 bits: its c_uint32 keeps the low
             # bits, the slot's mask and _take's difference look at no more.)
-            self._tail = tail = tail + 1
-            self._sq_tail.value = tail
+            self._tail = ident
+            self._sq_tail.value = ident
             self._unsubmitted += 1
-            self._inflight += 1
+            self._free -= 1
             if self._plugged_by == me and (self._unsubmitted < KICK_AT or self._in_kernel):
                 # Held back by this thread's plug.  A permanent one (hold())
                 # has a flush scheduled by the first submission it holds.
@@ -751,9 +776,10 @@ class Ring:
             (tail & self._sq_mask) * 64,
             opcode, 0, 0, fd, offset, addr, length, op_flags, ident, 0, 0, 0, 0, 0,
         )  # fmt: skip
-        self._tail = tail = (tail + 1) & 0xFFFFFFFF
+        self._tail = tail = tail + 1  # (not wrapped: see __init__)
         self._sq_tail.value = tail
         self._unsubmitted += 1
+        self._free -= 1  # (its CQE gives it back: see _collect)
 
     def _kick(self, n: int) -> None:
         """Submit ``n`` published SQEs.  Outside the lock: the syscall
@@ -937,7 +963,7 @@ class Ring:
             # head change together.)
             consumed = head - start
             self._in_kernel -= consumed
-            self._inflight -= consumed - skipped
+            self._free += consumed
             self.reaped += consumed - skipped
             self._cq_head.value = head & 0xFFFFFFFF  # the kernel may reuse those CQEs now
 
