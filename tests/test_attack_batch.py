@@ -232,7 +232,10 @@ def test_ctrl_c_in_the_unlocked_claim_leaves_nothing_claimed(path: Path) -> None
     try:
         sys.setprofile(prof)
         try:
-            with pytest.raises(KeyboardInterrupt):
+            # (Since issue 13's ring path the ring's claim is one store, no
+            # call to interrupt: the read then just completes.  Ctrl-C at
+            # every C return of it: tests/test_ring_path_cost.py.)
+            with contextlib.suppress(KeyboardInterrupt):
                 ctx.read(fd, 0, bytearray(16))
         finally:
             sys.setprofile(None)

@@ -310,9 +310,10 @@ def test_start_rw_sets_what_aiorequest_init_sets(tmp_path: Path) -> None:
         assert len(seen) == 2
         made = slots_set(AioRequest(ctx, "read", None, (), None))
         for names in seen:
-            # What the ring's submission sets on top: _on_ring; what it
-            # leaves unset while the ring has it: _kwargs (see _start_rw).
-            assert names == (made - {"_kwargs"}) | {"_on_ring"}
+            # What it leaves unset while the ring has it: _fn and _kwargs
+            # (see _start_rw: what finishes it other than the fused path
+            # sets them first).
+            assert names == made - {"_fn", "_kwargs"}
         for names in refused:
             assert names == made  # (the pool's: as __init__ made it)
     finally:

@@ -175,7 +175,7 @@ def test_a_fork_as_the_state_changed_does_not_deliver_in_the_child(data_fd: Any)
         _warm(ctx, fd)
         calls: list[AioRequest] = []
         req = ctx.read(fd, 4096, aligned_buffer(4096), callback=calls.append)
-        ring_done = AioRequest._ring_done.__code__
+        ring_done = AioRequest._ring_rw_done.__code__
         pid = [-1]
 
         def prof(frame: Any, event: str, arg: Any) -> None:

@@ -797,8 +797,93 @@ class AioRequest(Threadlet[int]):
                     cq.direct = direct
                 cq.complete(self)
 
+    def _ring_rw_done(self, res: int) -> None:
+        """The ring's completion of a request _start_rw sent (no _Transfer:
+        the transfer's particulars and the pin in ``_args``, nothing moved
+        before), in the thread that reaped it: a full count finishes it
+        here, fused; anything else makes its _Transfer and goes on as
+        _ring_done.  (The ring's record of the bound method is the
+        request's claim: see Threadlet._claim_held.)"""
+        self._on_ring = False
+        try:
+            args = self._args
+            self._args = ()  # (the buffer is the caller's again, unpinned)
+            if res == args[3]:
+                # The common case (a full count), fused: _finish's
+                # steps and, with no waiter and no done-callback,
+                # _finish_quiet's, without their frames.  (From
+                # _start_rw: no _fn, no _exception, no _transfer to
+                # let go, no claim reference: its claim is the ring's
+                # record, which ends with the batch.)  The outcome
+                # before the state, under the lock; delivered even if
+                # Ctrl-C lands as the lock is let go.  A Ctrl-C below,
+                # once the state changed, reaches _finish_interrupted,
+                # which finds it not RUNNING and changes nothing.
+                changed = False
+                try:
+                    with self._queue._lock:
+                        if self._state is not _RUNNING:
+                            return  # (cancelled in a forked child)
+                        self._result = res
+                        self._state = _DONE
+                        changed = True  # (no call since the state)
+                finally:
+                    if changed:
+                        if self._waiters or self._callbacks:
+                            # (Final once DONE, read as _finished reads
+                            # them: none is added after.)
+                            self._finished()
+                        elif not self._processed:
+                            # _CompletionQueue.complete, spelled out
+                            # (keep the two in step): delivered at once
+                            # in the thread reaping for the queue, else
+                            # queued.
+                            cq = self._ctx._cq
+                            direct = cq.direct
+                            if direct:
+                                try:
+                                    me = _get_ident()
+                                except BaseException:  # (Ctrl-C as it returned)
+                                    cq._enqueue(self)
+                                    raise
+                                if direct.ident == me:
+                                    self._processed = True
+                                    cq.delivered += 1
+                                    direct.count += 1
+                                    cb = self.callback
+                                    if cb is not None:
+                                        cq.direct = None
+                                        try:
+                                            cb(self)
+                                        except Exception:
+                                            log.exception(
+                                                "exception in completion callback of %r",
+                                                self,
+                                            )
+                                        finally:
+                                            cq.direct = direct
+                                else:
+                                    cq._enqueue(self)
+                            else:
+                                cq._enqueue(self)
+                return
+            # Not the whole answer: a _Transfer, and _ring_done's steps.
+            # (_fn and _kwargs were left unset while the ring had it: see
+            # _start_rw.)
+            self._fn = self._kwargs = None
+            f, buf, offset, total, write, _ = args
+            view = buf if type(buf) is memoryview else memoryview(buf)
+            self._transfer = _Transfer(self._ctx._sc, f, [view], offset, total, 0, write, False)
+            self._ring_done(res)  # (inside the try: a Ctrl-C at its entry)
+        except BaseException:
+            # (The kernel moved `res` into the buffers: counted.  Once
+            # _ring_done handled it, this finds it finished or resumed.)
+            _finish_interrupted(self, max(res, 0))
+            raise
+
     def _ring_done(self, res: int) -> None:
-        """The ring's completion of a read or write (_RingBackend.start), in
+        """The ring's completion of a read or write with its _Transfer
+        (_RingBackend.start's, or one _ring_rw_done made), in
         the thread that reaped it.  A full transfer finishes the request,
         and so does any count on a stream (one transfer is the answer
         there); anything else -- short, an error, EOF, EINTR, an alignment
@@ -807,78 +892,9 @@ class AioRequest(Threadlet[int]):
         ring's callback is the bound method, one object per request; the
         ring's record of it is the request's claim: see
         Threadlet._claim_held.)"""
-        t: _Transfer | None = self._transfer  # type: ignore[assignment]
+        t: _Transfer = self._transfer  # type: ignore[assignment]
         self._on_ring = False
         try:
-            if t is None:
-                # From _start_rw: the transfer's particulars and the pin,
-                # nothing moved before; a _Transfer only if this is not the
-                # whole answer.
-                args = self._args
-                self._args = ()  # (the buffer is the caller's again, unpinned)
-                if res == args[3]:
-                    # The common case (a full count), fused: _finish's
-                    # steps and, with no waiter and no done-callback,
-                    # _finish_quiet's, without their frames.  (From
-                    # _start_rw: no _fn, no _exception, no _transfer to
-                    # let go, no claim reference: its claim is the ring's
-                    # record, which ends with the batch.)  The outcome
-                    # before the state, under the lock; delivered even if
-                    # Ctrl-C lands as the lock is let go.  A Ctrl-C below,
-                    # once the state changed, reaches _finish_interrupted,
-                    # which finds it not RUNNING and changes nothing.
-                    changed = False
-                    try:
-                        with self._queue._lock:
-                            if self._state is not _RUNNING:
-                                return  # (cancelled in a forked child)
-                            self._result = res
-                            self._state = _DONE
-                            changed = True  # (no call since the state)
-                    finally:
-                        if changed:
-                            if self._waiters or self._callbacks:
-                                # (Final once DONE, read as _finished reads
-                                # them: none is added after.)
-                                self._finished()
-                            elif not self._processed:
-                                # _CompletionQueue.complete, spelled out
-                                # (keep the two in step): delivered at once
-                                # in the thread reaping for the queue, else
-                                # queued.
-                                cq = self._ctx._cq
-                                direct = cq.direct
-                                if direct:
-                                    try:
-                                        me = _get_ident()
-                                    except BaseException:  # (Ctrl-C as it returned)
-                                        cq._enqueue(self)
-                                        raise
-                                    if direct.ident == me:
-                                        self._processed = True
-                                        cq.delivered += 1
-                                        direct.count += 1
-                                        cb = self.callback
-                                        if cb is not None:
-                                            cq.direct = None
-                                            try:
-                                                cb(self)
-                                            except Exception:
-                                                log.exception(
-                                                    "exception in completion callback of %r",
-                                                    self,
-                                                )
-                                            finally:
-                                                cq.direct = direct
-                                    else:
-                                        cq._enqueue(self)
-                                else:
-                                    cq._enqueue(self)
-                    return
-                f, buf, offset, total, write, _ = args
-                view = buf if type(buf) is memoryview else memoryview(buf)
-                t = _Transfer(self._ctx._sc, f, [view], offset, total, 0, write, False)
-                self._transfer = t
             # (What Threadlet._finish and _finish_cancelled read of a claim:
             # none here, the ring's record was it.  And the pin of a
             # request start() sent: the kernel is done with the memory.)
@@ -900,7 +916,7 @@ class AioRequest(Threadlet[int]):
             self._ctx._continue(self, t.run)  # (sets _resumed once handed over)
         except BaseException:
             # (The kernel moved `res` more into the buffers: counted.)
-            _finish_interrupted(self, (0 if t is None else t.done) + max(res, 0))
+            _finish_interrupted(self, t.done + max(res, 0))
             raise
 
     def _forked(self) -> None:
@@ -1577,8 +1593,7 @@ class _RingBackend:
             _submit_interrupted(self.ring, req)
             raise
         if ident:
-            req._ring_ident = ident
-            return True
+            return True  # (its id: the ring knows it, see cancel)
         req._on_ring = False
         req._pin = None
         req._state = _QUEUED  # (unpublished, as it was: nobody else saw the claim)
@@ -1714,6 +1729,12 @@ class _RingBackend:
         t = req._transfer
         ring = self.ring
         ident = getattr(req, "_ring_ident", 0)  # (see AioRequest.__init__)
+        if not ident and req._on_ring:
+            # The ring's id of it, not kept on the request (start() and
+            # _start_rw do not store it: one store less per request).
+            ident = ring.ident_of(req._ring_rw_done if t is None else req._ring_done)
+            if ident == uring.REAPED:
+                ident = 0  # (completed: nothing to cancel)
         if not ident or not req._on_ring or (t is not None and t.done) or not ring.usable:
             # Nothing to cancel, or bytes already moved.  (No _Transfer yet:
             # nothing moved; see _start_rw.)
@@ -1802,7 +1823,7 @@ def _submit_interrupted(
         req._pin = None
         req._unclaim()
         return
-    if ident:
+    if ident and ident != uring.REAPED:
         req._ring_ident = ident
     ring.flush()
 
@@ -1817,6 +1838,8 @@ def _finish_interrupted(req: AioRequest, moved: int) -> bool:
         return False  # finished, or a worker finishes it
     if not hasattr(req, "_claim_ref"):
         req._claim_ref = None  # (claimed by the ring's record: see _ring_done)
+    if not hasattr(req, "_fn"):
+        req._fn = req._kwargs = None  # (left unset by _start_rw)
     exc = InterruptedError(errno.EINTR, "interrupted while its completion was handled")
     return req._finish(None, ops._moved(exc, moved) if moved else exc)
 
@@ -2182,11 +2205,7 @@ class AioContext:
         _ring_done).  Anything else goes through _start."""
         mask = self._ring_plain.get(f, -1)
         if mask < 0 or not total or total > _MAX_RING_LENGTH or (write and f.append):
-            view = buf if type(buf) is memoryview else memoryview(buf)
-            xfer = _Transfer(self._sc, f, [view], offset, total, 0, write, False)
-            return self._start(
-                AioRequest(self, "write" if write else "read", None, (), callback, xfer)
-            )
+            return self._start_rw_start(f, buf, offset, total, write, callback)
         # pin_buffer's steps (the request holds the pin until the kernel is
         # done with the memory).
         pin: object
@@ -2200,32 +2219,29 @@ class AioContext:
                 # Read-only memory (a write's): whole bytes, or nothing.
                 pinned = pin_buffer(buf if type(buf) is memoryview else memoryview(buf))
                 if pinned is None:
-                    pin = addr = None
-                else:
-                    addr, pin = pinned
+                    return self._start_rw_start(f, buf, offset, total, write, callback)
+                addr, pin = pinned
             else:
                 addr = _addressof(pin)
-        if addr is None or (mask and (offset | total | addr) & mask):
+        if mask and (offset | total | addr) & mask:
             # (Not where O_DIRECT's alignment wants it: the threads' bounce
             # buffer, through _start.)
-            view = buf if type(buf) is memoryview else memoryview(buf)
-            xfer = _Transfer(self._sc, f, [view], offset, total, 0, write, False)
-            return self._start(
-                AioRequest(self, "write" if write else "read", None, (), callback, xfer)
-            )
+            return self._start_rw_start(f, buf, offset, total, write, callback)
         if callback is not None and not self._deliver:
             raise ValueError("this AioContext does not deliver completions: no callback=")
         # AioRequest(self, kind, None, (f, buf, offset, total, write, pin),
         # callback), its __init__ spelled out (no frame): keep the two in
         # step (test_start_rw_sets_what_aiorequest_init_sets).  Left unset
-        # while the ring has it, set if the pool takes it instead: _kwargs
-        # (read only by a run of _fn: none here) and _on_ring (set as the
-        # ring is asked); _admitted is set as it is counted, _pin rides in
-        # _args (the request holds it until the kernel is done with the
-        # memory: see _ring_done).
+        # while the ring has it, set if the pool takes it instead: _fn and
+        # _kwargs (read only by a run of _fn and by what finishes a claimed
+        # request other than the fused path: _ring_rw_done and
+        # _finish_interrupted set them first), _on_ring (set as the ring
+        # is asked) and _ring_ident (the ring knows it: see
+        # _RingBackend.cancel); _admitted is set as it is counted, _pin
+        # rides in _args (the request holds it until the kernel is done
+        # with the memory: see _ring_rw_done).
         req = _new_object(AioRequest)
         req._queue = self._queue
-        req._fn = None
         req._args = (f, buf, offset, total, write, pin)
         req._state = _QUEUED
         req._result = None
@@ -2257,13 +2273,12 @@ class AioContext:
                 try:
                     ident = ring.submit(
                         _OP_WRITE if write else _OP_READ, f.fd, offset, addr, total, 0,
-                        req._ring_done,
+                        req._ring_rw_done,
                     )  # fmt: skip
                 except BaseException:
-                    _submit_interrupted(ring, req)
+                    _submit_interrupted(ring, req, req._ring_rw_done)
                     raise
                 if ident:
-                    req._ring_ident = ident
                     next(self._n_ring)
                     return req
                 req._state = _QUEUED  # (not queued: the pool's, below)
@@ -2271,7 +2286,7 @@ class AioContext:
             # (which alone holds the buffer from here on: a finished request
             # keeps no export of it).
             req._on_ring = False
-            req._kwargs = None
+            req._fn = req._kwargs = None
             view = buf if type(buf) is memoryview else memoryview(buf)
             req._transfer = _Transfer(self._sc, f, [view], offset, total, 0, write, False)
             req._args = ()
@@ -2282,6 +2297,20 @@ class AioContext:
                 cq.unadmit(req)
             raise
         return req
+
+    def _start_rw_start(
+        self,
+        f: AioFile,
+        buf: Any,
+        offset: int,
+        total: int,
+        write: bool,
+        callback: Callback | None,
+    ) -> AioRequest:
+        """_start_rw's way for what its fast path does not take: _start."""
+        view = buf if type(buf) is memoryview else memoryview(buf)
+        xfer = _Transfer(self._sc, f, [view], offset, total, 0, write, False)
+        return self._start(AioRequest(self, "write" if write else "read", None, (), callback, xfer))
 
     def _continue(self, req: AioRequest, run: Callable[[], int]) -> None:
         """Finish a claimed request on a worker: ``run()`` gives its result.

@@ -243,6 +243,11 @@ def _after_fork_in_child() -> None:
     _generation += 1
     for ring in list(_rings):
         ring._room = 0  # (the parent's: nothing is submitted to it here)
+        for item in ring._ready:
+            # Handed out, as far as this process goes: a reap under way in
+            # the thread that forked (a callback forked) hands out no more
+            # of the parent's completions here.
+            item[2] = True
     for ring in list(_abandoned):  # the parent's operations: only our copies go
         ring.abandon_in_child()
     _abandoned.clear()
@@ -860,10 +865,9 @@ class Ring:
             if outer is not None:
                 after = outer
             _batch.after = after
-            generation = self._generation
             for item in batch:
-                if _generation != generation:
-                    break  # a callback forked: in the child, the rest is the parent's
+                # (A callback that forked: in the child, the rest is the
+                # parent's, marked handed out there: _after_fork_in_child.)
                 if item[2] is None:
                     item[2] = True
                     handed += 1
@@ -926,6 +930,7 @@ class Ring:
             return
         mm, mask, base, pending = self._cq_mm, self._cq_mask, self._cqes, self._pending
         ready, opens = self._ready, self._opens
+        append = ready.append
         start = head
         # The posted CQEs: one run of the array, or two where it wraps.
         first = head & mask
@@ -955,7 +960,7 @@ class Ring:
                             self._stopped = True
                         continue
                     del pending[ident]
-                    ready.append([on_done, res, None])
+                    append([on_done, res, None])
                     if opens:
                         opens.discard(ident)
         finally:
