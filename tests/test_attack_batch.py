@@ -191,7 +191,7 @@ def test_ctrl_c_at_the_ring_hand_outs_jump_back_strands_nothing() -> None:
             assert p is not None
             assert ring.submit(OP_READ, r, 2**64 - 1, p[0], 1, 0, lambda res, i=i: on_done(i))
         wait_until(lambda: ring._cq_tail.value - ring._cq_head.value == 4)
-        line = _line_of(Ring.reap, "if item[2] is None:")
+        line = _line_of(Ring.reap, "if was_handed is None:")
         assert line > 0
         _interrupt_at_line(Ring.reap.__code__, line, 2)
         with pytest.raises(KeyboardInterrupt):

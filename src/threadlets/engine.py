@@ -819,16 +819,16 @@ class AioRequest(Threadlet[int]):
                 # Ctrl-C lands as the lock is let go.  A Ctrl-C below,
                 # once the state changed, reaches _finish_interrupted,
                 # which finds it not RUNNING and changes nothing.
-                changed = False
                 try:
                     with self._queue._lock:
                         if self._state is not _RUNNING:
                             return  # (cancelled in a forked child)
                         self._result = res
                         self._state = _DONE
-                        changed = True  # (no call since the state)
                 finally:
-                    if changed:
+                    # (Changed here if DONE: it was RUNNING, and only the
+                    # ring's completion finishes it.)
+                    if self._state is _DONE:
                         if self._waiters or self._callbacks:
                             # (Final once DONE, read as _finished reads
                             # them: none is added after.)
@@ -2209,7 +2209,7 @@ class AioContext:
         # pin_buffer's steps (the request holds the pin until the kernel is
         # done with the memory).
         pin: object
-        if type(buf) is bytes and _BYTES_DATA:
+        if buf.__class__ is bytes and _BYTES_DATA:  # (type(buf), without a call)
             pin = buf
             addr = id(buf) + _BYTES_DATA
         else:

@@ -508,7 +508,9 @@ class Ring:
         #: where submit's ids come from (one more than the tail at its SQE:
         #: never 0, never repeated, never near _KICK).
         self._tail = self._sq_tail.value
-        self._unsubmitted = 0  # published SQEs no io_uring_enter took yet
+        #: The tail at the last _take: past it, the published SQEs no
+        #: io_uring_enter took yet (see _unsubmitted).
+        self._taken = self._tail
         self._in_kernel = 0  # SQEs given to the kernel whose CQEs were not reaped
         self._plugged_by: int | None = None  # the thread holding the plug
         self._schedule: Callable[[], object] | None = None  # hold()'s, for good
@@ -582,6 +584,11 @@ class Ring:
         return f"<Ring fd={self._fd} entries={self.entries} inflight={self._inflight}>"
 
     @property
+    def _unsubmitted(self) -> int:
+        """Published SQEs no io_uring_enter took yet (under _lock)."""
+        return self._tail - self._taken
+
+    @property
     def _inflight(self) -> int:
         """Operations queued and not reaped yet (under _lock)."""
         return len(self._pending)
@@ -627,7 +634,8 @@ class Ring:
         with self._lock:
             # At most `entries` in flight, none once closing, none in a
             # forked child, none into a full SQ: see _free.
-            if self._free <= 0:
+            free = self._free  # (only under the lock: a local copy)
+            if free <= 0:
                 return 0
             # _push, spelled out (this runs once per request).  The SQE goes
             # past the tail first, where the kernel does not look; from the
@@ -646,16 +654,15 @@ class Ring:
             # bits, the slot's mask and _take's difference look at no more.)
             self._tail = ident
             self._sq_tail.value = ident
-            self._unsubmitted += 1
-            self._free -= 1
-            if self._plugged_by == me and (self._unsubmitted < KICK_AT or self._in_kernel):
+            self._free = free - 1
+            if self._plugged_by == me and (ident - self._taken < KICK_AT or self._in_kernel):
                 # Held back by this thread's plug.  A permanent one (hold())
                 # has a flush scheduled by the first submission it holds.
                 schedule = self._schedule
                 if schedule is None or self._flush_scheduled:
                     return ident
                 self._flush_scheduled = True
-            elif self._reaper_holds and (self._unsubmitted < KICK_AT or self._in_kernel):
+            elif self._reaper_holds and (ident - self._taken < KICK_AT or self._in_kernel):
                 # Held back for the reaper, which sends everything held back
                 # at the end of its current pass or short sleep.  Not past
                 # KICK_AT with nothing in the kernel (as under a plug): the
@@ -713,7 +720,9 @@ class Ring:
         if self._generation != _generation or self._released:
             return 0
         self._flush_scheduled = False
-        n, self._unsubmitted = self._unsubmitted, 0
+        tail = self._tail
+        n = tail - self._taken
+        self._taken = tail
         self._in_kernel += n
         # Every published SQE the kernel has not consumed, not only these n:
         # a kick cut short by an interrupt (Ctrl-C at the first instruction
@@ -788,7 +797,6 @@ class Ring:
         )  # fmt: skip
         self._tail = tail = tail + 1  # (not wrapped: see __init__)
         self._sq_tail.value = tail
-        self._unsubmitted += 1
         self._free -= 1  # (its CQE gives it back: see _collect)
 
     def _kick(self, n: int) -> None:
@@ -856,7 +864,10 @@ class Ring:
             raise
         outer: Any = False  # (not looked at yet: nothing to undo)
         after: list[Callable[[], object]] = []
-        handed = 0
+        # How many this reap handed out: -1 (some, maybe: the sleepers get
+        # their NOP) until the loop ran to its end.
+        handed = -1
+        skipped = 0  # (counted instead of those handed: the rare case)
         ready, lock = self._ready, self._lock
         # Each completion is [on_done, res, handed]: `handed` turns True just
         # before its callback is called, in a test-and-set of plain bytecodes
@@ -873,10 +884,13 @@ class Ring:
             for item in batch:
                 # (A callback that forked: in the child, the rest is the
                 # parent's, marked handed out there: _after_fork_in_child.)
-                if item[2] is None:
+                on_done, res, was_handed = item
+                if was_handed is None:
                     item[2] = True
-                    handed += 1
-                    item[0](item[1])
+                    on_done(res)
+                else:
+                    skipped += 1  # (by a nested reap, or another thread's)
+            handed = len(batch) - skipped
         finally:
             # (Each step even if Ctrl-C lands in the one before.)
             try:
