@@ -518,7 +518,7 @@ class Ring:
         self._closing = False
         #: How many operations may be in flight: ``entries``, 0 once
         #: closing or in a forked child (see _room).
-        self._cap = sq_entries
+        self._cap: int = sq_entries
         #: Submit's one test: ``_cap`` less the SQEs published whose CQEs
         #: were not taken off the CQ yet -- operations in flight, and the
         #: NOPs and cancels _push adds.  Above 0, the SQ has a free slot
@@ -528,7 +528,7 @@ class Ring:
         #: fewer than ``entries`` operations are in flight (the CQ, twice
         #: as large, never overflows), the ring is not closing and this is
         #: not a forked child.
-        self._free = sq_entries
+        self._free: int = sq_entries
         self._stopped = False  # reaper mode: close()'s NOP came back
         self._reaper_holds = False  # reaper mode: busy, or in a short sleep (see submit)
         self._pending: dict[int, Callable[[int], None]] = {}
@@ -955,10 +955,11 @@ class Ring:
         if end <= mask + 1:
             raw = mm[base + first * 16 : base + end * 16]
         else:
-            raw = mm[base + first * 16 : base + (mask + 1) * 16] + mm[
-                base : base + (end - mask - 1) * 16
-            ]
-        idents, results = zip(*_CQE_IDENT_RES.iter_unpack(raw))
+            raw = (
+                mm[base + first * 16 : base + (mask + 1) * 16]
+                + mm[base : base + (end - mask - 1) * 16]
+            )
+        idents, results = zip(*_CQE_IDENT_RES.iter_unpack(raw), strict=True)
         pending = self._pending
         # Those with no callback (the STOP, a kick's NOP, an abandoned
         # ring's cancels), counted before anything changes.
@@ -978,7 +979,7 @@ class Ring:
             try:
                 self._ready.extend(
                     _compress(
-                        map(list, zip(taken, results, _repeat(None))),
+                        map(list, zip(taken, results, _repeat(None), strict=False)),
                         map(_is_not_none, taken),
                     )
                 )
