@@ -1680,7 +1680,7 @@ class _RingBackend:
         # child's reset finds it by (see claimed_in_child); before that,
         # nobody but this thread can reach it.
         req._pin = pin
-        req._state = _RUNNING
+        req._claim_held()
         req._on_ring = True
         try:
             ident = self.ring.submit(opcode, fd, offset, addr, length, op_flags, on_done)

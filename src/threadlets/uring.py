@@ -150,8 +150,8 @@ _SQE = struct.Struct("<BBHiQQIIQHHiQQ")
 _CQE = struct.Struct("<QiI")  # user_data, res, flags
 _CQE_IDENT_RES = struct.Struct("<Qi4x")  # (the flags left out: _collect)
 # (_collect's C-level steps: see there.)
-_repeat, _compress = itertools.repeat, itertools.compress
-_is_not_none = functools.partial(operator.is_not, None)
+_repeat = itertools.repeat
+_callback_of = operator.itemgetter(0)
 assert _SQE.size == 64
 #: The same SQE with every field the ring sets to zero as padding (flags,
 #: ioprio, buf_index, personality, splice_fd_in, addr3, pad; struct packs
@@ -425,8 +425,9 @@ class Ring:
     when the ring is full, closed or dead after a fork; the caller then does
     the work another way.  ``on_done(res)`` runs once per submitted
     operation, in the thread that reaps it, with the kernel's result (a
-    count, or ``-errno``).  The memory at ``addr`` must stay valid and
-    unmoved until then.
+    count, or ``-errno``); it must be true, as any function or bound method
+    is (see _collect).  The memory at ``addr`` must stay valid and unmoved
+    until then.
     """
 
     def __init__(
@@ -964,32 +965,37 @@ class Ring:
         # Those with no callback (the STOP, a kick's NOP, an abandoned
         # ring's cancels), counted before anything changes.
         skipped = count - sum(map(pending.__contains__, idents))
-        # Each CQE's callback out of _pending, then those taken onto the
-        # ready queue as [callback, result, None] (the ones with no
-        # callback left out), each move one C call, which no interrupt
-        # (Ctrl-C) and no other thread comes into: one lands only as a
-        # call returns.  The ready queue gets every callback taken,
-        # whichever of the two calls it lands after; the counters and the
-        # head change together, in plain bytecodes, after both.  (No
-        # Python step per CQE: a burst costs the same few as one.)
-        taken: list[Callable[[int], None] | None] = []
+        # Each CQE's callback out of _pending and onto the ready queue as
+        # [callback, result, None] (one with no callback left out: a
+        # callback is always true), all in one C call, which no interrupt
+        # (Ctrl-C) and no other thread comes into -- one lands only as a
+        # call returns -- so a callback is in _pending or on the ready
+        # queue at every point another thread (a fork) or an interrupt
+        # can see.  The counters and the head change after it, together,
+        # in plain bytecodes.  (No Python step per CQE: a burst costs the
+        # same few as one.)
         try:
-            taken.extend(map(pending.pop, idents, _repeat(None)))
-        finally:
-            try:
-                self._ready.extend(
-                    _compress(
-                        map(list, zip(taken, results, _repeat(None), strict=False)),
-                        map(_is_not_none, taken),
-                    )
+            self._ready.extend(
+                filter(
+                    _callback_of,
+                    map(
+                        list,
+                        zip(
+                            map(pending.pop, idents, _repeat(None)),
+                            results,
+                            _repeat(None),
+                            strict=False,
+                        ),
+                    ),
                 )
-            finally:
-                if skipped and _STOP in idents:
-                    self._stopped = True
-                self._in_kernel -= count
-                self._free += count
-                self.reaped += count - skipped
-                self._cq_head.value = tail  # the kernel may reuse those CQEs now
+            )
+        finally:
+            if skipped and _STOP in idents:
+                self._stopped = True
+            self._in_kernel -= count
+            self._free += count
+            self.reaped += count - skipped
+            self._cq_head.value = tail  # the kernel may reuse those CQEs now
         opens = self._opens
         if opens:
             opens.difference_update(idents)  # (see _abandon)
