@@ -191,7 +191,7 @@ def test_ctrl_c_at_the_ring_hand_outs_jump_back_strands_nothing() -> None:
             assert p is not None
             assert ring.submit(OP_READ, r, 2**64 - 1, p[0], 1, 0, lambda res, i=i: on_done(i))
         wait_until(lambda: ring._cq_tail.value - ring._cq_head.value == 4)
-        line = _line_of(Ring.reap, "if item[2] is None:")
+        line = _line_of(Ring.reap, "if was_handed is None:")
         assert line > 0
         _interrupt_at_line(Ring.reap.__code__, line, 2)
         with pytest.raises(KeyboardInterrupt):
@@ -232,7 +232,10 @@ def test_ctrl_c_in_the_unlocked_claim_leaves_nothing_claimed(path: Path) -> None
     try:
         sys.setprofile(prof)
         try:
-            with pytest.raises(KeyboardInterrupt):
+            # (Since issue 13's ring path the ring's claim is one store, no
+            # call to interrupt: the read then just completes.  Ctrl-C at
+            # every C return of it: tests/test_ring_path_cost.py.)
+            with contextlib.suppress(KeyboardInterrupt):
                 ctx.read(fd, 0, bytearray(16))
         finally:
             sys.setprofile(None)

@@ -1,13 +1,14 @@
-"""The ring's fused completion (issue 13): AioRequest._ring_done finishes a
+"""The ring's fused completion (issue 13): AioRequest._ring_rw_done finishes a
 request of _start_rw's fast path that the kernel completed with its full
 count without Threadlet._finish's, _finished's and
 _CompletionQueue.complete's frames -- the outcome before the state under
 the queue's lock, then (no waiter, no done-callback) complete's steps
 spelled out: delivered at once in the thread reaping inside
-process_completions, else queued -- and forgets the claim only once
-delivered.  Each promise of the long way must hold: exactly-once delivery
-under a Ctrl-C at every C return, waiters and done-callbacks, a fork as
-the state changed."""
+process_completions, else queued.  (Its claim is the ring's record of it,
+which ends with the reap's batch: see tests/test_ring_path_cost.py.)
+Each promise of the long way must hold: exactly-once delivery under a
+Ctrl-C at every C return, waiters and done-callbacks, a fork as the state
+changed."""
 
 from __future__ import annotations
 
@@ -175,7 +176,7 @@ def test_a_fork_as_the_state_changed_does_not_deliver_in_the_child(data_fd: Any)
         _warm(ctx, fd)
         calls: list[AioRequest] = []
         req = ctx.read(fd, 4096, aligned_buffer(4096), callback=calls.append)
-        ring_done = AioRequest._ring_done.__code__
+        ring_done = AioRequest._ring_rw_done.__code__
         pid = [-1]
 
         def prof(frame: Any, event: str, arg: Any) -> None:

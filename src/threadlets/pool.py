@@ -281,6 +281,24 @@ class Threadlet(Generic[T]):
         queue._claimed_add(ref)
         self._state = _RUNNING
 
+    def _claim_held(self) -> None:
+        """QUEUED -> RUNNING, as :meth:`_claim_unpublished`, for a threadlet
+        that one of its queue's claim holders (see ``_claim_holders``)
+        remembers from now until it is finished or handed on with
+        :meth:`_claim_remember`: a forked child's reset finds it there.  One
+        store; the claim reference is left unset (see :meth:`_finish`): who
+        finishes it sets it to None first.  (Spelled out on the hot paths:
+        the engine's _start_rw and _RingBackend.start.)"""
+        self._state = _RUNNING
+
+    def _claim_remember(self) -> None:
+        """Remember a claimed threadlet in the queue (as :meth:`_claim`
+        does) from now until :meth:`_finish`: one that leaves its claim
+        holder still RUNNING (handed on to a worker)."""
+        queue = self._queue
+        self._claim_ref = ref = _weakref(self, queue._unclaimed)
+        queue._claimed_add(ref)
+
     def _unclaim(self) -> None:
         """RUNNING -> QUEUED: the claimant could not start it after all
         (it had not been handed to anyone)."""
@@ -776,6 +794,11 @@ class ThreadletQueue:
         self._claimed: set[weakref.ref[Threadlet[Any]]] = set()
         self._unclaimed = self._claimed.discard  # the references' callback
         self._claimed_add = self._claimed.add  # (one lookup fewer per claim)
+        #: What else holds claimed threadlets of this queue, held weakly:
+        #: objects with a ``claimed_in_child()`` method that a forked child's
+        #: reset asks for them (the engine's io_uring backends, whose rings
+        #: remember the requests they hold; see Threadlet._claim_held).
+        self._claim_holders: weakref.WeakSet[Any] = weakref.WeakSet()
         #: Threadlets that cancel() or close() cancelled, until their
         #: waiters and callbacks ran.  With ``_claimed`` and the workers'
         #: ``current`` and ``finishing``, what a fork can find whose delivery
@@ -1130,6 +1153,7 @@ class ThreadletQueue:
             + [w.current for w in self._workers if w.current]
             + [w.finishing for w in self._workers if w.finishing]
             + [t for t in [r() for r in list(self._claimed)] if t is not None]
+            + [t for h in list(self._claim_holders) for t in h.claimed_in_child()]
             + list(self._finishing)
         )
         for w in self._workers:

@@ -70,6 +70,7 @@ import functools
 import itertools
 import logging
 import mmap
+import operator
 import os
 import struct
 import sys
@@ -103,6 +104,7 @@ __all__ = [
     "OP_STATX",
     "OP_WRITE",
     "OP_WRITEV",
+    "REAPED",
     "STATX_BASIC_STATS",
     "STATX_FIELDS",
     "STATX_SIZE",
@@ -147,6 +149,9 @@ STATX_FIELDS = struct.Struct("=IIQIIIHHQQQQ" + "qIi" * 4 + "IIII")
 _SQE = struct.Struct("<BBHiQQIIQHHiQQ")
 _CQE = struct.Struct("<QiI")  # user_data, res, flags
 _CQE_IDENT_RES = struct.Struct("<Qi4x")  # (the flags left out: _collect)
+# (_collect's C-level steps: see there.)
+_repeat = itertools.repeat
+_callback_of = operator.itemgetter(0)
 assert _SQE.size == 64
 #: The same SQE with every field the ring sets to zero as padding (flags,
 #: ioprio, buf_index, personality, splice_fd_in, addr3, pad; struct packs
@@ -178,6 +183,9 @@ def stat_result(buf: Any) -> os.stat_result:
 
 _STOP = 0  # user_data of the NOP that tells the reaper to finish
 _KICK = 1 << 63  # user_data of the NOPs that wake sleepers (see Ring.wait)
+#: What Ring.ident_of answers for an operation whose completion was reaped:
+#: an id no operation has (ids count up from 1), which cancels nothing.
+REAPED = _KICK - 1
 
 #: Reaper mode: with this many operations in the kernel, the reaper sleeps at
 #: most HOLD_MAX seconds at a time (one of them will complete soon anyway),
@@ -211,6 +219,9 @@ _generation = 0  # bumped in a forked child: rings made before are dead there
 #: so a ring becomes garbage only with every request in it.)
 _abandoned: set[Ring] = set()
 
+#: Every ring made in this process, held weakly (see _after_fork_in_child).
+_rings: weakref.WeakSet[Ring] = weakref.WeakSet()
+
 #: How long a ring being abandoned waits for what the kernel could not
 #: cancel at once (a transfer a device is doing); what is still out after
 #: that is reaped without waiting by the next ring made, or the next ring
@@ -235,6 +246,13 @@ class _GeteventsArg(ctypes.Structure):  # struct io_uring_getevents_arg
 def _after_fork_in_child() -> None:
     global _generation
     _generation += 1
+    for ring in list(_rings):
+        ring._room = 0  # (the parent's: nothing is submitted to it here)
+        for item in ring._ready:
+            # Handed out, as far as this process goes: a reap under way in
+            # the thread that forked (a callback forked) hands out no more
+            # of the parent's completions here.
+            item[2] = True
     for ring in list(_abandoned):  # the parent's operations: only our copies go
         ring.abandon_in_child()
     _abandoned.clear()
@@ -407,8 +425,9 @@ class Ring:
     when the ring is full, closed or dead after a fork; the caller then does
     the work another way.  ``on_done(res)`` runs once per submitted
     operation, in the thread that reaps it, with the kernel's result (a
-    count, or ``-errno``).  The memory at ``addr`` must stay valid and
-    unmoved until then.
+    count, or ``-errno``); it must be true, as any function or bound method
+    is (see _collect).  The memory at ``addr`` must stay valid and unmoved
+    until then.
     """
 
     def __init__(
@@ -486,17 +505,31 @@ class Ring:
         self._enter = enter
         self._lock = threading.Lock()
         # Under _lock:
+        #: The SQ tail, unwrapped (its c_uint32 keeps the low bits): also
+        #: where submit's ids come from (one more than the tail at its SQE:
+        #: never 0, never repeated, never near _KICK).
         self._tail = self._sq_tail.value
-        self._inflight = 0
-        self._unsubmitted = 0  # published SQEs no io_uring_enter took yet
+        #: The tail at the last _take: past it, the published SQEs no
+        #: io_uring_enter took yet (see _unsubmitted).
+        self._taken = self._tail
         self._in_kernel = 0  # SQEs given to the kernel whose CQEs were not reaped
         self._plugged_by: int | None = None  # the thread holding the plug
         self._schedule: Callable[[], object] | None = None  # hold()'s, for good
         self._flush_scheduled = False  # hold(): schedule() called since the last take
         self._closing = False
-        #: How many may be in flight: ``entries``, 0 once closing (submit
-        #: looks at the two at once).
-        self._room = sq_entries
+        #: How many operations may be in flight: ``entries``, 0 once
+        #: closing or in a forked child (see _room).
+        self._cap: int = sq_entries
+        #: Submit's one test: ``_cap`` less the SQEs published whose CQEs
+        #: were not taken off the CQ yet -- operations in flight, and the
+        #: NOPs and cancels _push adds.  Above 0, the SQ has a free slot
+        #: (what the kernel has not consumed is among those: a sleepers'
+        #: NOP could fill the last one while a kick was under way, and an
+        #: SQE written there went over the oldest one not consumed yet),
+        #: fewer than ``entries`` operations are in flight (the CQ, twice
+        #: as large, never overflows), the ring is not closing and this is
+        #: not a forked child.
+        self._free: int = sq_entries
         self._stopped = False  # reaper mode: close()'s NOP came back
         self._reaper_holds = False  # reaper mode: busy, or in a short sleep (see submit)
         self._pending: dict[int, Callable[[int], None]] = {}
@@ -511,8 +544,8 @@ class Ring:
         #: Threads asleep in wait(): a reap that hands out completions wakes
         #: them with a NOP, since one of those may be what they wait for.
         self._sleepers = 0
-        self._ids = itertools.count(1)  # (never reaches _KICK)
         self._generation = _generation
+        _rings.add(self)  # (a forked child closes it to submissions: _after_fork_in_child)
         self.reaped = 0
         self.wakeups = 0
         self._reaper: threading.Thread | None = None
@@ -552,6 +585,27 @@ class Ring:
         return f"<Ring fd={self._fd} entries={self.entries} inflight={self._inflight}>"
 
     @property
+    def _unsubmitted(self) -> int:
+        """Published SQEs no io_uring_enter took yet (under _lock)."""
+        return self._tail - self._taken
+
+    @property
+    def _inflight(self) -> int:
+        """Operations queued and not reaped yet (under _lock)."""
+        return len(self._pending)
+
+    @property
+    def _room(self) -> int:
+        """How many may be in flight: ``entries``, 0 once closing."""
+        return self._cap
+
+    @_room.setter
+    def _room(self, room: int) -> None:
+        # (Plain bytecodes: the two change together.)
+        self._free += room - self._cap
+        self._cap = room
+
+    @property
     def submitted(self) -> int:
         """Operations queued so far (those reaped, and those in flight)."""
         return self.reaped + self._inflight
@@ -572,55 +626,44 @@ class Ring:
         length: int,
         op_flags: int,
         on_done: Callable[[int], None],
-        receipt: list[int] | None = None,
     ) -> int:
         """Queue one operation and tell the kernel (at :meth:`unplug` if
         this thread plugged the ring).  Returns its id (for :meth:`cancel`),
-        or 0: not queued.  The id is also stored in ``receipt[0]`` the
-        moment the operation is queued: a caller interrupted (Ctrl-C)
-        before this returns learns from it whether ``on_done`` will run."""
+        or 0: not queued.  A caller interrupted (Ctrl-C) before this
+        returns learns from :meth:`ident_of` whether ``on_done`` will run."""
         me = _get_ident()
         with self._lock:
-            # At most `entries` in flight (the CQ, twice as large, never
-            # overflows), none once closing (_room is 0), none in a forked
-            # child.  Nor into a full SQ: a sleepers' NOP (not in flight)
-            # can fill its last slot while a kick is under way, and an SQE
-            # written there went over the oldest one not consumed yet.
-            if (
-                self._inflight >= self._room
-                or (self._tail - self._sq_head.value) & 0xFFFFFFFF >= self.entries
-                or self._generation != _generation
-            ):
+            # At most `entries` in flight, none once closing, none in a
+            # forked child, none into a full SQ: see _free.
+            free = self._free  # (only under the lock: a local copy)
+            if free <= 0:
                 return 0
-            ident = next(self._ids)
             # _push, spelled out (this runs once per request).  The SQE goes
             # past the tail first, where the kernel does not look; from the
             # pending entry to the tail's store everything is plain
             # bytecodes (Ctrl-C lands only as a C call returns): queued and
             # published together, or neither.
             tail = self._tail
+            ident = tail + 1
             _pack_sqe(
                 self._sqes, (tail & self._sq_mask) * 64, opcode, fd, offset, addr, length, op_flags, ident
             )  # fmt: skip
             if opcode == OP_OPENAT:
                 self._opens.add(ident)  # (see _abandon; before it is published)
             self._pending[ident] = on_done
-            if receipt is not None:
-                receipt[0] = ident
             # (_tail is not wrapped at 32 bits: its c_uint32 keeps the low
             # bits, the slot's mask and _take's difference look at no more.)
-            self._tail = tail = tail + 1
-            self._sq_tail.value = tail
-            self._unsubmitted += 1
-            self._inflight += 1
-            if self._plugged_by == me and (self._unsubmitted < KICK_AT or self._in_kernel):
+            self._tail = ident
+            self._sq_tail.value = ident
+            self._free = free - 1
+            if self._plugged_by == me and (ident - self._taken < KICK_AT or self._in_kernel):
                 # Held back by this thread's plug.  A permanent one (hold())
                 # has a flush scheduled by the first submission it holds.
                 schedule = self._schedule
                 if schedule is None or self._flush_scheduled:
                     return ident
                 self._flush_scheduled = True
-            elif self._reaper_holds and (self._unsubmitted < KICK_AT or self._in_kernel):
+            elif self._reaper_holds and (ident - self._taken < KICK_AT or self._in_kernel):
                 # Held back for the reaper, which sends everything held back
                 # at the end of its current pass or short sleep.  Not past
                 # KICK_AT with nothing in the kernel (as under a plug): the
@@ -637,6 +680,28 @@ class Ring:
             return ident
         self._kick(n)
         return ident
+
+    def ident_of(self, on_done: Callable[[int], None]) -> int:
+        """For a caller whose :meth:`submit` was interrupted (Ctrl-C): the
+        id of the operation queued with ``on_done`` (a callback equal to
+        it) that is still in the kernel, :data:`REAPED` if its completion
+        was taken off the ring but not all handed out yet, or 0: not queued
+        -- or queued, and its callback already called and its batch over
+        (the caller tells that apart by what the callback did)."""
+        with self._lock:
+            for ident, cb in self._pending.items():
+                if cb == on_done:
+                    return ident
+            for item in self._ready:
+                if item[0] == on_done:
+                    return REAPED
+            return 0
+
+    def callbacks(self) -> list[Callable[[int], None]]:
+        """The callbacks of the operations queued and not yet handed out in
+        full (in the kernel, or reaped in a batch not over): in a forked
+        child, where nothing else runs, what its owner held there."""
+        return list(self._pending.values()) + [item[0] for item in self._ready]
 
     def cancel(self, ident: int, on_done: Callable[[int], None]) -> bool:
         """Ask the kernel to cancel the operation ``ident`` (IORING_OP_ASYNC_CANCEL),
@@ -656,7 +721,9 @@ class Ring:
         if self._generation != _generation or self._released:
             return 0
         self._flush_scheduled = False
-        n, self._unsubmitted = self._unsubmitted, 0
+        tail = self._tail
+        n = tail - self._taken
+        self._taken = tail
         self._in_kernel += n
         # Every published SQE the kernel has not consumed, not only these n:
         # a kick cut short by an interrupt (Ctrl-C at the first instruction
@@ -729,9 +796,9 @@ class Ring:
             (tail & self._sq_mask) * 64,
             opcode, 0, 0, fd, offset, addr, length, op_flags, ident, 0, 0, 0, 0, 0,
         )  # fmt: skip
-        self._tail = tail = (tail + 1) & 0xFFFFFFFF
+        self._tail = tail = tail + 1  # (not wrapped: see __init__)
         self._sq_tail.value = tail
-        self._unsubmitted += 1
+        self._free -= 1  # (its CQE gives it back: see _collect)
 
     def _kick(self, n: int) -> None:
         """Submit ``n`` published SQEs.  Outside the lock: the syscall
@@ -798,7 +865,10 @@ class Ring:
             raise
         outer: Any = False  # (not looked at yet: nothing to undo)
         after: list[Callable[[], object]] = []
-        handed = 0
+        # How many this reap handed out: -1 (some, maybe: the sleepers get
+        # their NOP) until the loop ran to its end.
+        handed = -1
+        skipped = 0  # (counted instead of those handed: the rare case)
         ready, lock = self._ready, self._lock
         # Each completion is [on_done, res, handed]: `handed` turns True just
         # before its callback is called, in a test-and-set of plain bytecodes
@@ -812,14 +882,16 @@ class Ring:
             if outer is not None:
                 after = outer
             _batch.after = after
-            generation = self._generation
             for item in batch:
-                if _generation != generation:
-                    break  # a callback forked: in the child, the rest is the parent's
-                if item[2] is None:
+                # (A callback that forked: in the child, the rest is the
+                # parent's, marked handed out there: _after_fork_in_child.)
+                on_done, res, was_handed = item
+                if was_handed is None:
                     item[2] = True
-                    handed += 1
-                    item[0](item[1])
+                    on_done(res)
+                else:
+                    skipped += 1  # (by a nested reap, or another thread's)
+            handed = len(batch) - skipped
         finally:
             # (Each step even if Ctrl-C lands in the one before.)
             try:
@@ -876,48 +948,57 @@ class Ring:
         tail = self._cq_tail.value
         if head == tail:
             return
-        mm, mask, base, pending = self._cq_mm, self._cq_mask, self._cqes, self._pending
-        ready, opens = self._ready, self._opens
-        start = head
+        count = (tail - head) & 0xFFFFFFFF
+        mm, mask, base = self._cq_mm, self._cq_mask, self._cqes
         # The posted CQEs: one run of the array, or two where it wraps.
         first = head & mask
-        count = (tail - head) & 0xFFFFFFFF
-        runs = [(first, min(count, mask + 1 - first))]
-        if count > runs[0][1]:
-            runs.append((0, count - runs[0][1]))
-        # (The counters' changes, stored once at the end: `head` counts the
-        # CQEs consumed, unmasked; `skipped` those with no callback.)
-        skipped = 0
+        end = first + count
+        if end <= mask + 1:
+            raw = mm[base + first * 16 : base + end * 16]
+        else:
+            raw = (
+                mm[base + first * 16 : base + (mask + 1) * 16]
+                + mm[base : base + (end - mask - 1) * 16]
+            )
+        idents, results = zip(*_CQE_IDENT_RES.iter_unpack(raw), strict=True)
+        pending = self._pending
+        # Those with no callback (the STOP, a kick's NOP, an abandoned
+        # ring's cancels), counted before anything changes.
+        skipped = count - sum(map(pending.__contains__, idents))
+        # Each CQE's callback out of _pending and onto the ready queue as
+        # [callback, result, None] (one with no callback left out: a
+        # callback is always true), all in one C call, which no interrupt
+        # (Ctrl-C) and no other thread comes into -- one lands only as a
+        # call returns -- so a callback is in _pending or on the ready
+        # queue at every point another thread (a fork) or an interrupt
+        # can see.  The counters and the head change after it, together,
+        # in plain bytecodes.  (No Python step per CQE: a burst costs the
+        # same few as one.)
         try:
-            for at, n in runs:
-                cqes = mm[base + at * 16 : base + (at + n) * 16]
-                for ident, res in _CQE_IDENT_RES.iter_unpack(cqes):
-                    # Ctrl-C can land as a C call returns (the append, the
-                    # discard: after the step) or at the loop's jump back:
-                    # a CQE is either still unread or on the ready queue
-                    # (and counted so), never dropped or doubled.  (The
-                    # lookup is a subscript, no call: nothing lands there.)
-                    head += 1
-                    try:
-                        on_done = pending[ident]
-                    except KeyError:
-                        # The STOP, or a kick's NOP (already counted).
-                        skipped += 1
-                        if ident == _STOP:
-                            self._stopped = True
-                        continue
-                    del pending[ident]
-                    ready.append([on_done, res, None])
-                    if opens:
-                        opens.discard(ident)
+            self._ready.extend(
+                filter(
+                    _callback_of,
+                    map(
+                        list,
+                        zip(
+                            map(pending.pop, idents, _repeat(None)),
+                            results,
+                            _repeat(None),
+                            strict=False,
+                        ),
+                    ),
+                )
+            )
         finally:
-            # (Plain bytecodes up to the head's store: the counts and the
-            # head change together.)
-            consumed = head - start
-            self._in_kernel -= consumed
-            self._inflight -= consumed - skipped
-            self.reaped += consumed - skipped
-            self._cq_head.value = head & 0xFFFFFFFF  # the kernel may reuse those CQEs now
+            if skipped and _STOP in idents:
+                self._stopped = True
+            self._in_kernel -= count
+            self._free += count
+            self.reaped += count - skipped
+            self._cq_head.value = tail  # the kernel may reuse those CQEs now
+        opens = self._opens
+        if opens:
+            opens.difference_update(idents)  # (see _abandon)
 
     def _nop_for_sleepers(self) -> bool:
         """Under _lock, after handing out completions: threads asleep in
