@@ -166,6 +166,42 @@ def test_a_completion_processed_inside_a_running_task_is_scheduled(
     assert order == ["a", "b"]
 
 
+def test_cancelled_between_its_scheduled_wake_and_the_wake(
+    run: Any, backend: str, no_errors: None
+) -> None:
+    """B's completion is delivered inside A's step (its wake scheduled);
+    A then cancels B before that wake runs: B sees one CancelledError,
+    after its request finished, as with a Future that was done."""
+    gate = Gate(8)
+
+    async def main() -> None:
+        io = aw.current()
+        b_req = io.ctx.call(gate)
+        steps: list[str] = []
+
+        async def b() -> None:
+            try:
+                await io.wait(b_req)
+            except asyncio.CancelledError:
+                steps.append("cancelled")
+                raise
+            steps.append("woken")
+
+        tb = asyncio.ensure_future(b())
+        await asyncio.sleep(0)
+        assert gate.started.wait(10)
+        gate.release.set()
+        assert io.ctx.drain(10)  # B's completion, inside this task's step
+        assert b_req._processed
+        assert tb.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await tb
+        assert steps == ["cancelled"]
+        assert b_req.result() == 8
+
+    run(main)
+
+
 def test_ctrl_c_in_a_step_run_by_the_reader_loses_no_wakeup(
     new_loop: Callable[[], asyncio.AbstractEventLoop], backend: str, no_errors: None
 ) -> None:

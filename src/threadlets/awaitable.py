@@ -31,6 +31,12 @@ Cancellation (the guarantee)
   cancelled: after a cancelled write, the file's contents there are unknown
   to the caller and must be read back if they matter.
 
+The wake (asyncio): a waiting task yields a future of ours (``_Waiter``),
+not an ``asyncio.Future``; a completion processed by the loop's eventfd
+reader steps its task there and then, with no Handle or loop pass per
+request.  Anywhere else (inside a running task, another thread, a closed
+loop) and on cancellation, the wakeup is scheduled as a Future's is.
+
 Fairness: a request that finishes inline (cached data) returns without
 suspending.  Every :data:`YIELD_EVERY` such completions on a loop, the task
 that makes the next one yields to the loop once, so a task doing only
