@@ -31,6 +31,12 @@ Cancellation (the guarantee)
   cancelled: after a cancelled write, the file's contents there are unknown
   to the caller and must be read back if they matter.
 
+The wake (asyncio): a waiting task yields a future of ours (``_Waiter``),
+not an ``asyncio.Future``; a completion processed by the loop's eventfd
+reader steps its task there and then, with no Handle or loop pass per
+request.  Anywhere else (inside a running task, another thread, a closed
+loop) and on cancellation, the wakeup is scheduled as a Future's is.
+
 Fairness: a request that finishes inline (cached data) returns without
 suspending.  Every :data:`YIELD_EVERY` such completions on a loop, the task
 that makes the next one yields to the loop once, so a task doing only
@@ -42,12 +48,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import fcntl
 import sys
+import types
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Generator
 from functools import partial as _partial
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from threadlets.engine import BACKENDS, AioContext, AioRequest
 from threadlets.pool import CancelResult, ThreadletQueue
@@ -100,7 +108,7 @@ class LoopIO:
     #: once even while ``req`` runs (for a request that may never end, whose
     #: caller cleans up after it).  The loop kind's own function, bound
     #: once: every request comes through here.
-    wait: Callable[..., Coroutine[Any, Any, None]]
+    wait: Callable[..., Awaitable[None]]
 
     def __init__(
         self, ctx: AioContext, kind: str, loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
@@ -108,7 +116,9 @@ class LoopIO:
         self.ctx = ctx
         self.kind = kind  # "asyncio" or "trio"
         self._loop = loop
-        self.wait = _asyncio_wait if kind == "asyncio" else _trio_wait
+        self.wait = cast(
+            "Callable[..., Awaitable[None]]", _asyncio_wait if kind == "asyncio" else _trio_wait
+        )
         #: Inline completions since this loop last yielded for fairness.
         self.inline_run = 0
 
@@ -356,7 +366,16 @@ _asyncio_io: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, weakref.ref[Lo
 
 
 def _process(io: LoopIO) -> None:
-    io.ctx.on_readable()
+    # The eventfd reader callback: completions may step their tasks here
+    # (see _Waiter).  (Added inside the try: an interrupt as add() returns
+    # must not leave the loop marked.)
+    ref = io._loop
+    loop = ref() if ref is not None else None
+    try:
+        _reading.add(loop)
+        io.ctx.on_readable()
+    finally:
+        _reading.discard(loop)
 
 
 def _asyncio_current(loop: asyncio.AbstractEventLoop) -> LoopIO:
@@ -453,18 +472,214 @@ def _waker(fut: asyncio.Future[None]) -> Callable[[AioRequest], None]:
     return _partial(_wake, fut, fut.get_loop())
 
 
-async def _asyncio_wait(req: AioRequest, detach: bool = False) -> None:
-    loop = asyncio.get_running_loop()
-    fut = loop.create_future()
-    req.callback = _partial(_wake, fut, loop)  # (_waker, without its frame)
+def _task_lookup() -> Callable[[asyncio.AbstractEventLoop], object]:
+    """``asyncio.current_task(loop)``, as cheap as it comes: the C tasks'
+    own dict's ``get`` where this Python's tasks use that dict (3.11-3.13),
+    else the function."""
     try:
-        await fut
+        import _asyncio
+
+        tasks: Any = getattr(_asyncio, "_current_tasks")  # noqa: B009 (not in typeshed)
+    except (ImportError, AttributeError):
+        return asyncio.current_task
+    get: Callable[[asyncio.AbstractEventLoop], object] = tasks.get
+    return get if getattr(asyncio.tasks, "_current_tasks", None) is tasks else asyncio.current_task
+
+
+_current_task = _task_lookup()
+
+#: The asyncio loops whose eventfd reader callback (:func:`_process`) is
+#: running, each in its own thread: where a completion may step its task
+#: at once (see _Waiter._complete).
+_reading: set[asyncio.AbstractEventLoop | None] = set()
+
+_PENDING = "PENDING"
+_FINISHED = "FINISHED"
+_CANCELLED = "CANCELLED"
+
+
+class _Waiter:
+    """What a task waiting for a request yields to asyncio (see
+    :func:`_asyncio_wait`): a future of ours, done once the request's
+    completion is processed, that follows asyncio's future protocol (what
+    ``asyncio.Task`` and the asyncio functions look at; ``isfuture()`` is
+    true of it).  Its result is None; the request holds the outcome.
+
+    Why not an ``asyncio.Future``: its ``set_result`` schedules the task's
+    wakeup through ``call_soon`` -- a Handle, and a pass of the loop, per
+    request.  A completion processed by the loop's eventfd reader callback
+    (:func:`_process`), with no task running, runs its task's step right
+    there instead, in the task's context: asyncio's rule (one task steps at
+    a time, never inside another) holds, and the step's submissions go to
+    the kernel with the rest of the batch's.  Anywhere else -- a completion
+    processed inside a running task (a close() or drain that processes
+    synchronously), by another thread, with a second done-callback, or a
+    cancellation -- the wakeups are scheduled, as a Future's are.
+
+    A BaseException from a step run here (KeyboardInterrupt, SystemExit)
+    propagates out of the engine's delivery, which leaves the rest of the
+    batch deliverable and the eventfd readable (see the engine's module
+    docstring): their wakeups come with the loop's next pass."""
+
+    # (No __slots__: the class's defaults are a new waiter's state, so
+    # that making one stores only its loop.)
+
+    #: asyncio's future protocol: true while it is yielded to a task,
+    #: cleared by the Task that takes it.  (True from the start: a waiter
+    #: is made to be yielded at once.)
+    _asyncio_future_blocking = True
+    _loop: asyncio.AbstractEventLoop
+    _state = _PENDING
+    #: The first done-callback and its context (a task's wakeup: the only
+    #: one, almost always); any more, in order, in ``_more``.  While it is
+    #: pending, ``_cb`` is None only if there are none at all.
+    _cb: Callable[[Any], object] | None = None
+    _cbctx: contextvars.Context
+    _more: list[tuple[Callable[[Any], object], contextvars.Context]] | None = None
+    _cancel_message: Any = None
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def __repr__(self) -> str:
+        return f"<threadlets request waiter {self._state.lower()}>"
+
+    def _complete(self, req: AioRequest) -> None:
+        """The request's callback: its completion was processed."""
+        if self._state is not _PENDING:
+            return  # cancelled before: its wakeup is scheduled
+        self._state = _FINISHED
+        cb = self._cb
+        loop = self._loop
+        if (
+            cb is not None
+            and loop in _reading
+            and self._more is None
+            and _current_task(loop) is None
+        ):
+            # (_cb is left: nothing runs it again, the state being final.)
+            self._cbctx.run(cb, self)
+        else:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        """Schedule the done-callbacks, as a Future does (a closed loop
+        refuses them: nothing is left to wake then)."""
+        cb, self._cb = self._cb, None
+        more, self._more = self._more, None
+        loop = self._loop
+        try:
+            if cb is not None:
+                loop.call_soon(cb, self, context=self._cbctx)
+            if more is not None:
+                for fn, ctx in more:
+                    loop.call_soon(fn, self, context=ctx)
+        except RuntimeError:
+            if not loop.is_closed():
+                raise
+
+    # -- asyncio's future protocol ---------------------------------------------------
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def done(self) -> bool:
+        return self._state is not _PENDING
+
+    def cancelled(self) -> bool:
+        return self._state is _CANCELLED
+
+    def result(self) -> None:
+        if self._state is _FINISHED:
+            return
+        if self._state is _CANCELLED:
+            raise self._make_cancelled_error()
+        raise asyncio.InvalidStateError("Result is not ready.")
+
+    def exception(self) -> BaseException | None:
+        state = self._state
+        if state is _FINISHED:
+            return None
+        if state is _CANCELLED:
+            raise self._make_cancelled_error()
+        raise asyncio.InvalidStateError("Exception is not set.")
+
+    def _make_cancelled_error(self) -> asyncio.CancelledError:
+        msg = self._cancel_message
+        return asyncio.CancelledError() if msg is None else asyncio.CancelledError(msg)
+
+    def cancel(self, msg: Any = None) -> bool:
+        """As a Future's: done now, its callbacks scheduled.  (The task
+        that waits then decides, as it did with a Future: see
+        _asyncio_wait.)"""
+        if self._state is not _PENDING:
+            return False
+        self._state = _CANCELLED
+        self._cancel_message = msg
+        self._schedule()
+        return True
+
+    def add_done_callback(
+        self, fn: Callable[[Any], object], *, context: contextvars.Context | None = None
+    ) -> None:
+        if context is None:
+            context = contextvars.copy_context()
+        if self._state is not _PENDING:
+            try:
+                self._loop.call_soon(fn, self, context=context)
+            except RuntimeError:
+                if not self._loop.is_closed():
+                    raise
+        elif self._cb is None:
+            self._cb = fn
+            self._cbctx = context
+        elif self._more is None:
+            self._more = [(fn, context)]
+        else:
+            self._more.append((fn, context))
+
+    def remove_done_callback(self, fn: Callable[[Any], object]) -> int:
+        if self._cb is None:
+            return 0
+        callbacks = [(self._cb, self._cbctx), *(self._more or ())]
+        kept = [(f, c) for f, c in callbacks if f != fn]
+        self._cb = self._more = None
+        if kept:
+            (self._cb, self._cbctx), *more = kept
+            self._more = more or None
+        return len(callbacks) - len(kept)
+
+    def __await__(self) -> Generator[Any, None, None]:
+        if self._state is _PENDING:
+            self._asyncio_future_blocking = True
+            yield self
+        if self._state is _PENDING:
+            raise RuntimeError("await wasn't used with future")
+        self.result()
+
+    __iter__ = __await__
+
+
+_new_waiter = object.__new__
+_running_loop = asyncio.get_running_loop
+
+
+@types.coroutine
+def _asyncio_wait(req: AioRequest, detach: bool = False) -> Generator[Any, None, None]:
+    # A generator-based coroutine: it yields the waiter to the task itself,
+    # with no __await__ call or iterator between.  (_Waiter(loop), without
+    # the __init__ call: keep the two in step.)
+    w: _Waiter = _new_waiter(_Waiter)
+    w._loop = _running_loop()
+    req.callback = w._complete
+    try:
+        yield w
     except asyncio.CancelledError:
         if req.cancel() is not CancelResult.CANCELED and not detach:
             # Running, or finished with its completion not yet processed:
             # wait it out, holding back further cancellations, then let the
             # caller see the one it got.
-            await _asyncio_wait_out(loop, req)
+            yield from _asyncio_wait_out(w._loop, req).__await__()
         raise
 
 
