@@ -63,7 +63,7 @@ class CancelAt:
 
     def __enter__(self) -> CancelAt:
         io_ = self._f._io
-        orig = io_.wait
+        orig = io_._wait
         self._orig = orig
 
         async def wait(req: Any, detach: bool = False) -> None:
@@ -74,12 +74,12 @@ class CancelAt:
                 self._scope.cancel()
                 await anyio.lowlevel.checkpoint()
 
-        io_.wait = wait
+        io_._wait = wait
         self._scope.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> bool:
-        self._f._io.wait = self._orig
+        self._f._io._wait = self._orig
         return bool(self._scope.__exit__(*exc))
 
     @property

@@ -447,7 +447,7 @@ def test_a_running_request_interrupted_before_its_wait_is_waited_for_by_close(
     async def main() -> None:
         async with threadlets.open(p, "r+b", buffering=0) as f:
             io_ = awaitable.current()
-            orig = io_.wait
+            orig = io_._wait
 
             def gated() -> int:
                 started.set()
@@ -459,11 +459,11 @@ def test_a_running_request_interrupted_before_its_wait_is_waited_for_by_close(
                 raise KeyboardInterrupt
 
             req = f._ctx.call(gated)
-            monkeypatch.setattr(io_, "wait", wait)
+            monkeypatch.setattr(io_, "_wait", wait)
             try:
                 await f._run(req)
             finally:
-                monkeypatch.setattr(io_, "wait", orig)
+                monkeypatch.setattr(io_, "_wait", orig)
                 seen.append(req in f._outstanding)
                 release.set()
 

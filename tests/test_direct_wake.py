@@ -9,6 +9,7 @@ import asyncio
 import contextvars
 import errno
 import gc
+import inspect
 import logging
 import os
 import sys
@@ -352,7 +353,7 @@ def test_timeout_wait_for_taskgroup_and_gather(run: Any, gated: Gate, no_errors:
 
         async def group() -> None:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(io.wait(req))  # type: ignore[arg-type]
+                tg.create_task(io.wait(req))
                 tg.create_task(boom())
 
         with pytest.raises(ExceptionGroup) as info:
@@ -456,6 +457,34 @@ def test_errors_reach_the_task(run: Any, backend: str, data: Path, no_errors: No
         await io.wait(req)
         with pytest.raises(LookupError):
             req.result()
+
+    run(main)
+
+
+def test_the_public_wait_is_a_coroutine(run: Any, backend: str, no_errors: None) -> None:
+    """``LoopIO.wait`` (public) returns a coroutine, which create_task() and
+    TaskGroup take on every Python (from 3.12 on they refuse the package's
+    generator-based ``_wait``, which it uses for its own awaits only); both
+    end with the request processed."""
+
+    async def main() -> None:
+        io = aw.current()
+        req = io.ctx.call(lambda: 7)
+        w = io.wait(req)
+        assert asyncio.iscoroutine(w)
+        assert inspect.iscoroutine(w)
+        await asyncio.create_task(w)
+        assert req._processed
+        assert req.result() == 7
+        req = io.ctx.call(lambda: 8)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(io.wait(req))
+        assert req._processed
+        assert req.result() == 8
+        req = io.ctx.call(lambda: 9)
+        await io._wait(req)  # (the package's own)
+        assert req._processed
+        assert req.result() == 9
 
     run(main)
 

@@ -493,7 +493,7 @@ class AsyncFile:
         outstanding = self._outstanding
         try:
             outstanding.add(req)
-            await self._io.wait(req)
+            await self._io._wait(req)
         except BaseException:
             self._wait_cut_short(req)
             raise
@@ -546,7 +546,7 @@ class AsyncFile:
         outstanding = self._outstanding
         try:
             outstanding.add(req)
-            await self._io.wait(req)
+            await self._io._wait(req)
         except BaseException:
             self._wait_cut_short(req)
             raise
@@ -667,7 +667,7 @@ class AsyncFile:
             outstanding = self._outstanding
             try:
                 outstanding.add(req)
-                await self._io.wait(req)
+                await self._io._wait(req)
             except BaseException:
                 self._wait_cut_short(req)
                 raise
@@ -1922,7 +1922,7 @@ async def _open(
                 req = io_.ctx.call(_open_nonblocking, path, flags, perms, callback=orphan)
             handed = False  # (set once _opened owns the descriptor: it closes it on error)
             try:
-                await io_.wait(req)
+                await io_._wait(req)
                 if on_ring:
                     if req.error in (errno.ENXIO, errno.EAGAIN):
                         got = None
@@ -1989,7 +1989,7 @@ def _close_opened(req: AioRequest, on_ring: bool) -> None:
 
 async def _call(io_: LoopIO, fn: Callable[..., T], *args: Any) -> T:
     req = io_.ctx.call(fn, *args)
-    await io_.wait(req)
+    await io_._wait(req)
     result: Any = req.result()
     return result  # type: ignore[no-any-return]
 
@@ -2153,7 +2153,7 @@ async def _open_blocking(
         detached.run, path, flags, perms, opener, callback=lambda r: detached.abandon()
     )
     try:
-        await io_.wait(req, detach=True)
+        await io_._wait(req, detach=True)
     except BaseException:
         detached.abandon()
         raise

@@ -53,7 +53,7 @@ import fcntl
 import sys
 import types
 import weakref
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from functools import partial as _partial
 from typing import Any, TypeVar, cast
 
@@ -100,15 +100,20 @@ class LoopIO:
     It holds its asyncio loop only weakly: the loop's own structures hold
     the context, and nothing of ours may keep a finished loop alive."""
 
-    __slots__ = ("__weakref__", "_loop", "ctx", "inline_run", "kind", "wait")
+    __slots__ = ("__weakref__", "_loop", "_wait", "ctx", "inline_run", "kind", "wait")
 
     #: ``await io.wait(req, detach=False)``: suspend until ``req`` finished
     #: (its completion processed), with the cancellation rules of the
     #: module docstring.  ``detach=True`` lets a cancellation through at
     #: once even while ``req`` runs (for a request that may never end, whose
-    #: caller cleans up after it).  The loop kind's own function, bound
-    #: once: every request comes through here.
-    wait: Callable[..., Awaitable[None]]
+    #: caller cleans up after it).  The loop kind's own coroutine function,
+    #: bound once.
+    wait: Callable[..., Coroutine[Any, Any, None]]
+    #: The same, for the package's own awaits (``await io._wait(req)``):
+    #: on asyncio, a generator-based coroutine, one frame less per request --
+    #: an awaitable, but not a coroutine from Python 3.12 on (create_task()
+    #: refuses it there), so not the public one.
+    _wait: Callable[..., Awaitable[None]]
 
     def __init__(
         self, ctx: AioContext, kind: str, loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
@@ -116,9 +121,11 @@ class LoopIO:
         self.ctx = ctx
         self.kind = kind  # "asyncio" or "trio"
         self._loop = loop
-        self.wait = cast(
-            "Callable[..., Awaitable[None]]", _asyncio_wait if kind == "asyncio" else _trio_wait
-        )
+        if kind == "asyncio":
+            self.wait = _asyncio_wait_coro
+            self._wait = cast("Callable[..., Awaitable[None]]", _asyncio_wait)
+        else:
+            self.wait = self._wait = _trio_wait
         #: Inline completions since this loop last yielded for fairness.
         self.inline_run = 0
 
@@ -681,6 +688,13 @@ def _asyncio_wait(req: AioRequest, detach: bool = False) -> Generator[Any, None,
             # caller see the one it got.
             yield from _asyncio_wait_out(w._loop, req).__await__()
         raise
+
+
+async def _asyncio_wait_coro(req: AioRequest, detach: bool = False) -> None:
+    """LoopIO.wait on asyncio: _asyncio_wait, as a coroutine (for
+    create_task() and TaskGroup, which take nothing else from Python 3.12
+    on)."""
+    await _asyncio_wait(req, detach)
 
 
 async def _asyncio_wait_out(loop: asyncio.AbstractEventLoop, req: AioRequest) -> None:

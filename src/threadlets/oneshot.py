@@ -320,7 +320,7 @@ async def _inline_done(io_: LoopIO) -> None:
 
 async def _submit(io_: LoopIO, fn: Any, *args: Any) -> Any:
     req = io_.ctx.call(fn, *args)
-    await io_.wait(req)
+    await io_._wait(req)
     return req.result()
 
 
@@ -336,7 +336,7 @@ async def _read(io_: LoopIO, where: Any) -> bytes:
                 # (Refused too -- the queue closed, Ctrl-C --, the
                 # descriptor and the wake-up pipe are closed here.)
                 req = io_.ctx.call(got.read)
-                await io_.wait(req, detach=got.stream)
+                await io_._wait(req, detach=got.stream)
             except BaseException:
                 got.abandon()
                 raise
@@ -398,7 +398,7 @@ async def _write(path: Any, fn: Callable[..., _Rest], *args: Any) -> None:
     # as the submission returns leaves it running with no caller.)
     req = io_.ctx.call(handed.run, path, *args, callback=lambda r: handed.abandon())
     try:
-        await io_.wait(req)
+        await io_._wait(req)
         rest: _Rest = req.result()  # type: ignore[assignment]
         if rest is not None and rest[0] >= 0:
             rest = handed.fd, rest[1]  # (taken: plain bytecodes, no call)

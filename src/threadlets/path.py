@@ -43,7 +43,7 @@ async def _run(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     io_ = current()
     await io_.checkpoint()
     req = io_.ctx.call(functools.partial(fn, *args, **kwargs))
-    await io_.wait(req)
+    await io_._wait(req)
     result: Any = req.result()
     return result  # type: ignore[no-any-return]
 
@@ -53,7 +53,7 @@ async def _stat(path: pathlib.Path, follow_symlinks: bool) -> os.stat_result:
     io_ = current()
     await io_.checkpoint()
     req = io_.ctx.stat(path, follow_symlinks=follow_symlinks)
-    await io_.wait(req)
+    await io_._wait(req)
     result: os.stat_result = req.result()  # type: ignore[assignment]
     return result
 
