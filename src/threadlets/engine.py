@@ -2283,6 +2283,8 @@ class AioContext:
         total: int,
         write: bool,
         callback: Callback | None,
+        callbacks: list[Callable[[Any], object]] | None = None,
+        taken: list[AioRequest] | None = None,
     ) -> AioRequest:
         """_start(AioRequest(..., _Transfer(...))) for a read (not
         zero-filled) or write of one flat buffer (a bytes, bytearray or
@@ -2293,10 +2295,23 @@ class AioContext:
         _submit's steps, spelled out: this runs once per request; keep the
         four in step), with no _Transfer: the request keeps the transfer's
         particulars in ``_args`` until its completion needs one (see
-        _ring_done).  Anything else goes through _start."""
+        _ring_done).  Anything else goes through _start.
+
+        With ``taken`` (a list, empty), posix's door (_read_checked and
+        _write_checked; ``callback`` None): ``callbacks``, the request's
+        done-callbacks (``[on_done]``), are stored before it is published,
+        and the request is in ``taken`` once a backend has it, even if an
+        interrupt then cuts this call short (_start_taken's contract).  Put
+        there by this call where it raises (its clean-up) or goes through
+        _start_taken (what the fast path does not take); where the fast
+        path returns it, by the caller, if ``taken`` is still empty (no
+        look at ``taken`` on read()'s and write()'s way: they pass none).
+        (No interrupt lands between this call's return and the caller's
+        append: an eval-loop check comes at a C call's return or a
+        function's entry, and there is neither in between.)"""
         mask = self._ring_plain.get(f, -1)
         if mask < 0 or not total or total > _MAX_RING_LENGTH or (write and f.append):
-            return self._start_rw_start(f, buf, offset, total, write, callback)
+            return self._start_rw_start(f, buf, offset, total, write, callback, callbacks, taken)
         # pin_buffer's steps (the request holds the pin until the kernel is
         # done with the memory).
         pin: object
@@ -2310,14 +2325,16 @@ class AioContext:
                 # Read-only memory (a write's): whole bytes, or nothing.
                 pinned = pin_buffer(buf if type(buf) is memoryview else memoryview(buf))
                 if pinned is None:
-                    return self._start_rw_start(f, buf, offset, total, write, callback)
+                    return self._start_rw_start(
+                        f, buf, offset, total, write, callback, callbacks, taken
+                    )
                 addr, pin = pinned
             else:
                 addr = _addressof(pin)
         if mask and (offset | total | addr) & mask:
             # (Not where O_DIRECT's alignment wants it: the threads' bounce
             # buffer, through _start.)
-            return self._start_rw_start(f, buf, offset, total, write, callback)
+            return self._start_rw_start(f, buf, offset, total, write, callback, callbacks, taken)
         if callback is not None and not self._deliver:
             raise ValueError("this AioContext does not deliver completions: no callback=")
         # AioRequest(self, kind, None, (f, buf, offset, total, write, pin),
@@ -2338,7 +2355,7 @@ class AioContext:
         req._result = None
         req._exception = None
         req._waiters = None
-        req._callbacks = None
+        req._callbacks = callbacks  # (None but posix's: not published yet, no lock)
         req._ctx = self
         req.kind = "write" if write else "read"
         req.callback = callback
@@ -2383,9 +2400,14 @@ class AioContext:
             req._args = ()
             self._queue._submit(req)
         except BaseException:
-            # (As in _start, for a request not born finished.)
+            # (As in _start, for a request not born finished.)  Not taken
+            # back, a backend has it: posix's `taken` says so (the ring's,
+            # or the pool's, even where an interrupt landed at the return
+            # of the call that handed it over).
             if req._state is _QUEUED and not self._queue._holds(req):
                 cq.unadmit(req)
+            elif taken is not None and not taken:
+                taken.append(req)
             raise
         return req
 
@@ -2397,11 +2419,19 @@ class AioContext:
         total: int,
         write: bool,
         callback: Callback | None,
+        callbacks: list[Callable[[Any], object]] | None,
+        taken: list[AioRequest] | None,
     ) -> AioRequest:
-        """_start_rw's way for what its fast path does not take: _start."""
+        """_start_rw's way for what its fast path does not take: _start
+        (with ``taken``, posix's: _start_taken, the done-callbacks stored
+        first)."""
         view = buf if type(buf) is memoryview else memoryview(buf)
         xfer = _Transfer(self._sc, f, [view], offset, total, 0, write, False)
-        return self._start(AioRequest(self, "write" if write else "read", None, (), callback, xfer))
+        req = AioRequest(self, "write" if write else "read", None, (), callback, xfer)
+        if taken is None:
+            return self._start(req)
+        req._callbacks = callbacks  # (not published yet: no lock)
+        return self._start_taken(req, taken, False)
 
     def _continue(self, req: AioRequest, run: Callable[[], int]) -> None:
         """Finish a claimed request on a worker: ``run()`` gives its result.
@@ -2895,6 +2925,13 @@ class AioContext:
                     held = False  # (for _own_inline: given back)
                     if cq.closing:
                         _give_back(cq)
+        if self._ring_backend is not None:
+            # The ring's fast path, read()'s, with on_done and `taken` (the
+            # request put there here if _start_rw returned it: see there).
+            req = self._start_rw(f, view, offset, view.nbytes, False, None, [on_done], taken)
+            if not taken:
+                taken.append(req)
+            return req
         req = AioRequest(
             self, "read", None, (), None,
             _Transfer(self._sc, f, [view], offset, view.nbytes, 0, False, False),
@@ -2906,7 +2943,10 @@ class AioContext:
         """_start for _read_checked/_write_checked: ``req`` goes into
         ``taken`` once a backend has it (admitted and not taken back: see
         _start), whatever interrupts the return.  (A request that came
-        admitted, and met an interrupt at _start's entry: see _unstart.)"""
+        admitted, and met an interrupt at _start's entry: see _unstart.)
+        On the io_uring backend, what nothing moved yet goes by _start_rw
+        instead, which keeps the same contract: keep the two in step
+        (tests/test_posix_ring_path.py)."""
         try:
             return self._start(req)
         except BaseException:
@@ -2982,6 +3022,12 @@ class AioContext:
                     held = False  # (for _own_inline: given back)
                     if cq.closing:
                         _give_back(cq)
+        if self._ring_backend is not None:
+            # (As in _read_checked.)
+            req = self._start_rw(f, view, offset, view.nbytes, True, None, [on_done], taken)
+            if not taken:
+                taken.append(req)
+            return req
         req = AioRequest(
             self, "write", None, (), None,
             _Transfer(self._sc, f, [view], offset, view.nbytes, 0, True, False),
