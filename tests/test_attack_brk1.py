@@ -1,0 +1,126 @@
+"""Attacks on the merged speed changes (h-thr, h-ring3, h-cached): the
+promises each one broke, pinned.
+
+* A fork from another thread while the reaping thread is inside
+  Ring._collect's C call -- a garbage collection there runs Python code
+  (a gc callback, a finalizer), so the thread can switch: a request whose
+  callback _collect took off _pending and had not put on the ready queue
+  yet is on neither, and the child's reset must still find it (it reads
+  CANCELLED there).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from threadlets import AioContext
+
+from .conftest import HAVE_RING, wait_until
+
+ring_only = pytest.mark.skipif(not HAVE_RING, reason="no io_uring here")
+
+
+@pytest.fixture
+def data_fd(tmp_path: Path) -> Any:
+    p = tmp_path / "f"
+    data = os.urandom(8 * 4096)
+    p.write_bytes(data)
+    fd = os.open(p, os.O_RDWR)
+    try:
+        yield fd, data
+    finally:
+        os.close(fd)
+
+
+def _held(ring: Any, cb: Any) -> bool:
+    return any(c == cb for c in ring._pending.values()) or any(it[0] == cb for it in ring._ready)
+
+
+@ring_only
+@pytest.mark.parametrize("path", ["fast", "start"])
+def test_a_fork_while_collect_moves_a_batch_finds_every_request(data_fd: Any, path: str) -> None:
+    """Four reads complete; the reaping thread's _collect is interrupted by
+    a garbage collection whose callback lets another thread fork (as any
+    Python code a collection runs may: a finalizer, a gc callback) at the
+    point a request's callback is off _pending and not on the ready queue:
+    in the child every one of the four reads CANCELLED and a wait returns;
+    in the parent all four complete with their data, once each."""
+    fd, data = data_fd
+    ctx = AioContext(backend="io_uring", inline=False)
+    ring = ctx._ring
+    assert ring is not None
+    try:
+        if path == "fast":
+            assert ctx.read(fd, 0, bytearray(4096)).result(timeout=10) == 4096
+        else:
+            ctx.forget(fd)  # (start(): a file the context does not know yet)
+        bufs = [bytearray(4096) for _ in range(4)]
+        reqs = []
+        for i, b in enumerate(bufs):
+            reqs.append(ctx.read(fd, 4096 * i, b))
+            if path == "start":
+                ctx.forget(fd)
+        assert all(r._on_ring for r in reqs)
+        cbs = [r._ring_rw_done if r._transfer is None else r._ring_done for r in reqs]
+        wait_until(lambda: ring._cq_tail.value - ring._cq_head.value >= 4)
+
+        go, forked = threading.Event(), threading.Event()
+        status: list[int] = []
+        fired = [False]
+
+        def forker() -> None:
+            go.wait()
+            pid = os.fork()
+            if pid == 0:
+                code = 3
+                try:
+                    ok = all(r.cancelled() and r.wait(0) for r in reqs)
+                    code = 0 if ok else 1
+                finally:
+                    os._exit(code)
+            _, st = os.waitpid(pid, 0)
+            status.append(os.waitstatus_to_exitcode(st))
+            forked.set()
+
+        def on_gc(phase: str, info: object) -> None:
+            if fired[0] or phase != "start":
+                return
+            frame = sys._getframe(1)
+            if frame.f_code.co_name != "_collect":
+                return
+            if all(_held(ring, cb) for cb in cbs):
+                return  # (nothing in transit yet)
+            fired[0] = True
+            go.set()
+            forked.wait(10)
+
+        t = threading.Thread(target=forker)
+        t.start()
+        threshold = gc.get_threshold()
+        gc.callbacks.append(on_gc)
+        gc.set_threshold(1)
+        try:
+            with ring._lock:
+                ring._collect()
+        finally:
+            gc.set_threshold(*threshold)
+            gc.callbacks.remove(on_gc)
+            go.set()
+            t.join(10)
+        assert fired[0], "no collection inside _collect's move"
+        assert status == [0], "a request on neither _pending nor the ready queue at the fork"
+        for r in reqs:
+            assert ctx.wait(r, timeout=10)
+            assert r.result() == 4096
+        for i, b in enumerate(bufs):
+            assert bytes(b) == data[4096 * i : 4096 * (i + 1)]
+        assert ctx.drain(timeout=10)
+    finally:
+        ctx.close(timeout=10)
