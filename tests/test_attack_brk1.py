@@ -124,3 +124,52 @@ def test_a_fork_while_collect_moves_a_batch_finds_every_request(data_fd: Any, pa
         assert ctx.drain(timeout=10)
     finally:
         ctx.close(timeout=10)
+
+
+@ring_only
+def test_a_fork_inside_collect_in_the_reaping_thread_hands_out_nothing_in_the_child() -> None:
+    """The reaping thread itself forks inside _collect's move (a gc
+    callback, a finalizer): in the child the reap goes on, with the rest of
+    the batch put on the ready queue after the fork's hook marked what was
+    there handed out -- none of the parent's completions may be handed out
+    in the child; in the parent each is, once."""
+    from threadlets.uring import OP_NOP, Ring
+
+    efd = os.eventfd(0, os.EFD_CLOEXEC)
+    ring = Ring(8, eventfd=efd)
+    ran: list[int] = []
+    child_pid = [-1]
+    cbs = [lambda res, i=i: ran.append(i) for i in range(4)]
+
+    def on_gc(phase: str, info: object) -> None:
+        if child_pid[0] != -1 or phase != "start":
+            return
+        if sys._getframe(1).f_code.co_name != "_collect":
+            return
+        if all(_held(ring, cb) for cb in cbs):
+            return
+        child_pid[0] = os.fork()
+
+    try:
+        for cb in cbs:
+            assert ring.submit(OP_NOP, -1, 0, 0, 0, 0, cb)
+        wait_until(lambda: ring._cq_tail.value - ring._cq_head.value == 4)
+        threshold = gc.get_threshold()
+        gc.callbacks.append(on_gc)
+        gc.set_threshold(1)
+        handed = -1
+        try:
+            handed = ring.reap()
+        finally:
+            if child_pid[0] == 0:
+                os._exit(0 if ran == [] and handed == 0 else 1)
+            gc.set_threshold(*threshold)
+            gc.callbacks.remove(on_gc)
+        assert child_pid[0] > 0, "no collection inside _collect's move"
+        _, status = os.waitpid(child_pid[0], 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "the child handed out the parent's"
+        assert ran == [0, 1, 2, 3]
+        assert handed == 4
+    finally:
+        ring.close()
+        os.close(efd)

@@ -860,7 +860,10 @@ class Ring:
                 if self._generation != _generation or self._released or self._given_up:
                     return 0  # a forked child (the completions are the parent's), or gone
                 self._collect()
-                if not self._ready:
+                if not self._ready or self._generation != _generation:
+                    # (Forked inside _collect -- a collection there ran a
+                    # gc callback or a finalizer that forked: what it put on
+                    # the ready queue after the fork is the parent's.)
                     return 0
                 batch = list(self._ready)
                 self.wakeups += 1
