@@ -173,3 +173,36 @@ def test_a_fork_inside_collect_in_the_reaping_thread_hands_out_nothing_in_the_ch
     finally:
         ring.close()
         os.close(efd)
+
+
+@pytest.mark.parametrize("ctx_backend", ["threads", pytest.param("io_uring", marks=ring_only)])
+def test_a_reader_made_before_a_fork_answers_none_once_the_child_closes(
+    data_fd: Any, ctx_backend: str
+) -> None:
+    """inline_bytes_reader is valid until close(), after which it always
+    answers None: in a forked child too, where the context forgot its files
+    at the fork (their locks may have been held) -- so close() there never
+    reached the reader's file, which went on reading."""
+    fd, data = data_fd
+    ctx = AioContext(backend=ctx_backend)
+    try:
+        reader = ctx.inline_bytes_reader(fd, 4096)
+        if reader is None:
+            pytest.skip("no inline reads here")
+        assert reader(16, 0) == data[:16]
+        pid = os.fork()
+        if pid == 0:
+            code = 3
+            try:
+                first = reader(16, 16)
+                ctx.close(timeout=5)
+                after = reader(16, 32)
+                code = 0 if first in (None, data[16:32]) and after is None else 1
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "the reader read after the child's close"
+        assert reader(16, 48) == data[48:64]
+    finally:
+        ctx.close(timeout=10)
+    assert reader(16, 64) is None
