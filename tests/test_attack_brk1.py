@@ -206,3 +206,29 @@ def test_a_reader_made_before_a_fork_answers_none_once_the_child_closes(
     finally:
         ctx.close(timeout=10)
     assert reader(16, 64) is None
+
+
+@ring_only
+def test_close_with_a_full_sq_held_back_by_a_plug_runs_every_operation() -> None:
+    """Reaper mode: a thread's plug holds back as many operations as the SQ
+    has slots; another thread closes the ring.  The STOP must not go over
+    the oldest SQE not sent yet: every operation runs (its callback once),
+    and the reaper finishes and releases the ring."""
+    from threadlets.uring import OP_NOP, Ring
+
+    ring = Ring(4)
+    ran: list[int] = []
+    try:
+        assert ring._reaper is not None
+        assert ring.plug()
+        for i in range(ring.entries):
+            assert ring.submit(OP_NOP, -1, 0, 0, 0, 0, lambda res, i=i: ran.append(i))
+        t = threading.Thread(target=ring.close)
+        t.start()
+        t.join(10)
+        ring.unplug()
+        assert ring.join(10), "the reaper never finished: an operation was lost"
+        assert sorted(ran) == list(range(4))
+    finally:
+        ring.close()
+        ring.join(1)

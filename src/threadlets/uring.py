@@ -1125,6 +1125,23 @@ class Ring:
             with self._lock:
                 if self._given_up:
                     return  # (released once what it gave up on came back)
+                if (
+                    self._reaper is not None
+                    and not self._closing
+                    and self._generation == _generation
+                    and (self._tail - self._sq_head.value) & 0xFFFFFFFF >= self.entries
+                ):
+                    # The SQ is full of SQEs not sent yet (held back by a
+                    # plug, or for the reaper): the STOP would go over the
+                    # oldest (that operation never runs, and the reaper
+                    # never finishes).  Sent first, then the STOP below.
+                    n = self._take()
+            if n:
+                n, m = 0, n
+                self._kick(m)  # (consumed once it returns)
+            with self._lock:
+                if self._given_up:
+                    return
                 if self._reaper is None or self._generation != _generation:
                     # Owner mode, or a forked child (no reaper here): nothing
                     # will use the ring again.  (Also what finishes a close
