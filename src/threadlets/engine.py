@@ -2027,6 +2027,10 @@ class AioContext:
             self._cq.notifier.close()
             raise
         self._files: dict[int, AioFile] = {}
+        #: In a forked child: the records _files held at the fork (forgotten
+        #: there, see _after_fork_in_child), which inline readers handed out
+        #: before it still read through: close() turns them off too.
+        self._files_at_fork: list[AioFile] = []
         #: The files whose one-buffer reads and writes _start_rw sends to the
         #: ring itself: a regular file or a block device (not a stream, not
         #: a character device), with the mask O_DIRECT's alignment asks the
@@ -3426,7 +3430,7 @@ class AioContext:
         if not quiet:
             self._reopen()  # (what the context knows of its files stays)
             return False
-        for f in list(self._files.values()):
+        for f in list(self._files.values()) + self._files_at_fork:
             f.nowait_reads = False  # inline readers handed out answer -1 now
         self._files.clear()
         self._ring_plain.clear()
@@ -3512,6 +3516,9 @@ class AioContext:
         # parent's requests (and marked them processed); the ring is the
         # parent's: this context uses the threads from now on.
         self._cq.after_fork()
+        # (Kept for close(), which turns off the inline readers handed out
+        # before the fork: they read through these records.)
+        self._files_at_fork += self._files.values()
         self._files.clear()  # their locks may have been held at the fork
         self._ring_plain.clear()
         if self._ring is not None:

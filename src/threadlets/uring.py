@@ -541,6 +541,12 @@ class Ring:
         #: time, so an exception of any kind in one callback (Ctrl-C
         #: included) leaves the rest for the next reap.
         self._ready: deque[list[Any]] = deque()
+        #: While _collect moves a batch: every callback of it (None for a
+        #: CQE with none), each in _pending or on _ready too -- but not at
+        #: every point, for a collection inside the move runs Python code
+        #: (a gc callback, a finalizer) that can let another thread fork:
+        #: see callbacks().
+        self._moving: list[Any] | tuple[()] = ()
         #: Threads asleep in wait(): a reap that hands out completions wakes
         #: them with a NOP, since one of those may be what they wait for.
         self._sleepers = 0
@@ -701,7 +707,11 @@ class Ring:
         """The callbacks of the operations queued and not yet handed out in
         full (in the kernel, or reaped in a batch not over): in a forked
         child, where nothing else runs, what its owner held there."""
-        return list(self._pending.values()) + [item[0] for item in self._ready]
+        return (
+            list(self._pending.values())
+            + [item[0] for item in self._ready]
+            + [cb for cb in self._moving if cb is not None]
+        )
 
     def cancel(self, ident: int, on_done: Callable[[int], None]) -> bool:
         """Ask the kernel to cancel the operation ``ident`` (IORING_OP_ASYNC_CANCEL),
@@ -850,7 +860,10 @@ class Ring:
                 if self._generation != _generation or self._released or self._given_up:
                     return 0  # a forked child (the completions are the parent's), or gone
                 self._collect()
-                if not self._ready:
+                if not self._ready or self._generation != _generation:
+                    # (Forked inside _collect -- a collection there ran a
+                    # gc callback or a finalizer that forked: what it put on
+                    # the ready queue after the fork is the parent's.)
                     return 0
                 batch = list(self._ready)
                 self.wakeups += 1
@@ -962,18 +975,23 @@ class Ring:
             )
         idents, results = zip(*_CQE_IDENT_RES.iter_unpack(raw), strict=True)
         pending = self._pending
-        # Those with no callback (the STOP, a kick's NOP, an abandoned
-        # ring's cancels), counted before anything changes.
-        skipped = count - sum(map(pending.__contains__, idents))
+        # The batch's callbacks, for a fork during the move below (see
+        # _moving), made before anything leaves _pending; those with none
+        # (the STOP, a kick's NOP, an abandoned ring's cancels) counted
+        # before anything changes.
+        self._moving = moving = list(map(pending.get, idents))
+        skipped = moving.count(None)
         # Each CQE's callback out of _pending and onto the ready queue as
         # [callback, result, None] (one with no callback left out: a
         # callback is always true), all in one C call, which no interrupt
         # (Ctrl-C) and no other thread comes into -- one lands only as a
         # call returns -- so a callback is in _pending or on the ready
         # queue at every point another thread (a fork) or an interrupt
-        # can see.  The counters and the head change after it, together,
-        # in plain bytecodes.  (No Python step per CQE: a burst costs the
-        # same few as one.)
+        # can see -- or, if a collection inside it lets another thread run
+        # (Python code: a gc callback, a finalizer), in ``_moving``.  The
+        # counters and the head change after it, together, in plain
+        # bytecodes.  (No Python step per CQE: a burst costs the same few
+        # as one.)
         try:
             self._ready.extend(
                 filter(
@@ -990,6 +1008,7 @@ class Ring:
                 )
             )
         finally:
+            self._moving = ()  # (each one on _ready now)
             if skipped and _STOP in idents:
                 self._stopped = True
             self._in_kernel -= count
@@ -1106,6 +1125,23 @@ class Ring:
             with self._lock:
                 if self._given_up:
                     return  # (released once what it gave up on came back)
+                if (
+                    self._reaper is not None
+                    and not self._closing
+                    and self._generation == _generation
+                    and (self._tail - self._sq_head.value) & 0xFFFFFFFF >= self.entries
+                ):
+                    # The SQ is full of SQEs not sent yet (held back by a
+                    # plug, or for the reaper): the STOP would go over the
+                    # oldest (that operation never runs, and the reaper
+                    # never finishes).  Sent first, then the STOP below.
+                    n = self._take()
+            if n:
+                n, m = 0, n
+                self._kick(m)  # (consumed once it returns)
+            with self._lock:
+                if self._given_up:
+                    return
                 if self._reaper is None or self._generation != _generation:
                     # Owner mode, or a forked child (no reaper here): nothing
                     # will use the ring again.  (Also what finishes a close
