@@ -232,3 +232,32 @@ def test_close_with_a_full_sq_held_back_by_a_plug_runs_every_operation() -> None
     finally:
         ring.close()
         ring.join(1)
+
+
+@pytest.mark.parametrize("ctx_backend", ["threads", pytest.param("io_uring", marks=ring_only)])
+def test_readers_stop_at_forget_before_the_number_is_reused(
+    tmp_path: Path, ctx_backend: str
+) -> None:
+    """forget(fd) is what a caller does before the number is reused for
+    another file: readers of ``fd`` handed out before it must stop there
+    (they kept reading the number, so another file's bytes, once reused)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_bytes(b"A" * 4096)
+    b.write_bytes(b"B" * 4096)
+    ctx = AioContext(backend=ctx_backend)
+    fd = os.open(a, os.O_RDONLY)
+    try:
+        reader = ctx.inline_bytes_reader(fd, 4096)
+        old = ctx.inline_reader(fd)
+        if reader is None or old is None:
+            pytest.skip("no inline reads here")
+        assert reader(16, 0) == b"A" * 16
+        ctx.forget(fd)
+        os.close(fd)
+        fd = os.open(b, os.O_RDONLY)  # (the lowest free number: the same one)
+        assert reader(16, 0) is None
+        assert old(bytearray(16), 0) == -1
+        assert ctx.read(fd, 0, bytearray(16)).result(timeout=10) == 16  # (the new file's)
+    finally:
+        os.close(fd)
+        ctx.close(timeout=10)

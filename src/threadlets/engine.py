@@ -2117,10 +2117,13 @@ class AioContext:
 
     def forget(self, fd: int) -> None:
         """Drop what the context remembers about ``fd`` (call before the
-        number is reused for another file)."""
+        number is reused for another file).  Inline readers of ``fd`` handed
+        out before (:meth:`inline_reader`, :meth:`inline_bytes_reader`)
+        stop reading: the number may be another file's next."""
         f = self._files.pop(fd, None)
         if f is not None:
             self._ring_plain.pop(f, None)
+            f.nowait_reads = False  # (the record's readers answer "not inline")
 
     # -- submission ---------------------------------------------------------------
 
@@ -2496,7 +2499,7 @@ class AioContext:
         :meth:`read`, which reports what went wrong.  Nothing is queued and
         no request object is made.  Returns None if reads of ``fd`` never
         go inline here (inline path off, or ``fd`` is not a usable file).
-        Valid until :meth:`forget` of ``fd`` or :meth:`close` (after which
+        Valid until :meth:`forget` of ``fd`` or :meth:`close` (after either
         it always answers -1).
         """
         f = self._file(_check_fd(fd))
@@ -2529,7 +2532,7 @@ class AioContext:
         which reports what went wrong (bad arguments -- anything but a
         plain ``int`` -- an error, would block, a short count).  Returns
         None if reads of ``fd`` never go inline here.  Valid until
-        :meth:`forget` of ``fd`` or :meth:`close` (after which it always
+        :meth:`forget` of ``fd`` or :meth:`close` (after either it always
         answers None).
 
         The read goes into one scratch buffer of the reader's, copied out
