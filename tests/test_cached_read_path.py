@@ -197,6 +197,7 @@ def test_a_negative_offset_reads_nothing_inline(backend: str, data_path: Path) -
         os.close(fd)
 
 
+@pytest.mark.linux_only("rwf_nowait")  # (no inline reads without it)
 def test_concurrent_preads_of_many_sizes_never_mix_their_bytes(
     backend: str, data_path: Path
 ) -> None:
@@ -229,6 +230,7 @@ def test_concurrent_preads_of_many_sizes_never_mix_their_bytes(
     assert asyncio.run(main()) == 32 * 300
 
 
+@pytest.mark.linux_only("rwf_nowait")  # (no inline reads without it)
 def test_the_reader_answers_as_read_and_stops_once_its_context_closes(
     backend: str, data_path: Path
 ) -> None:
@@ -277,6 +279,7 @@ def _interrupt_at_line(code: CodeType, k: int) -> Any:
     return tracer
 
 
+@pytest.mark.linux_only("rwf_nowait")  # (no inline reads without it)
 def test_a_ctrl_c_at_any_line_of_a_buffer_change_leaves_the_reader_right(
     backend: str, data_path: Path
 ) -> None:
