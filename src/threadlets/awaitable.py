@@ -51,6 +51,7 @@ import contextlib
 import contextvars
 import fcntl
 import sys
+import threading
 import types
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Generator
@@ -377,12 +378,13 @@ def _process(io: LoopIO) -> None:
     # (see _Waiter).  (Added inside the try: an interrupt as add() returns
     # must not leave the loop marked.)
     ref = io._loop
-    loop = ref() if ref is not None else None
+    reading = _reading
+    outer = reading.loop  # (None, or this loop again in a nested call)
     try:
-        _reading.add(loop)
+        reading.loop = ref() if ref is not None else None
         io.ctx.on_readable()
     finally:
-        _reading.discard(loop)
+        reading.loop = outer
 
 
 def _asyncio_current(loop: asyncio.AbstractEventLoop) -> LoopIO:
@@ -466,6 +468,11 @@ def _wake(fut: asyncio.Future[None], loop: asyncio.AbstractEventLoop, req: AioRe
     # cancelled (InvalidStateError), or a closed loop (``loop``: the
     # future's), which refuses to schedule its callbacks (RuntimeError).)
     try:
+        if asyncio.events._get_running_loop() is not loop:
+            # Delivered by another thread's process_completions(): the
+            # future is the loop's to complete.
+            loop.call_soon_threadsafe(_wake, fut, loop, req)
+            return
         fut.set_result(None)
     except asyncio.InvalidStateError:
         pass
@@ -495,10 +502,17 @@ def _task_lookup() -> Callable[[asyncio.AbstractEventLoop], object]:
 
 _current_task = _task_lookup()
 
-#: The asyncio loops whose eventfd reader callback (:func:`_process`) is
-#: running, each in its own thread: where a completion may step its task
-#: at once (see _Waiter._complete).
-_reading: set[asyncio.AbstractEventLoop | None] = set()
+
+class _Reading(threading.local):
+    #: The asyncio loop whose eventfd reader callback (:func:`_process`)
+    #: runs in this thread: where a completion may step its task at once
+    #: (see _Waiter._complete).  Per thread: the engine lets any thread's
+    #: process_completions() deliver a completion, and only the loop's own
+    #: thread may step its tasks.
+    loop: asyncio.AbstractEventLoop | None = None
+
+
+_reading = _Reading()
 
 _PENDING = "PENDING"
 _FINISHED = "FINISHED"
@@ -560,7 +574,7 @@ class _Waiter:
         loop = self._loop
         if (
             cb is not None
-            and loop in _reading
+            and _reading.loop is loop
             and self._more is None
             and _current_task(loop) is None
         ):
@@ -576,11 +590,18 @@ class _Waiter:
         more, self._more = self._more, None
         loop = self._loop
         try:
+            # (Another thread's process_completions() may deliver it: then
+            # the loop is woken, as call_soon would not.)
+            call_soon = (
+                loop.call_soon
+                if asyncio.events._get_running_loop() is loop
+                else loop.call_soon_threadsafe
+            )
             if cb is not None:
-                loop.call_soon(cb, self, context=self._cbctx)
+                call_soon(cb, self, context=self._cbctx)
             if more is not None:
                 for fn, ctx in more:
-                    loop.call_soon(fn, self, context=ctx)
+                    call_soon(fn, self, context=ctx)
         except RuntimeError:
             if not loop.is_closed():
                 raise
