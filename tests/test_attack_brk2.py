@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+import threadlets
 import threadlets.awaitable as aw
 from threadlets.engine import AioRequest
 
@@ -125,3 +128,58 @@ def test_a_completion_delivered_by_another_thread_never_steps_the_task_there(
 
     run(main)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+class _Ambiguous:
+    def __bool__(self) -> bool:
+        raise ValueError("the truth value is ambiguous")
+
+
+class _ArrayLike:
+    """Compares as numpy's arrays do: with an answer that refuses bool()."""
+
+    def __eq__(self, other: object) -> Any:
+        return _Ambiguous()
+
+    def __ne__(self, other: object) -> Any:
+        return _Ambiguous()
+
+    __hash__ = object.__hash__
+
+
+def test_a_count_that_compares_oddly_is_refused_as_with_inline_off(
+    tmp_path: Path, backend: str
+) -> None:
+    """pread's inline reader compared the count with its buffer's length
+    before looking at the count's type: a numpy array (whose == answers
+    with an array, refused by bool()) raised ValueError instead of the
+    request's (and os.pread's) TypeError."""
+    path = tmp_path / "f"
+    path.write_bytes(bytes(range(256)) * 64)
+
+    def answers(inline: bool) -> list[object]:
+        aw.configure(inline=inline, backend=backend)
+        out: list[object] = []
+
+        async def main() -> None:
+            async with threadlets.open(path, "rb") as f:
+                for _ in range(2):  # (the first: no scratch buffer yet)
+                    for n in (_ArrayLike(), 4):
+                        try:
+                            out.append(await f.pread(n, 0))  # type: ignore[arg-type]
+                        except Exception as e:
+                            out.append(type(e))
+
+        try:
+            asyncio.run(main())
+        finally:
+            aw.configure()
+        return out
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(TypeError):
+            os.pread(fd, _ArrayLike(), 0)  # type: ignore[arg-type]
+    finally:
+        os.close(fd)
+    assert answers(True) == answers(False) == [TypeError, bytes(range(4))] * 2
