@@ -375,8 +375,9 @@ _asyncio_io: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, weakref.ref[Lo
 
 def _process(io: LoopIO) -> None:
     # The eventfd reader callback: completions may step their tasks here
-    # (see _Waiter).  (Added inside the try: an interrupt as add() returns
-    # must not leave the loop marked.)
+    # (see _Waiter).  (Marked inside the try: an interrupt as it is marked
+    # must not leave it so.  The mark is this thread's, put back as it was
+    # -- a nested call's must not unmark the outer one.)
     ref = io._loop
     reading = _reading
     outer = reading.loop  # (None, or this loop again in a nested call)
@@ -535,7 +536,8 @@ class _Waiter:
     the kernel with the rest of the batch's.  Anywhere else -- a completion
     processed inside a running task (a close() or drain that processes
     synchronously), by another thread, with a second done-callback, or a
-    cancellation -- the wakeups are scheduled, as a Future's are.
+    cancellation -- the wakeups are scheduled, as a Future's are (from
+    another thread, with ``call_soon_threadsafe``, which wakes the loop).
 
     A BaseException from a step run here (KeyboardInterrupt, SystemExit)
     propagates out of the engine's delivery, which leaves the rest of the
