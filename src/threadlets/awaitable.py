@@ -51,6 +51,7 @@ import contextlib
 import contextvars
 import fcntl
 import sys
+import threading
 import types
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Generator
@@ -374,15 +375,17 @@ _asyncio_io: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, weakref.ref[Lo
 
 def _process(io: LoopIO) -> None:
     # The eventfd reader callback: completions may step their tasks here
-    # (see _Waiter).  (Added inside the try: an interrupt as add() returns
-    # must not leave the loop marked.)
+    # (see _Waiter).  (Marked inside the try: an interrupt as it is marked
+    # must not leave it so.  The mark is this thread's, put back as it was
+    # -- a nested call's must not unmark the outer one.)
     ref = io._loop
-    loop = ref() if ref is not None else None
+    reading = _reading
+    outer = reading.loop  # (None, or this loop again in a nested call)
     try:
-        _reading.add(loop)
+        reading.loop = ref() if ref is not None else None
         io.ctx.on_readable()
     finally:
-        _reading.discard(loop)
+        reading.loop = outer
 
 
 def _asyncio_current(loop: asyncio.AbstractEventLoop) -> LoopIO:
@@ -466,6 +469,11 @@ def _wake(fut: asyncio.Future[None], loop: asyncio.AbstractEventLoop, req: AioRe
     # cancelled (InvalidStateError), or a closed loop (``loop``: the
     # future's), which refuses to schedule its callbacks (RuntimeError).)
     try:
+        if asyncio.events._get_running_loop() is not loop:
+            # Delivered by another thread's process_completions(): the
+            # future is the loop's to complete.
+            loop.call_soon_threadsafe(_wake, fut, loop, req)
+            return
         fut.set_result(None)
     except asyncio.InvalidStateError:
         pass
@@ -495,10 +503,17 @@ def _task_lookup() -> Callable[[asyncio.AbstractEventLoop], object]:
 
 _current_task = _task_lookup()
 
-#: The asyncio loops whose eventfd reader callback (:func:`_process`) is
-#: running, each in its own thread: where a completion may step its task
-#: at once (see _Waiter._complete).
-_reading: set[asyncio.AbstractEventLoop | None] = set()
+
+class _Reading(threading.local):
+    #: The asyncio loop whose eventfd reader callback (:func:`_process`)
+    #: runs in this thread: where a completion may step its task at once
+    #: (see _Waiter._complete).  Per thread: the engine lets any thread's
+    #: process_completions() deliver a completion, and only the loop's own
+    #: thread may step its tasks.
+    loop: asyncio.AbstractEventLoop | None = None
+
+
+_reading = _Reading()
 
 _PENDING = "PENDING"
 _FINISHED = "FINISHED"
@@ -521,7 +536,8 @@ class _Waiter:
     the kernel with the rest of the batch's.  Anywhere else -- a completion
     processed inside a running task (a close() or drain that processes
     synchronously), by another thread, with a second done-callback, or a
-    cancellation -- the wakeups are scheduled, as a Future's are.
+    cancellation -- the wakeups are scheduled, as a Future's are (from
+    another thread, with ``call_soon_threadsafe``, which wakes the loop).
 
     A BaseException from a step run here (KeyboardInterrupt, SystemExit)
     propagates out of the engine's delivery, which leaves the rest of the
@@ -560,7 +576,7 @@ class _Waiter:
         loop = self._loop
         if (
             cb is not None
-            and loop in _reading
+            and _reading.loop is loop
             and self._more is None
             and _current_task(loop) is None
         ):
@@ -576,11 +592,18 @@ class _Waiter:
         more, self._more = self._more, None
         loop = self._loop
         try:
+            # (Another thread's process_completions() may deliver it: then
+            # the loop is woken, as call_soon would not.)
+            call_soon = (
+                loop.call_soon
+                if asyncio.events._get_running_loop() is loop
+                else loop.call_soon_threadsafe
+            )
             if cb is not None:
-                loop.call_soon(cb, self, context=self._cbctx)
+                call_soon(cb, self, context=self._cbctx)
             if more is not None:
                 for fn, ctx in more:
-                    loop.call_soon(fn, self, context=ctx)
+                    call_soon(fn, self, context=ctx)
         except RuntimeError:
             if not loop.is_closed():
                 raise

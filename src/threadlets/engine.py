@@ -2558,9 +2558,11 @@ class AioContext:
             # position".)  An offset too large raises below: the kernel
             # refuses one whose end is past the largest offset (EINVAL) --
             # a smaller one it answers as it answers read()'s request.
+            # (The type first: a comparison of anything else may run its
+            # code -- numpy's arrays answer with an array, refused by `and`.)
             if (
-                n == size
-                and type(n) is int
+                type(n) is int
+                and n == size
                 and type(offset) is int
                 and offset >= 0
                 and f.nowait_reads
@@ -2576,7 +2578,7 @@ class AioContext:
                     next(unseen)
                     return b""
                 return None  # short: the rest on a backend
-            if n != size and type(n) is int and 0 < n <= limit:
+            if type(n) is int and n != size and 0 < n <= limit:
                 # A buffer of the new length.  The length last: a Ctrl-C
                 # among these stores leaves no mismatched buffer in use.
                 size = None
