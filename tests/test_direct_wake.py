@@ -467,6 +467,61 @@ def test_errors_reach_the_task(run: Any, backend: str, data: Path, no_errors: No
     run(main)
 
 
+@pytest.mark.parametrize("wait", ["wait", "_wait"])
+def test_a_wait_begun_after_the_completion_was_processed_returns(
+    run: Any, backend: str, wait: str, no_errors: None
+) -> None:
+    """A request made in one step and waited for in a later one (another
+    task's, say), its completion processed in between: the wait returns at
+    once.  (It set its callback on a request already processed and slept
+    for good -- the hang uvloop showed now and then, as its loop runs the
+    eventfd's reader before a new task's first step.)"""
+
+    async def main() -> None:
+        io = aw.current()
+        for value in range(3):
+            req = io.ctx.call(lambda value=value: value)
+            while not req._processed:
+                await asyncio.sleep(0)
+            async with asyncio.timeout(10):
+                await getattr(io, wait)(req)
+            assert req.result() == value
+
+    run(main)
+
+
+@pytest.mark.parametrize("backend_kind", ["threads", "io_uring"])
+def test_a_trio_wait_begun_after_the_completion_was_processed_returns(backend_kind: str) -> None:
+    """The same on trio, whose wait is still a checkpoint."""
+    if backend_kind == "io_uring" and not HAVE_RING:
+        pytest.skip("no io_uring here")
+    trio = pytest.importorskip("trio")
+    aw.configure(inline=False, backend=backend_kind)
+
+    async def main() -> None:
+        io = aw.current()
+        for value in range(3):
+            req = io.ctx.call(lambda value=value: value)
+            while not req._processed:
+                await trio.sleep(0)
+            with trio.fail_after(10):
+                await io.wait(req)
+            assert req.result() == value
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                req = io.ctx.call(lambda: -1)
+                while not req._processed:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                await io.wait(req)  # (a checkpoint: the cancellation lands)
+                pytest.fail("not a checkpoint")
+            assert req.result() == -1
+
+    try:
+        trio.run(main)
+    finally:
+        aw.configure()
+
+
 def test_the_public_wait_is_a_coroutine(run: Any, backend: str, no_errors: None) -> None:
     """``LoopIO.wait`` (public) returns a coroutine, which create_task() and
     TaskGroup take on every Python (from 3.12 on they refuse the package's

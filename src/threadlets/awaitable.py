@@ -702,6 +702,14 @@ def _asyncio_wait(req: AioRequest, detach: bool = False) -> Generator[Any, None,
     w: _Waiter = _new_waiter(_Waiter)
     w._loop = _running_loop()
     req.callback = w._complete
+    if req._processed:
+        # Its completion was processed before this wait began (a request
+        # made in an earlier step, or in another task: uvloop, say, runs
+        # the eventfd's reader before a new task's first step), without
+        # this callback: nothing would wake the task.  (Looked at after the
+        # callback is stored: a completion processed in between runs it,
+        # and that only finishes the waiter nobody waits on.)
+        return
     try:
         yield w
     except asyncio.CancelledError:
@@ -806,6 +814,12 @@ async def _trio_wait(req: AioRequest, detach: bool = False) -> None:
         return trio.lowlevel.Abort.FAILED
 
     req.callback = wake
+    if req._processed:
+        # Processed before this wait began, without ``wake`` (see
+        # _asyncio_wait): nothing would reschedule the task.  Still a
+        # checkpoint, as every wait is.
+        await trio.lowlevel.checkpoint()
+        return
     await trio.lowlevel.wait_task_rescheduled(abort)
     await trio.lowlevel.checkpoint_if_cancelled()
 
