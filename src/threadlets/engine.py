@@ -1624,7 +1624,7 @@ class _RingBackend:
         # per request): keep the two in step.  The request holds the pin
         # until the kernel is done with the memory.
         req._pin = pin
-        req._state = _RUNNING  # (claimed: see _submit)
+        req._claim_held()  # (pool.py's transition: see _submit)
         req._on_ring = True
         try:
             ident = self.ring.submit(
@@ -1637,7 +1637,7 @@ class _RingBackend:
             return True  # (its id: the ring knows it, see cancel)
         req._on_ring = False
         req._pin = None
-        req._state = _QUEUED  # (unpublished, as it was: nobody else saw the claim)
+        req._unclaim()  # (unpublished, as it was: nobody else saw the claim)
         return False
 
     def _start_other(self, req: AioRequest, t: _Transfer, length: int) -> bool:
@@ -2383,7 +2383,7 @@ class AioContext:
                 # with one store, the ring's record of the operation being
                 # the claim's record (Threadlet._claim_held); no receipt
                 # (Ctrl-C inside submit: _submit_interrupted asks the ring).
-                req._state = _RUNNING
+                req._claim_held()  # (pool.py's transition, one store)
                 req._on_ring = True
                 try:
                     ident = ring.submit(
@@ -2396,7 +2396,7 @@ class AioContext:
                 if ident:
                     next(self._n_ring)
                     return req
-                req._state = _QUEUED  # (not queued: the pool's, below)
+                req._unclaim()  # (not queued: the pool's, below)
             # The ring refused it (full, closing): the pool's, with a _Transfer
             # (which alone holds the buffer from here on: a finished request
             # keeps no export of it).

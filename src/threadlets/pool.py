@@ -287,8 +287,8 @@ class Threadlet(Generic[T]):
         remembers from now until it is finished or handed on with
         :meth:`_claim_remember`: a forked child's reset finds it there.  One
         store; the claim reference is left unset (see :meth:`_finish`): who
-        finishes it sets it to None first.  (Spelled out on the hot paths:
-        the engine's _start_rw and _RingBackend.start.)"""
+        finishes it sets it to None first.  (The engine's ring paths call
+        it, and :meth:`_unclaim` if the ring refuses the request.)"""
         self._state = _RUNNING
 
     def _claim_remember(self) -> None:
