@@ -463,6 +463,7 @@ def test_ctrl_c_at_every_c_return_of_the_admitted_inline_attempt(
         assert ctx.close(timeout=10)
 
 
+@pytest.mark.linux_only("rwf_nowait")  # (no inline attempt without it)
 @pytest.mark.parametrize("where", ["_start", "_start_taken"])
 @pytest.mark.parametrize("short", [False, True], ids=["whole", "short"])
 @pytest.mark.parametrize("backend", BACKENDS)
