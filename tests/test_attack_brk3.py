@@ -4,13 +4,18 @@ forget() turning off the inline readers."""
 
 from __future__ import annotations
 
+import os
+import sys
+import tempfile
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 import threadlets.awaitable as aw
-from threadlets.engine import CancelResult
+from threadlets.engine import AioContext, CancelResult
+from threadlets.uring import RingUnavailable
 
 
 class _LateRequest:
@@ -121,3 +126,87 @@ def test_a_trio_wait_raced_by_another_threads_delivery_is_woken_once() -> None:
             await trio.to_thread.run_sync(t.join)
 
     trio.run(main)
+
+
+# -- the ring paths' claim and unclaim under Ctrl-C ---------------------------------------
+
+
+@pytest.fixture
+def data_fd() -> Iterator[int]:
+    fd, name = tempfile.mkstemp(prefix="threadlets-brk3-", dir="/var/tmp")
+    try:
+        os.write(fd, bytes(range(256)) * 32)
+        yield fd
+    finally:
+        os.close(fd)
+        os.unlink(name)
+
+
+def _interrupt_at(fn_name: str, event: str) -> list[int]:
+    """Raise KeyboardInterrupt once, at ``event`` ('call': as a real Ctrl-C
+    lands at a Python function's entry; 'return') of the threadlets
+    function named ``fn_name``."""
+    hits = [0]
+
+    def prof(frame: Any, ev: str, arg: object) -> None:
+        if ev == event and frame.f_code.co_name == fn_name:
+            hits[0] += 1
+            sys.setprofile(None)
+            raise KeyboardInterrupt
+
+    sys.setprofile(prof)
+    return hits
+
+
+@pytest.mark.parametrize("event", ["call", "return"])
+@pytest.mark.parametrize("where", ["_claim_held", "_unclaim"])
+@pytest.mark.parametrize("bufs", [0, 1, 2], ids=["start_rw", "ring_start", "ring_submit"])
+@pytest.mark.parametrize("write", [False, True], ids=["read", "write"])
+def test_ctrl_c_at_the_ring_claim_leaves_nothing_running(
+    data_fd: int, write: bool, bufs: int, where: str, event: str
+) -> None:
+    """Ctrl-C at the entry or return of pool.py's claim or unclaim, on the
+    ring's paths (the fast path, _RingBackend.start), the ring taking the
+    request or refusing it (full): the request is finished or never
+    admitted, nothing stays RUNNING, and close() returns."""
+    try:
+        ctx = AioContext(backend="io_uring", inline=False)
+    except RingUnavailable as e:  # pragma: no cover
+        pytest.skip(f"io_uring: {e}")
+    ring = ctx._ring
+    if ring is None:  # pragma: no cover
+        ctx.close()
+        pytest.skip("no ring")
+    closed = threading.Event()
+    try:
+        ctx.read(data_fd, 0, bytearray(1)).wait(10)
+        buffers: Any = [bytearray(512) for _ in range(max(bufs, 1))]
+        arg = buffers[0] if bufs == 0 else buffers
+        room = ring._room
+        if where == "_unclaim":
+            ring._room = 0  # (as full: the ring refuses, the pool takes it)
+        hits: list[int] = []
+        try:
+            hits = _interrupt_at(where, event)
+            try:
+                req = (ctx.write if write else ctx.read)(data_fd, 0, arg)
+            except KeyboardInterrupt:
+                req = None
+        finally:
+            sys.setprofile(None)
+            ring._room = room
+        if not hits[0]:
+            pytest.skip(f"{where} not reached on this path")
+        if req is not None:
+            assert req.wait(10)
+    finally:
+
+        def close() -> None:
+            ctx.close()
+            closed.set()
+
+        t = threading.Thread(target=close, daemon=True)
+        t.start()
+        assert closed.wait(10), "close() hung: a request stayed admitted"
+    cq = ctx._cq
+    assert cq.admitted == cq.delivered
