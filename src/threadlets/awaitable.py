@@ -691,6 +691,7 @@ class _Waiter:
 
 
 _new_waiter = object.__new__
+_get_ident = threading.get_ident
 _running_loop = asyncio.get_running_loop
 
 
@@ -799,8 +800,15 @@ async def _trio_wait(req: AioRequest, detach: bool = False) -> None:
 
     task = trio.lowlevel.current_task()
     aborted = False
+    here = _get_ident()
 
     def wake(r: AioRequest) -> None:
+        if _get_ident() != here:
+            # Delivered by another thread's process_completions(): the task
+            # is the run's to reschedule, in its own thread.
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(wake, r)
+            return
         if not aborted:
             trio.lowlevel.reschedule(task)
 
@@ -813,11 +821,14 @@ async def _trio_wait(req: AioRequest, detach: bool = False) -> None:
         # rescheduled by wake(); the cancellation comes after, below.
         return trio.lowlevel.Abort.FAILED
 
+    token = trio.lowlevel.current_trio_token()
     req.callback = wake
     if req._processed:
         # Processed before this wait began, without ``wake`` (see
         # _asyncio_wait): nothing would reschedule the task.  Still a
-        # checkpoint, as every wait is.
+        # checkpoint, as every wait is.  (Processed by another thread in
+        # between, ``wake`` may yet come, sent here: it finds the wait over.)
+        aborted = True
         await trio.lowlevel.checkpoint()
         return
     await trio.lowlevel.wait_task_rescheduled(abort)

@@ -1624,9 +1624,11 @@ class _RingBackend:
         # per request): keep the two in step.  The request holds the pin
         # until the kernel is done with the memory.
         req._pin = pin
-        req._claim_held()  # (pool.py's transition: see _submit)
         req._on_ring = True
         try:
+            # (pool.py's transition, see _submit; inside the try: a Ctrl-C
+            # at its entry or return is undone there too.)
+            req._claim_held()
             ident = self.ring.submit(
                 _OP_WRITE if write else _OP_READ, f.fd, pos, addr, length, 0, req._ring_done
             )
@@ -1637,7 +1639,11 @@ class _RingBackend:
             return True  # (its id: the ring knows it, see cancel)
         req._on_ring = False
         req._pin = None
-        req._unclaim()  # (unpublished, as it was: nobody else saw the claim)
+        try:
+            req._unclaim()  # (unpublished, as it was: nobody else saw the claim)
+        except BaseException:
+            req._unclaim()  # (Ctrl-C at its entry: undone all the same)
+            raise
         return False
 
     def _start_other(self, req: AioRequest, t: _Transfer, length: int) -> bool:
@@ -1721,9 +1727,9 @@ class _RingBackend:
         # child's reset finds it by (see claimed_in_child); before that,
         # nobody but this thread can reach it.
         req._pin = pin
-        req._claim_held()
         req._on_ring = True
         try:
+            req._claim_held()  # (inside the try: see start)
             ident = self.ring.submit(opcode, fd, offset, addr, length, op_flags, on_done)
         except BaseException:
             # (Even if interrupted: once queued, the kernel finishes it.)
@@ -1734,7 +1740,11 @@ class _RingBackend:
             return True
         req._on_ring = False
         req._pin = None
-        req._unclaim()  # (only if it is RUNNING: claimed just now)
+        try:
+            req._unclaim()  # (only if it is RUNNING: claimed just now)
+        except BaseException:
+            req._unclaim()  # (Ctrl-C at its entry: undone all the same)
+            raise
         return False  # (not queued: the ring is full or closing; the pool takes it)
 
     def _start_op(self, req: AioRequest, op: _RingOp) -> bool:
@@ -2383,9 +2393,11 @@ class AioContext:
                 # with one store, the ring's record of the operation being
                 # the claim's record (Threadlet._claim_held); no receipt
                 # (Ctrl-C inside submit: _submit_interrupted asks the ring).
-                req._claim_held()  # (pool.py's transition, one store)
                 req._on_ring = True
                 try:
+                    # (pool.py's transition, one store; inside the try: a
+                    # Ctrl-C at its entry or return is undone there too.)
+                    req._claim_held()
                     ident = ring.submit(
                         _OP_WRITE if write else _OP_READ, f.fd, offset, addr, total, 0,
                         req._ring_rw_done,
@@ -2396,7 +2408,12 @@ class AioContext:
                 if ident:
                     next(self._n_ring)
                     return req
-                req._unclaim()  # (not queued: the pool's, below)
+                req._on_ring = False
+                try:
+                    req._unclaim()  # (not queued: the pool's, below)
+                except BaseException:
+                    req._unclaim()  # (Ctrl-C at its entry: undone all the same)
+                    raise
             # The ring refused it (full, closing): the pool's, with a _Transfer
             # (which alone holds the buffer from here on: a finished request
             # keeps no export of it).
