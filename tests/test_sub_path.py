@@ -98,7 +98,24 @@ def _filled(view: memoryview, data: bytes) -> memoryview:
     return view
 
 
-OFFSETS: list[object] = [0, 4096, 4097, SIZE - 100, SIZE + 4096, -1, 1.0, True]
+class _FakeInt:
+    """An offset that says it is an int (as a mock with spec=int does)."""
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        return int
+
+    def __index__(self) -> int:
+        return 4096
+
+    def __lt__(self, other: object) -> bool:
+        return False
+
+    def __gt__(self, other: object) -> bool:
+        return False
+
+
+OFFSETS: list[object] = [0, 4096, 4097, SIZE - 100, SIZE + 4096, -1, 1.0, True, _FakeInt()]
 OFFSETS += [_MAX_IO_OFFSET, _MAX_IO_OFFSET + 1, 2**63, 2**64]
 
 

@@ -544,7 +544,7 @@ class AsyncFile:
             req = self._ctx.read(self._fd, offset, buf)
         # await self._run(req), spelled out (a coroutine less per read):
         # keep the two in step.
-        if type(req) is _InlineDone:
+        if req.__class__ is _InlineDone:  # (type(req), without a call)
             io_ = self._io
             io_.inline_run += 1
             if io_.inline_run >= YIELD_EVERY:

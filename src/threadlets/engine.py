@@ -2347,7 +2347,7 @@ class AioContext:
             f = self._files.get(fd)  # (a closed context has no files)
             if (
                 f is None
-                or offset.__class__ is not int  # (type(offset), without a call)
+                or type(offset) is not int  # (not __class__, which an object can fake)
                 or offset < 0
                 or offset > _MAX_IO_OFFSET
                 or (f.nowait_writes if write else f.nowait_reads)
