@@ -2344,10 +2344,12 @@ class AioContext:
         the three in step (tests/test_sub_path.py compares them).  The
         ``total`` given is not used: the buffer's length is."""
         if f is None:
-            f = self._files.get(fd)  # (a closed context has no files)
+            try:
+                f = self._files[fd]  # (a closed context has no files)
+            except KeyError:
+                return self.write(fd, offset, buf) if write else self.read(fd, offset, buf)
             if (
-                f is None
-                or type(offset) is not int  # (not __class__, which an object can fake)
+                type(offset) is not int  # (not __class__, which an object can fake)
                 or offset < 0
                 or offset > _MAX_IO_OFFSET
                 or (f.nowait_writes if write else f.nowait_reads)
