@@ -10,7 +10,9 @@ of the file and context."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -24,7 +26,7 @@ from threadlets import asyncfile as af
 from threadlets import awaitable as aw
 from threadlets.engine import _MAX_IO_OFFSET
 
-from .conftest import HAVE_RING
+from .conftest import HAVE_RING, interrupt_at_c_return
 
 SIZE = 64 * 1024
 DATA = bytes(range(251)) * (SIZE // 251) + bytes(SIZE % 251)
@@ -418,3 +420,50 @@ def test_a_forked_child_gets_runtime_error_from_preadinto_and_pwrite(
     assert asyncio.run(main()) == 0
     with open(scratch, "rb") as g:
         assert g.read(8) == DATA[:8]
+
+
+@pytest.mark.parametrize("kind", ["read", "write", "direct-read", "direct-write"])
+def test_ctrl_c_at_every_c_return_of_the_door(backend: str, kind: str, scratch: str) -> None:
+    """Ctrl-C at the n-th C return of a submission through the door (a
+    bytearray; an aligned memoryview, O_DIRECT), for every n: the request was made and finishes with its real count (the
+    file's bytes read, the data written), or the interrupt left nothing
+    outstanding or claimed."""
+    direct = kind.startswith("direct")
+    write = kind.endswith("write")
+    fd = _open(scratch, direct)
+    ctx = AioContext(backend=backend, inline=False)
+    try:
+        assert ctx.read(fd, 0, aligned_buffer(4096)).result(timeout=10) == 4096  # learns it
+        n = 0
+        while True:
+            n += 1
+            assert n < 3000, "never ran to its end"
+            buf: Any = aligned_buffer(4096) if direct else bytearray(4096)
+            if write:
+                buf[:] = bytes([n % 251 + 1]) * 4096
+            req = None
+            seen = interrupt_at_c_return(n)
+            try:
+                req = ctx._start_rw(None, buf, 4096, 0, write, fd=fd)
+            except KeyboardInterrupt:
+                pass
+            finally:
+                sys.setprofile(None)
+                gc.enable()
+            assert ctx.drain(timeout=10), n
+            assert ctx.stats().outstanding == 0, n
+            assert not ctx.queue._claimed, n
+            if req is not None:
+                assert req.result(timeout=10) == 4096, n
+                if write:
+                    with open(scratch, "rb") as f:
+                        f.seek(4096)
+                        assert f.read(4096) == bytes(buf), n
+                else:
+                    assert bytes(buf) == DATA[4096:8192], n
+            if seen[0] < n:
+                break  # the interrupt no longer lands: every point was tried
+        assert n > 3
+    finally:
+        ctx.close(timeout=10)
+        os.close(fd)
