@@ -521,23 +521,30 @@ class AsyncFile:
                 await self._flush_locked()
             elif self._trio:
                 await self._io.checkpoint()
-        elif _get_running_loop() is not self._loop:
+        # (The cheap test first, as in pread -- see _home -- then, if it
+        # cannot tell, the exact one.)
+        elif self._home._thread_id != _thread_key() and _get_running_loop() is not self._loop:
             self._io.check_current()  # raises
         # _nbytes(buf, into=True) == 0, spelled out for the common types (a
-        # read-only view is not empty here: the engine refuses it).
+        # read-only view is not empty here: the engine refuses it).  Those
+        # go through the engine's door for them (read() in a frame less:
+        # see AioContext._start_rw), which is told what is known here.
         t = type(buf)
         if t is bytearray:
             if not buf:
                 return self._transfer_nothing(False, offset)
+            req = self._ctx._start_rw(None, buf, offset, 0, False, fd=self._fd)
         elif t is memoryview:
             if not buf.nbytes and not buf.readonly:  # type: ignore[attr-defined]
                 return self._transfer_nothing(False, offset)
+            req = self._ctx._start_rw(None, buf, offset, 0, False, fd=self._fd)
         elif _nbytes(buf, into=True) == 0:
             return self._transfer_nothing(False, offset)
-        req = self._ctx.read(self._fd, offset, buf)
+        else:
+            req = self._ctx.read(self._fd, offset, buf)
         # await self._run(req), spelled out (a coroutine less per read):
         # keep the two in step.
-        if type(req) is _InlineDone:
+        if req.__class__ is _InlineDone:  # (type(req), without a call)
             io_ = self._io
             io_.inline_run += 1
             if io_.inline_run >= YIELD_EVERY:
@@ -639,10 +646,12 @@ class AsyncFile:
             await self._io.checkpoint()  # (trio's: nothing on asyncio)
             if self._wbuf:
                 await self._flush_locked()
-        elif _get_running_loop() is not self._loop:
+        # (The cheap test first: see preadinto.)
+        elif self._home._thread_id != _thread_key() and _get_running_loop() is not self._loop:
             self._io.check_current()  # raises
-        # _nbytes(data) == 0, spelled out for the common types.
-        t = type(data)
+        # _nbytes(data) == 0, spelled out for the common types, which go
+        # through the engine's door (see preadinto).
+        t: type | None = type(data)
         if t is bytes or t is bytearray:
             if not data:
                 return self._transfer_nothing(True, offset)
@@ -651,6 +660,8 @@ class AsyncFile:
                 return self._transfer_nothing(True, offset)
         elif _nbytes(data) == 0:
             return self._transfer_nothing(True, offset)
+        else:
+            t = None
         if not self._plain:
             result: int = await self._changing(lambda: self._ctx.write(self._fd, offset, data))
             return result
@@ -661,7 +672,11 @@ class AsyncFile:
         self._rbuf = b""
         self._wgen += 1
         try:
-            req = self._ctx.write(self._fd, offset, data)
+            req = (
+                self._ctx.write(self._fd, offset, data)
+                if t is None
+                else self._ctx._start_rw(None, data, offset, 0, True, fd=self._fd)
+            )
             # await self._run(req), spelled out as in preadinto (a write
             # never finishes inline without a request: no _InlineDone).
             outstanding = self._outstanding

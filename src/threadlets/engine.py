@@ -2294,14 +2294,15 @@ class AioContext:
 
     def _start_rw(
         self,
-        f: AioFile,
+        f: AioFile | None,
         buf: Any,
         offset: int,
         total: int,
         write: bool,
-        callback: Callback | None,
+        callback: Callback | None = None,
         callbacks: list[Callable[[Any], object]] | None = None,
         taken: list[AioRequest] | None = None,
+        fd: int = -1,
     ) -> AioRequest:
         """_start(AioRequest(..., _Transfer(...))) for a read (not
         zero-filled) or write of one flat buffer (a bytes, bytearray or
@@ -2325,7 +2326,50 @@ class AioContext:
         look at ``taken`` on read()'s and write()'s way: they pass none).
         (No interrupt lands between this call's return and the caller's
         append: an eval-loop check comes at a C call's return or a
-        function's entry, and there is neither in between.)"""
+        function's entry, and there is neither in between.)
+
+        With ``f`` None, the front end's door (AsyncFile.preadinto and
+        pwrite, which vouch for what read() and write() are told: ``fd``
+        an int, the context's; no callback; ``buf`` a bytearray or a
+        memoryview -- for a write, bytes too -- of at least one byte, or
+        a read-only memoryview for a read, for read() to refuse):
+        ``read(fd, offset, buf)`` or ``write(...)``, in one frame less.
+        The checks of their fast path that the caller does not vouch for
+        are made here, once (the file known to the context, the offset,
+        a memoryview flat and -- a read's -- writable), and anything their
+        fast path would not send here (an inline attempt to make, a buffer
+        or offset for their checks to answer, a file not known) goes to
+        read() or write() themselves; else it is what they do with it
+        (the threads backend's _start_new, or what follows here).  Keep
+        the three in step (tests/test_sub_path.py compares them).  The
+        ``total`` given is not used: the buffer's length is."""
+        if f is None:
+            try:
+                f = self._files[fd]  # (a closed context has no files)
+            except KeyError:
+                return self.write(fd, offset, buf) if write else self.read(fd, offset, buf)
+            if (
+                type(offset) is not int  # (not __class__, which an object can fake)
+                or offset < 0
+                or offset > _MAX_IO_OFFSET
+                or (f.nowait_writes if write else f.nowait_reads)
+                or (
+                    buf.__class__ is memoryview
+                    and (
+                        buf.ndim != 1
+                        or buf.format != "B"
+                        or not buf.c_contiguous
+                        or (buf.readonly and not write)
+                    )
+                )
+            ):
+                return self.write(fd, offset, buf) if write else self.read(fd, offset, buf)
+            total = len(buf)
+            if self._ring_backend is None:
+                # (read()'s and write()'s way on the threads backend.)
+                view = buf if buf.__class__ is memoryview else memoryview(buf)
+                xfer = _Transfer(self._sc, f, [view], offset, total, 0, write, False)
+                return self._start_new("write" if write else "read", xfer, None)
         mask = self._ring_plain.get(f, -1)
         if mask < 0 or not total or total > _MAX_RING_LENGTH or (write and f.append):
             return self._start_rw_start(f, buf, offset, total, write, callback, callbacks, taken)
