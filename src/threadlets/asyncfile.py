@@ -76,6 +76,7 @@ import contextlib
 import errno
 import fcntl
 import io
+import itertools
 import operator
 import os
 import stat
@@ -83,8 +84,17 @@ import sys
 import termios
 import threading
 import warnings
+import weakref
 from asyncio.events import _get_running_loop
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, Union, overload
 
@@ -271,6 +281,21 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+#: Each loop's (LoopIO's) tick for the fair yield of inline preads: true
+#: once every YIELD_EVERY reads of all the loop's files, so a task reading
+#: only cached data lets the others run.  (A C call per read, cheaper than
+#: counting in LoopIO.inline_run, which the other inline paths count on.)
+_ticks: weakref.WeakKeyDictionary[LoopIO, Iterator[bool]] = weakref.WeakKeyDictionary()
+
+
+def _tick_of(io_: LoopIO) -> Iterator[bool]:
+    """``io_``'s tick (see _ticks), made on first use."""
+    tick = _ticks.get(io_)
+    if tick is None:
+        tick = _ticks.setdefault(io_, itertools.cycle([False] * (YIELD_EVERY - 1) + [True]))
+    return tick
+
+
 def _no_inline_read(n: int, offset: int) -> bytes | None:
     """The inline reader of a file whose reads always queue."""
     return None
@@ -390,6 +415,8 @@ class AsyncFile:
         self._read_inline: Callable[[int, int], bytes | None] = (
             None if self._stream else io_.ctx.inline_bytes_reader(fd, CHUNK)
         ) or _no_inline_read
+        #: The loop's fair-yield tick for inline preads (see _tick_of).
+        self._tick = _tick_of(io_)
         self._outstanding: set[AioRequest] = set()
         self._rbuf = b""  # read-ahead: bytes of the file from _rbuf_off
         self._rbuf_off = 0
@@ -564,13 +591,16 @@ class AsyncFile:
 
     async def pread(self, n: int, offset: int) -> bytes:
         """Read up to ``n`` bytes at ``offset``."""
-        if self._slow_path:  # closed, or trio (which wants a checkpoint)
-            self._enter()
-            await self._io.checkpoint()
-        # (The cheap test first -- see _home -- then, if it cannot tell, the
-        # exact one.)
-        elif self._home._thread_id != _thread_key() and _get_running_loop() is not self._loop:
-            self._io.check_current()  # raises
+        # The common case in one cheap test (see _home): the file's loop
+        # runs in this thread -- never true of a closed file or trio's (their
+        # _home is _NO_HOME), so those go on to the slow path's tests, as
+        # does any loop the test cannot tell (then the exact test).
+        if self._home._thread_id != _thread_key():
+            if self._slow_path:  # closed, or trio (which wants a checkpoint)
+                self._enter()
+                await self._io.checkpoint()
+            elif _get_running_loop() is not self._loop:
+                self._io.check_current()  # raises
         if self._wbuf:
             await self._flush_locked()
         # The cached-data fast path: no request object at all.  The engine's
@@ -578,14 +608,12 @@ class AsyncFile:
         # else is the request's to refuse), reads into its scratch buffer
         # and copies the bytes out before it returns, so concurrent preads
         # (all in this thread) share that buffer.  (_read_at's body,
-        # repeated: a coroutine call costs here.)
+        # repeated: a coroutine call costs here -- keep the two in step.)
         read_inline = self._read_inline  # (a local: self._read_inline(...) is not specialised)
         data = read_inline(n, offset)
         if data is not None:
-            io_ = self._io
-            io_.inline_run += 1
-            if io_.inline_run >= YIELD_EVERY:
-                await io_.fair_yield()
+            if next(self._tick):  # the loop's YIELD_EVERY-th inline pread: let others run
+                await self._io.fair_yield()
             return data
         # A request: its completion goes to the loop, which the exact test
         # (the running loop's, not the thread's) makes sure of first.
@@ -618,10 +646,8 @@ class AsyncFile:
         read_inline = self._read_inline
         data = read_inline(n, offset)
         if data is not None:
-            io_ = self._io
-            io_.inline_run += 1
-            if io_.inline_run >= YIELD_EVERY:
-                await io_.fair_yield()
+            if next(self._tick):
+                await self._io.fair_yield()
             return data
         buf = bytearray(_nonnegative(n, "count"))
         got = await self._run(self._ctx.read(self._fd, offset, buf))
@@ -1452,8 +1478,12 @@ class AsyncFile:
         if self._closed:
             return
         self._check_loop()
-        self._closed = True
+        # The fast paths' tests first, then the flag the slow path checks: a
+        # Ctrl-C among these stores leaves no fast path open to a file
+        # marked closed (pread's cheap test: see there).
+        self._home = _NO_HOME
         self._slow_path = True
+        self._closed = True
         try:
             # Stream calls in other tasks see _closed before their next
             # request or system call; those waiting for readiness are woken

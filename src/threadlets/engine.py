@@ -2604,51 +2604,59 @@ class AioContext:
         if isinstance(f, OSError) or not f.nowait_reads:
             return None
         preadv, unseen, flags = self._preadv, self._n_unseen, RWF_NOWAIT
-        # The scratch buffer's length (None: none, or being replaced -- no
-        # count equals it, not even a bad one: read()'s to refuse).
-        size: int | None = None
-        buf = bytearray()
-        bufs = [buf]  # (made once: no sequence built per read)
-        view = memoryview(buf)  # (view.tobytes() copies faster than bytes(buf))
+        # The count the scratch buffer is for: the very int object last
+        # checked (``n is size`` -- a constant count, as most callers pass,
+        # is the same object each time -- says it is a plain int that fits,
+        # in one step); ``unset`` (no argument is it) while there is none or
+        # it is being replaced.
+        unset: object = object()
+        size: object = unset
+        # The buffer in a list made once (no sequence built per read), and
+        # its view's tobytes, bound once (no method looked up per read; it
+        # copies faster than bytes(buf)).  (A functools.partial of preadv
+        # would save two steps but cost more in C than they do.)
+        bufs = [bytearray()]
+        tobytes: Callable[[], bytes] = memoryview(bufs[0]).tobytes
 
         def read_inline(n: int, offset: int) -> bytes | None:
-            nonlocal size, buf, bufs, view
-            # Bad arguments, a closed context (nowait_reads cleared), the
+            nonlocal size, bufs, tobytes
+            if n is not size:
+                # Another object: a plain int of the buffer's length (then it
+                # is the one to look for), one that needs a new buffer, or
+                # anything else (read()'s to refuse).  (The type first: a
+                # comparison of anything else may run its code.)
+                if type(n) is not int or not 0 < n <= limit:
+                    return None
+                if n != size:
+                    # A buffer of the new length.  The count last: a Ctrl-C
+                    # among these stores leaves no mismatched buffer in use.
+                    size = unset
+                    buf = bytearray(n)
+                    bufs = [buf]
+                    tobytes = memoryview(buf).tobytes
+                size = n
+            # A bad offset, a closed context (nowait_reads cleared), the
             # flag refused (cleared by read()'s try): read()'s to answer.
             # (A negative offset first: preadv2 reads -1 as "the file's
-            # position".)  An offset too large raises below: the kernel
-            # refuses one whose end is past the largest offset (EINVAL) --
-            # a smaller one it answers as it answers read()'s request.
-            # (The type first: a comparison of anything else may run its
-            # code -- numpy's arrays answer with an array, refused by `and`.)
-            if (
-                type(n) is int
-                and n == size
-                and type(offset) is int
-                and offset >= 0
-                and f.nowait_reads
-            ):
+            # position"; the type before it, as above -- numpy's arrays
+            # answer a comparison with an array, refused by `and`.)  An
+            # offset too large raises below: the kernel refuses one whose end
+            # is past the largest offset (EINVAL) -- a smaller one it answers
+            # as it answers read()'s request.
+            if type(offset) is int and offset >= 0 and f.nowait_reads:
+                # (The answers inside the try, no jump past its handler: what
+                # they call raises neither.)
                 try:
                     got = preadv(fd, bufs, offset, flags)
+                    if got == n:
+                        next(unseen)
+                        return tobytes()  # (before anything else can use the buffer)
+                    if not got:  # at or past the end of the file
+                        next(unseen)
+                        return b""
                 except (OSError, OverflowError):
                     return None  # would block, or an error for read() to report
-                if got == n:
-                    next(unseen)
-                    return view.tobytes()  # (before anything else can use buf)
-                if not got:  # at or past the end of the file
-                    next(unseen)
-                    return b""
-                return None  # short: the rest on a backend
-            if type(n) is int and n != size and 0 < n <= limit:
-                # A buffer of the new length.  The length last: a Ctrl-C
-                # among these stores leaves no mismatched buffer in use.
-                size = None
-                buf = bytearray(n)
-                bufs = [buf]
-                view = memoryview(buf)
-                size = n
-                return read_inline(n, offset)
-            return None
+            return None  # short (the rest on a backend), or read()'s to answer
 
         return read_inline
 
