@@ -662,14 +662,18 @@ class Ring:
             self._tail = ident
             self._sq_tail.value = ident
             self._free = free - 1
-            if self._plugged_by == me and (ident - self._taken < KICK_AT or self._in_kernel):
+            if self._plugged_by == me and (self._in_kernel or ident - self._taken < KICK_AT):
                 # Held back by this thread's plug.  A permanent one (hold())
                 # has a flush scheduled by the first submission it holds.
+                # (The flag first: under hold() it is set but for one
+                # submission a batch.)
+                if self._flush_scheduled:
+                    return ident
                 schedule = self._schedule
-                if schedule is None or self._flush_scheduled:
+                if schedule is None:
                     return ident
                 self._flush_scheduled = True
-            elif self._reaper_holds and (ident - self._taken < KICK_AT or self._in_kernel):
+            elif self._reaper_holds and (self._in_kernel or ident - self._taken < KICK_AT):
                 # Held back for the reaper, which sends everything held back
                 # at the end of its current pass or short sleep.  Not past
                 # KICK_AT with nothing in the kernel (as under a plug): the
@@ -741,7 +745,7 @@ class Ring:
         # its count, oldest first, the newest SQE would then wait for good.
         # (More than n only after such a loss, or beside a concurrent kick,
         # which then finds nothing left.)
-        return (self._tail - self._sq_head.value) & 0xFFFFFFFF
+        return (tail - self._sq_head.value) & 0xFFFFFFFF  # (tail: _tail, under the lock)
 
     def plug(self) -> bool:
         """Hold back this thread's submissions until :meth:`unplug`, so that
