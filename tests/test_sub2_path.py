@@ -1,6 +1,5 @@
 """The ring's submission in fewer steps (issue 13, twelfth session, second
-pass): AioContext._start_rw claims the request with pool.py's one store
-spelled out (no _claim_held frame) and finds the file's ring mask with a
+pass): AioContext._start_rw finds the file's ring mask with a
 subscript (no dict.get call); Ring.submit looks at the cheaper and usually
 deciding half of its hold tests first.  What they decide must not change."""
 
@@ -16,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from threadlets import AioContext, aligned_buffer, engine, pool
+from threadlets import AioContext, aligned_buffer
 from threadlets.uring import KICK_AT, OP_NOP, Ring, RingUnavailable
 
 from .conftest import HAVE_RING
@@ -37,38 +36,11 @@ def scratch() -> Iterator[str]:
         os.unlink(path)
 
 
-def _slots(obj: object) -> dict[str, object]:
-    names = {n for k in type(obj).__mro__ for n in getattr(k, "__slots__", ())}
-    return {n: getattr(obj, n) for n in names if n != "__weakref__" and hasattr(obj, n)}
-
-
-def test_the_claim_spelled_out_is_claim_helds() -> None:
-    """_start_rw stores RUNNING in ``_state`` where it called _claim_held:
-    that store must be all _claim_held does to a QUEUED request (this fails
-    if it ever does more, and _start_rw's copy must follow)."""
-    ctx = AioContext(backend="threads")
-    try:
-        req = engine.AioRequest(ctx, "read", None, (), None)
-        assert req._state is pool.ThreadletState.QUEUED
-        before = _slots(req)
-        req._claim_held()
-        after = _slots(req)
-        changed = {k: v for k, v in after.items() if before.get(k, before) is not v}
-        assert changed == {"_state": pool.ThreadletState.RUNNING}
-        assert engine._RUNNING is pool.ThreadletState.RUNNING
-        code = engine.AioContext._start_rw.__code__
-        assert "_claim_held" not in code.co_names  # (the copy is there instead)
-        assert "_RUNNING" in code.co_names
-    finally:
-        req._unclaim()
-        ctx.close(timeout=10)
-
-
 @pytest.mark.parametrize("write", [False, True], ids=["read", "write"])
 def test_the_rings_fast_path_calls_no_python_but_the_rings(scratch: str, write: bool) -> None:
     """A read or write through the door to the ring runs no Python function
-    but Ring.submit's (and its kick's), and no dict.get: the claim and the
-    mask are plain bytecodes."""
+    but pool.py's claim and Ring.submit's (and its kick's), and no
+    dict.get: the mask is a subscript."""
     if not HAVE_RING:
         pytest.skip("no io_uring here")
     if not hasattr(os, "O_DIRECT"):
@@ -98,7 +70,12 @@ def test_the_rings_fast_path_calls_no_python_but_the_rings(scratch: str, write: 
         assert req.result(timeout=10) == 4096
         python = [c for c in calls if not c.startswith("c:")]
         assert python[0] == "AioContext._start_rw"
-        assert set(python[1:]) <= {"Ring.submit", "Ring._take", "Ring._kick"}, python
+        assert set(python[1:]) <= {
+            "Threadlet._claim_held",  # (pool.py's transition: called, not copied)
+            "Ring.submit",
+            "Ring._take",
+            "Ring._kick",
+        }, python
         assert "c:dict.get" not in calls, calls
         if not write:
             assert bytes(buf) == DATA[4096:8192]

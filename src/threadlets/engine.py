@@ -2442,11 +2442,11 @@ class AioContext:
                 # (Ctrl-C inside submit: _submit_interrupted asks the ring).
                 req._on_ring = True
                 try:
-                    # req._claim_held(), pool.py's transition (QUEUED ->
-                    # RUNNING, one store), spelled out: no frame, and no
-                    # interrupt lands at a plain store (keep the two in
-                    # step: test_the_claim_spelled_out_is_claim_helds).
-                    req._state = _RUNNING
+                    # (pool.py's transition, one store, called rather than
+                    # spelled out here: only pool.py changes a request's
+                    # state.  Inside the try: a Ctrl-C at its entry or
+                    # return is undone there too.)
+                    req._claim_held()
                     ident = ring.submit(
                         _OP_WRITE if write else _OP_READ, f.fd, offset, addr, total, 0,
                         req._ring_rw_done,
