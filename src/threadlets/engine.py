@@ -2947,16 +2947,22 @@ class AioContext:
         backend.  Where it was not taken (read() answered), the caller adds
         it (``add_done_callback``) as for any request.
 
-        ``taken`` gets the request the moment it is sure to run ``on_done``
-        (it reached a backend), even if an interrupt (Ctrl-C) then cuts this
-        call short: a caller that sees it there knows the request finishes
-        as usual, and must not report it finished by the interrupt (its
-        buffer may still be filled).  (A write finished inline is put there
-        too, its on_done not taken: the caller adds it then, as for any
-        request -- a second registration must be harmless.)"""
-        f = self._files.get(fd)  # (a closed context has no files)
-        if f is None or offset > _MAX_IO_OFFSET:
-            if offset > _MAX_IO_OFFSET or self._cq.closing:
+        Where this raises, ``taken`` holds the request if it is sure to run
+        ``on_done`` (it reached a backend) although an interrupt (Ctrl-C)
+        cut this call short: a caller that sees it there knows the request
+        finishes as usual, and must not report it finished by the interrupt
+        (its buffer may still be filled).  (A write finished inline is put
+        there too, its on_done not taken: the caller adds it then, as for
+        any request -- a second registration must be harmless.)  Where this
+        returns, the returned request is the answer (``taken`` may hold it
+        or not): the caller stores it with no call in between, so no
+        interrupt comes between this return and the caller's store."""
+        if offset > _MAX_IO_OFFSET:
+            return self.read(fd, offset, view)
+        try:
+            f = self._files[fd]  # (a subscript: no call)
+        except KeyError:
+            if self._cq.closing:  # (a closed context has no files)
                 return self.read(fd, offset, view)
             # An fd this context has not looked up yet (its first request,
             # or the first since forget()): looked up here, so that the
@@ -3009,12 +3015,12 @@ class AioContext:
                     if cq.closing:
                         _give_back(cq)
         if self._ring_backend is not None:
-            # The ring's fast path, read()'s, with on_done and `taken` (the
-            # request put there here if _start_rw returned it: see there).
-            req = self._start_rw(f, view, offset, view.nbytes, False, None, [on_done], taken)
-            if not taken:
-                taken.append(req)
-            return req
+            # The ring's fast path, read()'s, with on_done and `taken` (in
+            # `taken` if _start_rw raised with a backend holding it; if it
+            # returned the request, the caller has it: no interrupt lands
+            # between its return and the caller's store -- no C call, no
+            # function entry -- so it is not put there too).
+            return self._start_rw(f, view, offset, view.nbytes, False, None, [on_done], taken)
         req = AioRequest(
             self, "read", None, (), None,
             _Transfer(self._sc, f, [view], offset, view.nbytes, 0, False, False),
@@ -3056,9 +3062,12 @@ class AioContext:
     ) -> AioRequest:
         """write(fd, offset, view) as :meth:`_read_checked` is read() (the
         view may be read-only)."""
-        f = self._files.get(fd)
-        if f is None or offset > _MAX_IO_OFFSET:
-            if offset > _MAX_IO_OFFSET or self._cq.closing:
+        if offset > _MAX_IO_OFFSET:
+            return self.write(fd, offset, view)
+        try:
+            f = self._files[fd]  # (as in _read_checked)
+        except KeyError:
+            if self._cq.closing:
                 return self.write(fd, offset, view)
             ff = self._file(fd)  # (looked up here: see _read_checked)
             if isinstance(ff, OSError):
@@ -3105,12 +3114,8 @@ class AioContext:
                     held = False  # (for _own_inline: given back)
                     if cq.closing:
                         _give_back(cq)
-        if self._ring_backend is not None:
-            # (As in _read_checked.)
-            req = self._start_rw(f, view, offset, view.nbytes, True, None, [on_done], taken)
-            if not taken:
-                taken.append(req)
-            return req
+        if self._ring_backend is not None:  # (as in _read_checked)
+            return self._start_rw(f, view, offset, view.nbytes, True, None, [on_done], taken)
         req = AioRequest(
             self, "write", None, (), None,
             _Transfer(self._sc, f, [view], offset, view.nbytes, 0, True, False),

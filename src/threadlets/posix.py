@@ -835,7 +835,7 @@ class PosixAio:
                     # is published): it may run before the call returns,
                     # so it knows cb's request by the view, not by _req
                     # (None until stored below).
-                    fin = _ContainedCallback(self._quick_finished, cb, view)
+                    fin = _ContainedCallback(self._quick_finished, cb, view, state)
                     if op == "read":
                         req = ctx._read_checked(fd, offset, view, fin, taken)  # type: ignore[union-attr]
                     else:
@@ -1250,10 +1250,15 @@ class PosixAio:
             if after is not None:
                 self._run(after, raising=False)
 
-    def _quick_finished(self, cb: aiocb, view: memoryview, req: Threadlet[int]) -> None:
+    def _quick_finished(self, cb: aiocb, view: memoryview, state: _Fd, req: Threadlet[int]) -> None:
         """_request_finished for a quick submission (_submit_one: no
         sigevent, no group, not an O_APPEND write), whose callback goes
-        with the request: cb's request if cb._view is still ``view``.  A
+        with the request: cb's request if cb._view is still ``view``.
+        ``state`` is the table of cb's fd the submission put cb in: while
+        cb is in progress with ``view`` and in that table, it is the
+        table in ``_fds`` (a table leaves ``_fds`` only empty, or in a
+        forked child's reset, which ended cb's progress), so it is not
+        looked up again.  A
         _ContainedCallback: no code of the user's runs here but where
         finishing cb releases others (an fsync barrier's turn, with its
         notifications), and there the request counts as this thread's, as
@@ -1269,11 +1274,6 @@ class PosixAio:
             with self._lock:
                 if cb._view is not view:
                     return
-                fd = cb._fd
-                try:  # (no call: see below)
-                    state = self._fds[fd]
-                except KeyError:
-                    state = _NO_TABLE  # (cb is not in it: _finish)
                 active = state.active
                 if cb in active and not state.barriers:
                     # As in _request_finished, but for _ctx: a quick
@@ -1286,7 +1286,7 @@ class PosixAio:
                     cb._req = None
                     del active[cb]
                     if not active:
-                        del self._fds[fd]
+                        del self._fds[cb._fd]  # (state: see above)
                     if self._waiting:
                         ctx = self._given or self._own
                         batched = False
