@@ -2947,16 +2947,13 @@ class AioContext:
         backend.  Where it was not taken (read() answered), the caller adds
         it (``add_done_callback``) as for any request.
 
-        Where this raises, ``taken`` holds the request if it is sure to run
-        ``on_done`` (it reached a backend) although an interrupt (Ctrl-C)
-        cut this call short: a caller that sees it there knows the request
-        finishes as usual, and must not report it finished by the interrupt
-        (its buffer may still be filled).  (A write finished inline is put
-        there too, its on_done not taken: the caller adds it then, as for
-        any request -- a second registration must be harmless.)  Where this
-        returns, the returned request is the answer (``taken`` may hold it
-        or not): the caller stores it with no call in between, so no
-        interrupt comes between this return and the caller's store."""
+        ``taken`` gets the request the moment it is sure to run ``on_done``
+        (it reached a backend), even if an interrupt (Ctrl-C) then cuts this
+        call short: a caller that sees it there knows the request finishes
+        as usual, and must not report it finished by the interrupt (its
+        buffer may still be filled).  (A write finished inline is put there
+        too, its on_done not taken: the caller adds it then, as for any
+        request -- a second registration must be harmless.)"""
         if offset > _MAX_IO_OFFSET:
             return self.read(fd, offset, view)
         try:
@@ -3015,12 +3012,12 @@ class AioContext:
                     if cq.closing:
                         _give_back(cq)
         if self._ring_backend is not None:
-            # The ring's fast path, read()'s, with on_done and `taken` (in
-            # `taken` if _start_rw raised with a backend holding it; if it
-            # returned the request, the caller has it: no interrupt lands
-            # between its return and the caller's store -- no C call, no
-            # function entry -- so it is not put there too).
-            return self._start_rw(f, view, offset, view.nbytes, False, None, [on_done], taken)
+            # The ring's fast path, read()'s, with on_done and `taken` (the
+            # request put there here if _start_rw returned it: see there).
+            req = self._start_rw(f, view, offset, view.nbytes, False, None, [on_done], taken)
+            if not taken:
+                taken.append(req)
+            return req
         req = AioRequest(
             self, "read", None, (), None,
             _Transfer(self._sc, f, [view], offset, view.nbytes, 0, False, False),
@@ -3114,8 +3111,12 @@ class AioContext:
                     held = False  # (for _own_inline: given back)
                     if cq.closing:
                         _give_back(cq)
-        if self._ring_backend is not None:  # (as in _read_checked)
-            return self._start_rw(f, view, offset, view.nbytes, True, None, [on_done], taken)
+        if self._ring_backend is not None:
+            # (As in _read_checked.)
+            req = self._start_rw(f, view, offset, view.nbytes, True, None, [on_done], taken)
+            if not taken:
+                taken.append(req)
+            return req
         req = AioRequest(
             self, "write", None, (), None,
             _Transfer(self._sc, f, [view], offset, view.nbytes, 0, True, False),
