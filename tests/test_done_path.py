@@ -409,3 +409,77 @@ def test_a_callback_added_once_done_is_scheduled(run: Any) -> None:
         assert calls[-2:] == ["d1", "d2"]
 
     run(main)
+
+
+# -- process_completions with nothing ready -----------------------------------------------------
+
+
+def _ring_ctx() -> threadlets.AioContext:
+    ctx = threadlets.AioContext(backend="io_uring", inline=False)
+    assert ctx._ring is not None
+    assert ctx._ring.owner_mode
+    return ctx
+
+
+@pytest.mark.skipif(not HAVE_RING, reason="no io_uring here")
+def test_nothing_ready_and_nothing_signalled_skips_the_queue(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A ring context's process_completions() with only ring completions
+    (delivered by the reap) does not go through the ready queue's
+    process(), which would find nothing and take the lock twice; with a
+    worker's completion ready, it does."""
+    p = tmp_path / "f"
+    p.write_bytes(DATA)
+    fd = os.open(p, os.O_RDONLY)
+    ctx = _ring_ctx()
+    try:
+        for k in range(4):  # (until the file is the ring's own)
+            assert ctx.read(fd, k * 256, bytearray(256)).result(timeout=10) == 256
+        assert ctx.drain(timeout=10)  # (delivered: the ready queue empty)
+        assert ctx._files[fd] in ctx._ring_plain
+        calls: list[int] = []
+        real = type(ctx._cq).process
+
+        def process(self: Any, clear: bool = True) -> int:
+            n = real(self, clear)
+            calls.append(n)
+            return n
+
+        monkeypatch.setattr(type(ctx._cq), "process", process)
+        got: list[object] = []
+        req = ctx.read(fd, 0, bytearray(256), callback=got.append)
+        while not got:
+            ctx.poll(10)
+        assert got == [req]
+        assert calls == []
+        call = ctx.call(lambda: 5, callback=got.append)
+        while len(got) < 2:
+            ctx.poll(10)
+        assert got[1] is call
+        assert 1 in calls
+    finally:
+        ctx.close(timeout=10)
+        os.close(fd)
+
+
+@pytest.mark.skipif(not HAVE_RING, reason="no io_uring here")
+def test_a_signal_left_with_nothing_ready_is_reset(tmp_path: Path) -> None:
+    """Signalled with nothing ready (a resignal for sleepers, say), then
+    processed: ``signalled`` is reset, so the next worker completion writes
+    the eventfd again -- a loop sleeping on fileno() is woken.  (Kept set,
+    the worker would take the signal as sent, and the loop slept on.)"""
+    import select
+
+    ctx = _ring_ctx()
+    try:
+        ctx._cq.resignal()
+        assert ctx.process_completions() == 0
+        assert not ctx._cq.signalled
+        req = ctx.call(lambda: 7)
+        r, _, _ = select.select([ctx.fileno()], [], [], 5)
+        assert r == [ctx.fileno()], "the worker's completion did not wake the loop"
+        assert ctx.on_readable() == 1
+        assert req.result() == 7
+    finally:
+        ctx.close(timeout=10)

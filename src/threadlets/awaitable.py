@@ -687,9 +687,11 @@ class _Waiter:
         if self._cb is None:
             # Pending, with no callback yet (a done waiter's ``_cb`` is never
             # None: _complete leaves it, _schedule marks it taken): the
-            # task's wakeup, almost always, with its context.
-            self._cb = fn
+            # task's wakeup, almost always, with its context.  (The context
+            # first: a Ctrl-C as copy_context() returns leaves no callback
+            # without one.)
             self._cbctx = context if context is not None else contextvars.copy_context()
+            self._cb = fn
             return
         if context is None:
             context = contextvars.copy_context()
