@@ -483,3 +483,74 @@ def test_a_signal_left_with_nothing_ready_is_reset(tmp_path: Path) -> None:
         assert req.result() == 7
     finally:
         ctx.close(timeout=10)
+
+
+# -- Ctrl-C in the wake -------------------------------------------------------------------------
+
+
+def _interrupt_in(code: types.CodeType, n: int) -> list[int]:
+    """Raise KeyboardInterrupt once, as the n-th C call made by ``code``'s
+    frames returns (where CPython 3.11 raises a pending SIGINT)."""
+    seen = [0]
+
+    def prof(frame: types.FrameType, event: str, arg: object) -> None:
+        if event == "c_return" and frame.f_code is code:
+            seen[0] += 1
+            if seen[0] == n:
+                sys.setprofile(None)
+                raise KeyboardInterrupt
+
+    sys.setprofile(prof)
+    return seen
+
+
+def test_ctrl_c_in_the_wake_loses_no_wakeup(
+    new_loop: Callable[[], asyncio.AbstractEventLoop], backend: str
+) -> None:
+    """A Ctrl-C at each C return of the waiter's wake, run by the reader
+    (the request is delivered then, never again): it comes out of the
+    loop's run, and the task is still woken, once, with its result -- by
+    the step the wake ran, or one it scheduled."""
+    from .conftest import Gate
+
+    n = 0
+    while True:
+        n += 1
+        assert n < 20, "never ran to its end"
+        loop = new_loop()
+        try:
+            io = loop.run_until_complete(_current())
+            gate = Gate(n)
+            req = io.ctx.call(gate)
+            woken: list[int] = []
+
+            async def waits(io: aw.LoopIO = io, req: Any = req, woken: list[int] = woken) -> int:
+                await io.wait(req)
+                woken.append(1)
+                return int(req.result())
+
+            task = loop.create_task(waits())
+            loop.run_until_complete(asyncio.sleep(0))
+            gate.release.set()
+            assert req.wait(10)
+            seen = _interrupt_in(aw._Waiter._complete.__code__, n)
+            try:
+                loop.run_until_complete(asyncio.sleep(0.5))
+            except KeyboardInterrupt:
+                pass
+            finally:
+                sys.setprofile(None)
+            assert req._processed, n
+            loop.run_until_complete(asyncio.wait([task], timeout=5))
+            assert task.done(), f"C return {n}: the task was never woken"
+            assert task.result() == n, n
+            assert woken == [1], n
+        finally:
+            loop.close()
+        if seen[0] < n:
+            break  # the interrupt no longer lands: every point was tried
+    assert n > 1, "no C call in the wake"
+
+
+async def _current() -> aw.LoopIO:
+    return aw.current()

@@ -599,29 +599,37 @@ class _Waiter:
         if self._state is not _PENDING:
             return  # cancelled before: its wakeup is scheduled
         self._state = _FINISHED
-        cb = self._cb
-        loop = self._loop
-        if (
-            cb is not None
-            and _reading.loop is loop
-            and self._more is None
-            and _current_task(loop) is None
-        ):
-            # (_cb is left: nothing runs it again, the state being final.)
-            # The task's wakeup is given a finished asyncio.Future, not this
-            # waiter: the same answer (its result None), which asyncio's C
-            # task reads without a call into Python (ours: a frame).  A task
-            # does not look at which future woke it.
-            self._cbctx.run(cb, _FINISHED_FUTURE)
-        else:
-            self._schedule()
+        # Delivered once: the wake is owed from here on.  A Ctrl-C before
+        # the callbacks are taken (``_cb`` marked: see _schedule) schedules
+        # them on its way out; once taken, they ran or are scheduled.
+        try:
+            cb = self._cb
+            loop = self._loop
+            if (
+                cb is not None
+                and _reading.loop is loop
+                and self._more is None
+                and _current_task(loop) is None
+            ):
+                # The task's wakeup is given a finished asyncio.Future, not
+                # this waiter: the same answer (its result None), which
+                # asyncio's C task reads without a call into Python (ours: a
+                # frame).  A task does not look at which future woke it.
+                self._cb = _taken
+                self._cbctx.run(cb, _FINISHED_FUTURE)
+            else:
+                self._schedule()
+        except BaseException:
+            if self._cb is not _taken:
+                self._schedule()
+            raise
 
     def _schedule(self) -> None:
         """Schedule the done-callbacks, as a Future does (a closed loop
         refuses them: nothing is left to wake then).  (``_cb`` is never
-        None again: see add_done_callback.)"""
-        cb, self._cb = self._cb, _taken
-        more, self._more = self._more, None
+        None again: see add_done_callback.  Taken after the look at the
+        running loop, a C call: a Ctrl-C as it returns leaves them to take
+        -- see _complete.)"""
         loop = self._loop
         try:
             # (Another thread's process_completions() may deliver it: then
@@ -631,6 +639,8 @@ class _Waiter:
                 if asyncio.events._get_running_loop() is loop
                 else loop.call_soon_threadsafe
             )
+            cb, self._cb = self._cb, _taken
+            more, self._more = self._more, None
             if cb is not None and cb is not _taken:
                 call_soon(cb, self, context=self._cbctx)
             if more is not None:
@@ -686,7 +696,7 @@ class _Waiter:
     ) -> None:
         if self._cb is None:
             # Pending, with no callback yet (a done waiter's ``_cb`` is never
-            # None: _complete leaves it, _schedule marks it taken): the
+            # None: _complete and _schedule mark it taken): the
             # task's wakeup, almost always, with its context.  (The context
             # first: a Ctrl-C as copy_context() returns leaves no callback
             # without one.)
