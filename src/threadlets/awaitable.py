@@ -50,6 +50,7 @@ import collections
 import contextlib
 import contextvars
 import fcntl
+import os
 import sys
 import threading
 import types
@@ -101,7 +102,7 @@ class LoopIO:
     It holds its asyncio loop only weakly: the loop's own structures hold
     the context, and nothing of ours may keep a finished loop alive."""
 
-    __slots__ = ("__weakref__", "_loop", "_wait", "ctx", "inline_run", "kind", "wait")
+    __slots__ = ("__weakref__", "_forks", "_loop", "_wait", "ctx", "inline_run", "kind", "wait")
 
     #: ``await io.wait(req, detach=False)``: suspend until ``req`` finished
     #: (its completion processed), with the cancellation rules of the
@@ -122,6 +123,9 @@ class LoopIO:
         self.ctx = ctx
         self.kind = kind  # "asyncio" or "trio"
         self._loop = loop
+        #: The process's forks when it was made: in a forked child, the
+        #: parent's loops are not running (see _process).
+        self._forks = _forks
         if kind == "asyncio":
             self.wait = _asyncio_wait_coro
             self._wait = cast("Callable[..., Awaitable[None]]", _asyncio_wait)
@@ -377,12 +381,15 @@ def _process(io: LoopIO) -> None:
     # The eventfd reader callback: completions may step their tasks here
     # (see _Waiter).  (Marked inside the try: an interrupt as it is marked
     # must not leave it so.  The mark is this thread's, put back as it was
-    # -- a nested call's must not unmark the outer one.)
+    # -- a nested call's must not unmark the outer one.  A forked child's
+    # copy of the parent's loop is not marked: asyncio does not see it
+    # running there, and a wait that begins in a step it runs takes the
+    # mark for its loop -- see _asyncio_wait.)
     ref = io._loop
     reading = _reading
     outer = reading.loop  # (None, or this loop again in a nested call)
     try:
-        reading.loop = ref() if ref is not None else None
+        reading.loop = ref() if ref is not None and io._forks == _forks else None
         io.ctx.on_readable()
     finally:
         reading.loop = outer
@@ -507,13 +514,33 @@ _current_task = _task_lookup()
 class _Reading(threading.local):
     #: The asyncio loop whose eventfd reader callback (:func:`_process`)
     #: runs in this thread: where a completion may step its task at once
-    #: (see _Waiter._complete).  Per thread: the engine lets any thread's
-    #: process_completions() deliver a completion, and only the loop's own
-    #: thread may step its tasks.
+    #: (see _Waiter._complete), and so the running loop of a wait that
+    #: begins there (see _asyncio_wait).  Per thread: the engine lets any
+    #: thread's process_completions() deliver a completion, and only the
+    #: loop's own thread may step its tasks.  (A forked child's is a new
+    #: one: see _after_fork_in_child.)
     loop: asyncio.AbstractEventLoop | None = None
 
 
 _reading = _Reading()
+
+#: How many forks made this process (0 in the first): a LoopIO made before
+#: the last one belongs to a loop asyncio does not see running here.
+_forks = 0
+
+
+def _after_fork_in_child() -> None:
+    # A fork inside a step the reader ran leaves the forking thread's mark
+    # set in the child, and its _process frame puts back the mark of the
+    # object it read: a new object, with nothing marked, for the child's
+    # waits and completions from now on.
+    global _forks, _reading
+    _forks += 1
+    _reading = _Reading()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 _PENDING = "PENDING"
 _FINISHED = "FINISHED"
@@ -572,24 +599,37 @@ class _Waiter:
         if self._state is not _PENDING:
             return  # cancelled before: its wakeup is scheduled
         self._state = _FINISHED
-        cb = self._cb
-        loop = self._loop
-        if (
-            cb is not None
-            and _reading.loop is loop
-            and self._more is None
-            and _current_task(loop) is None
-        ):
-            # (_cb is left: nothing runs it again, the state being final.)
-            self._cbctx.run(cb, self)
-        else:
-            self._schedule()
+        # Delivered once: the wake is owed from here on.  A Ctrl-C before
+        # the callbacks are taken (``_cb`` marked: see _schedule) schedules
+        # them on its way out; once taken, they ran or are scheduled.
+        try:
+            cb = self._cb
+            loop = self._loop
+            if (
+                cb is not None
+                and _reading.loop is loop
+                and self._more is None
+                and _current_task(loop) is None
+            ):
+                # The task's wakeup is given a finished asyncio.Future, not
+                # this waiter: the same answer (its result None), which
+                # asyncio's C task reads without a call into Python (ours: a
+                # frame).  A task does not look at which future woke it.
+                self._cb = _taken
+                self._cbctx.run(cb, _FINISHED_FUTURE)
+            else:
+                self._schedule()
+        except BaseException:
+            if self._cb is not _taken:
+                self._schedule()
+            raise
 
     def _schedule(self) -> None:
         """Schedule the done-callbacks, as a Future does (a closed loop
-        refuses them: nothing is left to wake then)."""
-        cb, self._cb = self._cb, None
-        more, self._more = self._more, None
+        refuses them: nothing is left to wake then).  (``_cb`` is never
+        None again: see add_done_callback.  Taken after the look at the
+        running loop, a C call: a Ctrl-C as it returns leaves them to take
+        -- see _complete.)"""
         loop = self._loop
         try:
             # (Another thread's process_completions() may deliver it: then
@@ -599,7 +639,9 @@ class _Waiter:
                 if asyncio.events._get_running_loop() is loop
                 else loop.call_soon_threadsafe
             )
-            if cb is not None:
+            cb, self._cb = self._cb, _taken
+            more, self._more = self._more, None
+            if cb is not None and cb is not _taken:
                 call_soon(cb, self, context=self._cbctx)
             if more is not None:
                 for fn, ctx in more:
@@ -652,6 +694,15 @@ class _Waiter:
     def add_done_callback(
         self, fn: Callable[[Any], object], *, context: contextvars.Context | None = None
     ) -> None:
+        if self._cb is None:
+            # Pending, with no callback yet (a done waiter's ``_cb`` is never
+            # None: _complete and _schedule mark it taken): the
+            # task's wakeup, almost always, with its context.  (The context
+            # first: a Ctrl-C as copy_context() returns leaves no callback
+            # without one.)
+            self._cbctx = context if context is not None else contextvars.copy_context()
+            self._cb = fn
+            return
         if context is None:
             context = contextvars.copy_context()
         if self._state is not _PENDING:
@@ -660,17 +711,14 @@ class _Waiter:
             except RuntimeError:
                 if not self._loop.is_closed():
                     raise
-        elif self._cb is None:
-            self._cb = fn
-            self._cbctx = context
         elif self._more is None:
             self._more = [(fn, context)]
         else:
             self._more.append((fn, context))
 
     def remove_done_callback(self, fn: Callable[[Any], object]) -> int:
-        if self._cb is None:
-            return 0
+        if self._cb is None or self._state is not _PENDING:
+            return 0  # (none, or done: a Future's are gone once scheduled)
         callbacks = [(self._cb, self._cbctx), *(self._more or ())]
         kept = [(f, c) for f, c in callbacks if f != fn]
         self._cb = self._more = None
@@ -690,7 +738,27 @@ class _Waiter:
     __iter__ = __await__
 
 
-_new_waiter = object.__new__
+def _taken(_: object) -> None:
+    """A done waiter's ``_cb`` once its callbacks were scheduled (not None:
+    see _Waiter.add_done_callback)."""
+
+
+class _NoLoop:
+    """The loop of :data:`_FINISHED_FUTURE`, which never schedules anything
+    (it has no callbacks): a Future made with it holds no loop."""
+
+    def get_debug(self) -> bool:
+        return False
+
+
+#: What a waiter's direct wake hands the task's wakeup (see
+#: _Waiter._complete): finished, its result None.  One for all loops and
+#: threads: nothing changes it (a Future's result() only reads it).
+_FINISHED_FUTURE: asyncio.Future[None] = asyncio.Future(loop=cast(Any, _NoLoop()))
+_FINISHED_FUTURE.set_result(None)
+
+#: A new waiter, without its __init__ call (see _asyncio_wait).
+_new_waiter = _partial(object.__new__, _Waiter)
 _get_ident = threading.get_ident
 _running_loop = asyncio.get_running_loop
 
@@ -699,9 +767,13 @@ _running_loop = asyncio.get_running_loop
 def _asyncio_wait(req: AioRequest, detach: bool = False) -> Generator[Any, None, None]:
     # A generator-based coroutine: it yields the waiter to the task itself,
     # with no __await__ call or iterator between.  (_Waiter(loop), without
-    # the __init__ call: keep the two in step.)
-    w: _Waiter = _new_waiter(_Waiter)
-    w._loop = _running_loop()
+    # the __init__ call: keep the two in step.)  The waiter's loop is the
+    # running loop: the one whose eventfd reader runs in this thread, if
+    # any (a task stepped there by a completion, see _Waiter._complete:
+    # asyncio runs no other loop inside it), else asyncio's own look --
+    # which makes a getpid() system call each time.
+    w: _Waiter = _new_waiter()
+    w._loop = _reading.loop or _running_loop()
     req.callback = w._complete
     if req._processed:
         # Its completion was processed before this wait began (a request

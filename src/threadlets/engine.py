@@ -3334,7 +3334,12 @@ class AioContext:
                     # again.  The rest is delivered by the next call; make
                     # sure there is one.
                     cq.notifier.clear()
-                    n = cq.process(clear=False)
+                    # (Nothing ready and nothing signalled -- the common case,
+                    # the ring's completions being delivered by the reap --
+                    # is what process() would find and leave, with the lock
+                    # taken twice: a completion queued after this look
+                    # signals, as it finds ``signalled`` false.)
+                    n = cq.process(clear=False) if cq.ready or cq.signalled else 0
                     # What the reap finishes is delivered by it (see
                     # complete()), unless another thread does so now.
                     if cq.direct is None and cq.deliver:
