@@ -221,9 +221,14 @@ def test_a_signal_handler_interrupting_a_blocked_fifo_read(tmp_path: Path) -> No
         from .conftest import wait_until
 
         wait_until(lambda: any(_in_syscall(t) for t in tids))
-        for t in workers:
-            if t.ident is not None:
-                signal.pthread_kill(t.ident, sig)
+        # The one worker in the read, and only it: a signal sent to an idle
+        # worker could still be pending when the default handler (which
+        # kills the process) is put back below.  Delivered once the
+        # handler ran (hits), so nothing is pending at the restore.
+        reader = next(t for t in workers if t.native_id is not None and _in_syscall(t.native_id))
+        assert reader.ident is not None
+        signal.pthread_kill(reader.ident, sig)
+        wait_until(lambda: bool(hits))
         os.write(wfd, b"hello")
         assert ctx.wait(req, timeout=10)
         assert req.result() == 5
