@@ -40,7 +40,9 @@ loop) and on cancellation, the wakeup is scheduled as a Future's is.
 Fairness: a request that finishes inline (cached data) returns without
 suspending.  Every :data:`YIELD_EVERY` such completions on a loop, the task
 that makes the next one yields to the loop once, so a task doing only
-cached I/O cannot starve the others.
+cached I/O cannot starve the others.  (Inline preads are counted on a tick
+of their own, the others on :attr:`LoopIO.inline_run`: a mix of the two
+yields at least once in ``2 * YIELD_EVERY - 1`` completions.)
 """
 
 from __future__ import annotations
@@ -131,7 +133,8 @@ class LoopIO:
             self._wait = cast("Callable[..., Awaitable[None]]", _asyncio_wait)
         else:
             self.wait = self._wait = _trio_wait
-        #: Inline completions since this loop last yielded for fairness.
+        #: Inline completions since this loop last yielded for fairness
+        #: (but inline preads': asyncfile's per-loop tick counts those).
         self.inline_run = 0
 
     def is_current(self) -> bool:
