@@ -11,7 +11,10 @@ completions on a loop, the task that makes the next one yields")."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import os
 import random
+import warnings
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -115,3 +118,57 @@ def test_a_task_mixing_inline_paths_lets_others_run_every_yield_every_answers(
 
     worst = _run_on(loop_kind, main)
     assert aw.YIELD_EVERY // 2 < worst <= aw.YIELD_EVERY  # (inline it was; and fair)
+
+
+# -- a file collected open, kept alive by its ResourceWarning -------------------------------------
+
+
+def test_a_file_kept_by_its_unclosed_warning_reads_no_reused_descriptor(
+    backend: str, tmp_path: Path
+) -> None:
+    """A file collected open is closed by __del__, with a ResourceWarning
+    whose ``source`` is the file: warnings' record=True (pytest's own
+    capture) keeps it alive.  __del__ closed its descriptor but left pread's
+    one cheap test (_home) and preadinto's and pwrite's (_slow_path) open,
+    so the file read -- and wrote -- whatever file got the number next.
+    As after close(): ValueError, and the other file untouched."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_bytes(b"A" * 100)
+    b.write_bytes(b"SECRET" * 10)
+
+    async def main() -> list[str]:
+        with warnings.catch_warnings(record=True) as log:
+            warnings.simplefilter("always")
+            f = await threadlets.open(a, "r+b")
+            fd = f.fileno()
+            await f.pread(6, 0)  # (the inline reader made and used)
+            del f
+            gc.collect()
+        kept = [w.source for w in log if isinstance(w.source, threadlets.AsyncFile)]
+        assert len(kept) == 1
+        assert kept[0].closed
+        g = kept[0]
+        fd2 = os.open(b, os.O_RDWR)
+        try:
+            assert fd2 == fd  # (the number reused)
+            out = []
+            for call in (
+                lambda: g.pread(6, 0),
+                lambda: g.preadinto(bytearray(6), 0),
+                lambda: g.preadinto(memoryview(bytearray(6)), 0),
+                lambda: g.pwrite(b"XXXXXX", 0),
+                lambda: g.pwrite(bytearray(b"XXXXXX"), 0),
+            ):
+                try:
+                    got = await call()
+                except ValueError as e:
+                    out.append(str(e))
+                else:
+                    out.append(f"answered {got!r}")
+            return out
+        finally:
+            os.close(fd2)
+
+    out = asyncio.run(main())
+    assert out == ["I/O operation on closed file"] * 5
+    assert b.read_bytes() == b"SECRET" * 10

@@ -442,6 +442,11 @@ class AsyncFile:
         # descriptor went: it is closed, and what its buffer held written.
         if getattr(self, "_released", True):
             return
+        # The fast paths' tests first, as close() sets them: a file kept
+        # alive by what its warning holds (warnings' record=True keeps the
+        # source) must not read the descriptor's next owner.
+        self._home = _NO_HOME
+        self._slow_path = True
         # As io's finalizer does: what the buffer holds is written first
         # (blocking, best effort: a failure is lost with the file).
         self._write_buffer_now()
