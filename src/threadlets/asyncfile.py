@@ -76,7 +76,6 @@ import contextlib
 import errno
 import fcntl
 import io
-import itertools
 import operator
 import os
 import stat
@@ -84,7 +83,6 @@ import sys
 import termios
 import threading
 import warnings
-import weakref
 from asyncio.events import _get_running_loop
 from collections.abc import (
     AsyncIterator,
@@ -92,15 +90,14 @@ from collections.abc import (
     Callable,
     Generator,
     Iterable,
-    Iterator,
     Sequence,
 )
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, Union, overload
 
-from threadlets.awaitable import YIELD_EVERY, FdWaits, LoopIO, StreamLock, current
+from threadlets.awaitable import FdWaits, LoopIO, StreamLock, current
 from threadlets.engine import AioRequest, _check_range, _InlineDone, _nonnegative
-from threadlets.oneshot import open_cached_into
+from threadlets.oneshot import _tick_of, open_cached_into
 from threadlets.pool import _DONE, CancelResult
 from threadlets.probe import F_NOCACHE, O_DIRECT, capability_note
 from threadlets.probe import RWF_NOWAIT as _RWF_NOWAIT
@@ -281,21 +278,6 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-#: Each loop's (LoopIO's) tick for the fair yield of inline preads: true
-#: once every YIELD_EVERY reads of all the loop's files, so a task reading
-#: only cached data lets the others run.  (A C call per read, cheaper than
-#: counting in LoopIO.inline_run, which the other inline paths count on.)
-_ticks: weakref.WeakKeyDictionary[LoopIO, Iterator[bool]] = weakref.WeakKeyDictionary()
-
-
-def _tick_of(io_: LoopIO) -> Iterator[bool]:
-    """``io_``'s tick (see _ticks), made on first use."""
-    tick = _ticks.get(io_)
-    if tick is None:
-        tick = _ticks.setdefault(io_, itertools.cycle([False] * (YIELD_EVERY - 1) + [True]))
-    return tick
-
-
 def _no_inline_read(n: int, offset: int) -> bytes | None:
     """The inline reader of a file whose reads always queue."""
     return None
@@ -415,7 +397,7 @@ class AsyncFile:
         self._read_inline: Callable[[int, int], bytes | None] = (
             None if self._stream else io_.ctx.inline_bytes_reader(fd, CHUNK)
         ) or _no_inline_read
-        #: The loop's fair-yield tick for inline preads (see _tick_of).
+        #: The loop's fair-yield tick for inline answers (see oneshot._tick_of).
         self._tick = _tick_of(io_)
         self._outstanding: set[AioRequest] = set()
         self._rbuf = b""  # read-ahead: bytes of the file from _rbuf_off
@@ -460,6 +442,11 @@ class AsyncFile:
         # descriptor went: it is closed, and what its buffer held written.
         if getattr(self, "_released", True):
             return
+        # The fast paths' tests first, as close() sets them: a file kept
+        # alive by what its warning holds (warnings' record=True keeps the
+        # source) must not read the descriptor's next owner.
+        self._home = _NO_HOME
+        self._slow_path = True
         # As io's finalizer does: what the buffer holds is written first
         # (blocking, best effort: a failure is lost with the file).
         self._write_buffer_now()
@@ -512,10 +499,8 @@ class AsyncFile:
     async def _run(self, req: AioRequest) -> Any:
         """Await one request; what every call comes down to."""
         if type(req) is _InlineDone:
-            io_ = self._io
-            io_.inline_run += 1
-            if io_.inline_run >= YIELD_EVERY:
-                await io_.fair_yield()
+            if next(self._tick):  # (the loop's tick, shared by every inline path: see _tick_of)
+                await self._io.fair_yield()
             return req._result
         outstanding = self._outstanding
         try:
@@ -572,10 +557,8 @@ class AsyncFile:
         # await self._run(req), spelled out (a coroutine less per read):
         # keep the two in step.
         if req.__class__ is _InlineDone:  # (type(req), without a call)
-            io_ = self._io
-            io_.inline_run += 1
-            if io_.inline_run >= YIELD_EVERY:
-                await io_.fair_yield()
+            if next(self._tick):  # (the loop's tick, as pread's)
+                await self._io.fair_yield()
             return req._result  # type: ignore[return-value]
         outstanding = self._outstanding
         try:
