@@ -38,11 +38,10 @@ request.  Anywhere else (inside a running task, another thread, a closed
 loop) and on cancellation, the wakeup is scheduled as a Future's is.
 
 Fairness: a request that finishes inline (cached data) returns without
-suspending.  Every :data:`YIELD_EVERY` such completions on a loop, the task
-that makes the next one yields to the loop once, so a task doing only
-cached I/O cannot starve the others.  (Inline preads are counted on a tick
-of their own, the others on :attr:`LoopIO.inline_run`: a mix of the two
-yields at least once in ``2 * YIELD_EVERY - 1`` completions.)
+suspending.  Every :data:`YIELD_EVERY` such completions on a loop (counted
+on :attr:`LoopIO.tick`, whichever call made them), the task that makes the
+next one yields to the loop once, so a task doing only cached I/O cannot
+starve the others.
 """
 
 from __future__ import annotations
@@ -52,12 +51,13 @@ import collections
 import contextlib
 import contextvars
 import fcntl
+import itertools
 import os
 import sys
 import threading
 import types
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine, Generator
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterator
 from functools import partial as _partial
 from typing import Any, TypeVar, cast
 
@@ -104,7 +104,7 @@ class LoopIO:
     It holds its asyncio loop only weakly: the loop's own structures hold
     the context, and nothing of ours may keep a finished loop alive."""
 
-    __slots__ = ("__weakref__", "_forks", "_loop", "_wait", "ctx", "inline_run", "kind", "wait")
+    __slots__ = ("__weakref__", "_forks", "_loop", "_wait", "ctx", "kind", "tick", "wait")
 
     #: ``await io.wait(req, detach=False)``: suspend until ``req`` finished
     #: (its completion processed), with the cancellation rules of the
@@ -133,9 +133,12 @@ class LoopIO:
             self._wait = cast("Callable[..., Awaitable[None]]", _asyncio_wait)
         else:
             self.wait = self._wait = _trio_wait
-        #: Inline completions since this loop last yielded for fairness
-        #: (but inline preads': asyncfile's per-loop tick counts those).
-        self.inline_run = 0
+        #: The fair yield's tick: ``next(io.tick)`` per inline answer of
+        #: any of the loop's calls, true once every YIELD_EVERY (then the
+        #: caller awaits :meth:`fair_yield`).  One tick for every path: a
+        #: count of each kept apart let a task mixing them answer up to
+        #: twice YIELD_EVERY in a row.  (A C call per answer.)
+        self.tick: Iterator[bool] = itertools.cycle([False] * (YIELD_EVERY - 1) + [True])
 
     def is_current(self) -> bool:
         """True if the running event loop is this one."""
@@ -251,8 +254,7 @@ class LoopIO:
         return result
 
     async def fair_yield(self) -> None:
-        """Called after an inline completion: yields once in a while."""
-        self.inline_run = 0
+        """Called when :attr:`tick` says so: yields to the loop once."""
         if self.kind == "asyncio":
             await asyncio.sleep(0)
         else:

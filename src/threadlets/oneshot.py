@@ -34,11 +34,10 @@ import os
 import select
 import stat
 import threading
-import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from threadlets.awaitable import YIELD_EVERY, LoopIO, current
+from threadlets.awaitable import LoopIO, current
 from threadlets.probe import RWF_NOWAIT as _RWF_NOWAIT
 from threadlets.probe import capabilities
 
@@ -313,21 +312,9 @@ def _read_all(path: Any) -> bytes:
         os.close(fd)
 
 
-#: Each loop's (LoopIO's) tick for the fair yield of inline answers: true
-#: once every YIELD_EVERY inline answers of all the loop's calls -- pread's,
-#: preadinto's, the stream's, these -- so a task reading only cached data
-#: lets the others run.  (One tick for them all: a count of each kept apart
-#: let a task mixing them answer up to twice YIELD_EVERY in a row.  A C
-#: call per answer, cheaper than counting in LoopIO.inline_run.)
-_ticks: weakref.WeakKeyDictionary[LoopIO, Iterator[bool]] = weakref.WeakKeyDictionary()
-
-
 def _tick_of(io_: LoopIO) -> Iterator[bool]:
-    """``io_``'s tick (see _ticks), made on first use."""
-    tick = _ticks.get(io_)
-    if tick is None:
-        tick = _ticks.setdefault(io_, itertools.cycle([False] * (YIELD_EVERY - 1) + [True]))
-    return tick
+    """``io_``'s fair-yield tick (see LoopIO.tick)."""
+    return io_.tick
 
 
 async def _inline_done(io_: LoopIO) -> None:
