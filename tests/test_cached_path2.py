@@ -261,6 +261,7 @@ def test_a_ctrl_c_at_any_line_of_close_leaves_preads_test_right(data_path: Path)
 # -- the fair yield ----------------------------------------------------------------------------------
 
 
+@pytest.mark.linux_only("rwf_nowait")  # (no inline answer without it)
 def test_inline_preads_yield_once_every_yield_every_reads_of_the_loop(
     data_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

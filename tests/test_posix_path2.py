@@ -86,6 +86,7 @@ def _outcome(
     return ("done", got, buf, os.pread(fd, len(DATA), 0))
 
 
+@pytest.mark.skipif(px._quick_syscall is None, reason="no quick path here (portable mode)")
 @pytest.mark.parametrize("nbytes", [None, 16, 65])
 @pytest.mark.parametrize("op", ["read", "write"])
 @pytest.mark.parametrize("kind", sorted(BUFFERS))
