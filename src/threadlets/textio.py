@@ -537,9 +537,12 @@ class AsyncTextWrapper:
         self._stale = False
         if self._snapshot is None or not self._seekable:
             return  # nothing decoded ahead
+        # Where tell() would put a seek(), without the side effects io's
+        # calls would have: the encoder keeps its state (a BOM still to
+        # write, an ISO-2022 shift) and flags wider than a C int do.
         telling, self._telling = self._telling, True
         try:
-            await self.seek(await self.tell())
+            await self._untold(self._go, *await self._tell(False), False)
         finally:
             self._telling = telling
 
@@ -772,6 +775,13 @@ class AsyncTextWrapper:
 
     async def tell(self) -> int:
         """An opaque cookie for :meth:`seek`, io.TextIOWrapper's own."""
+        return _build_cookie(*await self._tell(True))
+
+    async def _tell(self, checked: bool) -> tuple[int, int, int, int, bool]:
+        """tell()'s cookie, its fields apart; ``checked``: the decoder's
+        flags must fit a C int, as io's tell() reads them (else they are
+        kept whole, for :meth:`_resync`)."""
+        check = _dec_flags if checked else int
         if not self._seekable:
             raise io.UnsupportedOperation("underlying stream is not seekable")
         if not self._telling:
@@ -780,13 +790,13 @@ class AsyncTextWrapper:
         position = await self._buffer.tell()
         decoder = self._decoder
         if decoder is None or self._snapshot is None:
-            return position
+            return position, 0, 0, 0, False
         dec_flags, next_input = self._snapshot
-        dec_flags = _dec_flags(dec_flags)
+        dec_flags = check(dec_flags)
         start_pos = position - len(next_input)
         chars_to_skip = self._decoded_chars_used
         if chars_to_skip == 0:
-            return _build_cookie(start_pos, dec_flags)
+            return start_pos, dec_flags, 0, 0, False
 
         saved_state = decoder.getstate()
         try:
@@ -800,7 +810,7 @@ class AsyncTextWrapper:
                 n = len(decoder.decode(next_input[:skip_bytes]))
                 if n <= chars_to_skip:
                     dec_buffer, flags = decoder.getstate()
-                    flags = _dec_flags(flags)
+                    flags = check(flags)
                     if not dec_buffer:
                         dec_flags = flags
                         chars_to_skip -= n
@@ -815,7 +825,7 @@ class AsyncTextWrapper:
                 self._decoder_setstate(decoder, start_pos, dec_flags)
             start_pos += skip_bytes
             if chars_to_skip == 0:
-                return _build_cookie(start_pos, dec_flags)
+                return start_pos, dec_flags, 0, 0, False
 
             # Feed one byte at a time, noting the last safe start point (the
             # decoder holding nothing) before the current position.
@@ -826,7 +836,7 @@ class AsyncTextWrapper:
                 chars_decoded += len(decoder.decode(next_input[i : i + 1]))
                 bytes_to_feed += 1
                 dec_buffer, flags = decoder.getstate()
-                flags = _dec_flags(flags)
+                flags = check(flags)
                 if not dec_buffer and chars_decoded <= chars_to_skip:
                     start_pos += bytes_to_feed
                     chars_to_skip -= chars_decoded
@@ -840,7 +850,7 @@ class AsyncTextWrapper:
                 need_eof = True
                 if chars_decoded < chars_to_skip:
                     raise OSError("can't reconstruct logical file position")
-            return _build_cookie(start_pos, dec_flags, bytes_to_feed, chars_to_skip, need_eof)
+            return start_pos, dec_flags, bytes_to_feed, chars_to_skip, need_eof
         finally:
             decoder.setstate(saved_state)
 
@@ -880,7 +890,20 @@ class AsyncTextWrapper:
         await self.flush()
 
         # Go back to the safe start point and replay read(chars_to_skip).
-        start_pos, dec_flags, bytes_to_feed, chars_to_skip, need_eof = _parse_cookie(int(cookie))
+        await self._go(*_parse_cookie(int(cookie)))
+        return cookie
+
+    async def _go(
+        self,
+        start_pos: int,
+        dec_flags: int,
+        bytes_to_feed: int,
+        chars_to_skip: int,
+        need_eof: bool,
+        encoder_too: bool = True,
+    ) -> None:
+        """Seek to a cookie's fields (whole or not at all, as :meth:`_seek`);
+        ``encoder_too``: reset the encoder as io's seek() does."""
         undo = self._save()
         try:
             await self._buffer.seek(start_pos)
@@ -904,8 +927,8 @@ class AsyncTextWrapper:
             if not isinstance(e, Exception):
                 self._restore(undo)
             raise
-        self._encoder_reset(start_pos == 0 and dec_flags == 0)
-        return cookie
+        if encoder_too:
+            self._encoder_reset(start_pos == 0 and dec_flags == 0)
 
     def start_at(self, cookie: int, pread: Callable[[int, int], bytes]) -> int:
         """Set up as :meth:`seek` to ``cookie`` would, without awaiting, for
