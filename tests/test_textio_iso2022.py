@@ -165,8 +165,13 @@ def test_tell_of_a_state_wider_than_a_c_int_is_an_overflow_error(
             "utf-16",
             "w",
             b"",
-            [("truncate", None), ("seek0", None), ("write", "\udcff"), ("read", None)]
-            + [("write", "")],
+            [
+                ("truncate", None),
+                ("seek0", None),
+                ("write", "\udcff"),
+                ("read", None),
+                ("write", ""),
+            ],
         ),
         ("utf-32", "w", b"", [("truncate", 0), ("seek0", None), ("write", "\udcff"), ("read", 1)]),
         # ... and an ISO-2022 encoder dropped its shift.
