@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import faulthandler
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import threadlets
@@ -118,6 +120,36 @@ def _io_side(path: Path, mode: str, kwargs: dict[str, Any], ops: Sequence[Op]) -
     return out, path.read_bytes()
 
 
+def _io_side_or_crash(path: Path, mode: str, kwargs: dict[str, Any], ops: Sequence[Op]) -> Any:
+    """_io_side, or None where io crashes the interpreter: CPython's ISO-2022
+    decoders, which io sets to state 0 at a plain position (as after a
+    write), make a NULL call at the next graphic byte (see
+    threadlets.textio._Iso2022Guard).  Those run in a child process."""
+    if not str(kwargs["encoding"]).startswith("iso2022"):
+        return _io_side(path, mode, kwargs, ops)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        status = 1
+        try:
+            os.close(r)
+            faulthandler.disable()
+            with os.fdopen(w, "wb") as pipe:
+                pipe.write(pickle.dumps(_io_side(path, mode, kwargs, ops)))
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(w)
+    with os.fdopen(r, "rb") as pipe:
+        data = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        return None
+    assert os.WIFEXITED(status)
+    assert os.WEXITSTATUS(status) == 0
+    return pickle.loads(data)
+
+
 async def _threadlets_side(path: Path, mode: str, kwargs: dict[str, Any], ops: Sequence[Op]) -> Any:
     out: list[Any] = []
     cookies: list[int] = []
@@ -153,6 +185,25 @@ async def _threadlets_side(path: Path, mode: str, kwargs: dict[str, Any], ops: S
     | st.text(st.sampled_from(_CHARS[:-2]), max_size=10).map(lambda t: t.encode("utf-16")),
     ops=_OPS.map(_defined),
 )
+# (io's decoder in state 0 after a seek to a plain position: threadlets
+# reset it there, and its tell() gave its fresh state, not io's 1.)
+@example(
+    encoding="iso2022_jp",
+    errors="strict",
+    newline=None,
+    mode="r",
+    initial=b"\x00",
+    ops=[("read", None), ("seek_cur", None), ("read", 1), ("tell", None)],
+)
+# (io crashes: a write, a seek to its plain position, a graphic byte.)
+@example(
+    encoding="iso2022_jp",
+    errors="strict",
+    newline=None,
+    mode="r+",
+    initial=b"ab",
+    ops=[("write", "x"), ("tell", None), ("seek", 0), ("read", None), ("tell", None)],
+)
 def test_text_files_are_io_open_files(
     tmp_path_factory: pytest.TempPathFactory,
     encoding: str,
@@ -167,9 +218,10 @@ def test_text_files_are_io_open_files(
     a.write_bytes(initial)
     b.write_bytes(initial)
     kwargs = {"encoding": encoding, "errors": errors, "newline": newline}
-    expected = _io_side(a, mode, kwargs, ops)
+    expected = _io_side_or_crash(a, mode, kwargs, ops)
     got = asyncio.run(_threadlets_side(b, mode, kwargs, ops))
-    assert got == expected
+    if expected is not None:  # (where io crashes, threadlets goes on)
+        assert got == expected
 
 
 # -- whole files: errors as pathlib's and io.open's -----------------------------------------

@@ -112,6 +112,65 @@ class _Decoder(Protocol):
     def reset(self) -> None: ...
 
 
+class _Iso2022Guard:
+    """An ISO-2022 decoder (CPython's CJK codecs) that does not crash.
+
+    Their state (``getstate()[1]``) is the bytes of C's ``state.c``, little-
+    endian: ``c[0]``..``c[3]`` the character sets designated to G0..G3
+    (0x80: double-byte), ``c[4]`` the flags (1: shifted to G1, 2: "ESC
+    throughout").  A new one has G0..G2 ASCII (0x424242); ``reset()``
+    designates ASCII to G0 and unshifts.  io's TextIOWrapper sets state
+    ``(b"", 0)`` (no character set at all) where it seeks to a plain
+    position (as after a write), and CPython's decoder crashes the
+    interpreter (a NULL call) when it then meets a graphic byte
+    (0x20-0x7f) with no character set designated to the shift it is in.
+    This one takes every state io gives its decoder, so that its states and
+    ``tell()`` cookies are io's; only where io's decoder would crash, it
+    designates ASCII to the empty G0/G1 first and goes on (io defines no
+    answer there)."""
+
+    __slots__ = ("_decoder",)
+
+    def __init__(self, decoder: _Decoder) -> None:
+        self._decoder = decoder
+
+    def getstate(self) -> tuple[bytes, int]:
+        return self._decoder.getstate()
+
+    def setstate(self, state: tuple[bytes, int]) -> None:
+        self._decoder.setstate(state)
+
+    def reset(self) -> None:
+        self._decoder.reset()
+
+    def decode(self, input: bytes, final: bool = False) -> str:
+        decoder = self._decoder
+        flags = decoder.getstate()[1]
+        if flags & 0xFF and (flags & 0xFF00 or (not flags & 1 << 32 and 0x0E not in input)):
+            return decoder.decode(input, final)  # (G0 set; G1 set or never shifted to)
+        # Byte by byte, looking at the state before each graphic byte.
+        data = bytes(input)
+        out = []
+        last = len(data) - 1
+        for i, byte in enumerate(data):
+            if 0x20 <= byte < 0x80:
+                pending, flags = decoder.getstate()
+                shift = 8 if flags & 1 << 32 else 0
+                if not pending and not flags & 2 << 32 and not flags >> shift & 0xFF:
+                    decoder.setstate(
+                        (
+                            b"",
+                            flags
+                            | (0x42 if not flags & 0xFF else 0)
+                            | (0x4200 if not flags & 0xFF00 else 0),
+                        )
+                    )
+            out.append(decoder.decode(data[i : i + 1], final and i == last))
+        if not data:
+            out.append(decoder.decode(b"", final))
+        return "".join(out)
+
+
 def _optional_size(size: object) -> int:
     """An ``int | None`` size argument as ``io`` parses it (None means -1)."""
     if size is None:
@@ -137,6 +196,16 @@ def _c_int(value: object) -> int:
     if not -(2**31) <= n < 2**31:
         raise OverflowError("Python int too large to convert to C int")
     return n
+
+
+def _dec_flags(flags: int) -> int:
+    """A decoder's flags as tell() reads them: a C int (PyArg_ParseTuple's
+    "i"; an ISO-2022 state in "ESC throughout" mode is wider)."""
+    if flags > 0x7FFFFFFF:
+        raise OverflowError("signed integer is greater than maximum")
+    if flags < -(2**31):
+        raise OverflowError("signed integer is less than minimum")
+    return flags
 
 
 def _optional_str(name: str, value: object) -> str | None:
@@ -247,11 +316,10 @@ class AsyncTextWrapper:
         self._encoding = encoding
         self._errors = errors
         self._decoder: _Decoder | None = None
-        self._zero_state_ok = True
         if self._buffer.readable():
             decoder: _Decoder = info.incrementaldecoder(errors)
-            if isinstance(decoder, _MultibyteIncrementalDecoder):
-                self._zero_state_ok = decoder.getstate()[1] == 0
+            if isinstance(decoder, _MultibyteIncrementalDecoder) and decoder.getstate()[1]:
+                decoder = _Iso2022Guard(decoder)
             if self._readuniversal:
                 decoder = io.IncrementalNewlineDecoder(decoder, self._readtranslate)  # type: ignore[arg-type]
             self._decoder = decoder
@@ -395,12 +463,10 @@ class AsyncTextWrapper:
 
     def _decoder_setstate(self, decoder: _Decoder, start_pos: int, dec_flags: int) -> None:
         # At the start of the stream reset() rather than setstate(): a few
-        # decoders (utf-16) do not start in state (b"", 0).  Nor do the
-        # ISO-2022 ones, and set to state 0 (a plain position's cookie, as
-        # after a write) CPython's crash the interpreter at their next
-        # decode (a NULL call: io.open's own TextIOWrapper does so); they
-        # start afresh there (ASCII, where a write leaves them).
-        if dec_flags == 0 and (start_pos == 0 or not self._zero_state_ok):
+        # decoders (utf-16) do not start in state (b"", 0).  (Nor do the
+        # ISO-2022 ones, which state 0 leaves with no character set: see
+        # _Iso2022Guard.)
+        if dec_flags == 0 and start_pos == 0:
             decoder.reset()
         else:
             decoder.setstate((b"", dec_flags))
@@ -471,9 +537,12 @@ class AsyncTextWrapper:
         self._stale = False
         if self._snapshot is None or not self._seekable:
             return  # nothing decoded ahead
+        # Where tell() would put a seek(), without the side effects io's
+        # calls would have: the encoder keeps its state (a BOM still to
+        # write, an ISO-2022 shift) and flags wider than a C int do.
         telling, self._telling = self._telling, True
         try:
-            await self.seek(await self.tell())
+            await self._untold(self._go, *await self._tell(False), False)
         finally:
             self._telling = telling
 
@@ -706,6 +775,13 @@ class AsyncTextWrapper:
 
     async def tell(self) -> int:
         """An opaque cookie for :meth:`seek`, io.TextIOWrapper's own."""
+        return _build_cookie(*await self._tell(True))
+
+    async def _tell(self, checked: bool) -> tuple[int, int, int, int, bool]:
+        """tell()'s cookie, its fields apart; ``checked``: the decoder's
+        flags must fit a C int, as io's tell() reads them (else they are
+        kept whole, for :meth:`_resync`)."""
+        check = _dec_flags if checked else int
         if not self._seekable:
             raise io.UnsupportedOperation("underlying stream is not seekable")
         if not self._telling:
@@ -714,12 +790,13 @@ class AsyncTextWrapper:
         position = await self._buffer.tell()
         decoder = self._decoder
         if decoder is None or self._snapshot is None:
-            return position
+            return position, 0, 0, 0, False
         dec_flags, next_input = self._snapshot
+        dec_flags = check(dec_flags)
         start_pos = position - len(next_input)
         chars_to_skip = self._decoded_chars_used
         if chars_to_skip == 0:
-            return _build_cookie(start_pos, dec_flags)
+            return start_pos, dec_flags, 0, 0, False
 
         saved_state = decoder.getstate()
         try:
@@ -733,6 +810,7 @@ class AsyncTextWrapper:
                 n = len(decoder.decode(next_input[:skip_bytes]))
                 if n <= chars_to_skip:
                     dec_buffer, flags = decoder.getstate()
+                    flags = check(flags)
                     if not dec_buffer:
                         dec_flags = flags
                         chars_to_skip -= n
@@ -747,7 +825,7 @@ class AsyncTextWrapper:
                 self._decoder_setstate(decoder, start_pos, dec_flags)
             start_pos += skip_bytes
             if chars_to_skip == 0:
-                return _build_cookie(start_pos, dec_flags)
+                return start_pos, dec_flags, 0, 0, False
 
             # Feed one byte at a time, noting the last safe start point (the
             # decoder holding nothing) before the current position.
@@ -758,6 +836,7 @@ class AsyncTextWrapper:
                 chars_decoded += len(decoder.decode(next_input[i : i + 1]))
                 bytes_to_feed += 1
                 dec_buffer, flags = decoder.getstate()
+                flags = check(flags)
                 if not dec_buffer and chars_decoded <= chars_to_skip:
                     start_pos += bytes_to_feed
                     chars_to_skip -= chars_decoded
@@ -771,7 +850,7 @@ class AsyncTextWrapper:
                 need_eof = True
                 if chars_decoded < chars_to_skip:
                     raise OSError("can't reconstruct logical file position")
-            return _build_cookie(start_pos, dec_flags, bytes_to_feed, chars_to_skip, need_eof)
+            return start_pos, dec_flags, bytes_to_feed, chars_to_skip, need_eof
         finally:
             decoder.setstate(saved_state)
 
@@ -811,7 +890,20 @@ class AsyncTextWrapper:
         await self.flush()
 
         # Go back to the safe start point and replay read(chars_to_skip).
-        start_pos, dec_flags, bytes_to_feed, chars_to_skip, need_eof = _parse_cookie(int(cookie))
+        await self._go(*_parse_cookie(int(cookie)))
+        return cookie
+
+    async def _go(
+        self,
+        start_pos: int,
+        dec_flags: int,
+        bytes_to_feed: int,
+        chars_to_skip: int,
+        need_eof: bool,
+        encoder_too: bool = True,
+    ) -> None:
+        """Seek to a cookie's fields (whole or not at all, as :meth:`_seek`);
+        ``encoder_too``: reset the encoder as io's seek() does."""
         undo = self._save()
         try:
             await self._buffer.seek(start_pos)
@@ -835,8 +927,8 @@ class AsyncTextWrapper:
             if not isinstance(e, Exception):
                 self._restore(undo)
             raise
-        self._encoder_reset(start_pos == 0 and dec_flags == 0)
-        return cookie
+        if encoder_too:
+            self._encoder_reset(start_pos == 0 and dec_flags == 0)
 
     def start_at(self, cookie: int, pread: Callable[[int, int], bytes]) -> int:
         """Set up as :meth:`seek` to ``cookie`` would, without awaiting, for
