@@ -363,8 +363,25 @@ def _filled(view: memoryview, data: bytes) -> memoryview:
     return view
 
 
+def _indirect() -> list[tuple[str, Callable[[], Any]]]:
+    """A PIL-style buffer (suboffsets: neither flat nor C-contiguous), where
+    CPython's test module makes one."""
+    try:
+        import _testbuffer as tb  # type: ignore[import-not-found]
+    except ImportError:
+        return []
+    flags = tb.ND_WRITABLE | tb.ND_PIL
+    return [
+        (
+            "indirect",
+            lambda: memoryview(tb.ndarray([7] * 4096, shape=[4096], format="B", flags=flags)),
+        )
+    ]
+
+
 def _read_buffers() -> list[tuple[str, Callable[[], Any]]]:
     return [
+        *_indirect(),
         ("bytearray", lambda: bytearray(4096)),
         ("bytearray-0", bytearray),
         ("aligned", lambda: aligned_buffer(4096)),
@@ -387,6 +404,7 @@ def _read_buffers() -> list[tuple[str, Callable[[], Any]]]:
 def _write_buffers() -> list[tuple[str, Callable[[], Any]]]:
     payload = bytes(range(256)) * 16
     return [
+        *_indirect(),
         ("bytes", lambda: payload),
         ("bytes-0", bytes),
         ("bytearray", lambda: bytearray(payload)),
@@ -542,6 +560,9 @@ def _clear(buf: Any) -> None:
                 return
             whole = memoryview(buf.obj).cast("B")
         except ValueError:  # (released)
+            return
+        except TypeError:  # (indirect: 1-D, 'B')
+            buf[:] = bytes(buf.nbytes)
             return
         whole[:] = bytes(whole.nbytes)
 

@@ -2356,9 +2356,9 @@ class AioContext:
                 or (
                     buf.__class__ is memoryview
                     and (
-                        buf.format != "B"
-                        # (1-D and C-contiguous at once, as in read().)
-                        or (buf.strides != (1,) and (buf.ndim != 1 or not buf.c_contiguous))
+                        buf.ndim != 1
+                        or buf.format != "B"
+                        or not buf.c_contiguous
                         or (buf.readonly and not write)
                     )
                 )
@@ -2703,14 +2703,10 @@ class AioContext:
                 t is bytearray
                 or (
                     t is memoryview
+                    and buffers.ndim == 1  # type: ignore[union-attr]
                     and buffers.format == "B"  # type: ignore[union-attr]
                     and not buffers.readonly  # type: ignore[union-attr]
-                    # (1-D and C-contiguous: strides (1,) says both at once;
-                    # a view of one byte or none may have others.)
-                    and (
-                        buffers.strides == (1,)  # type: ignore[union-attr]
-                        or (buffers.ndim == 1 and buffers.c_contiguous)  # type: ignore[union-attr]
-                    )
+                    and buffers.c_contiguous  # type: ignore[union-attr]
                 )
             )
         ):
@@ -2875,11 +2871,9 @@ class AioContext:
                 or t is bytearray
                 or (
                     t is memoryview
+                    and buffers.ndim == 1  # type: ignore[union-attr]
                     and buffers.format == "B"  # type: ignore[union-attr]
-                    and (
-                        buffers.strides == (1,)  # type: ignore[union-attr]
-                        or (buffers.ndim == 1 and buffers.c_contiguous)  # type: ignore[union-attr]
-                    )
+                    and buffers.c_contiguous  # type: ignore[union-attr]
                 )
             )
         ):
