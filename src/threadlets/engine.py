@@ -2350,8 +2350,8 @@ class AioContext:
                 return self.write(fd, offset, buf) if write else self.read(fd, offset, buf)
             if (
                 type(offset) is not int  # (not __class__, which an object can fake)
-                or offset < 0
-                or offset > _MAX_IO_OFFSET
+                # (0 <= offset < 2**62 in one step, as in read().)
+                or (offset >> 62 and (offset < 0 or offset > _MAX_IO_OFFSET))
                 or (f.nowait_writes if write else f.nowait_reads)
                 or (
                     buf.__class__ is memoryview
@@ -2682,16 +2682,21 @@ class AioContext:
         of one ``readv``.
         """
         # The common case first, in as few steps as possible: an fd this
-        # context knows, a sane offset, one flat writable buffer.
+        # context knows, a sane offset, one flat writable buffer; and with
+        # no inline attempt to make and nothing to zero-fill, straight to
+        # the backend (what the rest below would do with it, without
+        # looking again).  Everything else answers as before the shortcut:
+        # tests/test_eng_path.py compares both ways with a pinned copy.
         f = self._files.get(fd)
         t = type(buffers)
         views: list[Any]
         one: Any
-        if (
+        if not (
             f is not None
             and type(offset) is int
-            and offset >= 0  # (two comparisons, not a chained one: two steps fewer)
-            and offset <= _MAX_IO_OFFSET
+            # (0 <= offset < 2**62 in one step; else the two comparisons,
+            # not a chained one: two steps fewer.)
+            and (not offset >> 62 or (offset >= 0 and offset <= _MAX_IO_OFFSET))
             and type(fd) is int
             and (callback is None or callable(callback))
             and (  # (a closed context has no files, so no fast path)
@@ -2705,15 +2710,31 @@ class AioContext:
                 )
             )
         ):
-            views = [buffers]
-            total = len(buffers)  # type: ignore[arg-type]
-            one = buffers  # (the ring's fast path: see _start_rw)
-        else:
             ff, views, total = self._prepare(fd, offset, buffers, True, callback)
             if isinstance(ff, OSError):
                 return self._fail_now("read", ff, callback)
             f = ff
             one = None
+        else:
+            if not f.nowait_reads and zero_fill is False:
+                # No inline attempt, nothing to zero-fill: the backend's,
+                # at once (the ring's fast path, or the pool's _start_new),
+                # nothing built that it does not use.  (``is False``: the
+                # argument's truth is asked below only, as before: an object
+                # that answers it is not taken here.)
+                if self._ring_backend is not None:
+                    return self._start_rw(f, buffers, offset, len(buffers), False, callback)  # type: ignore[arg-type]
+                return self._start_new(
+                    "read",
+                    _Transfer(
+                        self._sc, f, [buffers if t is memoryview else memoryview(buffers)],  # type: ignore[arg-type, list-item]
+                        offset, len(buffers), 0, False, False,  # type: ignore[arg-type]
+                    ),
+                    callback,
+                )  # fmt: skip
+            views = [buffers]
+            total = len(buffers)  # type: ignore[arg-type]
+            one = buffers  # (the ring's fast path: see _start_rw)
         if f.nowait_reads and total and callback is None:
             # The inline attempt of a read nobody is called back for (the
             # hot path of cached reads): no admission unless a request is
@@ -2839,10 +2860,10 @@ class AioContext:
         t = type(buffers)
         views: list[Any]
         one: Any
-        if (
+        if not (
             f is not None
             and type(offset) is int
-            and 0 <= offset <= _MAX_IO_OFFSET
+            and (not offset >> 62 or (offset >= 0 and offset <= _MAX_IO_OFFSET))  # (see read())
             and type(fd) is int
             and (callback is None or callable(callback))
             and (  # (a closed context has no files, so no fast path)
@@ -2856,15 +2877,27 @@ class AioContext:
                 )
             )
         ):
-            views = [buffers]
-            total = len(buffers)  # type: ignore[arg-type]
-            one = buffers  # (the ring's fast path: see _start_rw)
-        else:
             ff, views, total = self._prepare(fd, offset, buffers, False, callback)
             if isinstance(ff, OSError):
                 return self._fail_now("write", ff, callback)
             f = ff
             one = None
+        else:
+            if not f.nowait_writes:
+                # No inline attempt: the backend's, at once, as in read().
+                if self._ring_backend is not None:
+                    return self._start_rw(f, buffers, offset, len(buffers), True, callback)  # type: ignore[arg-type]
+                return self._start_new(
+                    "write",
+                    _Transfer(
+                        self._sc, f, [buffers if t is memoryview else memoryview(buffers)],  # type: ignore[arg-type, list-item]
+                        offset, len(buffers), 0, True, False,  # type: ignore[arg-type]
+                    ),
+                    callback,
+                )  # fmt: skip
+            views = [buffers]
+            total = len(buffers)  # type: ignore[arg-type]
+            one = buffers  # (the ring's fast path: see _start_rw)
         if f.nowait_writes and total:
             # The inline attempt, admitted first: see read().
             cq = self._cq
