@@ -693,7 +693,16 @@ class _Waiter:
             return False
         self._state = _CANCELLED
         self._cancel_message = msg
-        self._schedule()
+        # Done from here on, its wake owed (the completion will not give it:
+        # see _complete): a Ctrl-C before the callbacks are taken (at
+        # _schedule's entry, or its look at the running loop) schedules
+        # them on its way out, as in _complete.
+        try:
+            self._schedule()
+        except BaseException:
+            if self._cb is not _taken:
+                self._schedule()
+            raise
         return True
 
     def add_done_callback(
