@@ -39,9 +39,10 @@ loop) and on cancellation, the wakeup is scheduled as a Future's is.
 
 Fairness: a request that finishes inline (cached data) returns without
 suspending.  Every :data:`YIELD_EVERY` such completions on a loop (counted
-on :attr:`LoopIO.tick`, whichever call made them), the task that makes the
-next one yields to the loop once, so a task doing only cached I/O cannot
-starve the others.
+on :attr:`LoopIO.tick`, whichever call made them; a file's stream calls
+count too, most being answered from its read-ahead), the task that makes
+the next one yields to the loop once, so a task doing only cached I/O
+cannot starve the others.
 """
 
 from __future__ import annotations
