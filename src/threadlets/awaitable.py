@@ -39,9 +39,10 @@ loop) and on cancellation, the wakeup is scheduled as a Future's is.
 
 Fairness: a request that finishes inline (cached data) returns without
 suspending.  Every :data:`YIELD_EVERY` such completions on a loop (counted
-on :attr:`LoopIO.tick`, whichever call made them), the task that makes the
-next one yields to the loop once, so a task doing only cached I/O cannot
-starve the others.
+on :attr:`LoopIO.tick`, whichever call made them; a file's stream calls
+count too, most being answered from its read-ahead), the task that makes
+the next one yields to the loop once, so a task doing only cached I/O
+cannot starve the others.
 """
 
 from __future__ import annotations
@@ -693,7 +694,16 @@ class _Waiter:
             return False
         self._state = _CANCELLED
         self._cancel_message = msg
-        self._schedule()
+        # Done from here on, its wake owed (the completion will not give it:
+        # see _complete): a Ctrl-C before the callbacks are taken (at
+        # _schedule's entry, or its look at the running loop) schedules
+        # them on its way out, as in _complete.
+        try:
+            self._schedule()
+        except BaseException:
+            if self._cb is not _taken:
+                self._schedule()
+            raise
         return True
 
     def add_done_callback(
