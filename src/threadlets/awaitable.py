@@ -111,8 +111,10 @@ class LoopIO:
     #: (its completion processed), with the cancellation rules of the
     #: module docstring.  ``detach=True`` lets a cancellation through at
     #: once even while ``req`` runs (for a request that may never end, whose
-    #: caller cleans up after it).  The loop kind's own coroutine function,
-    #: bound once.
+    #: caller cleans up after it).  RuntimeError for a request whose
+    #: completion already goes to a callback: another wait's (await a
+    #: request once) or the ``callback=`` it was made with.  The loop
+    #: kind's own coroutine function, bound once.
     wait: Callable[..., Coroutine[Any, Any, None]]
     #: The same, for the package's own awaits (``await io._wait(req)``):
     #: on asyncio, a generator-based coroutine, one frame less per request --
@@ -809,10 +811,25 @@ def _asyncio_wait(req: AioRequest, detach: bool = False) -> Generator[Any, None,
         raise
 
 
+def _check_unclaimed(req: AioRequest) -> None:
+    """A public wait's refusal of a request whose completion already goes
+    to a callback -- another wait's (a request has one callback: a second
+    wait would take it, and the first would sleep for ever) or the one it
+    was made with (never called then)."""
+    if req.callback is not None and not req._processed:
+        raise RuntimeError(
+            "this request's completion already goes to a callback (another wait, or"
+            " the callback= it was made with): await a request once, and only one"
+            " made without callback="
+        )
+
+
 async def _asyncio_wait_coro(req: AioRequest, detach: bool = False) -> None:
     """LoopIO.wait on asyncio: _asyncio_wait, as a coroutine (for
     create_task() and TaskGroup, which take nothing else from Python 3.12
-    on)."""
+    on), for a request nothing else waits for (see _check_unclaimed; the
+    package's own awaits, of requests they made, skip the look)."""
+    _check_unclaimed(req)
     await _asyncio_wait(req, detach)
 
 
@@ -909,6 +926,7 @@ async def _trio_wait(req: AioRequest, detach: bool = False) -> None:
         return trio.lowlevel.Abort.FAILED
 
     token = trio.lowlevel.current_trio_token()
+    _check_unclaimed(req)
     req.callback = wake
     if req._processed:
         # Processed before this wait began, without ``wake`` (see
