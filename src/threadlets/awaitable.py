@@ -135,7 +135,8 @@ class LoopIO:
             self.wait = _asyncio_wait_coro
             self._wait = cast("Callable[..., Awaitable[None]]", _asyncio_wait)
         else:
-            self.wait = self._wait = _trio_wait
+            self.wait = _trio_wait_public
+            self._wait = _trio_wait
         #: The fair yield's tick: ``next(io.tick)`` per inline answer of
         #: any of the loop's calls, true once every YIELD_EVERY (then the
         #: caller awaits :meth:`fair_yield`).  One tick for every path: a
@@ -926,7 +927,6 @@ async def _trio_wait(req: AioRequest, detach: bool = False) -> None:
         return trio.lowlevel.Abort.FAILED
 
     token = trio.lowlevel.current_trio_token()
-    _check_unclaimed(req)
     req.callback = wake
     if req._processed:
         # Processed before this wait began, without ``wake`` (see
@@ -938,6 +938,14 @@ async def _trio_wait(req: AioRequest, detach: bool = False) -> None:
         return
     await trio.lowlevel.wait_task_rescheduled(abort)
     await trio.lowlevel.checkpoint_if_cancelled()
+
+
+async def _trio_wait_public(req: AioRequest, detach: bool = False) -> None:
+    """LoopIO.wait on trio: _trio_wait, for a request nothing else waits
+    for (see _check_unclaimed; the package's own awaits, of requests they
+    made -- some with a callback of their own -- skip the look)."""
+    _check_unclaimed(req)
+    await _trio_wait(req, detach)
 
 
 # -- which loop is this ---------------------------------------------------------------------
