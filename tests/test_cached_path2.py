@@ -28,7 +28,6 @@ from hypothesis import strategies as st
 
 import threadlets
 from threadlets import AioContext
-from threadlets import asyncfile as af
 from threadlets import awaitable as aw
 from threadlets.asyncfile import CHUNK, AsyncFile
 
@@ -364,12 +363,12 @@ def test_pread_and_read_at_share_the_fast_path() -> None:
 
 
 def test_each_loop_has_one_tick() -> None:
-    """_tick_of answers one tick per LoopIO, true once in YIELD_EVERY."""
+    """LoopIO.tick: one tick per LoopIO, true once in YIELD_EVERY."""
 
     async def main() -> None:
         io_ = aw.current()
-        t = af._tick_of(io_)
-        assert af._tick_of(io_) is t
+        t = io_.tick
+        assert aw.current().tick is t
         assert [next(t) for _ in range(aw.YIELD_EVERY * 2)].count(True) == 2
 
     asyncio.run(main())

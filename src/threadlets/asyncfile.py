@@ -84,20 +84,13 @@ import termios
 import threading
 import warnings
 from asyncio.events import _get_running_loop
-from collections.abc import (
-    AsyncIterator,
-    Awaitable,
-    Callable,
-    Generator,
-    Iterable,
-    Sequence,
-)
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, Union, overload
 
 from threadlets.awaitable import FdWaits, LoopIO, StreamLock, current
 from threadlets.engine import AioRequest, _check_range, _InlineDone, _nonnegative
-from threadlets.oneshot import _tick_of, open_cached_into
+from threadlets.oneshot import open_cached_into
 from threadlets.pool import _DONE, CancelResult
 from threadlets.probe import F_NOCACHE, O_DIRECT, capability_note
 from threadlets.probe import RWF_NOWAIT as _RWF_NOWAIT
@@ -397,8 +390,8 @@ class AsyncFile:
         self._read_inline: Callable[[int, int], bytes | None] = (
             None if self._stream else io_.ctx.inline_bytes_reader(fd, CHUNK)
         ) or _no_inline_read
-        #: The loop's fair-yield tick for inline answers (see oneshot._tick_of).
-        self._tick = _tick_of(io_)
+        #: The loop's fair-yield tick (LoopIO.tick), a local attribute.
+        self._tick = io_.tick
         self._outstanding: set[AioRequest] = set()
         self._rbuf = b""  # read-ahead: bytes of the file from _rbuf_off
         self._rbuf_off = 0
@@ -499,7 +492,7 @@ class AsyncFile:
     async def _run(self, req: AioRequest) -> Any:
         """Await one request; what every call comes down to."""
         if type(req) is _InlineDone:
-            if next(self._tick):  # (the loop's tick, shared by every inline path: see _tick_of)
+            if next(self._tick):  # (the loop's tick, shared by every inline path)
                 await self._io.fair_yield()
             return req._result
         outstanding = self._outstanding
@@ -1205,7 +1198,7 @@ class AsyncFile:
     async def _locked(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         self._enter()
         await self._io.checkpoint()
-        # A stream call counts on the loop's fair-yield tick (see oneshot._tick_of)
+        # A stream call counts on the loop's fair-yield tick (see LoopIO.tick)
         # as an inline answer does: most are answered from the read-ahead
         # or into the write buffer without suspending, and a fill counts
         # once for a whole CHUNK -- ``async for line in f`` over a cached

@@ -34,7 +34,7 @@ import os
 import select
 import stat
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from threadlets.awaitable import LoopIO, current
@@ -312,13 +312,8 @@ def _read_all(path: Any) -> bytes:
         os.close(fd)
 
 
-def _tick_of(io_: LoopIO) -> Iterator[bool]:
-    """``io_``'s fair-yield tick (see LoopIO.tick)."""
-    return io_.tick
-
-
 async def _inline_done(io_: LoopIO) -> None:
-    if next(_tick_of(io_)):
+    if next(io_.tick):
         await io_.fair_yield()
 
 
