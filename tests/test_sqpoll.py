@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import CodeType, FrameType
@@ -230,22 +231,12 @@ def test_cancel_gives_its_three_answers(sq: AioContext, path: Path) -> None:
         assert ident
         done_cancel = threading.Event()
         assert ring.cancel(ident, lambda x: (answers.append(x), done_cancel.set()))
-        while not (got.is_set() and done_cancel.is_set()):
-            if sq.deliver:
-                ring.wait(1)
-                ring.reap()
-            else:
-                assert got.wait(10) and done_cancel.wait(10)
+        _reap_until(sq, lambda: got.is_set() and done_cancel.is_set())
         assert answers == [0] and res == [-errno.ECANCELED]
         answers.clear()
         done_cancel.clear()
         assert ring.cancel(ident, lambda x: (answers.append(x), done_cancel.set()))
-        while not done_cancel.is_set():
-            if sq.deliver:
-                ring.wait(1)
-                ring.reap()
-            else:
-                assert done_cancel.wait(10)
+        _reap_until(sq, done_cancel.is_set)
         assert answers == [-errno.ENOENT]
     finally:
         os.close(r)
@@ -254,6 +245,21 @@ def test_cancel_gives_its_three_answers(sq: AioContext, path: Path) -> None:
 
 
 _BUF = (ctypes.c_char * 16)()
+
+
+def _reap_until(ctx: AioContext, done: Callable[[], bool]) -> None:
+    """Until ``done()``: the owner reaps the ring (deliver), or the reaper
+    does (bounded: fails after 10 s)."""
+    ring = ctx._ring
+    assert ring is not None
+    deadline = time.monotonic() + 10
+    while not done():
+        assert time.monotonic() < deadline, "the ring never answered"
+        if ctx.deliver:
+            ring.wait(0.1, done)
+            ring.reap()
+        else:
+            wait_until(done)
 
 
 @pytest.mark.parametrize("deliver", [True, False])
