@@ -158,7 +158,7 @@ def test_a_submission_wakes_the_sleeping_sq_thread(sq: AioContext, path: Path) -
     fd = os.open(path, os.O_RDONLY)
     try:
         for _ in range(3):
-            wait_until(lambda: _asleep(ring))  # noqa: B023
+            wait_until(lambda: _asleep(ring))
             buf = bytearray(100)
             req = sq.read(fd, 10, buf)
             assert _outcome(sq, req) == 100
@@ -187,7 +187,8 @@ def test_an_awake_sq_thread_takes_submissions_without_a_system_call(
     try:
         wait_until(lambda: _asleep(ring))
         assert _outcome(sq, sq.read(fd, 0, bytearray(8))) == 8
-        assert calls and all(flags == uring._ENTER_SQ_WAKEUP for _, flags in calls)
+        assert calls
+        assert all(flags == uring._ENTER_SQ_WAKEUP for _, flags in calls)
         # Awake (it just worked; its idle time is long against one read):
         # keep it so with a stream of reads, and count the kicks' calls.
         calls.clear()
@@ -232,7 +233,8 @@ def test_cancel_gives_its_three_answers(sq: AioContext, path: Path) -> None:
         done_cancel = threading.Event()
         assert ring.cancel(ident, lambda x: (answers.append(x), done_cancel.set()))
         _reap_until(sq, lambda: got.is_set() and done_cancel.is_set())
-        assert answers == [0] and res == [-errno.ECANCELED]
+        assert answers == [0]
+        assert res == [-errno.ECANCELED]
         answers.clear()
         done_cancel.clear()
         assert ring.cancel(ident, lambda x: (answers.append(x), done_cancel.set()))
@@ -403,7 +405,8 @@ def test_ctrl_c_anywhere_in_a_kick_leaves_no_request_waiting(deliver: bool, path
             points = _interrupt_after_call(n, codes, ring.unplug)
             assert ring._plugged_by is None
             assert _wait(ctx, req), f"Ctrl-C at point {n} of the kick: the read never ran"
-            assert req.result() == 64 and bytes(buf) == path.read_bytes()[64:128]
+            assert req.result() == 64
+            assert bytes(buf) == path.read_bytes()[64:128]
             if points < n:
                 break
             n += 1
@@ -439,8 +442,10 @@ def test_a_refused_sqpoll_falls_back_to_a_plain_ring(
     ctx = AioContext(backend="io_uring", sqpoll=True)
     try:
         assert asked == [uring._SETUP_SQPOLL, 0]
-        assert ctx.backend == "io_uring" and not ctx.sqpoll
-        assert ctx._ring is not None and not ctx._ring.sqpoll
+        assert ctx.backend == "io_uring"
+        assert not ctx.sqpoll
+        assert ctx._ring is not None
+        assert not ctx._ring.sqpoll
         fd = os.open(path, os.O_RDONLY)
         try:
             assert _outcome(ctx, ctx.read(fd, 0, bytearray(3))) == 3
@@ -452,9 +457,11 @@ def test_a_refused_sqpoll_falls_back_to_a_plain_ring(
     # And off by default, or on the threads: never asked.
     asked.clear()
     with AioContext(backend="io_uring") as plain:
-        assert not plain.sqpoll and asked == [0]
+        assert not plain.sqpoll
+        assert asked == [0]
     with AioContext(backend="threads", sqpoll=True) as threads:
-        assert not threads.sqpoll and asked == [0]
+        assert not threads.sqpoll
+        assert asked == [0]
 
 
 # -- leaks -----------------------------------------------------------------------------------
@@ -503,7 +510,7 @@ def test_open_close_cycles_leak_nothing() -> None:
         os.close(r)
         os.close(w)
     gc.collect()
-    assert len(os.listdir("/proc/self/fd")) == fds - 0
+    assert len(os.listdir("/proc/self/fd")) == fds
     wait_until(lambda: threading.active_count() == threads)
     assert _ring_maps() == maps
     wait_until(lambda: _sq_threads() <= sq_before)
