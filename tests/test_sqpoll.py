@@ -516,6 +516,52 @@ def test_open_close_cycles_leak_nothing() -> None:
     wait_until(lambda: _sq_threads() <= sq_before)
 
 
+# -- posix -----------------------------------------------------------------------------------
+
+
+def test_posix_on_an_sqpoll_context(path: Path) -> None:
+    """threadlets.posix through use_context(AioContext(deliver=False,
+    sqpoll=True)): reads, writes and fsyncs answer as os.pread/os.pwrite
+    (the SQ thread asleep before each round), on the ring."""
+    import threadlets.posix as px
+
+    ctx = _sq_context(deliver=False, inline=False)
+    ring = ctx._ring
+    assert ring is not None
+    data = path.read_bytes()
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with px.use_context(ctx):
+            for rnd in range(3):
+                wait_until(lambda: _asleep(ring))
+                bufs = [bytearray(512) for _ in range(8)]
+                cbs = [px.aiocb(fd, i * 700 + rnd, bufs[i], 512) for i in range(8)]
+                for cb in cbs:
+                    px.aio_read(cb)
+                px.aio_suspend(cbs[-1:], 10)
+                for i, cb in enumerate(cbs):
+                    while px.aio_error(cb) == errno.EINPROGRESS:
+                        px.aio_suspend([cb], 10)
+                    assert px.aio_error(cb) == 0
+                    assert px.aio_return(cb) == 512
+                    assert bytes(bufs[i]) == data[i * 700 + rnd : i * 700 + rnd + 512]
+                wcb = px.aiocb(fd, 100 + rnd, b"written")
+                px.aio_write(wcb)
+                px.aio_suspend([wcb], 10)
+                assert px.aio_error(wcb) == 0
+                assert px.aio_return(wcb) == 7
+                scb = px.aiocb(fd, 0, b"")
+                px.aio_fsync(os.O_DSYNC, scb)
+                px.aio_suspend([scb], 10)
+                assert px.aio_error(scb) == 0
+                assert os.pread(fd, 7, 100 + rnd) == b"written"
+                data = os.pread(fd, len(data), 0)
+        assert ctx.stats().ring >= 30
+    finally:
+        os.close(fd)
+        assert ctx.close(timeout=10)
+
+
 # -- the asyncio front end -------------------------------------------------------------------
 
 
