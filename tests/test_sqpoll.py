@@ -170,16 +170,17 @@ def test_a_submission_wakes_the_sleeping_sq_thread(sq: AioContext, path: Path) -
 def test_an_awake_sq_thread_takes_submissions_without_a_system_call(
     sq: AioContext, path: Path
 ) -> None:
-    """While the thread polls, a kick makes no io_uring_enter at all (the
-    point of SQPOLL); asleep, one, with IORING_ENTER_SQ_WAKEUP."""
+    """A kick calls io_uring_enter only while the SQ thread sleeps (the
+    mapped flags say NEED_WAKEUP), and then with IORING_ENTER_SQ_WAKEUP;
+    awake, it takes a stream of reads with no system call at all."""
     ring = sq._ring
     assert ring is not None
-    calls: list[tuple[int, int]] = []
+    calls: list[tuple[bool, int]] = []
     real = ring._enter
 
     def enter(nr: int, fd: int, to_submit: int, min_complete: int, flags: int, *rest: Any) -> int:
         if to_submit:
-            calls.append((to_submit, flags))
+            calls.append((_asleep(ring), flags))  # (nobody else wakes it meanwhile)
         return int(real(nr, fd, to_submit, min_complete, flags, *rest))
 
     ring._enter = enter
@@ -187,17 +188,15 @@ def test_an_awake_sq_thread_takes_submissions_without_a_system_call(
     try:
         wait_until(lambda: _asleep(ring))
         assert _outcome(sq, sq.read(fd, 0, bytearray(8))) == 8
-        assert calls
-        assert all(flags == uring._ENTER_SQ_WAKEUP for _, flags in calls)
-        # Awake (it just worked; its idle time is long against one read):
-        # keep it so with a stream of reads, and count the kicks' calls.
+        assert calls == [(True, uring._ENTER_SQ_WAKEUP)]
+        # Awake now (it just worked; SQPOLL_IDLE_MS is long against a read):
+        # most of a stream of reads, if not all, costs no system call (a
+        # preemption of this thread for longer lets it sleep: one call).
         calls.clear()
         for _ in range(50):
-            if _asleep(ring):
-                break  # (preempted for SQPOLL_IDLE_MS: this round proves nothing)
             assert _outcome(sq, sq.read(fd, 0, bytearray(8))) == 8
-        else:
-            assert calls == []
+        assert len(calls) < 25
+        assert all(call == (True, uring._ENTER_SQ_WAKEUP) for call in calls)
     finally:
         os.close(fd)
         ring._enter = real
@@ -431,6 +430,8 @@ def test_a_refused_sqpoll_falls_back_to_a_plain_ring(
 
     def refusing(nr: int, entries: int, addr: int) -> int:
         flags = ctypes.c_uint32.from_address(addr + 8).value
+        idle = ctypes.c_uint32.from_address(addr + 16).value
+        assert idle == (uring.SQPOLL_IDLE_MS if flags else 0)
         asked.append(flags)
         if flags & uring._SETUP_SQPOLL:
             ctypes.set_errno(errno.EPERM)
@@ -510,8 +511,8 @@ def test_open_close_cycles_leak_nothing() -> None:
         os.close(r)
         os.close(w)
     gc.collect()
-    assert len(os.listdir("/proc/self/fd")) == fds
-    wait_until(lambda: threading.active_count() == threads)
+    assert len(os.listdir("/proc/self/fd")) <= fds
+    wait_until(lambda: threading.active_count() <= threads)
     assert _ring_maps() == maps
     wait_until(lambda: _sq_threads() <= sq_before)
 
