@@ -42,10 +42,10 @@ reads the ring.  With SQPOLL (opt-in: ``Ring(sqpoll=True)``) a kernel
 thread reads the ring as the stores are made: x86-64 keeps stores in
 order, so it sees an SQE's bytes once it sees the tail past it; a kick
 only wakes that thread if it sleeps, and reads the flag that says so
-after a full barrier (see ``Ring._wake``).  A reaper reads the CQ tail and then the CQEs the kernel
-published before it; x86-64 keeps loads in order, which is why
-:class:`Ring` refuses other machines (Python cannot issue the acquire
-barrier that weaker memory models would need).
+after a full barrier (see ``Ring._wake``).  A reaper reads the CQ tail
+and then the CQEs the kernel published before it; x86-64 keeps loads in
+order, which is why :class:`Ring` refuses other machines (Python
+cannot issue the acquire barrier that weaker memory models would need).
 
 Ownership: fields marked "under _lock" are touched only with the ring's
 lock held, and so is the CQ head.  After ``fork()`` a ring is dead in the
@@ -552,6 +552,10 @@ class Ring:
         #: io_uring_enter took yet (see _unsubmitted).
         self._taken = self._tail
         self._in_kernel = 0  # SQEs given to the kernel whose CQEs were not reaped
+        # (With SQPOLL the SQ thread takes an SQE held back before _take
+        # counts it, and its CQE may be reaped first: then _in_kernel dips
+        # below 0 until that _take.  It only tunes the holding back, which
+        # with SQPOLL decides no more than when the thread is woken.)
         self._plugged_by: int | None = None  # the thread holding the plug
         self._schedule: Callable[[], object] | None = None  # hold()'s, for good
         self._flush_scheduled = False  # hold(): schedule() called since the last take
