@@ -602,3 +602,35 @@ def test_configure_sqpoll_for_the_asyncio_front_end_direct_reads(tmp_path: Path)
         aw.configure()
         p.unlink()
     assert aw._settings["sqpoll"] is False
+
+
+def test_close_with_the_sq_full_of_held_sqes_and_the_thread_asleep() -> None:
+    """A reaper-mode ring whose SQ is full of SQEs held back by a plug
+    while the SQ thread sleeps: close() sends them, then its STOP.  The
+    kick only wakes the thread (it returns before the thread took any), so
+    the STOP must wait for room: pushed at once it went over the oldest SQE
+    not consumed (that read never ran, and the reaper never finished)."""
+    if not HAVE_RING:
+        pytest.skip("no io_uring here")
+    for _ in range(3):
+        ring = uring.Ring(8, sqpoll=True)
+        if not ring.sqpoll:
+            ring.close()
+            pytest.skip("the kernel refused IORING_SETUP_SQPOLL here")
+        r, w = os.pipe()
+        try:
+            bufs = [(ctypes.c_char * 1)() for _ in range(ring.entries)]
+            got: list[int] = []
+            wait_until(lambda: _asleep(ring))  # noqa: B023
+            assert ring.plug()
+            for buf in bufs:
+                assert ring.submit(uring.OP_READ, r, 0, ctypes.addressof(buf), 1, 0, got.append)
+            assert (ring._tail - ring._sq_head.value) & 0xFFFFFFFF == ring.entries  # full
+            ring.close()
+            ring.unplug()
+            os.write(w, b"x" * ring.entries)
+            assert ring.join(10), f"{len(got)} of {ring.entries} reads came back"
+            assert got == [1] * ring.entries
+        finally:
+            os.close(r)
+            os.close(w)

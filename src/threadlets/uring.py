@@ -123,7 +123,7 @@ log = logging.getLogger("threadlets.uring")
 # io_uring_setup / io_uring_enter: one syscall number on every architecture
 # since Linux 5.1's unified table (alpha aside).
 _NR_SETUP, _NR_ENTER, _NR_REGISTER = 425, 426, 427
-_ENTER_GETEVENTS, _ENTER_SQ_WAKEUP, _ENTER_EXT_ARG = 1, 2, 8
+_ENTER_GETEVENTS, _ENTER_SQ_WAKEUP, _ENTER_SQ_WAIT, _ENTER_EXT_ARG = 1, 2, 4, 8
 #: io_uring_params.flags: a kernel thread polls the SQ (IORING_SETUP_SQPOLL);
 #: the SQ ring's flags word: that thread went to sleep (IORING_SQ_NEED_WAKEUP).
 _SETUP_SQPOLL, _SQ_NEED_WAKEUP = 2, 1
@@ -952,6 +952,28 @@ class Ring:
                 self._close_after_kick = False
                 os.close(self._fd)
 
+    def _wait_sq_room(self) -> bool:
+        """SQPOLL, the SQ full: wake the SQ thread and wait until it took
+        an SQE (IORING_ENTER_SQ_WAIT).  False if the kernel refused.  A fd
+        user as a kick is (see _kick)."""
+        if self._released:
+            return False
+        self._kicking += 1
+        try:
+            flags = _ENTER_SQ_WAKEUP | _ENTER_SQ_WAIT
+            if self._enter(_NR_ENTER, self._fd, 0, 0, flags, None, 0) >= 0:
+                return True
+            err = ctypes.get_errno()
+            if err in (errno.EINTR, errno.EAGAIN, errno.EBUSY):  # pragma: no cover
+                return True  # (the caller looks again)
+            log.error("io_uring_enter(SQ wait): %s", os.strerror(err))  # pragma: no cover
+            return False  # pragma: no cover
+        finally:
+            self._kicking -= 1
+            if self._close_after_kick and not self._kicking:
+                self._close_after_kick = False
+                os.close(self._fd)
+
     # -- the reaper ----------------------------------------------------------------------
 
     def reap(self) -> int:
@@ -1246,34 +1268,46 @@ class Ring:
                     n = self._take()
             if n:
                 n, m = 0, n
-                self._kick(m)  # (consumed once it returns)
-            with self._lock:
-                if self._given_up:
-                    return
-                if self._reaper is None or self._generation != _generation:
-                    # Owner mode, or a forked child (no reaper here): nothing
-                    # will use the ring again.  (Also what finishes a close
-                    # that a Ctrl-C cut short.)
-                    self._closing = True
-                    self._room = 0  # (submit's one test: see __init__)
-                    if not self._pending or self._generation != _generation:
-                        self._release()
+                self._kick(m)  # (consumed once it returns; with SQPOLL, see below)
+            forced = False
+            while True:
+                with self._lock:
+                    if self._given_up:
                         return
-                    # (else given up on, below: outside the lock)
-                elif self._closing:
-                    # A close cut short (Ctrl-C as _take was entered, say)
-                    # left its STOP published but not sent, and the reaper
-                    # asleep for good: send what is published.
-                    n = self._take()
-                    return
-                else:
-                    self._push(OP_NOP, -1, 0, 0, 0, 0, _STOP)
-                    # Closing only once the STOP is published (a Ctrl-C before
-                    # leaves it open, for the next close to finish), ...
-                    self._closing = True
-                    self._room = 0  # (submit's one test: see __init__)
-                    n = self._take()
-                    return
+                    if self._reaper is None or self._generation != _generation:
+                        # Owner mode, or a forked child (no reaper here): nothing
+                        # will use the ring again.  (Also what finishes a close
+                        # that a Ctrl-C cut short.)
+                        self._closing = True
+                        self._room = 0  # (submit's one test: see __init__)
+                        if not self._pending or self._generation != _generation:
+                            self._release()
+                            return
+                        break  # (given up on, below: outside the lock)
+                    elif self._closing:
+                        # A close cut short (Ctrl-C as _take was entered, say)
+                        # left its STOP published but not sent, and the reaper
+                        # asleep for good: send what is published.
+                        n = self._take()
+                        return
+                    elif not (
+                        self.sqpoll
+                        and not forced
+                        and (self._tail - self._sq_head.value) & 0xFFFFFFFF >= self.entries
+                    ):
+                        self._push(OP_NOP, -1, 0, 0, 0, 0, _STOP)
+                        # Closing only once the STOP is published (a Ctrl-C
+                        # before leaves it open, for the next close to
+                        # finish), ...
+                        self._closing = True
+                        self._room = 0  # (submit's one test: see __init__)
+                        n = self._take()
+                        return
+                # SQPOLL, the SQ still full: the kick above only woke the SQ
+                # thread, which may not have taken any yet (or it filled
+                # again since), and the STOP would go over the oldest SQE
+                # not consumed.  Room first.  (Refused: pushed as before.)
+                forced = not self._wait_sq_room()
         finally:
             self._kick(n)  # ... and sent even if Ctrl-C lands as the lock is let go
         self._abandon()
