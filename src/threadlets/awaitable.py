@@ -75,17 +75,23 @@ T = TypeVar("T")
 YIELD_EVERY = 256
 
 
-_settings: dict[str, Any] = {"queue": None, "inline": True, "backend": "auto"}
+_settings: dict[str, Any] = {"queue": None, "inline": True, "backend": "auto", "sqpoll": False}
 
 
 def configure(
-    *, queue: ThreadletQueue | None = None, inline: bool = True, backend: str = "auto"
+    *,
+    queue: ThreadletQueue | None = None,
+    inline: bool = True,
+    backend: str = "auto",
+    sqpoll: bool = False,
 ) -> None:
     """Choose the threadlet queue (default: the global default queue),
-    whether the inline fast path is used, and the engine backend ("auto":
+    whether the inline fast path is used, the engine backend ("auto":
     io_uring where it can be set up, else threads; see
-    :class:`~threadlets.AioContext`), for the event loops that start doing
-    I/O from now on.  Loops already doing I/O keep theirs."""
+    :class:`~threadlets.AioContext`) and whether its ring asks for a
+    kernel thread polling submissions (``sqpoll``: a CPU busy while I/O
+    flows; off by default), for the event loops that start doing I/O from
+    now on.  Loops already doing I/O keep theirs."""
     if queue is not None and not isinstance(queue, ThreadletQueue):
         raise TypeError(f"queue must be a ThreadletQueue or None, not {type(queue).__name__}")
     if backend not in BACKENDS:
@@ -93,10 +99,16 @@ def configure(
     _settings["queue"] = queue
     _settings["inline"] = bool(inline)
     _settings["backend"] = backend
+    _settings["sqpoll"] = bool(sqpoll)
 
 
 def _new_context() -> AioContext:
-    return AioContext(_settings["queue"], inline=_settings["inline"], backend=_settings["backend"])
+    return AioContext(
+        _settings["queue"],
+        inline=_settings["inline"],
+        backend=_settings["backend"],
+        sqpoll=_settings["sqpoll"],
+    )
 
 
 class LoopIO:

@@ -1954,6 +1954,14 @@ class AioContext:
     ``backend`` says which one the context got.  Fault injection
     (``syscalls=``) needs the threads.
 
+    ``sqpoll=True`` (with ``backend="io_uring"`` or ``"auto"``) sets the
+    ring up with IORING_SETUP_SQPOLL: a kernel thread polls the submission
+    queue: no system call per submission, at the cost of a CPU busy polling
+    while requests flow and for :data:`~threadlets.uring.SQPOLL_IDLE_MS`
+    milliseconds after; off by default.  Where the kernel refuses it the
+    ring is made without it.  The attribute ``sqpoll`` says whether this
+    context's ring polls (always False on the threads).
+
     ``deliver=False`` makes a context that delivers nothing: finished
     requests are not queued for :meth:`process_completions` and per-request
     ``callback=`` is refused.  Its users follow each request through the
@@ -1989,6 +1997,7 @@ class AioContext:
         syscalls: Syscalls | None = None,
         deliver: bool = True,
         backend: str = "threads",
+        sqpoll: bool = False,
     ) -> None:
         if queue is not None and not isinstance(queue, ThreadletQueue):
             raise TypeError(f"queue must be a ThreadletQueue, not {type(queue).__name__}")
@@ -2013,13 +2022,15 @@ class AioContext:
                     efd = self._cq.notifier.fileno() if self._deliver else None
                     if not capabilities().io_uring:
                         raise RingUnavailable(errno.ENOSYS, capability_note("io_uring"))
-                    self._ring = Ring(RING_ENTRIES, eventfd=efd, made=made)
+                    self._ring = Ring(RING_ENTRIES, eventfd=efd, made=made, sqpoll=bool(sqpoll))
                     self._ring_backend = _RingBackend(self, self._ring)
                 except RingUnavailable:
                     if backend == "io_uring":
                         raise
             #: "io_uring" or "threads": what runs requests that do not finish inline.
             self.backend = "threads" if self._ring is None else "io_uring"
+            #: Whether the ring's SQ is polled by a kernel thread (``sqpoll=``).
+            self.sqpoll = self._ring is not None and self._ring.sqpoll
             # The ring and the eventfd close with the context, or when it is
             # collected (the ring first: the kernel writes the eventfd).  The
             # ring held weakly: with requests in it, it holds the context

@@ -38,10 +38,14 @@ own submitter.
 Memory ordering.  A submitter writes an SQE and the SQ tail under the
 ring's lock; ``io_uring_enter`` is then called (no SQPOLL) by a thread that
 took the lock after those stores, so the lock orders them before the kernel
-reads the ring.  A reaper reads the CQ tail and then the CQEs the kernel
-published before it; x86-64 keeps loads in order, which is why
-:class:`Ring` refuses other machines (Python cannot issue the acquire
-barrier that weaker memory models would need).
+reads the ring.  With SQPOLL (opt-in: ``Ring(sqpoll=True)``) a kernel
+thread reads the ring as the stores are made: x86-64 keeps stores in
+order, so it sees an SQE's bytes once it sees the tail past it; a kick
+only wakes that thread if it sleeps, and reads the flag that says so
+after a full barrier (see ``Ring._wake``).  A reaper reads the CQ tail
+and then the CQEs the kernel published before it; x86-64 keeps loads in
+order, which is why :class:`Ring` refuses other machines (Python
+cannot issue the acquire barrier that weaker memory models would need).
 
 Ownership: fields marked "under _lock" are touched only with the ring's
 lock held, and so is the CQ head.  After ``fork()`` a ring is dead in the
@@ -105,6 +109,7 @@ __all__ = [
     "OP_WRITE",
     "OP_WRITEV",
     "REAPED",
+    "SQPOLL_IDLE_MS",
     "STATX_BASIC_STATS",
     "STATX_FIELDS",
     "STATX_SIZE",
@@ -118,7 +123,10 @@ log = logging.getLogger("threadlets.uring")
 # io_uring_setup / io_uring_enter: one syscall number on every architecture
 # since Linux 5.1's unified table (alpha aside).
 _NR_SETUP, _NR_ENTER, _NR_REGISTER = 425, 426, 427
-_ENTER_GETEVENTS, _ENTER_EXT_ARG = 1, 8
+_ENTER_GETEVENTS, _ENTER_SQ_WAKEUP, _ENTER_SQ_WAIT, _ENTER_EXT_ARG = 1, 2, 4, 8
+#: io_uring_params.flags: a kernel thread polls the SQ (IORING_SETUP_SQPOLL);
+#: the SQ ring's flags word: that thread went to sleep (IORING_SQ_NEED_WAKEUP).
+_SETUP_SQPOLL, _SQ_NEED_WAKEUP = 2, 1
 _REGISTER_EVENTFD, _REGISTER_PROBE = 4, 8
 _PROBE_OPS = 256  # struct io_uring_probe: 16 bytes, then ops_len 8-byte io_uring_probe_op
 _OP_SUPPORTED = 1
@@ -195,6 +203,12 @@ REAPED = _KICK - 1
 #: that never complete (a pipe) cost one extra wakeup, not a stream of them.
 DEFER_AT = 8
 HOLD_MAX = 0.001
+
+#: SQPOLL (``Ring(sqpoll=True)``): how long, in milliseconds, the kernel's
+#: SQ thread keeps polling with nothing to take before it goes to sleep
+#: (io_uring_params.sq_thread_idle).  Asleep, the next kick wakes it with a
+#: system call; awake, a submission costs none -- and a CPU busy polling.
+SQPOLL_IDLE_MS = 20
 
 #: A plugged thread's burst (or one held for the reaper) is sent at this
 #: many held back if the kernel has nothing of the ring's in hand.  All of a batch held for one
@@ -428,10 +442,20 @@ class Ring:
     count, or ``-errno``); it must be true, as any function or bound method
     is (see _collect).  The memory at ``addr`` must stay valid and unmoved
     until then.
+
+    ``sqpoll=True`` asks for IORING_SETUP_SQPOLL: a kernel thread polls the
+    SQ and takes submissions without a system call (one only to wake it
+    after :data:`SQPOLL_IDLE_MS` without work), at the cost of a CPU busy
+    polling meanwhile.  Refused by the kernel, the ring is made without it;
+    :attr:`sqpoll` says which.
     """
 
     def __init__(
-        self, entries: int = 256, eventfd: int | None = None, made: list[Ring] | None = None
+        self,
+        entries: int = 256,
+        eventfd: int | None = None,
+        made: list[Ring] | None = None,
+        sqpoll: bool = False,
     ) -> None:
         if not sys.platform.startswith("linux"):
             raise RingUnavailable(errno.ENOSYS, "io_uring is Linux-only")
@@ -443,6 +467,9 @@ class Ring:
             _sweep_abandoned()
         setup, enter, register = _syscalls()
         params = (ctypes.c_uint32 * 30)()  # struct io_uring_params, 120 bytes
+        if sqpoll:
+            params[2] = _SETUP_SQPOLL  # flags
+            params[4] = SQPOLL_IDLE_MS  # sq_thread_idle
         # The ring's fd, made by a call from C (map, inside the list's
         # extend): CPython raises a pending Ctrl-C only as a call made by
         # Python code returns, so it lands before io_uring_setup or after
@@ -451,6 +478,15 @@ class Ring:
         self._made_fd: list[int] = []
         self._made_fd.extend(map(setup, (_NR_SETUP,), (entries,), (ctypes.addressof(params),)))
         fd = self._made_fd[0]
+        if fd < 0 and sqpoll:
+            # SQPOLL refused (EPERM, EINVAL, ENOMEM, a seccomp filter...):
+            # a ring without it, made the same way.  (A -1 in the list is
+            # nothing __del__ closes; cleared first all the same.)
+            sqpoll = False
+            params = (ctypes.c_uint32 * 30)()
+            self._made_fd.clear()
+            self._made_fd.extend(map(setup, (_NR_SETUP,), (entries,), (ctypes.addressof(params),)))
+            fd = self._made_fd[0]
         if fd < 0:
             err = ctypes.get_errno()
             raise RingUnavailable(err, f"io_uring_setup: {os.strerror(err)}")
@@ -464,13 +500,15 @@ class Ring:
             )
         # (Plain stores from the list to _fd_closed: no interrupt between.)
         self._fd = fd
+        #: A kernel thread polls the SQ (IORING_SETUP_SQPOLL): see _kick.
+        self.sqpoll = sqpoll
         self._released = False
         self._fd_closed = False
         self._given_up = False  # abandoned (see _abandon): its callbacks are never called
         self._kicking = 0  # kicks (and waits) under way (see _kick)
         self._close_after_kick = False  # released under them: the last one closes the fd
         # Offsets into the ring mappings (the masks are read from there).
-        sq_head, sq_tail, sq_mask_at, _, _, _, sq_array = p[10:17]
+        sq_head, sq_tail, sq_mask_at, _, sq_flags, _, sq_array = p[10:17]
         cq_head, cq_tail, cq_mask_at, _, _, cqes = p[20:26]
         sq_size = sq_array + 4 * sq_entries
         cq_size = cqes + _CQE.size * cq_entries
@@ -492,6 +530,7 @@ class Ring:
         u32 = ctypes.c_uint32
         self._sq_head = u32.from_buffer(self._sq_mm, sq_head)  # written by the kernel
         self._sq_tail = u32.from_buffer(self._sq_mm, sq_tail)
+        self._sq_flags = u32.from_buffer(self._sq_mm, sq_flags)  # written by the kernel
         self._cq_head = u32.from_buffer(self._cq_mm, cq_head)
         self._cq_tail = u32.from_buffer(self._cq_mm, cq_tail)  # written by the kernel
         array = (u32 * sq_entries).from_buffer(self._sq_mm, sq_array)
@@ -513,6 +552,10 @@ class Ring:
         #: io_uring_enter took yet (see _unsubmitted).
         self._taken = self._tail
         self._in_kernel = 0  # SQEs given to the kernel whose CQEs were not reaped
+        # (With SQPOLL the SQ thread takes an SQE held back before _take
+        # counts it, and its CQE may be reaped first: then _in_kernel dips
+        # below 0 until that _take.  It only tunes the holding back, which
+        # with SQPOLL decides no more than when the thread is woken.)
         self._plugged_by: int | None = None  # the thread holding the plug
         self._schedule: Callable[[], object] | None = None  # hold()'s, for good
         self._flush_scheduled = False  # hold(): schedule() called since the last take
@@ -588,7 +631,8 @@ class Ring:
             self._reaper.start()
 
     def __repr__(self) -> str:
-        return f"<Ring fd={self._fd} entries={self.entries} inflight={self._inflight}>"
+        sqpoll = " sqpoll" if self.sqpoll else ""
+        return f"<Ring fd={self._fd} entries={self.entries}{sqpoll} inflight={self._inflight}>"
 
     @property
     def _unsubmitted(self) -> int:
@@ -803,7 +847,9 @@ class Ring:
         self, opcode: int, fd: int, offset: int, addr: int, length: int, op_flags: int, ident: int
     ) -> None:
         # Under _lock.  The SQE, then the tail; the kernel reads them when
-        # someone calls io_uring_enter (see _kick).
+        # someone calls io_uring_enter (see _kick) -- with SQPOLL, its SQ
+        # thread as soon as the tail is stored (x86-64 keeps the two stores
+        # in that order; see _wake).
         tail = self._tail
         _SQE.pack_into(
             self._sqes,
@@ -825,8 +871,14 @@ class Ring:
         The fd is therefore closed by the last kick under way, not under
         it (it was: EBADF, or another file's number by then).  The test
         and the count are plain bytecodes (no other thread comes between),
-        as are _release's."""
+        as are _release's.
+
+        With SQPOLL the kernel's SQ thread takes published SQEs by itself:
+        no system call, unless it went to sleep -- see _wake."""
         if n <= 0 or self._released:
+            return
+        if self.sqpoll:
+            self._wake(n)
             return
         self._kicking += 1
         try:
@@ -842,6 +894,80 @@ class Ring:
                     # The SQEs stay in the ring: the next kick submits them.
                     log.error("io_uring_enter(submit): %s", os.strerror(err))
                     return
+        finally:
+            self._kicking -= 1
+            if self._close_after_kick and not self._kicking:
+                self._close_after_kick = False
+                os.close(self._fd)
+
+    def _wake(self, n: int) -> None:
+        """_kick with SQPOLL: ``n`` (more than 0) SQEs are published and
+        not consumed; wake the SQ thread if it sleeps (liburing's
+        ``sq_ring_needs_enter``).  Called as _kick is: after a release of
+        ``_lock`` that followed the tail's stores.  From the test of
+        ``_released`` to the count of this kick, plain bytecodes (the
+        flags' ``value`` is a C getter, no call): no other thread releases
+        the ring between, and a release after leaves the fd to close to us.
+
+        Ordering.  The SQ thread, going to sleep, sets NEED_WAKEUP, then a
+        full barrier, then looks at the SQ tail once more; this side stores
+        the tail, then must have a full barrier, then reads the flags:
+        either the thread sees the new tail, or this side sees the flag.
+        x86-64 (TSO) lets a later load pass an earlier store, so the
+        barrier is needed; it is the locked instruction of the lock's
+        release between the two -- every caller took the SQEs it kicks
+        (``_take``) under ``_lock`` and let it go before calling here, and
+        every tail store was made under ``_lock`` by a thread that let it
+        go before that ``_take`` (CPython's ``threading.Lock`` release is
+        glibc's ``sem_post``: a ``lock cmpxchg``; the pthread-mutex build's
+        unlock and 3.13's PyMutex are locked instructions too).  A locked
+        instruction is a full barrier on x86-64: the flags' load below is
+        not performed before the tail's store is visible to every CPU.
+        (The SQE's bytes are stored before the tail, and x86-64 keeps
+        stores in order: a thread that sees the tail sees the SQE.)
+
+        ``io_uring_enter`` with SQPOLL only wakes the thread and returns
+        ``n``: nothing is submitted by the call, so nothing to count.  A
+        Ctrl-C anywhere here leaves the SQEs published, unconsumed while
+        the thread sleeps: the next kick finds them (``_take`` counts every
+        SQE the kernel did not consume) and wakes it, as a kick cut short
+        without SQPOLL leaves them for the next kick to submit."""
+        if self._released or not self._sq_flags.value & _SQ_NEED_WAKEUP:
+            return  # (awake: it takes them itself)
+        self._kicking += 1
+        try:
+            while True:
+                got = self._enter(_NR_ENTER, self._fd, n, 0, _ENTER_SQ_WAKEUP, None, 0)
+                if got >= 0:
+                    return
+                err = ctypes.get_errno()
+                if err not in (errno.EINTR, errno.EAGAIN, errno.EBUSY):  # pragma: no cover
+                    # (EOWNERDEAD: the SQ thread is gone.)  The SQEs stay
+                    # in the ring: the next kick tries again.
+                    log.error("io_uring_enter(SQ wakeup): %s", os.strerror(err))
+                    return
+        finally:
+            self._kicking -= 1
+            if self._close_after_kick and not self._kicking:
+                self._close_after_kick = False
+                os.close(self._fd)
+
+    def _wait_sq_room(self) -> bool:
+        """SQPOLL, the SQ full: wake the SQ thread and wait until it took
+        an SQE (IORING_ENTER_SQ_WAIT).  False if the kernel refused.  A fd
+        user as a kick is (see _kick)."""
+        if self._released:
+            return False
+        self._kicking += 1
+        try:
+            flags = _ENTER_SQ_WAKEUP | _ENTER_SQ_WAIT
+            if self._enter(_NR_ENTER, self._fd, 0, 0, flags, None, 0) >= 0:
+                return True
+            err = ctypes.get_errno()
+            if err in (errno.EINTR, errno.EAGAIN, errno.EBUSY):  # pragma: no cover
+                return True  # (the caller looks again)
+            log.error("io_uring_enter(SQ wait): %s", os.strerror(err))  # pragma: no cover
+            return False  # pragma: no cover
         finally:
             self._kicking -= 1
             if self._close_after_kick and not self._kicking:
@@ -1142,34 +1268,46 @@ class Ring:
                     n = self._take()
             if n:
                 n, m = 0, n
-                self._kick(m)  # (consumed once it returns)
-            with self._lock:
-                if self._given_up:
-                    return
-                if self._reaper is None or self._generation != _generation:
-                    # Owner mode, or a forked child (no reaper here): nothing
-                    # will use the ring again.  (Also what finishes a close
-                    # that a Ctrl-C cut short.)
-                    self._closing = True
-                    self._room = 0  # (submit's one test: see __init__)
-                    if not self._pending or self._generation != _generation:
-                        self._release()
+                self._kick(m)  # (consumed once it returns; with SQPOLL, see below)
+            forced = False
+            while True:
+                with self._lock:
+                    if self._given_up:
                         return
-                    # (else given up on, below: outside the lock)
-                elif self._closing:
-                    # A close cut short (Ctrl-C as _take was entered, say)
-                    # left its STOP published but not sent, and the reaper
-                    # asleep for good: send what is published.
-                    n = self._take()
-                    return
-                else:
-                    self._push(OP_NOP, -1, 0, 0, 0, 0, _STOP)
-                    # Closing only once the STOP is published (a Ctrl-C before
-                    # leaves it open, for the next close to finish), ...
-                    self._closing = True
-                    self._room = 0  # (submit's one test: see __init__)
-                    n = self._take()
-                    return
+                    if self._reaper is None or self._generation != _generation:
+                        # Owner mode, or a forked child (no reaper here): nothing
+                        # will use the ring again.  (Also what finishes a close
+                        # that a Ctrl-C cut short.)
+                        self._closing = True
+                        self._room = 0  # (submit's one test: see __init__)
+                        if not self._pending or self._generation != _generation:
+                            self._release()
+                            return
+                        break  # (given up on, below: outside the lock)
+                    elif self._closing:
+                        # A close cut short (Ctrl-C as _take was entered, say)
+                        # left its STOP published but not sent, and the reaper
+                        # asleep for good: send what is published.
+                        n = self._take()
+                        return
+                    elif not (
+                        self.sqpoll
+                        and not forced
+                        and (self._tail - self._sq_head.value) & 0xFFFFFFFF >= self.entries
+                    ):
+                        self._push(OP_NOP, -1, 0, 0, 0, 0, _STOP)
+                        # Closing only once the STOP is published (a Ctrl-C
+                        # before leaves it open, for the next close to
+                        # finish), ...
+                        self._closing = True
+                        self._room = 0  # (submit's one test: see __init__)
+                        n = self._take()
+                        return
+                # SQPOLL, the SQ still full: the kick above only woke the SQ
+                # thread, which may not have taken any yet (or it filled
+                # again since), and the STOP would go over the oldest SQE
+                # not consumed.  Room first.  (Refused: pushed as before.)
+                forced = not self._wait_sq_room()
         finally:
             self._kick(n)  # ... and sent even if Ctrl-C lands as the lock is let go
         self._abandon()
@@ -1279,7 +1417,7 @@ class Ring:
             return
         self._released = True
         # ctypes views into the mappings must go before the mappings can close.
-        for name in ("_sq_head", "_sq_tail", "_cq_head", "_cq_tail"):
+        for name in ("_sq_head", "_sq_tail", "_sq_flags", "_cq_head", "_cq_tail"):
             self.__dict__.pop(name, None)
         for mm in (self._sqes, self._cq_mm, self._sq_mm):  # (the CQ's may be the SQ's)
             # BufferError: a view of it is still alive -- one in the frame of
