@@ -3,7 +3,9 @@ synchronous os.pread loop, in one run.
 
 Cached: a 64 MiB file read once so it sits in the page cache; AioContext
 with the inline (RWF_NOWAIT) path on and off.  O_DIRECT: the same reads with
-O_DIRECT through AioContext (thread-pool and io_uring backends) beside
+O_DIRECT through AioContext (thread-pool and io_uring backends, and
+io_uring with ``sqpoll=True``: a kernel thread polls the ring, the opt-in
+that costs a CPU while requests flow) beside
 ``qemu-img bench -f raw -i threads -t none -d 32 -s 4096`` (and ``-i
 io_uring``) on the same file, if qemu-img is installed.
 
@@ -34,6 +36,7 @@ DEPTH = 32
 THREADS = 8
 QEMU = "qemu-img bench -i threads -t none"
 QEMU_URING = "qemu-img bench -i io_uring -t none"
+SQPOLL = "AioContext O_DIRECT, io_uring backend, sqpoll"
 
 
 def offsets(size: int, n: int, seed: int) -> list[int]:
@@ -91,12 +94,25 @@ def engine_cached(path: str, offs: list[int], seconds: float, inline: bool) -> f
         os.close(fd)
 
 
-def engine_direct(path: str, offs: list[int], seconds: float, backend: str = "threads") -> float:
+def engine_direct(
+    path: str, offs: list[int], seconds: float, backend: str = "threads", sqpoll: bool = False
+) -> float | None:
     """Exactly DEPTH O_DIRECT reads in flight, as qemu-img bench keeps them:
-    each completion callback submits the next read into its buffer."""
+    each completion callback submits the next read into its buffer.  None
+    if ``sqpoll`` was asked and the ring does not poll (the kernel refused)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     q = threadlets.ThreadletQueue(max_threads=THREADS)
-    ctx = threadlets.AioContext(q, backend=backend)
+    try:
+        ctx = threadlets.AioContext(q, backend=backend, sqpoll=sqpoll)
+    except BaseException:
+        q.close()
+        os.close(fd)
+        raise
+    if sqpoll and not ctx.sqpoll:
+        ctx.close()
+        q.close()
+        os.close(fd)
+        return None
     counter = itertools.count()
     noffs = len(offs)
     stop = False
@@ -185,18 +201,26 @@ def main() -> None:
             dres: dict[str, list[float]] = {}
             have_qemu = shutil.which("qemu-img") is not None
             have_uring = probe_io_uring().supported
+            have_sqpoll = have_uring
             for _ in range(args.repeats):
                 if have_qemu:
                     q = qemu_img_bench(path, int(40_000 * args.seconds))
                     assert q is not None
                     dres.setdefault(QEMU, []).append(q)
-                dres.setdefault("AioContext O_DIRECT, threads backend", []).append(
-                    engine_direct(path, offs, args.seconds)
-                )
+                t = engine_direct(path, offs, args.seconds)
+                assert t is not None
+                dres.setdefault("AioContext O_DIRECT, threads backend", []).append(t)
                 if have_uring:
-                    dres.setdefault("AioContext O_DIRECT, io_uring backend", []).append(
-                        engine_direct(path, offs, args.seconds, "io_uring")
-                    )
+                    u = engine_direct(path, offs, args.seconds, "io_uring")
+                    assert u is not None
+                    dres.setdefault("AioContext O_DIRECT, io_uring backend", []).append(u)
+                    if have_sqpoll:
+                        s = engine_direct(path, offs, args.seconds, "io_uring", sqpoll=True)
+                        if s is None:
+                            have_sqpoll = False  # (no row: rounds would not pair)
+                            dres.pop(SQPOLL, None)
+                        else:
+                            dres.setdefault(SQPOLL, []).append(s)
                     if have_qemu:
                         q = qemu_img_bench(path, int(100_000 * args.seconds), "io_uring")
                         assert q is not None
@@ -205,6 +229,8 @@ def main() -> None:
                 table("O_DIRECT 4 KiB random reads, depth 32", QEMU, dres)
             else:
                 print("qemu-img is not installed: O_DIRECT figures alone:", dres)
+            if have_uring and not have_sqpoll:
+                print(f"{SQPOLL}: skipped, the kernel refused IORING_SETUP_SQPOLL here")
     finally:
         os.unlink(path)
 

@@ -8,10 +8,17 @@ depth 32 on one file, each awaiting
 
 and ``posix``: benchmarks/posix_vs_glibc.py's loop (aio_suspend on 32
 aiocbs, every finished one collected and resubmitted), O_DIRECT.  Each tree
-runs in a child with ``PYTHONPATH=TREE/src`` and the default backend.
+runs in a child with ``PYTHONPATH=TREE/src`` and the default backend;
+``--sqpoll`` has the children ask for IORING_SETUP_SQPOLL (a kernel thread
+polls the ring; the opt-in that costs a CPU while requests flow): the front
+end through ``threadlets.configure(sqpoll=True)``, posix through
+``threadlets.posix.set_context(AioContext(deliver=False, backend="auto",
+sqpoll=True))``.  A child whose ring does not poll then fails the run (its
+figures would not be what was asked); so does a tree without the API.
 
     python benchmarks/front_end_ab.py TREE [TREE ...] [--rounds 3]
         [--seconds 1.5] [--directory /var/tmp] [--loops direct-read,cached-write,posix]
+        [--sqpoll]
 
 Prints ops/s per loop and tree: the median of the rounds, the ratio to the
 first tree, and every round.
@@ -43,17 +50,22 @@ def _offsets() -> list[int]:
     return [rnd.randrange(SIZE // BLOCK) * BLOCK for _ in range(100_000)]
 
 
-def _front_end(loop: str, path: str, sec: float) -> float:
+def _front_end(loop: str, path: str, sec: float, sqpoll: bool = False) -> float:
     import threadlets
+    import threadlets.awaitable as aw
     from threadlets.probe import aligned_buffer
 
     offs = _offsets()
+    if sqpoll:
+        aw.configure(sqpoll=True)  # (the default backend, "auto", as without)
 
     async def main() -> float:
         n = 0
         direct = loop == "direct-read"
         mode = "rb" if direct else "r+b"
         async with threadlets.open(path, mode, direct=direct, buffering=0) as f:
+            if sqpoll:
+                _check_sqpoll(aw.current().ctx)
             stop = time.perf_counter() + sec
 
             async def task(i: int) -> None:
@@ -75,17 +87,32 @@ def _front_end(loop: str, path: str, sec: float) -> float:
     return asyncio.run(main())
 
 
-def child(loop: str, path: str, sec: float) -> None:
+def _check_sqpoll(ctx: object) -> None:
+    if not getattr(ctx, "sqpoll", False):
+        sys.exit("--sqpoll: this ring does not poll (no ring, or the kernel refused SQPOLL)")
+
+
+def child(loop: str, path: str, sec: float, sqpoll: bool = False) -> None:
     if loop == "posix":
+        if sqpoll:
+            import threadlets
+            import threadlets.posix as px
+
+            ctx = threadlets.AioContext(deliver=False, backend="auto", sqpoll=True)
+            _check_sqpoll(ctx)
+            px.set_context(ctx)
         rate = loops._posix(path, _offsets(), sec)[0]  # core_before_after's loop
+        if sqpoll:
+            px.set_context(None)
+            ctx.close()
     else:
-        rate = _front_end(loop, path, sec)
+        rate = _front_end(loop, path, sec, sqpoll)
     print(f"{rate:.0f}")
 
 
 def main() -> None:
-    if len(sys.argv) == 5 and sys.argv[1] == "--child":
-        child(sys.argv[2], sys.argv[3], float(sys.argv[4]))
+    if len(sys.argv) in (5, 6) and sys.argv[1] == "--child":
+        child(sys.argv[2], sys.argv[3], float(sys.argv[4]), sys.argv[5:] == ["--sqpoll"])
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("trees", nargs="+", help="source trees (each has src/threadlets)")
@@ -93,6 +120,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=1.5)
     parser.add_argument("--directory", default="/var/tmp", help="where the scratch file goes")
     parser.add_argument("--loops", default=",".join(LOOPS))
+    parser.add_argument(
+        "--sqpoll",
+        action="store_true",
+        help="the children ask for IORING_SETUP_SQPOLL (threadlets.configure(sqpoll=True))",
+    )
     args = parser.parse_args()
     loops = args.loops.split(",")
     if not set(loops) <= set(LOOPS) or args.rounds < 1 or not args.seconds > 0:
@@ -108,7 +140,10 @@ def main() -> None:
                 for tree in args.trees:
                     env = dict(os.environ, PYTHONPATH=os.path.join(os.path.abspath(tree), "src"))
                     cmd = [sys.executable, __file__, "--child", loop, path, str(args.seconds)]
-                    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+                    cmd += ["--sqpoll"] if args.sqpoll else []
+                    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+                    if out.returncode != 0:
+                        sys.exit(f"{loop} on {tree} failed:\n{out.stderr.strip()[-2000:]}")
                     rates.setdefault((loop, tree), []).append(float(out.stdout.split()[-1]))
         for loop in loops:
             first = statistics.median(rates[(loop, args.trees[0])])

@@ -7,11 +7,16 @@ Every measurement runs each contender once per round, back to back, for
 rounds: on a shared machine only numbers taken side by side compare.
 
 Contenders are taken only where installed: threadlets (as configured by
-default: inline path, io_uring where available; and "threads only": no
-inline path, the thread pool), aiofiles, caio, anyio, asyncio.to_thread, a direct
-synchronous loop (the limit: it blocks the event loop), and the external
-references fio (psync, io_uring) and ``qemu-img bench`` (threads,
-io_uring).
+default: inline path, io_uring where available; "threads only": no inline
+path, the thread pool; and "sqpoll": io_uring with IORING_SETUP_SQPOLL, a
+kernel thread polling the ring, the opt-in of
+``threadlets.configure(sqpoll=True)``), aiofiles, caio, anyio,
+asyncio.to_thread, a direct synchronous loop (the limit: it blocks the event
+loop), and the external references fio (psync, io_uring, and io_uring with
+``--sqthread_poll=1`` beside threadlets' sqpoll row) and ``qemu-img bench``
+(threads, io_uring).  A contender that cannot run here for a reason worth
+saying (no ring, SQPOLL refused) raises :class:`Skipped`: its workload's
+``notes`` say why, instead of a row.
 
 Scratch files live in one directory made under ``BenchConfig.directory``
 (the system temp directory unless told otherwise, never the cwd by
@@ -131,6 +136,11 @@ class Result:
 Runner = Callable[[], Result | None]
 
 
+class Skipped(Exception):
+    """Raised by a runner that cannot measure here; the message (the
+    reason) goes to its workload's ``notes``, in place of a row."""
+
+
 # -- helpers -------------------------------------------------------------------------------------
 
 
@@ -184,10 +194,17 @@ async def _tasks(op: Callable[[int], Awaitable[object]], depth: int, seconds: fl
 
 
 async def _c_threadlets(
-    path: str, write: bool, direct: bool, inline: bool = True, backend: str = "auto"
+    path: str,
+    write: bool,
+    direct: bool,
+    inline: bool = True,
+    backend: str = "auto",
+    sqpoll: bool = False,
 ) -> Any:
-    aw.configure(inline=inline, backend=backend)
+    aw.configure(inline=inline, backend=backend, sqpoll=sqpoll)
     try:
+        if sqpoll:
+            _check_sqpoll()
         f = await threadlets.open(path, "r+b", direct=direct)
     finally:
         aw.configure()
@@ -211,6 +228,27 @@ async def _c_threadlets(
 
 async def _c_threadlets_threads(path: str, write: bool, direct: bool) -> Any:
     return await _c_threadlets(path, write, direct, inline=False, backend="threads")
+
+
+async def _c_threadlets_sqpoll(path: str, write: bool, direct: bool) -> Any:
+    return await _c_threadlets(path, write, direct, backend="io_uring", sqpoll=True)
+
+
+#: The note of a "sqpoll" row whose ring does not poll.
+NO_SQPOLL = "skipped: the kernel refused IORING_SETUP_SQPOLL here (the ring would not poll)"
+
+
+def _check_sqpoll() -> None:
+    """Skipped, unless the running loop's context (made now, as configured)
+    has a ring that polls."""
+    from threadlets.uring import RingUnavailable
+
+    try:
+        ctx = aw.current().ctx
+    except RingUnavailable as e:
+        raise Skipped(f"skipped: no io_uring ring here ({e.strerror or e})") from None
+    if not ctx.sqpoll:
+        raise Skipped(NO_SQPOLL)
 
 
 async def _c_aiofiles(path: str, write: bool, direct: bool) -> Any:
@@ -310,6 +348,7 @@ async def _c_direct(path: str, write: bool, direct: bool) -> Any:
 ASYNC_CONTENDERS: dict[str, Any] = {
     "threadlets": _c_threadlets,
     "threadlets (threads only)": _c_threadlets_threads,
+    "threadlets sqpoll": _c_threadlets_sqpoll,
     "caio": _c_caio,
     "asyncio.to_thread": _fd_contender(_to_thread),
     "anyio.to_thread": _fd_contender(_anyio_thread),
@@ -317,6 +356,10 @@ ASYNC_CONTENDERS: dict[str, Any] = {
     "direct loop (blocks the loop)": _c_direct,
 }
 DIRECT = "direct loop (blocks the loop)"
+#: The front end with threadlets.configure(backend="io_uring", sqpoll=True).
+SQPOLL = "threadlets sqpoll"
+#: fio's io_uring engine with --sqthread_poll=1 (its like for like).
+FIO_SQPOLL = "fio io_uring sqpoll"
 #: The module a contender needs: without it, it is not planned at all.
 _NEEDS = {"caio": "caio", "aiofiles": "aiofiles", "anyio.to_thread": "anyio"}
 
@@ -354,8 +397,19 @@ def _async_runner(
 
 
 def _fio(
-    path: str, size: int, rw: str, depth: int, direct: bool, engine: str, seconds: float
+    path: str,
+    size: int,
+    rw: str,
+    depth: int,
+    direct: bool,
+    engine: str,
+    seconds: float,
+    sqpoll: bool = False,
 ) -> Runner:
+    """fio on ``path``; ``sqpoll``: its io_uring engine with
+    ``--sqthread_poll=1`` (a kernel thread polls its ring), a refusal then
+    said in a note (Skipped) rather than a row left out silently."""
+
     def run() -> Result | None:
         exe = shutil.which("fio")
         if exe is None:
@@ -381,12 +435,22 @@ def _fio(
             cmd.append(f"--numjobs={depth}")
         else:
             cmd.append(f"--iodepth={depth}")
+        if sqpoll:
+            cmd.append("--sqthread_poll=1")
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
+            if sqpoll:
+                why = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-1:]
+                raise Skipped(f"skipped: fio --sqthread_poll=1 failed: {''.join(why)[:200]}")
             return None
         job = json.loads(proc.stdout)["jobs"][0]["write" if "write" in rw else "read"]
         pct = job.get("clat_ns", {}).get("percentile", {})
         lat = [pct[k] / 1e9 for k in ("50.000000", "99.000000") if k in pct]
+        if sqpoll:
+            # With --sqthread_poll fio does not time the submission, and its
+            # clat (and lat) come out as nonsense (fio 3.33: seconds, at
+            # 70k IOPS and depth 32): no latencies, rather than wrong ones.
+            lat = []
         runtime = job.get("runtime", 0) / 1000 or max(1, round(seconds))
         return Result(int(job["iops"] * runtime), runtime, lat if len(lat) == 2 else [])
 
@@ -430,6 +494,9 @@ def _rw_workload(
     if shutil.which("fio"):
         runners["fio psync"] = _fio(path, cfg.size, rw, depth, direct, "psync", cfg.seconds)
         runners["fio io_uring"] = _fio(path, cfg.size, rw, depth, direct, "io_uring", cfg.seconds)
+        runners[FIO_SQPOLL] = _fio(
+            path, cfg.size, rw, depth, direct, "io_uring", cfg.seconds, sqpoll=True
+        )
     if shutil.which("qemu-img"):
         runners["qemu-img bench threads"] = _qemu(
             path, cfg.size, depth, direct, "threads", write, cfg.seconds
@@ -578,7 +645,7 @@ def _runners(name: str, cfg: BenchConfig, path: str, scratch: str) -> dict[str, 
         return {
             k: v
             for k, v in r.items()
-            if k in ("threadlets", DIRECT) or k.startswith(("fio", "qemu"))
+            if k in ("threadlets", SQPOLL, DIRECT) or k.startswith(("fio", "qemu"))
         }
     if name == "random-write-qd32":
         return _rw_workload(cfg, path, 32, True, False, True)
@@ -778,6 +845,7 @@ def _measure(cfg: BenchConfig, report: dict[str, Any]) -> dict[str, Any]:
                 )
                 continue
             rounds: dict[str, list[Result]] = {}
+            notes: dict[str, str] = {}
             done = False
             try:
                 for r in range(cfg.repeats):
@@ -785,15 +853,19 @@ def _measure(cfg: BenchConfig, report: dict[str, Any]) -> dict[str, Any]:
                         if name.startswith(("cached", "random-write")):
                             _cache(path)
                         progress.step(name, index, cname, r + 1, cfg.repeats)
-                        res = run()
+                        try:
+                            res = run()
+                        except Skipped as e:
+                            notes[cname] = str(e)
+                            res = None
                         _stopped()  # (one cut short is not a figure)
                         if res is not None:
                             rounds.setdefault(cname, []).append(res)
                 done = True
             finally:
                 # Stopped half-way, the rounds measured so far are reported.
-                if done or rounds:
-                    report["workloads"][name] = _summarise(WORKLOADS[name], rounds)
+                if done or rounds or notes:
+                    report["workloads"][name] = _summarise(WORKLOADS[name], rounds, notes)
         _stopped()  # the last measurement may have been cut short
     finally:
         with signals_deferred():  # (a second Ctrl-C half-way left files behind)
@@ -806,7 +878,11 @@ def _planned(cfg: BenchConfig, contender: str) -> float:
     return max(1.0, round(cfg.seconds)) if contender.startswith("fio") else cfg.seconds
 
 
-def _summarise(title: str, rounds: dict[str, list[Result]]) -> dict[str, Any]:
+def _summarise(
+    title: str, rounds: dict[str, list[Result]], notes: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """A workload's report: its title, a row per contender measured, and
+    ``notes``: why a contender planned has no row (``{}`` if none)."""
     rows: dict[str, Any] = {}
     for cname, results in rounds.items():
         rates = [r.rate for r in results]
@@ -824,7 +900,8 @@ def _summarise(title: str, rounds: dict[str, list[Result]]) -> dict[str, Any]:
     for r in rows.values():
         r["vs_best"] = round(r["ops_per_s"] / best, 3) if best else None
         r["vs_direct"] = round(r["ops_per_s"] / direct, 3) if direct else None
-    return {"title": title, "contenders": rows}
+    left_out = {k: v for k, v in (notes or {}).items() if k not in rows}
+    return {"title": title, "contenders": rows, "notes": left_out}
 
 
 # -- output ------------------------------------------------------------------------------------------------
@@ -852,6 +929,10 @@ def to_markdown(report: dict[str, Any], command: str) -> str:
                 f"| {r['vs_direct'] if r['vs_direct'] is not None else 'n/a'} |"
             )
         lines.append("")
+        for cname, note in w.get("notes", {}).items():
+            lines.append(f"- {cname}: {note}")
+        if w.get("notes"):
+            lines.append("")
     if "queue_depth" in report:
         lines += ["### queue-depth: threadlets (threads only) against queue depth", ""]
         lines += ["| depth | ops/s |", "|---|---|"]

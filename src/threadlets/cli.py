@@ -323,6 +323,7 @@ def _stress(args: argparse.Namespace) -> int:
         block_size=args.block_size,
         direct=args.direct,
         backend=args.backend,
+        sqpoll=args.sqpoll,
         seed=args.seed,
         cancel_rate=args.cancel_rate,
         inject_faults=args.inject_faults,
@@ -373,13 +374,13 @@ def _stress(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.as_json(), indent=2))
     else:
-        _print_stress(console, report, Table)
+        _print_stress(console, report, Table, args.sqpoll)
     if not report.ok:
         return 1
     return 128 + report.stopped_by if report.interrupted else 0
 
 
-def _print_stress(console: Any, report: Any, table_cls: Any) -> None:
+def _print_stress(console: Any, report: Any, table_cls: Any, sqpoll: bool = False) -> None:
     from rich.markup import escape
 
     for m in report.mismatches:
@@ -409,6 +410,13 @@ def _print_stress(console: Any, report: Any, table_cls: Any) -> None:
     )
     facts.add_row("target", f"{escape(report.path)} ({report.size:,} bytes)")
     facts.add_row("backend", report.backend)
+    if sqpoll or report.sqpoll:
+        facts.add_row(
+            "SQPOLL",
+            "in effect (a kernel thread polled the ring)"
+            if report.sqpoll
+            else "asked, not in effect (no ring, or the kernel refused it)",
+        )
     facts.add_row("bytes read / written", f"{report.bytes_read:,} / {report.bytes_written:,}")
     facts.add_row("verified reads", f"{report.verified_reads:,}")
     facts.add_row(
@@ -771,6 +779,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="what runs requests that do not finish inline (default auto, as the front "
         "ends: io_uring where the kernel has it; the report says which ran)",
+    )
+    st.add_argument(
+        "--sqpoll",
+        action="store_true",
+        help="ask the ring for IORING_SETUP_SQPOLL: a kernel thread polls it, so "
+        "submissions need no system call, at the cost of a CPU busy while requests "
+        "flow (io_uring and auto only; the report says whether it was in effect)",
     )
     st.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     st.add_argument("--cancel-rate", type=_rate, default=0.05, help="share of requests cancelled")

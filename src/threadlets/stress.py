@@ -134,6 +134,10 @@ class StressConfig:
     #: The engine backend: "threads", "io_uring" or "auto" (see AioContext);
     #: "auto", as the front ends use, runs fault injection on threads.
     backend: str = "auto"
+    #: Ask the ring for IORING_SETUP_SQPOLL (a kernel thread polls it; see
+    #: AioContext's ``sqpoll``): "io_uring" or "auto" only.  The report's
+    #: ``sqpoll`` says whether the ring got it.
+    sqpoll: bool = False
     seed: int = 0
     cancel_rate: float = 0.05
     inject_faults: float = 0.0
@@ -170,6 +174,10 @@ class StressConfig:
             raise StressError(f"--backend must be one of {', '.join(BACKENDS)}")
         if self.backend == "io_uring" and self.inject_faults:
             raise StressError("--inject-faults needs the threads backend (faults enter through it)")
+        if self.sqpoll and self.backend == "threads":
+            raise StressError("--sqpoll needs the ring: --backend io_uring or auto")
+        if self.sqpoll and self.inject_faults:
+            raise StressError("--sqpoll needs the ring, and --inject-faults runs on threads")
         if self.direct and self.block_size % 512:
             raise StressError("--direct needs a --block-size that is a multiple of 512")
         if self.fio_pattern and ((self.size or 0) % self.block_size or self.block_size % 8):
@@ -262,6 +270,9 @@ class StressReport:
     seed: int
     #: What ran the requests that did not finish inline ("threads"/"io_uring").
     backend: str = "threads"
+    #: Whether the ring polled (IORING_SETUP_SQPOLL): asked with --sqpoll
+    #: and granted by the kernel.
+    sqpoll: bool = False
     path: str = ""
     size: int = 0
     #: Stopped early by SIGINT or SIGTERM: the figures cover what ran.
@@ -299,6 +310,7 @@ class StressReport:
             "ok": self.ok,
             "seed": self.seed,
             "backend": self.backend,
+            "sqpoll": self.sqpoll,
             "path": self.path,
             "size": self.size,
             "interrupted": self.interrupted,
@@ -396,7 +408,7 @@ class _Stress:
         self.sc: Syscalls = (
             FaultInjector(cfg.inject_faults, seed=cfg.seed) if cfg.inject_faults else Syscalls()
         )
-        self.ctx = AioContext(self.queue, syscalls=self.sc, backend=cfg.backend)
+        self.ctx = AioContext(self.queue, syscalls=self.sc, backend=cfg.backend, sqpoll=cfg.sqpoll)
         self.model = _Model(self.size)
         self.inflight: dict[int, Op] = {}
         self.history: deque[Op] = deque(maxlen=4096)
@@ -1024,7 +1036,7 @@ def _run(st: _Stress, cfg: StressConfig, report: StressReport, path: str, size: 
     if cfg.fio_pattern and report.ok and not st.stopping:
         if cfg.inject_faults:
             st.ctx.close()
-            st.ctx = AioContext(st.queue, backend=cfg.backend)  # no faults now
+            st.ctx = AioContext(st.queue, backend=cfg.backend, sqpoll=cfg.sqpoll)  # no faults now
         st.write_fio_pattern()
         passed, output = (False, "") if st.stopping else fio_verify(path, size, cfg.block_size)
         if st.stopping:
@@ -1085,6 +1097,7 @@ def run_stress(cfg: StressConfig) -> StressReport:
             if target.device:
                 _load(path, st.model.data)
             report.backend = st.ctx.backend
+            report.sqpoll = st.ctx.sqpoll
             st.path_for_corruption = path
             st.device = target.device
             stopper.append(st.stop)
