@@ -11,7 +11,7 @@ aiocbs, every finished one collected and resubmitted), O_DIRECT.  Each tree
 runs in a child with ``PYTHONPATH=TREE/src`` and the default backend;
 ``--sqpoll`` has the children ask for IORING_SETUP_SQPOLL (a kernel thread
 polls the ring; the opt-in that costs a CPU while requests flow): the front
-end through ``threadlets.configure(sqpoll=True)``, posix through
+end through ``threadlets.awaitable.configure(sqpoll=True)``, posix through
 ``threadlets.posix.set_context(AioContext(deliver=False, backend="auto",
 sqpoll=True))``.  A child whose ring does not poll then fails the run (its
 figures would not be what was asked); so does a tree without the API.
@@ -123,7 +123,7 @@ def main() -> None:
     parser.add_argument(
         "--sqpoll",
         action="store_true",
-        help="the children ask for IORING_SETUP_SQPOLL (threadlets.configure(sqpoll=True))",
+        help="the children ask for IORING_SETUP_SQPOLL (threadlets.awaitable.configure(sqpoll=True))",
     )
     args = parser.parse_args()
     loops = args.loops.split(",")

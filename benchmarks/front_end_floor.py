@@ -20,7 +20,7 @@ O_DIRECT, 32 at a time:
   and ``await f.preadinto(buf, offset)`` in 32 tasks (the default
   configuration);
 * ``front end, sqpoll`` (with ``--sqpoll``): the same after
-  ``threadlets.configure(backend="io_uring", sqpoll=True)``.
+  ``threadlets.awaitable.configure(backend="io_uring", sqpoll=True)``.
 
 Each contender runs in a child process, so none inherits another's
 threads, rings or heap.  Prints ops/s and the ratio to qemu-img per round
@@ -103,10 +103,11 @@ async def _floor(path: str, seconds: float, hold: bool) -> int:
 
 async def _front_end(path: str, seconds: float, sqpoll: bool) -> int:
     import threadlets
+    from threadlets.awaitable import configure
     from threadlets.probe import aligned_buffer
 
     if sqpoll:
-        threadlets.configure(backend="io_uring", sqpoll=True)
+        configure(backend="io_uring", sqpoll=True)
     offs = _offsets()
     n = 0
     async with threadlets.open(path, "rb", direct=True, buffering=0) as f:

@@ -10,7 +10,7 @@ Contenders are taken only where installed: threadlets (as configured by
 default: inline path, io_uring where available; "threads only": no inline
 path, the thread pool; and "sqpoll": io_uring with IORING_SETUP_SQPOLL, a
 kernel thread polling the ring, the opt-in of
-``threadlets.configure(sqpoll=True)``), aiofiles, caio, anyio,
+``threadlets.awaitable.configure(sqpoll=True)``), aiofiles, caio, anyio,
 asyncio.to_thread, a direct synchronous loop (the limit: it blocks the event
 loop), and the external references fio (psync, io_uring, and io_uring with
 ``--sqthread_poll=1`` beside threadlets' sqpoll row) and ``qemu-img bench``
@@ -356,7 +356,7 @@ ASYNC_CONTENDERS: dict[str, Any] = {
     "direct loop (blocks the loop)": _c_direct,
 }
 DIRECT = "direct loop (blocks the loop)"
-#: The front end with threadlets.configure(backend="io_uring", sqpoll=True).
+#: The front end with threadlets.awaitable.configure(backend="io_uring", sqpoll=True).
 SQPOLL = "threadlets sqpoll"
 #: fio's io_uring engine with --sqthread_poll=1 (its like for like).
 FIO_SQPOLL = "fio io_uring sqpoll"
