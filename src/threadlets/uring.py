@@ -1378,13 +1378,41 @@ class Ring:
                     on_done = self._pending.get(ident)
                     if on_done is not None:
                         self._pending[ident] = functools.partial(_close_opened, on_done)
-                room = self.entries - ((self._tail - self._sq_head.value) & 0xFFFFFFFF)
-                for ident in list(self._pending)[: max(room, 0)]:
-                    self._push(OP_ASYNC_CANCEL, -1, 0, ident, 0, 0, _KICK)
+                left = list(self._pending)
+                left = left[self._push_cancels(left) :]
                 n = self._take()
         finally:
             self._kick(n)
+        # The SQ had no room for every cancel: SQEs not consumed yet filled
+        # it (held back by a plug, or -- SQPOLL -- published while the SQ
+        # thread slept: the kick only woke it).  Those left without one
+        # waited for good (a read on a pipe: the ring, its fd, its SQ
+        # thread and what its callbacks pin, never released).  The rest
+        # once there is room: at once after a plain ring's kick (it
+        # consumed the SQ), once the SQ thread took some with SQPOLL.
+        while left:
+            if self.sqpoll and not self._wait_sq_room():
+                break  # pragma: no cover  (refused: as before)
+            n = 0
+            try:
+                with self._lock:
+                    if self._released:
+                        break
+                    pending = self._pending
+                    left = [ident for ident in left if ident in pending]
+                    left = left[self._push_cancels(left) :]
+                    n = self._take()
+            finally:
+                self._kick(n)
         self._reap_abandoned(ABANDON_WAIT)
+
+    def _push_cancels(self, idents: list[int]) -> int:
+        """Under _lock: an ASYNC_CANCEL for each of ``idents``, as many as
+        the SQ has room for (see _nop_for_sleepers); how many."""
+        room: int = max(self.entries - ((self._tail - self._sq_head.value) & 0xFFFFFFFF), 0)
+        for ident in idents[:room]:
+            self._push(OP_ASYNC_CANCEL, -1, 0, ident, 0, 0, _KICK)
+        return min(room, len(idents))
 
     def _reap_abandoned(self, timeout: float) -> None:
         """An abandoned ring: drop what came back, and release the ring once
