@@ -5,9 +5,10 @@ ring / SQPOLL ring where the defect concerns both."""
 from __future__ import annotations
 
 import ctypes
+import errno
 import gc
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -86,3 +87,114 @@ def test_given_up_with_the_sq_full_of_unconsumed_reads_cancels_them_all(
         assert got == []  # (given up on: never called)
     finally:
         os.close(efd)
+
+
+# -- cancel on a ring at its cap -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("owner", [False, True], ids=["reaper", "owner"])
+@pytest.mark.parametrize("sqpoll", [False, True], ids=["plain", "sqpoll"])
+def test_cancel_on_a_ring_at_its_cap_takes_the_read_back(
+    sqpoll: bool, owner: bool, pipe: tuple[int, int]
+) -> None:
+    """Every slot a read of an empty pipe (the ring at its cap): cancel
+    still goes (its CQE has room: the CQ is twice as large), and answers 0,
+    the read coming back -ECANCELED.  Refused, the read was answered
+    "running" and waited for good."""
+    efd = os.eventfd(0) if owner else None
+    try:
+        ring = _ring(8, sqpoll, efd)
+        r, _ = pipe
+        bufs = [(ctypes.c_char * 1)() for _ in range(ring.entries)]
+        got: list[int] = []
+        idents = [
+            ring.submit(uring.OP_READ, r, 0, ctypes.addressof(b), 1, 0, got.append) for b in bufs
+        ]
+        assert all(idents)
+        assert not ring.submit(uring.OP_NOP, -1, 0, 0, 0, 0, got.append)  # at its cap
+        answers: list[int] = []
+
+        def answered(k: int) -> Callable[[], bool]:
+            def done() -> bool:
+                if owner:
+                    ring.reap()
+                return len(got) >= k and len(answers) >= k
+
+            return done
+
+        for k, ident in enumerate(idents, 1):
+            assert ring.cancel(ident, answers.append)
+            wait_until(answered(k))  # (as AioRequest.cancel waits for its answer)
+        assert answers == [0] * ring.entries
+        assert got == [-errno.ECANCELED] * ring.entries
+        ring.close()
+        assert ring.join(10)
+    finally:
+        if efd is not None:
+            os.close(efd)
+
+
+def test_cancel_with_the_sq_full_of_unconsumed_sqes_waits_for_room(
+    pipe: tuple[int, int],
+) -> None:
+    """SQPOLL: the SQ full of reads published while the SQ thread slept (a
+    plug held them): a cancel wakes the thread and waits for a slot, then
+    goes -- not over the oldest SQE not consumed, and not refused."""
+    ring = _ring(8, True)
+    r, _ = pipe
+    wait_until(lambda: _asleep(ring))
+    bufs = [(ctypes.c_char * 1)() for _ in range(ring.entries)]
+    got: list[int] = []
+    assert ring.plug()
+    idents = [ring.submit(uring.OP_READ, r, 0, ctypes.addressof(b), 1, 0, got.append) for b in bufs]
+    assert all(idents)
+    assert (ring._tail - ring._sq_head.value) & 0xFFFFFFFF == ring.entries  # none consumed
+    answers: list[int] = []
+    for k, ident in enumerate(idents, 1):
+        assert ring.cancel(ident, answers.append)
+        wait_until(lambda: len(answers) >= k)  # noqa: B023  (as AioRequest.cancel waits)
+    ring.unplug()
+    wait_until(lambda: len(got) == ring.entries and len(answers) == ring.entries)
+    assert answers == [0] * ring.entries
+    assert got == [-errno.ECANCELED] * ring.entries
+    ring.close()
+    assert ring.join(10)
+
+
+@pytest.mark.parametrize("sqpoll", [False, True], ids=["plain", "sqpoll"])
+def test_posix_aio_cancel_of_a_full_ring_of_pipe_reads(sqpoll: bool, pipe: tuple[int, int]) -> None:
+    """threadlets.posix on a ring context: a lio_listio of as many reads of
+    a pipe as the ring holds, two bytes written, aio_cancel(fd): the two
+    read, every other one AIO_CANCELED (ECANCELED) -- on an SQPOLL ring as
+    on a plain one, where the SQ thread had not even taken the reads (or
+    the reaper not reaped the two) when the cancels came.  Each refused
+    (the ring at its cap) was answered AIO_NOTCANCELED and never finished."""
+    import threadlets.posix as px
+    from threadlets.engine import RING_ENTRIES, AioContext
+
+    if not HAVE_RING:
+        pytest.skip("no io_uring here")
+    ctx = AioContext(deliver=False, backend="io_uring", sqpoll=sqpoll, inline=False)
+    r, w = pipe
+    try:
+        if sqpoll and not ctx.sqpoll:
+            pytest.skip("the kernel refused IORING_SETUP_SQPOLL here")
+        ring = ctx._ring
+        assert ring is not None
+        with px.use_context(ctx):
+            if sqpoll:
+                wait_until(lambda: _asleep(ring))
+            cbs = [
+                px.aiocb(r, 0, bytearray(1), 1, lio_opcode=px.LIO_READ) for _ in range(RING_ENTRIES)
+            ]
+            px.lio_listio(px.LIO_NOWAIT, cbs)
+            os.write(w, b"ab")
+            assert px.aio_cancel(r) == px.AIO_CANCELED
+            for cb in cbs:
+                while px.aio_error(cb) == errno.EINPROGRESS:
+                    px.aio_suspend([cb], 10)
+            errs = [px.aio_error(cb) for cb in cbs]
+            assert errs.count(0) == 2
+            assert errs.count(errno.ECANCELED) == len(cbs) - 2
+    finally:
+        assert ctx.close(timeout=10)

@@ -766,11 +766,58 @@ class Ring:
         at once even if this thread holds the plug.  ``on_done(res)`` gets
         0 (cancelled: the operation completes with -ECANCELED, having moved
         nothing), -EALREADY (running: it completes normally) or -ENOENT (it
-        had completed).  False if the ring cannot take the request."""
-        if not self.submit(OP_ASYNC_CANCEL, -1, 0, ident, 0, 0, on_done):
-            return False
+        had completed).  False if the ring cannot take the request.
+
+        A ring at its cap (``entries`` operations in flight: reads of an
+        empty pipe, say, or completions not reaped yet) still takes a
+        cancel, past the cap (the CQ, twice as large, has room for its
+        CQE): refused there, a request the kernel would have taken back
+        answered "running" -- and, nothing ever coming for it, waited for
+        good.  With SQPOLL that was the common case: the thread takes the
+        SQEs, and posts the CQEs that give slots back, after the kick
+        returns.  An SQ full of SQEs not consumed yet is sent first (with
+        SQPOLL: the SQ thread woken, and waited for until it took one)."""
+        while not self.submit(OP_ASYNC_CANCEL, -1, 0, ident, 0, 0, on_done):
+            over = self._cancel_past_cap(ident, on_done)
+            if over is None:
+                return False
+            if over:
+                break
+            # The SQ full of SQEs not consumed: a plain ring's kick consumes
+            # them; SQPOLL's wakes its thread, which may not have taken any.
+            self.flush()
+            if self.sqpoll and not self._wait_sq_room():
+                return False  # pragma: no cover  (refused)
         self.flush()
         return True
+
+    def _cancel_past_cap(self, ident: int, on_done: Callable[[int], None]) -> bool | None:
+        """cancel(), the ring at its cap: the cancel published past it
+        (True), not now (False: no SQ slot free, or the cap came back --
+        the caller tries again), or never (None: closing, a forked child,
+        or the cancels past the cap at their own limit)."""
+        with self._lock:
+            if self._cap <= 0 or self._released or self._generation != _generation:
+                return None
+            free = self._free
+            if free > 0:
+                return False  # (room again: submit takes it)
+            if free <= -(self.entries // 2):
+                return None  # (the CQ's room for them)
+            tail = self._tail
+            if (tail - self._sq_head.value) & 0xFFFFFFFF >= self.entries:
+                return False
+            # As submit does: the SQE past the tail, then (plain bytecodes)
+            # pending and published together.
+            mine = tail + 1
+            _pack_sqe(
+                self._sqes, (tail & self._sq_mask) * 64, OP_ASYNC_CANCEL, -1, 0, ident, 0, 0, mine
+            )  # fmt: skip
+            self._pending[mine] = on_done
+            self._tail = mine
+            self._sq_tail.value = mine
+            self._free = free - 1  # (its CQE gives it back: see _collect)
+            return True
 
     def _take(self) -> int:
         # Under _lock: the published SQEs the caller will now submit.  None
