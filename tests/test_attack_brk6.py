@@ -198,3 +198,49 @@ def test_posix_aio_cancel_of_a_full_ring_of_pipe_reads(sqpoll: bool, pipe: tuple
             assert errs.count(errno.ECANCELED) == len(cbs) - 2
     finally:
         assert ctx.close(timeout=10)
+
+
+# -- benchmarks/front_end_floor.py -----------------------------------------------------------
+
+
+def test_front_end_floor_sqpoll_row_refuses_a_ring_that_does_not_poll(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """front_end_floor.py --sqpoll: a child asked for the "front end,
+    sqpoll" row whose ring does not poll (the kernel refused SQPOLL) fails
+    the run, as front_end_ab.py's does, instead of measuring a plain ring
+    under the SQPOLL label."""
+    import asyncio
+    import importlib.util
+    import tempfile
+    from pathlib import Path
+
+    from threadlets import awaitable as aw
+
+    if not HAVE_RING:
+        pytest.skip("no io_uring here")
+    bench = Path(__file__).resolve().parent.parent / "benchmarks" / "front_end_floor.py"
+    spec = importlib.util.spec_from_file_location("front_end_floor_brk6", bench)
+    assert spec is not None
+    assert spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    setup, enter, register = uring._syscalls()
+
+    def refusing(nr: int, entries: int, addr: int) -> int:
+        if ctypes.c_uint32.from_address(addr + 8).value & uring._SETUP_SQPOLL:
+            ctypes.set_errno(errno.EPERM)
+            return -1
+        return int(setup(nr, entries, addr))
+
+    monkeypatch.setattr(uring, "_syscalls", lambda: (refusing, enter, register))
+    d = "/var/tmp" if os.access("/var/tmp", os.W_OK) else None
+    fd, path = tempfile.mkstemp(prefix="threadlets-brk6-", dir=d)
+    try:
+        os.write(fd, bytes(1 << 16))
+        with pytest.raises(RuntimeError, match="does not poll"):
+            asyncio.run(mod._front_end(path, 0.01, True))
+    finally:
+        aw.configure()
+        os.close(fd)
+        os.unlink(path)
