@@ -244,3 +244,51 @@ def test_front_end_floor_sqpoll_row_refuses_a_ring_that_does_not_poll(
         aw.configure()
         os.close(fd)
         os.unlink(path)
+
+
+def test_cancel_and_give_up_with_a_failing_kick_do_not_spin(pipe: tuple[int, int]) -> None:
+    """A plain ring whose SQ is full of held SQEs and whose io_uring_enter
+    fails (the kick logs and gives up): cancel() answers False and an
+    owner-mode close() returns, instead of waiting for room that never
+    comes."""
+    import threading
+
+    efd = os.eventfd(0)
+    try:
+        ring = _ring(8, False, efd)
+        r, _ = pipe
+        bufs = [(ctypes.c_char * 1)() for _ in range(ring.entries)]
+        assert ring.plug()
+        idents = [
+            ring.submit(uring.OP_READ, r, 0, ctypes.addressof(b), 1, 0, lambda res: None)
+            for b in bufs
+        ]
+        assert all(idents)
+        enter = ring._enter
+
+        def failing(*args: int) -> int:
+            ctypes.set_errno(errno.EIO)
+            return -1
+
+        ring._enter = failing
+        out: list[object] = []
+        t = threading.Thread(target=lambda: out.append(ring.cancel(idents[0], lambda res: None)))
+        t.start()
+        t.join(10)
+        stuck = t.is_alive()
+        t2 = threading.Thread(target=ring.close)
+        if not stuck:
+            t2.start()
+            t2.join(10)
+            stuck = t2.is_alive()
+        ring._enter = enter  # (lets a spinning loop out)
+        t.join(10)
+        if t2.ident is not None:
+            t2.join(10)
+        assert not stuck
+        assert out == [False]
+        ring.flush()  # (the reads go now; given up on, nothing cancels them:)
+        os.write(pipe[1], bytes(ring.entries))
+        wait_until(_all_released)
+    finally:
+        os.close(efd)

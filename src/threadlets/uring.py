@@ -777,12 +777,16 @@ class Ring:
         SQEs, and posts the CQEs that give slots back, after the kick
         returns.  An SQ full of SQEs not consumed yet is sent first (with
         SQPOLL: the SQ thread woken, and waited for until it took one)."""
+        again = False
         while not self.submit(OP_ASYNC_CANCEL, -1, 0, ident, 0, 0, on_done):
             over = self._cancel_past_cap(ident, on_done)
             if over is None:
                 return False
             if over:
                 break
+            if again and not self.sqpoll:
+                return False  # (the kick failed: the SQ stays full)
+            again = True
             # The SQ full of SQEs not consumed: a plain ring's kick consumes
             # them; SQPOLL's wakes its thread, which may not have taken any.
             self.flush()
@@ -1437,6 +1441,7 @@ class Ring:
         # thread and what its callbacks pin, never released).  The rest
         # once there is room: at once after a plain ring's kick (it
         # consumed the SQ), once the SQ thread took some with SQPOLL.
+        pushed = 0
         while left:
             if self.sqpoll and not self._wait_sq_room():
                 break  # pragma: no cover  (refused: as before)
@@ -1447,10 +1452,13 @@ class Ring:
                         break
                     pending = self._pending
                     left = [ident for ident in left if ident in pending]
-                    left = left[self._push_cancels(left) :]
+                    pushed = self._push_cancels(left)
+                    left = left[pushed:]
                     n = self._take()
             finally:
                 self._kick(n)
+            if not pushed and not self.sqpoll:
+                break  # (the kick failed: the SQ stays full)
         self._reap_abandoned(ABANDON_WAIT)
 
     def _push_cancels(self, idents: list[int]) -> int:
