@@ -103,7 +103,7 @@ async def _floor(path: str, seconds: float, hold: bool) -> int:
 
 async def _front_end(path: str, seconds: float, sqpoll: bool) -> int:
     import threadlets
-    from threadlets.awaitable import configure
+    from threadlets.awaitable import configure, current
     from threadlets.probe import aligned_buffer
 
     if sqpoll:
@@ -111,6 +111,10 @@ async def _front_end(path: str, seconds: float, sqpoll: bool) -> int:
     offs = _offsets()
     n = 0
     async with threadlets.open(path, "rb", direct=True, buffering=0) as f:
+        if sqpoll and not current().ctx.sqpoll:
+            # (Refused by the kernel, or no ring: the row would measure a
+            # ring without SQPOLL under the SQPOLL label.)
+            raise RuntimeError("--sqpoll: this ring does not poll (no ring, or SQPOLL refused)")
         stop = time.perf_counter() + seconds
 
         async def task(i: int) -> None:

@@ -766,11 +766,62 @@ class Ring:
         at once even if this thread holds the plug.  ``on_done(res)`` gets
         0 (cancelled: the operation completes with -ECANCELED, having moved
         nothing), -EALREADY (running: it completes normally) or -ENOENT (it
-        had completed).  False if the ring cannot take the request."""
-        if not self.submit(OP_ASYNC_CANCEL, -1, 0, ident, 0, 0, on_done):
-            return False
+        had completed).  False if the ring cannot take the request.
+
+        A ring at its cap (``entries`` operations in flight: reads of an
+        empty pipe, say, or completions not reaped yet) still takes a
+        cancel, past the cap (the CQ, twice as large, has room for its
+        CQE): refused there, a request the kernel would have taken back
+        answered "running" -- and, nothing ever coming for it, waited for
+        good.  With SQPOLL that was the common case: the thread takes the
+        SQEs, and posts the CQEs that give slots back, after the kick
+        returns.  An SQ full of SQEs not consumed yet is sent first (with
+        SQPOLL: the SQ thread woken, and waited for until it took one)."""
+        again = False
+        while not self.submit(OP_ASYNC_CANCEL, -1, 0, ident, 0, 0, on_done):
+            over = self._cancel_past_cap(ident, on_done)
+            if over is None:
+                return False
+            if over:
+                break
+            if again and not self.sqpoll:
+                return False  # (the kick failed: the SQ stays full)
+            again = True
+            # The SQ full of SQEs not consumed: a plain ring's kick consumes
+            # them; SQPOLL's wakes its thread, which may not have taken any.
+            self.flush()
+            if self.sqpoll and not self._wait_sq_room():
+                return False  # pragma: no cover  (refused)
         self.flush()
         return True
+
+    def _cancel_past_cap(self, ident: int, on_done: Callable[[int], None]) -> bool | None:
+        """cancel(), the ring at its cap: the cancel published past it
+        (True), not now (False: no SQ slot free, or the cap came back --
+        the caller tries again), or never (None: closing, a forked child,
+        or the cancels past the cap at their own limit)."""
+        with self._lock:
+            if self._cap <= 0 or self._released or self._generation != _generation:
+                return None
+            free = self._free
+            if free > 0:
+                return False  # (room again: submit takes it)
+            if free <= -(self.entries // 2):
+                return None  # (the CQ's room for them)
+            tail = self._tail
+            if (tail - self._sq_head.value) & 0xFFFFFFFF >= self.entries:
+                return False
+            # As submit does: the SQE past the tail, then (plain bytecodes)
+            # pending and published together.
+            mine = tail + 1
+            _pack_sqe(
+                self._sqes, (tail & self._sq_mask) * 64, OP_ASYNC_CANCEL, -1, 0, ident, 0, 0, mine
+            )  # fmt: skip
+            self._pending[mine] = on_done
+            self._tail = mine
+            self._sq_tail.value = mine
+            self._free = free - 1  # (its CQE gives it back: see _collect)
+            return True
 
     def _take(self) -> int:
         # Under _lock: the published SQEs the caller will now submit.  None
@@ -1378,13 +1429,45 @@ class Ring:
                     on_done = self._pending.get(ident)
                     if on_done is not None:
                         self._pending[ident] = functools.partial(_close_opened, on_done)
-                room = self.entries - ((self._tail - self._sq_head.value) & 0xFFFFFFFF)
-                for ident in list(self._pending)[: max(room, 0)]:
-                    self._push(OP_ASYNC_CANCEL, -1, 0, ident, 0, 0, _KICK)
+                left = list(self._pending)
+                left = left[self._push_cancels(left) :]
                 n = self._take()
         finally:
             self._kick(n)
+        # The SQ had no room for every cancel: SQEs not consumed yet filled
+        # it (held back by a plug, or -- SQPOLL -- published while the SQ
+        # thread slept: the kick only woke it).  Those left without one
+        # waited for good (a read on a pipe: the ring, its fd, its SQ
+        # thread and what its callbacks pin, never released).  The rest
+        # once there is room: at once after a plain ring's kick (it
+        # consumed the SQ), once the SQ thread took some with SQPOLL.
+        pushed = 0
+        while left:
+            if self.sqpoll and not self._wait_sq_room():
+                break  # pragma: no cover  (refused: as before)
+            n = 0
+            try:
+                with self._lock:
+                    if self._released:
+                        break
+                    pending = self._pending
+                    left = [ident for ident in left if ident in pending]
+                    pushed = self._push_cancels(left)
+                    left = left[pushed:]
+                    n = self._take()
+            finally:
+                self._kick(n)
+            if not pushed and not self.sqpoll:
+                break  # (the kick failed: the SQ stays full)
         self._reap_abandoned(ABANDON_WAIT)
+
+    def _push_cancels(self, idents: list[int]) -> int:
+        """Under _lock: an ASYNC_CANCEL for each of ``idents``, as many as
+        the SQ has room for (see _nop_for_sleepers); how many."""
+        room: int = max(self.entries - ((self._tail - self._sq_head.value) & 0xFFFFFFFF), 0)
+        for ident in idents[:room]:
+            self._push(OP_ASYNC_CANCEL, -1, 0, ident, 0, 0, _KICK)
+        return min(room, len(idents))
 
     def _reap_abandoned(self, timeout: float) -> None:
         """An abandoned ring: drop what came back, and release the ring once
