@@ -782,8 +782,17 @@ class Ring:
             over = self._cancel_past_cap(ident, on_done)
             if over is None:
                 return False
-            if over:
+            if over is True:
                 break
+            if over == "room":
+                continue  # (a slot came back: submit takes it, or another thread did)
+            if over == "limit":
+                # As many cancels past the cap as the CQ holds: refused, a
+                # request the kernel would take back was answered "running"
+                # (and a read of a pipe waited for good).  Theirs come back
+                # at once; each collected gives a slot back.
+                self._await_cancels()
+                continue
             if again and not self.sqpoll:
                 return False  # (the kick failed: the SQ stays full)
             again = True
@@ -795,19 +804,20 @@ class Ring:
         self.flush()
         return True
 
-    def _cancel_past_cap(self, ident: int, on_done: Callable[[int], None]) -> bool | None:
+    def _cancel_past_cap(self, ident: int, on_done: Callable[[int], None]) -> bool | str | None:
         """cancel(), the ring at its cap: the cancel published past it
-        (True), not now (False: no SQ slot free, or the cap came back --
-        the caller tries again), or never (None: closing, a forked child,
-        or the cancels past the cap at their own limit)."""
+        (True), not now ("room": the cap came back, submit takes it;
+        "limit": the cancels past the cap at their own limit, until theirs
+        come back; False: no SQ slot free), or never (None: closing, a
+        forked child)."""
         with self._lock:
             if self._cap <= 0 or self._released or self._generation != _generation:
                 return None
             free = self._free
             if free > 0:
-                return False  # (room again: submit takes it)
+                return "room"
             if free <= -(self.entries // 2):
-                return None  # (the CQ's room for them)
+                return "limit"  # (the CQ's room for them)
             tail = self._tail
             if (tail - self._sq_head.value) & 0xFFFFFFFF >= self.entries:
                 return False
@@ -822,6 +832,21 @@ class Ring:
             self._sq_tail.value = mine
             self._free = free - 1  # (its CQE gives it back: see _collect)
             return True
+
+    def _await_cancels(self) -> None:
+        """cancel(), the cancels past the cap at their limit: wait until a
+        CQE of theirs was collected (a slot given back), reaping in this
+        thread if nobody else does (owner mode, or the reaper itself in a
+        callback), or the ring closed."""
+        limit = -(self.entries // 2)
+
+        def ready() -> bool:
+            return self._free > limit or self._cap <= 0 or self._released
+
+        if self.owner_mode or self.is_reaper():
+            self.reap()
+        if not ready():
+            self.wait(None, ready)
 
     def _take(self) -> int:
         # Under _lock: the published SQEs the caller will now submit.  None
