@@ -116,12 +116,21 @@ def test_cancel_at_the_limit_waits_for_a_busy_reaper(sqpoll: bool, pipe: tuple[i
         for ident in idents[:limit]:
             assert ring.cancel(ident, answers.append)
         out: list[bool] = []
+        waiting = threading.Event()
+        await_cancels = getattr(ring, "_await_cancels", None)
+        if await_cancels is not None:  # (the fix's wait: seen entered)
+
+            def entered() -> None:
+                waiting.set()
+                await_cancels()
+
+            ring._await_cancels = entered  # type: ignore[method-assign]
         t = threading.Thread(
             target=lambda: out.extend(ring.cancel(i, answers.append) for i in idents[limit:])
         )
         t.start()
         try:
-            wait_until(lambda: bool(out) or ring._sleepers > 0)  # (refused, or waiting)
+            wait_until(lambda: bool(out) or waiting.is_set())  # (refused, or waiting)
         finally:
             release.set()
         t.join(10)

@@ -845,8 +845,14 @@ class Ring:
 
         if self.owner_mode or self.is_reaper():
             self.reap()
-        if not ready():
-            self.wait(None, ready)
+            if not ready():
+                self.wait(None, ready)  # (what it posts, the next round reaps)
+        elif not ready():
+            self.wait(HOLD_MAX, ready)
+            if not ready():
+                # The reaper busy in a callback: their CQEs posted but not
+                # collected, wait() returns at once -- polled, not spun.
+                time.sleep(HOLD_MAX)
 
     def _take(self) -> int:
         # Under _lock: the published SQEs the caller will now submit.  None
