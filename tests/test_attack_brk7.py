@@ -144,3 +144,43 @@ def test_cancel_at_the_limit_waits_for_a_busy_reaper(sqpoll: bool, pipe: tuple[i
     finally:
         os.close(r2)
         os.close(w2)
+
+
+# -- close() cut short by Ctrl-C while giving up -----------------------------------------------
+
+
+def test_close_cut_short_while_giving_up_is_finished_by_the_next_close(
+    pipe: tuple[int, int],
+) -> None:
+    """An owner-mode ring with its SQ full of held reads of an empty pipe,
+    close() interrupted (Ctrl-C) at every C return: a second close()
+    finishes giving up -- every read cancelled, the ring released.  Cut
+    short after it was marked given up, the cancels not pushed yet were
+    lost, and the second close() returned at once: the reads waited for
+    good and the ring (fd, pinned buffers) was never released."""
+    from .conftest import call_interrupted_at
+
+    r, _ = pipe
+    n = 1
+    while True:
+        efd = os.eventfd(0)
+        try:
+            ring = _ring(8, False, efd)
+            bufs = [(ctypes.c_char * 1)() for _ in range(ring.entries)]
+            assert ring.plug()
+            for b in bufs:
+                assert ring.submit(uring.OP_READ, r, 0, ctypes.addressof(b), 1, 0, lambda res: None)
+            seen = call_interrupted_at(n, ring.close)
+            ring.close()
+            ring.unplug()
+
+            def released(ring: uring.Ring = ring) -> bool:
+                uring._sweep_abandoned()
+                return ring._fd_closed
+
+            wait_until(released, 5)
+        finally:
+            os.close(efd)
+        if seen[0] < n:
+            break
+        n += 1

@@ -505,6 +505,8 @@ class Ring:
         self._released = False
         self._fd_closed = False
         self._given_up = False  # abandoned (see _abandon): its callbacks are never called
+        #: Given up on: the operations no cancel was pushed for yet (under _lock).
+        self._to_cancel: list[int] = []
         self._kicking = 0  # kicks (and waits) under way (see _kick)
         self._close_after_kick = False  # released under them: the last one closes the fd
         # Offsets into the ring mappings (the masks are read from there).
@@ -1332,6 +1334,10 @@ class Ring:
         the ring is released at once -- unless operations are still in
         flight (the owner did not reap them): those are given up on (see
         :meth:`_abandon`), and it is released once they came back."""
+        if self._given_up:
+            # (A close cut short by Ctrl-C while giving up: finished here.)
+            self._abandon()
+            return
         n = 0
         try:
             with self._lock:
@@ -1448,20 +1454,27 @@ class Ring:
         n = 0
         try:
             with self._lock:
-                if self._given_up or self._released:
+                if self._released:
+                    self._release()  # (one cut short by Ctrl-C: finished)
                     return
-                self._closing = True  # (nothing is submitted from now on)
-                self._room = 0  # (submit's one test: see __init__)
-                self._given_up = True
-                self._ready.clear()  # (completed: the kernel is done with their memory)
-                for ident in self._opens:
-                    # An fd the kernel opens for nobody from now on is closed.
-                    # (The callback kept: it pins what the kernel may read.)
-                    on_done = self._pending.get(ident)
-                    if on_done is not None:
-                        self._pending[ident] = functools.partial(_close_opened, on_done)
-                left = list(self._pending)
-                left = left[self._push_cancels(left) :]
+                if not self._given_up:
+                    # (Given up on last: a Ctrl-C before leaves it all for
+                    # the next close, or the finalizer, to do again; one
+                    # after, the cancels not pushed yet -- see _to_cancel.)
+                    self._to_cancel = list(self._pending)
+                    self._closing = True  # (nothing is submitted from now on)
+                    self._room = 0  # (submit's one test: see __init__)
+                    self._ready.clear()  # (completed: the kernel is done with their memory)
+                    for ident in self._opens:
+                        # An fd the kernel opens for nobody from now on is closed.
+                        # (The callback kept: it pins what the kernel may read.)
+                        on_done = self._pending.get(ident)
+                        if on_done is not None and not (
+                            type(on_done) is functools.partial and on_done.func is _close_opened
+                        ):
+                            self._pending[ident] = functools.partial(_close_opened, on_done)
+                    self._given_up = True
+                self._push_cancels()
                 n = self._take()
         finally:
             self._kick(n)
@@ -1472,8 +1485,12 @@ class Ring:
         # thread and what its callbacks pin, never released).  The rest
         # once there is room: at once after a plain ring's kick (it
         # consumed the SQ), once the SQ thread took some with SQPOLL.
+        #
+        # A Ctrl-C anywhere here leaves the rest in _to_cancel: the next
+        # close() pushes them (lost, they waited for good, and a second
+        # close() returned at once).
         pushed = 0
-        while left:
+        while self._to_cancel:
             if self.sqpoll and not self._wait_sq_room():
                 break  # pragma: no cover  (refused: as before)
             n = 0
@@ -1481,10 +1498,7 @@ class Ring:
                 with self._lock:
                     if self._released:
                         break
-                    pending = self._pending
-                    left = [ident for ident in left if ident in pending]
-                    pushed = self._push_cancels(left)
-                    left = left[pushed:]
+                    pushed = self._push_cancels()
                     n = self._take()
             finally:
                 self._kick(n)
@@ -1492,13 +1506,21 @@ class Ring:
                 break  # (the kick failed: the SQ stays full)
         self._reap_abandoned(ABANDON_WAIT)
 
-    def _push_cancels(self, idents: list[int]) -> int:
-        """Under _lock: an ASYNC_CANCEL for each of ``idents``, as many as
-        the SQ has room for (see _nop_for_sleepers); how many."""
+    def _push_cancels(self) -> int:
+        """Under _lock: an ASYNC_CANCEL for each of ``_to_cancel`` still
+        in flight, as many as the SQ has room for (see _nop_for_sleepers),
+        each taken off the list once pushed (a Ctrl-C between: pushed
+        twice, the second finds nothing); how many it pushed."""
         room: int = max(self.entries - ((self._tail - self._sq_head.value) & 0xFFFFFFFF), 0)
-        for ident in idents[:room]:
-            self._push(OP_ASYNC_CANCEL, -1, 0, ident, 0, 0, _KICK)
-        return min(room, len(idents))
+        left, pending = self._to_cancel, self._pending
+        pushed = 0
+        while left and pushed < room:
+            ident = left[0]
+            if ident in pending:
+                self._push(OP_ASYNC_CANCEL, -1, 0, ident, 0, 0, _KICK)
+                pushed += 1
+            del left[0]
+        return pushed
 
     def _reap_abandoned(self, timeout: float) -> None:
         """An abandoned ring: drop what came back, and release the ring once
