@@ -505,6 +505,8 @@ class Ring:
         self._released = False
         self._fd_closed = False
         self._given_up = False  # abandoned (see _abandon): its callbacks are never called
+        #: Given up on: the operations no cancel was pushed for yet (under _lock).
+        self._to_cancel: list[int] = []
         self._kicking = 0  # kicks (and waits) under way (see _kick)
         self._close_after_kick = False  # released under them: the last one closes the fd
         # Offsets into the ring mappings (the masks are read from there).
@@ -782,8 +784,17 @@ class Ring:
             over = self._cancel_past_cap(ident, on_done)
             if over is None:
                 return False
-            if over:
+            if over is True:
                 break
+            if over == "room":
+                continue  # (a slot came back: submit takes it, or another thread did)
+            if over == "limit":
+                # As many cancels past the cap as the CQ holds: refused, a
+                # request the kernel would take back was answered "running"
+                # (and a read of a pipe waited for good).  Theirs come back
+                # at once; each collected gives a slot back.
+                self._await_cancels()
+                continue
             if again and not self.sqpoll:
                 return False  # (the kick failed: the SQ stays full)
             again = True
@@ -795,19 +806,20 @@ class Ring:
         self.flush()
         return True
 
-    def _cancel_past_cap(self, ident: int, on_done: Callable[[int], None]) -> bool | None:
+    def _cancel_past_cap(self, ident: int, on_done: Callable[[int], None]) -> bool | str | None:
         """cancel(), the ring at its cap: the cancel published past it
-        (True), not now (False: no SQ slot free, or the cap came back --
-        the caller tries again), or never (None: closing, a forked child,
-        or the cancels past the cap at their own limit)."""
+        (True), not now ("room": the cap came back, submit takes it;
+        "limit": the cancels past the cap at their own limit, until theirs
+        come back; False: no SQ slot free), or never (None: closing, a
+        forked child)."""
         with self._lock:
             if self._cap <= 0 or self._released or self._generation != _generation:
                 return None
             free = self._free
             if free > 0:
-                return False  # (room again: submit takes it)
+                return "room"
             if free <= -(self.entries // 2):
-                return None  # (the CQ's room for them)
+                return "limit"  # (the CQ's room for them)
             tail = self._tail
             if (tail - self._sq_head.value) & 0xFFFFFFFF >= self.entries:
                 return False
@@ -822,6 +834,27 @@ class Ring:
             self._sq_tail.value = mine
             self._free = free - 1  # (its CQE gives it back: see _collect)
             return True
+
+    def _await_cancels(self) -> None:
+        """cancel(), the cancels past the cap at their limit: wait until a
+        CQE of theirs was collected (a slot given back), reaping in this
+        thread if nobody else does (owner mode, or the reaper itself in a
+        callback), or the ring closed."""
+        limit = -(self.entries // 2)
+
+        def ready() -> bool:
+            return self._free > limit or self._cap <= 0 or self._released
+
+        if self.owner_mode or self.is_reaper():
+            self.reap()
+            if not ready():
+                self.wait(None, ready)  # (what it posts, the next round reaps)
+        elif not ready():
+            self.wait(HOLD_MAX, ready)
+            if not ready():
+                # The reaper busy in a callback: their CQEs posted but not
+                # collected, wait() returns at once -- polled, not spun.
+                time.sleep(HOLD_MAX)
 
     def _take(self) -> int:
         # Under _lock: the published SQEs the caller will now submit.  None
@@ -1301,6 +1334,10 @@ class Ring:
         the ring is released at once -- unless operations are still in
         flight (the owner did not reap them): those are given up on (see
         :meth:`_abandon`), and it is released once they came back."""
+        if self._given_up:
+            # (A close cut short by Ctrl-C while giving up: finished here.)
+            self._abandon()
+            return
         n = 0
         try:
             with self._lock:
@@ -1417,20 +1454,27 @@ class Ring:
         n = 0
         try:
             with self._lock:
-                if self._given_up or self._released:
+                if self._released:
+                    self._release()  # (one cut short by Ctrl-C: finished)
                     return
-                self._closing = True  # (nothing is submitted from now on)
-                self._room = 0  # (submit's one test: see __init__)
-                self._given_up = True
-                self._ready.clear()  # (completed: the kernel is done with their memory)
-                for ident in self._opens:
-                    # An fd the kernel opens for nobody from now on is closed.
-                    # (The callback kept: it pins what the kernel may read.)
-                    on_done = self._pending.get(ident)
-                    if on_done is not None:
-                        self._pending[ident] = functools.partial(_close_opened, on_done)
-                left = list(self._pending)
-                left = left[self._push_cancels(left) :]
+                if not self._given_up:
+                    # (Given up on last: a Ctrl-C before leaves it all for
+                    # the next close, or the finalizer, to do again; one
+                    # after, the cancels not pushed yet -- see _to_cancel.)
+                    self._to_cancel = list(self._pending)
+                    self._closing = True  # (nothing is submitted from now on)
+                    self._room = 0  # (submit's one test: see __init__)
+                    self._ready.clear()  # (completed: the kernel is done with their memory)
+                    for ident in self._opens:
+                        # An fd the kernel opens for nobody from now on is closed.
+                        # (The callback kept: it pins what the kernel may read.)
+                        on_done = self._pending.get(ident)
+                        if on_done is not None and not (
+                            type(on_done) is functools.partial and on_done.func is _close_opened
+                        ):
+                            self._pending[ident] = functools.partial(_close_opened, on_done)
+                    self._given_up = True
+                self._push_cancels()
                 n = self._take()
         finally:
             self._kick(n)
@@ -1441,8 +1485,12 @@ class Ring:
         # thread and what its callbacks pin, never released).  The rest
         # once there is room: at once after a plain ring's kick (it
         # consumed the SQ), once the SQ thread took some with SQPOLL.
+        #
+        # A Ctrl-C anywhere here leaves the rest in _to_cancel: the next
+        # close() pushes them (lost, they waited for good, and a second
+        # close() returned at once).
         pushed = 0
-        while left:
+        while self._to_cancel:
             if self.sqpoll and not self._wait_sq_room():
                 break  # pragma: no cover  (refused: as before)
             n = 0
@@ -1450,10 +1498,7 @@ class Ring:
                 with self._lock:
                     if self._released:
                         break
-                    pending = self._pending
-                    left = [ident for ident in left if ident in pending]
-                    pushed = self._push_cancels(left)
-                    left = left[pushed:]
+                    pushed = self._push_cancels()
                     n = self._take()
             finally:
                 self._kick(n)
@@ -1461,13 +1506,21 @@ class Ring:
                 break  # (the kick failed: the SQ stays full)
         self._reap_abandoned(ABANDON_WAIT)
 
-    def _push_cancels(self, idents: list[int]) -> int:
-        """Under _lock: an ASYNC_CANCEL for each of ``idents``, as many as
-        the SQ has room for (see _nop_for_sleepers); how many."""
+    def _push_cancels(self) -> int:
+        """Under _lock: an ASYNC_CANCEL for each of ``_to_cancel`` still
+        in flight, as many as the SQ has room for (see _nop_for_sleepers),
+        each taken off the list once pushed (a Ctrl-C between: pushed
+        twice, the second finds nothing); how many it pushed."""
         room: int = max(self.entries - ((self._tail - self._sq_head.value) & 0xFFFFFFFF), 0)
-        for ident in idents[:room]:
-            self._push(OP_ASYNC_CANCEL, -1, 0, ident, 0, 0, _KICK)
-        return min(room, len(idents))
+        left, pending = self._to_cancel, self._pending
+        pushed = 0
+        while left and pushed < room:
+            ident = left[0]
+            if ident in pending:
+                self._push(OP_ASYNC_CANCEL, -1, 0, ident, 0, 0, _KICK)
+                pushed += 1
+            del left[0]
+        return pushed
 
     def _reap_abandoned(self, timeout: float) -> None:
         """An abandoned ring: drop what came back, and release the ring once
