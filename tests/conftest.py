@@ -337,3 +337,38 @@ def stray_write(ctx: object) -> None:
     fileno(); a pipe's (portable mode) is the other end."""
     notifier = ctx._cq.notifier  # type: ignore[attr-defined]
     os.write(notifier._wfd, (1).to_bytes(8, sys.byteorder))
+
+
+# -- rings for the SQPOLL tests (tests/test_attack_brk6.py, test_attack_brk7.py, test_sqpoll.py) --
+
+
+def ring_or_skip(entries: int, sqpoll: bool, eventfd: int | None = None) -> Any:
+    """A ``uring.Ring`` (owner mode with ``eventfd``), skipping the test
+    where there is no ring or the kernel refused the SQPOLL asked for."""
+    from threadlets import uring
+
+    if not HAVE_RING:
+        pytest.skip("no io_uring here")
+    ring = uring.Ring(entries, eventfd=eventfd, sqpoll=sqpoll)
+    if sqpoll and not ring.sqpoll:
+        ring.close()
+        pytest.skip("the kernel refused IORING_SETUP_SQPOLL here")
+    return ring
+
+
+def sq_thread_asleep(ring: Any) -> bool:
+    """An SQPOLL ring's kernel thread went to sleep (IORING_SQ_NEED_WAKEUP)."""
+    from threadlets import uring
+
+    return bool(ring._sq_flags.value & uring._SQ_NEED_WAKEUP)
+
+
+@pytest.fixture
+def pipe_fds() -> Iterator[tuple[int, int]]:
+    """A pipe (read end, write end), closed after the test."""
+    r, w = os.pipe()
+    try:
+        yield r, w
+    finally:
+        os.close(r)
+        os.close(w)

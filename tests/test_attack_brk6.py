@@ -8,44 +8,20 @@ import ctypes
 import errno
 import gc
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
 from threadlets import uring
 
-from .conftest import HAVE_RING, wait_until
+from .conftest import HAVE_RING, ring_or_skip, sq_thread_asleep, wait_until
 
 pytestmark = pytest.mark.linux_only("io_uring")
-
-
-def _ring(entries: int, sqpoll: bool, eventfd: int | None = None) -> uring.Ring:
-    if not HAVE_RING:
-        pytest.skip("no io_uring here")
-    ring = uring.Ring(entries, eventfd=eventfd, sqpoll=sqpoll)
-    if sqpoll and not ring.sqpoll:
-        ring.close()
-        pytest.skip("the kernel refused IORING_SETUP_SQPOLL here")
-    return ring
-
-
-def _asleep(ring: uring.Ring) -> bool:
-    return bool(ring._sq_flags.value & uring._SQ_NEED_WAKEUP)
 
 
 def _all_released() -> bool:
     uring._sweep_abandoned()
     return not uring._abandoned
-
-
-@pytest.fixture
-def pipe() -> Iterator[tuple[int, int]]:
-    r, w = os.pipe()
-    try:
-        yield r, w
-    finally:
-        os.close(r)
-        os.close(w)
 
 
 # -- an owner-mode ring given up on with its SQ full of SQEs not consumed --------------------
@@ -54,7 +30,7 @@ def pipe() -> Iterator[tuple[int, int]]:
 @pytest.mark.parametrize("how", ["close", "collected"])
 @pytest.mark.parametrize("sqpoll", [False, True], ids=["plain", "sqpoll"])
 def test_given_up_with_the_sq_full_of_unconsumed_reads_cancels_them_all(
-    sqpoll: bool, how: str, pipe: tuple[int, int]
+    sqpoll: bool, how: str, pipe_fds: tuple[int, int]
 ) -> None:
     """An owner-mode ring closed (or collected) with reads of an empty pipe
     in flight gives them up: a cancel each, released once they came back.
@@ -65,10 +41,10 @@ def test_given_up_with_the_sq_full_of_unconsumed_reads_cancels_them_all(
     released."""
     efd = os.eventfd(0)
     try:
-        ring = _ring(8, sqpoll, efd)
-        r, _ = pipe
+        ring = ring_or_skip(8, sqpoll, efd)
+        r, _ = pipe_fds
         if sqpoll:
-            wait_until(lambda: _asleep(ring))
+            wait_until(lambda: sq_thread_asleep(ring))
         bufs = [(ctypes.c_char * 1)() for _ in range(ring.entries)]
         got: list[int] = []
         assert ring.plug()
@@ -95,7 +71,7 @@ def test_given_up_with_the_sq_full_of_unconsumed_reads_cancels_them_all(
 @pytest.mark.parametrize("owner", [False, True], ids=["reaper", "owner"])
 @pytest.mark.parametrize("sqpoll", [False, True], ids=["plain", "sqpoll"])
 def test_cancel_on_a_ring_at_its_cap_takes_the_read_back(
-    sqpoll: bool, owner: bool, pipe: tuple[int, int]
+    sqpoll: bool, owner: bool, pipe_fds: tuple[int, int]
 ) -> None:
     """Every slot a read of an empty pipe (the ring at its cap): cancel
     still goes (its CQE has room: the CQ is twice as large), and answers 0,
@@ -103,8 +79,8 @@ def test_cancel_on_a_ring_at_its_cap_takes_the_read_back(
     "running" and waited for good."""
     efd = os.eventfd(0) if owner else None
     try:
-        ring = _ring(8, sqpoll, efd)
-        r, _ = pipe
+        ring = ring_or_skip(8, sqpoll, efd)
+        r, _ = pipe_fds
         bufs = [(ctypes.c_char * 1)() for _ in range(ring.entries)]
         got: list[int] = []
         idents = [
@@ -135,14 +111,14 @@ def test_cancel_on_a_ring_at_its_cap_takes_the_read_back(
 
 
 def test_cancel_with_the_sq_full_of_unconsumed_sqes_waits_for_room(
-    pipe: tuple[int, int],
+    pipe_fds: tuple[int, int],
 ) -> None:
     """SQPOLL: the SQ full of reads published while the SQ thread slept (a
     plug held them): a cancel wakes the thread and waits for a slot, then
     goes -- not over the oldest SQE not consumed, and not refused."""
-    ring = _ring(8, True)
-    r, _ = pipe
-    wait_until(lambda: _asleep(ring))
+    ring = ring_or_skip(8, True)
+    r, _ = pipe_fds
+    wait_until(lambda: sq_thread_asleep(ring))
     bufs = [(ctypes.c_char * 1)() for _ in range(ring.entries)]
     got: list[int] = []
     assert ring.plug()
@@ -162,7 +138,9 @@ def test_cancel_with_the_sq_full_of_unconsumed_sqes_waits_for_room(
 
 
 @pytest.mark.parametrize("sqpoll", [False, True], ids=["plain", "sqpoll"])
-def test_posix_aio_cancel_of_a_full_ring_of_pipe_reads(sqpoll: bool, pipe: tuple[int, int]) -> None:
+def test_posix_aio_cancel_of_a_full_ring_of_pipe_reads(
+    sqpoll: bool, pipe_fds: tuple[int, int]
+) -> None:
     """threadlets.posix on a ring context: a lio_listio of as many reads of
     a pipe as the ring holds, two bytes written, aio_cancel(fd): the two
     read, every other one AIO_CANCELED (ECANCELED) -- on an SQPOLL ring as
@@ -175,7 +153,7 @@ def test_posix_aio_cancel_of_a_full_ring_of_pipe_reads(sqpoll: bool, pipe: tuple
     if not HAVE_RING:
         pytest.skip("no io_uring here")
     ctx = AioContext(deliver=False, backend="io_uring", sqpoll=sqpoll, inline=False)
-    r, w = pipe
+    r, w = pipe_fds
     try:
         if sqpoll and not ctx.sqpoll:
             pytest.skip("the kernel refused IORING_SETUP_SQPOLL here")
@@ -183,7 +161,7 @@ def test_posix_aio_cancel_of_a_full_ring_of_pipe_reads(sqpoll: bool, pipe: tuple
         assert ring is not None
         with px.use_context(ctx):
             if sqpoll:
-                wait_until(lambda: _asleep(ring))
+                wait_until(lambda: sq_thread_asleep(ring))
             cbs = [
                 px.aiocb(r, 0, bytearray(1), 1, lio_opcode=px.LIO_READ) for _ in range(RING_ENTRIES)
             ]
@@ -246,7 +224,7 @@ def test_front_end_floor_sqpoll_row_refuses_a_ring_that_does_not_poll(
         os.unlink(path)
 
 
-def test_cancel_and_give_up_with_a_failing_kick_do_not_spin(pipe: tuple[int, int]) -> None:
+def test_cancel_and_give_up_with_a_failing_kick_do_not_spin(pipe_fds: tuple[int, int]) -> None:
     """A plain ring whose SQ is full of held SQEs and whose io_uring_enter
     fails (the kick logs and gives up): cancel() answers False and an
     owner-mode close() returns, instead of waiting for room that never
@@ -255,8 +233,8 @@ def test_cancel_and_give_up_with_a_failing_kick_do_not_spin(pipe: tuple[int, int
 
     efd = os.eventfd(0)
     try:
-        ring = _ring(8, False, efd)
-        r, _ = pipe
+        ring = ring_or_skip(8, False, efd)
+        r, _ = pipe_fds
         bufs = [(ctypes.c_char * 1)() for _ in range(ring.entries)]
         assert ring.plug()
         idents = [
@@ -288,7 +266,7 @@ def test_cancel_and_give_up_with_a_failing_kick_do_not_spin(pipe: tuple[int, int
         assert not stuck
         assert out == [False]
         ring.flush()  # (the reads go now; given up on, nothing cancels them:)
-        os.write(pipe[1], bytes(ring.entries))
+        os.write(pipe_fds[1], bytes(ring.entries))
         wait_until(_all_released)
     finally:
         os.close(efd)

@@ -8,35 +8,14 @@ import ctypes
 import errno
 import os
 import threading
-from collections.abc import Iterator
 
 import pytest
 
 from threadlets import uring
 
-from .conftest import HAVE_RING, wait_until
+from .conftest import ring_or_skip, wait_until
 
 pytestmark = pytest.mark.linux_only("io_uring")
-
-
-def _ring(entries: int, sqpoll: bool, eventfd: int | None = None) -> uring.Ring:
-    if not HAVE_RING:
-        pytest.skip("no io_uring here")
-    ring = uring.Ring(entries, eventfd=eventfd, sqpoll=sqpoll)
-    if sqpoll and not ring.sqpoll:
-        ring.close()
-        pytest.skip("the kernel refused IORING_SETUP_SQPOLL here")
-    return ring
-
-
-@pytest.fixture
-def pipe() -> Iterator[tuple[int, int]]:
-    r, w = os.pipe()
-    try:
-        yield r, w
-    finally:
-        os.close(r)
-        os.close(w)
 
 
 # -- more cancels past the cap than its limit ------------------------------------------------
@@ -44,7 +23,7 @@ def pipe() -> Iterator[tuple[int, int]]:
 
 @pytest.mark.parametrize("sqpoll", [False, True], ids=["plain", "sqpoll"])
 def test_more_cancels_past_the_cap_than_its_limit_wait_not_refused(
-    sqpoll: bool, pipe: tuple[int, int]
+    sqpoll: bool, pipe_fds: tuple[int, int]
 ) -> None:
     """An owner-mode ring at its cap (every slot a read of an empty pipe),
     a cancel of each before the owner reaps: past entries//2 cancels (the
@@ -54,8 +33,8 @@ def test_more_cancels_past_the_cap_than_its_limit_wait_not_refused(
     here: nobody else does)."""
     efd = os.eventfd(0)
     try:
-        ring = _ring(8, sqpoll, efd)
-        r, _ = pipe
+        ring = ring_or_skip(8, sqpoll, efd)
+        r, _ = pipe_fds
         bufs = [(ctypes.c_char * 1)() for _ in range(ring.entries)]
         got: list[int] = []
         idents = [
@@ -80,14 +59,16 @@ def test_more_cancels_past_the_cap_than_its_limit_wait_not_refused(
 
 
 @pytest.mark.parametrize("sqpoll", [False, True], ids=["plain", "sqpoll"])
-def test_cancel_at_the_limit_waits_for_a_busy_reaper(sqpoll: bool, pipe: tuple[int, int]) -> None:
+def test_cancel_at_the_limit_waits_for_a_busy_reaper(
+    sqpoll: bool, pipe_fds: tuple[int, int]
+) -> None:
     """Reaper mode, the reaper busy in a slow completion callback, the ring
     at its cap with reads of an empty pipe: the cancels past the cap fill
     their limit (their CQEs wait for the reaper), and the next cancel was
     refused (False: NOTCANCELED, the read waiting for good).  It waits for
     the reaper instead, and the read comes back -ECANCELED."""
-    ring = _ring(8, sqpoll)
-    r, _ = pipe
+    ring = ring_or_skip(8, sqpoll)
+    r, _ = pipe_fds
     r2, w2 = os.pipe()
     try:
         inside, release = threading.Event(), threading.Event()
@@ -150,7 +131,7 @@ def test_cancel_at_the_limit_waits_for_a_busy_reaper(sqpoll: bool, pipe: tuple[i
 
 
 def test_close_cut_short_while_giving_up_is_finished_by_the_next_close(
-    pipe: tuple[int, int],
+    pipe_fds: tuple[int, int],
 ) -> None:
     """An owner-mode ring with its SQ full of held reads of an empty pipe,
     close() interrupted (Ctrl-C) at every C return: a second close()
@@ -160,12 +141,12 @@ def test_close_cut_short_while_giving_up_is_finished_by_the_next_close(
     good and the ring (fd, pinned buffers) was never released."""
     from .conftest import call_interrupted_at
 
-    r, _ = pipe
+    r, _ = pipe_fds
     n = 1
     while True:
         efd = os.eventfd(0)
         try:
-            ring = _ring(8, False, efd)
+            ring = ring_or_skip(8, False, efd)
             bufs = [(ctypes.c_char * 1)() for _ in range(ring.entries)]
             assert ring.plug()
             for b in bufs:

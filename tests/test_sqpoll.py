@@ -29,7 +29,7 @@ from threadlets import uring
 from threadlets.engine import AioContext, AioRequest
 from threadlets.pool import CancelResult
 
-from .conftest import HAVE_RING, wait_until
+from .conftest import HAVE_RING, sq_thread_asleep, wait_until
 
 pytestmark = pytest.mark.linux_only("io_uring")
 
@@ -56,10 +56,6 @@ def sq(request: pytest.FixtureRequest) -> Iterator[AioContext]:
         yield c
     finally:
         assert c.close(timeout=10)
-
-
-def _asleep(ring: uring.Ring) -> bool:
-    return bool(ring._sq_flags.value & uring._SQ_NEED_WAKEUP)
 
 
 def _wait(ctx: AioContext, req: AioRequest, timeout: float = 10) -> bool:
@@ -158,7 +154,7 @@ def test_a_submission_wakes_the_sleeping_sq_thread(sq: AioContext, path: Path) -
     fd = os.open(path, os.O_RDONLY)
     try:
         for _ in range(3):
-            wait_until(lambda: _asleep(ring))
+            wait_until(lambda: sq_thread_asleep(ring))
             buf = bytearray(100)
             req = sq.read(fd, 10, buf)
             assert _outcome(sq, req) == 100
@@ -180,13 +176,13 @@ def test_an_awake_sq_thread_takes_submissions_without_a_system_call(
 
     def enter(nr: int, fd: int, to_submit: int, min_complete: int, flags: int, *rest: Any) -> int:
         if to_submit:
-            calls.append((_asleep(ring), flags))  # (nobody else wakes it meanwhile)
+            calls.append((sq_thread_asleep(ring), flags))  # (nobody else wakes it meanwhile)
         return int(real(nr, fd, to_submit, min_complete, flags, *rest))
 
     ring._enter = enter
     fd = os.open(path, os.O_RDONLY)
     try:
-        wait_until(lambda: _asleep(ring))
+        wait_until(lambda: sq_thread_asleep(ring))
         assert _outcome(sq, sq.read(fd, 0, bytearray(8))) == 8
         # (Two, at times: a wait's flush finds the SQE not taken yet -- the
         # thread woken and not yet running -- and wakes it again.)
@@ -276,7 +272,7 @@ def test_close_with_requests_in_flight(deliver: bool, path: Path) -> None:
     assert ring is not None
     r, w = os.pipe()
     try:
-        wait_until(lambda: _asleep(ring))
+        wait_until(lambda: sq_thread_asleep(ring))
         reqs = [ctx.read(r, 0, bytearray(1)) for _ in range(4)]
         assert all(req._on_ring for req in reqs)
         closer = threading.Thread(target=lambda: ctx.close(timeout=10))
@@ -396,7 +392,7 @@ def test_ctrl_c_anywhere_in_a_kick_leaves_no_request_waiting(deliver: bool, path
     try:
         n = 1
         while True:
-            wait_until(lambda: _asleep(ring))
+            wait_until(lambda: sq_thread_asleep(ring))
             buf = bytearray(64)
             assert ring.plug()
             try:
@@ -537,7 +533,7 @@ def test_posix_on_an_sqpoll_context(path: Path) -> None:
     try:
         with px.use_context(ctx):
             for rnd in range(3):
-                wait_until(lambda: _asleep(ring))
+                wait_until(lambda: sq_thread_asleep(ring))
                 bufs = [bytearray(512) for _ in range(8)]
                 cbs = [px.aiocb(fd, i * 700 + rnd, bufs[i], 512) for i in range(8)]
                 for cb in cbs:
@@ -586,7 +582,7 @@ def test_configure_sqpoll_for_the_asyncio_front_end_direct_reads(tmp_path: Path)
             assert ring is not None
             for off in (0, 4096, 12288, 61440):
                 assert await f.pread(4096, off) == DATA[off : off + 4096]
-            wait_until(lambda: _asleep(ring))
+            wait_until(lambda: sq_thread_asleep(ring))
             got = await asyncio.gather(*(f.pread(4096, o * 4096) for o in range(16)))
             assert b"".join(got) == DATA
 
@@ -621,7 +617,7 @@ def test_close_with_the_sq_full_of_held_sqes_and_the_thread_asleep() -> None:
         try:
             bufs = [(ctypes.c_char * 1)() for _ in range(ring.entries)]
             got: list[int] = []
-            wait_until(lambda: _asleep(ring))  # noqa: B023
+            wait_until(lambda: sq_thread_asleep(ring))  # noqa: B023
             assert ring.plug()
             for buf in bufs:
                 assert ring.submit(uring.OP_READ, r, 0, ctypes.addressof(buf), 1, 0, got.append)
