@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dis
 import gc
 import os
 import signal
@@ -8,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import CodeType, FrameType
 from typing import Any
 
 import pytest
@@ -372,3 +374,50 @@ def pipe_fds() -> Iterator[tuple[int, int]]:
     finally:
         os.close(r)
         os.close(w)
+
+
+def interrupt_after_call(
+    n: int, codes: set[CodeType], fn: Callable[[], object], at_entry: bool = False
+) -> int:
+    """``fn()``, raising KeyboardInterrupt once, at the n-th instruction
+    that follows a call -- of anything: a Python function, a builtin, a
+    ctypes function -- in a frame running one of ``codes`` (with
+    ``at_entry``, also at the entry of one: its RESUME), where CPython
+    3.11 raises a pending SIGINT (interrupt_at_c_return's profiler sees
+    builtins only, not ctypes' calls).  Returns how many such points there
+    were (n or more: it fired).  The collector is off meanwhile: no
+    finalizer of an earlier round runs traced."""
+    seen = [0]
+    last: dict[int, str] = {}
+    raw = {code: code.co_code for code in codes}
+    before_entry = "CALL" if at_entry else None
+
+    def local(frame: FrameType, event: str, arg: object) -> object:
+        if event == "opcode":
+            op = dis.opname[raw[frame.f_code][frame.f_lasti]]
+            if last.get(id(frame), before_entry) == "CALL":
+                seen[0] += 1
+                if seen[0] == n:
+                    sys.settrace(None)
+                    frame.f_trace = None
+                    raise KeyboardInterrupt
+            last[id(frame)] = op
+        return local
+
+    def tracer(frame: FrameType, event: str, arg: object) -> object:
+        if frame.f_code in raw:
+            frame.f_trace_opcodes = True
+            last.pop(id(frame), None)  # (a new frame: an old one's id may be reused)
+            return local
+        return None
+
+    gc.disable()
+    sys.settrace(tracer)
+    try:
+        fn()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sys.settrace(None)
+        gc.enable()
+    return seen[0]

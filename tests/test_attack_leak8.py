@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import dis
 import errno
 import gc
 import os
-import sys
 import threading
 import tracemalloc
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import CodeType, FrameType
 
 import pytest
 
@@ -25,7 +22,7 @@ import threadlets.awaitable as aw
 from threadlets import AioContext, ThreadletQueue, oneshot, uring
 from threadlets.probe import pin_buffer
 
-from .conftest import HAVE_RING, call_interrupted_at, wait_until
+from .conftest import HAVE_RING, call_interrupted_at, interrupt_after_call, wait_until
 from .test_asyncfile import anyio_backend
 
 __all__ = ["anyio_backend"]  # a fixture used by name
@@ -349,47 +346,6 @@ def _names(fd: str, path: Path) -> bool:
 # -- 3. Ctrl-C as a call returns, inside the constructors ----------------------------------
 
 
-def _interrupt_after_call(n: int, codes: set[CodeType], fn: Callable[[], object]) -> int:
-    """``fn()``, raising KeyboardInterrupt once, at the n-th instruction
-    that follows a call -- of anything: a Python function, a builtin, a
-    ctypes function -- in a frame running one of ``codes``: where CPython
-    3.11 raises a pending SIGINT (the profiler of conftest's
-    interrupt_at_c_return sees builtins only, not ctypes' calls).
-    Returns how many such points there were (n or more: it fired)."""
-    seen = [0]
-    last: dict[int, str] = {}
-    raw = {code: code.co_code for code in codes}
-
-    def local(frame: FrameType, event: str, arg: object) -> object:
-        if event == "opcode":
-            op = dis.opname[raw[frame.f_code][frame.f_lasti]]
-            if last.get(id(frame)) == "CALL":
-                seen[0] += 1
-                if seen[0] == n:
-                    sys.settrace(None)
-                    frame.f_trace = None
-                    raise KeyboardInterrupt
-            last[id(frame)] = op
-        return local
-
-    def tracer(frame: FrameType, event: str, arg: object) -> object:
-        if frame.f_code in raw:
-            frame.f_trace_opcodes = True
-            return local
-        return None
-
-    gc.disable()  # (no finalizer of an earlier round runs traced)
-    sys.settrace(tracer)
-    try:
-        fn()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        sys.settrace(None)
-        gc.enable()
-    return seen[0]
-
-
 @pytest.mark.usefixtures("young_gc")
 @pytest.mark.parametrize("deliver", [True, False])
 def test_ctrl_c_as_any_call_returns_in_a_context_construction_leaks_nothing(
@@ -413,7 +369,7 @@ def test_ctrl_c_as_any_call_returns_in_a_context_construction_leaks_nothing(
     while True:
         n += 1
         assert n < 500
-        points = _interrupt_after_call(
+        points = interrupt_after_call(
             n, codes, lambda: AioContext(backend=backend, deliver=deliver).close()
         )
         _until_back(fds, threads)
@@ -456,7 +412,7 @@ def test_ctrl_c_as_any_call_returns_in_close_leaks_nothing(
             assert n < 500
             ctx = AioContext(backend=backend, deliver=deliver, inline=False)
             assert ctx.read(fd, 0, bytearray(16)).wait(timeout=10)
-            points = _interrupt_after_call(n, codes, ctx.close)
+            points = interrupt_after_call(n, codes, ctx.close)
             assert ctx.close(timeout=10), f"interrupted at point {n}"
             del ctx
             # (The default queue's workers come and go: the reapers' count.)

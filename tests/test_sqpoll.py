@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import dis
 import errno
 import gc
 import os
@@ -18,7 +17,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import CodeType, FrameType
 from typing import Any
 
 import pytest
@@ -29,7 +27,7 @@ from threadlets import uring
 from threadlets.engine import AioContext, AioRequest
 from threadlets.pool import CancelResult
 
-from .conftest import HAVE_RING, sq_thread_asleep, wait_until
+from .conftest import HAVE_RING, interrupt_after_call, sq_thread_asleep, wait_until
 
 pytestmark = pytest.mark.linux_only("io_uring")
 
@@ -340,44 +338,6 @@ sys.exit(os.waitstatus_to_exitcode(status))
 # -- Ctrl-C ----------------------------------------------------------------------------------
 
 
-def _interrupt_after_call(n: int, codes: set[CodeType], fn: Callable[[], object]) -> int:
-    """``fn()``, raising KeyboardInterrupt once at the n-th instruction
-    that follows a call (where CPython 3.11 raises a pending SIGINT) in a
-    frame running one of ``codes``, or at the entry of one (RESUME).
-    Returns how many such points there were."""
-    seen = [0]
-    last: dict[int, str] = {}
-    raw = {code: code.co_code for code in codes}
-
-    def local(frame: FrameType, event: str, arg: object) -> object:
-        if event == "opcode":
-            op = dis.opname[raw[frame.f_code][frame.f_lasti]]
-            if last.get(id(frame), "CALL") == "CALL":
-                seen[0] += 1
-                if seen[0] == n:
-                    sys.settrace(None)
-                    frame.f_trace = None
-                    raise KeyboardInterrupt
-            last[id(frame)] = op
-        return local
-
-    def tracer(frame: FrameType, event: str, arg: object) -> object:
-        if frame.f_code in raw:
-            frame.f_trace_opcodes = True
-            last.pop(id(frame), None)
-            return local
-        return None
-
-    sys.settrace(tracer)
-    try:
-        fn()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        sys.settrace(None)
-    return seen[0]
-
-
 @pytest.mark.parametrize("deliver", [True, False])
 def test_ctrl_c_anywhere_in_a_kick_leaves_no_request_waiting(deliver: bool, path: Path) -> None:
     """The SQ thread asleep, a held-back read is flushed and Ctrl-C lands
@@ -400,7 +360,7 @@ def test_ctrl_c_anywhere_in_a_kick_leaves_no_request_waiting(deliver: bool, path
             finally:
                 plugged_by = ring._plugged_by
             assert plugged_by is not None
-            points = _interrupt_after_call(n, codes, ring.unplug)
+            points = interrupt_after_call(n, codes, ring.unplug, at_entry=True)
             assert ring._plugged_by is None
             assert _wait(ctx, req), f"Ctrl-C at point {n} of the kick: the read never ran"
             assert req.result() == 64
